@@ -1,0 +1,3 @@
+from shardstack.cli import main
+
+raise SystemExit(main())
