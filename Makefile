@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VPY) -m pytest -q tests
+	PY=$(VPY) scripts/run-tests
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow" tests
