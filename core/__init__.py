@@ -1,0 +1,9 @@
+"""shardstack.core: the sans-I/O TCP/IPv4 engine (see docs/architecture.md)."""
+
+from .dropreason import DropReason
+from .events import Acceptable, Closed, Connected, Event, Readable, SocketError, Writable
+from .shard import ConnInfo, Shard, ShardConfig, ShardStats
+from .sock import State
+
+__all__ = ["Shard", "ShardConfig", "ShardStats", "ConnInfo", "State", "DropReason", "Event",
+           "Connected", "Readable", "Writable", "Acceptable", "SocketError", "Closed"]

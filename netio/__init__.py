@@ -1,0 +1,12 @@
+"""shardstack.netio: the device side of the stack.
+
+Modules (see docs/architecture.md, section "netio"):
+
+- `rss`: Toeplitz hash (reference, table-driven, folded symmetric) and the RETA.
+- `device`: the batch device interface; `TunDevice`, `PacketDevice`, `LoopbackDevice`.
+- `impair`, `pcap`, `trace`: wrappers that stack on any device.
+- `dispatch`: the pure steering of frames to workers, ARP and ICMP echo answers.
+- `process`: the netio process loop (device -> dispatcher -> ZeroMQ per worker).
+
+Importing this package imports nothing heavy; import the modules you need.
+"""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from typing import Any
 
 DESCRIPTION = """\
 shardstack is a user-space TCP/IPv4 stack in Python. Per-CPU worker processes
@@ -20,8 +23,23 @@ examples:
   shardstack ss            shardstack stats --json
 """
 
+SERVE_EPILOG = """\
+The stack answers ping itself; --echo/--discard run RFC 862/863 services on
+every worker. Stop with Ctrl-C or SIGTERM: every process, socket and the TUN
+device serve created go away.
+
+example (as root, in a namespace of your own):
+  ip netns add demo
+  ip netns exec demo shardstack serve --workers 2 --tun ss0 \\
+      --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7 --discard 9
+  ip netns exec demo ping 198.18.0.2
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardstack import bench as bench_cmd
+    from shardstack import demo as demo_cmd
+
     parser = argparse.ArgumentParser(
         prog="shardstack",
         description=DESCRIPTION,
@@ -30,13 +48,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", help="run the stack (netio + workers + supervisor) in the foreground")
-    sub.add_parser("run", help="run an unmodified program on the stack: shardstack run -- python app.py")
-    sub.add_parser("ss", help="list TCP sockets on the stack, like `ss -tan`")
-    sub.add_parser("stats", help="per-process and per-worker counters and telemetry")
-    sub.add_parser("demo", help="self-contained demo in a network namespace it creates (needs root)")
-    sub.add_parser("bench", help="benchmarks against the Linux kernel's TCP in the same run")
+    _add_serve(sub)
+    run = sub.add_parser(
+        "run", help="run an unmodified program on the stack: shardstack run -- python app.py"
+    )
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="the program and its arguments")
+    for name, what in (("ss", "list TCP sockets on the stack, like `ss -tan`"),
+                       ("stats", "per-process and per-worker counters and telemetry")):
+        p = sub.add_parser(name, help=what, description=what)
+        p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = sub.add_parser(
+        "demo", help="self-contained demo in a network namespace it creates (needs root)"
+    )
+    demo_cmd.add_arguments(demo)
+    bench = sub.add_parser("bench", help="benchmarks against the Linux kernel's TCP in the same run")
+    bench_cmd.add_arguments(bench)
     return parser
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the stack (netio + workers + supervisor) in the foreground",
+        description="Run the stack in the foreground: a netio process, N workers, a supervisor.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: one per CPU)")
+    dev = p.add_mutually_exclusive_group(required=True)
+    dev.add_argument("--tun", metavar="NAME", help="a TUN device (created if missing)")
+    dev.add_argument("--packet", metavar="IFACE", help="an existing interface, via AF_PACKET")
+    p.add_argument("--addr", required=True, metavar="A.B.C.D/N", help="the stack's address")
+    p.add_argument("--peer", metavar="A.B.C.D/N",
+                   help="give the kernel side of the TUN this address and bring it up")
+    p.add_argument("--gateway", metavar="A.B.C.D", help="next hop for addresses off-link")
+    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--run-dir", help="where the control sockets live (default: see docs)")
+    p.add_argument("--echo", type=int, action="append", default=[], metavar="PORT",
+                   help="run an RFC 862 echo service on PORT (repeatable)")
+    p.add_argument("--discard", type=int, action="append", default=[], metavar="PORT",
+                   help="run an RFC 863 discard service on PORT (repeatable)")
+    p.add_argument("--impair", metavar="SPEC",
+                   help="fault injection, e.g. loss=0.01,reorder=0.05,delay=2ms,seed=1")
+    p.add_argument("--pcap", metavar="FILE", help="write what netio receives to a pcap file")
+    p.add_argument("--no-offload", dest="offload", action="store_false",
+                   help="no virtio-net header: every frame MTU-sized, checksums in software")
+    p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
 def _version() -> str:
@@ -45,14 +104,144 @@ def _version() -> str:
     return f"shardstack {__version__}"
 
 
+def serve_config(args: argparse.Namespace):
+    """The validated ServeConfig for `serve`'s arguments (ConfigError if invalid)."""
+    from shardstack.config import (
+        ServeConfig,
+        new_secret,
+        parse_cidr,
+        parse_ip,
+        parse_port,
+    )
+    from shardstack.rundir import select_run_dir
+
+    if args.impair:
+        _check_impair(args.impair)
+    cfg = ServeConfig(
+        workers=args.workers,
+        device="tun" if args.tun else "packet",
+        ifname=args.tun or args.packet,
+        addr=parse_cidr(args.addr, "--addr"),
+        peer=parse_cidr(args.peer, "--peer") if args.peer else None,
+        gateway=parse_ip(args.gateway, "--gateway") if args.gateway else None,
+        mtu=args.mtu,
+        run_dir=str(select_run_dir(args.run_dir)),
+        echo_ports=[parse_port(p, "--echo port") for p in args.echo],
+        discard_ports=[parse_port(p, "--discard port") for p in args.discard],
+        impair=args.impair,
+        pcap=os.path.abspath(args.pcap) if args.pcap else None,
+        offload=args.offload,
+        secret=new_secret(),
+    )
+    return cfg.validate()
+
+
+def _check_impair(spec: str) -> None:
+    from shardstack.config import ConfigError
+
+    try:
+        from shardstack.netio.impair import parse_impair_spec
+    except ImportError:
+        return
+    try:
+        parse_impair_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"bad --impair {spec!r}: {e}") from None
+
+
+def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from shardstack.config import ConfigError
+
+    try:
+        cfg = serve_config(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    from shardstack.supervisor import serve
+
+    try:
+        return serve(cfg)
+    except OSError as e:
+        print(f"shardstack serve: {e}", file=sys.stderr)
+        return 1
+
+
+def _control_call(args: argparse.Namespace, op: str) -> dict[str, Any] | None:
+    from shardstack import control
+    from shardstack.rundir import open_run_dir, select_run_dir
+
+    run = open_run_dir(select_run_dir(args.run_dir))
+    try:
+        return control.call(run.control_sock, op, timeout=10.0)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"shardstack {op}: no stack running in {run.path}", file=sys.stderr)
+    except OSError as e:
+        print(f"shardstack {op}: {e}", file=sys.stderr)
+    return None
+
+
+def cmd_ss(args: argparse.Namespace) -> int:
+    from shardstack.stats import format_ss
+
+    reply = _control_call(args, "ss")
+    if reply is None:
+        return 1
+    conns = reply.get("conns", [])
+    print(json.dumps(conns, indent=1) if args.json else format_ss(conns))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from shardstack.stats import format_stats
+
+    reply = _control_call(args, "stats")
+    if reply is None:
+        return 1
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=1) if args.json else format_stats(reply))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from shardstack.shim.launcher import main as launcher_main
+    except ImportError:
+        print("shardstack run: the shim launcher is not built yet", file=sys.stderr)
+        return 2
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    return launcher_main(argv)
+
+
+def _delegate(module: str, name: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        print(f"shardstack {name}: not built yet", file=sys.stderr)
+        return 2
+    return mod.main(args.argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from shardstack import bench as bench_cmd
+    from shardstack import demo as demo_cmd
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    print(f"shardstack {args.command}: not built yet", file=sys.stderr)
-    return 2
+    if args.command == "serve":
+        return cmd_serve(args.serve_parser, args)
+    if args.command == "ss":
+        return cmd_ss(args)
+    if args.command == "stats":
+        return cmd_stats(args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "demo":
+        return demo_cmd.main(args=args)
+    return bench_cmd.main(args=args)
 
 
 if __name__ == "__main__":

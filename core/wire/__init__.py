@@ -1,0 +1,105 @@
+"""Packet formats: parsers that return views and frozen Reprs, builders, checksums.
+
+Every parser takes ``bytes | bytearray | memoryview``, never copies payloads
+(it returns ``memoryview`` slices) and raises only ``WireError``.
+"""
+
+from .arp import ARPOP_REPLY, ARPOP_REQUEST, ArpPacket, build_arp, build_arp_reply, parse_arp
+from .checksum import internet_checksum, pseudo_header_sum, tcp_checksum, verify_tcp_checksum
+from .errors import WireError
+from .ethernet import (
+    BROADCAST_MAC,
+    ETH_P_ARP,
+    ETH_P_IP,
+    EthernetFrame,
+    build_ethernet,
+    mac_to_str,
+    parse_ethernet,
+    str_to_mac,
+)
+from .icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO,
+    ICMP_ECHO_REPLY,
+    IcmpMessage,
+    build_icmp,
+    echo_reply_for,
+    echo_reply_ipv4,
+    parse_icmp,
+)
+from .ipv4 import (
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Ipv4Header,
+    build_ipv4,
+    ip_to_str,
+    parse_ipv4,
+    str_to_ip,
+)
+from .tcp import (
+    ACK,
+    CWR,
+    ECE,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    TcpOptions,
+    TcpSegment,
+    build_tcp_ipv4,
+    build_tcp_options,
+    parse_tcp,
+)
+
+__all__ = [
+    "WireError",
+    "internet_checksum",
+    "pseudo_header_sum",
+    "tcp_checksum",
+    "verify_tcp_checksum",
+    "Ipv4Header",
+    "parse_ipv4",
+    "build_ipv4",
+    "ip_to_str",
+    "str_to_ip",
+    "PROTO_ICMP",
+    "PROTO_TCP",
+    "PROTO_UDP",
+    "FIN",
+    "SYN",
+    "RST",
+    "PSH",
+    "ACK",
+    "URG",
+    "ECE",
+    "CWR",
+    "TcpOptions",
+    "TcpSegment",
+    "parse_tcp",
+    "build_tcp_options",
+    "build_tcp_ipv4",
+    "IcmpMessage",
+    "parse_icmp",
+    "build_icmp",
+    "echo_reply_for",
+    "echo_reply_ipv4",
+    "ICMP_ECHO",
+    "ICMP_ECHO_REPLY",
+    "ICMP_DEST_UNREACH",
+    "EthernetFrame",
+    "parse_ethernet",
+    "build_ethernet",
+    "mac_to_str",
+    "str_to_mac",
+    "ETH_P_IP",
+    "ETH_P_ARP",
+    "BROADCAST_MAC",
+    "ArpPacket",
+    "parse_arp",
+    "build_arp",
+    "build_arp_reply",
+    "ARPOP_REQUEST",
+    "ARPOP_REPLY",
+]

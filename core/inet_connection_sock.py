@@ -1,0 +1,149 @@
+"""Bind, listen and accept (Linux ``net/ipv4/inet_connection_sock.c``).
+
+Bind conflicts follow Linux ``inet_bind_conflict`` (SO_REUSEADDR: two
+sockets may share a port when neither is listening; SO_REUSEPORT: always
+sharable between reuseport sockets of the same user) and
+``inet_rcv_saddr_equal`` (INADDR_ANY overlaps every address).  The accept
+queue counts like Linux: ``sk_acceptq_is_full`` is ``len > backlog``, so a
+backlog of N admits N + 1 connections.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from .inet_hashtables import (
+    BindBucket,
+    InetHashinfo,
+    __inet_hash,
+    inet_bind_bucket_create,
+    inet_bind_hash,
+)
+from .sock import State
+
+__all__ = ["EPHEMERAL_LO", "EPHEMERAL_HI", "SOMAXCONN", "inet_csk_get_port",
+           "inet_csk_bind_conflict", "inet_csk_listen_start", "sk_acceptq_is_full",
+           "inet_csk_reqsk_queue_is_full", "inet_csk_reqsk_queue_add",
+           "inet_csk_complete_hashdance", "inet_csk_accept", "os_error"]
+
+#: net.ipv4.ip_local_port_range default.
+EPHEMERAL_LO = 32768
+EPHEMERAL_HI = 60999
+#: net.core.somaxconn default since Linux 5.4.
+SOMAXCONN = 4096
+
+
+def os_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def inet_rcv_saddr_equal(a: int, b: int) -> bool:
+    return a == b or a == 0 or b == 0
+
+
+def inet_csk_bind_conflict(sk: Any, tb: BindBucket, h: InetHashinfo | None = None) -> bool:
+    """True when ``sk`` may not share ``tb``'s port (Linux ``inet_bind_conflict``, relax)."""
+    if h is not None:
+        h.tr("inet_csk_bind_conflict")
+    for sk2 in tb.owners:
+        if sk2 is sk or not inet_rcv_saddr_equal(sk.laddr, sk2.laddr):
+            continue
+        if sk.reuseaddr and sk2.reuseaddr and sk2.state is not State.LISTEN:
+            continue  # TIME-WAIT children inherit reuseaddr from their listener
+        if sk.reuseport and sk2.reuseport:
+            continue  # same user: the whole stack runs as one uid
+        return True
+    return False
+
+
+def inet_csk_get_port(h: InetHashinfo, sk: Any, port: int, lo: int = EPHEMERAL_LO,
+                      hi: int = EPHEMERAL_HI, offset: int = 0) -> None:
+    """Bind ``sk`` to ``port`` (0: any free ephemeral port); OSError(EADDRINUSE) on conflict.
+
+    Called again by listen() for an already bound socket, which re-checks the
+    conflict now that the socket is LISTEN (two SO_REUSEADDR sockets may bind
+    the same port but only one may listen, as on Linux).
+    """
+    h.tr("inet_csk_get_port")
+    if port == 0:
+        port = _find_open_port(h, sk, lo, hi, offset)
+    else:
+        h.tr("have_snum")
+    tb = h.bhash.get(port)
+    if tb is not None:
+        h.tr("tb_found")
+        if inet_csk_bind_conflict(sk, tb, h):
+            raise os_error(errno.EADDRINUSE)
+    else:
+        h.tr("tb_not_found")
+        tb = inet_bind_bucket_create(h, port)
+    if sk.bound:  # listen() re-check of our own port
+        return
+    h.tr("success")
+    inet_bind_hash(h, sk, tb, port)
+
+
+def _find_open_port(h: InetHashinfo, sk: Any, lo: int, hi: int, offset: int) -> int:
+    """Linux ``inet_csk_find_open_port``: odd ports first (even ones go to connect())."""
+    n = hi - lo + 1
+    for parity in (1, 0):
+        for i in range(n):
+            port = lo + (offset + i) % n
+            if port & 1 != parity:
+                continue
+            tb = h.bhash.get(port)
+            if tb is None or not inet_csk_bind_conflict(sk, tb):
+                return port
+    raise os_error(errno.EADDRINUSE)
+
+
+def inet_csk_listen_start(h: InetHashinfo, sk: Any, backlog: int) -> None:
+    """LISTEN: re-check the port, then hash into the listening table."""
+    h.tr("inet_csk_listen_start")
+    h.tr("reqsk_queue_alloc")
+    sk.backlog = min(max(backlog, 0), SOMAXCONN)
+    h.tr("inet_csk_delack_init")
+    prev = sk.state
+    sk.state = State.LISTEN
+    try:
+        inet_csk_get_port(h, sk, sk.lport)
+    except OSError:
+        sk.state = prev
+        raise
+    h.tr("inet_hash")
+    __inet_hash(h, sk)
+
+
+def sk_acceptq_is_full(sk: Any) -> bool:
+    return len(sk.accept_queue) > sk.backlog
+
+
+def inet_csk_reqsk_queue_is_full(sk: Any) -> bool:
+    return sk.reqs >= sk.backlog
+
+
+def inet_csk_reqsk_queue_add(h: InetHashinfo, listener: Any, child: Any) -> None:
+    h.tr("inet_csk_reqsk_queue_add")
+    listener.accept_queue.append(child)
+    h.tr("sk_acceptq_added")
+
+
+def inet_csk_complete_hashdance(h: InetHashinfo, listener: Any, req: Any, child: Any) -> None:
+    """The request sock is done: drop it from the request queue, queue the child."""
+    h.tr("inet_csk_complete_hashdance")
+    h.tr("inet_csk_reqsk_queue_drop")
+    req.dead = True
+    req.timers[4] = None
+    h.tr("reqsk_queue_removed")
+    listener.reqs -= 1
+    inet_csk_reqsk_queue_add(h, listener, child)
+
+
+def inet_csk_accept(listener: Any) -> Any:
+    """Pop the oldest established child, or None (EAGAIN for a non-blocking accept)."""
+    if listener.state is not State.LISTEN:
+        raise os_error(errno.EINVAL)
+    q = listener.accept_queue
+    return q.popleft() if q else None

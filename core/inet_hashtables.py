@@ -1,0 +1,164 @@
+"""Socket lookup tables (Linux ``net/ipv4/inet_hashtables.c``).
+
+- ``ehash``: 4-tuple (laddr, lport, raddr, rport) -> established socket, request
+  sock (NEW-SYN-RECV) or TIME-WAIT socket, as Linux keeps all three in one table.
+- ``listening``: (laddr, lport) -> listener; laddr 0 is INADDR_ANY.
+- ``bhash``: port -> :class:`BindBucket` with its owners (bound sockets).
+
+The bind table works without a Shard (``trace`` may stay None) so the
+supervisor can be the single authority for bind() with the same code.  Owners
+only need ``laddr``, ``reuseaddr``, ``reuseport`` and ``state`` attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BindBucket", "InetHashinfo", "inet_bind_bucket_create", "inet_bind_hash",
+           "inet_put_port", "__inet_lookup_established", "__inet_lookup_listener",
+           "__inet_lookup", "inet_ehash_insert", "inet_ehash_nolisten", "__inet_hash",
+           "inet_unhash"]
+
+
+@dataclass(slots=True, eq=False)
+class BindBucket:
+    """Linux ``inet_bind_bucket``: one per bound port."""
+
+    port: int
+    owners: list = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class InetHashinfo:
+    """Linux ``inet_hashinfo`` for one shard (or the supervisor's bind table)."""
+
+    ehash: dict = field(default_factory=dict)
+    listening: dict = field(default_factory=dict)
+    bhash: dict = field(default_factory=dict)
+    trace: list | None = None
+
+    def tr(self, name: str) -> None:
+        if self.trace is not None:
+            self.trace.append(name)
+
+
+def inet_bind_bucket_create(h: InetHashinfo, port: int) -> BindBucket:
+    h.tr("inet_bind_bucket_create")
+    tb = h.bhash[port] = BindBucket(port)
+    return tb
+
+
+def inet_bind_hash(h: InetHashinfo, sk: Any, tb: BindBucket, port: int) -> None:
+    """Make ``sk`` an owner of ``tb`` (Linux ``inet_bind_hash`` / ``sk_add_bind_node``)."""
+    h.tr("inet_bind_hash")
+    sk.lport = port
+    sk.bound = True
+    tb.owners.append(sk)
+    h.tr("sk_add_bind_node")
+
+
+def inet_put_port(h: InetHashinfo, sk: Any) -> None:
+    """Release ``sk``'s port; the bucket goes with its last owner."""
+    if not sk.bound:
+        return
+    sk.bound = False
+    tb = h.bhash.get(sk.lport)
+    if tb is None:
+        return
+    try:
+        tb.owners.remove(sk)
+    except ValueError:
+        return
+    if not tb.owners:
+        del h.bhash[sk.lport]
+
+
+def __inet_lookup_established(h: InetHashinfo, saddr: int, sport: int, daddr: int,
+                              dport: int) -> Any:
+    h.tr("__inet_lookup_established")
+    return h.ehash.get((daddr, dport, saddr, sport))
+
+
+def __inet_lookup_listener(h: InetHashinfo, daddr: int, dport: int) -> Any:
+    """An exact-address listener wins over a wildcard one (Linux ``compute_score``)."""
+    h.tr("__inet_lookup_listener")
+    lst = h.listening
+    sk = lst.get((daddr, dport))
+    return sk if sk is not None else lst.get((0, dport))
+
+
+def __inet_lookup(h: InetHashinfo, saddr: int, sport: int, daddr: int, dport: int) -> Any:
+    h.tr("__inet_lookup")
+    sk = __inet_lookup_established(h, saddr, sport, daddr, dport)
+    if sk is not None:
+        return sk
+    return __inet_lookup_listener(h, daddr, dport)
+
+
+def inet_ehash_insert(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
+    """Insert by 4-tuple, replacing ``osk`` (the request sock) if given.
+
+    Returns False when another socket already owns the 4-tuple.
+    """
+    h.tr("inet_ehash_insert")
+    key = (sk.laddr, sk.lport, sk.raddr, sk.rport)
+    cur = h.ehash.get(key)
+    if cur is not None and cur is not osk:
+        return False
+    h.ehash[key] = sk
+    return True
+
+
+def inet_ehash_nolisten(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
+    h.tr("inet_ehash_nolisten")
+    return inet_ehash_insert(h, sk, osk)
+
+
+def __inet_hash(h: InetHashinfo, sk: Any) -> None:
+    """Add a listener to the listening hash."""
+    h.tr("__inet_hash")
+    h.listening[(sk.laddr, sk.lport)] = sk
+
+
+def inet_unhash(h: InetHashinfo, sk: Any) -> None:
+    """Remove ``sk`` from whichever lookup table holds it."""
+    key = (sk.laddr, sk.lport, sk.raddr, sk.rport)
+    if h.ehash.get(key) is sk:
+        del h.ehash[key]
+    lkey = (sk.laddr, sk.lport)
+    if h.listening.get(lkey) is sk:
+        del h.listening[lkey]
+
+
+def inet_hash_connect(h: InetHashinfo, sk: Any, lo: int, hi: int, offset: int,
+                      port_filter: Any = None) -> bool:
+    """Pick a local port for connect() and insert into ehash (Linux ``__inet_hash_connect``).
+
+    RFC 6056 algorithm 3: start at a per-destination ``offset`` (a keyed hash of
+    the addresses, computed by the caller) and walk the range.  A port already
+    bound only through connect() may be shared as long as the 4-tuple is free
+    (Linux ``fastreuse == -1`` buckets + ``__inet_check_established``).
+    ``port_filter(laddr, lport, raddr, rport)`` lets the runtime keep only ports
+    whose replies hash to this shard.  Returns False when no port is left.
+    """
+    h.tr("__inet_hash_connect")
+    n = hi - lo + 1
+    ehash = h.ehash
+    for i in range(n):
+        port = lo + (offset + i) % n
+        if port_filter is not None and not port_filter(sk.laddr, port, sk.raddr, sk.rport):
+            continue
+        tb = h.bhash.get(port)
+        if tb is not None:
+            if not all(o.bind_by_connect for o in tb.owners):
+                continue
+            if (sk.laddr, port, sk.raddr, sk.rport) in ehash:
+                continue
+        else:
+            tb = inet_bind_bucket_create(h, port)
+        inet_bind_hash(h, sk, tb, port)
+        sk.bind_by_connect = True
+        inet_ehash_insert(h, sk)
+        return True
+    return False

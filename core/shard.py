@@ -1,0 +1,423 @@
+"""The Shard: one host's TCP engine, sans I/O (h11's ``Connection`` for a whole stack).
+
+IPv4 packets and the time go in; IPv4 packets, socket events and the next
+timer deadline come out.  Socket operations use small integer descriptors
+local to the shard (never reused).  Nothing here reads a clock, a socket or
+a random source: ``now`` and ``ShardConfig.secret`` come from the caller.
+
+Errors from bad API use are ``OSError`` with Linux's errno; malformed packets
+are counted under a :class:`~shardstack.core.dropreason.DropReason` in
+``stats.drops`` and dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import socket as _socket
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import tcp_cong
+from .dropreason import DropReason
+from .events import Event
+from .inet_connection_sock import (
+    EPHEMERAL_HI,
+    EPHEMERAL_LO,
+    inet_csk_accept,
+    inet_csk_get_port,
+    inet_csk_listen_start,
+    os_error,
+)
+from .inet_hashtables import InetHashinfo
+from .sock import State, TcpSock
+from .tcp import tcp_close, tcp_recvmsg, tcp_sendmsg, tcp_shutdown
+from .tcp_ipv4 import tcp_v4_connect, tcp_v4_rcv
+from .tcp_timer import TimerHeap, TimerKind, tcp_timer_handler
+
+__all__ = ["Shard", "ShardConfig", "ShardStats", "ConnInfo"]
+
+
+@dataclass(slots=True)
+class ShardConfig:
+    """Per-shard settings; defaults follow Linux's sysctls."""
+
+    addrs: list[int] = field(default_factory=list)
+    mtu: int = 1500
+    secret: bytes = b""
+    trace: bool = False
+    #: port_filter(laddr, lport, raddr, rport) -> bool: acceptable ephemeral ports.
+    port_filter: Callable[[int, int, int, int], bool] | None = None
+    ephemeral_range: tuple[int, int] = (EPHEMERAL_LO, EPHEMERAL_HI)
+    #: Largest segment to send (TSO-like super-segments); 0: segments <= MSS.
+    tso_max: int = 0
+    #: Checksums were already validated by the device (GRO / PACKET_VNET_HDR).
+    csum_offload: bool = False
+    syncookies: bool = True
+    window_scaling: bool = True
+    sack: bool = True
+    timestamps: bool = True
+    rcvbuf: int = 262144
+    sndbuf: int = 1048576
+    congestion: str = tcp_cong.DEFAULT
+
+
+@dataclass(slots=True)
+class ShardStats:
+    """Counters (Linux MIB names where one exists)."""
+
+    segs_in: int = 0
+    segs_out: int = 0
+    retrans_segs: int = 0
+    out_rsts: int = 0
+    active_opens: int = 0
+    active_opens_done: int = 0
+    passive_opens: int = 0
+    estab_resets: int = 0
+    listen_overflows: int = 0
+    syncookies_sent: int = 0
+    syncookies_recv: int = 0
+    synack_timeouts: int = 0
+    challenge_acks: int = 0
+    fast_retrans: int = 0
+    rto_fires: int = 0
+    delayed_acks: int = 0
+    zero_window_probes: int = 0
+    keepalive_probes: int = 0
+    ofo_queued: int = 0
+    tw_recycled: int = 0
+    drops: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str) -> None:
+        self.drops[DropReason[reason]] += 1
+
+    def as_dict(self) -> dict[str, int]:
+        out = {k: getattr(self, k) for k in self.__slots__ if k != "drops"}
+        for reason, n in self.drops.items():
+            out[f"drop_{reason.value}"] = n
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """One row of ``shardstack ss``."""
+
+    sd: int | None
+    state: str
+    laddr: int
+    lport: int
+    raddr: int
+    rport: int
+    send_q: int
+    recv_q: int
+    cwnd: int
+    srtt: float
+    rto: float
+
+
+_SOL_SOCKET = _socket.SOL_SOCKET
+_IPPROTO_TCP = _socket.IPPROTO_TCP
+_LINGER = struct.Struct("ii")
+
+
+class Shard:
+    """A sans-I/O TCP/IPv4 host; see docs/architecture.md "core (the engine)"."""
+
+    def __init__(self, config: ShardConfig, now: float = 0.0) -> None:
+        if not config.addrs:
+            raise ValueError("ShardConfig.addrs must name at least one address")
+        self.cfg = config
+        self.addr_set = frozenset(config.addrs)
+        self.secret = config.secret
+        self.key = hashlib.blake2s(b"shardstack-isn" + config.secret).digest()
+        self.adv_mss = config.mtu - 40  # IPv4 + TCP headers without options
+        self.h = InetHashinfo()
+        self.timers = TimerHeap()
+        self.frames: list[bytes] = []
+        self.events: list[Event] = []
+        self.stats = ShardStats()
+        self.socks: dict[int, TcpSock] = {}
+        self.tracing = config.trace
+        self._trace: list[str] = []
+        if self.tracing:
+            self.h.trace = self._trace
+        self.now = now
+        self.connects = 0
+        self._next_sd = 3
+        self._cc_factory = tcp_cong.get(config.congestion)
+
+    # -- plumbing used by the engine modules -------------------------------------------
+
+    def tr(self, name: str) -> None:
+        if self.tracing:
+            self._trace.append(name)
+
+    def new_sock(self) -> TcpSock:
+        sd = self._next_sd
+        self._next_sd = sd + 1
+        sk = TcpSock(sd, rcvbuf=self.cfg.rcvbuf, sndbuf=self.cfg.sndbuf, adv_mss=self.adv_mss)
+        self.socks[sd] = sk
+        return sk
+
+    def new_cc(self, sk: TcpSock) -> tcp_cong.CongestionControl:
+        factory = tcp_cong.get(sk.cc_name) if sk.cc_name else self._cc_factory
+        return factory()
+
+    def _sk(self, sd: int) -> TcpSock:
+        sk = self.socks.get(sd)
+        if sk is None or sk.orphan:
+            raise os_error(errno.EBADF)
+        return sk
+
+    # -- packets and time ----------------------------------------------------------------
+
+    def receive(self, packet: Any, now: float, csum_ok: bool | None = None) -> None:
+        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``."""
+        self.now = now
+        tcp_v4_rcv(self, packet, now, self.cfg.csum_offload if csum_ok is None else csum_ok)
+
+    def receive_batch(self, packets: Iterable[Any], now: float,
+                      csum_ok: bool | None = None) -> None:
+        self.now = now
+        ok = self.cfg.csum_offload if csum_ok is None else csum_ok
+        for packet in packets:
+            tcp_v4_rcv(self, packet, now, ok)
+
+    def advance(self, now: float) -> None:
+        """Fire every timer due at ``now``."""
+        self.now = now
+        pop = self.timers.pop_due
+        while True:
+            due = pop(now)
+            if due is None:
+                return
+            kind, sk = due
+            tcp_timer_handler(self, kind, sk, now)
+
+    def take_frames(self) -> list[bytes]:
+        frames = self.frames
+        self.frames = []
+        return frames
+
+    def take_events(self) -> list[Event]:
+        events = self.events
+        self.events = []
+        return events
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def trace(self) -> list[str]:
+        """The call-graph names recorded since the last call (``ShardConfig.trace``)."""
+        out = list(self._trace)
+        self._trace.clear()
+        return out
+
+    # -- the socket API --------------------------------------------------------------------
+
+    def socket(self) -> int:
+        return self.new_sock().sd
+
+    def setsockopt(self, sd: int, level: int, opt: int, value: Any) -> None:
+        sk = self._sk(sd)
+        if level == _SOL_SOCKET:
+            if opt == _socket.SO_REUSEADDR:
+                sk.reuseaddr = bool(_int(value))
+            elif opt == _socket.SO_REUSEPORT:
+                sk.reuseport = bool(_int(value))
+            elif opt == _socket.SO_KEEPALIVE:
+                on = bool(_int(value))
+                if on and not sk.keepalive and sk.state is State.ESTABLISHED:
+                    self.timers.arm(sk, TimerKind.KEEPALIVE, self.now + sk.keepidle)
+                sk.keepalive = on
+            elif opt == _socket.SO_LINGER:
+                onoff, secs = _LINGER.unpack(value) if isinstance(value, bytes | bytearray) \
+                    else value
+                sk.linger = (bool(onoff), int(secs))
+            elif opt == _socket.SO_RCVBUF:
+                sk.rcvbuf = max(_int(value), 2048)
+            elif opt == _socket.SO_SNDBUF:
+                sk.sndbuf = max(_int(value), 4608)
+            else:
+                raise os_error(errno.ENOPROTOOPT)
+        elif level == _IPPROTO_TCP:
+            if opt == _socket.TCP_NODELAY:
+                sk.nodelay = bool(_int(value))
+                if sk.nodelay and sk.sndq_len and sk.state in (State.ESTABLISHED,
+                                                               State.CLOSE_WAIT):
+                    from .tcp_output import tcp_write_xmit
+                    tcp_write_xmit(self, sk, self.now)
+            elif opt == _socket.TCP_MAXSEG:
+                v = _int(value)
+                if not 88 <= v <= 32767:
+                    raise os_error(errno.EINVAL)
+                sk.user_mss = v
+            elif opt == _socket.TCP_KEEPIDLE:
+                sk.keepidle = float(_pos(value))
+            elif opt == _socket.TCP_KEEPINTVL:
+                sk.keepintvl = float(_pos(value))
+            elif opt == _socket.TCP_KEEPCNT:
+                sk.keepcnt = _pos(value)
+            elif opt == _socket.TCP_CONGESTION:
+                name = value.decode() if isinstance(value, bytes | bytearray) else str(value)
+                tcp_cong.get(name.rstrip("\0"))  # ENOENT for an unknown one
+                sk.cc_name = name.rstrip("\0")
+            else:
+                raise os_error(errno.ENOPROTOOPT)
+        else:
+            raise os_error(errno.ENOPROTOOPT)
+
+    def getsockopt(self, sd: int, level: int, opt: int) -> Any:
+        sk = self._sk(sd)
+        if level == _SOL_SOCKET:
+            if opt == _socket.SO_ERROR:
+                err, sk.err = sk.err, 0
+                return err
+            table = {_socket.SO_REUSEADDR: int(sk.reuseaddr),
+                     _socket.SO_REUSEPORT: int(sk.reuseport),
+                     _socket.SO_KEEPALIVE: int(sk.keepalive),
+                     _socket.SO_RCVBUF: sk.rcvbuf, _socket.SO_SNDBUF: sk.sndbuf,
+                     _socket.SO_TYPE: _socket.SOCK_STREAM,
+                     _socket.SO_ACCEPTCONN: int(sk.state is State.LISTEN)}
+            if opt == _socket.SO_LINGER:
+                lg = sk.linger or (False, 0)
+                return _LINGER.pack(int(lg[0]), lg[1])
+        elif level == _IPPROTO_TCP:
+            table = {_socket.TCP_NODELAY: int(sk.nodelay),
+                     _socket.TCP_MAXSEG: sk.mss_cache if sk.state is not State.CLOSED
+                     else (sk.user_mss or 536),
+                     _socket.TCP_KEEPIDLE: int(sk.keepidle),
+                     _socket.TCP_KEEPINTVL: int(sk.keepintvl),
+                     _socket.TCP_KEEPCNT: sk.keepcnt,
+                     _socket.TCP_CONGESTION: (sk.cc_name or self.cfg.congestion).encode()}
+        else:
+            raise os_error(errno.ENOPROTOOPT)
+        if opt not in table:
+            raise os_error(errno.ENOPROTOOPT)
+        return table[opt]
+
+    def bind(self, sd: int, addr: int, port: int) -> None:
+        """bind(2): EINVAL if already bound, EADDRNOTAVAIL for a foreign address, EADDRINUSE."""
+        sk = self._sk(sd)
+        self.tr("inet_bind")
+        if sk.bound or sk.state is not State.CLOSED:
+            raise os_error(errno.EINVAL)
+        if addr != 0 and addr not in self.addr_set:
+            raise os_error(errno.EADDRNOTAVAIL)
+        if not 0 <= port < 65536:
+            raise os_error(errno.EINVAL)
+        sk.laddr = addr
+        lo, hi = self.cfg.ephemeral_range
+        inet_csk_get_port(self.h, sk, port, lo, hi, self._port_offset())
+
+    def _port_offset(self) -> int:
+        self.connects += 1
+        h = hashlib.blake2s(self.connects.to_bytes(8, "big"), key=self.key, digest_size=4)
+        return int.from_bytes(h.digest(), "big")
+
+    def listen(self, sd: int, backlog: int) -> None:
+        sk = self._sk(sd)
+        self.tr("inet_listen")
+        if sk.state is State.LISTEN:
+            sk.backlog = min(max(backlog, 0), 4096)  # Linux lets listen() resize the backlog
+            return
+        if sk.state is not State.CLOSED or sk.dead:
+            raise os_error(errno.EINVAL)
+        if not sk.bound:
+            lo, hi = self.cfg.ephemeral_range
+            inet_csk_get_port(self.h, sk, 0, lo, hi, self._port_offset())
+        inet_csk_listen_start(self.h, sk, backlog)
+
+    def accept(self, sd: int) -> tuple[int, tuple[int, int]] | None:
+        sk = self._sk(sd)
+        child = inet_csk_accept(sk)
+        if child is None:
+            return None
+        child.parent = None
+        if child.rcvq_len or child.fin_rcvd:
+            from .tcp import emit_readable
+            emit_readable(self, child)
+        if child.err:
+            from .events import SocketError
+            self.events.append(SocketError(child.sd, child.err))
+        return child.sd, (child.raddr, child.rport)
+
+    def connect(self, sd: int, addr: int, port: int, now: float) -> None:
+        self.now = now
+        tcp_v4_connect(self, self._sk(sd), addr, port, now)
+
+    def send(self, sd: int, data: Any, now: float) -> int:
+        self.now = now
+        return tcp_sendmsg(self, self._sk(sd), data, now)
+
+    def recv(self, sd: int, maxlen: int) -> bytes | None:
+        return tcp_recvmsg(self, self._sk(sd), maxlen, self.now)
+
+    def shutdown(self, sd: int, how: int, now: float) -> None:
+        self.now = now
+        tcp_shutdown(self, self._sk(sd), how, now)
+
+    def close(self, sd: int, now: float) -> None:
+        self.now = now
+        tcp_close(self, self._sk(sd), now)
+
+    def getsockname(self, sd: int) -> tuple[int, int]:
+        sk = self._sk(sd)
+        return sk.laddr, sk.lport
+
+    def getpeername(self, sd: int) -> tuple[int, int]:
+        sk = self._sk(sd)
+        if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT) and not sk.rport:
+            raise os_error(errno.ENOTCONN)
+        if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT):
+            raise os_error(errno.ENOTCONN)
+        return sk.raddr, sk.rport
+
+    def state(self, sd: int) -> State:
+        """The RFC state of a descriptor (tests, ``ss``)."""
+        sk = self.socks.get(sd)
+        if sk is None:
+            raise os_error(errno.EBADF)
+        return sk.state
+
+    def sock(self, sd: int) -> TcpSock:
+        """The control block behind ``sd`` (read-only use: tests and diagnostics)."""
+        sk = self.socks.get(sd)
+        if sk is None:
+            raise os_error(errno.EBADF)
+        return sk
+
+    def connections(self) -> list[ConnInfo]:
+        seen: set[int] = set()
+        rows = []
+        socks = list(self.h.listening.values()) + list(self.h.ehash.values())
+        for sk in socks:
+            if id(sk) in seen:
+                continue
+            seen.add(id(sk))
+            if isinstance(sk, TcpSock):
+                rows.append(ConnInfo(None if sk.closed_evt else sk.sd, str(sk.state), sk.laddr,
+                                     sk.lport, sk.raddr, sk.rport, sk.sndq_len, sk.rcvq_len,
+                                     sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto))
+            else:
+                rows.append(ConnInfo(None, str(sk.state), sk.laddr, sk.lport, sk.raddr,
+                                     sk.rport, 0, 0, 0, 0.0, 1.0))
+        return rows
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bytes | bytearray):
+        return int.from_bytes(value[:4], "little", signed=True)
+    return int(value)
+
+
+def _pos(value: Any) -> int:
+    v = _int(value)
+    if v < 1:
+        raise os_error(errno.EINVAL)
+    return v
+
+

@@ -1,0 +1,153 @@
+"""The TCP control block (Linux ``struct tcp_sock``) and its state enum.
+
+One slotted dataclass per connection; tcp_input/tcp_output/tcp_timer are
+functions over it.  States print their RFC 9293 names (``SYN-SENT``); every
+transition goes through :func:`tcp_set_state` so it can be traced.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["State", "TcpSock", "tcp_set_state", "SYNC_STATES"]
+
+
+class State(enum.Enum):
+    CLOSED = "CLOSED"
+    LISTEN = "LISTEN"
+    SYN_SENT = "SYN-SENT"
+    SYN_RECV = "SYN-RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT1 = "FIN-WAIT-1"
+    FIN_WAIT2 = "FIN-WAIT-2"
+    CLOSE_WAIT = "CLOSE-WAIT"
+    CLOSING = "CLOSING"
+    LAST_ACK = "LAST-ACK"
+    TIME_WAIT = "TIME-WAIT"
+    NEW_SYN_RECV = "NEW-SYN-RECV"  # Linux's request sock state (not an RFC state)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: RFC 9293 "synchronized" states: RST/SYN validation per RFC 5961 applies.
+SYNC_STATES = frozenset({State.SYN_RECV, State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2,
+                         State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK, State.TIME_WAIT})
+
+
+@dataclass(slots=True, eq=False)
+class TcpSock:
+    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists."""
+
+    sd: int
+    state: State = State.CLOSED
+    laddr: int = 0
+    lport: int = 0
+    raddr: int = 0
+    rport: int = 0
+    # -- socket options ------------------------------------------------------------
+    reuseaddr: bool = False
+    reuseport: bool = False
+    nodelay: bool = False
+    keepalive: bool = False
+    keepidle: float = 7200.0  # tcp_keepalive_time
+    keepintvl: float = 75.0  # tcp_keepalive_intvl
+    keepcnt: int = 9  # tcp_keepalive_probes
+    linger: tuple[bool, int] | None = None
+    user_mss: int = 0  # TCP_MAXSEG
+    rcvbuf: int = 262144
+    sndbuf: int = 1048576
+    cc_name: str = ""
+    # -- bind / listen -------------------------------------------------------------
+    bound: bool = False  # owns a bind-bucket entry
+    bind_by_connect: bool = False
+    backlog: int = 0
+    accept_queue: deque = field(default_factory=deque)
+    reqs: int = 0  # request socks outstanding (reqsk_queue_len)
+    parent: Any = None  # the listener, until accept()
+    orphan: bool = False  # close() called; the descriptor belongs to no one
+    # -- send sequence space (RFC 9293 §3.3.1) -------------------------------------
+    iss: int = 0
+    snd_una: int = 0
+    snd_nxt: int = 0
+    snd_max: int = 0  # highest sequence sent (snd_nxt can be rewound by RTO)
+    snd_wnd: int = 0
+    snd_wl1: int = 0
+    snd_wl2: int = 0
+    max_window: int = 0
+    snd_wscale: int = 0  # peer's shift, applied to windows it sends
+    mss: int = 536  # send MSS: peer's MSS option clamped by our MTU, minus nothing
+    mss_cache: int = 524  # payload per segment after our per-segment options
+    # -- send buffer: chunks of memoryview; byte 0 of chunk 0 is sequence snd_una --
+    sndq: deque = field(default_factory=deque)
+    sndq_head_off: int = 0  # bytes of chunk 0 already acked
+    sndq_len: int = 0  # unacked + unsent bytes
+    shut_wr: bool = False  # FIN queued after the buffer
+    fin_sent: bool = False
+    fin_seq: int = 0
+    write_blocked: bool = False  # a send() took less than offered: Writable owed
+    # -- receive sequence space ------------------------------------------------------
+    irs: int = 0
+    rcv_nxt: int = 0
+    rcv_wup: int = 0  # rcv_nxt when the window was last advertised
+    rcv_wnd: int = 0  # window advertised then (bytes)
+    rcv_wscale: int = 0
+    rcv_mss: int = 536  # estimate of the peer's segment size (delayed ACK)
+    rcvq: deque = field(default_factory=deque)  # bytes objects in order
+    rcvq_len: int = 0
+    rcvq_off: int = 0  # bytes of rcvq[0] already read
+    ofo: list = field(default_factory=list)  # sorted [start, end, data]
+    ofo_len: int = 0
+    last_ofo_seq: int = 0  # start of the latest out-of-order arrival (first SACK block)
+    rd_shut: bool = False  # shutdown(SHUT_RD)
+    adv_mss: int = 1460  # the MSS we announce
+    fin_rcvd: bool = False
+    readable_signalled: bool = False
+    # -- options -----------------------------------------------------------------------
+    wscale_ok: bool = False
+    sack_ok: bool = False
+    ts_ok: bool = False
+    ts_recent: int = 0
+    ts_recent_stamp: float = 0.0
+    ts_off: int = 0
+    # -- RTT / RTO (RFC 6298) --------------------------------------------------------
+    srtt: float = 0.0
+    rttvar: float = 0.0
+    rto: float = 1.0
+    backoff: int = 0
+    retries: int = 0
+    rtt_seq: int = -1  # Karn: sequence being timed without timestamps
+    rtt_time: float = 0.0
+    # -- loss recovery ---------------------------------------------------------------
+    cc: Any = None
+    dupacks: int = 0
+    in_recovery: bool = False
+    recover: int = 0
+    sacked: list = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
+    retrans_hi: int = 0  # fast recovery: retransmitted up to here
+    # -- delayed ACK -----------------------------------------------------------------
+    quickack: int = 16
+    unacked_rcv: int = 0  # bytes received since we last sent an ACK
+    ack_now: bool = False
+    last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
+    # -- timers: deadline per TimerKind (None = idle) --------------------------------
+    timers: list = field(default_factory=lambda: [None] * 6)
+    probes: int = 0  # persist / keepalive probes sent without answer
+    rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
+    lsndtime: float = 0.0
+    syn_retries: int = 0
+    # -- errors / lifecycle -------------------------------------------------------------
+    err: int = 0  # pending SO_ERROR
+    dead: bool = False
+    closed_evt: bool = False  # Closed(sd) already reported
+
+    def __repr__(self) -> str:
+        return f"<TcpSock sd={self.sd} {self.state} {self.lport}->{self.rport}>"
+
+
+def tcp_set_state(sh: Any, sk: TcpSock, state: State) -> None:
+    """Every state change goes through here (Linux ``tcp_set_state``)."""
+    sk.state = state

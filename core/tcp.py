@@ -1,0 +1,251 @@
+"""Socket-level TCP operations (Linux ``net/ipv4/tcp.c``).
+
+``tcp_sendmsg``, ``tcp_recvmsg``, ``tcp_shutdown``, ``tcp_close``,
+``tcp_done`` and ``tcp_reset`` (the errno a reset surfaces as, by state,
+RFC 9293 §3.10.7.4 "RST bit").
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from .events import Closed, Readable, SocketError, Writable
+from .inet_connection_sock import os_error
+from .inet_hashtables import inet_put_port, inet_unhash
+from .sock import State, TcpSock
+from .tcp_output import (
+    tcp_fin_state,
+    tcp_send_ack,
+    tcp_send_active_reset,
+    tcp_write_xmit,
+)
+from .tcp_timer import TimerHeap, TimerKind
+
+__all__ = ["tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg", "tcp_shutdown",
+           "tcp_close", "sk_release", "emit_readable", "TCP_FIN_TIMEOUT"]
+
+MASK = 0xFFFFFFFF
+#: net.ipv4.tcp_fin_timeout: how long an orphaned FIN-WAIT-2 socket waits for the FIN.
+TCP_FIN_TIMEOUT = 60.0
+_WRITE_STATES = (State.ESTABLISHED, State.CLOSE_WAIT)
+
+
+def emit_readable(sh: Any, sk: TcpSock) -> None:
+    """Report Readable once per recv() (edge), and not before accept()."""
+    if not sk.readable_signalled and sk.parent is None and not sk.orphan:
+        sk.readable_signalled = True
+        sh.events.append(Readable(sk.sd))
+
+
+def sk_release(sh: Any, sk: TcpSock) -> None:
+    """The descriptor is gone for good: report Closed once."""
+    if not sk.closed_evt:
+        sk.closed_evt = True
+        sh.socks.pop(sk.sd, None)
+        sh.events.append(Closed(sk.sd))
+
+
+def tcp_done(sh: Any, sk: TcpSock, err: int = 0) -> None:
+    """Final close: unhash, free the port, report (Linux ``tcp_done``)."""
+    sk.state = State.CLOSED
+    sk.dead = True
+    TimerHeap.cancel_all(sk)
+    inet_unhash(sh.h, sk)
+    inet_put_port(sh.h, sk)
+    if err and not sk.orphan:
+        sk.err = err
+        if sk.parent is None:
+            sh.events.append(SocketError(sk.sd, err))
+    if sk.orphan:
+        sk_release(sh, sk)
+
+
+def tcp_reset(sh: Any, sk: TcpSock) -> None:
+    """An acceptable RST arrived (RFC 9293 §3.10.7.4; errno as Linux ``tcp_reset``)."""
+    sh.stats.estab_resets += sk.state in (State.ESTABLISHED, State.CLOSE_WAIT)
+    if sk.state is State.SYN_SENT:
+        err = errno.ECONNREFUSED
+    elif sk.state is State.CLOSE_WAIT:
+        err = errno.EPIPE
+    elif sk.state is State.TIME_WAIT:
+        err = 0
+    else:
+        err = errno.ECONNRESET
+    tcp_done(sh, sk, err)
+
+
+def tcp_sendmsg(sh: Any, sk: TcpSock, data: Any, now: float) -> int:
+    """Queue ``data`` (no copy for bytes; one copy for mutable buffers), then push."""
+    if sk.err:
+        err, sk.err = sk.err, 0
+        raise os_error(err)
+    st = sk.state
+    if st not in _WRITE_STATES or sk.shut_wr:
+        if st in (State.SYN_SENT, State.SYN_RECV):
+            return 0
+        if sk.shut_wr or st is not State.CLOSED and st is not State.LISTEN:
+            raise os_error(errno.EPIPE)
+        raise os_error(errno.ENOTCONN)
+    room = sk.sndbuf - sk.sndq_len
+    n = len(data)
+    if n == 0:
+        return 0
+    if room <= 0:
+        sk.write_blocked = True
+        return 0
+    if n > room:
+        sk.write_blocked = True
+        n = room
+    # Immutable buffers (bytes, read-only views of them) are queued without a
+    # copy; a mutable one is copied once, and only the part we take.
+    if type(data) is bytes:
+        mv = memoryview(data)
+    elif type(data) is memoryview and data.readonly:
+        mv = data if data.ndim == 1 and data.itemsize == 1 else data.cast("B")
+    else:
+        mv = memoryview(bytes(memoryview(data).cast("B")[:n]))
+    sk.sndq.append(mv[:n] if n < len(mv) else mv)
+    sk.sndq_len += n
+    tcp_write_xmit(sh, sk, now)
+    return n
+
+
+def tcp_recvmsg(sh: Any, sk: TcpSock, maxlen: int, now: float) -> bytes | None:
+    """Take up to ``maxlen`` bytes; b"" at EOF; None when nothing is there yet."""
+    sk.readable_signalled = False
+    if sk.rcvq_len == 0:
+        if sk.err:
+            err, sk.err = sk.err, 0
+            raise os_error(err)
+        if sk.fin_rcvd or sk.rd_shut or sk.state in (State.CLOSED, State.TIME_WAIT):
+            if sk.state is State.LISTEN:
+                raise os_error(errno.ENOTCONN)
+            return b""
+        if sk.state is State.LISTEN or (sk.state is State.CLOSED and not sk.dead):
+            raise os_error(errno.ENOTCONN)
+        return None
+    q = sk.rcvq
+    first = q[0]
+    off = sk.rcvq_off
+    if len(first) - off > maxlen:
+        out = first[off:off + maxlen]
+        sk.rcvq_off = off + maxlen
+    else:
+        parts = [first[off:] if off else first]
+        got = len(first) - off
+        q.popleft()
+        while q and got + len(q[0]) <= maxlen:
+            chunk = q.popleft()
+            parts.append(chunk)
+            got += len(chunk)
+        if q and got < maxlen:
+            need = maxlen - got
+            parts.append(q[0][:need])
+            sk.rcvq_off = need
+        else:
+            sk.rcvq_off = 0
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+    sk.rcvq_len -= len(out)
+    _cleanup_rbuf(sh, sk, now)
+    return bytes(out) if type(out) is not bytes else out
+
+
+def _cleanup_rbuf(sh: Any, sk: TcpSock, now: float) -> None:
+    """Send a window update when reading opened the window a lot (Linux ``tcp_cleanup_rbuf``).
+
+    Announce when the window we could offer now is at least twice what the
+    peer currently sees (and that is at most half the buffer).
+    """
+    if sk.state not in (State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2) or sk.fin_rcvd:
+        return
+    cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
+    if cur & 0x80000000:
+        cur = 0
+    if 2 * cur > sk.rcvbuf:
+        return
+    free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
+    free = (free >> sk.rcv_wscale) << sk.rcv_wscale
+    if free >= 2 * cur and free >= sk.rcv_mss:
+        tcp_send_ack(sh, sk, now)
+
+
+def tcp_shutdown(sh: Any, sk: TcpSock, how: int, now: float) -> None:
+    """shutdown(2): SHUT_RD (0), SHUT_WR (1), SHUT_RDWR (2)."""
+    if how not in (0, 1, 2):
+        raise os_error(errno.EINVAL)
+    if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT):
+        raise os_error(errno.ENOTCONN)
+    if how in (0, 2):
+        sk.rd_shut = True
+        emit_readable(sh, sk)
+    if how in (1, 2) and not sk.shut_wr and sk.state in (State.ESTABLISHED, State.CLOSE_WAIT,
+                                                          State.SYN_RECV):
+        _queue_fin(sh, sk, now)
+
+
+def _queue_fin(sh: Any, sk: TcpSock, now: float) -> None:
+    sk.shut_wr = True
+    sk.state = tcp_fin_state(sk)
+    tcp_write_xmit(sh, sk, now)
+
+
+def tcp_close(sh: Any, sk: TcpSock, now: float) -> None:
+    """close(2) (Linux ``__tcp_close``): FIN, or RST when data would be lost or SO_LINGER 0."""
+    st = sk.state
+    sk.orphan = True
+    if st is State.LISTEN:
+        inet_csk_listen_stop(sh, sk, now)
+        tcp_done(sh, sk)
+        return
+    if st in (State.CLOSED, State.SYN_SENT):
+        tcp_done(sh, sk)
+        return
+    if st is State.TIME_WAIT:
+        sk_release(sh, sk)
+        return
+    unread = sk.rcvq_len > 0
+    if unread or (sk.linger is not None and sk.linger[0] and sk.linger[1] == 0):
+        # RFC 2525 §2.17 / RFC 9293 §3.10.4 ABORT: data we will never read, or an
+        # explicit abortive close, resets the connection.
+        tcp_send_active_reset(sh, sk, now)
+        tcp_done(sh, sk)
+        return
+    if st in (State.ESTABLISHED, State.CLOSE_WAIT, State.SYN_RECV) and not sk.shut_wr:
+        _queue_fin(sh, sk, now)
+    elif sk.state is State.FIN_WAIT2:
+        sh.timers.arm(sk, TimerKind.KEEPALIVE, now + TCP_FIN_TIMEOUT)
+
+
+def inet_csk_listen_stop(sh: Any, sk: TcpSock, now: float) -> None:
+    """Closing a listener resets the children nobody accepted and forgets its requests."""
+    while sk.accept_queue:
+        child = sk.accept_queue.popleft()
+        child.orphan = True
+        child.parent = None
+        if child.state not in (State.CLOSED, State.TIME_WAIT):
+            tcp_send_active_reset(sh, child, now)
+        tcp_done(sh, child)
+    for key, req in list(sh.h.ehash.items()):
+        if getattr(req, "listener", None) is sk:
+            del sh.h.ehash[key]
+            req.dead = True
+            req.timers[TimerKind.SYNACK] = None
+    sk.reqs = 0
+
+
+def tcp_check_writable(sh: Any, sk: TcpSock) -> None:
+    """Writable once room appears after a send() that could not take everything.
+
+    Like Linux ``sk_stream_is_writeable``: only when the free space is at least
+    half of what is queued (a third of the buffer), so a trickle of ACKs does
+    not wake the writer for a few bytes each time.
+    """
+    if sk.write_blocked and 3 * sk.sndq_len <= 2 * sk.sndbuf and not sk.orphan:
+        sk.write_blocked = False
+        sh.events.append(Writable(sk.sd))
+
+
+def tcp_send_ack_if_needed(sh: Any, sk: TcpSock, now: float) -> None:
+    if sk.ack_now:
+        tcp_send_ack(sh, sk, now)

@@ -1,0 +1,281 @@
+"""CUBIC congestion control (Linux ``net/ipv4/tcp_cubic.c``), per RFC 9438.
+
+Reading list: RFC 9438 (CUBIC), RFC 9406 (HyStart++), RFC 5681.
+
+The window follows the cubic function of the time since the current
+congestion-avoidance epoch began (RFC 9438 §4.2, Figure 1)::
+
+    W_cubic(t) = C * (t - K)**3 + W_max          C = 0.4 segments/s^3
+    K = cbrt((W_max - cwnd_epoch) / C)
+
+Windows are in segments.  On each ACK in congestion avoidance the target is
+``W_cubic(t + RTT)`` clamped to ``[cwnd, 1.5 * cwnd]`` (§4.2) and cwnd moves
+``(target - cwnd) / cwnd`` per acked segment (§4.4 concave, §4.5 convex).  A
+Reno estimate ``W_est`` grows by ``alpha_cubic * acked / cwnd`` (§4.3, alpha
+= 3(1-beta)/(1+beta), then 1 once W_est reaches the window before the last
+reduction); when ``W_cubic(t) < W_est`` the sender is in the Reno-friendly
+region and cwnd follows W_est.  A congestion event multiplies the window by
+beta = 0.7 (§4.6) and, with fast convergence (§4.7), remembers a W_max
+lowered to ``cwnd * (1 + beta) / 2`` when the window is shrinking.  After an
+RTO, the next epoch starts with K = 0 and W_max = cwnd_epoch (§4.8).  A
+spurious reduction is undone with the whole CUBIC state (§4.9).
+
+Optional HyStart++ (RFC 9406, ``Cubic(hystart=True)``) leaves slow start
+early when the per-round minimum RTT rises, through Conservative Slow Start.
+
+Time (``now``) and RTT samples come in as arguments; ``RTT`` is the smoothed
+sample average kept by :class:`~shardstack.core.tcp_cong.CongestionControl`.
+The engine-facing contract is the one documented in ``tcp_cong``.
+"""
+
+from __future__ import annotations
+
+from .tcp_cong import ABC_LIMIT, CaState, CongestionControl, register
+
+__all__ = ["BETA", "C", "Cubic", "alpha_cubic", "cubic_k", "w_cubic"]
+
+#: RFC 9438 §4.6 multiplicative decrease factor.
+BETA = 0.7
+#: RFC 9438 §5 (Figure 1): the scaling constant, in segments / s^3.
+C = 0.4
+
+# RFC 9406 §4.3 constants.
+HYSTART_MIN_RTT_THRESH = 0.004
+HYSTART_MAX_RTT_THRESH = 0.016
+HYSTART_MIN_RTT_DIVISOR = 8
+HYSTART_N_RTT_SAMPLE = 8
+HYSTART_CSS_GROWTH_DIVISOR = 4
+HYSTART_CSS_ROUNDS = 5
+
+
+def alpha_cubic(beta: float = BETA) -> float:
+    """RFC 9438 §4.3: the additive factor that makes CUBIC as fair as Reno on average."""
+    return 3.0 * (1.0 - beta) / (1.0 + beta)
+
+
+def cubic_k(w_max: float, cwnd_epoch: float, c: float = C) -> float:
+    """RFC 9438 §4.2 Figure 2: time for W_cubic to climb from cwnd_epoch back to W_max."""
+    if w_max <= cwnd_epoch:
+        return 0.0
+    return ((w_max - cwnd_epoch) / c) ** (1.0 / 3.0)
+
+
+def w_cubic(t: float, k: float, w_max: float, c: float = C) -> float:
+    """RFC 9438 §4.2 Figure 1."""
+    return c * (t - k) ** 3 + w_max
+
+
+class Cubic(CongestionControl):
+    """RFC 9438 CUBIC.  ``fast_convergence`` (§4.7) is on by default, like Linux."""
+
+    name = "cubic"
+    __slots__ = (
+        "beta",
+        "c",
+        "fast_convergence",
+        "w_max",
+        "k",
+        "epoch_start",
+        "cwnd_epoch",
+        "w_est",
+        "cwnd_prior",
+        "after_rto",
+        "_undo",
+        "hystart",
+        "_hs_round_end",
+        "_hs_round",
+        "_hs_cur_min",
+        "_hs_last_min",
+        "_hs_samples",
+        "_hs_css_base",
+        "_hs_css_rounds",
+    )
+
+    def __init__(
+        self, *, fast_convergence: bool = True, hystart: bool = False, beta: float = BETA, c: float = C
+    ) -> None:
+        super().__init__()
+        self.beta = beta
+        self.c = c
+        self.fast_convergence = fast_convergence
+        self.hystart = hystart
+        self._reset_cubic()
+        self._undo: tuple | None = None
+        self._hs_reset()
+
+    def _reset_cubic(self) -> None:
+        # Linux bictcp_reset: no congestion event remembered yet.
+        self.w_max = 0.0
+        self.k = 0.0
+        self.epoch_start: float | None = None
+        self.cwnd_epoch = 0.0
+        self.w_est = 0.0
+        self.cwnd_prior = 0.0
+        self.after_rto = False
+
+    def init(self, mss: int, now: float) -> None:
+        super().init(mss, now)
+        self._reset_cubic()
+        self._undo = None
+        self._hs_reset()
+
+    # -- window as a float ---------------------------------------------------------------
+
+    def _window(self) -> float:
+        return self.cwnd + self.cwnd_frac
+
+    def _set_window(self, w: float) -> None:
+        whole = max(int(w), 1)
+        self.cwnd = whole
+        self.cwnd_frac = max(w - whole, 0.0)
+
+    # -- RFC 9438 ------------------------------------------------------------------------
+
+    def ssthresh_on_loss(self, now: float, in_flight: float) -> int:
+        # RFC 9438 §4.6 with §4.7 fast convergence.  cwnd (not FlightSize) is the base,
+        # as in Linux; §4.6 allows it because tcp_cong refuses growth when the sender is
+        # not cwnd-limited.
+        self._save_cubic_for_undo()
+        cwnd = self._window()
+        if self.fast_convergence and cwnd < self.w_max:
+            self.w_max = cwnd * (1.0 + self.beta) / 2.0
+        else:
+            self.w_max = cwnd
+        self.cwnd_prior = cwnd
+        self.epoch_start = None
+        return max(int(cwnd * self.beta), 2)
+
+    def on_rto(self, now: float, in_flight: float) -> None:
+        first = self.ca_state != CaState.LOSS
+        super().on_rto(now, in_flight)
+        if first:
+            # RFC 9438 §4.8: the first CA stage after a timeout uses K = 0 and
+            # W_max = cwnd at its start; forget the cubic origin.
+            self.w_max = 0.0
+            self.after_rto = True
+        self.epoch_start = None
+        self._hs_reset()
+
+    def cong_avoid(self, acked_segments: float, rtt: float | None, now: float) -> None:
+        if self.in_slow_start:
+            if self.hystart:
+                acked_segments = self._hystart_slow_start(acked_segments, rtt, now)
+            else:
+                acked_segments = self.slow_start(acked_segments)
+            if not acked_segments:
+                return
+        self._cubic_update(acked_segments, now)
+
+    def _begin_epoch(self, now: float) -> None:
+        # RFC 9438 §4.2: t counts from the start of this congestion-avoidance stage;
+        # cwnd_epoch is the window then.  §4.8 (after an RTO, or a first exit from slow
+        # start with no congestion event): K = 0 and W_max = cwnd_epoch.
+        self.epoch_start = now
+        self.cwnd_epoch = self._window()
+        if self.w_max <= self.cwnd_epoch:
+            self.w_max = self.cwnd_epoch
+            self.k = 0.0
+        else:
+            self.k = cubic_k(self.w_max, self.cwnd_epoch, self.c)
+        self.w_est = self.cwnd_epoch
+        if self.cwnd_prior <= 0:
+            self.cwnd_prior = self.cwnd_epoch
+        self.after_rto = False
+
+    def _cubic_update(self, acked: float, now: float) -> None:
+        if self.epoch_start is None:
+            self._begin_epoch(now)
+        rtt = self.srtt or 0.0
+        t = now - self.epoch_start
+        cwnd = self._window()
+        # §4.3: Reno-friendly estimate.  alpha_cubic until W_est has regained the
+        # window before the last reduction, then Reno's 1.
+        alpha = 1.0 if self.w_est >= self.cwnd_prior else alpha_cubic(self.beta)
+        self.w_est += alpha * acked / cwnd
+        if w_cubic(t, self.k, self.w_max, self.c) < self.w_est:
+            # Reno-friendly region: follow W_est (never shrink on an ACK).
+            self._set_window(max(cwnd, self.w_est))
+            return
+        # §4.2: target for one RTT ahead, clamped to [cwnd, 1.5 cwnd]; §4.4/§4.5 move
+        # (target - cwnd) / cwnd per acked segment.
+        target = w_cubic(t + rtt, self.k, self.w_max, self.c)
+        target = min(max(target, cwnd), 1.5 * cwnd)
+        self._set_window(cwnd + (target - cwnd) / cwnd * acked)
+
+    # -- undo (RFC 9438 §4.9) ------------------------------------------------------------
+
+    def _save_cubic_for_undo(self) -> None:
+        self._undo = (self.w_max, self.k, self.epoch_start, self.cwnd_epoch, self.w_est,
+                      self.cwnd_prior)
+
+    def undo(self) -> None:
+        if self.prior_cwnd and self._undo is not None:
+            (self.w_max, self.k, self.epoch_start, self.cwnd_epoch, self.w_est,
+             self.cwnd_prior) = self._undo
+            self._undo = None
+            self.after_rto = False
+        super().undo()
+
+    def on_idle_restart(self, now: float, idle: float, rto: float) -> None:
+        before = self.cwnd
+        super().on_idle_restart(now, idle, rto)
+        if self.cwnd < before:
+            self.epoch_start = None
+        elif self.epoch_start is not None:
+            # RFC 9438 §5.8 (and Linux's CA_EVENT_TX_START): an idle period must not
+            # count as time spent growing, so slide the epoch forward.
+            self.epoch_start += idle
+
+    # -- HyStart++ (RFC 9406) ------------------------------------------------------------
+
+    def _hs_reset(self) -> None:
+        self._hs_round_end = 0.0
+        self._hs_round = 0
+        self._hs_cur_min = float("inf")
+        self._hs_last_min = float("inf")
+        self._hs_samples = 0
+        self._hs_css_base: float | None = None
+        self._hs_css_rounds = 0
+
+    def _hystart_slow_start(self, acked: float, rtt: float | None, now: float) -> float:
+        # Rounds are approximated by time: one smoothed RTT per round (RFC 9406 §4.2
+        # counts them by sequence; the engine does not give us snd_nxt here).
+        if now >= self._hs_round_end:
+            self._hs_last_min = self._hs_cur_min
+            self._hs_cur_min = float("inf")
+            self._hs_samples = 0
+            self._hs_round_end = now + (self.srtt or 0.0)
+            if self._hs_css_base is not None:
+                self._hs_css_rounds += 1
+                if self._hs_css_rounds >= HYSTART_CSS_ROUNDS:
+                    # §4.2: CSS lasted long enough; enter congestion avoidance.
+                    self.ssthresh = self.cwnd
+                    return acked
+        if rtt is not None and rtt > 0:
+            self._hs_cur_min = min(self._hs_cur_min, rtt)
+            self._hs_samples += 1
+        if self._hs_css_base is None:
+            grow = self.slow_start(acked)
+            if (self._hs_samples >= HYSTART_N_RTT_SAMPLE and self._hs_last_min != float("inf")
+                    and self._hs_cur_min != float("inf")):
+                thresh = min(max(self._hs_last_min / HYSTART_MIN_RTT_DIVISOR,
+                                 HYSTART_MIN_RTT_THRESH), HYSTART_MAX_RTT_THRESH)
+                if self._hs_cur_min >= self._hs_last_min + thresh:
+                    self._hs_css_base = self._hs_cur_min  # §4.2: enter CSS
+                    self._hs_css_rounds = 0
+            return grow
+        # Conservative Slow Start: growth divided by CSS_GROWTH_DIVISOR (§4.2).
+        if self._hs_cur_min < self._hs_css_base and self._hs_samples >= HYSTART_N_RTT_SAMPLE:
+            self._hs_css_base = None  # the RTT increase was spurious: back to slow start
+        self.cwnd_frac += min(acked, ABC_LIMIT) / HYSTART_CSS_GROWTH_DIVISOR
+        whole = int(self.cwnd_frac)
+        self.cwnd += whole
+        self.cwnd_frac -= whole
+        return 0.0
+
+    def __repr__(self) -> str:
+        base = super().__repr__()[:-1]
+        return f"{base} w_max={self.w_max:.1f} K={self.k:.3f}>"
+
+
+register("cubic", Cubic)

@@ -1,0 +1,767 @@
+"""Receiving segments (Linux ``net/ipv4/tcp_input.c``).
+
+Reading list: RFC 9293 §3.10.7 (SEGMENT ARRIVES), RFC 5961 (blind RST/SYN/data
+injection: challenge ACKs), RFC 7323 (PAWS, timestamps, window scale), RFC
+2018 (SACK), RFC 5681 / RFC 6582 (fast retransmit, NewReno), RFC 6298 (RTO),
+RFC 1122 §4.2.3.2 (delayed ACK).
+
+The fast path (Linux's "header prediction", ``tcp_rcv_established``): in
+ESTABLISHED, a segment with only ACK/PSH set, exactly the next expected
+sequence number, an empty out-of-order queue and an acceptable timestamp
+needs neither RFC 5961 checks nor out-of-order handling, so it goes straight
+to ``tcp_ack`` and an append to the receive queue.  Everything else takes the
+slow path through ``tcp_validate_incoming`` in RFC 793's step order.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+from .events import Connected
+from .sock import State, TcpSock
+from .tcp import emit_readable, tcp_check_writable, tcp_done, tcp_reset
+from .tcp_output import (
+    TCP_DELACK,
+    tcp_retransmit_skb,
+    tcp_rto,
+    tcp_send_ack,
+    tcp_send_reset,
+    tcp_send_synack_sock,
+    tcp_transmit,
+    tcp_write_xmit,
+)
+from .tcp_timer import TimerKind
+from .wire.tcp import ACK, FIN, RST, SYN
+
+__all__ = ["tcp_rcv_established", "tcp_rcv_state_process", "tcp_rcv_synsent_state_process",
+           "tcp_validate_incoming", "tcp_ack", "tcp_data_queue", "tcp_rtt_estimator",
+           "tcp_ack_update_rtt", "tcp_init_transfer", "tcp_send_challenge_ack",
+           "TCP_RTO_MIN", "TCP_TIMEOUT_INIT"]
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+#: Linux TCP_RTO_MIN (200 ms) and TCP_TIMEOUT_INIT (1 s, RFC 6298 (2.1)).
+TCP_RTO_MIN = 0.2
+TCP_TIMEOUT_INIT = 1.0
+#: PAWS: a ts_recent older than 24 days is not trusted (RFC 7323 §5.5).
+PAWS_24DAYS = 24 * 86400.0
+#: Linux sysctl_tcp_invalid_ratelimit: at most one out-of-window ACK per 500 ms.
+OOW_RATELIMIT = 0.5
+_RETRANSMIT = TimerKind.RETRANSMIT
+_DELACK = TimerKind.DELACK
+_PERSIST = TimerKind.PERSIST
+_KEEPALIVE = TimerKind.KEEPALIVE
+_DATA_STATES = (State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2)
+
+
+# -- RTT / RTO (RFC 6298) ------------------------------------------------------------------
+
+def tcp_rtt_estimator(sk: TcpSock, rtt: float) -> None:
+    """RFC 6298 (2.2)/(2.3): SRTT and RTTVAR with alpha 1/8, beta 1/4."""
+    if sk.srtt == 0.0:
+        sk.srtt = rtt
+        sk.rttvar = rtt / 2
+    else:
+        sk.rttvar += (abs(sk.srtt - rtt) - sk.rttvar) * 0.25
+        sk.srtt += (rtt - sk.srtt) * 0.125
+
+
+def tcp_set_rto(sk: TcpSock) -> None:
+    """RTO = SRTT + max(4 RTTVAR, RTO_MIN): Linux folds its 200 ms floor into the
+    variance term (``tcp_set_rto``) rather than RFC 6298 (2.4)'s 1 s floor."""
+    var = 4 * sk.rttvar
+    sk.rto = sk.srtt + (var if var > TCP_RTO_MIN else TCP_RTO_MIN)
+    if sk.rto > 120.0:
+        sk.rto = 120.0
+
+
+def tcp_ack_update_rtt(sh: Any, sk: TcpSock, rtt: float) -> None:
+    if sh.tracing:
+        sh.tr("tcp_ack_update_rtt")
+        sh.tr("tcp_update_rtt_min")
+        sh.tr("tcp_rtt_estimator")
+    if rtt < 0:
+        return
+    tcp_rtt_estimator(sk, rtt)
+    if sh.tracing:
+        sh.tr("tcp_set_rto")
+    tcp_set_rto(sk)
+
+
+# -- challenge ACKs (RFC 5961) --------------------------------------------------------------
+
+def tcp_send_challenge_ack(sh: Any, sk: TcpSock, now: float) -> None:
+    """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited per socket (RFC 5961 §7)."""
+    if sh.tracing:
+        sh.tr("tcp_send_challenge_ack")
+    _send_oow_ack(sh, sk, now)
+    sh.stats.challenge_acks += 1
+
+
+def _send_oow_ack(sh: Any, sk: TcpSock, now: float) -> None:
+    """ACK an out-of-window segment, at most once per 500 ms (Linux ``tcp_oow_rate_limited``)."""
+    if sk.last_oow_ack >= 0 and now - sk.last_oow_ack < OOW_RATELIMIT:
+        return
+    sk.last_oow_ack = now
+    tcp_send_ack(sh, sk, now)
+
+
+# -- the ACK (RFC 9293 §3.10.7.4 "fifth, check the ACK field") -------------------------------
+
+def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
+    """Process SEG.ACK; False means the segment must be dropped (ACK of unsent data).
+
+    RFC 5961 §5.2: an ACK beyond SND.MAX, or older than SND.UNA - MAX.SNDWND,
+    is answered with a challenge ACK / dropped instead of being trusted.
+    """
+    if sh.tracing:
+        sh.tr("tcp_ack")
+    ack = seg.ack
+    una = sk.snd_una
+    d = (ack - una) & MASK
+    if d & HALF:  # ack before snd_una
+        if ((una - ack) & MASK) > sk.max_window:
+            sh.stats.drop("TCP_TOO_OLD_ACK")
+            tcp_send_challenge_ack(sh, sk, now)
+            return False
+        return True  # old duplicate: ignore the ACK, keep the data
+    if d > ((sk.snd_max - una) & MASK):
+        sh.stats.drop("TCP_ACK_UNSENT_DATA")
+        tcp_send_challenge_ack(sh, sk, now)
+        return False
+    # Window update (RFC 9293 §3.10.7.4: only from a segment newer than the last one used).
+    wnd = seg.window << sk.snd_wscale
+    seq = seg.seq
+    wl1 = sk.snd_wl1
+    if sh.tracing:
+        sh.tr("tcp_ack_update_window")
+    window_changed = False
+    if ((seq - wl1) & MASK) & HALF == 0 and (seq != wl1 or ((ack - sk.snd_wl2) & MASK) & HALF == 0):
+        if wnd != sk.snd_wnd:
+            window_changed = True
+            sk.snd_wnd = wnd
+            if wnd > sk.max_window:
+                sk.max_window = wnd
+        sk.snd_wl1 = seq
+        sk.snd_wl2 = ack
+    sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
+    if sh.tracing:
+        sh.tr("tcp_ecn_rcv_ecn_echo")
+        sh.tr("tcp_in_ack_event")
+    if d == 0:
+        if sk.sack_ok and seg.options.sack_blocks:
+            _sacktag(sk, seg.options.sack_blocks)
+        if (not seg.payload and not seg.flags & (SYN | FIN) and not window_changed
+                and sk.snd_max != una and sk.state is not State.SYN_RECV):
+            _dupack(sh, sk, now)
+        elif window_changed and sk.snd_wnd:
+            _window_opened(sh, sk, now)
+        return True
+    _clean_rtx_queue(sh, sk, seg, d, now)
+    return True
+
+
+def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
+    if sk.timers[_PERSIST] is not None:
+        sk.timers[_PERSIST] = None
+        sk.probes = 0
+        sk.backoff = 0
+
+
+def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> None:
+    """New data acknowledged: free it, sample RTT, feed congestion control, re-arm RTO."""
+    una = sk.snd_una
+    ack = seg.ack
+    in_flight_before = (sk.snd_nxt - una) & MASK
+    if in_flight_before & HALF:
+        in_flight_before = 0
+    data = acked
+    if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
+        data -= 1
+    if una == sk.iss:  # our SYN is acked by this ACK too (SYN-RECEIVED)
+        data -= 1
+    if data > sk.sndq_len:
+        data = sk.sndq_len
+    if data > 0:
+        _sndq_drop(sk, data)
+    sk.snd_una = ack
+    if ((ack - sk.snd_nxt) & MASK) < HALF:
+        sk.snd_nxt = ack  # after an RTO rewound snd_nxt, the peer may have had more
+    # RTT sample: timestamps (RFC 7323 §4.1) or Karn's timed segment (RFC 6298 (3)).
+    rtt = None
+    ts = seg.options.ts
+    if sk.ts_ok and ts is not None and ts[1]:
+        rtt = (((int(now * 1000) + sk.ts_off) - ts[1]) & MASK) / 1000.0
+        if rtt > 60.0:
+            rtt = None
+    elif sk.rtt_seq >= 0 and ((ack - sk.rtt_seq) & MASK) < HALF:
+        rtt = now - sk.rtt_time
+        sk.rtt_seq = -1
+    if rtt is not None:
+        tcp_ack_update_rtt(sh, sk, rtt)
+    sk.backoff = 0
+    sk.retries = 0
+    sk.probes = 0
+    mss = sk.mss_cache
+    cc = sk.cc
+    if sk.sacked:
+        _sack_prune(sk)
+    if seg.options.sack_blocks and sk.sack_ok:
+        _sacktag(sk, seg.options.sack_blocks)
+    if sk.in_recovery:
+        if ((ack - sk.recover) & MASK) < HALF:
+            # RFC 6582 §3.2 step 5: full acknowledgment ends recovery.
+            sk.in_recovery = False
+            sk.dupacks = 0
+            cc.on_recovery_exit(now)
+        else:
+            # Partial ACK: retransmit the next hole now (RFC 6582 §3.2 step 5).
+            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+            nxt = tcp_retransmit_skb(sh, sk, ack, now)
+            if ((nxt - sk.retrans_hi) & MASK) < HALF:
+                sk.retrans_hi = nxt
+    else:
+        sk.dupacks = 0
+        if cc is not None:
+            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+    if ack == sk.snd_max:
+        sk.timers[_RETRANSMIT] = None
+    else:
+        sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))  # RFC 6298 (5.3)
+    if sk.snd_wnd:
+        _window_opened(sh, sk, now)
+    if sk.write_blocked:
+        tcp_check_writable(sh, sk)
+
+
+def _sndq_drop(sk: TcpSock, n: int) -> None:
+    q = sk.sndq
+    sk.sndq_len -= n
+    off = sk.sndq_head_off + n
+    while q:
+        first = len(q[0])
+        if off < first:
+            break
+        off -= first
+        q.popleft()
+    sk.sndq_head_off = off
+
+
+def _sacktag(sk: TcpSock, blocks: Any) -> None:
+    """Merge the peer's SACK blocks into the scoreboard (RFC 2018 §3, RFC 6675 §4).
+
+    Blocks outside (SND.UNA, SND.MAX] (D-SACKs, nonsense) are ignored.
+    """
+    una = sk.snd_una
+    span = (sk.snd_max - una) & MASK
+    offs = [((s - una) & MASK, (e - una) & MASK) for s, e in sk.sacked]
+    for left, right in blocks:
+        lo = (left - una) & MASK
+        hi = (right - una) & MASK
+        if lo < hi <= span:
+            offs.append((lo, hi))
+    offs.sort()
+    merged: list[list[int]] = []
+    for lo, hi in offs:
+        if merged and lo <= merged[-1][1]:
+            if hi > merged[-1][1]:
+                merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    sk.sacked = [[(una + lo) & MASK, (una + hi) & MASK] for lo, hi in merged]
+
+
+def _sack_prune(sk: TcpSock) -> None:
+    """Forget SACKed ranges the cumulative ACK now covers."""
+    una = sk.snd_una
+    keep = []
+    for s, e in sk.sacked:
+        if ((e - una) & MASK) - 1 < HALF - 1:  # end after una
+            if ((s - una) & MASK) & HALF:
+                s = una
+            keep.append([s, e])
+    sk.sacked = keep
+
+
+def _sacked_bytes(sk: TcpSock) -> int:
+    return sum(((b[1] - b[0]) & MASK) for b in sk.sacked)
+
+
+def _dupack(sh: Any, sk: TcpSock, now: float) -> None:
+    """RFC 5681 §3.2: three duplicate ACKs (or SACK showing 3 segments beyond
+    the hole, RFC 6675 §5) trigger fast retransmit; further ones inflate cwnd
+    and, with SACK, retransmit the next hole."""
+    sk.dupacks += 1
+    cc = sk.cc
+    mss = sk.mss_cache
+    if sk.in_recovery:
+        cc.on_dup_ack()
+        if sk.sacked:
+            _retransmit_next_hole(sh, sk, now)
+        tcp_write_xmit(sh, sk, now)
+        return
+    cc.on_dup_ack()
+    if sk.dupacks >= 3 or (sk.sacked and _sacked_bytes(sk) >= 3 * mss):
+        in_flight = ((sk.snd_nxt - sk.snd_una) & MASK) / mss
+        cc.on_loss(now, in_flight)
+        sk.in_recovery = True
+        sk.recover = sk.snd_max
+        sk.rtt_seq = -1  # Karn: no RTT from retransmitted data
+        sh.stats.fast_retrans += 1
+        sk.retrans_hi = tcp_retransmit_skb(sh, sk, sk.snd_una, now)
+        sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
+    else:
+        # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
+        tcp_write_xmit(sh, sk, now)
+
+
+def _retransmit_next_hole(sh: Any, sk: TcpSock, now: float) -> None:
+    """Retransmit the first un-SACKed range above what we already resent (RFC 6675 §5 NextSeg)."""
+    start = sk.retrans_hi
+    una = sk.snd_una
+    if ((start - una) & MASK) & HALF:
+        start = una
+    for b in sk.sacked:
+        lo = (b[0] - una) & MASK
+        hi = (b[1] - una) & MASK
+        off = (start - una) & MASK
+        if off < lo:
+            sk.retrans_hi = tcp_retransmit_skb(sh, sk, start, now)
+            if ((sk.retrans_hi - b[0]) & MASK) < HALF and sk.retrans_hi != b[0]:
+                sk.retrans_hi = b[0]
+            return
+        if off < hi:
+            start = b[1]
+
+
+# -- receiving data (RFC 9293 §3.10.7.4 "seventh, process the segment text") ---------------
+
+def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+    """Queue in-order data, keep out-of-order data for later, handle the FIN."""
+    if sh.tracing:
+        sh.tr("tcp_data_queue")
+    data = seg.payload
+    n = len(data)
+    fin = seg.flags & FIN
+    if n == 0 and not fin:
+        return
+    seq = seg.seq
+    if seg.flags & SYN:
+        seq = (seq + 1) & MASK
+    rcv_nxt = sk.rcv_nxt
+    if seq != rcv_nxt:
+        d = (seq - rcv_nxt) & MASK
+        if d & HALF:
+            # Starts before RCV.NXT: a retransmission overlapping what we have.
+            behind = (rcv_nxt - seq) & MASK
+            if behind >= n and not (fin and behind == n):
+                sh.stats.drop("TCP_OLD_DATA")
+                sk.ack_now = True  # RFC 9293: ACK a duplicate so the peer resyncs
+                return
+            data = data[behind:]
+            n = len(data)
+            seq = rcv_nxt
+        else:
+            _ofo_insert(sh, sk, seq, data, fin, now)
+            return
+    # In order.
+    rwin = (sk.rcv_wup + sk.rcv_wnd - rcv_nxt) & MASK
+    if n and (rwin == 0 or rwin & HALF):
+        # Linux tcp_data_queue: zero window, in-order data is dropped and ACKed.
+        sh.stats.drop("TCP_ZEROWINDOW")
+        sk.ack_now = True
+        return
+    if n:
+        if n > sk.rcv_mss:
+            sk.rcv_mss = n if n < sk.adv_mss else sk.adv_mss
+        sk.rcvq.append(bytes(data))
+        sk.rcvq_len += n
+        sk.rcv_nxt = rcv_nxt = (rcv_nxt + n) & MASK
+        sk.unacked_rcv += n
+        if sk.quickack:
+            sk.quickack -= 1
+            sk.ack_now = True
+    if sk.ofo:
+        fin = _ofo_drain(sk) or fin
+        sk.ack_now = True
+    if fin and not sk.fin_rcvd:
+        tcp_fin(sh, sk, now)
+    if sk.rcvq_len or sk.fin_rcvd:
+        emit_readable(sh, sk)
+
+
+def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float) -> None:
+    """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``)."""
+    n = len(data)
+    rwin = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
+    off = (seq - sk.rcv_nxt) & MASK
+    sk.ack_now = True  # RFC 5681 §4.2: ACK out-of-order data at once (dup ACK + SACK)
+    if off >= rwin or rwin & HALF:
+        sh.stats.drop("TCP_ZEROWINDOW")
+        return
+    start = seq
+    end = (seq + n) & MASK
+    ofo = sk.ofo
+    base = sk.rcv_nxt
+    key = off
+    offs = [((e[0] - base) & MASK) for e in ofo]
+    i = bisect.bisect_left(offs, key)
+    lo_off, hi_off = key, key + n
+    # Trim against the predecessor.
+    if i > 0:
+        p_end = offs[i - 1] + len(ofo[i - 1][2])
+        if p_end >= hi_off and not fin:
+            sk.last_ofo_seq = ofo[i - 1][0]
+            return
+        if p_end > lo_off:
+            data = data[p_end - lo_off:]
+            lo_off = p_end
+    # Remove successors we cover, trim against the first one we overlap.
+    while i < len(ofo) and offs[i] < hi_off:
+        s_end = offs[i] + len(ofo[i][2])
+        if s_end <= hi_off:
+            sk.ofo_len -= len(ofo[i][2])
+            del ofo[i]
+            del offs[i]
+            continue
+        data = data[:offs[i] - lo_off]
+        hi_off = offs[i]
+        fin = 0
+        break
+    if not data and not fin:
+        return
+    start = (base + lo_off) & MASK
+    end = (base + hi_off) & MASK
+    ofo.insert(i, [start, end, bytes(data)] if not fin else [start, end, bytes(data), True])
+    sk.ofo_len += len(data)
+    sk.last_ofo_seq = start
+    sh.stats.ofo_queued += 1
+
+
+def _ofo_drain(sk: TcpSock) -> int:
+    """Move now-contiguous out-of-order data to the receive queue; returns the FIN flag."""
+    ofo = sk.ofo
+    fin = 0
+    while ofo:
+        e = ofo[0]
+        off = (e[0] - sk.rcv_nxt) & MASK
+        if off & HALF == 0 and off != 0:
+            break
+        del ofo[0]
+        data = e[2]
+        sk.ofo_len -= len(data)
+        if off:  # starts before rcv_nxt: trim the part we already have
+            behind = (sk.rcv_nxt - e[0]) & MASK
+            data = data[behind:] if behind < len(data) else b""
+        if data:
+            sk.rcvq.append(data)
+            sk.rcvq_len += len(data)
+            sk.rcv_nxt = (sk.rcv_nxt + len(data)) & MASK
+        if len(e) == 4:
+            fin = FIN
+    return fin
+
+
+def tcp_fin(sh: Any, sk: TcpSock, now: float) -> None:
+    """The peer's FIN, in order (RFC 9293 §3.10.7.4 "eighth, check the FIN bit")."""
+    sk.rcv_nxt = (sk.rcv_nxt + 1) & MASK
+    sk.fin_rcvd = True
+    sk.ack_now = True
+    st = sk.state
+    if st in (State.ESTABLISHED, State.SYN_RECV):
+        sk.state = State.CLOSE_WAIT
+    elif st is State.FIN_WAIT1:
+        sk.state = State.CLOSING
+    elif st is State.FIN_WAIT2:
+        from .tcp_minisocks import tcp_time_wait
+        tcp_send_ack(sh, sk, now)
+        tcp_time_wait(sh, sk, now)
+    emit_readable(sh, sk)
+
+
+def tcp_ack_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
+    """ACK now or arm the delayed-ACK timer (Linux ``__tcp_ack_snd_check``).
+
+    ACK at once for out-of-order data, a FIN, quick-ack mode (connection
+    start) and when more than one full segment is unacknowledged (RFC 1122
+    §4.2.3.2 "every second full-sized segment"); else wait at most 40 ms.
+    """
+    if sh.tracing:
+        sh.tr("tcp_ack_snd_check")
+    if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
+        if sk.state is not State.CLOSED and sk.state is not State.TIME_WAIT:
+            tcp_send_ack(sh, sk, now)
+        return
+    if sk.unacked_rcv and sk.timers[_DELACK] is None:
+        sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
+
+
+def tcp_data_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
+    if sh.tracing:
+        sh.tr("tcp_data_snd_check")
+    if sk.sndq_len or (sk.shut_wr and not sk.fin_sent):
+        tcp_write_xmit(sh, sk, now)
+
+
+# -- the fast path ----------------------------------------------------------------------------
+
+def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+    """ESTABLISHED receive with header prediction (see the module docstring)."""
+    if (seg.flags & 0x37) != ACK or seg.seq != sk.rcv_nxt or sk.ofo:
+        tcp_rcv_state_process(sh, sk, seg, now)
+        return
+    if sk.ts_ok:
+        ts = seg.options.ts
+        if ts is None or ((ts[0] - sk.ts_recent) & MASK) & HALF:
+            tcp_rcv_state_process(sh, sk, seg, now)
+            return
+        if sk.rcv_wup == sk.rcv_nxt:  # RFC 7323 §4.3: SEG.SEQ <= Last.ACK.sent
+            sk.ts_recent = ts[0]
+            sk.ts_recent_stamp = now
+    sk.rcv_tstamp = now
+    if seg.ack != sk.snd_una or seg.window << sk.snd_wscale != sk.snd_wnd or not seg.payload:
+        if not tcp_ack(sh, sk, seg, now):
+            return
+    if seg.payload:
+        tcp_data_queue(sh, sk, seg, now)
+    if sk.sndq_len:
+        tcp_data_snd_check(sh, sk, now)
+    if sk.ack_now or sk.unacked_rcv:
+        tcp_ack_snd_check(sh, sk, now)
+
+
+# -- the slow path: RFC 9293 §3.10.7.4 in order --------------------------------------------
+
+def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
+    """Steps 1-4 of SEGMENT ARRIVES for synchronized states; False: dropped."""
+    if sh.tracing:
+        sh.tr("tcp_validate_incoming")
+    flags = seg.flags
+    ts = seg.options.ts
+    # PAWS (RFC 7323 §5.3): a timestamp older than TS.Recent marks an old duplicate.
+    if (sk.ts_ok and ts is not None and not flags & RST
+            and ((ts[0] - sk.ts_recent) & MASK) & HALF
+            and now - sk.ts_recent_stamp < PAWS_24DAYS):
+        sh.stats.drop("TCP_PAWS")
+        _send_oow_ack(sh, sk, now)
+        return False
+    # Step 1: sequence number (Linux tcp_sequence: overlaps the window at all).
+    seq = seg.seq
+    n = len(seg.payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+    end = (seq + n) & MASK
+    rwin = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
+    if rwin & HALF:
+        rwin = 0
+    if ((end - sk.rcv_wup) & MASK) & HALF or (
+            ((seq - sk.rcv_nxt) & MASK) < HALF and ((seq - sk.rcv_nxt) & MASK) > rwin):
+        if not flags & RST:
+            _send_oow_ack(sh, sk, now)
+        sh.stats.drop("TCP_INVALID_SEQUENCE")
+        return False
+    # Step 2: RST (RFC 5961 §3.2): exact match resets, in-window gets a challenge ACK.
+    if flags & RST:
+        if seq == sk.rcv_nxt:
+            sh.stats.drop("TCP_RESET")
+            tcp_reset(sh, sk)
+        else:
+            sh.stats.drop("TCP_RFC5961_RST")
+            tcp_send_challenge_ack(sh, sk, now)
+        return False
+    # Timestamps: remember the peer's clock (RFC 7323 §4.3).
+    if sk.ts_ok and ts is not None and (seq == sk.rcv_wup or ((seq - sk.rcv_wup) & MASK) & HALF):
+        if ((ts[0] - sk.ts_recent) & MASK) < HALF:
+            sk.ts_recent = ts[0]
+            sk.ts_recent_stamp = now
+    # Step 4: SYN in a synchronized state (RFC 5961 §4.2): challenge ACK.  The one
+    # exception is the peer's SYN-ACK completing a simultaneous open (Linux does the same).
+    if flags & SYN:
+        if (sk.state is State.SYN_RECV and flags & ACK and seq == sk.irs
+                and seg.ack == sk.snd_nxt):
+            return True
+        sh.stats.drop("TCP_INVALID_SYN")
+        tcp_send_challenge_ack(sh, sk, now)
+        return False
+    return True
+
+
+def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+    """SEGMENT ARRIVES for every state but LISTEN and TIME-WAIT (RFC 9293 §3.10.7)."""
+    if sh.tracing:
+        sh.tr("tcp_rcv_state_process")
+    st = sk.state
+    if st is State.SYN_SENT:
+        tcp_rcv_synsent_state_process(sh, sk, seg, now)
+        return
+    if st is State.CLOSED:
+        sh.stats.drop("TCP_CLOSE")
+        return
+    if not tcp_validate_incoming(sh, sk, seg, now):
+        return
+    sk.rcv_tstamp = now
+    flags = seg.flags
+    if not flags & ACK:
+        sh.stats.drop("TCP_FLAGS_NOACK")
+        return
+    if st is State.SYN_RECV:
+        ack = seg.ack
+        if ((ack - sk.iss - 1) & MASK) > ((sk.snd_nxt - sk.iss - 1) & MASK):
+            # RFC 9293 §3.10.7.4: unacceptable ACK in SYN-RECEIVED -> RST.
+            tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
+            sh.stats.drop("TCP_ACK_UNSENT_DATA")
+            return
+    if not tcp_ack(sh, sk, seg, now):
+        return
+    if st is State.SYN_RECV:
+        tcp_synrecv_established(sh, sk, seg, now)
+        st = sk.state
+    fin_acked = sk.fin_sent and sk.snd_una == ((sk.fin_seq + 1) & MASK)
+    if st is State.FIN_WAIT1 and fin_acked:
+        sk.state = st = State.FIN_WAIT2
+        if sk.orphan:
+            from .tcp import TCP_FIN_TIMEOUT
+            sh.timers.arm(sk, _KEEPALIVE, now + TCP_FIN_TIMEOUT)
+    elif st is State.CLOSING and fin_acked:
+        from .tcp_minisocks import tcp_time_wait
+        tcp_time_wait(sh, sk, now)
+        return
+    elif st is State.LAST_ACK and fin_acked:
+        tcp_done(sh, sk)
+        return
+    if sh.tracing:
+        sh.tr("tcp_urg")
+    if st in _DATA_STATES:
+        if sk.orphan and st is not State.ESTABLISHED and seg.payload and \
+                ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) - 1 < HALF - 1:
+            # Linux: new data for a socket nobody will read after close() -> RST.
+            from .tcp_output import tcp_send_active_reset
+            tcp_send_active_reset(sh, sk, now)
+            tcp_done(sh, sk)
+            return
+        tcp_data_queue(sh, sk, seg, now)
+    elif flags & FIN or seg.payload:
+        sk.ack_now = True  # a retransmitted FIN (CLOSE-WAIT, CLOSING, LAST-ACK): re-ACK
+    if sk.state is State.CLOSED or sk.state is State.TIME_WAIT:
+        return
+    tcp_data_snd_check(sh, sk, now)
+    tcp_ack_snd_check(sh, sk, now)
+
+
+def tcp_synrecv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+    """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (Linux ``tcp_rcv_state_process``)."""
+    if sh.tracing:
+        for name in ("inet_sk_rebuild_header", "tcp_init_congestion_control", "bictcp_init",
+                     "tcp_mtup_init", "tcp_init_buffer_space", "tcp_fixup_rcvbuf",
+                     "tcp_sndbuf_expand", "tcp_full_space"):
+            sh.tr(name)
+    sk.state = State.ESTABLISHED
+    sk.snd_wnd = seg.window << sk.snd_wscale
+    sk.snd_wl1 = seg.seq
+    sk.snd_wl2 = seg.ack
+    if sk.snd_wnd > sk.max_window:
+        sk.max_window = sk.snd_wnd
+    tcp_init_transfer(sh, sk, now)
+    sk.timers[_RETRANSMIT] = None
+    if sh.tracing:
+        sh.tr("sock_def_wakeup")
+        sh.tr("tcp_init_metrics")
+        sh.tr("tcp_update_pacing_rate")
+        sh.tr("tcp_initialize_rcv_mss")
+        sh.tr("tcp_fast_path_on")
+    if sk.parent is None and not sk.orphan:
+        sh.events.append(Connected(sk.sd))  # simultaneous open completes like a connect()
+
+
+def tcp_init_transfer(sh: Any, sk: TcpSock, now: float) -> None:
+    """Congestion control and keepalive at the start of ESTABLISHED."""
+    sk.cc = sh.new_cc(sk)
+    sk.cc.init(sk.mss_cache, now)
+    sk.rcv_tstamp = now
+    if sk.keepalive:
+        sh.timers.arm(sk, _KEEPALIVE, now + sk.keepidle)
+
+
+def tcp_rcv_synsent_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+    """SYN-SENT (RFC 9293 §3.10.7.3), including simultaneous open."""
+    if sh.tracing:
+        sh.tr("tcp_rcv_synsent_state_process")
+    flags = seg.flags
+    if flags & ACK:
+        ack = seg.ack
+        if ((ack - sk.iss) & MASK) - 1 >= ((sk.snd_max - sk.iss) & MASK):
+            # ACK outside (ISS, SND.NXT]: RST unless it is one (RFC 9293 §3.10.7.3 first).
+            sh.stats.drop("TCP_SYNSENT_BAD")
+            tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
+            return
+    if flags & RST:
+        if flags & ACK:
+            sh.stats.drop("TCP_RESET")
+            tcp_reset(sh, sk)  # ECONNREFUSED
+        else:
+            sh.stats.drop("TCP_SYNSENT_BAD")
+        return
+    if not flags & SYN:
+        sh.stats.drop("TCP_SYNSENT_BAD")
+        return
+    _syn_options(sh, sk, seg.options, now)
+    sk.irs = seg.seq
+    sk.rcv_nxt = sk.rcv_wup = (seg.seq + 1) & MASK
+    if flags & ACK:
+        sk.snd_una = seg.ack
+        sk.snd_wnd = seg.window  # RFC 7323 §2.2: never scaled in a SYN
+        sk.max_window = sk.snd_wnd
+        sk.snd_wl1 = seg.seq
+        sk.snd_wl2 = seg.ack
+        if sk.syn_retries == 0:  # Karn: only an unretransmitted SYN gives an RTT
+            tcp_ack_update_rtt(sh, sk, now - sk.rtt_time)
+        sk.rtt_seq = -1
+        tcp_finish_connect(sh, sk, now)
+        if seg.payload or flags & FIN:
+            tcp_data_queue(sh, sk, seg, now)
+        tcp_send_ack(sh, sk, now)
+        tcp_data_snd_check(sh, sk, now)
+        return
+    # Simultaneous open (RFC 9293 §3.5 figure 8): SYN-RECEIVED, answer SYN-ACK.
+    sk.state = State.SYN_RECV
+    sk.snd_wnd = seg.window
+    sk.snd_wl1 = seg.seq
+    sk.snd_wl2 = sk.iss
+    tcp_send_synack_sock(sh, sk, now)
+
+
+def _syn_options(sh: Any, sk: TcpSock, opts: Any, now: float) -> None:
+    """Negotiate from the peer's SYN options (Linux ``tcp_parse_options`` + ``tcp_sync_mss``)."""
+    cfg = sh.cfg
+    peer_mss = opts.mss or 536
+    mss = min(peer_mss, sk.adv_mss)
+    sk.wscale_ok = cfg.window_scaling and opts.wscale is not None
+    if sk.wscale_ok:
+        sk.snd_wscale = opts.wscale
+    else:
+        sk.snd_wscale = 0
+        sk.rcv_wscale = 0
+    sk.sack_ok = cfg.sack and opts.sack_perm
+    sk.ts_ok = cfg.timestamps and opts.ts is not None
+    if sk.ts_ok:
+        sk.ts_recent = opts.ts[0]
+        sk.ts_recent_stamp = now
+    sk.mss = mss
+    sk.mss_cache = mss - (12 if sk.ts_ok else 0)
+    sk.rcv_mss = min(sk.mss_cache, 536)  # Linux tcp_initialize_rcv_mss
+
+
+def tcp_finish_connect(sh: Any, sk: TcpSock, now: float) -> None:
+    if sh.tracing:
+        sh.tr("tcp_finish_connect")
+    sk.state = State.ESTABLISHED
+    sk.timers[_RETRANSMIT] = None
+    sk.syn_retries = 0
+    sk.backoff = 0
+    tcp_init_transfer(sh, sk, now)
+    sh.stats.active_opens_done += 1
+    if not sk.orphan:
+        sh.events.append(Connected(sk.sd))
+
+
+def tcp_send_dupack_ts(sh: Any, sk: TcpSock, now: float) -> None:
+    tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)

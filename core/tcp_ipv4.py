@@ -1,0 +1,386 @@
+"""IPv4 entry points of TCP (Linux ``net/ipv4/tcp_ipv4.c``).
+
+``tcp_v4_rcv`` takes one IPv4 packet: validate (IP header, TCP checksum
+unless the device vouched for it, TCP header), look the 4-tuple up (ehash:
+established, request or TIME-WAIT socket; then the listening hash) and hand
+the segment to the state machine.  Segments for no socket get an RST
+(RFC 9293 §3.10.7.1), never in answer to an RST.
+
+ISNs follow RFC 6528: ``ISN = M + F(4-tuple, secret)`` with M a 4 µs clock
+taken from ``now`` and F a keyed BLAKE2s of the 4-tuple (Linux uses SipHash).
+The same hash gives each connection its timestamp offset (Linux
+``secure_tcp_ts_off``), so TSvals do not reveal uptime.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+from typing import Any
+
+from . import syncookies
+from .inet_connection_sock import (
+    inet_csk_reqsk_queue_is_full,
+    os_error,
+    sk_acceptq_is_full,
+)
+from .inet_hashtables import inet_ehash_insert, inet_hash_connect
+from .request_sock import inet_reqsk_alloc
+from .sock import State, TcpSock
+from .tcp_input import (
+    TCP_TIMEOUT_INIT,
+    tcp_rcv_established,
+    tcp_rcv_state_process,
+)
+from .tcp_minisocks import (
+    TW_SYN,
+    tcp_check_req,
+    tcp_child_hash,
+    tcp_child_inherit_port,
+    tcp_create_openreq_child,
+    tcp_timewait_state_process,
+)
+from .tcp_output import tcp_make_synack, tcp_send_reset, tcp_send_syn
+from .tcp_timer import TimerKind
+from .wire.checksum import verify_tcp_checksum
+from .wire.errors import WireError
+from .wire.ipv4 import parse_ipv4
+from .wire.tcp import ACK, RST, SYN, parse_tcp
+
+__all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_recv_sock",
+           "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window"]
+
+MASK = 0xFFFFFFFF
+_TUPLE = struct.Struct("!IHIH")
+_ESTABLISHED = State.ESTABLISHED
+_NEW_SYN_RECV = State.NEW_SYN_RECV
+_TIME_WAIT = State.TIME_WAIT
+_IP_REASONS = {"checksum": "IP_CSUM", "fragment": "IP_FRAGMENT"}
+_TCP_REASONS = {"bad_flags": "TCP_FLAGS", "option_len": "TCP_OPTIONS"}
+
+
+def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
+                   now: float) -> tuple[int, int]:
+    """(ISN, timestamp offset) for a 4-tuple (RFC 6528 §3, Linux ``secure_tcp_seq``)."""
+    h = hashlib.blake2s(_TUPLE.pack(laddr, lport, raddr, rport), key=key, digest_size=8).digest()
+    f = int.from_bytes(h[:4], "big")
+    m = int(now * 250000)  # RFC 6528: a timer ticking every 4 microseconds
+    return (f + m) & MASK, int.from_bytes(h[4:], "big")
+
+
+def tcp_select_initial_window(rcvbuf: int, window_scaling: bool) -> tuple[int, int]:
+    """(window to offer in the SYN, our window-scale shift) (Linux ``tcp_select_initial_window``).
+
+    The shift is the smallest that lets the whole receive buffer be offered
+    (RFC 7323 §2.3, at most 14).
+    """
+    ws = 0
+    if window_scaling:
+        space = rcvbuf
+        while space > 65535 and ws < 14:
+            space >>= 1
+            ws += 1
+    return min(rcvbuf, 65535), ws
+
+
+# -- receive ------------------------------------------------------------------------------
+
+def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
+    """One inbound IPv4 packet (Linux ``ip_local_deliver`` + ``tcp_v4_rcv``); never raises."""
+    stats = sh.stats
+    try:
+        ip, payload = parse_ipv4(pkt)
+    except WireError as e:
+        stats.drop(_IP_REASONS.get(e.reason, "IP_HDR"))
+        return
+    if ip.proto != 6:
+        stats.drop("NOT_TCP")
+        return
+    src = ip.src
+    dst = ip.dst
+    if dst not in sh.addr_set:
+        stats.drop("IP_OTHERHOST")
+        return
+    if not csum_ok and not verify_tcp_checksum(src, dst, payload):
+        stats.drop("TCP_CSUM")
+        return
+    try:
+        seg = parse_tcp(payload)
+    except WireError as e:
+        stats.drop(_TCP_REASONS.get(e.reason, "TCP_HDR"))
+        return
+    stats.segs_in += 1
+    sk = sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port))
+    if sh.tracing:
+        sh.tr("tcp_v4_rcv")
+        sh.tr("__inet_lookup_skb")
+        sh.tr("__inet_lookup")
+        sh.tr("__inet_lookup_established")
+    if sk is not None:
+        st = sk.state
+        if st is _ESTABLISHED:
+            tcp_rcv_established(sh, sk, seg, now)
+            return
+        if st is _NEW_SYN_RECV:
+            child = tcp_check_req(sh, sk, seg, now)
+            if child is not None:
+                tcp_child_process(sh, sk.listener, child, seg, now)
+            return
+        if st is _TIME_WAIT:
+            if tcp_timewait_state_process(sh, sk, seg, now) != TW_SYN:
+                return
+            # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
+            isn = (sk.snd_nxt + 65535 + 2) & MASK
+            listener = _lookup_listener(sh, dst, seg.dst_port)
+            if listener is not None:
+                tcp_v4_do_rcv(sh, listener, seg, src, dst, now, isn)
+                return
+            sk = None
+        else:
+            tcp_rcv_state_process(sh, sk, seg, now)
+            return
+    listener = _lookup_listener(sh, dst, seg.dst_port)
+    if listener is None:
+        stats.drop("NO_SOCKET")
+        tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
+        return
+    tcp_v4_do_rcv(sh, listener, seg, src, dst, now)
+
+
+def _lookup_listener(sh: Any, daddr: int, dport: int) -> TcpSock | None:
+    if sh.tracing:
+        sh.tr("__inet_lookup_listener")
+    lst = sh.h.listening
+    sk = lst.get((daddr, dport))
+    return sk if sk is not None else lst.get((0, dport))
+
+
+def tcp_v4_do_rcv(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now: float,
+                  isn: int | None = None) -> None:
+    """A segment for a listener: RFC 9293 §3.10.7.2 (LISTEN state)."""
+    sh.tr("tcp_v4_do_rcv")
+    flags = seg.flags
+    if flags & RST:
+        sh.stats.drop("TCP_RESET")
+        return
+    if flags & ACK:
+        if not flags & SYN and sh.cfg.syncookies and _cookie_check(sh, sk, seg, src, dst, now):
+            return
+        # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
+        sh.stats.drop("TCP_FLAGS")
+        tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
+        return
+    sh.tr("tcp_rcv_state_process")
+    if not flags & SYN:
+        sh.stats.drop("TCP_FLAGS")
+        return
+    tcp_v4_conn_request(sh, sk, seg, src, dst, now, isn)
+
+
+def tcp_v4_conn_request(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now: float,
+                        isn: int | None = None) -> None:
+    """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
+
+    Backlog like Linux: a full accept queue drops the SYN; a full request
+    queue switches to SYN cookies (RFC 4987 §3.6) or, with cookies off, drops.
+    """
+    sh.tr("tcp_v4_conn_request")
+    sh.tr("tcp_conn_request")
+    want_cookie = False
+    if inet_csk_reqsk_queue_is_full(sk):
+        if not sh.cfg.syncookies:
+            sh.stats.drop("TCP_REQQFULLDROP")
+            return
+        want_cookie = True
+    if sk_acceptq_is_full(sk):
+        sh.stats.drop("TCP_LISTEN_OVERFLOW")
+        sh.stats.listen_overflows += 1
+        return
+    req = inet_reqsk_alloc(sh, sk, dst, seg.dst_port, src, seg.src_port)
+    sh.tr("tcp_parse_options")
+    opts = seg.options
+    cfg = sh.cfg
+    sh.tr("tcp_openreq_init")
+    req.irs = seg.seq
+    req.mss = min(opts.mss or 536, sh.adv_mss)
+    req.wscale_ok = cfg.window_scaling and opts.wscale is not None
+    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok)
+    if req.wscale_ok:
+        req.snd_wscale = opts.wscale
+        req.rcv_wscale = ws
+    req.sack_ok = cfg.sack and opts.sack_perm
+    req.ts_ok = cfg.timestamps and opts.ts is not None
+    if req.ts_ok:
+        req.ts_recent = opts.ts[0]
+    sh.tr("tcp_v4_init_req")
+    sh.tr("tcp_v4_save_options")
+    sh.tr("tcp_v4_init_sequence")
+    iss, req.ts_off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
+    if want_cookie:
+        iss, idx = syncookies.cookie_v4_init_sequence(sh.secret, src, dst, seg.src_port,
+                                                      seg.dst_port, seg.seq, req.mss, now)
+        req.mss = syncookies.MSS_TABLE[idx]
+        if req.ts_ok:
+            # The SYN's options ride in the low TSval bits (Linux cookie_init_timestamp).
+            tsnow = (int(now * 1000) + req.ts_off) & MASK
+            tsval = syncookies.cookie_init_timestamp(
+                tsnow, opts.wscale if req.wscale_ok else None, req.sack_ok, False)
+            req.ts_off = (tsval - int(now * 1000)) & MASK
+        else:
+            req.wscale_ok = req.sack_ok = False
+            req.snd_wscale = req.rcv_wscale = 0
+        sh.stats.syncookies_sent += 1
+    elif isn is not None:
+        iss = isn
+    req.iss = iss
+    if not want_cookie:
+        inet_csk_reqsk_queue_hash_add(sh, sk, req, now)
+    tcp_v4_send_synack(sh, req, now)
+    sh.stats.passive_opens += 1
+
+
+def inet_csk_reqsk_queue_hash_add(sh: Any, sk: TcpSock, req: Any, now: float) -> None:
+    sh.tr("inet_csk_reqsk_queue_hash_add")
+    sh.tr("reqsk_queue_hash_req")
+    inet_ehash_insert(sh.h, req)
+    sh.tr("__sk_nulls_add_node_rcu")
+    sh.timers.arm(req, TimerKind.SYNACK, now + TCP_TIMEOUT_INIT)
+    sh.tr("inet_csk_reqsk_queue_added")
+    sk.reqs += 1
+
+
+def tcp_v4_send_synack(sh: Any, req: Any, now: float) -> None:
+    sh.tr("tcp_v4_send_synack")
+    frame = tcp_make_synack(sh, req, now)
+    sh.tr("ip_build_and_send_pkt")
+    sh.frames.append(frame)
+    sh.stats.segs_out += 1
+    if req.num_retrans == 0:
+        req.synack_time = now
+
+
+def _cookie_check(sh: Any, listener: TcpSock, seg: Any, src: int, dst: int,
+                  now: float) -> bool:
+    """Final ACK for a SYN-ACK we sent as a cookie (Linux ``cookie_v4_check``)."""
+    mss = syncookies.cookie_v4_check(sh.secret, src, dst, seg.src_port, seg.dst_port,
+                                     (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
+    if mss is None:
+        return False
+    if sk_acceptq_is_full(listener):
+        sh.stats.drop("TCP_LISTEN_OVERFLOW")
+        return True
+    req = inet_reqsk_alloc(sh, listener, dst, seg.dst_port, src, seg.src_port)
+    req.irs = (seg.seq - 1) & MASK
+    req.iss = (seg.ack - 1) & MASK
+    req.mss = mss
+    req.rcv_wnd, ws = tcp_select_initial_window(listener.rcvbuf, True)
+    ts = seg.options.ts
+    if ts is not None and sh.cfg.timestamps:
+        o = syncookies.cookie_timestamp_decode(ts[1])
+        req.ts_ok = True
+        req.ts_recent = ts[0]
+        _, off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
+        req.ts_off = off
+        if o.wscale is not None and sh.cfg.window_scaling:
+            req.wscale_ok = True
+            req.snd_wscale = o.wscale
+            req.rcv_wscale = ws
+        req.sack_ok = o.sack_perm and sh.cfg.sack
+    if not req.wscale_ok:
+        req.rcv_wnd = min(req.rcv_wnd, 65535)
+    req.num_retrans = 1  # no RTT sample from a cookie
+    listener.reqs += 1
+    inet_ehash_insert(sh.h, req)
+    sh.stats.syncookies_recv += 1
+    child = tcp_check_req(sh, req, seg, now)
+    if child is None:
+        return True
+    tcp_child_process(sh, listener, child, seg, now)
+    return True
+
+
+def tcp_v4_syn_recv_sock(sh: Any, listener: TcpSock, req: Any, seg: Any,
+                         now: float) -> TcpSock | None:
+    """Create the child socket (Linux ``tcp_v4_syn_recv_sock``); None if the accept queue is full."""
+    sh.tr("tcp_v4_syn_recv_sock")
+    if sk_acceptq_is_full(listener):
+        return None
+    child = tcp_create_openreq_child(sh, listener, req, seg, now)
+    for name in ("inet_sk_rx_dst_set", "inet_csk_route_child_sock", "tcp_ca_openreq_child",
+                 "tcp_assign_congestion_control", "tcp_set_ca_state", "bictcp_state",
+                 "tcp_sync_mss", "dst_mtu", "ipv4_mtu", "tcp_mtu_to_mss",
+                 "tcp_bound_to_half_wnd"):
+        sh.tr(name)
+    mss = req.mss
+    if child.user_mss and child.user_mss < mss:
+        mss = child.user_mss
+    child.mss = mss
+    child.mss_cache = mss - (12 if child.ts_ok else 0)
+    sh.tr("dst_metric_advmss")
+    sh.tr("ipv4_default_advmss")
+    sh.tr("tcp_initialize_rcv_mss")
+    child.rcv_mss = min(child.mss_cache, 536)
+    tcp_child_inherit_port(sh, listener, child)
+    tcp_child_hash(sh, child, req)
+    sh.tr("tcp_move_syn")
+    return child
+
+
+def tcp_child_process(sh: Any, listener: TcpSock, child: TcpSock, seg: Any, now: float) -> None:
+    """Run the final ACK through the new child, then wake the listener (Linux ``tcp_child_process``)."""
+    from .events import Acceptable
+    sh.tr("tcp_child_process")
+    tcp_rcv_state_process(sh, child, seg, now)
+    sh.tr("sock_def_readable")
+    if len(listener.accept_queue) == 1 and not listener.orphan:
+        sh.events.append(Acceptable(listener.sd))
+
+
+# -- active open ------------------------------------------------------------------------
+
+def tcp_v4_connect(sh: Any, sk: TcpSock, raddr: int, rport: int, now: float) -> None:
+    """connect(): pick the source, a port, an ISN; send the SYN (Linux ``tcp_v4_connect``)."""
+    sh.tr("tcp_v4_connect")
+    st = sk.state
+    if st is State.SYN_SENT:
+        raise os_error(errno.EALREADY)
+    if st is not State.CLOSED or sk.dead:
+        raise os_error(errno.EISCONN)
+    if not 0 < rport < 65536 or raddr == 0:
+        raise os_error(errno.EINVAL if rport >= 65536 else errno.ECONNREFUSED)
+    cfg = sh.cfg
+    if sk.laddr == 0:
+        sk.laddr = cfg.addrs[0]  # the one route: our first address
+    sk.raddr = raddr
+    sk.rport = rport
+    if sk.bound:
+        if not inet_ehash_insert(sh.h, sk):
+            sk.raddr = sk.rport = 0
+            raise os_error(errno.EADDRNOTAVAIL)
+    else:
+        lo, hi = cfg.ephemeral_range
+        h = hashlib.blake2s(_TUPLE.pack(sk.laddr, 0, raddr, rport), key=sh.key,
+                            digest_size=4).digest()
+        sh.connects += 1
+        offset = int.from_bytes(h, "big") + sh.connects
+        if not inet_hash_connect(sh.h, sk, lo, hi, offset, cfg.port_filter):
+            sk.raddr = sk.rport = 0
+            raise os_error(errno.EADDRNOTAVAIL)
+    sk.iss, sk.ts_off = secure_tcp_seq(sh.key, sk.laddr, sk.lport, raddr, rport, now)
+    tcp_connect(sh, sk, now)
+
+
+def tcp_connect(sh: Any, sk: TcpSock, now: float) -> None:
+    """Initialise the send side and send the SYN (Linux ``tcp_connect``, ``tcp_connect_init``)."""
+    sh.tr("tcp_connect")
+    cfg = sh.cfg
+    sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
+    sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling)
+    sk.snd_una = sk.iss
+    sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
+    sk.rtt_time = now
+    sk.state = State.SYN_SENT
+    tcp_send_syn(sh, sk, now)
+    sh.timers.arm(sk, TimerKind.RETRANSMIT, now + TCP_TIMEOUT_INIT)
+    sh.stats.active_opens += 1

@@ -1,0 +1,209 @@
+"""Request socks becoming sockets, and TIME-WAIT (Linux ``net/ipv4/tcp_minisocks.c``).
+
+Why TIME-WAIT (RFC 9293 §3.6.1, RFC 1337): the side that closes first keeps
+the 4-tuple for 2*MSL so that (1) a lost final ACK can be re-sent when the
+peer retransmits its FIN, and (2) old duplicates of this connection cannot be
+taken for data of a new incarnation.  Like Linux we hold it for 60 s, let an
+RST end it early (Linux's default, ``net.ipv4.tcp_rfc1337 = 0``), and let a
+new SYN whose sequence number (or timestamp) is beyond the old connection's
+recycle it at once (RFC 6191), with an ISN beyond the old SND.NXT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .inet_connection_sock import inet_csk_complete_hashdance, sk_acceptq_is_full
+from .inet_hashtables import inet_bind_hash, inet_ehash_nolisten
+from .request_sock import RequestSock
+from .sock import State, TcpSock
+from .tcp import sk_release, tcp_done
+from .tcp_input import tcp_ack_update_rtt
+from .tcp_output import tcp_send_ack, tcp_send_reset
+from .tcp_timer import TimerKind
+from .wire.tcp import ACK, FIN, RST, SYN
+
+__all__ = ["TCP_TIMEWAIT_LEN", "tcp_time_wait", "tcp_timewait_state_process", "tcp_check_req",
+           "tcp_create_openreq_child", "TW_SYN", "TW_ACK", "TW_DROP"]
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+#: Linux TCP_TIMEWAIT_LEN: 60 s (the RFC's 2*MSL with MSL = 30 s).
+TCP_TIMEWAIT_LEN = 60.0
+TW_DROP, TW_ACK, TW_SYN = 0, 1, 2
+
+
+def tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
+    """Enter TIME-WAIT: keep only the 4-tuple, the port and the TIME-WAIT timer."""
+    sk.state = State.TIME_WAIT
+    timers = sk.timers
+    for i in range(len(timers)):
+        timers[i] = None
+    sh.timers.arm(sk, TimerKind.TIME_WAIT, now + TCP_TIMEWAIT_LEN)
+    sk.sndq.clear()
+    sk.sndq_len = 0
+    if sk.orphan:
+        sk_release(sh, sk)
+
+
+def tcp_timewait_state_process(sh: Any, tw: TcpSock, seg: Any, now: float) -> int:
+    """A segment for a TIME-WAIT socket; returns TW_SYN when a new SYN may reuse the tuple."""
+    flags = seg.flags
+    if flags & RST:
+        sh.stats.drop("TCP_RESET")
+        tcp_done(sh, tw)  # TIME-WAIT assassination, as Linux with tcp_rfc1337 = 0
+        return TW_DROP
+    ts = seg.options.ts
+    if flags & SYN and not flags & ACK:
+        newer_seq = ((seg.seq - tw.rcv_nxt) & MASK) - 1 < HALF - 1
+        newer_ts = tw.ts_ok and ts is not None and ((ts[0] - tw.ts_recent) & MASK) - 1 < HALF - 1
+        if newer_seq or newer_ts:
+            sh.stats.tw_recycled += 1
+            tcp_done(sh, tw)
+            return TW_SYN
+    if flags & FIN and ((seg.seq + len(seg.payload) + 1) & MASK) == tw.rcv_nxt:
+        # The peer lost our final ACK: ACK its retransmitted FIN, restart the clock.
+        tcp_send_ack(sh, tw, now)
+        sh.timers.arm(tw, TimerKind.TIME_WAIT, now + TCP_TIMEWAIT_LEN)
+        return TW_ACK
+    if seg.payload or flags & (SYN | FIN):
+        tcp_send_ack(sh, tw, now)
+        sh.stats.drop("TCP_TIMEWAIT")
+        return TW_ACK
+    sh.stats.drop("TCP_TIMEWAIT")
+    return TW_DROP
+
+
+def tcp_check_req(sh: Any, req: RequestSock, seg: Any, now: float) -> TcpSock | None:
+    """A segment for a request sock (Linux ``tcp_check_req``); the child on success."""
+    sh.tr("tcp_check_req")
+    sh.tr("tcp_parse_options")
+    flags = seg.flags
+    ts = seg.options.ts
+    sh.tr("tcp_paws_reject")
+    paws_reject = (req.ts_ok and ts is not None and not flags & RST
+                   and ((ts[0] - req.ts_recent) & MASK) & HALF != 0)
+    if seg.seq == req.irs and flags & (SYN | ACK | RST) == SYN and not paws_reject:
+        # A retransmitted SYN: our SYN-ACK was lost; send it again (RFC 9293 §3.10.7.2).
+        from .tcp_ipv4 import tcp_v4_send_synack
+        tcp_v4_send_synack(sh, req, now)
+        return None
+    if flags & ACK and seg.ack != ((req.iss + 1) & MASK):
+        # Not our SYN-ACK being acknowledged: the listener answers with RST.
+        sh.stats.drop("TCP_ACK_UNSENT_DATA")
+        tcp_send_reset(sh, req.laddr, req.lport, req.raddr, req.rport, seg)
+        return None
+    sh.tr("tcp_in_window")
+    rcv_nxt = (req.irs + 1) & MASK
+    off = (seg.seq - rcv_nxt) & MASK
+    in_window = off <= req.rcv_wnd or ((seg.seq + len(seg.payload) - rcv_nxt) & MASK) == 0
+    if paws_reject or not in_window:
+        if not flags & RST:
+            _req_send_ack(sh, req, now)
+        sh.stats.drop("TCP_PAWS" if paws_reject else "TCP_INVALID_SEQUENCE")
+        return None
+    if flags & RST:
+        sh.stats.drop("TCP_RESET")
+        _req_drop(sh, req)
+        return None
+    if flags & SYN:
+        # RFC 5961 §4.2 would challenge; for an embryonic connection Linux resets it.
+        sh.stats.drop("TCP_INVALID_SYN")
+        tcp_send_reset(sh, req.laddr, req.lport, req.raddr, req.rport, seg)
+        _req_drop(sh, req)
+        return None
+    if not flags & ACK:
+        sh.stats.drop("TCP_FLAGS_NOACK")
+        return None
+    if ts is not None and req.ts_ok and ((ts[0] - req.ts_recent) & MASK) < HALF:
+        req.ts_recent = ts[0]
+    from .tcp_ipv4 import tcp_v4_syn_recv_sock
+    listener = req.listener
+    child = tcp_v4_syn_recv_sock(sh, listener, req, seg, now)
+    if child is None:
+        # Accept queue full (Linux listen_overflow with tcp_abort_on_overflow = 0):
+        # drop this ACK and let the SYN-ACK timer make the peer try again.
+        req.acked = True
+        sh.stats.drop("TCP_LISTEN_OVERFLOW")
+        sh.stats.listen_overflows += 1
+        return None
+    sh.tr("sock_rps_save_rxhash")
+    sh.tr("tcp_synack_rtt_meas")
+    sh.tr("skb_mstamp_us_delta")
+    if req.num_retrans == 0:
+        tcp_ack_update_rtt(sh, child, now - req.synack_time)
+    inet_csk_complete_hashdance(sh.h, listener, req, child)
+    return child
+
+
+def _req_send_ack(sh: Any, req: RequestSock, now: float) -> None:
+    from .wire.tcp import build_tcp_ipv4, build_tcp_options
+    ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
+    opts = build_tcp_options(ts=ts) if ts else b""
+    sh.frames.append(build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport,
+                                    (req.iss + 1) & MASK, (req.irs + 1) & MASK, ACK,
+                                    min(req.rcv_wnd >> req.rcv_wscale, 65535), opts))
+    sh.stats.segs_out += 1
+
+
+def _req_drop(sh: Any, req: RequestSock) -> None:
+    """Linux ``inet_csk_reqsk_queue_drop``: unhash and forget a request sock."""
+    key = (req.laddr, req.lport, req.raddr, req.rport)
+    if sh.h.ehash.get(key) is req:
+        del sh.h.ehash[key]
+    if not req.dead:
+        req.dead = True
+        req.listener.reqs -= 1
+    req.timers[TimerKind.SYNACK] = None
+
+
+def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: Any,
+                             now: float) -> TcpSock:
+    """A full socket from a request sock and the final ACK (Linux ``tcp_create_openreq_child``)."""
+    sh.tr("tcp_create_openreq_child")
+    sh.tr("inet_csk_clone_lock")
+    sh.tr("sk_clone_lock")
+    sh.tr("sk_prot_alloc")
+    sk = sh.new_sock()
+    for name in ("reuseaddr", "reuseport", "nodelay", "keepalive", "keepidle", "keepintvl",
+                 "keepcnt", "linger", "user_mss", "rcvbuf", "sndbuf", "cc_name"):
+        setattr(sk, name, getattr(listener, name))
+    sk.state = State.SYN_RECV
+    sk.laddr, sk.lport, sk.raddr, sk.rport = req.laddr, req.lport, req.raddr, req.rport
+    sk.parent = listener
+    sk.iss = req.iss
+    sk.snd_una = sk.snd_nxt = sk.snd_max = (req.iss + 1) & MASK
+    sk.snd_wl1 = req.irs
+    sk.snd_wl2 = sk.snd_una
+    sk.irs = req.irs
+    sk.rcv_nxt = sk.rcv_wup = (req.irs + 1) & MASK
+    sk.rcv_wnd = req.rcv_wnd
+    sk.wscale_ok = req.wscale_ok
+    sk.snd_wscale = req.snd_wscale
+    sk.rcv_wscale = req.rcv_wscale
+    sk.sack_ok = req.sack_ok
+    sk.ts_ok = req.ts_ok
+    sk.ts_recent = req.ts_recent
+    sk.ts_recent_stamp = now
+    sk.ts_off = req.ts_off
+    sk.adv_mss = sh.adv_mss
+    sh.tr("tcp_init_xmit_timers")
+    return sk
+
+
+def tcp_child_inherit_port(sh: Any, listener: TcpSock, child: TcpSock) -> None:
+    """Linux ``__inet_inherit_port``: the child shares the listener's bind bucket."""
+    sh.tr("__inet_inherit_port")
+    tb = sh.h.bhash[listener.lport]
+    inet_bind_hash(sh.h, child, tb, listener.lport)
+
+
+def tcp_child_hash(sh: Any, child: TcpSock, req: RequestSock) -> None:
+    inet_ehash_nolisten(sh.h, child, req)
+    sh.tr("sk_nulls_del_node_init_rcu")
+    sh.tr("__sk_nulls_add_node_rcu")
+    sh.tr("sock_prot_inuse_add")
+
+
+def accept_queue_full(listener: TcpSock) -> bool:
+    return sk_acceptq_is_full(listener)

@@ -1,0 +1,333 @@
+"""Sending segments (Linux ``net/ipv4/tcp_output.c``).
+
+Reading list: RFC 9293 §3.8.6 (window management, SWS avoidance), RFC 896 /
+RFC 9293 §3.7.4 (Nagle), RFC 1122 §4.2.3.2 and RFC 9293 §3.8.6.3 (delayed
+ACK), RFC 7323 (window scale, timestamps), RFC 2018 (SACK blocks), RFC 6298
+(retransmission timer), RFC 9293 §3.8.6.1 (zero-window probing).
+
+The send buffer is a deque of ``memoryview`` chunks whose first byte is
+SND.UNA; a segment's payload is a slice of one chunk when it fits (no copy
+until ``build_tcp_ipv4`` writes the frame) and a join of slices otherwise.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from .sock import State, TcpSock
+from .tcp_timer import TimerKind
+from .wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4, build_tcp_options
+
+__all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
+           "tcp_write_xmit", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
+           "tcp_select_window", "tcp_send_probe", "tcp_rto", "TCP_RTO_MAX", "TCP_DELACK"]
+
+MASK = 0xFFFFFFFF
+#: Linux TCP_RTO_MAX.
+TCP_RTO_MAX = 120.0
+#: Delayed-ACK timeout (Linux TCP_DELACK_MIN / TCP_ATO_MIN, 40 ms).
+TCP_DELACK = 0.040
+_TS_OPT = struct.Struct("!III")
+_TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
+_RETRANSMIT = TimerKind.RETRANSMIT
+_DELACK = TimerKind.DELACK
+_PERSIST = TimerKind.PERSIST
+
+
+def tcp_rto(sk: TcpSock) -> float:
+    """The current RTO with exponential backoff (RFC 6298 (5.5)), capped at TCP_RTO_MAX."""
+    rto = sk.rto * (1 << sk.backoff) if sk.backoff < 16 else TCP_RTO_MAX
+    return rto if rto < TCP_RTO_MAX else TCP_RTO_MAX
+
+
+def tcp_select_window(sk: TcpSock) -> int:
+    """The window field to send, and record what it advertises (Linux ``tcp_select_window``).
+
+    Never shrink an offered window (RFC 9293 §3.8.6.2.2 "shrinking the window
+    is strongly discouraged"): if free space fell below what was offered, keep
+    offering the old right edge.  Receiver SWS avoidance: do not advertise a
+    window smaller than min(buffer/2, MSS); advertise zero instead.
+    """
+    ws = sk.rcv_wscale
+    free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
+    if free < (sk.rcvbuf >> 1) and free < sk.rcv_mss:
+        free = 0
+    cap = 65535 << ws
+    new = free if free < cap else cap
+    new = (new >> ws) << ws
+    cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
+    if cur & 0x80000000:
+        cur = 0
+    if new < cur:
+        # Keep the promised right edge, truncated to the scale granularity (the
+        # precision loss RFC 7323 §2.4 accepts).  Linux rounds up instead
+        # (ALIGN), which lets the edge creep by up to 2**ws - 1 bytes per ACK
+        # while the window shrinks; truncating keeps memory bounded by rcvbuf.
+        new = (cur >> ws) << ws
+        if new > cap:
+            new = cap
+    sk.rcv_wnd = new
+    sk.rcv_wup = sk.rcv_nxt
+    return new >> ws
+
+
+def _options(sk: TcpSock, now: float) -> bytes:
+    """Options of a non-SYN segment: timestamps (RFC 7323 §3) and SACK blocks (RFC 2018)."""
+    if sk.ofo and sk.sack_ok:
+        ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
+        return build_tcp_options(ts=ts, sack_blocks=_sack_blocks(sk, 3 if ts else 4))
+    if sk.ts_ok:
+        return _TS_OPT.pack(_TS_WORD, (int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent)
+    return b""
+
+
+def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
+    """Merged out-of-order ranges, the most recently changed first (RFC 2018 §4)."""
+    blocks: list[list[int]] = []
+    for e in sk.ofo:
+        start, end = e[0], e[1]
+        if blocks and blocks[-1][1] == start:
+            blocks[-1][1] = end
+        else:
+            blocks.append([start, end])
+    last = sk.last_ofo_seq
+    first = [b for b in blocks if ((last - b[0]) & MASK) < ((b[1] - b[0]) & MASK)]
+    rest = [b for b in blocks if b not in first]
+    return [(b[0], b[1]) for b in (first + rest)[:limit]]
+
+
+def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float) -> None:
+    """Build one segment for ``sk`` and queue the frame (Linux ``__tcp_transmit_skb``)."""
+    frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq,
+                           sk.rcv_nxt if flags & ACK else 0, flags, tcp_select_window(sk),
+                           _options(sk, now), payload)
+    sh.frames.append(frame)
+    sh.stats.segs_out += 1
+    if flags & ACK:
+        # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
+        sk.unacked_rcv = 0
+        sk.ack_now = False
+        sk.timers[_DELACK] = None
+
+
+def tcp_send_ack(sh: Any, sk: TcpSock, now: float) -> None:
+    if sh.tracing:
+        sh.tr("tcp_send_ack")
+    tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)
+
+
+def tcp_send_probe(sh: Any, sk: TcpSock, now: float) -> None:
+    """Zero-window or keepalive probe: an old sequence number elicits an ACK (Linux ``tcp_xmit_probe_skb``)."""
+    tcp_transmit(sh, sk, (sk.snd_una - 1) & MASK, ACK, b"", now)
+
+
+def tcp_send_active_reset(sh: Any, sk: TcpSock, now: float) -> None:
+    """RST for abort (close with unread data, SO_LINGER 0), RFC 9293 §3.10.4 ABORT."""
+    sh.stats.out_rsts += 1
+    tcp_transmit(sh, sk, sk.snd_nxt, RST | ACK, b"", now)
+
+
+def tcp_send_reset(sh: Any, laddr: int, lport: int, raddr: int, rport: int, seg: Any) -> None:
+    """RST in answer to ``seg`` sent to no socket (Linux ``tcp_v4_send_reset``, RFC 9293 §3.10.7.1).
+
+    Never answer an RST.  If the segment carried an ACK, the RST takes its
+    sequence from it; otherwise it is seq 0 and ACKs everything the segment occupied.
+    """
+    flags = seg.flags
+    if flags & RST:
+        return
+    sh.stats.out_rsts += 1
+    sh.stats.segs_out += 1
+    if flags & ACK:
+        frame = build_tcp_ipv4(laddr, raddr, lport, rport, seg.ack, 0, RST, 0)
+    else:
+        end = (seg.seq + len(seg.payload) + (1 if flags & SYN else 0)
+               + (1 if flags & FIN else 0)) & MASK
+        frame = build_tcp_ipv4(laddr, raddr, lport, rport, 0, end, RST | ACK, 0)
+    sh.frames.append(frame)
+
+
+def tcp_send_syn(sh: Any, sk: TcpSock, now: float) -> None:
+    """The SYN of an active open (Linux ``tcp_connect`` / ``tcp_syn_options``)."""
+    ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
+    opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
+                             else None, sack_perm=sh.cfg.sack, ts=ts)
+    # RFC 7323 §2.2: the window in a SYN is never scaled.
+    win = min(sk.rcv_wnd, 65535)
+    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
+                                    win, opts))
+    sh.stats.segs_out += 1
+
+
+def tcp_send_synack_sock(sh: Any, sk: TcpSock, now: float) -> None:
+    """SYN-ACK from a full socket: simultaneous open (RFC 9293 §3.5 figure 8)."""
+    ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
+    opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
+                             sack_perm=sk.sack_ok, ts=ts)
+    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
+                                    sk.rcv_nxt, SYN | ACK, min(sk.rcv_wnd, 65535), opts))
+    sh.stats.segs_out += 1
+
+
+def tcp_make_synack(sh: Any, req: Any, now: float) -> bytes:
+    """The SYN-ACK for a request sock; options only those the peer offered (RFC 7323 §2.2, §3.2)."""
+    sh.tr("tcp_make_synack")
+    ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
+    opts = build_tcp_options(mss=sh.adv_mss, wscale=req.rcv_wscale if req.wscale_ok else None,
+                             sack_perm=req.sack_ok, ts=ts)
+    sh.tr("__tcp_v4_send_check")
+    return build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport, req.iss,
+                          (req.irs + 1) & MASK, SYN | ACK, min(req.rcv_wnd, 65535), opts)
+
+
+def _sndq_slice(sk: TcpSock, off: int, size: int) -> Any:
+    """``size`` bytes of the send queue starting ``off`` bytes after SND.UNA.
+
+    A view into one chunk when the range fits in it (the common case: apps
+    write large buffers); otherwise one join of the pieces.
+    """
+    off += sk.sndq_head_off
+    q = sk.sndq
+    count = len(q)
+    i = 0
+    while i < count:
+        chunk = q[i]
+        n = len(chunk)
+        if off < n:
+            break
+        off -= n
+        i += 1
+    else:
+        return b""
+    if off + size <= n:
+        return chunk[off:off + size]
+    parts = [chunk[off:]]
+    got = n - off
+    i += 1
+    while got < size and i < count:
+        chunk = q[i]
+        need = size - got
+        if len(chunk) >= need:
+            parts.append(chunk[:need])
+            break
+        parts.append(chunk)
+        got += len(chunk)
+        i += 1
+    return b"".join(parts)
+
+
+def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
+    """Send what the windows allow (Linux ``tcp_write_xmit``).
+
+    Segments are MSS-sized (or up to ``tso_max`` when set), limited by the
+    peer's window, the congestion window, sender SWS avoidance and Nagle; a FIN
+    rides on the last data segment when the send side is shut down.
+    """
+    mss = sk.mss_cache
+    tso = sh.cfg.tso_max
+    maxseg = (tso // mss) * mss if tso > mss else mss
+    cc = sk.cc
+    una = sk.snd_una
+    sent_any = False
+    while True:
+        nxt = sk.snd_nxt
+        sent_off = (nxt - una) & MASK
+        avail = sk.sndq_len - sent_off
+        if avail <= 0:
+            if sk.shut_wr and avail == 0 and not (sk.fin_sent and nxt != sk.fin_seq):
+                _send_fin(sh, sk, nxt, now)
+                sent_any = True
+            break
+        in_flight = sent_off
+        cwnd_room = cc.cwnd * mss - in_flight
+        wnd_room = ((una + sk.snd_wnd - nxt) & MASK)
+        if wnd_room & 0x80000000:
+            wnd_room = 0
+        size = avail
+        if size > maxseg:
+            size = maxseg
+        if size > wnd_room:
+            size = wnd_room
+        if size > cwnd_room:
+            size = cwnd_room
+        if size <= 0:
+            if wnd_room == 0 and in_flight == 0:
+                _arm_persist(sh, sk, now)
+            break
+        if size < mss:
+            if size < avail:
+                # Window or cwnd cut the segment short: sender SWS avoidance
+                # (RFC 9293 §3.8.6.2.1): send only if it is at least half the
+                # largest window the peer offered, or nothing is in flight.
+                if size == cwnd_room or (in_flight and size < (sk.max_window >> 1)):
+                    if in_flight == 0 and sk.snd_wnd == 0:
+                        _arm_persist(sh, sk, now)
+                    break
+            elif in_flight and not sk.nodelay and not sk.shut_wr:
+                # Nagle (RFC 9293 §3.7.4): hold a small segment while data is unacknowledged.
+                break
+        last = size == avail
+        flags = ACK | PSH if last else ACK
+        fin = last and sk.shut_wr
+        if fin:
+            flags |= FIN
+        tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now)
+        sent_any = True
+        end = (nxt + size) & MASK
+        if fin:
+            sk.fin_sent = True
+            sk.fin_seq = end
+            end = (end + 1) & MASK
+        if sk.rtt_seq < 0 and not sk.ts_ok and sk.snd_max == nxt:
+            sk.rtt_seq = end
+            sk.rtt_time = now
+        sk.snd_nxt = end
+        if ((end - sk.snd_max) & MASK) < 0x80000000:
+            sk.snd_max = end
+        if fin:
+            break
+    if sent_any:
+        sk.lsndtime = now
+        if sk.timers[_RETRANSMIT] is None and sk.snd_max != una:
+            sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
+
+
+def _send_fin(sh: Any, sk: TcpSock, seq: int, now: float) -> None:
+    tcp_transmit(sh, sk, seq, FIN | ACK, b"", now)
+    sk.fin_sent = True
+    sk.fin_seq = seq
+    end = (seq + 1) & MASK
+    sk.snd_nxt = end
+    if ((end - sk.snd_max) & MASK) < 0x80000000:
+        sk.snd_max = end
+
+
+def _arm_persist(sh: Any, sk: TcpSock, now: float) -> None:
+    """Zero window with data waiting and nothing in flight (RFC 9293 §3.8.6.1)."""
+    if sk.timers[_PERSIST] is None:
+        sh.timers.arm(sk, _PERSIST, now + tcp_rto(sk))
+
+
+def tcp_retransmit_skb(sh: Any, sk: TcpSock, seq: int, now: float) -> int:
+    """Retransmit one segment starting at ``seq``; returns the sequence after it."""
+    mss = sk.mss_cache
+    off = (seq - sk.snd_una) & MASK
+    avail = sk.sndq_len - off
+    sh.stats.retrans_segs += 1
+    if avail <= 0:
+        if sk.fin_sent and seq == sk.fin_seq:
+            tcp_transmit(sh, sk, seq, FIN | ACK, b"", now)
+            return (seq + 1) & MASK
+        return seq
+    size = avail if avail < mss else mss
+    flags = ACK | PSH if size == avail else ACK
+    if size == avail and sk.fin_sent:
+        flags |= FIN
+    tcp_transmit(sh, sk, seq, flags, _sndq_slice(sk, off, size), now)
+    return (seq + size + (1 if flags & FIN else 0)) & MASK
+
+
+def tcp_fin_state(sk: TcpSock) -> State:
+    """The state after queueing our FIN (RFC 9293 §3.10.4 CLOSE)."""
+    return State.LAST_ACK if sk.state is State.CLOSE_WAIT else State.FIN_WAIT1

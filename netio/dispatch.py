@@ -1,0 +1,245 @@
+"""The pure half of the netio process: steer a batch of frames to workers.
+
+Like a NIC's RSS engine followed by the kernel's `ip_rcv`/`arp_rcv`/`icmp_rcv`
+for the few things the I/O process answers itself:
+
+* TCP/IPv4 to one of our addresses: read only the IPv4 header and the two
+  ports, hash the 4-tuple with the symmetric Toeplitz key, look the worker up
+  in the 128-entry RETA, and append the frame (still raw) to that worker's
+  group. The worker's `tcp_v4_rcv` does every other check.
+* ARP (L2 only): answer requests for our addresses (`arp_process`) and learn
+  the sender's hardware address into `neighbours`.
+* ICMP echo request to us: reply (`icmp_echo`), after checking the IPv4
+  header and the ICMP checksum as `icmp_rcv` does.
+* Everything else is dropped and counted under a named reason, the way Linux
+  tags drops with SKB_DROP_REASON_*. Nothing in here raises on bad input.
+
+No I/O, no clocks: `Dispatcher.dispatch(batch)` returns what to send where.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from dataclasses import dataclass, field
+
+from shardstack.core.wire.arp import (
+    ARPOP_REPLY,
+    build_arp_reply,
+    build_arp_request,
+    parse_arp,
+)
+from shardstack.core.wire.errors import WireError
+from shardstack.core.wire.ethernet import (
+    BROADCAST_MAC,
+    ETH_HLEN,
+    ETH_P_ARP,
+    ETH_P_IP,
+    build_ethernet,
+)
+from shardstack.core.wire.icmp import ICMP_ECHO, echo_reply_ipv4, parse_icmp
+from shardstack.core.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
+
+from .rss import RETA_MASK, SYMMETRIC_KEY, FoldedToeplitz, Toeplitz, is_period16, make_reta
+
+__all__ = ["Dispatcher", "DispatchStats", "Batch", "ETH_P_IP", "ETH_P_ARP"]
+
+# The fast path's only raw offsets outside core.wire, on purpose: it reads
+# version/IHL, flags/fragment offset, protocol, source and destination
+# (offsets 0, 6, 9, 12, 16 of the IPv4 header) in one unpack, plus the
+# ports as one 32-bit word, and leaves
+# every other check to the worker's full parse (`tcp_v4_rcv`).
+_IP_FAST = struct.Struct("!B5xHxB2xII")
+_PORTS = struct.Struct("!I")
+_ETHERTYPE = struct.Struct("!H")
+
+
+@dataclass(slots=True)
+class DispatchStats:
+    frames: int = 0
+    tcp: int = 0
+    arp_replies: int = 0
+    arp_learned: int = 0
+    icmp_replies: int = 0
+    per_worker: list[int] = field(default_factory=list)
+    drops: collections.Counter = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "frames": self.frames,
+            "tcp": self.tcp,
+            "arp_replies": self.arp_replies,
+            "arp_learned": self.arp_learned,
+            "icmp_replies": self.icmp_replies,
+            "per_worker": list(self.per_worker),
+            "drops": dict(self.drops),
+        }
+
+
+@dataclass(slots=True)
+class Batch:
+    """One dispatch result: per-worker frames and flags, and replies to send."""
+
+    frames: list[list[bytes]]
+    flags: list[bytearray]
+    replies: list[bytes]
+
+
+class Dispatcher:
+    """Steer frames to workers; answer ARP and ICMP echo for `addrs`.
+
+    `l2=True` means Ethernet frames (AF_PACKET) and needs our `mac`.
+    """
+
+    def __init__(
+        self,
+        n_workers: int,
+        addrs: list[int] | set[int],
+        l2: bool = False,
+        mac: bytes | None = None,
+        reta: list[int] | None = None,
+        key: bytes = SYMMETRIC_KEY,
+    ) -> None:
+        if l2 and (mac is None or len(mac) != 6):
+            raise ValueError("an L2 dispatcher needs our 6-byte MAC address")
+        self.n_workers = n_workers
+        self.addrs = frozenset(addrs)
+        self.l2 = l2
+        self.mac = mac or b""
+        self.hasher = Toeplitz(key)
+        # With the symmetric key, steering is one lookup on the folded tuple
+        # (rss.FoldedToeplitz); any other key takes the 12-table hash.
+        self.folded = FoldedToeplitz(key) if is_period16(key) else None
+        self.wtab: list[int] | None = None
+        self.reta: list[int] = []
+        self.set_reta(reta if reta is not None else make_reta(n_workers))
+        self.stats = DispatchStats(per_worker=[0] * n_workers)
+        self.neighbours: dict[int, bytes] = {}
+
+    def set_reta(self, reta: list[int]) -> None:
+        """Install a new indirection table (the supervisor rebalances with this)."""
+        if len(reta) != RETA_MASK + 1 or not all(0 <= w < self.n_workers for w in reta):
+            raise ValueError("RETA must have 128 entries, each a valid worker id")
+        self.reta = list(reta)
+        if self.folded is not None:
+            self.wtab = self.folded.worker_table(self.reta)
+
+    def dispatch(self, batch: list[tuple[bytes, int]]) -> Batch:
+        n = self.n_workers
+        out = Batch([[] for _ in range(n)], [bytearray() for _ in range(n)], [])
+        frames_out, flags_out = out.frames, out.flags
+        stats = self.stats
+        drops = stats.drops
+        per_worker = stats.per_worker
+        reta, addrs, hp = self.reta, self.addrs, self.hasher.hash_packet
+        wtab = self.wtab
+        unpack_ip, unpack_ports = _IP_FAST.unpack_from, _PORTS.unpack_from
+        l2 = self.l2
+        l3 = ETH_HLEN if l2 else 0
+        stats.frames += len(batch)
+        for frame, flags in batch:
+            n_bytes = len(frame)
+            if l2:
+                if n_bytes < ETH_HLEN:
+                    drops["runt"] += 1
+                    continue
+                etype = _ETHERTYPE.unpack_from(frame, 12)[0]
+                if etype != ETH_P_IP:
+                    self._slow_l2(frame, etype, out)
+                    continue
+            if n_bytes < l3 + 20:
+                drops["ip_truncated"] += 1
+                continue
+            vihl, frag, proto, src, dst = unpack_ip(frame, l3)
+            if proto != 6 or vihl >> 4 != 4:
+                self._slow_ip(frame, l3, out)
+                continue
+            if vihl == 0x45:
+                l4 = l3 + 20
+            elif vihl & 0x0F < 5:
+                drops["ip_header"] += 1
+                continue
+            else:
+                l4 = l3 + ((vihl & 0x0F) << 2)
+            if frag & 0x3FFF:
+                drops["fragment"] += 1
+                continue
+            if n_bytes < l4 + 4:
+                drops["tcp_truncated"] += 1
+                continue
+            if dst not in addrs:
+                drops["not_local"] += 1
+                continue
+            if wtab is not None:
+                x = src ^ dst ^ unpack_ports(frame, l4)[0]
+                w = wtab[(x ^ (x >> 16)) & 0xFFFF]
+            else:
+                w = reta[hp(frame, l3, l4) & RETA_MASK]
+            frames_out[w].append(frame)
+            flags_out[w].append(flags)
+        for w in range(n):
+            k = len(frames_out[w])
+            per_worker[w] += k
+            stats.tcp += k
+        return out
+
+    # -- the slow paths: rare frames, readable code over fast code ----------
+
+    def _slow_ip(self, frame: bytes, l3: int, out: Batch) -> None:
+        """Non-TCP IPv4 (or a bad version nibble): `ip_rcv` then `icmp_rcv`."""
+        drops = self.stats.drops
+        try:
+            hdr, payload = parse_ipv4(memoryview(frame)[l3:])
+        except WireError as e:
+            drops["ip_" + e.reason] += 1
+            return
+        if hdr.dst not in self.addrs:
+            drops["not_local"] += 1
+            return
+        if hdr.proto != PROTO_ICMP:
+            drops["udp" if hdr.proto == PROTO_UDP else "proto_other"] += 1
+            return
+        try:
+            msg = parse_icmp(payload)  # verifies the checksum, as icmp_rcv does
+        except WireError as e:
+            drops["icmp_" + e.reason] += 1
+            return
+        if msg.type != ICMP_ECHO or msg.code != 0:
+            drops["icmp_not_echo"] += 1
+            return
+        reply = echo_reply_ipv4(hdr, msg)  # RFC 1122 §3.2.2.6: same id, seq, data
+        if self.l2:
+            reply = build_ethernet(bytes(frame[6:12]), self.mac, ETH_P_IP, reply)
+        out.replies.append(reply)
+        self.stats.icmp_replies += 1
+
+    def _slow_l2(self, frame: bytes, etype: int, out: Batch) -> None:
+        """Non-IPv4 Ethernet: ARP (`arp_process`), everything else dropped."""
+        drops = self.stats.drops
+        if etype != ETH_P_ARP:
+            drops["ethertype"] += 1  # IPv6, LLDP, VLAN tags...
+            return
+        try:
+            arp = parse_arp(memoryview(frame)[ETH_HLEN:])
+        except WireError as e:
+            drops["arp_" + e.reason] += 1
+            return
+        if arp.target_ip not in self.addrs:
+            drops["arp_not_for_us"] += 1
+            return
+        # RFC 826 "merge": we are the target, so record the sender.
+        if arp.sender_ip and arp.sender_mac != BROADCAST_MAC:
+            self.neighbours[arp.sender_ip] = arp.sender_mac
+        if arp.op == ARPOP_REPLY:
+            self.stats.arp_learned += 1
+            return
+        body = build_arp_reply(arp, self.mac)
+        out.replies.append(build_ethernet(arp.sender_mac, self.mac, ETH_P_ARP, body, pad=True))
+        self.stats.arp_replies += 1
+
+    def arp_request(self, target: int, sender: int) -> bytes:
+        """A broadcast who-has for `target` (the I/O process sends these to
+        resolve a peer before workers can address frames to it)."""
+        body = build_arp_request(self.mac, sender, target)
+        return build_ethernet(BROADCAST_MAC, self.mac, ETH_P_ARP, body, pad=True)
+

@@ -1,0 +1,106 @@
+"""The results: a summary per case (each variant beside the kernel, with the ratio), as
+JSON and as a text table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shardstack.bench import scenarios as sc
+from shardstack.bench.aggregate import human_rate, ratio
+
+KERNEL = "kernel"
+
+
+def summarize(cases: Sequence[sc.Case], records: Sequence[Any], variants: Sequence[str],
+              workers: int) -> list[dict[str, Any]]:
+    """One row per (case, metric): each variant's figure (None: n/a) and shardstack/kernel.
+
+    Only runs with the plan's worker count count here; the scaling runs have
+    their own table (`scaling`). For a latency (lower is better) the ratio is
+    still shardstack/kernel, so > 1 means slower, and the row says which way is good.
+    """
+    rows = []
+    for case in cases:
+        for key, unit in [(case.metric, case.unit), *sc.secondary_metrics(case)]:
+            row: dict[str, Any] = {"case": case.key, "metric": key, "unit": unit,
+                                   "higher_is_better": unit != "us", "values": {},
+                                   "ratio": {}, "reasons": {}}
+            by_variant = {r.variant: r for r in records
+                          if r.case == case.key and (r.variant == KERNEL or r.workers == workers)}
+            for v in variants:
+                rec = by_variant.get(v)
+                row["values"][v] = rec.metric(key) if rec else None
+                if rec is not None and rec.status != "ok":
+                    row["reasons"][v] = f"{rec.status}: {rec.reason}"
+            for v in variants:
+                if v != KERNEL:
+                    row["ratio"][v] = ratio(row["values"][v], row["values"].get(KERNEL))
+            rows.append(row)
+    return rows
+
+
+def scaling(records: Sequence[Any]) -> dict[str, list[tuple[int, float | None]]]:
+    """case -> [(workers, ops/s)] for the shardstack-tun runs, sorted by workers."""
+    out: dict[str, dict[int, float | None]] = {}
+    for r in records:
+        if r.variant == "shardstack-tun" and r.scenario in ("crr", "http"):
+            out.setdefault(r.case, {})[r.workers] = r.metric("ops_per_s")
+    return {case: sorted(d.items()) for case, d in out.items() if len(d) > 1}
+
+
+def meta(args: Any, caps: Any) -> dict[str, Any]:
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "quick": bool(args.quick),
+        "seconds_per_case": args.duration,
+        "workers": args.workers,
+        "conns": args.conns,
+        "shardstack": caps.to_dict(),
+    }
+
+
+def write_json(path: Path, meta_d: dict, rows: list, records: Sequence[Any],
+               scale: dict) -> None:
+    doc = {"meta": meta_d, "summary": rows, "scaling": scale,
+           "runs": [r.to_dict() for r in records]}
+    path.write_text(json.dumps(doc, indent=1, default=str))
+
+
+def table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    """A fixed-width table: figures per variant, then shardstack/kernel ratios."""
+    others = [v for v in variants if v != KERNEL]
+    head = f"{'case':<14} {'metric':<12}" + "".join(f" {v:>18}" for v in variants) + \
+        "".join(f" {'x ' + v.removeprefix('shardstack-'):>9}" for v in others)
+    lines = [head, "-" * len(head)]
+    notes: dict[str, str] = {}
+    for row in rows:
+        cells = []
+        for v in variants:
+            val = row["values"].get(v)
+            text = human_rate(val, row["unit"])
+            if val is None and v in row["reasons"]:
+                mark = _note_mark(notes, row["reasons"][v])
+                text = f"n/a[{mark}]"
+            cells.append(f" {text:>18}")
+        for v in others:
+            r = row["ratio"].get(v)
+            text = f"{r:.2f}x" if r is not None else "-"
+            cells.append(f" {text:>9}")
+        lines.append(f"{row['case']:<14} {row['metric']:<12}" + "".join(cells))
+    for reason, mark in notes.items():
+        lines.append(f"[{mark}] {reason}")
+    return "\n".join(lines)
+
+
+def _note_mark(notes: dict[str, str], reason: str) -> str:
+    if reason not in notes:
+        notes[reason] = str(len(notes) + 1)
+    return notes[reason]

@@ -1,0 +1,137 @@
+"""Configuration of a running stack (`shardstack serve`), parsed once.
+
+The supervisor builds one `ServeConfig` from the command line and hands it
+to every child process as a plain dict (`to_dict`/`from_dict`), so netio and
+the workers see exactly what the supervisor validated.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MIN_MTU = 576  # RFC 791: every host must accept 576-byte datagrams
+MAX_MTU = 65535
+MAX_WORKERS = 128  # one RETA entry per worker at least
+IFNAMSIZ = 16
+STACK_NET = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the CLI prints it and exits with status 2."""
+
+
+@dataclass(slots=True, frozen=True)
+class Cidr:
+    """An interface address with its prefix, e.g. 198.18.0.2/24."""
+
+    ip: int
+    prefix: int
+
+    @property
+    def text(self) -> str:
+        return f"{ipaddress.IPv4Address(self.ip)}/{self.prefix}"
+
+    @property
+    def addr(self) -> str:
+        return str(ipaddress.IPv4Address(self.ip))
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Interface(self.text).network
+
+
+def parse_cidr(text: str, what: str = "address") -> Cidr:
+    """`A.B.C.D/N` (or bare `A.B.C.D`, taken as /32)."""
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError as e:
+        raise ConfigError(f"bad {what} {text!r}: {e}") from None
+    return Cidr(int(iface.ip), iface.network.prefixlen)
+
+
+def parse_ip(text: str, what: str = "address") -> int:
+    try:
+        return int(ipaddress.IPv4Address(text))
+    except ValueError as e:
+        raise ConfigError(f"bad {what} {text!r}: {e}") from None
+
+
+def parse_port(text: str | int, what: str = "port") -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"bad {what} {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{what} {port} out of range 1..65535")
+    return port
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    """Everything `serve` needs; immutable once the children start."""
+
+    workers: int
+    device: str  # "tun" or "packet"
+    ifname: str
+    addr: Cidr
+    peer: Cidr | None = None
+    gateway: int | None = None
+    mtu: int = 1500
+    run_dir: str = ""
+    echo_ports: list[int] = field(default_factory=list)
+    discard_ports: list[int] = field(default_factory=list)
+    impair: str | None = None
+    pcap: str | None = None
+    offload: bool = True  # virtio-net header: GSO/GRO super-frames, checksum offload
+    secret: bytes = b""
+
+    def validate(self) -> ServeConfig:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers must be 1..{MAX_WORKERS}, not {self.workers}")
+        if self.device not in ("tun", "packet"):
+            raise ConfigError("need a device: --tun NAME or --packet IFACE")
+        if not self.ifname or len(self.ifname.encode()) >= IFNAMSIZ or "/" in self.ifname:
+            raise ConfigError(f"bad interface name {self.ifname!r} (1..15 bytes, no '/')")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ConfigError(f"--mtu must be {MIN_MTU}..{MAX_MTU}, not {self.mtu}")
+        if self.peer is not None:
+            if self.device != "tun":
+                raise ConfigError("--peer configures the kernel side of a TUN; use it with --tun")
+            if self.peer.ip == self.addr.ip:
+                raise ConfigError("--peer must differ from --addr")
+        if self.gateway is not None and self.gateway not in _hosts(self.addr):
+            raise ConfigError("--gateway must lie inside --addr's network")
+        ports = self.echo_ports + self.discard_ports
+        if len(set(ports)) != len(ports):
+            raise ConfigError("a port is given to more than one service")
+        if len(self.secret) < 16:
+            raise ConfigError("secret must be at least 16 bytes")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["addr"] = self.addr.text
+        d["peer"] = self.peer.text if self.peer else None
+        d["secret"] = self.secret.hex()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServeConfig:
+        d = dict(d)
+        d["addr"] = parse_cidr(d["addr"])
+        d["peer"] = parse_cidr(d["peer"]) if d.get("peer") else None
+        d["secret"] = bytes.fromhex(d["secret"])
+        return cls(**d)
+
+
+def _hosts(c: Cidr) -> range:
+    net = c.network
+    return range(int(net.network_address), int(net.broadcast_address) + 1)
+
+
+def new_secret() -> bytes:
+    """The per-boot secret for ISNs (RFC 6528) and SYN cookies; shared by workers."""
+    return os.urandom(32)

@@ -1,0 +1,129 @@
+"""Telemetry: per-process figures (psutil) and rendering of `ss` / `stats`.
+
+The supervisor keeps one `psutil.Process` per child so `cpu_percent` is the
+share since the previous `stats` request (psutil's documented interval=None
+mode), not a blocking sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+from typing import Any
+
+import psutil
+
+
+class ProcTelemetry:
+    """CPU%, RSS and context switches of one process, sampled on demand."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._proc: psutil.Process | None = psutil.Process(pid)
+            self._proc.cpu_percent(None)  # prime: the next call reports since now
+        except psutil.Error:
+            self._proc = None
+
+    def sample(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pid": self.pid}
+        if self._proc is None:
+            return out
+        try:
+            with self._proc.oneshot():
+                ctx = self._proc.num_ctx_switches()
+                out.update(
+                    cpu_percent=self._proc.cpu_percent(None),
+                    rss=self._proc.memory_info().rss,
+                    ctx_voluntary=ctx.voluntary,
+                    ctx_involuntary=ctx.involuntary,
+                )
+        except psutil.Error:
+            pass  # it died between the request and now; the supervisor restarts it
+        return out
+
+
+def to_plain(obj: Any) -> Any:
+    """A msgpack-able copy of a counters object (dataclass, slotted, dict, enum)."""
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.name
+    if isinstance(obj, (int, float, str, bytes, bool)) or obj is None:
+        return obj
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    slots = getattr(type(obj), "__slots__", None)
+    if slots:
+        return {s: to_plain(getattr(obj, s)) for s in slots if hasattr(obj, s)}
+    if hasattr(obj, "__dict__"):
+        return {k: to_plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
+    return str(obj)
+
+
+# -- rendering ------------------------------------------------------------------
+
+
+def ip_text(ip: int | str) -> str:
+    return ip if isinstance(ip, str) else str(ipaddress.IPv4Address(ip))
+
+
+def format_ss(conns: list[dict[str, Any]]) -> str:
+    """`ss -tan`-style table: State Recv-Q Send-Q Local Peer Worker."""
+    rows = [("State", "Recv-Q", "Send-Q", "Local Address:Port", "Peer Address:Port", "Worker")]
+    for c in sorted(conns, key=lambda c: (c.get("worker", 0), c.get("lport", 0), c.get("rport", 0))):
+        rows.append(
+            (
+                str(c.get("state", "?")),
+                str(c.get("recv_q", 0)),
+                str(c.get("send_q", 0)),
+                f"{ip_text(c.get('laddr', 0))}:{c.get('lport', 0)}",
+                f"{ip_text(c.get('raddr', 0))}:{c.get('rport', 0) or '*'}",
+                str(c.get("worker", "?")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def format_stats(st: dict[str, Any]) -> str:
+    """Human-readable `shardstack stats`."""
+    lines = [f"run dir {st.get('run_dir', '?')}  workers {len(st.get('workers', []))}"]
+    lines.append(
+        f"{'process':<12} {'pid':>7} {'cpu%':>6} {'rss MiB':>8} {'ctx vol':>9} {'ctx inv':>9} restarts"
+    )
+    procs = [("supervisor", st.get("supervisor", {}))]
+    procs.append(("netio", st.get("netio", {})))
+    procs += [(f"worker {w.get('id')}", w) for w in st.get("workers", [])]
+    for name, p in procs:
+        proc = p.get("proc", p)
+        lines.append(
+            f"{name:<12} {proc.get('pid', '-'):>7} {proc.get('cpu_percent', 0.0):>6.1f} "
+            f"{proc.get('rss', 0) / 2**20:>8.1f} {proc.get('ctx_voluntary', 0):>9} "
+            f"{proc.get('ctx_involuntary', 0):>9} {p.get('restarts', 0)}"
+        )
+    lines.append("")
+    lines.append(f"{'worker':<8} {'frames in':>10} {'frames out':>10} {'conns':>6} {'drops':>7}")
+    for w in st.get("workers", []):
+        c = w.get("counters", {})
+        lines.append(
+            f"{w.get('id'):<8} {c.get('frames_in', 0):>10} {c.get('frames_out', 0):>10} "
+            f"{c.get('connections', 0):>6} {sum(c.get('drops', {}).values()):>7}"
+        )
+    n = st.get("netio", {}).get("counters", {})
+    if n:
+        d = n.get("dispatch", {})
+        lines.append("")
+        lines.append("netio dispatch: " + " ".join(
+            f"w{i}={v}" for i, v in enumerate(d.get("per_worker", []))))
+        lines.append(f"netio answered: icmp={d.get('icmp_replies', 0)} arp={d.get('arp_replies', 0)}"
+                     f"  zmq dropped: {n.get('netio', {}).get('zmq_dropped', [])}")
+        drops = d.get("drops", {})
+        if drops:
+            lines.append("netio drops: " + " ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return "\n".join(lines)

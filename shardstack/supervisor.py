@@ -1,0 +1,520 @@
+"""The supervisor: starts, watches and restarts netio and the workers.
+
+It owns what must outlive any one child:
+
+* the device: in TUN mode it opens the TUN itself and hands the same open
+  file to netio and every worker (`pass_fds`), so a crashed netio or worker
+  can be replaced without the interface (and the kernel side's address and
+  routes) vanishing with it;
+* the RETA (netio.rss), pushed to netio and to the workers (whose
+  `port_filter` needs it to pick ephemeral ports);
+* the global bind table (core.inet_hashtables/inet_connection_sock, the same
+  code as a shard's), the single authority for bind() across shards, and the
+  listeners installed on every worker, re-installed on a restarted worker;
+* `control.sock` (shardstack.control), the shim's and the CLI's endpoint.
+
+Why subprocess and not multiprocessing: a child is a fresh interpreter
+(`python -m shardstack.worker`), so nothing of the supervisor's state (its
+event loop, zmq context, open sockets) leaks into it, which is what
+multiprocessing's fork does and its spawn only avoids by pickling. The child
+reads its description as JSON on stdin (argv is world-readable in /proc and
+the description carries the ISN secret), reports readiness on a pipe, and
+asks the kernel to SIGTERM it if the supervisor dies (PR_SET_PDEATHSIG).
+
+Child exit is watched with a pidfd per child (pidfd_open(2), readable when the
+process exits): no SIGCHLD handler races, no polling. A dead child is
+replaced at once; a child that keeps dying within a second of starting is
+restarted with exponential backoff (at most MAX_BACKOFF), so a broken build
+does not spin the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardstack import control
+from shardstack.config import ServeConfig
+from shardstack.core.inet_connection_sock import inet_csk_get_port, inet_csk_listen_start
+from shardstack.core.inet_hashtables import InetHashinfo, inet_put_port, inet_unhash
+from shardstack.core.sock import State
+from shardstack.netio import rss
+from shardstack.rundir import RunDir, prepare_run_dir
+from shardstack.stats import ProcTelemetry
+
+STOP_GRACE = 3.0  # SIGTERM → SIGKILL at shutdown
+QUICK_DEATH = 1.0  # a child that dies sooner than this after start counts as a failed start
+MAX_BACKOFF = 5.0
+WORKER_CALL_TIMEOUT = 3.0
+
+
+def log(msg: str) -> None:
+    print(f"shardstack[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+# -- the global bind table ------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class GlobalBind:
+    """An owner in the supervisor's bind table: what core's conflict rules read."""
+
+    bind_id: int
+    laddr: int
+    reuseaddr: bool
+    reuseport: bool
+    state: State = State.CLOSED
+    lport: int = 0
+    raddr: int = 0
+    rport: int = 0
+    bound: bool = False
+    backlog: int = 0
+    listener: dict[str, Any] | None = None  # {backlog, path} once listening
+    service: str | None = None  # "echo"/"discard" for the built-in services
+
+
+class BindTable:
+    """bind/listen/release across shards (docs/architecture.md "Runtime")."""
+
+    def __init__(self, addrs: list[int]) -> None:
+        self.h = InetHashinfo()
+        self.addrs = addrs
+        self.binds: dict[int, GlobalBind] = {}
+        self._next_id = 1
+
+    def bind(self, addr: int, port: int, reuseaddr: bool = False, reuseport: bool = False,
+             service: str | None = None) -> GlobalBind:
+        if addr != 0 and addr not in self.addrs:
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+        if not 0 <= port <= 65535:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service)
+        inet_csk_get_port(self.h, b, port, offset=self._next_id * 7919)
+        self._next_id += 1
+        self.binds[b.bind_id] = b
+        return b
+
+    def get(self, bind_id: int) -> GlobalBind:
+        b = self.binds.get(bind_id)
+        if b is None:
+            raise OSError(errno.EBADF, "unknown bind_id")
+        return b
+
+    def listen(self, b: GlobalBind, backlog: int) -> None:
+        if b.state is not State.LISTEN:
+            inet_csk_listen_start(self.h, b, backlog)
+
+    def release(self, b: GlobalBind) -> None:
+        inet_unhash(self.h, b)
+        inet_put_port(self.h, b)
+        b.state = State.CLOSED
+        self.binds.pop(b.bind_id, None)
+
+    def listeners(self) -> list[GlobalBind]:
+        return [b for b in self.binds.values() if b.listener is not None]
+
+
+# -- children -------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Child:
+    kind: str  # "netio" or "worker"
+    wid: int  # worker id; -1 for netio
+    proc: subprocess.Popen | None = None
+    pidfd: int = -1
+    started: float = 0.0
+    restarts: int = 0
+    quick_deaths: int = 0
+    ready: bool = False
+    ready_fd: int = -1
+    telemetry: ProcTelemetry | None = None
+    ctl: control.AsyncControlClient | None = None
+
+    @property
+    def name(self) -> str:
+        return "netio" if self.kind == "netio" else f"worker-{self.wid}"
+
+
+class Supervisor:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.run: RunDir | None = None
+        self.reta = rss.make_reta(cfg.workers)
+        self.binds = BindTable([cfg.addr.ip])
+        self.tun = None  # netio.device.TunDevice in TUN mode
+        self.tun_created = False
+        self.peer_added = False
+        self.children: list[Child] = []
+        self.netio: Child | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.stop_event: asyncio.Event | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.me = ProcTelemetry(os.getpid())
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run_forever(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self.stop_event.set)
+        try:
+            self._setup()
+            self.server = await control.serve_unix(self.run.control_sock, self._on_control)
+            for c in self.children:
+                self._spawn(c)
+            log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
+                f"{self.cfg.workers} workers; run dir {self.run.path}")
+            await self.stop_event.wait()
+            log("stopping")
+        finally:
+            await self._teardown()
+        return 0
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        run = prepare_run_dir(cfg.run_dir)
+        run.lock()  # EBUSY if another serve owns it: then touch nothing of its
+        self.run = run
+        self.run.remove_stale()
+        for port in cfg.echo_ports:
+            self.binds.bind(0, port, reuseaddr=True, service="echo")
+        for port in cfg.discard_ports:
+            self.binds.bind(0, port, reuseaddr=True, service="discard")
+        if cfg.pcap:
+            from shardstack.worker import write_pcap_header
+
+            write_pcap_header(cfg.pcap, l2=cfg.device == "packet")
+        if cfg.device == "tun":
+            self._open_tun()
+        elif not Path(f"/sys/class/net/{cfg.ifname}").exists():
+            raise OSError(errno.ENODEV, f"no interface {cfg.ifname!r} for --packet")
+        self.netio = Child("netio", -1)
+        self.children = [Child("worker", i) for i in range(cfg.workers)] + [self.netio]
+
+    def _open_tun(self) -> None:
+        from shardstack.netio.device import TunDevice
+
+        cfg = self.cfg
+        self.tun_created = not Path(f"/sys/class/net/{cfg.ifname}").exists()
+        self.tun = TunDevice(cfg.ifname, mtu=cfg.mtu, vnet_hdr=cfg.offload, up=True)
+        if cfg.peer is not None:
+            r = subprocess.run(["ip", "addr", "add", cfg.peer.text, "dev", cfg.ifname],
+                               capture_output=True, text=True, timeout=10)
+            if r.returncode == 0:
+                self.peer_added = True
+            elif "File exists" not in r.stderr:
+                raise OSError(errno.EINVAL, f"ip addr add {cfg.peer.text}: {r.stderr.strip()}")
+
+    async def _teardown(self) -> None:
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for c in live:
+            c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while live and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            live = [c for c in live if c.proc.poll() is None]
+        for c in live:
+            log(f"{c.name} ignored SIGTERM; killing")
+            c.proc.kill()
+            c.proc.wait(timeout=5)
+        for c in self.children:
+            self._forget(c)
+        if self.tun is not None:
+            if self.peer_added and not self.tun_created:
+                subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
+                               capture_output=True, timeout=10)
+            self.tun.close()  # a TUN we created (not persistent) goes with its last fd
+        if self.run is not None:
+            self.run.cleanup()
+
+    # -- children -------------------------------------------------------------
+
+    def _describe(self, c: Child, ready_w: int) -> tuple[dict[str, Any], list[int]]:
+        desc: dict[str, Any] = {
+            "config": self.cfg.to_dict(),
+            "worker": c.wid,
+            "workers": self.cfg.workers,
+            "reta": self.reta,
+            "ready_fd": ready_w,
+        }
+        fds = [ready_w]
+        if self.tun is not None:
+            desc["tx"] = {"kind": "tun", "fd": self.tun.fd, "vnet_hdr": self.tun.vnet_hdr,
+                          "mtu": self.tun.mtu}
+            fds.append(self.tun.fd)
+        else:
+            desc["tx"] = {"kind": "packet", "ifname": self.cfg.ifname,
+                          "vnet_hdr": self.cfg.offload}
+        return desc, fds
+
+    def _argv(self, c: Child) -> list[str]:
+        mod = "shardstack.worker" if c.kind == "worker" else "shardstack.netio_adapter"
+        return [sys.executable, "-m", mod]
+
+    def _spawn(self, c: Child) -> None:
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        desc, fds = self._describe(c, ready_w)
+        try:
+            proc = subprocess.Popen(self._argv(c), stdin=subprocess.PIPE, pass_fds=fds,
+                                    close_fds=True)
+        finally:
+            os.close(ready_w)
+        try:
+            proc.stdin.write(json.dumps(desc).encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the pidfd reports the exit and we retry
+        c.proc = proc
+        c.started = time.monotonic()
+        c.ready = False
+        c.telemetry = ProcTelemetry(proc.pid)
+        c.pidfd = os.pidfd_open(proc.pid)
+        c.ready_fd = ready_r
+        self.loop.add_reader(c.pidfd, self._on_exit, c)
+        self.loop.add_reader(ready_r, self._on_ready, c)
+
+    def _on_ready(self, c: Child) -> None:
+        data = os.read(c.ready_fd, 16)
+        self.loop.remove_reader(c.ready_fd)
+        os.close(c.ready_fd)
+        c.ready_fd = -1
+        if not data:
+            return  # died before ready: _on_exit handles it
+        if c.kind == "worker":
+            self.loop.create_task(self._worker_ready(c))
+        else:
+            c.ready = True
+
+    async def _worker_ready(self, c: Child) -> None:
+        """A worker is ready (`hello` says so) once its control channel is up
+        and it holds every listener: a restarted one gets them all again."""
+        proc = c.proc
+        try:
+            ctl = await control.AsyncControlClient.connect(self.run.worker_ctl(c.wid))
+        except OSError as e:
+            log(f"{c.name}: cannot reach its control socket: {e}")
+            return
+        if c.proc is not proc or c.pidfd < 0:  # it died meanwhile
+            ctl.close()
+            return
+        c.ctl = ctl
+        try:
+            for b in self.binds.listeners():
+                await ctl.call("add_listener", timeout=WORKER_CALL_TIMEOUT,
+                               **self._listener_args(b))
+        except (OSError, TimeoutError, control.ControlError) as e:
+            log(f"{c.name}: listener install failed: {e}")
+            return
+        if c.proc is proc and c.pidfd >= 0:
+            c.ready = True
+
+    def _forget(self, c: Child) -> None:
+        if c.pidfd >= 0:
+            self.loop.remove_reader(c.pidfd)
+            os.close(c.pidfd)
+            c.pidfd = -1
+        if c.ready_fd >= 0:
+            self.loop.remove_reader(c.ready_fd)
+            os.close(c.ready_fd)
+            c.ready_fd = -1
+        if c.ctl is not None:
+            c.ctl.close()
+            c.ctl = None
+        c.ready = False
+
+    def _on_exit(self, c: Child) -> None:
+        rc = c.proc.wait()
+        self._forget(c)
+        if self.stopping:
+            return
+        lived = time.monotonic() - c.started
+        c.quick_deaths = c.quick_deaths + 1 if lived < QUICK_DEATH else 0
+        delay = 0.0 if c.quick_deaths <= 1 else min(MAX_BACKOFF, 0.1 * 2 ** c.quick_deaths)
+        log(f"{c.name} (pid {c.proc.pid}) exited with {rc} after {lived:.1f}s; "
+            f"restarting in {delay:.1f}s")
+        c.restarts += 1
+        self.loop.call_later(delay, self._respawn, c)
+
+    def _respawn(self, c: Child) -> None:
+        if not self.stopping:
+            self._spawn(c)
+
+    # -- control.sock ---------------------------------------------------------
+
+    def _on_control(self, req: dict[str, Any], conn: control.Conn):
+        op = req.get("op")
+        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            raise OSError(errno.EOPNOTSUPP, f"unknown op {op!r}")
+        return handler(req, conn)
+
+    def _op_hello(self, req, conn) -> dict[str, Any]:
+        return {
+            "addrs": [self.cfg.addr.addr],
+            "workers": self.cfg.workers,
+            "run_dir": str(self.run.path),
+            "pid": os.getpid(),
+            "ready": all(c.ready for c in self.children),
+            "mtu": self.cfg.mtu,
+        }
+
+    def _op_bind(self, req, conn) -> dict[str, Any]:
+        addr = _addr_arg(req.get("addr", 0))
+        b = self.binds.bind(addr, int(req.get("port", 0)), bool(req.get("reuseaddr")),
+                            bool(req.get("reuseport")))
+        binds = conn.state.setdefault("binds", set())
+        if not binds:
+            conn.on_close.append(lambda: self._release_all(conn))
+        binds.add(b.bind_id)
+        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+
+    async def _op_listen(self, req, conn) -> dict[str, Any]:
+        b = self._owned(req, conn)
+        if b.listener is not None:
+            return {}
+        self.binds.listen(b, int(req.get("backlog", 128)))
+        b.listener = {"backlog": b.backlog, "path": str(req["path"]),
+                      "opts": list(req.get("opts") or [])}
+        done = []
+        try:
+            for c in self._workers():
+                if c.ctl is not None:
+                    await c.ctl.call("add_listener", timeout=WORKER_CALL_TIMEOUT,
+                                     **self._listener_args(b))
+                    done.append(c)
+        except OSError:
+            for c in done:
+                await self._call_quietly(c, "remove_listener", bind_id=b.bind_id)
+            b.listener = None
+            b.state = State.CLOSED
+            raise
+        return {}
+
+    async def _op_release(self, req, conn) -> dict[str, Any]:
+        b = self._owned(req, conn)
+        conn.state["binds"].discard(b.bind_id)
+        await self._release(b)
+        return {}
+
+    async def _op_ss(self, req, conn) -> dict[str, Any]:
+        conns: list[dict[str, Any]] = []
+        for reply in await self._ask_workers("ss"):
+            if reply is not None:
+                conns += reply.get("conns", [])
+        return {"conns": conns}
+
+    async def _op_stats(self, req, conn) -> dict[str, Any]:
+        replies = await self._ask_workers("stats")
+        workers = []
+        for c, reply in zip(self._workers(), replies, strict=True):
+            w = {"id": c.wid, "restarts": c.restarts, "ready": c.ready,
+                 "proc": c.telemetry.sample() if c.telemetry else {}}
+            if reply is not None:
+                w["counters"] = reply.get("counters", {})
+                w["shard"] = reply.get("shard", {})
+            workers.append(w)
+        n = self.netio
+        netio = {"restarts": n.restarts, "ready": n.ready,
+                 "proc": n.telemetry.sample() if n.telemetry else {},
+                 "counters": await self._netio_stats()}
+        return {"run_dir": str(self.run.path), "supervisor": {"proc": self.me.sample()},
+                "netio": netio, "workers": workers}
+
+    async def _netio_stats(self) -> dict[str, Any]:
+        reply = await self._netio_call({"op": "stats"})
+        if reply is None:
+            return {}
+        reply.pop("ok", None)
+        return reply
+
+    async def _netio_call(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """netio's control socket is ZeroMQ REP (netio.process); a blocking
+        REQ with a timeout, off the loop."""
+        from shardstack.worker import _netio_call
+
+        return await self.loop.run_in_executor(
+            None, _netio_call, str(self.run.path), req, int(WORKER_CALL_TIMEOUT * 1000))
+
+    async def _op_set_reta(self, req, conn) -> dict[str, Any]:
+        """Rebalance: a new 128-entry indirection table, to netio and workers."""
+        reta = [int(w) for w in req["reta"]]
+        if len(reta) != rss.RETA_SIZE or not all(0 <= w < self.cfg.workers for w in reta):
+            raise OSError(errno.EINVAL, "RETA must hold 128 valid worker ids")
+        self.reta = reta
+        reply = await self._netio_call({"op": "reta", "reta": reta})
+        if not reply or not reply.get("ok"):
+            raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
+        await self._ask_workers("set_reta", reta=reta)
+        return {}
+
+    # -- helpers --------------------------------------------------------------
+
+    def _workers(self) -> list[Child]:
+        return [c for c in self.children if c.kind == "worker"]
+
+    def _owned(self, req, conn) -> GlobalBind:
+        bind_id = int(req["bind_id"])
+        if bind_id not in conn.state.get("binds", ()):
+            raise OSError(errno.EBADF, "bind_id not owned by this connection")
+        return self.binds.get(bind_id)
+
+    def _listener_args(self, b: GlobalBind) -> dict[str, Any]:
+        return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener}
+
+    async def _release(self, b: GlobalBind) -> None:
+        if b.listener is not None:
+            for c in self._workers():
+                await self._call_quietly(c, "remove_listener", bind_id=b.bind_id)
+        self.binds.release(b)
+
+    def _release_all(self, conn: control.Conn) -> None:
+        for bind_id in list(conn.state.get("binds", ())):
+            b = self.binds.binds.get(bind_id)
+            if b is not None:
+                self.loop.create_task(self._release(b))
+        conn.state["binds"] = set()
+
+    async def _call_quietly(self, c: Child, op: str, **args: Any) -> dict[str, Any] | None:
+        if c.ctl is None:
+            return None
+        try:
+            return await c.ctl.call(op, timeout=WORKER_CALL_TIMEOUT, **args)
+        except (TimeoutError, OSError, control.ControlError) as e:
+            log(f"{c.name}: {op} failed: {e}")
+            return None
+
+    async def _ask_workers(self, op: str, **args: Any) -> list[dict[str, Any] | None]:
+        calls = (self._call_quietly(c, op, **args) for c in self._workers())
+        return list(await asyncio.gather(*calls))
+
+
+def _addr_arg(a: Any) -> int:
+    if isinstance(a, int):
+        return a
+    try:
+        return int(ipaddress.IPv4Address(a or "0.0.0.0"))
+    except ValueError:
+        raise OSError(errno.EINVAL, f"bad address {a!r}") from None
+
+
+def serve(cfg: ServeConfig) -> int:
+    """`shardstack serve`: run in the foreground until SIGTERM/SIGINT."""
+    import uvloop
+
+    return uvloop.run(Supervisor(cfg).run_forever())

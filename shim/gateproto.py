@@ -1,0 +1,143 @@
+"""The wire contract between the shim (app side) and the appgate (worker side).
+
+Both halves import this module, so the contract lives in one place
+(docs/shim.md explains the design; docs/architecture.md "Runtime" the files).
+
+An application's TCP connection is one AF_UNIX stream: the app holds end A,
+the worker end W. Bytes on it are the TCP payload, nothing else, so the app's
+data path is plain C (`recv`, `sendfile`, OpenSSL) and never framed.
+What must travel besides the payload goes elsewhere:
+
+- *Addresses of an accepted connection*: the worker binds W, before it
+  connects to the app's listener, to an abstract name that spells the
+  connection (`encode_conn_name`). `getpeername()` on A returns it, so
+  `accept()` in the app learns both TCP endpoints with no round trip.
+- *Active open*: the shim connects A to `worker-<i>.sock` and sends one framed
+  request (`pack`, the same framing as `shardstack.control`) carrying A's own
+  fd as SCM_RIGHTS. The worker answers with one framed reply (local address
+  and port, or an errno), having first shrunk A's SO_SNDBUF and filled it, so
+  A is not writable until the handshake ends (see appgate for the trick).
+- *Errors*: a connection that dies (handshake refused or timed out, RST,
+  retransmission timeout) gets one out-of-band byte (MSG_OOB on AF_UNIX,
+  Linux >= 5.15) holding the errno, then W is closed while still holding
+  unread bytes of A's, which makes the kernel set ECONNRESET on A (it does so
+  when a stream peer closes with unread data). The shim's
+  `getsockopt(SO_ERROR)` reads the exact errno from the OOB byte.
+- *Options* after the connection exists (setsockopt/getsockopt on the shard
+  socket): a per-process control stream to `worker-<i>.sock` ("ctl" request),
+  addressing the connection by its token.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from typing import Any, NamedTuple
+
+import msgpack
+
+HEADER = struct.Struct("!I")  # the control plane's framing: length, then msgpack map
+MAX_MESSAGE = 1 << 20
+
+# The abstract-namespace prefix of a worker-side connection name. The leading
+# NUL puts it in the abstract namespace (unix(7)): nothing on disk to clean up.
+NAME_PREFIX = b"\0shardstack/c/"
+
+# Options the shim forwards to the shard socket (everything else on a stack
+# socket is answered from local state, as the kernel would from its own).
+IPPROTO_TCP = socket.IPPROTO_TCP
+SOL_SOCKET = socket.SOL_SOCKET
+TCP_FORWARDED = {
+    socket.TCP_NODELAY, socket.TCP_MAXSEG, socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL,
+    socket.TCP_KEEPCNT, getattr(socket, "TCP_CORK", 3), getattr(socket, "TCP_QUICKACK", 12),
+    getattr(socket, "TCP_USER_TIMEOUT", 18), getattr(socket, "TCP_CONGESTION", 13),
+}
+SOL_FORWARDED = {
+    socket.SO_KEEPALIVE, socket.SO_RCVBUF, socket.SO_SNDBUF, socket.SO_LINGER,
+    socket.SO_REUSEADDR, socket.SO_REUSEPORT,
+}
+
+# Errnos a dying connection may report through the OOB byte (all < 256).
+CONN_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE,
+               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED)
+
+
+class ProtoError(ValueError):
+    """A malformed gate message or connection name."""
+
+
+class ConnName(NamedTuple):
+    """What the worker-side name of a connection spells."""
+
+    worker: int
+    token: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def unpack_frames(buf: bytearray) -> list[dict[str, Any]]:
+    """Pop every complete frame off the front of `buf` (in place)."""
+    out = []
+    while len(buf) >= HEADER.size:
+        (n,) = HEADER.unpack_from(buf)
+        if n > MAX_MESSAGE:
+            raise ProtoError(f"gate message of {n} bytes")
+        if len(buf) < HEADER.size + n:
+            break
+        body = bytes(buf[HEADER.size:HEADER.size + n])
+        del buf[:HEADER.size + n]
+        try:
+            msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            raise ProtoError("bad msgpack") from None
+        if not isinstance(msg, dict):
+            raise ProtoError("gate message is not a map")
+        out.append(msg)
+    return out
+
+
+def encode_conn_name(n: ConnName) -> bytes:
+    """The abstract AF_UNIX name the worker binds W to (< 108 bytes)."""
+    text = f"{n.worker}/{n.token}/{n.laddr}:{n.lport}/{n.raddr}:{n.rport}"
+    return NAME_PREFIX + text.encode("ascii")
+
+
+def decode_conn_name(raw: bytes | str) -> ConnName:
+    """Inverse of encode_conn_name; ProtoError if `raw` is not such a name."""
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1")
+    if not raw.startswith(NAME_PREFIX):
+        raise ProtoError("not a shardstack connection name")
+    try:
+        worker, token, local, remote = raw[len(NAME_PREFIX):].decode("ascii").split("/")
+        laddr, lport = _split_hostport(local)
+        raddr, rport = _split_hostport(remote)
+        return ConnName(int(worker), int(token), laddr, lport, raddr, rport)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtoError("malformed shardstack connection name") from None
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    p = int(port)
+    if not 0 <= p <= 0xFFFF:
+        raise ValueError(port)
+    return str(ipaddress.IPv4Address(host)), p
+
+
+def ip_str(addr: int | str) -> str:
+    """'a.b.c.d' from the engine's int form (or a string, normalised)."""
+    return str(ipaddress.IPv4Address(addr))
+
+
+def ip_int(addr: int | str) -> int:
+    return int(ipaddress.IPv4Address(addr))

@@ -1,0 +1,600 @@
+"""`ShimSocket`: a `socket.socket` that runs TCP on shardstack when it should.
+
+Every AF_INET/SOCK_STREAM socket starts life as an ordinary kernel socket.
+At connect(), bind() or listen() the scope rules (shim.scope) decide; a
+socket that goes on the stack swaps its file descriptor, in place (dup2, so
+the number the app may already hold stays valid), for an AF_UNIX stream:
+
+- connected: one stream to the owning worker (gateproto explains the bytes);
+- listening: an AF_UNIX listener the workers connect accepted connections to.
+
+The object keeps reporting AF_INET/SOCK_STREAM and TCP addresses, and only
+the address- and option-shaped methods are overridden. recv/send/recv_into/
+sendmsg/recvmsg/sendall/sendfile/makefile/settimeout are the C methods on the
+real fd, so the data path costs what a unix socket costs and select,
+selectors, asyncio and ssl see a real descriptor.
+
+Errnos are the kernel's: the supervisor's bind table answers EADDRINUSE /
+EADDRNOTAVAIL / EINVAL; the worker's handshake outcome arrives as the
+ECONNREFUSED / ETIMEDOUT errno (gateproto); a reset connection's recv/send
+raise ECONNRESET from the kernel itself; a second connect() raises EALREADY /
+EISCONN; getpeername() on an unconnected socket ENOTCONN.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import ipaddress
+import os
+import select
+import socket as _socket_mod
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from shardstack.shim import gateproto as gp
+from shardstack.shim import scope
+from shardstack.shim.stack import Stack, get_stack, read_frame
+
+kernel_socket = _socket_mod.socket  # the class as the interpreter defined it
+_csocket = _socket_mod._socket.socket if hasattr(_socket_mod, "_socket") else None
+
+AF_INET, AF_UNIX, SOCK_STREAM = _socket_mod.AF_INET, _socket_mod.AF_UNIX, _socket_mod.SOCK_STREAM
+SOL_SOCKET, IPPROTO_TCP = _socket_mod.SOL_SOCKET, _socket_mod.IPPROTO_TCP
+SO_DOMAIN = getattr(_socket_mod, "SO_DOMAIN", 39)
+SO_PROTOCOL = getattr(_socket_mod, "SO_PROTOCOL", 38)
+GATE_TIMEOUT = 10.0  # s: a local worker answers a connect request at once
+
+# Kinds and states of a stack socket.
+BOUND, LISTENER, ACTIVE, PASSIVE = "bound", "listener", "active", "passive"
+CONNECTING, ESTABLISHED, FAILED = "connecting", "established", "failed"
+
+# Linux's answers for options nobody set yet (tcp_init_sock, sock_init_data).
+_DEFAULTS = {
+    (IPPROTO_TCP, _socket_mod.TCP_NODELAY): 0,
+    (IPPROTO_TCP, _socket_mod.TCP_MAXSEG): 536,
+    (IPPROTO_TCP, _socket_mod.TCP_KEEPIDLE): 7200,
+    (IPPROTO_TCP, _socket_mod.TCP_KEEPINTVL): 75,
+    (IPPROTO_TCP, _socket_mod.TCP_KEEPCNT): 9,
+    (SOL_SOCKET, _socket_mod.SO_KEEPALIVE): 0,
+    (SOL_SOCKET, _socket_mod.SO_REUSEADDR): 0,
+    (SOL_SOCKET, _socket_mod.SO_REUSEPORT): 0,
+    (SOL_SOCKET, _socket_mod.SO_OOBINLINE): 0,
+}
+_LINGER = struct.Struct("ii")
+# Options kept off the unix fd: SO_OOBINLINE would put the gate's status
+# byte in the data stream; the buffer sizes are the filler's while connecting.
+_LOCAL_ONLY = {(SOL_SOCKET, _socket_mod.SO_OOBINLINE), (SOL_SOCKET, _socket_mod.SO_LINGER)}
+
+
+@dataclass(slots=True, eq=False)
+class StackState:
+    """What the shim knows of one stack socket; shared by its dup()s."""
+
+    kind: str
+    laddr: str = "0.0.0.0"
+    lport: int = 0
+    raddr: str = ""
+    rport: int = 0
+    bind_id: int | None = None
+    worker: int = -1
+    token: int = -1
+    status: str = ESTABLISHED
+    err: int = 0  # a connection error not yet reported by SO_ERROR/connect
+    path: str = ""  # a listener's AF_UNIX path
+    owner_pid: int = 0
+
+    @property
+    def sockname(self) -> tuple[str, int]:
+        return (self.laddr, self.lport)
+
+    @property
+    def peername(self) -> tuple[str, int]:
+        return (self.raddr, self.rport)
+
+
+# Stack state by the unix socket's inode, so a bare fd (socket(fileno=),
+# fromfd, ssl's re-wrap, a forked child) finds its TCP identity again.
+_REGISTRY: dict[int, StackState] = {}
+_REG_LOCK = threading.Lock()
+
+
+def _register(fd: int, st: StackState) -> None:
+    with _REG_LOCK:
+        _REGISTRY[os.fstat(fd).st_ino] = st
+
+
+def _unregister(fd: int) -> None:
+    try:
+        ino = os.fstat(fd).st_ino
+    except OSError:
+        return
+    with _REG_LOCK:
+        _REGISTRY.pop(ino, None)
+
+
+def recover_state(fd: int) -> StackState | None:
+    """The StackState of an AF_UNIX fd created by the shim or the appgate."""
+    tmp = _csocket(AF_UNIX, SOCK_STREAM, 0, fd)
+    try:
+        try:
+            peer = tmp.getpeername()
+        except OSError:
+            peer = None
+    finally:
+        tmp.detach()
+    if isinstance(peer, (bytes, str)) and peer:
+        try:
+            n = gp.decode_conn_name(peer)
+        except gp.ProtoError:
+            pass
+        else:
+            return StackState(PASSIVE, n.laddr, n.lport, n.raddr, n.rport,
+                              worker=n.worker, token=n.token)
+    with _REG_LOCK:
+        return _REGISTRY.get(os.fstat(fd).st_ino)
+
+
+def _fd_domain(fd: int) -> int:
+    tmp = _csocket(AF_UNIX, SOCK_STREAM, 0, fd)
+    try:
+        return tmp.getsockopt(SOL_SOCKET, SO_DOMAIN)
+    finally:
+        tmp.detach()
+
+
+def _parse_inet(address: Any) -> tuple[str, int] | None:
+    """(host, port) of an AF_INET address tuple, or None to let the kernel
+    method raise its own TypeError/OverflowError for a malformed one."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        return None
+    host, port = address
+    if not isinstance(host, (str, bytes)) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        return None
+    if isinstance(host, bytes):
+        host = host.decode("idna")
+    if host == "<broadcast>":
+        return None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if host == "":
+            return host, port
+        try:
+            host = _socket_mod.gethostbyname(host)
+        except OSError:
+            return None
+    return host, port
+
+
+def _oserror(code: int, text: str | None = None) -> OSError:
+    """The exception class Python maps `code` to, as a failed syscall raises."""
+    return OSError(code, text or os.strerror(code))
+
+
+class ShimSocket(kernel_socket):
+    """socket.socket, with AF_INET/SOCK_STREAM sockets on shardstack (module docstring)."""
+
+    __slots__ = ("_ss", "_pre", "_cand", "_owner")
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
+                 fileno: int | None = None) -> None:
+        st = None
+        if fileno is not None and family == AF_INET and (type == -1 or type & 0xF == SOCK_STREAM):
+            # A stack fd wrapped again (accept, dup, fromfd, ssl): it is
+            # AF_UNIX underneath but must keep its TCP face.
+            try:
+                if _fd_domain(fileno) == AF_UNIX:
+                    st = recover_state(fileno)
+            except OSError:
+                pass  # not a socket: let socket.__init__ raise its own error
+        super().__init__(family, type, proto, fileno)
+        self._ss = st
+        self._owner = False  # this object made the stack state (and unregisters it)
+        self._pre = None  # options set while still a kernel socket, to replay
+        self._cand = self.family == AF_INET and self.type == SOCK_STREAM
+
+    # -- helpers --------------------------------------------------------------
+
+    def _stack(self) -> Stack | None:
+        return get_stack() if self._cand else None
+
+    def _swap_fd(self, new: kernel_socket) -> None:
+        """Put `new`'s socket under our fd number, keeping flags and timeout."""
+        inheritable = self.get_inheritable()
+        timeout = self.gettimeout()
+        os.dup2(new.fileno(), self.fileno(), inheritable=inheritable)
+        new.close()
+        self.settimeout(timeout)  # O_NONBLOCK lives on the open file, not the fd
+
+    def _refresh(self) -> None:
+        """Learn how a pending handshake ended, without blocking (see gateproto)."""
+        st = self._ss
+        if st is None or st.status != CONNECTING:
+            return
+        p = select.poll()
+        p.register(self.fileno(), select.POLLOUT | select.POLLPRI)
+        ev = 0
+        for _fd, e in p.poll(0):
+            ev = e
+        if ev & select.POLLPRI:
+            self._take_oob(st)
+        elif ev & (select.POLLOUT | select.POLLHUP | select.POLLERR):
+            err = kernel_socket.getsockopt(self, SOL_SOCKET, _socket_mod.SO_ERROR)
+            if err:
+                st.status, st.err = FAILED, err
+            else:
+                st.status = ESTABLISHED
+
+    def _take_oob(self, st: StackState) -> None:
+        try:
+            b = kernel_socket.recv(self, 1, _socket_mod.MSG_OOB | _socket_mod.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            st.status, st.err = FAILED, e.errno or errno.ECONNRESET
+            return
+        if b:
+            st.status, st.err = FAILED, b[0] or errno.ECONNRESET
+            # The kernel's own ECONNRESET (the worker closed W with bytes
+            # unread) is superseded by the exact errno we just read.
+            kernel_socket.getsockopt(self, SOL_SOCKET, _socket_mod.SO_ERROR)
+
+    def _pop_error(self) -> int:
+        st = self._ss
+        if st is None:
+            return 0
+        self._refresh()
+        if st.status == ESTABLISHED:
+            p = select.poll()
+            p.register(self.fileno(), select.POLLPRI)
+            if p.poll(0):
+                self._take_oob(st)
+        err, st.err = st.err, 0
+        return err
+
+    def _record(self, level: int, opt: int, value: Any) -> None:
+        if self._pre is None:
+            self._pre = {}
+        self._pre[(level, opt)] = value
+
+    def _opts_list(self) -> list[list[Any]]:
+        out = []
+        for (level, opt), value in (self._pre or {}).items():
+            if (level == IPPROTO_TCP and opt in gp.TCP_FORWARDED) or (
+                    level == SOL_SOCKET and opt in gp.SOL_FORWARDED):
+                out.append([level, opt, _wire_value(opt, value)])
+        return out
+
+    # -- bind / listen / accept -----------------------------------------------
+
+    def bind(self, address: Any) -> None:
+        stack = self._stack()
+        parsed = _parse_inet(address) if stack is not None and self._ss is None else None
+        view = stack.view() if parsed is not None else None
+        where, host = scope.bind_scope(parsed[0], view) if parsed else (scope.KERNEL, "")
+        if where == scope.KERNEL:
+            return super().bind(address)
+        pre = self._pre or {}
+        r = stack.call("bind", addr=host, port=parsed[1],
+                       reuseaddr=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEADDR))),
+                       reuseport=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEPORT))))
+        self._ss = StackState(BOUND, str(r["addr"]), int(r["port"]), bind_id=int(r["bind_id"]),
+                              owner_pid=os.getpid())
+        self._owner = True
+
+    def listen(self, backlog: int = min(_socket_mod.SOMAXCONN, 128)) -> None:
+        st = self._ss
+        if st is None and self._unbound_candidate():
+            # listen() on an unbound socket binds the wildcard, any port (inet_autobind)
+            self.bind(("0.0.0.0", 0))
+            st = self._ss
+        if st is None:
+            return super().listen(backlog)
+        if st.kind == LISTENER:
+            return super().listen(backlog)  # a new backlog for the unix listener
+        if st.kind != BOUND:
+            raise _oserror(errno.EINVAL)
+        stack = get_stack()
+        backlog = max(0, min(int(backlog), _socket_mod.SOMAXCONN))
+        path = str(stack.run_dir / "l" / f"{st.bind_id}.sock")
+        u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+        try:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o177)  # only the stack's user may connect (DESIGN.md §2)
+            try:
+                u.bind(path)
+            finally:
+                os.umask(old)
+            u.listen(backlog)
+            stack.call("listen", bind_id=st.bind_id, backlog=backlog, path=path,
+                       opts=self._opts_list())
+        except BaseException:
+            u.close()
+            raise
+        self._swap_fd(u)
+        st.kind, st.path = LISTENER, path
+        _register(self.fileno(), st)
+        self._owner = True
+
+    def _unbound_candidate(self) -> bool:
+        stack = self._stack()
+        if stack is None or stack.view() is None:
+            return False
+        return super().getsockname()[1] == 0  # not bound on the kernel either
+
+    def accept(self) -> tuple[ShimSocket, Any]:
+        st = self._ss
+        if st is None or st.kind != LISTENER:
+            return super().accept()
+        fd, _garbage = super()._accept()  # an AF_INET parse of a unix address: ignored
+        sock = type(self)(AF_INET, SOCK_STREAM, self.proto, fileno=fd)
+        if _socket_mod.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)  # as socket.accept does (issue #7995)
+        if sock._ss is None:
+            sock.close()
+            raise _oserror(errno.EPROTO, "accepted a connection that is not shardstack's")
+        return sock, sock._ss.peername
+
+    # -- connect --------------------------------------------------------------
+
+    def connect(self, address: Any) -> None:
+        err = self._connect(address, raising=True)
+        if err:
+            raise _oserror(err)
+
+    def connect_ex(self, address: Any) -> int:
+        try:
+            return self._connect(address, raising=False)
+        except TimeoutError as e:
+            if e.errno is None:
+                return errno.EWOULDBLOCK  # what CPython's connect_ex returns on a timeout
+            return e.errno
+        except OSError as e:
+            if e.errno is None:
+                raise
+            return e.errno
+
+    def _connect(self, address: Any, raising: bool) -> int:
+        st = self._ss
+        if st is not None and st.kind in (ACTIVE, PASSIVE):
+            return self._reconnect(st)
+        stack = self._stack()
+        parsed = _parse_inet(address) if stack is not None else None
+        view = stack.view() if parsed is not None else None
+        bound = st is not None and st.kind == BOUND
+        where, dst = (scope.connect_scope(parsed[0], view, bound) if parsed
+                      else (scope.KERNEL, ""))
+        if where == scope.KERNEL:
+            if bound:
+                raise _oserror(errno.EADDRNOTAVAIL)  # bound on the stack, kernel destination
+            if raising:
+                super().connect(address)
+                return 0
+            return super().connect_ex(address)
+        return self._stack_connect(stack, view, dst, parsed[1])
+
+    def _reconnect(self, st: StackState) -> int:
+        """connect() again on a stack connection (__inet_stream_connect)."""
+        self._refresh()
+        if st.status == CONNECTING:
+            return errno.EALREADY
+        if st.status == FAILED and st.err:
+            err, st.err = st.err, 0
+            return err
+        return errno.EISCONN
+
+    def _stack_connect(self, stack: Stack, view: scope.StackView, dst: str, port: int) -> int:
+        st = self._ss
+        laddr, lport = (st.laddr, st.lport) if st is not None else ("0.0.0.0", 0)
+        worker = self._worker_for(stack, view, laddr, lport, dst, port)
+        req = {"op": "connect", "addr": dst, "port": port, "opts": self._opts_list()}
+        if st is not None:
+            req.update(baddr=laddr, bport=lport, bind_id=st.bind_id)
+        a = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+        try:
+            a.settimeout(GATE_TIMEOUT)
+            try:
+                a.connect(stack.worker_path(worker))
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise _oserror(errno.ENETUNREACH, "shardstack is not running") from None
+            # Our own fd rides along: the worker fills our send buffer with it.
+            fds = array.array("i", [a.fileno()])
+            a.sendmsg([gp.pack(req)], [(SOL_SOCKET, _socket_mod.SCM_RIGHTS, fds)])
+            reply = read_frame(a, bytearray())
+            if not reply.get("ok"):
+                code = int(reply.get("errno") or errno.EIO)
+                raise _oserror(code, reply.get("error"))
+        except BaseException:
+            a.close()
+            raise
+        self._swap_fd(a)
+        if st is None:
+            st = StackState(ACTIVE)
+            self._ss = st
+        st.kind, st.status = ACTIVE, CONNECTING
+        st.laddr, st.lport = str(reply["laddr"]), int(reply["lport"])
+        st.raddr, st.rport = dst, port
+        st.worker, st.token = int(reply["worker"]), int(reply["token"])
+        _register(self.fileno(), st)
+        self._owner = True
+        return self._wait_connected(st)
+
+    def _worker_for(self, stack: Stack, view: scope.StackView, laddr: str, lport: int,
+                    raddr: str, rport: int) -> int:
+        if lport and view.reta:
+            from shardstack.netio import rss
+
+            h = rss.Toeplitz(rss.SYMMETRIC_KEY).hash_tuple(
+                gp.ip_int(raddr), gp.ip_int(laddr if laddr != "0.0.0.0" else view.primary),
+                rport, lport)
+            return view.reta[h & rss.RETA_MASK]
+        return scope.pick_worker(view, os.getpid(), stack.next_counter())
+
+    def _wait_connected(self, st: StackState) -> int:
+        timeout = self.gettimeout()
+        if timeout == 0.0:
+            return errno.EINPROGRESS
+        p = select.poll()
+        p.register(self.fileno(), select.POLLOUT | select.POLLPRI)
+        if not p.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            raise TimeoutError("timed out")  # Python's message for a connect timeout
+        self._refresh()
+        if st.status == FAILED:
+            err, st.err = st.err, 0
+            return err or errno.ECONNREFUSED
+        return 0
+
+    # -- names ----------------------------------------------------------------
+
+    def getsockname(self) -> Any:
+        st = self._ss
+        if st is None:
+            return super().getsockname()
+        return st.sockname
+
+    def getpeername(self) -> Any:
+        st = self._ss
+        if st is None:
+            return super().getpeername()
+        if st.kind in (ACTIVE, PASSIVE):
+            self._refresh()
+            if st.status == ESTABLISHED or st.kind == PASSIVE:
+                return st.peername
+        raise _oserror(errno.ENOTCONN)
+
+    # -- options --------------------------------------------------------------
+
+    def setsockopt(self, level: int, opt: int, value: Any, optlen: int | None = None) -> None:
+        st = self._ss
+        if st is None or self.family != AF_INET:
+            if optlen is None:
+                super().setsockopt(level, opt, value)
+            else:
+                super().setsockopt(level, opt, value, optlen)
+            if self._cand:
+                self._record(level, opt, value)
+            return
+        self._record(level, opt, value)
+        if (level, opt) in _LOCAL_ONLY:
+            pass
+        elif level == SOL_SOCKET and opt in (_socket_mod.SO_RCVBUF, _socket_mod.SO_SNDBUF):
+            if not (st.kind == ACTIVE and st.status == CONNECTING):
+                super().setsockopt(level, opt, value)  # the unix buffers are the TCP buffers' bound
+        elif level == SOL_SOCKET and opt not in gp.SOL_FORWARDED:
+            if optlen is None:
+                super().setsockopt(level, opt, value)
+            else:
+                super().setsockopt(level, opt, value, optlen)
+        forwarded = (level == IPPROTO_TCP and opt in gp.TCP_FORWARDED) or (
+            level == SOL_SOCKET and opt in gp.SOL_FORWARDED)
+        if forwarded and st.kind in (ACTIVE, PASSIVE) and st.status != FAILED:
+            get_stack().worker_call(st.worker, {"op": "setsockopt", "token": st.token,
+                                                "level": level, "opt": opt,
+                                                "value": _wire_value(opt, value)})
+
+    def getsockopt(self, level: int, opt: int, buflen: int | None = None) -> Any:
+        st = self._ss
+        if st is None or self.family != AF_INET:
+            if buflen is None:
+                return super().getsockopt(level, opt)
+            return super().getsockopt(level, opt, buflen)
+        value = self._stack_getsockopt(st, level, opt)
+        if buflen is None:
+            return value
+        if isinstance(value, bytes):
+            return value[:buflen]
+        return struct.pack("i", int(value))[:buflen]
+
+    def _stack_getsockopt(self, st: StackState, level: int, opt: int) -> Any:
+        if level == SOL_SOCKET:
+            if opt == _socket_mod.SO_ERROR:
+                return self._pop_error()
+            if opt == _socket_mod.SO_TYPE:
+                return SOCK_STREAM
+            if opt == SO_DOMAIN:
+                return AF_INET
+            if opt == SO_PROTOCOL:
+                return _socket_mod.IPPROTO_TCP
+            if opt == _socket_mod.SO_ACCEPTCONN:
+                return int(st.kind == LISTENER)
+            if opt == _socket_mod.SO_LINGER:
+                v = (self._pre or {}).get((level, opt), b"\0" * 8)
+                return v if isinstance(v, bytes) else _LINGER.pack(*v)
+            if opt in (_socket_mod.SO_RCVBUF, _socket_mod.SO_SNDBUF):
+                if not (st.kind == ACTIVE and st.status == CONNECTING):
+                    return super().getsockopt(level, opt)
+        if (level == IPPROTO_TCP and opt == _socket_mod.TCP_MAXSEG
+                and st.kind in (ACTIVE, PASSIVE) and st.status == ESTABLISHED):
+            try:
+                r = get_stack().worker_call(st.worker, {"op": "getsockopt", "token": st.token,
+                                                        "level": level, "opt": opt})
+                return r["value"]
+            except OSError:
+                pass
+        if (level, opt) in (self._pre or {}):
+            v = self._pre[(level, opt)]
+            return int(bool(v)) if opt in _BOOLEAN.get(level, ()) else v
+        if (level, opt) in _DEFAULTS:
+            return _DEFAULTS[(level, opt)]
+        if level == SOL_SOCKET:
+            return super().getsockopt(level, opt)
+        raise _oserror(errno.ENOPROTOOPT)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def _real_close(self, _ss: Any = kernel_socket) -> None:
+        st = self._ss
+        if st is not None and self.fileno() >= 0:
+            if self._owner and st.kind in (BOUND, LISTENER) and st.owner_pid == os.getpid():
+                self._release(st)
+            if self._owner:
+                # Only the creating object forgets the fd: dup()s and fromfd()s
+                # closing must not strand the original (inode numbers of
+                # sockets do not come back soon: get_next_ino).
+                _unregister(self.fileno())
+        super()._real_close()
+
+    def _release(self, st: StackState) -> None:
+        stack = get_stack()
+        if stack is not None and st.bind_id is not None:
+            try:
+                stack.call("release", bind_id=st.bind_id)
+            except OSError:
+                pass  # the stack is gone or already released it: nothing to give back
+        if st.path:
+            try:
+                os.unlink(st.path)
+            except OSError:
+                pass
+        st.bind_id = None
+
+    def dup(self) -> ShimSocket:
+        s = super().dup()
+        if s._ss is None and self._ss is not None:
+            s._ss = self._ss
+        s._pre = dict(self._pre) if self._pre else None
+        return s
+
+    def __getstate__(self) -> Any:
+        raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
+
+
+_BOOLEAN = {
+    IPPROTO_TCP: {_socket_mod.TCP_NODELAY},
+    SOL_SOCKET: {_socket_mod.SO_KEEPALIVE, _socket_mod.SO_REUSEADDR, _socket_mod.SO_REUSEPORT},
+}
+
+
+def _wire_value(opt: int, value: Any) -> Any:
+    """An option value as msgpack can carry it (SO_LINGER: [onoff, seconds])."""
+    if isinstance(value, (bytes, bytearray)):
+        if opt == _socket_mod.SO_LINGER and len(value) >= _LINGER.size:
+            return list(_LINGER.unpack_from(value))
+        return bytes(value)
+    return value

@@ -1,0 +1,179 @@
+"""The shim's per-process link to a running stack.
+
+One `Stack` per process (fork-safe: every channel remembers the pid that
+opened it and a child opens its own). It holds:
+
+- the supervisor's `control.sock` connection (hello, bind, listen, release).
+  It stays open for the life of the process because bind_ids belong to the
+  connection: when the process dies, the supervisor releases its binds, as
+  the kernel releases a dead process's ports;
+- one "ctl" stream per worker (`worker-<i>.sock`) for setsockopt/getsockopt
+  on established connections.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from shardstack.shim import gateproto as gp
+from shardstack.shim.scope import StackView
+
+ENV_ENABLE = "SHARDSTACK_SHIM"
+ENV_RUN_DIR = "SHARDSTACK_RUN_DIR"
+ENV_LOOPBACK = "SHARDSTACK_SHIM_LOOPBACK"
+CALL_TIMEOUT = 10.0
+
+
+class Stack:
+    """Lazily connected; `view()` is None when no stack answers."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], loopback: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.loopback = loopback
+        self._lock = threading.RLock()
+        self._pid = -1
+        self._control: Any = None
+        self._view: StackView | None = None
+        self._hello_failed = False
+        self._ctl: dict[int, Any] = {}
+        self._counter = 0
+
+    # -- control.sock ---------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        pid = os.getpid()
+        if pid != self._pid:
+            # After fork the parent's connections are shared fds: leave them
+            # to the parent (closing would not hang up, the parent holds them)
+            # and talk on our own.
+            self._pid = pid
+            self._control = None
+            self._ctl = {}
+
+    def view(self) -> StackView | None:
+        with self._lock:
+            self._check_fork()
+            if self._view is None and not self._hello_failed:
+                try:
+                    reply = self.call("hello")
+                except OSError:
+                    self._hello_failed = True
+                    return None
+                self._view = StackView.from_hello(reply, self.loopback)
+            return self._view
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """One request on this process's control connection; OSError(errno) on error."""
+        from shardstack.control import ControlClient
+
+        with self._lock:
+            self._check_fork()
+            if self._control is None:
+                self._control = ControlClient(self.run_dir / "control.sock", CALL_TIMEOUT)
+            try:
+                return self._control.call(op, **args)
+            except (ConnectionError, TimeoutError):
+                self._control.close()
+                self._control = None
+                raise
+
+    def close(self) -> None:
+        """Hang up this process's channels (the supervisor then releases our binds)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                if self._control is not None:
+                    self._control.close()
+                for ch in self._ctl.values():
+                    ch.close()
+            self._control = None
+            self._ctl = {}
+
+    # -- workers --------------------------------------------------------------
+
+    def worker_path(self, worker: int) -> str:
+        return str(self.run_dir / f"worker-{worker}.sock")
+
+    def next_counter(self) -> int:
+        with self._lock:
+            self._counter += 1
+            return self._counter
+
+    def worker_call(self, worker: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """A ctl request to one worker (setsockopt/getsockopt by token)."""
+        with self._lock:
+            self._check_fork()
+            ch = self._ctl.get(worker)
+            if ch is None:
+                ch = _CtlChannel(self.worker_path(worker))
+                self._ctl[worker] = ch
+            try:
+                reply = ch.request(msg)
+            except OSError:
+                ch.close()
+                self._ctl.pop(worker, None)
+                raise
+        if not reply.get("ok"):
+            code = int(reply.get("errno") or errno.EIO)
+            raise OSError(code, reply.get("error") or os.strerror(code))
+        return reply
+
+
+class _CtlChannel:
+    """A blocking request/reply stream to worker-<i>.sock in "ctl" mode."""
+
+    def __init__(self, path: str) -> None:
+        from shardstack.shim.sock import kernel_socket
+
+        self.sock = kernel_socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(CALL_TIMEOUT)
+        self.buf = bytearray()
+        try:
+            self.sock.connect(path)
+            hello = self.request({"op": "ctl"})
+        except OSError:
+            self.sock.close()
+            raise
+        if not hello.get("ok"):
+            self.sock.close()
+            code = int(hello.get("errno") or errno.EACCES)
+            raise OSError(code, hello.get("error") or os.strerror(code))
+
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.sock.sendall(gp.pack(msg))
+        return read_frame(self.sock, self.buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_frame(sock: Any, buf: bytearray) -> dict[str, Any]:
+    """Block until one whole frame is in; ECONNRESET if the peer hangs up first."""
+    while True:
+        msgs = gp.unpack_frames(buf)
+        if msgs:
+            if len(msgs) > 1:  # never happens with one request in flight
+                raise OSError(errno.EPROTO, "unexpected extra gate message")
+            return msgs[0]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "the stack hung up")
+        buf += chunk
+
+
+_STACK: Stack | None = None
+_STACK_LOCK = threading.Lock()
+
+
+def get_stack() -> Stack | None:
+    return _STACK
+
+
+def set_stack(stack: Stack | None) -> None:
+    global _STACK
+    with _STACK_LOCK:
+        _STACK = stack

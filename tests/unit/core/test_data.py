@@ -1,0 +1,381 @@
+"""Data transfer: bulk over a lossy simulated link, Nagle, delayed ACK, windows, timers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import random
+import socket
+
+import pytest
+from core_helpers import ACK, PSH, SYN, B, Pair, Peer, make_shard
+from shardstack.core import Closed, SocketError, State, Writable
+from shardstack.core.simlink import LinkParams, SimLink
+
+
+def transfer(link, snd, sd_s, rcv, sd_r, data: bytes, max_time: float) -> bytes:
+    """Push ``data`` through snd -> rcv, reading as it arrives; bounded in simulated time."""
+    sent = 0
+    got = bytearray()
+
+    def step() -> bool:
+        nonlocal sent
+        if sent < len(data):
+            sent += snd.send(sd_s, memoryview(data)[sent:sent + 262144], link.now)
+        while True:
+            chunk = rcv.recv(sd_r, 1 << 20)
+            if not chunk:
+                break
+            got.extend(chunk)
+        return len(got) == len(data)
+
+    deadline = link.now + max_time
+    while not step():
+        if link.now >= deadline:
+            break
+        link.run_until(lambda: bool(rcv.sock(sd_r).rcvq_len) or
+                       (sent < len(data) and snd.sock(sd_s).sndq_len < snd.sock(sd_s).sndbuf),
+                       deadline)
+    return bytes(got)
+
+
+def connected_sim(params: LinkParams, seed: int = 1, **kw):
+    """Client on a (198.18.0.1), server on b (198.18.0.2:80) over a SimLink."""
+    a = make_shard(**kw)
+    b = make_shard(B, **kw)
+    link = SimLink(a, b, seed=seed, params=params)
+    lsd = b.socket()
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 8)
+    c = a.socket()
+    a.connect(c, B, 80, 0.0)
+    box: list = []
+
+    def accepted() -> bool:
+        r = b.accept(lsd)
+        if r is not None:
+            box.append(r)
+        return bool(box)
+
+    assert link.run_until(accepted, 30.0)
+    return a, b, link, c, box[0][0]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_one_mib_both_ways_over_lossy_link(seed):
+    rnd = random.Random(seed)
+    up = rnd.randbytes(1 << 20)
+    down = rnd.randbytes(1 << 20)
+    params = LinkParams(delay=0.005, jitter=0.002, loss=0.01, reorder=0.01,
+                        reorder_delay=0.003, dup=0.005)
+    a, b, link, c, s = connected_sim(params, seed=seed)
+    got = transfer(link, a, c, b, s, up, 120.0)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(up).digest()
+    got = transfer(link, b, s, a, c, down, 120.0)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
+    assert link.stats_ab.lost + link.stats_ba.lost > 0
+    assert a.stats.retrans_segs + b.stats.retrans_segs > 0
+    # orderly close afterwards
+    a.close(c, link.now)
+    b.close(s, link.now)
+    assert link.run_until(lambda: c not in a.socks and s not in b.socks, link.now + 60.0)
+
+
+def test_corrupted_frames_are_dropped_and_recovered():
+    data = random.Random(7).randbytes(200_000)
+    a, b, link, c, s = connected_sim(LinkParams(delay=0.002, corrupt=0.02), seed=3)
+    got = transfer(link, a, c, b, s, data, 120.0)
+    assert got == data
+    drops = a.stats.drops + b.stats.drops
+    assert sum(drops.values()) > 0
+
+
+def test_nagle_holds_small_segments_until_ack():
+    p = Pair()
+    _, c, s = p.connect()
+    p.tap.clear()
+    for chunk in (b"a", b"b", b"c"):
+        p.a.send(c, chunk, 0.0)
+    first = [x for x in p.a.take_frames()]
+    assert len(first) == 1  # "b" and "c" wait for the ACK of "a" (RFC 896)
+    for f in first:
+        p.b.receive(f, 0.0)
+    p.deliver()
+    p.advance(0.1)
+    assert p.b.recv(s, 10) == b"abc"
+
+
+def test_nodelay_sends_each_write_at_once():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.setsockopt(c, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for chunk in (b"a", b"b", b"c"):
+        p.a.send(c, chunk, 0.0)
+    assert len(p.a.take_frames()) == 3
+
+
+def test_delayed_ack_timing():
+    sh = make_shard()
+    lsd = sh.socket()
+    sh.bind(lsd, 0, 80)
+    sh.listen(lsd, 4)
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=1000)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    seq = 1001
+    # quick-ack mode at the start: every segment is ACKed at once
+    quick = sh.sock(sd).quickack
+    for _ in range(quick):
+        peer.send(ACK | PSH, seq, sa.seq + 1, payload=b"x" * 1000)
+        seq += 1000
+        assert peer.recv_one().ack == seq
+    # then one full segment waits for the 40 ms delayed-ACK timer
+    peer.send(ACK | PSH, seq, sa.seq + 1, payload=b"x" * 1000, at=1.0)
+    seq += 1000
+    assert peer.recv() == []
+    assert sh.next_deadline() == pytest.approx(1.040)
+    assert peer.advance(1.039) == []
+    ack = peer.advance(1.040)
+    assert len(ack) == 1 and ack[0].ack == seq
+    # two full segments: ACK at once on the second (RFC 1122 §4.2.3.2)
+    peer.send(ACK | PSH, seq, sa.seq + 1, payload=b"x" * 1000, at=2.0)
+    assert peer.recv() == []
+    peer.send(ACK | PSH, seq + 1000, sa.seq + 1, payload=b"x" * 1000, at=2.001)
+    assert peer.recv_one().ack == seq + 2000
+
+
+def test_large_gro_segment_is_accepted_and_acked_at_once():
+    sh = make_shard(rcvbuf=1 << 20)
+    lsd = sh.socket()
+    sh.setsockopt(lsd, socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sh.bind(lsd, 0, 80)
+    sh.listen(lsd, 4)
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=1460, wscale=7)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    sh.sock(sd).quickack = 0
+    blob = bytes(range(256)) * 255  # 65280 bytes: a GRO super-frame
+    peer.send(ACK | PSH, 1001, sa.seq + 1, payload=blob, at=0.5)
+    ack = peer.recv_one()
+    assert ack.ack == 1001 + len(blob)
+    assert sh.recv(sd, 1 << 20) == blob
+
+
+def test_tso_max_sends_super_segments():
+    p = Pair(tso_max=16384)
+    _, c, s = p.connect()
+    p.tap.clear()
+    p.a.send(c, bytes(100000), 0.0)
+    p.advance(1.0)
+    sizes = [len(x.payload) for x in p.segs("ab") if x.payload]
+    mss = p.a.sock(c).mss_cache
+    # The first flight is cwnd-limited (10 segments: one super-segment); later ones
+    # are cut at the largest multiple of the MSS within 16 KiB.
+    assert sizes[0] == 10 * mss
+    assert max(sizes) == (16384 // mss) * mss
+    assert p.b.recv(s, 1 << 20) == bytes(100000)
+
+
+def test_default_segments_never_exceed_mss():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.send(c, bytes(100000), 0.0)
+    p.advance(1.0)
+    mss = p.a.sock(c).mss_cache
+    assert max(len(x.payload) for x in p.segs("ab")) == mss
+    assert p.b.recv(s, 1 << 20) == bytes(100000)
+
+
+def test_zero_window_probe_and_reopen():
+    p = Pair()
+    lsd = p.b.socket()
+    p.b.setsockopt(lsd, socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    p.b.bind(lsd, 0, 80)
+    p.b.listen(lsd, 4)
+    c = p.a.socket()
+    p.a.connect(c, B, 80, 0.0)
+    p.deliver()
+    s = p.b.accept(lsd)[0]
+    p.a.send(c, bytes(30000), 0.0)
+    p.advance(0.5)
+    ska = p.a.sock(c)
+    assert ska.snd_wnd == 0 and p.b.sock(s).rcvq_len == 8192
+    assert ska.timers[5] is not None  # persist timer armed
+    n_probes = p.a.stats.zero_window_probes
+    p.advance(3.0)
+    assert p.a.stats.zero_window_probes > n_probes  # probes with backoff
+    probes = [x for x in p.segs("ab") if not x.payload and x.seq == ska.snd_una - 1]
+    assert probes
+    # the application reads: a window update reopens the flow
+    got = bytearray()
+    for _ in range(200):
+        r = p.b.recv(s, 1 << 16)
+        if r:
+            got += r
+        p.advance(p.now + 0.05)
+        if len(got) == 30000:
+            break
+    assert got == bytes(30000)
+
+
+def test_keepalive_timeout_is_etimedout():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.setsockopt(c, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    p.a.take_events()
+    p.advance(7199.0)
+    assert p.a.stats.keepalive_probes == 0
+    p.advance(7200.0)
+    assert p.a.stats.keepalive_probes == 1 and p.a.state(c) is State.ESTABLISHED
+    # the peer answers probes: still alive hours later
+    p.advance(20000.0)
+    assert p.a.state(c) is State.ESTABLISHED
+    # now the peer vanishes: 9 probes 75 s apart, then ETIMEDOUT
+    p.drop = lambda d, seg: d == "ba"
+    t0 = p.a.sock(c).rcv_tstamp
+    p.advance(t0 + 7200 + 9 * 75 - 0.01)
+    assert p.a.state(c) is State.ESTABLISHED
+    p.advance(t0 + 7200 + 9 * 75)
+    assert p.a.take_events() == [SocketError(c, errno.ETIMEDOUT)]
+    assert p.segs("ab")[-1].flags == "R."
+
+
+def test_window_scaling_with_4mib_window():
+    p = Pair()
+    for sh in (p.a, p.b):
+        sh.cfg.rcvbuf = 4 << 20
+    lsd, c, s = p.connect()
+    syn = p.segs("ab")[0]
+    assert syn.wscale == 7
+    ska, skb = p.a.sock(c), p.b.sock(s)
+    p.a.send(c, bytes(10), 0.0)
+    p.deliver()
+    assert skb.snd_wnd == 4 << 20
+    assert ska.snd_wnd == ((4 << 20) - 10) >> 7 << 7  # 10 unread bytes, 128-byte granularity
+    # fill a large part of the window without reading: the window shrinks with unread data
+    ska.sndbuf = 4 << 20
+    data = random.Random(1).randbytes(3 << 20)
+    sent = 0
+    for _ in range(100):
+        sent += p.a.send(c, data[sent:], p.now)
+        p.advance(p.now + 0.01)
+        if sent == len(data):
+            break
+    p.advance(p.now + 0.1)  # the Nagle-held tail waits for the delayed ACK
+    assert skb.rcvq_len == len(data) + 10
+    assert ska.snd_wnd <= (4 << 20) - len(data)  # shrinks with unread bytes
+    got = p.b.recv(s, 8 << 20)
+    assert got[10:] == data
+    p.advance(p.now + 0.01)
+    assert ska.snd_wnd == 4 << 20  # reopened by a window update
+
+
+def test_send_buffer_full_then_writable_event():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.take_events()
+    sk = p.a.sock(c)
+    n = p.a.send(c, bytes(sk.sndbuf + 1000), 0.0)
+    assert n == sk.sndbuf
+    assert p.a.send(c, b"x", 0.0) == 0
+    p.advance(0.5)
+    p.b.recv(s, 1 << 22)
+    p.advance(1.0)
+    assert Writable(c) in p.a.take_events()
+
+
+def test_rto_retransmission_with_backoff():
+    p = Pair()
+    _, c, s = p.connect()
+    p.drop = lambda d, seg: d == "ab" and bool(seg.payload)
+    p.a.send(c, b"hello", 0.0)
+    p.advance(5.0)
+    times = [t for t, d, x in p.tap if d == "ab" and x.payload]
+    rto = 0.2  # srtt 0 on a zero-delay link: RTO_MIN
+    assert times == pytest.approx([0.0, rto, 3 * rto, 7 * rto, 15 * rto])
+    p.drop = None
+    p.advance(10.0)
+    assert p.b.recv(s, 10) == b"hello"
+    assert p.a.sock(c).backoff == 0
+
+
+def test_rto_gives_up_with_etimedout():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.take_events()
+    p.drop = lambda d, seg: d == "ab"
+    p.a.send(c, b"hello", 0.0)
+    p.advance(2000.0)
+    assert p.a.take_events() == [SocketError(c, errno.ETIMEDOUT)]
+    assert p.a.state(c) is State.CLOSED
+
+
+def test_out_of_order_data_is_sacked_then_filled():
+    sh = make_shard()
+    lsd = sh.socket()
+    sh.bind(lsd, 0, 80)
+    sh.listen(lsd, 4)
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=1000, sack_perm=True)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    una = sa.seq + 1
+    peer.send(ACK, 2001, una, payload=b"B" * 1000)
+    r = peer.recv_one()
+    assert r.ack == 1001 and r.sack == ((2001, 3001),)
+    peer.send(ACK, 4001, una, payload=b"D" * 1000)
+    r = peer.recv_one()
+    assert r.ack == 1001 and r.sack == ((4001, 5001), (2001, 3001))  # newest first
+    peer.send(ACK, 1001, una, payload=b"A" * 1000)
+    r = peer.recv_one()
+    assert r.ack == 3001 and r.sack == ((4001, 5001),)
+    peer.send(ACK, 3001, una, payload=b"C" * 1000)
+    r = peer.recv_one()
+    assert r.ack == 5001 and r.sack == ()
+    assert sh.recv(sd, 10000) == b"A" * 1000 + b"B" * 1000 + b"C" * 1000 + b"D" * 1000
+
+
+def test_fast_retransmit_on_three_dupacks():
+    sh = make_shard()
+    lsd = sh.socket()
+    sh.bind(lsd, 0, 80)
+    sh.listen(lsd, 4)
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=1000)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1, at=0.01)
+    sd, _ = sh.accept(lsd)
+    sh.send(sd, bytes(6000), 0.02)
+    segs = peer.recv()
+    assert [len(x.payload) for x in segs] == [1000] * 6
+    una = sa.seq + 1
+    peer.send(ACK, 1001, una + 1000, at=0.03)  # first segment arrived, second lost
+    peer.recv()
+    for i in range(3):
+        peer.send(ACK, 1001, una + 1000, at=0.031 + i * 0.001)
+        out = peer.recv()
+        if i < 2:
+            assert all(x.seq != una + 1000 for x in out)
+    assert out[0].seq == una + 1000 and len(out[0].payload) == 1000
+    assert sh.stats.fast_retrans == 1
+    peer.send(ACK, 1001, una + 6000, at=0.05)
+    assert not sh.sock(sd).in_recovery
+
+
+def test_recv_after_peer_reset_reports_error_once():
+    p = Pair()
+    _, c, s = p.connect()
+    p.b.take_events()
+    p.b.setsockopt(s, socket.SOL_SOCKET, socket.SO_LINGER, (1, 0))
+    p.b.close(s, 0.0)
+    p.deliver()
+    assert p.b.take_events() == [Closed(s)]
+    with pytest.raises(OSError) as e:
+        p.a.send(c, b"x", 0.0)
+    assert e.value.errno == errno.ECONNRESET
+    assert p.a.recv(c, 10) == b""

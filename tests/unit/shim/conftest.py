@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from stackpair import StackPair  # noqa: E402
+
+import shardstack.shim as shim  # noqa: E402
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """A running two-shard stack with the shim installed in this process."""
+    sp = StackPair(tmp_path / "run").start()
+    link = shim.install(str(tmp_path / "run"))
+    try:
+        yield sp
+    finally:
+        shim.uninstall()
+        link.close()
+        shim.sock._REGISTRY.clear()
+        from shardstack.shim.stack import set_stack
+
+        set_stack(None)
+        sp.stop()

@@ -1,0 +1,195 @@
+"""A two-shard stack in one thread, for testing the shim and appgate without root.
+
+Two real `core.Shard`s joined by an in-memory wire, each with its real
+`AppGate` as worker 0 and worker 1 of one run directory, and a control
+server answering hello/bind/listen/release with the supervisor's own
+`BindTable`. Worker 0 (198.18.0.2) is where the shim's connects go (hello
+says one worker); worker 1 (198.18.0.1) plays the remote host. A server app
+that binds the wildcard gets its listener on both shards, so a client
+connecting to 198.18.0.1 crosses the wire from shard 0 to shard 1 and back
+into the app through a second unix stream. Only the wire and the control
+server are stand-ins; the shim, appgate and engine are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shardstack import control
+from shardstack.appgate import AppGate
+from shardstack.core import Shard, ShardConfig
+from shardstack.supervisor import BindTable
+
+CLIENT_IP = "198.18.0.2"
+SERVER_IP = "198.18.0.1"
+
+
+def _ip(a: str) -> int:
+    return int(ipaddress.IPv4Address(a))
+
+
+class Node:
+    """One shard + its appgate, stepping like shardstack.worker.Worker._step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, run_dir: str, wid: int, ip: str,
+                 drop: Any = None) -> None:
+        self.loop = loop
+        self.shard = Shard(ShardConfig(addrs=[_ip(ip)], secret=b"k" * 16), time.monotonic())
+        self.peer: Node | None = None
+        self.drop = drop  # drop(frame) -> bool: a test's wire filter
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_step = False
+        self._dirty = False
+        self.gate = AppGate(self.shard, loop, run_dir, wid, self.flush)
+
+    def flush(self) -> None:
+        self._step()
+
+    def receive(self, frames: list[bytes]) -> None:
+        self.shard.receive_batch(frames, time.monotonic())
+        self._step()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.shard.advance(time.monotonic())
+        self._step()
+
+    def _step(self) -> None:
+        if self._in_step:
+            self._dirty = True
+            return
+        self._in_step = True
+        try:
+            for _ in range(1000):
+                self._dirty = False
+                events = self.shard.take_events()
+                if events:
+                    self.gate.on_events(events)
+                frames = self.shard.take_frames()
+                if frames:
+                    if self.drop is not None:
+                        frames = [f for f in frames if not self.drop(f)]
+                    self.loop.call_soon(self.peer.receive, frames)
+                if not events and not frames and not self._dirty:
+                    break
+            if self._timer is not None:
+                self._timer.cancel()
+            deadline = self.shard.next_deadline()
+            self._timer = (None if deadline is None else
+                           self.loop.call_later(max(0.0, deadline - time.monotonic()),
+                                                self._on_timer))
+        finally:
+            self._in_step = False
+
+
+class StackPair:
+    """Start with `StackPair(tmpdir).start()`, stop with `.stop()`."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.nodes: list[Node] = []
+        self.binds = BindTable([_ip(CLIENT_IP), _ip(SERVER_IP)])
+        self.ready = threading.Event()
+        self.drop: Any = None
+
+    def start(self) -> StackPair:
+        self.run_dir.mkdir(mode=0o700, exist_ok=True)
+        (self.run_dir / "l").mkdir(mode=0o700, exist_ok=True)
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("stack pair did not start")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._setup())
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _setup(self) -> None:
+        a = Node(self.loop, str(self.run_dir), 0, CLIENT_IP, self._drop)
+        b = Node(self.loop, str(self.run_dir), 1, SERVER_IP, self._drop)
+        a.peer, b.peer = b, a
+        self.nodes = [a, b]
+        self.server = await control.serve_unix(self.run_dir / "control.sock", self._handle)
+
+    def _drop(self, frame: bytes) -> bool:
+        return self.drop is not None and self.drop(frame)
+
+    def _handle(self, req: dict[str, Any], conn: control.Conn) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "hello":
+            return {"addrs": [CLIENT_IP], "workers": 1, "run_dir": str(self.run_dir)}
+        if op == "bind":
+            addr = _ip(req.get("addr") or "0.0.0.0")
+            b = self.binds.bind(addr, int(req.get("port", 0)), bool(req.get("reuseaddr")),
+                                bool(req.get("reuseport")))
+            owned = conn.state.setdefault("binds", set())
+            if not owned:
+                conn.on_close.append(lambda: self._release_all(conn))
+            owned.add(b.bind_id)
+            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
+                    "bind_id": b.bind_id}
+        if op == "listen":
+            b = self.binds.get(int(req["bind_id"]))
+            self.binds.listen(b, int(req.get("backlog", 128)))
+            b.listener = {"backlog": int(req.get("backlog", 128)), "path": req["path"]}
+            for n in self.nodes:
+                n.gate.add_listener(b.bind_id, b.laddr, b.lport, path=req["path"],
+                                    backlog=int(req.get("backlog", 128)),
+                                    opts=req.get("opts", ()))
+                n.flush()
+            return {}
+        if op == "release":
+            self._release(int(req["bind_id"]))
+            conn.state.get("binds", set()).discard(int(req["bind_id"]))
+            return {}
+        raise OSError(95, f"unknown op {op!r}")
+
+    def _release(self, bind_id: int) -> None:
+        b = self.binds.binds.get(bind_id)
+        if b is None:
+            return
+        if b.listener is not None:
+            for n in self.nodes:
+                n.gate.remove_listener(bind_id)
+        self.binds.release(b)
+
+    def _release_all(self, conn: control.Conn) -> None:
+        for bind_id in list(conn.state.get("binds", ())):
+            self._release(bind_id)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args) on the stack's loop thread and return its result."""
+        fut = asyncio.run_coroutine_threadsafe(_acall(fn, *args), self.loop)
+        return fut.result(10)
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            self.server.close()
+            for n in self.nodes:
+                if n._timer is not None:
+                    n._timer.cancel()
+                n.gate.close()
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _acall(fn: Any, *args: Any) -> Any:
+    return fn(*args)

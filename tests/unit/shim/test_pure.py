@@ -1,0 +1,220 @@
+"""The shim's pure parts: connection names, gate framing, scope, launcher arguments."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import sys
+
+import pytest
+
+from shardstack.shim import gateproto as gp
+from shardstack.shim import launcher, scope
+from shardstack.shim.sock import _parse_inet, _wire_value
+
+# -- connection names -----------------------------------------------------------
+
+
+def test_conn_name_round_trip_and_fits_sun_path():
+    n = gp.ConnName(31, 2**40, "198.18.255.254", 65535, "255.255.255.255", 1)
+    raw = gp.encode_conn_name(n)
+    assert raw.startswith(b"\0")  # abstract namespace: nothing on disk
+    assert len(raw) < 108
+    assert gp.decode_conn_name(raw) == n
+
+
+def test_conn_name_survives_the_kernel():
+    """What getpeername() hands back for the abstract name decodes again."""
+    n = gp.ConnName(1, 7, "198.18.0.1", 80, "198.18.0.2", 40000)
+    w = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(b"\0shardstack-test-%d" % os.getpid())
+    srv.listen(1)
+    try:
+        w.bind(gp.encode_conn_name(n))
+        w.connect(srv.getsockname())
+        a, peer = srv.accept()
+        assert gp.decode_conn_name(a.getpeername()) == n
+        assert gp.decode_conn_name(peer) == n
+        a.close()
+    finally:
+        w.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("raw", [
+    b"/run/shardstack/worker-0.sock", b"\0shardstack/c/", b"\0shardstack/c/1/2/3",
+    b"\0shardstack/c/x/1/1.2.3.4:5/1.2.3.4:6", b"\0shardstack/c/1/1/1.2.3.4:70000/1.2.3.4:6",
+    b"\0shardstack/c/1/1/1.2.3:5/1.2.3.4:6", b"\0shardstack/c/1/1/1.2.3.4:5/\xff:6", "",
+])
+def test_conn_name_rejects_anything_else(raw):
+    with pytest.raises(gp.ProtoError):
+        gp.decode_conn_name(raw)
+
+
+# -- framing --------------------------------------------------------------------
+
+
+def test_frames_split_anywhere():
+    msgs = [{"op": "connect", "addr": "198.18.0.1", "port": 80}, {"ok": True, "laddr": "x"}]
+    wire = b"".join(gp.pack(m) for m in msgs)
+    for cut in range(len(wire) + 1):
+        buf = bytearray(wire[:cut])
+        got = gp.unpack_frames(buf)
+        buf += wire[cut:]
+        got += gp.unpack_frames(buf)
+        assert got == msgs and not buf
+
+
+@pytest.mark.parametrize("bad", [
+    gp.HEADER.pack(3) + b"\x93\x01\x02",  # a list, not a map
+    gp.HEADER.pack(1) + b"\xc1",  # never-used msgpack byte
+    gp.HEADER.pack(gp.MAX_MESSAGE + 1),
+])
+def test_frames_reject_garbage(bad):
+    with pytest.raises(gp.ProtoError):
+        gp.unpack_frames(bytearray(bad))
+
+
+# -- scope ----------------------------------------------------------------------
+
+VIEW = scope.StackView.from_hello({"addrs": ["198.18.0.2/24"], "workers": 2})
+FLAT = scope.StackView.from_hello({"addrs": ["198.18.0.2"], "workers": 1})
+GW = scope.StackView.from_hello({"addrs": ["198.18.0.2/24"], "gateway": True})
+
+
+def test_hello_parsing():
+    assert VIEW.addrs == ("198.18.0.2",)
+    assert VIEW.nets == (ipaddress.IPv4Network("198.18.0.0/24"),)
+    assert VIEW.workers == 2 and FLAT.nets == ()
+    v = scope.StackView.from_hello({"addrs": ["198.18.0.2"], "nets": ["198.19.0.0/16"]})
+    assert v.nets == (ipaddress.IPv4Network("198.19.0.0/16"),)
+
+
+@pytest.mark.parametrize("host,view,expect", [
+    ("", VIEW, (scope.STACK, "0.0.0.0")),
+    ("0.0.0.0", VIEW, (scope.STACK, "0.0.0.0")),
+    ("198.18.0.2", VIEW, (scope.STACK, "198.18.0.2")),
+    ("198.18.0.9", VIEW, (scope.KERNEL, "198.18.0.9")),  # not ours: the kernel says EADDRNOTAVAIL
+    ("127.0.0.1", VIEW, (scope.KERNEL, "127.0.0.1")),
+    ("localhost", VIEW, (scope.KERNEL, "localhost")),
+    ("0.0.0.0", None, (scope.KERNEL, "0.0.0.0")),  # no stack running: all kernel
+])
+def test_bind_scope(host, view, expect):
+    assert scope.bind_scope(host, view) == expect
+
+
+def test_bind_scope_loopback_mode_maps_to_primary():
+    v = scope.StackView.from_hello({"addrs": ["198.18.0.2/24"]}, loopback=True)
+    assert scope.bind_scope("127.0.0.1", v) == (scope.STACK, "198.18.0.2")
+    assert scope.connect_scope("127.0.0.5", v) == (scope.STACK, "198.18.0.2")
+
+
+@pytest.mark.parametrize("host,view,expect", [
+    ("198.18.0.1", VIEW, scope.STACK),  # on the stack's network
+    ("198.18.1.1", VIEW, scope.KERNEL),  # off it, no gateway
+    ("198.18.1.1", GW, scope.STACK),  # the stack routes everywhere
+    ("198.19.3.3", FLAT, scope.STACK),  # no networks announced: all but loopback
+    ("127.0.0.1", FLAT, scope.KERNEL),
+    ("127.0.0.1", GW, scope.KERNEL),
+    ("224.0.0.1", GW, scope.KERNEL),
+    ("0.0.0.0", GW, scope.KERNEL),
+    ("198.18.0.2", VIEW, scope.STACK),  # its own address
+    ("not-an-ip", VIEW, scope.KERNEL),
+    ("198.18.0.1", None, scope.KERNEL),
+])
+def test_connect_scope(host, view, expect):
+    assert scope.connect_scope(host, view)[0] == expect
+
+
+def test_connect_scope_bound_socket_stays_on_stack():
+    assert scope.connect_scope("198.18.1.1", VIEW, bound_on_stack=True) == (scope.STACK,
+                                                                             "198.18.1.1")
+
+
+def test_pick_worker_spreads_and_stays_in_range():
+    v = scope.StackView.from_hello({"addrs": ["198.18.0.2"], "workers": 3})
+    seen = {scope.pick_worker(v, 1234, i) for i in range(10)}
+    assert seen == {0, 1, 2}
+
+
+# -- address/option arguments ---------------------------------------------------
+
+
+@pytest.mark.parametrize("addr,expect", [
+    (("198.18.0.1", 80), ("198.18.0.1", 80)),
+    ((b"198.18.0.1", 80), ("198.18.0.1", 80)),
+    (("", 0), ("", 0)),
+    (("198.18.0.1", 70000), None),  # let the kernel method raise OverflowError
+    (("198.18.0.1",), None),
+    ("198.18.0.1:80", None),
+    ((80, "198.18.0.1"), None),
+    (("<broadcast>", 1), None),
+])
+def test_parse_inet(addr, expect):
+    assert _parse_inet(addr) == expect
+
+
+def test_parse_inet_matches_kernel_errors_for_bad_tuples():
+    """A malformed address must fail exactly as the kernel socket's method does."""
+    with socket.socket() as s:
+        with pytest.raises(TypeError):
+            s.connect("198.18.0.1:80")
+        with pytest.raises(OverflowError):
+            s.connect(("198.18.0.1", 70000))
+
+
+def test_wire_value_linger():
+    raw = socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+    assert _wire_value(socket.SO_LINGER, raw) == [0, 0]
+    import struct
+
+    assert _wire_value(socket.SO_LINGER, struct.pack("ii", 1, 0)) == [1, 0]
+    assert _wire_value(socket.TCP_NODELAY, 1) == 1
+
+
+# -- launcher -------------------------------------------------------------------
+
+
+def test_launcher_args():
+    a = launcher.parse_args(["--run-dir", "/r", "--loopback", "--", "python", "-m", "x"])
+    assert (a.run_dir, a.loopback, a.command) == ("/r", True, ["python", "-m", "x"])
+    a = launcher.parse_args(["--run-dir=/r", "python", "app.py", "--run-dir", "y"])
+    assert a.run_dir == "/r" and a.command == ["python", "app.py", "--run-dir", "y"]
+    a = launcher.parse_args(["-m", "http.server", "8000"], in_process=True)
+    assert (a.module, a.command) == ("http.server", ["8000"])
+    a = launcher.parse_args(["--no-check", "app.py", "-m"], in_process=True)
+    assert (a.module, a.command, a.check) == (None, ["app.py", "-m"], False)
+
+
+@pytest.mark.parametrize("argv", [[], ["--run-dir"], ["--bogus", "x"], ["--"]])
+def test_launcher_bad_args(argv):
+    with pytest.raises(ValueError):
+        launcher.parse_args(argv)
+
+
+def test_launcher_env_and_command():
+    env = launcher.child_env("/r", True, {"PYTHONPATH": "/a:/b", "HOME": "/h"})
+    assert env["SHARDSTACK_SHIM"] == "1" and env["SHARDSTACK_RUN_DIR"] == "/r"
+    assert env["SHARDSTACK_SHIM_LOOPBACK"] == "1" and env["HOME"] == "/h"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(launcher.BOOT_DIR), "/a", "/b"]
+    again = launcher.child_env("/r", False, env)
+    assert again["PYTHONPATH"] == env["PYTHONPATH"] and "SHARDSTACK_SHIM_LOOPBACK" not in again
+    assert (launcher.BOOT_DIR / "sitecustomize.py").is_file()
+    assert launcher.resolve_command(["python3", "a.py"]) == [sys.executable, "a.py"]
+    assert launcher.resolve_command(["python3.11"]) == [sys.executable]
+    assert launcher.resolve_command(["/usr/bin/python3", "x"]) == ["/usr/bin/python3", "x"]
+    assert launcher.resolve_command(["curl", "x"]) == ["curl", "x"]
+
+
+def test_launcher_reports_missing_stack(tmp_path, capsys):
+    assert launcher.main(["--run-dir", str(tmp_path), "true"]) == 1
+    assert "no shardstack running" in capsys.readouterr().err
+    assert launcher.main(["--bogus"]) == 2
+
+
+def test_errno_table_is_small_enough_for_one_oob_byte():
+    assert all(0 < e < 256 for e in gp.CONN_ERRNOS)
+    assert errno.ECONNREFUSED in gp.CONN_ERRNOS

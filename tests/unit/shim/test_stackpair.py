@@ -1,0 +1,274 @@
+"""The shim and appgate end to end over two real shards (no root: tests/unit/shim/stackpair.py)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import select
+import socket
+import struct
+import threading
+
+import pytest
+from stackpair import CLIENT_IP, SERVER_IP
+
+from shardstack.shim.sock import ShimSocket
+
+
+def _server(backlog=8, opts=None):
+    s = socket.socket()
+    for (level, opt), v in (opts or {}).items():
+        s.setsockopt(level, opt, v)
+    s.bind(("0.0.0.0", 0))
+    s.listen(backlog)
+    return s
+
+
+def _in_thread(fn, *args):
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join():
+        t.join(20)
+        assert not t.is_alive(), "server thread hung"
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    return join
+
+
+def test_connect_accept_addresses_and_echo(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    assert isinstance(srv, ShimSocket) and srv.family == socket.AF_INET
+    assert srv.type == socket.SOCK_STREAM and srv.getsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_ACCEPTCONN) == 1
+
+    def serve():
+        c, addr = srv.accept()
+        with c:
+            data = c.recv(100)
+            c.sendall(data[::-1])
+            return addr, c.getsockname(), c.getpeername()
+
+    join = _in_thread(serve)
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    cl.sendall(b"abcdef")
+    assert cl.recv(100) == b"fedcba"
+    assert cl.recv(100) == b""  # the server closed: FIN
+    addr, sname, pname = join()
+    lname = cl.getsockname()
+    assert lname[0] == CLIENT_IP and 1024 <= lname[1] <= 65535
+    assert cl.getpeername() == (SERVER_IP, port)
+    assert addr == pname == lname and sname == (SERVER_IP, port)
+    cl.close()
+    srv.close()
+
+
+def test_refused_is_the_kernels_exception(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    srv.close()  # released: nothing listens on the port any more
+    with pytest.raises(ConnectionRefusedError) as ei:
+        socket.create_connection((SERVER_IP, port), timeout=5)
+    assert ei.value.errno == errno.ECONNREFUSED
+    s = socket.socket()
+    assert s.connect_ex((SERVER_IP, port)) == errno.ECONNREFUSED
+    s.close()
+
+
+def test_nonblocking_connect_is_writable_only_when_established(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    stack.drop = lambda frame: True  # the wire eats the SYN: the handshake stalls
+    s = socket.socket()
+    s.setblocking(False)
+    assert s.connect_ex((SERVER_IP, port)) == errno.EINPROGRESS
+    assert select.select([], [s], [], 0.3)[1] == []  # not writable while SYN-SENT
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    with pytest.raises(OSError) as ei:
+        s.getpeername()
+    assert ei.value.errno == errno.ENOTCONN
+    assert s.connect_ex((SERVER_IP, port)) == errno.EALREADY
+    assert s.getsockname()[0] == CLIENT_IP  # the port is chosen at connect(), as in Linux
+    stack.drop = None  # the SYN retransmission (RTO 1 s) gets through
+    _, w, _ = select.select([], [s], [], 5)
+    assert w == [s]
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert s.getpeername() == (SERVER_IP, port)
+    assert s.connect_ex((SERVER_IP, port)) == errno.EISCONN
+    c, _ = srv.accept()
+    s.setblocking(True)
+    s.sendall(b"x" * 100000)  # the filler is gone: full-size writes work
+    got = b""
+    while len(got) < 100000:
+        got += c.recv(65536)
+    assert got == b"x" * 100000
+    for x in (s, c, srv):
+        x.close()
+
+
+def test_connect_timeout(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    stack.drop = lambda frame: True
+    s = socket.socket()
+    s.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        s.connect((SERVER_IP, port))
+    s.close()
+    srv.close()
+
+
+def test_bulk_transfer_with_backpressure_and_half_close(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    payload = os.urandom(3 << 20)
+
+    def serve():
+        c, _ = srv.accept()
+        h = hashlib.sha256()
+        n = 0
+        with c:
+            while True:
+                chunk = c.recv(1 << 16)
+                if not chunk:
+                    break
+                h.update(chunk)
+                n += len(chunk)
+            c.sendall(struct.pack("!Q", n) + h.digest())  # after our EOF: half-close works
+        return n
+
+    join = _in_thread(serve)
+    cl = socket.create_connection((SERVER_IP, port), timeout=20)
+    cl.sendall(payload)
+    cl.shutdown(socket.SHUT_WR)
+    f = cl.makefile("rb")
+    reply = f.read()
+    assert reply == struct.pack("!Q", len(payload)) + hashlib.sha256(payload).digest()
+    assert join() == len(payload)
+    f.close()
+    cl.close()
+    srv.close()
+
+
+def test_peer_reset_surfaces_as_econnreset(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    cl.sendall(b"request")
+    assert c.recv(100) == b"request"
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()  # SO_LINGER {1, 0}: RST
+    with pytest.raises(ConnectionResetError):
+        while cl.recv(100):
+            pass
+    cl.close()
+    srv.close()
+
+
+def test_reset_reported_by_so_error(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    select.select([cl], [], [], 5)
+    assert cl.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+    cl.close()
+    srv.close()
+
+
+def test_options_reach_the_shard(stack):
+    srv = _server(opts={(socket.IPPROTO_TCP, socket.TCP_NODELAY): 1})
+    port = srv.getsockname()[1]
+    cl = socket.socket()
+    cl.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # before connect: replayed
+    cl.connect((SERVER_IP, port))
+    cl.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # after: forwarded
+    cl.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 33)
+    assert cl.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert cl.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert cl.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
+    assert 500 < cl.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) <= 1460
+    assert len(cl.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == 8
+    gate = stack.nodes[0].gate
+    (conn,) = list(gate.conns.values())
+    shard = stack.nodes[0].shard
+    got = stack.call(lambda: (shard.getsockopt(conn.sd, socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                              shard.getsockopt(conn.sd, socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                              shard.getsockopt(conn.sd, socket.IPPROTO_TCP,
+                                               socket.TCP_KEEPIDLE)))
+    assert got == (1, 1, 33)
+    c, _ = srv.accept()
+    c.close()
+    cl.close()
+    srv.close()
+
+
+def test_bind_conflicts_are_the_kernels(stack):
+    a = _server()
+    port = a.getsockname()[1]
+    b = socket.socket()
+    with pytest.raises(OSError) as ei:
+        b.bind(("0.0.0.0", port))
+    assert ei.value.errno == errno.EADDRINUSE
+    with pytest.raises(OSError) as ei:
+        b.getpeername()
+    assert ei.value.errno == errno.ENOTCONN
+    a.close()
+    b.bind(("0.0.0.0", port))  # released on close
+    assert b.getsockname() == ("0.0.0.0", port)
+    b.close()
+
+
+def test_kernel_sockets_stay_kernel(stack):
+    u1, u2 = socket.socketpair()
+    u1.sendall(b"x")
+    assert u2.recv(1) == b"x"
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.sendto(b"y", udp.getsockname())
+    assert udp.recv(1) == b"y"
+    lo = socket.socket()
+    lo.bind(("127.0.0.1", 0))
+    lo.listen(1)
+    c = socket.create_connection(lo.getsockname(), timeout=5)
+    s, _ = lo.accept()
+    assert c.getpeername() == lo.getsockname()  # a real kernel TCP socket
+    assert c.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_INET
+    for x in (u1, u2, udp, lo, c, s):
+        x.close()
+
+
+def test_dup_fromfd_and_fileno_rewrap_keep_tcp_identity(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, addr = srv.accept()
+    for s in (cl, c):
+        d = s.dup()
+        assert (d.getsockname(), d.getpeername()) == (s.getsockname(), s.getpeername())
+        d.close()
+        f = socket.fromfd(s.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        assert f.getpeername() == s.getpeername()
+        f.close()
+    fd = c.detach()
+    again = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    assert again.getpeername() == addr
+    cl.sendall(b"still here")
+    assert again.recv(100) == b"still here"
+    for x in (again, cl, srv):
+        x.close()
