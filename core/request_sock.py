@@ -43,6 +43,7 @@ class RequestSock:
     acked: bool = False  # final ACK seen but the accept queue was full
     dead: bool = False
     timers: list = field(default_factory=lambda: [None] * 6)
+    timer_seq: list = field(default_factory=lambda: [0] * 6)  # live heap entry (tcp_timer)
 
 
 def inet_reqsk_alloc(sh: Any, listener: Any, laddr: int, lport: int, raddr: int,

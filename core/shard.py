@@ -370,8 +370,6 @@ class Shard:
 
     def getpeername(self, sd: int) -> tuple[int, int]:
         sk = self._sk(sd)
-        if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT) and not sk.rport:
-            raise os_error(errno.ENOTCONN)
         if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT):
             raise os_error(errno.ENOTCONN)
         return sk.raddr, sk.rport

@@ -88,6 +88,7 @@ class TcpSock:
     shut_wr: bool = False  # FIN queued after the buffer
     fin_sent: bool = False
     fin_seq: int = 0
+    snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle)
     write_blocked: bool = False  # a send() took less than offered: Writable owed
     # -- receive sequence space ------------------------------------------------------
     irs: int = 0
@@ -101,7 +102,7 @@ class TcpSock:
     rcvq_off: int = 0  # bytes of rcvq[0] already read
     ofo: list = field(default_factory=list)  # sorted [start, end, data]
     ofo_len: int = 0
-    last_ofo_seq: int = 0  # start of the latest out-of-order arrival (first SACK block)
+    ofo_recent: list = field(default_factory=list)  # latest out-of-order arrivals, newest first
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False
@@ -135,6 +136,7 @@ class TcpSock:
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
     # -- timers: deadline per TimerKind (None = idle) --------------------------------
     timers: list = field(default_factory=lambda: [None] * 6)
+    timer_seq: list = field(default_factory=lambda: [0] * 6)  # live heap entry (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
     lsndtime: float = 0.0

@@ -244,8 +244,3 @@ def tcp_check_writable(sh: Any, sk: TcpSock) -> None:
     if sk.write_blocked and 3 * sk.sndq_len <= 2 * sk.sndbuf and not sk.orphan:
         sk.write_blocked = False
         sh.events.append(Writable(sk.sd))
-
-
-def tcp_send_ack_if_needed(sh: Any, sk: TcpSock, now: float) -> None:
-    if sk.ack_now:
-        tcp_send_ack(sh, sk, now)

@@ -28,7 +28,6 @@ from .tcp_output import (
     tcp_send_ack,
     tcp_send_reset,
     tcp_send_synack_sock,
-    tcp_transmit,
     tcp_write_xmit,
 )
 from .tcp_timer import TimerKind
@@ -179,7 +178,7 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
         data -= 1
-    if una == sk.iss:  # our SYN is acked by this ACK too (SYN-RECEIVED)
+    if una == sk.iss and sk.state is State.SYN_RECV:  # this ACK also covers our SYN
         data -= 1
     if data > sk.sndq_len:
         data = sk.sndq_len
@@ -412,7 +411,7 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     if i > 0:
         p_end = offs[i - 1] + len(ofo[i - 1][2])
         if p_end >= hi_off and not fin:
-            sk.last_ofo_seq = ofo[i - 1][0]
+            _ofo_note(sk, seq)
             return
         if p_end > lo_off:
             data = data[p_end - lo_off:]
@@ -435,8 +434,16 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     end = (base + hi_off) & MASK
     ofo.insert(i, [start, end, bytes(data)] if not fin else [start, end, bytes(data), True])
     sk.ofo_len += len(data)
-    sk.last_ofo_seq = start
+    _ofo_note(sk, seq)
     sh.stats.ofo_queued += 1
+
+
+def _ofo_note(sk: TcpSock, seq: int) -> None:
+    """Remember arrival order: SACK blocks are reported most recent first (RFC 2018 §4)."""
+    recent = sk.ofo_recent
+    recent.insert(0, seq)
+    if len(recent) > 8:
+        del recent[8:]
 
 
 def _ofo_drain(sk: TcpSock) -> int:
@@ -520,6 +527,7 @@ def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
             sk.ts_recent = ts[0]
             sk.ts_recent_stamp = now
     sk.rcv_tstamp = now
+    sk.probes = 0
     if seg.ack != sk.snd_una or seg.window << sk.snd_wscale != sk.snd_wnd or not seg.payload:
         if not tcp_ack(sh, sk, seg, now):
             return
@@ -761,7 +769,3 @@ def tcp_finish_connect(sh: Any, sk: TcpSock, now: float) -> None:
     sh.stats.active_opens_done += 1
     if not sk.orphan:
         sh.events.append(Connected(sk.sd))
-
-
-def tcp_send_dupack_ts(sh: Any, sk: TcpSock, now: float) -> None:
-    tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)

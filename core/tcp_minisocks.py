@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .inet_connection_sock import inet_csk_complete_hashdance, sk_acceptq_is_full
+from .inet_connection_sock import inet_csk_complete_hashdance
 from .inet_hashtables import inet_bind_hash, inet_ehash_nolisten
 from .request_sock import RequestSock
 from .sock import State, TcpSock
@@ -203,7 +203,3 @@ def tcp_child_hash(sh: Any, child: TcpSock, req: RequestSock) -> None:
     sh.tr("sk_nulls_del_node_init_rcu")
     sh.tr("__sk_nulls_add_node_rcu")
     sh.tr("sock_prot_inuse_add")
-
-
-def accept_queue_full(listener: TcpSock) -> bool:
-    return sk_acceptq_is_full(listener)

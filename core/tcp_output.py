@@ -24,6 +24,7 @@ __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_re
            "tcp_select_window", "tcp_send_probe", "tcp_rto", "TCP_RTO_MAX", "TCP_DELACK"]
 
 MASK = 0xFFFFFFFF
+HALF = 0x80000000
 #: Linux TCP_RTO_MAX.
 TCP_RTO_MAX = 120.0
 #: Delayed-ACK timeout (Linux TCP_DELACK_MIN / TCP_ATO_MIN, 40 ms).
@@ -83,7 +84,11 @@ def _options(sk: TcpSock, now: float) -> bytes:
 
 
 def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
-    """Merged out-of-order ranges, the most recently changed first (RFC 2018 §4)."""
+    """Merged out-of-order ranges for the SACK option (RFC 2018 §4).
+
+    The first block holds the most recent arrival; the others follow in the
+    order they last changed, so blocks reported before are repeated.
+    """
     blocks: list[list[int]] = []
     for e in sk.ofo:
         start, end = e[0], e[1]
@@ -91,10 +96,17 @@ def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
             blocks[-1][1] = end
         else:
             blocks.append([start, end])
-    last = sk.last_ofo_seq
-    first = [b for b in blocks if ((last - b[0]) & MASK) < ((b[1] - b[0]) & MASK)]
-    rest = [b for b in blocks if b not in first]
-    return [(b[0], b[1]) for b in (first + rest)[:limit]]
+    recent = sk.ofo_recent
+
+    def rank(b: list[int]) -> int:
+        span = (b[1] - b[0]) & MASK
+        for i, seq in enumerate(recent):
+            if ((seq - b[0]) & MASK) < span:
+                return i
+        return len(recent)
+
+    blocks.sort(key=rank)
+    return [(b[0], b[1]) for b in blocks[:limit]]
 
 
 def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float) -> None:
@@ -264,9 +276,13 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
                     if in_flight == 0 and sk.snd_wnd == 0:
                         _arm_persist(sh, sk, now)
                     break
-            elif in_flight and not sk.nodelay and not sk.shut_wr:
-                # Nagle (RFC 9293 §3.7.4): hold a small segment while data is unacknowledged.
+            elif (in_flight and not sk.nodelay and not sk.shut_wr
+                  and ((sk.snd_sml - una) & MASK) - 1 < HALF - 1):
+                # Nagle (RFC 9293 §3.7.4) in Minshall's variant, as Linux
+                # (tcp_nagle_check): hold a small segment only while an earlier
+                # small one is unacknowledged, so a bulk write's tail goes at once.
                 break
+            sk.snd_sml = (nxt + size) & MASK
         last = size == avail
         flags = ACK | PSH if last else ACK
         fin = last and sk.shut_wr

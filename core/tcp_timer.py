@@ -2,11 +2,13 @@
 
 Timers are data, not callbacks (smoltcp ``Timer``): each socket holds one
 deadline per :class:`TimerKind` in ``sk.timers``; the shard keeps a single heap
-of ``(deadline, seq, kind, sock)`` entries.  Cancelling just clears the slot
-(lazy cancel); an entry whose slot no longer matches is skipped when popped.
-Re-arming *later* (the common case: every ACK pushes the retransmit deadline
-forward) does not touch the heap: the old entry pops first, sees the later
-deadline and re-queues itself once, so the heap stays small.
+of ``(deadline, seq, kind, sock)`` entries.  Each (sock, kind) has at most one
+*live* heap entry, named by its ``seq`` in ``sk.timer_seq``; other entries are
+dead and dropped when they surface.  Cancelling just clears the deadline
+(lazy cancel).  Re-arming *later* (the common case: every ACK pushes the
+retransmit deadline forward) does not touch the heap: the live entry surfaces
+at the old deadline, sees the later one and re-queues itself once.  Only
+arming *earlier* pushes a new entry.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import enum
 import heapq
 from typing import Any
 
-__all__ = ["TimerKind", "TimerHeap"]
+__all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler"]
 
 
 class TimerKind(enum.IntEnum):
@@ -28,7 +30,11 @@ class TimerKind(enum.IntEnum):
 
 
 class TimerHeap:
-    """One heap for every timer of every socket (and request sock) of a shard."""
+    """One heap for every timer of every socket (and request sock) of a shard.
+
+    A timer owner needs two 6-slot lists: ``timers`` (deadline or None) and
+    ``timer_seq`` (the seq of its live heap entry).
+    """
 
     __slots__ = ("heap", "count")
 
@@ -43,6 +49,7 @@ class TimerHeap:
         timers[kind] = deadline
         if old is None or deadline < old:
             self.count += 1
+            sk.timer_seq[kind] = self.count
             heapq.heappush(self.heap, (deadline, self.count, kind, sk))
 
     @staticmethod
@@ -55,36 +62,42 @@ class TimerHeap:
         for i in range(len(timers)):
             timers[i] = None
 
-    def pop_due(self, now: float) -> tuple[int, Any] | None:
-        """The next timer due at ``now`` as (kind, sock), its slot cleared; else None."""
+    def _settle(self, now: float | None) -> tuple[int, Any] | float | None:
+        """Drop dead entries and re-queue moved ones at the top of the heap.
+
+        With ``now``: pop and return the first timer due by then as (kind, sock).
+        Without: return the earliest live deadline.
+        """
         heap = self.heap
-        while heap and heap[0][0] <= now:
-            deadline, _, kind, sk = heapq.heappop(heap)
+        while heap:
+            deadline, seq, kind, sk = heap[0]
+            if now is not None and deadline > now:
+                return None
+            if sk.timer_seq[kind] != seq:
+                heapq.heappop(heap)  # dead: superseded by an earlier arm
+                continue
             cur = sk.timers[kind]
             if cur is None:
+                heapq.heappop(heap)  # cancelled
                 continue
-            if cur > deadline:  # moved later: requeue at the real deadline
+            if cur > deadline:  # moved later: re-queue once, at the real deadline
                 self.count += 1
-                heapq.heappush(heap, (cur, self.count, kind, sk))
+                sk.timer_seq[kind] = self.count
+                heapq.heapreplace(heap, (cur, self.count, kind, sk))
                 continue
-            if cur < deadline:  # an earlier entry exists/fired; this one is stale
-                continue
+            if now is None:
+                return deadline
+            heapq.heappop(heap)
             sk.timers[kind] = None
             return kind, sk
         return None
 
+    def pop_due(self, now: float) -> tuple[int, Any] | None:
+        """The next timer due at ``now`` as (kind, sock), its slot cleared; else None."""
+        return self._settle(now)  # type: ignore[return-value]
+
     def next_deadline(self) -> float | None:
-        heap = self.heap
-        while heap:
-            deadline, _, kind, sk = heap[0]
-            cur = sk.timers[kind]
-            if cur == deadline:
-                return deadline
-            heapq.heappop(heap)
-            if cur is not None and cur > deadline:
-                self.count += 1
-                heapq.heappush(heap, (cur, self.count, kind, sk))
-        return None
+        return self._settle(None)  # type: ignore[return-value]
 
 
 # -- what each timer does (Linux tcp_timer.c handlers) ------------------------------------

@@ -453,6 +453,8 @@ class AppGate:
                     self._died(conn, e.errno)
                 elif kind is Closed:
                     self._forget(conn)
+                    self._stop_reading(conn)
+                    self._want_write(conn, False)
                     conn.w.close()
             elif kind is Acceptable:
                 lst = lsds.get(e.sd)

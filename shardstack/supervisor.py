@@ -23,9 +23,9 @@ asks the kernel to SIGTERM it if the supervisor dies (PR_SET_PDEATHSIG).
 
 Child exit is watched with a pidfd per child (pidfd_open(2), readable when the
 process exits): no SIGCHLD handler races, no polling. A dead child is
-replaced at once; a child that keeps dying within a second of starting is
-restarted with exponential backoff (at most MAX_BACKOFF), so a broken build
-does not spin the CPU.
+replaced at once; a child that fails before it reports ready, or dies more
+than CRASH_BURST times in CRASH_WINDOW seconds, is restarted with exponential
+backoff (at most MAX_BACKOFF), so a broken build does not spin the CPU.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,8 @@ from shardstack.rundir import RunDir, prepare_run_dir
 from shardstack.stats import ProcTelemetry
 
 STOP_GRACE = 3.0  # SIGTERM → SIGKILL at shutdown
-QUICK_DEATH = 1.0  # a child that dies sooner than this after start counts as a failed start
+CRASH_WINDOW = 10.0  # seconds: more than CRASH_BURST deaths in it means a crash loop
+CRASH_BURST = 5
 MAX_BACKOFF = 5.0
 WORKER_CALL_TIMEOUT = 3.0
 
@@ -135,7 +136,9 @@ class Child:
     pidfd: int = -1
     started: float = 0.0
     restarts: int = 0
-    quick_deaths: int = 0
+    quick_deaths: int = 0  # consecutive failed starts / crash-loop deaths
+    deaths: list[float] = field(default_factory=list)
+    served: bool = False  # reached ready since the last spawn
     ready: bool = False
     ready_fd: int = -1
     telemetry: ProcTelemetry | None = None
@@ -283,6 +286,7 @@ class Supervisor:
         c.proc = proc
         c.started = time.monotonic()
         c.ready = False
+        c.served = False
         c.telemetry = ProcTelemetry(proc.pid)
         c.pidfd = os.pidfd_open(proc.pid)
         c.ready_fd = ready_r
@@ -296,6 +300,7 @@ class Supervisor:
         c.ready_fd = -1
         if not data:
             return  # died before ready: _on_exit handles it
+        c.served = True
         if c.kind == "worker":
             self.loop.create_task(self._worker_ready(c))
         else:
@@ -343,8 +348,16 @@ class Supervisor:
         self._forget(c)
         if self.stopping:
             return
-        lived = time.monotonic() - c.started
-        c.quick_deaths = c.quick_deaths + 1 if lived < QUICK_DEATH else 0
+        now = time.monotonic()
+        lived = now - c.started
+        # A child that got as far as serving is replaced at once (kill -9, an
+        # OOM kill); one that keeps failing to start, or keeps dying, backs off.
+        failed_start = not c.served
+        c.deaths = [t for t in c.deaths if now - t < CRASH_WINDOW] + [now]
+        if failed_start or len(c.deaths) > CRASH_BURST:
+            c.quick_deaths += 1
+        else:
+            c.quick_deaths = 0
         delay = 0.0 if c.quick_deaths <= 1 else min(MAX_BACKOFF, 0.1 * 2 ** c.quick_deaths)
         log(f"{c.name} (pid {c.proc.pid}) exited with {rc} after {lived:.1f}s; "
             f"restarting in {delay:.1f}s")

@@ -4,9 +4,11 @@ Data path, per wake-up (no extra process hop, no per-frame msgpack):
 
     zmq PULL rx-<i>.ipc ──▶ drain every batch (NOBLOCK) ──▶ shard.receive_batch
     shard.take_events() ──▶ built-in services / appgate
-    shard.take_frames() ──▶ os.write on the shared TUN fd (or our own
-                            AF_PACKET send socket): one write per frame
-    shard.next_deadline() ──▶ ONE loop timer, re-armed only when it moves
+    shard.take_frames() ──▶ the shared TUN fd (or our own AF_PACKET send
+                            socket): one write per frame, or one GSO write
+                            per super-segment (--offload)
+    shard.next_deadline() ──▶ ONE loop timer, re-armed only when the
+                            deadline moves earlier
 
 Some facts about the ZeroMQ FD (zmq_getsockopt(3), ZMQ_FD): it signals
 "something may have changed", edge-style, and only ZMQ_EVENTS tells the truth.
@@ -44,13 +46,12 @@ from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
 
 ETH_HLEN = 14
-MAX_BATCHES_PER_WAKEUP = 256  # bound one wake-up under a flood; then yield
-MAX_EVENT_ROUNDS = 64
+MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
+MAX_EVENT_ROUNDS = 64  # services reacting to events may raise more events
 # Largest TCP payload per super-segment: an IPv4 packet's 64 KiB minus
 # headers with options (the kernel's GSO_LEGACY_MAX_SIZE, 65536).
-TSO_MAX = 65535 - 20 - 60  # services reacting to events may raise more events
+TSO_MAX = 65535 - 20 - 60
 ZMQ_RCVHWM = 4096  # batches queued per worker before netio sees backpressure
-
 
 
 @dataclass(slots=True)

@@ -49,13 +49,34 @@ def install(run_dir: str | os.PathLike[str] | None = None, loopback: bool = Fals
         stack = Stack(path, loopback=loopback)
         set_stack(stack)
     socket.socket = ShimSocket
+    _patch_ssl(True)
     return stack
+
+
+_SSL_SAVED: list = []
+
+
+def _patch_ssl(on: bool) -> None:
+    """Route SSLContext.wrap_socket through an SSLSocket that knows stack sockets,
+    unless ssl was imported after install() (its SSLSocket is then ours already)."""
+    import ssl
+
+    if on:
+        if issubclass(ssl.SSLSocket, ShimSocket) or _SSL_SAVED:
+            return
+        from shardstack.shim.sock import ssl_socket_class
+
+        _SSL_SAVED.append(ssl.SSLContext.sslsocket_class)
+        ssl.SSLContext.sslsocket_class = ssl_socket_class()
+    elif _SSL_SAVED:
+        ssl.SSLContext.sslsocket_class = _SSL_SAVED.pop()
 
 
 def uninstall() -> None:
     """Put the kernel's socket class back. Existing shim sockets keep working
     (the Stack link stays); `get_stack().close()` hangs up on the stack."""
     socket.socket = kernel_socket
+    _patch_ssl(False)
 
 
 def installed() -> bool:

@@ -97,6 +97,16 @@ def child_env(run_dir: str, loopback: bool, base: dict[str, str] | None = None) 
         env[ENV_LOOPBACK] = "1"
     else:
         env.pop(ENV_LOOPBACK, None)
+    # For a `python3` that is not this interpreter: where shardstack's source
+    # and its dependencies live (the _boot sitecustomize uses them only on
+    # the same Python version).
+    import msgpack
+
+    import shardstack
+
+    env["SHARDSTACK_SHIM_ROOT"] = str(Path(shardstack.__file__).resolve().parent.parent)
+    env["SHARDSTACK_SHIM_DEPS"] = str(Path(msgpack.__file__).resolve().parent.parent)
+    env["SHARDSTACK_SHIM_PYVER"] = "{}.{}".format(*sys.version_info[:2])
     boot = str(BOOT_DIR)
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != boot]
     env["PYTHONPATH"] = os.pathsep.join([boot, *parts])

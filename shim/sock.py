@@ -169,6 +169,20 @@ def _parse_inet(address: Any) -> tuple[str, int] | None:
     return host, port
 
 
+def _check_denied(stack: Stack | None, view: Any, parsed: tuple[str, int] | None) -> None:
+    """The stack exists but is not ours (SO_PEERCRED said EACCES): an
+    address the shim would have put on it fails with EACCES rather than
+    silently going to the kernel. Loopback stays the kernel's."""
+    if stack is None or view is not None or not stack.denied or parsed is None:
+        return
+    try:
+        if ipaddress.IPv4Address(parsed[0] or "0.0.0.0").is_loopback:
+            return
+    except ValueError:
+        return
+    raise _oserror(errno.EACCES, "this shardstack belongs to another user")
+
+
 def _oserror(code: int, text: str | None = None) -> OSError:
     """The exception class Python maps `code` to, as a failed syscall raises."""
     return OSError(code, text or os.strerror(code))
@@ -234,6 +248,8 @@ class ShimSocket(kernel_socket):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
+            if e.errno == errno.EINVAL:
+                return  # no OOB byte after all: a read passed over it, nothing to report
             st.status, st.err = FAILED, e.errno or errno.ECONNRESET
             return
         if b:
@@ -274,6 +290,7 @@ class ShimSocket(kernel_socket):
         stack = self._stack()
         parsed = _parse_inet(address) if stack is not None and self._ss is None else None
         view = stack.view() if parsed is not None else None
+        _check_denied(stack, view, parsed)
         where, host = scope.bind_scope(parsed[0], view) if parsed else (scope.KERNEL, "")
         if where == scope.KERNEL:
             return super().bind(address)
@@ -367,6 +384,7 @@ class ShimSocket(kernel_socket):
         stack = self._stack()
         parsed = _parse_inet(address) if stack is not None else None
         view = stack.view() if parsed is not None else None
+        _check_denied(stack, view, parsed)
         bound = st is not None and st.kind == BOUND
         where, dst = (scope.connect_scope(parsed[0], view, bound) if parsed
                       else (scope.KERNEL, ""))
@@ -598,3 +616,44 @@ def _wire_value(opt: int, value: Any) -> Any:
             return list(_LINGER.unpack_from(value))
         return bytes(value)
     return value
+
+
+_NO_STATE = object()
+
+
+def ssl_socket_class() -> type:
+    """An ssl.SSLSocket that keeps the TCP face of a stack socket it wraps.
+
+    `ssl` imported before install() (asyncio imports it) built SSLSocket on
+    the kernel's socket class, whose getpeername() would parse the unix
+    address as AF_INET. install() points SSLContext.sslsocket_class here.
+    """
+    import ssl
+
+    class ShimSSLSocket(ssl.SSLSocket):
+        def _shim_state(self) -> StackState | None:
+            st = self.__dict__.get("_shim_st", _NO_STATE)
+            if st is _NO_STATE:
+                st = None
+                if self.family == AF_INET and self.fileno() >= 0:
+                    try:
+                        if _fd_domain(self.fileno()) == AF_UNIX:
+                            st = recover_state(self.fileno())
+                    except OSError:
+                        st = None
+                self.__dict__["_shim_st"] = st
+            return st
+
+        def getsockname(self) -> Any:
+            st = self._shim_state()
+            return super().getsockname() if st is None else st.sockname
+
+        def getpeername(self) -> Any:
+            st = self._shim_state()
+            if st is None:
+                return super().getpeername()
+            if st.kind in (ACTIVE, PASSIVE):
+                return st.peername
+            raise _oserror(errno.ENOTCONN)
+
+    return ShimSSLSocket

@@ -40,6 +40,7 @@ class Stack:
         self._control: Any = None
         self._view: StackView | None = None
         self._hello_failed = False
+        self.denied = False  # a stack answered but refused us (EACCES)
         self._ctl: dict[int, Any] = {}
         self._counter = 0
 
@@ -61,8 +62,11 @@ class Stack:
             if self._view is None and not self._hello_failed:
                 try:
                     reply = self.call("hello")
-                except OSError:
+                except OSError as e:
+                    # No stack: sockets stay on the kernel. A stack that is
+                    # not ours to use: its addresses get EACCES (sock.py).
                     self._hello_failed = True
+                    self.denied = e.errno in (errno.EACCES, errno.EPERM)
                     return None
                 self._view = StackView.from_hello(reply, self.loopback)
             return self._view

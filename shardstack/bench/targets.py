@@ -193,6 +193,7 @@ class Target:
         self.stack = contextlib.ExitStack()
         self.pair: nsmod.Pair | None = None
         self.services: dict[str, Endpoint] = {}
+        self.failed: dict[str, str] = {}
         self.pids: dict[str, tuple[int, bool]] = {}  # role -> (pid, with children)
         self.files_dir: Path | None = None
         self.workers = 0
@@ -240,10 +241,20 @@ class Target:
             raise Unavailable(f"{self.name}: {why}" + (f" (log: {tail})" if tail else ""))
 
     def endpoint(self, case: sc.Case) -> Endpoint:
-        """Start the case's service if needed; where the client should connect."""
+        """Start the case's service if needed; where the client should connect.
+
+        A service that failed to start once is not tried again on this target
+        (each try can wait seconds), the same reason is raised at once.
+        """
+        if case.service in self.failed:
+            raise Unavailable(self.failed[case.service])
         ep = self.services.get(case.service)
         if ep is None:
-            ep = self.start_service(case.service, case.port)
+            try:
+                ep = self.start_service(case.service, case.port)
+            except Unavailable as e:
+                self.failed[case.service] = str(e)
+                raise
             self.services[case.service] = ep
         return ep
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import json
 import os
 import random
@@ -148,11 +149,13 @@ def _ip(a: str) -> int:
     return int.from_bytes(socket.inet_aton(a), "big")
 
 
-def _start(ns: netns.Netns, net, extra: list[str], workers: int = 2, device=None) -> Stack:
+def _start(ns: netns.Netns, net, extra: list[str], workers: int = 2, device=None,
+           run_dir: str | None = None) -> Stack:
     addr = str(net.network_address + 2)
     peer = str(net.network_address + 1)
-    run_dir = tempfile.mkdtemp(prefix="sss-", dir="/tmp")
-    os.rmdir(run_dir)  # serve creates it (mode 0700) and removes it at exit
+    if run_dir is None:
+        run_dir = tempfile.mkdtemp(prefix="sss-", dir="/tmp")
+        os.rmdir(run_dir)  # serve creates it (mode 0700) and removes it at exit
     log = Path(tempfile.mkstemp(prefix="sss-log-", dir="/tmp")[1])
     dev = device or ["--tun", "sst0", "--peer", f"{peer}/{net.prefixlen}"]
     argv = [sys.executable, "-m", "shardstack", "serve", "--workers", str(workers), *dev,
@@ -545,3 +548,42 @@ def test_pcap_records_traffic(tmp_path):
     assert any(t.dport == ECHO and t.flags == "S" for t in tcp)  # the kernel's SYNs (RX)
     assert any(t.sport == ECHO and t.flags == "SA" for t in tcp)  # workers' SYN-ACKs (TX)
     assert len({(t.sport, t.dport) for t in tcp}) == 4  # 2 connections, both directions
+
+
+def test_supervisor_killed_children_follow(stack):
+    """kill -9 of the supervisor: the children get SIGTERM from the kernel
+    (PR_SET_PDEATHSIG) and exit, the TUN goes with its last fd, and a new
+    serve can take over the run directory."""
+    st = stack.stats()
+    kids = [st["netio"]["proc"]["pid"]] + [w["proc"]["pid"] for w in st["workers"]]
+    os.kill(stack.proc.pid, signal.SIGKILL)
+    stack.proc.wait(5)
+
+    def all_gone() -> bool:
+        for pid in kids:
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                pass
+        return True
+
+    wait_for(all_gone, timeout=10, what="children exit after the supervisor died")
+    wait_for(lambda: "sst0" not in stack.ns.links(), timeout=10, what="TUN gone")
+    # the dead serve left only stale endpoints (its children removed theirs)
+    assert set(os.listdir(stack.run_dir)) <= {"control.sock", "serve.lock", "l"}
+    net = ipaddress.ip_interface(f"{stack.addr}/24").network
+    again = _start(stack.ns, net, [], run_dir=stack.run_dir)  # takes the directory over
+    try:
+        r = stack.ns.run(["ping", "-c", "1", "-W", "2", stack.addr], check=False)
+        assert r.returncode == 0, r.stdout
+        socks = [again.connect(ECHO, p) for p in again.ports_for(2, ECHO, 45000)]
+        try:
+            echo_many(socks, 4096, seed=4)
+        finally:
+            close_all(socks)
+    finally:
+        _stop(again)
+        again.log.unlink(missing_ok=True)
+    assert os.listdir(stack.run_dir) == []  # adopted, not created: emptied, kept
+    os.rmdir(stack.run_dir)

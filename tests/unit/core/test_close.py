@@ -7,8 +7,9 @@ import socket
 import struct
 
 import pytest
-from core_helpers import ACK, FIN, RST, SYN, Pair, Peer, make_shard
+from core_helpers import ACK, FIN, RST, SYN, Pair, Peer, make_shard, parse
 from shardstack.core import Closed, Readable, SocketError, State
+from shardstack.core.wire.tcp import build_tcp_ipv4
 
 
 def established():
@@ -122,7 +123,6 @@ def test_rst_in_close_wait_is_epipe():
 
 
 def _rst_from(sk):
-    from shardstack.core.wire.tcp import build_tcp_ipv4
     return build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.snd_nxt, 0, RST, 0)
 
 
@@ -217,3 +217,51 @@ def test_rst_for_segment_to_no_socket():
     assert peer.recv_one().ack == 1004
     peer.send(RST | ACK, 1000, 5, dport=81)
     assert peer.recv() == []  # never RST an RST
+
+
+def _to_state(p, c, s, target):
+    """Drive a's socket c into ``target`` (b's FINs/ACKs are lost where needed)."""
+    if target == "FIN-WAIT-1":
+        p.a.shutdown(c, socket.SHUT_WR, 0.0)
+        p.a.take_frames()  # the FIN is lost
+    elif target == "FIN-WAIT-2":
+        p.a.shutdown(c, socket.SHUT_WR, 0.0)
+        p.deliver()
+    elif target == "CLOSING":
+        p.a.shutdown(c, socket.SHUT_WR, 0.0)
+        p.b.shutdown(s, socket.SHUT_WR, 0.0)
+        p.a.take_frames()  # a's FIN is lost, so b's FIN finds a in FIN-WAIT-1
+        p.a.receive(p.b.take_frames()[0], 0.0)
+        p.a.take_frames()
+    elif target == "CLOSE-WAIT":
+        p.b.shutdown(s, socket.SHUT_WR, 0.0)
+        p.deliver()
+    elif target == "LAST-ACK":
+        p.b.shutdown(s, socket.SHUT_WR, 0.0)
+        p.deliver()
+        p.a.shutdown(c, socket.SHUT_WR, 0.0)
+        p.a.take_frames()
+    assert str(p.a.sock(c).state) == target
+
+
+@pytest.mark.parametrize("target,err", [("FIN-WAIT-1", errno.ECONNRESET),
+                                        ("FIN-WAIT-2", errno.ECONNRESET),
+                                        ("CLOSING", errno.ECONNRESET),
+                                        ("CLOSE-WAIT", errno.EPIPE),
+                                        ("LAST-ACK", errno.ECONNRESET)])
+def test_rst_with_exact_sequence_closes_every_state(target, err):
+    p, c, s = established()
+    _to_state(p, c, s, target)
+    ska = p.a.sock(c)
+    skb = p.b.sock(s)
+    # in-window but not exact: challenge ACK, state kept (RFC 5961 §3.2)
+    p.a.receive(build_tcp_ipv4(skb.laddr, skb.raddr, skb.lport, skb.rport,
+                               (ska.rcv_nxt + 10) & 0xFFFFFFFF, 0, RST, 0), 0.0)
+    assert [x.flags for x in map(parse, p.a.take_frames())] == ["."]
+    assert str(ska.state) == target
+    p.a.receive(build_tcp_ipv4(skb.laddr, skb.raddr, skb.lport, skb.rport, ska.rcv_nxt, 0,
+                               RST, 0), 1.0)
+    assert p.a.take_frames() == []
+    assert ska.state is State.CLOSED
+    assert SocketError(c, err) in p.a.take_events()
+    assert p.a.h.ehash == {}

@@ -8,7 +8,7 @@ import random
 import socket
 
 import pytest
-from core_helpers import ACK, PSH, SYN, B, Pair, Peer, make_shard
+from core_helpers import ACK, PSH, SYN, B, Pair, Peer, make_shard, parse
 from shardstack.core import Closed, SocketError, State, Writable
 from shardstack.core.simlink import LinkParams, SimLink
 
@@ -103,6 +103,17 @@ def test_nagle_holds_small_segments_until_ack():
     p.deliver()
     p.advance(0.1)
     assert p.b.recv(s, 10) == b"abc"
+
+
+def test_nagle_minshall_sends_bulk_tail_at_once():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.send(c, bytes(3000), 0.0)  # two full segments and a 104-byte tail
+    sizes = [len(parse(f).payload) for f in p.a.take_frames()]
+    mss = p.a.sock(c).mss_cache
+    assert sizes == [mss, mss, 3000 - 2 * mss]
+    p.a.send(c, b"x", 0.0)  # a second small segment waits: the tail is unacked
+    assert p.a.take_frames() == []
 
 
 def test_nodelay_sends_each_write_at_once():
@@ -265,7 +276,7 @@ def test_window_scaling_with_4mib_window():
         p.advance(p.now + 0.01)
         if sent == len(data):
             break
-    p.advance(p.now + 0.1)  # the Nagle-held tail waits for the delayed ACK
+    p.advance(p.now + 0.1)
     assert skb.rcvq_len == len(data) + 10
     assert ska.snd_wnd <= (4 << 20) - len(data)  # shrinks with unread bytes
     got = p.b.recv(s, 8 << 20)

@@ -137,7 +137,7 @@ def test_data_frames_are_valid_for_scapy():
     _, c, s = p.connect()
     p.a.send(c, bytes(range(256)) * 20, 0.0)
     frames = p.a.take_frames()
-    assert len(frames) == 3  # 3 full segments; Nagle holds the 776-byte tail
+    assert len(frames) == 4  # 3 full segments and the 776-byte tail (Minshall's Nagle)
     for raw in frames:
         pkt = scapy.IP(raw)
         tcp_sum = pkt[scapy.TCP].chksum

@@ -64,7 +64,18 @@ def _segments(dev: LoopbackDevice):
     return out
 
 
-def test_batch_in_synack_out_and_control(run_dir):
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_batch_in_synack_out_and_control(run_dir, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("shardstack.worker._monotonic", clock)
+
     async def main():
         loop = asyncio.get_running_loop()
         dev = LoopbackDevice(record=True)
@@ -99,11 +110,17 @@ def test_batch_in_synack_out_and_control(run_dir):
             with pytest.raises(OSError):
                 await async_ctl.call("frobnicate")
             async_ctl.close()
-            # the SYN-ACK's retransmission timer is the one loop timer: it fires
+            # the SYN-ACK's retransmission timer is the one loop timer, armed
+            # at the shard's deadline; when it fires the SYN-ACK goes again
+            deadline = w.shard.next_deadline()
+            assert deadline is not None and w._armed == deadline
             n = len(dev.sent)
-            await _until(lambda: len(dev.sent) > n, timeout=5.0)
-            assert w.counters.timer_fires >= 1
+            clock.now = deadline + 0.001
+            w._on_timer()
+            assert w.counters.timer_fires == 1
+            assert len(dev.sent) == n + 1
             assert _segments(dev)[-1][1].flags & (SYN | ACK) == SYN | ACK
+            assert w._armed is not None and w._armed > clock.now
         finally:
             push.close(0)
             w.close()

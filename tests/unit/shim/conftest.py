@@ -5,9 +5,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from stackpair import StackPair  # noqa: E402
-
 import shardstack.shim as shim  # noqa: E402
+from stackpair import StackPair  # noqa: E402
 
 
 @pytest.fixture

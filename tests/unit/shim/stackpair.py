@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shardstack.core import Shard, ShardConfig
+
 from shardstack import control
 from shardstack.appgate import AppGate
-from shardstack.core import Shard, ShardConfig
 from shardstack.supervisor import BindTable
 
 CLIENT_IP = "198.18.0.2"

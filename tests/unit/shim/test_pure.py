@@ -9,7 +9,6 @@ import socket
 import sys
 
 import pytest
-
 from shardstack.shim import gateproto as gp
 from shardstack.shim import launcher, scope
 from shardstack.shim.sock import _parse_inet, _wire_value

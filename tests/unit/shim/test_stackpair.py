@@ -11,9 +11,8 @@ import struct
 import threading
 
 import pytest
-from stackpair import CLIENT_IP, SERVER_IP
-
 from shardstack.shim.sock import ShimSocket
+from stackpair import CLIENT_IP, SERVER_IP
 
 
 def _server(backlog=8, opts=None):
