@@ -102,6 +102,7 @@ class TcpSock:
     rcvq_off: int = 0  # bytes of rcvq[0] already read
     ofo: list = field(default_factory=list)  # sorted [start, end, data]
     ofo_len: int = 0
+    ofo_fin: int | None = None  # sequence number of a FIN that arrived ahead of a hole
     ofo_recent: list = field(default_factory=list)  # latest out-of-order arrivals, newest first
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
@@ -139,7 +140,7 @@ class TcpSock:
     timer_seq: list = field(default_factory=lambda: [0] * 6)  # live heap entry (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
-    lsndtime: float = 0.0
+    lsndtime: float = -1.0  # when we last sent data (-1: never)
     syn_retries: int = 0
     # -- errors / lifecycle -------------------------------------------------------------
     err: int = 0  # pending SO_ERROR

@@ -13,6 +13,7 @@ from typing import Any
 from .events import Closed, Readable, SocketError, Writable
 from .inet_connection_sock import os_error
 from .inet_hashtables import inet_put_port, inet_unhash
+from .request_sock import RequestSock
 from .sock import State, TcpSock
 from .tcp_output import (
     tcp_fin_state,
@@ -227,7 +228,7 @@ def inet_csk_listen_stop(sh: Any, sk: TcpSock, now: float) -> None:
             tcp_send_active_reset(sh, child, now)
         tcp_done(sh, child)
     for key, req in list(sh.h.ehash.items()):
-        if getattr(req, "listener", None) is sk:
+        if isinstance(req, RequestSock) and req.listener is sk:
             del sh.h.ehash[key]
             req.dead = True
             req.timers[TimerKind.SYNACK] = None

@@ -301,8 +301,13 @@ def _dupack(sh: Any, sk: TcpSock, now: float) -> None:
         tcp_write_xmit(sh, sk, now)
         return
     cc.on_dup_ack()
-    if sk.dupacks >= 3 or (sk.sacked and _sacked_bytes(sk) >= 3 * mss):
-        in_flight = ((sk.snd_nxt - sk.snd_una) & MASK) / mss
+    in_flight = ((sk.snd_nxt - sk.snd_una) & MASK) / mss
+    dupthresh = 3
+    if in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - sk.snd_una) & MASK):
+        # RFC 5827 early retransmit: with fewer than 4 segments outstanding and
+        # nothing new to send, three dup ACKs can never come.
+        dupthresh = max(int(in_flight + 0.999) - 1, 1)
+    if sk.dupacks >= dupthresh or (sk.sacked and _sacked_bytes(sk) >= 3 * mss):
         cc.on_loss(now, in_flight)
         sk.in_recovery = True
         sk.recover = sk.snd_max
@@ -381,7 +386,7 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         if sk.quickack:
             sk.quickack -= 1
             sk.ack_now = True
-    if sk.ofo:
+    if sk.ofo or sk.ofo_fin is not None:
         fin = _ofo_drain(sk) or fin
         sk.ack_now = True
     if fin and not sk.fin_rcvd:
@@ -391,33 +396,35 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
 
 
 def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float) -> None:
-    """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``)."""
+    """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``).
+
+    ``sk.ofo`` holds disjoint ``[start, end, bytes]`` ranges sorted by offset
+    from RCV.NXT; a new segment is trimmed against its neighbours and swallows
+    the ranges it covers.  An early FIN is remembered by its sequence number.
+    """
     n = len(data)
     rwin = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
-    off = (seq - sk.rcv_nxt) & MASK
+    lo_off = (seq - sk.rcv_nxt) & MASK
     sk.ack_now = True  # RFC 5681 §4.2: ACK out-of-order data at once (dup ACK + SACK)
-    if off >= rwin or rwin & HALF:
+    if lo_off >= rwin or rwin & HALF:
         sh.stats.drop("TCP_ZEROWINDOW")
         return
-    start = seq
-    end = (seq + n) & MASK
+    hi_off = lo_off + n
+    if fin:
+        sk.ofo_fin = (seq + n) & MASK
+    _ofo_note(sk, seq)
     ofo = sk.ofo
     base = sk.rcv_nxt
-    key = off
     offs = [((e[0] - base) & MASK) for e in ofo]
-    i = bisect.bisect_left(offs, key)
-    lo_off, hi_off = key, key + n
-    # Trim against the predecessor.
-    if i > 0:
+    i = bisect.bisect_left(offs, lo_off)
+    if i > 0:  # trim against the predecessor
         p_end = offs[i - 1] + len(ofo[i - 1][2])
-        if p_end >= hi_off and not fin:
-            _ofo_note(sk, seq)
-            return
+        if p_end >= hi_off:
+            return  # nothing new
         if p_end > lo_off:
             data = data[p_end - lo_off:]
             lo_off = p_end
-    # Remove successors we cover, trim against the first one we overlap.
-    while i < len(ofo) and offs[i] < hi_off:
+    while i < len(ofo) and offs[i] < hi_off:  # swallow covered successors, trim at the next
         s_end = offs[i] + len(ofo[i][2])
         if s_end <= hi_off:
             sk.ofo_len -= len(ofo[i][2])
@@ -426,15 +433,11 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
             continue
         data = data[:offs[i] - lo_off]
         hi_off = offs[i]
-        fin = 0
         break
-    if not data and not fin:
+    if not data:
         return
-    start = (base + lo_off) & MASK
-    end = (base + hi_off) & MASK
-    ofo.insert(i, [start, end, bytes(data)] if not fin else [start, end, bytes(data), True])
+    ofo.insert(i, [(base + lo_off) & MASK, (base + hi_off) & MASK, bytes(data)])
     sk.ofo_len += len(data)
-    _ofo_note(sk, seq)
     sh.stats.ofo_queued += 1
 
 
@@ -447,9 +450,8 @@ def _ofo_note(sk: TcpSock, seq: int) -> None:
 
 
 def _ofo_drain(sk: TcpSock) -> int:
-    """Move now-contiguous out-of-order data to the receive queue; returns the FIN flag."""
+    """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due."""
     ofo = sk.ofo
-    fin = 0
     while ofo:
         e = ofo[0]
         off = (e[0] - sk.rcv_nxt) & MASK
@@ -465,9 +467,10 @@ def _ofo_drain(sk: TcpSock) -> int:
             sk.rcvq.append(data)
             sk.rcvq_len += len(data)
             sk.rcv_nxt = (sk.rcv_nxt + len(data)) & MASK
-        if len(e) == 4:
-            fin = FIN
-    return fin
+    if sk.ofo_fin is not None and sk.ofo_fin == sk.rcv_nxt and not ofo:
+        sk.ofo_fin = None
+        return FIN
+    return 0
 
 
 def tcp_fin(sh: Any, sk: TcpSock, now: float) -> None:
@@ -515,7 +518,7 @@ def tcp_data_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
 
 def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     """ESTABLISHED receive with header prediction (see the module docstring)."""
-    if (seg.flags & 0x37) != ACK or seg.seq != sk.rcv_nxt or sk.ofo:
+    if (seg.flags & 0x37) != ACK or seg.seq != sk.rcv_nxt or sk.ofo or sk.ofo_fin is not None:
         tcp_rcv_state_process(sh, sk, seg, now)
         return
     if sk.ts_ok:

@@ -302,7 +302,7 @@ def _cookie_check(sh: Any, listener: TcpSock, seg: Any, src: int, dst: int,
 
 def tcp_v4_syn_recv_sock(sh: Any, listener: TcpSock, req: Any, seg: Any,
                          now: float) -> TcpSock | None:
-    """Create the child socket (Linux ``tcp_v4_syn_recv_sock``); None if the accept queue is full."""
+    """The child socket (Linux ``tcp_v4_syn_recv_sock``); None if the accept queue is full."""
     sh.tr("tcp_v4_syn_recv_sock")
     if sk_acceptq_is_full(listener):
         return None
@@ -328,7 +328,7 @@ def tcp_v4_syn_recv_sock(sh: Any, listener: TcpSock, req: Any, seg: Any,
 
 
 def tcp_child_process(sh: Any, listener: TcpSock, child: TcpSock, seg: Any, now: float) -> None:
-    """Run the final ACK through the new child, then wake the listener (Linux ``tcp_child_process``)."""
+    """Run the final ACK through the child, then wake the listener (``tcp_child_process``)."""
     from .events import Acceptable
     sh.tr("tcp_child_process")
     tcp_rcv_state_process(sh, child, seg, now)

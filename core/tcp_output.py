@@ -130,7 +130,10 @@ def tcp_send_ack(sh: Any, sk: TcpSock, now: float) -> None:
 
 
 def tcp_send_probe(sh: Any, sk: TcpSock, now: float) -> None:
-    """Zero-window or keepalive probe: an old sequence number elicits an ACK (Linux ``tcp_xmit_probe_skb``)."""
+    """Zero-window or keepalive probe: an old sequence number elicits an ACK.
+
+    Linux ``tcp_xmit_probe_skb``.
+    """
     tcp_transmit(sh, sk, (sk.snd_una - 1) & MASK, ACK, b"", now)
 
 
@@ -242,6 +245,9 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
     cc = sk.cc
     una = sk.snd_una
     sent_any = False
+    if sk.snd_max == una and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
+        # RFC 5681 §4.1: after an idle period longer than the RTO, restart from IW.
+        cc.on_idle_restart(now, now - sk.lsndtime, sk.rto)
     while True:
         nxt = sk.snd_nxt
         sent_off = (nxt - una) & MASK
@@ -253,6 +259,10 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
             break
         in_flight = sent_off
         cwnd_room = cc.cwnd * mss - in_flight
+        if sk.dupacks and not sk.in_recovery:
+            # RFC 3042 limited transmit: the first two dup ACKs each allow one
+            # new segment beyond cwnd, to keep the ACK clock for fast retransmit.
+            cwnd_room += min(sk.dupacks, 2) * mss
         wnd_room = ((una + sk.snd_wnd - nxt) & MASK)
         if wnd_room & 0x80000000:
             wnd_room = 0

@@ -217,7 +217,7 @@ def tcp_probe_timer(sh: Any, sk: Any, now: float) -> None:
 
 
 def tcp_keepalive_timer(sh: Any, sk: Any, now: float) -> None:
-    """Keepalive (RFC 1122 §4.2.3.6) and the orphaned FIN-WAIT-2 timeout (Linux shares the timer)."""
+    """Keepalive (RFC 1122 §4.2.3.6), and the orphaned FIN-WAIT-2 timeout (same timer in Linux)."""
     import errno
 
     from .sock import State

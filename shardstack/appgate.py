@@ -196,7 +196,7 @@ class AppGate:
 
     def _on_client_data(self, c: Client) -> None:
         try:
-            data, anc, _flags, _ = c.sock.recvmsg(65536, _CMSG_FD)
+            data, anc, _flags, _ = c.sock.recvmsg(65536, _CMSG_FD, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

@@ -25,6 +25,7 @@ from shardstack.shim.stack import (
     ENV_ENABLE,
     ENV_LOOPBACK,
     ENV_RUN_DIR,
+    ENV_STRICT,
     Stack,
     get_stack,
     set_stack,
@@ -33,20 +34,24 @@ from shardstack.shim.stack import (
 __all__ = ["ShimSocket", "install", "uninstall", "installed", "install_from_env", "get_stack"]
 
 
-def install(run_dir: str | os.PathLike[str] | None = None, loopback: bool = False) -> Stack:
+def install(run_dir: str | os.PathLike[str] | None = None, loopback: bool = False,
+            strict: bool = False) -> Stack:
     """Monkeypatch `socket.socket` for this process; returns the Stack link.
 
     `run_dir` defaults as `shardstack serve` picks it (shardstack.rundir).
-    Nothing talks to the stack until a socket needs it.
+    Nothing talks to the stack until a socket needs it. Without a stack
+    answering, sockets stay on the kernel, unless `strict` (then a
+    non-loopback AF_INET stream bind/connect fails with ENETUNREACH).
     """
     from shardstack.rundir import select_run_dir
 
     path = select_run_dir(run_dir)
     stack = get_stack()
-    if stack is None or stack.run_dir != path or stack.loopback != loopback:
+    if (stack is None or stack.run_dir != path or stack.loopback != loopback
+            or stack.strict != strict):
         # A new link; keep the old one if nothing changed, since bind_ids
         # belong to its control connection.
-        stack = Stack(path, loopback=loopback)
+        stack = Stack(path, loopback=loopback, strict=strict)
         set_stack(stack)
     socket.socket = ShimSocket
     _patch_ssl(True)
@@ -88,4 +93,5 @@ def install_from_env(env: dict[str, str] | None = None) -> Stack | None:
     env = os.environ if env is None else env
     if not env.get(ENV_ENABLE):
         return None
-    return install(env.get(ENV_RUN_DIR) or None, loopback=bool(env.get(ENV_LOOPBACK)))
+    return install(env.get(ENV_RUN_DIR) or None, loopback=bool(env.get(ENV_LOOPBACK)),
+                   strict=bool(env.get(ENV_STRICT)))

@@ -6,7 +6,9 @@
 
 `shardstack run` execs the command with an environment that installs the
 shim in every Python process it starts: SHARDSTACK_SHIM=1, the run
-directory, and this package's `_boot` directory first on PYTHONPATH (its
+directory, SHARDSTACK_SHIM_STRICT=1 (should the stack go away, stack-bound
+sockets fail with ENETUNREACH rather than leave through the kernel), and this
+package's `_boot` directory first on PYTHONPATH (its
 sitecustomize.py installs the shim, then chains to any other
 sitecustomize). So subprocesses and multiprocessing spawn/forkserver
 children run on the stack too; fork children inherit the installed shim.
@@ -26,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardstack.shim.stack import ENV_ENABLE, ENV_LOOPBACK, ENV_RUN_DIR
+from shardstack.shim.stack import ENV_ENABLE, ENV_LOOPBACK, ENV_RUN_DIR, ENV_STRICT
 
 BOOT_DIR = Path(__file__).resolve().parent / "_boot"
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?$")
@@ -93,6 +95,7 @@ def child_env(run_dir: str, loopback: bool, base: dict[str, str] | None = None) 
     env = dict(os.environ if base is None else base)
     env[ENV_ENABLE] = "1"
     env[ENV_RUN_DIR] = str(run_dir)
+    env[ENV_STRICT] = "1"  # meant for the stack: never leave by the kernel instead
     if loopback:
         env[ENV_LOOPBACK] = "1"
     else:
@@ -172,7 +175,7 @@ def run_in_process(argv: list[str]) -> int:
         print(f"shardstack.shim: {msg}", file=sys.stderr)
         return 1
     os.environ.update(child_env(run_dir, a.loopback))
-    shim.install(run_dir, loopback=a.loopback)
+    shim.install(run_dir, loopback=a.loopback, strict=True)
     if a.module is not None:
         sys.argv = [a.module, *a.command]
         runpy.run_module(a.module, run_name="__main__", alter_sys=True)

@@ -42,6 +42,10 @@ kernel_socket = _socket_mod.socket  # the class as the interpreter defined it
 _csocket = _socket_mod._socket.socket if hasattr(_socket_mod, "_socket") else None
 
 AF_INET, AF_UNIX, SOCK_STREAM = _socket_mod.AF_INET, _socket_mod.AF_UNIX, _socket_mod.SOCK_STREAM
+AF_INET6 = _socket_mod.AF_INET6
+IPPROTO_IPV6 = _socket_mod.IPPROTO_IPV6
+IPV6_V6ONLY = _socket_mod.IPV6_V6ONLY
+_FACES = (AF_INET, AF_INET6)
 SOL_SOCKET, IPPROTO_TCP = _socket_mod.SOL_SOCKET, _socket_mod.IPPROTO_TCP
 SO_DOMAIN = getattr(_socket_mod, "SO_DOMAIN", 39)
 SO_PROTOCOL = getattr(_socket_mod, "SO_PROTOCOL", 38)
@@ -62,6 +66,7 @@ _DEFAULTS = {
     (SOL_SOCKET, _socket_mod.SO_REUSEADDR): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEPORT): 0,
     (SOL_SOCKET, _socket_mod.SO_OOBINLINE): 0,
+    (IPPROTO_IPV6, IPV6_V6ONLY): 0,  # net.ipv6.bindv6only's default
 }
 _LINGER = struct.Struct("ii")
 # Options kept off the unix fd: SO_OOBINLINE would put the gate's status
@@ -145,6 +150,33 @@ def _fd_domain(fd: int) -> int:
         tmp.detach()
 
 
+def _face(family: int, host: str, port: int) -> tuple:
+    """A TCP address as the socket's family shows it: AF_INET6 sockets (a
+    dual-stack `::` listener, `::ffff:a.b.c.d` peers) see v4-mapped ones."""
+    if family == AF_INET6:
+        return ("::" if host == "0.0.0.0" else "::ffff:" + host, port, 0, 0)
+    return (host, port)
+
+
+def _parse_addr(family: int, address: Any) -> tuple[str, int] | None:
+    """(IPv4 host, port) of an address the stack could serve, else None
+    (the kernel method then runs, and raises its own errors if malformed)."""
+    if family == AF_INET:
+        return _parse_inet(address)
+    if not isinstance(address, tuple) or not 2 <= len(address) <= 4:
+        return None
+    host, port = address[0], address[1]
+    if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        return None
+    if host in ("", "::"):
+        return "0.0.0.0", port  # dual-stack wildcard: the IPv4 half is the stack's
+    try:
+        v4 = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+    except ValueError:
+        return None
+    return (str(v4), port) if v4 is not None else None
+
+
 def _parse_inet(address: Any) -> tuple[str, int] | None:
     """(host, port) of an AF_INET address tuple, or None to let the kernel
     method raise its own TypeError/OverflowError for a malformed one."""
@@ -170,17 +202,22 @@ def _parse_inet(address: Any) -> tuple[str, int] | None:
 
 
 def _check_denied(stack: Stack | None, view: Any, parsed: tuple[str, int] | None) -> None:
-    """The stack exists but is not ours (SO_PEERCRED said EACCES): an
-    address the shim would have put on it fails with EACCES rather than
-    silently going to the kernel. Loopback stays the kernel's."""
-    if stack is None or view is not None or not stack.denied or parsed is None:
+    """No usable stack: normally sockets go to the kernel. But when the stack
+    exists and is not ours (SO_PEERCRED said EACCES), or in strict mode
+    (`shardstack run`: the program was meant to run on the stack), a
+    non-loopback address fails instead of silently leaving by the kernel."""
+    if stack is None or view is not None or parsed is None:
+        return
+    if not (stack.denied or stack.strict):
         return
     try:
         if ipaddress.IPv4Address(parsed[0] or "0.0.0.0").is_loopback:
             return
     except ValueError:
         return
-    raise _oserror(errno.EACCES, "this shardstack belongs to another user")
+    if stack.denied:
+        raise _oserror(errno.EACCES, "this shardstack belongs to another user")
+    raise _oserror(errno.ENETUNREACH, f"shardstack not reachable in {stack.run_dir}")
 
 
 def _oserror(code: int, text: str | None = None) -> OSError:
@@ -196,7 +233,7 @@ class ShimSocket(kernel_socket):
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None) -> None:
         st = None
-        if fileno is not None and family == AF_INET and (type == -1 or type & 0xF == SOCK_STREAM):
+        if fileno is not None and family in _FACES and (type == -1 or type & 0xF == SOCK_STREAM):
             # A stack fd wrapped again (accept, dup, fromfd, ssl): it is
             # AF_UNIX underneath but must keep its TCP face.
             try:
@@ -208,7 +245,7 @@ class ShimSocket(kernel_socket):
         self._ss = st
         self._owner = False  # this object made the stack state (and unregisters it)
         self._pre = None  # options set while still a kernel socket, to replay
-        self._cand = self.family == AF_INET and self.type == SOCK_STREAM
+        self._cand = self.family in _FACES and self.type == SOCK_STREAM
 
     # -- helpers --------------------------------------------------------------
 
@@ -288,7 +325,8 @@ class ShimSocket(kernel_socket):
 
     def bind(self, address: Any) -> None:
         stack = self._stack()
-        parsed = _parse_inet(address) if stack is not None and self._ss is None else None
+        parsed = (self._parse(address) if stack is not None and self._ss is None
+                  else None)
         view = stack.view() if parsed is not None else None
         _check_denied(stack, view, parsed)
         where, host = scope.bind_scope(parsed[0], view) if parsed else (scope.KERNEL, "")
@@ -339,6 +377,11 @@ class ShimSocket(kernel_socket):
         _register(self.fileno(), st)
         self._owner = True
 
+    def _parse(self, address: Any) -> tuple[str, int] | None:
+        if self.family == AF_INET6 and (self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)):
+            return None  # an IPv6-only socket: nothing for an IPv4 stack
+        return _parse_addr(self.family, address)
+
     def _unbound_candidate(self) -> bool:
         stack = self._stack()
         if stack is None or stack.view() is None:
@@ -350,13 +393,13 @@ class ShimSocket(kernel_socket):
         if st is None or st.kind != LISTENER:
             return super().accept()
         fd, _garbage = super()._accept()  # an AF_INET parse of a unix address: ignored
-        sock = type(self)(AF_INET, SOCK_STREAM, self.proto, fileno=fd)
+        sock = type(self)(self.family, SOCK_STREAM, self.proto, fileno=fd)
         if _socket_mod.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)  # as socket.accept does (issue #7995)
         if sock._ss is None:
             sock.close()
             raise _oserror(errno.EPROTO, "accepted a connection that is not shardstack's")
-        return sock, sock._ss.peername
+        return sock, _face(self.family, *sock._ss.peername)
 
     # -- connect --------------------------------------------------------------
 
@@ -382,7 +425,7 @@ class ShimSocket(kernel_socket):
         if st is not None and st.kind in (ACTIVE, PASSIVE):
             return self._reconnect(st)
         stack = self._stack()
-        parsed = _parse_inet(address) if stack is not None else None
+        parsed = self._parse(address) if stack is not None else None
         view = stack.view() if parsed is not None else None
         _check_denied(stack, view, parsed)
         bound = st is not None and st.kind == BOUND
@@ -474,7 +517,7 @@ class ShimSocket(kernel_socket):
         st = self._ss
         if st is None:
             return super().getsockname()
-        return st.sockname
+        return _face(self.family, *st.sockname)
 
     def getpeername(self) -> Any:
         st = self._ss
@@ -483,14 +526,14 @@ class ShimSocket(kernel_socket):
         if st.kind in (ACTIVE, PASSIVE):
             self._refresh()
             if st.status == ESTABLISHED or st.kind == PASSIVE:
-                return st.peername
+                return _face(self.family, *st.peername)
         raise _oserror(errno.ENOTCONN)
 
     # -- options --------------------------------------------------------------
 
     def setsockopt(self, level: int, opt: int, value: Any, optlen: int | None = None) -> None:
         st = self._ss
-        if st is None or self.family != AF_INET:
+        if st is None:
             if optlen is None:
                 super().setsockopt(level, opt, value)
             else:
@@ -518,7 +561,7 @@ class ShimSocket(kernel_socket):
 
     def getsockopt(self, level: int, opt: int, buflen: int | None = None) -> Any:
         st = self._ss
-        if st is None or self.family != AF_INET:
+        if st is None:
             if buflen is None:
                 return super().getsockopt(level, opt)
             return super().getsockopt(level, opt, buflen)
@@ -536,7 +579,7 @@ class ShimSocket(kernel_socket):
             if opt == _socket_mod.SO_TYPE:
                 return SOCK_STREAM
             if opt == SO_DOMAIN:
-                return AF_INET
+                return self.family
             if opt == SO_PROTOCOL:
                 return _socket_mod.IPPROTO_TCP
             if opt == _socket_mod.SO_ACCEPTCONN:
@@ -635,7 +678,7 @@ def ssl_socket_class() -> type:
             st = self.__dict__.get("_shim_st", _NO_STATE)
             if st is _NO_STATE:
                 st = None
-                if self.family == AF_INET and self.fileno() >= 0:
+                if self.family in _FACES and self.fileno() >= 0:
                     try:
                         if _fd_domain(self.fileno()) == AF_UNIX:
                             st = recover_state(self.fileno())
@@ -646,14 +689,14 @@ def ssl_socket_class() -> type:
 
         def getsockname(self) -> Any:
             st = self._shim_state()
-            return super().getsockname() if st is None else st.sockname
+            return super().getsockname() if st is None else _face(self.family, *st.sockname)
 
         def getpeername(self) -> Any:
             st = self._shim_state()
             if st is None:
                 return super().getpeername()
             if st.kind in (ACTIVE, PASSIVE):
-                return st.peername
+                return _face(self.family, *st.peername)
             raise _oserror(errno.ENOTCONN)
 
     return ShimSSLSocket

@@ -26,21 +26,26 @@ from shardstack.shim.scope import StackView
 ENV_ENABLE = "SHARDSTACK_SHIM"
 ENV_RUN_DIR = "SHARDSTACK_RUN_DIR"
 ENV_LOOPBACK = "SHARDSTACK_SHIM_LOOPBACK"
+ENV_STRICT = "SHARDSTACK_SHIM_STRICT"
 CALL_TIMEOUT = 10.0
+HELLO_RETRY_WAIT = 1.0  # s: how long a refusal may take to arrive
 
 
 class Stack:
     """Lazily connected; `view()` is None when no stack answers."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], loopback: bool = False) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], loopback: bool = False,
+                 strict: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.loopback = loopback
+        self.strict = strict  # no stack answering: fail, do not fall back to the kernel
         self._lock = threading.RLock()
         self._pid = -1
         self._control: Any = None
         self._view: StackView | None = None
         self._hello_failed = False
         self.denied = False  # a stack answered but refused us (EACCES)
+        self.failure = 0  # errno of the failed hello
         self._ctl: dict[int, Any] = {}
         self._counter = 0
 
@@ -61,15 +66,33 @@ class Stack:
             self._check_fork()
             if self._view is None and not self._hello_failed:
                 try:
-                    reply = self.call("hello")
+                    reply = self._hello()
                 except OSError as e:
                     # No stack: sockets stay on the kernel. A stack that is
                     # not ours to use: its addresses get EACCES (sock.py).
                     self._hello_failed = True
                     self.denied = e.errno in (errno.EACCES, errno.EPERM)
+                    self.failure = e.errno or errno.ENETUNREACH
                     return None
                 self._view = StackView.from_hello(reply, self.loopback)
             return self._view
+
+    def _hello(self) -> dict[str, Any]:
+        try:
+            return self.call("hello")
+        except (BrokenPipeError, ConnectionResetError):
+            # A server refusing our uid answers EACCES and hangs up at once,
+            # maybe before our request went out: the answer may still be
+            # waiting to be read.
+            from shardstack.control import ControlClient, raise_for_reply
+
+            c = ControlClient(self.run_dir / "control.sock", HELLO_RETRY_WAIT)
+            try:
+                return raise_for_reply(c._recv())  # a refusal comes unasked
+            except TimeoutError:
+                raise ConnectionResetError(errno.ECONNRESET, "control.sock hung up") from None
+            finally:
+                c.close()
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One request on this process's control connection; OSError(errno) on error."""

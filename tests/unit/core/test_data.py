@@ -378,6 +378,42 @@ def test_fast_retransmit_on_three_dupacks():
     assert not sh.sock(sd).in_recovery
 
 
+def _server_with_peer(mss: int = 1000):
+    sh = make_shard()
+    lsd = sh.socket()
+    sh.bind(lsd, 0, 80)
+    sh.listen(lsd, 4)
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=mss)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1, at=0.01)
+    sd, _ = sh.accept(lsd)
+    sh.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sh, sd, peer, sa.seq + 1
+
+
+def test_limited_transmit_sends_new_data_on_first_dupacks():
+    sh, sd, peer, una = _server_with_peer()
+    sh.send(sd, bytes(20_000), 0.02)
+    assert len(peer.recv()) == 10  # initial window
+    peer.send(ACK, 1001, una, at=0.03)  # dup ACK 1 (segment 1 lost)
+    assert [x.seq for x in peer.recv()] == [una + 10_000]  # RFC 3042: one new segment
+    peer.send(ACK, 1001, una, at=0.031)  # dup ACK 2
+    assert [x.seq for x in peer.recv()] == [una + 11_000]
+    peer.send(ACK, 1001, una, at=0.032)  # dup ACK 3: fast retransmit of the hole
+    assert peer.recv()[0].seq == una
+
+
+def test_early_retransmit_with_few_segments_outstanding():
+    sh, sd, peer, una = _server_with_peer()
+    sh.send(sd, bytes(2000), 0.02)
+    assert len(peer.recv()) == 2
+    peer.send(ACK, 1001, una, at=0.03)  # one dup ACK is all two segments can produce
+    out = peer.recv()
+    assert out and out[0].seq == una and len(out[0].payload) == 1000
+    assert sh.stats.fast_retrans == 1
+
+
 def test_recv_after_peer_reset_reports_error_once():
     p = Pair()
     _, c, s = p.connect()
@@ -390,3 +426,16 @@ def test_recv_after_peer_reset_reports_error_once():
         p.a.send(c, b"x", 0.0)
     assert e.value.errno == errno.ECONNRESET
     assert p.a.recv(c, 10) == b""
+
+
+def test_idle_restart_resets_cwnd_to_initial_window():
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.send(c, bytes(200_000), 0.0)  # fits the receive window: cwnd-limited only
+    p.advance(0.5)
+    assert len(p.b.recv(s, 1 << 20)) == 200_000
+    sk = p.a.sock(c)
+    assert sk.cc.cwnd > 10
+    p.advance(5.0)  # idle far longer than the RTO (RFC 5681 §4.1)
+    p.a.send(c, b"x" * 100, 5.0)
+    assert sk.cc.cwnd == 10

@@ -159,3 +159,39 @@ def test_handshake_through_pair_with_lost_syn():
     p.advance(1.0)
     assert p.a.state(csd) is State.ESTABLISHED
     assert p.a.sock(csd).srtt == 0.0  # Karn: no RTT sample from a retransmitted SYN
+
+
+def _listen_pair():
+    p = Pair()
+    lsd = p.b.socket()
+    p.b.bind(lsd, 0, 80)
+    p.b.listen(lsd, 4)
+    return p, lsd
+
+
+def test_lost_synack_is_retransmitted_after_1s():
+    p, lsd = _listen_pair()
+    lost = []
+    p.drop = lambda d, seg: seg.flags == "S." and not lost and not lost.append(seg)
+    c = p.a.socket()
+    p.a.connect(c, B, 80, 0.0)
+    p.advance(0.99)
+    assert p.a.state(c) is State.SYN_SENT
+    p.advance(1.0)  # both the SYN and the SYN-ACK timers fire at 1 s
+    assert p.a.state(c) is State.ESTABLISHED
+    assert p.b.accept(lsd) is not None
+
+
+def test_lost_final_ack_recovered_by_synack_retransmission():
+    p, lsd = _listen_pair()
+    lost = []
+    p.drop = lambda d, seg: (d == "ab" and seg.flags == "." and not lost
+                             and not lost.append(seg))
+    c = p.a.socket()
+    p.a.connect(c, B, 80, 0.0)
+    p.deliver()
+    assert p.a.state(c) is State.ESTABLISHED and p.b.accept(lsd) is None
+    p.advance(1.0)
+    # the retransmitted SYN-ACK draws an ACK (RFC 5961 §4.2 challenge) that completes it
+    assert [x.flags for x in p.segs()][-2:] == ["S.", "."]
+    assert p.b.accept(lsd) is not None

@@ -14,6 +14,9 @@ def stack(tmp_path):
     """A running two-shard stack with the shim installed in this process."""
     sp = StackPair(tmp_path / "run").start()
     link = shim.install(str(tmp_path / "run"))
+    # Without an answering stack, sockets to 198.18.0.1 would go to the
+    # kernel and out of this machine: never start a test like that.
+    assert link.view() is not None
     try:
         yield sp
     finally:

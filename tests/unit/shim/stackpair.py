@@ -144,6 +144,8 @@ class StackPair:
             self.binds.listen(b, int(req.get("backlog", 128)))
             b.listener = {"backlog": int(req.get("backlog", 128)), "path": req["path"]}
             for n in self.nodes:
+                if b.laddr and b.laddr not in n.shard.addr_set:
+                    continue  # a real stack's workers all share its addresses
                 n.gate.add_listener(b.bind_id, b.laddr, b.lport, path=req["path"],
                                     backlog=int(req.get("backlog", 128)),
                                     opts=req.get("opts", ()))
@@ -161,7 +163,7 @@ class StackPair:
             return
         if b.listener is not None:
             for n in self.nodes:
-                n.gate.remove_listener(bind_id)
+                n.gate.remove_listener(bind_id)  # a no-op where it was not installed
         self.binds.release(b)
 
     def _release_all(self, conn: control.Conn) -> None:

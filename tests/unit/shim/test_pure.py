@@ -217,3 +217,40 @@ def test_launcher_reports_missing_stack(tmp_path, capsys):
 def test_errno_table_is_small_enough_for_one_oob_byte():
     assert all(0 < e < 256 for e in gp.CONN_ERRNOS)
     assert errno.ECONNREFUSED in gp.CONN_ERRNOS
+
+
+# -- no stack answering -----------------------------------------------------------
+
+
+@pytest.fixture
+def no_stack(tmp_path):
+    import shardstack.shim as shim
+    from shardstack.shim.stack import set_stack
+
+    def make(strict):
+        return shim.install(str(tmp_path / "nothing-here"), strict=strict)
+
+    yield make
+    shim.uninstall()
+    set_stack(None)
+
+
+def test_without_a_stack_sockets_stay_on_the_kernel(no_stack):
+    no_stack(False)
+    s = socket.socket()
+    s.bind(("0.0.0.0", 0))  # a kernel bind: the kernel's own answer
+    assert s.getsockname()[1] != 0 and s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == 2
+    s.close()
+
+
+def test_strict_mode_never_falls_back(no_stack):
+    no_stack(True)
+    s = socket.socket()
+    with pytest.raises(OSError) as ei:
+        s.connect(("198.18.0.1", 80))  # fails before any packet could leave
+    assert ei.value.errno == errno.ENETUNREACH
+    with pytest.raises(OSError) as ei:
+        s.bind(("0.0.0.0", 0))
+    assert ei.value.errno == errno.ENETUNREACH
+    s.bind(("127.0.0.1", 0))  # loopback stays the kernel's
+    s.close()

@@ -271,3 +271,170 @@ def test_dup_fromfd_and_fileno_rewrap_keep_tcp_identity(stack):
     assert again.recv(100) == b"still here"
     for x in (again, cl, srv):
         x.close()
+
+
+@pytest.mark.slow
+def test_full_app_backlog_holds_connections_until_accepted(stack):
+    """A full app backlog is a full accept queue: the worker parks children
+    and the shard drops further SYNs, whose retransmissions succeed once the
+    app accepts (tcp_conn_request on a full queue)."""
+    srv = _server(backlog=1)
+    port = srv.getsockname()[1]
+
+    def client(i):
+        c = socket.create_connection((SERVER_IP, port), timeout=20)
+        c.sendall(b"%d" % i)
+        return c
+
+    joins = [_in_thread(client, i) for i in range(5)]
+    gate = stack.nodes[1].gate
+    for _ in range(1000):  # bounded: until the worker found the app's backlog full
+        if gate.stats.backlog_full:
+            break
+        threading.Event().wait(0.01)
+    got = set()
+    srv.settimeout(20)
+    for _ in joins:
+        a, _ = srv.accept()
+        a.settimeout(5)
+        got.add(a.recv(10))
+        a.close()
+    assert got == {b"%d" % i for i in range(5)}
+    assert gate.stats.backlog_full > 0  # the worker had to wait for the app
+    for j in joins:
+        j().close()
+    srv.close()
+
+
+def test_close_with_unread_data_sends_rst(stack):
+    """tcp_close: closing with unread receive data aborts the connection."""
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    cl.sendall(b"never read")
+    select.select([c], [], [], 5)
+    c.close()
+    with pytest.raises(ConnectionResetError):
+        for _ in range(50):
+            if not cl.recv(100):
+                break
+    cl.close()
+    srv.close()
+
+
+def test_passive_side_sees_reset_after_its_small_write(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    c.settimeout(5)
+    c.sendall(b"hello")  # a small write: the worker keeps its last byte back
+    assert cl.recv(100) == b"hello"
+    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cl.close()
+    with pytest.raises(ConnectionResetError):
+        c.recv(100)
+    c.close()
+    srv.close()
+
+
+def test_recv_timeout_and_specific_address_bind(stack):
+    srv = socket.socket()
+    srv.bind((CLIENT_IP, 0))  # a stack address, not the wildcard
+    srv.listen(1)
+    assert srv.getsockname()[0] == CLIENT_IP
+    srv.close()
+    srv = _server()
+    cl = socket.create_connection((SERVER_IP, srv.getsockname()[1]), timeout=5)
+    cl.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        cl.recv(10)
+    cl.close()
+    srv.close()
+
+
+def test_connect_from_a_bound_port(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.socket()
+    cl.bind(("0.0.0.0", 0))
+    bport = cl.getsockname()[1]
+    cl.settimeout(5)
+    cl.connect((SERVER_IP, port))
+    assert cl.getsockname() == (CLIENT_IP, bport)
+    c, addr = srv.accept()
+    assert addr == (CLIENT_IP, bport)
+    for x in (c, cl, srv):
+        x.close()
+
+
+def test_closed_listener_refuses(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    srv.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((SERVER_IP, port), timeout=5)
+    cl.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_users_app_gets_eacces(stack):
+    os.chmod(stack.run_dir, 0o755)
+    os.chmod(stack.run_dir / "control.sock", 0o666)
+    r, w = os.pipe()
+    dfd = os.open(stack.run_dir, os.O_PATH)  # past the 0700 pytest tmp dirs
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # An empty network namespace first: should the shim wrongly fall
+            # back to the kernel, the SYN goes nowhere instead of out.
+            import ctypes
+
+            assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0  # CLONE_NEWNET
+            os.setuid(65534)
+            from shardstack.shim.stack import Stack, set_stack
+
+            set_stack(Stack(f"/proc/self/fd/{dfd}"))
+            s = socket.socket()
+            try:
+                s.connect((SERVER_IP, 80))
+            except OSError as e:
+                os.write(w, str(e.errno).encode())
+            lo = socket.socket()
+            lo.bind(("127.0.0.1", 0))  # loopback is still the kernel's
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(dfd)
+    got = os.read(r, 100)
+    _, status = os.waitpid(pid, 0)
+    os.chmod(stack.run_dir, 0o700)
+    assert got == str(errno.EACCES).encode()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_dual_stack_ipv6_listener_serves_ipv4(stack):
+    """`::` with IPV6_V6ONLY off (http.server's default in a v6-capable netns):
+    the IPv4 half goes on the stack, addresses show v4-mapped."""
+    srv = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = srv.getsockname()[1]
+    assert srv.getsockname() == ("::", port, 0, 0)
+    assert srv.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_INET6
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, addr = srv.accept()
+    assert c.family == socket.AF_INET6
+    assert addr == ("::ffff:" + CLIENT_IP, cl.getsockname()[1], 0, 0)
+    assert c.getsockname() == ("::ffff:" + SERVER_IP, port, 0, 0)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    v6.settimeout(5)
+    v6.connect(("::ffff:" + SERVER_IP, port))  # a v4-mapped destination: the stack
+    c2, _ = srv.accept()
+    v6.sendall(b"mapped")
+    assert c2.recv(10) == b"mapped"
+    assert v6.getpeername() == ("::ffff:" + SERVER_IP, port, 0, 0)
+    for x in (v6, c2, c, cl, srv):
+        x.close()
