@@ -43,7 +43,8 @@ class RequestSock:
     acked: bool = False  # final ACK seen but the accept queue was full
     dead: bool = False
     timers: list = field(default_factory=lambda: [None] * 6)
-    timer_seq: list = field(default_factory=lambda: [0] * 6)  # live heap entry (tcp_timer)
+    timer_seq: list = field(default_factory=lambda: [0] * 6)  # representative heap entry (tcp_timer)
+    timer_q: list = field(default_factory=lambda: [None] * 6)  # its deadline (tcp_timer)
 
 
 def inet_reqsk_alloc(sh: Any, listener: Any, laddr: int, lport: int, raddr: int,

@@ -82,8 +82,14 @@ class ShardStats:
     syncookies_recv: int = 0
     synack_timeouts: int = 0
     challenge_acks: int = 0
-    fast_retrans: int = 0
+    fast_retrans: int = 0  # fast recoveries entered (TCPSackRecovery + TCPRenoRecovery)
     rto_fires: int = 0
+    partial_acks: int = 0  # NewReno partial ACKs in recovery (TCPRenoRecoveryFail-ish)
+    sack_reneging: int = 0  # TCPSACKReneging
+    dsacks_sent: int = 0  # TCPDSACKOldSent + TCPDSACKOfoSent
+    dsacks_recv: int = 0  # TCPDSACKRecv
+    tlp_probes: int = 0  # TCPLossProbes
+    rack_marked: int = 0  # segments RACK marked lost (TCPRACK...)
     delayed_acks: int = 0
     zero_window_probes: int = 0
     keepalive_probes: int = 0
@@ -137,6 +143,8 @@ class Shard:
         self.h = InetHashinfo()
         self.timers = TimerHeap()
         self.frames: list[bytes] = []
+        #: (index in ``frames``, segment payload size) of each super-segment queued.
+        self.gso_marks: list[tuple[int, int]] = []
         self.events: list[Event] = []
         self.stats = ShardStats()
         self.socks: dict[int, TcpSock] = {}
@@ -200,7 +208,27 @@ class Shard:
     def take_frames(self) -> list[bytes]:
         frames = self.frames
         self.frames = []
+        if self.gso_marks:
+            self.gso_marks = []
         return frames
+
+    def take_frames_gso(self) -> list[tuple[bytes, int]]:
+        """Like :meth:`take_frames`, with each packet's GSO segment size.
+
+        ``(packet, 0)``: send as is.  ``(packet, gso_size)``: a TSO
+        super-segment (``ShardConfig.tso_max``) whose TCP payload the device
+        must cut into ``gso_size``-byte segments (the last may be shorter);
+        ``gso_size`` is the connection's MSS for that segment, options
+        included (virtio_net_hdr ``gso_size``, Linux ``tcp_current_mss``).
+        """
+        frames = self.frames
+        self.frames = []
+        out = [(f, 0) for f in frames]
+        if self.gso_marks:
+            for i, size in self.gso_marks:
+                out[i] = (frames[i], size)
+            self.gso_marks = []
+        return out
 
     def take_events(self) -> list[Event]:
         events = self.events

@@ -73,7 +73,7 @@ class TcpSock:
     iss: int = 0
     snd_una: int = 0
     snd_nxt: int = 0
-    snd_max: int = 0  # highest sequence sent (snd_nxt can be rewound by RTO)
+    snd_max: int = 0  # highest sequence sent (== snd_nxt: retransmissions never rewind it)
     snd_wnd: int = 0
     snd_wl1: int = 0
     snd_wl2: int = 0
@@ -123,13 +123,25 @@ class TcpSock:
     retries: int = 0
     rtt_seq: int = -1  # Karn: sequence being timed without timestamps
     rtt_time: float = 0.0
-    # -- loss recovery ---------------------------------------------------------------
+    # -- loss recovery (RFC 6675 scoreboard, RFC 6937 PRR, RFC 6582 NewReno) ---------
     cc: Any = None
     dupacks: int = 0
-    in_recovery: bool = False
-    recover: int = 0
+    in_recovery: bool = False  # fast recovery (Linux TCP_CA_Recovery)
+    in_loss: bool = False  # after an RTO until ``recover`` is acked (Linux TCP_CA_Loss)
+    recover: int = 0  # RecoveryPoint: SND.MAX when recovery / loss began
     sacked: list = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
-    retrans_hi: int = 0  # fast recovery: retransmitted up to here
+    sacked_bytes: int = 0  # total of ``sacked``
+    reno_sacked: int = 0  # without SACK: bytes the dup ACKs say have left (Linux reno sacks)
+    lost_hi: int = 0  # un-SACKed data below this is deemed lost (RFC 6675 IsLost)
+    retrans_hi: int = 0  # HighRxt: un-SACKed data below this has been retransmitted
+    prr_delivered: int = 0  # RFC 6937 prr_delivered (bytes)
+    prr_out: int = 0  # RFC 6937 prr_out (bytes)
+    prr_quota: int = 0  # bytes PRR lets us send now (sndcnt)
+    recover_fs: int = 1  # RFC 6937 RecoverFS (bytes)
+    dsack: tuple | None = None  # duplicate range to report in the next ACK (RFC 2883)
+    total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
+    recoveries: int = 0  # fast recoveries entered
+    rtos: int = 0  # retransmission timeouts
     # -- delayed ACK -----------------------------------------------------------------
     quickack: int = 16
     unacked_rcv: int = 0  # bytes received since we last sent an ACK
@@ -137,7 +149,8 @@ class TcpSock:
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
     # -- timers: deadline per TimerKind (None = idle) --------------------------------
     timers: list = field(default_factory=lambda: [None] * 6)
-    timer_seq: list = field(default_factory=lambda: [0] * 6)  # live heap entry (tcp_timer)
+    timer_seq: list = field(default_factory=lambda: [0] * 6)  # representative heap entry (tcp_timer)
+    timer_q: list = field(default_factory=lambda: [None] * 6)  # its deadline (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
     lsndtime: float = -1.0  # when we last sent data (-1: never)

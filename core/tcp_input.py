@@ -23,7 +23,6 @@ from .sock import State, TcpSock
 from .tcp import emit_readable, tcp_check_writable, tcp_done, tcp_reset
 from .tcp_output import (
     TCP_DELACK,
-    tcp_retransmit_skb,
     tcp_rto,
     tcp_send_ack,
     tcp_send_reset,
@@ -124,6 +123,10 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
             sh.stats.drop("TCP_TOO_OLD_ACK")
             tcp_send_challenge_ack(sh, sk, now)
             return False
+        if sk.sack_ok and seg.options.sack_blocks and sk.cc is not None:
+            # A reordered older ACK may still carry news in its SACK blocks (Linux
+            # tcp_ack "old ack" path tags them too).
+            _sacktag(sh, sk, seg.options.sack_blocks)
         return True  # old duplicate: ignore the ACK, keep the data
     if d > ((sk.snd_max - una) & MASK):
         sh.stats.drop("TCP_ACK_UNSENT_DATA")
@@ -149,11 +152,21 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
         sh.tr("tcp_ecn_rcv_ecn_echo")
         sh.tr("tcp_in_ack_event")
     if d == 0:
+        newly_sacked = 0
         if sk.sack_ok and seg.options.sack_blocks:
-            _sacktag(sk, seg.options.sack_blocks)
-        if (not seg.payload and not seg.flags & (SYN | FIN) and not window_changed
-                and sk.snd_max != una and sk.state is not State.SYN_RECV):
-            _dupack(sh, sk, now)
+            prior = sk.sacked_bytes
+            _sacktag(sh, sk, seg.options.sack_blocks)
+            newly_sacked = sk.sacked_bytes - prior
+        # RFC 5681 §2 duplicate ACK; with SACK, RFC 6675 §2's: an ACK that SACKs
+        # new data (it may carry data or a window update; a duplicated ACK, which
+        # SACKs nothing new, does not count).
+        if sk.sack_ok:
+            dup = newly_sacked > 0
+        else:
+            dup = (sk.snd_max != una and not seg.payload and not seg.flags & (SYN | FIN)
+                   and not window_changed and sk.state is not State.SYN_RECV)
+        if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
+            tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
             _window_opened(sh, sk, now)
         return True
@@ -186,7 +199,7 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
         _sndq_drop(sk, data)
     sk.snd_una = ack
     if ((ack - sk.snd_nxt) & MASK) < HALF:
-        sk.snd_nxt = ack  # after an RTO rewound snd_nxt, the peer may have had more
+        sk.snd_nxt = sk.snd_max = ack  # defensive: SND.NXT never lags the peer
     # RTT sample: timestamps (RFC 7323 §4.1) or Karn's timed segment (RFC 6298 (3)).
     rtt = None
     ts = seg.options.ts
@@ -202,27 +215,21 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     sk.backoff = 0
     sk.retries = 0
     sk.probes = 0
-    mss = sk.mss_cache
-    cc = sk.cc
-    if sk.sacked:
-        _sack_prune(sk)
-    if seg.options.sack_blocks and sk.sack_ok:
-        _sacktag(sk, seg.options.sack_blocks)
-    if sk.in_recovery:
-        if ((ack - sk.recover) & MASK) < HALF:
-            # RFC 6582 §3.2 step 5: full acknowledgment ends recovery.
-            sk.in_recovery = False
-            sk.dupacks = 0
-            cc.on_recovery_exit(now)
-        else:
-            # Partial ACK: retransmit the next hole now (RFC 6582 §3.2 step 5).
-            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
-            nxt = tcp_retransmit_skb(sh, sk, ack, now)
-            if ((nxt - sk.retrans_hi) & MASK) < HALF:
-                sk.retrans_hi = nxt
+    if sk.cc is not None and (sk.sacked or sk.in_recovery or sk.in_loss
+                              or (sk.sack_ok and seg.options.sack_blocks)):
+        prior = sk.sacked_bytes
+        if sk.sacked:
+            _sack_prune(sh, sk)
+        if sk.sack_ok and seg.options.sack_blocks:
+            _sacktag(sh, sk, seg.options.sack_blocks)
+        # RFC 6937 DeliveredData = change in SND.UNA + change in SACKed bytes.
+        tcp_fastretrans_alert(sh, sk, acked, acked + sk.sacked_bytes - prior, False, now,
+                              rtt, in_flight_before)
     else:
         sk.dupacks = 0
+        cc = sk.cc
         if cc is not None:
+            mss = sk.mss_cache
             cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
     if ack == sk.snd_max:
         sk.timers[_RETRANSMIT] = None
@@ -247,19 +254,31 @@ def _sndq_drop(sk: TcpSock, n: int) -> None:
     sk.sndq_head_off = off
 
 
-def _sacktag(sk: TcpSock, blocks: Any) -> None:
+def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
     """Merge the peer's SACK blocks into the scoreboard (RFC 2018 §3, RFC 6675 §4).
 
-    Blocks outside (SND.UNA, SND.MAX] (D-SACKs, nonsense) are ignored.
+    Linux ``tcp_sacktag_write_queue``.  Blocks outside (SND.UNA, SND.MAX] are
+    ignored; a first block below SND.UNA or inside the second one is a D-SACK
+    (RFC 2883 §4) and only counted.
     """
     una = sk.snd_una
     span = (sk.snd_max - una) & MASK
-    offs = [((s - una) & MASK, (e - una) & MASK) for s, e in sk.sacked]
+    first = blocks[0]
+    if ((first[0] - una) & MASK) & HALF or (
+            len(blocks) > 1 and ((first[0] - blocks[1][0]) & MASK) < HALF
+            and ((blocks[1][1] - first[1]) & MASK) < HALF):
+        sh.stats.dsacks_recv += 1
+    sacked = sk.sacked
+    new = []
     for left, right in blocks:
         lo = (left - una) & MASK
         hi = (right - una) & MASK
         if lo < hi <= span:
-            offs.append((lo, hi))
+            new.append((lo, hi))
+    if not new:
+        return
+    offs = [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked]
+    offs.extend(new)
     offs.sort()
     merged: list[list[int]] = []
     for lo, hi in offs:
@@ -268,75 +287,258 @@ def _sacktag(sk: TcpSock, blocks: Any) -> None:
                 merged[-1][1] = hi
         else:
             merged.append([lo, hi])
-    sk.sacked = [[(una + lo) & MASK, (una + hi) & MASK] for lo, hi in merged]
+    total = 0
+    for b in merged:
+        total += b[1] - b[0]
+        b[0] = (una + b[0]) & MASK
+        b[1] = (una + b[1]) & MASK
+    sk.sacked = merged
+    sk.sacked_bytes = total
 
 
-def _sack_prune(sk: TcpSock) -> None:
-    """Forget SACKed ranges the cumulative ACK now covers."""
+def _sack_prune(sh: Any, sk: TcpSock) -> None:
+    """Forget SACKed ranges the cumulative ACK now covers.
+
+    An ACK that stops exactly where SACKed data begins means the receiver
+    dropped what it had SACKed (reneging, RFC 2018 §8; Linux
+    ``tcp_check_sack_reneging``): the scoreboard is cleared so the data is
+    sent again.
+    """
     una = sk.snd_una
     keep = []
+    total = 0
     for s, e in sk.sacked:
-        if ((e - una) & MASK) - 1 < HALF - 1:  # end after una
+        if 0 < ((e - una) & MASK) < HALF:  # end after una
             if ((s - una) & MASK) & HALF:
                 s = una
             keep.append([s, e])
+            total += (e - s) & MASK
+    if keep and keep[0][0] == una:
+        sh.stats.sack_reneging += 1
+        keep = []
+        total = 0
     sk.sacked = keep
+    sk.sacked_bytes = total
 
 
-def _sacked_bytes(sk: TcpSock) -> int:
-    return sum(((b[1] - b[0]) & MASK) for b in sk.sacked)
+# -- loss recovery (Linux tcp_fastretrans_alert; RFC 6675, RFC 6937, RFC 6582) --------------
+#
+# The sender's view of its flight is the RFC 6675 scoreboard: ``sacked`` (what
+# the peer SACKed), ``lost_hi`` (un-SACKed data below it is lost: IsLost) and
+# ``retrans_hi`` (HighRxt: un-SACKed data below it was retransmitted).  From
+# them ``tcp_pipe`` computes RFC 6675's pipe.  Fast recovery sends what
+# Proportional Rate Reduction allows (``prr_quota``, RFC 6937), so cwnd comes
+# down smoothly to ssthresh instead of being inflated by every dup ACK; after
+# an RTO (``in_loss``) everything outstanding and un-SACKed is lost and slow
+# start from one segment resends it hole by hole.  SND.NXT is never rewound:
+# retransmissions are chosen by NextSeg (``tcp_output.tcp_xmit_retransmit_queue``)
+# and never cover cumulatively acknowledged or SACKed data.  Without SACK the
+# same machinery runs NewReno (RFC 6582): dup ACKs stand in for SACKed
+# segments (``reno_sacked``) and each partial ACK marks the next segment lost.
+
+#: RFC 6675 DupThresh.
+DUPTHRESH = 3
 
 
-def _dupack(sh: Any, sk: TcpSock, now: float) -> None:
-    """RFC 5681 §3.2: three duplicate ACKs (or SACK showing 3 segments beyond
-    the hole, RFC 6675 §5) trigger fast retransmit; further ones inflate cwnd
-    and, with SACK, retransmit the next hole."""
-    sk.dupacks += 1
-    cc = sk.cc
-    mss = sk.mss_cache
-    if sk.in_recovery:
-        cc.on_dup_ack()
-        if sk.sacked:
-            _retransmit_next_hole(sh, sk, now)
-        tcp_write_xmit(sh, sk, now)
-        return
-    cc.on_dup_ack()
-    in_flight = ((sk.snd_nxt - sk.snd_una) & MASK) / mss
-    dupthresh = 3
-    if in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - sk.snd_una) & MASK):
-        # RFC 5827 early retransmit: with fewer than 4 segments outstanding and
-        # nothing new to send, three dup ACKs can never come.
-        dupthresh = max(int(in_flight + 0.999) - 1, 1)
-    if sk.dupacks >= dupthresh or (sk.sacked and _sacked_bytes(sk) >= 3 * mss):
-        cc.on_loss(now, in_flight)
-        sk.in_recovery = True
-        sk.recover = sk.snd_max
-        sk.rtt_seq = -1  # Karn: no RTT from retransmitted data
-        sh.stats.fast_retrans += 1
-        sk.retrans_hi = tcp_retransmit_skb(sh, sk, sk.snd_una, now)
-        sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
-    else:
-        # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
-        tcp_write_xmit(sh, sk, now)
-
-
-def _retransmit_next_hole(sh: Any, sk: TcpSock, now: float) -> None:
-    """Retransmit the first un-SACKed range above what we already resent (RFC 6675 §5 NextSeg)."""
-    start = sk.retrans_hi
-    una = sk.snd_una
-    if ((start - una) & MASK) & HALF:
-        start = una
+def _unsacked_below(sk: TcpSock, una: int, top: int) -> int:
+    """Bytes in [una, top) that the peer has not SACKed."""
+    off = (top - una) & MASK
+    if off & HALF or off == 0:
+        return 0
+    n = off
     for b in sk.sacked:
         lo = (b[0] - una) & MASK
+        if lo >= off:
+            break
         hi = (b[1] - una) & MASK
-        off = (start - una) & MASK
-        if off < lo:
-            sk.retrans_hi = tcp_retransmit_skb(sh, sk, start, now)
-            if ((sk.retrans_hi - b[0]) & MASK) < HALF and sk.retrans_hi != b[0]:
-                sk.retrans_hi = b[0]
+        n -= (hi if hi < off else off) - lo
+    return n
+
+
+def tcp_pipe(sk: TcpSock) -> int:
+    """RFC 6675 §4 pipe, in bytes: un-SACKed data not deemed lost, plus retransmissions."""
+    una = sk.snd_una
+    flight = (sk.snd_max - una) & MASK
+    if flight & HALF:
+        return 0
+    pipe = flight - (sk.sacked_bytes if sk.sack_ok else sk.reno_sacked)
+    if 0 < ((sk.lost_hi - una) & MASK) < HALF:
+        pipe -= _unsacked_below(sk, una, sk.lost_hi)
+    if 0 < ((sk.retrans_hi - una) & MASK) < HALF:
+        pipe += _unsacked_below(sk, una, sk.retrans_hi)
+    return pipe if pipe > 0 else 0
+
+
+def _lost_boundary(sk: TcpSock) -> int:
+    """The highest L such that IsLost(S) holds for every un-SACKed S < L (RFC 6675 §4).
+
+    IsLost(S): DupThresh discontiguous SACKed ranges, or more than
+    (DupThresh - 1) * SMSS SACKed bytes, above S.  Walking the scoreboard down
+    from the top, L is the start of the block where either count is reached.
+    """
+    limit = (DUPTHRESH - 1) * sk.mss_cache
+    got = 0
+    blocks = sk.sacked
+    for i in range(len(blocks) - 1, -1, -1):
+        b = blocks[i]
+        got += (b[1] - b[0]) & MASK
+        if got > limit or len(blocks) - i >= DUPTHRESH:
+            return b[0]
+    return sk.snd_una
+
+
+def _mark_lost(sk: TcpSock, seq: int) -> None:
+    if 0 < ((seq - sk.lost_hi) & MASK) < HALF:
+        sk.lost_hi = seq
+
+
+def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup: bool,
+                          now: float, rtt: float | None = None, flight: int = 0) -> None:
+    """What an ACK means for loss recovery (Linux ``tcp_fastretrans_alert``).
+
+    ``acked``: bytes SND.UNA advanced; ``delivered``: RFC 6937 DeliveredData;
+    ``dup``: a duplicate ACK (RFC 5681 / RFC 6675 §2); ``flight``: bytes in
+    flight before the ACK.
+    """
+    cc = sk.cc
+    mss = sk.mss_cache
+    una = sk.snd_una
+    if sk.in_loss:
+        if acked and ((una - sk.recover) & MASK) < HALF:
+            # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
+            sk.in_loss = False
+            sk.lost_hi = sk.retrans_hi = una
+            sk.dupacks = 0
+            cc.on_ack(acked / mss, rtt, now, flight / mss)
+            cc.on_recovery_exit(now)
             return
-        if off < hi:
-            start = b[1]
+        if acked:
+            cc.on_ack(acked / mss, rtt, now, flight / mss)  # slow start from the loss window
+        if sk.sacked:
+            _mark_lost(sk, _lost_boundary(sk))
+        from .tcp_output import tcp_write_xmit
+        tcp_write_xmit(sh, sk, now)
+        return
+    if sk.in_recovery:
+        if acked and ((una - sk.recover) & MASK) < HALF:
+            # RFC 6582 §3.2 step 5 / RFC 6675 §5: full acknowledgment ends recovery;
+            # RFC 6937: cwnd = ssthresh.
+            sk.in_recovery = False
+            sk.dupacks = 0
+            sk.reno_sacked = 0
+            sk.lost_hi = sk.retrans_hi = una
+            cc.on_recovery_exit(now)
+            return
+        if sk.sack_ok:
+            _mark_lost(sk, _lost_boundary(sk))
+        else:
+            if dup:
+                sk.dupacks += 1
+                _reno_add_sack(sk)
+                delivered = mss
+            if acked:
+                # RFC 6582 §3.2 step 5: a partial ACK; the first unacknowledged
+                # segment is lost too, and the dup ACKs it covered are used up.
+                sh.stats.partial_acks += 1
+                sk.reno_sacked = max(sk.reno_sacked - acked, 0)
+                _mark_lost(sk, (una + mss) & MASK)
+        if acked and ((sk.retrans_hi - una) & MASK) & HALF:
+            sk.retrans_hi = una
+        _prr_update(sk, delivered)
+        from .tcp_output import tcp_write_xmit
+        tcp_write_xmit(sh, sk, now)
+        return
+    # Open / Disorder.
+    if acked:
+        sk.dupacks = 0
+        cc.on_ack(acked / mss, rtt, now, flight / mss)
+    if dup:
+        sk.dupacks += 1
+        cc.on_dup_ack()
+    enter = False
+    if sk.dupacks:
+        in_flight = ((sk.snd_max - una) & MASK) / mss
+        dupthresh = DUPTHRESH
+        if in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - una) & MASK):
+            # RFC 5827 early retransmit: with fewer than 4 segments outstanding and
+            # nothing new to send, three dup ACKs can never come.
+            dupthresh = max(int(in_flight + 0.999) - 1, 1)
+        enter = sk.dupacks >= dupthresh
+    if not enter and sk.sacked and sk.sack_ok:
+        # RFC 6675 §5: IsLost(HighACK + 1) also starts recovery.
+        enter = 0 < ((_lost_boundary(sk) - una) & MASK) < HALF
+    if enter:
+        tcp_enter_recovery(sh, sk, now)
+    elif dup:
+        # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
+        from .tcp_output import tcp_write_xmit
+        tcp_write_xmit(sh, sk, now)
+
+
+def _reno_add_sack(sk: TcpSock) -> None:
+    """Without SACK each dup ACK means one more segment left the network (Linux
+    ``tcp_add_reno_sack``), never more than what is outstanding beyond the hole."""
+    room = ((sk.snd_max - sk.snd_una) & MASK) - sk.mss_cache
+    n = sk.reno_sacked + sk.mss_cache
+    sk.reno_sacked = n if n < room else max(room, 0)
+
+
+def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float) -> None:
+    """Fast retransmit + fast recovery (RFC 6675 §5 steps 4.1-4.3, RFC 6937 init)."""
+    if sh.tracing:
+        sh.tr("tcp_enter_recovery")
+    una = sk.snd_una
+    mss = sk.mss_cache
+    flight = (sk.snd_max - una) & MASK
+    sk.cc.on_loss(now, flight / mss)
+    sk.in_recovery = True
+    sk.recover = sk.snd_max  # RecoveryPoint = HighData
+    sk.rtt_seq = -1  # Karn: no RTT from retransmitted data
+    sk.retrans_hi = una
+    sk.lost_hi = una
+    if sk.sack_ok:
+        _mark_lost(sk, _lost_boundary(sk))
+    else:
+        sk.reno_sacked = 0
+        for _ in range(min(sk.dupacks, 64)):
+            _reno_add_sack(sk)
+    _mark_lost(sk, (una + mss) & MASK)  # (4.3): the first segment is lost
+    sk.prr_delivered = 0
+    sk.prr_out = 0
+    sk.recover_fs = flight if flight > 0 else 1
+    sh.stats.fast_retrans += 1
+    sk.recoveries += 1
+    _prr_update(sk, 0)
+    if sk.prr_quota <= 0:
+        sk.prr_quota = mss  # RFC 6937 §3.1: the fast retransmit itself always goes
+    from .tcp_output import tcp_write_xmit
+    tcp_write_xmit(sh, sk, now)
+
+
+def _prr_update(sk: TcpSock, delivered: int) -> None:
+    """RFC 6937 §3.1 on each ACK in recovery: how much may be sent (``prr_quota``).
+
+    While pipe exceeds ssthresh, send in proportion to what was delivered
+    (ssthresh / RecoverFS); below it, slow-start back up to ssthresh but never
+    more than one segment beyond what was delivered (PRR-SSRB).
+    """
+    cc = sk.cc
+    mss = sk.mss_cache
+    if delivered > 0:
+        sk.prr_delivered += delivered
+    pipe = tcp_pipe(sk)
+    ssthresh = cc.ssthresh * mss
+    if pipe > ssthresh:
+        sndcnt = -(-sk.prr_delivered * ssthresh // sk.recover_fs) - sk.prr_out
+    else:
+        limit = sk.prr_delivered - sk.prr_out
+        if delivered > limit:
+            limit = delivered
+        room = ssthresh - pipe
+        sndcnt = room if room < limit + mss else limit + mss
+    sk.prr_quota = sndcnt if sndcnt > 0 else 0
+    w = (pipe + sk.prr_quota) // mss
+    cc.cwnd = w if w > 1 else 1  # Linux: snd_cwnd = in_flight + sndcnt
 
 
 # -- receiving data (RFC 9293 §3.10.7.4 "seventh, process the segment text") ---------------
@@ -362,7 +564,11 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
             if behind >= n and not (fin and behind == n):
                 sh.stats.drop("TCP_OLD_DATA")
                 sk.ack_now = True  # RFC 9293: ACK a duplicate so the peer resyncs
+                if n:
+                    _dsack_set(sh, sk, seq, (seq + n) & MASK)
                 return
+            if behind:
+                _dsack_set(sh, sk, seq, rcv_nxt)
             data = data[behind:]
             n = len(data)
             seq = rcv_nxt
@@ -420,6 +626,7 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     if i > 0:  # trim against the predecessor
         p_end = offs[i - 1] + len(ofo[i - 1][2])
         if p_end >= hi_off:
+            _dsack_set(sh, sk, seq, (seq + n) & MASK)
             return  # nothing new
         if p_end > lo_off:
             data = data[p_end - lo_off:]
@@ -439,6 +646,14 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     ofo.insert(i, [(base + lo_off) & MASK, (base + hi_off) & MASK, bytes(data)])
     sk.ofo_len += len(data)
     sh.stats.ofo_queued += 1
+
+
+def _dsack_set(sh: Any, sk: TcpSock, start: int, end: int) -> None:
+    """Report a duplicate segment in the next ACK's first SACK block (RFC 2883 §4,
+    Linux ``tcp_dsack_set``)."""
+    if sk.sack_ok:
+        sk.dsack = (start, end)
+        sh.stats.dsacks_sent += 1
 
 
 def _ofo_note(sk: TcpSock, seq: int) -> None:
@@ -643,7 +858,7 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         sh.tr("tcp_urg")
     if st in _DATA_STATES:
         if sk.orphan and st is not State.ESTABLISHED and seg.payload and \
-                ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) - 1 < HALF - 1:
+                0 < ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) < HALF:
             # Linux: new data for a socket nobody will read after close() -> RST.
             from .tcp_output import tcp_send_active_reset
             tcp_send_active_reset(sh, sk, now)

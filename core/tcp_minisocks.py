@@ -55,8 +55,8 @@ def tcp_timewait_state_process(sh: Any, tw: TcpSock, seg: Any, now: float) -> in
         return TW_DROP
     ts = seg.options.ts
     if flags & SYN and not flags & ACK:
-        newer_seq = ((seg.seq - tw.rcv_nxt) & MASK) - 1 < HALF - 1
-        newer_ts = tw.ts_ok and ts is not None and ((ts[0] - tw.ts_recent) & MASK) - 1 < HALF - 1
+        newer_seq = 0 < ((seg.seq - tw.rcv_nxt) & MASK) < HALF
+        newer_ts = tw.ts_ok and ts is not None and 0 < ((ts[0] - tw.ts_recent) & MASK) < HALF
         if newer_seq or newer_ts:
             sh.stats.tw_recycled += 1
             tcp_done(sh, tw)

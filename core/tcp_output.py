@@ -20,7 +20,7 @@ from .tcp_timer import TimerKind
 from .wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4, build_tcp_options
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
-           "tcp_write_xmit", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
+           "tcp_write_xmit", "tcp_xmit_retransmit_queue", "tcp_current_mss", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
            "tcp_select_window", "tcp_send_probe", "tcp_rto", "TCP_RTO_MAX", "TCP_DELACK"]
 
 MASK = 0xFFFFFFFF
@@ -34,6 +34,21 @@ _TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
+
+
+def tcp_current_mss(sk: TcpSock) -> int:
+    """Payload per segment after this moment's options (Linux ``tcp_current_mss``).
+
+    ``mss_cache`` already leaves room for timestamps; SACK blocks we are about
+    to report (out-of-order data, a D-SACK) take 4 + 8 bytes per block more,
+    and a full segment carrying them must still fit the MTU.
+    """
+    mss = sk.mss_cache
+    if (sk.ofo or sk.dsack) and sk.sack_ok:
+        n = len(sk.ofo) + (1 if sk.dsack else 0)
+        limit = 3 if sk.ts_ok else 4
+        mss -= 4 + 8 * (n if n < limit else limit)
+    return mss
 
 
 def tcp_rto(sk: TcpSock) -> float:
@@ -74,10 +89,18 @@ def tcp_select_window(sk: TcpSock) -> int:
 
 
 def _options(sk: TcpSock, now: float) -> bytes:
-    """Options of a non-SYN segment: timestamps (RFC 7323 §3) and SACK blocks (RFC 2018)."""
-    if sk.ofo and sk.sack_ok:
+    """Options of a non-SYN segment: timestamps (RFC 7323 §3) and SACK blocks (RFC 2018).
+
+    A pending D-SACK (RFC 2883 §4) goes first and is reported once.
+    """
+    if (sk.ofo or sk.dsack) and sk.sack_ok:
         ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
-        return build_tcp_options(ts=ts, sack_blocks=_sack_blocks(sk, 3 if ts else 4))
+        limit = 3 if ts else 4
+        blocks = _sack_blocks(sk, limit) if sk.ofo else []
+        if sk.dsack:
+            blocks = [sk.dsack] + blocks[:limit - 1]
+            sk.dsack = None
+        return build_tcp_options(ts=ts, sack_blocks=blocks)
     if sk.ts_ok:
         return _TS_OPT.pack(_TS_WORD, (int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent)
     return b""
@@ -237,14 +260,26 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
 
     Segments are MSS-sized (or up to ``tso_max`` when set), limited by the
     peer's window, the congestion window, sender SWS avoidance and Nagle; a FIN
-    rides on the last data segment when the send side is shut down.
+    rides on the last data segment when the send side is shut down.  In loss
+    recovery retransmissions go first (``tcp_xmit_retransmit_queue``).
     """
-    mss = sk.mss_cache
+    if sk.in_recovery or sk.in_loss:
+        tcp_xmit_retransmit_queue(sh, sk, now)
+        return
+    _write_new(sh, sk, now, -1)
+
+
+def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
+    """New data from SND.NXT; ``quota`` >= 0 caps the bytes (recovery), else cwnd does.
+
+    Returns the bytes sent.
+    """
+    mss = tcp_current_mss(sk)
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
     cc = sk.cc
     una = sk.snd_una
-    sent_any = False
+    sent = 0
     if sk.snd_max == una and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
         # RFC 5681 §4.1: after an idle period longer than the RTO, restart from IW.
         cc.on_idle_restart(now, now - sk.lsndtime, sk.rto)
@@ -255,14 +290,18 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
         if avail <= 0:
             if sk.shut_wr and avail == 0 and not (sk.fin_sent and nxt != sk.fin_seq):
                 _send_fin(sh, sk, nxt, now)
-                sent_any = True
+                sent += 1
             break
         in_flight = sent_off
-        cwnd_room = cc.cwnd * mss - in_flight
-        if sk.dupacks and not sk.in_recovery:
-            # RFC 3042 limited transmit: the first two dup ACKs each allow one
-            # new segment beyond cwnd, to keep the ACK clock for fast retransmit.
-            cwnd_room += min(sk.dupacks, 2) * mss
+        if quota < 0:
+            cwnd_room = cc.cwnd * sk.mss_cache - in_flight
+            if sk.dupacks:
+                # RFC 3042 limited transmit: the first two dup ACKs each allow one
+                # new segment beyond cwnd, to keep the ACK clock for fast retransmit.
+                cwnd_room += min(sk.dupacks, 2) * mss
+        else:
+            left = quota - sent
+            cwnd_room = -(-left // mss) * mss if left > 0 else 0  # whole segments (Linux PRR)
         wnd_room = ((una + sk.snd_wnd - nxt) & MASK)
         if wnd_room & 0x80000000:
             wnd_room = 0
@@ -287,7 +326,7 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
                         _arm_persist(sh, sk, now)
                     break
             elif (in_flight and not sk.nodelay and not sk.shut_wr
-                  and ((sk.snd_sml - una) & MASK) - 1 < HALF - 1):
+                  and 0 < ((sk.snd_sml - una) & MASK) < HALF):
                 # Nagle (RFC 9293 §3.7.4) in Minshall's variant, as Linux
                 # (tcp_nagle_check): hold a small segment only while an earlier
                 # small one is unacknowledged, so a bulk write's tail goes at once.
@@ -299,7 +338,9 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
         if fin:
             flags |= FIN
         tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now)
-        sent_any = True
+        if size > mss:
+            sh.gso_marks.append((len(sh.frames) - 1, mss))
+        sent += size
         end = (nxt + size) & MASK
         if fin:
             sk.fin_sent = True
@@ -313,10 +354,86 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
             sk.snd_max = end
         if fin:
             break
-    if sent_any:
+    if sent:
         sk.lsndtime = now
         if sk.timers[_RETRANSMIT] is None and sk.snd_max != una:
             sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
+    return sent
+
+
+def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
+    """Loss recovery transmission (Linux ``tcp_xmit_retransmit_queue``, RFC 6675 §5 NextSeg).
+
+    Lost holes first, in sequence order, then new data; in fast recovery as
+    much as PRR's ``prr_quota`` allows, after an RTO as much as cwnd - pipe.
+    A retransmission never covers SACKed data (it stops at the next SACKed
+    block) nor cumulatively acknowledged data (it starts at or after SND.UNA).
+    """
+    from .tcp_input import tcp_pipe
+    recovery = sk.in_recovery
+    if recovery:
+        quota = sk.prr_quota
+    else:
+        quota = sk.cc.cwnd * sk.mss_cache - tcp_pipe(sk)
+    mss = tcp_current_mss(sk)
+    una = sk.snd_una
+    for _ in range(4096):  # bounded: one segment per round
+        if quota <= 0:
+            break
+        hole = _next_hole(sk, mss)
+        if hole is None:
+            break
+        seq, size = hole
+        end = tcp_retransmit_skb(sh, sk, seq, now, size)
+        n = (end - seq) & MASK
+        if n == 0:
+            break
+        sk.retrans_hi = end
+        quota -= n
+        sk.prr_out += n
+        if seq == una:
+            # The head went again: give it a full RTO (Linux tcp_xmit_retransmit_queue).
+            sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
+    if quota > 0:
+        n = _write_new(sh, sk, now, quota)
+        quota -= n
+        sk.prr_out += n
+    if recovery:
+        sk.prr_quota = quota if quota > 0 else 0
+
+
+def _next_hole(sk: TcpSock, mss: int) -> tuple[int, int] | None:
+    """RFC 6675 NextSeg rule (1): the first un-SACKed, lost, not yet retransmitted range.
+
+    Returns (seq, size) with size <= mss and the range ending before the next
+    SACKed block and before ``lost_hi``; None when there is none.
+    """
+    una = sk.snd_una
+    lost = (sk.lost_hi - una) & MASK
+    if lost == 0 or lost & HALF:
+        return None
+    start = (sk.retrans_hi - una) & MASK
+    if start & HALF:
+        start = 0
+    if start >= lost:
+        return None
+    end = lost
+    for b in sk.sacked:
+        lo = (b[0] - una) & MASK
+        if lo >= end:
+            break
+        hi = (b[1] - una) & MASK
+        if hi <= start:
+            continue
+        if lo <= start:
+            start = hi  # inside a SACKed block: skip past it
+            if start >= end:
+                return None
+            continue
+        end = lo  # the hole ends where SACKed data begins
+        break
+    size = end - start
+    return (una + start) & MASK, size if size < mss else mss
 
 
 def _send_fin(sh: Any, sk: TcpSock, seq: int, now: float) -> None:
@@ -335,17 +452,23 @@ def _arm_persist(sh: Any, sk: TcpSock, now: float) -> None:
         sh.timers.arm(sk, _PERSIST, now + tcp_rto(sk))
 
 
-def tcp_retransmit_skb(sh: Any, sk: TcpSock, seq: int, now: float) -> int:
-    """Retransmit one segment starting at ``seq``; returns the sequence after it."""
-    mss = sk.mss_cache
+def tcp_retransmit_skb(sh: Any, sk: TcpSock, seq: int, now: float, limit: int = 0) -> int:
+    """Retransmit one segment (at most ``limit`` bytes if given) starting at ``seq``;
+    returns the sequence after it."""
+    mss = tcp_current_mss(sk)
+    if 0 < limit < mss:
+        mss = limit
     off = (seq - sk.snd_una) & MASK
     avail = sk.sndq_len - off
-    sh.stats.retrans_segs += 1
     if avail <= 0:
         if sk.fin_sent and seq == sk.fin_seq:
+            sh.stats.retrans_segs += 1
+            sk.total_retrans += 1
             tcp_transmit(sh, sk, seq, FIN | ACK, b"", now)
             return (seq + 1) & MASK
         return seq
+    sh.stats.retrans_segs += 1
+    sk.total_retrans += 1
     size = avail if avail < mss else mss
     flags = ACK | PSH if size == avail else ACK
     if size == avail and sk.fin_sent:

@@ -1,14 +1,32 @@
 """All TCP timers of a shard in one heap (Linux ``tcp_timer.c``).
 
 Timers are data, not callbacks (smoltcp ``Timer``): each socket holds one
-deadline per :class:`TimerKind` in ``sk.timers``; the shard keeps a single heap
-of ``(deadline, seq, kind, sock)`` entries.  Each (sock, kind) has at most one
-*live* heap entry, named by its ``seq`` in ``sk.timer_seq``; other entries are
-dead and dropped when they surface.  Cancelling just clears the deadline
-(lazy cancel).  Re-arming *later* (the common case: every ACK pushes the
-retransmit deadline forward) does not touch the heap: the live entry surfaces
-at the old deadline, sees the later one and re-queues itself once.  Only
-arming *earlier* pushes a new entry.
+deadline per :class:`TimerKind` in ``sk.timers`` (None: idle); the shard keeps
+a single heap of ``(deadline, seq, kind, sock)`` entries.
+
+Lazy deletion with a generation counter.  Each (sock, kind) has at most one
+*representative* heap entry: its ``seq`` is ``sk.timer_seq[kind]`` and its
+deadline ``sk.timer_q[kind]`` (None: no entry queued).  Every other entry of
+that (sock, kind) is stale and is dropped when it surfaces.  The invariant is
+``timer_q[kind] <= timers[kind]`` whenever both are set, so a representative
+never surfaces after its timer is due:
+
+* cancelling only clears ``timers[kind]`` (callers may also write None into
+  the list directly, which is what the per-segment fast path does); the entry
+  stays, so a later re-arm costs nothing;
+* re-arming at or *after* the queued deadline (the common case: every ACK
+  pushes the retransmit deadline forward, every request/response round trip
+  cancels and re-arms it) touches nothing; the entry surfaces at the old
+  deadline, sees the later one and re-queues itself once;
+* only arming *earlier* than the queued entry pushes a new one (the old one
+  becomes stale).
+
+So a long-lived connection keeps at most one entry per timer kind no matter
+how many round trips it makes.  Stale entries (earlier re-arms) and entries of
+cancelled timers on dead sockets are bounded by compaction: when the heap
+outgrows twice its size after the last compaction (and at least
+``COMPACT_MIN``), it is rebuilt from the representatives whose timer is
+still armed, O(n) every n pushes, so amortised O(1).
 """
 
 from __future__ import annotations
@@ -17,7 +35,7 @@ import enum
 import heapq
 from typing import Any
 
-__all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler"]
+__all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler", "tcp_enter_loss"]
 
 
 class TimerKind(enum.IntEnum):
@@ -32,25 +50,34 @@ class TimerKind(enum.IntEnum):
 class TimerHeap:
     """One heap for every timer of every socket (and request sock) of a shard.
 
-    A timer owner needs two 6-slot lists: ``timers`` (deadline or None) and
-    ``timer_seq`` (the seq of its live heap entry).
+    A timer owner needs three 6-slot lists: ``timers`` (deadline or None),
+    ``timer_seq`` (the seq of its representative heap entry) and ``timer_q``
+    (that entry's deadline, or None when none is queued).
     """
 
-    __slots__ = ("heap", "count")
+    __slots__ = ("heap", "count", "limit")
+
+    #: Never compact a heap smaller than this.
+    COMPACT_MIN = 64
 
     def __init__(self) -> None:
         self.heap: list[tuple[float, int, int, Any]] = []
         self.count = 0
+        self.limit = self.COMPACT_MIN
 
     def arm(self, sk: Any, kind: int, deadline: float) -> None:
         """Set (or move) ``sk``'s timer ``kind`` to fire at ``deadline``."""
-        timers = sk.timers
-        old = timers[kind]
-        timers[kind] = deadline
-        if old is None or deadline < old:
-            self.count += 1
-            sk.timer_seq[kind] = self.count
-            heapq.heappush(self.heap, (deadline, self.count, kind, sk))
+        sk.timers[kind] = deadline
+        q = sk.timer_q[kind]
+        if q is not None and q <= deadline:
+            return  # the queued entry surfaces first and re-queues itself
+        self.count += 1
+        sk.timer_seq[kind] = self.count
+        sk.timer_q[kind] = deadline
+        heap = self.heap
+        heapq.heappush(heap, (deadline, self.count, kind, sk))
+        if len(heap) > self.limit:
+            self.compact()
 
     @staticmethod
     def cancel(sk: Any, kind: int) -> None:
@@ -62,11 +89,30 @@ class TimerHeap:
         for i in range(len(timers)):
             timers[i] = None
 
+    def compact(self) -> None:
+        """Rebuild the heap from the representatives of armed timers."""
+        keep = []
+        for e in self.heap:
+            sk = e[3]
+            kind = e[2]
+            if sk.timer_seq[kind] != e[1]:
+                continue  # stale
+            if sk.timers[kind] is None:
+                sk.timer_q[kind] = None  # cancelled: forget the entry
+                continue
+            keep.append(e)
+        heapq.heapify(keep)
+        self.heap = keep
+        self.limit = max(self.COMPACT_MIN, 2 * len(keep))
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
     def _settle(self, now: float | None) -> tuple[int, Any] | float | None:
-        """Drop dead entries and re-queue moved ones at the top of the heap.
+        """Drop stale entries and re-queue moved ones at the top of the heap.
 
         With ``now``: pop and return the first timer due by then as (kind, sock).
-        Without: return the earliest live deadline.
+        Without: return the earliest armed deadline.
         """
         heap = self.heap
         while heap:
@@ -74,21 +120,24 @@ class TimerHeap:
             if now is not None and deadline > now:
                 return None
             if sk.timer_seq[kind] != seq:
-                heapq.heappop(heap)  # dead: superseded by an earlier arm
+                heapq.heappop(heap)  # stale: superseded by an earlier arm
                 continue
             cur = sk.timers[kind]
             if cur is None:
                 heapq.heappop(heap)  # cancelled
+                sk.timer_q[kind] = None
                 continue
             if cur > deadline:  # moved later: re-queue once, at the real deadline
                 self.count += 1
                 sk.timer_seq[kind] = self.count
+                sk.timer_q[kind] = cur
                 heapq.heapreplace(heap, (cur, self.count, kind, sk))
                 continue
             if now is None:
                 return deadline
             heapq.heappop(heap)
             sk.timers[kind] = None
+            sk.timer_q[kind] = None
             return kind, sk
         return None
 
@@ -147,7 +196,7 @@ def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
 
     from .sock import State
     from .tcp import tcp_done
-    from .tcp_output import tcp_retransmit_skb, tcp_rto, tcp_send_syn, tcp_send_synack_sock
+    from .tcp_output import tcp_rto, tcp_send_syn, tcp_send_synack_sock
     st = sk.state
     if st is State.SYN_SENT or (st is State.SYN_RECV and sk.parent is None):
         limit = TCP_SYN_RETRIES if st is State.SYN_SENT else TCP_SYNACK_RETRIES
@@ -169,18 +218,39 @@ def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
         tcp_done(sh, sk, errno.ETIMEDOUT)
         return
     sk.retries += 1
-    mss = sk.mss_cache
-    if sk.cc is not None:
-        sk.cc.on_rto(now, ((sk.snd_nxt - sk.snd_una) & 0xFFFFFFFF) / mss)
-    sk.in_recovery = False
-    sk.dupacks = 0
-    sk.rtt_seq = -1  # Karn (RFC 6298 (3)): no RTT samples from retransmitted data
-    # Go back N: everything after the first segment is resent as the ACKs clock it out.
-    sk.snd_nxt = tcp_retransmit_skb(sh, sk, sk.snd_una, now)
-    sk.retrans_hi = sk.snd_nxt
-    sk.backoff += 1  # RFC 6298 (5.5)
-    sh.stats.rto_fires += 1
+    tcp_enter_loss(sh, sk, now)
     sh.timers.arm(sk, TimerKind.RETRANSMIT, now + tcp_rto(sk))
+
+
+def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
+    """RTO: collapse cwnd and resend the lost flight (RFC 6298 (5.4)-(5.6); Linux
+    ``tcp_enter_loss``).
+
+    Everything outstanding and not SACKed is deemed lost; the SACK scoreboard
+    is kept (as Linux does; reneging is detected on ACK), so SACKed data is
+    never resent.  SND.NXT stays put: slow start from one segment refills the
+    holes through ``tcp_xmit_retransmit_queue`` as ACKs come back, then new
+    data follows.  Until the data outstanding now is acknowledged, dup ACKs
+    start no fast recovery (RFC 6582 §4).
+    """
+    from .tcp_output import tcp_retransmit_skb, tcp_xmit_retransmit_queue
+    una = sk.snd_una
+    sk.backoff += 1  # RFC 6298 (5.5)
+    sk.rtos += 1
+    sh.stats.rto_fires += 1
+    if sk.cc is None:  # a FIN before ESTABLISHED: nothing to recover but the FIN
+        tcp_retransmit_skb(sh, sk, una, now)
+        return
+    sk.cc.on_rto(now, ((sk.snd_max - una) & 0xFFFFFFFF) / sk.mss_cache)
+    sk.in_recovery = False
+    sk.in_loss = True
+    sk.recover = sk.snd_max
+    sk.dupacks = 0
+    sk.reno_sacked = 0
+    sk.rtt_seq = -1  # Karn (RFC 6298 (3)): no RTT samples from retransmitted data
+    sk.lost_hi = sk.snd_max
+    sk.retrans_hi = una
+    tcp_xmit_retransmit_queue(sh, sk, now)
 
 
 def tcp_delack_timer(sh: Any, sk: Any, now: float) -> None:

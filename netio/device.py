@@ -354,15 +354,21 @@ class PacketDevice(Device):
 
     l2 = True
 
-    def __init__(self, ifname: str, rx: bool = True, vnet_hdr: bool = True) -> None:
+    def __init__(self, ifname: str, rx: bool = True, vnet_hdr: bool = True,
+                 sock: socket.socket | None = None) -> None:
+        # `sock`: an already bound and configured packet socket (a member of
+        # the direct-RX fanout group, netio/fanout.py), adopted as is.
         proto = ETH_P_ALL if rx else 0
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+        adopted = sock is not None
+        if sock is None:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
         try:
-            if vnet_hdr:
+            if vnet_hdr and not adopted:
                 sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            if rx:
+            if rx and not adopted:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            sock.bind((ifname, proto))
+            if not adopted:
+                sock.bind((ifname, proto))
             sock.setblocking(False)
             self.mtu = get_mtu(ifname)
             self.mac = get_mac(ifname)

@@ -135,6 +135,7 @@ class Dispatcher:
         wtab = self.wtab
         unpack_ip, unpack_ports = _IP_FAST.unpack_from, _PORTS.unpack_from
         l2 = self.l2
+        mac = self.mac
         l3 = ETH_HLEN if l2 else 0
         stats.frames += len(batch)
         for frame, flags in batch:
@@ -142,6 +143,12 @@ class Dispatcher:
             if l2:
                 if n_bytes < ETH_HLEN:
                     drops["runt"] += 1
+                    continue
+                # Unicast for another station (veth, bridges and promiscuous
+                # NICs show them to AF_PACKET): ip_rcv_core and arp_rcv drop
+                # PACKET_OTHERHOST; group addresses (I/G bit) pass.
+                if mac and not frame[0] & 1 and frame[:6] != mac:
+                    drops["other_host"] += 1
                     continue
                 etype = _ETHERTYPE.unpack_from(frame, 12)[0]
                 if etype != ETH_P_IP:

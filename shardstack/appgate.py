@@ -43,7 +43,7 @@ import os
 import select
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +65,7 @@ MAX_PUMP_ROUNDS = 16  # chunks moved per wake-up before yielding to the loop
 LAG_MAX = 512  # keep the last byte back only after reads this small (see _pump_up)
 ACCEPT_RETRY = 0.005  # s: first retry when the app's listener backlog is full
 ACCEPT_RETRY_MAX = 0.2
+DEAD_MAX = 4096  # how many dead connections' errnos the "status" ctl op remembers
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 _UCRED_SIZE = 12
 _CMSG_FD = socket.CMSG_SPACE(array.array("i").itemsize)
@@ -146,6 +147,9 @@ class AppGate:
         self.tokens: dict[int, GateConn] = {}
         self.listeners: dict[int, GateListener] = {}  # by bind_id
         self.lsds: dict[int, GateListener] = {}  # by shard descriptor
+        # token -> errno of established connections that died (RST, timeout),
+        # for the shim's "status" query when its recv() meets EOF (_died).
+        self.dead: OrderedDict[int, int] = OrderedDict()
         self._next_token = 1
         self._buf = bytearray(CHUNK)
         self._mv = memoryview(self._buf)
@@ -648,6 +652,11 @@ class AppGate:
             self.stats.refused += 1
         else:
             self.stats.resets += 1
+            # Recorded before W closes, so it is there when the app's
+            # recv() meets the EOF and asks (ctl "status").
+            self.dead[conn.token] = err or errno.ECONNRESET
+            if len(self.dead) > DEAD_MAX:
+                self.dead.popitem(last=False)
         if 0 < err < 256:
             try:
                 conn.w.send(bytes((err,)), socket.MSG_OOB | socket.MSG_DONTWAIT)
@@ -690,6 +699,8 @@ class AppGate:
 
     def _ctl(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
+        if op == "status":
+            return self._status(msg.get("token", -1))
         conn = self.tokens.get(msg.get("token", -1))
         if conn is None:
             return _err(errno.EBADF, "no such connection on this worker")
@@ -710,6 +721,17 @@ class AppGate:
         except (KeyError, TypeError, ValueError) as e:
             return _err(errno.EINVAL, repr(e))
         return _err(errno.EOPNOTSUPP, f"unknown op {op!r}")
+
+    def _status(self, token: Any) -> dict[str, Any]:
+        """How connection `token` ended: the errno it died of (once), or 0.
+
+        The app's end cannot carry it: the OOB byte _died sends is dropped by
+        the very read that returns EOF (a non-OOB read skips the mark), and
+        the kernel's own ECONNRESET needs a byte of A's held unread in W,
+        which a connection whose app never wrote, or last wrote a lot, has not.
+        """
+        err = self.dead.pop(token, 0) if isinstance(token, int) else 0
+        return {"ok": True, "errno": err, "alive": token in self.tokens}
 
     def connections(self) -> list[dict[str, Any]]:
         return [{"sd": c.sd, "token": c.token, "state": c.state,

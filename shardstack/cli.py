@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run an unmodified program on the stack: shardstack run -- python app.py"
     )
-    run.add_argument("argv", nargs=argparse.REMAINDER, help="the program and its arguments")
+    run.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+    run.add_argument("--loopback", action="store_true",
+                     help="also put 127.0.0.0/8 TCP on the stack (app and local clients both on it)")
+    run.add_argument("--no-check", action="store_true",
+                     help="start the program even if no stack answers yet")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- the program and its arguments")
     for name, what in (("ss", "list TCP sockets on the stack, like `ss -tan`"),
                        ("stats", "per-process and per-worker counters and telemetry")):
         p = sub.add_parser(name, help=what, description=what)
@@ -201,25 +206,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        from shardstack.shim.launcher import main as launcher_main
-    except ImportError:
-        print("shardstack run: the shim launcher is not built yet", file=sys.stderr)
-        return 2
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+def _launch(argv: list[str]) -> int:
+    from shardstack.shim.launcher import main as launcher_main
+
     return launcher_main(argv)
-
-
-def _delegate(module: str, name: str, args: argparse.Namespace) -> int:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        print(f"shardstack {name}: not built yet", file=sys.stderr)
-        return 2
-    return mod.main(args.argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     from shardstack import demo as demo_cmd
 
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["run"] and argv[1:2] not in (["-h"], ["--help"]):
+        # The launcher parses its own options up to `--` (or the first non-option), so a
+        # program's flags are never mistaken for ours.
+        return _launch(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -237,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_ss(args)
     if args.command == "stats":
         return cmd_stats(args)
-    if args.command == "run":
-        return cmd_run(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
     return bench_cmd.main(args=args)

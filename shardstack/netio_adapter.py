@@ -7,7 +7,9 @@ TUNSETIFF on it fails with EBUSY. So this adapter builds the same stack of
 objects around the inherited fd: TunDevice.from_fd, then the wrappers in
 `make_device`'s order (Trace, Impair, Pcap, device), a Dispatcher for our
 address, and `NetioProcess.run`. In AF_PACKET mode netio opens its own
-receive socket (`PacketDevice(ifname)`), as `make_device` would.
+receive socket (`PacketDevice(ifname)`), as `make_device` would, or, with
+direct RX, adopts the supervisor's fanout member that gets everything that is
+not TCP/IPv4 (netio/fanout.py).
 
 The supervisor starts it as `python -m shardstack.netio_adapter` with the
 worker's JSON description on stdin (see shardstack.worker).
@@ -33,6 +35,13 @@ def build_device(cfg: ServeConfig, tx: dict[str, Any]):
 
     if tx["kind"] == "tun":
         dev = TunDevice.from_fd(tx["fd"], cfg.ifname, tx["mtu"], tx["vnet_hdr"])
+    elif tx.get("rx_fd") is not None:
+        # Direct RX: we are the fanout group's last member and get only what
+        # is not TCP/IPv4 (ARP, ICMP, fragments); workers read their own.
+        import socket
+
+        dev = PacketDevice(cfg.ifname, vnet_hdr=tx.get("vnet_hdr", False),
+                           sock=socket.socket(fileno=tx["rx_fd"]))
     else:
         dev = PacketDevice(cfg.ifname, rx=True, vnet_hdr=tx.get("vnet_hdr", False))
     if cfg.pcap:

@@ -11,7 +11,12 @@ It owns what must outlive any one child:
 * the global bind table (core.inet_hashtables/inet_connection_sock, the same
   code as a shard's), the single authority for bind() across shards, and the
   listeners installed on every worker, re-installed on a restarted worker;
-* `control.sock` (shardstack.control), the shim's and the CLI's endpoint.
+* `control.sock` (shardstack.control), the shim's and the CLI's endpoint;
+* in AF_PACKET mode with direct RX (the default; `SHARDSTACK_RX=netio`
+  selects the netio hop), the N + 1 packet sockets of the fanout group
+  (netio/fanout.py): socket i goes to worker i, socket N to netio, and a
+  restarted child gets the same socket, so the group's member order (which
+  the kernel's steering index refers to) never changes.
 
 Why subprocess and not multiprocessing: a child is a fresh interpreter
 (`python -m shardstack.worker`), so nothing of the supervisor's state (its
@@ -57,6 +62,20 @@ CRASH_WINDOW = 10.0  # seconds: more than CRASH_BURST deaths in it means a crash
 CRASH_BURST = 5
 MAX_BACKOFF = 5.0
 WORKER_CALL_TIMEOUT = 3.0
+RX_MODE_ENV = "SHARDSTACK_RX"  # "direct" (default) or "netio"
+
+
+def rx_mode(cfg: ServeConfig) -> str:
+    """How frames reach workers: "direct" (each worker reads its own AF_PACKET
+    fanout member, steered in the kernel) or "netio" (netio reads the device
+    and forwards over ZeroMQ). TUN always uses netio (docs/architecture.md,
+    "Direct RX"); so do --impair and --pcap, whose RX half lives in netio."""
+    want = os.environ.get(RX_MODE_ENV, "direct").strip().lower()
+    if want not in ("direct", "netio"):
+        raise ValueError(f"{RX_MODE_ENV} must be 'direct' or 'netio', not {want!r}")
+    if cfg.device != "packet" or cfg.impair or cfg.pcap:
+        return "netio"
+    return want
 
 
 def log(msg: str) -> None:
@@ -156,6 +175,8 @@ class Supervisor:
         self.reta = rss.make_reta(cfg.workers)
         self.binds = BindTable([cfg.addr.ip])
         self.tun = None  # netio.device.TunDevice in TUN mode
+        self.fanout: list[Any] | None = None  # direct RX: the group's packet sockets
+        self.fanout_stats = None
         self.tun_created = False
         self.peer_added = False
         self.children: list[Child] = []
@@ -204,6 +225,11 @@ class Supervisor:
             self._open_tun()
         elif not Path(f"/sys/class/net/{cfg.ifname}").exists():
             raise OSError(errno.ENODEV, f"no interface {cfg.ifname!r} for --packet")
+        elif rx_mode(cfg) == "direct":
+            from shardstack.netio import fanout
+
+            self.fanout = fanout.open_group(cfg.ifname, cfg.workers, self.reta, cfg.offload)
+            self.fanout_stats = fanout.GroupStats(self.fanout)
         self.netio = Child("netio", -1)
         self.children = [Child("worker", i) for i in range(cfg.workers)] + [self.netio]
 
@@ -243,6 +269,8 @@ class Supervisor:
                 subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
                                capture_output=True, timeout=10)
             self.tun.close()  # a TUN we created (not persistent) goes with its last fd
+        for s in self.fanout or ():
+            s.close()
         if self.run is not None:
             self.run.cleanup()
 
@@ -264,6 +292,10 @@ class Supervisor:
         else:
             desc["tx"] = {"kind": "packet", "ifname": self.cfg.ifname,
                           "vnet_hdr": self.cfg.offload}
+            if self.fanout is not None:
+                sock = self.fanout[c.wid if c.kind == "worker" else self.cfg.workers]
+                desc["tx"]["rx_fd"] = sock.fileno()
+                fds.append(sock.fileno())
         return desc, fds
 
     def _argv(self, c: Child) -> list[str]:
@@ -385,6 +417,13 @@ class Supervisor:
             "pid": os.getpid(),
             "ready": all(c.ready for c in self.children),
             "mtu": self.cfg.mtu,
+            # What the shim needs to route a connect: which destinations are on-link for the
+            # stack (or reachable through its gateway), and the RETA that picks the worker
+            # owning a given 4-tuple (for connect() from an explicitly bound port).
+            "nets": [str(self.cfg.addr.network)],
+            "gateway": (str(ipaddress.IPv4Address(self.cfg.gateway))
+                        if self.cfg.gateway is not None else None),
+            "reta": list(self.reta),
         }
 
     def _op_bind(self, req, conn) -> dict[str, Any]:
@@ -454,6 +493,19 @@ class Supervisor:
         if reply is None:
             return {}
         reply.pop("ok", None)
+        if self.fanout_stats is not None:
+            # Direct RX: the kernel's fanout program dispatched the TCP frames,
+            # netio's Dispatcher only what the kernel sent it; per_worker is
+            # what reached each worker by either path.
+            fs = self.fanout_stats.sample()
+            reply["rx"] = "direct"
+            reply["fanout"] = fs
+            per = reply.get("dispatch", {}).get("per_worker")
+            if per is not None:
+                for i in range(min(len(per), self.cfg.workers)):
+                    per[i] += fs["delivered"][i]
+        else:
+            reply["rx"] = "netio"
         return reply
 
     async def _netio_call(self, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -470,6 +522,10 @@ class Supervisor:
         if len(reta) != rss.RETA_SIZE or not all(0 <= w < self.cfg.workers for w in reta):
             raise OSError(errno.EINVAL, "RETA must hold 128 valid worker ids")
         self.reta = reta
+        if self.fanout is not None:
+            from shardstack.netio import fanout
+
+            fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
@@ -492,8 +548,7 @@ class Supervisor:
 
     async def _release(self, b: GlobalBind) -> None:
         if b.listener is not None:
-            for c in self._workers():
-                await self._call_quietly(c, "remove_listener", bind_id=b.bind_id)
+            await self._ask_workers("remove_listener", bind_id=b.bind_id)
         self.binds.release(b)
 
     def _release_all(self, conn: control.Conn) -> None:

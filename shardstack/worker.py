@@ -16,6 +16,12 @@ So a wake-up must drain with NOBLOCK until Again; if we stop early (to let
 timers and the control socket run under a flood) we must reschedule ourselves,
 because the FD will not fire again for messages already queued.
 
+Direct RX (AF_PACKET, the default there): the supervisor hands us our member
+of the kernel fanout group (netio/fanout.py), whose cBPF program already
+steered each frame by the flow hash and RETA; we read it with `add_reader`
+(one recv per frame, no process hop, no zmq), and the zmq PULL stays bound
+but idle (netio only forwards what the kernel sent it: nothing TCP).
+
 The supervisor starts us as `python -m shardstack.worker` with a JSON
 description on stdin (not argv: it carries the ISN secret) and any device fd
 passed down (`pass_fds`). `worker-<i>.ctl` serves its commands.
@@ -40,7 +46,7 @@ import zmq
 from shardstack import control
 from shardstack.config import ServeConfig
 from shardstack.netio import rss
-from shardstack.netio.device import RX_CSUM_VALID
+from shardstack.netio.device import MAX_FRAME, RX_CSUM_VALID, VNET_HDR_LEN, _rx_flags
 from shardstack.netio.process import worker_endpoint
 from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
@@ -52,6 +58,7 @@ MAX_EVENT_ROUNDS = 64  # services reacting to events may raise more events
 # headers with options (the kernel's GSO_LEGACY_MAX_SIZE, 65536).
 TSO_MAX = 65535 - 20 - 60
 ZMQ_RCVHWM = 4096  # batches queued per worker before netio sees backpressure
+MAX_DEV_FRAMES_PER_WAKEUP = 256  # direct RX: then let timers/control run (the fd stays readable)
 
 
 @dataclass(slots=True)
@@ -76,7 +83,7 @@ class Worker:
     """Glue between zmq RX, the Shard, the device TX, services and appgate."""
 
     def __init__(self, cfg: ServeConfig, wid: int, reta: list[int], tx: Any,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, rx_sock: Any = None) -> None:
         self.cfg = cfg
         self.wid = wid
         self.reta = list(reta)
@@ -100,6 +107,8 @@ class Worker:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.ctl_server: asyncio.AbstractServer | None = None
         self.closed = False
+        self.rx_sock = rx_sock  # direct RX: our AF_PACKET fanout member, or None
+        self.rx_vnet = bool(cfg.offload)
 
     # -- construction ---------------------------------------------------------
 
@@ -132,6 +141,10 @@ class Worker:
         self.pull.bind(worker_endpoint(str(self.run.path), self.wid))
         self.loop.add_reader(self.pull.getsockopt(zmq.FD), self._on_rx)
         self._on_rx()  # messages may already be queued: the FD will not tell us
+        if self.rx_sock is not None:
+            self.rx_sock.setblocking(False)
+            self.loop.add_reader(self.rx_sock.fileno(), self._on_dev_rx)
+            self._on_dev_rx()  # frames may have queued while no worker ran
         self._step()
 
     def _make_appgate(self):
@@ -183,6 +196,46 @@ class Worker:
         c.frames_in += frames
         self._step()
 
+    def _on_dev_rx(self) -> None:
+        """Direct RX: drain our fanout member (level-triggered: if we stop at
+        the budget, the loop calls us again after timers and control)."""
+        if self.closed:
+            return
+        recv = self.rx_sock.recv
+        learn = self.tx.learn
+        vnet = self.rx_vnet
+        head = VNET_HDR_LEN + ETH_HLEN if vnet else ETH_HLEN
+        frames: list = []
+        flags = bytearray()
+        c = self.counters
+        for _ in range(MAX_DEV_FRAMES_PER_WAKEUP):
+            try:
+                data = recv(MAX_FRAME)
+            except (BlockingIOError, InterruptedError):
+                break
+            if len(data) <= head:
+                c.drop("runt")
+                continue
+            mv = memoryview(data)
+            if vnet:
+                flags.append(_rx_flags(data))
+                learn(mv[VNET_HDR_LEN:])
+            else:
+                flags.append(0)
+                learn(mv)
+            frames.append(mv[head:])
+        if not frames:
+            return
+        now = _monotonic()
+        if flags.count(flags[0]) == len(flags):
+            self.shard.receive_batch(frames, now, bool(flags[0] & RX_CSUM_VALID))
+        else:
+            self._receive_mixed(frames, flags, now)
+        c.wakeups += 1
+        c.batches_in += 1
+        c.frames_in += len(frames)
+        self._step()
+
     def _receive_mixed(self, frames: list, flags: bytes, now: float) -> None:
         """Frames whose checksum state differs: runs of equal state, in order."""
         receive = self.shard.receive_batch
@@ -231,6 +284,8 @@ class Worker:
                     self._dispatch(events)
                 frames = shard.take_frames()
                 if frames:
+                    frames = self._deliver_local(frames)  # the appgate's loopback hook
+                if frames:
                     self._send(frames)
                 if not events and not frames and not self._dirty:
                     break
@@ -241,6 +296,30 @@ class Worker:
             self._arm_timer(deadline)
         finally:
             self._in_step = False
+
+    def _deliver_local(self, frames: list) -> list:
+        """Frames to our own address never reach the device (Linux routes
+        them via lo: ip_route_output_key, RTN_LOCAL): back into the shard.
+        This is how `shardstack run --loopback` (127.0.0.0/8 mapped to the
+        stack's address by the shim) and a connect to our own address work.
+        Both directions of such a flow hash alike (symmetric Toeplitz) and
+        listeners are on every shard, so the whole connection is ours."""
+        local = self.cfg.addr.ip.to_bytes(4, "big")
+        last = local[3]
+        out = None
+        for i, f in enumerate(frames):
+            if f[19] == last and f[16:20] == local:
+                if out is None:
+                    out = frames[:i]
+                    mine = []
+                mine.append(f)
+            elif out is not None:
+                out.append(f)
+        if out is None:
+            return frames
+        self.shard.receive_batch(mine, _monotonic(), True)
+        self._dirty = True  # their answers: another round of _step
+        return out
 
     def _send(self, frames: list) -> None:
         tx = self.tx
@@ -360,6 +439,9 @@ class Worker:
     def close(self) -> None:
         self.closed = True
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
+        if self.rx_sock is not None:
+            self.loop.remove_reader(self.rx_sock.fileno())
+            self.rx_sock.detach()  # the supervisor's copy keeps the group's member alive
         if self._timer is not None:
             self._timer.cancel()
         now = _monotonic()
@@ -570,7 +652,12 @@ async def _amain(desc: dict[str, Any]) -> int:
     cfg = ServeConfig.from_dict(desc["config"])
     wid = desc["worker"]
     tx = make_tx(cfg, desc["tx"], wid)
-    worker = Worker(cfg, wid, desc["reta"], tx, loop)
+    rx_sock = None
+    if desc["tx"].get("rx_fd") is not None:
+        import socket
+
+        rx_sock = socket.socket(fileno=desc["tx"]["rx_fd"])
+    worker = Worker(cfg, wid, desc["reta"], tx, loop, rx_sock)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await worker.start()

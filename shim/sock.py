@@ -90,6 +90,7 @@ class StackState:
     err: int = 0  # a connection error not yet reported by SO_ERROR/connect
     path: str = ""  # a listener's AF_UNIX path
     owner_pid: int = 0
+    ended: bool = False  # the end of the stream (EOF or its errno) was reported
 
     @property
     def sockname(self) -> tuple[str, int]:
@@ -393,7 +394,9 @@ class ShimSocket(kernel_socket):
         if st is None or st.kind != LISTENER:
             return super().accept()
         fd, _garbage = super()._accept()  # an AF_INET parse of a unix address: ignored
-        sock = type(self)(self.family, SOCK_STREAM, self.proto, fileno=fd)
+        # The plain class, as socket.accept does: a subclass (ssl.SSLSocket,
+        # when ssl was imported after install) has no public constructor.
+        sock = ShimSocket(self.family, SOCK_STREAM, self.proto, fileno=fd)
         if _socket_mod.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)  # as socket.accept does (issue #7995)
         if sock._ss is None:
@@ -510,6 +513,131 @@ class ShimSocket(kernel_socket):
             err, st.err = st.err, 0
             return err or errno.ECONNREFUSED
         return 0
+
+    # -- data: the C methods, plus how the stream ended ------------------------
+    #
+    # The bytes move in C on the unix fd; these wrappers only look at the
+    # end of the stream. A reset shows to the kernel's unix socket as EOF
+    # unless the worker could hold a byte of ours unread (appgate), so on EOF
+    # we ask how the connection ended (_end_errno) and raise its errno once,
+    # as tcp_recvmsg reports sk_err once and then 0. recvfrom/recvmsg report
+    # no address, as TCP's do (the unix peer name is not the TCP peer).
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            data = _csocket.recv(self, bufsize, flags)
+        except ConnectionResetError:
+            self._reported()
+            raise
+        if not data and bufsize and self._ss is not None:
+            self._at_end()
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        try:
+            n = _csocket.recv_into(self, buffer, nbytes, flags)
+        except ConnectionResetError:
+            self._reported()
+            raise
+        if not n and self._ss is not None and (nbytes or memoryview(buffer).nbytes):
+            self._at_end()
+        return n
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        if self._ss is None:
+            return _csocket.recvfrom(self, bufsize, flags)
+        return self.recv(bufsize, flags), None
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        if self._ss is None:
+            return _csocket.recvfrom_into(self, buffer, nbytes, flags)
+        return self.recv_into(buffer, nbytes, flags), None
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        data, anc, mflags, addr = _csocket.recvmsg(self, bufsize, ancbufsize, flags)
+        if self._ss is None:
+            return data, anc, mflags, addr
+        if not data and bufsize:
+            self._at_end()
+        return data, anc, mflags, None
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        n, anc, mflags, addr = _csocket.recvmsg_into(self, buffers, ancbufsize, flags)
+        if self._ss is None:
+            return n, anc, mflags, addr
+        if not n:
+            self._at_end()
+        return n, anc, mflags, None
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return _csocket.send(self, data, flags)
+        except BrokenPipeError:
+            self._at_end(broken=True)
+            raise
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        try:
+            _csocket.sendall(self, data, flags)
+        except BrokenPipeError:
+            self._at_end(broken=True)
+            raise
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
+                address: Any = None) -> int:
+        try:
+            if address is None:
+                return _csocket.sendmsg(self, buffers, ancdata, flags)
+            return _csocket.sendmsg(self, buffers, ancdata, flags, address)
+        except BrokenPipeError:
+            self._at_end(broken=True)
+            raise
+
+    def _reported(self) -> None:
+        """The kernel itself raised ECONNRESET (appgate held a byte back): that was the report."""
+        if self._ss is not None:
+            self._ss.ended = True
+
+    def _at_end(self, broken: bool = False) -> None:
+        """The unix stream ended (EOF, or EPIPE on send): raise the TCP
+        connection's errno if it died, once; return for a clean end."""
+        st = self._ss
+        if st is None or st.kind not in (ACTIVE, PASSIVE) or st.ended:
+            return
+        if st.status == CONNECTING:
+            self._refresh()
+        st.ended = True
+        err = self._end_errno(st, broken)
+        if err:
+            raise _oserror(err)
+
+    def _end_errno(self, st: StackState, broken: bool) -> int:
+        if st.status == FAILED and st.err:
+            err, st.err = st.err, 0
+            return err
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN | select.POLLPRI)
+        ev = 0
+        for _fd, e in p.poll(0):
+            ev = e
+        if ev & select.POLLPRI:
+            self._take_oob(st)  # the worker's errno byte, if no read passed it yet
+            if st.err:
+                err, st.err = st.err, 0
+                return err
+        if not (ev & select.POLLHUP or broken):
+            # Only the worker's write side is shut: the peer's FIN, a clean EOF.
+            return 0
+        # The worker's end is closed: a reset or timeout, unless the app shut
+        # its own side down first and both FINs went through. Ask the worker.
+        stack = get_stack()
+        if stack is None or st.worker < 0:
+            return 0
+        try:
+            r = stack.worker_call(st.worker, {"op": "status", "token": st.token})
+        except OSError:
+            return 0
+        return int(r.get("errno") or 0)
 
     # -- names ----------------------------------------------------------------
 

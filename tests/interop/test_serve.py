@@ -499,7 +499,9 @@ def test_control_bind_listen_release_through_workers(stack):
             return False
 
         wait_for(refused, what="port 8080 refused after the app hung up")
-        b2 = other.call("bind", addr=stack.addr, port=8080)  # free again
+        # The hang-up is noticed asynchronously (as a closing fd would be): the port
+        # is free again once every worker has dropped the listener.
+        b2 = wait_for(lambda: _try_bind(other, stack.addr, 8080), what="port 8080 free again")
         assert b2["bind_id"] != b["bind_id"]
     finally:
         app.close()
@@ -587,3 +589,12 @@ def test_supervisor_killed_children_follow(stack):
         again.log.unlink(missing_ok=True)
     assert os.listdir(stack.run_dir) == []  # adopted, not created: emptied, kept
     os.rmdir(stack.run_dir)
+
+
+def _try_bind(client, addr, port):
+    try:
+        return client.call("bind", addr=addr, port=port)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        return None

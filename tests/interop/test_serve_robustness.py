@@ -27,6 +27,7 @@ import selectors
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 from shardstack.core.wire.checksum import tcp_checksum
@@ -34,6 +35,7 @@ from shardstack.core.wire.ipv4 import header_checksum
 from shardstack.core.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4
 from test_serve import (
     ECHO,
+    WAIT,
     _offloads_off,
     _require_root,
     _start,
@@ -41,10 +43,9 @@ from test_serve import (
     close_all,
     echo_many,
     in_netns,
-    wait_for,
 )
 
-from shardstack import netns
+from shardstack import control, netns
 
 pytestmark = pytest.mark.interop
 
@@ -52,8 +53,21 @@ IMPAIR = "loss=0.03,dup=0.01,reorder=0.05,delay=2ms,jitter=1ms,seed={seed}"
 NFT_LOSS = 3  # percent, per hook, kernel side
 TRANSFER_BOUND = 240.0  # seconds for the 32 MiB transfer
 FLOOD = 100_000
+BURST = 1000  # frames sent back to back
+POLL = 0.05  # seconds between two readings of a counter
+ENGINE_KEYS = ("retrans_segs", "fast_retrans", "rto_fires", "ofo_queued", "challenge_acks")
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
+
+
+RX_MODES = ["netio", "direct"]  # SHARDSTACK_RX: AF_PACKET via netio, or the kernel fanout
+
+
+@pytest.fixture(params=RX_MODES)
+def rx_mode(request, monkeypatch):
+    """Both AF_PACKET receive paths (serve reads SHARDSTACK_RX from its environment)."""
+    monkeypatch.setenv("SHARDSTACK_RX", request.param)
+    return request.param
 
 
 def _ip(a: str) -> int:
@@ -213,7 +227,7 @@ def _impaired_transfer(total: int, seed: int, bound: float, record_property, nam
         tx = [w["counters"]["impair"] for w in s["workers"]]
         kernel = _nft_drops(v.b)
         print(f"  stack impair rx {rx}\n  stack impair tx {tx}\n  kernel nft drops {kernel}"
-              f"\n  retrans {[w['shard']['retrans_segs'] for w in s['workers']]}")
+              f"\n  engine {[{k: w['shard'][k] for k in ENGINE_KEYS} for w in s['workers']]}")
         # every kind of fault happened, on both sides
         assert rx["lost"] > 0 and sum(t["lost"] for t in tx) > 0, (rx, tx)
         assert kernel["output"] > 0 and kernel["input"] > 0, kernel
@@ -237,12 +251,14 @@ def _mutate(rng: random.Random, pkt: bytearray, l3: int) -> bytearray:
     """1-3 header or payload mutations of a valid IPv4/TCP packet at `l3`; the
     checksums are sometimes recomputed so the damage reaches deeper layers."""
     for _ in range(rng.randint(1, 3)):
+        if len(pkt) <= l3 + 1:
+            break
         what = rng.randrange(10)
         if what == 0:  # flip a random byte
             i = rng.randrange(len(pkt))
             pkt[i] ^= rng.randint(1, 255)
         elif what == 1:  # truncate
-            del pkt[rng.randrange(len(pkt)):]
+            del pkt[rng.randrange(1, len(pkt)):]
         elif what == 2 and len(pkt) > l3:  # version / IHL nibbles
             pkt[l3] = rng.randrange(256)
         elif what == 3 and len(pkt) >= l3 + 4:  # IP total length
@@ -329,7 +345,7 @@ def _pids(st) -> dict:
 
 
 def _send_flood(sock: socket.socket, frames, dest=None) -> tuple[int, int]:
-    """Send every frame; the kernel may refuse some (too short, full queue)."""
+    """Send every frame; the kernel may refuse some (too long, full queue)."""
     ok = refused = 0
     for f in frames:
         try:
@@ -343,7 +359,60 @@ def _send_flood(sock: socket.socket, frames, dest=None) -> tuple[int, int]:
     return ok, refused
 
 
-def _flood_and_check(st, send, l2: bool) -> None:
+def _netio_rx(st) -> int:
+    s = control.call(Path(st.run_dir) / "control.sock", "stats", timeout=WAIT)
+    return s["netio"]["counters"]["netio"]["rx_frames"]
+
+
+def _settle(st, timeout: float = WAIT) -> int:
+    """Wait until netio's receive count stops moving (it has read all the
+    kernel queued for it): two equal readings POLL apart, bounded."""
+    deadline = time.monotonic() + timeout
+    last = _netio_rx(st)
+    while time.monotonic() < deadline:
+        time.sleep(POLL)
+        n = _netio_rx(st)
+        if n == last:
+            return n
+        last = n
+    raise AssertionError(f"netio still reading after {timeout}s ({last} frames)")
+
+
+def _bursts(st, frames, send_burst) -> tuple[int, int]:
+    """The flood in bursts of BURST frames, each at full speed; between
+    bursts netio catches up, so most of the flood is read, not lost in the
+    kernel's queue (what a flood longer than a queue would do anyway)."""
+    ok = refused = 0
+    for i in range(0, len(frames), BURST):
+        a, b = send_burst(i // BURST, frames[i:i + BURST])
+        ok, refused = ok + a, refused + b
+        _settle(st)
+    return ok, refused
+
+
+def _check_delivery(st) -> None:
+    """What netio (or, with direct RX, the kernel's fanout) handed each worker
+    equals what the worker took in, plus the runts it dropped before its
+    shard saw them (bounded wait: frames still queued)."""
+
+    def settled():
+        s = st.stats()
+        n = s["netio"]["counters"]
+        per, lost = n["dispatch"]["per_worker"], n["netio"]["zmq_dropped"]
+        took = [w["counters"]["frames_in"] + w["counters"]["drops"].get("runt", 0)
+                for w in s["workers"]]
+        ok = all(p - x == t for p, x, t in zip(per, lost, took, strict=True))
+        return True if ok else (per, lost, took)
+
+    deadline = time.monotonic() + WAIT
+    last = settled()
+    while last is not True and time.monotonic() < deadline:
+        time.sleep(POLL)
+        last = settled()
+    assert last is True, f"handed to workers != taken in (per_worker, zmq_dropped, took): {last}"
+
+
+def _flood_and_check(st, send, l2: bool, direct: bool = False) -> None:
     """Open one echo connection per worker, flood, then check pids, the old
     connections, fresh connections and netio's per-reason drop counters."""
     ports = st.ports_for(2, ECHO, 20000)
@@ -356,17 +425,6 @@ def _flood_and_check(st, send, l2: bool) -> None:
         print(f"\nflood: {ok} frames sent, {refused} refused by the sending kernel, "
               f"{time.monotonic() - t0:.1f} s")
         assert ok + refused == FLOOD and ok > FLOOD // 2
-
-        # netio has read what reached it once its count stops moving (bounded)
-        last = [-1]
-
-        def settled():
-            n = st.stats()["netio"]["counters"]["netio"]["rx_frames"]
-            done = n == last[0]
-            last[0] = n
-            return done
-
-        wait_for(settled, what="netio rx count settles")
         assert _pids(st) == before, "a process died or was replaced"
         s = st.stats()
         assert s["netio"]["restarts"] == 0 and all(w["restarts"] == 0 for w in s["workers"])
@@ -389,18 +447,21 @@ def _flood_and_check(st, send, l2: bool) -> None:
         print(f"  netio read {rx} frames; dispatch drops {drops}\n  shard drops {shard_drops}")
         assert disp["frames"] == rx
         # the flood reached netio (the kernel may lose some of it on the way)
-        assert rx >= FLOOD // 10, rx
-        assert sum(drops.values()) >= FLOOD // 20
+        assert rx >= FLOOD // 5, rx
+        assert sum(drops.values()) >= FLOOD // 10
         # every frame was either dropped with a reason, dispatched, or answered
         assert (sum(drops.values()) + disp["tcp"] + disp["icmp_replies"]
                 + disp["arp_replies"] + disp["arp_learned"]) == rx
-        want = {"ip_truncated", "tcp_truncated", "fragment", "proto_other", "udp"}
-        if l2:
-            want |= {"runt", "ethertype"}
+        want = {"ip_truncated", "fragment", "proto_other", "udp"}
+        if not direct:  # (direct RX: the kernel steers every TCP frame to a worker)
+            want.add("tcp_truncated")
+        if l2:  # (no "runt": the sending kernel pads frames shorter than a header)
+            want |= {"ethertype", "arp_not_for_us", "other_host"}
         assert want <= set(drops), f"missing drop reasons {want - set(drops)}"
         assert any(k.startswith("ip_") and k not in ("ip_truncated", "ip_header")
                    for k in drops), drops  # a WireError reason from parse_ipv4
         assert sum(shard_drops.values()) > 0, "the engine saw damaged TCP and counted none"
+        _check_delivery(st)  # every frame steered to a worker reached it
     finally:
         close_all(socks)
 
@@ -410,7 +471,7 @@ def _mac(ns: netns.Netns, ifname: str) -> bytes:
     return bytes.fromhex(link["address"].replace(":", ""))
 
 
-def test_packet_flood_of_garbage():
+def test_packet_flood_of_garbage(rx_mode):
     with VethStack([]) as v:
         st = v.st
         stack_mac, peer_mac = _mac(v.a, "vsa"), _mac(v.b, "vsb")
@@ -421,10 +482,11 @@ def test_packet_flood_of_garbage():
 
             def send(avoid):
                 rng = random.Random(0x5EED)
-                return _send_flood(raw, garbage(rng, FLOOD, _ip(st.peer), _ip(st.addr),
-                                                (peer_mac, stack_mac), avoid))
+                frames = list(garbage(rng, FLOOD, _ip(st.peer), _ip(st.addr),
+                                      (peer_mac, stack_mac), avoid))
+                return _bursts(st, frames, lambda _i, burst: _send_flood(raw, burst))
 
-            _flood_and_check(st, send, l2=True)
+            _flood_and_check(st, send, l2=True, direct=rx_mode == "direct")
 
 
 def test_tun_flood_of_garbage():
@@ -444,18 +506,73 @@ def test_tun_flood_of_garbage():
                 def send(avoid):
                     rng = random.Random(0x7E57)
                     frames = list(garbage(rng, FLOOD, _ip(st.peer), _ip(st.addr), None, avoid))
-                    ok, refused = 0, 0
-                    for i in range(0, FLOOD, 1000):
-                        # 1 in 10 blocks via the routed raw socket (the kernel
-                        # fixes total length and the IP checksum there)
-                        if (i // 1000) % 10 == 9:
-                            a, b = _send_flood(rawip, frames[i:i + 1000], (st.addr, 0))
-                        else:
-                            a, b = _send_flood(pk, frames[i:i + 1000], ("sst0", ETH_P_IP))
-                        ok, refused = ok + a, refused + b
-                    return ok, refused
+
+                    def burst(i, frames):
+                        # 1 burst in 10 through the routed raw socket (there the
+                        # kernel fixes total length and the IP checksum itself)
+                        if i % 10 == 9:
+                            return _send_flood(rawip, frames, (st.addr, 0))
+                        return _send_flood(pk, frames, ("sst0", ETH_P_IP))
+
+                    return _bursts(st, frames, burst)
 
                 _flood_and_check(st, send, l2=False)
         finally:
             _stop(st)
             st.log.unlink(missing_ok=True)
+
+
+def test_packet_unicast_for_another_mac_is_ignored(rx_mode, request):
+    """A veth shows AF_PACKET every frame, also unicast for other stations;
+    the stack must not answer a SYN sent to another MAC (ip_rcv_core drops
+    PACKET_OTHERHOST) but answers the same SYN sent to its own."""
+    if rx_mode == "direct":
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
+            "netio/fanout.py's cBPF program steers every TCP/IPv4 frame to a worker "
+            "whatever its pkt_type; it should send PACKET_OTHERHOST to netio's member "
+            "(ld SKF_AD_OFF+SKF_AD_PKTTYPE; jeq #3), whose Dispatcher drops it")))
+    from shardstack.core.wire.tcp import parse_tcp
+
+    with VethStack([]) as v:
+        st = v.st
+        stack_mac, peer_mac = _mac(v.a, "vsa"), _mac(v.b, "vsb")
+        with in_netns(v.b.name):
+            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+        with raw:
+            raw.bind(("vsb", ETH_P_IP))
+            raw.settimeout(0.2)
+            ports = st.ports_for(4, ECHO, 33000)
+
+            def syn(dst_mac: bytes, sport: int) -> bytes:
+                return dst_mac + peer_mac + b"\x08\x00" + build_tcp_ipv4(
+                    _ip(st.peer), _ip(st.addr), sport, ECHO, 1000, 0, SYN, 65535)
+
+            def synacks(until: set[int], linger: float) -> set[int]:
+                """Ports SYN-ACKed, read until `until` is covered (or WAIT),
+                then for `linger` more seconds."""
+                seen: set[int] = set()
+                deadline = time.monotonic() + WAIT
+                while time.monotonic() < deadline:
+                    if until <= seen:
+                        deadline = min(deadline, time.monotonic() + linger)
+                        until = set()
+                    try:
+                        f = raw.recv(2048)
+                    except TimeoutError:
+                        continue
+                    if (len(f) >= 54 and f[14 + 9] == 6
+                            and f[26:30] == socket.inet_aton(st.addr)):
+                        seg = parse_tcp(memoryview(f)[34:])
+                        if seg.src_port == ECHO and seg.flags & (SYN | ACK) == SYN | ACK:
+                            seen.add(seg.dst_port)
+                return seen
+
+            foreign = bytes.fromhex("02aabbccddee")
+            for p in ports[:2]:
+                raw.send(syn(foreign, p))
+            for p in ports[2:]:
+                raw.send(syn(stack_mac, p))
+            # the answered pair proves the path works; the other pair stays silent
+            assert synacks(set(ports[2:]), 1.0) == set(ports[2:])
+            disp = st.stats()["netio"]["counters"]["dispatch"]
+            assert disp["drops"].get("other_host", 0) >= 2

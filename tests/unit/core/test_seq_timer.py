@@ -31,6 +31,7 @@ def test_seq_compare_across_wrap():
 class FakeSock:
     timers: list = field(default_factory=lambda: [None] * 6)
     timer_seq: list = field(default_factory=lambda: [0] * 6)
+    timer_q: list = field(default_factory=lambda: [None] * 6)
 
 
 def drain(heap: TimerHeap, now: float):

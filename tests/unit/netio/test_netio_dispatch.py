@@ -111,7 +111,7 @@ def test_arp_request_answered_and_sender_learned():
     assert d.dispatch([(bytes(other), 0)]).replies == []
     assert d.stats.drops["arp_not_for_us"] == 1
     # ARP reply to us: learned, nothing sent
-    rep = Ether(src="02:00:00:00:00:07") / ARP(op=2, hwsrc="02:00:00:00:00:07", psrc="198.18.0.7", pdst=US)
+    rep = Ether(src="02:00:00:00:00:07", dst="02:00:00:00:00:02") / ARP(op=2, hwsrc="02:00:00:00:00:07", psrc="198.18.0.7", pdst=US)
     assert d.dispatch([(bytes(rep), 0)]).replies == []
     assert d.neighbours[0xC6120007] == bytes.fromhex("020000000007")
 

@@ -1,0 +1,391 @@
+"""Direct RX on AF_PACKET: the kernel steers each frame to its worker's socket.
+
+Instead of one netio process reading the device and forwarding over ZeroMQ
+(two extra process hops, each a cross-CPU wake-up), every worker owns an
+AF_PACKET socket and all of them join ONE fanout group (packet(7),
+PACKET_FANOUT) of type PACKET_FANOUT_CBPF. The group's classic-BPF program
+computes, in the kernel, the same choice the Dispatcher makes in Python:
+RETA[toeplitz(4-tuple) & 127] (DESIGN.md §1, "Flow → worker").
+
+Why a cBPF program can do it: with the symmetric key (period 16 bits) the
+hash depends only on w = XOR of the six 16-bit words of the 4-tuple
+(`rss.FoldedToeplitz`), and it is linear over GF(2). So the low 7 bits are
+XOR over the set bits j of w of a constant c_j = T[1 << j] & 127: sixteen
+`jset #(1<<j)` / `xor #(c_j << 16)` pairs (the hash accumulates above the
+16 bits being tested), then `rsh #16`. The RETA is `mod #N` when it is the
+default round-robin table, else a binary search over its runs of equal
+entries. Everything that is not an unfragmented TCP/IPv4 frame goes to the
+last member (netio: ARP, ICMP echo, counters).
+
+The fanout index is the position of the socket in the group's member array
+(the kernel takes `ret % members`), which the kernel compacts when a member
+leaves. So the group must never change membership: the supervisor opens all
+N + 1 sockets once, in order, and hands the same open sockets to a restarted
+worker (as it does with the TUN fd); frames for a dead worker wait in its
+socket's queue like frames in a NIC ring.
+
+Loads use SKF_NET_OFF (offsets from the network header) because the fanout
+program runs before the packet socket pushes the link-layer header back.
+`run_cbpf` is a small interpreter of the instructions we emit, for tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from collections.abc import Sequence
+
+from . import rss
+
+__all__ = [
+    "SKF_NET_OFF",
+    "assemble",
+    "build_program",
+    "run_cbpf",
+    "open_group",
+    "set_program",
+    "pack_program",
+]
+
+# <linux/filter.h> classic BPF opcodes.
+BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
+BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
+BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
+BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
+BPF_LSH, BPF_RSH, BPF_NEG, BPF_MOD, BPF_XOR = 0x60, 0x70, 0x80, 0x90, 0xA0
+BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
+BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
+BPF_TAX, BPF_TXA = 0x00, 0x80
+SKF_AD_OFF = -0x1000
+SKF_AD_PROTOCOL = 0
+SKF_NET_OFF = -0x100000
+_U32 = 0xFFFFFFFF
+
+# <linux/if_packet.h>
+SOL_PACKET = 263
+PACKET_FANOUT = 18
+PACKET_FANOUT_DATA = 22
+PACKET_FANOUT_CBPF = 6
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+
+Insn = tuple[int, int | str, int | str, int]  # code, jt, jf, k (jt/jf: offset or label)
+
+
+def _stmt(code: int, k: int = 0) -> Insn:
+    return (code, 0, 0, k & _U32)
+
+
+def _jump(code: int, k: int, jt: int | str, jf: int | str) -> Insn:
+    return (code, jt, jf, k & _U32)
+
+
+def assemble(items: Sequence[Insn | str]) -> list[tuple[int, int, int, int]]:
+    """Resolve labels: a str item marks a position; jt/jf that are str are
+    forward jumps to that label (cBPF jumps are forward, 8-bit)."""
+    labels: dict[str, int] = {}
+    pc = 0
+    for it in items:
+        if isinstance(it, str):
+            labels[it] = pc
+        else:
+            pc += 1
+    out = []
+    pc = 0
+    for it in items:
+        if isinstance(it, str):
+            continue
+        code, jt, jf, k = it
+        jt = labels[jt] - pc - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - pc - 1 if isinstance(jf, str) else jf
+        if not (0 <= jt <= 255 and 0 <= jf <= 255):
+            raise ValueError("cBPF jump out of range")
+        out.append((code, jt, jf, k))
+        pc += 1
+    return out
+
+
+def _hash_bits(key: bytes) -> list[int]:
+    """c_j = T[1 << j] & 127 for the 16 bits of the folded word."""
+    table = rss.FoldedToeplitz(key).table
+    return [table[1 << j] & rss.RETA_MASK for j in range(16)]
+
+
+def _reta_code(reta: Sequence[int], n_workers: int) -> list[Insn | str]:
+    """A (the RETA index, 0..127) -> `ret` of the worker."""
+    if all(reta[i] == i % n_workers for i in range(rss.RETA_SIZE)):
+        if n_workers == 1:
+            return [_stmt(BPF_RET | BPF_K, 0)]
+        return [_stmt(BPF_ALU | BPF_MOD | BPF_K, n_workers), _stmt(BPF_RET | BPF_A)]
+    runs: list[tuple[int, int]] = []  # (first index, worker)
+    for i, w in enumerate(reta):
+        if not runs or runs[-1][1] != w:
+            runs.append((i, w))
+    code: list[Insn | str] = []
+    counter = [0]
+
+    def tree(lo: int, hi: int) -> None:  # runs[lo:hi], A within their span
+        if hi - lo == 1:
+            code.append(_stmt(BPF_RET | BPF_K, runs[lo][1]))
+            return
+        mid = (lo + hi) // 2
+        counter[0] += 1
+        right = f"r{counter[0]}"
+        code.append(_jump(BPF_JMP | BPF_JGE | BPF_K, runs[mid][0], right, 0))
+        tree(lo, mid)
+        code.append(right)
+        tree(mid, hi)
+
+    tree(0, len(runs))
+    return code
+
+
+def build_program(n_workers: int, reta: Sequence[int] | None = None,
+                  key: bytes = rss.SYMMETRIC_KEY) -> list[tuple[int, int, int, int]]:
+    """The fanout program: worker index for TCP/IPv4, `n_workers` for the rest."""
+    if n_workers < 1:
+        raise ValueError("need at least one worker")
+    reta = list(reta) if reta is not None else rss.make_reta(n_workers)
+    if len(reta) != rss.RETA_SIZE or not all(0 <= w < n_workers for w in reta):
+        raise ValueError("RETA must hold 128 worker ids below n_workers")
+    net = SKF_NET_OFF
+    prog: list[Insn | str] = [
+        _stmt(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL),
+        _jump(BPF_JMP | BPF_JEQ | BPF_K, ETH_P_IP, 0, "other"),
+        _stmt(BPF_LD | BPF_B | BPF_ABS, net + 9),  # protocol
+        _jump(BPF_JMP | BPF_JEQ | BPF_K, 6, 0, "other"),
+        _stmt(BPF_LD | BPF_H | BPF_ABS, net + 6),  # flags + fragment offset
+        _jump(BPF_JMP | BPF_JSET | BPF_K, 0x3FFF, "other", "tcp"),  # MF or offset: netio
+        "other",  # here, not at the end: cBPF jumps reach 255 instructions
+        _stmt(BPF_RET | BPF_K, n_workers),
+        "tcp",
+        _stmt(BPF_LD | BPF_W | BPF_ABS, net + 12),  # src ip
+        _stmt(BPF_MISC | BPF_TAX),
+        _stmt(BPF_LD | BPF_W | BPF_ABS, net + 16),  # dst ip
+        _stmt(BPF_ALU | BPF_XOR | BPF_X),
+        _stmt(BPF_ST, 0),
+        _stmt(BPF_LDX | BPF_B | BPF_MSH, net + 0),  # X = IHL * 4
+        _stmt(BPF_LD | BPF_W | BPF_IND, net + 0),  # src port << 16 | dst port
+        _stmt(BPF_LDX | BPF_MEM, 0),
+        _stmt(BPF_ALU | BPF_XOR | BPF_X),
+        _stmt(BPF_MISC | BPF_TAX),
+        _stmt(BPF_ALU | BPF_RSH | BPF_K, 16),
+        _stmt(BPF_ALU | BPF_XOR | BPF_X),
+        _stmt(BPF_ALU | BPF_AND | BPF_K, 0xFFFF),  # w: the folded tuple
+    ]
+    for j, c in enumerate(_hash_bits(key)):
+        if c:
+            prog.append(_jump(BPF_JMP | BPF_JSET | BPF_K, 1 << j, 0, 1))
+            prog.append(_stmt(BPF_ALU | BPF_XOR | BPF_K, c << 16))
+    prog.append(_stmt(BPF_ALU | BPF_RSH | BPF_K, 16))  # A = hash & 127
+    prog += _reta_code(reta, n_workers)
+    return assemble(prog)
+
+
+# -- an interpreter of what we emit (tests) --------------------------------------
+
+
+def _load(pkt: bytes, protocol: int, k: int, size: int) -> int | None:
+    ks = k - (1 << 32) if k & 0x80000000 else k
+    if ks == SKF_AD_OFF + SKF_AD_PROTOCOL:
+        return protocol
+    if SKF_NET_OFF <= ks < SKF_AD_OFF:
+        ks -= SKF_NET_OFF
+    elif ks < 0:
+        return None
+    if ks + size > len(pkt):
+        return None  # the kernel ends the program returning 0
+    return int.from_bytes(pkt[ks:ks + size], "big")
+
+
+def run_cbpf(prog: Sequence[tuple[int, int, int, int]], pkt: bytes, protocol: int = ETH_P_IP) -> int:
+    """Run a classic BPF program over `pkt` (the frame from its network header;
+    `protocol` is skb->protocol). Covers loads, ALU, jumps, scratch memory."""
+    a = x = 0
+    mem = [0] * 16
+    pc = 0
+    sizes = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
+    for _ in range(len(prog)):  # forward jumps only: bounded
+        code, jt, jf, k = prog[pc]
+        cls = code & 0x07
+        pc += 1
+        if cls == BPF_LD:
+            mode = code & 0xE0
+            if mode == BPF_IMM:
+                a = k
+            elif mode == BPF_MEM:
+                a = mem[k]
+            elif mode == BPF_LEN:
+                a = len(pkt)
+            else:
+                off = k if mode == BPF_ABS else (x + k) & _U32
+                v = _load(pkt, protocol, off, sizes[code & 0x18])
+                if v is None:
+                    return 0
+                a = v
+        elif cls == BPF_LDX:
+            mode = code & 0xE0
+            if mode == BPF_MSH:
+                v = _load(pkt, protocol, k, 1)
+                if v is None:
+                    return 0
+                x = (v & 0x0F) * 4
+            elif mode == BPF_MEM:
+                x = mem[k]
+            elif mode == BPF_IMM:
+                x = k
+            else:
+                x = len(pkt)
+        elif cls == BPF_ST:
+            mem[k] = a
+        elif cls == BPF_STX:
+            mem[k] = x
+        elif cls == BPF_ALU:
+            a = _alu(code, a, x if code & BPF_X else k)
+        elif cls == BPF_JMP:
+            op = code & 0xF0
+            v = x if code & BPF_X else k
+            if op == BPF_JA:
+                pc += k
+                continue
+            cond = {BPF_JEQ: a == v, BPF_JGT: a > v, BPF_JGE: a >= v, BPF_JSET: bool(a & v)}[op]
+            pc += jt if cond else jf
+        elif cls == BPF_RET:
+            return a if code & BPF_A else k
+        elif cls == BPF_MISC:
+            if code & BPF_TXA:
+                a = x
+            else:
+                x = a
+    raise ValueError("program fell off its end")
+
+
+def _alu(code: int, a: int, v: int) -> int:
+    op = code & 0xF0
+    if op == BPF_ADD:
+        r = a + v
+    elif op == BPF_SUB:
+        r = a - v
+    elif op == BPF_MUL:
+        r = a * v
+    elif op == BPF_DIV:
+        r = a // v if v else 0
+    elif op == BPF_MOD:
+        r = a % v if v else 0
+    elif op == BPF_OR:
+        r = a | v
+    elif op == BPF_AND:
+        r = a & v
+    elif op == BPF_LSH:
+        r = a << v
+    elif op == BPF_RSH:
+        r = a >> v
+    elif op == BPF_XOR:
+        r = a ^ v
+    else:  # BPF_NEG
+        r = -a
+    return r & _U32
+
+
+# -- the sockets -----------------------------------------------------------------
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def pack_program(prog: Sequence[tuple[int, int, int, int]]) -> tuple[bytes, ctypes.Array]:
+    """struct sock_fprog for setsockopt (the buffer must outlive the call)."""
+    raw = b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = _SockFprog(len(prog), ctypes.addressof(buf))
+    return bytes(fprog), buf
+
+
+def _setsockopt_prog(sock: socket.socket, level: int, opt: int, prog) -> None:
+    fprog, buf = pack_program(prog)
+    sock.setsockopt(level, opt, fprog)
+    del buf
+
+
+def set_program(sock: socket.socket, n_workers: int, reta: Sequence[int] | None = None) -> None:
+    """Install (or replace: a new RETA) the steering program of the group."""
+    _setsockopt_prog(sock, SOL_PACKET, PACKET_FANOUT_DATA, build_program(n_workers, reta))
+
+
+def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
+               vnet_hdr: bool = True) -> list[socket.socket]:
+    """N + 1 AF_PACKET sockets in one CBPF fanout group: socket i receives the
+    TCP flows of worker i, socket N everything else (netio).
+
+    Each socket first gets a drop-all filter, so that nothing reaches it
+    outside the group's steering between bind() and joining; then the queue
+    is drained and the filter removed (the usual packet(7) fanout recipe).
+    """
+    drop_all = [(BPF_RET | BPF_K, 0, 0, 0)]
+    socks: list[socket.socket] = []
+    group = 0
+    try:
+        for i in range(n_workers + 1):
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            socks.append(s)
+            _setsockopt_prog(s, socket.SOL_SOCKET, SO_ATTACH_FILTER, drop_all)
+            if vnet_hdr:
+                s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            s.bind((ifname, ETH_P_ALL))
+            if i == 0:
+                # The kernel picks a group id nobody else in this netns uses.
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT,
+                             (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+                group = s.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+                set_program(s, n_workers, reta)
+            else:
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_CBPF << 16)
+        for s in socks:
+            s.setblocking(False)
+            _drain(s)
+            s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def _drain(s: socket.socket, limit: int = 100_000) -> None:
+    for _ in range(limit):
+        try:
+            s.recv(1)
+        except BlockingIOError:
+            return
+
+
+PACKET_STATISTICS = 6
+_TPACKET_STATS = struct.Struct("=II")  # tp_packets (including drops), tp_drops
+
+
+class GroupStats:
+    """Per-member counts of the group, for `stats`: what the kernel steered to
+    each socket (`delivered`: queued to it) and dropped there (its receive
+    queue was full: the worker fell behind). PACKET_STATISTICS clears the
+    kernel's counters on every read, so they are accumulated here."""
+
+    def __init__(self, socks: Sequence[socket.socket]) -> None:
+        self.socks = list(socks)
+        self.delivered = [0] * len(self.socks)
+        self.dropped = [0] * len(self.socks)
+
+    def sample(self) -> dict:
+        for i, s in enumerate(self.socks):
+            packets, drops = _TPACKET_STATS.unpack(
+                s.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size))
+            self.delivered[i] += packets - drops
+            self.dropped[i] += drops
+        return {"delivered": list(self.delivered), "dropped": list(self.dropped)}
