@@ -13,6 +13,14 @@
    (``tso_max``), which is what GSO/GRO hand us on a real interface, with and
    without the receive checksum check (``csum_offload``: the device vouched).
 
+3. the established fast path alone, against a scripted Linux-like peer
+   (timestamps on): µs per in-order 1448-byte data segment received (ACKing
+   every second one) and µs per pure ACK received (it acks two segments and
+   clocks out new ones), with and without the receive checksum check.
+4. request/response on one connection: µs of engine time per round trip over
+   ``--rr`` round trips, and the timer heap's size afterwards (it must stay at
+   a handful of entries however many round trips are made).
+
 Figures are wall-clock on whatever machine runs this; they are printed, never
 asserted.  The kernel-stack baseline belongs to the end-to-end benchmarks.
 """
@@ -122,11 +130,107 @@ def bench_bulk(mib: int, tso_max: int = 0, csum_offload: bool = False) -> tuple[
     return total / elapsed / 1e6, elapsed / segs * 1e6, segs
 
 
+def _established_server(csum_offload: bool = False):
+    """A Shard that accepted a connection from a scripted Linux-like peer (TS, SACK, wscale)."""
+    sh = Shard(ShardConfig(addrs=[SERVER], secret=SECRET, rcvbuf=4 << 20, sndbuf=64 << 20,
+                           csum_offload=csum_offload), 0.0)
+    lsd = sh.socket()
+    sh.bind(lsd, 0, 80)
+    sh.listen(lsd, 8)
+    opts = build_tcp_options(mss=1460, wscale=7, sack_perm=True, ts=(1, 0))
+    sh.receive(build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1000, 0, SYN, 65535, opts), 0.0)
+    _, seg_bytes = parse_ipv4(sh.take_frames()[0])
+    sa = parse_tcp(seg_bytes)
+    sh.receive(build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001, sa.seq + 1, ACK, 65535,
+                              build_tcp_options(ts=(2, sa.options.ts[0]))), 0.0)
+    sd, _ = sh.accept(lsd)
+    sh.take_frames()
+    return sh, sd, sa.seq + 1
+
+
+def bench_fastpath_data(n: int, csum_offload: bool = False) -> float:
+    """µs per in-order 1448-byte data segment received (ACK every second one)."""
+    sh, sd, una = _established_server(csum_offload)
+    payload = bytes(1448)
+    segs = [build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001 + i * 1448, una, ACK | 0x08, 65535,
+                           build_tcp_options(ts=(3 + i, 1)), payload) for i in range(n)]
+    perf = time.perf_counter
+    engine = 0.0
+    now = 0.0
+    for i in range(0, n, 64):
+        now += 0.001
+        t0 = perf()
+        for f in segs[i:i + 64]:
+            sh.receive(f, now)
+        sh.take_frames()
+        engine += perf() - t0
+        sh.recv(sd, 1 << 22)
+    return engine / n * 1e6
+
+
+def bench_fastpath_ack(n: int, csum_offload: bool = False) -> tuple[float, float]:
+    """(µs per pure ACK received, segments it released): each ACK acks two
+    segments; with a large steady cwnd it clocks out new data."""
+    sh, sd, una = _established_server(csum_offload)
+    sk = sh.sock(sd)
+    sk.cc.cwnd = sk.cc.ssthresh = 2 * n + 16  # congestion avoidance, window never limits
+    sh.send(sd, bytes(min(64 << 20, 4 * n * 1448)), 0.0)
+    mss = sk.mss_cache
+    sent = len(sh.take_frames())
+    acks = [build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001, (una + (i + 1) * 2 * mss) & 0xFFFFFFFF,
+                           ACK, 65535, build_tcp_options(ts=(3 + i, 1)))
+            for i in range(min(n, sent // 2))]
+    perf = time.perf_counter
+    out = 0
+    now = 0.0
+    t0 = perf()
+    for f in acks:
+        sh.receive(f, now)
+        out += len(sh.take_frames())
+    return (perf() - t0) / len(acks) * 1e6, out / len(acks)
+
+
+def bench_rr(n: int) -> tuple[float, int]:
+    """(µs per request/response round trip, timer heap size after) on one connection."""
+    a = Shard(ShardConfig(addrs=[CLIENT], secret=SECRET), 0.0)
+    b = Shard(ShardConfig(addrs=[SERVER], secret=SECRET), 0.0)
+    lsd = b.socket()
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 8)
+    c = a.socket()
+    a.connect(c, SERVER, 80, 0.0)
+    for _ in range(3):
+        for f in a.take_frames():
+            b.receive(f, 0.0)
+        for f in b.take_frames():
+            a.receive(f, 0.0)
+    s, _ = b.accept(lsd)
+    a.setsockopt(c, 6, 1, 1)
+    b.setsockopt(s, 6, 1, 1)
+    req = b"q" * 64
+    perf = time.perf_counter
+    now = 0.0
+    t0 = perf()
+    for _ in range(n):
+        now += 0.0003
+        a.send(c, req, now)
+        b.receive_batch(a.take_frames(), now)
+        b.recv(s, 4096)
+        b.send(s, req, now)
+        a.receive_batch(b.take_frames(), now)
+        a.recv(c, 4096)
+        b.receive_batch(a.take_frames(), now)
+        a.advance(now)
+        b.advance(now)
+    return (perf() - t0) / n * 1e6, len(a.timers.heap) + len(b.timers.heap)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--handshakes", type=int, default=5000)
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs (shared CPUs)")
+    ap.add_argument("--rr", type=int, default=10000, help="request/response round trips")
     ap.add_argument("--profile", action="store_true", help="cProfile the MSS bulk run")
     args = ap.parse_args()
     hs, us = max(bench_handshakes(args.handshakes) for _ in range(args.repeat))
@@ -137,6 +241,15 @@ def main() -> None:
         mbs, us_seg, segs = max(bench_bulk(args.mib, tso, off) for _ in range(args.repeat))
         print(f"{label:28s}: {mbs:8.1f} MB/s payload   {us_seg:6.2f} µs/segment   "
               f"({segs} segments incl. ACKs, {args.mib} MiB)")
+    for off in (False, True):
+        d = min(bench_fastpath_data(20000, off) for _ in range(args.repeat))
+        k, per = min(bench_fastpath_ack(5000, off) for _ in range(args.repeat))
+        tag = "csum offload" if off else "csum checked"
+        print(f"fast path ({tag}): {d:6.2f} µs per in-order data segment in, "
+              f"{k:6.2f} µs per pure ACK in (+{per:.1f} MSS segments out)")
+    us_rr, heap = min(bench_rr(args.rr) for _ in range(args.repeat))
+    print(f"request/response: {us_rr:6.2f} µs engine time per round trip "
+          f"({args.rr} round trips, timer heap {heap} entries after)")
     if args.profile:
         pr = cProfile.Profile()
         pr.enable()

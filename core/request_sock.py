@@ -42,9 +42,9 @@ class RequestSock:
     synack_time: float = 0.0
     acked: bool = False  # final ACK seen but the accept queue was full
     dead: bool = False
-    timers: list = field(default_factory=lambda: [None] * 6)
-    timer_seq: list = field(default_factory=lambda: [0] * 6)  # representative heap entry (tcp_timer)
-    timer_q: list = field(default_factory=lambda: [None] * 6)  # its deadline (tcp_timer)
+    timers: list = field(default_factory=lambda: [None] * 8)
+    timer_seq: list = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
+    timer_q: list = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
 
 
 def inet_reqsk_alloc(sh: Any, listener: Any, laddr: int, lport: int, raddr: int,

@@ -88,8 +88,10 @@ class ShardStats:
     sack_reneging: int = 0  # TCPSACKReneging
     dsacks_sent: int = 0  # TCPDSACKOldSent + TCPDSACKOfoSent
     dsacks_recv: int = 0  # TCPDSACKRecv
-    tlp_probes: int = 0  # TCPLossProbes
-    rack_marked: int = 0  # segments RACK marked lost (TCPRACK...)
+    lost_retransmits: int = 0  # retransmissions found lost and sent again (TCPLostRetransmit)
+    tlp_probes: int = 0  # tail loss probes sent (TCPLossProbes)
+    rack_reo_timeouts: int = 0  # RACK reordering-window expiries that marked losses
+    dsack_undos: int = 0  # reductions undone: every retransmission was a duplicate (TCPDSACKUndo)
     delayed_acks: int = 0
     zero_window_probes: int = 0
     keepalive_probes: int = 0

@@ -138,7 +138,16 @@ class TcpSock:
     prr_out: int = 0  # RFC 6937 prr_out (bytes)
     prr_quota: int = 0  # bytes PRR lets us send now (sndcnt)
     recover_fs: int = 1  # RFC 6937 RecoverFS (bytes)
+    rtx_log: list = field(default_factory=list)  # this episode's retransmissions [s, e, snd_max]
+    relost: list = field(default_factory=list)  # retransmissions found lost again [s, e]
     dsack: tuple | None = None  # duplicate range to report in the next ACK (RFC 2883)
+    reo_wnd_mult: int = 1  # RACK reordering window multiplier (RFC 8985 §6.2.4)
+    reo_wnd_bumped: float = -1.0
+    reo_wnd_persist: int = 0  # recoveries left before reo_wnd_mult resets
+    undo_active: bool = False  # the last reduction may still prove spurious (D-SACK undo)
+    undo_marker: int = 0  # SND.UNA when it began
+    undo_retrans: int = 0  # its retransmissions not yet reported as duplicates
+    rto_ts: int = 0  # our TSval when the last RTO fired (RTT samples in Loss)
     total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
     recoveries: int = 0  # fast recoveries entered
     rtos: int = 0  # retransmission timeouts
@@ -148,9 +157,9 @@ class TcpSock:
     ack_now: bool = False
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
     # -- timers: deadline per TimerKind (None = idle) --------------------------------
-    timers: list = field(default_factory=lambda: [None] * 6)
-    timer_seq: list = field(default_factory=lambda: [0] * 6)  # representative heap entry (tcp_timer)
-    timer_q: list = field(default_factory=lambda: [None] * 6)  # its deadline (tcp_timer)
+    timers: list = field(default_factory=lambda: [None] * 8)
+    timer_seq: list = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
+    timer_q: list = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
     lsndtime: float = -1.0  # when we last sent data (-1: never)

@@ -2,8 +2,9 @@
 
 Reading list: RFC 9293 §3.10.7 (SEGMENT ARRIVES), RFC 5961 (blind RST/SYN/data
 injection: challenge ACKs), RFC 7323 (PAWS, timestamps, window scale), RFC
-2018 (SACK), RFC 5681 / RFC 6582 (fast retransmit, NewReno), RFC 6298 (RTO),
-RFC 1122 §4.2.3.2 (delayed ACK).
+2018 (SACK), RFC 2883 (D-SACK), RFC 5681 / RFC 6582 (fast retransmit,
+NewReno), RFC 6675 (SACK loss recovery, pipe), RFC 6937 (PRR), RFC 8985
+(RACK-TLP), RFC 6298 (RTO), RFC 1122 §4.2.3.2 (delayed ACK).
 
 The fast path (Linux's "header prediction", ``tcp_rcv_established``): in
 ESTABLISHED, a segment with only ACK/PSH set, exactly the next expected
@@ -27,6 +28,7 @@ from .tcp_output import (
     tcp_send_ack,
     tcp_send_reset,
     tcp_send_synack_sock,
+    tcp_transmit,
     tcp_write_xmit,
 )
 from .tcp_timer import TimerKind
@@ -50,6 +52,8 @@ _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
+_REO = TimerKind.REO
+_TLP = TimerKind.TLP
 _DATA_STATES = (State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2)
 
 
@@ -174,6 +178,22 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     return True
 
 
+def tcp_schedule_loss_probe(sh: Any, sk: TcpSock, now: float, rto: float) -> None:
+    """Arm the tail loss probe 2 SRTT out (RFC 8985 §7.2; Linux
+    ``tcp_schedule_loss_probe``), plus a delayed-ACK allowance when a single
+    segment is in flight, and never later than the RTO."""
+    srtt = sk.srtt
+    if not srtt:
+        return
+    pto = 2 * srtt
+    if pto < 0.010:
+        pto = 0.010  # Linux's floor: a timer no sooner than 10 ms
+    if ((sk.snd_max - sk.snd_una) & MASK) <= sk.mss_cache:
+        pto += 0.2  # RFC 8985 §7.2 WCDelAckT
+    if pto < rto:
+        sh.timers.arm(sk, _TLP, now + pto)
+
+
 def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
     if sk.timers[_PERSIST] is not None:
         sk.timers[_PERSIST] = None
@@ -204,9 +224,15 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     rtt = None
     ts = seg.options.ts
     if sk.ts_ok and ts is not None and ts[1]:
-        rtt = (((int(now * 1000) + sk.ts_off) - ts[1]) & MASK) / 1000.0
-        if rtt > 60.0:
+        if sk.in_loss and ((ts[1] - sk.rto_ts) & MASK) & HALF:
+            # The echo predates our RTO retransmission: the peer got the original
+            # and its ACK was lost, so this "RTT" is mostly the RTO wait (RFC 3522's
+            # observation; Karn's rule in timestamp form).  No sample.
             rtt = None
+        else:
+            rtt = (((int(now * 1000) + sk.ts_off) - ts[1]) & MASK) / 1000.0
+            if rtt > 60.0:
+                rtt = None
     elif sk.rtt_seq >= 0 and ((ack - sk.rtt_seq) & MASK) < HALF:
         rtt = now - sk.rtt_time
         sk.rtt_seq = -1
@@ -233,8 +259,12 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
             cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
     if ack == sk.snd_max:
         sk.timers[_RETRANSMIT] = None
+        sk.timers[_TLP] = None
     else:
-        sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))  # RFC 6298 (5.3)
+        rto = tcp_rto(sk)
+        sh.timers.arm(sk, _RETRANSMIT, now + rto)  # RFC 6298 (5.3)
+        if sk.sack_ok and not sk.in_recovery and not sk.in_loss:
+            tcp_schedule_loss_probe(sh, sk, now, rto)
     if sk.snd_wnd:
         _window_opened(sh, sk, now)
     if sk.write_blocked:
@@ -268,6 +298,16 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
             len(blocks) > 1 and ((first[0] - blocks[1][0]) & MASK) < HALF
             and ((blocks[1][1] - first[1]) & MASK) < HALF):
         sh.stats.dsacks_recv += 1
+        # RFC 8985 §6.2.4: a D-SACK means we retransmitted needlessly, likely
+        # because of reordering: widen RACK's reordering window (once per RTT).
+        if sk.reo_wnd_mult < 16 and sh.now >= sk.reo_wnd_bumped + sk.srtt:
+            sk.reo_wnd_mult += 1
+            sk.reo_wnd_bumped = sh.now
+            sk.reo_wnd_persist = 16
+        if sk.undo_active and ((first[0] - sk.undo_marker) & MASK) < HALF:
+            sk.undo_retrans -= 1
+            if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
+                tcp_try_undo_dsack(sh, sk)
     sacked = sk.sacked
     new = []
     for left, right in blocks:
@@ -294,6 +334,16 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
         b[1] = (una + b[1]) & MASK
     sk.sacked = merged
     sk.sacked_bytes = total
+
+
+def tcp_try_undo_dsack(sh: Any, sk: TcpSock) -> None:
+    """Every retransmission of the last episode came back as a D-SACK: the
+    receiver had it all, the reduction was spurious (RFC 2883 §5, Linux
+    ``tcp_try_undo_dsack``); restore cwnd and ssthresh."""
+    sk.undo_active = False
+    if sk.cc is not None:
+        sk.cc.undo()
+        sh.stats.dsack_undos += 1
 
 
 def _sack_prune(sh: Any, sk: TcpSock) -> None:
@@ -408,14 +458,20 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
             sk.lost_hi = sk.retrans_hi = una
+            sk.rtx_log.clear()
+            sk.relost.clear()
             sk.dupacks = 0
             cc.on_ack(acked / mss, rtt, now, flight / mss)
             cc.on_recovery_exit(now)
+            if sk.undo_active and sk.undo_retrans <= 0:
+                tcp_try_undo_dsack(sh, sk)
             return
         if acked:
             cc.on_ack(acked / mss, rtt, now, flight / mss)  # slow start from the loss window
         if sk.sacked:
             _mark_lost(sk, _lost_boundary(sk))
+        if sk.rtx_log:
+            _mark_lost_retrans(sh, sk)
         from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
         return
@@ -427,10 +483,16 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             sk.dupacks = 0
             sk.reno_sacked = 0
             sk.lost_hi = sk.retrans_hi = una
+            sk.rtx_log.clear()
+            sk.relost.clear()
             cc.on_recovery_exit(now)
+            if sk.undo_active and sk.undo_retrans <= 0:
+                tcp_try_undo_dsack(sh, sk)
             return
         if sk.sack_ok:
             _mark_lost(sk, _lost_boundary(sk))
+            if sk.sacked:
+                _rack_arm(sh, sk, now)
         else:
             if dup:
                 sk.dupacks += 1
@@ -444,6 +506,8 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
                 _mark_lost(sk, (una + mss) & MASK)
         if acked and ((sk.retrans_hi - una) & MASK) & HALF:
             sk.retrans_hi = una
+        if sk.rtx_log:
+            _mark_lost_retrans(sh, sk)
         _prr_update(sk, delivered)
         from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
@@ -469,8 +533,109 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         enter = 0 < ((_lost_boundary(sk) - una) & MASK) < HALF
     if enter:
         tcp_enter_recovery(sh, sk, now)
-    elif dup:
+        return
+    if sk.sacked and sk.sack_ok:
+        _rack_arm(sh, sk, now)
+    if dup:
         # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
+        from .tcp_output import tcp_write_xmit
+        tcp_write_xmit(sh, sk, now)
+
+
+def _sacked_from(sk: TcpSock, una: int, top: int) -> int:
+    """Bytes SACKed at or above ``top``."""
+    off = (top - una) & MASK
+    n = 0
+    for b in sk.sacked:
+        hi = (b[1] - una) & MASK
+        if hi <= off:
+            continue
+        lo = (b[0] - una) & MASK
+        n += hi - (lo if lo > off else off)
+    return n
+
+
+def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
+    """[s, e) cumulatively acknowledged or inside one SACKed block."""
+    eo = (e - una) & MASK
+    if eo == 0 or eo & HALF:
+        return True
+    so = (s - una) & MASK
+    if so & HALF:
+        return False
+    for b in sk.sacked:
+        if ((b[0] - una) & MASK) <= so and eo <= ((b[1] - una) & MASK):
+            return True
+    return False
+
+
+def _mark_lost_retrans(sh: Any, sk: TcpSock) -> None:
+    """Find retransmissions that were lost themselves (RFC 8985 RACK's insight, in
+    transmission order rather than time; Linux's older ``tcp_mark_lost_retrans``).
+
+    A retransmission is lost once more than (DupThresh - 1) * SMSS of data
+    sent *after* it has been delivered: later retransmissions of this episode
+    that were ACKed or SACKed, and SACKed data from beyond SND.MAX at the time
+    it was sent.  Such a range is queued in ``relost`` and sent again first,
+    instead of waiting for the RTO.
+    """
+    una = sk.snd_una
+    log = sk.rtx_log
+    limit = (DUPTHRESH - 1) * sk.mss_cache
+    later = 0
+    keep = []
+    relost = []
+    for i in range(len(log) - 1, -1, -1):
+        s, e, mark = log[i]
+        if _delivered(sk, una, s, e):
+            later += (e - s) & MASK
+            continue
+        if later + _sacked_from(sk, una, mark) > limit:
+            relost.append([s, e])
+        else:
+            keep.append(log[i])
+    if relost:
+        keep.reverse()
+        sk.rtx_log = keep
+        relost.reverse()
+        sk.relost.extend(relost)
+        sh.stats.lost_retransmits += len(relost)
+
+
+def _rack_arm(sh: Any, sk: TcpSock, now: float) -> None:
+    """Data above a hole was SACKed: give reordering a window before calling the
+    hole lost (RFC 8985 §6.2 RACK, with sequence order standing in for send
+    order: un-retransmitted data below a SACKed block was sent before it)."""
+    if sk.timers[_REO] is not None:
+        return
+    if not 0 < ((sk.sacked[-1][0] - sk.lost_hi) & MASK) < HALF and (
+            sk.in_recovery or sk.in_loss):
+        return  # everything below the highest SACKed block is already lost
+    # RFC 8985 §6.2.4: reo_wnd = min(reo_wnd_mult * min_RTT / 4, SRTT).
+    reo = sk.reo_wnd_mult * (sk.cc.min_rtt or sk.srtt) / 4
+    if sk.srtt and reo > sk.srtt:
+        reo = sk.srtt
+    sh.timers.arm(sk, _REO, now + (reo if reo > 0.001 else 0.001))
+
+
+def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
+    """The reordering window passed and the holes below SACKed data are still
+    there: they are lost (Linux ``tcp_rack_reo_timeout``)."""
+    if (sk.cc is None or sk.in_loss or not sk.sacked or not sk.sack_ok
+            or sk.snd_una == sk.snd_max or sk.state not in _DATA_STATES + (
+                State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK)):
+        return
+    top = sk.sacked[-1][0]
+    if not sk.in_recovery:
+        if not 0 < ((top - sk.snd_una) & MASK) < HALF:
+            return
+        sh.stats.rack_reo_timeouts += 1
+        tcp_enter_recovery(sh, sk, now, top)
+        return
+    if 0 < ((top - sk.lost_hi) & MASK) < HALF:
+        sh.stats.rack_reo_timeouts += 1
+        _mark_lost(sk, top)
+        _prr_update(sk, 0)
         from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
 
@@ -483,8 +648,11 @@ def _reno_add_sack(sk: TcpSock) -> None:
     sk.reno_sacked = n if n < room else max(room, 0)
 
 
-def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float) -> None:
-    """Fast retransmit + fast recovery (RFC 6675 §5 steps 4.1-4.3, RFC 6937 init)."""
+def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = None) -> None:
+    """Fast retransmit + fast recovery (RFC 6675 §5 steps 4.1-4.3, RFC 6937 init).
+
+    ``lost_to``: RACK found everything un-SACKed below it lost.
+    """
     if sh.tracing:
         sh.tr("tcp_enter_recovery")
     una = sk.snd_una
@@ -503,11 +671,23 @@ def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float) -> None:
         for _ in range(min(sk.dupacks, 64)):
             _reno_add_sack(sk)
     _mark_lost(sk, (una + mss) & MASK)  # (4.3): the first segment is lost
+    if lost_to is not None:
+        _mark_lost(sk, lost_to)
+    sk.timers[_TLP] = None
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1
+    sk.rtx_log.clear()
+    sk.relost.clear()
     sh.stats.fast_retrans += 1
     sk.recoveries += 1
+    sk.undo_active = True  # Linux tcp_init_undo
+    sk.undo_marker = una
+    sk.undo_retrans = 0
+    if sk.reo_wnd_persist:
+        sk.reo_wnd_persist -= 1
+        if not sk.reo_wnd_persist:
+            sk.reo_wnd_mult = 1  # RFC 8985 §6.2.4: back to 1 after 16 recoveries
     _prr_update(sk, 0)
     if sk.prr_quota <= 0:
         sk.prr_quota = mss  # RFC 6937 §3.1: the fast retransmit itself always goes
@@ -622,7 +802,7 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     ofo = sk.ofo
     base = sk.rcv_nxt
     offs = [((e[0] - base) & MASK) for e in ofo]
-    i = bisect.bisect_left(offs, lo_off)
+    i = bisect.bisect_right(offs, lo_off)  # a range starting at lo_off is a predecessor
     if i > 0:  # trim against the predecessor
         p_end = offs[i - 1] + len(ofo[i - 1][2])
         if p_end >= hi_off:
@@ -746,18 +926,54 @@ def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
             sk.ts_recent_stamp = now
     sk.rcv_tstamp = now
     sk.probes = 0
-    if seg.ack != sk.snd_una or seg.window << sk.snd_wscale != sk.snd_wnd or not seg.payload:
+    payload = seg.payload
+    if seg.ack != sk.snd_una or seg.window << sk.snd_wscale != sk.snd_wnd or not payload:
         if not tcp_ack(sh, sk, seg, now):
             return
-    if seg.payload:
-        tcp_data_queue(sh, sk, seg, now)
+    if payload:
+        n = len(payload)
+        rcv_nxt = sk.rcv_nxt
+        if n <= ((sk.rcv_wup + sk.rcv_wnd - rcv_nxt) & MASK) < HALF and not sh.tracing:
+            # In order, inside the window, no FIN (checked above): tcp_data_queue's
+            # common case, inline (Linux tcp_rcv_established's "direct copy").
+            if n > sk.rcv_mss:
+                sk.rcv_mss = n if n < sk.adv_mss else sk.adv_mss
+            sk.rcvq.append(bytes(payload))
+            sk.rcvq_len += n
+            sk.rcv_nxt = (rcv_nxt + n) & MASK
+            sk.unacked_rcv += n
+            if sk.quickack:
+                sk.quickack -= 1
+                sk.ack_now = True
+            if not sk.readable_signalled:
+                emit_readable(sh, sk)
+        else:
+            tcp_data_queue(sh, sk, seg, now)
     if sk.sndq_len:
         tcp_data_snd_check(sh, sk, now)
     if sk.ack_now or sk.unacked_rcv:
-        tcp_ack_snd_check(sh, sk, now)
+        if sh.tracing or sk.state is not State.ESTABLISHED:
+            tcp_ack_snd_check(sh, sk, now)
+        elif sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
+            tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack, inline
+        elif sk.timers[_DELACK] is None:
+            sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
 
 
 # -- the slow path: RFC 9293 §3.10.7.4 in order --------------------------------------------
+
+def _disordered_ack(sk: TcpSock, seg: Any) -> bool:
+    """A reordered duplicate ACK is not an old duplicate (Linux ``tcp_disordered_ack``).
+
+    Pure ACKs overtake each other on the way; PAWS would discard the late one
+    and, with it, its SACK blocks.  A pure duplicate ACK at RCV.NXT that does
+    not move the window and is at most an RTO older than TS.Recent is kept
+    (RFC 7323 §5.3 leaves this to the implementation).
+    """
+    return (not seg.payload and not seg.flags & (SYN | FIN) and seg.seq == sk.rcv_nxt
+            and seg.ack == sk.snd_una and seg.window << sk.snd_wscale == sk.snd_wnd
+            and ((sk.ts_recent - seg.options.ts[0]) & MASK) <= sk.rto * 1000)
+
 
 def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     """Steps 1-4 of SEGMENT ARRIVES for synchronized states; False: dropped."""
@@ -768,7 +984,7 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     # PAWS (RFC 7323 §5.3): a timestamp older than TS.Recent marks an old duplicate.
     if (sk.ts_ok and ts is not None and not flags & RST
             and ((ts[0] - sk.ts_recent) & MASK) & HALF
-            and now - sk.ts_recent_stamp < PAWS_24DAYS):
+            and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg)):
         sh.stats.drop("TCP_PAWS")
         _send_oow_ack(sh, sk, now)
         return False
@@ -782,7 +998,15 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     if ((end - sk.rcv_wup) & MASK) & HALF or (
             ((seq - sk.rcv_nxt) & MASK) < HALF and ((seq - sk.rcv_nxt) & MASK) > rwin):
         if not flags & RST:
-            _send_oow_ack(sh, sk, now)
+            if seg.payload and not flags & SYN and ((end - sk.rcv_nxt) & MASK) & HALF:
+                # A retransmission of data we have: the peer lost our ACK.  Data
+                # segments cannot form an ACK loop, so answer each one (Linux
+                # tcp_oow_rate_limited exempts them) and name it with a D-SACK
+                # (RFC 2883 §4.1.1; Linux tcp_send_dupack).
+                _dsack_set(sh, sk, seq, end)
+                tcp_send_ack(sh, sk, now)
+            else:
+                _send_oow_ack(sh, sk, now)
         sh.stats.drop("TCP_INVALID_SEQUENCE")
         return False
     # Step 2: RST (RFC 5961 §3.2): exact match resets, in-window gets a challenge ACK.

@@ -17,6 +17,7 @@ from typing import Any
 
 from .sock import State, TcpSock
 from .tcp_timer import TimerKind
+from .wire.checksum import sum16
 from .wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4, build_tcp_options
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
@@ -31,9 +32,12 @@ TCP_RTO_MAX = 120.0
 TCP_DELACK = 0.040
 _TS_OPT = struct.Struct("!III")
 _TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
+#: IPv4 header (no options) + TCP header + NOP,NOP,TS: what established segments carry.
+_pack_ts_hdr = struct.Struct("!BBHHHBBHIIHHIIBBHHHIII").pack
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
+_TLP = TimerKind.TLP
 
 
 def tcp_current_mss(sk: TcpSock) -> int:
@@ -133,10 +137,38 @@ def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
 
 
 def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float) -> None:
-    """Build one segment for ``sk`` and queue the frame (Linux ``__tcp_transmit_skb``)."""
-    frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq,
-                           sk.rcv_nxt if flags & ACK else 0, flags, tcp_select_window(sk),
-                           _options(sk, now), payload)
+    """Build one segment for ``sk`` and queue the frame (Linux ``__tcp_transmit_skb``).
+
+    The established case (timestamps, no SACK blocks to report) is packed
+    here in one go: IPv4 + TCP + NOP,NOP,TS as one 52-byte struct, both
+    checksums summed from the field values (as ``wire.tcp.build_tcp_ipv4``
+    does), so no option bytes are built and re-read per segment.
+    """
+    ack = sk.rcv_nxt if flags & ACK else 0
+    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok):
+        win = tcp_select_window(sk)
+        tsval = (int(now * 1000) + sk.ts_off) & MASK
+        tsecr = sk.ts_recent
+        plen = len(payload)
+        total = 52 + plen
+        src = sk.laddr
+        dst = sk.raddr
+        sport = sk.lport
+        dport = sk.rport
+        # Pseudo-header (proto 6, TCP length 32 + plen) + header words (data
+        # offset 8 words: 0x8000 | flags) + the TS option words.
+        t_sum = (src + dst + 38 + plen + sport + dport + seq + ack + (0x8000 | flags) + win
+                 + _TS_WORD + tsval + tsecr)
+        if plen:
+            t_sum += sum16(payload)
+        hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6,
+                           -(0xC506 + total + src + dst) % 0xFFFF, src, dst,
+                           sport, dport, seq, ack, 0x80, flags, win, -t_sum % 0xFFFF, 0,
+                           _TS_WORD, tsval, tsecr)
+        frame = b"".join((hdr, payload)) if plen else hdr
+    else:
+        frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
+                               tcp_select_window(sk), _options(sk, now), payload)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     if flags & ACK:
@@ -357,7 +389,11 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
     if sent:
         sk.lsndtime = now
         if sk.timers[_RETRANSMIT] is None and sk.snd_max != una:
-            sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
+            rto = tcp_rto(sk)
+            sh.timers.arm(sk, _RETRANSMIT, now + rto)
+            if sk.sack_ok and quota < 0 and sk.timers[_TLP] is None:
+                from .tcp_input import tcp_schedule_loss_probe
+                tcp_schedule_loss_probe(sh, sk, now, rto)
     return sent
 
 
@@ -380,15 +416,22 @@ def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
     for _ in range(4096):  # bounded: one segment per round
         if quota <= 0:
             break
-        hole = _next_hole(sk, mss)
-        if hole is None:
-            break
+        again = False
+        hole = _next_relost(sk, mss) if sk.relost else None
+        if hole is not None:
+            again = True
+        else:
+            hole = _next_hole(sk, mss)
+            if hole is None:
+                break
         seq, size = hole
         end = tcp_retransmit_skb(sh, sk, seq, now, size)
         n = (end - seq) & MASK
         if n == 0:
             break
-        sk.retrans_hi = end
+        if not again:
+            sk.retrans_hi = end
+        sk.rtx_log.append([seq, end, sk.snd_max])
         quota -= n
         sk.prr_out += n
         if seq == una:
@@ -400,6 +443,47 @@ def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
         sk.prr_out += n
     if recovery:
         sk.prr_quota = quota if quota > 0 else 0
+
+
+def _next_relost(sk: TcpSock, mss: int) -> tuple[int, int] | None:
+    """The first un-SACKed, unacknowledged piece of a retransmission found lost."""
+    una = sk.snd_una
+    q = sk.relost
+    while q:
+        s, e = q[0]
+        if ((s - una) & MASK) & HALF:
+            s = una
+        if not 0 < ((e - s) & MASK) < HALF:
+            del q[0]
+            continue
+        end_off = (e - una) & MASK
+        start = (s - una) & MASK
+        for b in sk.sacked:
+            lo = (b[0] - una) & MASK
+            if lo >= end_off:
+                break
+            hi = (b[1] - una) & MASK
+            if hi <= start:
+                continue
+            if lo <= start:
+                start = hi
+                continue
+            end_off = lo
+            break
+        if start >= end_off:
+            del q[0]
+            continue
+        size = end_off - start
+        if size > mss:
+            size = mss
+        seq = (una + start) & MASK
+        nxt = (seq + size) & MASK
+        if nxt == e or ((e - nxt) & MASK) & HALF:
+            del q[0]
+        else:
+            q[0] = [nxt, e]
+        return seq, size
+    return None
 
 
 def _next_hole(sk: TcpSock, mss: int) -> tuple[int, int] | None:
@@ -464,11 +548,15 @@ def tcp_retransmit_skb(sh: Any, sk: TcpSock, seq: int, now: float, limit: int = 
         if sk.fin_sent and seq == sk.fin_seq:
             sh.stats.retrans_segs += 1
             sk.total_retrans += 1
+            if sk.undo_active:
+                sk.undo_retrans += 1
             tcp_transmit(sh, sk, seq, FIN | ACK, b"", now)
             return (seq + 1) & MASK
         return seq
     sh.stats.retrans_segs += 1
     sk.total_retrans += 1
+    if sk.undo_active:
+        sk.undo_retrans += 1
     size = avail if avail < mss else mss
     flags = ACK | PSH if size == avail else ACK
     if size == avail and sk.fin_sent:

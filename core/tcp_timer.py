@@ -45,12 +45,14 @@ class TimerKind(enum.IntEnum):
     TIME_WAIT = 3  # inet_twsk timer
     SYNACK = 4  # reqsk_timer
     PERSIST = 5  # zero-window probe timer
+    REO = 6  # RACK reordering window (RFC 8985 §6.2; Linux ICSK_TIME_REO_TIMEOUT)
+    TLP = 7  # tail loss probe (RFC 8985 §7; Linux ICSK_TIME_LOSS_PROBE)
 
 
 class TimerHeap:
     """One heap for every timer of every socket (and request sock) of a shard.
 
-    A timer owner needs three 6-slot lists: ``timers`` (deadline or None),
+    A timer owner needs three 8-slot lists (one slot per TimerKind): ``timers`` (deadline or None),
     ``timer_seq`` (the seq of its representative heap entry) and ``timer_q``
     (that entry's deadline, or None when none is queued).
     """
@@ -172,6 +174,11 @@ def tcp_timer_handler(sh: Any, kind: int, sk: Any, now: float) -> None:
     elif kind == TimerKind.TIME_WAIT:
         from .tcp import tcp_done
         tcp_done(sh, sk)
+    elif kind == TimerKind.REO:
+        from .tcp_input import tcp_rack_reo_timeout
+        tcp_rack_reo_timeout(sh, sk, now)
+    elif kind == TimerKind.TLP:
+        tcp_send_loss_probe(sh, sk, now)
 
 
 def reqsk_timer_handler(sh: Any, req: Any, now: float) -> None:
@@ -235,6 +242,7 @@ def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
     """
     from .tcp_output import tcp_retransmit_skb, tcp_xmit_retransmit_queue
     una = sk.snd_una
+    first = not sk.in_loss
     sk.backoff += 1  # RFC 6298 (5.5)
     sk.rtos += 1
     sh.stats.rto_fires += 1
@@ -244,13 +252,56 @@ def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
     sk.cc.on_rto(now, ((sk.snd_max - una) & 0xFFFFFFFF) / sk.mss_cache)
     sk.in_recovery = False
     sk.in_loss = True
+    sk.timers[TimerKind.TLP] = None
+    sk.timers[TimerKind.REO] = None
     sk.recover = sk.snd_max
     sk.dupacks = 0
     sk.reno_sacked = 0
     sk.rtt_seq = -1  # Karn (RFC 6298 (3)): no RTT samples from retransmitted data
     sk.lost_hi = sk.snd_max
     sk.retrans_hi = una
+    sk.rto_ts = (int(now * 1000) + sk.ts_off) & 0xFFFFFFFF  # TSval of the resend below
+    if first:
+        sk.undo_active = True  # a first RTO may prove spurious too (Linux tcp_init_undo)
+        sk.undo_marker = una
+        sk.undo_retrans = 0
+    sk.rtx_log.clear()
+    sk.relost.clear()
     tcp_xmit_retransmit_queue(sh, sk, now)
+
+
+def tcp_send_loss_probe(sh: Any, sk: Any, now: float) -> None:
+    """Tail loss probe (RFC 8985 §7.3; Linux ``tcp_send_loss_probe``).
+
+    The last segments of a flight were sent and no ACK came for two RTTs:
+    rather than wait for the RTO, send one segment (new data if the windows
+    allow, else the last segment again, unless the peer SACKed it) so that
+    its ACK's SACK blocks reveal the loss and fast recovery repairs it.
+    """
+    from .sock import State
+    from .tcp_output import _write_new, tcp_current_mss, tcp_retransmit_skb, tcp_rto
+    if (sk.in_recovery or sk.in_loss or sk.snd_una == sk.snd_max or sk.cc is None
+            or sk.state not in (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT1,
+                                State.LAST_ACK, State.CLOSING)):
+        return
+    mss = tcp_current_mss(sk)
+    sent = _write_new(sh, sk, now, mss)
+    if not sent:
+        top = sk.snd_max
+        seq = (top - mss) & 0xFFFFFFFF
+        if ((seq - sk.snd_una) & 0xFFFFFFFF) & 0x80000000:
+            seq = sk.snd_una
+        if sk.sacked and ((sk.sacked[-1][1] - seq) & 0xFFFFFFFF) < 0x80000000 \
+                and sk.sacked[-1][1] != seq:
+            # The tail (or part of it) is SACKed: probe only below it.
+            lo = sk.sacked[-1][0]
+            if ((lo - seq) & 0xFFFFFFFF) & 0x80000000 or lo == seq:
+                return
+            top = lo
+        if tcp_retransmit_skb(sh, sk, seq, now, (top - seq) & 0xFFFFFFFF) == seq:
+            return
+    sh.stats.tlp_probes += 1
+    sh.timers.arm(sk, TimerKind.RETRANSMIT, now + tcp_rto(sk))
 
 
 def tcp_delack_timer(sh: Any, sk: Any, now: float) -> None:

@@ -185,6 +185,28 @@ def _gso_header(packet: bytearray, mss: int, l3: int) -> bytes:
     )
 
 
+def _gso_parts(packet, mss: int, l3: int, base: int = 0) -> tuple[bytes, bytearray, memoryview]:
+    """`_gso_header` without copying the payload: (virtio header, a copy of
+    the headers up to the end of TCP with the partial checksum in it, the
+    payload as a view), for one writev/sendmsg. `base`: bytes the caller
+    sends before `packet` (an Ethernet header kept apart)."""
+    mv = memoryview(packet)
+    l4 = l3 + (mv[l3] & 0x0F) * 4
+    end = l4 + (mv[l4 + 12] >> 4) * 4
+    head = bytearray(mv[:end])
+    src = int.from_bytes(head[l3 + 12:l3 + 16], "big")
+    dst = int.from_bytes(head[l3 + 16:l3 + 20], "big")
+    partial = pseudo_header_sum(src, dst, 6, len(mv) - l4)
+    head[l4 + TCP_CSUM_OFFSET:l4 + TCP_CSUM_OFFSET + 2] = partial.to_bytes(2, "big")
+    if len(mv) - end > mss:
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+    else:
+        gso_type, mss = VIRTIO_NET_HDR_GSO_NONE, 0
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, base + end, mss, base + l4,
+                         TCP_CSUM_OFFSET)
+    return vnet, head, mv[end:]
+
+
 def _rx_flags(hdr: bytes | memoryview) -> int:
     vflags = hdr[0]
     flags = 0
@@ -326,10 +348,9 @@ class TunDevice(Device):
     def send_gso(self, packet: bytes | bytearray | memoryview, mss: int) -> bool:
         if not self.vnet_hdr:
             raise OSError(95, "TUN opened without vnet_hdr: no GSO")
-        pkt = bytearray(packet)
-        hdr = _gso_header(pkt, mss, 0)
+        vnet, head, payload = _gso_parts(packet, mss, 0)  # the payload is not copied
         try:
-            os.writev(self.fd, (hdr, pkt))
+            os.writev(self.fd, (vnet, head, payload))
         except OSError as e:
             if e.errno not in TX_DROP_ERRNOS:
                 raise
@@ -424,13 +445,19 @@ class PacketDevice(Device):
                 sent += 1
         return sent
 
-    def send_gso(self, packet: bytes | bytearray | memoryview, mss: int) -> bool:
+    def send_gso(self, packet: bytes | bytearray | memoryview, mss: int,
+                 eth: bytes | None = None) -> bool:
+        """`eth`: the Ethernet header, when `packet` is the bare IPv4 packet
+        (no copy of either is made; the kernel gathers them)."""
         if not self.vnet_hdr:
             raise OSError(95, "packet socket without vnet_hdr: no GSO")
-        frame = bytearray(packet)
-        hdr = _gso_header(frame, mss, ETH_HLEN)
+        if eth is None:
+            parts = _gso_parts(packet, mss, ETH_HLEN)
+        else:
+            vnet, head, payload = _gso_parts(packet, mss, 0, len(eth))
+            parts = (vnet, eth, head, payload)
         try:
-            self.sock.sendmsg((hdr, frame))
+            self.sock.sendmsg(parts)
         except OSError as e:
             if e.errno not in TX_DROP_ERRNOS:
                 raise

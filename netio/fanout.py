@@ -59,6 +59,8 @@ BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
 BPF_TAX, BPF_TXA = 0x00, 0x80
 SKF_AD_OFF = -0x1000
 SKF_AD_PROTOCOL = 0
+SKF_AD_PKTTYPE = 4
+PACKET_HOST = 0
 SKF_NET_OFF = -0x100000
 _U32 = 0xFFFFFFFF
 
@@ -147,8 +149,11 @@ def _reta_code(reta: Sequence[int], n_workers: int) -> list[Insn | str]:
 
 
 def build_program(n_workers: int, reta: Sequence[int] | None = None,
-                  key: bytes = rss.SYMMETRIC_KEY) -> list[tuple[int, int, int, int]]:
-    """The fanout program: worker index for TCP/IPv4, `n_workers` for the rest."""
+                  key: bytes = rss.SYMMETRIC_KEY, l2: bool = True) -> list[tuple[int, int, int, int]]:
+    """The steering program: worker index for unfragmented TCP/IPv4 whose
+    4-tuple is in the packet, `n_workers` (netio) for the rest. `l2`: also
+    send frames not addressed to our MAC (pkt_type != PACKET_HOST) to netio
+    (AF_PACKET; a TUN has no link layer)."""
     if n_workers < 1:
         raise ValueError("need at least one worker")
     reta = list(reta) if reta is not None else rss.make_reta(n_workers)
@@ -158,20 +163,36 @@ def build_program(n_workers: int, reta: Sequence[int] | None = None,
     prog: list[Insn | str] = [
         _stmt(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL),
         _jump(BPF_JMP | BPF_JEQ | BPF_K, ETH_P_IP, 0, "other"),
+    ]
+    if l2:
+        # Only frames addressed to us (PACKET_HOST): a promiscuous interface
+        # also shows unicast for other MACs, which netio's Dispatcher drops.
+        prog += [_stmt(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE),
+                 _jump(BPF_JMP | BPF_JEQ | BPF_K, PACKET_HOST, 0, "other")]
+    prog += [
+        # Every load below must be inside the packet: an out-of-bounds load
+        # ends the program returning 0 (worker 0), so runts go to netio here.
+        _stmt(BPF_LD | BPF_W | BPF_LEN),  # from the network header
+        _jump(BPF_JMP | BPF_JGE | BPF_K, 20, 0, "other"),
         _stmt(BPF_LD | BPF_B | BPF_ABS, net + 9),  # protocol
         _jump(BPF_JMP | BPF_JEQ | BPF_K, 6, 0, "other"),
         _stmt(BPF_LD | BPF_H | BPF_ABS, net + 6),  # flags + fragment offset
-        _jump(BPF_JMP | BPF_JSET | BPF_K, 0x3FFF, "other", "tcp"),  # MF or offset: netio
+        _jump(BPF_JMP | BPF_JSET | BPF_K, 0x3FFF, "other", 0),  # MF or offset: netio
+        _stmt(BPF_LDX | BPF_B | BPF_MSH, net + 0),  # X = IHL * 4
+        _stmt(BPF_MISC | BPF_TXA),
+        _stmt(BPF_ALU | BPF_ADD | BPF_K, 4),
+        _stmt(BPF_MISC | BPF_TAX),  # X = IHL * 4 + 4: the ports' end
+        _stmt(BPF_LD | BPF_W | BPF_LEN),
+        _jump(BPF_JMP | BPF_JGE | BPF_X, 0, "tcp", "other"),
         "other",  # here, not at the end: cBPF jumps reach 255 instructions
         _stmt(BPF_RET | BPF_K, n_workers),
         "tcp",
+        _stmt(BPF_LD | BPF_W | BPF_IND, net - 4),  # src port << 16 | dst port
+        _stmt(BPF_ST, 0),
         _stmt(BPF_LD | BPF_W | BPF_ABS, net + 12),  # src ip
         _stmt(BPF_MISC | BPF_TAX),
         _stmt(BPF_LD | BPF_W | BPF_ABS, net + 16),  # dst ip
         _stmt(BPF_ALU | BPF_XOR | BPF_X),
-        _stmt(BPF_ST, 0),
-        _stmt(BPF_LDX | BPF_B | BPF_MSH, net + 0),  # X = IHL * 4
-        _stmt(BPF_LD | BPF_W | BPF_IND, net + 0),  # src port << 16 | dst port
         _stmt(BPF_LDX | BPF_MEM, 0),
         _stmt(BPF_ALU | BPF_XOR | BPF_X),
         _stmt(BPF_MISC | BPF_TAX),
@@ -191,10 +212,12 @@ def build_program(n_workers: int, reta: Sequence[int] | None = None,
 # -- an interpreter of what we emit (tests) --------------------------------------
 
 
-def _load(pkt: bytes, protocol: int, k: int, size: int) -> int | None:
+def _load(pkt: bytes, protocol: int, k: int, size: int, pkttype: int = 0) -> int | None:
     ks = k - (1 << 32) if k & 0x80000000 else k
     if ks == SKF_AD_OFF + SKF_AD_PROTOCOL:
         return protocol
+    if ks == SKF_AD_OFF + SKF_AD_PKTTYPE:
+        return pkttype
     if SKF_NET_OFF <= ks < SKF_AD_OFF:
         ks -= SKF_NET_OFF
     elif ks < 0:
@@ -204,9 +227,11 @@ def _load(pkt: bytes, protocol: int, k: int, size: int) -> int | None:
     return int.from_bytes(pkt[ks:ks + size], "big")
 
 
-def run_cbpf(prog: Sequence[tuple[int, int, int, int]], pkt: bytes, protocol: int = ETH_P_IP) -> int:
-    """Run a classic BPF program over `pkt` (the frame from its network header;
-    `protocol` is skb->protocol). Covers loads, ALU, jumps, scratch memory."""
+def run_cbpf(prog: Sequence[tuple[int, int, int, int]], pkt: bytes, protocol: int = ETH_P_IP,
+             pkttype: int = PACKET_HOST) -> int:
+    """Run a classic BPF program over `pkt` (the frame from its network header,
+    as the fanout hook sees it; `protocol` and `pkttype` are the skb's).
+    Covers loads, ALU, jumps, scratch memory."""
     a = x = 0
     mem = [0] * 16
     pc = 0
@@ -225,7 +250,7 @@ def run_cbpf(prog: Sequence[tuple[int, int, int, int]], pkt: bytes, protocol: in
                 a = len(pkt)
             else:
                 off = k if mode == BPF_ABS else (x + k) & _U32
-                v = _load(pkt, protocol, off, sizes[code & 0x18])
+                v = _load(pkt, protocol, off, sizes[code & 0x18], pkttype)
                 if v is None:
                     return 0
                 a = v

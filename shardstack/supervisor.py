@@ -12,11 +12,13 @@ It owns what must outlive any one child:
   code as a shard's), the single authority for bind() across shards, and the
   listeners installed on every worker, re-installed on a restarted worker;
 * `control.sock` (shardstack.control), the shim's and the CLI's endpoint;
-* in AF_PACKET mode with direct RX (the default; `SHARDSTACK_RX=netio`
-  selects the netio hop), the N + 1 packet sockets of the fanout group
-  (netio/fanout.py): socket i goes to worker i, socket N to netio, and a
-  restarted child gets the same socket, so the group's member order (which
-  the kernel's steering index refers to) never changes.
+* with direct RX (the default; `SHARDSTACK_RX=netio` selects the netio
+  hop), the N + 1 receive endpoints the kernel steers to: the packet sockets
+  of the fanout group (netio/fanout.py) or the queues of a multi-queue TUN
+  with a steering eBPF program (netio/tunsteer.py). Endpoint i goes to
+  worker i, endpoint N to netio, and a restarted child gets the same one, so
+  the member order (which the kernel's steering index refers to) never
+  changes.
 
 Why subprocess and not multiprocessing: a child is a fresh interpreter
 (`python -m shardstack.worker`), so nothing of the supervisor's state (its
@@ -68,12 +70,12 @@ RX_MODE_ENV = "SHARDSTACK_RX"  # "direct" (default) or "netio"
 def rx_mode(cfg: ServeConfig) -> str:
     """How frames reach workers: "direct" (each worker reads its own AF_PACKET
     fanout member, steered in the kernel) or "netio" (netio reads the device
-    and forwards over ZeroMQ). TUN always uses netio (docs/architecture.md,
-    "Direct RX"); so do --impair and --pcap, whose RX half lives in netio."""
+    and forwards over ZeroMQ). --impair and --pcap use netio (their RX half
+    lives there); so does a TUN that cannot be opened multi-queue."""
     want = os.environ.get(RX_MODE_ENV, "direct").strip().lower()
     if want not in ("direct", "netio"):
         raise ValueError(f"{RX_MODE_ENV} must be 'direct' or 'netio', not {want!r}")
-    if cfg.device != "packet" or cfg.impair or cfg.pcap:
+    if cfg.impair or cfg.pcap:
         return "netio"
     return want
 
@@ -177,6 +179,8 @@ class Supervisor:
         self.tun = None  # netio.device.TunDevice in TUN mode
         self.fanout: list[Any] | None = None  # direct RX: the group's packet sockets
         self.fanout_stats = None
+        self.tun_queues: list[Any] | None = None  # direct RX on TUN: one queue per child
+        self.tun_counts = None  # tunsteer.SteeringCounts
         self.tun_created = False
         self.peer_added = False
         self.children: list[Child] = []
@@ -238,7 +242,10 @@ class Supervisor:
 
         cfg = self.cfg
         self.tun_created = not Path(f"/sys/class/net/{cfg.ifname}").exists()
-        self.tun = TunDevice(cfg.ifname, mtu=cfg.mtu, vnet_hdr=cfg.offload, up=True)
+        if rx_mode(cfg) == "direct":
+            self._open_tun_queues()
+        if self.tun is None:
+            self.tun = TunDevice(cfg.ifname, mtu=cfg.mtu, vnet_hdr=cfg.offload, up=True)
         if cfg.peer is not None:
             r = subprocess.run(["ip", "addr", "add", cfg.peer.text, "dev", cfg.ifname],
                                capture_output=True, text=True, timeout=10)
@@ -246,6 +253,23 @@ class Supervisor:
                 self.peer_added = True
             elif "File exists" not in r.stderr:
                 raise OSError(errno.EINVAL, f"ip addr add {cfg.peer.text}: {r.stderr.strip()}")
+
+    def _open_tun_queues(self) -> None:
+        from shardstack.netio import tunsteer
+
+        cfg = self.cfg
+        counts = None
+        try:
+            counts = tunsteer.SteeringCounts(cfg.workers + 1)
+            self.tun_queues = tunsteer.open_queues(cfg.ifname, cfg.workers, self.reta, cfg.mtu,
+                                                   cfg.offload, counts)
+        except OSError as e:
+            log(f"direct RX on TUN unavailable ({e.strerror}); frames go through netio")
+            if counts is not None:
+                counts.close()
+            return
+        self.tun_counts = counts
+        self.tun = self.tun_queues[-1]  # netio's queue: ICMP and whatever is not TCP
 
     async def _teardown(self) -> None:
         self.stopping = True
@@ -269,6 +293,10 @@ class Supervisor:
                 subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
                                capture_output=True, timeout=10)
             self.tun.close()  # a TUN we created (not persistent) goes with its last fd
+        for q in self.tun_queues or ():
+            q.close()
+        if self.tun_counts is not None:
+            self.tun_counts.close()
         for s in self.fanout or ():
             s.close()
         if self.run is not None:
@@ -285,7 +313,13 @@ class Supervisor:
             "ready_fd": ready_w,
         }
         fds = [ready_w]
-        if self.tun is not None:
+        if self.tun_queues is not None:
+            q = self.tun_queues[c.wid if c.kind == "worker" else self.cfg.workers]
+            desc["tx"] = {"kind": "tun", "fd": q.fd, "vnet_hdr": q.vnet_hdr, "mtu": q.mtu}
+            if c.kind == "worker":
+                desc["tx"]["rx_fd"] = q.fd  # our queue: read and write it
+            fds.append(q.fd)
+        elif self.tun is not None:
             desc["tx"] = {"kind": "tun", "fd": self.tun.fd, "vnet_hdr": self.tun.vnet_hdr,
                           "mtu": self.tun.mtu}
             fds.append(self.tun.fd)
@@ -493,13 +527,16 @@ class Supervisor:
         if reply is None:
             return {}
         reply.pop("ok", None)
-        if self.fanout_stats is not None:
-            # Direct RX: the kernel's fanout program dispatched the TCP frames,
-            # netio's Dispatcher only what the kernel sent it; per_worker is
-            # what reached each worker by either path.
-            fs = self.fanout_stats.sample()
+        if self.fanout_stats is not None or self.tun_counts is not None:
+            # Direct RX: the kernel's steering program dispatched the TCP
+            # frames, netio's Dispatcher only what the kernel sent it;
+            # per_worker is what reached each worker by either path.
+            if self.fanout_stats is not None:
+                fs = self.fanout_stats.sample()
+            else:
+                fs = {"delivered": self.tun_counts.read()}
             reply["rx"] = "direct"
-            reply["fanout"] = fs
+            reply["steered"] = fs
             per = reply.get("dispatch", {}).get("per_worker")
             if per is not None:
                 for i in range(min(len(per), self.cfg.workers)):
@@ -526,6 +563,10 @@ class Supervisor:
             from shardstack.netio import fanout
 
             fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
+        if self.tun_queues is not None:
+            from shardstack.netio import tunsteer
+
+            tunsteer.set_steering(self.tun_queues[0].fd, self.cfg.workers, reta, self.tun_counts)
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")

@@ -16,11 +16,12 @@ So a wake-up must drain with NOBLOCK until Again; if we stop early (to let
 timers and the control socket run under a flood) we must reschedule ourselves,
 because the FD will not fire again for messages already queued.
 
-Direct RX (AF_PACKET, the default there): the supervisor hands us our member
-of the kernel fanout group (netio/fanout.py), whose cBPF program already
-steered each frame by the flow hash and RETA; we read it with `add_reader`
-(one recv per frame, no process hop, no zmq), and the zmq PULL stays bound
-but idle (netio only forwards what the kernel sent it: nothing TCP).
+Direct RX (the default): the supervisor hands us our member of the kernel's
+AF_PACKET fanout group (netio/fanout.py) or our queue of a multi-queue TUN
+(netio/tunsteer.py), whose steering program already chose us by the flow
+hash and RETA; we read it with `add_reader` (one recv/read per frame, no
+process hop, no zmq), and the zmq PULL stays bound but idle (netio only
+forwards what the kernel sent it: nothing TCP).
 
 The supervisor starts us as `python -m shardstack.worker` with a JSON
 description on stdin (not argv: it carries the ISN secret) and any device fd
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import os
 import signal
@@ -46,7 +48,7 @@ import zmq
 from shardstack import control
 from shardstack.config import ServeConfig
 from shardstack.netio import rss
-from shardstack.netio.device import MAX_FRAME, RX_CSUM_VALID, VNET_HDR_LEN, _rx_flags
+from shardstack.netio.device import MAX_FRAME, RX_CSUM_VALID, VNET_HDR_LEN, PacketDevice, _rx_flags
 from shardstack.netio.process import worker_endpoint
 from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
@@ -58,6 +60,9 @@ MAX_EVENT_ROUNDS = 64  # services reacting to events may raise more events
 # headers with options (the kernel's GSO_LEGACY_MAX_SIZE, 65536).
 TSO_MAX = 65535 - 20 - 60
 ZMQ_RCVHWM = 4096  # batches queued per worker before netio sees backpressure
+_CSUM_ONLY = bytes(b & RX_CSUM_VALID for b in range(256))  # bytes.translate table
+BUSY_POLL_ENV = "SHARDSTACK_BUSY_POLL_US"  # direct RX: poll this long after a frame (0: off)
+BUSY_POLL_MAX = 0.002  # seconds: bound on one busy-polling stretch (then timers, apps run)
 MAX_DEV_FRAMES_PER_WAKEUP = 256  # direct RX: then let timers/control run (the fd stays readable)
 
 
@@ -107,8 +112,19 @@ class Worker:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.ctl_server: asyncio.AbstractServer | None = None
         self.closed = False
-        self.rx_sock = rx_sock  # direct RX: our AF_PACKET fanout member, or None
+        # Direct RX: our AF_PACKET fanout member (a socket) or our TUN queue
+        # (an fd, the same one `tx` writes), or None (frames come from netio).
+        self.rx_sock = rx_sock
         self.rx_vnet = bool(cfg.offload)
+        self.rx_fd = -1
+        self.rx_read = None
+        self.busy_poll = float(os.environ.get(BUSY_POLL_ENV, "0") or 0) / 1e6
+        if isinstance(rx_sock, int):
+            self.rx_fd = rx_sock
+            self.rx_read = functools.partial(os.read, rx_sock)
+        elif rx_sock is not None:
+            self.rx_fd = rx_sock.fileno()
+            self.rx_read = rx_sock.recv
 
     # -- construction ---------------------------------------------------------
 
@@ -141,9 +157,9 @@ class Worker:
         self.pull.bind(worker_endpoint(str(self.run.path), self.wid))
         self.loop.add_reader(self.pull.getsockopt(zmq.FD), self._on_rx)
         self._on_rx()  # messages may already be queued: the FD will not tell us
-        if self.rx_sock is not None:
-            self.rx_sock.setblocking(False)
-            self.loop.add_reader(self.rx_sock.fileno(), self._on_dev_rx)
+        if self.rx_read is not None:
+            os.set_blocking(self.rx_fd, False)
+            self.loop.add_reader(self.rx_fd, self._on_dev_rx)
             self._on_dev_rx()  # frames may have queued while no worker ran
         self._step()
 
@@ -177,6 +193,9 @@ class Worker:
                 if l2:
                     parts = self._learn_and_strip(parts)
                 frames += len(parts)
+                # Only the checksum state matters to the shard (RX_GSO and
+                # RX_CSUM_PARTIAL would split a batch at every super-frame).
+                flags = flags.translate(_CSUM_ONLY)
                 if not flags or flags.count(flags[0]) == len(flags):
                     # The usual case: one device, one checksum state for all.
                     receive(parts, now, bool(flags) and bool(flags[0] & RX_CSUM_VALID))
@@ -197,14 +216,30 @@ class Worker:
         self._step()
 
     def _on_dev_rx(self) -> None:
-        """Direct RX: drain our fanout member (level-triggered: if we stop at
-        the budget, the loop calls us again after timers and control)."""
-        if self.closed:
+        """Direct RX: drain our fanout member or TUN queue (level-triggered:
+        if we stop at the budget, the loop calls us again after timers and
+        control). With busy polling on (SHARDSTACK_BUSY_POLL_US), keep
+        polling the device for that long after the last frame before going
+        back to sleep, so a quick next frame costs no wake-up; bounded per
+        call so timers and the app side still run."""
+        if self.closed or not self._dev_rx_once():
             return
-        recv = self.rx_sock.recv
-        learn = self.tx.learn
+        spin = self.busy_poll
+        if spin <= 0:
+            return
+        now = _monotonic()
+        idle_end = now + spin
+        hard_end = now + BUSY_POLL_MAX
+        while now < idle_end and now < hard_end:
+            if self._dev_rx_once():
+                idle_end = _monotonic() + spin
+            now = _monotonic()
+
+    def _dev_rx_once(self) -> int:
+        recv = self.rx_read
+        learn = self.tx.learn if self.l2 else None
         vnet = self.rx_vnet
-        head = VNET_HDR_LEN + ETH_HLEN if vnet else ETH_HLEN
+        head = (VNET_HDR_LEN if vnet else 0) + (ETH_HLEN if self.l2 else 0)
         frames: list = []
         flags = bytearray()
         c = self.counters
@@ -218,14 +253,18 @@ class Worker:
                 continue
             mv = memoryview(data)
             if vnet:
-                flags.append(_rx_flags(data))
-                learn(mv[VNET_HDR_LEN:])
+                # Only the checksum state matters to the shard; keeping RX_GSO
+                # would split batches into runs at every super-frame.
+                flags.append(_rx_flags(data) & RX_CSUM_VALID)
+                if learn is not None:
+                    learn(mv[VNET_HDR_LEN:])
             else:
                 flags.append(0)
-                learn(mv)
-            frames.append(mv[head:])
+                if learn is not None:
+                    learn(mv)
+            frames.append(mv[head:] if head else data)
         if not frames:
-            return
+            return 0
         now = _monotonic()
         if flags.count(flags[0]) == len(flags):
             self.shard.receive_batch(frames, now, bool(flags[0] & RX_CSUM_VALID))
@@ -235,6 +274,7 @@ class Worker:
         c.batches_in += 1
         c.frames_in += len(frames)
         self._step()
+        return len(frames)
 
     def _receive_mixed(self, frames: list, flags: bytes, now: float) -> None:
         """Frames whose checksum state differs: runs of equal state, in order."""
@@ -439,9 +479,8 @@ class Worker:
     def close(self) -> None:
         self.closed = True
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
-        if self.rx_sock is not None:
-            self.loop.remove_reader(self.rx_sock.fileno())
-            self.rx_sock.detach()  # the supervisor's copy keeps the group's member alive
+        if self.rx_read is not None:
+            self.loop.remove_reader(self.rx_fd)
         if self._timer is not None:
             self._timer.cancel()
         now = _monotonic()
@@ -615,7 +654,10 @@ class L2Tx:
         if hdr is None:
             self.unresolved += 1
             return False
-        return self.inner.send_gso(hdr + packet, mss)
+        inner = self.inner
+        if isinstance(inner, PacketDevice):  # gathered by the kernel: no 64 KiB copy
+            return inner.send_gso(packet, mss, eth=hdr)
+        return inner.send_gso(hdr + packet, mss)
 
     def poll(self, now: float | None = None) -> None:
         self.inner.poll(now)
@@ -652,11 +694,11 @@ async def _amain(desc: dict[str, Any]) -> int:
     cfg = ServeConfig.from_dict(desc["config"])
     wid = desc["worker"]
     tx = make_tx(cfg, desc["tx"], wid)
-    rx_sock = None
-    if desc["tx"].get("rx_fd") is not None:
+    rx_sock = desc["tx"].get("rx_fd")
+    if rx_sock is not None and desc["tx"]["kind"] == "packet":
         import socket
 
-        rx_sock = socket.socket(fileno=desc["tx"]["rx_fd"])
+        rx_sock = socket.socket(fileno=rx_sock)
     worker = Worker(cfg, wid, desc["reta"], tx, loop, rx_sock)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

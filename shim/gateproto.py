@@ -22,7 +22,11 @@ What must travel besides the payload goes elsewhere:
   Linux >= 5.15) holding the errno, then W is closed while still holding
   unread bytes of A's, which makes the kernel set ECONNRESET on A (it does so
   when a stream peer closes with unread data). The shim's
-  `getsockopt(SO_ERROR)` reads the exact errno from the OOB byte.
+  `getsockopt(SO_ERROR)` reads the exact errno from the OOB byte. When no
+  byte of A's could be held unread (the app never wrote, or last wrote a
+  lot), A just sees EOF, and the OOB byte is gone with the read that
+  returned it; the shim's recv wrappers then ask the worker on the ctl
+  stream (`{"op": "status", token}` -> `{errno, alive}`).
 - *Options* after the connection exists (setsockopt/getsockopt on the shard
   socket): a per-process control stream to `worker-<i>.sock` ("ctl" request),
   addressing the connection by its token.

@@ -8,16 +8,18 @@ the number the app may already hold stays valid), for an AF_UNIX stream:
 - connected: one stream to the owning worker (gateproto explains the bytes);
 - listening: an AF_UNIX listener the workers connect accepted connections to.
 
-The object keeps reporting AF_INET/SOCK_STREAM and TCP addresses, and only
-the address- and option-shaped methods are overridden. recv/send/recv_into/
-sendmsg/recvmsg/sendall/sendfile/makefile/settimeout are the C methods on the
-real fd, so the data path costs what a unix socket costs and select,
-selectors, asyncio and ssl see a real descriptor.
+The object keeps reporting AF_INET/SOCK_STREAM and TCP addresses, and the
+address- and option-shaped methods are overridden. The data methods
+(recv/recv_into/recvmsg/send/sendall/sendmsg, hence makefile and sendfile)
+are the C methods on the real fd behind thin wrappers that only look at the
+end of the stream, so the data path costs what a unix socket costs and
+select, selectors, asyncio and ssl see a real descriptor.
 
 Errnos are the kernel's: the supervisor's bind table answers EADDRINUSE /
 EADDRNOTAVAIL / EINVAL; the worker's handshake outcome arrives as the
 ECONNREFUSED / ETIMEDOUT errno (gateproto); a reset connection's recv/send
-raise ECONNRESET from the kernel itself; a second connect() raises EALREADY /
+raise ECONNRESET, from the kernel itself when the worker held a byte back,
+else from the wrappers (_at_end); a second connect() raises EALREADY /
 EISCONN; getpeername() on an unconnected socket ENOTCONN.
 """
 
@@ -137,10 +139,25 @@ def recover_state(fd: int) -> StackState | None:
         except gp.ProtoError:
             pass
         else:
-            return StackState(PASSIVE, n.laddr, n.lport, n.raddr, n.rport,
+            laddr, raddr = n.laddr, n.raddr
+            if laddr == raddr and _loopback_mode():
+                laddr = raddr = "127.0.0.1"  # --loopback: a connection to ourselves
+            return StackState(PASSIVE, laddr, n.lport, raddr, n.rport,
                               worker=n.worker, token=n.token)
     with _REG_LOCK:
         return _REGISTRY.get(os.fstat(fd).st_ino)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.IPv4Address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_mode() -> bool:
+    stack = get_stack()
+    return stack is not None and stack.loopback
 
 
 def _fd_domain(fd: int) -> int:
@@ -307,6 +324,8 @@ class ShimSocket(kernel_socket):
             if p.poll(0):
                 self._take_oob(st)
         err, st.err = st.err, 0
+        if err and st.kind in (ACTIVE, PASSIVE):
+            st.ended = True  # reported here: recv() then just sees EOF, as on Linux
         return err
 
     def _record(self, level: int, opt: int, value: Any) -> None:
@@ -337,7 +356,10 @@ class ShimSocket(kernel_socket):
         r = stack.call("bind", addr=host, port=parsed[1],
                        reuseaddr=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEADDR))),
                        reuseport=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEPORT))))
-        self._ss = StackState(BOUND, str(r["addr"]), int(r["port"]), bind_id=int(r["bind_id"]),
+        # --loopback: a socket bound to 127.x keeps showing it (scope maps it
+        # to the stack's address underneath).
+        shown = parsed[0] if _is_loopback(parsed[0]) else str(r["addr"])
+        self._ss = StackState(BOUND, shown, int(r["port"]), bind_id=int(r["bind_id"]),
                               owner_pid=os.getpid())
         self._owner = True
 
@@ -441,7 +463,15 @@ class ShimSocket(kernel_socket):
                 super().connect(address)
                 return 0
             return super().connect_ex(address)
-        return self._stack_connect(stack, view, dst, parsed[1])
+        self._stack_connect(stack, view, dst, parsed[1])
+        if _is_loopback(parsed[0]):
+            # --loopback: to the app, a connection to 127.x is from and to
+            # loopback addresses, as on Linux (the stack sees its own address).
+            st = self._ss
+            st.raddr = parsed[0]
+            if st.laddr == view.primary:
+                st.laddr = "127.0.0.1"
+        return self._wait_connected(self._ss)
 
     def _reconnect(self, st: StackState) -> int:
         """connect() again on a stack connection (__inet_stream_connect)."""
@@ -453,9 +483,11 @@ class ShimSocket(kernel_socket):
             return err
         return errno.EISCONN
 
-    def _stack_connect(self, stack: Stack, view: scope.StackView, dst: str, port: int) -> int:
+    def _stack_connect(self, stack: Stack, view: scope.StackView, dst: str, port: int) -> None:
         st = self._ss
         laddr, lport = (st.laddr, st.lport) if st is not None else ("0.0.0.0", 0)
+        if _is_loopback(laddr):
+            laddr = view.primary  # bound to 127.x under --loopback (bind)
         worker = self._worker_for(stack, view, laddr, lport, dst, port)
         req = {"op": "connect", "addr": dst, "port": port, "opts": self._opts_list()}
         if st is not None:
@@ -487,7 +519,6 @@ class ShimSocket(kernel_socket):
         st.worker, st.token = int(reply["worker"]), int(reply["token"])
         _register(self.fileno(), st)
         self._owner = True
-        return self._wait_connected(st)
 
     def _worker_for(self, stack: Stack, view: scope.StackView, laddr: str, lport: int,
                     raddr: str, rport: int) -> int:

@@ -145,10 +145,13 @@ def _nft_drops(ns: netns.Netns) -> dict[str, int]:
     return drops
 
 
-def pump_sha(socks: list[socket.socket], size: int, seed: int, timeout: float) -> None:
+def pump_sha(socks: list[socket.socket], size: int, seed: int, timeout: float,
+             progress: list | None = None, every: float = 5.0) -> None:
     """Stream `size` seeded random bytes through every echo connection at
     once, hashing what goes out and what comes back (memory stays bounded);
-    each connection must return exactly as many bytes with the same SHA-256."""
+    each connection must return exactly as many bytes with the same SHA-256.
+    `progress` collects (seconds, bytes echoed) every `every` seconds, to
+    tell a slow transfer from a stalled one."""
     chunk = 64 * 1024
     rngs = {s: random.Random(seed * 1000 + i) for i, s in enumerate(socks)}
     out_hash = {s: hashlib.sha256() for s in socks}
@@ -160,13 +163,19 @@ def pump_sha(socks: list[socket.socket], size: int, seed: int, timeout: float) -
     for s in socks:
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    next_mark = t0 + every
     left = set(socks)
     try:
         while left:
-            assert time.monotonic() < deadline, (
+            now = time.monotonic()
+            if progress is not None and now >= next_mark:
+                progress.append((round(now - t0, 1), sum(got.values())))
+                next_mark = now + every
+            assert now < deadline, (
                 f"transfer incomplete after {timeout}s: sent {list(sent.values())}, "
-                f"echoed {list(got.values())} of {size}")
+                f"echoed {list(got.values())} of {size}; progress {progress}")
             for key, mask in sel.select(timeout=1.0):
                 s = key.fileobj
                 if mask & selectors.EVENT_WRITE:
@@ -212,16 +221,17 @@ def _impaired_transfer(total: int, seed: int, bound: float, record_property, nam
         _nft_loss(v.b, NFT_LOSS)
         ports = st.ports_for(2, ECHO, 21000)  # one connection per worker
         socks = [st.connect(ECHO, p, timeout=30) for p in ports]
+        progress: list = []
         try:
             t0 = time.monotonic()
-            pump_sha(socks, total // len(socks), seed, bound)
+            pump_sha(socks, total // len(socks), seed, bound, progress)
             elapsed = time.monotonic() - t0
         finally:
             close_all(socks)
         record_property("transfer_seconds", round(elapsed, 2))
         record_property("transfer_mbit_s", round(total * 8 / elapsed / 1e6, 2))
         print(f"\n{name}: {total >> 20} MiB echoed in {elapsed:.1f} s "
-              f"({total * 8 / elapsed / 1e6:.1f} Mbit/s each way)")
+              f"({total * 8 / elapsed / 1e6:.1f} Mbit/s each way); progress {progress}")
         s = st.stats()
         rx = s["netio"]["counters"]["impair"]["rx"]
         tx = [w["counters"]["impair"] for w in s["workers"]]
@@ -390,6 +400,10 @@ def _bursts(st, frames, send_burst) -> tuple[int, int]:
     return ok, refused
 
 
+class DeliveryMismatch(AssertionError):
+    """The per-worker delivery counters disagree (see _check_delivery)."""
+
+
 def _check_delivery(st) -> None:
     """What netio (or, with direct RX, the kernel's fanout) handed each worker
     equals what the worker took in, plus the runts it dropped before its
@@ -409,7 +423,9 @@ def _check_delivery(st) -> None:
     while last is not True and time.monotonic() < deadline:
         time.sleep(POLL)
         last = settled()
-    assert last is True, f"handed to workers != taken in (per_worker, zmq_dropped, took): {last}"
+    if last is not True:
+        raise DeliveryMismatch(f"handed to workers != taken in (per_worker, zmq_dropped, "
+                               f"took): {last}")
 
 
 def _flood_and_check(st, send, l2: bool, direct: bool = False) -> None:
@@ -489,8 +505,13 @@ def test_packet_flood_of_garbage(rx_mode):
             _flood_and_check(st, send, l2=True, direct=rx_mode == "direct")
 
 
-def test_tun_flood_of_garbage():
+def test_tun_flood_of_garbage(rx_mode, request):
     _require_root()
+    if rx_mode == "direct":
+        request.node.add_marker(pytest.mark.xfail(raises=DeliveryMismatch, strict=True, reason=(
+            "direct TUN RX: a frame too short for the steering program's loads aborts it "
+            "(eBPF LD_ABS out of bounds returns 0), so it lands on queue 0 = worker 0 "
+            "instead of netio, and tunsteer's counter map never counts it")))
     with netns.netns(prefix="ssr") as ns:
         st = _start(ns, netns.next_subnet(), [])
         try:
@@ -516,7 +537,7 @@ def test_tun_flood_of_garbage():
 
                     return _bursts(st, frames, burst)
 
-                _flood_and_check(st, send, l2=False)
+                _flood_and_check(st, send, l2=False, direct=rx_mode == "direct")
         finally:
             _stop(st)
             st.log.unlink(missing_ok=True)

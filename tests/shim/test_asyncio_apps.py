@@ -65,7 +65,8 @@ run(main())
 """)
     assert r.returncode == 0, r.stderr + env.log()
     lines = r.stdout.splitlines()
-    assert lines[0] == "pending 2.0", r.stdout
+    kind, took = lines[0].split()
+    assert kind == "pending" and 1.9 <= float(took) < 4.0, r.stdout  # wait_for's 2 s
     assert lines[1] == f"stack {env.addr}", r.stdout  # the connect went through the stack
     _, n, gap = lines[2].split()
     assert int(n) >= 20, r.stdout  # ~100 expected; the loop ran all along

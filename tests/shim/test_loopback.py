@@ -39,9 +39,22 @@ def exchange(c, n):
 SAME_PROCESS = ECHO + """
 srv = socket.create_server(("127.0.0.1", 0))
 port = srv.getsockname()[1]
-threading.Thread(target=lambda: echo(srv.accept()[0]), daemon=True).start()
+peers = []
+def serve():
+    for _ in range(2):
+        conn, addr = srv.accept()
+        peers.append(addr[0])
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+threading.Thread(target=serve, daemon=True).start()
+b = socket.socket()
+b.bind(("127.0.0.1", 0))  # an explicitly bound client, too
+b.settimeout(30)
+b.connect(("127.0.0.1", port))
+print("bound", b.getsockname()[0], exchange(b, 4096), flush=True)
+b.close()
 c = socket.create_connection(("127.0.0.1", port), timeout=30)
 print("exchange", exchange(c, {size}), flush=True)
+print("names", srv.getsockname()[0], c.getsockname()[0], c.getpeername(), peers, flush=True)
 print("ready", port, c.getsockname()[1], flush=True)
 sys.stdin.readline()  # the test looks at `ss` meanwhile
 print("again", exchange(c, {size}), flush=True)
@@ -51,13 +64,16 @@ c.close()
 SERVER = ECHO + """
 srv = socket.create_server(("127.0.0.1", 0))
 print("ready", srv.getsockname()[1], flush=True)
-echo(srv.accept()[0])
+conn, addr = srv.accept()
+print("names", srv.getsockname()[0], conn.getsockname()[0], addr[0], flush=True)
+echo(conn)
 print("server done", flush=True)
 """
 
 CLIENT = ECHO + """
 c = socket.create_connection(("127.0.0.1", {port}), timeout=30)
 print("exchange", exchange(c, {size}), flush=True)
+print("names", c.getsockname()[0], c.getpeername(), flush=True)
 print("ready", c.getsockname()[1], flush=True)
 sys.stdin.readline()
 print("again", exchange(c, {size}), flush=True)
@@ -85,7 +101,12 @@ def _both_ends(env, sport: int, cport: int) -> None:
 def test_loopback_same_process(env):
     app = env.app_py(SAME_PROCESS.format(size=SIZE), "lo1", extra=("--loopback",))
     _, sport, cport = env.wait_for_line("lo1", "ready", app, timeout=60).split()
-    assert "exchange True" in env.app_log("lo1").splitlines()
+    log = env.app_log("lo1").splitlines()
+    assert "exchange True" in log, log
+    # The app sees loopback names, as on Linux (the stack its own address).
+    assert "bound 127.0.0.1 True" in log, log
+    assert f"names 127.0.0.1 127.0.0.1 ('127.0.0.1', {sport}) ['127.0.0.1', '127.0.0.1']" \
+        in log, log
     _both_ends(env, int(sport), int(cport))
     app.stdin.write(b"go\n")
     app.stdin.flush()
@@ -98,7 +119,10 @@ def test_loopback_two_processes(env):
     sport = int(env.wait_for_line("lo-srv", "ready", srv).split()[1])
     cli = env.app_py(CLIENT.format(port=sport, size=SIZE), "lo-cli", extra=("--loopback",))
     cport = int(env.wait_for_line("lo-cli", "ready", cli, timeout=60).split()[1])
-    assert "exchange True" in env.app_log("lo-cli").splitlines()
+    log = env.app_log("lo-cli").splitlines()
+    assert "exchange True" in log, log
+    assert f"names 127.0.0.1 ('127.0.0.1', {sport})" in log, log
+    assert "names 127.0.0.1 127.0.0.1 127.0.0.1" in env.app_log("lo-srv").splitlines()
     _both_ends(env, sport, cport)
     cli.stdin.write(b"go\n")
     cli.stdin.flush()

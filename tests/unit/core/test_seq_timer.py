@@ -29,9 +29,9 @@ def test_seq_compare_across_wrap():
 
 @dataclass(eq=False)
 class FakeSock:
-    timers: list = field(default_factory=lambda: [None] * 6)
-    timer_seq: list = field(default_factory=lambda: [0] * 6)
-    timer_q: list = field(default_factory=lambda: [None] * 6)
+    timers: list = field(default_factory=lambda: [None] * 8)
+    timer_seq: list = field(default_factory=lambda: [0] * 8)
+    timer_q: list = field(default_factory=lambda: [None] * 8)
 
 
 def drain(heap: TimerHeap, now: float):

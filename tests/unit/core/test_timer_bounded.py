@@ -21,9 +21,9 @@ from test_data import connected_sim
 @dataclass(eq=False)
 class FakeSock:
     name: int
-    timers: list = field(default_factory=lambda: [None] * 6)
-    timer_seq: list = field(default_factory=lambda: [0] * 6)
-    timer_q: list = field(default_factory=lambda: [None] * 6)
+    timers: list = field(default_factory=lambda: [None] * 8)
+    timer_seq: list = field(default_factory=lambda: [0] * 8)
+    timer_q: list = field(default_factory=lambda: [None] * 8)
 
 
 def _rr(link: SimLink, a, c, b, s, size: int = 64) -> None:
@@ -105,7 +105,7 @@ def test_model_random_arms_and_cancels_fire_exactly_and_stay_bounded():
     for _ in range(6_000):
         op = rnd.random()
         sk = rnd.choice(socks)
-        kind = rnd.randrange(6)
+        kind = rnd.randrange(8)
         if op < 0.55:
             d = now + rnd.choice((0.001, 0.04, 0.2, 1.0, 7200.0)) * rnd.random()
             h.arm(sk, kind, d)
@@ -129,7 +129,7 @@ def test_model_random_arms_and_cancels_fire_exactly_and_stay_bounded():
             assert nd == (min(model.values()) if model else None)
         max_len = max(max_len, len(h.heap))
     assert fired_m  # the model exercised firing
-    assert max_len <= max(TimerHeap.COMPACT_MIN, 2 * 20 * 6) + 1
+    assert max_len <= max(TimerHeap.COMPACT_MIN, 2 * 20 * 8) + 1
 
 
 def test_dead_socket_entries_are_compacted_away():

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardstack.core import Shard
+from shardstack.core.wire.checksum import verify_tcp_checksum
+from shardstack.core.wire.errors import WireError
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import ACK, FIN, SYN, parse_tcp
 
@@ -72,9 +74,12 @@ class Watched:
     def receive(self, packet: bytes, now: float) -> None:
         self._drain()
         self.now = now
-        ip, payload = parse_ipv4(packet)
-        seg = parse_tcp(payload)
-        view = self.flows.get((seg.dst_port, seg.src_port))
+        try:  # a corrupted packet teaches nothing (the shard drops it too)
+            ip, payload = parse_ipv4(packet)
+            seg = parse_tcp(payload) if verify_tcp_checksum(ip.src, ip.dst, payload) else None
+        except WireError:
+            seg = None
+        view = None if seg is None else self.flows.get((seg.dst_port, seg.src_port))
         if view is not None and seg.flags & ACK:
             view.learn(seg.ack, seg.options.sack_blocks)
         self.shard.receive(packet, now)

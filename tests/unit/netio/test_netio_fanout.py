@@ -74,11 +74,25 @@ def test_everything_else_goes_to_netio(n):
     assert fanout.run_cbpf(prog, tcp, protocol=0x86DD) == n  # IPv6
 
 
-def test_truncated_packet_ends_the_program():
-    # The kernel ends a program that loads beyond the packet, returning 0;
-    # worker 0's shard then drops the runt.
+@pytest.mark.parametrize("ihl", [5, 15])
+def test_truncated_packets_go_to_netio(ihl):
+    # An out-of-bounds load would end the program returning 0 (worker 0,
+    # uncounted); the length checks send every runt to netio instead.
     prog = fanout.build_program(4)
-    assert fanout.run_cbpf(prog, ipv4_tcp(1, 2, 3, 4)[:22]) == 0
+    pkt = ipv4_tcp(1, 2, 3, 4, ihl)
+    end_of_ports = 4 * ihl + 4
+    for cut in range(end_of_ports):
+        assert fanout.run_cbpf(prog, pkt[:cut]) == 4, cut
+    assert fanout.run_cbpf(prog, pkt[:end_of_ports]) < 4
+
+
+def test_frames_for_other_hosts_go_to_netio():
+    prog = fanout.build_program(2)
+    tcp = ipv4_tcp(1, 2, 3, 4)
+    for pkttype in (1, 2, 3):  # broadcast, multicast, otherhost
+        assert fanout.run_cbpf(prog, tcp, pkttype=pkttype) == 2
+    # A TUN has no link layer: its program does not look.
+    assert fanout.run_cbpf(fanout.build_program(2, l2=False), tcp, pkttype=3) < 2
 
 
 def test_bad_arguments():

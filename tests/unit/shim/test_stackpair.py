@@ -438,3 +438,89 @@ def test_dual_stack_ipv6_listener_serves_ipv4(stack):
     assert v6.getpeername() == ("::ffff:" + SERVER_IP, port, 0, 0)
     for x in (v6, c2, c, cl, srv):
         x.close()
+
+
+@pytest.mark.parametrize("size", [0, 1 << 20])
+def test_passive_side_sees_reset_after_no_write_or_a_large_one(stack, size):
+    """Nothing for the worker to hold back unread: the shim asks it at EOF ("status")."""
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    c.settimeout(10)
+    if size:
+        send = _in_thread(c.sendall, b"x" * size)
+        got = 0
+        while got < size:
+            chunk = cl.recv(65536)
+            assert chunk
+            got += len(chunk)
+        send()
+    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cl.close()
+    with pytest.raises(ConnectionResetError) as e:
+        c.recv(100)
+    assert e.value.errno == errno.ECONNRESET
+    assert c.recv(100) == b""  # reported once, then EOF (tcp_recvmsg)
+    c.close()
+    srv.close()
+
+
+def test_clean_eof_is_not_a_reset(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    c.settimeout(10)
+    c.sendall(b"x" * (1 << 20))  # large: nothing held back
+    c.shutdown(socket.SHUT_WR)  # both FINs: the worker closes its end (POLLHUP on ours)
+    got = 0
+    while chunk := cl.recv(65536):
+        got += len(chunk)
+    assert got == 1 << 20
+    cl.close()
+    assert c.recv(100) == b""
+    c.close()
+    srv.close()
+
+
+def test_send_after_peer_reset_is_econnreset(stack):
+    """A writer blocked on a connection the peer resets gets ECONNRESET, not EPIPE."""
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    c.settimeout(10)
+
+    def flood():
+        chunk = b"x" * 65536
+        for _ in range(2000):  # far more than every buffer on the way holds
+            c.sendall(chunk)
+    join = _in_thread(flood)
+    assert cl.recv(65536)
+    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cl.close()
+    with pytest.raises(ConnectionResetError) as e:
+        join()
+    assert e.value.errno == errno.ECONNRESET
+    c.close()
+    srv.close()
+
+
+def test_reset_reported_by_so_error_is_not_reported_again(stack):
+    srv = _server()
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    c, _ = srv.accept()
+    c.settimeout(10)
+    c.sendall(b"x" * (1 << 20))  # large: nothing held back
+    got = 0
+    while got < 1 << 20:
+        got += len(cl.recv(65536))
+    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cl.close()
+    select.select([c], [], [], 10)
+    assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+    assert c.recv(100) == b""  # sk_err was consumed by SO_ERROR (sock_getsockopt)
+    c.close()
+    srv.close()

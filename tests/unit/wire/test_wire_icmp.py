@@ -41,8 +41,13 @@ def test_parse_what_scapy_builds(itype, code, ident, seq, payload):
         assert bytes(msg.payload) == payload
 
 
+# Echo-shaped types only: scapy dissects other types (e.g. 17, address mask) with fields of
+# their own and fails on an empty body, which says nothing about our builder.
+ECHO_TYPES = st.sampled_from([0, 8])
+
+
 @PROPERTY
-@given(u8, u8, u16, u16, st.binary(max_size=100))
+@given(ECHO_TYPES, u8, u16, u16, st.binary(max_size=100))
 def test_scapy_parses_what_we_build(itype, code, ident, seq, payload):
     raw = build_icmp(itype, code, ident, seq, payload)
     pkt = ICMP(raw)
