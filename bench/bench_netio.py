@@ -12,9 +12,11 @@ reads, as fast as it can for DURATION seconds. Rows:
   netio -> 2 PULL NetioProcess (Dispatcher, RSS, one zmq message per worker
                   per batch) in this process; two drain processes count what
                   they receive (what netio costs on top of the raw read)
-  serve (netio)   `shardstack serve --tun` with 2 real workers: netio's
-                  dispatched frames/s from `stats` (workers answer each stray
-                  ACK with a RST, so this is the whole stack's rate)
+  serve rx=netio  `shardstack serve --tun` with 2 real workers: frames/s
+  serve rx=direct handed to workers (`stats` per_worker) with netio reading
+                  the TUN, and with the kernel steering to per-worker queues
+                  (SHARDSTACK_RX); "workers took" is what the engines got
+                  through in the same time (each stray ACK costs a RST)
   tun_tx (bench_tun.bench_tx)  raw small-frame write rate, for scale
 
 Plus the rows of bench_tun's UDP receive loop (`rx tun read`), its reference.
@@ -149,13 +151,16 @@ def netio_loop(ns: str, dev: TunDevice, duration: float) -> dict:
             "received": got, "offered": sent / duration, "refused": refused}
 
 
-def serve_loop(ns: str, duration: float) -> dict:
-    """The real thing: shardstack serve --tun with 2 workers."""
+def serve_loop(ns: str, duration: float, rx: str) -> dict:
+    """The real thing: shardstack serve --tun with 2 workers; `rx` is
+    SHARDSTACK_RX ("netio": netio reads and forwards; "direct": the kernel
+    steers to per-worker TUN queues, netio only sees the rest)."""
     run_dir = tempfile.mkdtemp(prefix="ssbn-run-")
     os.rmdir(run_dir)
     argv = [sys.executable, "-m", "shardstack", "serve", "--workers", "2", "--tun", TUN,
             "--addr", f"{US}/24", "--peer", f"{KERNEL}/24", "--run-dir", run_dir]
     serve = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
+                             env={**os.environ, "SHARDSTACK_RX": rx},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stats() -> dict | None:
@@ -227,11 +232,12 @@ def main(duration: float = 3.0) -> int:
             bench_tun.bench_tx(dev, duration)
         finally:
             dev.close()
-        print("-- shardstack serve --tun, 2 workers (netio + real engines)")
-        r = serve_loop(ns, duration)
-        row("serve netio dispatch", r, "" if "error" in r else
-            f"per worker {r['per_worker']}, workers took {r['worker_in']}, "
-            f"zmq dropped {r['dropped']}")
+        print("-- shardstack serve --tun, 2 workers (real engines; each stray ACK gets a RST)")
+        for rx in ("netio", "direct"):
+            r = serve_loop(ns, duration, rx)
+            row(f"serve rx={rx}", r, "" if "error" in r else
+                f"per worker {r['per_worker']}, workers took {r['worker_in']}, "
+                f"zmq dropped {r['dropped']}")
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     return 0

@@ -207,6 +207,15 @@ def _gso_parts(packet, mss: int, l3: int, base: int = 0) -> tuple[bytes, bytearr
     return vnet, head, mv[end:]
 
 
+def _grow_rcvbuf(sock: socket.socket, size: int = 4 << 20) -> None:
+    """A packet socket's queue is our RX ring: the default (~200 KiB) holds
+    three 64 KiB GRO super-frames. Past net.core.rmem_max only as root."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 def _rx_flags(hdr: bytes | memoryview) -> int:
     vflags = hdr[0]
     flags = 0
@@ -388,6 +397,7 @@ class PacketDevice(Device):
                 sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             if rx and not adopted:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+                _grow_rcvbuf(sock)
             if not adopted:
                 sock.bind((ifname, proto))
             sock.setblocking(False)

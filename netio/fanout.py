@@ -70,12 +70,15 @@ PACKET_FANOUT = 18
 PACKET_FANOUT_DATA = 22
 PACKET_FANOUT_CBPF = 6
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
+PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
+SO_RCVBUFFORCE = 33
+RCVBUF = 4 << 20  # bytes per member socket (see _set_rcvbuf)
 
 Insn = tuple[int, int | str, int | str, int]  # code, jt, jf, k (jt/jf: offset or label)
 
@@ -345,7 +348,7 @@ def set_program(sock: socket.socket, n_workers: int, reta: Sequence[int] | None 
 
 
 def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
-               vnet_hdr: bool = True) -> list[socket.socket]:
+               vnet_hdr: bool = True, rcvbuf: int = RCVBUF) -> list[socket.socket]:
     """N + 1 AF_PACKET sockets in one CBPF fanout group: socket i receives the
     TCP flows of worker i, socket N everything else (netio).
 
@@ -354,6 +357,10 @@ def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
     is drained and the filter removed (the usual packet(7) fanout recipe).
     """
     drop_all = [(BPF_RET | BPF_K, 0, 0, 0)]
+    # The group registers ONE hook with the kernel, and the members'
+    # PACKET_IGNORE_OUTGOING does not apply to it: without the group's own
+    # flag, every frame the workers send would come back to the group.
+    kind = PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_IGNORE_OUTGOING
     socks: list[socket.socket] = []
     group = 0
     try:
@@ -364,15 +371,15 @@ def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
             if vnet_hdr:
                 s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            _set_rcvbuf(s, rcvbuf)
             s.bind((ifname, ETH_P_ALL))
             if i == 0:
                 # The kernel picks a group id nobody else in this netns uses.
-                s.setsockopt(SOL_PACKET, PACKET_FANOUT,
-                             (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT, (kind | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
                 group = s.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
                 set_program(s, n_workers, reta)
             else:
-                s.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_CBPF << 16)
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT, group | kind << 16)
         for s in socks:
             s.setblocking(False)
             _drain(s)
@@ -382,6 +389,16 @@ def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
             s.close()
         raise
     return socks
+
+
+def _set_rcvbuf(s: socket.socket, size: int) -> None:
+    """The member's queue is the worker's RX ring: the default (~200 KiB)
+    holds three 64 KiB GRO super-frames, and a worker busy for a moment
+    drops the fourth. Beyond net.core.rmem_max only with CAP_NET_ADMIN."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def _drain(s: socket.socket, limit: int = 100_000) -> None:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from shardstack.core.wire.arp import build_arp_request
 from shardstack.core.wire.checksum import tcp_checksum
 from shardstack.core.wire.ipv4 import header_checksum
 from shardstack.core.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4
@@ -328,8 +329,6 @@ def garbage(rng: random.Random, n: int, src: int, dst: int, l2: tuple[bytes, byt
             yield bytes([0x40 | rng.randrange(16)]) + rng.randbytes(rng.randrange(0, 1500))
             continue
         if kind == 2 and l2:  # mutated ARP
-            from shardstack.core.wire.arp import build_arp_request
-
             arp = bytearray(b"\xff" * 6 + me + b"\x08\x06"
                             + build_arp_request(me, rng.randrange(1 << 32), dst))
             for _ in range(rng.randint(1, 3)):
@@ -505,13 +504,8 @@ def test_packet_flood_of_garbage(rx_mode):
             _flood_and_check(st, send, l2=True, direct=rx_mode == "direct")
 
 
-def test_tun_flood_of_garbage(rx_mode, request):
+def test_tun_flood_of_garbage(rx_mode):
     _require_root()
-    if rx_mode == "direct":
-        request.node.add_marker(pytest.mark.xfail(raises=DeliveryMismatch, strict=True, reason=(
-            "direct TUN RX: a frame too short for the steering program's loads aborts it "
-            "(eBPF LD_ABS out of bounds returns 0), so it lands on queue 0 = worker 0 "
-            "instead of netio, and tunsteer's counter map never counts it")))
     with netns.netns(prefix="ssr") as ns:
         st = _start(ns, netns.next_subnet(), [])
         try:
@@ -543,15 +537,10 @@ def test_tun_flood_of_garbage(rx_mode, request):
             st.log.unlink(missing_ok=True)
 
 
-def test_packet_unicast_for_another_mac_is_ignored(rx_mode, request):
+def test_packet_unicast_for_another_mac_is_ignored(rx_mode):
     """A veth shows AF_PACKET every frame, also unicast for other stations;
     the stack must not answer a SYN sent to another MAC (ip_rcv_core drops
     PACKET_OTHERHOST) but answers the same SYN sent to its own."""
-    if rx_mode == "direct":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "netio/fanout.py's cBPF program steers every TCP/IPv4 frame to a worker "
-            "whatever its pkt_type; it should send PACKET_OTHERHOST to netio's member "
-            "(ld SKF_AD_OFF+SKF_AD_PKTTYPE; jeq #3), whose Dispatcher drops it")))
     from shardstack.core.wire.tcp import parse_tcp
 
     with VethStack([]) as v:

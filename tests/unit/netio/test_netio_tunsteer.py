@@ -1,0 +1,119 @@
+"""The cBPF -> eBPF translation (netio/tunsteer.py) without the kernel: a small
+interpreter of the eBPF subset it emits runs the translated steering program
+on random packets, and must agree with the cBPF interpreter and netio.rss.
+(The kernel's verifier and the real TUN steering: tests/interop/test_fanout.py.)
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from shardstack.netio import fanout, rss, tunsteer
+
+M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+_ALU = {
+    0x00: lambda a, v: a + v, 0x10: lambda a, v: a - v, 0x40: lambda a, v: a | v,
+    0x50: lambda a, v: a & v, 0x60: lambda a, v: a << v, 0x70: lambda a, v: a >> v,
+    0x90: lambda a, v: a % v, 0xA0: lambda a, v: a ^ v, 0xB0: lambda a, v: v,
+}  # fmt: skip
+
+
+def run_ebpf(insns, pkt: bytes, protocol: int = 0x0800, pkttype: int = 0) -> int:
+    """Registers, a 512-byte stack, legacy packet loads, `__sk_buff` loads."""
+    reg = [0] * 11
+    stack = bytearray(512)
+    ctx = {0: len(pkt), 4: pkttype, 16: struct.unpack("<H", struct.pack(">H", protocol))[0]}
+    pc = 0
+    for _ in range(10_000):
+        code, dst, src, off, imm = insns[pc]
+        pc += 1
+        cls = code & 7
+        if cls == 0 and code & 0xE0 in (0x20, 0x40):  # LD_ABS / LD_IND
+            size = {0x00: 4, 0x08: 2, 0x10: 1}[code & 0x18]
+            k = imm & M32
+            if code & 0xE0 == 0x40:
+                k = (reg[src] + k) & M32
+            ks = k - (1 << 32) if k & 0x80000000 else k
+            if ks <= fanout.SKF_NET_OFF + 0xFFFFF and ks >= fanout.SKF_NET_OFF:
+                ks -= fanout.SKF_NET_OFF
+            if ks < 0 or ks + size > len(pkt):
+                return 0
+            reg[0] = int.from_bytes(pkt[ks:ks + size], "big")
+        elif cls == 1:  # LDX_MEM W
+            if src == 6:
+                reg[dst] = ctx[off]
+            else:
+                reg[dst] = int.from_bytes(stack[512 + off:512 + off + 4], "little")
+        elif cls == 3:  # STX_MEM W to the stack
+            stack[512 + off:512 + off + 4] = (reg[src] & M32).to_bytes(4, "little")
+        elif cls in (4, 7):  # ALU32 / ALU64
+            op = code & 0xF0
+            v = reg[src] if code & 8 else imm
+            mask = M32 if cls == 4 else M64
+            a = reg[dst] & mask
+            v &= mask
+            if op == 0xD0:  # END TO_BE 16 on a little-endian host
+                r = struct.unpack(">H", struct.pack("<H", a & 0xFFFF))[0]
+            else:
+                r = _ALU[op](a, v)
+            reg[dst] = r & mask
+        elif cls in (5, 6):  # JMP / JMP32
+            op = code & 0xF0
+            if op == 0x90:
+                return reg[0] & M32
+            if op == 0x00:
+                pc += off
+                continue
+            a = reg[dst] & M32
+            v = (reg[src] if code & 8 else imm) & M32
+            cond = {0x10: a == v, 0x20: a > v, 0x30: a >= v, 0x40: bool(a & v),
+                    0x50: a != v}[op]
+            if cond:
+                pc += off
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+    raise AssertionError("runaway program")
+
+
+def packet(src, dst, sport, dport, ihl=5, proto=6, frag=0) -> bytes:
+    hdr = struct.pack("!BBHHHBBHII", 0x40 | ihl, 0, 40, 1, frag, 64, proto, 0, src, dst)
+    return hdr + bytes(4 * (ihl - 5)) + struct.pack("!HHII", sport, dport, 0, 0) + bytes(8)
+
+
+@pytest.mark.parametrize("n,table", [(1, "default"), (2, "default"), (3, "default"),
+                                     (3, "random"), (5, "random")])
+def test_translation_agrees_with_rss(n, table):
+    rng = random.Random(n)
+    reta = rss.make_reta(n) if table == "default" else [rng.randrange(n) for _ in range(128)]
+    cprog = fanout.build_program(n, reta, l2=False)
+    eprog = tunsteer.translate(cprog)
+    for _ in range(400):
+        s, d, sp, dp = (rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16),
+                        rng.getrandbits(16))
+        ihl = rng.choice([5, 5, 7])
+        pkt = packet(s, d, sp, dp, ihl)
+        want = rss.flow_to_worker(s, d, sp, dp, reta)
+        assert run_ebpf(eprog, pkt) == want == fanout.run_cbpf(cprog, pkt)
+    for pkt, proto in ((packet(1, 2, 3, 4, proto=1), 0x0800), (packet(1, 2, 3, 4), 0x86DD),
+                       (packet(1, 2, 3, 4, frag=0x2000), 0x0800), (packet(1, 2, 3, 4)[:22], 0x0800)):
+        assert run_ebpf(eprog, pkt, protocol=proto) == n
+
+
+def test_pkttype_check_translated():
+    eprog = tunsteer.translate(fanout.build_program(2))  # l2: PACKET_HOST only
+    pkt = packet(1, 2, 3, 4)
+    assert run_ebpf(eprog, pkt, pkttype=0) < 2
+    assert run_ebpf(eprog, pkt, pkttype=3) == 2
+
+
+def test_counting_epilogue_shape():
+    plain = tunsteer.translate(fanout.build_program(2, l2=False))
+    counted = tunsteer.translate(fanout.build_program(2, l2=False), count_map=7)
+    # Every return jumps to ONE epilogue: lookup map[R0], add 1, return R0.
+    assert sum(1 for i in counted if i[0] == 0x95) == 1
+    assert sum(1 for i in plain if i[0] == 0x95) > 1
+    ld_map = [i for i in counted if i[0] == 0x18]
+    assert ld_map and ld_map[0][2] == tunsteer.BPF_PSEUDO_MAP_FD and ld_map[0][4] == 7
+    assert len(tunsteer.encode(counted)) == 8 * len(counted)
