@@ -35,6 +35,7 @@ class DropReason(enum.Enum):
     TCP_CLOSE = "TCP_CLOSE"  # segment for a socket that is going away
     TCP_OLD_DATA = "TCP_OLD_DATA"  # entirely duplicate data
     TCP_ZEROWINDOW = "TCP_ZEROWINDOW"  # data beyond our window
+    PROTO_MEM = "PROTO_MEM"  # in-window data past the receive-memory hard limit (TCPRcvQDrop)
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
     TCP_COOKIE_BAD = "TCP_COOKIE_BAD"

@@ -96,6 +96,7 @@ class ShardStats:
     zero_window_probes: int = 0
     keepalive_probes: int = 0
     ofo_queued: int = 0
+    oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
     drops: Counter = field(default_factory=Counter)
 

@@ -136,14 +136,20 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
         sh.stats.drop("TCP_ACK_UNSENT_DATA")
         tcp_send_challenge_ack(sh, sk, now)
         return False
-    # Window update (RFC 9293 §3.10.7.4: only from a segment newer than the last one used).
+    # Window update (RFC 9293 §3.10.7.4: from a segment newer than the last one
+    # used) -- and, as Linux's tcp_may_update_window, from any ACK that advances
+    # SND.UNA: the offered window is relative to SEG.ACK, so moving SND.UNA while
+    # keeping an older SND.WND would place our idea of the peer's right edge
+    # beyond what it ever offered (a retransmission carrying a newer ACK has an
+    # older SEG.SEQ), and we would send data it must drop.
     wnd = seg.window << sk.snd_wscale
     seq = seg.seq
     wl1 = sk.snd_wl1
     if sh.tracing:
         sh.tr("tcp_ack_update_window")
     window_changed = False
-    if ((seq - wl1) & MASK) & HALF == 0 and (seq != wl1 or ((ack - sk.snd_wl2) & MASK) & HALF == 0):
+    if d or (((seq - wl1) & MASK) & HALF == 0
+             and (seq != wl1 or ((ack - sk.snd_wl2) & MASK) & HALF == 0)):
         if wnd != sk.snd_wnd:
             window_changed = True
             sk.snd_wnd = wnd
@@ -416,6 +422,14 @@ def tcp_pipe(sk: TcpSock) -> int:
         pipe -= _unsacked_below(sk, una, sk.lost_hi)
     if 0 < ((sk.retrans_hi - una) & MASK) < HALF:
         pipe += _unsacked_below(sk, una, sk.retrans_hi)
+    for s, e in sk.relost:
+        # A retransmission found lost again has left the network (RACK, RFC
+        # 8985 §6.2; Linux drops it from retrans_out): counting it would hold
+        # PRR's quota at zero with a small ssthresh, and only the RTO would
+        # resend it.
+        if ((s - una) & MASK) & HALF:
+            s = una
+        pipe -= _unsacked_below(sk, una, e) - _unsacked_below(sk, una, s)
     return pipe if pipe > 0 else 0
 
 
@@ -762,6 +776,10 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         sh.stats.drop("TCP_ZEROWINDOW")
         sk.ack_now = True
         return
+    if n and not _rmem_ok(sk, n):
+        sh.stats.drop("PROTO_MEM")
+        sk.ack_now = True
+        return
     if n:
         if n > sk.rcv_mss:
             sk.rcv_mss = n if n < sk.adv_mss else sk.adv_mss
@@ -781,6 +799,19 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         emit_readable(sh, sk)
 
 
+def _rmem_ok(sk: TcpSock, n: int) -> bool:
+    """May ``n`` more bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
+
+    The window never retracts (``tcp_output.tcp_select_window``), so data up
+    to the promised edge normally fits the buffer; rounding a kept edge up
+    to the scale granularity can promise a little more, which this slack
+    absorbs.  Past it, in-window data is dropped (Linux TCPRcvQDrop) rather
+    than letting memory grow: the peer resends it once the reader catches up.
+    """
+    limit = sk.rcvbuf + (sk.rcvbuf >> 3) + (1 << sk.rcv_wscale)
+    return sk.rcvq_len + sk.ofo_len + n <= limit
+
+
 def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float) -> None:
     """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``).
 
@@ -794,6 +825,9 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     sk.ack_now = True  # RFC 5681 §4.2: ACK out-of-order data at once (dup ACK + SACK)
     if lo_off >= rwin or rwin & HALF:
         sh.stats.drop("TCP_ZEROWINDOW")
+        return
+    if not _rmem_ok(sk, n):
+        sh.stats.drop("PROTO_MEM")
         return
     hi_off = lo_off + n
     if fin:
@@ -933,7 +967,8 @@ def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if payload:
         n = len(payload)
         rcv_nxt = sk.rcv_nxt
-        if n <= ((sk.rcv_wup + sk.rcv_wnd - rcv_nxt) & MASK) < HALF and not sh.tracing:
+        if (n <= ((sk.rcv_wup + sk.rcv_wnd - rcv_nxt) & MASK) < HALF
+                and sk.rcvq_len + n <= sk.rcvbuf and not sh.tracing):
             # In order, inside the window, no FIN (checked above): tcp_data_queue's
             # common case, inline (Linux tcp_rcv_established's "direct copy").
             if n > sk.rcv_mss:
@@ -975,8 +1010,37 @@ def _disordered_ack(sk: TcpSock, seg: Any) -> bool:
             and ((sk.ts_recent - seg.options.ts[0]) & MASK) <= sk.rto * 1000)
 
 
-def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
-    """Steps 1-4 of SEGMENT ARRIVES for synchronized states; False: dropped."""
+def _oow_ack_allowed(sk: TcpSock, seg: Any, ahead: int) -> bool:
+    """May the ACK of a segment that starts ``ahead`` bytes past RCV.NXT, beyond
+    our window, still be used?
+
+    RFC 9293 §3.10.7.4: with RCV.WND zero "no segments will be acceptable, but
+    special allowance should be made to accept valid ACKs, URGs, and RSTs".  A
+    peer that filled a window we offered keeps sending pure ACKs at that old
+    edge; discarding their ACK field would leave our own sending side blind.
+    Only for an ACK without SYN/RST, from a sender no further ahead than a
+    window we could ever have offered, that acknowledges new data or is the
+    newest window information (RFC 5961 §5.2 checks follow in ``tcp_ack``).
+    """
+    flags = seg.flags
+    if flags & (SYN | RST) or not flags & ACK or sk.cc is None:
+        return False
+    if ahead > (65535 << sk.rcv_wscale):
+        return False
+    d = (seg.ack - sk.snd_una) & MASK
+    if d & HALF or d > ((sk.snd_max - sk.snd_una) & MASK):
+        return False
+    return (d > 0 or (seg.window << sk.snd_wscale) != sk.snd_wnd
+            or bool(sk.sack_ok and seg.options.sack_blocks))
+
+
+def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
+    """Steps 1-4 of SEGMENT ARRIVES for synchronized states.
+
+    Returns the segment to go on with, or None when it was dropped.  A
+    segment whose text lies beyond the window but whose ACK is acceptable
+    comes back stripped to a pure ACK (see :func:`_oow_ack_allowed`).
+    """
     if sh.tracing:
         sh.tr("tcp_validate_incoming")
     flags = seg.flags
@@ -987,7 +1051,7 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
             and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg)):
         sh.stats.drop("TCP_PAWS")
         _send_oow_ack(sh, sk, now)
-        return False
+        return None
     # Step 1: sequence number (Linux tcp_sequence: overlaps the window at all).
     seq = seg.seq
     n = len(seg.payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
@@ -995,8 +1059,19 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     rwin = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
     if rwin & HALF:
         rwin = 0
-    if ((end - sk.rcv_wup) & MASK) & HALF or (
-            ((seq - sk.rcv_nxt) & MASK) < HALF and ((seq - sk.rcv_nxt) & MASK) > rwin):
+    ahead = (seq - sk.rcv_nxt) & MASK
+    if ((end - sk.rcv_wup) & MASK) & HALF or (ahead < HALF and ahead > rwin):
+        if ahead < HALF and _oow_ack_allowed(sk, seg, ahead):
+            # RFC 9293 §3.10.7.4 step 1: "special allowance should be made to
+            # accept valid ACKs" when the text cannot be.  The text (and FIN)
+            # is dropped and answered; the ACK and window go on to step 5.
+            if n:
+                sh.stats.drop("TCP_INVALID_SEQUENCE")
+                sk.ack_now = True  # a data segment cannot start an ACK loop
+            else:
+                _send_oow_ack(sh, sk, now)
+            sh.stats.oow_acks_accepted += 1
+            return seg._replace(payload=b"", flags=flags & ~FIN)
         if not flags & RST:
             if seg.payload and not flags & SYN and ((end - sk.rcv_nxt) & MASK) & HALF:
                 # A retransmission of data we have: the peer lost our ACK.  Data
@@ -1008,7 +1083,7 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
             else:
                 _send_oow_ack(sh, sk, now)
         sh.stats.drop("TCP_INVALID_SEQUENCE")
-        return False
+        return None
     # Step 2: RST (RFC 5961 §3.2): exact match resets, in-window gets a challenge ACK.
     if flags & RST:
         if seq == sk.rcv_nxt:
@@ -1017,7 +1092,7 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
         else:
             sh.stats.drop("TCP_RFC5961_RST")
             tcp_send_challenge_ack(sh, sk, now)
-        return False
+        return None
     # Timestamps: remember the peer's clock (RFC 7323 §4.3).
     if sk.ts_ok and ts is not None and (seq == sk.rcv_wup or ((seq - sk.rcv_wup) & MASK) & HALF):
         if ((ts[0] - sk.ts_recent) & MASK) < HALF:
@@ -1028,11 +1103,11 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     if flags & SYN:
         if (sk.state is State.SYN_RECV and flags & ACK and seq == sk.irs
                 and seg.ack == sk.snd_nxt):
-            return True
+            return seg
         sh.stats.drop("TCP_INVALID_SYN")
         tcp_send_challenge_ack(sh, sk, now)
-        return False
-    return True
+        return None
+    return seg
 
 
 def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
@@ -1046,7 +1121,8 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if st is State.CLOSED:
         sh.stats.drop("TCP_CLOSE")
         return
-    if not tcp_validate_incoming(sh, sk, seg, now):
+    seg = tcp_validate_incoming(sh, sk, seg, now)
+    if seg is None:
         return
     sk.rcv_tstamp = now
     flags = seg.flags

@@ -137,12 +137,13 @@ def tcp_check_req(sh: Any, req: RequestSock, seg: Any, now: float) -> TcpSock | 
 
 
 def _req_send_ack(sh: Any, req: RequestSock, now: float) -> None:
+    from .tcp_output import tcp_reqsk_window
     from .wire.tcp import build_tcp_ipv4, build_tcp_options
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
     opts = build_tcp_options(ts=ts) if ts else b""
     sh.frames.append(build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport,
                                     (req.iss + 1) & MASK, (req.irs + 1) & MASK, ACK,
-                                    min(req.rcv_wnd >> req.rcv_wscale, 65535), opts))
+                                    tcp_reqsk_window(req.rcv_wnd, req.rcv_wscale), opts))
     sh.stats.segs_out += 1
 
 

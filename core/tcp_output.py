@@ -22,7 +22,7 @@ from .wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4, build_tcp_options
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
            "tcp_write_xmit", "tcp_xmit_retransmit_queue", "tcp_current_mss", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
-           "tcp_select_window", "tcp_send_probe", "tcp_rto", "TCP_RTO_MAX", "TCP_DELACK"]
+           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto", "TCP_RTO_MAX", "TCP_DELACK"]
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
@@ -62,12 +62,25 @@ def tcp_rto(sk: TcpSock) -> float:
 
 
 def tcp_select_window(sk: TcpSock) -> int:
-    """The window field to send, and record what it advertises (Linux ``tcp_select_window``).
+    """The window field of every non-SYN segment we send, and record the right
+    edge it advertises (Linux ``tcp_select_window``).  Every established-state
+    segment (data, pure ACK, window update, delayed ACK, probe, RST) gets its
+    window field here, so the rules below hold for all of them.
 
-    Never shrink an offered window (RFC 9293 §3.8.6.2.2 "shrinking the window
-    is strongly discouraged"): if free space fell below what was offered, keep
-    offering the old right edge.  Receiver SWS avoidance: do not advertise a
-    window smaller than min(buffer/2, MSS); advertise zero instead.
+    Never move the right edge left (RFC 9293 §3.8.6.2.2 "shrinking the window
+    is strongly discouraged"; a peer that has filled the old edge would see
+    its later segments, even pure ACKs, fall outside our window): when free
+    space fell below what was offered, keep offering the old edge, rounded
+    *up* to the scale granularity (RFC 7323 §2.4 and its Appendix F: the
+    field cannot express an edge between multiples of 2**Rcv.Wind.Shift, and
+    rounding down is what retracts it).  Memory stays bounded the way Linux
+    bounds it: the window offered from free space never exceeds the buffer,
+    and the receive path drops in-window data only past a hard limit a little
+    above it (``tcp_input`` ``_rmem_ok``, Linux ``tcp_try_rmem_schedule``).
+
+    Receiver SWS avoidance (RFC 9293 §3.8.6.2.2): a window from free space
+    smaller than min(buffer/2, MSS) is not offered; zero is (if nothing was
+    promised).
     """
     ws = sk.rcv_wscale
     free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
@@ -77,19 +90,29 @@ def tcp_select_window(sk: TcpSock) -> int:
     new = free if free < cap else cap
     new = (new >> ws) << ws
     cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
-    if cur & 0x80000000:
-        cur = 0
+    if cur & HALF:
+        cur = 0  # RCV.NXT is past the old edge (an overlong segment was taken whole)
     if new < cur:
-        # Keep the promised right edge, truncated to the scale granularity (the
-        # precision loss RFC 7323 §2.4 accepts).  Linux rounds up instead
-        # (ALIGN), which lets the edge creep by up to 2**ws - 1 bytes per ACK
-        # while the window shrinks; truncating keeps memory bounded by rcvbuf.
-        new = (cur >> ws) << ws
+        new = ((cur + (1 << ws) - 1) >> ws) << ws
         if new > cap:
             new = cap
     sk.rcv_wnd = new
     sk.rcv_wup = sk.rcv_nxt
     return new >> ws
+
+
+def tcp_syn_window(wnd: int) -> int:
+    """The window field of a SYN or SYN-ACK: never scaled (RFC 7323 §2.2), so
+    at most 65535; what is recorded in ``rcv_wnd`` is never less than this."""
+    return wnd if wnd < 65535 else 65535
+
+
+def tcp_reqsk_window(wnd: int, ws: int) -> int:
+    """The scaled window field of a non-SYN segment sent from a request sock:
+    the edge the SYN-ACK offered, rounded up (never retracted, as in
+    :func:`tcp_select_window`)."""
+    field = (wnd + (1 << ws) - 1) >> ws
+    return field if field < 65535 else 65535
 
 
 def _options(sk: TcpSock, now: float) -> bytes:
@@ -223,10 +246,8 @@ def tcp_send_syn(sh: Any, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
-    # RFC 7323 §2.2: the window in a SYN is never scaled.
-    win = min(sk.rcv_wnd, 65535)
     sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
-                                    win, opts))
+                                    tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
 
 
@@ -236,7 +257,7 @@ def tcp_send_synack_sock(sh: Any, sk: TcpSock, now: float) -> None:
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
     sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                    sk.rcv_nxt, SYN | ACK, min(sk.rcv_wnd, 65535), opts))
+                                    sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
 
 
@@ -248,7 +269,7 @@ def tcp_make_synack(sh: Any, req: Any, now: float) -> bytes:
                              sack_perm=req.sack_ok, ts=ts)
     sh.tr("__tcp_v4_send_check")
     return build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                          (req.irs + 1) & MASK, SYN | ACK, min(req.rcv_wnd, 65535), opts)
+                          (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> Any:

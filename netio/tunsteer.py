@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import errno
 import os
+import platform
 import struct
 from collections.abc import Sequence
 
@@ -49,7 +51,7 @@ __all__ = ["translate", "load_program", "open_queues", "set_steering"]
 
 IFF_MULTI_QUEUE = 0x0100
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
-SYS_BPF = 321  # x86_64
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280}.get(platform.machine())
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 
@@ -215,6 +217,8 @@ class _ProgLoadAttr(ctypes.Structure):
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    if SYS_BPF is None:
+        raise OSError(errno.ENOSYS, "bpf(2) number unknown on this architecture")
     libc = ctypes.CDLL(None, use_errno=True)
     r = libc.syscall(SYS_BPF, cmd, attr, len(attr))
     if r < 0:
@@ -252,6 +256,8 @@ class SteeringCounts:
 
 def load_program(insns: Sequence[tuple[int, int, int, int, int]]) -> int:
     """bpf(BPF_PROG_LOAD) a socket-filter program; returns its fd (O_CLOEXEC)."""
+    if SYS_BPF is None:
+        raise OSError(errno.ENOSYS, "bpf(2) number unknown on this architecture")
     libc = ctypes.CDLL(None, use_errno=True)
     code = ctypes.create_string_buffer(encode(insns))
     lic = ctypes.create_string_buffer(b"GPL")

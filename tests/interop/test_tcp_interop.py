@@ -26,11 +26,13 @@ is in the order the kernel saw things, so "sent only what the last ACK
 allowed" can be checked soundly).
 
 Tests: bulk SHA-256 transfers and `ss` worker placement (both directions x
-both devices); 64 parallel connections; --impair + nftables loss over TUN
-(2 MiB fast, 16 MiB slow); 1 GiB kernel -> discard (slow, throughput printed);
-SYN/SYN-ACK options both ways; window scaling and zero windows audited on a
+both devices); 64 parallel connections; --impair + nftables loss (TUN 2 MiB
+fast; 16 MiB, AF_PACKET with apps and 32 connections slow); 1 GiB kernel ->
+discard and -> a hashing app (slow, throughput printed); SYN/SYN-ACK options
+both ways; window scaling, zero windows and a small MSS audited on a
 kernel-side capture; FIN handshakes ending in TIME-WAIT/CLOSED on the right
-side. SS_INTEROP_PCAP=1 adds the stack's --pcap to the impaired runs.
+side; the first SYN over AF_PACKET (xfail: a known gap, see its reason).
+SS_INTEROP_PCAP=1 adds the stack's --pcap to the impaired runs.
 
 Every wait is bounded; namespaces go with everything in them, also on failure.
 """
@@ -54,7 +56,7 @@ from pathlib import Path
 
 import pytest
 from shardstack.netio import rss
-from test_serve import in_netns
+from test_serve import _offloads_off, in_netns
 
 from shardstack import control, netns
 
@@ -551,6 +553,11 @@ def topology(kind: str, tmp: Path, extra: list[str] = ()) -> Iterator[Topo]:
             kns = stack.enter_context(netns.netns(prefix="sst"))
             # no address on the stack's end: the kernel there must stay out of it
             netns.add_veth(sns, kns, "vsa", "vsb", b_addr=f"{peer}/24")
+            if "--no-offload" in extra:
+                # Without the virtio-net header the stack cannot tell a veth's
+                # partial checksums from bad ones: the kernel must finish them,
+                # as a NIC without offloads does (test_serve does the same).
+                _offloads_off(kns.name, "vsb")
             t = Topo(kind, sns, kns, addr, peer, "vsb", tmp)
             device = ["--packet", "vsa"]
         try:

@@ -278,7 +278,13 @@ def test_window_scaling_with_4mib_window():
             break
     p.advance(p.now + 0.1)
     assert skb.rcvq_len == len(data) + 10
-    assert ska.snd_wnd <= (4 << 20) - len(data)  # shrinks with unread bytes
+    # shrinks with unread bytes; the right edge never retracts, so rounding a kept
+    # edge up to the 128-byte granularity may promise a little more than the
+    # buffer (tcp_select_window), within the receive-memory slack (_rmem_ok)
+    free = (4 << 20) - len(data) - 10
+    assert ska.snd_wnd <= free + ((4 << 20) >> 3) + 128
+    assert ska.snd_wnd < (4 << 20) - (2 << 20)
+    assert not p.b.stats.drops
     got = p.b.recv(s, 8 << 20)
     assert got[10:] == data
     p.advance(p.now + 0.01)
