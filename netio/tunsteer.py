@@ -23,8 +23,8 @@ supervisor opens all N + 1 queues once and keeps them for its lifetime.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import errno
+import fcntl
 import os
 import platform
 import struct
