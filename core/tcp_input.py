@@ -48,6 +48,8 @@ TCP_TIMEOUT_INIT = 1.0
 PAWS_24DAYS = 24 * 86400.0
 #: Linux sysctl_tcp_invalid_ratelimit: at most one out-of-window ACK per 500 ms.
 OOW_RATELIMIT = 0.5
+#: A tail loss probe that would come after the RTO goes this much before it instead.
+_TLP_RTO_MARGIN = 0.005
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
@@ -184,7 +186,8 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     return True
 
 
-def tcp_schedule_loss_probe(sh: Any, sk: TcpSock, now: float, rto: float) -> None:
+def tcp_schedule_loss_probe(sh: Any, sk: TcpSock, now: float, rto: float,
+                            earlier_only: bool = False) -> None:
     """Arm the tail loss probe 2 SRTT out (RFC 8985 §7.2; Linux
     ``tcp_schedule_loss_probe``), plus a delayed-ACK allowance when a single
     segment is in flight, and never later than the RTO."""
@@ -196,8 +199,19 @@ def tcp_schedule_loss_probe(sh: Any, sk: TcpSock, now: float, rto: float) -> Non
         pto = 0.010  # Linux's floor: a timer no sooner than 10 ms
     if ((sk.snd_max - sk.snd_una) & MASK) <= sk.mss_cache:
         pto += 0.2  # RFC 8985 §7.2 WCDelAckT
-    if pto < rto:
-        sh.timers.arm(sk, _TLP, now + pto)
+    if pto >= rto:
+        # Never later than the RTO, but not dropped either: Linux arms the probe
+        # at min(PTO, RTO) in the RTO's place, so a one- or two-segment flight
+        # whose last segment (or ACK) is lost gets a probe, not a timeout that
+        # collapses cwnd to one -- at small windows the common case.  The
+        # probe goes just before the RTO and re-arms it.
+        pto = rto - (_TLP_RTO_MARGIN if rto > 2 * _TLP_RTO_MARGIN else rto / 2)
+        if pto < 2 * srtt:
+            return
+    cur = sk.timers[_TLP]
+    if earlier_only and cur is not None and cur <= now + pto:
+        return  # new data keeps an earlier probe; a larger flight may bring a later one in
+    sh.timers.arm(sk, _TLP, now + pto)
 
 
 def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
@@ -546,7 +560,7 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         # RFC 6675 §5: IsLost(HighACK + 1) also starts recovery.
         enter = 0 < ((_lost_boundary(sk) - una) & MASK) < HALF
     if enter:
-        tcp_enter_recovery(sh, sk, now)
+        tcp_enter_recovery(sh, sk, now, delivered=delivered)
         return
     if sk.sacked and sk.sack_ok:
         _rack_arm(sh, sk, now)
@@ -644,7 +658,8 @@ def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
         if not 0 < ((top - sk.snd_una) & MASK) < HALF:
             return
         sh.stats.rack_reo_timeouts += 1
-        tcp_enter_recovery(sh, sk, now, top)
+        # Linux tcp_rack_reo_timeout counts one segment delivered for PRR here.
+        tcp_enter_recovery(sh, sk, now, top, delivered=sk.mss_cache)
         return
     if 0 < ((top - sk.lost_hi) & MASK) < HALF:
         sh.stats.rack_reo_timeouts += 1
@@ -662,10 +677,15 @@ def _reno_add_sack(sk: TcpSock) -> None:
     sk.reno_sacked = n if n < room else max(room, 0)
 
 
-def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = None) -> None:
+def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = None,
+                       delivered: int = 0) -> None:
     """Fast retransmit + fast recovery (RFC 6675 §5 steps 4.1-4.3, RFC 6937 init).
 
-    ``lost_to``: RACK found everything un-SACKed below it lost.
+    ``lost_to``: RACK found everything un-SACKed below it lost.  ``delivered``:
+    the DeliveredData of the ACK that started recovery, which PRR counts like
+    any later one (Linux runs ``tcp_cwnd_reduction`` on that ACK too): with a
+    small window it lets a new segment go with the fast retransmit, so an ACK
+    still comes back if the retransmission or its ACK is lost.
     """
     if sh.tracing:
         sh.tr("tcp_enter_recovery")
@@ -702,7 +722,7 @@ def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = N
         sk.reo_wnd_persist -= 1
         if not sk.reo_wnd_persist:
             sk.reo_wnd_mult = 1  # RFC 8985 §6.2.4: back to 1 after 16 recoveries
-    _prr_update(sk, 0)
+    _prr_update(sk, delivered)
     if sk.prr_quota <= 0:
         sk.prr_quota = mss  # RFC 6937 §3.1: the fast retransmit itself always goes
     from .tcp_output import tcp_write_xmit

@@ -410,11 +410,13 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
     if sent:
         sk.lsndtime = now
         if sk.timers[_RETRANSMIT] is None and sk.snd_max != una:
-            rto = tcp_rto(sk)
-            sh.timers.arm(sk, _RETRANSMIT, now + rto)
-            if sk.sack_ok and quota < 0 and sk.timers[_TLP] is None:
-                from .tcp_input import tcp_schedule_loss_probe
-                tcp_schedule_loss_probe(sh, sk, now, rto)
+            sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
+        if sk.sack_ok and quota < 0 and sk.timers[_RETRANSMIT] is not None:
+            # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
+            # flight may bring it in, never past the RTO.
+            from .tcp_input import tcp_schedule_loss_probe
+            tcp_schedule_loss_probe(sh, sk, now, sk.timers[_RETRANSMIT] - now,
+                                    earlier_only=True)
     return sent
 
 

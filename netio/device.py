@@ -19,6 +19,15 @@ through the virtio-net header (include/uapi/linux/virtio_net.h):
   checksum; the field then holds only the pseudo-header sum, RX_CSUM_PARTIAL).
 * RX_GSO: a TCP super-segment (GSO/GRO, up to 64 KiB) delivered as one frame.
 
+Without the virtio-net header (`--no-offload`) an AF_PACKET receiver still
+needs the checksum state: a local sender (a veth peer with its default
+offloads) leaves CHECKSUM_PARTIAL frames whose TCP checksum field holds only
+the pseudo-header sum, indistinguishable from corruption. PACKET_AUXDATA
+(packet(7)) adds a `tpacket_auxdata` control message to every recvmsg, whose
+tp_status says TP_STATUS_CSUMNOTREADY (partial) or TP_STATUS_CSUM_VALID;
+`aux_rx_flags` turns it into the same flags. It costs a recvmsg instead of a
+recv per frame (one small list and tuple more), paid only without vnet_hdr.
+
 Reading follows asyncio's selector pattern: try the syscall, and treat exactly
 BlockingIOError as "nothing more now" (EINTR is retried by Python, PEP 475).
 No recvmmsg: read until EAGAIN or until `limit` frames.
@@ -41,6 +50,7 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 
 from shardstack.core.wire.checksum import pseudo_header_sum
@@ -56,6 +66,7 @@ __all__ = [
     "send_device",
     "recv_device",
     "partial_tcp_checksum",
+    "aux_rx_flags",
 ]
 
 # Per-frame flags handed to callers.
@@ -86,6 +97,12 @@ IFF_UP = 0x1
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_AUXDATA = 8
+TP_STATUS_CSUMNOTREADY = 0x8  # skb CHECKSUM_PARTIAL: the field is the pseudo-header sum
+TP_STATUS_CSUM_VALID = 0x80  # checksum verified (skb_csum_unnecessary)
+# struct tpacket_auxdata: tp_status, tp_len, tp_snaplen (u32), tp_mac, tp_net,
+# tp_vlan_tci, tp_vlan_tpid (u16): 20 bytes.
+AUX_SPACE = socket.CMSG_SPACE(20)
 ETH_P_ALL = 0x0003
 
 # <linux/virtio_net.h>: the legacy 10-byte header, little-endian on this
@@ -226,6 +243,20 @@ def _rx_flags(hdr: bytes | memoryview) -> int:
     if hdr[1] & ~VIRTIO_NET_HDR_GSO_ECN:
         flags |= RX_GSO
     return flags
+
+
+def aux_rx_flags(ancdata: list) -> int:
+    """Flags of one frame from its PACKET_AUXDATA control message (recvmsg's
+    ancillary data; tp_status is a host-order u32, both bits in its low byte)."""
+    for level, kind, data in ancdata:
+        if kind == PACKET_AUXDATA and level == SOL_PACKET and len(data) >= 4:
+            status = int.from_bytes(data[:4], sys.byteorder)
+            if status & TP_STATUS_CSUMNOTREADY:
+                return RX_CSUM_VALID | RX_CSUM_PARTIAL
+            if status & TP_STATUS_CSUM_VALID:
+                return RX_CSUM_VALID
+            return 0
+    return 0
 
 
 def _ifreq_ioctl(name: str, request: int, fmt: str, *values) -> bytes:
@@ -398,6 +429,10 @@ class PacketDevice(Device):
             if rx and not adopted:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
                 _grow_rcvbuf(sock)
+            if rx and not vnet_hdr:
+                # the checksum state without the virtio header (module docstring);
+                # fanout members have it already (netio/fanout.py)
+                sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             if not adopted:
                 sock.bind((ifname, proto))
             sock.setblocking(False)
@@ -410,11 +445,14 @@ class PacketDevice(Device):
         self.name = ifname
         self.vnet_hdr = vnet_hdr
         self.gso = vnet_hdr
+        self.auxdata = rx and not vnet_hdr
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def recv_batch(self, limit: int = DEFAULT_BATCH) -> list[tuple[bytes, int]]:
+        if self.auxdata:
+            return self._recv_batch_aux(limit)
         out: list[tuple[bytes, int]] = []
         recv = self.sock.recv
         vnet = self.vnet_hdr
@@ -429,6 +467,17 @@ class PacketDevice(Device):
                 out.append((data[VNET_HDR_LEN:], _rx_flags(data)))
             else:
                 out.append((data, 0))
+        return out
+
+    def _recv_batch_aux(self, limit: int) -> list[tuple[bytes, int]]:
+        out: list[tuple[bytes, int]] = []
+        recvmsg = self.sock.recvmsg
+        while len(out) < limit:
+            try:
+                data, anc, _flags, _addr = recvmsg(MAX_FRAME, AUX_SPACE)
+            except BlockingIOError:
+                break
+            out.append((data, aux_rx_flags(anc)))
         return out
 
     def send_batch(self, frames: Iterable[bytes | bytearray | memoryview]) -> int:

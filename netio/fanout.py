@@ -73,6 +73,7 @@ PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_AUXDATA = 8
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 SO_ATTACH_FILTER = 26
@@ -370,6 +371,10 @@ def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
             _setsockopt_prog(s, socket.SOL_SOCKET, SO_ATTACH_FILTER, drop_all)
             if vnet_hdr:
                 s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            else:
+                # the checksum state per frame without the virtio header:
+                # read with recvmsg (netio.device.aux_rx_flags)
+                s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             _set_rcvbuf(s, rcvbuf)
             s.bind((ifname, ETH_P_ALL))

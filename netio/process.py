@@ -19,6 +19,14 @@ undoes it. Sends use SNDHWM and zmq.NOBLOCK: an overloaded or absent worker
 costs counted drops (`zmq_dropped`), never a stalled RX path, as a full NIC
 ring drops rather than blocks.
 
+Neighbour announcements share the worker channel: a message whose first part
+(flags) is EMPTY is not a batch but `[b"", entry...]`, each entry 10 bytes,
+the IPv4 address (4, big-endian) and MAC (6) of a neighbour a worker asked
+netio to resolve (`arp` op) and whose ARP reply has now arrived. Every worker
+gets it, so a worker that queued frames for that neighbour sends them at once
+(Linux's `neigh_update` flushing the `arp_queue`). `decode_batch` returns []
+for it and `decode_neighbours` reads it.
+
 Control channel (`control_endpoint(rundir)`, netio binds REP): msgpack maps
 {"op": "stats"} -> counters; {"op": "reta", "reta": [128 ints]} installs a
 new indirection table; {"op": "neighbours"} -> {ip: mac hex}; {"op": "arp",
@@ -51,6 +59,7 @@ __all__ = [
     "worker_endpoint",
     "control_endpoint",
     "decode_batch",
+    "decode_neighbours",
     "make_device",
     "main",
 ]
@@ -64,6 +73,8 @@ _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
 DEFAULT_SNDHWM = 256  # messages (batches) queued per worker before we drop
+SOLICIT_TTL = 10.0  # seconds a worker's ARP question stays open (then forgotten)
+MAX_SOLICITED = 1024  # open questions kept at most (a bound, not a tuning knob)
 MAX_BATCHES_PER_WAKEUP = 16  # then look at the control socket again
 IDLE_TIMEOUT = 0.5  # seconds; upper bound on one wait
 
@@ -77,9 +88,24 @@ def control_endpoint(rundir: str) -> str:
 
 
 def decode_batch(parts: list) -> list[tuple[bytes, int]]:
-    """A worker's view of one message: [(frame, flags), ...]."""
+    """A worker's view of one message: [(frame, flags), ...] ([] for a
+    neighbour announcement)."""
     flags = bytes(parts[0])
+    if not flags:
+        return []
     return [(bytes(p), flags[i]) for i, p in enumerate(parts[1:])]
+
+
+def encode_neighbour(ip: int, mac: bytes) -> bytes:
+    return ip.to_bytes(4, "big") + bytes(mac)
+
+
+def decode_neighbours(parts: list) -> list[tuple[int, bytes]]:
+    """The entries of a neighbour announcement `[b"", entry...]`: [(ip, mac)];
+    [] for a frame batch. Malformed entries are skipped."""
+    if len(parts[0]):
+        return []
+    return [(int.from_bytes(p[:4], "big"), bytes(p[4:10])) for p in parts[1:] if len(p) == 10]
 
 
 @dataclass(slots=True)
@@ -89,6 +115,7 @@ class NetioStats:
     rx_frames: int = 0
     tx_replies: int = 0
     tx_reply_failed: int = 0
+    neigh_announced: int = 0  # neighbour announcements sent to the workers
     zmq_sent: list[int] = field(default_factory=list)  # frames per worker
     zmq_dropped: list[int] = field(default_factory=list)  # frames per worker (HWM)
 
@@ -99,6 +126,7 @@ class NetioStats:
             "rx_frames": self.rx_frames,
             "tx_replies": self.tx_replies,
             "tx_reply_failed": self.tx_reply_failed,
+            "neigh_announced": self.neigh_announced,
             "zmq_sent": list(self.zmq_sent),
             "zmq_dropped": list(self.zmq_dropped),
         }
@@ -138,6 +166,9 @@ class NetioProcess:
         if dev.fileno() >= 0:
             self.poller.register(dev.fileno(), zmq.POLLIN)
         self.running = False
+        # ip -> when a worker asked us to resolve it (`arp` op): announced to
+        # the workers once the reply is in `dispatcher.neighbours`.
+        self.solicited: dict[int, float] = {}
 
     # -- the loop -----------------------------------------------------------
 
@@ -157,7 +188,30 @@ class NetioProcess:
         got += self._drain()
         if self.ctl in events or self.ctl.poll(0):
             self._control()
+        if self.solicited:
+            self._announce()
         return got
+
+    def _announce(self) -> None:
+        """Tell every worker about neighbours it asked for that are now
+        resolved, so frames they queued go out (see the module docstring)."""
+        neigh = self.dispatcher.neighbours
+        self._expire(time.monotonic())  # never answered: stop looking
+        entries = []
+        for ip in [ip for ip in self.solicited if ip in neigh]:
+            del self.solicited[ip]
+            entries.append(encode_neighbour(ip, neigh[ip]))
+        if not entries:
+            return
+        for sock in self.push:
+            try:
+                _raw_send(sock, b"", _MORE)
+            except zmq.Again:
+                continue  # a stalled worker re-asks on its own timer
+            for e in entries[:-1]:
+                _raw_send(sock, e, _MORE)
+            _raw_send(sock, entries[-1], _LAST)
+        self.stats.neigh_announced += len(entries)
 
     def _drain(self) -> int:
         dev, stats, disp = self.dev, self.stats, self.dispatcher
@@ -239,12 +293,25 @@ class NetioProcess:
             if not self.dispatcher.l2 or not self.dispatcher.addrs:
                 return {"ok": False, "error": "ARP needs an L2 device"}
             src = min(self.dispatcher.addrs)
-            self.dev.send_batch([self.dispatcher.arp_request(int(req["ip"]), src)])
+            ip = int(req["ip"])
+            self._solicit(ip)
+            self.dev.send_batch([self.dispatcher.arp_request(ip, src)])
             return {"ok": True}
         if op == "stop":
             self.running = False
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _solicit(self, ip: int) -> None:
+        if ip not in self.solicited and len(self.solicited) >= MAX_SOLICITED:
+            self._expire(time.monotonic())
+            if len(self.solicited) >= MAX_SOLICITED:
+                return  # the asking worker still gives up on its own timer
+        self.solicited[ip] = time.monotonic()
+
+    def _expire(self, now: float) -> None:
+        for ip in [k for k, t in self.solicited.items() if now - t > SOLICIT_TTL]:
+            del self.solicited[ip]
 
     def close(self) -> None:
         for s in self.push:

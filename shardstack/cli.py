@@ -89,15 +89,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--peer", metavar="A.B.C.D/N",
                    help="give the kernel side of the TUN this address and bring it up")
     p.add_argument("--gateway", metavar="A.B.C.D", help="next hop for addresses off-link")
-    p.add_argument("--mtu", type=int, default=1500)
-    p.add_argument("--run-dir", help="where the control sockets live (default: see docs)")
+    p.add_argument("--mtu", type=int, default=1500,
+                   help="the device MTU; the MSS we advertise follows from it (default 1500)")
+    p.add_argument("--run-dir", help="where the control sockets live (default: "
+                   "$SHARDSTACK_RUN_DIR, else /run/shardstack as root, else "
+                   "$XDG_RUNTIME_DIR/shardstack)")
     p.add_argument("--echo", type=int, action="append", default=[], metavar="PORT",
                    help="run an RFC 862 echo service on PORT (repeatable)")
     p.add_argument("--discard", type=int, action="append", default=[], metavar="PORT",
                    help="run an RFC 863 discard service on PORT (repeatable)")
     p.add_argument("--impair", metavar="SPEC",
                    help="fault injection, e.g. loss=0.01,reorder=0.05,delay=2ms,seed=1")
-    p.add_argument("--pcap", metavar="FILE", help="write what netio receives to a pcap file")
+    p.add_argument("--pcap", metavar="FILE", help="capture both directions to a pcap file (Wireshark reads it); "
+                   "receive then goes through the netio process")
     p.add_argument("--no-offload", dest="offload", action="store_false",
                    help="no virtio-net header: every frame MTU-sized, checksums in software")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage

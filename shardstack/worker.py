@@ -4,9 +4,10 @@ Data path, per wake-up (no extra process hop, no per-frame msgpack):
 
     zmq PULL rx-<i>.ipc ──▶ drain every batch (NOBLOCK) ──▶ shard.receive_batch
     shard.take_events() ──▶ built-in services / appgate
-    shard.take_frames() ──▶ the shared TUN fd (or our own AF_PACKET send
-                            socket): one write per frame, or one GSO write
-                            per super-segment (--offload)
+    shard.take_frames_gso() ──▶ the shared TUN fd (or our own AF_PACKET
+                            send socket): one write per frame, or one GSO
+                            write per super-segment (--offload), cut at the
+                            size the engine gives with it
     shard.next_deadline() ──▶ ONE loop timer, re-armed only when the
                             deadline moves earlier
 
@@ -48,8 +49,16 @@ import zmq
 from shardstack import control
 from shardstack.config import ServeConfig
 from shardstack.netio import rss
-from shardstack.netio.device import MAX_FRAME, RX_CSUM_VALID, VNET_HDR_LEN, PacketDevice, _rx_flags
-from shardstack.netio.process import worker_endpoint
+from shardstack.netio.device import (
+    AUX_SPACE,
+    MAX_FRAME,
+    RX_CSUM_VALID,
+    VNET_HDR_LEN,
+    PacketDevice,
+    _rx_flags,
+    aux_rx_flags,
+)
+from shardstack.netio.process import decode_neighbours, worker_endpoint
 from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
 
@@ -119,6 +128,7 @@ class Worker:
         self.rx_vnet = bool(cfg.offload)
         self.rx_fd = -1
         self.rx_read = None
+        self.rx_aux = None  # packet socket without vnet_hdr: recvmsg + PACKET_AUXDATA
         self.busy_poll = float(os.environ.get(BUSY_POLL_ENV, "0") or 0) / 1e6
         if isinstance(rx_sock, int):
             self.rx_fd = rx_sock
@@ -126,6 +136,11 @@ class Worker:
         elif rx_sock is not None:
             self.rx_fd = rx_sock.fileno()
             self.rx_read = rx_sock.recv
+            if not self.rx_vnet:
+                # the frame's checksum state comes as a control message
+                # (netio.device.aux_rx_flags; the supervisor's fanout group
+                # enables PACKET_AUXDATA)
+                self.rx_aux = rx_sock.recvmsg
 
     # -- construction ---------------------------------------------------------
 
@@ -190,6 +205,10 @@ class Worker:
                 parts = recv(zmq.NOBLOCK)
                 batches += 1
                 flags = parts[0]
+                if not flags:  # a neighbour announcement (netio.process)
+                    if l2:
+                        self.tx.neigh_update(decode_neighbours(parts))
+                    continue
                 del parts[0]
                 if l2:
                     parts = self._learn_and_strip(parts)
@@ -244,9 +263,13 @@ class Worker:
         frames: list = []
         flags = bytearray()
         c = self.counters
+        aux = self.rx_aux
         for _ in range(MAX_DEV_FRAMES_PER_WAKEUP):
             try:
-                data = recv(MAX_FRAME)
+                if aux is None:
+                    data = recv(MAX_FRAME)
+                else:
+                    data, anc, _fl, _addr = aux(MAX_FRAME, AUX_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             if len(data) <= head:
@@ -260,7 +283,7 @@ class Worker:
                 if learn is not None:
                     learn(mv[VNET_HDR_LEN:])
             else:
-                flags.append(0)
+                flags.append(0 if aux is None else aux_rx_flags(anc) & RX_CSUM_VALID)
                 if learn is not None:
                     learn(mv)
             frames.append(mv[head:] if head else data)
@@ -323,7 +346,7 @@ class Worker:
                 events = shard.take_events()
                 if events:
                     self._dispatch(events)
-                frames = shard.take_frames()
+                frames = shard.take_frames_gso()
                 if frames:
                     frames = self._deliver_local(frames)  # the appgate's loopback hook
                 if frames:
@@ -344,18 +367,21 @@ class Worker:
         This is how `shardstack run --loopback` (127.0.0.0/8 mapped to the
         stack's address by the shim) and a connect to our own address work.
         Both directions of such a flow hash alike (symmetric Toeplitz) and
-        listeners are on every shard, so the whole connection is ours."""
+        listeners are on every shard, so the whole connection is ours.
+        `frames` are `take_frames_gso()` pairs; a super-segment is taken
+        whole (the shard accepts segments of any size)."""
         local = self.cfg.addr.ip.to_bytes(4, "big")
         last = local[3]
         out = None
-        for i, f in enumerate(frames):
+        for i, pair in enumerate(frames):
+            f = pair[0]
             if f[19] == last and f[16:20] == local:
                 if out is None:
                     out = frames[:i]
                     mine = []
                 mine.append(f)
             elif out is not None:
-                out.append(f)
+                out.append(pair)
         if out is None:
             return frames
         self.shard.receive_batch(mine, _monotonic(), True)
@@ -363,44 +389,31 @@ class Worker:
         return out
 
     def _send(self, frames: list) -> None:
+        """`frames`: `shard.take_frames_gso()` pairs (packet, gso_size).
+        gso_size 0: an ordinary packet, written as is; else a super-segment
+        the kernel cuts into gso_size-byte payloads (the engine's current
+        MSS with this segment's options, so no cut segment exceeds the MTU
+        even when SACK blocks shorten it). Runs of ordinary packets between
+        super-segments keep their order and their one-batch write."""
         tx = self.tx
         c = self.counters
-        if not self.tso:
-            sent = tx.send_batch(frames)
-        else:
-            # Super-segments (ShardConfig.tso_max) go to the kernel with a GSO
-            # header, which cuts them at the connection's MSS; runs of ordinary
-            # frames between them keep their order and their one-batch write.
-            mtu = self.cfg.mtu
-            sent = 0
-            run: list = []
-            for f in frames:
-                if len(f) <= mtu:
-                    run.append(f)
-                    continue
-                if run:
-                    sent += tx.send_batch(run)
-                    run = []
-                if tx.send_gso(f, self._gso_size(f)):
-                    sent += 1
-                    c.gso_out += 1
+        sent = 0
+        run: list = []
+        for f, gso in frames:
+            if not gso:
+                run.append(f)
+                continue
             if run:
                 sent += tx.send_batch(run)
+                run = []
+            if tx.send_gso(f, gso):
+                sent += 1
+                c.gso_out += 1
+        if run:
+            sent += tx.send_batch(run)
         c.frames_out += sent
         if sent != len(frames):
             c.drop("tx", len(frames) - sent)
-
-    def _gso_size(self, f) -> int:
-        """The payload per segment: the connection's MSS (mss_cache, which
-        already leaves room for options), found by the 4-tuple."""
-        ihl = (f[0] & 0x0F) << 2
-        key = (int.from_bytes(f[12:16], "big"), int.from_bytes(f[ihl:ihl + 2], "big"),
-               int.from_bytes(f[16:20], "big"), int.from_bytes(f[ihl + 2:ihl + 4], "big"))
-        sk = self.shard.h.ehash.get(key)
-        mss = getattr(sk, "mss_cache", 0)
-        if mss:
-            return mss
-        return self.cfg.mtu - ihl - ((f[ihl + 12] >> 4) << 2)
 
     def _dispatch(self, events: list) -> None:
         services = self.services
@@ -475,6 +488,12 @@ class Worker:
             impair = getattr(self.tx, "counters", None)
         if impair is not None:
             counters["impair"] = impair()["tx"]  # the rx lane is netio's
+        neigh = getattr(self.tx, "unres", None)
+        if neigh is not None:  # L2Tx: neighbour resolution (queued frames)
+            counters["neigh"] = dict(self.tx.stats, incomplete=len(neigh))
+            for k in ("unres_discards", "failed"):
+                if self.tx.stats[k]:
+                    drops["neigh_" + k] = drops.get("neigh_" + k, 0) + self.tx.stats[k]
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
@@ -489,7 +508,7 @@ class Worker:
             self.appgate.close()
         if self.services is not None:
             self.services.close_all(now)
-            frames = self.shard.take_frames()
+            frames = self.shard.take_frames_gso()
             if frames:
                 self._send(frames)  # FIN/RST on the way out
         if self.ctl_server is not None:
@@ -589,14 +608,34 @@ def write_pcap_header(path: str, l2: bool) -> None:
         f.write(struct.pack("=IHHiIII", pcap.PCAP_MAGIC, 2, 4, 0, 0, pcap.SNAPLEN, linktype))
 
 
+# Neighbour resolution (Linux neighbour.c / arp.c defaults).
+ARP_QUEUE_LEN = 3  # frames held per unresolved neighbour (the classic unres_qlen)
+ARP_RETRANS = 1.0  # seconds between who-has probes (retrans_time_ms)
+ARP_PROBES = 3  # probes before the neighbour fails (mcast_solicit)
+
+
+@dataclass(slots=True)
+class Unresolved:
+    """An INCOMPLETE neighbour: frames waiting for its MAC (`arp_queue`)."""
+
+    queue: list = field(default_factory=list)  # (packet, gso_size), oldest first
+    probes: int = 1
+    deadline: float = 0.0
+
+
 class L2Tx:
     """Ethernet framing for a worker's AF_PACKET TX (netio has none for workers).
 
     Next hop: the destination itself when on-link, else `--gateway`. Its MAC
     comes from frames we received (the peer of a passive open always sent us
-    one) or from netio's ARP table (`neighbours` op); while unknown, netio is
-    asked to ARP and the frame is dropped as Linux drops on a failed
-    neighbour resolution (`neigh_resolve_output`); TCP retransmits.
+    one), from netio's ARP table (`neighbours` op) or from netio's neighbour
+    announcement once the ARP reply to our `arp` op arrives (`neigh_update`).
+    While it is unknown, frames wait on the neighbour, at most ARP_QUEUE_LEN
+    of them (the oldest goes first, counted `unres_discards`), as Linux's
+    `__neigh_event_send` queues on an INCOMPLETE entry; they go out when the
+    MAC is learned. Every ARP_RETRANS seconds we ask again (netio's table,
+    then a who-has), and after ARP_PROBES the neighbour fails: its frames are
+    dropped (`neigh_failed`) as `neigh_invalidate` does; TCP retransmits.
     """
 
     l2 = True
@@ -609,52 +648,103 @@ class L2Tx:
         self.gateway = cfg.gateway
         self.run_dir = cfg.run_dir
         self.neigh: dict[int, bytes] = {}  # ip -> 14-byte Ethernet header
-        self._asked: dict[int, float] = {}
-        self.unresolved = 0
+        self.unres: dict[int, Unresolved] = {}
+        self.stats = {"queued": 0, "flushed": 0, "unres_discards": 0, "failed": 0,
+                      "probes": 0}
 
     def learn(self, frame) -> None:
         ip = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16], "big")
         if ip not in self.neigh or self.neigh[ip][:6] != frame[6:12]:
             self.neigh[ip] = bytes(frame[6:12]) + self.mac + b"\x08\x00"
+            if ip in self.unres:
+                self._flush(ip)
 
-    def _header(self, dst: int) -> bytes | None:
-        hop = dst if (dst & self.mask) == self.net or self.gateway is None else self.gateway
+    def neigh_update(self, entries) -> None:
+        """netio's announcement: [(ip, mac)] just resolved (netio.process)."""
+        for ip, mac in entries:
+            self.neigh[ip] = bytes(mac) + self.mac + b"\x08\x00"
+            if ip in self.unres:
+                self._flush(ip)
+
+    def _hop(self, dst: int) -> int:
+        return dst if (dst & self.mask) == self.net or self.gateway is None else self.gateway
+
+    def _header(self, hop: int) -> bytes | None:
         hdr = self.neigh.get(hop)
-        if hdr is None:
-            hdr = self._resolve(hop)
+        if hdr is None and hop not in self.unres:
+            hdr = self._resolve(hop, _monotonic())
         return hdr
 
-    def _resolve(self, ip: int) -> bytes | None:
-        now = _monotonic()
-        if now - self._asked.get(ip, -10.0) < 1.0:
-            return None
-        self._asked[ip] = now
+    def _ask(self, ip: int) -> bytes | None:
+        """netio's table first (it may have learned the peer from a who-has
+        of its own), else have it send a who-has."""
         reply = _netio_call(self.run_dir, {"op": "neighbours"})
         for k, mac in (reply or {}).get("neighbours", {}).items():
             self.neigh[int(k)] = bytes.fromhex(mac) + self.mac + b"\x08\x00"
         if ip not in self.neigh:
+            self.stats["probes"] += 1
             _netio_call(self.run_dir, {"op": "arp", "ip": ip})
         return self.neigh.get(ip)
 
+    def _resolve(self, ip: int, now: float) -> bytes | None:
+        hdr = self._ask(ip)
+        if hdr is None:
+            self.unres[ip] = Unresolved(deadline=now + ARP_RETRANS)
+        return hdr
+
+    def _enqueue(self, hop: int, packet, gso: int) -> None:
+        q = self.unres[hop].queue
+        if len(q) >= ARP_QUEUE_LEN:
+            del q[0]
+            self.stats["unres_discards"] += 1
+        q.append((bytes(packet), gso))  # the caller's buffer may be reused
+        self.stats["queued"] += 1
+
+    def _flush(self, ip: int) -> None:
+        """The neighbour is resolved: its queued frames go, in order."""
+        u = self.unres.pop(ip)
+        hdr = self.neigh[ip]
+        sent = 0
+        run: list = []
+        for packet, gso in u.queue:
+            if not gso:
+                run.append(hdr + packet)
+                continue
+            if run:
+                sent += self.inner.send_batch(run)
+                run = []
+            sent += self._send_gso(hdr, packet, gso)
+        if run:
+            sent += self.inner.send_batch(run)
+        self.stats["flushed"] += sent
+
     def send_batch(self, frames) -> int:
+        """Frames written or queued on an unresolved neighbour."""
         out = []
+        queued = 0
         for f in frames:
-            hdr = self._header(int.from_bytes(f[16:20], "big"))
+            hop = self._hop(int.from_bytes(f[16:20], "big"))
+            hdr = self._header(hop)
             if hdr is None:
-                self.unresolved += 1
+                self._enqueue(hop, f, 0)
+                queued += 1
                 continue
             out.append(hdr + f)
-        return self.inner.send_batch(out) if out else 0
+        return (self.inner.send_batch(out) if out else 0) + queued
 
     @property
     def gso(self) -> bool:
         return self.inner.gso
 
     def send_gso(self, packet, mss: int) -> bool:
-        hdr = self._header(int.from_bytes(packet[16:20], "big"))
+        hop = self._hop(int.from_bytes(packet[16:20], "big"))
+        hdr = self._header(hop)
         if hdr is None:
-            self.unresolved += 1
-            return False
+            self._enqueue(hop, packet, mss)
+            return True
+        return self._send_gso(hdr, packet, mss)
+
+    def _send_gso(self, hdr: bytes, packet, mss: int) -> bool:
         inner = self.inner
         if isinstance(inner, PacketDevice):  # gathered by the kernel: no 64 KiB copy
             return inner.send_gso(packet, mss, eth=hdr)
@@ -662,9 +752,30 @@ class L2Tx:
 
     def poll(self, now: float | None = None) -> None:
         self.inner.poll(now)
+        if self.unres:
+            self._neigh_timer(_monotonic() if now is None else now)
+
+    def _neigh_timer(self, now: float) -> None:
+        """Linux `neigh_timer_handler` for INCOMPLETE entries: probe again,
+        or fail and drop the queue after ARP_PROBES unanswered probes."""
+        for ip, u in list(self.unres.items()):
+            if u.deadline > now:
+                continue
+            if u.probes >= ARP_PROBES:
+                del self.unres[ip]
+                self.stats["failed"] += len(u.queue)
+                continue
+            u.probes += 1
+            u.deadline = now + ARP_RETRANS
+            if self._ask(ip) is not None:
+                self._flush(ip)
 
     def next_deadline(self) -> float | None:
-        return self.inner.next_deadline()
+        d = self.inner.next_deadline()
+        for u in self.unres.values():
+            if d is None or u.deadline < d:
+                d = u.deadline
+        return d
 
     def close(self) -> None:
         self.inner.close()

@@ -1053,12 +1053,6 @@ def test_fin_handshake_states(kind, direction, first, tmp_path):
             assert _kernel_state(t, kname, sname) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shardstack/worker.py L2Tx.send_batch/_header drop a frame whose next hop's MAC "
-    "is not known yet (only asks netio to ARP); Linux queues it on the unresolved "
-    "neighbour (__neigh_event_send, arp_queue) and sends it once the reply comes. "
-    "So the first SYN to a fresh peer over AF_PACKET is lost and the connect waits "
-    "out the 1 s initial RTO."))
 def test_first_active_open_over_packet_keeps_its_syn(tmp_path):
     """A stack client's first connection to a kernel peer it never heard from:
     nothing it sends may be lost to neighbour resolution."""

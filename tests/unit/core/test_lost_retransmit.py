@@ -1,44 +1,122 @@
-"""A retransmission that is itself lost, with a small congestion window (the interop
-shape at 3% loss: cwnd 1-5 segments): it must go again as soon as later data is
-SACKed (RFC 8985 RACK), not after an RTO.  Packet traces against one Shard."""
+"""Loss recovery with a small congestion window (the interop shape at 3% loss, cwnd
+1-5 segments): the ACK clock must survive one more loss, so that an RTO stays rare.
+Packet traces against one Shard (RFC 6937 PRR, RFC 8985 RACK, RFC 6675 pipe)."""
 
 from __future__ import annotations
 
-from core_helpers import ACK
+import random
+
+import pytest
+from core_helpers import ACK, B, make_shard
+from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.core.tcp_input import tcp_pipe
 from test_recovery_script import MSS, rel, sack, server
 
 
-def test_lost_retransmission_goes_again_without_rto_when_cwnd_is_small():
+def small_window_server():
+    """Four segments in flight, six more queued behind a 4-segment cwnd."""
     sh, sd, peer, una = server(data=4 * MSS)
     assert rel(peer.recv(), una) == [(i * MSS, MSS) for i in range(4)]
     sk = sh.sock(sd)
-    # A small window, as after earlier losses: cwnd 3, ssthresh 2 (the floor).
-    sk.cc.cwnd, sk.cc.ssthresh = 3, 2
-    # Segment 0 is lost; 1-3 arrive: IsLost(0) (RFC 6675), fast retransmit.
-    t = 0.03
-    for hi in (2, 3, 4):
-        peer.send(ACK, 1001, una, sack=sack(una, (MSS, hi * MSS)), at=t)
-        t += 0.001
+    sk.cc.cwnd = 4
+    sh.send(sd, bytes(6 * MSS), 0.025)
+    assert rel(peer.recv(), una) == []
+    return sh, sd, peer, una, sk
+
+
+def test_fast_retransmit_with_a_small_window_sends_new_data_too():
+    """RFC 6937: the ACK that starts recovery delivered three segments; PRR-SSRB lets
+    one new segment go with the retransmission, so an ACK still returns if the
+    retransmission (or its ACK) is lost."""
+    sh, sd, peer, una, sk = small_window_server()
+    peer.send(ACK, 1001, una, sack=sack(una, (MSS, 4 * MSS)), at=0.03)
     out = rel(peer.recv(), una)
-    assert (0, MSS) in out and sk.in_recovery
-    # More data to send; PRR lets some of it out as the SACKs arrive.
-    sh.send(sd, bytes(6 * MSS), t)
-    out = rel(peer.recv(), una)
-    # The retransmission of segment 0 is lost too; everything sent after it arrives.
-    sent_after = [off for off, _ in out if off >= 4 * MSS]
-    hi = 4
+    assert sk.in_recovery
+    assert out == [(0, MSS), (4 * MSS, MSS)]
+
+
+def test_rack_entry_counts_one_segment_delivered():
+    """Linux tcp_rack_reo_timeout: recovery entered by the reordering timer sends as
+    PRR allows with one segment delivered, not just the first retransmission."""
+    sh, sd, peer, una = server(data=4 * MSS)
+    assert len(peer.recv()) == 4
+    sk = sh.sock(sd)
+    peer.send(ACK, 1001, una, sack=sack(una, (3 * MSS, 4 * MSS)), at=0.03)
+    assert rel(peer.recv(), una) == []
+    out = rel(peer.advance(sk.timers[6]), una)
+    assert sk.in_recovery and sh.stats.rack_reo_timeouts == 1
+    assert out == [(0, MSS), (MSS, MSS)]
+
+
+def test_a_retransmission_found_lost_leaves_the_pipe():
+    """RACK: once later data is SACKed, a lost retransmission is no longer in flight
+    (Linux takes it out of retrans_out); it is queued to go again."""
+    sh, sd, peer, una = server(data=10 * MSS)
+    assert len(peer.recv()) == 10
+    sk = sh.sock(sd)
+    t = sk.timers[7]
+    peer.advance(t)  # the tail loss probe; everything was lost
+    t = sk.timers[0]
+    assert rel(peer.advance(t), una) == [(0, MSS)]  # RTO, cwnd 1
+    t += 0.01
+    peer.send(ACK, 1001, una + MSS, at=t)
+    assert rel(peer.recv(), una) == [(MSS, MSS), (2 * MSS, MSS)]
+    # The retransmission of segment 1 is lost; 2, then 3 and 4 are SACKed.
     resent = []
-    for _ in range(12):
-        if not sent_after:
-            break
-        hi = max(hi, sent_after.pop(0) // MSS + 1)
-        peer.send(ACK, 1001, una, sack=sack(una, (MSS, hi * MSS)), at=t)
+    for hi in (3, 4, 5):
         t += 0.001
-        out = rel(peer.recv(), una)
-        resent += [o for o in out if o[0] == 0]
-        sent_after += [off for off, _ in out if off >= hi * MSS]
-        if resent:
-            break
-    assert resent == [(0, MSS)], "the lost retransmission must go again before the RTO"
-    assert sh.stats.lost_retransmits == 1 and sh.stats.rto_fires == 0
-    assert t < sk.timers[0]  # the RTO has not come
+        peer.send(ACK, 1001, una + MSS, sack=sack(una, (2 * MSS, hi * MSS)), at=t)
+        resent += rel(peer.recv(), una)
+    assert (MSS, MSS) in resent and sh.stats.lost_retransmits == 1
+    assert sh.stats.rto_fires == 1
+    # Queued but not yet sent again: the relost range is not counted in pipe.
+    sk.relost.append([(una + 5 * MSS) & 0xFFFFFFFF, (una + 6 * MSS) & 0xFFFFFFFF])
+    before = tcp_pipe(sk)
+    sk.relost.pop()
+    assert tcp_pipe(sk) - before == MSS
+
+
+def _slow_reader_bulk(seed: int, size: int = 4 << 20, rate: float = 3e6):
+    """a sends ``size`` bytes to b over 3% loss both ways, 2 ms RTT; b reads at ``rate``."""
+    a, b = make_shard(), make_shard(B)
+    link = SimLink(a, b, seed=seed, params=LinkParams(delay=0.001, loss=0.03))
+    lsd = b.socket()
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 8)
+    c = a.socket()
+    a.connect(c, B, 80, 0.0)
+    box: list = []
+    assert link.run_until(lambda: bool(box.append(b.accept(lsd)) or box[-1]), 30.0)
+    s = box[-1][0]
+    data = random.Random(seed).randbytes(size)
+    sent = got = 0
+    budget, last = 0.0, link.now
+
+    def app() -> bool:
+        nonlocal sent, got, budget, last
+        if sent < size:
+            sent += a.send(c, memoryview(data)[sent:sent + 262144], link.now)
+        budget = min(budget + (link.now - last) * rate, 1 << 20)
+        last = link.now
+        while budget >= 1:
+            chunk = b.recv(s, min(int(budget), 65536))
+            if not chunk:
+                break
+            got += len(chunk)
+            budget -= len(chunk)
+        return got == size
+
+    while not app() and link.now < 120.0:
+        link.run_until(app, link.now + 0.005)
+    assert got == size
+    return a, link
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_three_percent_loss_two_ms_rtt_slow_reader_rarely_times_out(seed):
+    """The interop conditions (3% loss both ways, 2 ms RTT) with a receiver that reads
+    slowly: SACK recovery, RACK and TLP repair the losses; RTOs stay rare."""
+    a, link = _slow_reader_bulk(seed)
+    st = a.stats
+    assert link.stats_ab.lost > 50 and st.fast_retrans > 50
+    assert st.rto_fires <= 2, (st.rto_fires, st.fast_retrans)

@@ -1,0 +1,76 @@
+"""GSO super-segments the stack sends are cut at the engine's gso_size, which
+leaves room for the options each segment carries: with SACK blocks in use no
+segment the kernel cuts from them exceeds the MTU.
+
+Topology (test_tcp_interop's `packet`): the stack on `vsa` through AF_PACKET
+with offloads (virtio-net header, GSO TX), the kernel peer behind the veth.
+TSO/GSO are switched off on `vsa`, so the kernel segments each super-segment
+in software at the gso_size we gave it (`validate_xmit_skb`) before it leaves;
+tcpdump on `vsa` records those segments. `--impair loss` on the stack's RX
+leaves holes in what the kernel sends, so the stack's own data segments (both
+directions carry data at once) carry SACK blocks: they must still fit.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_tcp_interop import (
+    APP_PORT,
+    _read_ip,
+    _tcpdump_stop,
+    _transfer,
+    topology,
+    wait_for,
+)
+
+pytestmark = pytest.mark.interop
+
+MTU = 1500
+
+
+def _tcpdump_stack_side(t, path):
+    import contextlib
+    import os
+    import subprocess
+
+    p = t.sns.popen(["tcpdump", "-i", "vsa", "-s", "128", "-U", "--immediate-mode",
+                     "-B", "16384", "-n", "-w", str(path), "tcp", "port", str(APP_PORT)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.set_blocking(p.stderr.fileno(), False)
+    buf = b""
+
+    def listening():
+        nonlocal buf
+        with contextlib.suppress(BlockingIOError, TypeError):
+            buf += p.stderr.read() or b""
+        assert p.poll() is None, buf
+        return b"listening on" in buf
+
+    wait_for(listening, what="tcpdump listening", every=0.05)
+    return p
+
+
+@pytest.mark.slow
+def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):
+    from scapy.layers.inet import TCP
+
+    with topology("packet", tmp_path, ["--impair", "loss=0.03,dir=rx,seed=7"]) as t:
+        t.sns.run(["ethtool", "-K", "vsa", "tso", "off", "gso", "off"])
+        cap = tmp_path / "vsa.pcap"
+        dump = _tcpdump_stack_side(t, cap)
+        try:
+            _transfer(t, "k2s", 1, 4 << 20, 4 << 20, seed=23, hold=False, timeout=90)
+        finally:
+            _tcpdump_stop(dump, cap)
+        gso_out = sum(w["counters"]["gso_out"] for w in t.stats()["workers"])
+        pkts = _read_ip(cap)
+    ours = [p for p in pkts if p.src == t.addr and TCP in p]
+    data = [p for p in ours if p.len - p.ihl * 4 - p[TCP].dataofs * 4 > 0]
+    with_sack = [p for p in data if any(o[0] == "SAck" for o in p[TCP].options)]
+    print(f"\n{len(data)} data segments from the stack, {len(with_sack)} with SACK blocks, "
+          f"{gso_out} GSO writes")
+    assert gso_out > 0, "no super-segment was sent: the test tested nothing"
+    assert with_sack, "no data segment carried SACK blocks: the test tested nothing"
+    assert max(p.len for p in with_sack) > MTU - 100, "SACK-carrying segments were all small"
+    over = [(p.len, p[TCP].dataofs * 4) for p in ours if p.len > MTU]
+    assert not over, f"{len(over)} segments over the {MTU}-byte MTU, e.g. {over[:5]}"
