@@ -56,6 +56,10 @@ class ShardConfig:
     tso_max: int = 0
     #: Checksums were already validated by the device (GRO / PACKET_VNET_HDR).
     csum_offload: bool = False
+    #: Transmit checksum offload: super-segments (the pairs ``take_frames_gso``
+    #: gives a non-zero gso_size) carry only the pseudo-header sum in the TCP
+    #: checksum field, for a device that sends them with NEEDS_CSUM.
+    tx_csum_offload: bool = False
     syncookies: bool = True
     window_scaling: bool = True
     sack: bool = True
@@ -223,6 +227,11 @@ class Shard:
         must cut into ``gso_size``-byte segments (the last may be shorter);
         ``gso_size`` is the connection's MSS for that segment, options
         included (virtio_net_hdr ``gso_size``, Linux ``tcp_current_mss``).
+        With ``ShardConfig.tso_max`` the pair's ``gso_size`` is non-zero
+        exactly when the packet is a super-segment; with ``tx_csum_offload``
+        also, exactly those packets hold only the pseudo-header sum and must
+        go out with NEEDS_CSUM (``netio`` ``send_gso`` does); the others
+        carry a complete checksum.
         """
         frames = self.frames
         self.frames = []

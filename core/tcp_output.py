@@ -159,8 +159,13 @@ def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
     return [(b[0], b[1]) for b in blocks[:limit]]
 
 
-def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float) -> None:
+def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float,
+                 csum_partial: bool = False) -> None:
     """Build one segment for ``sk`` and queue the frame (Linux ``__tcp_transmit_skb``).
+
+    ``csum_partial``: leave only the pseudo-header sum in the TCP checksum
+    field for the device to complete (``ShardConfig.tx_csum_offload``, Linux
+    ``tcp_v4_send_check`` on a CHECKSUM_PARTIAL skb); the payload is not read.
 
     The established case (timestamps, no SACK blocks to report) is packed
     here in one go: IPv4 + TCP + NOP,NOP,TS as one 52-byte struct, both
@@ -180,18 +185,24 @@ def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: 
         dport = sk.rport
         # Pseudo-header (proto 6, TCP length 32 + plen) + header words (data
         # offset 8 words: 0x8000 | flags) + the TS option words.
-        t_sum = (src + dst + 38 + plen + sport + dport + seq + ack + (0x8000 | flags) + win
-                 + _TS_WORD + tsval + tsecr)
-        if plen:
-            t_sum += sum16(payload)
+        if csum_partial:
+            # Folded, uncomplemented (wire.checksum.pseudo_header_sum); never 0.
+            t_field = (src + dst + 38 + plen) % 0xFFFF or 0xFFFF
+        else:
+            t_sum = (src + dst + 38 + plen + sport + dport + seq + ack + (0x8000 | flags) + win
+                     + _TS_WORD + tsval + tsecr)
+            if plen:
+                t_sum += sum16(payload)
+            t_field = -t_sum % 0xFFFF
         hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6,
                            -(0xC506 + total + src + dst) % 0xFFFF, src, dst,
-                           sport, dport, seq, ack, 0x80, flags, win, -t_sum % 0xFFFF, 0,
+                           sport, dport, seq, ack, 0x80, flags, win, t_field, 0,
                            _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                               tcp_select_window(sk), _options(sk, now), payload)
+                               tcp_select_window(sk), _options(sk, now), payload,
+                               csum_partial=csum_partial)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     if flags & ACK:
@@ -390,9 +401,14 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
         fin = last and sk.shut_wr
         if fin:
             flags |= FIN
-        tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now)
         if size > mss:
+            # A super-segment goes to the device's GSO, which marks it NEEDS_CSUM
+            # anyway: with tx_csum_offload its 64 KiB payload is never summed here.
+            tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now,
+                         sh.cfg.tx_csum_offload)
             sh.gso_marks.append((len(sh.frames) - 1, mss))
+        else:
+            tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now)
         sent += size
         end = (nxt + size) & MASK
         if fin:

@@ -157,7 +157,8 @@ class Worker:
 
         scfg = ShardConfig(addrs=[self.cfg.addr.ip], mtu=self.cfg.mtu, secret=self.cfg.secret,
                            trace=False, port_filter=port_filter,
-                           tso_max=TSO_MAX if self.tso else 0)
+                           tso_max=TSO_MAX if self.tso else 0,
+                           tx_csum_offload=self.tso)  # send_gso marks NEEDS_CSUM
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:
@@ -722,9 +723,13 @@ class L2Tx:
         """Frames written or queued on an unresolved neighbour."""
         out = []
         queued = 0
+        neigh, mask, net, gw = self.neigh, self.mask, self.net, self.gateway
         for f in frames:
-            hop = self._hop(int.from_bytes(f[16:20], "big"))
-            hdr = self._header(hop)
+            dst = int.from_bytes(f[16:20], "big")
+            hop = dst if (dst & mask) == net or gw is None else gw  # _hop, inlined
+            hdr = neigh.get(hop)
+            if hdr is None:
+                hdr = self._header(hop)
             if hdr is None:
                 self._enqueue(hop, f, 0)
                 queued += 1

@@ -34,6 +34,7 @@ __all__ = [
     "tcp_checksum",
     "verify_tcp_checksum",
     "sum16",
+    "complete_partial",
 ]
 
 _from_bytes = int.from_bytes
@@ -145,3 +146,19 @@ def verify_tcp_checksum(src: int, dst: int, segment: bytes | bytearray | memoryv
     if n >= FOLD_MIN_BYTES:
         value = _fold(value, (n << 3) + 8)
     return (value + src + dst + PROTO_TCP + n) % 0xFFFF == 0
+
+
+def complete_partial(packet: bytes | bytearray | memoryview, csum_start: int,
+                     csum_offset: int) -> bytes:
+    """What a device does for NEEDS_CSUM / CHECKSUM_PARTIAL (Linux ``skb_checksum_help``).
+
+    The field at ``csum_start + csum_offset`` holds a partial sum (for TCP the
+    pseudo-header's, see ``tcp.build_tcp_ipv4(csum_partial=True)``); the sum
+    from ``csum_start`` to the end, that field included, is complemented into
+    it.  Returns the completed packet (a copy).
+    """
+    out = bytearray(packet)
+    at = csum_start + csum_offset
+    value = sum16(memoryview(out)[csum_start:])
+    out[at:at + 2] = (-value % 0xFFFF).to_bytes(2, "big")
+    return bytes(out)

@@ -289,12 +289,21 @@ def build_tcp_ipv4(
     ttl: int = 64,
     ident: int = 0,
     tos: int = 0,
+    csum_partial: bool = False,
 ) -> bytes:
     """A whole IPv4+TCP packet with DF set and both checksums filled.
 
     Both checksums are computed arithmetically from the field values (see
     checksum.py): the 40-byte header is packed once, and the payload is read
     once for its sum and once for the single copy into the result.
+
+    ``csum_partial``: transmit checksum offload (Linux CHECKSUM_PARTIAL, the
+    virtio-net header's NEEDS_CSUM).  The TCP checksum field then holds only
+    the folded, *uncomplemented* pseudo-header sum over the whole TCP length,
+    as ``tcp_v4_send_check`` leaves it; the device (or the kernel's GSO,
+    which adjusts it per segment) adds the sum from the TCP header to the end
+    and stores the complement (``checksum.complete_partial``).  The payload
+    is then never summed.
     """
     olen = len(options)
     if olen & 3:
@@ -311,14 +320,19 @@ def build_tcp_ipv4(
     ip_sum = 0x4506 + tos + total + ident + 0x4000 + (ttl << 8) + src + dst
     offflags = (thl << 10) | flags  # data offset in words, in the top nibble
     # TCP sum: pseudo-header (src, dst, proto, TCP length) + header words.
-    t_sum = src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
-    if olen:
-        t_sum += _from_bytes(options, "big")
-    if plen:
-        t_sum += sum16(payload)
+    if csum_partial:
+        # Folded into 1..0xFFFF like pseudo_header_sum (never 0: proto is 6).
+        t_field = (src + dst + 6 + tcp_len) % 0xFFFF or 0xFFFF
+    else:
+        t_sum = src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
+        if olen:
+            t_sum += _from_bytes(options, "big")
+        if plen:
+            t_sum += sum16(payload)
+        t_field = -t_sum % 0xFFFF
     hdr = _pack_ip_tcp(
         0x45, tos, total, ident, 0x4000, ttl, 6, -ip_sum % 0xFFFF, src, dst,
-        src_port, dst_port, seq, ack, thl << 2, flags, window, -t_sum % 0xFFFF, 0,
+        src_port, dst_port, seq, ack, thl << 2, flags, window, t_field, 0,
     )
     if olen or plen:
         return b"".join((hdr, options, payload))

@@ -54,12 +54,12 @@ def _tcpdump_stack_side(t, path):
 def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):
     from scapy.layers.inet import TCP
 
-    with topology("packet", tmp_path, ["--impair", "loss=0.03,dir=rx,seed=7"]) as t:
+    with topology("packet", tmp_path, ["--impair", "loss=0.03,reorder=0.1,dir=rx,seed=7"]) as t:
         t.sns.run(["ethtool", "-K", "vsa", "tso", "off", "gso", "off"])
         cap = tmp_path / "vsa.pcap"
         dump = _tcpdump_stack_side(t, cap)
         try:
-            _transfer(t, "k2s", 1, 4 << 20, 4 << 20, seed=23, hold=False, timeout=90)
+            _transfer(t, "k2s", 1, 8 << 20, 8 << 20, seed=23, hold=False, timeout=90)
         finally:
             _tcpdump_stop(dump, cap)
         gso_out = sum(w["counters"]["gso_out"] for w in t.stats()["workers"])
