@@ -119,3 +119,51 @@ def test_late_netio_table_entry_found_on_reprobe(env):
     tx.poll(clock[0])
     assert inner.sent == [PEER_MAC + OUR_MAC + b"\x08\x00" + _pkt(1)]
     assert netio.arps() == [PEER] and not tx.unres
+
+
+def test_worker_sends_a_queued_syn_when_netio_announces_the_mac(env):
+    """End to end in one worker: connect() emits a SYN for a peer nobody has
+    resolved; it waits on the neighbour (no tx drop) until netio's
+    announcement `[b"", ip+mac]` arrives on the worker's zmq channel."""
+    import asyncio
+    import time
+
+    import zmq
+    from shardstack.netio import rss
+    from shardstack.netio.process import encode_neighbour, worker_endpoint
+
+    from shardstack.worker import Worker
+
+    tx, inner, netio, clock = env
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        w = Worker(tx_cfg(tx), 0, rss.make_reta(1), tx, loop)
+        await w.start()
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(worker_endpoint(tx.run_dir, 0))
+        try:
+            sd = w.shard.socket()
+            w.shard.connect(sd, PEER, 80, clock[0])
+            w.flush()
+            assert inner.sent == [] and netio.arps() == [PEER]
+            assert w.counters.drops.get("tx", 0) == 0
+            push.send_multipart([b"", encode_neighbour(PEER, PEER_MAC)])
+            deadline = time.monotonic() + 5
+            while not inner.sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert len(inner.sent) == 1 and inner.sent[0][:6] == PEER_MAC
+            assert inner.sent[0][14 + 33] & 0x02  # the SYN
+            st = w._stats()["counters"]
+            assert st["neigh"]["flushed"] == 1 and st["neigh"]["incomplete"] == 0
+        finally:
+            push.close(0)
+            w.close()
+
+    asyncio.run(main())
+
+
+def tx_cfg(tx: L2Tx) -> ServeConfig:
+    return ServeConfig(workers=1, device="packet", ifname="v0", addr=parse_cidr("198.18.0.2/24"),
+                       run_dir=tx.run_dir, secret=b"k" * 32).validate()
