@@ -50,7 +50,6 @@ def _tcpdump_stack_side(t, path):
     return p
 
 
-@pytest.mark.slow
 def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):
     from scapy.layers.inet import TCP
 

@@ -43,7 +43,6 @@ def _features(t: Topo) -> str:
     return t.kns.run(["ethtool", "-k", "vsb"], check=False).stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rx", ["direct", "netio"])
 @pytest.mark.parametrize("direction", ["k2s", "s2k"])
 def test_no_offload_with_peer_offloads_on(rx, direction, tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ fast; 16 MiB, AF_PACKET with apps and 32 connections slow); 1 GiB kernel ->
 discard and -> a hashing app (slow, throughput printed); SYN/SYN-ACK options
 both ways; window scaling, zero windows and a small MSS audited on a
 kernel-side capture; FIN handshakes ending in TIME-WAIT/CLOSED on the right
-side; the first SYN over AF_PACKET (xfail: a known gap, see its reason).
+side; the first SYN over AF_PACKET kept while ARP resolves (L2Tx neighbour queue).
 SS_INTEROP_PCAP=1 adds the stack's --pcap to the impaired runs.
 
 Every wait is bounded; namespaces go with everything in them, also on failure.
