@@ -20,6 +20,10 @@
 4. request/response on one connection: µs of engine time per round trip over
    ``--rr`` round trips, and the timer heap's size afterwards (it must stay at
    a handful of entries however many round trips are made).
+5. connect/request/response/close between two Shards: µs per transaction
+   (connect, accept, 100-byte request, 100-byte response, close from the
+   client first on odd rounds and from the server first on even ones), the
+   netperf TCP_CRR pattern.  ``--profile crr`` / ``--profile rr`` profile these.
 
 Figures are wall-clock on whatever machine runs this; they are printed, never
 asserted.  The kernel-stack baseline belongs to the end-to-end benchmarks.
@@ -225,35 +229,99 @@ def bench_rr(n: int) -> tuple[float, int]:
     return (perf() - t0) / n * 1e6, len(a.timers.heap) + len(b.timers.heap)
 
 
+def bench_crr(n: int) -> float:
+    """µs of engine time per connect/request/response/close transaction."""
+    a = Shard(ShardConfig(addrs=[CLIENT], secret=SECRET), 0.0)
+    b = Shard(ShardConfig(addrs=[SERVER], secret=SECRET), 0.0)
+    lsd = b.socket()
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 128)
+    req = b"q" * 100
+    now = 0.0
+
+    def pump() -> None:
+        for _ in range(4):  # bounded: a close exchange settles in three passes
+            fa = a.take_frames()
+            fb = b.take_frames()
+            if not fa and not fb:
+                return
+            b.receive_batch(fa, now)
+            a.receive_batch(fb, now)
+
+    perf = time.perf_counter
+    t0 = perf()
+    for i in range(n):
+        now += 0.001
+        c = a.socket()
+        a.connect(c, SERVER, 80, now)
+        pump()
+        s, _ = b.accept(lsd)
+        a.send(c, req, now)
+        pump()
+        b.recv(s, 4096)
+        b.send(s, req, now)
+        pump()
+        a.recv(c, 4096)
+        first, second = ((a, c), (b, s)) if i % 2 else ((b, s), (a, c))
+        first[0].close(first[1], now)
+        pump()
+        second[0].close(second[1], now)
+        pump()
+        a.take_events()
+        b.take_events()
+        a.advance(now)
+        b.advance(now)
+    return (perf() - t0) / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--handshakes", type=int, default=5000)
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs (shared CPUs)")
     ap.add_argument("--rr", type=int, default=10000, help="request/response round trips")
-    ap.add_argument("--profile", action="store_true", help="cProfile the MSS bulk run")
+    ap.add_argument("--crr", type=int, default=3000, help="connect/request/response/close rounds")
+    ap.add_argument("--profile", nargs="?", const="bulk", choices=("bulk", "rr", "crr"),
+                    help="cProfile a run: the MSS bulk one (default), rr or crr")
+    ap.add_argument("--only", choices=("handshake", "bulk", "fastpath", "rr", "crr"),
+                    help="run one section")
     args = ap.parse_args()
-    hs, us = max(bench_handshakes(args.handshakes) for _ in range(args.repeat))
-    print(f"handshakes: {hs:10.0f} /s   ({us:.1f} µs engine time per SYN+ACK+accept+RST)")
+    def want(section: str) -> bool:
+        return args.only is None or args.only == section
+
+    if want("handshake"):
+        hs, us = max(bench_handshakes(args.handshakes) for _ in range(args.repeat))
+        print(f"handshakes: {hs:10.0f} /s   ({us:.1f} µs engine time per SYN+ACK+accept+RST)")
     for label, tso, off in (("bulk, MSS segments", 0, False),
                             ("bulk, 64 KiB super-segments", 65000, False),
                             ("  same, rx checksum offload", 65000, True)):
+        if not want("bulk"):
+            break
         mbs, us_seg, segs = max(bench_bulk(args.mib, tso, off) for _ in range(args.repeat))
         print(f"{label:28s}: {mbs:8.1f} MB/s payload   {us_seg:6.2f} µs/segment   "
               f"({segs} segments incl. ACKs, {args.mib} MiB)")
     for off in (False, True):
+        if not want("fastpath"):
+            break
         d = min(bench_fastpath_data(20000, off) for _ in range(args.repeat))
         k, per = min(bench_fastpath_ack(5000, off) for _ in range(args.repeat))
         tag = "csum offload" if off else "csum checked"
         print(f"fast path ({tag}): {d:6.2f} µs per in-order data segment in, "
               f"{k:6.2f} µs per pure ACK in (+{per:.1f} MSS segments out)")
-    us_rr, heap = min(bench_rr(args.rr) for _ in range(args.repeat))
-    print(f"request/response: {us_rr:6.2f} µs engine time per round trip "
-          f"({args.rr} round trips, timer heap {heap} entries after)")
+    if want("rr"):
+        us_rr, heap = min(bench_rr(args.rr) for _ in range(args.repeat))
+        print(f"request/response: {us_rr:6.2f} µs engine time per round trip "
+              f"({args.rr} round trips, timer heap {heap} entries after)")
+    if want("crr"):
+        us_crr = min(bench_crr(args.crr) for _ in range(args.repeat))
+        print(f"connect/request/response/close: {us_crr:6.1f} µs engine time per transaction "
+              f"({args.crr} transactions)")
     if args.profile:
+        run = {"bulk": lambda: bench_bulk(min(args.mib, 16)), "rr": lambda: bench_rr(args.rr),
+               "crr": lambda: bench_crr(args.crr)}[args.profile]
         pr = cProfile.Profile()
         pr.enable()
-        bench_bulk(min(args.mib, 16))
+        run()
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(18)
 

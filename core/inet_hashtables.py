@@ -26,7 +26,9 @@ class BindBucket:
     """Linux ``inet_bind_bucket``: one per bound port."""
 
     port: int
-    owners: list = field(default_factory=list)
+    # Insertion-ordered set (dict of owner -> None): a listener's port keeps every
+    # child and TIME-WAIT socket, so removal must not scan a list (crr workloads).
+    owners: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -44,18 +46,21 @@ class InetHashinfo:
 
 
 def inet_bind_bucket_create(h: InetHashinfo, port: int) -> BindBucket:
-    h.tr("inet_bind_bucket_create")
+    if h.trace is not None:
+        h.tr("inet_bind_bucket_create")
     tb = h.bhash[port] = BindBucket(port)
     return tb
 
 
 def inet_bind_hash(h: InetHashinfo, sk: Any, tb: BindBucket, port: int) -> None:
     """Make ``sk`` an owner of ``tb`` (Linux ``inet_bind_hash`` / ``sk_add_bind_node``)."""
-    h.tr("inet_bind_hash")
+    if h.trace is not None:
+        h.tr("inet_bind_hash")
     sk.lport = port
     sk.bound = True
-    tb.owners.append(sk)
-    h.tr("sk_add_bind_node")
+    tb.owners[sk] = None
+    if h.trace is not None:
+        h.tr("sk_add_bind_node")
 
 
 def inet_put_port(h: InetHashinfo, sk: Any) -> None:
@@ -66,30 +71,33 @@ def inet_put_port(h: InetHashinfo, sk: Any) -> None:
     tb = h.bhash.get(sk.lport)
     if tb is None:
         return
-    try:
-        tb.owners.remove(sk)
-    except ValueError:
+    owners = tb.owners
+    if sk not in owners:
         return
-    if not tb.owners:
+    del owners[sk]
+    if not owners:
         del h.bhash[sk.lport]
 
 
 def __inet_lookup_established(h: InetHashinfo, saddr: int, sport: int, daddr: int,
                               dport: int) -> Any:
-    h.tr("__inet_lookup_established")
+    if h.trace is not None:
+        h.tr("__inet_lookup_established")
     return h.ehash.get((daddr, dport, saddr, sport))
 
 
 def __inet_lookup_listener(h: InetHashinfo, daddr: int, dport: int) -> Any:
     """An exact-address listener wins over a wildcard one (Linux ``compute_score``)."""
-    h.tr("__inet_lookup_listener")
+    if h.trace is not None:
+        h.tr("__inet_lookup_listener")
     lst = h.listening
     sk = lst.get((daddr, dport))
     return sk if sk is not None else lst.get((0, dport))
 
 
 def __inet_lookup(h: InetHashinfo, saddr: int, sport: int, daddr: int, dport: int) -> Any:
-    h.tr("__inet_lookup")
+    if h.trace is not None:
+        h.tr("__inet_lookup")
     sk = __inet_lookup_established(h, saddr, sport, daddr, dport)
     if sk is not None:
         return sk
@@ -101,7 +109,8 @@ def inet_ehash_insert(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
 
     Returns False when another socket already owns the 4-tuple.
     """
-    h.tr("inet_ehash_insert")
+    if h.trace is not None:
+        h.tr("inet_ehash_insert")
     key = (sk.laddr, sk.lport, sk.raddr, sk.rport)
     cur = h.ehash.get(key)
     if cur is not None and cur is not osk:
@@ -111,13 +120,15 @@ def inet_ehash_insert(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
 
 
 def inet_ehash_nolisten(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
-    h.tr("inet_ehash_nolisten")
+    if h.trace is not None:
+        h.tr("inet_ehash_nolisten")
     return inet_ehash_insert(h, sk, osk)
 
 
 def __inet_hash(h: InetHashinfo, sk: Any) -> None:
     """Add a listener to the listening hash."""
-    h.tr("__inet_hash")
+    if h.trace is not None:
+        h.tr("__inet_hash")
     h.listening[(sk.laddr, sk.lport)] = sk
 
 
@@ -142,7 +153,8 @@ def inet_hash_connect(h: InetHashinfo, sk: Any, lo: int, hi: int, offset: int,
     ``port_filter(laddr, lport, raddr, rport)`` lets the runtime keep only ports
     whose replies hash to this shard.  Returns False when no port is left.
     """
-    h.tr("__inet_hash_connect")
+    if h.trace is not None:
+        h.tr("__inet_hash_connect")
     n = hi - lo + 1
     ehash = h.ehash
     for i in range(n):

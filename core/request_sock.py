@@ -49,6 +49,7 @@ class RequestSock:
 
 def inet_reqsk_alloc(sh: Any, listener: Any, laddr: int, lport: int, raddr: int,
                      rport: int) -> RequestSock:
-    sh.tr("inet_reqsk_alloc")
-    sh.tr("reqsk_alloc")
+    if sh.tracing:
+        sh.tr("inet_reqsk_alloc")
+        sh.tr("reqsk_alloc")
     return RequestSock(laddr, lport, raddr, rport, listener)

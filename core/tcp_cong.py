@@ -112,6 +112,14 @@ class CaState(enum.IntEnum):
     LOSS = 4
 
 
+# on_ack runs once per ACK: module constants spare an EnumType attribute lookup each.
+_CA_OPEN = CaState.OPEN
+_CA_DISORDER = CaState.DISORDER
+_CA_CWR = CaState.CWR
+_CA_RECOVERY = CaState.RECOVERY
+_CA_LOSS = CaState.LOSS
+
+
 class CongestionControl(ABC):
     """Abstract congestion control; see the module docstring for the contract.
 
@@ -199,19 +207,20 @@ class CongestionControl(ABC):
                 self.min_rtt = rtt
         if acked_segments <= 0:
             return
-        if self.ca_state == CaState.RECOVERY:
+        ca_state = self.ca_state
+        if ca_state == _CA_RECOVERY:
             self._partial_ack(acked_segments)
             return
-        if self.ca_state == CaState.CWR:
+        if ca_state == _CA_CWR:
             return  # no growth until the reduced window has been acked (RFC 3168 §6.1.2)
-        if self.ca_state == CaState.DISORDER:
-            self.ca_state = CaState.OPEN  # the reordering healed without a loss
+        if ca_state == _CA_DISORDER:
+            self.ca_state = _CA_OPEN  # the reordering healed without a loss
         if self.is_cwnd_limited(self._note_flight(in_flight, now)):
             self.cong_avoid(acked_segments, rtt, now)
-        if self.ca_state == CaState.LOSS and not self.in_slow_start:
+        if self.ca_state == _CA_LOSS and not self.in_slow_start:
             # Slow start after the RTO has refilled the pipe up to ssthresh; the engine
             # may also leave LOSS earlier through on_recovery_exit.
-            self.ca_state = CaState.OPEN
+            self.ca_state = _CA_OPEN
 
     def on_dup_ack(self) -> None:
         """A duplicate ACK (RFC 5681 §2)."""

@@ -21,11 +21,12 @@ from typing import Any
 
 from .events import Connected
 from .sock import State, TcpSock
-from .tcp import emit_readable, tcp_check_writable, tcp_done, tcp_reset
+from .tcp import TCP_FIN_TIMEOUT, emit_readable, tcp_check_writable, tcp_done, tcp_reset
 from .tcp_output import (
     TCP_DELACK,
     tcp_rto,
     tcp_send_ack,
+    tcp_send_active_reset,
     tcp_send_reset,
     tcp_send_synack_sock,
     tcp_transmit,
@@ -33,6 +34,19 @@ from .tcp_output import (
 )
 from .tcp_timer import TimerKind
 from .wire.tcp import ACK, FIN, RST, SYN
+
+# Enum members as module constants: ``State.X`` costs ~70 ns per lookup
+# (EnumType attribute access) on paths run once per segment.
+_CLOSED = State.CLOSED
+_CLOSE_WAIT = State.CLOSE_WAIT
+_CLOSING = State.CLOSING
+_ESTABLISHED = State.ESTABLISHED
+_FIN_WAIT1 = State.FIN_WAIT1
+_FIN_WAIT2 = State.FIN_WAIT2
+_LAST_ACK = State.LAST_ACK
+_SYN_RECV = State.SYN_RECV
+_SYN_SENT = State.SYN_SENT
+_TIME_WAIT = State.TIME_WAIT
 
 __all__ = ["tcp_rcv_established", "tcp_rcv_state_process", "tcp_rcv_synsent_state_process",
            "tcp_validate_incoming", "tcp_ack", "tcp_data_queue", "tcp_rtt_estimator",
@@ -56,7 +70,7 @@ _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP
-_DATA_STATES = (State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2)
+_DATA_STATES = (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2)
 
 
 # -- RTT / RTO (RFC 6298) ------------------------------------------------------------------
@@ -176,7 +190,7 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
             dup = newly_sacked > 0
         else:
             dup = (sk.snd_max != una and not seg.payload and not seg.flags & (SYN | FIN)
-                   and not window_changed and sk.state is not State.SYN_RECV)
+                   and not window_changed and sk.state is not _SYN_RECV)
         if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
@@ -231,7 +245,7 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
         data -= 1
-    if una == sk.iss and sk.state is State.SYN_RECV:  # this ACK also covers our SYN
+    if una == sk.iss and sk.state is _SYN_RECV:  # this ACK also covers our SYN
         data -= 1
     if data > sk.sndq_len:
         data = sk.sndq_len
@@ -500,7 +514,6 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             _mark_lost(sk, _lost_boundary(sk))
         if sk.rtx_log:
             _mark_lost_retrans(sh, sk)
-        from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
         return
     if sk.in_recovery:
@@ -537,7 +550,6 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         if sk.rtx_log:
             _mark_lost_retrans(sh, sk)
         _prr_update(sk, delivered)
-        from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
         return
     # Open / Disorder.
@@ -566,7 +578,6 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         _rack_arm(sh, sk, now)
     if dup:
         # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
-        from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
 
 
@@ -651,7 +662,7 @@ def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
     there: they are lost (Linux ``tcp_rack_reo_timeout``)."""
     if (sk.cc is None or sk.in_loss or not sk.sacked or not sk.sack_ok
             or sk.snd_una == sk.snd_max or sk.state not in _DATA_STATES + (
-                State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK)):
+                _CLOSE_WAIT, _CLOSING, _LAST_ACK)):
         return
     top = sk.sacked[-1][0]
     if not sk.in_recovery:
@@ -665,7 +676,6 @@ def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
         sh.stats.rack_reo_timeouts += 1
         _mark_lost(sk, top)
         _prr_update(sk, 0)
-        from .tcp_output import tcp_write_xmit
         tcp_write_xmit(sh, sk, now)
 
 
@@ -725,7 +735,6 @@ def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = N
     _prr_update(sk, delivered)
     if sk.prr_quota <= 0:
         sk.prr_quota = mss  # RFC 6937 §3.1: the fast retransmit itself always goes
-    from .tcp_output import tcp_write_xmit
     tcp_write_xmit(sh, sk, now)
 
 
@@ -928,14 +937,13 @@ def tcp_fin(sh: Any, sk: TcpSock, now: float) -> None:
     sk.fin_rcvd = True
     sk.ack_now = True
     st = sk.state
-    if st in (State.ESTABLISHED, State.SYN_RECV):
-        sk.state = State.CLOSE_WAIT
-    elif st is State.FIN_WAIT1:
-        sk.state = State.CLOSING
-    elif st is State.FIN_WAIT2:
-        from .tcp_minisocks import tcp_time_wait
+    if st in (_ESTABLISHED, _SYN_RECV):
+        sk.state = _CLOSE_WAIT
+    elif st is _FIN_WAIT1:
+        sk.state = _CLOSING
+    elif st is _FIN_WAIT2:
         tcp_send_ack(sh, sk, now)
-        tcp_time_wait(sh, sk, now)
+        _tcp_time_wait(sh, sk, now)
     emit_readable(sh, sk)
 
 
@@ -949,7 +957,7 @@ def tcp_ack_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_snd_check")
     if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
-        if sk.state is not State.CLOSED and sk.state is not State.TIME_WAIT:
+        if sk.state is not _CLOSED and sk.state is not _TIME_WAIT:
             tcp_send_ack(sh, sk, now)
         return
     if sk.unacked_rcv and sk.timers[_DELACK] is None:
@@ -961,6 +969,14 @@ def tcp_data_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
         sh.tr("tcp_data_snd_check")
     if sk.sndq_len or (sk.shut_wr and not sk.fin_sent):
         tcp_write_xmit(sh, sk, now)
+
+
+def _tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
+    """``tcp_minisocks.tcp_time_wait``, imported at first use (it imports this module)."""
+    global _tcp_time_wait
+    from .tcp_minisocks import tcp_time_wait
+    _tcp_time_wait = tcp_time_wait
+    tcp_time_wait(sh, sk, now)
 
 
 # -- the fast path ----------------------------------------------------------------------------
@@ -1007,7 +1023,7 @@ def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if sk.sndq_len:
         tcp_data_snd_check(sh, sk, now)
     if sk.ack_now or sk.unacked_rcv:
-        if sh.tracing or sk.state is not State.ESTABLISHED:
+        if sh.tracing or sk.state is not _ESTABLISHED:
             tcp_ack_snd_check(sh, sk, now)
         elif sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
             tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack, inline
@@ -1121,7 +1137,7 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
     # Step 4: SYN in a synchronized state (RFC 5961 §4.2): challenge ACK.  The one
     # exception is the peer's SYN-ACK completing a simultaneous open (Linux does the same).
     if flags & SYN:
-        if (sk.state is State.SYN_RECV and flags & ACK and seq == sk.irs
+        if (sk.state is _SYN_RECV and flags & ACK and seq == sk.irs
                 and seg.ack == sk.snd_nxt):
             return seg
         sh.stats.drop("TCP_INVALID_SYN")
@@ -1135,10 +1151,10 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_rcv_state_process")
     st = sk.state
-    if st is State.SYN_SENT:
+    if st is _SYN_SENT:
         tcp_rcv_synsent_state_process(sh, sk, seg, now)
         return
-    if st is State.CLOSED:
+    if st is _CLOSED:
         sh.stats.drop("TCP_CLOSE")
         return
     seg = tcp_validate_incoming(sh, sk, seg, now)
@@ -1149,7 +1165,7 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if not flags & ACK:
         sh.stats.drop("TCP_FLAGS_NOACK")
         return
-    if st is State.SYN_RECV:
+    if st is _SYN_RECV:
         ack = seg.ack
         if ((ack - sk.iss - 1) & MASK) > ((sk.snd_nxt - sk.iss - 1) & MASK):
             # RFC 9293 §3.10.7.4: unacceptable ACK in SYN-RECEIVED -> RST.
@@ -1158,36 +1174,33 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
             return
     if not tcp_ack(sh, sk, seg, now):
         return
-    if st is State.SYN_RECV:
+    if st is _SYN_RECV:
         tcp_synrecv_established(sh, sk, seg, now)
         st = sk.state
     fin_acked = sk.fin_sent and sk.snd_una == ((sk.fin_seq + 1) & MASK)
-    if st is State.FIN_WAIT1 and fin_acked:
-        sk.state = st = State.FIN_WAIT2
+    if st is _FIN_WAIT1 and fin_acked:
+        sk.state = st = _FIN_WAIT2
         if sk.orphan:
-            from .tcp import TCP_FIN_TIMEOUT
             sh.timers.arm(sk, _KEEPALIVE, now + TCP_FIN_TIMEOUT)
-    elif st is State.CLOSING and fin_acked:
-        from .tcp_minisocks import tcp_time_wait
-        tcp_time_wait(sh, sk, now)
+    elif st is _CLOSING and fin_acked:
+        _tcp_time_wait(sh, sk, now)
         return
-    elif st is State.LAST_ACK and fin_acked:
+    elif st is _LAST_ACK and fin_acked:
         tcp_done(sh, sk)
         return
     if sh.tracing:
         sh.tr("tcp_urg")
     if st in _DATA_STATES:
-        if sk.orphan and st is not State.ESTABLISHED and seg.payload and \
+        if sk.orphan and st is not _ESTABLISHED and seg.payload and \
                 0 < ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) < HALF:
             # Linux: new data for a socket nobody will read after close() -> RST.
-            from .tcp_output import tcp_send_active_reset
             tcp_send_active_reset(sh, sk, now)
             tcp_done(sh, sk)
             return
         tcp_data_queue(sh, sk, seg, now)
     elif flags & FIN or seg.payload:
         sk.ack_now = True  # a retransmitted FIN (CLOSE-WAIT, CLOSING, LAST-ACK): re-ACK
-    if sk.state is State.CLOSED or sk.state is State.TIME_WAIT:
+    if sk.state is _CLOSED or sk.state is _TIME_WAIT:
         return
     tcp_data_snd_check(sh, sk, now)
     tcp_ack_snd_check(sh, sk, now)
@@ -1199,8 +1212,9 @@ def tcp_synrecv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         for name in ("inet_sk_rebuild_header", "tcp_init_congestion_control", "bictcp_init",
                      "tcp_mtup_init", "tcp_init_buffer_space", "tcp_fixup_rcvbuf",
                      "tcp_sndbuf_expand", "tcp_full_space"):
-            sh.tr(name)
-    sk.state = State.ESTABLISHED
+            if sh.tracing:
+                sh.tr(name)
+    sk.state = _ESTABLISHED
     sk.snd_wnd = seg.window << sk.snd_wscale
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = seg.ack
@@ -1268,7 +1282,7 @@ def tcp_rcv_synsent_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) ->
         tcp_data_snd_check(sh, sk, now)
         return
     # Simultaneous open (RFC 9293 §3.5 figure 8): SYN-RECEIVED, answer SYN-ACK.
-    sk.state = State.SYN_RECV
+    sk.state = _SYN_RECV
     sk.snd_wnd = seg.window
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = sk.iss
@@ -1299,7 +1313,7 @@ def _syn_options(sh: Any, sk: TcpSock, opts: Any, now: float) -> None:
 def tcp_finish_connect(sh: Any, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_finish_connect")
-    sk.state = State.ESTABLISHED
+    sk.state = _ESTABLISHED
     sk.timers[_RETRANSMIT] = None
     sk.syn_retries = 0
     sk.backoff = 0

@@ -32,6 +32,7 @@ program runs before the packet socket pushes the link-layer header back.
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 import struct
 from collections.abc import Sequence
@@ -389,11 +390,27 @@ def open_group(ifname: str, n_workers: int, reta: Sequence[int] | None = None,
             s.setblocking(False)
             _drain(s)
             s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError as e:
+        for s in socks:
+            s.close()
+        if e.errno == errno.EINVAL and not _is_up(ifname):
+            # packet(7): a socket bound while its device is down is not "running",
+            # and joining a fanout group then fails with a bare EINVAL.
+            raise OSError(errno.ENETDOWN, f"{ifname} is down: cannot join its fanout group") from e
+        raise
     except BaseException:
         for s in socks:
             s.close()
         raise
     return socks
+
+
+def _is_up(ifname: str) -> bool:
+    try:
+        with open(f"/sys/class/net/{ifname}/flags") as f:
+            return bool(int(f.read(), 16) & 0x1)  # IFF_UP
+    except (OSError, ValueError):
+        return False
 
 
 def _set_rcvbuf(s: socket.socket, size: int) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Any
 
 DESCRIPTION = """\
@@ -170,8 +171,23 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return serve(cfg)
     except OSError as e:
-        print(f"shardstack serve: {e}", file=sys.stderr)
+        # A clear one-line answer, plus where it came from (a setsockopt or ioctl fails
+        # for many reasons); SHARDSTACK_DEBUG=1 shows the whole traceback.
+        print(f"shardstack serve: {e} ({_origin(e)})", file=sys.stderr)
+        if os.environ.get("SHARDSTACK_DEBUG"):
+            traceback.print_exc()
         return 1
+
+
+def _origin(exc: BaseException) -> str:
+    """'in FUNCTION (FILE:LINE)' of the innermost frame of exc's traceback."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "origin unknown"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"in {code.co_name} ({os.path.basename(code.co_filename)}:{tb.tb_lineno})"
 
 
 def _control_call(args: argparse.Namespace, op: str) -> dict[str, Any] | None:

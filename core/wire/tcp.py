@@ -238,6 +238,11 @@ def parse_tcp_options(opts: bytes | bytearray | memoryview) -> TcpOptions:
     return _new(TcpOptions, (mss, wscale, sack_perm, sack_blocks, ts))
 
 
+# MSS, SACK_PERM,TS, NOP,WS (Linux's SYN) and NOP,NOP,TS: build_tcp_options' fast paths.
+_SYN_OPTS = struct.Struct("!BBHBBBBIIBBBB")
+_TS_OPTS = struct.Struct("!BBBBII")
+
+
 def build_tcp_options(
     mss: int | None = None,
     wscale: int | None = None,
@@ -250,7 +255,16 @@ def build_tcp_options(
     MSS; then SACK_PERM,TS together or NOP,NOP,TS; a lone SACK_PERM as
     NOP,NOP,SACK_PERM; NOP,WS; then NOP,NOP,SACK blocks.  A kernel peer thus
     sees the same bytes it would from another Linux host.
+
+    The two layouts sent most (a full SYN / SYN-ACK, and NOP,NOP,TS alone)
+    are packed with one struct call each.
     """
+    if ts is not None and not sack_blocks:
+        if mss is not None and sack_perm and wscale is not None and 0 <= wscale <= MAX_WSCALE:
+            return _SYN_OPTS.pack(OPT_MSS, 4, mss, OPT_SACK_PERM, 2, OPT_TIMESTAMP, 10,
+                                  ts[0], ts[1], OPT_NOP, OPT_WSCALE, 3, wscale)
+        if mss is None and not sack_perm and wscale is None:
+            return _TS_OPTS.pack(OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, ts[0], ts[1])
     parts: list[bytes] = []
     if mss is not None:
         parts.append(struct.pack("!BBH", OPT_MSS, 4, mss))
