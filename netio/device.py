@@ -287,6 +287,37 @@ def set_up(name: str) -> None:
         _ifreq_ioctl(name, SIOCSIFFLAGS, "H", flags | IFF_UP)
 
 
+class DeviceWrapper(Device):
+    """A device around another (smoltcp's phy wrappers): takes the inner
+    device's shape and passes everything through; subclasses override the
+    directions they act on."""
+
+    def __init__(self, inner: Device) -> None:
+        self.inner = inner
+        self.l2, self.mtu, self.name, self.gso = inner.l2, inner.mtu, inner.name, inner.gso
+
+    def recv_batch(self, limit: int = DEFAULT_BATCH) -> list[tuple[bytes, int]]:
+        return self.inner.recv_batch(limit)
+
+    def send_batch(self, frames: Iterable[bytes | bytearray | memoryview]) -> int:
+        return self.inner.send_batch(frames)
+
+    def send_gso(self, packet: bytes | bytearray | memoryview, mss: int) -> bool:
+        return self.inner.send_gso(packet, mss)
+
+    def poll(self, now: float | None = None) -> None:
+        self.inner.poll(now)
+
+    def next_deadline(self) -> float | None:
+        return self.inner.next_deadline()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class TunDevice(Device):
     """An L3 TUN device (IFF_TUN | IFF_NO_PI): frames are bare IPv4 packets.
 

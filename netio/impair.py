@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
-from .device import RX_CSUM_VALID, Device
+from .device import RX_CSUM_VALID, Device, DeviceWrapper
 
 __all__ = ["Impair", "ImpairSpec", "ImpairCounters", "parse_impair_spec"]
 
@@ -216,7 +216,7 @@ class _Lane:
         return t
 
 
-class Impair(Device):
+class Impair(DeviceWrapper):
     """Wrap `inner` and impair frames in both directions (see module doc)."""
 
     def __init__(
@@ -225,10 +225,9 @@ class Impair(Device):
         spec: ImpairSpec | str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.spec = parse_impair_spec(spec) if isinstance(spec, str) else spec
         self.clock = clock
-        self.l2, self.mtu, self.name, self.gso = inner.l2, inner.mtu, inner.name, inner.gso
         self.rx = _Lane(self.spec, "rx", self.spec.rx)
         self.tx = _Lane(self.spec, "tx", self.spec.tx)
         self._rx_ready: list[tuple[bytes, int]] = []
@@ -283,8 +282,3 @@ class Impair(Device):
     def counters(self) -> dict[str, dict[str, int]]:
         return {"rx": self.rx.stats.as_dict(), "tx": self.tx.stats.as_dict()}
 
-    def fileno(self) -> int:
-        return self.inner.fileno()
-
-    def close(self) -> None:
-        self.inner.close()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from .device import Device
+from .device import Device, DeviceWrapper
 
 __all__ = ["Pcap", "LINKTYPE_RAW", "LINKTYPE_ETHERNET"]
 
@@ -28,7 +28,7 @@ _GLOBAL = struct.Struct("=IHHiIII")
 _RECORD = struct.Struct("=IIII")
 
 
-class Pcap(Device):
+class Pcap(DeviceWrapper):
     """Wrap `inner`; write RX and TX frames to `path` (or an open binary file)."""
 
     def __init__(
@@ -39,8 +39,7 @@ class Pcap(Device):
         rx: bool = True,
         tx: bool = True,
     ) -> None:
-        self.inner = inner
-        self.l2, self.mtu, self.name, self.gso = inner.l2, inner.mtu, inner.name, inner.gso
+        super().__init__(inner)
         self.clock = clock
         self.rx, self.tx = rx, tx
         self._own = isinstance(path, str)
@@ -77,15 +76,6 @@ class Pcap(Device):
         if self.tx:
             self._write([packet])
         return self.inner.send_gso(packet, mss)
-
-    def poll(self, now: float | None = None) -> None:
-        self.inner.poll(now)
-
-    def next_deadline(self) -> float | None:
-        return self.inner.next_deadline()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()
 
     def close(self) -> None:
         if self._own:

@@ -17,7 +17,7 @@ import logging
 import struct
 from collections.abc import Callable
 
-from .device import RX_CSUM_VALID, RX_GSO, Device
+from .device import RX_CSUM_VALID, RX_GSO, Device, DeviceWrapper
 
 __all__ = ["Trace", "describe"]
 
@@ -68,12 +68,11 @@ def describe(frame: bytes, l2: bool) -> str:
         return f"? {bytes(frame[:16]).hex()}"
 
 
-class Trace(Device):
+class Trace(DeviceWrapper):
     """Wrap `inner`; log one line per frame in both directions."""
 
     def __init__(self, inner: Device, sink: Callable[[str], None] | None = None) -> None:
-        self.inner = inner
-        self.l2, self.mtu, self.name, self.gso = inner.l2, inner.mtu, inner.name, inner.gso
+        super().__init__(inner)
         self.sink = sink if sink is not None else _log.info
 
     def recv_batch(self, limit: int = 64) -> list[tuple[bytes, int]]:
@@ -93,14 +92,3 @@ class Trace(Device):
         self.sink(f"tx {len(packet)}B {describe(packet, self.l2)} gso mss {mss}")
         return self.inner.send_gso(packet, mss)
 
-    def poll(self, now: float | None = None) -> None:
-        self.inner.poll(now)
-
-    def next_deadline(self) -> float | None:
-        return self.inner.next_deadline()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()
-
-    def close(self) -> None:
-        self.inner.close()

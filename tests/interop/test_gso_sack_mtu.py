@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import pytest
 from test_tcp_interop import (
-    APP_PORT,
     _read_ip,
+    _tcpdump,
     _tcpdump_stop,
     _transfer,
     topology,
-    wait_for,
 )
 
 pytestmark = pytest.mark.interop
@@ -29,25 +28,7 @@ MTU = 1500
 
 
 def _tcpdump_stack_side(t, path):
-    import contextlib
-    import os
-    import subprocess
-
-    p = t.sns.popen(["tcpdump", "-i", "vsa", "-s", "128", "-U", "--immediate-mode",
-                     "-B", "16384", "-n", "-w", str(path), "tcp", "port", str(APP_PORT)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.set_blocking(p.stderr.fileno(), False)
-    buf = b""
-
-    def listening():
-        nonlocal buf
-        with contextlib.suppress(BlockingIOError, TypeError):
-            buf += p.stderr.read() or b""
-        assert p.poll() is None, buf
-        return b"listening on" in buf
-
-    wait_for(listening, what="tcpdump listening", every=0.05)
-    return p
+    return _tcpdump(t, path, ns=t.sns, dev="vsa", bufkib=16384)
 
 
 def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):

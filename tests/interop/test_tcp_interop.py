@@ -899,12 +899,15 @@ def test_synack_options_to_linux_syn(tmp_path):
     assert out and all(_opts(p)["Timestamp"][1] != 0 for p in out)
 
 
-def _tcpdump(t: Topo, path: Path) -> subprocess.Popen:
-    """tcpdump in the kernel's namespace; --immediate-mode, or libpcap keeps the
-    last partly filled TPACKET_V3 block (up to a second of packets) at exit."""
-    p = t.kns.popen(["tcpdump", "-i", t.dev, "-s", "128", "-U", "--immediate-mode",
-                     "-B", "8192", "-n", "-w", str(path), "tcp", "port", str(APP_PORT)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _tcpdump(t: Topo, path: Path, ns=None, dev: str | None = None,
+             bufkib: int = 8192) -> subprocess.Popen:
+    """tcpdump (default: in the kernel's namespace on its device); --immediate-mode,
+    or libpcap keeps the last partly filled TPACKET_V3 block (up to a second of
+    packets) at exit."""
+    ns = t.kns if ns is None else ns
+    p = ns.popen(["tcpdump", "-i", dev or t.dev, "-s", "128", "-U", "--immediate-mode",
+                  "-B", str(bufkib), "-n", "-w", str(path), "tcp", "port", str(APP_PORT)],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.set_blocking(p.stderr.fileno(), False)
     buf = b""
 

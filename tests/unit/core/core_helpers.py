@@ -172,3 +172,26 @@ class Pair:
         acc = self.b.accept(lsd)
         assert acc is not None
         return lsd, csd, acc[0]
+
+
+def connect_over(link, a: Shard, b: Shard, port: int = 80, timeout: float = 30.0,
+                 server_opts: tuple = ()) -> tuple[int, int]:
+    """Listen on b (B:port, with `server_opts` set on the listener), connect from a over
+    `link`, run the link until b accepts; (client sd, server sd)."""
+    lsd = b.socket()
+    for level, opt, value in server_opts:
+        b.setsockopt(lsd, level, opt, value)
+    b.bind(lsd, 0, port)
+    b.listen(lsd, 8)
+    c = a.socket()
+    a.connect(c, B, port, 0.0)
+    box: list = []
+
+    def accepted() -> bool:
+        r = b.accept(lsd)
+        if r is not None:
+            box.append(r)
+        return bool(box)
+
+    assert link.run_until(accepted, timeout)
+    return c, box[0][0]

@@ -8,7 +8,7 @@ import random
 import socket
 
 import pytest
-from core_helpers import ACK, PSH, SYN, B, Pair, Peer, make_shard, parse
+from core_helpers import ACK, PSH, SYN, B, Pair, Peer, connect_over, make_shard, parse
 from shardstack.core import Closed, SocketError, State, Writable
 from shardstack.core.simlink import LinkParams, SimLink
 
@@ -44,21 +44,8 @@ def connected_sim(params: LinkParams, seed: int = 1, **kw):
     a = make_shard(**kw)
     b = make_shard(B, **kw)
     link = SimLink(a, b, seed=seed, params=params)
-    lsd = b.socket()
-    b.bind(lsd, 0, 80)
-    b.listen(lsd, 8)
-    c = a.socket()
-    a.connect(c, B, 80, 0.0)
-    box: list = []
-
-    def accepted() -> bool:
-        r = b.accept(lsd)
-        if r is not None:
-            box.append(r)
-        return bool(box)
-
-    assert link.run_until(accepted, 30.0)
-    return a, b, link, c, box[0][0]
+    c, s = connect_over(link, a, b)
+    return a, b, link, c, s
 
 
 @pytest.mark.parametrize("seed", [1, 2])

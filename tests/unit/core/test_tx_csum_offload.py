@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from core_helpers import B, make_shard
+from core_helpers import B, connect_over, make_shard
 from shardstack.core.dropreason import DropReason
 from shardstack.core.simlink import LinkParams, SimLink
 from shardstack.core.sock import State, TcpSock
@@ -101,21 +101,7 @@ def _transfer(tx_csum_offload: bool, seed: int, loss: float):
     b = make_shard(B)  # verifies every checksum (csum_offload off)
     dev = GsoDevice(a)
     link = SimLink(dev, b, seed=seed, params=LinkParams(delay=0.002, loss=loss))
-    lsd = b.socket()
-    b.bind(lsd, 0, 80)
-    b.listen(lsd, 8)
-    c = a.socket()
-    a.connect(c, B, 80, 0.0)
-    box: list = []
-
-    def accepted() -> bool:
-        r = b.accept(lsd)
-        if r is not None:
-            box.append(r)
-        return bool(box)
-
-    assert link.run_until(accepted, 10.0)
-    s = box[0][0]
+    c, s = connect_over(link, a, b, timeout=10.0)
     data = random.Random(seed).randbytes(3 << 20 | 12345)
     sent, got = 0, bytearray()
 

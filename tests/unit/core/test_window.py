@@ -16,7 +16,7 @@ import random
 import socket
 
 import pytest
-from core_helpers import ACK, PSH, SYN, B, Peer, make_shard, parse
+from core_helpers import ACK, PSH, SYN, B, Peer, connect_over, make_shard, parse
 from shardstack.core.simlink import LinkParams, SimLink
 
 MASK = 0xFFFFFFFF
@@ -256,22 +256,8 @@ def _echo_over_lossy_link(size: int, seed: int, loss: float = 0.03, delay: float
             edges[direction] = edge
 
     link = SimLink(a, b, seed=seed, params=LinkParams(delay=delay, loss=loss), tap=tap)
-    lsd = b.socket()
-    b.setsockopt(lsd, socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-    b.bind(lsd, 0, 80)
-    b.listen(lsd, 8)
-    c = a.socket()
-    a.connect(c, B, 80, 0.0)
-    box: list = []
-
-    def accepted() -> bool:
-        r = b.accept(lsd)
-        if r is not None:
-            box.append(r)
-        return bool(box)
-
-    assert link.run_until(accepted, 30.0)
-    s = box[0][0]
+    c, s = connect_over(link, a, b,
+                        server_opts=((socket.SOL_SOCKET, socket.SO_SNDBUF, 65536),))
     rnd = random.Random(seed)
     data = rnd.randbytes(size)
     sent = 0
