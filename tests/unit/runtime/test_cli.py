@@ -39,7 +39,7 @@ def test_good_serve_config(tmp_path):
         (["--peer", "198.18.0.2/24"], "differ"),
         (["--echo", "7", "--discard", "7"], "more than one service"),
         (["--echo", "70000"], "out of range"),
-        (["--gateway", "10.0.0.1"], "--gateway"),
+        (["--gateway", "198.19.0.1"], "--gateway"),
         (["--impair", "loss=banana"], "--impair"),
     ],
 )
