@@ -51,7 +51,8 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 from shardstack.core.wire.checksum import pseudo_header_sum
 
@@ -127,6 +128,24 @@ ETH_HLEN = 14
 TCP_CSUM_OFFSET = 16
 MAX_FRAME = 65535 + ETH_HLEN + VNET_HDR_LEN + 64  # a 64 KiB super-frame plus headers
 DEFAULT_BATCH = 64
+
+
+def _read_frames(read: Callable[[], bytes], limit: int, vnet: bool) -> list[tuple[bytes, int]]:
+    """Up to `limit` frames from a non-blocking `read()`, until EAGAIN; with the
+    virtio-net header, strip it and turn it into RX flags (runts are skipped)."""
+    out: list[tuple[bytes, int]] = []
+    while len(out) < limit:
+        try:
+            data = read()
+        except BlockingIOError:
+            break
+        if vnet:
+            if len(data) <= VNET_HDR_LEN:
+                continue
+            out.append((data[VNET_HDR_LEN:], _rx_flags(data)))
+        else:
+            out.append((data, 0))
+    return out
 
 
 class Device:
@@ -375,21 +394,7 @@ class TunDevice(Device):
         return self.fd
 
     def recv_batch(self, limit: int = DEFAULT_BATCH) -> list[tuple[bytes, int]]:
-        out: list[tuple[bytes, int]] = []
-        read, fd = os.read, self.fd
-        vnet = self.vnet_hdr
-        while len(out) < limit:
-            try:
-                data = read(fd, MAX_FRAME)
-            except BlockingIOError:
-                break
-            if vnet:
-                if len(data) <= VNET_HDR_LEN:
-                    continue
-                out.append((data[VNET_HDR_LEN:], _rx_flags(data)))
-            else:
-                out.append((data, 0))
-        return out
+        return _read_frames(partial(os.read, self.fd, MAX_FRAME), limit, self.vnet_hdr)
 
     def send_batch(self, frames: Iterable[bytes | bytearray | memoryview]) -> int:
         sent = 0
@@ -484,21 +489,7 @@ class PacketDevice(Device):
     def recv_batch(self, limit: int = DEFAULT_BATCH) -> list[tuple[bytes, int]]:
         if self.auxdata:
             return self._recv_batch_aux(limit)
-        out: list[tuple[bytes, int]] = []
-        recv = self.sock.recv
-        vnet = self.vnet_hdr
-        while len(out) < limit:
-            try:
-                data = recv(MAX_FRAME)
-            except BlockingIOError:
-                break
-            if vnet:
-                if len(data) <= VNET_HDR_LEN:
-                    continue
-                out.append((data[VNET_HDR_LEN:], _rx_flags(data)))
-            else:
-                out.append((data, 0))
-        return out
+        return _read_frames(partial(self.sock.recv, MAX_FRAME), limit, self.vnet_hdr)
 
     def _recv_batch_aux(self, limit: int) -> list[tuple[bytes, int]]:
         out: list[tuple[bytes, int]] = []

@@ -101,13 +101,7 @@ def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) ->
     int congruent mod 0xFFFF to the words it stands for, and zero only if they
     all are.  Verifying a header that already holds its checksum returns 0.
     """
-    n = len(data)
-    value = _from_bytes(data, "big")
-    if n & 1:
-        value <<= 8
-    if n >= FOLD_MIN_BYTES:
-        value = _fold(value, (n << 3) + 8)
-    value += initial
+    value = sum16(data) + initial
     if value:
         return -value % 0xFFFF
     return 0xFFFF
@@ -127,25 +121,13 @@ def pseudo_header_sum(src: int, dst: int, proto: int, length: int) -> int:
 
 def tcp_checksum(src: int, dst: int, segment: bytes | bytearray | memoryview) -> int:
     """The TCP checksum of ``segment`` (its checksum field must be zero)."""
-    n = len(segment)
-    value = _from_bytes(segment, "big")
-    if n & 1:
-        value <<= 8
-    if n >= FOLD_MIN_BYTES:
-        value = _fold(value, (n << 3) + 8)
-    # The pseudo-header makes ``value`` non-zero (proto 6), so no 0xFFFF case.
-    return -(value + src + dst + PROTO_TCP + n) % 0xFFFF
+    # The pseudo-header makes the sum non-zero (proto 6), so no 0xFFFF case.
+    return -(sum16(segment) + src + dst + PROTO_TCP + len(segment)) % 0xFFFF
 
 
 def verify_tcp_checksum(src: int, dst: int, segment: bytes | bytearray | memoryview) -> bool:
     """True when ``segment`` (checksum field included) sums to 0xFFFF."""
-    n = len(segment)
-    value = _from_bytes(segment, "big")
-    if n & 1:
-        value <<= 8
-    if n >= FOLD_MIN_BYTES:
-        value = _fold(value, (n << 3) + 8)
-    return (value + src + dst + PROTO_TCP + n) % 0xFFFF == 0
+    return (sum16(segment) + src + dst + PROTO_TCP + len(segment)) % 0xFFFF == 0
 
 
 def complete_partial(packet: bytes | bytearray | memoryview, csum_start: int,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .checksum import sum16
+from .checksum import pseudo_header_sum, sum16
 from .errors import WireError
 
 __all__ = [
@@ -335,8 +335,7 @@ def build_tcp_ipv4(
     offflags = (thl << 10) | flags  # data offset in words, in the top nibble
     # TCP sum: pseudo-header (src, dst, proto, TCP length) + header words.
     if csum_partial:
-        # Folded into 1..0xFFFF like pseudo_header_sum (never 0: proto is 6).
-        t_field = (src + dst + 6 + tcp_len) % 0xFFFF or 0xFFFF
+        t_field = pseudo_header_sum(src, dst, 6, tcp_len)
     else:
         t_sum = src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
         if olen:
