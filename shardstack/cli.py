@@ -105,6 +105,9 @@ def _add_serve(sub) -> None:
                    "receive then goes through the netio process")
     p.add_argument("--no-offload", dest="offload", action="store_false",
                    help="no virtio-net header: every frame MTU-sized, checksums in software")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the scheduler place workers (default: worker i on CPU i, and on TUN "
+                   "the kernel's receive work for a worker's frames on the other CPUs)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -141,6 +144,7 @@ def serve_config(args: argparse.Namespace):
         impair=args.impair,
         pcap=os.path.abspath(args.pcap) if args.pcap else None,
         offload=args.offload,
+        pin=args.pin,
         secret=new_secret(),
     )
     return cfg.validate()

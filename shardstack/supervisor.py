@@ -270,6 +270,10 @@ class Supervisor:
             return
         self.tun_counts = counts
         self.tun = self.tun_queues[-1]  # netio's queue: ICMP and whatever is not TCP
+        if cfg.pin:
+            from shardstack.affinity import steer_tun_rps
+
+            steer_tun_rps(cfg.ifname, cfg.workers)
 
     async def _teardown(self) -> None:
         self.stopping = True

@@ -832,6 +832,10 @@ async def _amain(desc: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     cfg = ServeConfig.from_dict(desc["config"])
     wid = desc["worker"]
+    if cfg.pin:
+        from shardstack.affinity import pin_worker
+
+        pin_worker(wid)
     tx = make_tx(cfg, desc["tx"], wid)
     rx_sock = desc["tx"].get("rx_fd")
     if rx_sock is not None and desc["tx"]["kind"] == "packet":
