@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"short runs ({sc.QUICK_DURATION:g} s per case), done in under 2 minutes")
     p.add_argument("--scenario", default="all",
-                   help=f"comma-separated subset of {','.join(sc.SCENARIOS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(sc.SCENARIOS)}, or single cases "
+                   "such as bulk-download, http-1MiB (default: all)")
     p.add_argument("--out", metavar="DIR",
                    help="where results.json, summary.txt and the plots go "
                         "(default: ./bench-results/<UTC time>)")

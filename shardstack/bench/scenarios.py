@@ -60,15 +60,18 @@ class Bounds:
 def parse_scenarios(text: str | None) -> list[str]:
     """'bulk,rr' -> ['bulk', 'rr'] in the canonical order; None/''/'all' -> all.
 
+    A single case may be named by its key ('bulk-download', 'http-1MiB').
     ValueError names the unknown scenario.
     """
     if not text or text.strip() == "all":
         return list(SCENARIOS)
     wanted = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in SCENARIOS]
+    cases = [c.key for s in SCENARIOS for c in cases_for(s)]
+    unknown = [s for s in wanted if s not in SCENARIOS and s not in cases]
     if unknown:
-        raise ValueError(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
-    return [s for s in SCENARIOS if s in wanted]
+        raise ValueError(f"unknown scenario {', '.join(unknown)} (choose from "
+                         f"{', '.join(SCENARIOS)}, or a case: {', '.join(cases)})")
+    return [s for s in (*SCENARIOS, *cases) if s in wanted]
 
 
 def cases_for(scenario: str, conns: int = DEFAULT_CONNS) -> list[Case]:
@@ -94,7 +97,13 @@ def cases_for(scenario: str, conns: int = DEFAULT_CONNS) -> list[Case]:
 
 
 def plan(scenarios: list[str], conns: int = DEFAULT_CONNS) -> list[Case]:
-    return [case for s in scenarios for case in cases_for(s, conns)]
+    """The cases of the named scenarios and single cases, in canonical order
+    (a case named by key is the default-conns one: 'crr-8conn' -> 'crr')."""
+    wanted = set(scenarios)
+    picked = {c.key for s in SCENARIOS for c in cases_for(s) if c.key in wanted}
+    return [case for s, default in ((s, cases_for(s)) for s in SCENARIOS)
+            for case, dcase in zip(cases_for(s, conns), default, strict=True)
+            if s in wanted or dcase.key in picked]
 
 
 def bounds(case: Case, seconds: float) -> Bounds:

@@ -96,3 +96,14 @@ def test_quick_budget_fits_the_two_minute_promise():
     cases = sc.plan(a.scenarios, a.conns)
     runs = len(cases) * len(a.variant_list) + 1  # + crr with 1 worker
     assert runs * a.duration < bench.QUICK_BUDGET * 0.6
+
+
+def test_single_cases_by_key():
+    assert sc.parse_scenarios("bulk-download,rr") == ["rr", "bulk-download"]
+    assert [c.key for c in sc.plan(sc.parse_scenarios("bulk-download,rr"))] == ["bulk-download",
+                                                                                "rr-64B"]
+    # crr's key names the default connection count; --conns still applies
+    assert [c.key for c in sc.plan(["crr-8conn", "http-1MiB"], conns=16)] == ["crr-16conn",
+                                                                              "http-1MiB"]
+    with pytest.raises(ValueError, match="bulk-sideways"):
+        sc.parse_scenarios("bulk-sideways")
