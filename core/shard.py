@@ -102,6 +102,18 @@ class ShardStats:
     ofo_queued: int = 0
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
+    # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)
+    icmp_in_msgs: int = 0  # every ICMP message for one of our addresses (InMsgs)
+    icmp_in_errors: int = 0  # malformed, or quoting no socket of ours (InErrors)
+    icmp_in_csum_errors: int = 0  # InCsumErrors
+    icmp_in_dest_unreachs: int = 0
+    icmp_in_time_excds: int = 0
+    icmp_in_parm_probs: int = 0
+    icmp_in_ignored: int = 0  # source quench (RFC 6633), redirects, informational
+    tcp_out_of_window_icmps: int = 0  # quoted seq outside SND.UNA..SND.NXT (OutOfWindowIcmps)
+    tcp_pmtu_reductions: int = 0  # "fragmentation needed" that lowered a connection's MSS
+    tcp_icmp_aborts: int = 0  # handshakes ended by an ICMP error (connects, request socks)
+    tcp_icmp_soft_errors: int = 0  # errors kept as sk_err_soft for a later timeout
     drops: Counter = field(default_factory=Counter)
 
     def drop(self, reason: str) -> None:
@@ -297,6 +309,10 @@ class Shard:
                 sk.user_mss = v
             elif opt == _socket.TCP_KEEPIDLE:
                 sk.keepidle = float(_pos(value))
+                if sk.keepalive and sk.state not in (State.CLOSED, State.LISTEN):
+                    # Linux tcp_sock_set_keepidle: the running timer follows the new idle time.
+                    self.timers.arm(sk, TimerKind.KEEPALIVE,
+                                    max(self.now, sk.rcv_tstamp + sk.keepidle))
             elif opt == _socket.TCP_KEEPINTVL:
                 sk.keepintvl = float(_pos(value))
             elif opt == _socket.TCP_KEEPCNT:
@@ -305,6 +321,21 @@ class Shard:
                 name = value.decode() if isinstance(value, bytes | bytearray) else str(value)
                 tcp_cong.get(name.rstrip("\0"))  # ENOENT for an unknown one
                 sk.cc_name = name.rstrip("\0")
+            elif opt == _socket.TCP_USER_TIMEOUT:
+                v = _int(value)  # RFC 5482, in ms as Linux; 0: back to tcp_retries2
+                if v < 0:
+                    raise os_error(errno.EINVAL)
+                sk.user_timeout = v
+            elif opt == _socket.TCP_SYNCNT:
+                from .tcp_timer import MAX_TCP_SYNCNT
+                v = _int(value)
+                if not 1 <= v <= MAX_TCP_SYNCNT:
+                    raise os_error(errno.EINVAL)
+                sk.syn_count = v
+            elif opt == _socket.TCP_LINGER2:
+                from .tcp import TCP_FIN_TIMEOUT_MAX
+                v = _int(value)  # s; < 0: no FIN-WAIT-2 wait; clamped as Linux
+                sk.linger2 = -1.0 if v < 0 else float(min(v, int(TCP_FIN_TIMEOUT_MAX)))
             else:
                 raise os_error(errno.ENOPROTOOPT)
         else:
@@ -326,13 +357,18 @@ class Shard:
                 lg = sk.linger or (False, 0)
                 return _LINGER.pack(int(lg[0]), lg[1])
         elif level == _IPPROTO_TCP:
+            from .tcp import TCP_FIN_TIMEOUT
+            from .tcp_timer import TCP_SYN_RETRIES
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
                      _socket.TCP_MAXSEG: sk.mss_cache if sk.state is not State.CLOSED
                      else (sk.user_mss or 536),
                      _socket.TCP_KEEPIDLE: int(sk.keepidle),
                      _socket.TCP_KEEPINTVL: int(sk.keepintvl),
                      _socket.TCP_KEEPCNT: sk.keepcnt,
-                     _socket.TCP_CONGESTION: (sk.cc_name or self.cfg.congestion).encode()}
+                     _socket.TCP_CONGESTION: (sk.cc_name or self.cfg.congestion).encode(),
+                     _socket.TCP_USER_TIMEOUT: sk.user_timeout,
+                     _socket.TCP_SYNCNT: sk.syn_count or TCP_SYN_RETRIES,
+                     _socket.TCP_LINGER2: -1 if sk.linger2 < 0 else int(sk.linger2 or TCP_FIN_TIMEOUT)}
         else:
             raise os_error(errno.ENOPROTOOPT)
         if opt not in table:

@@ -61,6 +61,9 @@ class TcpSock:
     rcvbuf: int = 262144
     sndbuf: int = 1048576
     cc_name: str = ""
+    user_timeout: int = 0  # TCP_USER_TIMEOUT, ms (RFC 5482); 0: the tcp_retries2 rule
+    syn_count: int = 0  # TCP_SYNCNT; 0: tcp_syn_retries (tcp_synack_retries on a listener)
+    linger2: float = 0.0  # TCP_LINGER2, s; 0: tcp_fin_timeout; < 0: no FIN-WAIT-2 wait
     # -- bind / listen -------------------------------------------------------------
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False
@@ -123,6 +126,7 @@ class TcpSock:
     retries: int = 0
     rtt_seq: int = -1  # Karn: sequence being timed without timestamps
     rtt_time: float = 0.0
+    retrans_stamp: float | None = None  # first retransmission of the episode (Linux retrans_stamp)
     # -- loss recovery (RFC 6675 scoreboard, RFC 6937 PRR, RFC 6582 NewReno) ---------
     cc: Any = None
     dupacks: int = 0
@@ -138,7 +142,15 @@ class TcpSock:
     prr_out: int = 0  # RFC 6937 prr_out (bytes)
     prr_quota: int = 0  # bytes PRR lets us send now (sndcnt)
     recover_fs: int = 1  # RFC 6937 RecoverFS (bytes)
-    rtx_log: list = field(default_factory=list)  # this episode's retransmissions [s, e, snd_max]
+    rtx_log: list = field(default_factory=list)  # this episode's retransmissions [s, e, snd_max, t]
+    # RACK (RFC 8985 §6.2): when original data left, one (end, time) pair per
+    # transmission burst, flat: [end0, t0, end1, t1, ...] (acked bursts pruned).
+    tx_log: list = field(default_factory=list)
+    rack_xmit: float = -1.0  # RACK.xmit_ts: send time of the latest-sent delivered data
+    rack_end: int = 0  # RACK.end_seq
+    rack_rtt: float = 0.0  # RACK.rtt
+    rack_fack: int = 0  # RACK.fack: highest sequence delivered (ACKed or SACKed)
+    reord_seen: bool = False  # RACK.reordering_seen
     relost: list = field(default_factory=list)  # retransmissions found lost again [s, e]
     dsack: tuple | None = None  # duplicate range to report in the next ACK (RFC 2883)
     reo_wnd_mult: int = 1  # RACK reordering window multiplier (RFC 8985 §6.2.4)
@@ -161,11 +173,13 @@ class TcpSock:
     timer_seq: list = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
     timer_q: list = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
+    probes_tstamp: float | None = None  # first unanswered zero-window probe (icsk_probes_tstamp)
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
     lsndtime: float = -1.0  # when we last sent data (-1: never)
     syn_retries: int = 0
     # -- errors / lifecycle -------------------------------------------------------------
     err: int = 0  # pending SO_ERROR
+    err_soft: int = 0  # last soft error (ICMP); a timeout reports it instead of ETIMEDOUT
     dead: bool = False
     closed_evt: bool = False  # Closed(sd) already reported
 

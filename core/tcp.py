@@ -17,6 +17,7 @@ from .request_sock import RequestSock
 from .sock import State, TcpSock
 from .tcp_output import (
     tcp_fin_state,
+    tcp_rto,
     tcp_send_ack,
     tcp_send_active_reset,
     tcp_write_xmit,
@@ -36,12 +37,23 @@ _SYN_SENT = State.SYN_SENT
 _TIME_WAIT = State.TIME_WAIT
 
 __all__ = ["tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg", "tcp_shutdown",
-           "tcp_close", "sk_release", "emit_readable", "TCP_FIN_TIMEOUT"]
+           "tcp_close", "sk_release", "emit_readable", "tcp_fin_time", "TCP_FIN_TIMEOUT",
+           "TCP_FIN_TIMEOUT_MAX"]
 
 MASK = 0xFFFFFFFF
 #: net.ipv4.tcp_fin_timeout: how long an orphaned FIN-WAIT-2 socket waits for the FIN.
 TCP_FIN_TIMEOUT = 60.0
+#: TCP_LINGER2's upper bound (Linux TCP_FIN_TIMEOUT_MAX).
+TCP_FIN_TIMEOUT_MAX = 120.0
 _WRITE_STATES = (_ESTABLISHED, _CLOSE_WAIT)
+
+
+def tcp_fin_time(sk: TcpSock) -> float:
+    """How long an orphaned FIN-WAIT-2 socket waits for the peer's FIN: TCP_LINGER2,
+    else tcp_fin_timeout, but at least 3.5 RTOs (Linux ``tcp_fin_time``)."""
+    fin_timeout = sk.linger2 if sk.linger2 > 0 else TCP_FIN_TIMEOUT
+    floor = 3.5 * tcp_rto(sk)
+    return fin_timeout if fin_timeout >= floor else floor
 
 
 def emit_readable(sh: Any, sk: TcpSock) -> None:
@@ -227,7 +239,12 @@ def tcp_close(sh: Any, sk: TcpSock, now: float) -> None:
     if st in (_ESTABLISHED, _CLOSE_WAIT, _SYN_RECV) and not sk.shut_wr:
         _queue_fin(sh, sk, now)
     elif sk.state is _FIN_WAIT2:
-        sh.timers.arm(sk, TimerKind.KEEPALIVE, now + TCP_FIN_TIMEOUT)
+        if sk.linger2 < 0:
+            # TCP_LINGER2 < 0: no FIN-WAIT-2 wait; Linux resets (TCPAbortOnLinger).
+            tcp_send_active_reset(sh, sk, now)
+            tcp_done(sh, sk)
+            return
+        sh.timers.arm(sk, TimerKind.KEEPALIVE, now + tcp_fin_time(sk))
 
 
 def inet_csk_listen_stop(sh: Any, sk: TcpSock, now: float) -> None:

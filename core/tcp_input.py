@@ -21,7 +21,7 @@ from typing import Any
 
 from .events import Connected
 from .sock import State, TcpSock
-from .tcp import TCP_FIN_TIMEOUT, emit_readable, tcp_check_writable, tcp_done, tcp_reset
+from .tcp import emit_readable, tcp_check_writable, tcp_done, tcp_fin_time, tcp_reset
 from .tcp_output import (
     TCP_DELACK,
     tcp_rto,
@@ -174,6 +174,8 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
         sk.snd_wl1 = seq
         sk.snd_wl2 = ack
     sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
+    sk.err_soft = 0  # something got through: forget a soft ICMP error (Linux tcp_ack)
+    sk.err_soft = 0  # ...so an earlier ICMP soft error is history (Linux tcp_ack)
     if sh.tracing:
         sh.tr("tcp_ecn_rcv_ecn_echo")
         sh.tr("tcp_in_ack_event")
@@ -232,6 +234,7 @@ def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
     if sk.timers[_PERSIST] is not None:
         sk.timers[_PERSIST] = None
         sk.probes = 0
+        sk.probes_tstamp = None
         sk.backoff = 0
 
 
@@ -242,6 +245,10 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     in_flight_before = (sk.snd_nxt - una) & MASK
     if in_flight_before & HALF:
         in_flight_before = 0
+    if sk.sacked and not sk.reord_seen:
+        # A hole filled below SACKed data by its original transmission: reordering.
+        _rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
+                                              for b in sk.sacked])
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
         data -= 1
@@ -285,7 +292,10 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
         # RFC 6937 DeliveredData = change in SND.UNA + change in SACKed bytes.
         tcp_fastretrans_alert(sh, sk, acked, acked + sk.sacked_bytes - prior, False, now,
                               rtt, in_flight_before)
+        if not sk.in_recovery and not sk.in_loss:
+            sk.retrans_stamp = None  # no retransmission outstanding (Linux tcp_retrans_stamp_cleanup)
     else:
+        sk.retrans_stamp = None
         sk.dupacks = 0
         cc = sk.cc
         if cc is not None:
@@ -352,6 +362,9 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
     if not new:
         return
     offs = [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked]
+    if not sk.reord_seen:
+        for lo, hi in new:
+            _rack_check_reordering(sk, lo, hi, offs)
     offs.extend(new)
     offs.sort()
     merged: list[list[int]] = []
@@ -490,11 +503,16 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
 
     ``acked``: bytes SND.UNA advanced; ``delivered``: RFC 6937 DeliveredData;
     ``dup``: a duplicate ACK (RFC 5681 / RFC 6675 §2); ``flight``: bytes in
-    flight before the ACK.
+    flight before the ACK.  With SACK, RACK (RFC 8985) first learns what the
+    ACK delivered (``tcp_rack_advance``), then marks losses by send time
+    (``tcp_rack_detect_loss``) alongside RFC 6675's IsLost.
     """
     cc = sk.cc
     mss = sk.mss_cache
     una = sk.snd_una
+    rack = sk.sack_ok
+    if rack:
+        tcp_rack_advance(sk, (una - acked) & MASK, now)
     if sk.in_loss:
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
@@ -512,8 +530,10 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             cc.on_ack(acked / mss, rtt, now, flight / mss)  # slow start from the loss window
         if sk.sacked:
             _mark_lost(sk, _lost_boundary(sk))
-        if sk.rtx_log:
-            _mark_lost_retrans(sh, sk)
+        if rack:
+            lost_to = tcp_rack_detect_loss(sh, sk, now)
+            if lost_to is not None:
+                _mark_lost(sk, lost_to)
         tcp_write_xmit(sh, sk, now)
         return
     if sk.in_recovery:
@@ -526,14 +546,16 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             sk.lost_hi = sk.retrans_hi = una
             sk.rtx_log.clear()
             sk.relost.clear()
+            sk.timers[_REO] = None
             cc.on_recovery_exit(now)
             if sk.undo_active and sk.undo_retrans <= 0:
                 tcp_try_undo_dsack(sh, sk)
             return
-        if sk.sack_ok:
+        if rack:
             _mark_lost(sk, _lost_boundary(sk))
-            if sk.sacked:
-                _rack_arm(sh, sk, now)
+            lost_to = tcp_rack_detect_loss(sh, sk, now)
+            if lost_to is not None:
+                _mark_lost(sk, lost_to)
         else:
             if dup:
                 sk.dupacks += 1
@@ -547,8 +569,6 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
                 _mark_lost(sk, (una + mss) & MASK)
         if acked and ((sk.retrans_hi - una) & MASK) & HALF:
             sk.retrans_hi = una
-        if sk.rtx_log:
-            _mark_lost_retrans(sh, sk)
         _prr_update(sk, delivered)
         tcp_write_xmit(sh, sk, now)
         return
@@ -568,30 +588,21 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             # nothing new to send, three dup ACKs can never come.
             dupthresh = max(int(in_flight + 0.999) - 1, 1)
         enter = sk.dupacks >= dupthresh
-    if not enter and sk.sacked and sk.sack_ok:
-        # RFC 6675 §5: IsLost(HighACK + 1) also starts recovery.
-        enter = 0 < ((_lost_boundary(sk) - una) & MASK) < HALF
+    lost_to = None
+    if sk.sacked and rack:
+        # RFC 8985 §6.2: data sent before the latest-sent delivered segment, and
+        # not delivered within a reordering window of it, is lost; the REO
+        # timer covers what is still inside its window.
+        lost_to = tcp_rack_detect_loss(sh, sk, now)
+        if not enter:
+            # RFC 6675 §5: IsLost(HighACK + 1) also starts recovery.
+            enter = lost_to is not None or 0 < ((_lost_boundary(sk) - una) & MASK) < HALF
     if enter:
-        tcp_enter_recovery(sh, sk, now, delivered=delivered)
+        tcp_enter_recovery(sh, sk, now, lost_to, delivered=delivered)
         return
-    if sk.sacked and sk.sack_ok:
-        _rack_arm(sh, sk, now)
     if dup:
         # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
         tcp_write_xmit(sh, sk, now)
-
-
-def _sacked_from(sk: TcpSock, una: int, top: int) -> int:
-    """Bytes SACKed at or above ``top``."""
-    off = (top - una) & MASK
-    n = 0
-    for b in sk.sacked:
-        hi = (b[1] - una) & MASK
-        if hi <= off:
-            continue
-        lo = (b[0] - una) & MASK
-        n += hi - (lo if lo > off else off)
-    return n
 
 
 def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
@@ -608,75 +619,239 @@ def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
     return False
 
 
-def _mark_lost_retrans(sh: Any, sk: TcpSock) -> None:
-    """Find retransmissions that were lost themselves (RFC 8985 RACK's insight, in
-    transmission order rather than time; Linux's older ``tcp_mark_lost_retrans``).
+# -- RACK: loss detection by transmission time (RFC 8985 §6.2; Linux tcp_recovery.c) --------
+#
+# RFC 6675 calls a hole lost when enough data *above it in sequence* was
+# SACKed.  RACK asks instead whether data *sent after it* was delivered: a
+# segment is lost once a segment transmitted later has been delivered and a
+# reordering window has passed since.  The difference matters for
+# retransmissions, which are sent after data above them: a lost retransmission
+# is found as soon as anything sent later (a later retransmission, new data)
+# arrives, instead of waiting for the RTO, and un-retransmitted data sent
+# before a delivered retransmission is found lost without DupThresh SACKs.
+#
+# Send times without per-segment state: original data leaves in sequence
+# order, so one (end, time) pair per transmission burst (``tx_log``, written
+# by ``tcp_output._write_new``) orders all of it; retransmissions are logged
+# with their time in ``rtx_log`` [start, end, SND.MAX then, time] (few, and
+# only during recovery).  Lost original data is a sequence prefix above
+# ``lost_hi``; lost retransmissions go to ``relost`` and are sent again first.
 
-    A retransmission is lost once more than (DupThresh - 1) * SMSS of data
-    sent *after* it has been delivered: later retransmissions of this episode
-    that were ACKed or SACKed, and SACKed data from beyond SND.MAX at the time
-    it was sent.  Such a range is queued in ``relost`` and sent again first,
-    instead of waiting for the RTO.
+def _tx_time(sk: TcpSock, seq: int) -> float:
+    """When the original transmission of the byte before ``seq`` left (-1: unknown)."""
+    log = sk.tx_log
+    top = sk.snd_max
+    want = (top - seq) & MASK  # distances back from SND.MAX: older is larger
+    t = -1.0
+    for i in range(len(log) - 2, -1, -2):
+        if ((top - log[i]) & MASK) > want:
+            break
+        t = log[i + 1]
+    return t
+
+
+def _rack_update(sk: TcpSock, t: float, end: int, now: float) -> None:
+    """RFC 8985 §6.2 step 2: remember the latest-sent delivered data (RACK_sent_after)."""
+    x = sk.rack_xmit
+    if t > x or (t == x and 0 < ((end - sk.rack_end) & MASK) < HALF):
+        sk.rack_xmit = t
+        sk.rack_end = end
+        sk.rack_rtt = now - t
+
+
+def _rack_fack(sk: TcpSock) -> int:
+    """RACK.fack: the highest sequence delivered, never behind SND.UNA."""
+    una = sk.snd_una
+    f = sk.rack_fack
+    if 0 < ((f - una) & MASK) <= ((sk.snd_max - una) & MASK):
+        return f
+    return una
+
+
+def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
+    """RFC 8985 §6.2 steps 1-2 for one ACK (Linux ``tcp_rack_advance``).
+
+    Original data: the highest byte delivered was sent last (its original
+    send time is a lower bound if it was retransmitted too, so never too
+    eager).  Retransmissions delivered by now leave ``rtx_log``; one delivered
+    sooner than min_RTT after it was sent cannot be what arrived (the original
+    did), so its time is not used (RFC 8985 step 2, ambiguity).
     """
     una = sk.snd_una
+    top = sk.sacked[-1][1] if sk.sacked else una
+    if top != prior_una:
+        t = _tx_time(sk, top)
+        if t >= 0:
+            _rack_update(sk, t, top, now)
     log = sk.rtx_log
-    limit = (DUPTHRESH - 1) * sk.mss_cache
-    later = 0
-    keep = []
-    relost = []
-    for i in range(len(log) - 1, -1, -1):
-        s, e, mark = log[i]
-        if _delivered(sk, una, s, e):
-            later += (e - s) & MASK
-            continue
-        if later + _sacked_from(sk, una, mark) > limit:
-            relost.append([s, e])
-        else:
-            keep.append(log[i])
-    if relost:
-        keep.reverse()
-        sk.rtx_log = keep
-        relost.reverse()
-        sk.relost.extend(relost)
-        sh.stats.lost_retransmits += len(relost)
+    if log:
+        min_rtt = sk.cc.min_rtt or sk.srtt  # before any sample: the handshake's RTT
+        keep = []
+        for ent in log:
+            if _delivered(sk, una, ent[0], ent[1]):
+                if now - ent[3] >= min_rtt:
+                    _rack_update(sk, ent[3], ent[1], now)
+            else:
+                keep.append(ent)
+        if len(keep) != len(log):
+            sk.rtx_log = keep
+    f = _rack_fack(sk)
+    if 0 < ((top - f) & MASK) < HALF:
+        sk.rack_fack = top
+    elif f == una:
+        sk.rack_fack = una
 
 
-def _rack_arm(sh: Any, sk: TcpSock, now: float) -> None:
-    """Data above a hole was SACKed: give reordering a window before calling the
-    hole lost (RFC 8985 §6.2 RACK, with sequence order standing in for send
-    order: un-retransmitted data below a SACKed block was sent before it)."""
-    if sk.timers[_REO] is not None:
-        return
-    if not 0 < ((sk.sacked[-1][0] - sk.lost_hi) & MASK) < HALF and (
-            sk.in_recovery or sk.in_loss):
-        return  # everything below the highest SACKed block is already lost
-    # RFC 8985 §6.2.4: reo_wnd = min(reo_wnd_mult * min_RTT / 4, SRTT).
+def _rack_reo_wnd(sk: TcpSock) -> float:
+    """RFC 8985 §6.2.4 (Linux ``tcp_rack_reo_wnd``): until reordering has been
+    seen, none in recovery or once DupThresh segments are SACKed; otherwise
+    min(reo_wnd_mult * min_RTT / 4, SRTT)."""
+    if not sk.reord_seen and (sk.in_recovery or sk.in_loss
+                              or sk.sacked_bytes >= DUPTHRESH * sk.mss_cache):
+        return 0.0
     reo = sk.reo_wnd_mult * (sk.cc.min_rtt or sk.srtt) / 4
     if sk.srtt and reo > sk.srtt:
         reo = sk.srtt
-    sh.timers.arm(sk, _REO, now + (reo if reo > 0.001 else 0.001))
+    return reo
+
+
+#: Float slack when comparing times that were computed by different sums.
+_RACK_EPS = 1e-9
+
+
+def tcp_rack_detect_loss(sh: Any, sk: TcpSock, now: float) -> int | None:
+    """RFC 8985 §6.2 step 5 (Linux ``tcp_rack_detect_loss``): whatever was sent
+    before RACK.segment and has waited RACK.rtt + reo_wnd since it left is lost.
+
+    Lost retransmissions move from ``rtx_log`` to ``relost``; for original data
+    the new lost boundary is returned (None: nothing newly lost).  The REO
+    timer is armed for the latest-sent data still inside its window (RFC 8985:
+    the maximum remaining time), or cancelled.
+    """
+    xmit = sk.rack_xmit
+    if xmit < 0:
+        return None
+    wait = sk.rack_rtt + _rack_reo_wnd(sk) - now  # lost once send time + wait <= 0
+    rack_end = sk.rack_end
+    una = sk.snd_una
+    timeout = 0.0
+    log = sk.rtx_log
+    if log and (sk.in_recovery or sk.in_loss):
+        keep = []
+        relost = []
+        for ent in log:
+            t = ent[3]
+            if t < xmit or (t == xmit and 0 < ((rack_end - ent[1]) & MASK) < HALF):
+                left = t + wait
+                if left <= _RACK_EPS:
+                    relost.append([ent[0], ent[1]])
+                    continue
+                if left > timeout:
+                    timeout = left
+            keep.append(ent)
+        if relost:
+            sk.rtx_log = keep
+            sk.relost.extend(relost)
+            sh.stats.lost_retransmits += len(relost)
+    lost = (sk.lost_hi - una) & MASK
+    if lost > ((sk.snd_max - una) & MASK):
+        lost = 0  # behind SND.UNA (or never set): nothing marked yet
+    start = lost
+    tx = sk.tx_log
+    rack_off = (rack_end - una) & MASK
+    prev = 0  # where the burst begins (offset from SND.UNA)
+    for i in range(0, len(tx), 2):
+        end = (tx[i] - una) & MASK
+        if end & HALF or end <= lost:
+            prev = 0 if end & HALF else end
+            continue  # acknowledged, or already lost
+        t = tx[i + 1]
+        if t > xmit:
+            break
+        if t == xmit:  # RACK.segment's own burst: by sequence up to it
+            if rack_off & HALF or rack_off <= lost:
+                break
+            if rack_off < end:
+                end = rack_off
+        left = t + wait
+        if left <= _RACK_EPS:
+            lost = end  # bursts leave in time order: every earlier one is lost too
+        elif left > timeout and _unsacked_in(sk, prev if prev > lost else lost, end):
+            timeout = left
+        if t == xmit:
+            break
+        prev = end
+    if timeout > 0:
+        sh.timers.arm(sk, _REO, now + timeout)
+    else:
+        sk.timers[_REO] = None
+    if lost > start and _unsacked_in(sk, start, lost):
+        return (una + lost) & MASK
+    return None
+
+
+def _unsacked_in(sk: TcpSock, lo: int, hi: int) -> bool:
+    """Is any byte of [lo, hi) (offsets from SND.UNA) not SACKed?"""
+    una = sk.snd_una
+    for b in sk.sacked:
+        a = (b[0] - una) & MASK
+        if a > lo:
+            break
+        e = (b[1] - una) & MASK
+        if e > lo:
+            lo = e
+    return lo < hi
 
 
 def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
-    """The reordering window passed and the holes below SACKed data are still
-    there: they are lost (Linux ``tcp_rack_reo_timeout``)."""
-    if (sk.cc is None or sk.in_loss or not sk.sacked or not sk.sack_ok
-            or sk.snd_una == sk.snd_max or sk.state not in _DATA_STATES + (
-                _CLOSE_WAIT, _CLOSING, _LAST_ACK)):
+    """The reordering window of data sent before RACK.segment passed: run RACK's
+    loss detection again and repair what it finds (Linux ``tcp_rack_reo_timeout``)."""
+    if (sk.cc is None or not sk.sack_ok or sk.snd_una == sk.snd_max
+            or not (sk.sacked or sk.rtx_log)
+            or sk.state not in _DATA_STATES + (_CLOSE_WAIT, _CLOSING, _LAST_ACK)):
         return
-    top = sk.sacked[-1][0]
-    if not sk.in_recovery:
-        if not 0 < ((top - sk.snd_una) & MASK) < HALF:
+    relost = len(sk.relost)
+    lost_to = tcp_rack_detect_loss(sh, sk, now)
+    if not sk.in_recovery and not sk.in_loss:
+        if lost_to is None:
             return
         sh.stats.rack_reo_timeouts += 1
         # Linux tcp_rack_reo_timeout counts one segment delivered for PRR here.
-        tcp_enter_recovery(sh, sk, now, top, delivered=sk.mss_cache)
+        tcp_enter_recovery(sh, sk, now, lost_to, delivered=sk.mss_cache)
         return
-    if 0 < ((top - sk.lost_hi) & MASK) < HALF:
-        sh.stats.rack_reo_timeouts += 1
-        _mark_lost(sk, top)
+    if lost_to is None and len(sk.relost) == relost:
+        return
+    sh.stats.rack_reo_timeouts += 1
+    if lost_to is not None:
+        _mark_lost(sk, lost_to)
+    if sk.in_recovery:
         _prr_update(sk, 0)
-        tcp_write_xmit(sh, sk, now)
+    tcp_write_xmit(sh, sk, now)
+
+
+def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: Any) -> None:
+    """RFC 8985 §6.2 step 3: data never retransmitted, newly delivered below
+    RACK.fack, arrived out of order.  ``lo``/``hi`` bound what this ACK
+    delivered (offsets from SND.UNA); ``old`` are the SACKed offsets before it."""
+    una = sk.snd_una
+    fack = (_rack_fack(sk) - una) & MASK
+    if sk.in_recovery or sk.in_loss:
+        rtx = (sk.retrans_hi - una) & MASK  # below it: retransmitted this episode
+        if rtx & HALF:
+            rtx = 0
+        if lo < rtx:
+            lo = rtx
+    if hi > fack:
+        hi = fack
+    if lo >= hi:
+        return
+    n = hi - lo
+    for a, b in old:
+        if b <= lo or a >= hi:
+            continue
+        n -= (b if b < hi else hi) - (a if a > lo else lo)
+    if n > 0:
+        sk.reord_seen = True
 
 
 def _reno_add_sack(sk: TcpSock) -> None:
@@ -704,6 +879,8 @@ def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = N
     flight = (sk.snd_max - una) & MASK
     sk.cc.on_loss(now, flight / mss)
     sk.in_recovery = True
+    if sk.retrans_stamp is None:
+        sk.retrans_stamp = now  # the fast retransmission below starts the episode
     sk.recover = sk.snd_max  # RecoveryPoint = HighData
     sk.rtt_seq = -1  # Karn: no RTT from retransmitted data
     sk.retrans_hi = una
@@ -1181,7 +1358,10 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if st is _FIN_WAIT1 and fin_acked:
         sk.state = st = _FIN_WAIT2
         if sk.orphan:
-            sh.timers.arm(sk, _KEEPALIVE, now + TCP_FIN_TIMEOUT)
+            if sk.linger2 < 0:
+                tcp_done(sh, sk)  # TCP_LINGER2 < 0: no FIN-WAIT-2 wait (Linux TCPAbortOnData)
+                return
+            sh.timers.arm(sk, _KEEPALIVE, now + tcp_fin_time(sk))
     elif st is _CLOSING and fin_acked:
         _tcp_time_wait(sh, sk, now)
         return
@@ -1222,6 +1402,7 @@ def tcp_synrecv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         sk.max_window = sk.snd_wnd
     tcp_init_transfer(sh, sk, now)
     sk.timers[_RETRANSMIT] = None
+    sk.retrans_stamp = None
     if sh.tracing:
         sh.tr("sock_def_wakeup")
         sh.tr("tcp_init_metrics")
@@ -1316,6 +1497,7 @@ def tcp_finish_connect(sh: Any, sk: TcpSock, now: float) -> None:
     sk.state = _ESTABLISHED
     sk.timers[_RETRANSMIT] = None
     sk.syn_retries = 0
+    sk.retrans_stamp = None
     sk.backoff = 0
     tcp_init_transfer(sh, sk, now)
     sh.stats.active_opens_done += 1

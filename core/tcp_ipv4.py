@@ -10,10 +10,18 @@ ISNs follow RFC 6528: ``ISN = M + F(4-tuple, secret)`` with M a 4 µs clock
 taken from ``now`` and F a keyed BLAKE2s of the 4-tuple (Linux uses SipHash).
 The same hash gives each connection its timestamp offset (Linux
 ``secure_tcp_ts_off``), so TSvals do not reveal uptime.
+
+ICMP errors about our segments come through ``tcp_v4_err`` (RFC 1122
+§4.2.3.9, RFC 5927 §4.1, RFC 1191): "fragmentation needed" lowers the
+connection's MSS and resends the flight in the new size; other errors abort
+a handshake in progress, or are kept as the soft error a later timeout
+reports.  A socket whose connect() failed may connect() again
+(``tcp_v4_connect``, Linux ``__inet_stream_connect`` + ``tcp_disconnect``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import struct
@@ -21,7 +29,9 @@ from typing import Any
 
 from . import syncookies
 from .events import Acceptable
+from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr, icmp_rcv
 from .inet_connection_sock import (
+    inet_csk_get_port,
     inet_csk_reqsk_queue_is_full,
     os_error,
     sk_acceptq_is_full,
@@ -42,10 +52,23 @@ from .tcp_minisocks import (
     tcp_create_openreq_child,
     tcp_timewait_state_process,
 )
-from .tcp_output import tcp_make_synack, tcp_send_reset, tcp_send_syn
+from .tcp_output import (
+    tcp_make_synack,
+    tcp_send_reset,
+    tcp_send_syn,
+    tcp_xmit_retransmit_queue,
+)
 from .tcp_timer import TimerKind
 from .wire.checksum import verify_tcp_checksum
 from .wire.errors import WireError
+from .wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_FRAG_NEEDED,
+    ICMP_HOST_UNREACH,
+    ICMP_NET_UNREACH,
+    ICMP_PARAMETERPROB,
+    ICMP_TIME_EXCEEDED,
+)
 from .wire.ipv4 import parse_ipv4
 from .wire.tcp import ACK, RST, SYN, parse_tcp
 
@@ -55,7 +78,8 @@ _CLOSED = State.CLOSED
 _SYN_SENT = State.SYN_SENT
 
 __all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_recv_sock",
-           "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window"]
+           "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window", "tcp_v4_err",
+           "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect"]
 
 MASK = 0xFFFFFFFF
 _TUPLE = struct.Struct("!IHIH")
@@ -101,6 +125,12 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
         stats.drop(_IP_REASONS.get(e.reason, "IP_HDR"))
         return
     if ip.proto != 6:
+        if ip.proto == 1 and ip.dst in sh.addr_set:
+            # ip_local_deliver's other protocol: ICMP errors about our segments.
+            err = icmp_rcv(sh, ip, payload)
+            if err is not None:
+                tcp_v4_err(sh, err, now)
+            return
         stats.drop("NOT_TCP")
         return
     src = ip.src
@@ -359,6 +389,156 @@ def tcp_child_process(sh: Any, listener: TcpSock, child: TcpSock, seg: Any, now:
         sh.events.append(Acceptable(listener.sd))
 
 
+# -- ICMP errors (Linux tcp_v4_err) ------------------------------------------------------
+
+_SYN_STATES = (State.SYN_SENT, State.SYN_RECV)
+_EMSGSIZE = errno.EMSGSIZE
+
+
+def tcp_v4_err(sh: Any, e: IcmpErr, now: float) -> None:
+    """An ICMP error quoting one of our segments (Linux ``tcp_v4_err``); never raises.
+
+    Lookup as Linux: the established hash only (connections, request socks,
+    TIME-WAIT); a listener sends nothing an error could quote but SYN-ACKs,
+    and those belong to request socks.  Then RFC 5927 §4.1: the quoted
+    sequence number must lie in [SND.UNA, SND.NXT], else the message is
+    spoofed or stale (``tcp_out_of_window_icmps``, Linux OutOfWindowIcmps).
+    """
+    stats = sh.stats
+    q = e.quote
+    if q.proto != 6:
+        stats.icmp_in_errors += 1  # no other transport here: nothing to tell
+        return
+    sk = sh.h.ehash.get((q.src, q.sport, q.dst, q.dport))
+    if sk is None:
+        stats.icmp_in_errors += 1  # Linux: ICMP_MIB_INERRORS, -ENOENT
+        return
+    st = sk.state
+    if st is _TIME_WAIT:
+        return
+    itype, code = e.type, e.code
+    if st is _NEW_SYN_RECV:
+        # Only errors saying the peer cannot be reached end a half-open
+        # connection; port unreachable in answer to a SYN-ACK proves nothing.
+        tcp_req_err(sh, sk, q.seq, itype == ICMP_PARAMETERPROB or itype == ICMP_TIME_EXCEEDED
+                    or (itype == ICMP_DEST_UNREACH
+                        and code in (ICMP_NET_UNREACH, ICMP_HOST_UNREACH)))
+        return
+    if st is _CLOSED:
+        return
+    if ((q.seq - sk.snd_una) & MASK) > ((sk.snd_max - sk.snd_una) & MASK):
+        stats.tcp_out_of_window_icmps += 1
+        return
+    if itype == ICMP_DEST_UNREACH:
+        if code > NR_ICMP_UNREACH:
+            return
+        if code == ICMP_FRAG_NEEDED:
+            # RFC 1191: path MTU discovery.  SYNs and SYN-ACKs are far below
+            # any MTU, so only a synchronized connection has something to shrink.
+            tcp_v4_mtu_reduced(sh, sk, e.info, now)
+            return
+        err = ICMP_ERR_CONVERT[code][0]
+    elif itype == ICMP_TIME_EXCEEDED:
+        err = errno.EHOSTUNREACH
+    else:
+        err = errno.EPROTO  # parameter problem
+    if st in _SYN_STATES:
+        # A connect in progress fails at once with the error (Linux
+        # tcp_done_with_error); the connect() caller gets this errno.
+        from .tcp import tcp_done
+        stats.tcp_icmp_aborts += 1
+        tcp_done(sh, sk, err)
+        return
+    # RFC 1122 §4.2.3.9: once synchronized, every ICMP error is soft ("keep
+    # trying until we time out"); only the timeout reports it, in place of
+    # ETIMEDOUT (Linux sk_err_soft; IP_RECVERR, which would raise it now, is
+    # not modelled).
+    stats.tcp_icmp_soft_errors += 1
+    sk.err_soft = err
+
+
+def tcp_req_err(sh: Any, req: Any, seq: int, abort: bool) -> None:
+    """An error quoting a request sock's SYN-ACK (Linux ``tcp_req_err``)."""
+    if seq != req.iss:
+        sh.stats.tcp_out_of_window_icmps += 1
+        return
+    if abort:
+        # Dropped silently (Linux inet_csk_reqsk_queue_drop): the listener has
+        # no one to tell, and accept() never returns network errors (POSIX).
+        from .tcp_minisocks import _req_drop
+        _req_drop(sh, req)
+        sh.stats.tcp_icmp_aborts += 1
+
+
+def tcp_v4_mtu_reduced(sh: Any, sk: TcpSock, mtu: int, now: float) -> None:
+    """"Fragmentation needed" for one of our segments (Linux ``tcp_v4_mtu_reduced``).
+
+    Our segments carry DF, so a router on the path dropped one and told us
+    its next-hop MTU (RFC 1191 §4).  The path MTU is raised to
+    ``IP_RT_MIN_PMTU`` if lower (then DF cannot be honoured in Linux and the
+    route is locked; we keep DF and remember EMSGSIZE as the soft error, as
+    Linux does), never raised by such a message (RFC 1191 §3: "MUST NOT
+    increase"), and the flight is resent at the new size
+    (``tcp_simple_retransmit``): every segment in it was too large.
+    """
+    if sk.cc is None:
+        return  # not synchronized: nothing but a SYN was sent
+    if mtu < IP_RT_MIN_PMTU:
+        sk.err_soft = _EMSGSIZE
+        mtu = IP_RT_MIN_PMTU
+    if not tcp_sync_mss(sk, mtu):
+        return
+    sh.stats.tcp_pmtu_reductions += 1
+    tcp_simple_retransmit(sh, sk, now)
+
+
+def tcp_sync_mss(sk: TcpSock, pmtu: int) -> bool:
+    """Fit the send MSS to a smaller path MTU (Linux ``tcp_sync_mss``,
+    ``tcp_mtu_to_mss``); True if it shrank.
+
+    ``sk.mss`` is already the smallest of the peer's MSS option, our MTU and
+    TCP_MAXSEG, so the path MTU can only lower it further.  ``mss_cache``
+    keeps the room timestamps take in every segment.
+    """
+    mss = pmtu - 40  # IPv4 + TCP headers, no options
+    if mss >= sk.mss:
+        return False
+    sk.mss = mss
+    sk.mss_cache = mss - (12 if sk.ts_ok else 0)
+    return True
+
+
+def tcp_simple_retransmit(sh: Any, sk: TcpSock, now: float) -> None:
+    """Resend the whole flight at the current MSS (Linux ``tcp_simple_retransmit``,
+    which lives in tcp_input.c).
+
+    Everything in flight un-SACKed is marked lost, and the sender enters the
+    Loss state without touching cwnd or ssthresh: the network holds no more
+    data than before, only in smaller units.  Retransmissions then go out
+    hole by hole through ``tcp_xmit_retransmit_queue`` as after an RTO, but
+    the window is not collapsed and no undo is armed (nothing was spurious).
+    """
+    una = sk.snd_una
+    if sk.snd_max == una:
+        return
+    if not sk.in_loss:
+        sk.in_loss = True
+        sk.in_recovery = False
+        sk.recover = sk.snd_max
+        sk.undo_active = False
+        sk.dupacks = 0
+        sk.reno_sacked = 0
+        sk.timers[TimerKind.TLP] = None
+        sk.timers[TimerKind.REO] = None
+        sk.rtt_seq = -1  # Karn (RFC 6298 (3)): no samples from what is resent
+        sk.rto_ts = (int(now * 1000) + sk.ts_off) & MASK
+    sk.lost_hi = sk.snd_max
+    sk.retrans_hi = una
+    sk.rtx_log.clear()
+    sk.relost.clear()
+    tcp_xmit_retransmit_queue(sh, sk, now)
+
+
 # -- active open ------------------------------------------------------------------------
 
 def tcp_v4_connect(sh: Any, sk: TcpSock, raddr: int, rport: int, now: float) -> None:
@@ -368,6 +548,17 @@ def tcp_v4_connect(sh: Any, sk: TcpSock, raddr: int, rport: int, now: float) -> 
     st = sk.state
     if st is _SYN_SENT:
         raise os_error(errno.EALREADY)
+    if sk.dead and st is _CLOSED and sk.cc is None:
+        # The last connect failed (RST, timeout, ICMP) before the connection
+        # was ever established.  Linux's socket is then still "connecting" in
+        # CLOSE: connect() reports how it ended (the pending error, or
+        # ECONNABORTED once SO_ERROR/recv took it) and disconnects it, so the
+        # next connect() starts afresh (``__inet_stream_connect`` sock_error,
+        # ``tcp_disconnect``).  One that was established stays EISCONN.
+        err = sk.err or errno.ECONNABORTED
+        sk.err = 0
+        tcp_disconnect(sh, sk)
+        raise os_error(err)
     if st is not _CLOSED or sk.dead:
         raise os_error(errno.EISCONN)
     if not 0 < rport < 65536 or raddr == 0:
@@ -408,3 +599,41 @@ def tcp_connect(sh: Any, sk: TcpSock, now: float) -> None:
     tcp_send_syn(sh, sk, now)
     sh.timers.arm(sk, TimerKind.RETRANSMIT, now + TCP_TIMEOUT_INIT)
     sh.stats.active_opens += 1
+
+
+def _reset_fields() -> tuple[str, ...]:
+    """TcpSock fields ``tcp_disconnect`` puts back to their defaults: all but
+    the descriptor, the timer slots (their heap entries must stay stale) and
+    the socket options, which are the fields declared between ``rport`` and
+    ``bound`` (the dataclass's "socket options" section)."""
+    names = [f.name for f in dataclasses.fields(TcpSock)]
+    keep = set(names[names.index("rport") + 1:names.index("bound")])
+    keep |= {"sd", "timers", "timer_seq", "timer_q"}
+    return tuple(n for n in names if n not in keep)
+
+
+_RESET_FIELDS = _reset_fields()
+
+
+def tcp_disconnect(sh: Any, sk: TcpSock) -> None:
+    """A socket whose connect failed back to a fresh CLOSED one (Linux ``tcp_disconnect``,
+    which lives in tcp.c).
+
+    Options set by the application stay.  The port: ``tcp_done`` released
+    it; a port the application bound itself comes back (Linux keeps it,
+    SOCK_BINDPORT_LOCK), with its address; an ephemeral one is gone and the
+    source address is forgotten (Linux ``inet_reset_saddr``).  If someone
+    else took the bound port in between, the socket ends up unbound.
+    """
+    user_port = 0 if sk.bind_by_connect else sk.lport
+    laddr = sk.laddr if user_port else 0
+    fresh = TcpSock(sk.sd, rcvbuf=sk.rcvbuf, sndbuf=sk.sndbuf, adv_mss=sh.adv_mss)
+    for name in _RESET_FIELDS:
+        setattr(sk, name, getattr(fresh, name))
+    sk.laddr = laddr
+    if user_port:
+        lo, hi = sh.cfg.ephemeral_range
+        try:
+            inet_csk_get_port(sh.h, sk, user_port, lo, hi)
+        except OSError:
+            sk.lport = 0

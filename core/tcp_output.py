@@ -445,6 +445,27 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
             break
     if sent:
         sk.lsndtime = now
+        if sk.sack_ok:
+            # RACK (RFC 8985 §6.2) orders by send time: one (end, time) pair per
+            # burst, not per segment; acknowledged bursts are dropped here.
+            log = sk.tx_log
+            if not log:
+                log += (sk.snd_nxt, now)
+            elif log[-1] == now:
+                log[-2] = sk.snd_nxt
+            elif log[-2] == una:  # all of it acknowledged (request/response)
+                if len(log) > 2:
+                    del log[2:]
+                log[0] = sk.snd_nxt
+                log[1] = now
+            else:
+                i = 0
+                n = len(log)
+                while i < n and ((una - log[i]) & MASK) < HALF:
+                    i += 2
+                if i:
+                    del log[:i]
+                log += (sk.snd_nxt, now)
         if sk.timers[_RETRANSMIT] is None and sk.snd_max != una:
             sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
         if sk.sack_ok and quota < 0 and sk.timers[_RETRANSMIT] is not None:
@@ -491,7 +512,7 @@ def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
             break
         if not again:
             sk.retrans_hi = end
-        sk.rtx_log.append([seq, end, sk.snd_max])
+        sk.rtx_log.append([seq, end, sk.snd_max, now])  # RACK: when it left (RFC 8985 §6.2)
         quota -= n
         sk.prr_out += n
         if seq == una:

@@ -35,7 +35,14 @@ import enum
 import heapq
 from typing import Any
 
-__all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler", "tcp_enter_loss"]
+from .sock import State
+
+__all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler", "tcp_enter_loss", "tcp_write_timeout",
+           "tcp_model_timeout", "retransmits_timed_out", "TCP_SYN_RETRIES", "TCP_SYNACK_RETRIES",
+           "TCP_RETRIES1", "TCP_RETRIES2", "MAX_TCP_SYNCNT"]
+
+_SYN_SENT = State.SYN_SENT
+_SYN_RECV = State.SYN_RECV
 
 
 class TimerKind(enum.IntEnum):
@@ -153,10 +160,15 @@ class TimerHeap:
 
 # -- what each timer does (Linux tcp_timer.c handlers) ------------------------------------
 
-#: net.ipv4.tcp_syn_retries / tcp_synack_retries / tcp_retries2 defaults.
+#: net.ipv4 sysctl defaults: tcp_syn_retries, tcp_synack_retries, tcp_retries1/2,
+#: and tcp_orphan_retries' effective value (0 means 8 while the peer seems alive).
 TCP_SYN_RETRIES = 6
 TCP_SYNACK_RETRIES = 5
+TCP_RETRIES1 = 3
 TCP_RETRIES2 = 15
+TCP_ORPHAN_RETRIES = 8
+#: TCP_SYNCNT's upper bound (Linux MAX_TCP_SYNCNT).
+MAX_TCP_SYNCNT = 127
 
 
 def tcp_timer_handler(sh: Any, kind: int, sk: Any, now: float) -> None:
@@ -182,10 +194,12 @@ def tcp_timer_handler(sh: Any, kind: int, sk: Any, now: float) -> None:
 
 
 def reqsk_timer_handler(sh: Any, req: Any, now: float) -> None:
-    """Resend the SYN-ACK with exponential backoff; give up after 5 retries (63 s)."""
+    """Resend the SYN-ACK with exponential backoff; give up after tcp_synack_retries
+    (5: 63 s), or the listener's TCP_SYNCNT (Linux ``reqsk_timer_handler``)."""
     if req.dead:
         return
-    if req.num_retrans >= TCP_SYNACK_RETRIES:
+    limit = req.listener.syn_count or TCP_SYNACK_RETRIES
+    if req.num_retrans >= limit:
         from .tcp_minisocks import _req_drop
         _req_drop(sh, req)
         sh.stats.synack_timeouts += 1
@@ -197,36 +211,138 @@ def reqsk_timer_handler(sh: Any, req: Any, now: float) -> None:
     sh.timers.arm(req, TimerKind.SYNACK, now + (1.0 * (1 << req.num_retrans)))
 
 
-def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
-    """RTO expiry (RFC 6298 (5.4)-(5.7)): resend the oldest segment, back off, collapse cwnd."""
+# -- giving up (Linux tcp_write_timeout) -----------------------------------------------------
+#
+# Linux gives up on a connection by *time*, not by counting retransmissions:
+# tcp_retries2 = 15 means "as long as 15 retransmissions would take if the RTO
+# started at TCP_RTO_MIN (200 ms) and doubled up to TCP_RTO_MAX (120 s)",
+# 924.6 s, measured from the first retransmission of the episode
+# (``retrans_stamp``), checked each time the retransmission timer fires.  A
+# connection with a 1 s RTO therefore retransmits fewer than 15 times, and one
+# whose RTO is far below 200 ms more.  TCP_USER_TIMEOUT (RFC 5482) replaces
+# that duration with the user's.  SYNs keep the count (tcp_syn_retries = 6:
+# retries 1, 3, ..., 63 s after the first SYN, ETIMEDOUT at 1 + 2 + ... + 64 =
+# 127 s), which the same model with a 1 s base reproduces exactly.
+
+def _ms(t: float) -> int:
+    """Seconds to whole milliseconds: Linux's clock for these comparisons."""
+    return int(round(t * 1000.0))
+
+
+def tcp_model_timeout(boundary: int, rto_base: float) -> float:
+    """How long ``boundary`` retransmissions last when the RTO starts at
+    ``rto_base`` and doubles up to TCP_RTO_MAX (Linux ``tcp_model_timeout``).
+
+    ``tcp_model_timeout(15, 0.2)`` is 924.6 s; ``(6, 1.0)`` 127 s.
+    """
+    from .tcp_output import TCP_RTO_MAX
+    base = _ms(rto_base)
+    rto_max = _ms(TCP_RTO_MAX)
+    thresh = (rto_max // base).bit_length() - 1  # ilog2: doublings before the cap
+    if boundary <= thresh:
+        return ((2 << boundary) - 1) * base / 1000.0
+    return (((2 << thresh) - 1) * base + (boundary - thresh) * rto_max) / 1000.0
+
+
+def retransmits_timed_out(sk: Any, boundary: int, timeout: float, now: float) -> bool:
+    """Has the episode of retransmissions lasted ``timeout`` seconds (0: as long
+    as ``boundary`` backed-off retransmissions would)?  Linux
+    ``retransmits_timed_out``: false before the first retransmission."""
+    syn = sk.state is _SYN_SENT or sk.state is _SYN_RECV
+    if not (sk.syn_retries if syn else sk.retries) or sk.retrans_stamp is None:
+        return False
+    if not timeout:
+        from .tcp_input import TCP_RTO_MIN, TCP_TIMEOUT_INIT
+        timeout = tcp_model_timeout(boundary, TCP_TIMEOUT_INIT if syn else TCP_RTO_MIN)
+    return _ms(now - sk.retrans_stamp) >= _ms(timeout)
+
+
+def tcp_orphan_retries(sk: Any, alive: bool) -> int:
+    """Retries for a socket nobody holds any more (Linux ``tcp_orphan_retries``,
+    sysctl 0): 8 (~100 s at a 200 ms RTO) while the peer seems alive, else none."""
+    return TCP_ORPHAN_RETRIES if alive else 0
+
+
+def tcp_write_err(sh: Any, sk: Any) -> None:
+    """Give up: the error is a soft error an ICMP reported, else ETIMEDOUT
+    (Linux ``tcp_write_err``)."""
     import errno
 
-    from .sock import State
     from .tcp import tcp_done
+    tcp_done(sh, sk, sk.err_soft or errno.ETIMEDOUT)
+
+
+def tcp_write_timeout(sh: Any, sk: Any, now: float) -> bool:
+    """Decide, as the retransmission timer fires, whether to give up (Linux
+    ``tcp_write_timeout``); if so the socket is closed with the error.
+
+    SYN-SENT / SYN-RECEIVED: after TCP_SYNCNT (default tcp_syn_retries = 6)
+    retransmissions.  Otherwise: when the episode has lasted TCP_USER_TIMEOUT,
+    or, without it, tcp_model_timeout(tcp_retries2) = 924.6 s (orphans:
+    tcp_orphan_retries, 102.2 s).  Past tcp_retries1 (3 s) Linux only asks
+    routing for another path (``__dst_negative_advice``): we have one route.
+    """
+    from .tcp_output import TCP_RTO_MAX, tcp_rto
+    st = sk.state
+    if st is _SYN_SENT or st is _SYN_RECV:
+        retry_until = sk.syn_count or TCP_SYN_RETRIES
+        expired = sk.syn_retries >= retry_until
+    else:
+        if retransmits_timed_out(sk, TCP_RETRIES1, 0.0, now) and sh.tracing:
+            sh.tr("__dst_negative_advice")
+        retry_until = TCP_RETRIES2
+        if sk.orphan:
+            retry_until = tcp_orphan_retries(sk, tcp_rto(sk) < TCP_RTO_MAX)
+        expired = False
+    if not expired:
+        expired = retransmits_timed_out(sk, retry_until, sk.user_timeout / 1000.0, now)
+    if expired:
+        tcp_write_err(sh, sk)
+    return expired
+
+
+def tcp_clamp_rto_to_user_timeout(sk: Any, rto: float, now: float) -> float:
+    """Never wait past TCP_USER_TIMEOUT: the last timer fires when it ends
+    (Linux ``tcp_clamp_rto_to_user_timeout``)."""
+    ut = sk.user_timeout
+    if not ut or sk.retrans_stamp is None:
+        return rto
+    remaining = ut / 1000.0 - (now - sk.retrans_stamp)
+    if remaining <= 0:
+        return 0.001  # Linux: one jiffy
+    return rto if rto < remaining else remaining
+
+
+def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
+    """RTO expiry (RFC 6298 (5.4)-(5.7)): give up (``tcp_write_timeout``) or resend
+    the oldest segment, back off, collapse cwnd (Linux ``tcp_retransmit_timer``)."""
     from .tcp_output import tcp_rto, tcp_send_syn, tcp_send_synack_sock
     st = sk.state
-    if st is State.SYN_SENT or (st is State.SYN_RECV and sk.parent is None):
-        limit = TCP_SYN_RETRIES if st is State.SYN_SENT else TCP_SYNACK_RETRIES
-        if sk.syn_retries >= limit:
-            tcp_done(sh, sk, errno.ETIMEDOUT)
+    if st is _SYN_SENT or (st is _SYN_RECV and sk.parent is None):
+        if sk.retrans_stamp is None:
+            sk.retrans_stamp = sk.rtt_time  # Linux tcp_connect stamps the first SYN
+        if tcp_write_timeout(sh, sk, now):
             return
         sk.syn_retries += 1
         sk.backoff += 1
         sh.stats.retrans_segs += 1
-        if st is State.SYN_SENT:
+        if st is _SYN_SENT:
             tcp_send_syn(sh, sk, now)
         else:
             tcp_send_synack_sock(sh, sk, now)
-        sh.timers.arm(sk, TimerKind.RETRANSMIT, now + tcp_rto(sk))
+        sh.timers.arm(sk, TimerKind.RETRANSMIT,
+                      now + tcp_clamp_rto_to_user_timeout(sk, tcp_rto(sk), now))
         return
     if sk.snd_una == sk.snd_max:
         return
-    if sk.retries >= TCP_RETRIES2:
-        tcp_done(sh, sk, errno.ETIMEDOUT)
+    if tcp_write_timeout(sh, sk, now):
         return
+    if sk.retrans_stamp is None:
+        sk.retrans_stamp = now  # Linux: stamped by the first retransmission
     sk.retries += 1
     tcp_enter_loss(sh, sk, now)
-    sh.timers.arm(sk, TimerKind.RETRANSMIT, now + tcp_rto(sk))
+    sh.timers.arm(sk, TimerKind.RETRANSMIT,
+                  now + tcp_clamp_rto_to_user_timeout(sk, tcp_rto(sk), now))
 
 
 def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
@@ -298,8 +414,17 @@ def tcp_send_loss_probe(sh: Any, sk: Any, now: float) -> None:
             if ((lo - seq) & 0xFFFFFFFF) & 0x80000000 or lo == seq:
                 return
             top = lo
-        if tcp_retransmit_skb(sh, sk, seq, now, (top - seq) & 0xFFFFFFFF) == seq:
+        end = tcp_retransmit_skb(sh, sk, seq, now, (top - seq) & 0xFFFFFFFF)
+        if end == seq:
             return
+        # RACK (RFC 8985 §6.2) learns the probe's send time: if it is delivered,
+        # holes sent before it are lost once a reordering window has passed.
+        # (Probes acknowledged on the fast path are dropped here, so the log
+        # stays bounded between recoveries.)
+        una = sk.snd_una
+        log = [e for e in sk.rtx_log if 0 < ((e[1] - una) & 0xFFFFFFFF) < 0x80000000]
+        log.append([seq, end, sk.snd_max, now])
+        sk.rtx_log = log
     sh.stats.tlp_probes += 1
     sh.timers.arm(sk, TimerKind.RETRANSMIT, now + tcp_rto(sk))
 
@@ -315,37 +440,59 @@ def tcp_delack_timer(sh: Any, sk: Any, now: float) -> None:
 
 
 def tcp_probe_timer(sh: Any, sk: Any, now: float) -> None:
-    """Zero-window probe (RFC 9293 §3.8.6.1; Linux ``tcp_probe_timer``)."""
-    import errno
+    """Zero-window probe (RFC 9293 §3.8.6.1; Linux ``tcp_probe_timer``).
 
-    from .tcp import tcp_done
-    from .tcp_output import tcp_rto, tcp_send_probe, tcp_write_xmit
+    RFC 1122 §4.2.2.17 keeps probing for as long as the peer answers, which
+    resets the count; TCP_USER_TIMEOUT (RFC 5482) bounds a window that stays
+    shut since the first probe even so, and an orphan gets tcp_orphan_retries.
+    """
+    from .tcp_output import TCP_RTO_MAX, tcp_rto, tcp_send_probe, tcp_write_xmit
     pending = sk.sndq_len - ((sk.snd_nxt - sk.snd_una) & 0xFFFFFFFF)
     if sk.snd_max != sk.snd_una or pending <= 0:
         sk.probes = 0
+        sk.probes_tstamp = None
         return
     if sk.snd_wnd:
         tcp_write_xmit(sh, sk, now)
         return
-    if sk.probes >= TCP_RETRIES2:
-        tcp_done(sh, sk, errno.ETIMEDOUT)
+    ut = sk.user_timeout
+    if sk.probes_tstamp is None:
+        sk.probes_tstamp = now
+    elif ut and _ms(now - sk.probes_tstamp) >= ut:
+        tcp_write_err(sh, sk)
+        return
+    max_probes = TCP_RETRIES2
+    if sk.orphan:
+        alive = tcp_rto(sk) < TCP_RTO_MAX
+        max_probes = tcp_orphan_retries(sk, alive)
+        if not alive and sk.backoff >= max_probes:
+            tcp_write_err(sh, sk)
+            return
+    if sk.probes >= max_probes:
+        tcp_write_err(sh, sk)
         return
     sk.probes += 1
     sk.backoff += 1
     sh.stats.zero_window_probes += 1
     tcp_send_probe(sh, sk, now)
-    sh.timers.arm(sk, TimerKind.PERSIST, now + tcp_rto(sk))
+    when = tcp_rto(sk)
+    if ut:  # Linux tcp_clamp_probe0_to_user_timeout
+        remaining = ut / 1000.0 - (now - sk.probes_tstamp)
+        when = min(when, max(remaining, 0.001))
+    sh.timers.arm(sk, TimerKind.PERSIST, now + when)
 
 
 def tcp_keepalive_timer(sh: Any, sk: Any, now: float) -> None:
-    """Keepalive (RFC 1122 §4.2.3.6), and the orphaned FIN-WAIT-2 timeout (same timer in Linux)."""
-    import errno
+    """Keepalive (RFC 1122 §4.2.3.6), and the orphaned FIN-WAIT-2 timeout (same timer in Linux).
 
-    from .sock import State
-    from .tcp import tcp_done
+    The peer is declared dead after TCP_KEEPCNT unanswered probes, or, with
+    TCP_USER_TIMEOUT set, once that long has passed since it was last heard
+    from and at least one probe went unanswered (Linux ``tcp_keepalive_timer``).
+    """
     from .tcp_output import tcp_send_active_reset, tcp_send_probe
     st = sk.state
     if st is State.FIN_WAIT2 and sk.orphan:
+        from .tcp import tcp_done
         tcp_done(sh, sk)
         return
     if not sk.keepalive or st not in (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT1,
@@ -359,9 +506,10 @@ def tcp_keepalive_timer(sh: Any, sk: Any, now: float) -> None:
     if idle < sk.keepidle and sk.probes == 0:
         sh.timers.arm(sk, TimerKind.KEEPALIVE, sk.rcv_tstamp + sk.keepidle)
         return
-    if sk.probes >= sk.keepcnt:
+    ut = sk.user_timeout
+    if (sk.probes > 0 and _ms(idle) >= ut) if ut else sk.probes >= sk.keepcnt:
         tcp_send_active_reset(sh, sk, now)
-        tcp_done(sh, sk, errno.ETIMEDOUT)
+        tcp_write_err(sh, sk)
         return
     sk.probes += 1
     sh.stats.keepalive_probes += 1

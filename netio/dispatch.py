@@ -11,6 +11,12 @@ for the few things the I/O process answers itself:
   the sender's hardware address into `neighbours`.
 * ICMP echo request to us: reply (`icmp_echo`), after checking the IPv4
   header and the ICMP checksum as `icmp_rcv` does.
+* ICMP errors (destination unreachable, time exceeded, parameter problem)
+  quoting a TCP segment we sent: to the worker that owns that flow, the one
+  its inbound frames hash to, i.e. the hash of the QUOTED 4-tuple turned
+  round to the receive direction (`icmp_socket_deliver`: the worker's
+  `tcp_v4_err` does the rest). Off the TCP fast path: ICMP is always the
+  slow path here.
 * Everything else is dropped and counted under a named reason, the way Linux
   tags drops with SKB_DROP_REASON_*. Nothing in here raises on bad input.
 
@@ -37,7 +43,14 @@ from shardstack.core.wire.ethernet import (
     ETH_P_IP,
     build_ethernet,
 )
-from shardstack.core.wire.icmp import ICMP_ECHO, echo_reply_ipv4, parse_icmp
+from shardstack.core.wire.icmp import (
+    ICMP_ECHO,
+    ICMP_ERROR_TYPES,
+    IcmpMessage,
+    echo_reply_ipv4,
+    parse_icmp,
+    parse_icmp_quote,
+)
 from shardstack.core.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
 
 from .rss import RETA_MASK, SYMMETRIC_KEY, FoldedToeplitz, Toeplitz, is_period16, make_reta
@@ -61,6 +74,7 @@ class DispatchStats:
     arp_replies: int = 0
     arp_learned: int = 0
     icmp_replies: int = 0
+    icmp_errors: int = 0  # ICMP errors handed to the worker owning the quoted flow
     per_worker: list[int] = field(default_factory=list)
     drops: collections.Counter = field(default_factory=collections.Counter)
 
@@ -71,6 +85,7 @@ class DispatchStats:
             "arp_replies": self.arp_replies,
             "arp_learned": self.arp_learned,
             "icmp_replies": self.icmp_replies,
+            "icmp_errors": self.icmp_errors,
             "per_worker": list(self.per_worker),
             "drops": dict(self.drops),
         }
@@ -138,6 +153,7 @@ class Dispatcher:
         mac = self.mac
         l3 = ETH_HLEN if l2 else 0
         stats.frames += len(batch)
+        icmp_before = stats.icmp_errors
         for frame, flags in batch:
             n_bytes = len(frame)
             if l2:
@@ -159,7 +175,7 @@ class Dispatcher:
                 continue
             vihl, frag, proto, src, dst = unpack_ip(frame, l3)
             if proto != 6 or vihl >> 4 != 4:
-                self._slow_ip(frame, l3, out)
+                self._slow_ip(frame, flags, l3, out)
                 continue
             if vihl == 0x45:
                 l4 = l3 + 20
@@ -188,11 +204,12 @@ class Dispatcher:
             k = len(frames_out[w])
             per_worker[w] += k
             stats.tcp += k
+        stats.tcp -= stats.icmp_errors - icmp_before  # per_worker counts them, tcp does not
         return out
 
     # -- the slow paths: rare frames, readable code over fast code ----------
 
-    def _slow_ip(self, frame: bytes, l3: int, out: Batch) -> None:
+    def _slow_ip(self, frame: bytes, flags: int, l3: int, out: Batch) -> None:
         """Non-TCP IPv4 (or a bad version nibble): `ip_rcv` then `icmp_rcv`."""
         drops = self.stats.drops
         try:
@@ -211,6 +228,9 @@ class Dispatcher:
         except WireError as e:
             drops["icmp_" + e.reason] += 1
             return
+        if msg.type in ICMP_ERROR_TYPES:
+            self._icmp_error(frame, flags, msg, out)
+            return
         if msg.type != ICMP_ECHO or msg.code != 0:
             drops["icmp_not_echo"] += 1
             return
@@ -219,6 +239,29 @@ class Dispatcher:
             reply = build_ethernet(bytes(frame[6:12]), self.mac, ETH_P_IP, reply)
         out.replies.append(reply)
         self.stats.icmp_replies += 1
+
+    def _icmp_error(self, frame: bytes, flags: int, msg: IcmpMessage, out: Batch) -> None:
+        """An ICMP error about a TCP segment of ours goes, untouched, to the
+        worker owning the flow: the quoted packet is ours (src = us), so the
+        flow's inbound frames are (quoted dst -> quoted src), and that is the
+        tuple to hash, with the same key and RETA as TCP frames. Anything
+        else has no one to go to and is counted."""
+        drops = self.stats.drops
+        try:
+            q = parse_icmp_quote(msg.payload)
+        except WireError as e:
+            drops["icmp_err_" + e.reason] += 1
+            return
+        if q.proto != 6:
+            drops["icmp_err_not_tcp"] += 1
+            return
+        if q.src not in self.addrs:
+            drops["icmp_err_not_ours"] += 1
+            return
+        w = self.reta[self.hasher.hash_tuple(q.dst, q.src, q.dport, q.sport) & RETA_MASK]
+        out.frames[w].append(frame)
+        out.flags[w].append(flags)
+        self.stats.icmp_errors += 1
 
     def _slow_l2(self, frame: bytes, etype: int, out: Batch) -> None:
         """Non-IPv4 Ethernet: ARP (`arp_process`), everything else dropped."""

@@ -15,7 +15,8 @@ XOR over the set bits j of w of a constant c_j = T[1 << j] & 127: sixteen
 16 bits being tested), then `rsh #16`. The RETA is `mod #N` when it is the
 default round-robin table, else a binary search over its runs of equal
 entries. Everything that is not an unfragmented TCP/IPv4 frame goes to the
-last member (netio: ARP, ICMP echo, counters).
+last member (netio: ARP, ICMP echo, counters; an ICMP error it forwards
+to the worker owning the flow the error quotes, `dispatch.Dispatcher`).
 
 The fanout index is the position of the socket in the group's member array
 (the kernel takes `ret % members`), which the kernel compacts when a member

@@ -56,6 +56,8 @@ from shardstack.core.events import (
     SocketError,
     Writable,
 )
+from shardstack.core.sock import State
+from shardstack.core.tcp_info import tcp_get_info
 from shardstack.shim import gateproto as gp
 
 CHUNK = 256 * 1024  # bytes per recv/send on either side: few, large syscalls
@@ -66,7 +68,14 @@ LAG_MAX = 512  # keep the last byte back only after reads this small (see _pump_
 ACCEPT_RETRY = 0.005  # s: first retry when the app's listener backlog is full
 ACCEPT_RETRY_MAX = 0.2
 DEAD_MAX = 4096  # how many dead connections' errnos the "status" ctl op remembers
+# s: how often a lingering close() looks at its orphan's state (an orphan
+# reports no events): every 2 ms at first, backing off to every 20 ms.
+LINGER_POLL = 0.002
+LINGER_POLL_MAX = 0.02
+# close() with SO_LINGER waits while the socket is in these states (sk_stream_wait_close).
+LINGER_STATES = frozenset({State.FIN_WAIT1, State.CLOSING, State.LAST_ACK})
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _UCRED_SIZE = 12
 _CMSG_FD = socket.CMSG_SPACE(array.array("i").itemsize)
 
@@ -151,7 +160,13 @@ class AppGate:
         # token -> errno of established connections that died (RST, timeout),
         # for the shim's "status" query when its recv() meets EOF (_died).
         self.dead: OrderedDict[int, int] = OrderedDict()
-        self._next_token = 1
+        # token -> shard descriptor of connections the app closed (or both
+        # sides finished) and the gate let go, for a lingering close() (_linger).
+        self.closed: OrderedDict[int, int] = OrderedDict()
+        # Tokens also name W in the abstract namespace, which every process
+        # of this network namespace shares: the pid makes them unique among
+        # live workers (two stacks side by side, a test's stack and the next).
+        self._next_token = (os.getpid() << 32) | 1
         self._buf = bytearray(CHUNK)
         self._mv = memoryview(self._buf)
         self._scratch = bytearray(CHUNK)
@@ -231,6 +246,10 @@ class AppGate:
             elif op == "connect":
                 self.loop.remove_reader(c.sock.fileno())
                 self._active_open(c, msg)
+                return
+            elif op == "linger":
+                self.loop.remove_reader(c.sock.fileno())
+                self._linger(c, msg)
                 return
             else:
                 _try_send(c.sock, gp.pack(_err(errno.EOPNOTSUPP, f"unknown op {op!r}")))
@@ -654,6 +673,7 @@ class AppGate:
         if _hung_up(conn.w):
             # A is closed, not just shut down: close() semantics (tcp_close).
             self._forget(conn)
+            self._closed(conn)
             self._want_write(conn, False)
             conn.w.close()
             self.shard.close(conn.sd, now)
@@ -666,6 +686,7 @@ class AppGate:
         """Both directions done cleanly: release W (nothing unread) and the shard socket."""
         self._consume_all(conn)
         self._forget(conn)
+        self._closed(conn)
         self._stop_reading(conn)
         self._want_write(conn, False)
         conn.w.close()
@@ -738,6 +759,13 @@ class AppGate:
             del self.conns[conn.sd]
         self.tokens.pop(conn.token, None)
 
+    def _closed(self, conn: GateConn) -> None:
+        """The gate lets go of a connection whose shard socket closes
+        gracefully: remember it for a lingering close() that asks late."""
+        self.closed[conn.token] = conn.sd
+        if len(self.closed) > DEAD_MAX:
+            self.closed.popitem(last=False)
+
     # -- options (the per-process ctl stream) ---------------------------------
 
     def _ctl(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -755,7 +783,12 @@ class AppGate:
                 self.shard.setsockopt(conn.sd, int(msg["level"]), int(msg["opt"]), value)
                 return {"ok": True}
             if op == "getsockopt":
-                value = self.shard.getsockopt(conn.sd, int(msg["level"]), int(msg["opt"]))
+                level, opt = int(msg["level"]), int(msg["opt"])
+                if level == socket.IPPROTO_TCP and opt == TCP_INFO:
+                    # Not a shard option: a read of the control block (tcp_get_info).
+                    info = tcp_get_info(self.shard.sock(conn.sd), time.monotonic())
+                    return {"ok": True, "value": info}
+                value = self.shard.getsockopt(conn.sd, level, opt)
                 if isinstance(value, tuple):
                     value = list(value)
                 return {"ok": True, "value": value}
@@ -775,6 +808,73 @@ class AppGate:
         """
         err = self.dead.pop(token, 0) if isinstance(token, int) else 0
         return {"ok": True, "errno": err, "alive": token in self.tokens}
+
+    # -- SO_LINGER: a close() that waits (the "linger" request) -----------------
+
+    def _linger(self, c: Client, msg: dict[str, Any]) -> None:
+        """`{"op": "linger", token, timeout}`, sent by the shim right after it
+        closed A with SO_LINGER {1, N > 0}: answer `{ok, done, state}` once the
+        connection has left FIN-WAIT-1/CLOSING/LAST-ACK, i.e. everything the
+        app sent and its FIN are acknowledged (done), or after `timeout`
+        seconds (not done), then hang up. Linux's close() blocks the same
+        way (tcp_close -> sk_stream_wait_close), and carries on with the
+        close in the background after the timeout, as the shard does.
+
+        On its own stream (one per lingering close), so the per-process ctl
+        stream stays free meanwhile. The wait only applies to the last
+        close of A: if A is still open elsewhere (a dup, a forked child), W
+        sees no hang-up and the answer comes at once, as Linux closes only
+        the file's last reference.
+        """
+        for fd in c.fds:
+            os.close(fd)
+        c.fds = []
+        token = msg.get("token")
+        try:
+            timeout = min(max(float(msg.get("timeout", 0)), 0.0), 3600.0)
+        except (TypeError, ValueError):
+            timeout = 0.0
+        conn = self.tokens.get(token) if isinstance(token, int) else None
+        if conn is not None:
+            sd = conn.sd
+            if conn.state != ESTABLISHED or not _hung_up(conn.w):
+                # Still connecting (close in SYN-SENT does not wait), or A is
+                # open elsewhere: this was not the last close.
+                self._linger_reply(c, sd, True)
+                return
+        else:
+            sd = self.closed.get(token, -1) if isinstance(token, int) else -1
+        self._linger_poll(c, sd, time.monotonic() + timeout, LINGER_POLL)
+
+    def _linger_poll(self, c: Client, sd: int, deadline: float, delay: float) -> None:
+        done = self._linger_done(sd)
+        now = time.monotonic()
+        if done or now >= deadline:
+            self._linger_reply(c, sd, done)
+            return
+        self.loop.call_later(min(delay, deadline - now), self._linger_poll, c, sd, deadline,
+                             min(delay * 1.5, LINGER_POLL_MAX))
+
+    def _linger_done(self, sd: int) -> bool:
+        """The close is over as far as a lingering close() cares: the app's
+        FIN is queued (the gate saw A's EOF) and acknowledged."""
+        conn = self.conns.get(sd)
+        if conn is not None and not conn.app_eof:
+            return False  # A's last bytes and its EOF are still on their way up
+        sk = self._shard_sock(sd)
+        return sk is None or sk.state not in LINGER_STATES
+
+    def _linger_reply(self, c: Client, sd: int, done: bool) -> None:
+        sk = self._shard_sock(sd)
+        state = str(sk.state) if sk is not None else str(State.CLOSED)
+        _try_send(c.sock, gp.pack({"ok": True, "done": done, "state": state}))
+        c.sock.close()
+
+    def _shard_sock(self, sd: int) -> Any:
+        try:
+            return self.shard.sock(sd)
+        except OSError:
+            return None  # released (Closed): nothing left to wait for
 
     def connections(self) -> list[dict[str, Any]]:
         return [{"sd": c.sd, "token": c.token, "state": c.state,

@@ -37,7 +37,8 @@ def build_device(cfg: ServeConfig, tx: dict[str, Any]):
         dev = TunDevice.from_fd(tx["fd"], cfg.ifname, tx["mtu"], tx["vnet_hdr"])
     elif tx.get("rx_fd") is not None:
         # Direct RX: we are the fanout group's last member and get only what
-        # is not TCP/IPv4 (ARP, ICMP, fragments); workers read their own.
+        # is not TCP/IPv4 (ARP, ICMP, fragments); workers read their own,
+        # and get ICMP errors about their flows from us (netio.dispatch).
         import socket
 
         dev = PacketDevice(cfg.ifname, vnet_hdr=tx.get("vnet_hdr", False),

@@ -21,8 +21,10 @@ Direct RX (the default): the supervisor hands us our member of the kernel's
 AF_PACKET fanout group (netio/fanout.py) or our queue of a multi-queue TUN
 (netio/tunsteer.py), whose steering program already chose us by the flow
 hash and RETA; we read it with `add_reader` (one recv/read per frame, no
-process hop, no zmq), and the zmq PULL stays bound but idle (netio only
-forwards what the kernel sent it: nothing TCP).
+process hop, no zmq), and the zmq PULL stays bound for the little netio
+forwards: neighbour announcements, and ICMP errors quoting one of our flows
+(the kernel gives netio every non-TCP frame; those go through
+`shard.receive_batch` like any frame).
 
 The supervisor starts us as `python -m shardstack.worker` with a JSON
 description on stdin (not argv: it carries the ISN secret) and any device fd

@@ -29,7 +29,14 @@ What must travel besides the payload goes elsewhere:
   stream (`{"op": "status", token}` -> `{errno, alive}`).
 - *Options* after the connection exists (setsockopt/getsockopt on the shard
   socket): a per-process control stream to `worker-<i>.sock` ("ctl" request),
-  addressing the connection by its token.
+  addressing the connection by its token. getsockopt(TCP_INFO) answers with
+  the engine's `struct tcp_info` as bytes (core.tcp_info).
+- *Lingering close* (SO_LINGER {1, N > 0}): after closing A, the shim sends
+  `{"op": "linger", token, timeout}` as the first request on a fresh stream
+  to `worker-<i>.sock`; the worker answers `{ok, done, state}` once the
+  connection left FIN-WAIT-1/CLOSING/LAST-ACK (its FIN is acknowledged),
+  at once if A is still open elsewhere, else after `timeout` seconds, and
+  hangs up.
 """
 
 from __future__ import annotations

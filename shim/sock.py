@@ -20,7 +20,9 @@ EADDRNOTAVAIL / EINVAL; the worker's handshake outcome arrives as the
 ECONNREFUSED / ETIMEDOUT errno (gateproto); a reset connection's recv/send
 raise ECONNRESET, from the kernel itself when the worker held a byte back,
 else from the wrappers (_at_end); a second connect() raises EALREADY /
-EISCONN; getpeername() on an unconnected socket ENOTCONN.
+EISCONN, but after a failed handshake the socket is unconnected again and
+may connect anew, as on Linux (_unconnect); getpeername() on an unconnected
+socket ENOTCONN.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import os
 import select
 import socket as _socket_mod
 import struct
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +55,7 @@ _FACES = (AF_INET, AF_INET6)
 SOL_SOCKET, IPPROTO_TCP = _socket_mod.SOL_SOCKET, _socket_mod.IPPROTO_TCP
 SO_DOMAIN = getattr(_socket_mod, "SO_DOMAIN", 39)
 SO_PROTOCOL = getattr(_socket_mod, "SO_PROTOCOL", 38)
+TCP_INFO = getattr(_socket_mod, "TCP_INFO", 11)
 GATE_TIMEOUT = 10.0  # s: a local worker answers a connect request at once
 
 # Kinds and states of a stack socket.
@@ -93,6 +98,7 @@ class StackState:
     path: str = ""  # a listener's AF_UNIX path
     owner_pid: int = 0
     ended: bool = False  # the end of the stream (EOF or its errno) was reported
+    connect_failed: bool = False  # the handshake itself failed: connect() may be retried
 
     @property
     def sockname(self) -> tuple[str, int]:
@@ -296,6 +302,7 @@ class ShimSocket(kernel_socket):
                 st.status, st.err = FAILED, err
             else:
                 st.status = ESTABLISHED
+        st.connect_failed = st.status == FAILED
 
     def _take_oob(self, st: StackState) -> None:
         try:
@@ -478,6 +485,13 @@ class ShimSocket(kernel_socket):
         self._refresh()
         if st.status == CONNECTING:
             return errno.EALREADY
+        if st.status == FAILED and st.connect_failed:
+            # A non-blocking connect that failed: report how (ECONNABORTED
+            # once SO_ERROR took the errno) and disconnect, so the next
+            # connect() starts afresh (Linux's sock_error path).
+            err, st.err = st.err, 0
+            self._unconnect(st)
+            return err or errno.ECONNABORTED
         if st.status == FAILED and st.err:
             err, st.err = st.err, 0
             return err
@@ -542,8 +556,30 @@ class ShimSocket(kernel_socket):
         self._refresh()
         if st.status == FAILED:
             err, st.err = st.err, 0
+            self._unconnect(st)  # a blocking connect that failed leaves it unconnected
             return err or errno.ECONNREFUSED
         return 0
+
+    def _unconnect(self, st: StackState) -> None:
+        """Back to an unconnected socket after a failed handshake (Linux
+        ``tcp_disconnect``): the stream to the worker gives way to a fresh
+        kernel socket (options set before are applied again), a port the app
+        bound stays bound (the supervisor's bind is ours until close), an
+        ephemeral one went with the worker's socket. connect() may follow."""
+        if self._owner:
+            _unregister(self.fileno())
+        self._swap_fd(kernel_socket(self.family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC))
+        for (level, opt), value in (self._pre or {}).items():
+            try:
+                kernel_socket.setsockopt(self, level, opt, value)
+            except (OSError, TypeError, ValueError):
+                pass  # an option only the stack side knows
+        if st.bind_id is not None:
+            self._ss = StackState(BOUND, st.laddr, st.lport, bind_id=st.bind_id,
+                                  owner_pid=st.owner_pid)
+        else:
+            self._ss = None
+            self._owner = False
 
     # -- data: the C methods, plus how the stream ended ------------------------
     #
@@ -724,12 +760,49 @@ class ShimSocket(kernel_socket):
             if buflen is None:
                 return super().getsockopt(level, opt)
             return super().getsockopt(level, opt, buflen)
-        value = self._stack_getsockopt(st, level, opt)
-        if buflen is None:
+        if buflen is not None and not 0 <= buflen <= 1024:
+            raise OSError("getsockopt buflen out of range")  # CPython's own check, no errno
+        if level == IPPROTO_TCP and opt == TCP_INFO:
+            value = self._tcp_info(st)
+        else:
+            value = self._stack_getsockopt(st, level, opt)
+        if not buflen:
+            # No buffer: CPython asks the kernel for one int, and the kernel
+            # copies that much of a larger value (TCP_INFO: state, ca_state,
+            # retransmits, probes; SO_LINGER: l_onoff).
+            if isinstance(value, bytes):
+                return int.from_bytes(value[:4].ljust(4, b"\0"), sys.byteorder, signed=True)
             return value
         if isinstance(value, bytes):
-            return value[:buflen]
+            return value[:buflen]  # the kernel copies min(len, size)
         return struct.pack("i", int(value))[:buflen]
+
+    def _tcp_info(self, st: StackState) -> bytes:
+        """TCP_INFO: the worker's `tcp_get_info` for a connection; a
+        listener's accept queue from its unix listener; Linux's answer for
+        a closed socket otherwise (bound only, failed, or already let go by
+        the worker). As long as the running kernel's struct tcp_info."""
+        from shardstack.core import tcp_info
+
+        info = None
+        if st.kind == LISTENER:
+            queued, backlog = _unix_listen_queue(self.fileno()) or (0, 0)
+            info = tcp_info.tcp_listen_info(queued, backlog)
+        elif st.kind in (ACTIVE, PASSIVE) and st.worker >= 0:
+            stack = get_stack()
+            try:
+                if stack is not None:
+                    r = stack.worker_call(st.worker, {"op": "getsockopt", "token": st.token,
+                                                      "level": IPPROTO_TCP, "opt": TCP_INFO})
+                    info = bytes(r["value"])
+            except (OSError, KeyError, TypeError):
+                info = None  # EBADF: the worker let the connection go (closed, reset)
+        if info is None:
+            from shardstack.core.sock import TcpSock
+
+            info = tcp_info.tcp_get_info(TcpSock(0), 0.0)
+        n = _kernel_tcp_info_len()
+        return info[:n].ljust(n, b"\0")
 
     def _stack_getsockopt(self, st: StackState, level: int, opt: int) -> Any:
         if level == SOL_SOCKET:
@@ -770,7 +843,9 @@ class ShimSocket(kernel_socket):
 
     def _real_close(self, _ss: Any = kernel_socket) -> None:
         st = self._ss
+        linger = 0
         if st is not None and self.fileno() >= 0:
+            linger = self._linger_time(st)
             if self._owner and st.kind in (BOUND, LISTENER) and st.owner_pid == os.getpid():
                 self._release(st)
             if self._owner:
@@ -779,6 +854,23 @@ class ShimSocket(kernel_socket):
                 # sockets do not come back soon: get_next_ino).
                 _unregister(self.fileno())
         super()._real_close()
+        if linger:
+            _linger_wait(st, linger)
+
+    def _linger_time(self, st: StackState) -> int:
+        """Seconds close() waits for the FIN to be acknowledged: SO_LINGER
+        {1, N > 0} on an established connection, else 0. Linux waits in
+        tcp_close (sk_stream_wait_close) whether or not the fd is
+        non-blocking (measured on 6.18); {1, 0} is an abort, no wait."""
+        if st.kind not in (ACTIVE, PASSIVE) or st.worker < 0:
+            return 0
+        v = (self._pre or {}).get((SOL_SOCKET, _socket_mod.SO_LINGER))
+        if isinstance(v, (bytes, bytearray)) and len(v) >= _LINGER.size:
+            v = _LINGER.unpack_from(v)
+        if not isinstance(v, (tuple, list)) or len(v) != 2 or not v[0] or int(v[1]) <= 0:
+            return 0
+        self._refresh()
+        return int(v[1]) if st.status == ESTABLISHED else 0
 
     def _release(self, st: StackState) -> None:
         stack = get_stack()
@@ -803,6 +895,96 @@ class ShimSocket(kernel_socket):
 
     def __getstate__(self) -> Any:
         raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
+
+
+def _linger_wait(st: StackState, secs: int) -> None:
+    """A lingering close(), after the fd is closed: ask the worker, on a
+    stream of its own, to answer once the FIN is acknowledged (gateproto
+    "linger"), and wait for that at most `secs` seconds. Running out of time
+    is no error: Linux's close() then returns 0 and the close goes on in the
+    background, as the shard's does."""
+    stack = get_stack()
+    if stack is None:
+        return
+    deadline = time.monotonic() + secs
+    a = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+    try:
+        a.settimeout(secs)
+        a.connect(stack.worker_path(st.worker))
+        a.sendall(gp.pack({"op": "linger", "token": st.token, "timeout": secs}))
+        a.settimeout(max(deadline - time.monotonic(), 0.001))
+        read_frame(a, bytearray())
+    except (OSError, gp.ProtoError):
+        pass  # timed out, or the worker is gone: nothing left to wait for
+    finally:
+        a.close()
+
+
+_TCP_INFO_LEN: int | None = None
+
+
+def _kernel_tcp_info_len() -> int:
+    """sizeof(struct tcp_info) of the running kernel (it grows with new
+    kernels): a stack socket's TCP_INFO is that long, as a kernel socket's
+    is, zero-filled past the fields the engine knows."""
+    global _TCP_INFO_LEN
+    if _TCP_INFO_LEN is None:
+        from shardstack.core.tcp_info import TCP_INFO_LEN
+
+        n = TCP_INFO_LEN
+        try:
+            with kernel_socket(AF_INET, SOCK_STREAM) as k:
+                n = len(k.getsockopt(IPPROTO_TCP, TCP_INFO, 1024))
+        except OSError:
+            pass
+        _TCP_INFO_LEN = n
+    return _TCP_INFO_LEN
+
+
+# sock_diag (linux/sock_diag.h, linux/unix_diag.h): the one interface that
+# reports how many connections wait in a unix listener's queue.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_UDIAG_SHOW_RQLEN = 0x10
+_UNIX_DIAG_RQLEN = 4
+_TCP_LISTEN = 10
+_NLMSG = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")
+_UNIX_DIAG_MSG = 16  # family, type, state, pad, ino, cookie[2]
+
+
+def _unix_listen_queue(fd: int) -> tuple[int, int] | None:
+    """(connections waiting to be accepted, backlog) of the unix listener
+    `fd`, which is a stack listener's accept queue; None if unavailable."""
+    try:
+        ino = os.fstat(fd).st_ino
+        req = _UNIX_DIAG_REQ.pack(AF_UNIX, 0, 0, 1 << _TCP_LISTEN, ino, _UDIAG_SHOW_RQLEN,
+                                  0xFFFFFFFF, 0xFFFFFFFF)
+        msg = _NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, 1, 1, 0) + req
+        with kernel_socket(_socket_mod.AF_NETLINK, _socket_mod.SOCK_DGRAM,
+                           _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.send(msg)
+            reply = nl.recv(8192)
+    except (OSError, AttributeError):
+        return None
+    if len(reply) < _NLMSG.size:
+        return None
+    length, kind = _NLMSG.unpack_from(reply)[:2]
+    if kind == _NLMSG_ERROR:
+        return None
+    end = min(length, len(reply))
+    off = _NLMSG.size + _UNIX_DIAG_MSG
+    while off + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", reply, off)
+        if alen < 4:
+            return None
+        if atype == _UNIX_DIAG_RQLEN and alen >= 12:
+            rq, wq = struct.unpack_from("=II", reply, off + 4)
+            return rq, wq
+        off += (alen + 3) & ~3
+    return None
 
 
 _BOOLEAN = {

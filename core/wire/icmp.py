@@ -1,12 +1,17 @@
-"""ICMP for IPv4 (RFC 792): echo request/reply, and destination unreachable.
+"""ICMP for IPv4 (RFC 792): echo request/reply, and the error messages.
 
 Reading list: RFC 792 (formats), RFC 1122 §3.2.2 (host requirements: echo
 replies carry the request's data; errors quote the offending header), RFC
 1812 §4.3.2.3 (quote as much as fits in 576 bytes, as Linux ``icmp_send``
-does), RFC 1191 (the next-hop MTU in "fragmentation needed").
+does), RFC 1191 (the next-hop MTU in "fragmentation needed"), RFC 5927
+(what a quoted header may be trusted for).
 
 The netio process answers echo requests itself (Linux ``icmp_echo``), so the
-helpers here turn a parsed request straight into the reply bytes.
+helpers here turn a parsed request straight into the reply bytes.  An error
+message (destination unreachable, time exceeded, parameter problem) quotes
+the IPv4 header of the packet that caused it and at least 8 bytes of its
+payload (RFC 792 p.5): ``parse_icmp_quote`` reads that quote, enough for the
+transport to find its socket (ports) and check the sequence number.
 """
 
 from __future__ import annotations
@@ -27,22 +32,35 @@ __all__ = [
     "echo_reply_for",
     "echo_reply_ipv4",
     "build_dest_unreachable",
+    "build_icmp_error",
+    "IcmpQuote",
+    "parse_icmp_quote",
     "ICMP_ECHO_REPLY",
     "ICMP_DEST_UNREACH",
+    "ICMP_SOURCE_QUENCH",
+    "ICMP_REDIRECT",
     "ICMP_ECHO",
     "ICMP_TIME_EXCEEDED",
+    "ICMP_PARAMETERPROB",
+    "ICMP_ERROR_TYPES",
     "ICMP_NET_UNREACH",
     "ICMP_HOST_UNREACH",
     "ICMP_PROT_UNREACH",
     "ICMP_PORT_UNREACH",
     "ICMP_FRAG_NEEDED",
+    "ICMP_PKT_FILTERED",
     "ICMP_HEADER_LEN",
 ]
 
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
+ICMP_SOURCE_QUENCH = 4
+ICMP_REDIRECT = 5
 ICMP_ECHO = 8
 ICMP_TIME_EXCEEDED = 11
+ICMP_PARAMETERPROB = 12
+#: The error messages a transport may act on (they quote one of its packets).
+ICMP_ERROR_TYPES = frozenset({ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB})
 
 # Codes of ICMP_DEST_UNREACH (RFC 792 p.4).
 ICMP_NET_UNREACH = 0
@@ -50,12 +68,18 @@ ICMP_HOST_UNREACH = 1
 ICMP_PROT_UNREACH = 2
 ICMP_PORT_UNREACH = 3
 ICMP_FRAG_NEEDED = 4
+ICMP_PKT_FILTERED = 13  # "communication administratively prohibited" (RFC 1812 §5.2.7.1)
 
 ICMP_HEADER_LEN = 8
 # RFC 1812 §4.3.2.3: an error message is at most 576 bytes of IP datagram.
 _ERROR_QUOTE_MAX = 576 - 20 - ICMP_HEADER_LEN
 
 _HDR = struct.Struct("!BBHHH")
+# The quoted packet: version/IHL, flags/fragment offset, protocol, source,
+# destination (IPv4 offsets 0, 6, 9, 12, 16), then the first 8 bytes of its
+# payload read as TCP's source port, destination port and sequence number.
+_QUOTE_IP = struct.Struct("!B5xHxB2xII")
+_QUOTE_L4 = struct.Struct("!HHI")
 _unpack_hdr = _HDR.unpack_from
 _pack_hdr = _HDR.pack
 _from_bytes = int.from_bytes
@@ -92,6 +116,48 @@ def parse_icmp(buf: bytes | bytearray | memoryview) -> IcmpMessage:
         raise WireError("checksum")
     itype, code, _csum, ident, seq = _unpack_hdr(mv, 0)
     return _new(IcmpMessage, (itype, code, ident, seq, mv[ICMP_HEADER_LEN:]))
+
+
+class IcmpQuote(NamedTuple):
+    """What an ICMP error says about the packet that caused it (one we sent).
+
+    ``sport``, ``dport`` and ``seq`` are the first 8 bytes of its transport
+    header: ports and sequence number for TCP (for UDP ``seq`` holds the
+    length and checksum).
+    """
+
+    src: int
+    dst: int
+    proto: int
+    sport: int
+    dport: int
+    seq: int
+
+
+def parse_icmp_quote(buf: bytes | bytearray | memoryview) -> IcmpQuote:
+    """Read the quote of an ICMP error: the payload after its 8-byte header.
+
+    The quoted IPv4 header must be whole, with at least 8 bytes after it
+    (RFC 792 p.5, RFC 1122 §3.2.2; Linux ``icmp_unreach`` and
+    ``icmp_socket_deliver`` drop shorter ones as InErrors).  A quoted
+    non-first fragment carries no transport header and is refused.  The
+    quoted checksum is not checked: routers quote the header as they saw it.
+    """
+    n = len(buf)
+    if n < 20:
+        raise WireError("quote_truncated", f"{n} bytes")
+    vihl, frag, proto, src, dst = _QUOTE_IP.unpack_from(buf, 0)
+    if vihl >> 4 != 4:
+        raise WireError("quote_version", f"version {vihl >> 4}")
+    ihl = (vihl & 0x0F) << 2
+    if ihl < 20:
+        raise WireError("quote_ihl", f"IHL {ihl >> 2}")
+    if n < ihl + 8:
+        raise WireError("quote_truncated", f"{n} bytes for a {ihl}-byte header + 8")
+    if frag & 0x1FFF:
+        raise WireError("quote_fragment")
+    sport, dport, seq = _QUOTE_L4.unpack_from(buf, ihl)
+    return _new(IcmpQuote, (src, dst, proto, sport, dport, seq))
 
 
 def build_icmp(
@@ -143,4 +209,13 @@ def build_dest_unreachable(
     within 576 bytes (RFC 1812 §4.3.2.3; RFC 1122 §3.2.2 asks for 8 bytes at
     least).  ``next_hop_mtu`` goes in the low half for ICMP_FRAG_NEEDED.
     """
-    return build_icmp(ICMP_DEST_UNREACH, code, 0, next_hop_mtu, original[:_ERROR_QUOTE_MAX])
+    return build_icmp_error(ICMP_DEST_UNREACH, code, original, next_hop_mtu)
+
+
+def build_icmp_error(
+    itype: int, code: int, original: bytes | bytearray | memoryview, rest: int = 0
+) -> bytes:
+    """An error message of type ``itype`` quoting ``original`` (an IPv4 packet)
+    as far as RFC 1812 §4.3.2.3 allows; ``rest`` is the low 16 bits of the
+    rest-of-header word (the next-hop MTU of "fragmentation needed")."""
+    return build_icmp(itype, code, 0, rest, original[:_ERROR_QUOTE_MAX])
