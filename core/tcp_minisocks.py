@@ -197,6 +197,10 @@ def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: 
     sk.rcvbuf = listener.rcvbuf
     sk.sndbuf = listener.sndbuf
     sk.cc_name = listener.cc_name
+    # Linux clones the listener (sk_clone_lock), so per-socket TCP settings carry over.
+    sk.user_timeout = listener.user_timeout
+    sk.syn_count = listener.syn_count
+    sk.linger2 = listener.linger2
     sk.state = _SYN_RECV
     sk.laddr, sk.lport, sk.raddr, sk.rport = req.laddr, req.lport, req.raddr, req.rport
     sk.parent = listener

@@ -69,6 +69,9 @@ _DEFAULTS = {
     (IPPROTO_TCP, _socket_mod.TCP_KEEPIDLE): 7200,
     (IPPROTO_TCP, _socket_mod.TCP_KEEPINTVL): 75,
     (IPPROTO_TCP, _socket_mod.TCP_KEEPCNT): 9,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_USER_TIMEOUT", 18)): 0,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_SYNCNT", 7)): 6,  # net.ipv4.tcp_syn_retries
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_LINGER2", 8)): 60,  # net.ipv4.tcp_fin_timeout
     (SOL_SOCKET, _socket_mod.SO_KEEPALIVE): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEADDR): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEPORT): 0,
@@ -76,6 +79,7 @@ _DEFAULTS = {
     (IPPROTO_IPV6, IPV6_V6ONLY): 0,  # net.ipv6.bindv6only's default
 }
 _LINGER = struct.Struct("ii")
+_TCP_LINGER2 = getattr(_socket_mod, "TCP_LINGER2", 8)
 # Options kept off the unix fd: SO_OOBINLINE would put the gate's status
 # byte in the data stream; the buffer sizes are the filler's while connecting.
 _LOCAL_ONLY = {(SOL_SOCKET, _socket_mod.SO_OOBINLINE), (SOL_SOCKET, _socket_mod.SO_LINGER)}
@@ -832,6 +836,10 @@ class ShimSocket(kernel_socket):
                 pass
         if (level, opt) in (self._pre or {}):
             v = self._pre[(level, opt)]
+            if (level, opt) == (IPPROTO_TCP, _TCP_LINGER2) and isinstance(v, int):
+                # Linux (do_tcp_getsockopt): 0 reads as tcp_fin_timeout,
+                # negative as -1, more than TCP_FIN_TIMEOUT_MAX as 120.
+                return -1 if v < 0 else min(v, 120) if v else 60
             return int(bool(v)) if opt in _BOOLEAN.get(level, ()) else v
         if (level, opt) in _DEFAULTS:
             return _DEFAULTS[(level, opt)]

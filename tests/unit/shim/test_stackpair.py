@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import errno
 import hashlib
 import os
@@ -212,6 +213,33 @@ def test_options_reach_the_shard(stack):
                                                socket.TCP_KEEPIDLE)))
     assert got == (1, 1, 33)
     c, _ = srv.accept()
+    c.close()
+    cl.close()
+    srv.close()
+
+
+def test_timeout_options_read_and_reach_the_shard_like_the_kernels(stack):
+    """TCP_USER_TIMEOUT / TCP_SYNCNT / TCP_LINGER2: unset they read as a
+    kernel socket's do; set on a listener they reach the shard and carry
+    over to the accepted child (Linux clones the listener)."""
+    opts = (socket.TCP_USER_TIMEOUT, socket.TCP_SYNCNT, socket.TCP_LINGER2)
+    kernel = _socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not the shim's
+    want = [kernel.getsockopt(socket.IPPROTO_TCP, o) for o in opts]
+    kernel.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, 500)
+    want_clamped = kernel.getsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2)
+    kernel.close()
+    srv = _server(opts={(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): 4000,
+                        (socket.IPPROTO_TCP, socket.TCP_SYNCNT): 3,
+                        (socket.IPPROTO_TCP, socket.TCP_LINGER2): 500})
+    port = srv.getsockname()[1]
+    cl = socket.socket()
+    assert [cl.getsockopt(socket.IPPROTO_TCP, o) for o in opts] == want
+    cl.connect((SERVER_IP, port))
+    assert srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2) == want_clamped
+    c, _ = srv.accept()
+    child = stack.call(lambda: [sk for node in stack.nodes for sk in node.shard.socks.values()
+                                if sk.lport == port and sk.rport])
+    assert [(sk.user_timeout, sk.syn_count) for sk in child] == [(4000, 3)]
     c.close()
     cl.close()
     srv.close()
