@@ -13,10 +13,12 @@
    (``tso_max``), which is what GSO/GRO hand us on a real interface, with and
    without the receive checksum check (``csum_offload``: the device vouched).
 
-3. the established fast path alone, against a scripted Linux-like peer
-   (timestamps on): µs per in-order 1448-byte data segment received (ACKing
-   every second one) and µs per pure ACK received (it acks two segments and
-   clocks out new ones), with and without the receive checksum check.
+3. the established fast path alone (header prediction, ``tcp_input``),
+   against a scripted Linux-like peer (timestamps on): µs per in-order
+   1448-byte data segment received (ACKing every second one) and µs per pure
+   ACK received (it acks two segments and clocks out new ones), with and
+   without the receive checksum check; and the GSO download case, where each
+   pure ACK acks one 64 KiB super-segment and clocks out the next.
 4. request/response on one connection: µs of engine time per round trip over
    ``--rr`` round trips, and the timer heap's size afterwards (it must stay at
    a handful of entries however many round trips are made).
@@ -134,10 +136,11 @@ def bench_bulk(mib: int, tso_max: int = 0, csum_offload: bool = False) -> tuple[
     return total / elapsed / 1e6, elapsed / segs * 1e6, segs
 
 
-def _established_server(csum_offload: bool = False):
+def _established_server(csum_offload: bool = False, gso: bool = False):
     """A Shard that accepted a connection from a scripted Linux-like peer (TS, SACK, wscale)."""
     sh = Shard(ShardConfig(addrs=[SERVER], secret=SECRET, rcvbuf=4 << 20, sndbuf=64 << 20,
-                           csum_offload=csum_offload), 0.0)
+                           csum_offload=csum_offload, tso_max=65000 if gso else 0,
+                           tx_csum_offload=gso), 0.0)
     lsd = sh.socket()
     sh.bind(lsd, 0, 80)
     sh.listen(lsd, 8)
@@ -152,10 +155,15 @@ def _established_server(csum_offload: bool = False):
     return sh, sd, sa.seq + 1
 
 
+def _app_data(n: int) -> bytes:
+    """``n`` bytes of non-zero data in memory already touched, like an application's."""
+    return (bytes(range(1, 256)) * (n // 255 + 1))[:n]
+
+
 def bench_fastpath_data(n: int, csum_offload: bool = False) -> float:
     """µs per in-order 1448-byte data segment received (ACK every second one)."""
     sh, sd, una = _established_server(csum_offload)
-    payload = bytes(1448)
+    payload = _app_data(1448)
     segs = [build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001 + i * 1448, una, ACK | 0x08, 65535,
                            build_tcp_options(ts=(3 + i, 1)), payload) for i in range(n)]
     perf = time.perf_counter
@@ -172,18 +180,24 @@ def bench_fastpath_data(n: int, csum_offload: bool = False) -> float:
     return engine / n * 1e6
 
 
-def bench_fastpath_ack(n: int, csum_offload: bool = False) -> tuple[float, float]:
-    """(µs per pure ACK received, segments it released): each ACK acks two
-    segments; with a large steady cwnd it clocks out new data."""
-    sh, sd, una = _established_server(csum_offload)
+def bench_fastpath_ack(n: int, csum_offload: bool = False, gso: bool = False
+                       ) -> tuple[float, float]:
+    """(µs per pure ACK received, frames it released): each ACK acks two
+    segments; with a large steady cwnd it clocks out new data.  ``gso``: the
+    download case of a GSO device (``tso_max`` 64 KiB, transmit checksum
+    offload): each ACK acks one 64 KiB super-segment and releases another."""
+    sh, sd, una = _established_server(csum_offload, gso)
     sk = sh.sock(sd)
-    sk.cc.cwnd = sk.cc.ssthresh = 2 * n + 16  # congestion avoidance, window never limits
-    sh.send(sd, bytes(min(64 << 20, 4 * n * 1448)), 0.0)
+    sk.cc.cwnd = sk.cc.ssthresh = 2 * n * (45 if gso else 1) + 16  # window never limits
     mss = sk.mss_cache
-    sent = len(sh.take_frames())
-    acks = [build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001, (una + (i + 1) * 2 * mss) & 0xFFFFFFFF,
+    per_ack = (65000 // mss) * mss if gso else 2 * mss
+    # Data the application wrote (pages present, not zero): bytes(N) would be
+    # calloc'ed pages that fault on first read and sum faster than real data.
+    sh.send(sd, _app_data(min(64 << 20, 2 * n * per_ack)), 0.0)
+    sent = sum(len(f) - 52 for f in sh.take_frames())
+    acks = [build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001, (una + (i + 1) * per_ack) & 0xFFFFFFFF,
                            ACK, 65535, build_tcp_options(ts=(3 + i, 1)))
-            for i in range(min(n, sent // 2))]
+            for i in range(min(n, sent // per_ack))]
     perf = time.perf_counter
     out = 0
     now = 0.0
@@ -281,8 +295,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs (shared CPUs)")
     ap.add_argument("--rr", type=int, default=10000, help="request/response round trips")
     ap.add_argument("--crr", type=int, default=3000, help="connect/request/response/close rounds")
-    ap.add_argument("--profile", nargs="?", const="bulk", choices=("bulk", "rr", "crr"),
-                    help="cProfile a run: the MSS bulk one (default), rr or crr")
+    ap.add_argument("--profile", nargs="?", const="bulk",
+                    choices=("bulk", "rr", "crr", "ack", "data"),
+                    help="cProfile a run: the MSS bulk one (default), rr, crr, or the fast "
+                         "path's pure ACKs (ack) or in-order data (data), csum checked")
     ap.add_argument("--only", choices=("handshake", "bulk", "fastpath", "rr", "crr"),
                     help="run one section")
     args = ap.parse_args()
@@ -308,6 +324,10 @@ def main() -> None:
         tag = "csum offload" if off else "csum checked"
         print(f"fast path ({tag}): {d:6.2f} µs per in-order data segment in, "
               f"{k:6.2f} µs per pure ACK in (+{per:.1f} MSS segments out)")
+    if want("fastpath"):
+        k, per = min(bench_fastpath_ack(3000, True, gso=True) for _ in range(args.repeat))
+        print(f"fast path (GSO download): {k:6.2f} µs per pure ACK in "
+              f"(+{per:.1f} 64 KiB super-segment out, tx checksum offloaded)")
     if want("rr"):
         us_rr, heap = min(bench_rr(args.rr) for _ in range(args.repeat))
         print(f"request/response: {us_rr:6.2f} µs engine time per round trip "
@@ -318,7 +338,8 @@ def main() -> None:
               f"({args.crr} transactions)")
     if args.profile:
         run = {"bulk": lambda: bench_bulk(min(args.mib, 16)), "rr": lambda: bench_rr(args.rr),
-               "crr": lambda: bench_crr(args.crr)}[args.profile]
+               "crr": lambda: bench_crr(args.crr), "ack": lambda: bench_fastpath_ack(5000),
+               "data": lambda: bench_fastpath_data(20000)}[args.profile]
         pr = cProfile.Profile()
         pr.enable()
         run()

@@ -146,6 +146,21 @@ class ConnInfo:
 _SOL_SOCKET = _socket.SOL_SOCKET
 _IPPROTO_TCP = _socket.IPPROTO_TCP
 _LINGER = struct.Struct("ii")
+_TCP_WINDOW_CLAMP = getattr(_socket, "TCP_WINDOW_CLAMP", 10)
+#: Linux SOCK_MIN_RCVBUF (2048 + one sk_buff, x86-64): TCP_WINDOW_CLAMP's floor is half.
+SOCK_MIN_RCVBUF = 2304
+_UNSYNCED = (State.CLOSED, State.LISTEN, State.SYN_SENT)
+
+
+def _window_clamp(sk: TcpSock) -> int:
+    """getsockopt(TCP_WINDOW_CLAMP), Linux's ``tp->window_clamp``: what was set
+    while the connection has no window yet; once it has one, the largest window
+    it may offer (the clamp, the buffer, what the scale can express)."""
+    if sk.state in _UNSYNCED:
+        return sk.window_clamp
+    limit = min(sk.rcvbuf, 65535 << sk.rcv_wscale)
+    clamp = sk.window_clamp
+    return clamp if clamp and clamp < limit else limit
 
 
 class Shard:
@@ -336,6 +351,17 @@ class Shard:
                 from .tcp import TCP_FIN_TIMEOUT_MAX
                 v = _int(value)  # s; < 0: no FIN-WAIT-2 wait; clamped as Linux
                 sk.linger2 = -1.0 if v < 0 else float(min(v, int(TCP_FIN_TIMEOUT_MAX)))
+            elif opt == _TCP_WINDOW_CLAMP:
+                # Linux tcp_set_window_clamp: 0 removes the clamp, only on a closed
+                # socket; anything below SOCK_MIN_RCVBUF / 2 is raised to it.  The
+                # next window offered obeys it (tcp_output.tcp_select_window).
+                v = _int(value)
+                if v == 0:
+                    if sk.state is not State.CLOSED:
+                        raise os_error(errno.EINVAL)
+                    sk.window_clamp = 0
+                else:
+                    sk.window_clamp = v if v > SOCK_MIN_RCVBUF // 2 else SOCK_MIN_RCVBUF // 2
             else:
                 raise os_error(errno.ENOPROTOOPT)
         else:
@@ -368,7 +394,8 @@ class Shard:
                      _socket.TCP_CONGESTION: (sk.cc_name or self.cfg.congestion).encode(),
                      _socket.TCP_USER_TIMEOUT: sk.user_timeout,
                      _socket.TCP_SYNCNT: sk.syn_count or TCP_SYN_RETRIES,
-                     _socket.TCP_LINGER2: -1 if sk.linger2 < 0 else int(sk.linger2 or TCP_FIN_TIMEOUT)}
+                     _socket.TCP_LINGER2: -1 if sk.linger2 < 0 else int(sk.linger2 or TCP_FIN_TIMEOUT),
+                     _TCP_WINDOW_CLAMP: _window_clamp(sk)}
         else:
             raise os_error(errno.ENOPROTOOPT)
         if opt not in table:

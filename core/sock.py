@@ -64,6 +64,7 @@ class TcpSock:
     user_timeout: int = 0  # TCP_USER_TIMEOUT, ms (RFC 5482); 0: the tcp_retries2 rule
     syn_count: int = 0  # TCP_SYNCNT; 0: tcp_syn_retries (tcp_synack_retries on a listener)
     linger2: float = 0.0  # TCP_LINGER2, s; 0: tcp_fin_timeout; < 0: no FIN-WAIT-2 wait
+    window_clamp: int = 0  # TCP_WINDOW_CLAMP, bytes; 0: none (the buffer and scale bound it)
     # -- bind / listen -------------------------------------------------------------
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False
@@ -161,8 +162,20 @@ class TcpSock:
     undo_retrans: int = 0  # its retransmissions not yet reported as duplicates
     rto_ts: int = 0  # our TSval when the last RTO fired (RTT samples in Loss)
     total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
+    bytes_retrans: int = 0  # payload bytes retransmitted (tcpi_bytes_retrans)
     recoveries: int = 0  # fast recoveries entered
     rtos: int = 0  # retransmission timeouts
+    tx_csum: int = 0  # folded constant part of our TCP checksum (tcp_output; 0: not yet)
+    tx_ipsum: int = 0  # ... and of our IPv4 header checksum
+    # -- RFC 4898 / tcp_info counters, counted where Linux counts them ---------------
+    segs_in: int = 0  # segments received (GRO super-frames by their segment count)
+    data_segs_in: int = 0  # ... of which carried data
+    segs_out: int = 0  # segments sent (super-segments by the segments they become)
+    data_segs_out: int = 0  # ... of which carried data (retransmissions included)
+    delivered: int = 0  # segments delivered: cumulatively ACKed or SACKed, each once
+    rcv_ooopack: int = 0  # segments queued out of order
+    dsack_dups: int = 0  # segments a D-SACK reported as received twice
+    reord_events: int = 0  # reordering detected (tcpi_reord_seen; ``reord_seen`` is RACK's flag)
     # -- delayed ACK -----------------------------------------------------------------
     quickack: int = 16
     unacked_rcv: int = 0  # bytes received since we last sent an ACK

@@ -187,9 +187,15 @@ def _cleanup_rbuf(sh: Any, sk: TcpSock, now: float) -> None:
     cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
     if cur & 0x80000000:
         cur = 0
-    if 2 * cur > sk.rcvbuf:
+    full = sk.rcvbuf
+    clamp = sk.window_clamp
+    if clamp and clamp < full:
+        full = clamp  # TCP_WINDOW_CLAMP bounds what could be offered (Linux window_clamp)
+    if 2 * cur > full:
         return
     free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
+    if free > full:
+        free = full
     free = (free >> sk.rcv_wscale) << sk.rcv_wscale
     if free >= 2 * cur and free >= sk.rcv_mss:
         tcp_send_ack(sh, sk, now)

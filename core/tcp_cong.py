@@ -215,7 +215,23 @@ class CongestionControl(ABC):
             return  # no growth until the reduced window has been acked (RFC 3168 §6.1.2)
         if ca_state == _CA_DISORDER:
             self.ca_state = _CA_OPEN  # the reordering healed without a loss
-        if self.is_cwnd_limited(self._note_flight(in_flight, now)):
+        # is_cwnd_limited(_note_flight(in_flight, now)), inline: once per ACK.
+        if in_flight is None:
+            limited = True
+        else:
+            cur = self._flight_cur
+            if now >= self._flight_until:
+                self._flight_prev = cur
+                cur = 0.0
+                self._flight_until = now + (self.srtt or 0.0)
+            if in_flight > cur:
+                cur = in_flight
+            self._flight_cur = cur
+            prev = self._flight_prev
+            flight = cur if cur > prev else prev
+            cwnd = self.cwnd
+            limited = cwnd < 2 * flight if cwnd < self.ssthresh else flight >= cwnd - 1
+        if limited:
             self.cong_avoid(acked_segments, rtt, now)
         if self.ca_state == _CA_LOSS and not self.in_slow_start:
             # Slow start after the RTO has refilled the pipe up to ssthresh; the engine

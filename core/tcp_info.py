@@ -13,14 +13,15 @@ Known: state (Linux's numbering), ca_state, retransmits, probes, backoff,
 options and window scales, rto/ato, MSSes, the RFC 6675 scoreboard as
 segment counts (unacked, sacked, lost, retrans), idle times, pmtu (the
 interface MTU: a smaller path MTU is kept only as the MSS), RTT/RTTVAR, ssthresh, cwnd, advmss, total_retrans, bytes acked/received/
-sent, min RTT, notsent bytes, snd_wnd/rcv_wnd, RTO count.  Estimated:
-bytes_retrans (retransmitted segments x MSS: the engine counts segments),
-and byte counters wrap at 4 GiB (they are read off the sequence space,
-which the engine does not count beyond).  Zero: per-socket segment
-counters (segs_in/out, data_segs_in/out, delivered, rcv_ooopack,
-dsack_dups, reord_seen), rcv_rtt, delivery_rate, the chrono
-busy/limited times, ECN.  The pacing rates read ~0 ("unlimited"): the
-engine does not pace.
+sent, min RTT, notsent bytes, snd_wnd/rcv_wnd, RTO count, and the
+per-socket counters the engine keeps where Linux counts them
+(``TcpSock``): segs_in/out and data_segs_in/out (GRO super-frames and GSO
+super-segments by the segments they stand for), delivered, rcv_ooopack,
+dsack_dups, reord_seen (reordering events) and bytes_retrans.  Byte
+counters but bytes_retrans wrap at 4 GiB (they are read off the sequence
+space, which the engine does not count beyond).  Zero: rcv_rtt,
+delivery_rate, the chrono busy/limited times, ECN.  The pacing rates read
+~0 ("unlimited"): the engine does not pace.
 
 Listeners report only what Linux reports for one: the state, cwnd,
 reordering, the pacing rates, and the accept queue's length in
@@ -192,7 +193,10 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     if sk.raddr:
         put(ix["pmtu"], sk.adv_mss + 40)  # icsk_pmtu_cookie, set with the route at connect
     free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
-    put(ix["rcv_ssthresh"], min(max(free, 0), 65535 << sk.rcv_wscale) if sk.raddr else 0)
+    cap = 65535 << sk.rcv_wscale
+    if sk.window_clamp and sk.window_clamp < cap:
+        cap = sk.window_clamp
+    put(ix["rcv_ssthresh"], min(max(free, 0), cap) if sk.raddr else 0)
     put(ix["rtt"], _usec(sk.srtt))
     put(ix["rttvar"], _usec(sk.rttvar))
     put(ix["snd_ssthresh"], cc.ssthresh if cc is not None else INFINITE_SSTHRESH)
@@ -208,9 +212,17 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["notsent_bytes"], max(sk.sndq_len - max(inflight_data, 0), 0))
     min_rtt = cc.min_rtt if cc is not None else None
     put(ix["min_rtt"], _usec(min_rtt) if min_rtt is not None else _U32)
-    retrans_bytes = sk.total_retrans * sk.mss_cache  # estimate: the engine counts segments
-    put(ix["bytes_sent"], sent + retrans_bytes)
-    put(ix["bytes_retrans"], retrans_bytes)
+    # tcpi_bytes_sent counts every transmission, retransmissions included.
+    put(ix["bytes_sent"], sent + sk.bytes_retrans)
+    put(ix["bytes_retrans"], sk.bytes_retrans)
+    put(ix["segs_out"], sk.segs_out & _U32)
+    put(ix["segs_in"], sk.segs_in & _U32)
+    put(ix["data_segs_out"], sk.data_segs_out & _U32)
+    put(ix["data_segs_in"], sk.data_segs_in & _U32)
+    put(ix["delivered"], sk.delivered & _U32)
+    put(ix["dsack_dups"], sk.dsack_dups & _U32)
+    put(ix["reord_seen"], sk.reord_events & _U32)
+    put(ix["rcv_ooopack"], sk.rcv_ooopack & _U32)
     put(ix["snd_wnd"], sk.snd_wnd & _U32)
     put(ix["rcv_wnd"], sk.rcv_wnd & _U32)
     put(ix["total_rto"], min(sk.rtos + sk.syn_retries, 0xFFFF))

@@ -6,12 +6,13 @@ injection: challenge ACKs), RFC 7323 (PAWS, timestamps, window scale), RFC
 NewReno), RFC 6675 (SACK loss recovery, pipe), RFC 6937 (PRR), RFC 8985
 (RACK-TLP), RFC 6298 (RTO), RFC 1122 §4.2.3.2 (delayed ACK).
 
-The fast path (Linux's "header prediction", ``tcp_rcv_established``): in
-ESTABLISHED, a segment with only ACK/PSH set, exactly the next expected
-sequence number, an empty out-of-order queue and an acceptable timestamp
-needs neither RFC 5961 checks nor out-of-order handling, so it goes straight
-to ``tcp_ack`` and an append to the receive queue.  Everything else takes the
-slow path through ``tcp_validate_incoming`` in RFC 793's step order.
+The fast path (Linux's "header prediction", ``tcp_rcv_established_fast``,
+see the essay above it): in ESTABLISHED, a segment with only ACK/PSH set,
+exactly the next expected sequence number, nothing out of order, SACKed or
+in recovery and an acceptable timestamp needs neither RFC 5961 checks nor
+out-of-order handling: its ACK goes straight to ``_clean_rtx_queue`` and its
+data to the receive queue.  Everything else takes the slow path through
+``tcp_validate_incoming`` in RFC 793's step order, with the same effects.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from .events import Connected
+from .events import Connected, Readable
 from .sock import State, TcpSock
 from .tcp import emit_readable, tcp_check_writable, tcp_done, tcp_fin_time, tcp_reset
 from .tcp_output import (
     TCP_DELACK,
-    tcp_rto,
+    _write_new,
     tcp_send_ack,
     tcp_send_active_reset,
     tcp_send_reset,
@@ -33,6 +34,7 @@ from .tcp_output import (
     tcp_write_xmit,
 )
 from .tcp_timer import TimerKind
+from .wire.checksum import sum16
 from .wire.tcp import ACK, FIN, RST, SYN
 
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
@@ -101,10 +103,19 @@ def tcp_ack_update_rtt(sh: Any, sk: TcpSock, rtt: float) -> None:
         sh.tr("tcp_rtt_estimator")
     if rtt < 0:
         return
-    tcp_rtt_estimator(sk, rtt)
     if sh.tracing:
         sh.tr("tcp_set_rto")
-    tcp_set_rto(sk)
+    # tcp_rtt_estimator and tcp_set_rto inline: this runs for nearly every ACK.
+    srtt = sk.srtt
+    if srtt == 0.0:
+        sk.srtt = srtt = rtt
+        sk.rttvar = rttvar = rtt / 2
+    else:
+        sk.rttvar = rttvar = sk.rttvar + (abs(srtt - rtt) - sk.rttvar) * 0.25
+        sk.srtt = srtt = srtt + (rtt - srtt) * 0.125
+    var = 4 * rttvar
+    rto = srtt + (var if var > TCP_RTO_MIN else TCP_RTO_MIN)
+    sk.rto = rto if rto < 120.0 else 120.0
 
 
 # -- challenge ACKs (RFC 5961) --------------------------------------------------------------
@@ -123,6 +134,25 @@ def _send_oow_ack(sh: Any, sk: TcpSock, now: float) -> None:
         return
     sk.last_oow_ack = now
     tcp_send_ack(sh, sk, now)
+
+
+def tcp_segs_in(sk: TcpSock, plen: int) -> None:
+    """Count a segment received by a full socket (Linux ``tcp_segs_in``, RFC 4898
+    tcpEStatsPerfSegsIn).  A GRO super-frame counts as the segments it was made
+    of (Linux uses gso_segs; we divide by the segment size the peer uses, which
+    is our send MSS on a symmetric path)."""
+    if plen:
+        m = sk.mss_cache
+        segs = 1 if plen <= m else (plen - 1) // m + 1
+        sk.segs_in += segs
+        sk.data_segs_in += segs
+    else:
+        sk.segs_in += 1
+
+
+def _segs(nbytes: int, mss: int) -> int:
+    """Bytes as a segment count (Linux's pcount), at least one."""
+    return (nbytes - 1) // mss + 1 if nbytes > mss else 1
 
 
 # -- the ACK (RFC 9293 §3.10.7.4 "fifth, check the ACK field") -------------------------------
@@ -198,7 +228,8 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
         elif window_changed and sk.snd_wnd:
             _window_opened(sh, sk, now)
         return True
-    _clean_rtx_queue(sh, sk, seg, d, now)
+    ts = seg.options.ts
+    _clean_rtx_queue(sh, sk, ack, ts[1] if ts is not None else 0, seg.options.sack_blocks, d, now)
     return True
 
 
@@ -224,10 +255,15 @@ def tcp_schedule_loss_probe(sh: Any, sk: TcpSock, now: float, rto: float,
         pto = rto - (_TLP_RTO_MARGIN if rto > 2 * _TLP_RTO_MARGIN else rto / 2)
         if pto < 2 * srtt:
             return
-    cur = sk.timers[_TLP]
-    if earlier_only and cur is not None and cur <= now + pto:
+    deadline = now + pto
+    timers = sk.timers
+    cur = timers[_TLP]
+    if earlier_only and cur is not None and cur <= deadline:
         return  # new data keeps an earlier probe; a larger flight may bring a later one in
-    sh.timers.arm(sk, _TLP, now + pto)
+    timers[_TLP] = deadline
+    q = sk.timer_q[_TLP]
+    if q is None or q > deadline:  # TimerHeap.arm's lazy rule, without the call
+        sh.timers.arm(sk, _TLP, deadline)
 
 
 def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
@@ -238,40 +274,60 @@ def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
         sk.backoff = 0
 
 
-def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> None:
-    """New data acknowledged: free it, sample RTT, feed congestion control, re-arm RTO."""
+def _clean_rtx_queue(sh: Any, sk: TcpSock, ack: int, tsecr: int, blocks: Any, acked: int,
+                     now: float) -> None:
+    """New data acknowledged (``acked`` bytes of sequence space up to ``ack``):
+    free it, sample RTT (``tsecr``: the echoed timestamp, 0 if none), feed
+    congestion control and loss recovery (``blocks``: the ACK's SACK blocks),
+    re-arm the RTO (Linux ``tcp_clean_rtx_queue`` and what ``tcp_ack`` does after it).
+
+    The common case (nothing SACKed, not recovering) is the first branch below
+    and is what header prediction runs for every ACK of a bulk transfer.
+    """
     una = sk.snd_una
-    ack = seg.ack
     in_flight_before = (sk.snd_nxt - una) & MASK
     if in_flight_before & HALF:
         in_flight_before = 0
-    if sk.sacked and not sk.reord_seen:
+    sacked = sk.sacked
+    if sacked:
         # A hole filled below SACKed data by its original transmission: reordering.
-        _rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
-                                              for b in sk.sacked])
+        if _rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
+                                                 for b in sacked]):
+            sk.reord_events += 1
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
         data -= 1
     if una == sk.iss and sk.state is _SYN_RECV:  # this ACK also covers our SYN
         data -= 1
-    if data > sk.sndq_len:
-        data = sk.sndq_len
+    qlen = sk.sndq_len
+    if data > qlen:
+        data = qlen
     if data > 0:
-        _sndq_drop(sk, data)
+        # Free the acknowledged bytes from the send queue's head (chunk 0 starts
+        # at SND.UNA, ``sndq_head_off`` of it already gone).
+        sk.sndq_len = qlen - data
+        off = sk.sndq_head_off + data
+        q = sk.sndq
+        while q:
+            first = len(q[0])
+            if off < first:
+                break
+            off -= first
+            q.popleft()
+        sk.sndq_head_off = off
     sk.snd_una = ack
     if ((ack - sk.snd_nxt) & MASK) < HALF:
         sk.snd_nxt = sk.snd_max = ack  # defensive: SND.NXT never lags the peer
     # RTT sample: timestamps (RFC 7323 §4.1) or Karn's timed segment (RFC 6298 (3)).
     rtt = None
-    ts = seg.options.ts
-    if sk.ts_ok and ts is not None and ts[1]:
-        if sk.in_loss and ((ts[1] - sk.rto_ts) & MASK) & HALF:
+    if tsecr and sk.ts_ok:
+        if sk.in_loss and ((tsecr - sk.rto_ts) & MASK) & HALF:
             # The echo predates our RTO retransmission: the peer got the original
             # and its ACK was lost, so this "RTT" is mostly the RTO wait (RFC 3522's
             # observation; Karn's rule in timestamp form).  No sample.
             rtt = None
         else:
-            rtt = (((int(now * 1000) + sk.ts_off) - ts[1]) & MASK) / 1000.0
+            rtt = (((int(now * 1000) + sk.ts_off) - tsecr) & MASK) / 1000.0
             if rtt > 60.0:
                 rtt = None
     elif sk.rtt_seq >= 0 and ((ack - sk.rtt_seq) & MASK) < HALF:
@@ -282,13 +338,25 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     sk.backoff = 0
     sk.retries = 0
     sk.probes = 0
-    if sk.cc is not None and (sk.sacked or sk.in_recovery or sk.in_loss
-                              or (sk.sack_ok and seg.options.sack_blocks)):
+    cc = sk.cc
+    mss = sk.mss_cache
+    if cc is not None and not (sacked or sk.in_recovery or sk.in_loss
+                               or (blocks and sk.sack_ok)):
+        sk.retrans_stamp = None
+        sk.dupacks = 0
+        sk.delivered += (data - 1) // mss + 1 if data > mss else 1
+        cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+    elif cc is not None:
         prior = sk.sacked_bytes
-        if sk.sacked:
+        if sacked:
             _sack_prune(sh, sk)
-        if sk.sack_ok and seg.options.sack_blocks:
-            _sacktag(sh, sk, seg.options.sack_blocks)
+        # Segments delivered by the cumulative ACK that were not SACKed before
+        # (those were counted when SACKed; Linux tcp_clean_rtx_queue).
+        fresh = data - (prior - sk.sacked_bytes)
+        if fresh > 0 or data <= 0:
+            sk.delivered += _segs(fresh, mss)
+        if blocks and sk.sack_ok:
+            _sacktag(sh, sk, blocks)
         # RFC 6937 DeliveredData = change in SND.UNA + change in SACKed bytes.
         tcp_fastretrans_alert(sh, sk, acked, acked + sk.sacked_bytes - prior, False, now,
                               rtt, in_flight_before)
@@ -297,35 +365,27 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, seg: Any, acked: int, now: float) -> 
     else:
         sk.retrans_stamp = None
         sk.dupacks = 0
-        cc = sk.cc
-        if cc is not None:
-            mss = sk.mss_cache
-            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        sk.delivered += _segs(data, mss)
+    timers = sk.timers
     if ack == sk.snd_max:
-        sk.timers[_RETRANSMIT] = None
-        sk.timers[_TLP] = None
+        timers[_RETRANSMIT] = None
+        timers[_TLP] = None
     else:
-        rto = tcp_rto(sk)
-        sh.timers.arm(sk, _RETRANSMIT, now + rto)  # RFC 6298 (5.3)
+        rto = sk.rto  # tcp_rto(sk) with the backoff just cleared
+        # RFC 6298 (5.3), lazily as Linux's inet_csk_reset_xmit_timer: the heap is
+        # touched only when the deadline moves earlier than its queued entry
+        # (``tcp_timer.TimerHeap.arm``'s rule, checked here without the call).
+        deadline = now + rto
+        timers[_RETRANSMIT] = deadline
+        q = sk.timer_q[_RETRANSMIT]
+        if q is None or q > deadline:
+            sh.timers.arm(sk, _RETRANSMIT, deadline)
         if sk.sack_ok and not sk.in_recovery and not sk.in_loss:
             tcp_schedule_loss_probe(sh, sk, now, rto)
-    if sk.snd_wnd:
+    if sk.snd_wnd and timers[_PERSIST] is not None:
         _window_opened(sh, sk, now)
     if sk.write_blocked:
         tcp_check_writable(sh, sk)
-
-
-def _sndq_drop(sk: TcpSock, n: int) -> None:
-    q = sk.sndq
-    sk.sndq_len -= n
-    off = sk.sndq_head_off + n
-    while q:
-        first = len(q[0])
-        if off < first:
-            break
-        off -= first
-        q.popleft()
-    sk.sndq_head_off = off
 
 
 def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
@@ -342,6 +402,7 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
             len(blocks) > 1 and ((first[0] - blocks[1][0]) & MASK) < HALF
             and ((blocks[1][1] - first[1]) & MASK) < HALF):
         sh.stats.dsacks_recv += 1
+        sk.dsack_dups += _segs((first[1] - first[0]) & MASK, sk.mss_cache)  # Linux tcp_check_dsack
         # RFC 8985 §6.2.4: a D-SACK means we retransmitted needlessly, likely
         # because of reordering: widen RACK's reordering window (once per RTT).
         if sk.reo_wnd_mult < 16 and sh.now >= sk.reo_wnd_bumped + sk.srtt:
@@ -362,9 +423,12 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
     if not new:
         return
     offs = [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked]
-    if not sk.reord_seen:
-        for lo, hi in new:
-            _rack_check_reordering(sk, lo, hi, offs)
+    reordered = False
+    for lo, hi in new:
+        if _rack_check_reordering(sk, lo, hi, offs):
+            reordered = True
+    if reordered:
+        sk.reord_events += 1  # once per ACK, as Linux tcp_check_sack_reordering
     offs.extend(new)
     offs.sort()
     merged: list[list[int]] = []
@@ -380,6 +444,8 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
         b[0] = (una + b[0]) & MASK
         b[1] = (una + b[1]) & MASK
     sk.sacked = merged
+    if total > sk.sacked_bytes:
+        sk.delivered += _segs(total - sk.sacked_bytes, sk.mss_cache)  # newly SACKed
     sk.sacked_bytes = total
 
 
@@ -829,10 +895,11 @@ def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
     tcp_write_xmit(sh, sk, now)
 
 
-def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: Any) -> None:
+def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: Any) -> bool:
     """RFC 8985 §6.2 step 3: data never retransmitted, newly delivered below
     RACK.fack, arrived out of order.  ``lo``/``hi`` bound what this ACK
-    delivered (offsets from SND.UNA); ``old`` are the SACKed offsets before it."""
+    delivered (offsets from SND.UNA); ``old`` are the SACKed offsets before it.
+    True (and RACK.reordering_seen set) when it did."""
     una = sk.snd_una
     fack = (_rack_fack(sk) - una) & MASK
     if sk.in_recovery or sk.in_loss:
@@ -844,7 +911,7 @@ def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: Any) -> None:
     if hi > fack:
         hi = fack
     if lo >= hi:
-        return
+        return False
     n = hi - lo
     for a, b in old:
         if b <= lo or a >= hi:
@@ -852,6 +919,8 @@ def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: Any) -> None:
         n -= (b if b < hi else hi) - (a if a > lo else lo)
     if n > 0:
         sk.reord_seen = True
+        return True
+    return False
 
 
 def _reno_add_sack(sk: TcpSock) -> None:
@@ -1035,6 +1104,7 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     if not _rmem_ok(sk, n):
         sh.stats.drop("PROTO_MEM")
         return
+    sk.rcv_ooopack += _segs(n, sk.mss_cache)  # Linux tcp_data_queue_ofo (gso_segs)
     hi_off = lo_off + n
     if fin:
         sk.ofo_fin = (seq + n) & MASK
@@ -1156,56 +1226,164 @@ def _tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
     tcp_time_wait(sh, sk, now)
 
 
-# -- the fast path ----------------------------------------------------------------------------
+# -- header prediction (Linux tcp_rcv_established's fast path) ---------------------------------
+#
+# Van Jacobson's observation (RFC 1323 era, kept by Linux as "header
+# prediction"): on an established connection nearly every segment is either a
+# pure ACK for new data or the next in-order data segment, from a peer whose
+# window did not change.  Linux folds the header length, the ACK flag and the
+# expected window into one word (``pred_flags``) and compares it with the
+# segment's fourth header word; a match plus SEG.SEQ == RCV.NXT, an ACK no
+# further than SND.NXT and an acceptable timestamp skip RFC 793's step-by-step
+# checks (``tcp_validate_incoming``), and the ACK and data take their light
+# paths.  Linux turns the prediction off (pred_flags 0) while anything is
+# unusual: out-of-order data queued, a zero receive window, urgent data,
+# memory pressure, or loss recovery.
+#
+# Here ``tcp_ipv4.tcp_v4_rcv`` reads the raw IPv4 + TCP header (one struct
+# unpack, no Repr objects), checks the layout (no IP options, data offset 5 or
+# 8 with Linux's aligned NOP,NOP,TS: ``tcp_fast_parse_options``), ACK with at
+# most PSH besides (no SYN/FIN/RST/URG/ECE/CWR), finds the socket and hands the
+# fields to :func:`tcp_rcv_established_fast`, which first *predicts* without
+# touching any state and returns False when the segment needs the slow path:
+#
+# * state ESTABLISHED, SEG.SEQ == RCV.NXT, no out-of-order data or early FIN;
+# * timestamps exactly as negotiated, and TSval not older than TS.Recent
+#   (RFC 7323 §5.3 PAWS; an older one goes to the slow path, which rejects it
+#   or applies ``_disordered_ack``);
+# * SND.UNA <= SEG.ACK <= SND.MAX (old or unsent ACKs: RFC 5961 §5.2 checks
+#   in ``tcp_ack``); nothing SACKed on our scoreboard, not in recovery or Loss;
+# * a pure ACK acknowledges new data (duplicate ACKs and pure window updates
+#   go through ``tcp_ack``'s duplicate-ACK logic); a data segment either
+#   acknowledges new data or keeps the window (Linux's pred_flags window);
+# * data: a non-zero receive window and room under the memory limit
+#   (``_rmem_ok``), then the TCP checksum when the device did not vouch for it
+#   (Linux checks it here too, ``tcp_checksum_complete``).
+#
+# Then it does exactly what ``tcp_rcv_state_process`` would, in its order
+# (TS.Recent per RFC 7323 §4.3, ``tcp_ack``'s window update and
+# ``_clean_rtx_queue``, the in-order append of ``tcp_data_queue``,
+# ``tcp_data_snd_check``, ``tcp_ack_snd_check``), skipping only the checks the
+# prediction already settled.  tests/unit/core/test_header_prediction.py runs
+# scripted exchanges with ``HEADER_PREDICTION`` off and on and requires the
+# same frames, events and socket state.
+
+#: Module switch for the fast path (tests turn it off to compare with the slow path).
+HEADER_PREDICTION = True
+
 
 def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
-    """ESTABLISHED receive with header prediction (see the module docstring)."""
-    if (seg.flags & 0x37) != ACK or seg.seq != sk.rcv_nxt or sk.ofo or sk.ofo_fin is not None:
-        tcp_rcv_state_process(sh, sk, seg, now)
-        return
+    """ESTABLISHED receive of a parsed segment: the slow path (Linux ``tcp_rcv_established``
+    after header prediction failed); see :func:`tcp_rcv_established_fast`."""
+    tcp_rcv_state_process(sh, sk, seg, now)
+
+
+def tcp_rcv_established_fast(sh: Any, sk: TcpSock, pkt: Any, off: int, end: int, seq: int,
+                             ack: int, window: int, tsval: int | None, tsecr: int,
+                             csum: int | None, now: float) -> bool:
+    """Header prediction for one segment of an ESTABLISHED socket; False (and no
+    state touched) when it must take the slow path.  See the essay above.
+
+    ``pkt[off:end]`` is the payload; ``tsval`` is None without a timestamp
+    option; ``csum`` is None when the checksum is known good, else the sum of
+    the pseudo-header and TCP header words, to complete with the payload's.
+    """
+    # -- predict ---------------------------------------------------------------------
     if sk.ts_ok:
-        ts = seg.options.ts
-        if ts is None or ((ts[0] - sk.ts_recent) & MASK) & HALF:
-            tcp_rcv_state_process(sh, sk, seg, now)
-            return
-        if sk.rcv_wup == sk.rcv_nxt:  # RFC 7323 §4.3: SEG.SEQ <= Last.ACK.sent
-            sk.ts_recent = ts[0]
+        if tsval is None or ((tsval - sk.ts_recent) & MASK) & HALF:
+            return False
+    elif tsval is not None:
+        return False
+    if (seq != sk.rcv_nxt or sk.ofo or sk.ofo_fin is not None or sk.sacked
+            or sk.in_recovery or sk.in_loss):
+        return False
+    una = sk.snd_una
+    acked = (ack - una) & MASK
+    if acked > ((sk.snd_max - una) & MASK):
+        return False
+    wnd = window << sk.snd_wscale
+    n = end - off
+    if n:
+        if not acked and wnd != sk.snd_wnd:
+            return False
+        rwin = (sk.rcv_wup + sk.rcv_wnd - seq) & MASK
+        rcvbuf = sk.rcvbuf
+        if (rwin == 0 or rwin & HALF
+                or sk.rcvq_len + n > rcvbuf + (rcvbuf >> 3) + (1 << sk.rcv_wscale)):
+            return False
+        data = pkt[off:end]
+        if csum is not None and (csum + sum16(data)) % 0xFFFF:
+            return False
+    else:
+        if not acked or (csum is not None and csum % 0xFFFF):
+            return False
+        data = None
+    # -- the slow path's effects, in its order -------------------------------------------
+    if tsval is not None:
+        wup = sk.rcv_wup
+        if seq == wup or ((seq - wup) & MASK) & HALF:
+            sk.ts_recent = tsval  # RFC 7323 §4.3: SEG.SEQ <= Last.ACK.sent
             sk.ts_recent_stamp = now
     sk.rcv_tstamp = now
+    # tcp_ack: the window (RFC 9293 §3.10.7.4; any ACK advancing SND.UNA, as Linux
+    # tcp_may_update_window), then what was acknowledged.
+    if acked or (((seq - sk.snd_wl1) & MASK) & HALF == 0
+                 and (seq != sk.snd_wl1 or ((ack - sk.snd_wl2) & MASK) & HALF == 0)):
+        if wnd != sk.snd_wnd:
+            sk.snd_wnd = wnd
+            if wnd > sk.max_window:
+                sk.max_window = wnd
+        sk.snd_wl1 = seq
+        sk.snd_wl2 = ack
     sk.probes = 0
-    payload = seg.payload
-    if seg.ack != sk.snd_una or seg.window << sk.snd_wscale != sk.snd_wnd or not payload:
-        if not tcp_ack(sh, sk, seg, now):
-            return
-    if payload:
-        n = len(payload)
-        rcv_nxt = sk.rcv_nxt
-        if (n <= ((sk.rcv_wup + sk.rcv_wnd - rcv_nxt) & MASK) < HALF
-                and sk.rcvq_len + n <= sk.rcvbuf and not sh.tracing):
-            # In order, inside the window, no FIN (checked above): tcp_data_queue's
-            # common case, inline (Linux tcp_rcv_established's "direct copy").
-            if n > sk.rcv_mss:
-                sk.rcv_mss = n if n < sk.adv_mss else sk.adv_mss
-            sk.rcvq.append(bytes(payload))
-            sk.rcvq_len += n
-            sk.rcv_nxt = (rcv_nxt + n) & MASK
-            sk.unacked_rcv += n
-            if sk.quickack:
-                sk.quickack -= 1
-                sk.ack_now = True
-            if not sk.readable_signalled:
-                emit_readable(sh, sk)
-        else:
-            tcp_data_queue(sh, sk, seg, now)
-    if sk.sndq_len:
-        tcp_data_snd_check(sh, sk, now)
-    if sk.ack_now or sk.unacked_rcv:
-        if sh.tracing or sk.state is not _ESTABLISHED:
-            tcp_ack_snd_check(sh, sk, now)
-        elif sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
-            tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack, inline
-        elif sk.timers[_DELACK] is None:
+    sk.err_soft = 0
+    if data is None:
+        sk.segs_in += 1  # tcp_segs_in (Linux counts in tcp_v4_rcv; here once predicted)
+        _clean_rtx_queue(sh, sk, ack, tsecr, (), acked, now)
+        if sk.sndq_len:
+            _write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery (predicted)
+        if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
+            tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
+        elif sk.unacked_rcv and sk.timers[_DELACK] is None:
             sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
+        return True
+    m = sk.mss_cache  # tcp_segs_in: a GRO super-frame counts as the segments it was
+    segs = 1 if n <= m else (n - 1) // m + 1
+    sk.segs_in += segs
+    sk.data_segs_in += segs
+    if acked:
+        _clean_rtx_queue(sh, sk, ack, tsecr, (), acked, now)
+    # tcp_data_queue's in-order case (Linux tcp_rcv_established "direct copy").
+    rcv_mss = sk.rcv_mss
+    if n > rcv_mss:
+        sk.rcv_mss = rcv_mss = n if n < sk.adv_mss else sk.adv_mss
+    sk.rcvq.append(data if type(data) is bytes else bytes(data))
+    sk.rcvq_len += n
+    sk.rcv_nxt = (seq + n) & MASK
+    unacked = sk.unacked_rcv + n
+    sk.unacked_rcv = unacked
+    if sk.quickack:
+        sk.quickack -= 1
+        sk.ack_now = True
+    if not sk.readable_signalled and sk.parent is None and not sk.orphan:
+        sk.readable_signalled = True
+        sh.events.append(Readable(sk.sd))
+    if sk.sndq_len:
+        _write_new(sh, sk, now, -1)
+        unacked = sk.unacked_rcv  # our data carried the ACK
+    if sk.ack_now or unacked > rcv_mss:
+        tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
+    elif unacked:
+        # __tcp_ack_snd_check: delay it (RFC 1122 §4.2.3.2); the heap is touched
+        # only when no earlier entry is queued (TimerHeap.arm's rule).
+        timers = sk.timers
+        if timers[_DELACK] is None:
+            deadline = now + TCP_DELACK
+            timers[_DELACK] = deadline
+            q = sk.timer_q[_DELACK]
+            if q is None or q > deadline:
+                sh.timers.arm(sk, _DELACK, deadline)
+    return True
 
 
 # -- the slow path: RFC 9293 §3.10.7.4 in order --------------------------------------------
@@ -1395,6 +1573,7 @@ def tcp_synrecv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
             if sh.tracing:
                 sh.tr(name)
     sk.state = _ESTABLISHED
+    sk.delivered += 1  # the SYN-ACK: tcp_ack does not see it (Linux tcp_rcv_state_process)
     sk.snd_wnd = seg.window << sk.snd_wscale
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = seg.ack
@@ -1449,6 +1628,7 @@ def tcp_rcv_synsent_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) ->
     sk.rcv_nxt = sk.rcv_wup = (seg.seq + 1) & MASK
     if flags & ACK:
         sk.snd_una = seg.ack
+        sk.delivered += 1  # our SYN (Linux: tcp_ack's tcp_clean_rtx_queue)
         sk.snd_wnd = seg.window  # RFC 7323 §2.2: never scaled in a SYN
         sk.max_window = sk.snd_wnd
         sk.snd_wl1 = seg.seq

@@ -28,6 +28,7 @@ import struct
 from typing import Any
 
 from . import syncookies
+from . import tcp_input as _tcp_input
 from .events import Acceptable
 from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr, icmp_rcv
 from .inet_connection_sock import (
@@ -42,7 +43,9 @@ from .sock import State, TcpSock
 from .tcp_input import (
     TCP_TIMEOUT_INIT,
     tcp_rcv_established,
+    tcp_rcv_established_fast,
     tcp_rcv_state_process,
+    tcp_segs_in,
 )
 from .tcp_minisocks import (
     TW_SYN,
@@ -87,6 +90,18 @@ _ESTABLISHED = State.ESTABLISHED
 _NEW_SYN_RECV = State.NEW_SYN_RECV
 _TIME_WAIT = State.TIME_WAIT
 _IP_REASONS = {"checksum": "IP_CSUM", "fragment": "IP_FRAGMENT"}
+# Header prediction reads the raw headers itself (Linux compares raw header
+# words too): IPv4 without options, the fixed TCP header and the aligned
+# timestamp option (NOP, NOP, kind 8, length 10 and the two values) that
+# follows it, in one unpack.  The layouts are core.wire's (RFC 791 §3.1, RFC
+# 9293 §3.1, RFC 7323 §3 and Appendix A); the checks are ``parse_ipv4``'s and
+# ``parse_tcp``'s for these layouts, so what passes them parses identically.
+_unpack_hp = struct.Struct("!BBHHHBBHIIHHIIHHHHIII").unpack_from
+_unpack_hp40 = struct.Struct("!BBHHHBBHIIHHIIHHHH").unpack_from  # shorter than 52 bytes
+_NO_TS = (0, 0, 0)
+_TS_WORD = 0x0101080A
+_tcp_rcv_established_fast = tcp_rcv_established_fast
+_UNKNOWN = object()
 _TCP_REASONS = {"bad_flags": "TCP_FLAGS", "option_len": "TCP_OPTIONS"}
 
 
@@ -99,26 +114,75 @@ def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
     return (f + m) & MASK, int.from_bytes(h[4:], "big")
 
 
-def tcp_select_initial_window(rcvbuf: int, window_scaling: bool) -> tuple[int, int]:
+def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
+                              window_clamp: int = 0) -> tuple[int, int]:
     """(window to offer in the SYN, our window-scale shift) (Linux ``tcp_select_initial_window``).
 
     The shift is the smallest that lets the whole receive buffer be offered
-    (RFC 7323 §2.3, at most 14).
+    (RFC 7323 §2.3, at most 14); with TCP_WINDOW_CLAMP, the whole clamp
+    (Linux bounds the space by ``window_clamp`` first), which also bounds
+    the window offered.
     """
+    space = rcvbuf if not window_clamp or window_clamp > rcvbuf else window_clamp
     ws = 0
     if window_scaling:
-        space = rcvbuf
-        while space > 65535 and ws < 14:
-            space >>= 1
+        rest = space
+        while rest > 65535 and ws < 14:
+            rest >>= 1
             ws += 1
-    return min(rcvbuf, 65535), ws
+    return min(space, 65535), ws
 
 
 # -- receive ------------------------------------------------------------------------------
 
 def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
-    """One inbound IPv4 packet (Linux ``ip_local_deliver`` + ``tcp_v4_rcv``); never raises."""
+    """One inbound IPv4 packet (Linux ``ip_local_deliver`` + ``tcp_v4_rcv``); never raises.
+
+    First header prediction (``tcp_input`` "header prediction"): a packet laid
+    out as an established connection's segments are (IPv4 without options,
+    TCP data offset 5, or 8 with the aligned timestamp option, ACK and at most
+    PSH) is read with one struct unpack and, if its socket is ESTABLISHED,
+    offered to ``tcp_rcv_established_fast``.  Everything it declines, and
+    every other packet, takes the general path below: full parse, checks in
+    ``ip_rcv_core`` order, lookup, state machine.
+    """
     stats = sh.stats
+    n = len(pkt)
+    hit: Any = _UNKNOWN  # the ehash lookup's answer, once made
+    # Two byte reads first (IPv4 without options; then the TCP flags byte: ACK
+    # and at most PSH), so SYNs, FINs and RSTs are not unpacked twice.
+    if (n >= 40 and pkt[0] == 0x45 and pkt[33] & 0xF7 == 0x10 and not sh.tracing
+            and _tcp_input.HEADER_PREDICTION):
+        (vihl, tos, total, ident, frag, ttl, proto, ipsum, src, dst, sport, dport, seq, ack,
+         offflags, window, tsum, urg, tsword, tsval, tsecr) = (
+            _unpack_hp(pkt) if n >= 52 else _unpack_hp40(pkt) + _NO_TS)
+        hp = offflags & 0xF0F7  # data offset and flags but PSH (Linux TCP_HP_BITS)
+        if (proto == 6 and (hp == 0x8010 or hp == 0x5010) and not frag & 0x3FFF
+                and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
+            hit = sk = sh.h.ehash.get((dst, dport, src, sport))  # dst is ours if this hits
+            if (sk is not None and sk.state is _ESTABLISHED
+                    and not (0x4506 + tos + total + ident + frag + (ttl << 8) + ipsum + src
+                             + dst) % 0xFFFF):
+                if hp == 0x8010:
+                    off = 52
+                else:
+                    off = 40  # no options: the words read as TS were payload
+                    tsval = None
+                    tsecr = 0
+                if off == 40 or tsword == _TS_WORD:
+                    if csum_ok:
+                        csum = None
+                    else:
+                        # Pseudo-header + TCP header words; the payload's sum is
+                        # added only once the prediction holds (tcp_checksum_complete).
+                        csum = (src + dst + 6 + total - 20 + sport + dport + seq + ack
+                                + offflags + window + tsum + urg)
+                        if tsval is not None:
+                            csum += _TS_WORD + tsval + tsecr
+                    if _tcp_rcv_established_fast(sh, sk, pkt, off, total, seq, ack, window,
+                                                 tsval, tsecr, csum, now):
+                        stats.segs_in += 1
+                        return
     try:
         ip, payload = parse_ipv4(pkt)
     except WireError as e:
@@ -147,7 +211,7 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
         stats.drop(_TCP_REASONS.get(e.reason, "TCP_HDR"))
         return
     stats.segs_in += 1
-    sk = sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port))
+    sk = sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port)) if hit is _UNKNOWN else hit
     if sh.tracing:
         sh.tr("tcp_v4_rcv")
         sh.tr("__inet_lookup_skb")
@@ -156,6 +220,7 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
     if sk is not None:
         st = sk.state
         if st is _ESTABLISHED:
+            tcp_segs_in(sk, len(seg.payload))
             tcp_rcv_established(sh, sk, seg, now)
             return
         if st is _NEW_SYN_RECV:
@@ -174,6 +239,7 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
                 return
             sk = None
         else:
+            tcp_segs_in(sk, len(seg.payload))
             tcp_rcv_state_process(sh, sk, seg, now)
             return
     listener = _lookup_listener(sh, dst, seg.dst_port)
@@ -246,7 +312,7 @@ def tcp_v4_conn_request(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now:
     req.irs = seg.seq
     req.mss = min(opts.mss or 536, sh.adv_mss)
     req.wscale_ok = cfg.window_scaling and opts.wscale is not None
-    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok)
+    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp)
     if req.wscale_ok:
         req.snd_wscale = opts.wscale
         req.rcv_wscale = ws
@@ -321,7 +387,8 @@ def _cookie_check(sh: Any, listener: TcpSock, seg: Any, src: int, dst: int,
     req.irs = (seg.seq - 1) & MASK
     req.iss = (seg.ack - 1) & MASK
     req.mss = mss
-    req.rcv_wnd, ws = tcp_select_initial_window(listener.rcvbuf, True)
+    req.rcv_wnd, ws = tcp_select_initial_window(listener.rcvbuf, True,
+                                                listener.window_clamp)
     ts = seg.options.ts
     if ts is not None and sh.cfg.timestamps:
         o = syncookies.cookie_timestamp_decode(ts[1])
@@ -591,7 +658,8 @@ def tcp_connect(sh: Any, sk: TcpSock, now: float) -> None:
         sh.tr("tcp_connect")
     cfg = sh.cfg
     sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
-    sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling)
+    sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling,
+                                                           sk.window_clamp)
     sk.snd_una = sk.iss
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now

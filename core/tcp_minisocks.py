@@ -201,6 +201,7 @@ def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: 
     sk.user_timeout = listener.user_timeout
     sk.syn_count = listener.syn_count
     sk.linger2 = listener.linger2
+    sk.window_clamp = listener.window_clamp
     sk.state = _SYN_RECV
     sk.laddr, sk.lport, sk.raddr, sk.rport = req.laddr, req.lport, req.raddr, req.rport
     sk.parent = listener
@@ -220,6 +221,7 @@ def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: 
     sk.ts_recent_stamp = now
     sk.ts_off = req.ts_off
     sk.adv_mss = sh.adv_mss
+    sk.segs_in = 1  # the SYN (Linux tcp_create_openreq_child; the final ACK is not counted)
     if sh.tracing:
         sh.tr("tcp_init_xmit_timers")
     return sk

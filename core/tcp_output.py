@@ -85,14 +85,23 @@ def tcp_select_window(sk: TcpSock) -> int:
     above it (``tcp_input`` ``_rmem_ok``, Linux ``tcp_try_rmem_schedule``).
 
     Receiver SWS avoidance (RFC 9293 §3.8.6.2.2): a window from free space
-    smaller than min(buffer/2, MSS) is not offered; zero is (if nothing was
-    promised).
+    smaller than min(space/2, MSS) is not offered; zero is (if nothing was
+    promised).  The space is the buffer, or TCP_WINDOW_CLAMP when smaller,
+    which also bounds every window offered (Linux ``window_clamp``; a right
+    edge promised before a smaller clamp was set is still kept).
     """
     ws = sk.rcv_wscale
-    free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
-    if free < (sk.rcvbuf >> 1) and free < sk.rcv_mss:
-        free = 0
+    rcvbuf = sk.rcvbuf
+    free = rcvbuf - sk.rcvq_len - sk.ofo_len
     cap = 65535 << ws
+    clamp = sk.window_clamp
+    if clamp:
+        if clamp < rcvbuf:
+            rcvbuf = clamp
+        if clamp < cap:
+            cap = clamp
+    if free < (rcvbuf >> 1) and free < sk.rcv_mss:
+        free = 0
     new = free if free < cap else cap
     new = (new >> ws) << ws
     cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
@@ -100,8 +109,8 @@ def tcp_select_window(sk: TcpSock) -> int:
         cur = 0  # RCV.NXT is past the old edge (an overlong segment was taken whole)
     if new < cur:
         new = ((cur + (1 << ws) - 1) >> ws) << ws
-        if new > cap:
-            new = cap
+        if new > 65535 << ws:
+            new = 65535 << ws
     sk.rcv_wnd = new
     sk.rcv_wup = sk.rcv_nxt
     return new >> ws
@@ -166,56 +175,71 @@ def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
 
 
 def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float,
-                 csum_partial: bool = False) -> None:
+                 csum_partial: bool = False, win: int = -1) -> None:
     """Build one segment for ``sk`` and queue the frame (Linux ``__tcp_transmit_skb``).
 
     ``csum_partial``: leave only the pseudo-header sum in the TCP checksum
     field for the device to complete (``ShardConfig.tx_csum_offload``, Linux
     ``tcp_v4_send_check`` on a CHECKSUM_PARTIAL skb); the payload is not read.
+    ``win``: the window field when the caller selected it already for this
+    burst (``_write_new``: nothing on the receive side changes between its
+    segments, and ``tcp_select_window`` would answer the same again); -1
+    selects it here.
 
     The established case (timestamps, no SACK blocks to report) is packed
     here in one go: IPv4 + TCP + NOP,NOP,TS as one 52-byte struct, both
     checksums summed from the field values (as ``wire.tcp.build_tcp_ipv4``
-    does), so no option bytes are built and re-read per segment.
+    does), so no option bytes are built and re-read per segment.  The parts
+    of both sums that never change on a connection (addresses, ports, the
+    option word) are summed once and kept folded in ``tx_csum``/``tx_ipsum``.
     """
     ack = sk.rcv_nxt if flags & ACK else 0
-    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok):
+    if win < 0:
         win = tcp_select_window(sk)
+    plen = len(payload)
+    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok):
         tsval = (int(now * 1000) + sk.ts_off) & MASK
         tsecr = sk.ts_recent
-        plen = len(payload)
         total = 52 + plen
-        src = sk.laddr
-        dst = sk.raddr
-        sport = sk.lport
-        dport = sk.rport
-        # Pseudo-header (proto 6, TCP length 32 + plen) + header words (data
-        # offset 8 words: 0x8000 | flags) + the TS option words.
+        base = sk.tx_csum
+        if not base:
+            base = _tx_csum_init(sk)
         if csum_partial:
             # Folded, uncomplemented (wire.checksum.pseudo_header_sum); never 0.
-            t_field = (src + dst + 38 + plen) % 0xFFFF or 0xFFFF
+            t_field = (sk.laddr + sk.raddr + 38 + plen) % 0xFFFF or 0xFFFF
         else:
-            t_sum = (src + dst + 38 + plen + sport + dport + seq + ack + (0x8000 | flags) + win
-                     + _TS_WORD + tsval + tsecr)
+            # Pseudo-header (proto 6, TCP length 32 + plen) + header words (data
+            # offset 8 words: 0x8000 | flags) + the TS option words.
+            t_sum = base + plen + seq + ack + (0x8000 | flags) + win + tsval + tsecr
             if plen:
                 t_sum += sum16(payload)
             t_field = -t_sum % 0xFFFF
-        hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6,
-                           -(0xC506 + total + src + dst) % 0xFFFF, src, dst,
-                           sport, dport, seq, ack, 0x80, flags, win, t_field, 0,
-                           _TS_WORD, tsval, tsecr)
+        hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
+                           sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
+                           t_field, 0, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                               tcp_select_window(sk), _options(sk, now), payload,
-                               csum_partial=csum_partial)
+                               win, _options(sk, now), payload, csum_partial=csum_partial)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
+    sk.segs_out += 1
+    if plen:
+        sk.data_segs_out += 1
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
+
+
+def _tx_csum_init(sk: TcpSock) -> int:
+    """Fold the per-connection constant parts of both checksums once (the
+    4-tuple is fixed before the first segment with timestamps is sent)."""
+    sk.tx_ipsum = (0xC506 + sk.laddr + sk.raddr) % 0xFFFF
+    base = (sk.laddr + sk.raddr + 38 + sk.lport + sk.rport + _TS_WORD) % 0xFFFF or 0xFFFF
+    sk.tx_csum = base
+    return base
 
 
 def tcp_send_ack(sh: Any, sk: TcpSock, now: float) -> None:
@@ -266,6 +290,7 @@ def tcp_send_syn(sh: Any, sk: TcpSock, now: float) -> None:
     sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
                                     tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
+    sk.segs_out += 1
 
 
 def tcp_send_synack_sock(sh: Any, sk: TcpSock, now: float) -> None:
@@ -276,6 +301,7 @@ def tcp_send_synack_sock(sh: Any, sk: TcpSock, now: float) -> None:
     sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
                                     sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
+    sk.segs_out += 1
 
 
 def tcp_make_synack(sh: Any, req: Any, now: float) -> bytes:
@@ -358,12 +384,16 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
 
     Returns the bytes sent.
     """
-    mss = tcp_current_mss(sk) if (sk.ofo or sk.dsack) and sk.sack_ok else sk.mss_cache
+    sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
+    mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
+    burst = XMIT_BURST and sk.ts_ok and not sack_opts
     cc = sk.cc
     una = sk.snd_una
     sent = 0
+    win = -1
+    sndq = sk.sndq
     if sk.snd_max == una and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
         # RFC 5681 §4.1: after an idle period longer than the RTO, restart from IW.
         cc.on_idle_restart(now, now - sk.lsndtime, sk.rto)
@@ -389,6 +419,18 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
         wnd_room = ((una + sk.snd_wnd - nxt) & MASK)
         if wnd_room & 0x80000000:
             wnd_room = 0
+        if burst and maxseg < avail and maxseg <= wnd_room and maxseg <= cwnd_room:
+            # Full segments that are not the last of the queue: the loop below
+            # would send each with flags ACK alone and no SWS/Nagle question, so
+            # they go out as one burst (``_xmit_burst``), the rest below.
+            count = (avail - 1) // maxseg
+            if count > wnd_room // maxseg:
+                count = wnd_room // maxseg
+            if count > cwnd_room // maxseg:
+                count = cwnd_room // maxseg
+            win = _xmit_burst(sh, sk, nxt, sent_off, count, maxseg, mss, win, now)
+            sent += count * maxseg
+            continue
         size = avail
         if size > maxseg:
             size = maxseg
@@ -421,14 +463,27 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
         fin = last and sk.shut_wr
         if fin:
             flags |= FIN
+        # The payload: a view into the first chunk when it holds the range (the
+        # common case: applications write large buffers), else ``_sndq_slice``.
+        chunk = sndq[0]
+        off = sk.sndq_head_off + sent_off
+        if off + size <= len(chunk):
+            payload = chunk[off:off + size]
+        else:
+            payload = _sndq_slice(sk, sent_off, size)
         if size > mss:
             # A super-segment goes to the device's GSO, which marks it NEEDS_CSUM
             # anyway: with tx_csum_offload its 64 KiB payload is never summed here.
-            tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now,
-                         sh.cfg.tx_csum_offload)
+            tcp_transmit(sh, sk, nxt, flags, payload, now, sh.cfg.tx_csum_offload, win)
             sh.gso_marks.append((len(sh.frames) - 1, mss))
+            extra = (size - 1) // mss  # the segments GSO makes of it (tcp_skb_pcount)
+            sk.segs_out += extra
+            sk.data_segs_out += extra
         else:
-            tcp_transmit(sh, sk, nxt, flags, _sndq_slice(sk, sent_off, size), now)
+            tcp_transmit(sh, sk, nxt, flags, payload, now, False, win)
+        # The window field of the whole burst: the receive side cannot change
+        # while we send, so tcp_select_window would only repeat itself.
+        win = sk.rcv_wnd >> sk.rcv_wscale
         sent += size
         end = (nxt + size) & MASK
         if fin:
@@ -466,16 +521,80 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
                 if i:
                     del log[:i]
                 log += (sk.snd_nxt, now)
-        if sk.timers[_RETRANSMIT] is None and sk.snd_max != una:
-            sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
-        if sk.sack_ok and quota < 0 and sk.timers[_RETRANSMIT] is not None:
+        timers = sk.timers
+        rtx = timers[_RETRANSMIT]
+        if rtx is None and sk.snd_max != una:
+            rtx = now + tcp_rto(sk)
+            sh.timers.arm(sk, _RETRANSMIT, rtx)
+        if sk.sack_ok and quota < 0 and rtx is not None:
             # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
             # flight may bring it in, never past the RTO.
             tlp = _late_tlp
             if tlp is None:
                 tlp = _load_tlp()
-            tlp(sh, sk, now, sk.timers[_RETRANSMIT] - now, earlier_only=True)
+            tlp(sh, sk, now, rtx - now, True)
     return sent
+
+
+#: Module switch for ``_xmit_burst`` (tests turn it off to compare with per-segment sends).
+XMIT_BURST = True
+
+
+def _xmit_burst(sh: Any, sk: TcpSock, nxt: int, sent_off: int, count: int, size: int, mss: int,
+                win: int, now: float) -> int:
+    """Send ``count`` segments of ``size`` bytes from ``nxt`` (``sent_off``
+    bytes past SND.UNA), flags ACK, timestamps on, no SACK blocks: exactly
+    what ``count`` calls of :func:`tcp_transmit` would queue, with what does
+    not change between them (ACK, window, timestamps, lengths, both
+    checksums' constant parts) computed once.  ``size`` > ``mss`` makes
+    GSO super-segments.  Returns the window field used."""
+    if win < 0:
+        win = tcp_select_window(sk)
+    ack = sk.rcv_nxt
+    tsval = (int(now * 1000) + sk.ts_off) & MASK
+    tsecr = sk.ts_recent
+    total = 52 + size
+    base = sk.tx_csum or _tx_csum_init(sk)
+    ipsum = -(sk.tx_ipsum + total) % 0xFFFF
+    src = sk.laddr
+    dst = sk.raddr
+    gso = size > mss
+    partial = gso and sh.cfg.tx_csum_offload
+    if partial:
+        t_field = (src + dst + 38 + size) % 0xFFFF or 0xFFFF
+    t_base = base + size + ack + (0x8000 | ACK) + win + tsval + tsecr
+    sport = sk.lport
+    dport = sk.rport
+    frames = sh.frames
+    append = frames.append
+    chunk = sk.sndq[0]
+    n = len(chunk)
+    off = sk.sndq_head_off + sent_off
+    seq = nxt
+    for _ in range(count):
+        end = off + size
+        payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
+        if not partial:
+            t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
+        append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
+                                      sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
+                                      _TS_WORD, tsval, tsecr), payload)))
+        if gso:
+            sh.gso_marks.append((len(frames) - 1, mss))
+        seq = (seq + size) & MASK
+        sent_off += size
+        off = end
+    sh.stats.segs_out += count
+    pcount = count * ((size - 1) // mss + 1)
+    sk.segs_out += pcount
+    sk.data_segs_out += pcount
+    sk.unacked_rcv = 0  # tcp_event_ack_sent
+    sk.ack_now = False
+    sk.timers[_DELACK] = None
+    sk.snd_nxt = seq
+    if ((seq - sk.snd_max) & MASK) < 0x80000000:
+        sk.snd_max = seq
+    return win
 
 
 def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
@@ -639,6 +758,7 @@ def tcp_retransmit_skb(sh: Any, sk: TcpSock, seq: int, now: float, limit: int = 
     if sk.undo_active:
         sk.undo_retrans += 1
     size = avail if avail < mss else mss
+    sk.bytes_retrans += size  # Linux tcp_retransmit_skb: tp->bytes_retrans
     flags = ACK | PSH if size == avail else ACK
     if size == avail and sk.fin_sent:
         flags |= FIN

@@ -6,6 +6,7 @@ Modules (see docs/architecture.md, section "netio"):
 - `device`: the batch device interface; `TunDevice`, `PacketDevice`, `LoopbackDevice`.
 - `impair`, `pcap`, `trace`: wrappers that stack on any device.
 - `dispatch`: the pure steering of frames to workers, ARP and ICMP echo answers.
+- `neighbour`: the ARP-filled neighbour table (Linux NUD states) that workers mirror.
 - `process`: the netio process loop (device -> dispatcher -> ZeroMQ per worker).
 
 Importing this package imports nothing heavy; import the modules you need.

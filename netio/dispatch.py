@@ -7,8 +7,10 @@ for the few things the I/O process answers itself:
   ports, hash the 4-tuple with the symmetric Toeplitz key, look the worker up
   in the 128-entry RETA, and append the frame (still raw) to that worker's
   group. The worker's `tcp_v4_rcv` does every other check.
-* ARP (L2 only): answer requests for our addresses (`arp_process`) and learn
-  the sender's hardware address into `neighbours`.
+* ARP (L2 only): answer requests for our addresses (`arp_process`) and feed
+  every ARP packet to the neighbour table `neigh` (netio.neighbour: a request
+  for us creates its sender's entry, anything else only updates an existing
+  one). Only ARP fills it: never the source MAC of an IPv4 frame.
 * ICMP echo request to us: reply (`icmp_echo`), after checking the IPv4
   header and the ICMP checksum as `icmp_rcv` does.
 * ICMP errors (destination unreachable, time exceeded, parameter problem)
@@ -20,7 +22,8 @@ for the few things the I/O process answers itself:
 * Everything else is dropped and counted under a named reason, the way Linux
   tags drops with SKB_DROP_REASON_*. Nothing in here raises on bad input.
 
-No I/O, no clocks: `Dispatcher.dispatch(batch)` returns what to send where.
+No I/O, no clocks: `Dispatcher.dispatch(batch, now)` returns what to send
+where (`now` only dates neighbour-table updates).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 
 from shardstack.core.wire.arp import (
     ARPOP_REPLY,
+    ARPOP_REQUEST,
     build_arp_reply,
     build_arp_request,
     parse_arp,
@@ -53,6 +57,7 @@ from shardstack.core.wire.icmp import (
 )
 from shardstack.core.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
 
+from .neighbour import ZERO_MAC, NeighTable
 from .rss import RETA_MASK, SYMMETRIC_KEY, FoldedToeplitz, Toeplitz, is_period16, make_reta
 
 __all__ = ["Dispatcher", "DispatchStats", "Batch", "ETH_P_IP", "ETH_P_ARP"]
@@ -129,7 +134,13 @@ class Dispatcher:
         self.reta: list[int] = []
         self.set_reta(reta if reta is not None else make_reta(n_workers))
         self.stats = DispatchStats(per_worker=[0] * n_workers)
-        self.neighbours: dict[int, bytes] = {}
+        self.neigh = NeighTable()  # filled from ARP only (netio.neighbour)
+        self.now = 0.0  # the time of the batch being dispatched
+
+    @property
+    def neighbours(self) -> dict[int, bytes]:
+        """ip -> MAC of the neighbours frames may be sent to now (NUD_VALID)."""
+        return self.neigh.valid()
 
     def set_reta(self, reta: list[int]) -> None:
         """Install a new indirection table (the supervisor rebalances with this)."""
@@ -139,7 +150,9 @@ class Dispatcher:
         if self.folded is not None:
             self.wtab = self.folded.worker_table(self.reta)
 
-    def dispatch(self, batch: list[tuple[bytes, int]]) -> Batch:
+    def dispatch(self, batch: list[tuple[bytes, int]], now: float | None = None) -> Batch:
+        if now is not None:
+            self.now = now
         n = self.n_workers
         out = Batch([[] for _ in range(n)], [bytearray() for _ in range(n)], [])
         frames_out, flags_out = out.frames, out.flags
@@ -274,22 +287,30 @@ class Dispatcher:
         except WireError as e:
             drops["arp_" + e.reason] += 1
             return
+        sip, sha = arp.sender_ip, arp.sender_mac
+        # A sender we may record: a unicast MAC and an address that is set
+        # and not ours (0.0.0.0 is a duplicate-address probe, RFC 5227).
+        usable = sip != 0 and sip not in self.addrs and not sha[0] & 1 and sha != ZERO_MAC
         if arp.target_ip not in self.addrs:
-            drops["arp_not_for_us"] += 1
+            drops["arp_not_for_us"] += 1  # not answered; may still refresh an entry
+            if usable:
+                self.neigh.arp_update(sip, sha, False, self.now)
             return
-        # RFC 826 "merge": we are the target, so record the sender.
-        if arp.sender_ip and arp.sender_mac != BROADCAST_MAC:
-            self.neighbours[arp.sender_ip] = arp.sender_mac
         if arp.op == ARPOP_REPLY:
-            self.stats.arp_learned += 1
+            # to our MAC (PACKET_HOST): REACHABLE, else STALE; existing entries only
+            if usable and self.neigh.arp_update(sip, sha, frame[:6] == self.mac, self.now):
+                self.stats.arp_learned += 1
+            else:  # unsolicited, inside locktime, or an unusable sender
+                drops["arp_reply_ignored"] += 1
             return
+        if usable and arp.op == ARPOP_REQUEST:
+            self.neigh.neigh_event_ns(sip, sha, self.now)  # the asker will talk to us
         body = build_arp_reply(arp, self.mac)
-        out.replies.append(build_ethernet(arp.sender_mac, self.mac, ETH_P_ARP, body, pad=True))
+        out.replies.append(build_ethernet(sha, self.mac, ETH_P_ARP, body, pad=True))
         self.stats.arp_replies += 1
 
-    def arp_request(self, target: int, sender: int) -> bytes:
-        """A broadcast who-has for `target` (the I/O process sends these to
-        resolve a peer before workers can address frames to it)."""
+    def arp_request(self, target: int, sender: int, dst_mac: bytes | None = None) -> bytes:
+        """A who-has for `target`: broadcast, or unicast to `dst_mac` (the
+        PROBE state's re-check of a cached address, Linux `arp_solicit`)."""
         body = build_arp_request(self.mac, sender, target)
-        return build_ethernet(BROADCAST_MAC, self.mac, ETH_P_ARP, body, pad=True)
-
+        return build_ethernet(dst_mac or BROADCAST_MAC, self.mac, ETH_P_ARP, body, pad=True)

@@ -19,19 +19,39 @@ undoes it. Sends use SNDHWM and zmq.NOBLOCK: an overloaded or absent worker
 costs counted drops (`zmq_dropped`), never a stalled RX path, as a full NIC
 ring drops rather than blocks.
 
-Neighbour announcements share the worker channel: a message whose first part
-(flags) is EMPTY is not a batch but `[b"", entry...]`, each entry 10 bytes,
-the IPv4 address (4, big-endian) and MAC (6) of a neighbour a worker asked
-netio to resolve (`arp` op) and whose ARP reply has now arrived. Every worker
-gets it, so a worker that queued frames for that neighbour sends them at once
-(Linux's `neigh_update` flushing the `arp_queue`). `decode_batch` returns []
-for it and `decode_neighbours` reads it.
+The neighbour table (AF_PACKET mode) is netio's: `dispatcher.neigh`, a
+netio.neighbour.NeighTable filled from ARP only, with Linux's NUD states and
+timers, which this loop runs (`neigh_timer_handler`, probes put on the
+device). Workers mirror it:
+
+* netio -> workers, on the worker channel: a message whose first part
+  (flags) is EMPTY is not a batch but a neighbour announcement `[b"",
+  entry...]`, each entry 11 bytes: IPv4 address (4, big-endian), MAC (6),
+  NUD state (1, Linux's NUD_* value; NONE = the entry is gone). Once a
+  worker asked for an address, every change of its entry's MAC or state
+  goes to every worker (`take_changes`), so a worker that queued frames on
+  a neighbour sends them as soon as it resolves (Linux's `neigh_update`
+  flushing the `arp_queue`), and one that used a MAC that changed or FAILED
+  stops. Entries nobody asked for (an ARP request made them) stay netio's. `decode_batch` returns [] for
+  it, `decode_neigh_entries` reads it ((ip, mac, state); a 10-byte entry,
+  the older form, is REACHABLE) and `decode_neighbours` gives the usable
+  ones as (ip, mac).
+* workers -> netio, fire and forget (a worker never waits on netio): each
+  worker connects a PUSH to netio's PULL at `neigh_endpoint(rundir)` and
+  sends 5-byte messages, an op byte and the address: `NEIGH_RESOLVE` (Linux
+  `neigh_event_send`: a frame waits on this address or a STALE entry was
+  used; netio starts resolution or arms DELAY, and announces the entry back
+  at once when it has a usable MAC) and `NEIGH_CONFIRM` (`neigh_confirm`:
+  the worker saw forward progress through that next hop).
 
 Control channel (`control_endpoint(rundir)`, netio binds REP): msgpack maps
 {"op": "stats"} -> counters; {"op": "reta", "reta": [128 ints]} installs a
-new indirection table; {"op": "neighbours"} -> {ip: mac hex}; {"op": "arp",
-"ip": int} sends a who-has (L2); {"op": "stop"} ends the loop. Every reply
-has "ok".
+new indirection table; {"op": "neighbours"} -> {ip: mac hex} (usable
+entries); {"op": "neigh"} -> {ip: {"mac", "state"}} (every entry, `ip
+neigh` style); {"op": "arp", "ip": int} does what NEIGH_RESOLVE does (L2);
+{"op": "stop"} ends the loop. Every reply has "ok". The control socket is
+for the supervisor and tools: it is a blocking REQ/REP, so workers do not use
+it.
 """
 
 from __future__ import annotations
@@ -50,6 +70,7 @@ from shardstack.core.wire.ipv4 import str_to_ip
 from .device import DEFAULT_BATCH, Device, LoopbackDevice, PacketDevice, TunDevice
 from .dispatch import Dispatcher
 from .impair import Impair
+from .neighbour import NUD_REACHABLE, NUD_VALID, nud_name
 from .pcap import Pcap
 from .trace import Trace
 
@@ -60,6 +81,12 @@ __all__ = [
     "control_endpoint",
     "decode_batch",
     "decode_neighbours",
+    "decode_neigh_entries",
+    "encode_neighbour",
+    "neigh_endpoint",
+    "encode_neigh_request",
+    "NEIGH_RESOLVE",
+    "NEIGH_CONFIRM",
     "make_device",
     "main",
 ]
@@ -73,8 +100,9 @@ _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
 DEFAULT_SNDHWM = 256  # messages (batches) queued per worker before we drop
-SOLICIT_TTL = 10.0  # seconds a worker's ARP question stays open (then forgotten)
-MAX_SOLICITED = 1024  # open questions kept at most (a bound, not a tuning knob)
+NEIGH_RESOLVE = 0x52  # b"R": neigh_event_send (workers -> netio)
+NEIGH_CONFIRM = 0x43  # b"C": neigh_confirm (workers -> netio)
+MAX_NEIGH_MSGS = 1024  # worker neighbour messages handled per step (then the device again)
 MAX_BATCHES_PER_WAKEUP = 16  # then look at the control socket again
 IDLE_TIMEOUT = 0.5  # seconds; upper bound on one wait
 
@@ -87,6 +115,16 @@ def control_endpoint(rundir: str) -> str:
     return f"ipc://{rundir}/netio-ctl.ipc"
 
 
+def neigh_endpoint(rundir: str) -> str:
+    """Where netio's PULL for the workers' neighbour messages is bound (L2)."""
+    return f"ipc://{rundir}/netio-neigh.ipc"
+
+
+def encode_neigh_request(op: int, ip: int) -> bytes:
+    """A worker's NEIGH_RESOLVE / NEIGH_CONFIRM message about `ip`."""
+    return bytes((op,)) + ip.to_bytes(4, "big")
+
+
 def decode_batch(parts: list) -> list[tuple[bytes, int]]:
     """A worker's view of one message: [(frame, flags), ...] ([] for a
     neighbour announcement)."""
@@ -96,16 +134,28 @@ def decode_batch(parts: list) -> list[tuple[bytes, int]]:
     return [(bytes(p), flags[i]) for i, p in enumerate(parts[1:])]
 
 
-def encode_neighbour(ip: int, mac: bytes) -> bytes:
-    return ip.to_bytes(4, "big") + bytes(mac)
+def encode_neighbour(ip: int, mac: bytes, state: int = NUD_REACHABLE) -> bytes:
+    """One announcement entry: ip (4, big-endian), MAC (6), NUD state (1)."""
+    return ip.to_bytes(4, "big") + bytes(mac) + bytes((state,))
+
+
+def decode_neigh_entries(parts: list) -> list[tuple[int, bytes, int]]:
+    """The entries of a neighbour announcement `[b"", entry...]`: [(ip, mac,
+    state)]; [] for a frame batch. Malformed entries are skipped."""
+    if len(parts[0]):
+        return []
+    out = []
+    for p in parts[1:]:
+        n = len(p)
+        if n == 11 or n == 10:
+            out.append((int.from_bytes(p[:4], "big"), bytes(p[4:10]),
+                        p[10] if n == 11 else NUD_REACHABLE))
+    return out
 
 
 def decode_neighbours(parts: list) -> list[tuple[int, bytes]]:
-    """The entries of a neighbour announcement `[b"", entry...]`: [(ip, mac)];
-    [] for a frame batch. Malformed entries are skipped."""
-    if len(parts[0]):
-        return []
-    return [(int.from_bytes(p[:4], "big"), bytes(p[4:10])) for p in parts[1:] if len(p) == 10]
+    """The usable entries of a neighbour announcement: [(ip, mac)]."""
+    return [(ip, mac) for ip, mac, st in decode_neigh_entries(parts) if st & NUD_VALID]
 
 
 @dataclass(slots=True)
@@ -115,7 +165,10 @@ class NetioStats:
     rx_frames: int = 0
     tx_replies: int = 0
     tx_reply_failed: int = 0
-    neigh_announced: int = 0  # neighbour announcements sent to the workers
+    neigh_announced: int = 0  # neighbour entries announced to the workers
+    neigh_msgs: int = 0  # NEIGH_RESOLVE / NEIGH_CONFIRM messages from workers
+    neigh_bad_msgs: int = 0  # malformed ones (dropped)
+    neigh_probes_failed: int = 0  # who-has the device refused
     zmq_sent: list[int] = field(default_factory=list)  # frames per worker
     zmq_dropped: list[int] = field(default_factory=list)  # frames per worker (HWM)
 
@@ -127,6 +180,9 @@ class NetioStats:
             "tx_replies": self.tx_replies,
             "tx_reply_failed": self.tx_reply_failed,
             "neigh_announced": self.neigh_announced,
+            "neigh_msgs": self.neigh_msgs,
+            "neigh_bad_msgs": self.neigh_bad_msgs,
+            "neigh_probes_failed": self.neigh_probes_failed,
             "zmq_sent": list(self.zmq_sent),
             "zmq_dropped": list(self.zmq_dropped),
         }
@@ -143,8 +199,10 @@ class NetioProcess:
         ctx: zmq.Context | None = None,
         sndhwm: int = DEFAULT_SNDHWM,
         batch: int = DEFAULT_BATCH,
+        clock=time.monotonic,
     ) -> None:
         self.dev = dev
+        self.clock = clock
         self.dispatcher = dispatcher
         self.rundir = rundir
         self.batch = batch
@@ -163,12 +221,18 @@ class NetioProcess:
         self.ctl.bind(control_endpoint(rundir))
         self.poller = zmq.Poller()
         self.poller.register(self.ctl, zmq.POLLIN)
+        # L2: the workers' neighbour messages (see the module docstring)
+        self.neigh = dispatcher.neigh
+        self.neigh_pull: zmq.Socket | None = None
+        if dispatcher.l2:
+            self.neigh_pull = self.ctx.socket(zmq.PULL)
+            self.neigh_pull.setsockopt(zmq.LINGER, 0)
+            self.neigh_pull.bind(neigh_endpoint(rundir))
+            self.poller.register(self.neigh_pull, zmq.POLLIN)
+            self.neigh.neigh_timer_handler(clock())  # its timers start on our clock
         if dev.fileno() >= 0:
             self.poller.register(dev.fileno(), zmq.POLLIN)
         self.running = False
-        # ip -> when a worker asked us to resolve it (`arp` op): announced to
-        # the workers once the reply is in `dispatcher.neighbours`.
-        self.solicited: dict[int, float] = {}
 
     # -- the loop -----------------------------------------------------------
 
@@ -177,10 +241,7 @@ class NetioProcess:
         IDLE_TIMEOUT), then handle everything ready. Returns frames read."""
         dev = self.dev
         if timeout is None:
-            timeout = IDLE_TIMEOUT
-            deadline = dev.next_deadline()
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            timeout = self.wait_time()
         events = dict(self.poller.poll(max(1, int(timeout * 1000.0)))) if timeout > 0 else {}
         self.stats.wakeups += 1
         got = self._drain()
@@ -188,26 +249,77 @@ class NetioProcess:
         got += self._drain()
         if self.ctl in events or self.ctl.poll(0):
             self._control()
-        if self.solicited:
-            self._announce()
+        pull = self.neigh_pull
+        if pull is not None:
+            if pull in events or pull.poll(0):
+                self._neigh_rx()
+            self._neigh_tx()
         return got
 
-    def _announce(self) -> None:
-        """Tell every worker about neighbours it asked for that are now
-        resolved, so frames they queued go out (see the module docstring)."""
-        neigh = self.dispatcher.neighbours
-        self._expire(time.monotonic())  # never answered: stop looking
-        entries = []
-        for ip in [ip for ip in self.solicited if ip in neigh]:
-            del self.solicited[ip]
-            entries.append(encode_neighbour(ip, neigh[ip]))
-        if not entries:
-            return
+    def wait_time(self) -> float:
+        """How long `step(None)` may sleep: IDLE_TIMEOUT, or less when the
+        device's wrappers or (L2) the neighbour table have something due."""
+        timeout = IDLE_TIMEOUT
+        deadline = self.dev.next_deadline()  # the wrappers' clock: time.monotonic
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        if self.neigh_pull is not None:  # (a TUN's table never runs its timers)
+            timeout = max(0.0, min(timeout, self.neigh.next_deadline() - self.clock()))
+        return timeout
+
+    # -- the neighbour table (L2) -------------------------------------------
+
+    def _neigh_rx(self) -> None:
+        """The workers' NEIGH_RESOLVE / NEIGH_CONFIRM messages (non-blocking)."""
+        pull, neigh, stats = self.neigh_pull, self.neigh, self.stats
+        now = self.clock()
+        for _ in range(MAX_NEIGH_MSGS):
+            try:
+                msg = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            stats.neigh_msgs += 1
+            if len(msg) != 5:
+                stats.neigh_bad_msgs += 1
+                continue
+            ip = int.from_bytes(msg[1:5], "big")
+            if msg[0] == NEIGH_RESOLVE:
+                self._resolve(ip, now)
+            elif msg[0] == NEIGH_CONFIRM:
+                neigh.neigh_confirm(ip, now)
+            else:
+                stats.neigh_bad_msgs += 1
+
+    def _resolve(self, ip: int, now: float) -> None:
+        """A worker needs `ip`: Linux `neigh_event_send`, and the entry is
+        announced back when usable (the asking worker may have none)."""
+        if self.neigh.neigh_event_send(ip, now) & NUD_VALID:
+            self.neigh.announce(ip)
+
+    def _neigh_tx(self) -> None:
+        """Run the table's timers, put its who-has on the device, announce
+        its changes."""
+        neigh = self.neigh
+        now = self.clock()
+        if now >= neigh.soonest:
+            neigh.neigh_timer_handler(now)
+        probes = neigh.take_probes()
+        if probes and self.dispatcher.addrs:
+            src = min(self.dispatcher.addrs)
+            arp = self.dispatcher.arp_request
+            frames = [arp(p.ip, src, p.mac) for p in probes]
+            self.stats.neigh_probes_failed += len(frames) - self.dev.send_batch(frames)
+        changes = neigh.take_changes()
+        if changes:
+            self._announce([encode_neighbour(ip, mac, st) for ip, mac, st in changes])
+
+    def _announce(self, entries: list[bytes]) -> None:
+        """Tell every worker (see the module docstring)."""
         for sock in self.push:
             try:
                 _raw_send(sock, b"", _MORE)
             except zmq.Again:
-                continue  # a stalled worker re-asks on its own timer
+                continue  # a stalled worker re-asks (NEIGH_RESOLVE) on its own timer
             for e in entries[:-1]:
                 _raw_send(sock, e, _MORE)
             _raw_send(sock, entries[-1], _LAST)
@@ -223,7 +335,7 @@ class NetioProcess:
             stats.rx_batches += 1
             stats.rx_frames += len(batch)
             total += len(batch)
-            out = disp.dispatch(batch)
+            out = disp.dispatch(batch, self.clock())
             for w, frames in enumerate(out.frames):
                 if frames:
                     self._push(w, out.flags[w], frames)
@@ -260,6 +372,8 @@ class NetioProcess:
 
     def counters(self) -> dict:
         out = {"netio": self.stats.as_dict(), "dispatch": self.dispatcher.stats.as_dict()}
+        if self.neigh_pull is not None:
+            out["neigh"] = dict(self.neigh.stats.as_dict(), entries=len(self.neigh))
         counters = getattr(self.dev, "counters", None)
         if counters is not None:
             out["impair"] = counters()
@@ -289,34 +403,30 @@ class NetioProcess:
         if op == "neighbours":
             return {"ok": True, "neighbours": {ip: mac.hex() for ip, mac in
                                                self.dispatcher.neighbours.items()}}  # fmt: skip
+        if op == "neigh":
+            return {"ok": True, "neigh": {ip: {"mac": n.mac.hex(), "state": nud_name(n.state)}
+                                          for ip, n in self.neigh.entries.items()}}
         if op == "arp":
             if not self.dispatcher.l2 or not self.dispatcher.addrs:
                 return {"ok": False, "error": "ARP needs an L2 device"}
-            src = min(self.dispatcher.addrs)
-            ip = int(req["ip"])
-            self._solicit(ip)
-            self.dev.send_batch([self.dispatcher.arp_request(ip, src)])
+            try:
+                ip = int(req["ip"])
+            except (KeyError, TypeError, ValueError):
+                return {"ok": False, "error": "arp needs an int ip"}
+            self._resolve(ip, self.clock())
+            self._neigh_tx()  # the who-has goes now
             return {"ok": True}
         if op == "stop":
             self.running = False
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
-    def _solicit(self, ip: int) -> None:
-        if ip not in self.solicited and len(self.solicited) >= MAX_SOLICITED:
-            self._expire(time.monotonic())
-            if len(self.solicited) >= MAX_SOLICITED:
-                return  # the asking worker still gives up on its own timer
-        self.solicited[ip] = time.monotonic()
-
-    def _expire(self, now: float) -> None:
-        for ip in [k for k, t in self.solicited.items() if now - t > SOLICIT_TTL]:
-            del self.solicited[ip]
-
     def close(self) -> None:
         for s in self.push:
             s.close(0)
         self.ctl.close(0)
+        if self.neigh_pull is not None:
+            self.neigh_pull.close(0)
 
 
 def make_device(

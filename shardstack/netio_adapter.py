@@ -9,7 +9,10 @@ objects around the inherited fd: TunDevice.from_fd, then the wrappers in
 address, and `NetioProcess.run`. In AF_PACKET mode netio opens its own
 receive socket (`PacketDevice(ifname)`), as `make_device` would, or, with
 direct RX, adopts the supervisor's fanout member that gets everything that is
-not TCP/IPv4 (netio/fanout.py).
+not TCP/IPv4 (netio/fanout.py). There netio also keeps the neighbour table
+(filled from ARP only, netio.neighbour) that the workers mirror, and binds
+the PULL their neighbour messages arrive on (netio.process); on exit it
+removes that endpoint with its control endpoint.
 
 The supervisor starts it as `python -m shardstack.netio_adapter` with the
 worker's JSON description on stdin (see shardstack.worker).
@@ -88,13 +91,14 @@ def run(desc: dict[str, Any]) -> int:
 
 
 def _unlink_endpoint(proc) -> None:
-    from shardstack.netio.process import control_endpoint
+    """libzmq leaves ipc files behind: remove our control and neighbour endpoints."""
+    from shardstack.netio.process import control_endpoint, neigh_endpoint
 
-    path = control_endpoint(proc.rundir).removeprefix("ipc://")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for ep in (control_endpoint(proc.rundir), neigh_endpoint(proc.rundir)):
+        try:
+            os.unlink(ep.removeprefix("ipc://"))
+        except FileNotFoundError:
+            pass
 
 
 def main() -> int:

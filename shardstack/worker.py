@@ -60,7 +60,15 @@ from shardstack.netio.device import (
     _rx_flags,
     aux_rx_flags,
 )
-from shardstack.netio.process import decode_neighbours, worker_endpoint
+from shardstack.netio.neighbour import NUD_DELAY, NUD_FAILED, NUD_STALE, NUD_VALID, NeighParms
+from shardstack.netio.process import (
+    NEIGH_CONFIRM,
+    NEIGH_RESOLVE,
+    decode_neigh_entries,
+    encode_neigh_request,
+    neigh_endpoint,
+    worker_endpoint,
+)
 from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
 
@@ -111,6 +119,8 @@ class Worker:
         self.run = RunDir(Path(cfg.run_dir))
         self.counters = WorkerCounters()
         self.shard = self._make_shard()
+        if self.l2 and hasattr(tx, "attach_shard"):
+            tx.attach_shard(self.shard)  # L2Tx: forward progress confirms neighbours
         self.services = None
         self.appgate = None
         self._timer: asyncio.TimerHandle | None = None
@@ -210,11 +220,11 @@ class Worker:
                 flags = parts[0]
                 if not flags:  # a neighbour announcement (netio.process)
                     if l2:
-                        self.tx.neigh_update(decode_neighbours(parts))
+                        self.tx.neigh_update(decode_neigh_entries(parts))
                     continue
                 del parts[0]
                 if l2:
-                    parts = self._learn_and_strip(parts)
+                    parts = self._strip_eth(parts)
                 frames += len(parts)
                 # Only the checksum state matters to the shard (RX_GSO and
                 # RX_CSUM_PARTIAL would split a batch at every super-frame).
@@ -260,7 +270,6 @@ class Worker:
 
     def _dev_rx_once(self) -> int:
         recv = self.rx_read
-        learn = self.tx.learn if self.l2 else None
         vnet = self.rx_vnet
         head = (VNET_HDR_LEN if vnet else 0) + (ETH_HLEN if self.l2 else 0)
         frames: list = []
@@ -283,12 +292,10 @@ class Worker:
                 # Only the checksum state matters to the shard; keeping RX_GSO
                 # would split batches into runs at every super-frame.
                 flags.append(_rx_flags(data) & RX_CSUM_VALID)
-                if learn is not None:
-                    learn(mv[VNET_HDR_LEN:])
             else:
                 flags.append(0 if aux is None else aux_rx_flags(anc) & RX_CSUM_VALID)
-                if learn is not None:
-                    learn(mv)
+            # No neighbour learning from received frames (see L2Tx): their
+            # MACs are unverified; only ARP, in netio, fills the table.
             frames.append(mv[head:] if head else data)
         if not frames:
             return 0
@@ -312,15 +319,11 @@ class Worker:
                 receive(frames[start:i], now, bool(flags[start] & RX_CSUM_VALID))
                 start = i
 
-    def _learn_and_strip(self, frames: list) -> list:
-        """Ethernet frames (AF_PACKET): learn the sender's MAC for our TX
-        (what the kernel's neighbour table would hold), hand on the IPv4."""
-        learn = self.tx.learn
-        out = []
-        for f in frames:
-            learn(f)
-            out.append(memoryview(f)[ETH_HLEN:])
-        return out
+    def _strip_eth(self, frames: list) -> list:
+        """Ethernet frames (AF_PACKET, netio hop): hand on the IPv4. Their
+        source MACs teach the neighbour table nothing (only ARP does, in
+        netio: see L2Tx)."""
+        return [memoryview(f)[ETH_HLEN:] for f in frames]
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -633,10 +636,18 @@ def write_pcap_header(path: str, l2: bool) -> None:
         f.write(struct.pack("=IHHiIII", pcap.PCAP_MAGIC, 2, 4, 0, 0, pcap.SNAPLEN, linktype))
 
 
-# Neighbour resolution (Linux neighbour.c / arp.c defaults).
+# Neighbour resolution (Linux neighbour.c / arp.c defaults). The table itself
+# is netio's (netio.neighbour: filled from ARP only, NUD states and timers);
+# a worker mirrors it from netio's announcements and talks back with
+# fire-and-forget messages, so nothing here ever waits on netio.
 ARP_QUEUE_LEN = 3  # frames held per unresolved neighbour (the classic unres_qlen)
-ARP_RETRANS = 1.0  # seconds between who-has probes (retrans_time_ms)
-ARP_PROBES = 3  # probes before the neighbour fails (mcast_solicit)
+ARP_RETRANS = 1.0  # seconds between NEIGH_RESOLVE re-asks while INCOMPLETE (retrans_time)
+ARP_PROBES = 3  # re-asks before the worker gives up on the neighbour (mcast_solicit)
+CONFIRM_LEAD = 1.0  # s: look for forward progress this long before netio's DELAY ends
+NEIGH_MIRROR_TTL = 60.0  # s: an entry netio said nothing of this long is asked about again
+NEIGH_MIRROR_MAX = 4096  # STALE entries mirrored at most (netio's table holds 1024)
+NEIGH_SNDHWM = 1024  # messages to netio queued before we count them as dropped
+DELAY_FIRST_PROBE_TIME = NeighParms().delay_first_probe_time  # netio's DELAY (5 s)
 
 
 @dataclass(slots=True)
@@ -648,74 +659,172 @@ class Unresolved:
     deadline: float = 0.0
 
 
+@dataclass(slots=True)
+class DelayCheck:
+    """A neighbour in DELAY: at `deadline`, confirm it if a connection through
+    it made forward progress since `snapshot` (id(sock) -> snd_una)."""
+
+    deadline: float
+    snapshot: dict
+
+
+class NeighChannel:
+    """Worker -> netio neighbour messages (netio.process NEIGH_RESOLVE,
+    NEIGH_CONFIRM): a zmq PUSH to netio's PULL, sent with NOBLOCK and never
+    answered, so a slow, absent or restarting netio costs at most a counted
+    drop. libzmq queues to a peer that is not there yet (ZMQ_IMMEDIATE off)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.endpoint = neigh_endpoint(run_dir)
+        self.sock: zmq.Socket | None = None
+
+    def send(self, msg: bytes) -> bool:
+        sock = self.sock
+        if sock is None:
+            sock = self.sock = zmq.Context.instance().socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, NEIGH_SNDHWM)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+        try:
+            sock.send(msg, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+
 class L2Tx:
     """Ethernet framing for a worker's AF_PACKET TX (netio has none for workers).
 
     Next hop: the destination itself when on-link, else `--gateway`. Its MAC
-    comes from frames we received (the peer of a passive open always sent us
-    one), from netio's ARP table (`neighbours` op) or from netio's neighbour
-    announcement once the ARP reply to our `arp` op arrives (`neigh_update`).
-    While it is unknown, frames wait on the neighbour, at most ARP_QUEUE_LEN
-    of them (the oldest goes first, counted `unres_discards`), as Linux's
-    `__neigh_event_send` queues on an INCOMPLETE entry; they go out when the
-    MAC is learned. Every ARP_RETRANS seconds we ask again (netio's table,
-    then a who-has), and after ARP_PROBES the neighbour fails: its frames are
-    dropped (`neigh_failed`) as `neigh_invalidate` does; TCP retransmits.
+    comes only from netio's neighbour table, which only ARP fills
+    (netio.neighbour): received frames teach nothing, so a forged TCP frame
+    cannot redirect our traffic. netio announces every change of an entry
+    (`neigh_update`, with its NUD state) and we mirror the usable ones:
+    `neigh` holds those we may use without a word (REACHABLE, DELAY, PROBE),
+    `stale` the STALE ones, whose first use we report (NEIGH_RESOLVE: netio
+    arms DELAY, as Linux's `neigh_event_send`) while we keep sending.
+
+    A miss never blocks: the frame waits on the neighbour, at most
+    ARP_QUEUE_LEN of them (the oldest goes first, counted `unres_discards`),
+    as Linux's `__neigh_event_send` queues on an INCOMPLETE entry, and we
+    send NEIGH_RESOLVE; the frames go out when netio's announcement arrives.
+    Every ARP_RETRANS we ask again, and after ARP_PROBES (or when netio says
+    FAILED) the frames are dropped (`failed`), as `neigh_invalidate` does;
+    TCP retransmits.
+
+    Confirmation (Linux `dst_confirm` -> `neigh_confirm`): when netio
+    announces DELAY we note snd_una of the connections through that hop, and
+    CONFIRM_LEAD before the DELAY ends, if one of them moved (the peer acked
+    new data or our SYN), we send NEIGH_CONFIRM, so netio goes back to
+    REACHABLE instead of probing. A confirmation names an address, never a MAC.
     """
 
     l2 = True
 
-    def __init__(self, inner, mac: bytes, cfg: ServeConfig) -> None:
+    def __init__(self, inner, mac: bytes, cfg: ServeConfig, chan: Any = None) -> None:
         self.inner = inner
         self.mac = mac
         self.net = int(cfg.addr.network.network_address)
         self.mask = int(cfg.addr.network.netmask)
         self.gateway = cfg.gateway
         self.run_dir = cfg.run_dir
-        self.neigh: dict[int, bytes] = {}  # ip -> 14-byte Ethernet header
+        self.chan = chan if chan is not None else NeighChannel(cfg.run_dir)
+        self.shard: Any = None  # the worker's Shard (attach_shard), for confirmations
+        self.neigh: dict[int, bytes] = {}  # ip -> 14-byte Ethernet header, usable
+        self.stale: dict[int, bytes] = {}  # ip -> header, usable once reported (STALE)
+        self.heard: dict[int, float] = {}  # ip -> when netio last announced it
         self.unres: dict[int, Unresolved] = {}
+        self.checks: dict[int, DelayCheck] = {}
+        self._sweep_at: float | None = None
         self.stats = {"queued": 0, "flushed": 0, "unres_discards": 0, "failed": 0,
-                      "probes": 0}
+                      "probes": 0, "uses": 0, "confirms": 0, "updates": 0,
+                      "mac_changes": 0, "msg_dropped": 0}
 
-    def learn(self, frame) -> None:
-        ip = int.from_bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16], "big")
-        if ip not in self.neigh or self.neigh[ip][:6] != frame[6:12]:
-            self.neigh[ip] = bytes(frame[6:12]) + self.mac + b"\x08\x00"
+    def attach_shard(self, shard: Any) -> None:
+        """The shard whose connections confirm neighbours (forward progress)."""
+        self.shard = shard
+
+    # -- netio's announcements ----------------------------------------------------
+
+    def neigh_update(self, entries, now: float | None = None) -> None:
+        """netio's announcement [(ip, mac, state)] (netio.process): mirror it,
+        and send what waited on a neighbour that is now usable."""
+        if now is None:
+            now = _monotonic()
+        st = self.stats
+        for ip, mac, state in entries:
+            st["updates"] += 1
+            if not state & NUD_VALID:  # INCOMPLETE, FAILED, gone
+                self.neigh.pop(ip, None)
+                self.stale.pop(ip, None)
+                self.heard.pop(ip, None)
+                self.checks.pop(ip, None)
+                if state == NUD_FAILED and ip in self.unres:
+                    st["failed"] += len(self.unres.pop(ip).queue)
+                continue
+            hdr = bytes(mac) + self.mac + b"\x08\x00"
+            old = self.neigh.get(ip) or self.stale.get(ip)
+            if old is not None and old != hdr:
+                st["mac_changes"] += 1
+            self.heard[ip] = now
+            if state == NUD_STALE:
+                self.neigh.pop(ip, None)
+                self.stale[ip] = hdr
+                if len(self.stale) > NEIGH_MIRROR_MAX:
+                    del self.stale[next(iter(self.stale))]
+            else:
+                self.stale.pop(ip, None)
+                self.neigh[ip] = hdr
+                if self._sweep_at is None:
+                    self._sweep_at = now + NEIGH_MIRROR_TTL
+                if state == NUD_DELAY:
+                    self._arm_check(ip, now)
+                else:
+                    self.checks.pop(ip, None)  # REACHABLE again, or PROBE: too late
             if ip in self.unres:
+                if ip in self.stale:
+                    self._use(ip)
                 self._flush(ip)
 
-    def neigh_update(self, entries) -> None:
-        """netio's announcement: [(ip, mac)] just resolved (netio.process)."""
-        for ip, mac in entries:
-            self.neigh[ip] = bytes(mac) + self.mac + b"\x08\x00"
-            if ip in self.unres:
-                self._flush(ip)
+    # -- the TX path ------------------------------------------------------------------
 
     def _hop(self, dst: int) -> int:
         return dst if (dst & self.mask) == self.net or self.gateway is None else self.gateway
 
     def _header(self, hop: int) -> bytes | None:
+        """The slow path of a frame for `hop`: a STALE entry (report its use),
+        or a miss (queue; ask netio, without waiting)."""
         hdr = self.neigh.get(hop)
-        if hdr is None and hop not in self.unres:
-            hdr = self._resolve(hop, _monotonic())
+        if hdr is not None:
+            return hdr
+        if hop in self.stale:
+            return self._use(hop)
+        if hop not in self.unres:
+            self.unres[hop] = Unresolved(deadline=_monotonic() + ARP_RETRANS)
+            self._solicit(hop)
+        return None
+
+    def _use(self, ip: int) -> bytes:
+        """First use of a STALE entry (Linux `neigh_event_send`: netio arms
+        DELAY); frames keep the cached MAC meanwhile."""
+        hdr = self.stale.pop(ip)
+        self.neigh[ip] = hdr
+        self.stats["uses"] += 1
+        self._tell(NEIGH_RESOLVE, ip)
         return hdr
 
-    def _ask(self, ip: int) -> bytes | None:
-        """netio's table first (it may have learned the peer from a who-has
-        of its own), else have it send a who-has."""
-        reply = _netio_call(self.run_dir, {"op": "neighbours"})
-        for k, mac in (reply or {}).get("neighbours", {}).items():
-            self.neigh[int(k)] = bytes.fromhex(mac) + self.mac + b"\x08\x00"
-        if ip not in self.neigh:
-            self.stats["probes"] += 1
-            _netio_call(self.run_dir, {"op": "arp", "ip": ip})
-        return self.neigh.get(ip)
+    def _solicit(self, ip: int) -> None:
+        self.stats["probes"] += 1
+        self._tell(NEIGH_RESOLVE, ip)
 
-    def _resolve(self, ip: int, now: float) -> bytes | None:
-        hdr = self._ask(ip)
-        if hdr is None:
-            self.unres[ip] = Unresolved(deadline=now + ARP_RETRANS)
-        return hdr
+    def _tell(self, op: int, ip: int) -> None:
+        if not self.chan.send(encode_neigh_request(op, ip)):
+            self.stats["msg_dropped"] += 1
 
     def _enqueue(self, hop: int, packet, gso: int) -> None:
         q = self.unres[hop].queue
@@ -779,14 +888,23 @@ class L2Tx:
             return inner.send_gso(packet, mss, eth=hdr)
         return inner.send_gso(hdr + packet, mss)
 
+    # -- timers ---------------------------------------------------------------------
+
     def poll(self, now: float | None = None) -> None:
         self.inner.poll(now)
+        if now is None:
+            now = _monotonic()
         if self.unres:
-            self._neigh_timer(_monotonic() if now is None else now)
+            self._neigh_timer(now)
+        if self.checks:
+            self._run_checks(now)
+        if self._sweep_at is not None and now >= self._sweep_at:
+            self._sweep(now)
 
     def _neigh_timer(self, now: float) -> None:
-        """Linux `neigh_timer_handler` for INCOMPLETE entries: probe again,
-        or fail and drop the queue after ARP_PROBES unanswered probes."""
+        """Our side of `neigh_timer_handler` for INCOMPLETE entries: ask netio
+        again (a message or an announcement may have been lost), or give up
+        and drop the queue after ARP_PROBES."""
         for ip, u in list(self.unres.items()):
             if u.deadline > now:
                 continue
@@ -796,22 +914,80 @@ class L2Tx:
                 continue
             u.probes += 1
             u.deadline = now + ARP_RETRANS
-            if self._ask(ip) is not None:
-                self._flush(ip)
+            self._solicit(ip)
+
+    def _arm_check(self, ip: int, now: float) -> None:
+        if self.shard is None or ip in self.checks:
+            return
+        self.checks[ip] = DelayCheck(now + max(0.0, DELAY_FIRST_PROBE_TIME - CONFIRM_LEAD),
+                                     self._snd_una_by_sock(ip))
+
+    def _run_checks(self, now: float) -> None:
+        for ip, chk in list(self.checks.items()):
+            if chk.deadline > now:
+                continue
+            del self.checks[ip]
+            if self._progressed(ip, chk.snapshot):
+                self.stats["confirms"] += 1
+                self._tell(NEIGH_CONFIRM, ip)
+
+    def _conns_via(self, hop: int):
+        """(sock, snd_una) of the shard's connections whose next hop is `hop`
+        (read-only: the engine's established hash, keyed by 4-tuple)."""
+        h = getattr(self.shard, "h", None)
+        for key, sk in (h.ehash.items() if h is not None else ()):
+            una = getattr(sk, "snd_una", None)  # request socks have none
+            if una is not None and self._hop(key[2]) == hop:
+                yield sk, una
+
+    def _snd_una_by_sock(self, hop: int) -> dict:
+        return {id(sk): una for sk, una in self._conns_via(hop)}
+
+    def _progressed(self, hop: int, before: dict) -> bool:
+        """Forward progress through `hop` since `before`: a connection's
+        snd_una moved (the peer acked new data or our SYN: Linux `tcp_ack`'s
+        FLAG_FORWARD_PROGRESS), or one appeared whose SYN is already acked."""
+        for sk, una in self._conns_via(hop):
+            prev = before.get(id(sk))
+            if una != (getattr(sk, "iss", una) if prev is None else prev):
+                return True
+        return False
+
+    def _sweep(self, now: float) -> None:
+        """Entries netio said nothing of for NEIGH_MIRROR_TTL (it may have
+        restarted without them) turn STALE here, so the next use asks again."""
+        limit = now - NEIGH_MIRROR_TTL
+        oldest = None
+        for ip in list(self.neigh):
+            t = self.heard.get(ip, now)
+            if t <= limit:
+                self.stale[ip] = self.neigh.pop(ip)
+                self.checks.pop(ip, None)
+            elif oldest is None or t < oldest:
+                oldest = t
+        self._sweep_at = None if oldest is None else oldest + NEIGH_MIRROR_TTL
 
     def next_deadline(self) -> float | None:
         d = self.inner.next_deadline()
         for u in self.unres.values():
             if d is None or u.deadline < d:
                 d = u.deadline
+        for c in self.checks.values():
+            if d is None or c.deadline < d:
+                d = c.deadline
+        if self._sweep_at is not None and (d is None or self._sweep_at < d):
+            d = self._sweep_at
         return d
 
     def close(self) -> None:
+        self.chan.close()
         self.inner.close()
 
 
 def _netio_call(run_dir: str, req: dict[str, Any], timeout_ms: int = 200) -> dict | None:
-    """One request to netio's REP control socket (rare: neighbour misses)."""
+    """One request to netio's REP control socket. It BLOCKS up to `timeout_ms`:
+    for the supervisor (which runs it in an executor) and tools, never from
+    a worker's event loop (workers use NeighChannel)."""
     import msgpack
 
     from shardstack.netio.process import control_endpoint

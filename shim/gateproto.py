@@ -65,6 +65,7 @@ TCP_FORWARDED = {
     socket.TCP_KEEPCNT, getattr(socket, "TCP_CORK", 3), getattr(socket, "TCP_QUICKACK", 12),
     getattr(socket, "TCP_USER_TIMEOUT", 18), getattr(socket, "TCP_CONGESTION", 13),
     getattr(socket, "TCP_SYNCNT", 7), getattr(socket, "TCP_LINGER2", 8),
+    getattr(socket, "TCP_WINDOW_CLAMP", 10),
 }
 SOL_FORWARDED = {
     socket.SO_KEEPALIVE, socket.SO_RCVBUF, socket.SO_SNDBUF, socket.SO_LINGER,

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_tcp_interop import ECHO, PY, WAIT, Topo, _require_root, _serve, _stop
+from test_tcp_interop import ECHO, PY, WAIT, Topo, _require_root, routed_topology
 
 from shardstack import netns
 
@@ -112,30 +112,23 @@ def routed(kind: str, tmp: Path) -> Iterator[tuple[Topo, netns.Netns]]:
     Yields (topo, client namespace); topo.kns is the router."""
     _require_root()
     assert shutil.which("ethtool"), "root but no ethtool: cannot switch the router's offloads off"
-    n1, n2 = netns.next_subnet(), netns.next_subnet()
-    addr, r1 = str(n1.network_address + 2), str(n1.network_address + 1)
-    r2 = str(n2.network_address + 1)
-    with contextlib.ExitStack() as stack:
-        sns = stack.enter_context(netns.netns(prefix="sst"))
-        if kind == "packet":
-            router = stack.enter_context(netns.netns(prefix="sst"))
-            netns.add_veth(sns, router, "vsa", "vsb", b_addr=netns.host(n1, 1))
-            device = ["--packet", "vsa", "--gateway", r1]
-        else:
-            router = sns  # the kernel on the TUN's other side forwards
-            device = ["--tun", "sst0", "--peer", netns.host(n1, 1)]
-        cns = stack.enter_context(netns.netns(prefix="sst"))
-        netns.add_veth(router, cns, ROUTED_DEV, "vcb", a_addr=netns.host(n2, 1),
-                       b_addr=netns.host(n2, 2))
-        _all_offloads_off(router)
-        router.sysctl("net.ipv4.ip_forward", 1)
-        cns.ip("route", "add", "default", "via", r2)
-        t = Topo(kind, sns, router, addr, r1, "vsb" if kind == "packet" else "sst0", tmp)
-        try:
-            _serve(t, device, [])
-            yield t, cns
-        finally:
-            _stop(t)
+    with routed_topology(kind, tmp, "sst", lambda router, _client: _all_offloads_off(router)
+                         ) as (t, cns, _):
+        yield t, cns
+
+
+def echo_client(t: Topo, cns: netns.Netns, tmp: Path, size: int, seed: int) -> dict:
+    """CLIENT in the client namespace: `size` bytes echoed off the stack's --echo; its
+    report (sent, got, sha_ok, csum_errors)."""
+    client = tmp / "client.py"
+    client.write_text(CLIENT)
+    try:
+        r = cns.run([PY, str(client), t.addr, str(ECHO), str(size), str(seed),
+                     str(CLIENT_TIMEOUT)], check=False, timeout=CLIENT_TIMEOUT + WAIT)
+    except netns.NetnsError as e:
+        raise AssertionError(f"client: {e.reason}\n{t.serve_log()}") from None
+    assert r.returncode == 0, f"client exited {r.returncode}: {r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.timeout(150)
@@ -143,16 +136,8 @@ def routed(kind: str, tmp: Path) -> Iterator[tuple[Topo, netns.Netns]]:
                          ids=["8MiB", "32MiB"])
 @pytest.mark.parametrize("kind", ["packet", "tun"])
 def test_partial_csum_gso_completed_by_router(kind, size, tmp_path):
-    client = tmp_path / "client.py"
-    client.write_text(CLIENT)
     with routed(kind, tmp_path) as (t, cns):
-        try:
-            r = cns.run([PY, str(client), t.addr, str(ECHO), str(size), "17",
-                         str(CLIENT_TIMEOUT)], check=False, timeout=CLIENT_TIMEOUT + WAIT)
-        except netns.NetnsError as e:
-            raise AssertionError(f"client: {e.reason}\n{t.serve_log()}") from None
-        assert r.returncode == 0, f"client exited {r.returncode}: {r.stderr[-2000:]}"
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res = echo_client(t, cns, tmp_path, size, seed=17)
         workers = t.stats()["workers"]
     gso_out = sum(w["counters"].get("gso_out", 0) for w in workers)
     print(f"\n{kind}: {res}, gso_out {gso_out}")

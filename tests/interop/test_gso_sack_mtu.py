@@ -14,21 +14,11 @@ directions carry data at once) carry SACK blocks: they must still fit.
 from __future__ import annotations
 
 import pytest
-from test_tcp_interop import (
-    _read_ip,
-    _tcpdump,
-    _tcpdump_stop,
-    _transfer,
-    topology,
-)
+from test_tcp_interop import _capture, _read_ip, _transfer, topology
 
 pytestmark = pytest.mark.interop
 
 MTU = 1500
-
-
-def _tcpdump_stack_side(t, path):
-    return _tcpdump(t, path, ns=t.sns, dev="vsa", bufkib=16384)
 
 
 def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):
@@ -37,11 +27,8 @@ def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):
     with topology("packet", tmp_path, ["--impair", "loss=0.03,reorder=0.1,dir=rx,seed=7"]) as t:
         t.sns.run(["ethtool", "-K", "vsa", "tso", "off", "gso", "off"])
         cap = tmp_path / "vsa.pcap"
-        dump = _tcpdump_stack_side(t, cap)
-        try:
+        with _capture(t, cap, ns=t.sns, dev="vsa", bufkib=16384):  # the stack's side
             _transfer(t, "k2s", 1, 8 << 20, 8 << 20, seed=23, hold=False, timeout=90)
-        finally:
-            _tcpdump_stop(dump, cap)
         gso_out = sum(w["counters"]["gso_out"] for w in t.stats()["workers"])
         pkts = _read_ip(cap)
     ours = [p for p in pkts if p.src == t.addr and TCP in p]

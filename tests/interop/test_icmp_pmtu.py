@@ -24,15 +24,12 @@ Topologies (198.18.0.0/15 only, namespaces created and removed here):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from test_csum_offload_routed import CLIENT, CLIENT_TIMEOUT
-from test_tcp_interop import ECHO, PY, WAIT, Topo, _require_root, _serve, _stop, topology
+from test_csum_offload_routed import echo_client
+from test_tcp_interop import PY, WAIT, Topo, routed_topology, topology
 
 from shardstack import netns
 
@@ -46,38 +43,11 @@ def _shard_sum(stats: dict, key: str) -> int:
     return sum(w["shard"].get(key, 0) for w in stats["workers"])
 
 
-@contextlib.contextmanager
-def narrow_path(kind: str, tmp: Path) -> Iterator[tuple[Topo, netns.Netns, str]]:
-    """The stack, a kernel router whose route to the client has MTU 1000, the client.
-
-    Yields (topo, client namespace, client address); topo.kns is the router."""
-    _require_root()
-    n1, n2 = netns.next_subnet(), netns.next_subnet()
-    addr, r1 = str(n1.network_address + 2), str(n1.network_address + 1)
-    r2, client = str(n2.network_address + 1), str(n2.network_address + 2)
-    with contextlib.ExitStack() as stack:
-        sns = stack.enter_context(netns.netns(prefix="ssp"))
-        if kind == "packet":
-            router = stack.enter_context(netns.netns(prefix="ssp"))
-            netns.add_veth(sns, router, "vsa", "vsb", b_addr=netns.host(n1, 1))
-            device = ["--packet", "vsa", "--gateway", r1]
-        else:
-            router = sns  # the kernel on the TUN's other side forwards
-            device = ["--tun", "ssp0", "--peer", netns.host(n1, 1)]
-        cns = stack.enter_context(netns.netns(prefix="ssp"))
-        netns.add_veth(router, cns, "vka", "vcb", a_addr=netns.host(n2, 1),
-                       b_addr=netns.host(n2, 2))
-        router.sysctl("net.ipv4.ip_forward", 1)
-        # The narrow hop: forwarding honours a route's MTU (ip_dst_mtu_maybe_forward),
-        # while both veths keep 1500, so the client still offers MSS 1460.
-        router.ip("route", "add", f"{client}/32", "dev", "vka", "mtu", "lock", str(PATH_MTU))
-        cns.ip("route", "add", "default", "via", r2)
-        t = Topo(kind, sns, router, addr, r1, "vsb" if kind == "packet" else "ssp0", tmp)
-        try:
-            _serve(t, device, [])
-            yield t, cns, client
-        finally:
-            _stop(t)
+def _narrow_hop(router: netns.Netns, client: str) -> None:
+    """The router's route to the client gets MTU 1000: forwarding honours a route's MTU
+    (ip_dst_mtu_maybe_forward), while both veths keep 1500, so the client still offers
+    MSS 1460."""
+    router.ip("route", "add", f"{client}/32", "dev", "vka", "mtu", "lock", str(PATH_MTU))
 
 
 def _router_icmp_out(router: netns.Netns) -> int:
@@ -91,16 +61,8 @@ def _router_icmp_out(router: netns.Netns) -> int:
 @pytest.mark.parametrize("kind", ["packet", "tun"])
 def test_pmtu_discovery_through_a_kernel_router(kind, tmp_path):
     size = 2 << 20
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT)
-    with narrow_path(kind, tmp_path) as (t, cns, client):
-        try:
-            r = cns.run([PY, str(script), t.addr, str(ECHO), str(size), "23",
-                         str(CLIENT_TIMEOUT)], check=False, timeout=CLIENT_TIMEOUT + WAIT)
-        except netns.NetnsError as e:
-            raise AssertionError(f"client: {e.reason}\n{t.serve_log()}") from None
-        assert r.returncode == 0, f"client exited {r.returncode}: {r.stderr[-2000:]}"
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+    with routed_topology(kind, tmp_path, "ssp", _narrow_hop) as (t, cns, _):
+        res = echo_client(t, cns, tmp_path, size, seed=23)
         st = t.stats()
         icmp_sent = _router_icmp_out(t.kns)
     reductions = _shard_sum(st, "tcp_pmtu_reductions")

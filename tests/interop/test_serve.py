@@ -31,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from shardstack.netio import rss
@@ -72,22 +74,16 @@ def in_netns(name: str):
         os.close(home)
 
 
-@dataclass
-class Stack:
-    ns: netns.Netns
-    proc: subprocess.Popen
+class StackCli:
+    """`shardstack <command> --json` against the stack whose run dir is `run_dir`."""
+
     run_dir: str
-    addr: str
-    peer: str
-    workers: int
-    log: Path
-    client_ns: str = ""
-    reta: list[int] = field(default_factory=lambda: rss.make_reta(2))
+    cli_timeout: ClassVar[float] = WAIT
 
     def cli(self, *args: str) -> dict | list:
         r = subprocess.run(
             [sys.executable, "-m", "shardstack", *args, "--run-dir", self.run_dir, "--json"],
-            capture_output=True, text=True, timeout=WAIT,
+            capture_output=True, text=True, timeout=self.cli_timeout,
         )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
@@ -97,6 +93,19 @@ class Stack:
 
     def ss(self) -> list[dict]:
         return self.cli("ss")
+
+
+@dataclass
+class Stack(StackCli):
+    ns: netns.Netns
+    proc: subprocess.Popen
+    run_dir: str
+    addr: str
+    peer: str
+    workers: int
+    log: Path
+    client_ns: str = ""
+    reta: list[int] = field(default_factory=lambda: rss.make_reta(2))
 
     def hello(self) -> dict | None:
         from shardstack import control
@@ -197,6 +206,22 @@ def stack():
 # -- traffic helpers ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def selecting(socks: list[socket.socket]) -> Iterator[selectors.BaseSelector]:
+    """One selector watching every socket for reading and writing; the sockets are
+    non-blocking until the block ends."""
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    try:
+        yield sel
+    finally:
+        sel.close()
+        for s in socks:
+            s.setblocking(True)
+
+
 def echo_many(socks: list[socket.socket], size: int, seed: int, timeout: float = 60.0) -> None:
     """Send `size` seeded random bytes on every socket at once and check each
     gets exactly its bytes back (non-blocking, one selector, bounded)."""
@@ -204,13 +229,9 @@ def echo_many(socks: list[socket.socket], size: int, seed: int, timeout: float =
     payload = {s: rng.randbytes(size) for s in socks}
     sent = dict.fromkeys(socks, 0)
     got = {s: bytearray() for s in socks}
-    sel = selectors.DefaultSelector()
-    for s in socks:
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
     deadline = time.monotonic() + timeout
     pending = set(socks)
-    try:
+    with selecting(socks) as sel:
         while pending:
             assert time.monotonic() < deadline, (
                 f"echo incomplete: {[len(got[s]) for s in socks]} of {size}")
@@ -233,10 +254,6 @@ def echo_many(socks: list[socket.socket], size: int, seed: int, timeout: float =
                     if len(got[s]) >= size:
                         pending.discard(s)
                         sel.unregister(s)
-    finally:
-        sel.close()
-        for s in socks:
-            s.setblocking(True)
     for s in socks:
         assert bytes(got[s]) == payload[s]
 
@@ -246,15 +263,16 @@ def close_all(socks):
         s.close()
 
 
-def wait_for(pred, timeout: float = WAIT, what: str = "condition"):
+def wait_for(pred, timeout: float = WAIT, what: str = "condition", every: float = 0.05):
+    """pred()'s first true value, polled every `every` s for at most `timeout` s."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         last = pred()
         if last:
             return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 # -- tests ----------------------------------------------------------------------------
@@ -407,6 +425,29 @@ def _offloads_off(ns: str, ifname: str) -> None:
             val = ctypes.create_string_buffer(struct.pack("II", cmd, 0))
             ifr = struct.pack("16sP", ifname.encode(), ctypes.addressof(val))
             fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
+
+
+def nft_loss(ns: netns.Netns, percent: int) -> None:
+    """Random TCP loss in the kernel peer's namespace: on what it sends (output) and
+    on what it receives (input), independent of the stack's own seeded RNG."""
+    ns.run(["nft", "add", "table", "inet", "t"])
+    for hook in ("output", "input"):
+        ns.run(["nft", "add", "chain", "inet", "t", hook,
+                f"{{ type filter hook {hook} priority 0; }}"])
+        ns.run(["nft", "add", "rule", "inet", "t", hook, "meta", "l4proto", "tcp",
+                "numgen", "random", "mod", "100", "<", str(percent), "counter", "drop"])
+
+
+def nft_drops(ns: netns.Netns) -> dict[str, int]:
+    """What nft_loss dropped so far, by hook ("output", "input")."""
+    out = json.loads(ns.run(["nft", "-j", "list", "table", "inet", "t"]).stdout)
+    drops = {}
+    for item in out["nftables"]:
+        rule = item.get("rule")
+        for e in rule["expr"] if rule else ():
+            if "counter" in e:
+                drops[rule["chain"]] = e["counter"]["packets"]
+    return drops
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])

@@ -44,6 +44,9 @@ from test_serve import (
     close_all,
     echo_many,
     in_netns,
+    nft_drops,
+    nft_loss,
+    selecting,
 )
 
 from shardstack import control, netns
@@ -112,6 +115,22 @@ class VethStack:
             raise
         return self
 
+    def macs(self) -> tuple[bytes, bytes]:
+        """(the stack's MAC on vsa, the kernel peer's on vsb)."""
+        return _mac(self.a, "vsa"), _mac(self.b, "vsb")
+
+    def peer_packet_socket(self, proto: int) -> socket.socket:
+        """An AF_PACKET socket for `proto` bound to the kernel peer's vsb: frames as
+        they are on the wire, either way."""
+        with in_netns(self.b.name):
+            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+        try:
+            raw.bind(("vsb", proto))
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+
     def __exit__(self, *exc):
         st = getattr(self, "st", None)
         try:
@@ -121,29 +140,6 @@ class VethStack:
         finally:
             self._b.__exit__(None, None, None)
             self._a.__exit__(None, None, None)
-
-
-def _nft_loss(ns: netns.Netns, percent: int) -> None:
-    """Random TCP loss in the kernel peer: on what it sends (output) and on
-    what it receives (input), independent of the stack's own seeded RNG."""
-    ns.run(["nft", "add", "table", "inet", "t"])
-    for hook in ("output", "input"):
-        ns.run(["nft", "add", "chain", "inet", "t", hook,
-                f"{{ type filter hook {hook} priority 0; }}"])
-        ns.run(["nft", "add", "rule", "inet", "t", hook, "meta", "l4proto", "tcp",
-                "numgen", "random", "mod", "100", "<", str(percent), "counter", "drop"])
-
-
-def _nft_drops(ns: netns.Netns) -> dict[str, int]:
-    out = json.loads(ns.run(["nft", "-j", "list", "table", "inet", "t"]).stdout)
-    drops = {}
-    for item in out["nftables"]:
-        rule = item.get("rule")
-        if rule:
-            for e in rule["expr"]:
-                if "counter" in e:
-                    drops[rule["chain"]] = e["counter"]["packets"]
-    return drops
 
 
 def pump_sha(socks: list[socket.socket], size: int, seed: int, timeout: float,
@@ -160,15 +156,11 @@ def pump_sha(socks: list[socket.socket], size: int, seed: int, timeout: float,
     pending_out = {s: b"" for s in socks}
     sent = dict.fromkeys(socks, 0)
     got = dict.fromkeys(socks, 0)
-    sel = selectors.DefaultSelector()
-    for s in socks:
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
     t0 = time.monotonic()
     deadline = t0 + timeout
     next_mark = t0 + every
     left = set(socks)
-    try:
+    with selecting(socks) as sel:
         while left:
             now = time.monotonic()
             if progress is not None and now >= next_mark:
@@ -204,10 +196,6 @@ def pump_sha(socks: list[socket.socket], size: int, seed: int, timeout: float,
                     if got[s] == size:
                         left.discard(s)
                         sel.unregister(s)
-    finally:
-        sel.close()
-        for s in socks:
-            s.setblocking(True)
     for s in socks:
         assert in_hash[s].hexdigest() == out_hash[s].hexdigest()
 
@@ -219,7 +207,7 @@ def _impaired_transfer(total: int, seed: int, bound: float, record_property, nam
         extra += ["--pcap", os.path.join(pcap_dir, f"{name}.pcap")]
     with VethStack(extra) as v:
         st = v.st
-        _nft_loss(v.b, NFT_LOSS)
+        nft_loss(v.b, NFT_LOSS)
         ports = st.ports_for(2, ECHO, 21000)  # one connection per worker
         socks = [st.connect(ECHO, p, timeout=30) for p in ports]
         progress: list = []
@@ -236,7 +224,7 @@ def _impaired_transfer(total: int, seed: int, bound: float, record_property, nam
         s = st.stats()
         rx = s["netio"]["counters"]["impair"]["rx"]
         tx = [w["counters"]["impair"] for w in s["workers"]]
-        kernel = _nft_drops(v.b)
+        kernel = nft_drops(v.b)
         print(f"  stack impair rx {rx}\n  stack impair tx {tx}\n  kernel nft drops {kernel}"
               f"\n  engine {[{k: w['shard'][k] for k in ENGINE_KEYS} for w in s['workers']]}")
         # every kind of fault happened, on both sides
@@ -487,21 +475,17 @@ def _mac(ns: netns.Netns, ifname: str) -> bytes:
 
 
 def test_packet_flood_of_garbage(rx_mode):
-    with VethStack([]) as v:
+    with VethStack([]) as v, v.peer_packet_socket(ETH_P_ALL) as raw:
         st = v.st
-        stack_mac, peer_mac = _mac(v.a, "vsa"), _mac(v.b, "vsb")
-        with in_netns(v.b.name):
-            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        with raw:
-            raw.bind(("vsb", 0))
+        stack_mac, peer_mac = v.macs()
 
-            def send(avoid):
-                rng = random.Random(0x5EED)
-                frames = list(garbage(rng, FLOOD, _ip(st.peer), _ip(st.addr),
-                                      (peer_mac, stack_mac), avoid))
-                return _bursts(st, frames, lambda _i, burst: _send_flood(raw, burst))
+        def send(avoid):
+            rng = random.Random(0x5EED)
+            frames = list(garbage(rng, FLOOD, _ip(st.peer), _ip(st.addr),
+                                  (peer_mac, stack_mac), avoid))
+            return _bursts(st, frames, lambda _i, burst: _send_flood(raw, burst))
 
-            _flood_and_check(st, send, l2=True, direct=rx_mode == "direct")
+        _flood_and_check(st, send, l2=True, direct=rx_mode == "direct")
 
 
 def test_tun_flood_of_garbage(rx_mode):
@@ -543,46 +527,42 @@ def test_packet_unicast_for_another_mac_is_ignored(rx_mode):
     PACKET_OTHERHOST) but answers the same SYN sent to its own."""
     from shardstack.core.wire.tcp import parse_tcp
 
-    with VethStack([]) as v:
+    with VethStack([]) as v, v.peer_packet_socket(ETH_P_IP) as raw:
         st = v.st
-        stack_mac, peer_mac = _mac(v.a, "vsa"), _mac(v.b, "vsb")
-        with in_netns(v.b.name):
-            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
-        with raw:
-            raw.bind(("vsb", ETH_P_IP))
-            raw.settimeout(0.2)
-            ports = st.ports_for(4, ECHO, 33000)
+        stack_mac, peer_mac = v.macs()
+        raw.settimeout(0.2)
+        ports = st.ports_for(4, ECHO, 33000)
 
-            def syn(dst_mac: bytes, sport: int) -> bytes:
-                return dst_mac + peer_mac + b"\x08\x00" + build_tcp_ipv4(
-                    _ip(st.peer), _ip(st.addr), sport, ECHO, 1000, 0, SYN, 65535)
+        def syn(dst_mac: bytes, sport: int) -> bytes:
+            return dst_mac + peer_mac + b"\x08\x00" + build_tcp_ipv4(
+                _ip(st.peer), _ip(st.addr), sport, ECHO, 1000, 0, SYN, 65535)
 
-            def synacks(until: set[int], linger: float) -> set[int]:
-                """Ports SYN-ACKed, read until `until` is covered (or WAIT),
-                then for `linger` more seconds."""
-                seen: set[int] = set()
-                deadline = time.monotonic() + WAIT
-                while time.monotonic() < deadline:
-                    if until <= seen:
-                        deadline = min(deadline, time.monotonic() + linger)
-                        until = set()
-                    try:
-                        f = raw.recv(2048)
-                    except TimeoutError:
-                        continue
-                    if (len(f) >= 54 and f[14 + 9] == 6
-                            and f[26:30] == socket.inet_aton(st.addr)):
-                        seg = parse_tcp(memoryview(f)[34:])
-                        if seg.src_port == ECHO and seg.flags & (SYN | ACK) == SYN | ACK:
-                            seen.add(seg.dst_port)
-                return seen
+        def synacks(until: set[int], linger: float) -> set[int]:
+            """Ports SYN-ACKed, read until `until` is covered (or WAIT),
+            then for `linger` more seconds."""
+            seen: set[int] = set()
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                if until <= seen:
+                    deadline = min(deadline, time.monotonic() + linger)
+                    until = set()
+                try:
+                    f = raw.recv(2048)
+                except TimeoutError:
+                    continue
+                if (len(f) >= 54 and f[14 + 9] == 6
+                        and f[26:30] == socket.inet_aton(st.addr)):
+                    seg = parse_tcp(memoryview(f)[34:])
+                    if seg.src_port == ECHO and seg.flags & (SYN | ACK) == SYN | ACK:
+                        seen.add(seg.dst_port)
+            return seen
 
-            foreign = bytes.fromhex("02aabbccddee")
-            for p in ports[:2]:
-                raw.send(syn(foreign, p))
-            for p in ports[2:]:
-                raw.send(syn(stack_mac, p))
-            # the answered pair proves the path works; the other pair stays silent
-            assert synacks(set(ports[2:]), 1.0) == set(ports[2:])
-            disp = st.stats()["netio"]["counters"]["dispatch"]
-            assert disp["drops"].get("other_host", 0) >= 2
+        foreign = bytes.fromhex("02aabbccddee")
+        for p in ports[:2]:
+            raw.send(syn(foreign, p))
+        for p in ports[2:]:
+            raw.send(syn(stack_mac, p))
+        # the answered pair proves the path works; the other pair stays silent
+        assert synacks(set(ports[2:]), 1.0) == set(ports[2:])
+        disp = st.stats()["netio"]["counters"]["dispatch"]
+        assert disp["drops"].get("other_host", 0) >= 2

@@ -50,13 +50,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from shardstack.netio import rss
-from test_serve import _offloads_off, in_netns
+from test_serve import StackCli, _offloads_off, in_netns, nft_drops, nft_loss
+from test_serve import wait_for as _wait_for
 
 from shardstack import control, netns
 
@@ -317,14 +319,8 @@ def _ip(a: str | int) -> int:
 
 
 def wait_for(pred, timeout: float = WAIT, what: str = "condition", every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    """test_serve.wait_for with this file's bounds (WAIT, a 0.1 s poll)."""
+    return _wait_for(pred, timeout, what, every)
 
 
 # -- a process speaking JSON lines ------------------------------------------------------
@@ -421,7 +417,7 @@ class Lines:
 
 
 @dataclass
-class Topo:
+class Topo(StackCli):
     """A running stack (`sns`) and its kernel peer (`kns`: same namespace on TUN)."""
 
     kind: str
@@ -436,20 +432,10 @@ class Topo:
     reta: list[int] = field(default_factory=lambda: rss.make_reta(WORKERS))
     children: list[subprocess.Popen] = field(default_factory=list)
 
+    cli_timeout: ClassVar[float] = WAIT
+
     def serve_log(self) -> str:
         return (self.tmp / "serve.log").read_text(errors="replace")[-4000:]
-
-    def cli(self, *args: str) -> dict | list:
-        r = subprocess.run([PY, "-m", "shardstack", *args, "--run-dir", self.run_dir, "--json"],
-                           capture_output=True, text=True, timeout=WAIT)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def stats(self) -> dict:
-        return self.cli("stats")
-
-    def ss(self) -> list[dict]:
-        return self.cli("ss")
 
     def worker_of(self, kaddr: str, kport: int, sport: int) -> int:
         """The worker that must own the flow kernel kaddr:kport <-> stack addr:sport."""
@@ -486,25 +472,6 @@ class Topo:
             if len(f) >= 5:
                 rows.append((f[0], f[3], f[4]))
         return rows
-
-    def nft_loss(self, percent: int) -> None:
-        """Random TCP loss in the kernel's namespace, on what it sends and receives."""
-        self.kns.run(["nft", "add", "table", "inet", "t"])
-        for hook in ("output", "input"):
-            self.kns.run(["nft", "add", "chain", "inet", "t", hook,
-                          f"{{ type filter hook {hook} priority 0; }}"])
-            self.kns.run(["nft", "add", "rule", "inet", "t", hook, "meta", "l4proto", "tcp",
-                          "numgen", "random", "mod", "100", "<", str(percent), "counter", "drop"])
-
-    def nft_drops(self) -> dict[str, int]:
-        out = json.loads(self.kns.run(["nft", "-j", "list", "table", "inet", "t"]).stdout)
-        drops = {}
-        for item in out["nftables"]:
-            rule = item.get("rule")
-            for e in rule["expr"] if rule else ():
-                if "counter" in e:
-                    drops[rule["chain"]] = e["counter"]["packets"]
-        return drops
 
 
 def _serve(t: Topo, device: list[str], extra: list[str]) -> None:
@@ -563,6 +530,45 @@ def topology(kind: str, tmp: Path, extra: list[str] = ()) -> Iterator[Topo]:
         try:
             _serve(t, device, list(extra))
             yield t
+        finally:
+            _stop(t)
+
+
+@contextlib.contextmanager
+def routed_topology(kind: str, tmp: Path, prefix: str,
+                    setup_router: Callable[[netns.Netns, str], None]
+                    ) -> Iterator[tuple[Topo, netns.Netns, str]]:
+    """The stack, a kernel router, a client namespace behind the router.
+
+    ``packet``: stack --AF_PACKET vsa|vsb--> router ns --vka|vcb--> client ns (the stack
+    reaches the client through ``--gateway``); ``tun``: stack --TUN--> the kernel of the
+    stack's namespace routes --vka|vcb--> client ns. Namespaces are named ``prefix``...,
+    the TUN ``prefix``0. ``setup_router(router, client address)`` shapes the router's
+    path towards the client. Yields (topo, client namespace, client address); topo.kns
+    is the router."""
+    _require_root()
+    n1, n2 = netns.next_subnet(), netns.next_subnet()
+    addr, r1 = str(n1.network_address + 2), str(n1.network_address + 1)
+    r2, client = str(n2.network_address + 1), str(n2.network_address + 2)
+    with contextlib.ExitStack() as stack:
+        sns = stack.enter_context(netns.netns(prefix=prefix))
+        if kind == "packet":
+            router = stack.enter_context(netns.netns(prefix=prefix))
+            netns.add_veth(sns, router, "vsa", "vsb", b_addr=netns.host(n1, 1))
+            device = ["--packet", "vsa", "--gateway", r1]
+        else:
+            router = sns  # the kernel on the TUN's other side forwards
+            device = ["--tun", f"{prefix}0", "--peer", netns.host(n1, 1)]
+        cns = stack.enter_context(netns.netns(prefix=prefix))
+        netns.add_veth(router, cns, "vka", "vcb", a_addr=netns.host(n2, 1),
+                       b_addr=netns.host(n2, 2))
+        setup_router(router, client)
+        router.sysctl("net.ipv4.ip_forward", 1)
+        cns.ip("route", "add", "default", "via", r2)
+        t = Topo(kind, sns, router, addr, r1, "vsb" if kind == "packet" else f"{prefix}0", tmp)
+        try:
+            _serve(t, device, [])
+            yield t, cns, client
         finally:
             _stop(t)
 
@@ -699,14 +705,14 @@ def test_many_parallel_connections(kind, direction, tmp_path):
 
 
 def _impaired(t: Topo, direction: str, size: int, timeout: float):
-    t.nft_loss(NFT_LOSS)
+    nft_loss(t.kns, NFT_LOSS)
     t0 = time.monotonic()
     _transfer(t, direction, 1, size, size, seed=31, timeout=timeout, hold=False)
     dt = time.monotonic() - t0
     s = t.stats()
     rx = s["netio"]["counters"]["impair"]["rx"]
     tx = [w["counters"]["impair"] for w in s["workers"]]
-    kernel = t.nft_drops()
+    kernel = nft_drops(t.kns)
     retrans = sum(w["shard"]["retrans_segs"] for w in s["workers"])
     print(f"\nimpaired {direction} {2 * size >> 20} MiB in {dt:.1f} s; stack rx {rx}; "
           f"tx {tx}; kernel nft drops {kernel}; stack retrans {retrans}")
@@ -725,20 +731,18 @@ def _impair_args(seed: int, tmp: Path) -> list[str]:
     return extra
 
 
+@pytest.mark.parametrize(("kind", "seed", "size", "timeout"), [
+    pytest.param("tun", 7, 1 << 20, 120, id="tun-fast"),
+    # AF_PACKET with shim apps at the stack end (the robustness suite covers the
+    # echo service there)
+    pytest.param("packet", 9, 4 << 20, 200, id="packet-app", marks=pytest.mark.slow),
+    pytest.param("tun", 8, 8 << 20, 240, id="tun-16mib", marks=pytest.mark.slow),
+])
 @pytest.mark.parametrize("direction", ["k2s", "s2k"])
-def test_impaired_both_sides_tun_fast(direction, tmp_path):
-    """1 MiB each way (2 MiB) through --impair AND kernel-side nftables drops."""
-    with topology("tun", tmp_path, _impair_args(7, tmp_path)) as t:
-        _impaired(t, direction, 1 << 20, timeout=120)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("direction", ["k2s", "s2k"])
-def test_impaired_both_sides_packet_app(direction, tmp_path):
-    """The same over AF_PACKET with shim apps at the stack end (the robustness
-    suite covers the echo service there); 4 MiB each way."""
-    with topology("packet", tmp_path, _impair_args(9, tmp_path)) as t:
-        _impaired(t, direction, 4 << 20, timeout=200)
+def test_impaired_both_sides(direction, kind, seed, size, timeout, tmp_path):
+    """`size` each way through --impair AND kernel-side nftables drops."""
+    with topology(kind, tmp_path, _impair_args(seed, tmp_path)) as t:
+        _impaired(t, direction, size, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -746,20 +750,13 @@ def test_impaired_both_sides_packet_app(direction, tmp_path):
 def test_impaired_many_connections(direction, tmp_path):
     """32 connections at once under both sides' faults, 128 KiB each way each."""
     with topology("tun", tmp_path, _impair_args(10, tmp_path)) as t:
-        t.nft_loss(NFT_LOSS)
+        nft_loss(t.kns, NFT_LOSS)
         t0 = time.monotonic()
         _transfer(t, direction, 32, 128 << 10, 128 << 10, seed=300, timeout=200, hold=False)
         print(f"\n32 impaired connections {direction}: {time.monotonic() - t0:.1f} s")
         s = t.stats()
         assert sum(w["shard"]["retrans_segs"] for w in s["workers"]) > 0
         assert all(w["restarts"] == 0 for w in s["workers"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("direction", ["k2s", "s2k"])
-def test_impaired_both_sides_tun_16mib(direction, tmp_path):
-    with topology("tun", tmp_path, _impair_args(8, tmp_path)) as t:
-        _impaired(t, direction, 8 << 20, timeout=240)
 
 
 # -- 4. 1 GiB from a kernel client ------------------------------------------------------------
@@ -936,6 +933,16 @@ def _tcpdump_stop(p: subprocess.Popen, path: Path) -> None:
     assert dropped == [0], f"tcpdump lost packets, the audit would be unsound: {err}"
 
 
+@contextlib.contextmanager
+def _capture(t: Topo, path: Path, **tcpdump_kw) -> Iterator[None]:
+    """tcpdump into `path` (see _tcpdump) while the block runs; whole when it ends."""
+    dump = _tcpdump(t, path, **tcpdump_kw)
+    try:
+        yield
+    finally:
+        _tcpdump_stop(dump, path)
+
+
 def _read_ip(path: Path) -> list:
     """IPv4 packets of a capture, whatever its link type (Ethernet on a veth,
     raw IP on a TUN: LINKTYPE_RAW, which some scapy versions leave as Raw)."""
@@ -995,11 +1002,8 @@ def test_window_scaling_honoured_both_ways(kind, tmp_path):
     last scaled window allowed (checked on a kernel-side capture)."""
     with topology(kind, tmp_path, ["--impair", "delay=5ms,seed=1"]) as t:
         cap = tmp_path / "k.pcap"
-        dump = _tcpdump(t, cap)
-        try:
+        with _capture(t, cap):
             _transfer(t, "k2s", 1, 8 << 20, 8 << 20, seed=5, hold=False, timeout=150)
-        finally:
-            _tcpdump_stop(dump, cap)
         pkts = _read_ip(cap)
     k_flight, k_beyond = _window_audit(pkts, sender=t.peer, receiver=t.addr)
     s_flight, s_beyond = _window_audit(pkts, sender=t.addr, receiver=t.peer)
@@ -1075,12 +1079,9 @@ def test_zero_window_and_recovery(direction, tmp_path):
     2 MiB arrive intact."""
     with topology("tun", tmp_path) as t:
         cap = tmp_path / "k.pcap"
-        dump = _tcpdump(t, cap)
-        try:
+        with _capture(t, cap):
             _transfer(t, direction, 1, 2 << 20, 0, seed=41, hold=False, timeout=90,
                       server_args=("--pause", "2", "--rcvbuf", "65536"))
-        finally:
-            _tcpdump_stop(dump, cap)
         pkts = _read_ip(cap)
     sender, receiver = (t.peer, t.addr) if direction == "k2s" else (t.addr, t.peer)
     from scapy.layers.inet import TCP
@@ -1103,12 +1104,9 @@ def test_small_mss_honoured_both_ways(direction, tmp_path):
 
     with topology("tun", tmp_path, ["--no-offload"]) as t:
         cap = tmp_path / "k.pcap"
-        dump = _tcpdump(t, cap)
-        try:
+        with _capture(t, cap):
             _transfer(t, direction, 1, 200_000, 200_000, seed=51, hold=False,
                       client_args=("--maxseg", "536"))
-        finally:
-            _tcpdump_stop(dump, cap)
         pkts = _read_ip(cap)
     client = t.peer if direction == "k2s" else t.addr
     syn = next(p for p in pkts if p[TCP].flags == "S")

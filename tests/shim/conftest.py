@@ -72,15 +72,22 @@ class Env:
     def app_log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
-    def wait_listening(self, port: int, name: str) -> None:
-        """Until the kernel side can connect to addr:port (bounded)."""
-        probe = f"import socket; socket.create_connection(('{self.addr}', {port}), 1).close()"
+    def _connectable(self, host: str, port: int) -> bool:
+        """Whether the kernel side can connect to host:port within WAIT s (probes
+        every 0.1 s)."""
+        probe = f"import socket; socket.create_connection(('{host}', {port}), 1).close()"
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             if self.ns.run([PY, "-c", probe], check=False).returncode == 0:
-                return
+                return True
             time.sleep(0.1)
-        raise AssertionError(f"app never listened on {port}:\n{self.app_log(name)}\n{self.log()}")
+        return False
+
+    def wait_listening(self, port: int, name: str) -> None:
+        """Until the kernel side can connect to the app on addr:port (bounded)."""
+        if not self._connectable(self.addr, port):
+            raise AssertionError(
+                f"app never listened on {port}:\n{self.app_log(name)}\n{self.log()}")
 
     def kernel_py(self, code: str, timeout: float = 60) -> str:
         r = self.ns.run([PY, "-c", textwrap.dedent(code)], check=False, timeout=timeout)
@@ -129,13 +136,8 @@ class Env:
         return p
 
     def wait_kernel_listening(self, host: str, port: int) -> None:
-        probe = f"import socket; socket.create_connection(('{host}', {port}), 1).close()"
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            if self.ns.run([PY, "-c", probe], check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"kernel server never listened on {host}:{port}")
+        if not self._connectable(host, port):
+            raise AssertionError(f"kernel server never listened on {host}:{port}")
 
     def ss(self) -> list[dict]:
         """`shardstack ss --json`: every TCP socket on the stack."""

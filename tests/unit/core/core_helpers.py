@@ -28,8 +28,8 @@ A = str_to_ip("198.18.0.1")
 B = str_to_ip("198.18.0.2")
 SECRET = b"test-secret-0123456789"
 
-__all__ = ["A", "B", "Seg", "parse", "Peer", "Pair", "make_shard", "ACK", "FIN", "PSH", "RST",
-           "SYN"]
+__all__ = ["A", "B", "Seg", "parse", "Peer", "Pair", "make_shard", "listen", "passive_open",
+           "server_conn", "connect_over", "ACK", "FIN", "PSH", "RST", "SYN"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,6 @@ class Seg:
     sack: tuple[tuple[int, int], ...]
     payload: bytes
 
-    @property
-    def flagbits(self) -> int:
-        return sum(bit for bit, ch in ((FIN, "F"), (SYN, "S"), (RST, "R"), (PSH, "P"),
-                                       (ACK, ".")) if ch in self.flags)
-
     def __repr__(self) -> str:
         return (f"<{self.sport}>{self.dport} [{self.flags}] seq={self.seq} ack={self.ack} "
                 f"win={self.window} len={len(self.payload)}>")
@@ -72,6 +67,17 @@ def parse(frame: bytes) -> Seg:
 def make_shard(addr: int = A, **kw) -> Shard:
     kw.setdefault("secret", SECRET)
     return Shard(ShardConfig(addrs=[addr], **kw), 0.0)
+
+
+def listen(sh: Shard, port: int = 80, backlog: int = 4, opts: tuple = ()) -> int:
+    """A listener on sh's wildcard:``port``, ``opts`` ((level, opt, value), ...) set before
+    bind; its sd."""
+    lsd = sh.socket()
+    for level, opt, value in opts:
+        sh.setsockopt(lsd, level, opt, value)
+    sh.bind(lsd, 0, port)
+    sh.listen(lsd, backlog)
+    return lsd
 
 
 class Peer:
@@ -111,6 +117,43 @@ class Peer:
         self.now = t
         self.shard.advance(t)
         return self.recv()
+
+    def run_timers(self, limit: int = 10) -> list[tuple[float, Seg]]:
+        """Fire the shard's timers in turn until none is left (at most ``limit``):
+        (time, segment) for every segment they sent."""
+        sent: list[tuple[float, Seg]] = []
+        for _ in range(limit):
+            t = self.shard.next_deadline()
+            if t is None:
+                break
+            sent += [(t, s) for s in self.advance(t)]
+        return sent
+
+
+def passive_open(peer: Peer, lsd: int, isn: int = 1000, *, ack_window: int = 65535,
+                 ack_at: float | None = None, **syn) -> tuple[int, Seg]:
+    """``peer`` opens a connection to the listener ``lsd``: its SYN (seq ``isn``, options
+    ``syn``), the shard's SYN-ACK, its ACK (window ``ack_window``, sent at ``ack_at``,
+    echoing the SYN-ACK's timestamp if its SYN had one), then the shard accepts.
+    (accepted sd, SYN-ACK)."""
+    peer.send(SYN, isn, **syn)
+    sa = peer.recv_one()
+    ts = syn.get("ts")
+    peer.send(ACK, isn + 1, sa.seq + 1, window=ack_window, at=ack_at,
+              ts=(ts[0] + 1, sa.ts[0]) if ts else None)
+    acc = peer.shard.accept(lsd)
+    assert acc is not None, "the handshake left nothing to accept"
+    return acc[0], sa
+
+
+def server_conn(isn: int = 1000, *, ack_window: int = 65535, ack_at: float | None = None,
+                **syn) -> tuple[Shard, int, Peer, int]:
+    """A fresh shard that accepted (on A:80) one connection from a Peer (B:40000), opened
+    as :func:`passive_open` does: (shard, sd, peer, the shard's first data seq)."""
+    sh = make_shard()
+    peer = Peer(sh)
+    sd, sa = passive_open(peer, listen(sh), isn, ack_window=ack_window, ack_at=ack_at, **syn)
+    return sh, sd, peer, sa.seq + 1
 
 
 class Pair:
@@ -161,11 +204,14 @@ class Pair:
     def segs(self, direction: str | None = None) -> list[Seg]:
         return [s for _, d, s in self.tap if direction is None or d == direction]
 
-    def connect(self, port: int = 80, backlog: int = 16) -> tuple[int, int, int]:
-        """Listener on b:port, a connects; returns (listener sd, client sd, server sd)."""
-        lsd = self.b.socket()
-        self.b.bind(lsd, 0, port)
-        self.b.listen(lsd, backlog)
+    def listen(self, port: int = 80, backlog: int = 4, opts: tuple = ()) -> int:
+        """A listener on b:port (see :func:`listen`); its sd."""
+        return listen(self.b, port, backlog, opts)
+
+    def connect(self, port: int = 80, backlog: int = 16, opts: tuple = ()) -> tuple[int, int, int]:
+        """Listener on b:port (``opts`` set on it), a connects; returns (listener sd, client
+        sd, server sd)."""
+        lsd = self.listen(port, backlog, opts)
         csd = self.a.socket()
         self.a.connect(csd, B, port, self.now)
         self.deliver()
@@ -178,11 +224,7 @@ def connect_over(link, a: Shard, b: Shard, port: int = 80, timeout: float = 30.0
                  server_opts: tuple = ()) -> tuple[int, int]:
     """Listen on b (B:port, with `server_opts` set on the listener), connect from a over
     `link`, run the link until b accepts; (client sd, server sd)."""
-    lsd = b.socket()
-    for level, opt, value in server_opts:
-        b.setsockopt(lsd, level, opt, value)
-    b.bind(lsd, 0, port)
-    b.listen(lsd, 8)
+    lsd = listen(b, port, 8, server_opts)
     c = a.socket()
     a.connect(c, B, port, 0.0)
     box: list = []

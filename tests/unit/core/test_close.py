@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from core_helpers import ACK, FIN, RST, SYN, Pair, Peer, make_shard, parse
+from core_helpers import ACK, FIN, RST, SYN, Pair, Peer, make_shard, parse, server_conn
 from shardstack.core import Closed, Readable, SocketError, State
 from shardstack.core.wire.tcp import build_tcp_ipv4
 
@@ -154,15 +154,7 @@ def test_orphaned_fin_wait2_times_out_after_60s():
 
 def tw_shard():
     """A shard with one connection in TIME-WAIT toward Peer (B:40000 -> A:80)."""
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1)
-    sd, _ = sh.accept(lsd)
+    sh, sd, peer, _ = server_conn()
     sh.close(sd, 0.0)
     fin = peer.recv_one()
     assert fin.flags == "F."

@@ -8,7 +8,19 @@ import random
 import socket
 
 import pytest
-from core_helpers import ACK, PSH, SYN, B, Pair, Peer, connect_over, make_shard, parse
+from core_helpers import (
+    ACK,
+    PSH,
+    B,
+    Pair,
+    Peer,
+    connect_over,
+    listen,
+    make_shard,
+    parse,
+    passive_open,
+    server_conn,
+)
 from shardstack.core import Closed, SocketError, State, Writable
 from shardstack.core.simlink import LinkParams, SimLink
 
@@ -113,24 +125,16 @@ def test_nodelay_sends_each_write_at_once():
 
 
 def test_delayed_ack_timing():
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000, mss=1000)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1)
-    sd, _ = sh.accept(lsd)
+    sh, sd, peer, una = server_conn(mss=1000)
     seq = 1001
     # quick-ack mode at the start: every segment is ACKed at once
     quick = sh.sock(sd).quickack
     for _ in range(quick):
-        peer.send(ACK | PSH, seq, sa.seq + 1, payload=b"x" * 1000)
+        peer.send(ACK | PSH, seq, una, payload=b"x" * 1000)
         seq += 1000
         assert peer.recv_one().ack == seq
     # then one full segment waits for the 40 ms delayed-ACK timer
-    peer.send(ACK | PSH, seq, sa.seq + 1, payload=b"x" * 1000, at=1.0)
+    peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=1.0)
     seq += 1000
     assert peer.recv() == []
     assert sh.next_deadline() == pytest.approx(1.040)
@@ -138,23 +142,17 @@ def test_delayed_ack_timing():
     ack = peer.advance(1.040)
     assert len(ack) == 1 and ack[0].ack == seq
     # two full segments: ACK at once on the second (RFC 1122 §4.2.3.2)
-    peer.send(ACK | PSH, seq, sa.seq + 1, payload=b"x" * 1000, at=2.0)
+    peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=2.0)
     assert peer.recv() == []
-    peer.send(ACK | PSH, seq + 1000, sa.seq + 1, payload=b"x" * 1000, at=2.001)
+    peer.send(ACK | PSH, seq + 1000, una, payload=b"x" * 1000, at=2.001)
     assert peer.recv_one().ack == seq + 2000
 
 
 def test_large_gro_segment_is_accepted_and_acked_at_once():
     sh = make_shard(rcvbuf=1 << 20)
-    lsd = sh.socket()
-    sh.setsockopt(lsd, socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
     peer = Peer(sh)
-    peer.send(SYN, 1000, mss=1460, wscale=7)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1)
-    sd, _ = sh.accept(lsd)
+    lsd = listen(sh, opts=((socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20),))
+    sd, sa = passive_open(peer, lsd, mss=1460, wscale=7)
     sh.sock(sd).quickack = 0
     blob = bytes(range(256)) * 255  # 65280 bytes: a GRO super-frame
     peer.send(ACK | PSH, 1001, sa.seq + 1, payload=blob, at=0.5)
@@ -190,14 +188,7 @@ def test_default_segments_never_exceed_mss():
 
 def test_zero_window_probe_and_reopen():
     p = Pair()
-    lsd = p.b.socket()
-    p.b.setsockopt(lsd, socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    p.b.bind(lsd, 0, 80)
-    p.b.listen(lsd, 4)
-    c = p.a.socket()
-    p.a.connect(c, B, 80, 0.0)
-    p.deliver()
-    s = p.b.accept(lsd)[0]
+    _, c, s = p.connect(backlog=4, opts=((socket.SOL_SOCKET, socket.SO_RCVBUF, 8192),))
     p.a.send(c, bytes(30000), 0.0)
     p.advance(0.5)
     ska = p.a.sock(c)
@@ -319,16 +310,7 @@ def test_rto_gives_up_with_etimedout():
 
 
 def test_out_of_order_data_is_sacked_then_filled():
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000, mss=1000, sack_perm=True)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1)
-    sd, _ = sh.accept(lsd)
-    una = sa.seq + 1
+    sh, sd, peer, una = server_conn(mss=1000, sack_perm=True)
     peer.send(ACK, 2001, una, payload=b"B" * 1000)
     r = peer.recv_one()
     assert r.ack == 1001 and r.sack == ((2001, 3001),)
@@ -345,19 +327,10 @@ def test_out_of_order_data_is_sacked_then_filled():
 
 
 def test_fast_retransmit_on_three_dupacks():
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000, mss=1000)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1, at=0.01)
-    sd, _ = sh.accept(lsd)
+    sh, sd, peer, una = server_conn(mss=1000, ack_at=0.01)
     sh.send(sd, bytes(6000), 0.02)
     segs = peer.recv()
     assert [len(x.payload) for x in segs] == [1000] * 6
-    una = sa.seq + 1
     peer.send(ACK, 1001, una + 1000, at=0.03)  # first segment arrived, second lost
     peer.recv()
     for i in range(3):
@@ -371,18 +344,11 @@ def test_fast_retransmit_on_three_dupacks():
     assert not sh.sock(sd).in_recovery
 
 
-def _server_with_peer(mss: int = 1000):
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000, mss=mss)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1, at=0.01)
-    sd, _ = sh.accept(lsd)
+def _server_with_peer():
+    """A server connection (MSS 1000) with TCP_NODELAY: every write goes out at once."""
+    sh, sd, peer, una = server_conn(mss=1000, ack_at=0.01)
     sh.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sh, sd, peer, sa.seq + 1
+    return sh, sd, peer, una
 
 
 def test_limited_transmit_sends_new_data_on_first_dupacks():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from core_helpers import ACK, FIN, PSH, RST, SYN, Peer, make_shard
+from core_helpers import ACK, FIN, PSH, RST, SYN, server_conn
 from shardstack.core import DropReason, SocketError, State
 
 ISN = 1000
@@ -12,17 +12,10 @@ ISN = 1000
 
 def conn(ts: bool = False):
     """Server socket on the shard (A:80) talking to Peer (B:40000); returns peer-side seqs."""
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, ISN, mss=1460, wscale=0, sack_perm=True, ts=(100, 0) if ts else None)
-    sa = peer.recv_one()
-    peer.send(ACK, ISN + 1, sa.seq + 1, window=8192, ts=(101, sa.ts[0]) if ts else None)
-    sd, _ = sh.accept(lsd)
+    sh, sd, peer, snd_nxt = server_conn(ISN, ack_window=8192, mss=1460, wscale=0,
+                                        sack_perm=True, ts=(100, 0) if ts else None)
     sh.take_events()
-    return sh, sd, peer, sa.seq + 1  # (shard, sd, peer, shard's snd_nxt)
+    return sh, sd, peer, snd_nxt  # (shard, sd, peer, shard's snd_nxt)
 
 
 def test_rst_exact_seq_resets():

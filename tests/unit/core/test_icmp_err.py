@@ -13,7 +13,7 @@ import random
 import socket
 
 import pytest
-from core_helpers import ACK, RST, SYN, A, B, Peer, make_shard, parse
+from core_helpers import ACK, RST, SYN, A, B, Peer, listen, make_shard, parse
 from shardstack.core import Connected, DropReason, SocketError, State
 from shardstack.core.wire.icmp import (
     ICMP_DEST_UNREACH,
@@ -252,9 +252,7 @@ def test_soft_error_is_forgotten_when_the_peer_acks_again():
 
 def _half_open():
     sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 8)
+    lsd = listen(sh, backlog=8)
     peer = Peer(sh)
     peer.send(SYN, 7000, mss=1460)
     frames = sh.take_frames()

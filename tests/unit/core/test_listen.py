@@ -5,16 +5,13 @@ from __future__ import annotations
 import errno
 
 import pytest
-from core_helpers import ACK, FIN, RST, SYN, B, Peer, make_shard
+from core_helpers import ACK, FIN, RST, SYN, B, Peer, listen, make_shard
 from shardstack.core import Acceptable, DropReason, State
 
 
 def listener(backlog: int = 8, **kw):
     sh = make_shard(**kw)
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, backlog)
-    return sh, lsd, Peer(sh)
+    return sh, listen(sh, backlog=backlog), Peer(sh)
 
 
 def handshake(peer: Peer, isn: int = 1000, port: int | None = None, ts=(100, 0)):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from core_helpers import ACK, B, make_shard
+from core_helpers import ACK, B, connect_over, make_shard
 from shardstack.core.simlink import LinkParams, SimLink
 from shardstack.core.tcp_input import tcp_pipe
 from test_recovery_script import MSS, rel, sack, server
@@ -84,14 +84,7 @@ def _slow_reader_bulk(seed: int, size: int = 4 << 20, rate: float = 3e6):
     """a sends ``size`` bytes to b over 3% loss both ways, 2 ms RTT; b reads at ``rate``."""
     a, b = make_shard(), make_shard(B)
     link = SimLink(a, b, seed=seed, params=LinkParams(delay=0.001, loss=0.03))
-    lsd = b.socket()
-    b.bind(lsd, 0, 80)
-    b.listen(lsd, 8)
-    c = a.socket()
-    a.connect(c, B, 80, 0.0)
-    box: list = []
-    assert link.run_until(lambda: bool(box.append(b.accept(lsd)) or box[-1]), 30.0)
-    s = box[-1][0]
+    c, s = connect_over(link, a, b)
     data = random.Random(seed).randbytes(size)
     sent = got = 0
     budget, last = 0.0, link.now

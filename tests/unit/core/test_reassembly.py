@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import random
 
-from core_helpers import ACK, FIN, SYN, Peer, make_shard
+from core_helpers import ACK, FIN, server_conn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
 def receiver():
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 999, mss=1460, sack_perm=True)
-    sa = peer.recv_one()
-    peer.send(ACK, 1000, sa.seq + 1)
-    sd, _ = sh.accept(lsd)
-    return sh, sd, peer, sa.seq + 1
+    """A server connection whose peer sends from seq 1000: (shard, sd, peer, una)."""
+    return server_conn(999, mss=1460, sack_perm=True)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

@@ -12,7 +12,7 @@ import random
 import time
 
 import pytest
-from core_helpers import B, make_shard
+from core_helpers import B, connect_over, make_shard
 from shardstack.core.simlink import LinkParams, SimLink
 from test_data import transfer
 from wire_oracle import Watched
@@ -22,21 +22,8 @@ def watched_pair(params: LinkParams, seed: int = 1, **kw):
     a = Watched(make_shard(**kw))
     b = Watched(make_shard(B, **kw))
     link = SimLink(a, b, seed=seed, params=params)
-    lsd = b.shard.socket()
-    b.shard.bind(lsd, 0, 80)
-    b.shard.listen(lsd, 8)
-    c = a.shard.socket()
-    a.shard.connect(c, B, 80, 0.0)
-    box: list = []
-
-    def accepted() -> bool:
-        r = b.shard.accept(lsd)
-        if r is not None:
-            box.append(r)
-        return bool(box)
-
-    assert link.run_until(accepted, 60.0)
-    return a, b, link, c, box[0][0]
+    c, s = connect_over(link, a.shard, b.shard, timeout=60.0)
+    return a, b, link, c, s
 
 
 def both_ways(params: LinkParams, size: int, seed: int = 1, max_time: float = 600.0, **kw):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from core_helpers import ACK, PSH, SYN, Pair, Peer, make_shard
+from core_helpers import ACK, PSH, Pair, server_conn
 from shardstack.core.tcp_input import tcp_pipe
 
 MSS = 1000
@@ -13,18 +13,10 @@ MSS = 1000
 
 def server(sack: bool = True, data: int = 10 * MSS):
     """A server that accepted a connection (MSS 1000, no timestamps) and sent ``data``."""
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000, mss=MSS, sack_perm=sack)
-    sa = peer.recv_one()
-    peer.send(ACK, 1001, sa.seq + 1, at=0.01)
-    sd, _ = sh.accept(lsd)
+    sh, sd, peer, una = server_conn(mss=MSS, sack_perm=sack, ack_at=0.01)
     sh.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sh.send(sd, bytes(data), 0.02)
-    return sh, sd, peer, sa.seq + 1
+    return sh, sd, peer, una
 
 
 def rel(segs, una):
@@ -155,16 +147,7 @@ def test_newreno_partial_ack_resends_the_next_hole_at_once():
 
 
 def test_duplicate_segments_are_reported_with_dsack():
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, 1000, mss=MSS, sack_perm=True)
-    sa = peer.recv_one()
-    una = sa.seq + 1
-    peer.send(ACK, 1001, una)
-    sh.accept(lsd)
+    sh, _, peer, una = server_conn(mss=MSS, sack_perm=True)
     peer.send(ACK | PSH, 1001, una, payload=b"a" * 100)
     assert peer.recv_one().ack == 1101
     peer.send(ACK | PSH, 1001, una, payload=b"a" * 100)  # an old duplicate

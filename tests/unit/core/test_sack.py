@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from core_helpers import ACK, SYN, Peer, make_shard
+from core_helpers import ACK, server_conn
 
 LEFT = 5000  # the RFC's example numbering: eight 500-byte segments from 5000
 
 
 def receiver():
-    sh = make_shard()
-    lsd = sh.socket()
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
-    peer = Peer(sh)
-    peer.send(SYN, LEFT - 1, mss=500, sack_perm=True)
-    sa = peer.recv_one()
-    peer.send(ACK, LEFT, sa.seq + 1)
-    sd, _ = sh.accept(lsd)
-    return sh, sd, peer, sa.seq + 1
+    """A server connection whose peer sends from seq LEFT: (shard, sd, peer, una)."""
+    return server_conn(LEFT - 1, mss=500, sack_perm=True)
 
 
 def segment(peer, una, n, t):

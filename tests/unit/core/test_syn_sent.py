@@ -66,14 +66,9 @@ def test_rst_with_bad_ack_is_ignored_and_bad_ack_gets_rst():
 
 def test_syn_retries_exponential_then_etimedout():
     sh, sd, peer, syn = client()
-    times = []
-    for _ in range(10):
-        t = sh.next_deadline()
-        if t is None:
-            break
-        for s in peer.advance(t):
-            assert s.flags == "S" and s.seq == syn.seq
-            times.append(t)
+    sent = peer.run_timers()
+    assert all(s.flags == "S" and s.seq == syn.seq for _, s in sent)
+    times = [t for t, _ in sent]
     # Linux tcp_syn_retries = 6: retries at 1, 3, 7, 15, 31, 63 s; give up at 127 s.
     assert times == [1.0, 3.0, 7.0, 15.0, 31.0, 63.0]
     assert peer.now == 127.0
@@ -149,9 +144,7 @@ def test_handshake_through_pair_with_lost_syn():
         return False
 
     p.drop = lose_first_syn
-    lsd = p.b.socket()
-    p.b.bind(lsd, 0, 80)
-    p.b.listen(lsd, 4)
+    p.listen()
     csd = p.a.socket()
     p.a.connect(csd, B, 80, 0.0)
     p.advance(0.5)
@@ -163,10 +156,7 @@ def test_handshake_through_pair_with_lost_syn():
 
 def _listen_pair():
     p = Pair()
-    lsd = p.b.socket()
-    p.b.bind(lsd, 0, 80)
-    p.b.listen(lsd, 4)
-    return p, lsd
+    return p, p.listen()
 
 
 def test_lost_synack_is_retransmitted_after_1s():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from core_helpers import B, Pair
+from core_helpers import A, B, Pair, make_shard
 from shardstack.core.tcp_cong import INFINITE_SSTHRESH
 from shardstack.core.tcp_info import (
     TCP_INFO_LEN,
@@ -200,3 +200,111 @@ def test_unpack_pads_a_truncated_buffer():
     short = unpack_tcp_info(raw[:32])  # up to tcpi_sacked (offset 28)
     assert short["state"] == 10 and short["unacked"] == 3 and short["sacked"] == 7
     assert short["snd_cwnd"] == 0  # not in the buffer
+
+
+# -- per-socket counters (Linux counts them in tcp_v4_rcv, __tcp_transmit_skb,
+# tcp_clean_rtx_queue/tcp_sacktag_one, tcp_data_queue_ofo, tcp_check_dsack,
+# tcp_check_sack_reordering and tcp_retransmit_skb) ---------------------------------------
+
+MSS = 1460 - 12
+
+
+def test_segment_counters_match_the_wire():
+    p = Pair()
+    _lsd, c, s = p.connect()
+    n = 10_000  # 7 segments: 6 full and one of 1312 bytes
+    assert p.a.send(c, bytes(n), p.now) == n
+    p.deliver()
+    ab = [seg for _t, d, seg in p.tap if d == "ab"]
+    ba = [seg for _t, d, seg in p.tap if d == "ba"]
+    ci, si = info(p.a, c, p.now), info(p.b, s, p.now)
+    # The client's socket sent and received every frame of the connection.
+    assert ci["segs_out"] == len(ab) and ci["segs_in"] == len(ba)
+    assert ci["data_segs_out"] == sum(1 for x in ab if x.payload) == 7
+    assert ci["data_segs_in"] == 0
+    # The server's socket began as a request sock: its SYN-ACK is not its own,
+    # and neither is the handshake's final ACK; the SYN counts (Linux: segs_in = 1).
+    assert si["segs_out"] == len(ba) - 1
+    assert si["segs_in"] == 1 + len(ab) - 2
+    assert si["data_segs_in"] == 7 and si["data_segs_out"] == 0
+    # Delivered: the client's SYN and its 7 data segments; the server's SYN-ACK.
+    assert ci["delivered"] == 1 + 7 and si["delivered"] == 1
+    assert ci["bytes_retrans"] == 0 and ci["bytes_sent"] == n
+    assert ci["rcv_ooopack"] == si["rcv_ooopack"] == 0
+
+
+def test_retransmission_and_out_of_order_counters():
+    p = Pair()
+    _lsd, c, s = p.connect()
+    hole: list[int] = []
+    seen: list[tuple[int, bool]] = []  # (seq, dropped) of every data segment a sent
+
+    def drop(direction, seg):
+        if direction != "ab" or not seg.payload:
+            return False
+        if not hole:
+            hole.append(seg.seq)
+        lost = seg.seq == hole[0] and sum(1 for q, _ in seen if q == hole[0]) < 2
+        seen.append((seg.seq, lost))
+        return lost
+
+    p.drop = drop  # the first segment and its first retransmission are lost
+    p.a.send(c, bytes(20 * MSS), p.now)
+    p.advance(p.now + 3.0)
+    ci, si = info(p.a, c, p.now), info(p.b, s, p.now)
+    assert p.b.recv(s, 1 << 20) == bytes(20 * MSS)
+    assert ci["total_retrans"] >= 2
+    assert ci["bytes_retrans"] == MSS * ci["total_retrans"]  # counted in bytes, not estimated
+    assert ci["bytes_sent"] == 20 * MSS + ci["bytes_retrans"]
+    assert ci["data_segs_out"] == 20 + ci["total_retrans"] == len(seen)
+    # Out of order: what arrived while the hole was open.
+    filled = next(i for i, (q, lost) in enumerate(seen) if q == hole[0] and not lost)
+    assert si["rcv_ooopack"] == sum(1 for _q, lost in seen[:filled] if not lost) > 0
+    # Each segment delivered once, whether SACKed first or ACKed: the SYN + 20.
+    assert ci["delivered"] == 1 + 20
+
+
+def _hop(src, dst, t: float, order=None) -> int:
+    """Move src's frames to dst, arriving at time t (optionally reordered)."""
+    frames = src.take_frames()
+    dst.advance(t)
+    for f in (frames if order is None else [frames[i] for i in order]):
+        dst.receive(f, t)
+    return len(frames)
+
+
+def test_dsack_dups_and_reordering_events():
+    """10 ms each way: the wire duplicates segment 0 and delivers segment 1 before it."""
+    a, b = make_shard(A), make_shard(B)
+    lsd = b.socket()
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 4)
+    c = a.socket()
+    a.connect(c, B, 80, 0.0)
+    _hop(a, b, 0.01)
+    _hop(b, a, 0.02)
+    _hop(a, b, 0.03)
+    assert b.accept(lsd) is not None
+    a.send(c, bytes(4 * MSS), 0.02)
+    assert _hop(a, b, 0.03, order=[1, 0, 0, 2, 3]) == 4
+    _hop(b, a, 0.04)
+    assert a.take_frames() == []  # nothing was retransmitted
+    ci = info(a, c, 0.04)
+    assert ci["dsack_dups"] == 1  # the D-SACK for the duplicate (RFC 2883)
+    assert ci["reord_seen"] == 1  # segment 0 arrived after segment 1, never retransmitted
+    assert ci["total_retrans"] == 0 and ci["delivered"] == 1 + 4
+    assert ci["unacked"] == 0
+
+
+def test_super_segments_count_as_the_segments_they_become():
+    p = Pair(tso_max=65000)
+    _lsd, c, s = p.connect()
+    p.a.send(c, bytes(40 * MSS), p.now)
+    frames = p.a.take_frames()
+    assert max(len(f) for f in frames) > 10 * MSS  # super-segments left the engine
+    for f in frames:  # a GRO receiver gets them whole
+        p.b.receive(f, p.now, csum_ok=True)
+    p.deliver()
+    ci, si = info(p.a, c, p.now), info(p.b, s, p.now)
+    assert ci["data_segs_out"] == 40 and si["data_segs_in"] == 40
+    assert ci["delivered"] == 1 + 40

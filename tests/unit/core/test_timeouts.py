@@ -10,7 +10,7 @@ import errno
 import socket
 
 import pytest
-from core_helpers import ACK, SYN, B, Pair, Peer, connect_over, make_shard, parse
+from core_helpers import ACK, SYN, B, Pair, Peer, connect_over, listen, make_shard, parse
 from shardstack.core import Closed, SocketError, State
 from shardstack.core.simlink import LinkParams, SimLink
 
@@ -130,11 +130,7 @@ def test_user_timeout_bounds_connect():
     sh.connect(sd, B, 80, 0.0)
     peer = Peer(sh)
     syns = [0.0] if peer.recv() else []
-    for _ in range(10):
-        t = sh.next_deadline()
-        if t is None:
-            break
-        syns += [t] * len(peer.advance(t))
+    syns += [t for t, _ in peer.run_timers()]
     assert syns == [0.0, 1.0, 3.0]
     assert peer.now == pytest.approx(5.0)
     assert sh.take_events() == [SocketError(sd, errno.ETIMEDOUT)]
@@ -167,14 +163,8 @@ def test_user_timeout_bounds_a_window_that_stays_shut(ut):
     """RFC 1122 §4.2.2.17: zero-window probing goes on while the peer answers; with
     TCP_USER_TIMEOUT the window must open within that time of the first probe."""
     p = Pair()
-    lsd = p.b.socket()
-    p.b.setsockopt(lsd, socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    p.b.bind(lsd, 0, 80)
-    p.b.listen(lsd, 4)
-    c = p.a.socket()
-    p.a.connect(c, B, 80, 0.0)
-    p.deliver()
-    assert p.b.accept(lsd) is not None  # b never reads: its window closes
+    # b never reads: its window closes
+    _, c, _ = p.connect(backlog=4, opts=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
     if ut:
         p.a.setsockopt(c, TCP, socket.TCP_USER_TIMEOUT, ut)
     p.a.take_events()
@@ -220,13 +210,7 @@ def test_syncnt_two_gives_etimedout_after_one_plus_two_plus_four_seconds():
     sh.connect(sd, B, 80, 0.0)
     peer = Peer(sh)
     assert peer.recv_one().flags == "S"
-    times = []
-    for _ in range(10):
-        t = sh.next_deadline()
-        if t is None:
-            break
-        times += [t] * len(peer.advance(t))
-    assert times == [1.0, 3.0] and peer.now == 7.0
+    assert [t for t, _ in peer.run_timers()] == [1.0, 3.0] and peer.now == 7.0
     assert sh.take_events() == [SocketError(sd, errno.ETIMEDOUT)]
     assert sh.state(sd) is State.CLOSED
 
@@ -246,20 +230,11 @@ def test_syncnt_out_of_range_is_einval(bad):
 def test_syncnt_on_a_listener_sets_its_synack_retries():
     """Linux ``reqsk_timer_handler``: the listener's TCP_SYNCNT, else tcp_synack_retries."""
     sh = make_shard()
-    lsd = sh.socket()
-    sh.setsockopt(lsd, TCP, socket.TCP_SYNCNT, 2)
-    sh.bind(lsd, 0, 80)
-    sh.listen(lsd, 4)
+    lsd = listen(sh, opts=((TCP, socket.TCP_SYNCNT, 2),))
     peer = Peer(sh)
     peer.send(SYN, 1000)
     assert peer.recv_one().flags == "S."
-    times = []
-    for _ in range(10):
-        t = sh.next_deadline()
-        if t is None:
-            break
-        times += [t] * len(peer.advance(t))
-    assert times == [1.0, 3.0] and peer.now == 7.0
+    assert [t for t, _ in peer.run_timers()] == [1.0, 3.0] and peer.now == 7.0
     assert sh.sock(lsd).reqs == 0 and sh.stats.synack_timeouts == 1
     peer.send(ACK, 1001, 1, at=8.0)
     assert peer.recv_one().flags == "R"  # the request sock is gone

@@ -124,9 +124,7 @@ def test_active_open_trace():
     from core_helpers import B, Pair
 
     p = Pair(trace=True)
-    lsd = p.b.socket()
-    p.b.bind(lsd, 0, 80)
-    p.b.listen(lsd, 4)
+    p.listen()
     p.b.trace()
     c = p.a.socket()
     p.a.connect(c, B, 80, 0.0)

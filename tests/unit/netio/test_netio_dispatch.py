@@ -110,10 +110,16 @@ def test_arp_request_answered_and_sender_learned():
     other = Ether(src=PEER_MAC) / ARP(op=1, hwsrc=PEER_MAC, psrc=PEER, pdst="198.18.0.9")
     assert d.dispatch([(bytes(other), 0)]).replies == []
     assert d.stats.drops["arp_not_for_us"] == 1
-    # ARP reply to us: learned, nothing sent
+    # ARP reply to us: nothing sent; an unsolicited one creates no entry
+    # (Linux arp_accept=0), one for an address we are resolving fills it
     rep = Ether(src="02:00:00:00:00:07", dst="02:00:00:00:00:02") / ARP(op=2, hwsrc="02:00:00:00:00:07", psrc="198.18.0.7", pdst=US)
     assert d.dispatch([(bytes(rep), 0)]).replies == []
+    assert 0xC6120007 not in d.neighbours
+    assert d.stats.drops["arp_reply_ignored"] == 1 and d.stats.arp_learned == 0
+    d.neigh.neigh_event_send(0xC6120007, 0.0)
+    assert d.dispatch([(bytes(rep), 0)]).replies == []
     assert d.neighbours[0xC6120007] == bytes.fromhex("020000000007")
+    assert d.stats.arp_learned == 1
 
 
 def test_arp_request_builder_parses():

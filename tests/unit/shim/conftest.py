@@ -6,7 +6,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import shardstack.shim as shim  # noqa: E402
-from stackpair import StackPair  # noqa: E402
+from stackpair import StackPair, connect_accept, listener  # noqa: E402
 
 
 @pytest.fixture
@@ -27,3 +27,19 @@ def stack(tmp_path):
 
         set_stack(None)
         sp.stop()
+
+
+@pytest.fixture
+def conn(stack):
+    """One connection across the stack pair: Conn(srv, port, cl, c, addr), all closed after."""
+    srv = listener()
+    try:
+        conn = connect_accept(srv)
+    except BaseException:
+        srv.close()
+        raise
+    try:
+        yield conn
+    finally:
+        for s in (conn.c, conn.cl, srv):
+            s.close()

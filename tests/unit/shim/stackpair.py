@@ -14,12 +14,16 @@ server are stand-ins; the shim, appgate and engine are the real ones.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
+import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from shardstack.core import Shard, ShardConfig
 
@@ -196,3 +200,133 @@ class StackPair:
 
 async def _acall(fn: Any, *args: Any) -> Any:
     return fn(*args)
+
+
+# -- helpers for tests on the pair (run in the test thread, through the shim) ---------------
+
+
+class Conn(NamedTuple):
+    """A listener on the stack and one connection through it (the `conn` fixture)."""
+
+    srv: socket.socket  # listening on 0.0.0.0:port
+    port: int
+    cl: socket.socket  # the client end, connected to SERVER_IP:port
+    c: socket.socket  # the server end, accepted from srv
+    addr: tuple[str, int]  # what accept() said the client is
+
+
+def listener(backlog: int = 8, opts: dict | None = None, port: int = 0) -> socket.socket:
+    """A stream socket listening on the wildcard; `opts` {(level, opt): value} set first."""
+    s = socket.socket()
+    for (level, opt), v in (opts or {}).items():
+        s.setsockopt(level, opt, v)
+    s.bind(("0.0.0.0", port))
+    s.listen(backlog)
+    return s
+
+
+def closed_port() -> int:
+    """A stack port that was just bound and released: nothing listens there."""
+    s = socket.socket()
+    s.bind(("0.0.0.0", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def connect_accept(srv: socket.socket, timeout: float = 5) -> Conn:
+    """Connect to `srv` across the wire (client shard to server shard) and accept."""
+    port = srv.getsockname()[1]
+    cl = socket.create_connection((SERVER_IP, port), timeout=timeout)
+    c, addr = srv.accept()
+    return Conn(srv, port, cl, c, addr)
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Start fn(*args) in a thread; the returned join() gives its result or raises its error."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join() -> Any:
+        t.join(20)
+        assert not t.is_alive(), "server thread hung"
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    return join
+
+
+def set_linger(s: socket.socket, secs: int) -> None:
+    """SO_LINGER {1, secs}."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, secs))
+
+
+def close_with_rst(s: socket.socket) -> None:
+    """close() with SO_LINGER {1, 0}: Linux tcp_close aborts with an RST."""
+    set_linger(s, 0)
+    s.close()
+
+
+def recv_until_reset(s: socket.socket) -> None:
+    """Read what is left until the peer's RST surfaces as ECONNRESET (bounded)."""
+    try:
+        for _ in range(50):
+            if not s.recv(100):
+                break
+    except ConnectionResetError as e:
+        assert e.errno == errno.ECONNRESET
+        return
+    raise AssertionError("no ECONNRESET: the connection ended without a reset")
+
+
+def recv_all(s: socket.socket, n: int) -> None:
+    """Receive (and drop) `n` bytes; an EOF before them fails the test."""
+    got = 0
+    while got < n:
+        chunk = s.recv(65536)
+        assert chunk, f"EOF after {got} of {n} bytes"
+        got += len(chunk)
+
+
+def as_nobody(run_dir: Path, child: Callable[[str], bytes], new_netns: bool = False
+              ) -> tuple[bytes, int]:
+    """Run child(path of run_dir) in a forked process as user 65534 (after an unshare of
+    the network namespace if `new_netns`); (the bytes it returned, its exit code).
+
+    The run dir is opened O_PATH by root first: pytest's tmp dirs above it are 0700."""
+    os.chmod(run_dir, 0o755)
+    r, w = os.pipe()
+    dfd = os.open(run_dir, os.O_PATH)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if new_netns:
+                    # An empty network namespace: should the shim wrongly fall back
+                    # to the kernel, a SYN goes nowhere instead of out.
+                    import ctypes
+
+                    assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0  # NEWNET
+                os.setuid(65534)
+                os.write(w, child(f"/proc/self/fd/{dfd}"))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        got = os.read(r, 100)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        os.close(dfd)
+        os.chmod(run_dir, 0o700)
+    return got, os.waitstatus_to_exitcode(status)

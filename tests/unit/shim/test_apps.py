@@ -16,7 +16,7 @@ import threading
 import urllib.request
 
 import pytest
-from stackpair import SERVER_IP
+from stackpair import SERVER_IP, closed_port, listener
 
 
 def test_asyncio_streams_server_and_client(stack):
@@ -48,10 +48,7 @@ def test_asyncio_streams_server_and_client(stack):
 
 def test_asyncio_refused_and_timeout(stack):
     async def main():
-        s = socket.socket()
-        s.bind(("0.0.0.0", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = closed_port()
         with pytest.raises(ConnectionRefusedError):
             await asyncio.wait_for(asyncio.open_connection(SERVER_IP, port), 5)
 
@@ -59,9 +56,7 @@ def test_asyncio_refused_and_timeout(stack):
 
 
 def test_selectors_echo_server(stack):
-    srv = socket.socket()
-    srv.bind(("0.0.0.0", 0))
-    srv.listen(16)
+    srv = listener(backlog=16)
     srv.setblocking(False)
     port = srv.getsockname()[1]
     stop = threading.Event()
@@ -156,9 +151,7 @@ def test_tls_over_the_shim(stack, tmp_path):
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(crt, key)
     cctx = ssl.create_default_context(cafile=str(crt))
-    srv = socket.socket()
-    srv.bind(("0.0.0.0", 0))
-    srv.listen(4)
+    srv = listener(backlog=4)
     port = srv.getsockname()[1]
 
     def serve():

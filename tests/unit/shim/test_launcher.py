@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -11,15 +12,13 @@ import threading
 
 import pytest
 from shardstack.shim import launcher
-from stackpair import SERVER_IP
+from stackpair import SERVER_IP, as_nobody, listener
 
 CHILD_TIMEOUT = 60
 
 
 def _echo_server():
-    srv = socket.socket()
-    srv.bind(("0.0.0.0", 0))
-    srv.listen(16)
+    srv = listener(backlog=16)
     stop = threading.Event()
 
     def serve():
@@ -123,9 +122,7 @@ def test_multiprocessing_spawn_and_fork(stack, tmp_path):
 
 def test_forked_child_serves_inherited_listener(stack):
     """A pre-forking server: the child accepts on the parent's listener."""
-    srv = socket.socket()
-    srv.bind(("0.0.0.0", 0))
-    srv.listen(4)
+    srv = listener(backlog=4)
     port = srv.getsockname()[1]
     pid = os.fork()
     if pid == 0:  # child: accept one, echo, exit without running pytest's teardown
@@ -152,37 +149,20 @@ def test_forked_child_serves_inherited_listener(stack):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_other_users_get_eacces(stack):
     """SO_PEERCRED on worker-<i>.sock: a client that is not the stack's user."""
-    path = stack.run_dir / "worker-0.sock"
-    os.chmod(stack.run_dir, 0o755)
-    os.chmod(path, 0o666)
-    try:
-        r, w = os.pipe()
-        dfd = os.open(stack.run_dir, os.O_PATH)  # past the 0700 pytest tmp dirs
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setuid(65534)
-                from shardstack.shim.sock import kernel_socket
-                from shardstack.shim.stack import read_frame
+    os.chmod(stack.run_dir / "worker-0.sock", 0o666)
 
-                s = kernel_socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(5)
-                s.connect(f"/proc/self/fd/{dfd}/worker-0.sock")
-                reply = read_frame(s, bytearray())
-                os.write(w, str(reply.get("errno")).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        os.close(dfd)
-        got = os.read(r, 100)
-        os.waitpid(pid, 0)
-    finally:
-        os.chmod(stack.run_dir, 0o700)
-    import errno
+    def client(run_dir: str) -> bytes:
+        from shardstack.shim.sock import kernel_socket
+        from shardstack.shim.stack import read_frame
 
+        s = kernel_socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(f"{run_dir}/worker-0.sock")
+        return str(read_frame(s, bytearray()).get("errno")).encode()
+
+    got, code = as_nobody(stack.run_dir, client)
     assert got == str(errno.EACCES).encode()
+    assert code == 0
 
 
 def test_launcher_check_passes_with_a_stack(stack):

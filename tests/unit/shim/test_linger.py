@@ -5,12 +5,10 @@ or after N seconds, whichever comes first; only the last close waits."""
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 
-from stackpair import SERVER_IP
-from test_stackpair import _in_thread, _server
+from stackpair import SERVER_IP, in_thread, listener, set_linger
 
 FIN = 0x01
 
@@ -28,12 +26,8 @@ def _conn_state(stack, node: int, lport: int) -> str | None:
     return states[0] if states else None
 
 
-def _linger(s: socket.socket, secs: int) -> None:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, secs))
-
-
 def test_lingering_close_returns_after_the_fin_is_acked(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     n = 200_000
     release = threading.Event()
@@ -50,7 +44,7 @@ def test_lingering_close_returns_after_the_fin_is_acked(stack):
             release.wait(10)  # keep the server's socket open while the test looks
             return got
 
-    join = _in_thread(serve)
+    join = in_thread(serve)
     cl = socket.create_connection((SERVER_IP, port), timeout=5)
     lport = cl.getsockname()[1]
     dropped = []
@@ -64,7 +58,7 @@ def test_lingering_close_returns_after_the_fin_is_acked(stack):
 
     stack.drop = drop_first_fin
     cl.sendall(b"q" * n)
-    _linger(cl, 5)
+    set_linger(cl, 5)
     cl.setblocking(False)  # Linux lingers in close() even on a non-blocking fd
     cl.close()
     # close() returned: the peer's TCP already had every byte and the FIN,
@@ -77,15 +71,12 @@ def test_lingering_close_returns_after_the_fin_is_acked(stack):
     srv.close()
 
 
-def test_lingering_close_gives_up_after_its_time(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+def test_lingering_close_gives_up_after_its_time(stack, conn):
+    port, cl = conn.port, conn.cl
     lport = cl.getsockname()[1]
     stack.drop = lambda frame: True  # the link is down: nothing gets acknowledged
     cl.sendall(b"never acked")
-    _linger(cl, 2)
+    set_linger(cl, 2)
     t0 = time.monotonic()
     cl.close()
     took = time.monotonic() - t0
@@ -94,17 +85,12 @@ def test_lingering_close_gives_up_after_its_time(stack):
     assert _conn_state(stack, 0, lport) == "FIN-WAIT-1"
     assert _conn_state(stack, 1, port) == "ESTABLISHED"  # the peer saw nothing
     stack.drop = None
-    c.close()
-    srv.close()
 
 
-def test_only_the_last_close_lingers(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+def test_only_the_last_close_lingers(stack, conn):
+    cl, c = conn.cl, conn.c
     lport = cl.getsockname()[1]
-    _linger(cl, 5)
+    set_linger(cl, 5)
     d = cl.dup()  # the same socket under a second fd (and the linger setting)
     stack.drop = lambda frame: True
     t0 = time.monotonic()
@@ -117,5 +103,3 @@ def test_only_the_last_close_lingers(stack):
     assert _conn_state(stack, 0, lport) in ("FIN-WAIT-2", "TIME-WAIT", None)
     assert c.recv(100) == b"last words"
     assert c.recv(100) == b""
-    c.close()
-    srv.close()

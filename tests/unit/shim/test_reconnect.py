@@ -16,35 +16,22 @@ import socket
 from shardstack.core.wire.icmp import ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, build_icmp_error
 from shardstack.core.wire.ipv4 import PROTO_ICMP, build_ipv4, parse_ipv4, str_to_ip
 from shardstack.core.wire.tcp import SYN, parse_tcp
-from stackpair import CLIENT_IP, SERVER_IP
+from stackpair import CLIENT_IP, SERVER_IP, closed_port, listener
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("0.0.0.0", 0))
-    port = s.getsockname()[1]
-    s.close()  # released: nothing listens there now
-    return port
-
-
-def _listen_on(port: int) -> socket.socket:
-    srv = socket.socket()
-    srv.bind(("0.0.0.0", port))
-    srv.listen(4)
-    return srv
-
-
-def _echo_once(cl: socket.socket, srv: socket.socket) -> None:
+def _echo_once_and_close(cl: socket.socket, srv: socket.socket) -> None:
+    """Accept `cl`'s connection, exchange one message each way, close all three."""
     c, _ = srv.accept()
     cl.sendall(b"ping")
     assert c.recv(10) == b"ping"
     c.sendall(b"pong")
     assert cl.recv(10) == b"pong"
-    c.close()
+    for s in (c, cl, srv):
+        s.close()
 
 
 def test_blocking_connect_again_after_refusal_succeeds(stack):
-    port = _closed_port()
+    port = closed_port()
     s = socket.socket()
     s.settimeout(5)
     try:
@@ -53,17 +40,15 @@ def test_blocking_connect_again_after_refusal_succeeds(stack):
     except ConnectionRefusedError as e:
         assert e.errno == errno.ECONNREFUSED
     assert s.connect_ex((SERVER_IP, port)) == errno.ECONNREFUSED  # refused again, not EISCONN
-    srv = _listen_on(port)
+    srv = listener(backlog=4, port=port)
     s.connect((SERVER_IP, port))  # the same socket object and fd
     assert s.getpeername() == (SERVER_IP, port)
     assert s.getsockname()[0] == CLIENT_IP
-    _echo_once(s, srv)
-    s.close()
-    srv.close()
+    _echo_once_and_close(s, srv)
 
 
 def test_nonblocking_connect_again_reports_then_succeeds(stack):
-    port = _closed_port()
+    port = closed_port()
     s = socket.socket()
     s.setblocking(False)
     fd = s.fileno()
@@ -72,37 +57,33 @@ def test_nonblocking_connect_again_reports_then_succeeds(stack):
     assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
     # Linux: the error was read, so this connect() says ECONNABORTED and resets the socket.
     assert s.connect_ex((SERVER_IP, port)) == errno.ECONNABORTED
-    srv = _listen_on(port)
+    srv = listener(backlog=4, port=port)
     assert s.connect_ex((SERVER_IP, port)) == errno.EINPROGRESS
     assert select.select([], [s], [], 5)[1] == [s]
     assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
     assert s.fileno() == fd and s.getpeername() == (SERVER_IP, port)
     s.setblocking(True)
-    _echo_once(s, srv)
-    s.close()
-    srv.close()
+    _echo_once_and_close(s, srv)
 
 
 def test_connect_again_keeps_the_bound_port(stack):
-    port = _closed_port()
+    port = closed_port()
     s = socket.socket()
     s.bind(("0.0.0.0", 0))
     mine = s.getsockname()[1]
     assert s.connect_ex((SERVER_IP, port)) == errno.ECONNREFUSED
     assert s.getsockname()[1] == mine
-    srv = _listen_on(port)
+    srv = listener(backlog=4, port=port)
     s.settimeout(5)
     s.connect((SERVER_IP, port))
     assert s.getsockname() == (CLIENT_IP, mine)
-    _echo_once(s, srv)
-    s.close()
-    srv.close()
+    _echo_once_and_close(s, srv)
 
 
 def test_icmp_host_unreachable_fails_the_connect_then_retry_works(stack):
     """The client shard's SYN is answered by a router's host-unreachable: connect()
     fails with EHOSTUNREACH at once (no SYN retries), and works once the path does."""
-    srv = _listen_on(0)
+    srv = listener(backlog=4)
     port = srv.getsockname()[1]
     client = stack.nodes[0]
     router = str_to_ip("198.18.0.254")
@@ -126,6 +107,4 @@ def test_icmp_host_unreachable_fails_the_connect_then_retry_works(stack):
     assert client.shard.stats.tcp_icmp_aborts == 1
     stack.drop = None
     s.connect((SERVER_IP, port))
-    _echo_once(s, srv)
-    s.close()
-    srv.close()
+    _echo_once_and_close(s, srv)

@@ -4,14 +4,19 @@ TCP_INFO on loopback as the oracle for length, int form and listener fields."""
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import pytest
 from shardstack.core.tcp_info import unpack_tcp_info
 from shardstack.shim.sock import kernel_socket
-from stackpair import SERVER_IP
-from test_stackpair import _in_thread, _server
+from stackpair import (
+    SERVER_IP,
+    close_with_rst,
+    connect_accept,
+    in_thread,
+    listener,
+    recv_until_reset,
+)
 
 TCP, INFO = socket.IPPROTO_TCP, socket.TCP_INFO
 
@@ -37,7 +42,7 @@ def _wait_for(pred, timeout=5.0):
 
 
 def test_connected_stack_socket(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     n = 100_000
 
@@ -52,7 +57,7 @@ def test_connected_stack_socket(stack):
             c.recv(10)
             return info
 
-    join = _in_thread(serve)
+    join = in_thread(serve)
     cl = socket.create_connection((SERVER_IP, port), timeout=5)
     lst, k, kpeer = _kernel_established()
     raw = cl.getsockopt(TCP, INFO, 1024)
@@ -85,7 +90,7 @@ def test_connected_stack_socket(stack):
 
 
 def test_listener_reports_accept_queue_and_backlog(stack):
-    srv = _server(backlog=5)
+    srv = listener(backlog=5)
     port = srv.getsockname()[1]
     klst = kernel_socket()
     klst.bind(("127.0.0.1", 0))
@@ -120,15 +125,10 @@ def test_bound_reset_and_kernel_sockets(stack):
     assert b.getsockopt(TCP, INFO) == kernel_socket().getsockopt(TCP, INFO) == 7
     b.close()
 
-    srv = _server()
-    cl = socket.create_connection((SERVER_IP, srv.getsockname()[1]), timeout=5)
-    c, _ = srv.accept()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c.close()  # RST
-    with pytest.raises(ConnectionResetError):
-        for _ in range(50):
-            if not cl.recv(100):
-                break
+    srv = listener()
+    _, _, cl, c, _ = connect_accept(srv)
+    close_with_rst(c)
+    recv_until_reset(cl)
     assert cl.getsockopt(TCP, INFO) == 7  # a reset socket is closed, as on Linux
     cl.close()
     srv.close()

@@ -13,42 +13,20 @@ import threading
 
 import pytest
 from shardstack.shim.sock import ShimSocket
-from stackpair import CLIENT_IP, SERVER_IP
-
-
-def _server(backlog=8, opts=None):
-    s = socket.socket()
-    for (level, opt), v in (opts or {}).items():
-        s.setsockopt(level, opt, v)
-    s.bind(("0.0.0.0", 0))
-    s.listen(backlog)
-    return s
-
-
-def _in_thread(fn, *args):
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:  # handed to the test thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-
-    def join():
-        t.join(20)
-        assert not t.is_alive(), "server thread hung"
-        if "error" in box:
-            raise box["error"]
-        return box.get("result")
-
-    return join
+from stackpair import (
+    CLIENT_IP,
+    SERVER_IP,
+    as_nobody,
+    close_with_rst,
+    in_thread,
+    listener,
+    recv_all,
+    recv_until_reset,
+)
 
 
 def test_connect_accept_addresses_and_echo(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     assert isinstance(srv, ShimSocket) and srv.family == socket.AF_INET
     assert srv.type == socket.SOCK_STREAM and srv.getsockopt(socket.SOL_SOCKET,
@@ -61,7 +39,7 @@ def test_connect_accept_addresses_and_echo(stack):
             c.sendall(data[::-1])
             return addr, c.getsockname(), c.getpeername()
 
-    join = _in_thread(serve)
+    join = in_thread(serve)
     cl = socket.create_connection((SERVER_IP, port), timeout=5)
     cl.sendall(b"abcdef")
     assert cl.recv(100) == b"fedcba"
@@ -76,7 +54,7 @@ def test_connect_accept_addresses_and_echo(stack):
 
 
 def test_refused_is_the_kernels_exception(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     srv.close()  # released: nothing listens on the port any more
     with pytest.raises(ConnectionRefusedError) as ei:
@@ -88,7 +66,7 @@ def test_refused_is_the_kernels_exception(stack):
 
 
 def test_nonblocking_connect_is_writable_only_when_established(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     stack.drop = lambda frame: True  # the wire eats the SYN: the handshake stalls
     s = socket.socket()
@@ -119,7 +97,7 @@ def test_nonblocking_connect_is_writable_only_when_established(stack):
 
 
 def test_connect_timeout(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     stack.drop = lambda frame: True
     s = socket.socket()
@@ -131,7 +109,7 @@ def test_connect_timeout(stack):
 
 
 def test_bulk_transfer_with_backpressure_and_half_close(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     payload = os.urandom(3 << 20)
 
@@ -149,7 +127,7 @@ def test_bulk_transfer_with_backpressure_and_half_close(stack):
             c.sendall(struct.pack("!Q", n) + h.digest())  # after our EOF: half-close works
         return n
 
-    join = _in_thread(serve)
+    join = in_thread(serve)
     cl = socket.create_connection((SERVER_IP, port), timeout=20)
     cl.sendall(payload)
     cl.shutdown(socket.SHUT_WR)
@@ -162,37 +140,23 @@ def test_bulk_transfer_with_backpressure_and_half_close(stack):
     srv.close()
 
 
-def test_peer_reset_surfaces_as_econnreset(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+def test_peer_reset_surfaces_as_econnreset(conn):
+    cl, c = conn.cl, conn.c
     cl.sendall(b"request")
     assert c.recv(100) == b"request"
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c.close()  # SO_LINGER {1, 0}: RST
-    with pytest.raises(ConnectionResetError):
-        while cl.recv(100):
-            pass
-    cl.close()
-    srv.close()
+    close_with_rst(c)
+    recv_until_reset(cl)
 
 
-def test_reset_reported_by_so_error(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c.close()
+def test_reset_reported_by_so_error(conn):
+    cl = conn.cl
+    close_with_rst(conn.c)
     select.select([cl], [], [], 5)
     assert cl.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
-    cl.close()
-    srv.close()
 
 
 def test_options_reach_the_shard(stack):
-    srv = _server(opts={(socket.IPPROTO_TCP, socket.TCP_NODELAY): 1})
+    srv = listener(opts={(socket.IPPROTO_TCP, socket.TCP_NODELAY): 1})
     port = srv.getsockname()[1]
     cl = socket.socket()
     cl.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # before connect: replayed
@@ -228,7 +192,7 @@ def test_timeout_options_read_and_reach_the_shard_like_the_kernels(stack):
     kernel.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, 500)
     want_clamped = kernel.getsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2)
     kernel.close()
-    srv = _server(opts={(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): 4000,
+    srv = listener(opts={(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): 4000,
                         (socket.IPPROTO_TCP, socket.TCP_SYNCNT): 3,
                         (socket.IPPROTO_TCP, socket.TCP_LINGER2): 500})
     port = srv.getsockname()[1]
@@ -246,7 +210,7 @@ def test_timeout_options_read_and_reach_the_shard_like_the_kernels(stack):
 
 
 def test_bind_conflicts_are_the_kernels(stack):
-    a = _server()
+    a = listener()
     port = a.getsockname()[1]
     b = socket.socket()
     with pytest.raises(OSError) as ei:
@@ -280,11 +244,8 @@ def test_kernel_sockets_stay_kernel(stack):
         x.close()
 
 
-def test_dup_fromfd_and_fileno_rewrap_keep_tcp_identity(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, addr = srv.accept()
+def test_dup_fromfd_and_fileno_rewrap_keep_tcp_identity(conn):
+    cl, c = conn.cl, conn.c
     for s in (cl, c):
         d = s.dup()
         assert (d.getsockname(), d.getpeername()) == (s.getsockname(), s.getpeername())
@@ -294,11 +255,10 @@ def test_dup_fromfd_and_fileno_rewrap_keep_tcp_identity(stack):
         f.close()
     fd = c.detach()
     again = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-    assert again.getpeername() == addr
+    assert again.getpeername() == conn.addr
     cl.sendall(b"still here")
     assert again.recv(100) == b"still here"
-    for x in (again, cl, srv):
-        x.close()
+    again.close()
 
 
 @pytest.mark.slow
@@ -306,7 +266,7 @@ def test_full_app_backlog_holds_connections_until_accepted(stack):
     """A full app backlog is a full accept queue: the worker parks children
     and the shard drops further SYNs, whose retransmissions succeed once the
     app accepts (tcp_conn_request on a full queue)."""
-    srv = _server(backlog=1)
+    srv = listener(backlog=1)
     port = srv.getsockname()[1]
 
     def client(i):
@@ -314,7 +274,7 @@ def test_full_app_backlog_holds_connections_until_accepted(stack):
         c.sendall(b"%d" % i)
         return c
 
-    joins = [_in_thread(client, i) for i in range(5)]
+    joins = [in_thread(client, i) for i in range(5)]
     gate = stack.nodes[1].gate
     for _ in range(1000):  # bounded: until the worker found the app's backlog full
         if gate.stats.backlog_full:
@@ -334,37 +294,23 @@ def test_full_app_backlog_holds_connections_until_accepted(stack):
     srv.close()
 
 
-def test_close_with_unread_data_sends_rst(stack):
+def test_close_with_unread_data_sends_rst(conn):
     """tcp_close: closing with unread receive data aborts the connection."""
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+    cl, c = conn.cl, conn.c
     cl.sendall(b"never read")
     select.select([c], [], [], 5)
     c.close()
-    with pytest.raises(ConnectionResetError):
-        for _ in range(50):
-            if not cl.recv(100):
-                break
-    cl.close()
-    srv.close()
+    recv_until_reset(cl)
 
 
-def test_passive_side_sees_reset_after_its_small_write(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+def test_passive_side_sees_reset_after_its_small_write(conn):
+    cl, c = conn.cl, conn.c
     c.settimeout(5)
     c.sendall(b"hello")  # a small write: the worker keeps its last byte back
     assert cl.recv(100) == b"hello"
-    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    cl.close()
+    close_with_rst(cl)
     with pytest.raises(ConnectionResetError):
         c.recv(100)
-    c.close()
-    srv.close()
 
 
 def test_recv_timeout_and_specific_address_bind(stack):
@@ -373,7 +319,7 @@ def test_recv_timeout_and_specific_address_bind(stack):
     srv.listen(1)
     assert srv.getsockname()[0] == CLIENT_IP
     srv.close()
-    srv = _server()
+    srv = listener()
     cl = socket.create_connection((SERVER_IP, srv.getsockname()[1]), timeout=5)
     cl.settimeout(0.2)
     with pytest.raises(TimeoutError):
@@ -383,7 +329,7 @@ def test_recv_timeout_and_specific_address_bind(stack):
 
 
 def test_connect_from_a_bound_port(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     cl = socket.socket()
     cl.bind(("0.0.0.0", 0))
@@ -398,7 +344,7 @@ def test_connect_from_a_bound_port(stack):
 
 
 def test_closed_listener_refuses(stack):
-    srv = _server()
+    srv = listener()
     port = srv.getsockname()[1]
     cl = socket.create_connection((SERVER_IP, port), timeout=5)
     srv.close()
@@ -409,40 +355,25 @@ def test_closed_listener_refuses(stack):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_another_users_app_gets_eacces(stack):
-    os.chmod(stack.run_dir, 0o755)
     os.chmod(stack.run_dir / "control.sock", 0o666)
-    r, w = os.pipe()
-    dfd = os.open(stack.run_dir, os.O_PATH)  # past the 0700 pytest tmp dirs
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def app(run_dir: str) -> bytes:
+        from shardstack.shim.stack import Stack, set_stack
+
+        set_stack(Stack(run_dir))
+        s = socket.socket()
+        got = b""
         try:
-            # An empty network namespace first: should the shim wrongly fall
-            # back to the kernel, the SYN goes nowhere instead of out.
-            import ctypes
+            s.connect((SERVER_IP, 80))
+        except OSError as e:
+            got = str(e.errno).encode()
+        lo = socket.socket()
+        lo.bind(("127.0.0.1", 0))  # loopback is still the kernel's
+        return got
 
-            assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0  # CLONE_NEWNET
-            os.setuid(65534)
-            from shardstack.shim.stack import Stack, set_stack
-
-            set_stack(Stack(f"/proc/self/fd/{dfd}"))
-            s = socket.socket()
-            try:
-                s.connect((SERVER_IP, 80))
-            except OSError as e:
-                os.write(w, str(e.errno).encode())
-            lo = socket.socket()
-            lo.bind(("127.0.0.1", 0))  # loopback is still the kernel's
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    os.close(dfd)
-    got = os.read(r, 100)
-    _, status = os.waitpid(pid, 0)
-    os.chmod(stack.run_dir, 0o700)
+    got, code = as_nobody(stack.run_dir, app, new_netns=True)
     assert got == str(errno.EACCES).encode()
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0
 
 
 def test_dual_stack_ipv6_listener_serves_ipv4(stack):
@@ -469,36 +400,23 @@ def test_dual_stack_ipv6_listener_serves_ipv4(stack):
 
 
 @pytest.mark.parametrize("size", [0, 1 << 20])
-def test_passive_side_sees_reset_after_no_write_or_a_large_one(stack, size):
+def test_passive_side_sees_reset_after_no_write_or_a_large_one(conn, size):
     """Nothing for the worker to hold back unread: the shim asks it at EOF ("status")."""
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+    cl, c = conn.cl, conn.c
     c.settimeout(10)
     if size:
-        send = _in_thread(c.sendall, b"x" * size)
-        got = 0
-        while got < size:
-            chunk = cl.recv(65536)
-            assert chunk
-            got += len(chunk)
+        send = in_thread(c.sendall, b"x" * size)
+        recv_all(cl, size)
         send()
-    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    cl.close()
+    close_with_rst(cl)
     with pytest.raises(ConnectionResetError) as e:
         c.recv(100)
     assert e.value.errno == errno.ECONNRESET
     assert c.recv(100) == b""  # reported once, then EOF (tcp_recvmsg)
-    c.close()
-    srv.close()
 
 
-def test_clean_eof_is_not_a_reset(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+def test_clean_eof_is_not_a_reset(conn):
+    cl, c = conn.cl, conn.c
     c.settimeout(10)
     c.sendall(b"x" * (1 << 20))  # large: nothing held back
     c.shutdown(socket.SHUT_WR)  # both FINs: the worker closes its end (POLLHUP on ours)
@@ -508,47 +426,31 @@ def test_clean_eof_is_not_a_reset(stack):
     assert got == 1 << 20
     cl.close()
     assert c.recv(100) == b""
-    c.close()
-    srv.close()
 
 
-def test_send_after_peer_reset_is_econnreset(stack):
+def test_send_after_peer_reset_is_econnreset(conn):
     """A writer blocked on a connection the peer resets gets ECONNRESET, not EPIPE."""
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+    cl, c = conn.cl, conn.c
     c.settimeout(10)
 
     def flood():
         chunk = b"x" * 65536
         for _ in range(2000):  # far more than every buffer on the way holds
             c.sendall(chunk)
-    join = _in_thread(flood)
+    join = in_thread(flood)
     assert cl.recv(65536)
-    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    cl.close()
+    close_with_rst(cl)
     with pytest.raises(ConnectionResetError) as e:
         join()
     assert e.value.errno == errno.ECONNRESET
-    c.close()
-    srv.close()
 
 
-def test_reset_reported_by_so_error_is_not_reported_again(stack):
-    srv = _server()
-    port = srv.getsockname()[1]
-    cl = socket.create_connection((SERVER_IP, port), timeout=5)
-    c, _ = srv.accept()
+def test_reset_reported_by_so_error_is_not_reported_again(conn):
+    cl, c = conn.cl, conn.c
     c.settimeout(10)
     c.sendall(b"x" * (1 << 20))  # large: nothing held back
-    got = 0
-    while got < 1 << 20:
-        got += len(cl.recv(65536))
-    cl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    cl.close()
+    recv_all(cl, 1 << 20)
+    close_with_rst(cl)
     select.select([c], [], [], 10)
     assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
     assert c.recv(100) == b""  # sk_err was consumed by SO_ERROR (sock_getsockopt)
-    c.close()
-    srv.close()
