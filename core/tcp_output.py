@@ -429,7 +429,10 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
             if count > cwnd_room // maxseg:
                 count = cwnd_room // maxseg
             win = _xmit_burst(sh, sk, nxt, sent_off, count, maxseg, mss, win, now)
-            sent += count * maxseg
+            took = count * maxseg
+            sent += took
+            if took == wnd_room or took >= cwnd_room:
+                break  # no room left: the next round would stop (data in flight, no persist)
             continue
         size = avail
         if size > maxseg:

@@ -72,6 +72,7 @@ _DEFAULTS = {
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_USER_TIMEOUT", 18)): 0,
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_SYNCNT", 7)): 6,  # net.ipv4.tcp_syn_retries
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_LINGER2", 8)): 60,  # net.ipv4.tcp_fin_timeout
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_WINDOW_CLAMP", 10)): 0,
     (SOL_SOCKET, _socket_mod.SO_KEEPALIVE): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEADDR): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEPORT): 0,
