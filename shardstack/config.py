@@ -86,7 +86,7 @@ class ServeConfig:
     impair: str | None = None
     pcap: str | None = None
     offload: bool = True  # virtio-net header: GSO/GRO super-frames, checksum offload
-    pin: bool = True  # worker i on CPU i; TUN queue i's kernel work elsewhere (shardstack.affinity)
+    pin: bool = False  # worker i on CPU i; TUN queue i's kernel work elsewhere (shardstack.affinity)
     secret: bytes = b""
 
     def validate(self) -> ServeConfig:
