@@ -28,6 +28,8 @@ def test_good_serve_config(tmp_path):
     # what children receive is what the supervisor validated
     again = ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+    assert not cfg.pin  # the scheduler places workers unless asked
+    assert _config(GOOD + ["--pin"], tmp_path).pin
 
 
 @pytest.mark.parametrize(
