@@ -80,6 +80,7 @@ _UCRED_SIZE = 12
 _CMSG_FD = socket.CMSG_SPACE(array.array("i").itemsize)
 
 CONNECTING, ESTABLISHED = 1, 2
+_DRAINED = object()  # _read_w: W has nothing more now
 
 
 @dataclass(slots=True, eq=False)
@@ -539,15 +540,11 @@ class AppGate:
         w, buf, mv = conn.w, self._buf, self._mv
         total, drained = 0, False
         for _ in range(MAX_PUMP_ROUNDS):
-            try:
-                n = w.recv_into(buf, CHUNK, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
+            n = self._read_w(conn, w.recv_into, buf, CHUNK, socket.MSG_PEEK)
+            if n is _DRAINED:
                 drained = True
                 break
-            except ConnectionResetError:
-                # A was closed with bytes of ours unread: Linux answers a
-                # close() with unread receive data by RST (tcp_close).
-                self._app_gone(conn)
+            if n is None:
                 return
             if n == 0:
                 self._consume(conn, False)
@@ -588,13 +585,11 @@ class AppGate:
         w, shard, sd = conn.w, self.shard, conn.sd
         total, drained = 0, False
         for _ in range(MAX_PUMP_ROUNDS):
-            try:
-                data = w.recv(CHUNK)
-            except (BlockingIOError, InterruptedError):
+            data = self._read_w(conn, w.recv, CHUNK)
+            if data is _DRAINED:
                 drained = True
                 break
-            except ConnectionResetError:
-                self._app_gone(conn)
+            if data is None:
                 return
             if not data:
                 self._app_fin(conn)
@@ -612,6 +607,19 @@ class AppGate:
         conn.streaming = total > LAG_MAX  # small again: back to peeking
         if conn.inp is None:
             self._start_reading(conn)
+
+    def _read_w(self, conn: GateConn, read: Callable[..., Any], *args: Any) -> Any:
+        """One read of W: what `read` returned, _DRAINED when W is empty, or
+        None when the app is gone (then already handled)."""
+        try:
+            return read(*args)
+        except (BlockingIOError, InterruptedError):
+            return _DRAINED
+        except ConnectionResetError:
+            # A was closed with bytes of ours unread: Linux answers a
+            # close() with unread receive data by RST (tcp_close).
+            self._app_gone(conn)
+            return None
 
     def _resume_up(self, conn: GateConn) -> None:
         if self.conns.get(conn.sd) is conn:

@@ -100,10 +100,9 @@ def plan(scenarios: list[str], conns: int = DEFAULT_CONNS) -> list[Case]:
     """The cases of the named scenarios and single cases, in canonical order
     (a case named by key is the default-conns one: 'crr-8conn' -> 'crr')."""
     wanted = set(scenarios)
-    picked = {c.key for s in SCENARIOS for c in cases_for(s) if c.key in wanted}
-    return [case for s, default in ((s, cases_for(s)) for s in SCENARIOS)
-            for case, dcase in zip(cases_for(s, conns), default, strict=True)
-            if s in wanted or dcase.key in picked]
+    return [case for s in SCENARIOS
+            for case, default in zip(cases_for(s, conns), cases_for(s), strict=True)
+            if s in wanted or default.key in wanted]
 
 
 def bounds(case: Case, seconds: float) -> Bounds:
