@@ -186,7 +186,8 @@ def test_timeout_options_read_and_reach_the_shard_like_the_kernels(stack):
     """TCP_USER_TIMEOUT / TCP_SYNCNT / TCP_LINGER2: unset they read as a
     kernel socket's do; set on a listener they reach the shard and carry
     over to the accepted child (Linux clones the listener)."""
-    opts = (socket.TCP_USER_TIMEOUT, socket.TCP_SYNCNT, socket.TCP_LINGER2)
+    opts = (socket.TCP_USER_TIMEOUT, socket.TCP_SYNCNT, socket.TCP_LINGER2,
+            socket.TCP_WINDOW_CLAMP)
     kernel = _socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not the shim's
     want = [kernel.getsockopt(socket.IPPROTO_TCP, o) for o in opts]
     kernel.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, 500)
