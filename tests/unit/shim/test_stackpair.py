@@ -202,8 +202,9 @@ def test_timeout_options_read_and_reach_the_shard_like_the_kernels(stack):
     cl.connect((SERVER_IP, port))
     assert srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2) == want_clamped
     c, _ = srv.accept()
+    cport = cl.getsockname()[1]
     child = stack.call(lambda: [sk for node in stack.nodes for sk in node.shard.socks.values()
-                                if sk.lport == port and sk.rport])
+                                if (sk.lport, sk.rport) == (port, cport)])
     assert [(sk.user_timeout, sk.syn_count) for sk in child] == [(4000, 3)]
     c.close()
     cl.close()
