@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 
 from .device import RX_CSUM_VALID, Device, DeviceWrapper
 
-__all__ = ["Impair", "ImpairSpec", "ImpairCounters", "parse_impair_spec"]
+__all__ = ["Impair", "ImpairLane", "ImpairSpec", "ImpairCounters", "parse_impair_spec"]
 
 
 @dataclass(slots=True)
@@ -124,7 +124,7 @@ class _Lane:
         self.spec = spec
         self.rng = random.Random(f"{spec.seed}/{direction}")
         self.stats = ImpairCounters()
-        self._heap: list[tuple[float, int, bytes, int]] = []
+        self._heap: list[tuple[float, int, bytes, int, bool]] = []
         self._seq = 0
         self._held: tuple[bytes, int] | None = None
         self._held_until = 0.0
@@ -159,14 +159,19 @@ class _Lane:
                     if self.rx:
                         fl &= ~RX_CSUM_VALID
                     st.corrupted += 1
+                # Every decision is drawn here, in arrival order, so the same
+                # seed and frames give the same faults whatever the timing
+                # (a reorder draw at release time would interleave with
+                # later arrivals' draws differently from run to run).
+                hold = bool(sp.reorder) and rng.random() < sp.reorder
                 if sp.delay or sp.jitter:
                     d = sp.delay + sp.jitter * (2.0 * rng.random() - 1.0)
                     if d > 0:
                         st.delayed += 1
-                        heapq.heappush(self._heap, (now + d, self._seq, f, fl))
+                        heapq.heappush(self._heap, (now + d, self._seq, f, fl, hold))
                         self._seq += 1
                         continue
-                self._emit(f, fl, now, out)
+                self._emit(f, fl, now, out, hold)
         self._release(now, out)
         return out
 
@@ -176,8 +181,9 @@ class _Lane:
         buf[i] ^= 1 << self.rng.randrange(8)
         return bytes(buf)
 
-    def _emit(self, frame: bytes, flags: int, now: float, out: list) -> None:
-        """Send a frame whose delay is over, through the reorder stage."""
+    def _emit(self, frame: bytes, flags: int, now: float, out: list, hold: bool) -> None:
+        """Send a frame whose delay is over, through the reorder stage (`hold`:
+        its draw said "hold back", honoured unless a frame is held already)."""
         sp = self.spec
         if self._held is not None:
             # Adjacent swap: the successor overtakes the held frame.
@@ -186,7 +192,7 @@ class _Lane:
             self.stats.passed += 2
             self._held = None
             return
-        if sp.reorder and self.rng.random() < sp.reorder:
+        if hold:
             self.stats.reordered += 1
             self._held = (frame, flags)
             self._held_until = now + sp.hold
@@ -197,8 +203,8 @@ class _Lane:
     def _release(self, now: float, out: list) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            _, _, f, fl = heapq.heappop(heap)
-            self._emit(f, fl, now, out)
+            _, _, f, fl, hold = heapq.heappop(heap)
+            self._emit(f, fl, now, out, hold)
         if self._held is not None and self._held_until <= now:
             out.append(self._held)
             self.stats.passed += 1
@@ -214,6 +220,10 @@ class _Lane:
         if self._held is not None and (t is None or self._held_until < t):
             t = self._held_until
         return t
+
+
+# One direction's pipeline, for tools that move frames themselves (netio/bridge.py).
+ImpairLane = _Lane
 
 
 class Impair(DeviceWrapper):

@@ -70,7 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_arguments(demo)
     bench = sub.add_parser("bench", help="benchmarks against the Linux kernel's TCP in the same run")
     bench_cmd.add_arguments(bench)
+    _add_impair_bridge(sub)
     return parser
+
+
+IMPAIR_BRIDGE_EPILOG = """\
+A lossy link for testing anything (not only shardstack), where the kernel has
+no sch_netem: it forwards every frame between IF_A and IF_B (AF_PACKET,
+promiscuous) with seeded loss, duplication, reordering, delay and an optional
+rate limit, independently in each direction. Give its interfaces no address.
+
+example (as root; client and server namespaces each joined to the bridge's by a veth):
+  ip netns exec br shardstack impair-bridge vc vs --loss 1% --reorder 10% \\
+      --delay-ms 10 --seed 7 --seconds 60
+"""
+
+
+def _add_impair_bridge(sub) -> None:
+    from shardstack.netio import bridge
+
+    p = sub.add_parser("impair-bridge", help="forward frames between two interfaces with "
+                       "seeded loss/dup/reorder/delay (a netem for any test)",
+                       description="Forward L2 frames between two interfaces with seeded "
+                       "impairment in each direction.", epilog=IMPAIR_BRIDGE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    bridge.add_arguments(p)
 
 
 def _add_serve(sub) -> None:
@@ -260,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stats(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
+    if args.command == "impair-bridge":
+        from shardstack.netio import bridge
+
+        return bridge.run_command(args)
     return bench_cmd.main(args=args)
 
 

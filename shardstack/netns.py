@@ -396,3 +396,38 @@ def client_server_pair(prefix: str = DEFAULT_PREFIX, server_addr: bool = True,
         link = add_veth(c, s, "veth0", "veth0", a_addr=host(net, 1),
                         b_addr=host(net, 2) if server_addr else None)
         yield Pair(c, s, link, net)
+
+
+@dataclass(slots=True, frozen=True)
+class BridgedPair(Pair):
+    """A Pair whose client and server veths meet in a third namespace, where a
+    user-space bridge (`shardstack impair-bridge`) joins `bridge_a` (client
+    side) and `bridge_b` (server side). `link` names the client's and the
+    server's ends (both `veth0`); until a bridge runs, nothing passes."""
+
+    bridge: Netns | None = None
+    bridge_a: str = "vc"
+    bridge_b: str = "vs"
+
+
+def _quiet_l2(ns: Netns) -> None:
+    # No IPv6 (router solicitations, DAD, MLD) so only the test's own frames cross.
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+
+
+@contextlib.contextmanager
+def bridged_pair(prefix: str = DEFAULT_PREFIX, server_addr: bool = True,
+                 net: ipaddress.IPv4Network | None = None, grace: float = KILL_GRACE,
+                 mtu: int | None = None) -> Iterator[BridgedPair]:
+    """client ns (.1/24 on veth0) ── veth ── bridge ns (vc, vs: no addresses) ── veth ──
+    server ns (veth0, .2/24 unless `server_addr` is False). IPv6 is off in all three."""
+    net = net or next_subnet()
+    with netns(prefix, grace) as c, netns(prefix, grace) as br, netns(prefix, grace) as s:
+        for ns in (c, br, s):
+            _quiet_l2(ns)
+        add_veth(c, br, "veth0", "vc", a_addr=host(net, 1), mtu=mtu)
+        add_veth(br, s, "vs", "veth0", b_addr=host(net, 2) if server_addr else None, mtu=mtu)
+        link = VethPair(c, "veth0", s, "veth0", host(net, 1),
+                        host(net, 2) if server_addr else None)
+        yield BridgedPair(c, s, link, net, br, "vc", "vs")
