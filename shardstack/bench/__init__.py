@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"short runs ({sc.QUICK_DURATION:g} s per case), done in under 2 minutes")
     p.add_argument("--scenario", default="all",
                    help=f"comma-separated subset of {','.join(sc.SCENARIOS)}, or single cases "
-                   "such as bulk-download, http-1MiB (default: all)")
+                   "such as bulk-download, http-1MiB (default: all); `lossy` (never part of "
+                   "all): bulk both ways and 64 B rr through `shardstack impair-bridge` at "
+                   "0.5/1/3 %% loss, 0/10 %% reorder, 2/10/50 ms, kernel vs shardstack-packet "
+                   "(--quick: 2 links)")
     p.add_argument("--out", metavar="DIR",
                    help="where results.json, summary.txt and the plots go "
                         "(default: ./bench-results/<UTC time>)")
@@ -47,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which servers to measure (default: all three)")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1..N workers runs")
     p.add_argument("--no-plots", action="store_true", help="JSON and text only")
+    p.add_argument("--seed", type=int, default=sc.LOSSY_SEED,
+                   help="lossy scenario: the impair-bridge seed, the same for every side "
+                        "(default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +133,7 @@ def _run(a: argparse.Namespace, nsmod) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     caps = probe_capabilities()
-    cases = sc.plan(a.scenarios, a.conns)
+    cases = sc.plan(a.scenarios, a.conns, quick=a.quick, seed=a.seed)
     variants = a.variant_list
     plan = Plan(cases, variants, a.duration, a.workers, scaling=not a.no_scaling)
     progress.line(f"shardstack bench: {len(cases)} cases x {len(variants)} variants, "
@@ -157,6 +163,9 @@ def _run(a: argparse.Namespace, nsmod) -> int:
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     report.write_json(out / "results.json", meta, rows, records, scale)
     text = report.table(rows, variants)
+    lossy = report.lossy_table(rows)
+    if lossy:
+        text += "\n\nlossy (through shardstack impair-bridge, same seed for both):\n" + lossy
     (out / "summary.txt").write_text(text + "\n")
     progress.line("")
     progress.line(text)
@@ -164,7 +173,8 @@ def _run(a: argparse.Namespace, nsmod) -> int:
         kernel = {r["case"]: r["values"].get("kernel") for r in rows if r["metric"] == "ops_per_s"}
         from shardstack.bench.plots import plot_all
 
-        pngs = plot_all(out, cases, records, a.workers, scale, kernel)
+        plain = [c for c in cases if not c.link]  # the lossy matrix is a table, not 100 plots
+        pngs = plot_all(out, plain, records, a.workers, scale, kernel)
         progress.line(f"{len(pngs)} plots in {out}")
     progress.line(f"results: {out / 'results.json'} ({time.monotonic() - started:.0f} s)")
     errors = [r for r in records if r.status == "error" and r.variant == "kernel"]

@@ -11,6 +11,8 @@ percentiles of the last interval) and one final `{"type": "result", ...}`.
 Modes:
   bulk-send  one connection, send until the deadline or max-bytes, then FIN and
              wait for the server's FIN (so every byte was taken): upload rate.
+             With --acked: stop at the deadline, count what the server
+             acknowledged (the send queue subtracted), reset the flow.
   bulk-recv  one connection, ask the source service for max-bytes (`SEND n\\n`)
              and read until the deadline or EOF: download rate.
   crr        `--conns` concurrent slots, each: connect, send `--size` bytes,
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import selectors
 import socket
+import struct
 import sys
+import termios
 import time
 from array import array
 
@@ -109,8 +114,19 @@ class Reporter:
 # -- single-connection modes ---------------------------------------------------------------
 
 
+CC: bytes | None = None  # --cc: TCP_CONGESTION for every socket, set before connect
+
+
 def _connect(host: str, port: int) -> socket.socket:
-    s = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if CC:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CC)
+        s.settimeout(CONNECT_TIMEOUT)
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
     s.settimeout(IO_TIMEOUT)
     return s
 
@@ -128,6 +144,8 @@ def bulk_send(a: argparse.Namespace, rep: Reporter) -> dict:
             now = rep.now()
             rep.maybe_tick(now)
         sent_at = now
+        if a.acked:
+            return _bulk_send_acked(s, rep, sent_at)
         s.shutdown(socket.SHUT_WR)
         # Wait for the server's FIN: only then has it read every byte we sent.
         s.settimeout(DRAIN_TIMEOUT)
@@ -139,6 +157,19 @@ def bulk_send(a: argparse.Namespace, rep: Reporter) -> dict:
             eof = False
     elapsed = (rep.now() if eof else sent_at) - rep.start
     return rep.result("bulk-send", elapsed, server_eof=eof)
+
+
+def _bulk_send_acked(s: socket.socket, rep: Reporter, sent_at: float) -> dict:
+    """Stop at the deadline and count only what the server acknowledged: the
+    bytes still in our send queue (SIOCOUTQ: unsent + unacknowledged) are
+    taken off, and the flow is reset rather than drained (on a lossy, slow
+    link the kernel's send buffer can hold many seconds of data)."""
+    outq = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    sent = rep.nbytes
+    rep.nbytes = max(0, sent - outq)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return rep.result("bulk-send", sent_at - rep.start, acked=True, queued_at_end=outq,
+                      handed_to_kernel=sent)
 
 
 def bulk_recv(a: argparse.Namespace, rep: Reporter) -> dict:
@@ -232,6 +263,8 @@ def _start_txn(sel: selectors.BaseSelector, a: argparse.Namespace, rep: Reporter
     s.setblocking(False)
     if a.mode == "crr":
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if CC:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CC)
     txn = _Txn(s, rep.now(), request, want)
     rc = s.connect_ex((a.host, a.port))
     if rc not in (0, errno.EINPROGRESS):
@@ -366,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conns", type=int, default=1)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--path", default="/")
+    p.add_argument("--cc", help="congestion control for every socket (TCP_CONGESTION, "
+                   "e.g. cubic; needs CAP_NET_ADMIN for one not in the allowed list)")
+    p.add_argument("--acked", action="store_true",
+                   help="bulk-send: count only bytes acknowledged by the deadline, then reset")
     return p
 
 
@@ -374,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.seconds <= 0 or a.seconds > 3600 or a.max_ops < 1 or a.conns < 1 or a.size < 1:
         print("client: bad bounds", file=sys.stderr)
         return 2
+    global CC
+    CC = a.cc.encode() if a.cc else None
     rep = Reporter()
     try:
         MODES[a.mode](a, rep)

@@ -77,7 +77,8 @@ def write_json(path: Path, meta_d: dict, rows: list, records: Sequence[Any],
 def table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
     """A fixed-width table: figures per variant, then shardstack/kernel ratios."""
     others = [v for v in variants if v != KERNEL]
-    head = f"{'case':<14} {'metric':<12}" + "".join(f" {v:>18}" for v in variants) + \
+    w = max([14, *(len(r["case"]) for r in rows)])
+    head = f"{'case':<{w}} {'metric':<12}" + "".join(f" {v:>18}" for v in variants) + \
         "".join(f" {'x ' + v.removeprefix('shardstack-'):>9}" for v in others)
     lines = [head, "-" * len(head)]
     notes: dict[str, str] = {}
@@ -94,7 +95,7 @@ def table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
             r = row["ratio"].get(v)
             text = f"{r:.2f}x" if r is not None else "-"
             cells.append(f" {text:>9}")
-        lines.append(f"{row['case']:<14} {row['metric']:<12}" + "".join(cells))
+        lines.append(f"{row['case']:<{w}} {row['metric']:<12}" + "".join(cells))
     for reason, mark in notes.items():
         lines.append(f"[{mark}] {reason}")
     return "\n".join(lines)
@@ -104,3 +105,37 @@ def _note_mark(notes: dict[str, str], reason: str) -> str:
     if reason not in notes:
         notes[reason] = str(len(notes) + 1)
     return notes[reason]
+
+
+def lossy_table(rows: Sequence[dict[str, Any]], variant: str = "shardstack-packet") -> str:
+    """The lossy matrix, one line per link: upload and download goodput and the
+    64 B request/response p99, kernel beside `variant`, with stack/kernel ratios
+    (for p99, > 1 means the stack is slower). Empty when no lossy rows."""
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if not row["case"].startswith("lossy-"):
+            continue
+        kind, _, label = row["case"].removeprefix("lossy-").partition("-")
+        by.setdefault(label, {})[f"{kind}:{row['metric']}"] = row
+    if not by:
+        return ""
+    cols = [("up:bytes_per_s", "upload"), ("down:bytes_per_s", "download"),
+            ("rr:p99_us", "rr p99")]
+    head = f"{'link (loss-reorder-delay)':<26}" + "".join(
+        f" {name + ' kernel':>16} {'stack':>11} {'x':>6}" for _, name in cols)
+    lines = [head, "-" * len(head)]
+    for label, got in by.items():
+        cells = []
+        for key, _ in cols:
+            row = got.get(key)
+            if row is None:
+                cells.append(f" {'-':>16} {'-':>11} {'-':>6}")
+                continue
+            k, v = row["values"].get(KERNEL), row["values"].get(variant)
+            r = row["ratio"].get(variant)
+            cells.append(f" {human_rate(k, row['unit']):>16} {human_rate(v, row['unit']):>11} "
+                         f"{(f'{r:.2f}' if r is not None else '-'):>6}")
+        lines.append(f"{label:<26}" + "".join(cells))
+    lines.append("link: l<loss %>-r<reorder %>-d<one-way delay ms>, each direction; "
+                 "x = stack / kernel (goodput: higher is better; p99: lower is better)")
+    return "\n".join(lines)

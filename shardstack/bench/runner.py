@@ -15,11 +15,21 @@ from typing import Any
 from shardstack.bench import scenarios as sc
 from shardstack.bench.aggregate import cpu_summary, human_rate
 from shardstack.bench.progress import Progress
-from shardstack.bench.targets import PY, Capabilities, Target, Unavailable, open_target
+from shardstack.bench.targets import (
+    PY,
+    SERVICE_READY_TIMEOUT,
+    Capabilities,
+    Target,
+    Unavailable,
+    open_target,
+)
 from shardstack.bench.telemetry import Telemetry
 from shardstack.netns import NetnsError
 
 CLIENT_GRACE = 30.0  # beyond the case's duration before the client is killed
+# Lossy cases: every kernel end runs CUBIC, as the stack does (a host's default
+# may be BBR, and a namespace may not change the default to a restricted one).
+LOSSY_CC = "cubic"
 
 
 @dataclass(slots=True)
@@ -54,6 +64,10 @@ def client_argv(case: sc.Case, host: str, port: int, b: sc.Bounds) -> list[str]:
         argv += ["--size", str(case.size)]
     if case.mode == "http":
         argv += ["--path", f"/f{case.size}.bin"]
+    if case.link:
+        argv += ["--cc", LOSSY_CC]
+        if case.mode == "bulk-send":
+            argv += ["--acked"]
     return argv
 
 
@@ -79,6 +93,13 @@ def run_case(target: Target, case: sc.Case, seconds: float, progress: Progress,
              label: str) -> RunRecord:
     """One client run against one target; never raises for a target-side failure."""
     rec = RunRecord(case.key, case.scenario, target.name, target.workers, "ok")
+    if case.link:
+        # The bridge first: the service's readiness probe crosses it too.
+        try:
+            target.set_link(case.link, seconds + CLIENT_GRACE + SERVICE_READY_TIMEOUT + 30)
+        except (Unavailable, NetnsError, OSError) as e:
+            rec.status, rec.reason = "error", str(e)
+            return rec
     try:
         ep = target.endpoint(case)
     except Unavailable as e:
@@ -91,6 +112,9 @@ def run_case(target: Target, case: sc.Case, seconds: float, progress: Progress,
         return rec
     b = sc.bounds(case, seconds)
     assert target.pair is not None
+    if case.link:
+        stack_before = _stack_counters(target)
+        snap = _Snapshots(target, ep, seconds)
     tel = Telemetry(interval=min(0.5, seconds / 10),
                     stats=target.stats if target.name != "kernel" else None)
     for role, (pid, kids) in target.pids.items():
@@ -134,6 +158,10 @@ def run_case(target: Target, case: sc.Case, seconds: float, progress: Progress,
             _, err = proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
             err = ""
+        if case.link:
+            link = {"spec": case.link, "bridge": target.stop_link(), "ss": snap.stop()}
+            if target.name != "kernel":
+                link["stack"] = _counter_delta(stack_before, _stack_counters(target))
     rec.cpu = cpu_summary(rec.telemetry)
     fps = [s["frames_per_s"] for s in rec.telemetry if "frames_per_s" in s]
     rec.frames_per_s = sum(fps) / len(fps) if fps else None
@@ -145,10 +173,63 @@ def run_case(target: Target, case: sc.Case, seconds: float, progress: Progress,
         rec.result = final
     else:
         rec.result = final
+        if case.link:
+            rec.result["link"] = link
         if final.get("ops", 0) == 0:
             rec.status = "error"
             rec.reason = f"no completed operations ({final.get('error_kinds')})"
     return rec
+
+
+class _Snapshots:
+    """`ss -tin` of the client's and (kernel target) the server's TCP sockets, taken
+    at 70 % of the run in a thread: the kernel's own account of who limited the
+    flow (rwnd_limited, cwnd, retrans, reordering), for the lossy diagnosis."""
+
+    def __init__(self, target: Target, ep, seconds: float) -> None:
+        self.target = target
+        self.ep = ep
+        self.out: dict[str, str] = {}
+        self._timer = threading.Timer(max(0.2, 0.7 * seconds), self._take)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _take(self) -> None:
+        pair = self.target.pair
+        assert pair is not None
+        sides = [("client", pair.client)]
+        if self.target.name == "kernel":
+            sides.append(("server", pair.server))
+        for side, ns in sides:
+            try:
+                proc = ns.run(["ss", "-tinH", "state", "established"], check=False, timeout=5)
+                self.out[side] = proc.stdout.strip()[:4000]
+            except (OSError, subprocess.SubprocessError, NetnsError) as e:
+                self.out[side] = f"ss failed: {e}"
+
+    def stop(self) -> dict[str, str]:
+        self._timer.cancel()
+        return self.out
+
+
+def _stack_counters(target: Target) -> dict[str, float]:
+    """The stack's engine counters summed over workers (empty for the kernel)."""
+    if target.name == "kernel":
+        return {}
+    try:
+        st = target.stats() or {}
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for w in st.get("workers", []):
+        for k, v in (w.get("shard") or {}).items():
+            if isinstance(v, int | float):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def _counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 @dataclass(slots=True)
@@ -158,12 +239,12 @@ class Plan:
     seconds: float
     workers: int
     scaling: bool
+    lossy_variants: tuple[str, ...] = ("kernel", "shardstack-packet")
 
 
 def run_plan(plan: Plan, caps: Capabilities, log_dir: Path, progress: Progress,
              on_record: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
     records: list[RunRecord] = []
-    total = len(plan.cases) * len(plan.variants)
     done = 0
 
     def add(rec: RunRecord) -> None:
@@ -171,18 +252,29 @@ def run_plan(plan: Plan, caps: Capabilities, log_dir: Path, progress: Progress,
         if on_record:
             on_record(rec)
 
-    for variant in plan.variants:
-        try:
-            with open_target(variant, plan.workers, caps, log_dir) as target:
-                for case in plan.cases:
-                    done += 1
-                    add(run_case(target, case, plan.seconds, progress, f"[{done}/{total}]"))
-        except (Unavailable, NetnsError, OSError) as e:
-            status = "n/a" if isinstance(e, Unavailable) and variant != "kernel" else "error"
-            for case in plan.cases:
-                if not any(r.case == case.key and r.variant == variant for r in records):
-                    done += 1
-                    add(RunRecord(case.key, case.scenario, variant, plan.workers, status, str(e)))
+    # Plain cases on the direct veth; lossy ones (a link spec) behind the bridge, on
+    # the variants that make sense there (AF_PACKET puts the stack on the veth).
+    plain = [c for c in plan.cases if not c.link]
+    lossy = [c for c in plan.cases if c.link]
+    lossy_variants = [v for v in plan.variants if v in plan.lossy_variants]
+    groups = [(plain, plan.variants, False), (lossy, lossy_variants, True)]
+    total = sum(len(cases) * len(vs) for cases, vs, _ in groups)
+    for cases, variants, bridged in groups:
+        if not cases:
+            continue
+        for variant in variants:
+            try:
+                with open_target(variant, plan.workers, caps, log_dir, bridged) as target:
+                    for case in cases:
+                        done += 1
+                        add(run_case(target, case, plan.seconds, progress, f"[{done}/{total}]"))
+            except (Unavailable, NetnsError, OSError) as e:
+                status = "n/a" if isinstance(e, Unavailable) and variant != "kernel" else "error"
+                for case in cases:
+                    if not any(r.case == case.key and r.variant == variant for r in records):
+                        done += 1
+                        add(RunRecord(case.key, case.scenario, variant, plan.workers, status,
+                                      str(e)))
     tun_ok = any(r.variant == "shardstack-tun" and r.status == "ok" for r in records)
     if plan.scaling and plan.workers > 1 and tun_ok:
         _scaling(plan, caps, log_dir, progress, add)

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCENARIOS = ("bulk", "crr", "rr", "http")
+# Named only explicitly (`--scenario lossy`), never part of "all": the whole
+# matrix is 54 cases on a link through `shardstack impair-bridge`.
+EXTRA_SCENARIOS = ("lossy",)
 
 # Service ports on the server side (the classic inetd numbers; root binds them).
 ECHO_PORT = 7
@@ -44,6 +47,7 @@ class Case:
     higher_is_better: bool
     size: int = 0  # request/response or file size in bytes
     conns: int = 1  # concurrent connections
+    link: str = ""  # lossy cases: the impair spec of the bridged link (netio.impair syntax)
 
     @property
     def key(self) -> str:
@@ -67,11 +71,12 @@ def parse_scenarios(text: str | None) -> list[str]:
         return list(SCENARIOS)
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     cases = [c.key for s in SCENARIOS for c in cases_for(s)]
-    unknown = [s for s in wanted if s not in SCENARIOS and s not in cases]
+    names = (*SCENARIOS, *EXTRA_SCENARIOS)
+    unknown = [s for s in wanted if s not in names and s not in cases]
     if unknown:
         raise ValueError(f"unknown scenario {', '.join(unknown)} (choose from "
-                         f"{', '.join(SCENARIOS)}, or a case: {', '.join(cases)})")
-    return [s for s in (*SCENARIOS, *cases) if s in wanted]
+                         f"{', '.join(names)}, or a case: {', '.join(cases)})")
+    return [s for s in (*names, *cases) if s in wanted]
 
 
 def cases_for(scenario: str, conns: int = DEFAULT_CONNS) -> list[Case]:
@@ -93,16 +98,67 @@ def cases_for(scenario: str, conns: int = DEFAULT_CONNS) -> list[Case]:
             Case("http", "1MiB", "http", "http", HTTP_PORT, "bytes_per_s", "B/s", True,
                  size=MIB, conns=min(conns, 4)),
         ]
+    if scenario == "lossy":
+        return lossy_cases(LOSSY_LINKS)
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
-def plan(scenarios: list[str], conns: int = DEFAULT_CONNS) -> list[Case]:
+# -- lossy: the same cases through an impairing bridge (loss, reordering, delay) ------------
+
+LOSSY_LOSS = (0.005, 0.01, 0.03)
+LOSSY_REORDER = (0.0, 0.10)
+LOSSY_DELAY_MS = (2, 10, 50)
+LOSSY_SEED = 1
+# (loss, reorder, one-way delay ms): the full matrix, delay outermost.
+LOSSY_LINKS = tuple((loss, reorder, d) for d in LOSSY_DELAY_MS for loss in LOSSY_LOSS
+                    for reorder in LOSSY_REORDER)
+# --quick: two links (the issue's 3 % case, and reordering at a longer RTT).
+LOSSY_QUICK_LINKS = ((0.03, 0.0, 2), (0.01, 0.10, 10))
+
+
+def link_spec(loss: float, reorder: float, delay_ms: float, seed: int = LOSSY_SEED) -> str:
+    """The bridge's impair spec for one link (both directions)."""
+    return f"loss={loss:g},reorder={reorder:g},delay={delay_ms:g}ms,seed={seed}"
+
+
+def link_label(loss: float, reorder: float, delay_ms: float) -> str:
+    """'l3-r10-d2': loss %, reorder %, one-way delay ms."""
+    return f"l{loss * 100:g}-r{reorder * 100:g}-d{delay_ms:g}"
+
+
+def lossy_cases(links, seed: int = LOSSY_SEED) -> list[Case]:
+    """Bulk upload, bulk download and 64 B request/response on each link.
+
+    Bulk upload counts the bytes the server *acknowledged* by the deadline
+    (the client's send queue subtracted, `--acked`): on a slow lossy link the
+    client's multi-megabyte send buffer would otherwise count as sent.
+    """
+    out = []
+    for loss, reorder, delay in links:
+        spec, label = link_spec(loss, reorder, delay, seed), link_label(loss, reorder, delay)
+        out += [
+            Case("lossy", f"up-{label}", "bulk-send", "discard", DISCARD_PORT, "bytes_per_s",
+                 "B/s", True, link=spec),
+            Case("lossy", f"down-{label}", "bulk-recv", "source", SOURCE_PORT, "bytes_per_s",
+                 "B/s", True, link=spec),
+            Case("lossy", f"rr-{label}", "rr", "echo", ECHO_PORT, "p99_us", "us", False, size=64,
+                 link=spec),
+        ]
+    return out
+
+
+def plan(scenarios: list[str], conns: int = DEFAULT_CONNS, quick: bool = False,
+         seed: int = LOSSY_SEED) -> list[Case]:
     """The cases of the named scenarios and single cases, in canonical order
-    (a case named by key is the default-conns one: 'crr-8conn' -> 'crr')."""
+    (a case named by key is the default-conns one: 'crr-8conn' -> 'crr');
+    `lossy` last, its --quick subset with `quick`."""
     wanted = set(scenarios)
-    return [case for s in SCENARIOS
-            for case, default in zip(cases_for(s, conns), cases_for(s), strict=True)
-            if s in wanted or default.key in wanted]
+    cases = [case for s in SCENARIOS
+             for case, default in zip(cases_for(s, conns), cases_for(s), strict=True)
+             if s in wanted or default.key in wanted]
+    if "lossy" in wanted:
+        cases += lossy_cases(LOSSY_QUICK_LINKS if quick else LOSSY_LINKS, seed)
+    return cases
 
 
 def bounds(case: Case, seconds: float) -> Bounds:
@@ -120,6 +176,8 @@ def http_files(case: Case) -> dict[str, int]:
 
 def secondary_metrics(case: Case) -> list[tuple[str, str]]:
     """Other figures worth a column: (result key, unit)."""
+    if case.scenario == "lossy":
+        return [("ops_per_s", "/s"), ("p50_us", "us")] if case.mode == "rr" else []
     if case.mode == "rr":
         return [("p99_us", "us"), ("p999_us", "us"), ("ops_per_s", "/s")]
     if case.mode in ("crr", "http"):

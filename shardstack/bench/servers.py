@@ -37,7 +37,10 @@ class Conn:
 
 
 class Services:
-    def __init__(self) -> None:
+    def __init__(self, cc: str | None = None) -> None:
+        # cc: a congestion control for every socket (TCP_CONGESTION; the lossy
+        # bench pins CUBIC, whatever the host's default is).
+        self.cc = cc.encode() if cc else None
         self.sel = selectors.DefaultSelector()
         self.buf = bytearray(BUF)
         self.stop = False
@@ -46,6 +49,8 @@ class Services:
         """Listen for `kind` on addr:port (0: any free port); the port bound."""
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.cc:
+            ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.cc)
         ls.bind((addr, port))
         ls.listen(1024)
         ls.setblocking(False)
@@ -70,6 +75,8 @@ class Services:
                 return
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.cc:  # children inherit it; set again so a listener quirk cannot matter
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.cc)
             self.sel.register(s, selectors.EVENT_READ, Conn(s, kind))
 
     def _close(self, c: Conn) -> None:
@@ -138,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard", type=int)
     p.add_argument("--source", type=int)
     p.add_argument("--max-seconds", type=float, default=3600.0)
+    p.add_argument("--cc", help="congestion control for every socket (TCP_CONGESTION)")
     a = p.parse_args(argv)
-    svc = Services()
+    svc = Services(a.cc)
     bound = []
     for kind in ("echo", "discard", "source"):
         port = getattr(a, kind)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -167,6 +169,15 @@ def wait_tcp(ns: nsmod.Netns, host: str, port: int, timeout: float,
             return f"nothing answers on {host}:{port} after {timeout:.0f} s"
 
 
+BRIDGE_READY_TIMEOUT = 10.0
+
+
+def _readline_within(stream, timeout: float) -> str:
+    """One line from a pipe, or "" after `timeout` s."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline() if ready else ""
+
+
 def _tail(path: Path, n: int = 3) -> str:
     try:
         lines = path.read_text(errors="replace").strip().splitlines()
@@ -197,6 +208,10 @@ class Target:
         self.pids: dict[str, tuple[int, bool]] = {}  # role -> (pid, with children)
         self.files_dir: Path | None = None
         self.workers = 0
+        # Lossy cases: client and server meet in a bridge namespace where
+        # `shardstack impair-bridge` runs with each case's link spec.
+        self.bridged = False
+        self.bridge_proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Target:
         try:
@@ -213,8 +228,16 @@ class Target:
         raise NotImplementedError
 
     def _make_pair(self, server_addr: bool) -> nsmod.Pair:
-        pair = self.stack.enter_context(nsmod.client_server_pair(server_addr=server_addr,
-                                                                 grace=2.0))
+        if self.bridged:
+            pair = self.stack.enter_context(nsmod.bridged_pair(server_addr=server_addr,
+                                                               grace=2.0))
+            # CUBIC on every kernel end is set per socket (TCP_CONGESTION, the
+            # client's and the servers' --cc): a namespace cannot make a
+            # congestion control outside tcp_allowed_congestion_control its default.
+            self.stack.callback(self.stop_link)
+        else:
+            pair = self.stack.enter_context(nsmod.client_server_pair(server_addr=server_addr,
+                                                                     grace=2.0))
         # CRR opens tens of thousands of connections from one client namespace and
         # the client closes first (TIME_WAIT is on its side): widen the ephemeral
         # range and let TIME_WAIT ports be reused (RFC 6191-style, needs timestamps).
@@ -264,6 +287,50 @@ class Target:
     def stats(self) -> dict[str, Any] | None:
         return None
 
+    # -- the bridged link (lossy cases) --------------------------------------------------
+
+    def set_link(self, spec: str, seconds: float) -> None:
+        """(Re)start the bridge with `spec` (netio.impair syntax) for at most `seconds`.
+
+        A bridge per run, so its counters are that run's; nothing crosses
+        between two bridges, and no run is in flight then.
+        """
+        from shardstack.netio.impair import parse_impair_spec
+
+        assert isinstance(self.pair, nsmod.BridgedPair) and self.pair.bridge is not None
+        self.stop_link()
+        sp = parse_impair_spec(spec)
+        argv = shardstack_argv("impair-bridge", self.pair.bridge_a, self.pair.bridge_b,
+                               "--loss", f"{sp.loss:g}", "--dup", f"{sp.dup:g}",
+                               "--reorder", f"{sp.reorder:g}", "--delay-ms", f"{sp.delay * 1e3:g}",
+                               "--seed", str(sp.seed), "--seconds", f"{seconds:g}",
+                               "--interval", "0", "--json")
+        proc = self.pair.bridge.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+        self.bridge_proc = proc
+        # The banner comes once both sockets are open: from then on frames pass.
+        banner = _readline_within(proc.stderr, BRIDGE_READY_TIMEOUT)
+        if not banner.startswith("impair-bridge:") or proc.poll() is not None:
+            self.stop_link()
+            raise Unavailable(f"impair-bridge did not start: {banner.strip()[-300:]}")
+
+    def stop_link(self) -> dict[str, Any] | None:
+        """Stop the bridge; its final counters (None if none ran or it gave none)."""
+        proc, self.bridge_proc = self.bridge_proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        try:
+            return json.loads(out.strip().splitlines()[-1])["counters"]
+        except (ValueError, IndexError, KeyError):
+            return None
+
 
 class KernelTarget(Target):
     name = "kernel"
@@ -283,6 +350,8 @@ class KernelTarget(Target):
         else:
             argv = [PY, "-m", "shardstack.bench.servers", "--bind", host, f"--{service}",
                     str(port)]
+            if self.bridged:
+                argv += ["--cc", "cubic"]  # as the stack and the client (runner.LOSSY_CC)
             proc = self.pair.server.popen(argv, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
             self.pids[f"server-{service}"] = (proc.pid, False)
@@ -386,9 +455,11 @@ class ShardstackTarget(Target):
 
 
 @contextlib.contextmanager
-def open_target(kind: str, workers: int, caps: Capabilities, log_dir: Path) -> Iterator[Target]:
+def open_target(kind: str, workers: int, caps: Capabilities, log_dir: Path,
+                bridged: bool = False) -> Iterator[Target]:
     target: Target = KernelTarget() if kind == "kernel" else ShardstackTarget(
         kind.removeprefix("shardstack-"), workers, caps, log_dir)
+    target.bridged = bridged
     with target:
         yield target
 
