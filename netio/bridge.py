@@ -223,8 +223,12 @@ class ImpairBridge:
     """
 
     def __init__(self, if_a: str, if_b: str, spec: ImpairSpec, rate: float = 0.0,
-                 limit: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
+                 limit: int = 1000, clock: Callable[[], float] = time.monotonic,
+                 segment: bool = True) -> None:
         self.spec = spec
+        # segment=False keeps super-frames whole: one fault hits a whole burst of
+        # up to 45 segments (a burst loss; what a bridge without GSO would do).
+        self.segment = segment
         self.clock = clock
         self.ports: list[_Port] = []
         try:
@@ -263,7 +267,7 @@ class ImpairBridge:
             vflags, gso_type, _hl, gso_size, _cs, _co = VNET_HDR.unpack_from(data)
             frame = data[VNET_HDR_LEN:]
             gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-            if gso == VIRTIO_NET_HDR_GSO_TCPV4 and _is_ipv4(frame):
+            if gso == VIRTIO_NET_HDR_GSO_TCPV4 and self.segment and _is_ipv4(frame):
                 c.gso_split += 1
                 l4 = _l3_offset(frame) + (frame[_l3_offset(frame)] & 0x0F) * 4
                 hdr = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0,
@@ -402,6 +406,9 @@ def add_arguments(p) -> None:
                    help="bottleneck rate per direction: 100mbit, 1gbit, bits/s (default: none)")
     p.add_argument("--limit", type=int, default=1000,
                    help="frames queued at the rate limiter before tail drop (default 1000)")
+    p.add_argument("--keep-gso", action="store_true",
+                   help="forward TSO/GSO super-frames whole: a fault then hits a burst of up "
+                        "to 45 segments (default: cut them into MTU-sized segments first)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1): same seed, "
                    "same frames -> same faults")
     p.add_argument("--seconds", type=float, default=3600.0, metavar="S",
@@ -438,7 +445,8 @@ def run_command(a) -> int:
               file=sys.stderr)
         return 2
     try:
-        bridge = ImpairBridge(a.if_a, a.if_b, spec_from_args(a), rate=a.rate, limit=a.limit)
+        bridge = ImpairBridge(a.if_a, a.if_b, spec_from_args(a), rate=a.rate, limit=a.limit,
+                              segment=not a.keep_gso)
     except OSError as e:
         print(f"impair-bridge: cannot open {a.if_a}/{a.if_b}: {e} (needs root or "
               "CAP_NET_RAW, and both interfaces in this namespace)", file=sys.stderr)
