@@ -136,8 +136,11 @@ def _run(a: argparse.Namespace, nsmod) -> int:
     cases = sc.plan(a.scenarios, a.conns, quick=a.quick, seed=a.seed)
     variants = a.variant_list
     plan = Plan(cases, variants, a.duration, a.workers, scaling=not a.no_scaling)
-    progress.line(f"shardstack bench: {len(cases)} cases x {len(variants)} variants, "
-                  f"{a.duration:g} s each, {a.workers} workers -> {out}")
+    n_lossy = sum(1 for c in cases if c.link)
+    runs = (len(cases) - n_lossy) * len(variants) + \
+        n_lossy * len([v for v in variants if v in plan.lossy_variants])
+    progress.line(f"shardstack bench: {len(cases)} cases, {runs} runs on "
+                  f"{len(variants)} variants, {a.duration:g} s each, {a.workers} workers -> {out}")
     for v in variants:
         if v != "kernel":
             why = caps.missing_for(v.removeprefix("shardstack-"), "echo")

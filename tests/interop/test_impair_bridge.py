@@ -22,9 +22,9 @@ import textwrap
 import time
 
 import pytest
+from shardstack.netio.impair import ImpairLane, ImpairSpec
 
 from shardstack import netns
-from shardstack.netio.impair import ImpairLane, ImpairSpec
 
 pytestmark = pytest.mark.interop
 PY = sys.executable

@@ -196,3 +196,19 @@ def test_progress_prints_rate_limited_plain_lines_otherwise():
         p.update(f"tick {i}", now=t)
     p.line("done")
     assert out.getvalue().splitlines() == ["tick 0", "tick 3", "tick 5", "done"]
+
+
+def test_lossy_table_puts_kernel_stack_and_ratio_per_link():
+    cases = sc.plan(["lossy"], quick=True)
+    recs = []
+    for c in cases:
+        for v, fig in (("kernel", 1000.0), ("shardstack-packet", 500.0)):
+            res = {c.metric: fig, "ops_per_s": 10.0, "p50_us": 5.0}
+            recs.append(RunRecord(c.key, c.scenario, v, 2 if v != "kernel" else 0, "ok",
+                                  result=res))
+    rows = report.summarize(cases, recs, ["kernel", "shardstack-packet"], 2)
+    text = report.lossy_table(rows)
+    lines = text.splitlines()
+    assert lines[2].startswith("l3-r0-d2") and lines[3].startswith("l1-r10-d10")
+    assert lines[2].count("0.50") == 3  # upload, download, rr p99: stack/kernel
+    assert report.lossy_table(report.summarize(sc.cases_for("rr"), [], ["kernel"], 2)) == ""

@@ -107,3 +107,42 @@ def test_single_cases_by_key():
                                                                               "http-1MiB"]
     with pytest.raises(ValueError, match="bulk-sideways"):
         sc.parse_scenarios("bulk-sideways")
+
+
+# -- lossy ------------------------------------------------------------------------------
+
+
+def test_lossy_is_only_run_when_named():
+    assert "lossy" not in sc.parse_scenarios("all")
+    assert sc.parse_scenarios("rr,lossy") == ["rr", "lossy"]
+    assert not any(c.link for c in sc.plan(sc.parse_scenarios("all")))
+
+
+def test_lossy_matrix_covers_the_issue():
+    cases = sc.plan(["lossy"])
+    assert len(cases) == 3 * 2 * 3 * 3  # loss x reorder x delay x (up, down, rr)
+    links = {c.link for c in cases}
+    assert len(links) == 18
+    assert "loss=0.005,reorder=0.1,delay=50ms,seed=1" in links
+    assert {c.mode for c in cases} == {"bulk-send", "bulk-recv", "rr"}
+    rr = [c for c in cases if c.mode == "rr"]
+    assert all(c.size == 64 and c.metric == "p99_us" for c in rr)
+    assert len({c.key for c in cases}) == len(cases)
+
+
+def test_lossy_quick_is_a_subset_with_the_seed():
+    full = {c.key for c in sc.plan(["lossy"])}
+    quick = sc.plan(["lossy"], quick=True, seed=7)
+    assert len(quick) == 6 and {c.key for c in quick} <= full
+    assert all(c.link.endswith("seed=7") for c in quick)
+
+
+def test_lossy_client_argv_pins_cubic_and_counts_acked_bytes():
+    from shardstack.bench.runner import client_argv
+
+    up, down, rr = sc.plan(["lossy"], quick=True)[:3]
+    b = sc.bounds(up, 2.0)
+    assert client_argv(up, "h", 9, b)[-3:] == ["--cc", "cubic", "--acked"]
+    assert "--acked" not in client_argv(down, "h", 19, b)
+    assert "--cc" in client_argv(rr, "h", 7, b)
+    assert "--cc" not in client_argv(sc.cases_for("rr")[0], "h", 7, b)

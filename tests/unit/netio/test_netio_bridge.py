@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-
 from shardstack.core.wire.checksum import complete_partial, verify_tcp_checksum
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import ACK, CWR, FIN, PSH, build_tcp_ipv4, parse_tcp
