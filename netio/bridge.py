@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from shardstack.core.wire.checksum import internet_checksum, pseudo_header_sum
 
@@ -252,7 +253,7 @@ class ImpairBridge:
         """Read up to a batch from port d, through lane d; frames read."""
         sock = self.ports[d].sock
         c = self.counts[d]
-        batch: list[tuple[bytes, int | bytes]] = []
+        batch: list[tuple[bytes, Any]] = []  # (frame, 0 or the vnet header to send with)
         n = 0
         while n < BATCH:
             try:
