@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which servers to measure (default: all three)")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1..N workers runs")
     p.add_argument("--no-plots", action="store_true", help="JSON and text only")
+    p.add_argument("--cc", default=sc.LOSSY_CC,
+                   help="lossy scenario: congestion control of the kernel ends (client and "
+                        "kernel server), set per socket (default %(default)s, as the stack)")
     p.add_argument("--seed", type=int, default=sc.LOSSY_SEED,
                    help="lossy scenario: the impair-bridge seed, the same for every side "
                         "(default %(default)s)")
@@ -133,7 +136,7 @@ def _run(a: argparse.Namespace, nsmod) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     caps = probe_capabilities()
-    cases = sc.plan(a.scenarios, a.conns, quick=a.quick, seed=a.seed)
+    cases = sc.plan(a.scenarios, a.conns, quick=a.quick, seed=a.seed, cc=a.cc)
     variants = a.variant_list
     plan = Plan(cases, variants, a.duration, a.workers, scaling=not a.no_scaling)
     n_lossy = sum(1 for c in cases if c.link)
@@ -168,7 +171,8 @@ def _run(a: argparse.Namespace, nsmod) -> int:
     text = report.table(rows, variants)
     lossy = report.lossy_table(rows)
     if lossy:
-        text += "\n\nlossy (through shardstack impair-bridge, same seed for both):\n" + lossy
+        text += (f"\n\nlossy (through shardstack impair-bridge, seed {a.seed} for both sides, "
+                 f"kernel ends {a.cc}, the stack cubic):\n") + lossy
     (out / "summary.txt").write_text(text + "\n")
     progress.line("")
     progress.line(text)

@@ -27,9 +27,6 @@ from shardstack.bench.telemetry import Telemetry
 from shardstack.netns import NetnsError
 
 CLIENT_GRACE = 30.0  # beyond the case's duration before the client is killed
-# Lossy cases: every kernel end runs CUBIC, as the stack does (a host's default
-# may be BBR, and a namespace may not change the default to a restricted one).
-LOSSY_CC = "cubic"
 
 
 @dataclass(slots=True)
@@ -65,7 +62,10 @@ def client_argv(case: sc.Case, host: str, port: int, b: sc.Bounds) -> list[str]:
     if case.mode == "http":
         argv += ["--path", f"/f{case.size}.bin"]
     if case.link:
-        argv += ["--cc", LOSSY_CC]
+        # Every kernel end runs the case's congestion control (CUBIC, as the stack,
+        # by default), per socket: a host's default may be BBR, and a namespace
+        # cannot make a restricted one its default.
+        argv += ["--cc", case.cc or sc.LOSSY_CC]
         if case.mode == "bulk-send":
             argv += ["--acked"]
     return argv
@@ -264,7 +264,8 @@ def run_plan(plan: Plan, caps: Capabilities, log_dir: Path, progress: Progress,
             continue
         for variant in variants:
             try:
-                with open_target(variant, plan.workers, caps, log_dir, bridged) as target:
+                cc = (cases[0].cc or sc.LOSSY_CC) if bridged else ""
+                with open_target(variant, plan.workers, caps, log_dir, bridged, cc) as target:
                     for case in cases:
                         done += 1
                         add(run_case(target, case, plan.seconds, progress, f"[{done}/{total}]"))

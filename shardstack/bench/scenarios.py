@@ -48,6 +48,7 @@ class Case:
     size: int = 0  # request/response or file size in bytes
     conns: int = 1  # concurrent connections
     link: str = ""  # lossy cases: the impair spec of the bridged link (netio.impair syntax)
+    cc: str = ""  # lossy cases: the kernel ends' congestion control (TCP_CONGESTION)
 
     @property
     def key(self) -> str:
@@ -109,6 +110,8 @@ LOSSY_LOSS = (0.005, 0.01, 0.03)
 LOSSY_REORDER = (0.0, 0.10)
 LOSSY_DELAY_MS = (2, 10, 50)
 LOSSY_SEED = 1
+# The stack runs CUBIC; the kernel ends are set to the same by default.
+LOSSY_CC = "cubic"
 # (loss, reorder, one-way delay ms): the full matrix, delay outermost.
 LOSSY_LINKS = tuple((loss, reorder, d) for d in LOSSY_DELAY_MS for loss in LOSSY_LOSS
                     for reorder in LOSSY_REORDER)
@@ -126,7 +129,7 @@ def link_label(loss: float, reorder: float, delay_ms: float) -> str:
     return f"l{loss * 100:g}-r{reorder * 100:g}-d{delay_ms:g}"
 
 
-def lossy_cases(links, seed: int = LOSSY_SEED) -> list[Case]:
+def lossy_cases(links, seed: int = LOSSY_SEED, cc: str = LOSSY_CC) -> list[Case]:
     """Bulk upload, bulk download and 64 B request/response on each link.
 
     Bulk upload counts the bytes the server *acknowledged* by the deadline
@@ -138,17 +141,17 @@ def lossy_cases(links, seed: int = LOSSY_SEED) -> list[Case]:
         spec, label = link_spec(loss, reorder, delay, seed), link_label(loss, reorder, delay)
         out += [
             Case("lossy", f"up-{label}", "bulk-send", "discard", DISCARD_PORT, "bytes_per_s",
-                 "B/s", True, link=spec),
+                 "B/s", True, link=spec, cc=cc),
             Case("lossy", f"down-{label}", "bulk-recv", "source", SOURCE_PORT, "bytes_per_s",
-                 "B/s", True, link=spec),
+                 "B/s", True, link=spec, cc=cc),
             Case("lossy", f"rr-{label}", "rr", "echo", ECHO_PORT, "p99_us", "us", False, size=64,
-                 link=spec),
+                 link=spec, cc=cc),
         ]
     return out
 
 
 def plan(scenarios: list[str], conns: int = DEFAULT_CONNS, quick: bool = False,
-         seed: int = LOSSY_SEED) -> list[Case]:
+         seed: int = LOSSY_SEED, cc: str = LOSSY_CC) -> list[Case]:
     """The cases of the named scenarios and single cases, in canonical order
     (a case named by key is the default-conns one: 'crr-8conn' -> 'crr');
     `lossy` last, its --quick subset with `quick`."""
@@ -157,7 +160,7 @@ def plan(scenarios: list[str], conns: int = DEFAULT_CONNS, quick: bool = False,
              for case, default in zip(cases_for(s, conns), cases_for(s), strict=True)
              if s in wanted or default.key in wanted]
     if "lossy" in wanted:
-        cases += lossy_cases(LOSSY_QUICK_LINKS if quick else LOSSY_LINKS, seed)
+        cases += lossy_cases(LOSSY_QUICK_LINKS if quick else LOSSY_LINKS, seed, cc)
     return cases
 
 

@@ -211,6 +211,7 @@ class Target:
         # Lossy cases: client and server meet in a bridge namespace where
         # `shardstack impair-bridge` runs with each case's link spec.
         self.bridged = False
+        self.cc = ""  # the kernel servers' congestion control behind the bridge
         self.bridge_proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Target:
@@ -351,7 +352,7 @@ class KernelTarget(Target):
             argv = [PY, "-m", "shardstack.bench.servers", "--bind", host, f"--{service}",
                     str(port)]
             if self.bridged:
-                argv += ["--cc", "cubic"]  # as the stack and the client (runner.LOSSY_CC)
+                argv += ["--cc", self.cc or sc.LOSSY_CC]  # as the client
             proc = self.pair.server.popen(argv, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
             self.pids[f"server-{service}"] = (proc.pid, False)
@@ -456,10 +457,11 @@ class ShardstackTarget(Target):
 
 @contextlib.contextmanager
 def open_target(kind: str, workers: int, caps: Capabilities, log_dir: Path,
-                bridged: bool = False) -> Iterator[Target]:
+                bridged: bool = False, cc: str = "") -> Iterator[Target]:
     target: Target = KernelTarget() if kind == "kernel" else ShardstackTarget(
         kind.removeprefix("shardstack-"), workers, caps, log_dir)
     target.bridged = bridged
+    target.cc = cc
     with target:
         yield target
 
