@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["DropReason", "WIRE_REASONS"]
+__all__ = ["DropReason"]
 
 
 class DropReason(enum.Enum):
@@ -38,11 +38,4 @@ class DropReason(enum.Enum):
     PROTO_MEM = "PROTO_MEM"  # in-window data past the receive-memory hard limit (TCPRcvQDrop)
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
-    TCP_COOKIE_BAD = "TCP_COOKIE_BAD"
 
-
-#: core.wire WireError.reason -> drop reason, per layer.
-WIRE_REASONS = {
-    "ip": {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT},
-    "tcp": {"bad_flags": DropReason.TCP_FLAGS, "option_len": DropReason.TCP_OPTIONS},
-}

@@ -2,7 +2,7 @@
 
 One slotted dataclass per connection; tcp_input/tcp_output/tcp_timer are
 functions over it.  States print their RFC 9293 names (``SYN-SENT``); every
-transition goes through :func:`tcp_set_state` so it can be traced.
+transition goes through ``tcp.tcp_set_state``, which counts and traces it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-__all__ = ["State", "TcpSock", "tcp_set_state", "SYNC_STATES"]
+if TYPE_CHECKING:
+    from .tcp_cong import CongestionControl
+
+__all__ = ["State", "TcpSock"]
 
 
 class State(enum.Enum):
@@ -31,11 +34,6 @@ class State(enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-#: RFC 9293 "synchronized" states: RST/SYN validation per RFC 5961 applies.
-SYNC_STATES = frozenset({State.SYN_RECV, State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2,
-                         State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK, State.TIME_WAIT})
 
 
 @dataclass(slots=True, eq=False)
@@ -71,7 +69,7 @@ class TcpSock:
     backlog: int = 0
     accept_queue: deque = field(default_factory=deque)
     reqs: int = 0  # request socks outstanding (reqsk_queue_len)
-    parent: Any = None  # the listener, until accept()
+    parent: TcpSock | None = None  # the listener, until accept()
     orphan: bool = False  # close() called; the descriptor belongs to no one
     # -- send sequence space (RFC 9293 §3.3.1) -------------------------------------
     iss: int = 0
@@ -129,7 +127,7 @@ class TcpSock:
     rtt_time: float = 0.0
     retrans_stamp: float | None = None  # first retransmission of the episode (Linux retrans_stamp)
     # -- loss recovery (RFC 6675 scoreboard, RFC 6937 PRR, RFC 6582 NewReno) ---------
-    cc: Any = None
+    cc: CongestionControl | None = None
     dupacks: int = 0
     in_recovery: bool = False  # fast recovery (Linux TCP_CA_Recovery)
     in_loss: bool = False  # after an RTO until ``recover`` is acked (Linux TCP_CA_Loss)
@@ -182,9 +180,9 @@ class TcpSock:
     ack_now: bool = False
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
     # -- timers: deadline per TimerKind (None = idle) --------------------------------
-    timers: list = field(default_factory=lambda: [None] * 8)
-    timer_seq: list = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
-    timer_q: list = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
+    timers: list[float | None] = field(default_factory=lambda: [None] * 8)
+    timer_seq: list[int] = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
+    timer_q: list[float | None] = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     probes_tstamp: float | None = None  # first unanswered zero-window probe (icsk_probes_tstamp)
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
@@ -199,7 +197,3 @@ class TcpSock:
     def __repr__(self) -> str:
         return f"<TcpSock sd={self.sd} {self.state} {self.lport}->{self.rport}>"
 
-
-def tcp_set_state(sh: Any, sk: TcpSock, state: State) -> None:
-    """Every state change goes through here (Linux ``tcp_set_state``)."""
-    sk.state = state
