@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from . import tcp
 from .inet_hashtables import (
     BindBucket,
-    BindOwner,
     InetHashinfo,
+    OwnerT,
     inet_bind_bucket_create,
     inet_bind_hash,
     inet_hash,
@@ -47,7 +47,7 @@ def inet_rcv_saddr_equal(a: int, b: int) -> bool:
     return a == b or a == 0 or b == 0
 
 
-def inet_csk_bind_conflict(sk: BindOwner, tb: BindBucket, h: InetHashinfo | None = None) -> bool:
+def inet_csk_bind_conflict(sk: OwnerT, tb: BindBucket[OwnerT], h: InetHashinfo[OwnerT] | None = None) -> bool:
     """True when ``sk`` may not share ``tb``'s port (Linux ``inet_bind_conflict``, relax)."""
     if h is not None:
         h.tr("inet_csk_bind_conflict")
@@ -62,7 +62,7 @@ def inet_csk_bind_conflict(sk: BindOwner, tb: BindBucket, h: InetHashinfo | None
     return False
 
 
-def inet_csk_get_port(h: InetHashinfo, sk: BindOwner, port: int, lo: int = EPHEMERAL_LO,
+def inet_csk_get_port(h: InetHashinfo[OwnerT], sk: OwnerT, port: int, lo: int = EPHEMERAL_LO,
                       hi: int = EPHEMERAL_HI, offset: int = 0) -> None:
     """Bind ``sk`` to ``port`` (0: any free ephemeral port); OSError(EADDRINUSE) on conflict.
 
@@ -89,7 +89,7 @@ def inet_csk_get_port(h: InetHashinfo, sk: BindOwner, port: int, lo: int = EPHEM
     inet_bind_hash(h, sk, tb, port)
 
 
-def _find_open_port(h: InetHashinfo, sk: BindOwner, lo: int, hi: int, offset: int) -> int:
+def _find_open_port(h: InetHashinfo[OwnerT], sk: OwnerT, lo: int, hi: int, offset: int) -> int:
     """Linux ``inet_csk_find_open_port``: odd ports first (even ones go to connect())."""
     n = hi - lo + 1
     for parity in (1, 0):
@@ -128,7 +128,7 @@ def inet_csk_reqsk_queue_is_full(sk: TcpSock) -> bool:
     return sk.reqs >= sk.backlog
 
 
-def inet_csk_reqsk_queue_add(h: InetHashinfo, listener: TcpSock, child: TcpSock) -> None:
+def inet_csk_reqsk_queue_add(h: InetHashinfo[TcpSock], listener: TcpSock, child: TcpSock) -> None:
     tracing = h.trace is not None  # once per handshake: keep the no-trace case call-free
     if tracing:
         h.tr("inet_csk_reqsk_queue_add")
@@ -137,7 +137,7 @@ def inet_csk_reqsk_queue_add(h: InetHashinfo, listener: TcpSock, child: TcpSock)
         h.tr("sk_acceptq_added")
 
 
-def inet_csk_complete_hashdance(h: InetHashinfo, listener: TcpSock, req: RequestSock,
+def inet_csk_complete_hashdance(h: InetHashinfo[TcpSock], listener: TcpSock, req: RequestSock,
                                 child: TcpSock) -> None:
     """The request sock is done: drop it from the request queue, queue the child."""
     if h.trace is not None:
@@ -146,7 +146,7 @@ def inet_csk_complete_hashdance(h: InetHashinfo, listener: TcpSock, req: Request
     inet_csk_reqsk_queue_add(h, listener, child)
 
 
-def inet_csk_reqsk_queue_drop(h: InetHashinfo, req: RequestSock) -> None:
+def inet_csk_reqsk_queue_drop(h: InetHashinfo[TcpSock], req: RequestSock) -> None:
     """Unhash a request sock and take it off its listener's request queue (Linux
     ``inet_csk_reqsk_queue_drop``): it became a socket (whose entry replaced
     its own in ehash) or it is given up."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from .tcp_h import RequestSock, State, TcpSock
 
@@ -38,27 +38,29 @@ class BindOwner(Protocol):
     state: State
 
 
+#: The owners a table holds: ``TcpSock`` in a shard, ``GlobalBind`` in the supervisor.
+OwnerT = TypeVar("OwnerT", bound=BindOwner)
 #: ehash key: (laddr, lport, raddr, rport); listening key: (laddr, lport).
 Tuple4 = tuple[int, int, int, int]
 
 
 @dataclass(slots=True, eq=False)
-class BindBucket:
+class BindBucket(Generic[OwnerT]):
     """Linux ``inet_bind_bucket``: one per bound port."""
 
     port: int
     # Insertion-ordered set (dict of owner -> None): a listener's port keeps every
     # child and TIME-WAIT socket, so removal must not scan a list (crr workloads).
-    owners: dict[BindOwner, None] = field(default_factory=dict)
+    owners: dict[OwnerT, None] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
-class InetHashinfo:
+class InetHashinfo(Generic[OwnerT]):
     """Linux ``inet_hashinfo`` for one shard (or the supervisor's bind table)."""
 
     ehash: dict[Tuple4, TcpSock | RequestSock] = field(default_factory=dict)
-    listening: dict[tuple[int, int], BindOwner] = field(default_factory=dict)
-    bhash: dict[int, BindBucket] = field(default_factory=dict)
+    listening: dict[tuple[int, int], OwnerT] = field(default_factory=dict)
+    bhash: dict[int, BindBucket[OwnerT]] = field(default_factory=dict)
     trace: list[str] | None = None
 
     def tr(self, name: str) -> None:
@@ -66,14 +68,15 @@ class InetHashinfo:
             self.trace.append(name)
 
 
-def inet_bind_bucket_create(h: InetHashinfo, port: int) -> BindBucket:
+def inet_bind_bucket_create(h: InetHashinfo[OwnerT], port: int) -> BindBucket[OwnerT]:
     if h.trace is not None:
         h.tr("inet_bind_bucket_create")
-    tb = h.bhash[port] = BindBucket(port)
+    tb: BindBucket[OwnerT] = BindBucket(port)
+    h.bhash[port] = tb
     return tb
 
 
-def inet_bind_hash(h: InetHashinfo, sk: BindOwner, tb: BindBucket, port: int) -> None:
+def inet_bind_hash(h: InetHashinfo[OwnerT], sk: OwnerT, tb: BindBucket[OwnerT], port: int) -> None:
     """Make ``sk`` an owner of ``tb`` (Linux ``inet_bind_hash`` / ``sk_add_bind_node``)."""
     if h.trace is not None:
         h.tr("inet_bind_hash")
@@ -84,7 +87,7 @@ def inet_bind_hash(h: InetHashinfo, sk: BindOwner, tb: BindBucket, port: int) ->
         h.tr("sk_add_bind_node")
 
 
-def inet_put_port(h: InetHashinfo, sk: BindOwner) -> None:
+def inet_put_port(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Release ``sk``'s port; the bucket goes with its last owner."""
     if not sk.bound:
         return
@@ -100,7 +103,7 @@ def inet_put_port(h: InetHashinfo, sk: BindOwner) -> None:
         del h.bhash[sk.lport]
 
 
-def inet_ehash_insert(h: InetHashinfo, sk: TcpSock | RequestSock,
+def inet_ehash_insert(h: InetHashinfo[TcpSock], sk: TcpSock | RequestSock,
                       osk: RequestSock | None = None) -> bool:
     """Insert by 4-tuple, replacing ``osk`` (the request sock) if given.
 
@@ -116,27 +119,27 @@ def inet_ehash_insert(h: InetHashinfo, sk: TcpSock | RequestSock,
     return True
 
 
-def inet_ehash_nolisten(h: InetHashinfo, sk: TcpSock, osk: RequestSock | None = None) -> bool:
+def inet_ehash_nolisten(h: InetHashinfo[TcpSock], sk: TcpSock, osk: RequestSock | None = None) -> bool:
     if h.trace is not None:
         h.tr("inet_ehash_nolisten")
     return inet_ehash_insert(h, sk, osk)
 
 
-def inet_hash(h: InetHashinfo, sk: BindOwner) -> None:
+def inet_hash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Hash a listener (Linux ``inet_hash``)."""
     if h.trace is not None:
         h.tr("inet_hash")
     __inet_hash(h, sk)
 
 
-def __inet_hash(h: InetHashinfo, sk: BindOwner) -> None:
+def __inet_hash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Add a listener to the listening hash."""
     if h.trace is not None:
         h.tr("__inet_hash")
     h.listening[(sk.laddr, sk.lport)] = sk
 
 
-def inet_unhash(h: InetHashinfo, sk: BindOwner) -> None:
+def inet_unhash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Remove ``sk`` from whichever lookup table holds it."""
     key = (sk.laddr, sk.lport, sk.raddr, sk.rport)
     if h.ehash.get(key) is sk:
@@ -146,7 +149,7 @@ def inet_unhash(h: InetHashinfo, sk: BindOwner) -> None:
         del h.listening[lkey]
 
 
-def inet_hash_connect(h: InetHashinfo, sk: TcpSock, lo: int, hi: int, offset: int,
+def inet_hash_connect(h: InetHashinfo[TcpSock], sk: TcpSock, lo: int, hi: int, offset: int,
                       port_filter: Callable[[int, int, int, int], bool] | None = None) -> bool:
     """Pick a local port for connect() and insert into ehash (Linux ``__inet_hash_connect``).
 

@@ -9,7 +9,7 @@ is retransmitted by its own SYN-ACK timer.  The final ACK turns it into a full
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .sock import State, TcpSock
 
@@ -26,7 +26,7 @@ class RequestSock:
     raddr: int
     rport: int
     listener: TcpSock
-    state: State = State.NEW_SYN_RECV
+    state: Literal[State.NEW_SYN_RECV] = State.NEW_SYN_RECV  # Linux TCP_NEW_SYN_RECV
     iss: int = 0
     irs: int = 0
     mss: int = 536  # peer's MSS option (clamped)

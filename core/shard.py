@@ -19,7 +19,6 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer
 from .dropreason import DropReason
@@ -31,6 +30,8 @@ from .tcp_h import (
     TCP_FIN_TIMEOUT,
     TCP_FIN_TIMEOUT_MAX,
     TCP_SYN_RETRIES,
+    BytesLike,
+    SockOptValue,
     State,
     TcpSock,
     TimerKind,
@@ -175,7 +176,7 @@ class Shard:
         self.secret = config.secret
         self.key = hashlib.blake2s(b"shardstack-isn" + config.secret).digest()
         self.adv_mss = config.mtu - 40  # IPv4 + TCP headers without options
-        self.h = InetHashinfo()
+        self.h: InetHashinfo[TcpSock] = InetHashinfo()
         self.timers = tcp_timer.TimerHeap()
         self.frames: list[bytes] = []
         #: (index in ``frames``, segment payload size) of each super-segment queued.
@@ -217,12 +218,12 @@ class Shard:
 
     # -- packets and time ----------------------------------------------------------------
 
-    def receive(self, packet: Any, now: float, csum_ok: bool | None = None) -> None:
+    def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
         """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``."""
         self.now = now
         tcp_ipv4.tcp_v4_rcv(self, packet, now, self.cfg.csum_offload if csum_ok is None else csum_ok)
 
-    def receive_batch(self, packets: Iterable[Any], now: float,
+    def receive_batch(self, packets: Iterable[BytesLike], now: float,
                       csum_ok: bool | None = None) -> None:
         self.now = now
         ok = self.cfg.csum_offload if csum_ok is None else csum_ok
@@ -289,7 +290,7 @@ class Shard:
     def socket(self) -> int:
         return self.new_sock().sd
 
-    def setsockopt(self, sd: int, level: int, opt: int, value: Any) -> None:
+    def setsockopt(self, sd: int, level: int, opt: int, value: SockOptValue) -> None:
         sk = self._sk(sd)
         if level == _SOL_SOCKET:
             if opt == _socket.SO_REUSEADDR:
@@ -302,8 +303,12 @@ class Shard:
                     self.timers.arm(sk, TimerKind.KEEPALIVE, self.now + sk.keepidle)
                 sk.keepalive = on
             elif opt == _socket.SO_LINGER:
-                onoff, secs = _LINGER.unpack(value) if isinstance(value, bytes | bytearray) \
-                    else value
+                if isinstance(value, bytes | bytearray):
+                    onoff, secs = _LINGER.unpack(value)
+                elif isinstance(value, tuple):
+                    onoff, secs = value
+                else:
+                    raise os_error(errno.EINVAL)  # not a struct linger
                 sk.linger = (bool(onoff), int(secs))
             elif opt == _socket.SO_RCVBUF:
                 sk.rcvbuf = max(_int(value), 2048)
@@ -365,13 +370,13 @@ class Shard:
         else:
             raise os_error(errno.ENOPROTOOPT)
 
-    def getsockopt(self, sd: int, level: int, opt: int) -> Any:
+    def getsockopt(self, sd: int, level: int, opt: int) -> int | bytes:
         sk = self._sk(sd)
         if level == _SOL_SOCKET:
             if opt == _socket.SO_ERROR:
                 err, sk.err = sk.err, 0
                 return err
-            table = {_socket.SO_REUSEADDR: int(sk.reuseaddr),
+            table: dict[int, int | bytes] = {_socket.SO_REUSEADDR: int(sk.reuseaddr),
                      _socket.SO_REUSEPORT: int(sk.reuseport),
                      _socket.SO_KEEPALIVE: int(sk.keepalive),
                      _socket.SO_RCVBUF: sk.rcvbuf, _socket.SO_SNDBUF: sk.sndbuf,
@@ -446,7 +451,7 @@ class Shard:
         self.now = now
         tcp_ipv4.tcp_v4_connect(self, self._sk(sd), addr, port, now)
 
-    def send(self, sd: int, data: Any, now: float) -> int:
+    def send(self, sd: int, data: BytesLike, now: float) -> int:
         self.now = now
         return tcp.tcp_sendmsg(self, self._sk(sd), data, now)
 
@@ -503,13 +508,15 @@ class Shard:
         return rows
 
 
-def _int(value: Any) -> int:
+def _int(value: SockOptValue) -> int:
     if isinstance(value, bytes | bytearray):
         return int.from_bytes(value[:4], "little", signed=True)
+    if isinstance(value, tuple):
+        raise os_error(errno.EINVAL)  # a struct where an int is due
     return int(value)
 
 
-def _pos(value: Any) -> int:
+def _pos(value: SockOptValue) -> int:
     v = _int(value)
     if v < 1:
         raise os_error(errno.EINVAL)

@@ -67,7 +67,7 @@ class TcpSock:
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False
     backlog: int = 0
-    accept_queue: deque = field(default_factory=deque)
+    accept_queue: deque[TcpSock] = field(default_factory=deque)
     reqs: int = 0  # request socks outstanding (reqsk_queue_len)
     parent: TcpSock | None = None  # the listener, until accept()
     orphan: bool = False  # close() called; the descriptor belongs to no one
@@ -84,7 +84,7 @@ class TcpSock:
     mss: int = 536  # send MSS: peer's MSS option clamped by our MTU, minus nothing
     mss_cache: int = 524  # payload per segment after our per-segment options
     # -- send buffer: chunks of memoryview; byte 0 of chunk 0 is sequence snd_una --
-    sndq: deque = field(default_factory=deque)
+    sndq: deque[memoryview] = field(default_factory=deque)
     sndq_head_off: int = 0  # bytes of chunk 0 already acked
     sndq_len: int = 0  # unacked + unsent bytes
     shut_wr: bool = False  # FIN queued after the buffer
@@ -99,13 +99,13 @@ class TcpSock:
     rcv_wnd: int = 0  # window advertised then (bytes)
     rcv_wscale: int = 0
     rcv_mss: int = 536  # estimate of the peer's segment size (delayed ACK)
-    rcvq: deque = field(default_factory=deque)  # bytes objects in order
+    rcvq: deque[bytes] = field(default_factory=deque)  # in order
     rcvq_len: int = 0
     rcvq_off: int = 0  # bytes of rcvq[0] already read
     ofo: list = field(default_factory=list)  # sorted [start, end, data]
     ofo_len: int = 0
     ofo_fin: int | None = None  # sequence number of a FIN that arrived ahead of a hole
-    ofo_recent: list = field(default_factory=list)  # latest out-of-order arrivals, newest first
+    ofo_recent: list[int] = field(default_factory=list)  # latest out-of-order arrivals, newest first
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False
@@ -132,7 +132,7 @@ class TcpSock:
     in_recovery: bool = False  # fast recovery (Linux TCP_CA_Recovery)
     in_loss: bool = False  # after an RTO until ``recover`` is acked (Linux TCP_CA_Loss)
     recover: int = 0  # RecoveryPoint: SND.MAX when recovery / loss began
-    sacked: list = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
+    sacked: list[list[int]] = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
     sacked_bytes: int = 0  # total of ``sacked``
     reno_sacked: int = 0  # without SACK: bytes the dup ACKs say have left (Linux reno sacks)
     lost_hi: int = 0  # un-SACKed data below this is deemed lost (RFC 6675 IsLost)
@@ -150,8 +150,8 @@ class TcpSock:
     rack_rtt: float = 0.0  # RACK.rtt
     rack_fack: int = 0  # RACK.fack: highest sequence delivered (ACKed or SACKed)
     reord_seen: bool = False  # RACK.reordering_seen
-    relost: list = field(default_factory=list)  # retransmissions found lost again [s, e]
-    dsack: tuple | None = None  # duplicate range to report in the next ACK (RFC 2883)
+    relost: list[list[int]] = field(default_factory=list)  # retransmissions found lost again [s, e]
+    dsack: tuple[int, int] | None = None  # duplicate range to report in the next ACK (RFC 2883)
     reo_wnd_mult: int = 1  # RACK reordering window multiplier (RFC 8985 §6.2.4)
     reo_wnd_bumped: float = -1.0
     reo_wnd_persist: int = 0  # recoveries left before reo_wnd_mult resets

@@ -16,6 +16,7 @@ from .tcp_h import (
     HALF,
     MASK,
     TCP_FIN_TIMEOUT,
+    BytesLike,
     RequestSock,
     State,
     TcpSock,
@@ -126,7 +127,7 @@ def tcp_reset(sh: Shard, sk: TcpSock) -> None:
     tcp_done(sh, sk, err)
 
 
-def tcp_sendmsg(sh: Shard, sk: TcpSock, data: bytes | bytearray | memoryview, now: float) -> int:
+def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float) -> int:
     """Queue ``data`` (no copy for bytes; one copy for mutable buffers), then push."""
     if sk.err:
         err, sk.err = sk.err, 0

@@ -139,7 +139,7 @@ class Cubic(CongestionControl):
                 return
         self._cubic_update(acked_segments, now)
 
-    def _begin_epoch(self, now: float) -> None:
+    def _begin_epoch(self, now: float) -> float:
         # RFC 9438 §4.2: t counts from the start of this congestion-avoidance stage;
         # cwnd_epoch is the window then.  §4.8 (after an RTO, or a first exit from slow
         # start with no congestion event): K = 0 and W_max = cwnd_epoch.
@@ -154,12 +154,14 @@ class Cubic(CongestionControl):
         if self.cwnd_prior <= 0:
             self.cwnd_prior = self.cwnd_epoch
         self.after_rto = False
+        return now
 
     def _cubic_update(self, acked: float, now: float) -> None:
-        if self.epoch_start is None:
-            self._begin_epoch(now)
+        start = self.epoch_start
+        if start is None:
+            start = self._begin_epoch(now)
         rtt = self.srtt or 0.0
-        t = now - self.epoch_start
+        t = now - start
         cwnd = self._window()
         # §4.3: Reno-friendly estimate.  alpha_cubic until W_est has regained the
         # window before the last reduction, then Reno's 1.

@@ -52,8 +52,15 @@ __all__ = [
     "TCP_RTO_MIN", "TCP_RTO_MAX", "TCP_TIMEOUT_INIT", "TCP_DELACK", "TCP_SYN_RETRIES",
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
-    "TCP_FASTRETRANS_THRESH", "NOT_IMPLEMENTED", "os_error", "TimerKind",
+    "TCP_FASTRETRANS_THRESH", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
+    "SockOptValue",
 ]
+
+#: A packet or an application's buffer: anything with the buffer protocol we accept.
+BytesLike = bytes | bytearray | memoryview
+#: A socket option's value as setsockopt(2) takes it: an int, the option's bytes,
+#: a name (TCP_CONGESTION) or SO_LINGER's (onoff, seconds).
+SockOptValue = int | bytes | bytearray | str | tuple[int, int]
 
 #: Sequence numbers are 32 bits: arithmetic is modulo MASK + 1.
 MASK = 0xFFFFFFFF

@@ -29,6 +29,7 @@ from .tcp_h import (
     TCP_DELACK,
     TCP_FASTRETRANS_THRESH,
     TCP_RTO_MIN,
+    BytesLike,
     State,
     TcpSegment,
     TcpSock,
@@ -68,6 +69,7 @@ _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP
 _DATA_STATES = (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2)
+_NO_DATA = memoryview(b"")
 
 
 # -- RTT / RTO (RFC 6298) ------------------------------------------------------------------
@@ -339,8 +341,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         # (``tcp_timer.TimerHeap.arm``'s rule, checked here without the call).
         deadline = now + rto
         timers[_RETRANSMIT] = deadline
-        q = sk.timer_q[_RETRANSMIT]
-        if q is None or q > deadline:
+        queued = sk.timer_q[_RETRANSMIT]
+        if queued is None or queued > deadline:
             sh.timers.arm(sk, _RETRANSMIT, deadline)
         if sk.sack_ok and not sk.in_recovery and not sk.in_loss:
             tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rto)
@@ -534,6 +536,7 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
     (``tcp_rack_detect_loss``) alongside RFC 6675's IsLost.
     """
     cc = sk.cc
+    assert cc is not None  # every caller checked: a synchronized socket
     mss = sk.mss_cache
     una = sk.snd_una
     rack = sk.sack_ok
@@ -654,7 +657,9 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     una = sk.snd_una
     mss = sk.mss_cache
     flight = (sk.snd_max - una) & MASK
-    sk.cc.on_loss(now, flight / mss)
+    cc = sk.cc
+    assert cc is not None  # dup ACKs or RACK: synchronized
+    cc.on_loss(now, flight / mss)
     sk.in_recovery = True
     if sk.retrans_stamp is None:
         sk.retrans_stamp = now  # the fast retransmission below starts the episode
@@ -700,6 +705,7 @@ def _prr_update(sk: TcpSock, delivered: int) -> None:
     more than one segment beyond what was delivered (PRR-SSRB).
     """
     cc = sk.cc
+    assert cc is not None  # in recovery or Loss: synchronized
     mss = sk.mss_cache
     if delivered > 0:
         sk.prr_delivered += delivered
@@ -979,7 +985,7 @@ def tcp_rcv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> 
     tcp_rcv_state_process(sh, sk, seg, now)
 
 
-def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: bytes | bytearray | memoryview,
+def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
                              off: int, end: int, seq: int, ack: int, window: int,
                              tsval: int | None, tsecr: int, csum: int | None,
                              now: float) -> bool:
@@ -1090,7 +1096,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: bytes | bytearray | me
 
 # -- the slow path: RFC 9293 §3.10.7.4 in order --------------------------------------------
 
-def _disordered_ack(sk: TcpSock, seg: TcpSegment) -> bool:
+def _disordered_ack(sk: TcpSock, seg: TcpSegment, tsval: int) -> bool:
     """A reordered duplicate ACK is not an old duplicate (Linux ``tcp_disordered_ack``).
 
     Pure ACKs overtake each other on the way; PAWS would discard the late one
@@ -1100,7 +1106,7 @@ def _disordered_ack(sk: TcpSock, seg: TcpSegment) -> bool:
     """
     return (not seg.payload and not seg.flags & (SYN | FIN) and seg.seq == sk.rcv_nxt
             and seg.ack == sk.snd_una and seg.window << sk.snd_wscale == sk.snd_wnd
-            and ((sk.ts_recent - seg.options.ts[0]) & MASK) <= sk.rto * 1000)
+            and ((sk.ts_recent - tsval) & MASK) <= sk.rto * 1000)
 
 
 def _oow_ack_allowed(sk: TcpSock, seg: TcpSegment, ahead: int) -> bool:
@@ -1142,7 +1148,7 @@ def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
     # PAWS (RFC 7323 §5.3): a timestamp older than TS.Recent marks an old duplicate.
     if (sk.ts_ok and ts is not None and not flags & RST
             and ((ts[0] - sk.ts_recent) & MASK) & HALF
-            and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg)):
+            and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg, ts[0])):
         sh.stats.drop(DropReason.TCP_PAWS)
         _send_oow_ack(sh, sk, now)
         return None
@@ -1165,7 +1171,7 @@ def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
             else:
                 _send_oow_ack(sh, sk, now)
             sh.stats.oow_acks_accepted += 1
-            return seg._replace(payload=b"", flags=flags & ~FIN)
+            return seg._replace(payload=_NO_DATA, flags=flags & ~FIN)
         if not flags & RST:
             if seg.payload and not flags & SYN and ((end - sk.rcv_nxt) & MASK) & HALF:
                 # A retransmission of data we have: the peer lost our ACK.  Data
@@ -1215,9 +1221,10 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
     if st is _CLOSED:
         sh.stats.drop(DropReason.TCP_CLOSE)
         return
-    seg = tcp_validate_incoming(sh, sk, seg, now)
-    if seg is None:
+    checked = tcp_validate_incoming(sh, sk, seg, now)
+    if checked is None:
         return
+    seg = checked
     sk.rcv_tstamp = now
     flags = seg.flags
     if not flags & ACK:
@@ -1359,16 +1366,18 @@ def _syn_options(sh: Shard, sk: TcpSock, opts: TcpOptions, now: float) -> None:
     cfg = sh.cfg
     peer_mss = opts.mss or 536
     mss = min(peer_mss, sk.adv_mss)
-    sk.wscale_ok = cfg.window_scaling and opts.wscale is not None
-    if sk.wscale_ok:
-        sk.snd_wscale = opts.wscale
+    wscale = opts.wscale if cfg.window_scaling else None
+    sk.wscale_ok = wscale is not None
+    if wscale is not None:
+        sk.snd_wscale = wscale
     else:
         sk.snd_wscale = 0
         sk.rcv_wscale = 0
     sk.sack_ok = cfg.sack and opts.sack_perm
-    sk.ts_ok = cfg.timestamps and opts.ts is not None
-    if sk.ts_ok:
-        sk.ts_recent = opts.ts[0]
+    ts = opts.ts if cfg.timestamps else None
+    sk.ts_ok = ts is not None
+    if ts is not None:
+        sk.ts_recent = ts[0]
         sk.ts_recent_stamp = now
     sk.mss = mss
     sk.mss_cache = mss - (12 if sk.ts_ok else 0)

@@ -25,7 +25,7 @@ import dataclasses
 import errno
 import hashlib
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import (
     inet_connection_sock,
@@ -43,6 +43,7 @@ from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr, ic
 from .tcp_h import (
     MASK,
     TCP_TIMEOUT_INIT,
+    BytesLike,
     RequestSock,
     State,
     TcpSegment,
@@ -76,8 +77,9 @@ __all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_re
            "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect"]
 
 _TUPLE = struct.Struct("!IHIH")
-_ESTABLISHED = State.ESTABLISHED
-_NEW_SYN_RECV = State.NEW_SYN_RECV
+# Final: the type checker reads ``sk.state is _ESTABLISHED`` as "not a RequestSock"
+# (whose state is always NEW-SYN-RECV).
+_ESTABLISHED: Final = State.ESTABLISHED
 _TIME_WAIT = State.TIME_WAIT
 #: core.wire WireError.reason -> drop reason, per layer (anything else: the layer's HDR).
 _IP_REASONS = {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT}
@@ -124,7 +126,7 @@ def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
 
 # -- receive ------------------------------------------------------------------------------
 
-def tcp_v4_rcv(sh: Shard, pkt: bytes | bytearray | memoryview, now: float,
+def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                csum_ok: bool) -> None:
     """One inbound IPv4 packet (Linux ``ip_local_deliver`` + ``tcp_v4_rcv``); never raises.
 
@@ -210,17 +212,16 @@ def tcp_v4_rcv(sh: Shard, pkt: bytes | bytearray | memoryview, now: float,
         sh.tr("__inet_lookup")
         sh.tr("__inet_lookup_established")
     if sk is not None:
-        st = sk.state
-        if st is _ESTABLISHED:
+        if sk.state is _ESTABLISHED:
             tcp_input.tcp_segs_in(sk, len(seg.payload))
             tcp_input.tcp_rcv_established(sh, sk, seg, now)
             return
-        if st is _NEW_SYN_RECV:
+        if isinstance(sk, RequestSock):  # NEW-SYN-RECV
             child = tcp_minisocks.tcp_check_req(sh, sk, seg, now)
             if child is not None:
                 tcp_child_process(sh, sk.listener, child, seg, now)
             return
-        if st is _TIME_WAIT:
+        if sk.state is _TIME_WAIT:
             if tcp_minisocks.tcp_timewait_state_process(sh, sk, seg, now) != tcp_minisocks.TW_SYN:
                 return
             # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
@@ -303,15 +304,17 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
         sh.tr("tcp_openreq_init")
     req.irs = seg.seq
     req.mss = min(opts.mss or 536, sh.adv_mss)
-    req.wscale_ok = cfg.window_scaling and opts.wscale is not None
+    wscale = opts.wscale if cfg.window_scaling else None
+    req.wscale_ok = wscale is not None
     req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp)
-    if req.wscale_ok:
-        req.snd_wscale = opts.wscale
+    if wscale is not None:
+        req.snd_wscale = wscale
         req.rcv_wscale = ws
     req.sack_ok = cfg.sack and opts.sack_perm
-    req.ts_ok = cfg.timestamps and opts.ts is not None
-    if req.ts_ok:
-        req.ts_recent = opts.ts[0]
+    ts = opts.ts if cfg.timestamps else None
+    req.ts_ok = ts is not None
+    if ts is not None:
+        req.ts_recent = ts[0]
     if sh.tracing:
         sh.tr("tcp_v4_init_req")
         sh.tr("tcp_v4_save_options")
@@ -472,22 +475,21 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
     if sk is None:
         stats.icmp_in_errors += 1  # Linux: ICMP_MIB_INERRORS, -ENOENT
         return
-    st = sk.state
-    if st is _TIME_WAIT:
-        return
-    itype, code = e.type, e.code
-    if st is _NEW_SYN_RECV:
+    if isinstance(sk, RequestSock):  # NEW-SYN-RECV
         # Only errors saying the peer cannot be reached end a half-open
         # connection; port unreachable in answer to a SYN-ACK proves nothing.
+        itype, code = e.type, e.code
         tcp_req_err(sh, sk, q.seq, itype == ICMP_PARAMETERPROB or itype == ICMP_TIME_EXCEEDED
                     or (itype == ICMP_DEST_UNREACH
                         and code in (ICMP_NET_UNREACH, ICMP_HOST_UNREACH)))
         return
-    if st is _CLOSED:
+    st = sk.state
+    if st is _TIME_WAIT or st is _CLOSED:
         return
     if ((q.seq - sk.snd_una) & MASK) > ((sk.snd_max - sk.snd_una) & MASK):
         stats.tcp_out_of_window_icmps += 1
         return
+    itype, code = e.type, e.code
     if itype == ICMP_DEST_UNREACH:
         if code > NR_ICMP_UNREACH:
             return

@@ -402,6 +402,7 @@ def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             break
         in_flight = sent_off
         if quota < 0:
+            assert cc is not None  # data to send: synchronized (tcp_init_transfer)
             cwnd_room = cc.cwnd * sk.mss_cache - in_flight
             if sk.dupacks:
                 # RFC 3042 limited transmit: the first two dup ACKs each allow one
@@ -464,6 +465,7 @@ def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         # common case: applications write large buffers), else ``_sndq_slice``.
         chunk = sndq[0]
         off = sk.sndq_head_off + sent_off
+        payload: bytes | memoryview
         if off + size <= len(chunk):
             payload = chunk[off:off + size]
         else:
@@ -599,11 +601,13 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
     A retransmission never covers SACKed data (it stops at the next SACKed
     block) nor cumulatively acknowledged data (it starts at or after SND.UNA).
     """
+    cc = sk.cc
+    assert cc is not None  # recovering: synchronized (tcp_init_transfer)
     recovery = sk.in_recovery
     if recovery:
         quota = sk.prr_quota
     else:
-        quota = sk.cc.cwnd * sk.mss_cache - tcp_input.tcp_pipe(sk)
+        quota = cc.cwnd * sk.mss_cache - tcp_input.tcp_pipe(sk)
     mss = tcp_current_mss(sk)
     una = sk.snd_una
     for _ in range(4096):  # bounded: one segment per round

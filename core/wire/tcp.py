@@ -17,6 +17,7 @@ unless the device already vouched for it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .checksum import pseudo_header_sum, sum16
@@ -97,7 +98,7 @@ _SACK_PREFIX = b"\x01\x01\x05"
 _unpack_syn = struct.Struct("!2xH4xII3xB").unpack_from
 
 
-def _sack_reader(nblocks: int):
+def _sack_reader(nblocks: int) -> Callable[[memoryview, int], tuple[tuple[int, int], ...]]:
     unpack = struct.Struct("!" + "II" * nblocks).unpack_from
 
     def read(mv: memoryview, offset: int) -> tuple[tuple[int, int], ...]:
