@@ -80,8 +80,8 @@ def inet_csk_get_port(h: InetHashinfo[OwnerT], sk: OwnerT, port: int, lo: int = 
         h.tr("tb_found")
         if inet_csk_bind_conflict(sk, tb, h):
             raise os_error(errno.EADDRINUSE)
-    else:
-        h.tr("tb_not_found")
+    h.tr("tb_not_found")  # Linux falls through this label from tb_found too
+    if tb is None:
         tb = inet_bind_bucket_create(h, port)
     if sk.bound:  # listen() re-check of our own port
         return
@@ -107,9 +107,9 @@ def inet_csk_listen_start(sh: Shard, sk: TcpSock, backlog: int) -> None:
     """LISTEN: re-check the port, then hash into the listening table."""
     h = sh.h
     h.tr("inet_csk_listen_start")
-    h.tr("reqsk_queue_alloc")
+    reqsk_queue_alloc(h, sk)
     sk.backlog = min(max(backlog, 0), SOMAXCONN)
-    h.tr("inet_csk_delack_init")
+    inet_csk_delack_init(h, sk)
     prev = sk.state
     tcp.tcp_set_state(sh, sk, _LISTEN)
     try:
@@ -118,6 +118,22 @@ def inet_csk_listen_start(sh: Shard, sk: TcpSock, backlog: int) -> None:
         tcp.tcp_set_state(sh, sk, prev)
         raise
     inet_hash(h, sk)
+
+
+def reqsk_queue_alloc(h: InetHashinfo[TcpSock], sk: TcpSock) -> None:
+    """A listener's queues start empty: the accept queue and the count of request
+    socks (Linux ``reqsk_queue_alloc``)."""
+    h.tr("reqsk_queue_alloc")
+    sk.accept_queue.clear()
+    sk.reqs = 0
+
+
+def inet_csk_delack_init(h: InetHashinfo[TcpSock], sk: TcpSock) -> None:
+    """No delayed ACK pending (Linux ``inet_csk_delack_init``)."""
+    h.tr("inet_csk_delack_init")
+    sk.unacked_rcv = 0
+    sk.ack_now = False
+    sk.timers[TimerKind.DELACK] = None
 
 
 def sk_acceptq_is_full(sk: TcpSock) -> bool:

@@ -115,6 +115,10 @@ def inet_ehash_insert(h: InetHashinfo[TcpSock], sk: TcpSock | RequestSock,
     cur = h.ehash.get(key)
     if cur is not None and cur is not osk:
         return False
+    if h.trace is not None:
+        if cur is not None:
+            h.tr("sk_nulls_del_node_init_rcu")  # the request sock's entry goes...
+        h.tr("__sk_nulls_add_node_rcu")  # ...and this one takes the chain
     h.ehash[key] = sk
     return True
 

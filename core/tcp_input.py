@@ -96,11 +96,10 @@ def tcp_set_rto(sk: TcpSock) -> None:
 def tcp_ack_update_rtt(sh: Shard, sk: TcpSock, rtt: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_update_rtt")
-        sh.tr("tcp_update_rtt_min")
-        sh.tr("tcp_rtt_estimator")
     if rtt < 0:
         return
     if sh.tracing:
+        sh.tr("tcp_rtt_estimator")
         sh.tr("tcp_set_rto")
     # tcp_rtt_estimator and tcp_set_rto inline: this runs for nearly every ACK.
     srtt = sk.srtt
@@ -202,10 +201,6 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
         sk.snd_wl2 = ack
     sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
     sk.err_soft = 0  # something got through: forget a soft ICMP error (Linux tcp_ack)
-    sk.err_soft = 0  # ...so an earlier ICMP soft error is history (Linux tcp_ack)
-    if sh.tracing:
-        sh.tr("tcp_ecn_rcv_ecn_echo")
-        sh.tr("tcp_in_ack_event")
     if d == 0:
         newly_sacked = 0
         if sk.sack_ok and seg.options.sack_blocks:
@@ -1257,8 +1252,6 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
     elif st is _LAST_ACK and fin_acked:
         tcp.tcp_done(sh, sk)
         return
-    if sh.tracing:
-        sh.tr("tcp_urg")
     if st in _DATA_STATES:
         if sk.orphan and st is not _ESTABLISHED and seg.payload and \
                 0 < ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) < HALF:
@@ -1277,39 +1270,43 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
 
 def tcp_synrecv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (Linux ``tcp_rcv_state_process``)."""
-    if sh.tracing:
-        for name in ("inet_sk_rebuild_header", "tcp_init_congestion_control", "bictcp_init",
-                     "tcp_mtup_init", "tcp_init_buffer_space", "tcp_fixup_rcvbuf",
-                     "tcp_sndbuf_expand", "tcp_full_space"):
-            if sh.tracing:
-                sh.tr(name)
+    tcp_init_transfer(sh, sk, now)
     tcp.tcp_set_state(sh, sk, _ESTABLISHED)
+    if sh.tracing:
+        sh.tr("sock_def_wakeup")
+    if sk.parent is None and not sk.orphan:
+        sh.events.append(Connected(sk.sd))  # simultaneous open completes like a connect()
     sk.delivered += 1  # the SYN-ACK: tcp_ack does not see it (Linux tcp_rcv_state_process)
     sk.snd_wnd = seg.window << sk.snd_wscale
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = seg.ack
     if sk.snd_wnd > sk.max_window:
         sk.max_window = sk.snd_wnd
-    tcp_init_transfer(sh, sk, now)
     sk.timers[_RETRANSMIT] = None
     sk.retrans_stamp = None
-    if sh.tracing:
-        sh.tr("sock_def_wakeup")
-        sh.tr("tcp_init_metrics")
-        sh.tr("tcp_update_pacing_rate")
-        sh.tr("tcp_initialize_rcv_mss")
-        sh.tr("tcp_fast_path_on")
-    if sk.parent is None and not sk.orphan:
-        sh.events.append(Connected(sk.sd))  # simultaneous open completes like a connect()
+    tcp_initialize_rcv_mss(sh, sk)
 
 
 def tcp_init_transfer(sh: Shard, sk: TcpSock, now: float) -> None:
-    """Congestion control and keepalive at the start of ESTABLISHED."""
-    sk.cc = sh.new_cc(sk)
-    sk.cc.init(sk.mss_cache, now)
+    """Congestion control and keepalive at the start of ESTABLISHED (Linux
+    ``tcp_init_transfer``)."""
+    if sh.tracing:
+        sh.tr("tcp_init_congestion_control")
+    cc = sk.cc = sh.new_cc(sk)
+    if sh.tracing and cc.name == "cubic":
+        sh.tr("bictcp_init")  # the algorithm's own init (tcp_cubic; Reno has none)
+    cc.init(sk.mss_cache, now)
     sk.rcv_tstamp = now
     if sk.keepalive:
         sh.timers.arm(sk, _KEEPALIVE, now + sk.keepidle)
+
+
+def tcp_initialize_rcv_mss(sh: Shard, sk: TcpSock) -> None:
+    """First guess of the peer's segment size, for delayed ACKs: our send MSS,
+    at most 536 (Linux ``tcp_initialize_rcv_mss``)."""
+    if sh.tracing:
+        sh.tr("tcp_initialize_rcv_mss")
+    sk.rcv_mss = min(sk.mss_cache, 536)
 
 
 def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
@@ -1381,7 +1378,7 @@ def _syn_options(sh: Shard, sk: TcpSock, opts: TcpOptions, now: float) -> None:
         sk.ts_recent_stamp = now
     sk.mss = mss
     sk.mss_cache = mss - (12 if sk.ts_ok else 0)
-    sk.rcv_mss = min(sk.mss_cache, 536)  # Linux tcp_initialize_rcv_mss
+    tcp_initialize_rcv_mss(sh, sk)
 
 
 def tcp_finish_connect(sh: Shard, sk: TcpSock, now: float) -> None:

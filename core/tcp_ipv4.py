@@ -316,8 +316,7 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     if ts is not None:
         req.ts_recent = ts[0]
     if sh.tracing:
-        sh.tr("tcp_v4_init_req")
-        sh.tr("tcp_v4_save_options")
+        sh.tr("tcp_v4_init_req")  # the addresses: inet_reqsk_alloc took them
         sh.tr("tcp_v4_init_sequence")
     iss, req.ts_off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
     if want_cookie:
@@ -348,8 +347,6 @@ def inet_csk_reqsk_queue_hash_add(sh: Shard, sk: TcpSock, req: RequestSock, now:
         sh.tr("inet_csk_reqsk_queue_hash_add")
         sh.tr("reqsk_queue_hash_req")
     inet_hashtables.inet_ehash_insert(sh.h, req)
-    if sh.tracing:
-        sh.tr("__sk_nulls_add_node_rcu")
     sh.timers.arm(req, TimerKind.SYNACK, now + TCP_TIMEOUT_INIT)
     if sh.tracing:
         sh.tr("inet_csk_reqsk_queue_added")
@@ -417,26 +414,22 @@ def tcp_v4_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: Tc
     if inet_connection_sock.sk_acceptq_is_full(listener):
         return None
     child = tcp_minisocks.tcp_create_openreq_child(sh, listener, req, seg, now)
-    for name in ("inet_sk_rx_dst_set", "inet_csk_route_child_sock", "tcp_ca_openreq_child",
-                 "tcp_assign_congestion_control", "tcp_set_ca_state", "bictcp_state",
-                 "tcp_sync_mss", "dst_mtu", "ipv4_mtu", "tcp_mtu_to_mss",
-                 "tcp_bound_to_half_wnd"):
-        if sh.tracing:
-            sh.tr(name)
+    # The send MSS: the peer's option, bounded by our MTU (req.mss) and TCP_MAXSEG.
+    if sh.tracing:
+        sh.tr("tcp_sync_mss")
     mss = req.mss
     if child.user_mss and child.user_mss < mss:
         mss = child.user_mss
     child.mss = mss
     child.mss_cache = mss - (12 if child.ts_ok else 0)
+    # The MSS we announce: the route's (our MTU's) advmss.
     if sh.tracing:
         sh.tr("dst_metric_advmss")
         sh.tr("ipv4_default_advmss")
-        sh.tr("tcp_initialize_rcv_mss")
-    child.rcv_mss = min(child.mss_cache, 536)
+    child.adv_mss = sh.adv_mss
+    tcp_input.tcp_initialize_rcv_mss(sh, child)
     tcp_minisocks.tcp_child_inherit_port(sh, listener, child)
     tcp_minisocks.tcp_child_hash(sh, child, req)
-    if sh.tracing:
-        sh.tr("tcp_move_syn")
     return child
 
 
@@ -445,9 +438,12 @@ def tcp_child_process(sh: Shard, listener: TcpSock, child: TcpSock, seg: TcpSegm
     if sh.tracing:
         sh.tr("tcp_child_process")
     tcp_input.tcp_rcv_state_process(sh, child, seg, now)
+    # The listener's sk_data_ready: wake accept() when its queue became non-empty.
     if sh.tracing:
         sh.tr("sock_def_readable")
     if len(listener.accept_queue) == 1 and not listener.orphan:
+        if sh.tracing:
+            sh.tr("wake_up_interruptible_sync_poll")
         sh.events.append(Acceptable(listener.sd))
 
 

@@ -136,10 +136,10 @@ def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> T
         sh.stats.listen_overflows += 1
         return None
     if sh.tracing:
-        sh.tr("sock_rps_save_rxhash")
         sh.tr("tcp_synack_rtt_meas")
-        sh.tr("skb_mstamp_us_delta")
-    if req.num_retrans == 0:
+    if req.num_retrans == 0:  # Karn: no sample from a retransmitted SYN-ACK
+        if sh.tracing:
+            sh.tr("skb_mstamp_us_delta")
         tcp_input.tcp_ack_update_rtt(sh, child, now - req.synack_time)
     inet_connection_sock.inet_csk_complete_hashdance(sh.h, listener, req, child)
     return child
@@ -200,7 +200,6 @@ def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg
     sk.ts_recent = req.ts_recent
     sk.ts_recent_stamp = now
     sk.ts_off = req.ts_off
-    sk.adv_mss = sh.adv_mss
     sk.segs_in = 1  # the SYN (Linux tcp_create_openreq_child; the final ACK is not counted)
     if sh.tracing:
         sh.tr("tcp_init_xmit_timers")
@@ -216,8 +215,5 @@ def tcp_child_inherit_port(sh: Shard, listener: TcpSock, child: TcpSock) -> None
 
 
 def tcp_child_hash(sh: Shard, child: TcpSock, req: RequestSock) -> None:
+    """The child takes the request sock's place in ehash (Linux ``inet_ehash_nolisten``)."""
     inet_hashtables.inet_ehash_nolisten(sh.h, child, req)
-    if sh.tracing:
-        sh.tr("sk_nulls_del_node_init_rcu")
-        sh.tr("__sk_nulls_add_node_rcu")
-        sh.tr("sock_prot_inuse_add")
