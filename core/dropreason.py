@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["DropReason"]
+__all__ = ["DropReason", "WIRE_REASONS"]
 
 
 class DropReason(enum.Enum):
@@ -39,3 +39,9 @@ class DropReason(enum.Enum):
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
 
+
+#: core.wire WireError.reason -> drop reason, per layer (anything else: the layer's HDR).
+WIRE_REASONS = {
+    "ip": {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT},
+    "tcp": {"bad_flags": DropReason.TCP_FLAGS, "option_len": DropReason.TCP_OPTIONS},
+}

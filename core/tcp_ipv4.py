@@ -37,7 +37,7 @@ from . import (
     tcp_minisocks,
     tcp_output,
 )
-from .dropreason import DropReason
+from .dropreason import WIRE_REASONS, DropReason
 from .events import Acceptable
 from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr, icmp_rcv
 from .tcp_h import (
@@ -81,8 +81,7 @@ _TUPLE = struct.Struct("!IHIH")
 # (whose state is always NEW-SYN-RECV).
 _ESTABLISHED: Final = State.ESTABLISHED
 _TIME_WAIT = State.TIME_WAIT
-#: core.wire WireError.reason -> drop reason, per layer (anything else: the layer's HDR).
-_IP_REASONS = {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT}
+_IP_REASONS = WIRE_REASONS["ip"]
 # Header prediction reads the raw headers itself (Linux compares raw header
 # words too): IPv4 without options, the fixed TCP header and the aligned
 # timestamp option (NOP, NOP, kind 8, length 10 and the two values) that
@@ -93,7 +92,7 @@ _unpack_hp = struct.Struct("!BBHHHBBHIIHHIIHHHHIII").unpack_from
 _unpack_hp40 = struct.Struct("!BBHHHBBHIIHHIIHHHH").unpack_from  # shorter than 52 bytes
 _NO_TS = (0, 0, 0)
 _TS_WORD = 0x0101080A
-_TCP_REASONS = {"bad_flags": DropReason.TCP_FLAGS, "option_len": DropReason.TCP_OPTIONS}
+_TCP_REASONS = WIRE_REASONS["tcp"]
 
 
 def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,

@@ -94,6 +94,7 @@ _from_bytes = int.from_bytes
 # Fixed layouts recognised before the general walk (see ``parse_tcp``).
 _SACK_PERM_TS = b"\x04\x02\x08\x0a"
 _NOP_WS = b"\x01\x03\x03"
+_MSS_OPT = b"\x02\x04"  # kind 2, length 4
 _SACK_PREFIX = b"\x01\x01\x05"
 _unpack_syn = struct.Struct("!2xH4xII3xB").unpack_from
 
@@ -177,7 +178,7 @@ def parse_tcp(buf: bytes | bytearray | memoryview) -> TcpSegment:
         # peer with timestamps on, and its ACKs under loss.
         blocks = _SACK_BLOCKS[hl](mv, 36) if hl > 32 else ()
         options = _new(TcpOptions, (None, None, False, blocks, _unpack_ts(mv, 24)))
-    elif hl == 40 and mv[20:22] == b"\x02\x04" and mv[24:28] == _SACK_PERM_TS \
+    elif hl == 40 and mv[20:22] == _MSS_OPT and mv[24:28] == _SACK_PERM_TS \
             and mv[36:39] == _NOP_WS:
         # Linux's SYN and SYN-ACK: MSS, SACK_PERM,TS, NOP,WS.
         mss, tsval, tsecr, ws = _unpack_syn(mv, 20)
