@@ -1,7 +1,9 @@
 """A deterministic simulated link between two sans-I/O endpoints, with a fake clock.
 
 This is the test bench's wire (smoltcp's ``FaultInjector`` + a netem-like
-link, driven as a discrete-event simulation).  It knows nothing about TCP or
+link, driven as a discrete-event simulation).  It lives in netio, beside the
+real devices and the ``Impair`` wrapper, because it plays the device side:
+the engine (core/) never imports it; tests and benches do.  It knows nothing about TCP or
 ``Shard`` internals: an *endpoint* is any object with
 
 ``receive(packet: bytes, now: float) -> None``   a packet arrives
