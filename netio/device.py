@@ -68,6 +68,7 @@ __all__ = [
     "recv_device",
     "partial_tcp_checksum",
     "aux_rx_flags",
+    "innermost",
 ]
 
 # Per-frame flags handed to callers.
@@ -335,6 +336,13 @@ class DeviceWrapper(Device):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def innermost(dev: Device) -> Device:
+    """The device under every wrapper."""
+    while isinstance(dev, DeviceWrapper):
+        dev = dev.inner
+    return dev
 
 
 class TunDevice(Device):

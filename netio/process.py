@@ -62,12 +62,13 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import zmq
 from shardstack.core.wire.ipv4 import str_to_ip
 
-from .device import DEFAULT_BATCH, Device, LoopbackDevice, PacketDevice, TunDevice
+from .device import DEFAULT_BATCH, Device, LoopbackDevice, PacketDevice, TunDevice, innermost
 from .dispatch import Dispatcher
 from .impair import Impair
 from .neighbour import NUD_REACHABLE, NUD_VALID, nud_name
@@ -79,6 +80,7 @@ __all__ = [
     "NetioStats",
     "worker_endpoint",
     "control_endpoint",
+    "control_call",
     "decode_batch",
     "decode_neighbours",
     "decode_neigh_entries",
@@ -113,6 +115,26 @@ def worker_endpoint(rundir: str, worker: int) -> str:
 
 def control_endpoint(rundir: str) -> str:
     return f"ipc://{rundir}/netio-ctl.ipc"
+
+
+def control_call(rundir: str, req: dict[str, Any], timeout_ms: int = 200) -> dict[str, Any] | None:
+    """One request to netio's REP control socket; None if netio does not
+    answer within `timeout_ms`. It BLOCKS that long: for the supervisor
+    (which runs it in an executor) and tools, never from a worker's event
+    loop (workers talk to netio through netio.neigh_mirror.NeighChannel)."""
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    s.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    try:
+        s.connect(control_endpoint(rundir))
+        s.send(msgpack.packb(req))
+        reply = msgpack.unpackb(s.recv(), strict_map_key=False)
+    except zmq.ZMQError:
+        return None
+    finally:
+        s.close(0)
+    return reply if isinstance(reply, dict) else None
 
 
 def neigh_endpoint(rundir: str) -> str:
@@ -483,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     kind, name = ("tun", args.tun) if args.tun else ("packet", args.packet)
     dev = make_device(kind, name, args.mtu, args.vnet_hdr, args.impair, args.pcap, args.trace)
     addrs = [str_to_ip(a.split("/")[0]) for a in args.addr]
-    mac = getattr(_innermost(dev), "mac", None)
+    mac = getattr(innermost(dev), "mac", None)
     disp = Dispatcher(args.workers, addrs, l2=dev.l2, mac=mac)
     os.makedirs(args.rundir, mode=0o700, exist_ok=True)
     proc = NetioProcess(dev, disp, args.rundir, sndhwm=args.sndhwm, batch=args.batch)
@@ -497,12 +519,6 @@ def main(argv: list[str] | None = None) -> int:
         proc.close()
         dev.close()
     return 0
-
-
-def _innermost(dev: Device) -> Device:
-    while hasattr(dev, "inner"):
-        dev = dev.inner
-    return dev
 
 
 if __name__ == "__main__":
