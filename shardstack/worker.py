@@ -36,6 +36,7 @@ serves its commands.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import os
@@ -51,6 +52,7 @@ import zmq
 from shardstack import control
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
+from shardstack.core.dropreason import DropReason
 from shardstack.netio import rss
 from shardstack.netio.device import (
     AUX_SPACE,
@@ -88,10 +90,10 @@ class WorkerCounters:
     wakeups: int = 0
     timer_fires: int = 0
     gso_out: int = 0
-    drops: dict[str, int] = field(default_factory=dict)
+    drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
-    def drop(self, reason: str, n: int = 1) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + n
+    def drop(self, reason: DropReason, n: int = 1) -> None:
+        self.drops[reason] += n
 
 
 def _monotonic() -> float:
@@ -279,7 +281,7 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 break
             if len(data) <= head:
-                c.drop("runt")
+                c.drop(DropReason.PKT_TOO_SMALL)
                 continue
             mv = memoryview(data)
             if vnet:
@@ -413,7 +415,7 @@ class Worker:
             sent += tx.send_batch(run)
         c.frames_out += sent
         if sent != len(frames):
-            c.drop("tx", len(frames) - sent)
+            c.drop(DropReason.DEV_TX, len(frames) - sent)
 
     def _dispatch(self, events: list) -> None:
         services = self.services
@@ -471,14 +473,17 @@ class Worker:
         return d
 
     def _stats(self) -> dict[str, Any]:
+        # Every drop of this process by reason, ours and the shard's: names
+        # on the wire (to_plain), produced from the enum.
+        drops = self.counters.drops + self.shard.stats.drops
+        if isinstance(self.tx, L2Tx):
+            drops[DropReason.NEIGH_QUEUEFULL] += self.tx.stats["unres_discards"]
+            drops[DropReason.NEIGH_FAILED] += self.tx.stats["failed"]
         counters = to_plain(self.counters)
+        counters["drops"] = to_plain(+drops)
         counters["connections"] = sum(
             1 for ci in self.shard.connections() if ci.state != "LISTEN")
         shard_stats = self.shard.stats.as_dict()
-        drops = counters["drops"]
-        for k, v in shard_stats.items():
-            if k.startswith("drop_"):
-                drops[k[5:]] = drops.get(k[5:], 0) + v
         if self.services is not None:
             counters["services"] = to_plain(self.services.stats)
         if self.appgate is not None:
@@ -490,9 +495,6 @@ class Worker:
             counters["impair"] = impair()["tx"]  # the rx lane is netio's
         if isinstance(self.tx, L2Tx):  # neighbour resolution (queued frames)
             counters["neigh"] = dict(self.tx.stats, incomplete=len(self.tx.unres))
-            for k in ("unres_discards", "failed"):
-                if self.tx.stats[k]:
-                    drops["neigh_" + k] = drops.get("neigh_" + k, 0) + self.tx.stats[k]
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:

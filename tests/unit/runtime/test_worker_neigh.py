@@ -22,6 +22,7 @@ import time
 
 import pytest
 import zmq
+from shardstack.core.dropreason import DropReason
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import ACK, SYN, build_tcp_ipv4, build_tcp_options, parse_tcp
 from shardstack.netio import process as netio_process
@@ -412,7 +413,7 @@ def test_worker_miss_does_not_block_other_flows(env, tmp_path):
             await _until(lambda: len(inner.sent) == 1)
             [(mac, hdr, seg)] = _tcp_out(inner)
             assert (mac, hdr.dst, seg.dst_port) == (PEER_MAC, PEER, 42000)
-            assert NEW in tx.unres and w.counters.drops.get("tx", 0) == 0
+            assert NEW in tx.unres and w.counters.drops[DropReason.DEV_TX] == 0
             # netio's answer arrives: the SYN that waited goes
             push.send_multipart([b"", encode_neighbour(NEW, NEW_MAC, NUD_REACHABLE)])
             await _until(lambda: len(inner.sent) == 2)
