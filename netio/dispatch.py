@@ -90,7 +90,7 @@ class DispatchStats:
     per_worker: list[int] = field(default_factory=list)
     drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {
             "frames": self.frames,
             "tcp": self.tcp,

@@ -87,7 +87,7 @@ class NeighChannel:
 
     def __init__(self, run_dir: str) -> None:
         self.endpoint = neigh_endpoint(run_dir)
-        self.sock: zmq.Socket | None = None
+        self.sock: zmq.Socket[bytes] | None = None
 
     def send(self, msg: bytes) -> bool:
         sock = self.sock

@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
-from .device import Device, DeviceWrapper
+from .device import Device, DeviceWrapper, Frame
 
 __all__ = ["Pcap", "SharedPcapFile", "create_capture", "LINKTYPE_RAW", "LINKTYPE_ETHERNET"]
 
@@ -97,7 +97,7 @@ class Pcap(DeviceWrapper):
         self.file.write(global_header(inner.l2))
         self.file.flush()
 
-    def _write(self, frames) -> None:
+    def _write(self, frames: Iterable[Frame]) -> None:
         t = self.clock()
         sec = int(t)
         usec = int((t - sec) * 1e6)
@@ -115,13 +115,13 @@ class Pcap(DeviceWrapper):
             self._write([f for f, _ in batch])
         return batch
 
-    def send_batch(self, frames) -> int:
+    def send_batch(self, frames: Iterable[Frame]) -> int:
         frames = list(frames)
         if frames and self.tx:
             self._write(frames)
         return self.inner.send_batch(frames)
 
-    def send_gso(self, packet, mss: int) -> bool:
+    def send_gso(self, packet: Frame, mss: int) -> bool:
         if self.tx:
             self._write([packet])
         return self.inner.send_gso(packet, mss)

@@ -137,7 +137,7 @@ class _Direction:
     stats: LinkStats = field(default_factory=LinkStats)
     busy_until: float = 0.0
     # (finish_time, size) of packets in the bottleneck queue, oldest first.
-    queue: deque = field(default_factory=deque)
+    queue: deque[tuple[float, int]] = field(default_factory=deque)
     queued_bytes: int = 0
 
 
