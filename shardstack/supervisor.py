@@ -229,9 +229,9 @@ class Supervisor:
         for port in cfg.discard_ports:
             self.binds.bind(0, port, reuseaddr=True, service="discard")
         if cfg.pcap:
-            from shardstack.worker import write_pcap_header
+            from shardstack.netio.pcap import create_capture
 
-            write_pcap_header(cfg.pcap, l2=cfg.device == "packet")
+            create_capture(cfg.pcap, l2=cfg.device == "packet")
         if cfg.device == "tun":
             self._open_tun()
         elif not Path(f"/sys/class/net/{cfg.ifname}").exists():
@@ -559,10 +559,10 @@ class Supervisor:
     async def _netio_call(self, req: dict[str, Any]) -> dict[str, Any] | None:
         """netio's control socket is ZeroMQ REP (netio.process); a blocking
         REQ with a timeout, off the loop."""
-        from shardstack.worker import _netio_call
+        from shardstack.netio.process import control_call
 
         return await self.loop.run_in_executor(
-            None, _netio_call, str(self.run.path), req, int(WORKER_CALL_TIMEOUT * 1000))
+            None, control_call, str(self.run.path), req, int(WORKER_CALL_TIMEOUT * 1000))
 
     async def _op_set_reta(self, req, conn) -> dict[str, Any]:
         """Rebalance: a new 128-entry indirection table, to netio and workers."""
