@@ -31,6 +31,7 @@ stays silent.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import select
 import signal
@@ -72,6 +73,9 @@ TCP_CSUM_OFFSET = 16
 _FIN, _PSH, _CWR = 0x01, 0x08, 0x80
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 BATCH = 64
+# A frame in a pipeline: (frame, 0) with a complete checksum, else (frame, the
+# virtio-net header to send it with).
+_Item = tuple[bytes, Any]
 
 
 def parse_rate(text: str) -> float:
@@ -164,10 +168,10 @@ class _Shaper:
 
     rate: float
     limit: int
-    queue: collections.deque = field(default_factory=collections.deque)
+    queue: collections.deque[tuple[float, _Item]] = field(default_factory=collections.deque)
     free_at: float = 0.0  # when the link finishes the last queued frame
 
-    def push(self, item: tuple[bytes, int], now: float) -> bool:
+    def push(self, item: _Item, now: float) -> bool:
         if len(self.queue) >= self.limit:
             return False
         start = max(now, self.free_at)
@@ -175,7 +179,7 @@ class _Shaper:
         self.queue.append((self.free_at, item))
         return True
 
-    def pop_due(self, now: float, out: list) -> None:
+    def pop_due(self, now: float, out: list[_Item]) -> None:
         q = self.queue
         while q and q[0][0] <= now:
             out.append(q.popleft()[1])
@@ -283,7 +287,7 @@ class ImpairBridge:
             self._forward(d, self.lanes[d].push(batch, now), now)
         return n
 
-    def _forward(self, d: int, ready: list, now: float) -> None:
+    def _forward(self, d: int, ready: list[_Item], now: float) -> None:
         shaper = self.shapers[d]
         if shaper is not None:
             for item in ready:
@@ -294,7 +298,7 @@ class ImpairBridge:
         if ready:
             self._send(d, ready)
 
-    def _send(self, d: int, items: list) -> None:
+    def _send(self, d: int, items: list[_Item]) -> None:
         sendmsg = self.ports[1 - d].sock.sendmsg
         c = self.counts[d]
         for frame, vnet in items:
@@ -314,7 +318,7 @@ class ImpairBridge:
             shaper = self.shapers[d]
             if shaper is not None:
                 self._forward(d, ready, now)
-                out: list = []
+                out: list[_Item] = []
                 shaper.pop_due(now, out)
                 if out:
                     self._send(d, out)
@@ -345,7 +349,7 @@ class ImpairBridge:
     def stop(self, *_: object) -> None:
         self._stop = True
 
-    def run(self, seconds: float, progress: Callable[[dict], None] | None = None,
+    def run(self, seconds: float, progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
             interval: float = 1.0) -> None:
         """Forward until `seconds` pass or `stop()`; `progress(counters)` every `interval` s."""
         start = self.clock()
@@ -385,7 +389,7 @@ def _is_ipv4(frame: bytes) -> bool:
 # -- the command ---------------------------------------------------------------------------
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("if_a", metavar="IF_A", help="one interface (frames read here go out on IF_B)")
     p.add_argument("if_b", metavar="IF_B", help="the other interface")
     p.add_argument("--loss", type=_rate_arg, default=0.0, metavar="P",
@@ -426,19 +430,19 @@ def _rate_arg(text: str) -> float:
     return value
 
 
-def spec_from_args(a) -> ImpairSpec:
+def spec_from_args(a: argparse.Namespace) -> ImpairSpec:
     return ImpairSpec(loss=a.loss, dup=a.dup, reorder=a.reorder, corrupt=a.corrupt,
                       delay=a.delay_ms / 1e3, jitter=a.jitter_ms / 1e3, hold=a.hold_ms / 1e3,
                       seed=a.seed)
 
 
-def _progress_line(c: dict) -> str:
+def _progress_line(c: dict[str, dict[str, int]]) -> str:
     return "  ".join(
         f"{d}: {r['frames']} in, {r['lost']} lost, {r['duplicated']} dup, "
         f"{r['reordered']} reord, {r['tx_frames']} out" for d, r in c.items())
 
 
-def run_command(a) -> int:
+def run_command(a: argparse.Namespace) -> int:
     import json
 
     if a.seconds <= 0 or a.delay_ms < 0 or a.jitter_ms < 0 or a.limit < 1:
@@ -460,7 +464,7 @@ def run_command(a) -> int:
     try:
         report = None
         if a.interval > 0:
-            def report(c: dict) -> None:
+            def report(c: dict[str, dict[str, int]]) -> None:
                 print(f"[{time.monotonic() - started:7.1f}s] {_progress_line(c)}",
                       file=sys.stderr, flush=True)
         bridge.run(a.seconds, report, a.interval if a.interval > 0 else 1.0)
@@ -480,8 +484,6 @@ def run_command(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="shardstack impair-bridge", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return run_command(p.parse_args(argv))

@@ -13,7 +13,7 @@ import random
 import socket
 
 from core_helpers import B, connect_over, make_shard
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 from test_data import transfer
 
 MIB = 1 << 20
