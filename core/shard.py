@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer
+from . import inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_rcvbuf, tcp_timer
 from .dropreason import DropReason
 from .events import Event, SocketError
 from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
@@ -64,7 +64,11 @@ class ShardConfig:
     window_scaling: bool = True
     sack: bool = True
     timestamps: bool = True
-    rcvbuf: int = 262144
+    #: A fixed receive buffer for every socket (as SO_RCVBUF: no auto-tuning);
+    #: 0: start at tcp_rmem[1] and auto-tune up to tcp_rmem[2] (Linux's default).
+    rcvbuf: int = 0
+    #: net.ipv4.tcp_rmem (min, default, max), bytes.
+    tcp_rmem: tuple[int, int, int] = tcp_rcvbuf.TCP_RMEM
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
 
@@ -202,7 +206,9 @@ class Shard:
     def new_sock(self) -> TcpSock:
         sd = self._next_sd
         self._next_sd = sd + 1
-        sk = TcpSock(sd, rcvbuf=self.cfg.rcvbuf, sndbuf=self.cfg.sndbuf, adv_mss=self.adv_mss)
+        rcvbuf, locked = tcp_rcvbuf.initial_rcvbuf(self.cfg.rcvbuf, self.cfg.tcp_rmem)
+        sk = TcpSock(sd, rcvbuf=rcvbuf, rcvbuf_locked=locked, sndbuf=self.cfg.sndbuf,
+                     adv_mss=self.adv_mss)
         self.socks[sd] = sk
         return sk
 
@@ -312,6 +318,7 @@ class Shard:
                 sk.linger = (bool(onoff), int(secs))
             elif opt == _socket.SO_RCVBUF:
                 sk.rcvbuf = max(_int(value), 2048)
+                sk.rcvbuf_locked = True  # Linux SOCK_RCVBUF_LOCK: no auto-tuning
             elif opt == _socket.SO_SNDBUF:
                 sk.sndbuf = max(_int(value), 4608)
             else:

@@ -56,7 +56,8 @@ class TcpSock:
     keepcnt: int = 9  # tcp_keepalive_probes
     linger: tuple[bool, int] | None = None
     user_mss: int = 0  # TCP_MAXSEG
-    rcvbuf: int = 262144
+    rcvbuf: int = 131072  # tcp_rmem[1]; grows (tcp_rcvbuf) unless rcvbuf_locked
+    rcvbuf_locked: bool = False  # SO_RCVBUF (or ShardConfig.rcvbuf) fixed it (SOCK_RCVBUF_LOCK)
     sndbuf: int = 1048576
     cc_name: str = ""
     user_timeout: int = 0  # TCP_USER_TIMEOUT, ms (RFC 5482); 0: the tcp_retries2 rule
@@ -99,6 +100,15 @@ class TcpSock:
     rcv_wnd: int = 0  # window advertised then (bytes)
     rcv_wscale: int = 0
     rcv_mss: int = 536  # estimate of the peer's segment size (delayed ACK)
+    # -- receive-buffer auto-tuning (tcp_rcvbuf; Linux rcvq_space, rcv_rtt_est) -----------
+    copied_seq: int = 0  # first sequence number the application has not read
+    rcvq_space: int = 0  # bytes read per RTT, as last measured
+    rcvq_space_seq: int = 0  # copied_seq when this measurement started
+    rcvq_space_time: float = 0.0
+    rcv_rtt_est: float = 0.0  # the receiver's RTT estimate, s (0: none yet)
+    rcv_rtt_seq: int = 0  # per-window measurement: the edge RCV.NXT must pass
+    rcv_rtt_time: float = 0.0  # ... and when it was set (0: none running)
+    rcv_rtt_last_tsecr: int = 0  # the last TSecr measured (one sample per echoed tick)
     rcvq: deque[bytes] = field(default_factory=deque)  # in order
     rcvq_len: int = 0
     rcvq_off: int = 0  # bytes of rcvq[0] already read

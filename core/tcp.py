@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from . import inet_hashtables, tcp_output
+from . import inet_hashtables, tcp_output, tcp_rcvbuf
 from .events import Closed, Readable, SocketError, Writable
 from .tcp_h import (
     HALF,
@@ -199,6 +199,9 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
             sk.rcvq_off = 0
         out = parts[0] if len(parts) == 1 else b"".join(parts)
     sk.rcvq_len -= len(out)
+    sk.copied_seq = (sk.copied_seq + len(out)) & MASK
+    if sk.rcv_rtt_est and now - sk.rcvq_space_time >= sk.rcv_rtt_est:
+        tcp_rcvbuf.tcp_rcv_space_adjust(sh, sk, now)  # once per RTT: grow with what was read
     _cleanup_rbuf(sh, sk, now)
     return bytes(out) if type(out) is not bytes else out
 

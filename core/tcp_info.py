@@ -19,7 +19,7 @@ per-socket counters the engine keeps where Linux counts them
 super-segments by the segments they stand for), delivered, rcv_ooopack,
 dsack_dups, reord_seen (reordering events) and bytes_retrans.  Byte
 counters but bytes_retrans wrap at 4 GiB (they are read off the sequence
-space, which the engine does not count beyond).  Zero: rcv_rtt,
+space, which the engine does not count beyond).  Zero:
 delivery_rate, the chrono busy/limited times, ECN.  The pacing rates read
 ~0 ("unlimited"): the engine does not pace.
 
@@ -198,7 +198,10 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["snd_ssthresh"], cc.ssthresh if cc is not None else INFINITE_SSTHRESH)
     put(ix["snd_cwnd"], cc.cwnd if cc is not None else INIT_CWND)
     put(ix["advmss"], sk.adv_mss)
-    put(ix["rcv_space"], sk.rcvbuf)  # no receive autotuning: the buffer is the space
+    # Receive auto-tuning (tcp_rcvbuf): what the application read in the last
+    # measured RTT (Linux rcvq_space.space), and the receiver's RTT estimate, µs.
+    put(ix["rcv_space"], sk.rcvq_space if sk.rcvq_space else sk.rcvbuf)
+    put(ix["rcv_rtt"], int(sk.rcv_rtt_est * 1e6) & _U32)
     put(ix["total_retrans"], sk.total_retrans & _U32)
 
     acked, sent = _bytes_acked_sent(sk)

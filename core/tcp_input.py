@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from . import tcp, tcp_minisocks, tcp_output, tcp_recovery
+from . import tcp, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
 from .dropreason import DropReason
 from .events import Connected, Readable
 from .tcp_h import (
@@ -771,6 +771,11 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         sk.rcvq_len += n
         sk.rcv_nxt = rcv_nxt = (rcv_nxt + n) & MASK
         sk.unacked_rcv += n
+        ts = seg.options.ts
+        tsecr = ts[1] if ts is not None else 0
+        if (tsecr != sk.rcv_rtt_last_tsecr or not sk.rcv_rtt_time
+                or ((rcv_nxt - sk.rcv_rtt_seq) & MASK) < HALF):
+            tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)  # receiver RTT, for auto-tuning
         if sk.quickack:
             sk.quickack -= 1
             sk.ack_now = True
@@ -1062,7 +1067,11 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         sk.rcv_mss = rcv_mss = n if n < sk.adv_mss else sk.adv_mss
     sk.rcvq.append(data if type(data) is bytes else bytes(data))
     sk.rcvq_len += n
-    sk.rcv_nxt = (seq + n) & MASK
+    sk.rcv_nxt = rcv_nxt = (seq + n) & MASK
+    # The receiver's RTT for auto-tuning: at most once per echoed tick and per window.
+    if (tsecr != sk.rcv_rtt_last_tsecr or not sk.rcv_rtt_time
+            or ((rcv_nxt - sk.rcv_rtt_seq) & MASK) < HALF):
+        tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)
     unacked = sk.unacked_rcv + n
     sk.unacked_rcv = unacked
     if sk.quickack:
@@ -1296,6 +1305,7 @@ def tcp_init_transfer(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing and cc.name == "cubic":
         sh.tr("bictcp_init")  # the algorithm's own init (tcp_cubic; Reno has none)
     cc.init(sk.mss_cache, now)
+    tcp_rcvbuf.tcp_init_buffer_space(sh, sk, now)
     sk.rcv_tstamp = now
     if sk.keepalive:
         sh.timers.arm(sk, _KEEPALIVE, now + sk.keepidle)

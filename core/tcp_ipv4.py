@@ -105,22 +105,31 @@ def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
 
 
 def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
-                              window_clamp: int = 0) -> tuple[int, int]:
+                              window_clamp: int = 0, rmem_max: int = 0) -> tuple[int, int]:
     """(window to offer in the SYN, our window-scale shift) (Linux ``tcp_select_initial_window``).
 
     The shift is the smallest that lets the whole receive buffer be offered
-    (RFC 7323 §2.3, at most 14); with TCP_WINDOW_CLAMP, the whole clamp
-    (Linux bounds the space by ``window_clamp`` first), which also bounds
-    the window offered.
+    (RFC 7323 §2.3, at most 14), and, for a buffer that auto-tuning may grow
+    (``rmem_max``: tcp_rmem[2]; 0 for a fixed one), the largest it may grow
+    to, as Linux scales for tcp_rmem[2]: the shift is fixed at the SYN.
+    With TCP_WINDOW_CLAMP, the whole clamp (Linux bounds the space by
+    ``window_clamp`` first), which also bounds the window offered.
     """
     space = rcvbuf if not window_clamp or window_clamp > rcvbuf else window_clamp
     ws = 0
     if window_scaling:
         rest = space
+        if rmem_max > rest:
+            rest = rmem_max if not window_clamp or window_clamp > rmem_max else window_clamp
         while rest > 65535 and ws < 14:
             rest >>= 1
             ws += 1
     return min(space, 65535), ws
+
+
+def _rmem_max(sh: Shard, sk: TcpSock) -> int:
+    """What the buffer may grow to, for the window scale: tcp_rmem[2], or 0 when fixed."""
+    return 0 if sk.rcvbuf_locked else sh.cfg.tcp_rmem[2]
 
 
 # -- receive ------------------------------------------------------------------------------
@@ -305,7 +314,8 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     req.mss = min(opts.mss or 536, sh.adv_mss)
     wscale = opts.wscale if cfg.window_scaling else None
     req.wscale_ok = wscale is not None
-    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp)
+    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp,
+                                                _rmem_max(sh, sk))
     if wscale is not None:
         req.snd_wscale = wscale
         req.rcv_wscale = ws
@@ -379,7 +389,7 @@ def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: 
     req.iss = (seg.ack - 1) & MASK
     req.mss = mss
     req.rcv_wnd, ws = tcp_select_initial_window(listener.rcvbuf, True,
-                                                listener.window_clamp)
+                                                listener.window_clamp, _rmem_max(sh, listener))
     ts = seg.options.ts
     if ts is not None and sh.cfg.timestamps:
         o = syncookies.cookie_timestamp_decode(ts[1])
@@ -646,7 +656,7 @@ def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     cfg = sh.cfg
     sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
     sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling,
-                                                           sk.window_clamp)
+                                                           sk.window_clamp, _rmem_max(sh, sk))
     sk.snd_una = sk.iss
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now

@@ -175,6 +175,7 @@ def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg
     sk.linger = listener.linger
     sk.user_mss = listener.user_mss
     sk.rcvbuf = listener.rcvbuf
+    sk.rcvbuf_locked = listener.rcvbuf_locked
     sk.sndbuf = listener.sndbuf
     sk.cc_name = listener.cc_name
     # Linux clones the listener (sk_clone_lock), so per-socket TCP settings carry over.

@@ -270,7 +270,7 @@ def test_window_scaling_with_4mib_window():
 
 
 def test_send_buffer_full_then_writable_event():
-    p = Pair()
+    p = Pair(rcvbuf=1 << 18)  # a fixed 256 KiB: one read frees half the send buffer
     _, c, s = p.connect()
     p.a.take_events()
     sk = p.a.sock(c)
@@ -388,7 +388,7 @@ def test_recv_after_peer_reset_reports_error_once():
 
 
 def test_idle_restart_resets_cwnd_to_initial_window():
-    p = Pair()
+    p = Pair(rcvbuf=1 << 18)  # a fixed 256 KiB buffer: 200 000 bytes fit at once
     _, c, s = p.connect()
     p.a.send(c, bytes(200_000), 0.0)  # fits the receive window: cwnd-limited only
     p.advance(0.5)

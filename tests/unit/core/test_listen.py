@@ -29,7 +29,8 @@ def test_syn_gets_synack_with_negotiated_options():
     s = peer.recv_one()
     assert s.flags == "S." and s.ack == 1001
     assert (s.sport, s.dport) == (80, 40000)
-    assert s.mss == 1460 and s.wscale == 3 and s.sack_perm and s.ts[1] == 555
+    # wscale 7: the shift that lets tcp_rmem[2] (6 MiB) be offered once auto-tuned
+    assert s.mss == 1460 and s.wscale == 7 and s.sack_perm and s.ts[1] == 555
     assert s.window == 65535  # RFC 7323 §2.2: SYN windows are not scaled
     assert sh.accept(lsd) is None  # only a request sock so far
     assert [c.state for c in sh.connections()] == ["LISTEN", "NEW-SYN-RECV"]
@@ -53,7 +54,7 @@ def test_final_ack_completes_and_accept_returns_child():
     assert str(sh.state(sd)) == "ESTABLISHED"
     sk = sh.sock(sd)
     assert sk.snd_una == synack.seq + 1 and sk.rcv_nxt == 1001
-    assert sk.snd_wscale == 7 and sk.rcv_wscale == 3 and sk.sack_ok and sk.ts_ok
+    assert sk.snd_wscale == 7 and sk.rcv_wscale == 7 and sk.sack_ok and sk.ts_ok
     assert sk.mss_cache == 1460 - 12
     assert sh.accept(lsd) is None
 

@@ -127,7 +127,7 @@ def test_engine_frames_are_valid_for_scapy():
         again = scapy.IP(bytes(pkt))
         assert (again[scapy.IP].chksum, again[scapy.TCP].chksum) == (ip_sum, tcp_sum)
     opts = dict(scapy.IP(raws[0])[scapy.TCP].options)
-    assert opts["MSS"] == 1460 and opts["WScale"] == 3 and "SAckOK" in opts
+    assert opts["MSS"] == 1460 and opts["WScale"] == 7 and "SAckOK" in opts
     assert scapy.IP(raws[1])[scapy.TCP].flags == "R"
 
 

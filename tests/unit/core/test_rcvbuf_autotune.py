@@ -13,6 +13,7 @@ import random
 import socket
 
 from core_helpers import B, connect_over, make_shard
+from shardstack.core.tcp_info import tcp_get_info, unpack_tcp_info
 from shardstack.netio.simlink import LinkParams, SimLink
 from test_data import transfer
 
@@ -60,6 +61,10 @@ def test_a_reading_receiver_opens_the_window_past_the_fixed_buffer():
     assert sk.rcvbuf <= 6 * MIB  # tcp_rmem[2]
     # Faster than any fixed 256 KiB window allows (slow start included).
     assert elapsed < len(data) / (FIXED_WINDOW / RTT), elapsed
+    # TCP_INFO shows the receiver's RTT and the space read per RTT, as Linux's.
+    info = unpack_tcp_info(tcp_get_info(sk, link.now))
+    assert RTT * 1e6 <= info["rcv_rtt"] < 3 * RTT * 1e6, info["rcv_rtt"]
+    assert info["rcv_space"] > FIXED_WINDOW
 
 
 def test_a_receiver_that_does_not_read_does_not_grow():

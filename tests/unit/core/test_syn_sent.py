@@ -22,7 +22,7 @@ def client(**kw):
 def test_syn_carries_mss_ws_sackperm_ts():
     sh, sd, peer, syn = client()
     assert syn.flags == "S" and syn.dport == 80 and syn.ack == 0
-    assert syn.mss == 1460 and syn.wscale == 3 and syn.sack_perm and syn.ts[1] == 0
+    assert syn.mss == 1460 and syn.wscale == 7 and syn.sack_perm and syn.ts[1] == 0
     assert syn.window == 65535
     assert 32768 <= syn.sport <= 60999
     assert sh.state(sd) is State.SYN_SENT

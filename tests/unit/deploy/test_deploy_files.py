@@ -35,7 +35,7 @@ ENV_FILE = DEPLOY / "systemd" / "shardstack.env"
 CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 DAEMONSET = DEPLOY / "k8s" / "daemonset.yaml"
 WAIT_READY = DEPLOY / "shardstack-wait-ready"
-SUBCOMMANDS = ("serve", "run", "ss", "stats", "demo", "bench")
+SUBCOMMANDS = ("serve", "run", "ss", "stats", "demo", "bench", "impair-bridge")
 ALLOWED_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("127.0.0.0/8"))
 
 
