@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .win_minmax import WinMin
+
 if TYPE_CHECKING:
     from .tcp_cong import CongestionControl
 
@@ -129,6 +131,8 @@ class TcpSock:
     ts_off: int = 0
     # -- RTT / RTO (RFC 6298) --------------------------------------------------------
     srtt: float = 0.0
+    rtt_min: WinMin = field(default_factory=WinMin)  # windowed min RTT (tcp_update_rtt_min)
+    min_rtt: float = 0.0  # its value at the last sample, s (0: none yet)
     rttvar: float = 0.0
     rto: float = 1.0
     backoff: int = 0

@@ -209,7 +209,7 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["bytes_received"], received)
     inflight_data = flight - (1 if state in _SYN_UNACKED else 0) - _fin_unacked(sk)
     put(ix["notsent_bytes"], max(sk.sndq_len - max(inflight_data, 0), 0))
-    min_rtt = cc.min_rtt if cc is not None else None
+    min_rtt = sk.rtt_min.get(now)  # windowed, as Linux's tcp_min_rtt()
     put(ix["min_rtt"], _usec(min_rtt) if min_rtt is not None else _U32)
     # tcpi_bytes_sent counts every transmission, retransmissions included.
     put(ix["bytes_sent"], sent + sk.bytes_retrans)

@@ -93,11 +93,16 @@ def tcp_set_rto(sk: TcpSock) -> None:
         sk.rto = 120.0
 
 
-def tcp_ack_update_rtt(sh: Shard, sk: TcpSock, rtt: float) -> None:
+def tcp_ack_update_rtt(sh: Shard, sk: TcpSock, rtt: float, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_update_rtt")
     if rtt < 0:
         return
+    if sh.tracing:
+        sh.tr("tcp_update_rtt_min")
+    # tcp_update_rtt_min: the path's minimum over the last tcp_min_rtt_wlen (300 s),
+    # for RACK's reordering window and TCP_INFO (win_minmax).
+    sk.min_rtt = sk.rtt_min.update(now, rtt)
     if sh.tracing:
         sh.tr("tcp_rtt_estimator")
         sh.tr("tcp_set_rto")
@@ -293,7 +298,7 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         rtt = now - sk.rtt_time
         sk.rtt_seq = -1
     if rtt is not None:
-        tcp_ack_update_rtt(sh, sk, rtt)
+        tcp_ack_update_rtt(sh, sk, rtt, now)
     sk.backoff = 0
     sk.retries = 0
     sk.probes = 0
@@ -1352,7 +1357,7 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
         sk.snd_wl1 = seg.seq
         sk.snd_wl2 = seg.ack
         if sk.syn_retries == 0:  # Karn: only an unretransmitted SYN gives an RTT
-            tcp_ack_update_rtt(sh, sk, now - sk.rtt_time)
+            tcp_ack_update_rtt(sh, sk, now - sk.rtt_time, now)
         sk.rtt_seq = -1
         tcp_finish_connect(sh, sk, now)
         if seg.payload or flags & FIN:

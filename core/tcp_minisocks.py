@@ -140,7 +140,7 @@ def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> T
     if req.num_retrans == 0:  # Karn: no sample from a retransmitted SYN-ACK
         if sh.tracing:
             sh.tr("skb_mstamp_us_delta")
-        tcp_input.tcp_ack_update_rtt(sh, child, now - req.synack_time)
+        tcp_input.tcp_ack_update_rtt(sh, child, now - req.synack_time, now)
     inet_connection_sock.inet_csk_complete_hashdance(sh.h, listener, req, child)
     return child
 

@@ -104,9 +104,8 @@ def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
             _rack_update(sk, t, top, now)
     log = sk.rtx_log
     if log:
-        cc = sk.cc
-        # Before any sample: the handshake's RTT.
-        min_rtt = (cc.min_rtt if cc is not None else None) or sk.srtt
+        # The windowed path minimum (tcp_update_rtt_min); before any sample, SRTT.
+        min_rtt = sk.min_rtt or sk.srtt
         keep = []
         for ent in log:
             if _delivered(sk, una, ent[0], ent[1]):
@@ -130,8 +129,7 @@ def _rack_reo_wnd(sk: TcpSock) -> float:
     if not sk.reord_seen and (sk.in_recovery or sk.in_loss
                               or sk.sacked_bytes >= TCP_FASTRETRANS_THRESH * sk.mss_cache):
         return 0.0
-    cc = sk.cc
-    reo = sk.reo_wnd_mult * ((cc.min_rtt if cc is not None else None) or sk.srtt) / 4
+    reo = sk.reo_wnd_mult * (sk.min_rtt or sk.srtt) / 4  # Linux tcp_min_rtt(): windowed
     if sk.srtt and reo > sk.srtt:
         reo = sk.srtt
     return reo
