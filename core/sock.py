@@ -95,6 +95,11 @@ class TcpSock:
     fin_seq: int = 0
     snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle)
     write_blocked: bool = False  # a send() took less than offered: Writable owed
+    # Where the sender's time goes (tcp_chrono): the condition timed now (0: none,
+    # 1 busy, 2 rwnd-limited, 3 sndbuf-limited), since when, and the totals, s.
+    chrono_type: int = 0
+    chrono_start: float = 0.0
+    chrono_stat: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     # -- receive sequence space ------------------------------------------------------
     irs: int = 0
     rcv_nxt: int = 0

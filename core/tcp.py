@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from . import inet_hashtables, tcp_output, tcp_rcvbuf
+from . import inet_hashtables, tcp_chrono, tcp_output, tcp_rcvbuf
 from .events import Closed, Readable, SocketError, Writable
 from .tcp_h import (
     HALF,
@@ -309,4 +309,5 @@ def tcp_check_writable(sh: Shard, sk: TcpSock) -> None:
     """
     if sk.write_blocked and 3 * sk.sndq_len <= 2 * sk.sndbuf and not sk.orphan:
         sk.write_blocked = False
+        tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_SNDBUF_LIMITED, sh.now)
         sh.events.append(Writable(sk.sd))

@@ -19,9 +19,11 @@ per-socket counters the engine keeps where Linux counts them
 super-segments by the segments they stand for), delivered, rcv_ooopack,
 dsack_dups, reord_seen (reordering events) and bytes_retrans.  Byte
 counters but bytes_retrans wrap at 4 GiB (they are read off the sequence
-space, which the engine does not count beyond).  Zero:
-delivery_rate, the chrono busy/limited times, ECN.  The pacing rates read
-~0 ("unlimited"): the engine does not pace.
+space, which the engine does not count beyond).  busy_time, rwnd_limited
+and sndbuf_limited come from ``tcp_chrono``; rcv_rtt and rcv_space from
+receive auto-tuning (``tcp_rcvbuf``); min_rtt is windowed (``win_minmax``).
+Zero: delivery_rate, ECN.  The pacing rates read ~0 ("unlimited"): the
+engine does not pace.
 
 Listeners report only what Linux reports for one: the state, cwnd,
 reordering, the pacing rates, and the accept queue's length in
@@ -35,7 +37,7 @@ from __future__ import annotations
 import struct
 import sys
 
-from . import tcp_input, tcp_output
+from . import tcp_chrono, tcp_input, tcp_output
 from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
 from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
@@ -202,6 +204,10 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     # measured RTT (Linux rcvq_space.space), and the receiver's RTT estimate, µs.
     put(ix["rcv_space"], sk.rcvq_space if sk.rcvq_space else sk.rcvbuf)
     put(ix["rcv_rtt"], int(sk.rcv_rtt_est * 1e6) & _U32)
+    busy, rwnd, sndbuf = tcp_chrono.tcp_chrono_times(sk, now)  # µs, as Linux's chronographs
+    put(ix["busy_time"], int(busy * 1e6))
+    put(ix["rwnd_limited"], int(rwnd * 1e6))
+    put(ix["sndbuf_limited"], int(sndbuf * 1e6))
     put(ix["total_retrans"], sk.total_retrans & _U32)
 
     acked, sent = _bytes_acked_sent(sk)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from . import tcp, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
+from . import tcp, tcp_chrono, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
 from .dropreason import DropReason
 from .events import Connected, Readable
 from .tcp_h import (
@@ -334,6 +334,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
         timers[_TLP] = None
+        if sk.chrono_type and not sk.sndq_len:
+            tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_BUSY, now)  # all acknowledged
     else:
         rto = sk.rto  # tcp_rto(sk) with the backoff just cleared
         # RFC 6298 (5.3), lazily as Linux's inet_csk_reset_xmit_timer: the heap is

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -373,6 +373,38 @@ def tcp_write_xmit(sh: Shard, sk: TcpSock, now: float) -> None:
     _write_new(sh, sk, now, -1)
 
 
+def _chrono_note(sk: TcpSock, mss: int, now: float) -> None:
+    """After a transmit round with data queued (Linux ``tcp_write_xmit`` and
+    ``tcp_cwnd_validate``'s chrono calls): busy; rwnd-limited when unsent data
+    waits for the peer's window while the congestion window has room for it;
+    sndbuf-limited when everything queued is sent, the congestion window has
+    room, and the application is blocked on a full send buffer."""
+    una = sk.snd_una
+    nxt = sk.snd_nxt
+    in_flight = (nxt - una) & MASK
+    left = sk.sndq_len - in_flight
+    limited = False
+    cc = sk.cc
+    if cc is not None:
+        cwnd_room = cc.cwnd * sk.mss_cache - in_flight
+        if left > 0:
+            wnd_room = (una + sk.snd_wnd - nxt) & MASK
+            if wnd_room & HALF:
+                wnd_room = 0
+            need = left if left < mss else mss
+            limited = wnd_room < need and cwnd_room >= need
+        elif sk.write_blocked and cwnd_room > 0:
+            tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_SNDBUF_LIMITED, now)
+            return
+    if limited:
+        if sk.chrono_type < tcp_chrono.CHRONO_RWND_LIMITED:
+            tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
+    elif sk.chrono_type == tcp_chrono.CHRONO_RWND_LIMITED:
+        tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
+    elif not sk.chrono_type:
+        tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_BUSY, now)
+
+
 def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     """New data from SND.NXT; ``quota`` >= 0 caps the bytes (recovery), else cwnd does.
 
@@ -497,6 +529,8 @@ def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             sk.snd_max = end
         if fin:
             break
+    if sk.sndq_len and quota < 0:
+        _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
         if sk.sack_ok:
