@@ -20,7 +20,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_rcvbuf, tcp_timer
+from . import (
+    inet_connection_sock,
+    tcp,
+    tcp_cong,
+    tcp_info,
+    tcp_ipv4,
+    tcp_output,
+    tcp_rcvbuf,
+    tcp_timer,
+)
 from .dropreason import DropReason
 from .events import Event, SocketError
 from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
@@ -147,6 +156,9 @@ class ConnInfo:
     cwnd: int
     srtt: float
     rto: float
+    #: The connection's TCP_INFO, decoded (``tcp_info.unpack_tcp_info``), plus its
+    #: congestion control's name: what ``shardstack ss -i`` prints, as ``ss -ti``.
+    info: dict[str, int | str] = field(default_factory=dict)
 
 
 _SOL_SOCKET = _socket.SOL_SOCKET
@@ -506,9 +518,13 @@ class Shard:
                 continue
             seen.add(id(sk))
             if isinstance(sk, TcpSock):
+                info: dict[str, int | str] = {}
+                if sk.state is not State.LISTEN:
+                    info.update(tcp_info.unpack_tcp_info(tcp_info.tcp_get_info(sk, self.now)))
+                    info["cc"] = sk.cc.name if sk.cc else (sk.cc_name or self.cfg.congestion)
                 rows.append(ConnInfo(None if sk.closed_evt else sk.sd, str(sk.state), sk.laddr,
                                      sk.lport, sk.raddr, sk.rport, sk.sndq_len, sk.rcvq_len,
-                                     sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto))
+                                     sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto, info))
             else:
                 rows.append(ConnInfo(None, str(sk.state), sk.laddr, sk.lport, sk.raddr,
                                      sk.rport, 0, 0, 0, 0.0, 1.0))

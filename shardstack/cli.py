@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=what)
         p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "ss":
+            p.add_argument("-i", "--info", action="store_true",
+                           help="each connection's TCP_INFO (rtt, cwnd, busy/rwnd_limited/"
+                                "sndbuf_limited, rcv_rtt/rcv_space, reordering), like `ss -ti`")
     demo = sub.add_parser(
         "demo", help="self-contained demo in a network namespace it creates (needs root)"
     )
@@ -240,7 +244,7 @@ def cmd_ss(args: argparse.Namespace) -> int:
     if reply is None:
         return 1
     conns = reply.get("conns", [])
-    print(json.dumps(conns, indent=1) if args.json else format_ss(conns))
+    print(json.dumps(conns, indent=1) if args.json else format_ss(conns, args.info))
     return 0
 
 

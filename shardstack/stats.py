@@ -77,10 +77,65 @@ def ip_text(ip: int | str) -> str:
     return ip if isinstance(ip, str) else str(ipaddress.IPv4Address(ip))
 
 
-def format_ss(conns: list[dict[str, Any]]) -> str:
-    """`ss -tan`-style table: State Recv-Q Send-Q Local Peer Worker."""
+def format_tcp_info(i: dict[str, Any]) -> str:
+    """One connection's TCP_INFO the way `ss -ti` prints it (zero counters left out)."""
+    def ms(us: int) -> str:
+        return f"{us / 1000:g}"
+
+    out = [str(i.get("cc", "")), f"wscale:{i.get('snd_wscale', 0)},{i.get('rcv_wscale', 0)}",
+           f"rto:{ms(i.get('rto', 0))}", f"rtt:{ms(i.get('rtt', 0))}/{ms(i.get('rttvar', 0))}"]
+    if i.get("ato"):
+        out.append(f"ato:{ms(i['ato'])}")
+    out += [f"mss:{i.get('snd_mss', 0)}", f"pmtu:{i.get('pmtu', 0)}",
+            f"rcvmss:{i.get('rcv_mss', 0)}", f"advmss:{i.get('advmss', 0)}",
+            f"cwnd:{i.get('snd_cwnd', 0)}"]
+    if 0 < i.get("snd_ssthresh", 0) < 0x7FFFFFFF:
+        out.append(f"ssthresh:{i['snd_ssthresh']}")
+    for key in ("bytes_sent", "bytes_retrans", "bytes_acked", "bytes_received", "segs_out",
+                "segs_in", "data_segs_out", "data_segs_in"):
+        if i.get(key):
+            out.append(f"{key}:{i[key]}")
+    if i.get("delivery_rate"):
+        out.append(f"delivery_rate {i['delivery_rate'] * 8}bps")
+    if i.get("delivered"):
+        out.append(f"delivered:{i['delivered']}")
+    busy = i.get("busy_time", 0)
+    if busy:
+        out.append(f"busy:{busy // 1000}ms")
+        for key in ("rwnd_limited", "sndbuf_limited"):
+            if i.get(key):
+                out.append(f"{key}:{i[key] // 1000}ms({100 * i[key] / busy:.1f}%)")
+    for key in ("unacked", "lost", "sacked", "dsack_dups"):
+        if i.get(key):
+            out.append(f"{key}:{i[key]}")
+    if i.get("retrans") or i.get("total_retrans"):
+        out.append(f"retrans:{i.get('retrans', 0)}/{i.get('total_retrans', 0)}")
+    if i.get("reordering", 3) != 3:
+        out.append(f"reordering:{i['reordering']}")
+    for key in ("reord_seen",):
+        if i.get(key):
+            out.append(f"{key}:{i[key]}")
+    if i.get("rcv_rtt"):
+        out.append(f"rcv_rtt:{ms(i['rcv_rtt'])}")
+    for key in ("rcv_space", "rcv_ssthresh"):
+        if i.get(key):
+            out.append(f"{key}:{i[key]}")
+    if i.get("min_rtt") and i["min_rtt"] != 0xFFFFFFFF:
+        out.append(f"minrtt:{ms(i['min_rtt'])}")
+    for key in ("rcv_ooopack", "snd_wnd", "rcv_wnd"):
+        if i.get(key):
+            out.append(f"{key}:{i[key]}")
+    return " ".join(p for p in out if p)
+
+
+def format_ss(conns: list[dict[str, Any]], info: bool = False) -> str:
+    """`ss -tan`-style table: State Recv-Q Send-Q Local Peer Worker; with `info`
+    (`ss -ti`), each connection's TCP_INFO on the line below it."""
     rows = [("State", "Recv-Q", "Send-Q", "Local Address:Port", "Peer Address:Port", "Worker")]
+    extra: dict[int, str] = {}
     for c in sorted(conns, key=lambda c: (c.get("worker", 0), c.get("lport", 0), c.get("rport", 0))):
+        if info and c.get("info"):
+            extra[len(rows)] = "\t " + format_tcp_info(c["info"])
         rows.append(
             (
                 str(c.get("state", "?")),
@@ -92,9 +147,12 @@ def format_ss(conns: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        if n in extra:
+            lines.append(extra[n])
+    return "\n".join(lines)
 
 
 def format_stats(st: dict[str, Any]) -> str:

@@ -106,3 +106,31 @@ def test_a_small_send_buffer_makes_the_sender_sndbuf_limited():
     info = _info(a, c, link.now)
     assert info["sndbuf_limited"] > 0.5 * info["busy_time"], info
     assert info["rwnd_limited"] < 0.05 * info["busy_time"]
+
+
+def test_ss_info_shows_the_limits_like_ss_ti():
+    from shardstack.stats import format_ss
+
+    params = LinkParams(delay=0.005, bandwidth=100e6 / 8, queue_bytes=MIB)
+    a, b = make_shard(), make_shard(B)
+    link = SimLink(a, b, seed=1, params=params)
+    opts = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024),)
+    c, s = connect_over(link, a, b, server_opts=opts)
+    data = bytes(MIB)
+    sent = 0
+
+    def writer() -> bool:
+        nonlocal sent
+        if sent < len(data):
+            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
+        return False
+
+    link.run_until(writer, link.now + 1.0)  # the receiver never reads
+    rows = [dict(vars(ci)) if hasattr(ci, "__dict__") else
+            {f: getattr(ci, f) for f in ci.__dataclass_fields__} for ci in a.connections()]
+    est = [r for r in rows if r["state"] == "ESTABLISHED"]
+    assert est and est[0]["info"]["cc"] == "cubic"
+    text = format_ss(est, info=True)
+    line = text.splitlines()[-1]
+    assert line.startswith("\t cubic wscale:2,7 rto:")  # the peer fixed 128 KiB: shift 2
+    assert "rwnd_limited:" in line and "busy:" in line and "minrtt:" in line
