@@ -60,6 +60,9 @@ __all__ = ["tcp_rcv_established", "tcp_rcv_state_process", "tcp_rcv_synsent_stat
 
 #: PAWS: a ts_recent older than 24 days is not trusted (RFC 7323 §5.5).
 PAWS_24DAYS = 24 * 86400.0
+#: Linux TCP_PAWS_WINDOW: a timestamp this many ticks older than TS.Recent still
+#: passes PAWS (segments sent in adjacent ms ticks may swap places on the way).
+TCP_PAWS_WINDOW = 1
 #: Linux sysctl_tcp_invalid_ratelimit: at most one out-of-window ACK per 500 ms.
 OOW_RATELIMIT = 0.5
 _RETRANSMIT = TimerKind.RETRANSMIT
@@ -1156,9 +1159,10 @@ def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
         sh.tr("tcp_validate_incoming")
     flags = seg.flags
     ts = seg.options.ts
-    # PAWS (RFC 7323 §5.3): a timestamp older than TS.Recent marks an old duplicate.
+    # PAWS (RFC 7323 §5.3): a timestamp older than TS.Recent marks an old duplicate;
+    # as Linux (tcp_paws_check), one tick older is reordering, not age.
     if (sk.ts_ok and ts is not None and not flags & RST
-            and ((ts[0] - sk.ts_recent) & MASK) & HALF
+            and TCP_PAWS_WINDOW < ((sk.ts_recent - ts[0]) & MASK) < HALF
             and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg, ts[0])):
         sh.stats.drop(DropReason.TCP_PAWS)
         _send_oow_ack(sh, sk, now)

@@ -85,6 +85,22 @@ def test_paws_drops_old_timestamp():
     assert sh.stats.drops[DropReason.TCP_PAWS] == 1
 
 
+def test_paws_allows_one_tick_of_reordering():
+    # Linux TCP_PAWS_WINDOW (1): a segment sent one timestamp tick before the one
+    # that last set TS.Recent, overtaken on the way (a reordering link with ms
+    # ticks), is new data, not an old duplicate: dropping it would make the
+    # sender retransmit and halve its window for nothing.
+    sh, sd, peer, snd = conn(ts=True)
+    peer.send(ACK | PSH, ISN + 1, snd, payload=b"a", ts=(200, 1))
+    assert sh.recv(sd, 10) == b"a"
+    peer.recv()
+    peer.send(ACK | PSH, ISN + 2, snd, payload=b"b", ts=(199, 1), at=1.0)
+    r = peer.recv_one()
+    assert r.ack == ISN + 3
+    assert sh.recv(sd, 10) == b"b"
+    assert sh.stats.drops[DropReason.TCP_PAWS] == 0
+
+
 def test_no_ack_flag_is_dropped():
     sh, sd, peer, snd = conn()
     peer.send(PSH, ISN + 1, payload=b"x")
