@@ -572,7 +572,7 @@ def test_impaired_transfers_are_identical_on_the_wire(seed, params, kw, monkeypa
     spy = Spy(monkeypatch)
     fast = _transfer(True, params, seed, **kw)
     hits = spy.take()
-    assert hits[0] > 40 and hits[1] > 10  # both paths were exercised
+    assert hits[0] > 15 and hits[1] > 10  # both paths were exercised
     slow = _transfer(False, params, seed, **kw)
     assert len(fast[0]) == len(slow[0])
     for i, (x, y) in enumerate(zip(fast[0], slow[0], strict=True)):
