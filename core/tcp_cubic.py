@@ -20,6 +20,16 @@ lowered to ``cwnd * (1 + beta) / 2`` when the window is shrinking.  After an
 RTO, the next epoch starts with K = 0 and W_max = cwnd_epoch (§4.8).  A
 spurious reduction is undone with the whole CUBIC state (§4.9).
 
+Slow start uses HyStart++ (RFC 9406), on by default as Linux CUBIC's
+HyStart is: per round of data, the minimum RTT of the round is compared with
+the previous round's; a rise of at least max(4 ms, min(16 ms, min_RTT / 8))
+after 8 samples means a queue is building, so growth drops to a quarter
+(Conservative Slow Start, §4.2) and, unless the RTT falls back, congestion
+avoidance starts after 5 such rounds with ssthresh = cwnd, before the queue
+overflows. A round ends when as many segments have been acknowledged as
+were in flight when it began (§4.2's windowEnd, counted in segments since
+this class sees no sequence numbers).
+
 Time (``now``) and RTT samples come in as arguments; ``RTT`` is the smoothed
 sample average kept by :class:`~shardstack.core.tcp_cong.CongestionControl`.
 The engine-facing contract is the one documented in ``tcp_cong``.
@@ -29,12 +39,23 @@ from __future__ import annotations
 
 from .tcp_cong import CaState, CongestionControl, register
 
+_CA_OPEN = CaState.OPEN
+
 __all__ = ["BETA", "C", "Cubic", "alpha_cubic", "cubic_k", "w_cubic"]
 
 #: RFC 9438 §4.6 multiplicative decrease factor.
 BETA = 0.7
 #: RFC 9438 §5 (Figure 1): the scaling constant, in segments / s^3.
 C = 0.4
+
+# RFC 9406 §4.3: HyStart++ constants.
+HYSTART_MIN_RTT_THRESH = 0.004
+HYSTART_MAX_RTT_THRESH = 0.016
+HYSTART_MIN_RTT_DIVISOR = 8
+HYSTART_N_RTT_SAMPLE = 8
+HYSTART_CSS_GROWTH_DIVISOR = 4
+HYSTART_CSS_ROUNDS = 5
+_INF = float("inf")
 
 def alpha_cubic(beta: float = BETA) -> float:
     """RFC 9438 §4.3: the additive factor that makes CUBIC as fair as Reno on average."""
@@ -69,16 +90,26 @@ class Cubic(CongestionControl):
         "cwnd_prior",
         "after_rto",
         "_undo",
+        "hystart",
+        "hs_round_left",
+        "hs_last_min",
+        "hs_cur_min",
+        "hs_samples",
+        "hs_css_baseline",
+        "hs_css_rounds",
     )
 
     def __init__(
-        self, *, fast_convergence: bool = True, beta: float = BETA, c: float = C
+        self, *, fast_convergence: bool = True, beta: float = BETA, c: float = C,
+        hystart: bool = True,
     ) -> None:
         super().__init__()
         self.beta = beta
         self.c = c
         self.fast_convergence = fast_convergence
+        self.hystart = hystart
         self._reset_cubic()
+        self._hystart_reset()
         self._undo: tuple[float, float, float | None, float, float, float] | None = None
 
     def _reset_cubic(self) -> None:
@@ -94,7 +125,64 @@ class Cubic(CongestionControl):
     def init(self, mss: int, now: float) -> None:
         super().init(mss, now)
         self._reset_cubic()
+        self._hystart_reset()
         self._undo = None
+
+    # -- HyStart++ (RFC 9406) --------------------------------------------------------------
+
+    def _hystart_reset(self) -> None:
+        self.hs_round_left = 0.0  # segments still to be acked before the round ends
+        self.hs_last_min = _INF  # lastRoundMinRTT
+        self.hs_cur_min = _INF  # currentRoundMinRTT
+        self.hs_samples = 0  # rttSampleCount
+        self.hs_css_baseline = _INF  # cssBaselineMinRtt; finite: in CSS
+        self.hs_css_rounds = 0
+
+    def on_ack(
+        self, acked_segments: float, rtt: float | None, now: float, in_flight: float | None = None
+    ) -> None:
+        # Only in slow start (before the first congestion event): one test otherwise.
+        if self.hystart and self.cwnd < self.ssthresh and self.ca_state == _CA_OPEN:
+            self._hystart_ack(acked_segments, rtt, in_flight)
+        super().on_ack(acked_segments, rtt, now, in_flight)
+
+    def _hystart_ack(self, acked: float, rtt: float | None, in_flight: float | None) -> None:
+        """RFC 9406 §4.2: rounds, the per-round minimum RTT, the exit tests."""
+        self.hs_round_left -= acked
+        if self.hs_round_left <= 0:
+            # A new round: windowEnd = what is in flight now.
+            self.hs_round_left = in_flight if in_flight else float(self.cwnd)
+            self.hs_last_min = self.hs_cur_min
+            self.hs_cur_min = _INF
+            self.hs_samples = 0
+            if self.hs_css_baseline < _INF:
+                self.hs_css_rounds += 1
+                if self.hs_css_rounds >= HYSTART_CSS_ROUNDS:
+                    # §4.2: CSS_ROUNDS rounds in CSS: congestion avoidance from here.
+                    self.ssthresh = self.cwnd
+                    self.hs_css_baseline = _INF
+                    return
+        if rtt is None or rtt <= 0:
+            return
+        if rtt < self.hs_cur_min:
+            self.hs_cur_min = rtt
+        self.hs_samples += 1
+        if self.hs_samples < HYSTART_N_RTT_SAMPLE or self.hs_last_min == _INF:
+            return
+        if self.hs_css_baseline == _INF:
+            thresh = self.hs_last_min / HYSTART_MIN_RTT_DIVISOR
+            thresh = min(max(thresh, HYSTART_MIN_RTT_THRESH), HYSTART_MAX_RTT_THRESH)
+            if self.hs_cur_min >= self.hs_last_min + thresh:
+                self.hs_css_baseline = self.hs_cur_min  # enter Conservative Slow Start
+                self.hs_css_rounds = 0
+        elif self.hs_cur_min < self.hs_css_baseline:
+            self.hs_css_baseline = _INF  # the RTT fell back: it was not a queue, resume SS
+
+    def slow_start(self, acked_segments: float) -> float:
+        if self.hs_css_baseline < _INF:
+            # §4.2 Conservative Slow Start: a quarter of slow start's growth.
+            return super().slow_start(acked_segments / HYSTART_CSS_GROWTH_DIVISOR)
+        return super().slow_start(acked_segments)
 
     # -- window as a float ---------------------------------------------------------------
 
@@ -113,6 +201,7 @@ class Cubic(CongestionControl):
         # as in Linux; §4.6 allows it because tcp_cong refuses growth when the sender is
         # not cwnd-limited.
         self._save_cubic_for_undo()
+        self.hs_css_baseline = _INF  # RFC 9406 §4.2: a loss ends slow start, CSS too
         cwnd = self._window()
         if self.fast_convergence and cwnd < self.w_max:
             self.w_max = cwnd * (1.0 + self.beta) / 2.0
