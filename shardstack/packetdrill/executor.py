@@ -290,14 +290,18 @@ class Executor:
             raise Fail(ev.line, f"expected {spec.text} at {start:.6f} s; nothing was sent "
                                 f"(waited until {self.t():.6f} s)")
         parts = [first]
-        while (sum(p.length for p in parts) < spec.length and parts[-1].length > 0
+        # Non-strict mode: packetdrill sniffs on while the payload is short of the
+        # line's, bare ACKs included, and checks the aggregate.
+        while (sum(p.length for p in parts) < spec.length
                and not parts[-1].flags & (P.FLAG_BITS["S"] | P.FLAG_BITS["R"])):
             nxt = self.next_packet(limit, peek=True)
-            if nxt is None or nxt.length == 0 or nxt.flags & P.FLAG_BITS["S"]:
+            if nxt is None or nxt.flags & (P.FLAG_BITS["S"] | P.FLAG_BITS["R"]):
                 break
             parts.append(self.out.pop(0))
         w = parts[0] if len(parts) == 1 else P.glue(parts)
-        if "S" in spec.flags:  # learn the stack's ISN (and port, for an active open)
+        if "S" in spec.flags and self.local_isn is None:
+            # The stack's ISN (and port, for an active open), once: as packetdrill,
+            # a later connection on the same 4-tuple keeps the first one's base.
             self.local_isn = (w.seq - spec.seq) % 2**32
             if self.local_port is None or "." not in spec.flags:
                 self.local_port = w.sport

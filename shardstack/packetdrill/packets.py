@@ -198,7 +198,8 @@ def build_inbound(spec: PacketSpec, src: int, dst: int, sport: int, dport: int,
 
 def glue(parts: list[Wire]) -> Wire:
     """Consecutive segments as one (packetdrill's non-strict mode)."""
-    first, last = parts[0], parts[-1]
+    data = [p for p in parts if p.length] or parts
+    first, last = data[0], parts[-1]
     flags = 0
     for p in parts:
         flags |= p.flags

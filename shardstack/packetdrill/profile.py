@@ -53,6 +53,7 @@ FIXED = {
     "net.ipv4.tcp_ecn": {"0", "2"},  # 2: answer ECN only when asked; the engine never asks
     "net.ipv4.tcp_ecn_option": {"0", "1", "2"},  # AccECN option: only with tcp_ecn=3
     "net.ipv4.tcp_syn_retries": {"5", "6"},
+    "net.ipv4.tcp_syn_linear_timeouts": {"0"},  # the engine backs off from the first retry
     "net.ipv4.tcp_synack_retries": {"5"},
     "net.ipv4.tcp_recovery": {"1"},
     "net.ipv4.tcp_early_retrans": {"3", "4"},

@@ -349,8 +349,9 @@ class Layer:
         level, opt, val = value(args[1]), value(args[2]), value(args[3])
         if isinstance(val, list) and len(val) == 1 and isinstance(val[0], int):
             val = val[0]
-        elif isinstance(val, dict) and "l_onoff" in val:
-            val = struct.pack("ii", val["l_onoff"], val.get("l_linger", 0))
+        elif isinstance(val, dict) and ("l_onoff" in val or "onoff" in val):
+            val = struct.pack("ii", val.get("l_onoff", val.get("onoff", 0)),
+                              val.get("l_linger", val.get("linger", 0)))
         elif isinstance(val, bytes):
             pass
         elif not isinstance(val, int):
@@ -371,9 +372,10 @@ class Layer:
                 got = self.shard.getsockopt(vs.sd, level, opt)
             except OSError as e:
                 return Outcome(-1, e.errno)
-            if isinstance(want, dict) and "l_onoff" in want and isinstance(got, bytes):
+            if isinstance(want, dict) and isinstance(got, bytes) and len(got) >= 8:
                 onoff, linger = struct.unpack("ii", got[:8])
-                return Outcome(0, outs={"optval": {"l_onoff": onoff, "l_linger": linger}})
+                keys = ("l_onoff", "l_linger") if "l_onoff" in want else ("onoff", "linger")
+                return Outcome(0, outs={"optval": dict(zip(keys, (onoff, linger), strict=True))})
             if isinstance(got, bytes) and not isinstance(want, bytes):
                 raise Unknown("getsockopt returning a buffer")
             return Outcome(0, outs={"optval": [got] if isinstance(want, list) else got})
