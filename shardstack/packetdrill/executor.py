@@ -102,6 +102,8 @@ class Executor:
         self.code: list[tuple[Event, dict[str, int] | None]] = []
         self.prev: Event | None = None
         self.prev_time = 0.0  # script time of the previous event, after adjustment
+        self.strict = False  # --strict_segments: one line, one segment
+        self.ts_tick = 0.0  # --tcp_ts_tick_usecs: check outbound TS val against the script
 
     # -- the clock ----------------------------------------------------------------------------
 
@@ -207,6 +209,10 @@ class Executor:
                 self.tol_pct = float(val)
             elif name == "ip_version" and val == "ipv4":
                 pass
+            elif name == "strict_segments":
+                self.strict = True
+            elif name == "tcp_ts_tick_usecs":
+                self.ts_tick = int(val) / 1e6
             elif name in ("mss",) and val == "1460":
                 pass
             else:
@@ -292,7 +298,7 @@ class Executor:
         parts = [first]
         # Non-strict mode: packetdrill sniffs on while the payload is short of the
         # line's, bare ACKs included, and checks the aggregate.
-        while (sum(p.length for p in parts) < spec.length
+        while (not self.strict and sum(p.length for p in parts) < spec.length
                and not parts[-1].flags & (P.FLAG_BITS["S"] | P.FLAG_BITS["R"])):
             nxt = self.next_packet(limit, peek=True)
             if nxt is None or nxt.flags & (P.FLAG_BITS["S"] | P.FLAG_BITS["R"]):
@@ -314,6 +320,7 @@ class Executor:
                                 f"{spec.text[1:].strip()!r} got {P.wire_text(w, isn, self.remote_isn)!r}"
                                 f" at {w.time:.6f} s")
         self.check_time(ev, start, end, w.time, "outbound packet", tol)
+        self.check_tsval(ev, spec, w)
         self.learn_ts(spec, w)
         if self.now - BASE < w.time:
             self.now = BASE + w.time
@@ -325,6 +332,21 @@ class Executor:
                 return None
             self.step_to(nxt)
         return self.out[0] if peek else self.out.pop(0)
+
+    def check_tsval(self, ev: Event, spec: PacketSpec, w: P.Wire) -> None:
+        """With a TS tick, the TS val (moved to script space) must be the script's, within
+        the tolerance (packetdrill's verify_outbound_tcp_option)."""
+        script_ts = next((o.value for o in spec.options or [] if o.kind == "TS"), None)
+        actual = w.ts()
+        if not self.ts_tick or script_ts is None or actual is None or self.ts_first is None:
+            return
+        live = (self.ts_first[0] + actual[0] - self.ts_first[1]) % 2**32
+        delta = abs(((live - script_ts[0] + 2**31) % 2**32) - 2**31)
+        tol = max(self.tol_abs, self.tol_pct / 100.0 * max(self.t(), 0.0))
+        if delta * self.ts_tick > tol + 1e-9:
+            raise Fail(ev.line, f"bad outbound TCP timestamp value: expected TS val "
+                                f"{script_ts[0]} got {live} (tick {self.ts_tick * 1e6:.0f} us, "
+                                f"tolerance {tol:.6f} s)")
 
     def learn_ts(self, spec: PacketSpec, w: P.Wire) -> None:
         script_ts = next((o.value for o in spec.options or [] if o.kind == "TS"), None)

@@ -59,13 +59,14 @@ FIXED = {
     "net.ipv4.tcp_early_retrans": {"3", "4"},
     "net.ipv4.tcp_frto": {"0", "2"},
     "net.ipv4.tcp_slow_start_after_idle": {"0", "1"},
-    "net.ipv4.tcp_tso_win_divisor": {"3"},
+    # TSO sizing only: virtual mode sends MSS-sized segments, glued per line.
+    "net.ipv4.tcp_tso_win_divisor": None,
     "net.ipv4.tcp_pacing_ss_ratio": {"200"},
     "net.ipv4.tcp_pacing_ca_ratio": {"120"},
     "net.ipv4.tcp_notsent_lowat": {"4294967295", "-1"},
     "net.ipv4.tcp_fastopen": {"1", "0", "0x70403", "0x1", "0x0"},
     "net.ipv4.tcp_fastopen_key": None,  # any key: the engine has no Fast Open
-    "net.ipv4.tcp_min_tso_segs": {"2"},
+    "net.ipv4.tcp_min_tso_segs": None,
     "net.ipv4.tcp_autocorking": {"0", "1"},
     "net.ipv4.tcp_mtu_probing": {"0"},
     "net.ipv4.tcp_no_metrics_save": {"0", "1"},

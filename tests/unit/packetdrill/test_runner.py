@@ -233,3 +233,26 @@ def test_cli_live_says_not_available(tmp_path):
     out = subprocess.run([sys.executable, "-m", "shardstack", "packetdrill", "--live",
                           str(tmp_path / "x.pkt")], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "not available" in out.stderr
+
+
+def test_strict_segments_turns_gluing_off():
+    text = ESTABLISH + "+0 write(4, ..., 2000) = 2000\n+0 > P. 1:2001(2000) ack 1\n"
+    assert run(text).status == "pass"
+    r = run("--strict_segments\n" + text)
+    assert r.status == "fail" and "got '. 1:1001(1000) ack 1" in r.reason
+
+
+@pytest.mark.parametrize("tsval,status", [(1200, "pass"), (700, "fail")])
+def test_ts_tick_checks_outbound_tsval(tsval, status):
+    text = "--tcp_ts_tick_usecs=1000\n" + LISTEN + f"""\
++0 < S 0:0(0) win 65535 <mss 1000,sackOK,TS val 100 ecr 0,nop,wscale 7>
++0 > S. 0:0(0) ack 1 <mss 1460,sackOK,TS val 100 ecr 100,nop,wscale 7>
++.1 < . 1:1(0) ack 1 win 514 <nop,nop,TS val 200 ecr 100>
++0 accept(3, ..., ...) = 4
++1 write(4, ..., 988) = 988
++0 > P. 1:989(988) ack 1 <nop,nop,TS val {tsval} ecr 200>
+"""
+    r = run(text)
+    assert r.status == status, r.reason
+    if status == "fail":
+        assert "TS val 700 got 1200" in r.reason
