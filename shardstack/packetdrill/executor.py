@@ -213,8 +213,10 @@ class Executor:
                 self.strict = True
             elif name == "tcp_ts_tick_usecs":
                 self.ts_tick = int(val) / 1e6
-            elif name in ("mss",) and val == "1460":
-                pass
+            elif name == "mss":
+                pass  # the GSO size of injected packets: the engine takes any size whole
+            elif name == "mtu" and val.isdigit():
+                self.settings.mtu = int(val)
             else:
                 raise Unsupported(line, f"option --{name}={val}")
         for ev in self.script.events:

@@ -21,9 +21,9 @@ from shardstack.core.wire.ipv4 import build_ipv4, parse_ipv4
 from .script import PacketSpec, TcpOption
 
 FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, ".": 0x10, "U": 0x20,
-             "E": 0x40, "W": 0x80}
+             "E": 0x40, "W": 0x80, "A": 0x100}  # A: AE (RFC 9768 AccECN), the NS bit's place
 #: The order packetdrill prints flags in.
-FLAG_ORDER = "FSRP.UEW"
+FLAG_ORDER = "FSRP.UEWA"
 ECN_BITS = {"noecn": 0, "ect1": 1, "ect0": 2, "ce": 3}
 ECN_NAMES = {v: k for k, v in ECN_BITS.items()}
 OPT_KIND = {"eol": 0, "nop": 1, "mss": 2, "wscale": 3, "sackOK": 4, "sack": 5, "TS": 8}
@@ -187,8 +187,9 @@ def build_inbound(spec: PacketSpec, src: int, dst: int, sport: int, dport: int,
     payload = bytes(spec.length)
     hlen = 20 + len(opts)
     win = 0 if spec.win is None else spec.win
-    header = struct.pack("!HHIIBBHHH", sport, dport, spec.seq % 2**32, ack, (hlen // 4) << 4,
-                         flags, win & 0xFFFF, 0, spec.urg or 0) + opts
+    header = struct.pack("!HHIIBBHHH", sport, dport, spec.seq % 2**32, ack,
+                         ((hlen // 4) << 4) | (flags >> 8), flags & 0xFF, win & 0xFFFF, 0,
+                         spec.urg or 0) + opts
     segment = header + payload
     csum = tcp_checksum(src, dst, segment)
     segment = segment[:16] + struct.pack("!H", csum) + segment[18:]
@@ -211,7 +212,7 @@ def glue(parts: list[Wire]) -> Wire:
 def mismatch(spec: PacketSpec, w: Wire, local_isn: int, remote_isn: int) -> str | None:
     """Why ``w`` is not the packet ``spec`` expects, or None when it is."""
     want = flags_value(spec.flags)
-    got = w.flags & 0xFF
+    got = w.flags & 0x1FF
     if w.count > 1:  # glued: PSH and FIN belong to the pieces, as packetdrill's aggregate
         want &= ~(FLAG_BITS["P"] | FLAG_BITS["F"])
         got &= ~(FLAG_BITS["P"] | FLAG_BITS["F"])

@@ -40,6 +40,17 @@ def linux() -> Settings:
     return Settings()
 
 
+def upstream_defaults(s: Settings) -> None:
+    """What upstream packetdrill's (and the kernel selftests') defaults.sh sets that the
+    engine models: a 15 MiB tcp_rmem maximum (window scale 8), 4 MiB tcp_wmem, timestamps,
+    SACK, CUBIC, syncookies.  Used when a script's defaults.sh is not beside it."""
+    s.rcvbuf = 15 * 1024 * 1024
+    s.sndbuf = 4 * 1024 * 1024
+    s.timestamps = s.sack = s.window_scaling = s.syncookies = True
+    s.congestion = "cubic"
+    s.notes.append("defaults.sh not found: upstream packetdrill's defaults assumed")
+
+
 def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split()]
 
@@ -64,7 +75,7 @@ FIXED = {
     "net.ipv4.tcp_pacing_ss_ratio": {"200"},
     "net.ipv4.tcp_pacing_ca_ratio": {"120"},
     "net.ipv4.tcp_notsent_lowat": {"4294967295", "-1"},
-    "net.ipv4.tcp_fastopen": {"1", "0", "0x70403", "0x1", "0x0"},
+    "net.ipv4.tcp_fastopen": None,  # any: scripts using Fast Open skip on its option/flag
     "net.ipv4.tcp_fastopen_key": None,  # any key: the engine has no Fast Open
     "net.ipv4.tcp_min_tso_segs": None,
     "net.ipv4.tcp_autocorking": {"0", "1"},
@@ -161,6 +172,8 @@ def apply_shell(s: Settings, command: str, read_file) -> str | None:
                 if why:
                     return why
             continue
+        if re.match(r"^/tmp/sysctl_restore_\$\{?PPID\}?\.sh$", cmd):
+            continue  # upstream's end-of-script restore: nothing to undo in virtual mode
         if re.match(r"^ethtool\s+-K\s+tun0\s+((tso|gso|gro)\s+off\s*)+$", cmd):
             continue  # virtual mode sends MSS-sized segments: no TSO/GSO to turn off
         if re.match(r"^(ip\s+tcp_metrics\s+flush|tc\s+qdisc\s+(add|replace)\s+dev\s+tun0\s+root\s+"
@@ -169,6 +182,9 @@ def apply_shell(s: Settings, command: str, read_file) -> str | None:
         first = shlex.split(cmd)[0] if cmd else ""
         if first.endswith(".sh"):
             text = read_file(first)
+            if text is None and first.endswith("defaults.sh"):
+                upstream_defaults(s)  # the scripts came without their defaults file
+                continue
             if text is None:
                 return f"shell script {first} not found"
             lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]

@@ -256,3 +256,19 @@ def test_ts_tick_checks_outbound_tsval(tsval, status):
     assert r.status == status, r.reason
     if status == "fail":
         assert "TS val 700 got 1200" in r.reason
+
+
+def test_missing_defaults_file_means_upstream_defaults(tmp_path):
+    script = tmp_path / "a.pkt"
+    script.write_text("`./defaults.sh`\n" + LISTEN + SYN +
+                      "+0 > S. 0:0(0) ack 1 <mss 1460,nop,nop,sackOK,nop,wscale 8>\n"
+                      "`/tmp/sysctl_restore_${PPID}.sh`\n")
+    from shardstack.packetdrill import run_file
+    r = run_file(str(script))
+    assert r.status == "pass", r.reason
+
+
+def test_mtu_option_sets_the_mss():
+    r = run("--mtu=1000\n" + LISTEN + SYN +
+            "+0 > S. 0:0(0) ack 1 <mss 960,nop,nop,sackOK,nop,wscale 7>\n")
+    assert r.status == "pass", r.reason
