@@ -95,6 +95,7 @@ class Executor:
         self.local_port: int | None = None
         self.remote_port = REMOTE_PORT
         self.local_isn: int | None = None
+        self.flow_isn: dict[int, int] = {}  # flows named by port in the script: peer port -> ISN
         self.remote_isn = 0
         self.ts_map: dict[int, int] = {}
         self.ts_first: tuple[int, int] | None = None
@@ -273,8 +274,12 @@ class Executor:
             self.local_port = self.layer.bind_port
         ack_flag = "." in spec.flags
         ecr_map = self.map_ecr if ack_flag else None
-        frame = P.build_inbound(spec, self.remote_ip, self.local_ip, self.remote_port,
-                                self.local_port, self.local_isn or 0, ecr_map)
+        rport, lport, isn = self.remote_port, self.local_port, self.local_isn
+        if spec.sport is not None:
+            rport, lport = spec.sport, spec.dport
+            isn = self.flow_isn.get(rport)
+        frame = P.build_inbound(spec, self.remote_ip, self.local_ip, rport, lport, isn or 0,
+                                ecr_map)
         if self.verbose:
             self.log(f"  {self.t():9.6f} inject   {spec.text[1:].strip()}")
         self.shard.receive(frame, self.now)
@@ -307,15 +312,21 @@ class Executor:
                 break
             parts.append(self.out.pop(0))
         w = parts[0] if len(parts) == 1 else P.glue(parts)
-        if "S" in spec.flags and self.local_isn is None:
-            # The stack's ISN (and port, for an active open), once: as packetdrill,
-            # a later connection on the same 4-tuple keeps the first one's base.
+        if spec.dport is not None:  # a flow of its own: its own ISN
+            if "S" in spec.flags and spec.dport not in self.flow_isn:
+                self.flow_isn[spec.dport] = (w.seq - spec.seq) % 2**32
+            isn = self.flow_isn.get(spec.dport, (w.seq - spec.seq) % 2**32)
+        elif "S" in spec.flags and (self.local_isn is None or "." not in spec.flags):
+            # The stack's ISN (and port, for an active open).  As packetdrill: each
+            # SYN we send starts afresh, but a SYN-ACK for a later connection on
+            # the same 4-tuple (TIME-WAIT reuse) keeps the first one's base.
             self.local_isn = (w.seq - spec.seq) % 2**32
             if self.local_port is None or "." not in spec.flags:
                 self.local_port = w.sport
                 if "." not in spec.flags:
                     self.remote_port = w.dport
-        isn = self.local_isn if self.local_isn is not None else w.seq - spec.seq
+        if spec.dport is None:
+            isn = self.local_isn if self.local_isn is not None else w.seq - spec.seq
         why = P.mismatch(spec, w, isn, self.remote_isn)
         if why is not None:
             raise Fail(ev.line, f"bad outbound packet ({why}): expected "

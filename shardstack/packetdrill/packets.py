@@ -193,7 +193,7 @@ def build_inbound(spec: PacketSpec, src: int, dst: int, sport: int, dport: int,
     segment = header + payload
     csum = tcp_checksum(src, dst, segment)
     segment = segment[:16] + struct.pack("!H", csum) + segment[18:]
-    tos = ECN_BITS.get(spec.ecn or "noecn", 0)
+    tos = ECN_BITS.get(spec.ecn or "noecn", 2)  # ect01 injected as ECT(0)
     return build_ipv4(src, dst, 6, segment, tos=tos)
 
 
@@ -231,7 +231,12 @@ def mismatch(spec: PacketSpec, w: Wire, local_isn: int, remote_isn: int) -> str 
         return f"window {spec.win} vs {w.win}"
     if (spec.urg or 0) != w.urg and (spec.urg is not None or want & FLAG_BITS["U"]):
         return f"urgent pointer {spec.urg or 0} vs {w.urg}"
-    if spec.ecn is not None and ECN_BITS[spec.ecn] != (w.tos & 3):
+    if spec.sport is not None and (spec.sport, spec.dport) != (w.sport, w.dport):
+        return f"ports {spec.sport}>{spec.dport} vs {w.sport}>{w.dport}"
+    if spec.ecn == "ect01":
+        if w.tos & 3 not in (1, 2):
+            return f"IP ECN field ect01 vs {ECN_NAMES[w.tos & 3]}"
+    elif spec.ecn is not None and ECN_BITS[spec.ecn] != (w.tos & 3):
         return f"IP ECN field {spec.ecn} vs {ECN_NAMES[w.tos & 3]}"
     if spec.options is not None:
         why = _options_mismatch(spec.options, w.options, remote_isn)

@@ -73,8 +73,10 @@ class PacketSpec:
     win: int | None = None
     urg: int | None = None
     options: list[TcpOption] | None = None  # None: "<...>", do not check
-    ecn: str | None = None  # noecn ect0 ect1 ce, or None: not stated
+    ecn: str | None = None  # noecn ect0 ect1 ect01 ce, or None: not stated
     text: str = ""
+    sport: int | None = None  # "SPORT>DPORT" before the flags: a flow of its own
+    dport: int | None = None
 
 
 @dataclass(slots=True)
@@ -385,8 +387,11 @@ def parse_packet(line: int, text: str) -> PacketSpec:
         tk.next()
         ecn = tk.next()[1].lower()
         tk.expect("]")
-        if ecn not in ("noecn", "ect0", "ect1", "ce"):
+        if ecn not in ("noecn", "ect0", "ect1", "ect01", "ce"):
             raise Unsupported(line, f"IP field [{ecn}]")
+    ports = None
+    if tk.peek()[0] == "num" and tk.peek(1)[1] == ">" and tk.peek(2)[0] == "num":
+        ports = (int(_num(tk.next()[1])), int(_num((tk.next(), tk.next())[1][1])))
     kind, val = tk.peek()
     if kind == "id" and val.lower() in ("udp", "icmp", "gre", "mpls", "psp", "udplite"):
         raise Unsupported(line, f"{val} packets (the engine speaks TCP over IPv4 here)")
@@ -410,6 +415,8 @@ def parse_packet(line: int, text: str) -> PacketSpec:
     length = int(_num(tk.next()[1]))
     tk.expect(")")
     spec = PacketSpec(direction, flags, seq, end, length, ecn=ecn, options=[], text=text)
+    if ports:
+        spec.sport, spec.dport = ports
     while not tk.done():
         kind, val = tk.next()
         if val in ("ack", "win", "urg") and tk.peek()[0] == "num":
