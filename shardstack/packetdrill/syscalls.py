@@ -189,8 +189,12 @@ class Layer:
                 return Outcome(-1, e.errno)
             if got is None:
                 return Outcome(-1, E.EAGAIN) if vs.nonblock else None
-            if value(expected_ret) == -1 or expected_ret is ...:
+            if expected_ret is ...:
                 raise Unknown("accept() whose new descriptor number is not given")
+            if value(expected_ret) == -1:  # the engine accepted where the script did not
+                fd = max([*self.fds, 2]) + 1
+                self.adopt(fd, got[0])
+                return Outcome(fd)
             self.adopt(expected_ret, got[0])
             self.conn_fd = value(expected_ret)
             return Outcome(value(expected_ret))

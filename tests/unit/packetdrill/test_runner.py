@@ -272,3 +272,11 @@ def test_mtu_option_sets_the_mss():
     r = run("--mtu=1000\n" + LISTEN + SYN +
             "+0 > S. 0:0(0) ack 1 <mss 960,nop,nop,sackOK,nop,wscale 7>\n")
     assert r.status == "pass", r.reason
+
+
+def test_unexpected_success_fails():
+    # The engine accepts a connection the script says is not there yet.
+    r = run(ESTABLISH.replace("+0  accept(3, ..., ...) = 4\n", "") +
+            "+0 fcntl(3, F_SETFL, O_RDWR|O_NONBLOCK) = 0\n"
+            "+0 accept(3, ..., ...) = -1 EAGAIN (Resource temporarily unavailable)\n")
+    assert r.status == "fail" and "expected -1 EAGAIN" in r.reason
