@@ -229,12 +229,6 @@ def test_cli_json_and_exit_status(tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("pass ")
 
 
-def test_cli_live_says_not_available(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "shardstack", "packetdrill", "--live",
-                          str(tmp_path / "x.pkt")], capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "not available" in out.stderr
-
-
 def test_strict_segments_turns_gluing_off():
     text = ESTABLISH + "+0 write(4, ..., 2000) = 2000\n+0 > P. 1:2001(2000) ack 1\n"
     assert run(text).status == "pass"
