@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .executor import Result, run_file
 from .profile import PROFILES
 
-HELP = "run packetdrill scripts against the engine in virtual time (conformance)"
+HELP = ("run packetdrill scripts against the engine in virtual time, or --live against a "
+        "running stack (conformance)")
 EPILOG = """\
 Each script runs against shardstack.core.Shard with a virtual clock: no root, no
 traffic leaves the process (the peer is packetdrill's default 192.0.2.1).  One
@@ -47,11 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(needs root)")
 
 
-def line_for(r: Result) -> str:
+_SIDE = re.compile(r"expected (?P<exp>'.*') got (?P<got>'.*') at (?P<t>\S+ s)$")
+
+
+def line_for(r: Result, verbose: bool = False) -> str:
     if r.status == "pass":
         return f"pass {r.script}"
     where = f"{r.script}:{r.line}" if r.line is not None else r.script
-    return f"{r.status} {where} {r.reason}"
+    line = f"{r.status} {where} {r.reason}"
+    m = _SIDE.search(r.reason) if verbose else None
+    if m:  # the two packets one above the other, aligned
+        line += f"\n    expected: {m['exp'][1:-1]}\n    actual:   {m['got'][1:-1]}  ({m['t']})"
+    return line
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
             results.extend(r)
             if not args.json:
                 for x in r:
-                    print(line_for(x), flush=True)
+                    print(line_for(x, args.verbose), flush=True)
         return _finish(args, results)
     for path in args.scripts:
         log = (lambda s: print(s, file=sys.stderr)) if args.verbose else None
@@ -74,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                      tolerance_usecs=args.tolerance_usecs)
         results.append(r)
         if not args.json:
-            print(line_for(r), flush=True)
+            print(line_for(r, args.verbose), flush=True)
     return _finish(args, results)
 
 

@@ -274,3 +274,14 @@ def test_unexpected_success_fails():
             "+0 fcntl(3, F_SETFL, O_RDWR|O_NONBLOCK) = 0\n"
             "+0 accept(3, ..., ...) = -1 EAGAIN (Resource temporarily unavailable)\n")
     assert r.status == "fail" and "expected -1 EAGAIN" in r.reason
+
+
+def test_verbose_line_puts_packets_one_above_the_other():
+    from shardstack.packetdrill.report import line_for
+    r = run(LISTEN + SYN + "+0 > S. 0:0(0) ack 1 win 1234 <mss 1460,nop,nop,sackOK,nop,wscale 7>\n")
+    lines = line_for(r, verbose=True).splitlines()
+    assert lines[0].startswith("fail t.pkt:6 ")
+    assert lines[1].split(":", 1)[1].strip() == \
+        "S. 0:0(0) ack 1 win 1234 <mss 1460,nop,nop,sackOK,nop,wscale 7>"
+    assert lines[2].split(":", 1)[1].strip().startswith(
+        "S. 0:0(0) ack 1 win 65535 <mss 1460,nop,nop,sackOK,nop,wscale 7>")
