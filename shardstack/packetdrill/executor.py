@@ -109,6 +109,7 @@ class Executor:
         # a timer can finish it).  Live calls take the shim's real time: like packetdrill,
         # only their start is timed.
         self.instant_calls = True
+        self.grace = GRACE  # how long past an expected time to wait to report what came
 
     # -- the clock ----------------------------------------------------------------------------
 
@@ -301,8 +302,8 @@ class Executor:
         tol = self.tolerance(start)
         limit = (end if end is not None else start) + tol
         if ev.time.kind == "any":
-            limit = self.t() + GRACE
-        first = self.next_packet(limit + GRACE)
+            limit = self.t() + self.grace
+        first = self.next_packet(limit + self.grace)
         if first is None:
             raise Fail(ev.line, f"expected {spec.text} at {start:.6f} s; nothing was sent "
                                 f"(waited until {self.t():.6f} s)")
@@ -431,7 +432,7 @@ class Executor:
     def finish_pending(self, line: int) -> None:
         """Wait (in virtual time) for the blocked call to return."""
         p = self.pending
-        limit = p.end + self.tolerance(p.end) + GRACE
+        limit = p.end + self.tolerance(p.end) + self.grace
         while self.pending is p:
             nxt = self.next_change()
             if nxt is None or nxt > limit:

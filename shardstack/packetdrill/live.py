@@ -274,6 +274,7 @@ class LiveExecutor(Executor):
         self.t0 = time.monotonic()
         super().__init__(script, settings, verbose, log)
         self.instant_calls = False
+        self.grace = 2.0  # real seconds: wait only so long for what never comes
         self.local_ip = str_to_ip(STACK_IP)
         self.remote_ip = str_to_ip(PEER_IP)
         self.captured: queue.Queue = queue.Queue()
