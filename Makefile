@@ -47,4 +47,4 @@ bench: $(STAMP)
 	$(VENV)/bin/shardstack bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache

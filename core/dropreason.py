@@ -38,7 +38,6 @@ class DropReason(enum.Enum):
     PROTO_MEM = "PROTO_MEM"  # in-window data past the receive-memory hard limit (TCPRcvQDrop)
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
-    TCP_COOKIE_BAD = "TCP_COOKIE_BAD"
 
     # -- Device side (netio's Dispatcher, the worker's RX and TX): frames that
     # never reach a Shard. Linux's names where Linux drops the same frame for
@@ -62,7 +61,7 @@ class DropReason(enum.Enum):
     DEV_TX = "DEV_TX"  # the device refused the frame or its queue was full
 
 
-#: core.wire WireError.reason -> drop reason, per layer.
+#: core.wire WireError.reason -> drop reason, per layer (anything else: the layer's HDR).
 WIRE_REASONS = {
     "ip": {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT},
     "tcp": {"bad_flags": DropReason.TCP_FLAGS, "option_len": DropReason.TCP_OPTIONS},

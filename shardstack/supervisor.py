@@ -52,8 +52,8 @@ from typing import Any
 
 from shardstack import control
 from shardstack.config import ServeConfig
-from shardstack.core.inet_connection_sock import inet_csk_get_port, inet_csk_listen_start
-from shardstack.core.inet_hashtables import InetHashinfo, inet_put_port, inet_unhash
+from shardstack.core.inet_connection_sock import SOMAXCONN, inet_csk_get_port
+from shardstack.core.inet_hashtables import InetHashinfo, inet_hash, inet_put_port, inet_unhash
 from shardstack.core.sock import State
 from shardstack.netio import rss
 from shardstack.rundir import RunDir, prepare_run_dir
@@ -100,6 +100,7 @@ class GlobalBind:
     raddr: int = 0
     rport: int = 0
     bound: bool = False
+    bind_by_connect: bool = False  # never: connect() ports are the shards' own
     backlog: int = 0
     listener: dict[str, Any] | None = None  # {backlog, path} once listening
     service: str | None = None  # "echo"/"discard" for the built-in services
@@ -133,8 +134,14 @@ class BindTable:
         return b
 
     def listen(self, b: GlobalBind, backlog: int) -> None:
+        """As core's ``inet_csk_listen_start`` without a shard's counters: re-check
+        the port (two SO_REUSEADDR sockets may share it, only one may listen), then
+        LISTEN and the listening hash."""
         if b.state is not State.LISTEN:
-            inet_csk_listen_start(self.h, b, backlog)
+            inet_csk_get_port(self.h, b, b.lport)
+            b.state = State.LISTEN
+            b.backlog = min(max(backlog, 0), SOMAXCONN)
+            inet_hash(self.h, b)
 
     def release(self, b: GlobalBind) -> None:
         inet_unhash(self.h, b)
