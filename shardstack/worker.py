@@ -53,14 +53,15 @@ from shardstack import control
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
 from shardstack.core.dropreason import DropReason
+from shardstack.core.wire.ethernet import ETH_HLEN
 from shardstack.netio import rss
 from shardstack.netio.device import (
     AUX_SPACE,
     MAX_FRAME,
     RX_CSUM_VALID,
     VNET_HDR_LEN,
-    _rx_flags,
     aux_rx_flags,
+    vnet_rx_flags,
 )
 from shardstack.netio.neigh_mirror import L2Tx
 from shardstack.netio.process import decode_neigh_entries, worker_endpoint
@@ -68,7 +69,6 @@ from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
 
-ETH_HLEN = 14
 MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
 MAX_EVENT_ROUNDS = 64  # services reacting to events may raise more events
 # Largest TCP payload per super-segment: an IPv4 packet's 64 KiB minus
@@ -287,7 +287,7 @@ class Worker:
             if vnet:
                 # Only the checksum state matters to the shard; keeping RX_GSO
                 # would split batches into runs at every super-frame.
-                flags.append(_rx_flags(data) & RX_CSUM_VALID)
+                flags.append(vnet_rx_flags(data) & RX_CSUM_VALID)
             else:
                 flags.append(0 if aux is None else aux_rx_flags(anc) & RX_CSUM_VALID)
             # No neighbour learning from received frames (see L2Tx): their
