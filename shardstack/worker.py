@@ -477,8 +477,8 @@ class Worker:
         # on the wire (to_plain), produced from the enum.
         drops = self.counters.drops + self.shard.stats.drops
         if isinstance(self.tx, L2Tx):
-            drops[DropReason.NEIGH_QUEUEFULL] += self.tx.stats["unres_discards"]
-            drops[DropReason.NEIGH_FAILED] += self.tx.stats["failed"]
+            drops[DropReason.NEIGH_QUEUEFULL] += self.tx.stats.unres_discards
+            drops[DropReason.NEIGH_FAILED] += self.tx.stats.failed
         counters = to_plain(self.counters)
         counters["drops"] = to_plain(+drops)
         counters["connections"] = sum(
@@ -494,7 +494,7 @@ class Worker:
         if impair is not None:
             counters["impair"] = impair()["tx"]  # the rx lane is netio's
         if isinstance(self.tx, L2Tx):  # neighbour resolution (queued frames)
-            counters["neigh"] = dict(self.tx.stats, incomplete=len(self.tx.unres))
+            counters["neigh"] = to_plain(self.tx.stats) | {"incomplete": len(self.tx.unres)}
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
