@@ -41,6 +41,7 @@ import errno
 import functools
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ import zmq
 from shardstack import control
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
+from shardstack.core import ConnInfo, Shard, ShardConfig
 from shardstack.core.dropreason import DropReason
 from shardstack.core.wire.ethernet import ETH_HLEN
 from shardstack.netio import rss
@@ -60,6 +62,7 @@ from shardstack.netio.device import (
     MAX_FRAME,
     RX_CSUM_VALID,
     VNET_HDR_LEN,
+    Device,
     aux_rx_flags,
     vnet_rx_flags,
 )
@@ -67,6 +70,7 @@ from shardstack.netio.neigh_mirror import L2Tx
 from shardstack.netio.process import decode_neigh_entries, worker_endpoint
 from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
+from shardstack.services import DISCARD, ECHO, Services
 from shardstack.stats import to_plain
 
 MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
@@ -103,14 +107,15 @@ def _monotonic() -> float:
 class Worker:
     """Glue between zmq RX, the Shard, the device TX, services and appgate."""
 
-    def __init__(self, cfg: ServeConfig, wid: int, reta: list[int], tx: Any,
-                 loop: asyncio.AbstractEventLoop, rx_sock: Any = None) -> None:
+    def __init__(self, cfg: ServeConfig, wid: int, reta: list[int], tx: Device,
+                 loop: asyncio.AbstractEventLoop,
+                 rx_sock: socket.socket | int | None = None) -> None:
         self.cfg = cfg
         self.wid = wid
         self.reta = list(reta)
         self.tx = tx
         self.l2 = tx.l2
-        self.tso = bool(getattr(tx, "gso", False))
+        self.tso = tx.gso
         self.loop = loop
         self.run = RunDir(Path(cfg.run_dir))
         self.counters = WorkerCounters()
@@ -152,9 +157,7 @@ class Worker:
 
     # -- construction ---------------------------------------------------------
 
-    def _make_shard(self):
-        from shardstack.core import Shard, ShardConfig
-
+    def _make_shard(self) -> Shard:
         wid, reta = self.wid, self.reta
         hasher = rss.Toeplitz(rss.SYMMETRIC_KEY)
 
@@ -170,8 +173,6 @@ class Worker:
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:
-        from shardstack.services import DISCARD, ECHO, Services
-
         self.services = Services(self.shard, self.cfg.addr.ip)
         for port in self.cfg.echo_ports:
             self.services.install(ECHO, port)
@@ -467,7 +468,7 @@ class Worker:
             return result if isinstance(result, dict) else {}
         raise OSError(errno.EOPNOTSUPP, f"unknown worker op {op!r}")
 
-    def _conn_dict(self, ci: Any) -> dict[str, Any]:
+    def _conn_dict(self, ci: ConnInfo) -> dict[str, Any]:
         d = to_plain(ci)
         d["worker"] = self.wid
         return d
