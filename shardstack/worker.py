@@ -63,9 +63,11 @@ from shardstack.netio.device import (
     RX_CSUM_VALID,
     VNET_HDR_LEN,
     Device,
+    DeviceWrapper,
     aux_rx_flags,
     vnet_rx_flags,
 )
+from shardstack.netio.impair import Impair
 from shardstack.netio.neigh_mirror import L2Tx
 from shardstack.netio.process import decode_neigh_entries, worker_endpoint
 from shardstack.netio.serve_devices import worker_rx, worker_tx
@@ -489,11 +491,11 @@ class Worker:
             counters["services"] = to_plain(self.services.stats)
         if self.appgate is not None:
             counters["appgate"] = to_plain(getattr(self.appgate, "stats", {}))
-        impair = getattr(getattr(self.tx, "inner", self.tx), "counters", None)
-        if impair is None:
-            impair = getattr(self.tx, "counters", None)
-        if impair is not None:
-            counters["impair"] = impair()["tx"]  # the rx lane is netio's
+        dev = self.tx  # --impair: an Impair somewhere among the TX wrappers
+        while isinstance(dev, DeviceWrapper) and not isinstance(dev, Impair):
+            dev = dev.inner
+        if isinstance(dev, Impair):
+            counters["impair"] = dev.counters()["tx"]  # the rx lane is netio's
         if isinstance(self.tx, L2Tx):  # neighbour resolution (queued frames)
             counters["neigh"] = to_plain(self.tx.stats) | {"incomplete": len(self.tx.unres)}
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
