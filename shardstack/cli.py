@@ -1,4 +1,4 @@
-"""The `shardstack` command: one subcommand per job (serve, run, ss, stats, demo, bench)."""
+"""The `shardstack` command: one subcommand per job (serve, run, ss, stats, reta, demo, bench)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ examples:
   shardstack demo                       create a netns, serve http.server on the stack, fetch from it
   shardstack serve --tun ss0 --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7
   shardstack run -- python -m http.server 8000
-  shardstack ss            shardstack stats --json
+  shardstack ss            shardstack stats --json            shardstack reta
 """
 
 SERVE_EPILOG = """\
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=what)
         p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    what = "the RETA: which worker owns each bucket, per-bucket load, moves so far"
+    p = sub.add_parser("reta", help=what, description=what)
+    p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="list every bucket, idle ones too")
     demo = sub.add_parser(
         "demo", help="self-contained demo in a network namespace it creates (needs root)"
     )
@@ -109,6 +114,9 @@ def _add_serve(sub) -> None:
                    help="worker i on CPU i, and on TUN the kernel's receive work for a worker's "
                    "frames on the other CPUs: faster bulk transfers when the stack has the CPUs "
                    "to itself, slower when apps share them (default: the scheduler places workers)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus/OpenMetrics text at http://HOST:PORT/metrics "
+                   "(HOST defaults to 127.0.0.1: loopback only unless you name another)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -146,6 +154,7 @@ def serve_config(args: argparse.Namespace):
         pcap=os.path.abspath(args.pcap) if args.pcap else None,
         offload=args.offload,
         pin=args.pin,
+        metrics=args.metrics,
         secret=new_secret(),
     )
     return cfg.validate()
@@ -231,6 +240,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reta(args: argparse.Namespace) -> int:
+    from shardstack.reta import format_reta
+
+    reply = _control_call(args, "reta")
+    if reply is None:
+        return 1
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=1) if args.json else format_reta(reply, args.all))
+    return 0
+
+
 def _launch(argv: list[str]) -> int:
     from shardstack.shim.launcher import main as launcher_main
 
@@ -258,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_ss(args)
     if args.command == "stats":
         return cmd_stats(args)
+    if args.command == "reta":
+        return cmd_reta(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
     return bench_cmd.main(args=args)

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstack import control
+from shardstack import reta as retabook
 from shardstack.config import ServeConfig
 from shardstack.core.inet_connection_sock import inet_csk_get_port, inet_csk_listen_start
 from shardstack.core.inet_hashtables import InetHashinfo, inet_put_port, inet_unhash
@@ -175,6 +176,8 @@ class Supervisor:
         self.cfg = cfg
         self.run: RunDir | None = None
         self.reta = rss.make_reta(cfg.workers)
+        self.book = retabook.RetaBook(cfg.workers, list(self.reta))  # moves, load report
+        self.metrics = None  # shardstack.metrics.MetricsServer with --metrics
         self.binds = BindTable([cfg.addr.ip])
         self.tun = None  # netio.device.TunDevice in TUN mode
         self.fanout: list[Any] | None = None  # direct RX: the group's packet sockets
@@ -201,6 +204,8 @@ class Supervisor:
         try:
             self._setup()
             self.server = await control.serve_unix(self.run.control_sock, self._on_control)
+            if self.cfg.metrics:
+                self._start_metrics()
             for c in self.children:
                 self._spawn(c)
             log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
@@ -275,10 +280,21 @@ class Supervisor:
 
             steer_tun_rps(cfg.ifname, cfg.workers)
 
+    def _start_metrics(self) -> None:
+        from shardstack.metrics import MetricsServer, is_loopback, parse_listen
+
+        host, port = parse_listen(self.cfg.metrics)
+        self.metrics = MetricsServer(host, port, self.metrics_snapshot, self.loop)
+        log(f"metrics on http://{host}:{self.metrics.port}/metrics")
+        if not is_loopback(host):
+            log(f"warning: metrics served beyond loopback ({host}), without authentication")
+
     async def _teardown(self) -> None:
         self.stopping = True
         if self.server is not None:
             self.server.close()
+        if self.metrics is not None:
+            await self.loop.run_in_executor(None, self.metrics.close)
         live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         for c in live:
             c.proc.send_signal(signal.SIGTERM)
@@ -563,6 +579,7 @@ class Supervisor:
         if len(reta) != rss.RETA_SIZE or not all(0 <= w < self.cfg.workers for w in reta):
             raise OSError(errno.EINVAL, "RETA must hold 128 valid worker ids")
         self.reta = reta
+        self.book.install(reta)
         if self.fanout is not None:
             from shardstack.netio import fanout
 
@@ -576,6 +593,24 @@ class Supervisor:
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
         await self._ask_workers("set_reta", reta=reta)
         return {}
+
+    async def _op_reta(self, req, conn) -> dict[str, Any]:
+        """`shardstack reta`: the table, the moves so far, per-bucket load."""
+        return retabook.report(self.book, await self._ask_workers("load"))
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        """What a metrics scrape reads (shardstack.metrics): the workers'
+        counters and load, netio's, and CPU/RSS of every process."""
+        stats, loads = await asyncio.gather(self._ask_workers("stats"), self._ask_workers("load"))
+        workers = [{"id": c.wid, **(reply or {})}
+                   for c, reply in zip(self._workers(), stats, strict=True)]
+        procs = [{"process": "supervisor", **self.me.counters()}]
+        for c in self.children:
+            if c.telemetry is not None:
+                procs.append({"process": c.name, "restarts": c.restarts,
+                              **c.telemetry.counters()})
+        return {"workers": workers, "reta": retabook.report(self.book, loads),
+                "processes": procs, "netio": await self._netio_stats()}
 
     # -- helpers --------------------------------------------------------------
 

@@ -50,6 +50,7 @@ import zmq
 
 from shardstack import control
 from shardstack.config import ServeConfig
+from shardstack.load import BucketLoad
 from shardstack.netio import rss
 from shardstack.netio.device import (
     AUX_SPACE,
@@ -119,6 +120,8 @@ class Worker:
         self.run = RunDir(Path(cfg.run_dir))
         self.counters = WorkerCounters()
         self.shard = self._make_shard()
+        self.load = BucketLoad(loop)  # per-RETA-bucket accounting (shardstack.load)
+        self.shard.receive_batch = self.load.wrap(self.shard.receive_batch)
         if self.l2 and hasattr(tx, "attach_shard"):
             tx.attach_shard(self.shard)  # L2Tx: forward progress confirms neighbours
         self.services = None
@@ -459,6 +462,8 @@ class Worker:
             return {"conns": [self._conn_dict(ci) for ci in self.shard.connections()]}
         if op == "stats":
             return self._stats()
+        if op == "load":
+            return self.load.snapshot(self.shard)
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}
@@ -504,6 +509,7 @@ class Worker:
 
     def close(self) -> None:
         self.closed = True
+        self.load.close()
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
         if self.rx_read is not None:
             self.loop.remove_reader(self.rx_fd)
