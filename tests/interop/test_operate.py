@@ -9,7 +9,12 @@ of connections and bytes) and every wait is bounded in time.
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -24,6 +29,7 @@ from test_serve import (
     close_all,
     echo_many,
     in_netns,
+    wait_for,
 )
 
 from shardstack import control, netns
@@ -170,3 +176,133 @@ def test_bucket_of_a_real_frame():
                 & rss.RETA_MASK
         finally:
             dev.close()
+
+
+# -- a worker crash ---------------------------------------------------------------------
+
+APP_PORT = 7320
+APP_ECHO = """
+import os, socket, sys, threading
+threading.Timer(120, os._exit, (3,)).start()  # bounded: the test never needs longer
+srv = socket.create_server(("0.0.0.0", {port}))
+print("listening", flush=True)
+def serve(c, port):
+    try:
+        while True:
+            data = c.recv(1 << 20)
+            if not data:
+                print("eof", port, flush=True)
+                return
+            c.sendall(data)
+    except OSError as e:
+        print("error", port, type(e).__name__, e.errno, flush=True)
+        print("then", port, c.recv(10), flush=True)
+while True:
+    c, (host, port) = srv.accept()
+    threading.Thread(target=serve, args=(c, port), daemon=True).start()
+"""
+
+
+def _run_app(st, code: str, name: str):
+    script = st.log.with_name(st.log.name + f"-{name}.py")
+    script.write_text(code)
+    log = st.log.with_name(st.log.name + f"-{name}.log")
+    with open(log, "wb") as out:
+        proc = st.ns.popen([sys.executable, "-m", "shardstack", "run", "--", sys.executable,
+                            str(script)], stdout=out, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, SHARDSTACK_RUN_DIR=st.run_dir,
+                                    PYTHONUNBUFFERED="1"))
+    return proc, log
+
+
+def _lines(log) -> list[str]:
+    return log.read_text(errors="replace").splitlines()
+
+
+def _ports_on(st, worker: int, n: int, start: int) -> list[int]:
+    out = []
+    p = start
+    while len(out) < n:
+        if st.worker_of(p, APP_PORT) == worker:
+            out.append(p)
+        p += 1
+    return out
+
+
+@pytest.fixture
+def crash_stack():
+    _require_root()
+    missing = netns.missing_requirements()
+    assert not missing, f"root but cannot build namespaces: {missing}"
+    with netns.netns(prefix="ssc") as ns:
+        st = _start(ns, netns.next_subnet(), [])
+        try:
+            yield st
+        finally:
+            _stop(st)
+            for f in st.log.parent.glob(st.log.name + "*"):
+                f.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("last_write", [5, 1 << 20], ids=["small", "large"])
+def test_worker_crash(crash_stack, last_write):
+    """kill -9 of worker 1 under an app on the shim: its apps see ECONNRESET
+    (held byte in the unix stream after a small write; the shim's status
+    query after a large one), its peers get RST on their next segment,
+    worker 0's connections are untouched, and the replacement accepts a new
+    connection within a second of the kill."""
+    st = crash_stack
+    app, log = _run_app(st, APP_ECHO.format(port=APP_PORT), "app")
+    wait_for(lambda: "listening" in _lines(log) or app.poll() is not None, what="app listening")
+    assert app.poll() is None, _lines(log)
+    w0 = _ports_on(st, 0, 2, 30000)
+    w1 = _ports_on(st, 1, 2, 30000)
+    socks = {p: st.connect(APP_PORT, p) for p in w0 + w1}
+    try:
+        # the app's last write on each connection: the echo of `last_write` bytes
+        echo_many(list(socks.values()), last_write, seed=last_write)
+        victim = st.stats()["workers"][1]["proc"]["pid"]
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+
+        # a new connection to the replaced worker within one second of the kill
+        fresh = _ports_on(st, 1, 1, 31000)[0]
+        new = None
+        while new is None and time.monotonic() < t_kill + 1.0:
+            try:
+                new = st.connect(APP_PORT, fresh, timeout=max(0.05, t_kill + 1.0
+                                                              - time.monotonic()))
+            except OSError:
+                time.sleep(0.02)
+        served_in = time.monotonic() - t_kill
+        assert new is not None, "no new connection to worker 1 within 1 s of the kill"
+        with new:
+            echo_many([new], 1000, seed=7)
+        assert served_in < 1.0
+
+        # the app: ECONNRESET once (then EOF) on worker 1's connections, nothing on worker 0's
+        def reported():
+            lines = _lines(log)
+            return all(any(line.startswith(f"then {p} ") for line in lines) for p in w1) \
+                and lines
+        lines = wait_for(reported, timeout=10,
+                         what=f"the app told of worker 1's connections: {_lines(log)}")
+        for p in w1:
+            assert f"error {p} ConnectionResetError {errno.ECONNRESET}" in lines, lines
+            assert f"then {p} b''" in lines, lines
+        assert not [x for x in lines if any(f" {p} " in x + " " for p in w0)], lines
+
+        # worker 0's connections are untouched: they echo as before
+        echo_many([socks[p] for p in w0], 64 * 1024, seed=9)
+
+        # worker 1's peers: their next segment is answered with RST
+        for p in w1:
+            s = socks[p]
+            s.settimeout(10)
+            s.sendall(b"anyone there?")
+            with pytest.raises(ConnectionResetError):
+                s.recv(100)
+    finally:
+        close_all(socks.values())
+        app.kill()
+        app.wait(5)
