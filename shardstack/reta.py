@@ -105,5 +105,8 @@ def format_reta(rep: dict[str, Any], all_buckets: bool = False) -> str:
     if idle:
         lines.append(f"({idle} buckets without traffic or moves not shown; --all shows them)")
     lines.append("")
-    lines.append("table: " + " ".join(str(w) for w in rep["reta"]))
+    lines.append("table (bucket: worker of that bucket and the next 31):")
+    t = rep["reta"]
+    for start in range(0, len(t), 32):
+        lines.append(f"{start:>4}: " + " ".join(str(w) for w in t[start:start + 32]))
     return "\n".join(lines)
