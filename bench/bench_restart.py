@@ -28,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from shardstack import control, netns
 from shardstack.netio import rss
+
+from shardstack import control, netns
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
