@@ -1,4 +1,4 @@
-"""The `shardstack` command: one subcommand per job (serve, run, ss, stats, reta, demo, bench)."""
+"""The `shardstack` command: one subcommand per job (serve, run, ss, stats, reta, trace, demo, bench)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="list every bucket, idle ones too")
+    what = "print what the engine does for a port's segments, live (call-graph names)"
+    p = sub.add_parser("trace", help=what, description=what + ". Attaches to the running "
+                       "stack, no restart; nothing is traced (or costs anything) once it exits.")
+    p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+    p.add_argument("--port", type=int, required=True, metavar="N",
+                   help="trace TCP segments whose source or destination port is N")
+    p.add_argument("--follow", action="store_true",
+                   help="keep tracing until Ctrl-C (default: stop once traffic on the port "
+                   "has been quiet for a second, or after --timeout)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="without --follow, stop after S seconds at most (default 30)")
+    p.add_argument("--json", action="store_true", help="one JSON object per traced segment")
     demo = sub.add_parser(
         "demo", help="self-contained demo in a network namespace it creates (needs root)"
     )
@@ -251,6 +263,59 @@ def cmd_reta(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACE_POLL = 0.1  # s between trace_take requests
+TRACE_QUIET = 1.0  # s without events that ends a trace without --follow
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import time
+
+    from shardstack import control
+    from shardstack.rundir import open_run_dir, select_run_dir
+    from shardstack.tracer import format_event
+
+    run = open_run_dir(select_run_dir(args.run_dir))
+    try:
+        client = control.ControlClient(run.control_sock, timeout=10.0)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"shardstack trace: no stack running in {run.path}", file=sys.stderr)
+        return 1
+    with client:  # closing it detaches the trace, whatever happens here
+        try:
+            tid = client.call("trace_start", port=args.port)["tid"]
+        except OSError as e:
+            print(f"shardstack trace: {e}", file=sys.stderr)
+            return 1
+        print(f"tracing port {args.port}" + (" (Ctrl-C to stop)" if args.follow else ""),
+              file=sys.stderr, flush=True)
+        start = last = time.monotonic()
+        seen = 0
+        try:
+            while True:
+                reply = client.call("trace_take", tid=tid)
+                for ev in reply.get("events", []):
+                    print(json.dumps(ev) if args.json else format_event(ev), flush=True)
+                    seen += 1
+                if reply.get("dropped"):
+                    print(f"({reply['dropped']} segments not shown: trace buffer full)",
+                          file=sys.stderr, flush=True)
+                now = time.monotonic()
+                if reply.get("events"):
+                    last = now
+                if not args.follow and (now - start > args.timeout
+                                        or (seen and now - last > TRACE_QUIET)):
+                    break
+                time.sleep(TRACE_POLL)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                client.call("trace_stop", tid=tid)
+            except OSError:
+                pass
+    return 0
+
+
 def _launch(argv: list[str]) -> int:
     from shardstack.shim.launcher import main as launcher_main
 
@@ -280,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stats(args)
     if args.command == "reta":
         return cmd_reta(args)
+    if args.command == "trace":
+        return cmd_trace(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
     return bench_cmd.main(args=args)

@@ -43,6 +43,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ CRASH_BURST = 5
 MAX_BACKOFF = 5.0
 WORKER_CALL_TIMEOUT = 3.0
 RX_MODE_ENV = "SHARDSTACK_RX"  # "direct" (default) or "netio"
+SPARE_DELAY = 1.0  # s after start-up or a handoff before the next spare starts
 
 
 def rx_mode(cfg: ServeConfig) -> str:
@@ -178,6 +180,11 @@ class Supervisor:
         self.reta = rss.make_reta(cfg.workers)
         self.book = retabook.RetaBook(cfg.workers, list(self.reta))  # moves, load report
         self.metrics = None  # shardstack.metrics.MetricsServer with --metrics
+        self.traces: dict[int, int] = {}  # `shardstack trace` sessions: tid -> port
+        # A warm spare worker (shardstack.spare): imports done, waiting to
+        # become whichever worker dies next. (Popen, our end of its socketpair).
+        self.spare: tuple[subprocess.Popen, socket.socket] | None = None
+        self._next_tid = 1
         self.binds = BindTable([cfg.addr.ip])
         self.tun = None  # netio.device.TunDevice in TUN mode
         self.fanout: list[Any] | None = None  # direct RX: the group's packet sockets
@@ -208,6 +215,7 @@ class Supervisor:
                 self._start_metrics()
             for c in self.children:
                 self._spawn(c)
+            self.loop.call_later(SPARE_DELAY, self._start_spare)
             log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
                 f"{self.cfg.workers} workers; run dir {self.run.path}")
             await self.stop_event.wait()
@@ -308,6 +316,7 @@ class Supervisor:
             c.proc.wait(timeout=5)
         for c in self.children:
             self._forget(c)
+        self._drop_spare()
         if self.tun is not None:
             if self.peer_added and not self.tun_created:
                 subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
@@ -359,16 +368,20 @@ class Supervisor:
     def _spawn(self, c: Child) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         desc, fds = self._describe(c, ready_w)
-        try:
-            proc = subprocess.Popen(self._argv(c), stdin=subprocess.PIPE, pass_fds=fds,
-                                    close_fds=True)
-        finally:
+        proc = self._use_spare(desc, fds) if c.kind == "worker" else None
+        if proc is None:
+            try:
+                proc = subprocess.Popen(self._argv(c), stdin=subprocess.PIPE, pass_fds=fds,
+                                        close_fds=True)
+            finally:
+                os.close(ready_w)
+            try:
+                proc.stdin.write(json.dumps(desc).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it died at once; the pidfd reports the exit and we retry
+        else:
             os.close(ready_w)
-        try:
-            proc.stdin.write(json.dumps(desc).encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once; the pidfd reports the exit and we retry
         c.proc = proc
         c.started = time.monotonic()
         c.ready = False
@@ -378,6 +391,62 @@ class Supervisor:
         c.ready_fd = ready_r
         self.loop.add_reader(c.pidfd, self._on_exit, c)
         self.loop.add_reader(ready_r, self._on_ready, c)
+
+    # -- the warm spare (shardstack.spare) -----------------------------------
+
+    def _start_spare(self) -> None:
+        if self.stopping or self.spare is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "shardstack.spare",
+                                     str(theirs.fileno())], stdin=subprocess.DEVNULL,
+                                    pass_fds=[theirs.fileno()], close_fds=True)
+        except OSError as e:
+            log(f"cannot start a spare worker: {e}")
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.spare = (proc, ours)
+
+    def _use_spare(self, desc: dict[str, Any], fds: list[int]) -> subprocess.Popen | None:
+        """Hand a dying worker's description to the spare; None if there is
+        no live spare (then the caller starts a fresh interpreter)."""
+        if self.spare is None:
+            return None
+        proc, sock = self.spare
+        self.spare = None
+        try:
+            if proc.poll() is not None:
+                raise OSError(errno.ESRCH, "the spare exited")
+            from shardstack.spare import hand_over
+
+            hand_over(sock, desc, fds)
+        except OSError as e:
+            log(f"spare worker unusable ({e}); starting a new process")
+            self._end(proc)
+            return None
+        finally:
+            sock.close()
+        self.loop.call_later(SPARE_DELAY, self._start_spare)
+        return proc
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            proc, sock = self.spare
+            self.spare = None
+            sock.close()  # an idle spare exits when its socket closes
+            self._end(proc)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log(f"process {proc.pid} did not exit after SIGKILL")
 
     def _on_ready(self, c: Child) -> None:
         data = os.read(c.ready_fd, 16)
@@ -412,6 +481,8 @@ class Supervisor:
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
+        for tid, port in list(self.traces.items()):  # a trace follows a restarted worker
+            await self._call_quietly(c, "trace_start", tid=tid, port=port)
         if c.proc is proc and c.pidfd >= 0:
             c.ready = True
 
@@ -598,6 +669,40 @@ class Supervisor:
         """`shardstack reta`: the table, the moves so far, per-bucket load."""
         return retabook.report(self.book, await self._ask_workers("load"))
 
+    async def _op_trace_start(self, req, conn) -> dict[str, Any]:
+        """`shardstack trace --port N`: attach a port trace on every worker
+        (shardstack.tracer); detached by trace_stop or when `conn` closes."""
+        port = int(req["port"])
+        if not 1 <= port <= 65535:
+            raise OSError(errno.EINVAL, f"port {port} out of range")
+        tid = self._next_tid
+        self._next_tid += 1
+        self.traces[tid] = port
+        conn.on_close.append(lambda: self.loop.create_task(self._trace_stop(tid)))
+        await self._ask_workers("trace_start", tid=tid, port=port)
+        return {"tid": tid}
+
+    async def _op_trace_take(self, req, conn) -> dict[str, Any]:
+        tid = int(req["tid"])
+        if tid not in self.traces:
+            raise OSError(errno.ENOENT, f"no trace {tid}")
+        events: list[dict[str, Any]] = []
+        dropped = 0
+        for reply in await self._ask_workers("trace_take", tid=tid):
+            if reply is not None:
+                events += reply.get("events", [])
+                dropped += reply.get("dropped", 0)
+        events.sort(key=lambda e: e["t"])
+        return {"events": events, "dropped": dropped}
+
+    async def _op_trace_stop(self, req, conn) -> dict[str, Any]:
+        await self._trace_stop(int(req["tid"]))
+        return {}
+
+    async def _trace_stop(self, tid: int) -> None:
+        if self.traces.pop(tid, None) is not None:
+            await self._ask_workers("trace_stop", tid=tid)
+
     async def metrics_snapshot(self) -> dict[str, Any]:
         """What a metrics scrape reads (shardstack.metrics): the workers'
         counters and load, netio's, and CPU/RSS of every process."""
@@ -605,6 +710,10 @@ class Supervisor:
         workers = [{"id": c.wid, **(reply or {})}
                    for c, reply in zip(self._workers(), stats, strict=True)]
         procs = [{"process": "supervisor", **self.me.counters()}]
+        if self.spare is not None:
+            from shardstack.stats import ProcTelemetry
+
+            procs.append({"process": "spare", **ProcTelemetry(self.spare[0].pid).counters()})
         for c in self.children:
             if c.telemetry is not None:
                 procs.append({"process": c.name, "restarts": c.restarts,

@@ -48,7 +48,7 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardstack import control
+from shardstack import control, tracer
 from shardstack.config import ServeConfig
 from shardstack.load import BucketLoad
 from shardstack.netio import rss
@@ -464,6 +464,8 @@ class Worker:
             return self._stats()
         if op == "load":
             return self.load.snapshot(self.shard)
+        if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
+            return tracer.control(self, op, req)
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}

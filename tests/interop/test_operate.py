@@ -10,6 +10,7 @@ of connections and bytes) and every wait is bounded in time.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -306,3 +308,69 @@ def test_worker_crash(crash_stack, last_write):
         close_all(socks.values())
         app.kill()
         app.wait(5)
+
+
+# -- shardstack trace -------------------------------------------------------------------
+
+PASSIVE_OPEN = Path(__file__).resolve().parents[1] / "unit" / "core" / "callgraph_passive_open.txt"
+
+
+def _callgraph_sections() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    cur = None
+    for line in PASSIVE_OPEN.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            cur = line.strip("[]")
+            out[cur] = []
+        else:
+            out[cur].append(line)
+    return out
+
+
+def _is_subsequence(small: list[str], big: list[str]) -> bool:
+    it = iter(big)
+    return all(name in it for name in small)
+
+
+def test_trace_port_shows_the_passive_open(crash_stack):
+    """`shardstack trace --port 7` attached to a running stack prints, for a
+    connection's SYN and its final ACK, the engine's passive-open call graph
+    (callgraph.md's "Receive SYN" and "Receive ACK", as the unit test
+    derives them), then detaches by itself once the port is quiet."""
+    st = crash_stack
+    tr = st.ns.popen([sys.executable, "-m", "shardstack", "trace", "--port", str(ECHO),
+                      "--json", "--timeout", "20", "--run-dir", st.run_dir],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert tr.stderr.readline().startswith("tracing port 7")
+        sport = st.ports_for(1, ECHO, 33000)[0]
+        other = st.ports_for(1, ECHO, 34000)[0]
+        with st.connect(ECHO, sport) as s:
+            s.sendall(b"traced")
+            assert s.recv(100) == b"traced"
+        out, err = tr.communicate(timeout=30)
+    finally:
+        if tr.poll() is None:
+            tr.kill()
+            tr.wait(5)
+    assert tr.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    mine = [e for e in events if f":{sport} > " in e["segment"]]
+    assert mine, out
+    syn, ack = mine[0], mine[1]
+    assert " S seq " in syn["segment"] and " . seq " in ack["segment"], (syn, ack)
+    sections = _callgraph_sections()
+    assert _is_subsequence(sections["Receive SYN"], syn["calls"]), syn["calls"]
+    assert _is_subsequence(sections["Receive ACK"], ack["calls"]), ack["calls"]
+    assert all(e["worker"] == st.worker_of(sport, ECHO) for e in mine)
+    # detached: the supervisor no longer knows the session (its workers were
+    # told to stop: tests/unit/runtime/test_tracer.py), and the stack serves on
+    with pytest.raises(OSError) as ei:
+        control.call(f"{st.run_dir}/control.sock", "trace_take", tid=1)
+    assert ei.value.errno == errno.ENOENT
+    with st.connect(ECHO, other) as s:
+        s.sendall(b"x")
+        assert s.recv(10) == b"x"

@@ -36,7 +36,7 @@ CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 DAEMONSET = DEPLOY / "k8s" / "daemonset.yaml"
 WAIT_READY = DEPLOY / "shardstack-wait-ready"
 DASHBOARD = DEPLOY / "grafana" / "shardstack-dashboard.json"
-SUBCOMMANDS = ("serve", "run", "ss", "stats", "reta", "demo", "bench")
+SUBCOMMANDS = ("serve", "run", "ss", "stats", "reta", "trace", "demo", "bench")
 ALLOWED_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("127.0.0.0/8"))
 
 
