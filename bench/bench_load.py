@@ -7,7 +7,9 @@ A worker counts every frame its shard receives under its RETA bucket
 `shard.receive_batch`). This times that call on batches of 64 frames of many
 flows, as they come off a device, and prints it beside the engine's own cost
 per in-order data segment and per pure ACK (bench_engine's fast path, same
-run, same machine), so the share is read directly. Figures are printed, never
+run, same machine), so the share is read directly; then the engine's whole receive path for
+data segments without the hook, with it, and with it after a `shardstack
+trace` session was attached and detached (which must cost nothing more). Figures are printed, never
 asserted; take the best of several runs on a quiet machine.
 """
 
@@ -20,10 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import CLIENT, SERVER, bench_fastpath_ack, bench_fastpath_data  # noqa: E402
+from bench_engine import (  # noqa: E402
+    CLIENT,
+    SERVER,
+    _app_data,
+    _established_server,
+    bench_fastpath_ack,
+    bench_fastpath_data,
+)
 from shardstack.core.wire.tcp import ACK, build_tcp_ipv4, build_tcp_options  # noqa: E402
 
 from shardstack.load import BucketLoad  # noqa: E402
+from shardstack.tracer import Tracer  # noqa: E402
 
 BATCH = 64
 DISTINCT = 4096  # distinct frames (flows' source ports cycle through 4000)
@@ -55,6 +65,34 @@ def bench_count(frames: list[bytes], repeat: int, rounds: int) -> float:
     return best
 
 
+def bench_receive_path(mode: str, n: int = 20000) -> float:
+    """µs per in-order data segment through `shard.receive_batch` (batches of
+    64, checksum offloaded) on an established connection: `plain` shard, with
+    the load hook (`load`), or with the hook after a port trace was attached
+    and detached again (`detached`: must equal `load`)."""
+    from shardstack.core.wire.tcp import ACK, build_tcp_ipv4, build_tcp_options
+
+    sh, sd, una = _established_server(csum_offload=True)
+    if mode != "plain":
+        sh.receive_batch = BucketLoad().wrap(sh.receive_batch)
+    if mode == "detached":
+        tr = Tracer(sh, 0)
+        tr.start(1, 80)
+        tr.stop(1)
+    payload = _app_data(1448)
+    segs = [build_tcp_ipv4(CLIENT, SERVER, 40000, 80, 1001 + i * 1448, una, ACK | 0x08, 65535,
+                           build_tcp_options(ts=(3 + i, 1)), payload) for i in range(n)]
+    perf = time.perf_counter
+    engine = 0.0
+    for i in range(0, n, BATCH):
+        t0 = perf()
+        sh.receive_batch(segs[i:i + BATCH], i * 1e-5, True)
+        sh.take_frames()
+        engine += perf() - t0
+        sh.recv(sd, 1 << 22)
+    return engine / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=200_000, help="frames counted per run")
@@ -71,6 +109,13 @@ def main() -> None:
           f"({c_data / e_data:5.1%} of the engine's {e_data:.2f} µs per data segment in)")
     print(f"accounting, pure ACKs:             {c_ack:6.3f} µs/frame "
           f"({c_ack / e_ack:5.1%} of the engine's {e_ack:.2f} µs per pure ACK in)")
+    path = dict.fromkeys(("plain", "load", "detached"), float("inf"))
+    for _ in range(args.repeat):  # interleaved: a busy moment hits every mode alike
+        for m in path:
+            path[m] = min(path[m], bench_receive_path(m))
+    print(f"receive_batch, data segments: plain {path['plain']:.2f} µs, with load hook "
+          f"{path['load']:.2f} µs (+{path['load'] - path['plain']:.2f}), after a trace "
+          f"attached and detached {path['detached']:.2f} µs")
 
 
 if __name__ == "__main__":
