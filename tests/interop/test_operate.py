@@ -183,6 +183,7 @@ def test_bucket_of_a_real_frame():
 # -- a worker crash ---------------------------------------------------------------------
 
 APP_PORT = 7320
+WAIT_APP = 20.0  # s: bound on any one wait for the app or the kernel side
 APP_ECHO = """
 import os, socket, sys, threading
 threading.Timer(120, os._exit, (3,)).start()  # bounded: the test never needs longer
@@ -308,6 +309,60 @@ def test_worker_crash(crash_stack, last_write):
         close_all(socks.values())
         app.kill()
         app.wait(5)
+
+
+APP_CLIENT = """
+import os, socket, threading
+threading.Timer(120, os._exit, (3,)).start()
+c = socket.create_connection(("{peer}", {port}), timeout=30)
+c.settimeout(None)
+c.sendall(b"w" * {size})
+print("sent", flush=True)
+try:
+    data = c.recv(100)
+    print("no reset", data, flush=True)
+except OSError as e:
+    print("error", type(e).__name__, e.errno, flush=True)
+    print("then", c.recv(10), flush=True)
+"""
+
+
+@pytest.mark.parametrize("last_write", [5, 1 << 20], ids=["small", "large"])
+def test_worker_crash_active_open(crash_stack, last_write):
+    """The same for a connection the app opened (to a kernel server): the app
+    sees ECONNRESET, the kernel server's next segment is answered with RST."""
+    st = crash_stack
+    with in_netns(st.ns.name):
+        srv = socket.create_server((st.peer, 7330))
+    srv.settimeout(WAIT_APP)
+    app = None
+    try:
+        app, log = _run_app(st, APP_CLIENT.format(peer=st.peer, port=7330, size=last_write),
+                            "client")
+        conn, (_host, lport) = srv.accept()
+        with conn:
+            conn.settimeout(WAIT_APP)
+            got = 0
+            while got < last_write:
+                got += len(conn.recv(1 << 20))
+            wait_for(lambda: "sent" in _lines(log), what="the app's write done")
+            victim_id = rss.flow_to_worker(_ipint(st.peer), _ipint(st.addr), 7330, lport,
+                                           rss.make_reta(2))
+            victim = st.stats()["workers"][victim_id]["proc"]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            lines = wait_for(lambda: [x for x in _lines(log) if x.startswith("then")]
+                             and _lines(log), timeout=10,
+                             what=f"the app told of its connection: {_lines(log)}")
+            assert f"error ConnectionResetError {errno.ECONNRESET}" in lines, lines
+            assert "then b''" in lines, lines
+            conn.sendall(b"anyone there?")
+            with pytest.raises(ConnectionResetError):
+                conn.recv(100)
+    finally:
+        srv.close()
+        if app is not None:
+            app.kill()
+            app.wait(5)
 
 
 # -- shardstack trace -------------------------------------------------------------------
