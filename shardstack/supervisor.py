@@ -658,7 +658,11 @@ class Supervisor:
         if self.tun_queues is not None:
             from shardstack.netio import tunsteer
 
-            tunsteer.set_steering(self.tun_queues[0].fd, self.cfg.workers, reta, self.tun_counts)
+            # Off the loop: the kernel's verifier takes seconds over the program
+            # of an uneven RETA (the binary search over its runs), and the loop
+            # must keep restarting workers and answering control meanwhile.
+            await self.loop.run_in_executor(None, tunsteer.set_steering, self.tun_queues[0].fd,
+                                            self.cfg.workers, reta, self.tun_counts)
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
