@@ -7,9 +7,11 @@ worker. So the supervisor keeps one spare started ahead: `python -m
 shardstack.spare` with one end of a socketpair, which imports everything a
 worker needs and then blocks on that socket. When a worker dies, the
 supervisor sends the spare the dead worker's description (the JSON a worker
-reads from stdin) with its file descriptors attached (SCM_RIGHTS: the ready
+reads from stdin, shardstack.child) with its file descriptors attached (SCM_RIGHTS: the ready
 pipe, the TUN queue or packet socket), and the spare becomes that worker;
-the supervisor then starts the next spare.
+the supervisor then starts the next spare. It does what `child.child_main`
+does for a fresh worker (parent-death signal, Ctrl-C left to the supervisor,
+warm heap), then runs `worker._amain`.
 
 Handoff message: one `sendmsg` of the JSON description, with the fds in the
 order listed in the description's `"fds"` (the numbers they had in the
@@ -69,12 +71,12 @@ def hand_over(sock: socket.socket, desc: dict[str, Any], fds: list[int]) -> None
 
 def main() -> int:
     parent = os.getppid()
-    from shardstack import worker  # the imports are the point: before we wait
+    from shardstack import child, worker  # the imports are the point: before we wait
 
-    worker.set_parent_death_signal()
+    child.set_parent_death_signal()
     if os.getppid() != parent:
-        return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return 1  # the supervisor died while we imported
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     import shardstack.appgate  # noqa: F401  (what a worker imports later, now)
     import shardstack.services  # noqa: F401
 
@@ -83,10 +85,10 @@ def main() -> int:
     sock.close()
     if desc is None:
         return 0
-    worker.keep_heap_warm()
+    child.keep_heap_warm()
     import uvloop
 
-    return uvloop.run(worker._amain(desc))
+    return uvloop.run(worker._amain(child.ChildDesc.from_dict(desc)))
 
 
 if __name__ == "__main__":
