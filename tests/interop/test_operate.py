@@ -10,6 +10,7 @@ of connections and bytes) and every wait is bounded in time.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import signal
@@ -369,34 +370,29 @@ def test_worker_crash_active_open(crash_stack, last_write):
 
 # -- shardstack trace -------------------------------------------------------------------
 
-PASSIVE_OPEN = Path(__file__).resolve().parents[1] / "unit" / "core" / "callgraph_passive_open.txt"
+CORE_TESTS = Path(__file__).resolve().parents[1] / "unit" / "core"
 
 
-def _callgraph_sections() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    cur = None
-    for line in PASSIVE_OPEN.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            cur = line.strip("[]")
-            out[cur] = []
-        else:
-            out[cur].append(line)
-    return out
-
-
-def _is_subsequence(small: list[str], big: list[str]) -> bool:
-    it = iter(big)
-    return all(name in it for name in small)
+def _core_trace_test():
+    """tests/unit/core/test_trace.py, the engine's own trace test: its reading
+    of the reference call graph and its comparison (NOT_IMPLEMENTED names
+    absent, every other one present in order) are the ones to apply here."""
+    sys.path.insert(0, str(CORE_TESTS))
+    try:
+        spec = importlib.util.spec_from_file_location("core_test_trace", CORE_TESTS / "test_trace.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(CORE_TESTS))
 
 
 def test_trace_port_shows_the_passive_open(crash_stack):
     """`shardstack trace --port 7` attached to a running stack prints, for a
     connection's SYN and its final ACK, the engine's passive-open call graph
-    (callgraph.md's "Receive SYN" and "Receive ACK", as the unit test
-    derives them), then detaches by itself once the port is quiet."""
+    (the reference call graph's "Receive SYN" and "Receive ACK", compared as
+    the engine's own trace test does), then detaches by itself once the port
+    is quiet."""
     st = crash_stack
     tr = st.ns.popen([sys.executable, "-m", "shardstack", "trace", "--port", str(ECHO),
                       "--json", "--timeout", "20", "--run-dir", st.run_dir],
@@ -419,9 +415,10 @@ def test_trace_port_shows_the_passive_open(crash_stack):
     assert mine, out
     syn, ack = mine[0], mine[1]
     assert " S seq " in syn["segment"] and " . seq " in ack["segment"], (syn, ack)
-    sections = _callgraph_sections()
-    assert _is_subsequence(sections["Receive SYN"], syn["calls"]), syn["calls"]
-    assert _is_subsequence(sections["Receive ACK"], ack["calls"]), ack["calls"]
+    ref = _core_trace_test()
+    sections = ref.reference_sections(ref.reference_text())
+    ref.check_section(sections["Receive SYN"], syn["calls"])
+    ref.check_section(sections["Receive ACK"], ack["calls"])
     assert all(e["worker"] == st.worker_of(sport, ECHO) for e in mine)
     # detached: the supervisor no longer knows the session (its workers were
     # told to stop: tests/unit/runtime/test_tracer.py), and the stack serves on
