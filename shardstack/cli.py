@@ -69,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="list every bucket, idle ones too")
-    what = "print what the engine does for a port's segments, live (call-graph names)"
+    what = "print what the engine does for a port's or a connection's segments, live"
     p = sub.add_parser("trace", help=what, description=what + ". Attaches to the running "
                        "stack, no restart; nothing is traced (or costs anything) once it exits.")
     p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
-    p.add_argument("--port", type=int, required=True, metavar="N",
-                   help="trace TCP segments whose source or destination port is N")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--port", type=int, metavar="N",
+                       help="trace TCP segments whose source or destination port is N")
+    which.add_argument("--conn", metavar="LADDR:LPORT-RADDR:RPORT",
+                       help="trace one connection (the stack's address first, as `ss` shows)")
     p.add_argument("--follow", action="store_true",
                    help="keep tracing until Ctrl-C (default: stop once traffic on the port "
                    "has been quiet for a second, or after --timeout)")
@@ -274,6 +277,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from shardstack.rundir import open_run_dir, select_run_dir
     from shardstack.tracer import format_event
 
+    what: dict[str, Any] = {"port": args.port}
+    if args.conn:
+        from shardstack.tracer import parse_conn
+
+        try:
+            conn = parse_conn(args.conn)
+        except ValueError as e:
+            print(f"shardstack trace: {e}", file=sys.stderr)
+            return 2
+        what = {"port": conn[1], "conn": list(conn)}
     run = open_run_dir(select_run_dir(args.run_dir))
     try:
         client = control.ControlClient(run.control_sock, timeout=10.0)
@@ -282,11 +295,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return 1
     with client:  # closing it detaches the trace, whatever happens here
         try:
-            tid = client.call("trace_start", port=args.port)["tid"]
+            tid = client.call("trace_start", **what)["tid"]
         except OSError as e:
             print(f"shardstack trace: {e}", file=sys.stderr)
             return 1
-        print(f"tracing port {args.port}" + (" (Ctrl-C to stop)" if args.follow else ""),
+        print(f"tracing {args.conn or f'port {args.port}'}"
+              + (" (Ctrl-C to stop)" if args.follow else ""),
               file=sys.stderr, flush=True)
         start = last = time.monotonic()
         seen = 0

@@ -187,7 +187,7 @@ class Supervisor:
         self.reta = rss.make_reta(cfg.workers)
         self.book = retabook.RetaBook(cfg.workers, list(self.reta))  # moves, load report
         self.metrics = None  # shardstack.metrics.MetricsServer with --metrics
-        self.traces: dict[int, int] = {}  # `shardstack trace` sessions: tid -> port
+        self.traces: dict[int, dict[str, Any]] = {}  # `shardstack trace`: tid -> {port, conn?}
         # A warm spare worker (shardstack.spare): imports done, waiting to
         # become whichever worker dies next. (Popen, our end of its socketpair).
         self.spare: tuple[subprocess.Popen, socket.socket] | None = None
@@ -488,8 +488,8 @@ class Supervisor:
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
-        for tid, port in list(self.traces.items()):  # a trace follows a restarted worker
-            await self._call_quietly(c, "trace_start", tid=tid, port=port)
+        for tid, args in list(self.traces.items()):  # a trace follows a restarted worker
+            await self._call_quietly(c, "trace_start", tid=tid, **args)
         if c.proc is proc and c.pidfd >= 0:
             c.ready = True
 
@@ -681,16 +681,21 @@ class Supervisor:
         return retabook.report(self.book, await self._ask_workers("load"))
 
     async def _op_trace_start(self, req, conn) -> dict[str, Any]:
-        """`shardstack trace --port N`: attach a port trace on every worker
+        """`shardstack trace --port N | --conn ...`: attach a trace on every worker
         (shardstack.tracer); detached by trace_stop or when `conn` closes."""
         port = int(req["port"])
         if not 1 <= port <= 65535:
             raise OSError(errno.EINVAL, f"port {port} out of range")
+        args: dict[str, Any] = {"port": port}
+        if req.get("conn"):
+            args["conn"] = [int(x) for x in req["conn"]]
+            if len(args["conn"]) != 4 or args["conn"][1] != port:
+                raise OSError(errno.EINVAL, "conn is [laddr, lport, raddr, rport], lport = port")
         tid = self._next_tid
         self._next_tid += 1
-        self.traces[tid] = port
+        self.traces[tid] = args
         conn.on_close.append(lambda: self.loop.create_task(self._trace_stop(tid)))
-        await self._ask_workers("trace_start", tid=tid, port=port)
+        await self._ask_workers("trace_start", tid=tid, **args)
         return {"tid": tid}
 
     async def _op_trace_take(self, req, conn) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`shardstack trace`: the engine's call-graph trace of one port, live.
+"""`shardstack trace`: the engine's call-graph trace of a port or a connection, live.
 
 The engine (core) records the names of the Linux functions it mirrors while
 `Shard.tracing` is on (`Shard.trace()` hands them out; names as in the
@@ -72,15 +72,24 @@ def set_tracing(shard: Any, on: bool) -> None:
 
 
 class Session:
-    """One `shardstack trace` attached to this worker: its port and the events
-    not yet taken (at most MAX_EVENTS; older ones dropped and counted)."""
+    """One `shardstack trace` attached to this worker: its port, or one
+    connection (`conn` = (laddr, lport, raddr, rport), ints, the stack's
+    side first, and `port` its lport), and the events not yet taken (at most
+    MAX_EVENTS; older ones dropped and counted)."""
 
-    __slots__ = ("port", "events", "dropped")
+    __slots__ = ("port", "conn", "events", "dropped")
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, conn: tuple[int, int, int, int] | None = None) -> None:
         self.port = port
+        self.conn = conn
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.dropped = 0
+
+    def matches(self, src: int, sport: int, dst: int, dport: int) -> bool:
+        """A received segment (src -> dst) of this session's port or connection."""
+        if self.conn is None:
+            return self.port in (sport, dport)
+        return self.conn == (dst, dport, src, sport)
 
 
 class Tracer:
@@ -93,8 +102,8 @@ class Tracer:
         self._ports: frozenset[int] = frozenset()
         self._inner = None
 
-    def start(self, tid: int, port: int) -> None:
-        self.sessions[tid] = Session(port)
+    def start(self, tid: int, port: int, conn: tuple[int, int, int, int] | None = None) -> None:
+        self.sessions[tid] = Session(port, conn)
         self._ports = frozenset(s.port for s in self.sessions.values())
         if self._inner is None:
             # Wrap whatever receive_batch is now (the load accounting's hook).
@@ -144,8 +153,10 @@ class Tracer:
             set_tracing(shard, False)
         ev = {"worker": self.worker, "t": time.time(), "dir": "in",
               "segment": segment_summary(packet) or "?", "calls": [_plain(c) for c in calls]}
+        src = int.from_bytes(packet[12:16], "big")
+        dst = int.from_bytes(packet[16:20], "big")
         for sess in self.sessions.values():
-            if sess.port in pp:
+            if sess.matches(src, pp[0], dst, pp[1]):
                 if len(sess.events) == MAX_EVENTS:
                     sess.dropped += 1
                 sess.events.append(ev)
@@ -174,8 +185,9 @@ def format_event(ev: dict[str, Any]) -> str:
 
 
 def control(worker: Any, op: str, req: dict[str, Any]) -> dict[str, Any]:
-    """A worker's trace ops (worker-<i>.ctl): trace_start {tid, port},
-    trace_take {tid} -> {events, dropped}, trace_stop {tid}."""
+    """A worker's trace ops (worker-<i>.ctl): trace_start {tid, port, conn?}
+    (conn: [laddr, lport, raddr, rport], ints), trace_take {tid} -> {events,
+    dropped}, trace_stop {tid}."""
     tracer = getattr(worker, "tracer", None)
     if tracer is None:
         tracer = worker.tracer = Tracer(worker.shard, worker.wid)
@@ -184,7 +196,8 @@ def control(worker: Any, op: str, req: dict[str, Any]) -> dict[str, Any]:
         port = int(req["port"])
         if not 1 <= port <= 65535:
             raise ValueError(f"port {port} out of range")
-        tracer.start(tid, port)
+        conn = req.get("conn")
+        tracer.start(tid, port, tuple(int(x) for x in conn) if conn else None)
         return {}
     if op == "trace_take":
         events, dropped = tracer.take(tid)
@@ -193,3 +206,20 @@ def control(worker: Any, op: str, req: dict[str, Any]) -> dict[str, Any]:
         tracer.stop(tid)
         return {}
     raise ValueError(f"unknown trace op {op!r}")
+
+
+def parse_conn(text: str) -> tuple[int, int, int, int]:
+    """`LADDR:LPORT-RADDR:RPORT` (the stack's side first, as `shardstack ss`
+    prints Local then Peer) -> four ints; ValueError if malformed."""
+    import ipaddress
+
+    try:
+        local, remote = text.split("-")
+        la, lp = local.rsplit(":", 1)
+        ra, rp = remote.rsplit(":", 1)
+        out = (int(ipaddress.IPv4Address(la)), int(lp), int(ipaddress.IPv4Address(ra)), int(rp))
+    except ValueError:
+        raise ValueError(f"bad connection {text!r}: expected LADDR:LPORT-RADDR:RPORT") from None
+    if not (1 <= out[1] <= 65535 and 1 <= out[3] <= 65535):
+        raise ValueError(f"bad connection {text!r}: ports are 1..65535")
+    return out

@@ -428,3 +428,35 @@ def test_trace_port_shows_the_passive_open(crash_stack):
     with st.connect(ECHO, other) as s:
         s.sendall(b"x")
         assert s.recv(10) == b"x"
+
+
+def test_trace_conn_shows_only_that_connection(crash_stack):
+    """`shardstack trace --conn` prints one connection's segments, not those of
+    another connection to the same port at the same time."""
+    st = crash_stack
+    a_port, b_port = st.ports_for(2, ECHO, 35000)
+    a = st.connect(ECHO, a_port)
+    b = st.connect(ECHO, b_port)
+    try:
+        tr = st.ns.popen([sys.executable, "-m", "shardstack", "trace", "--conn",
+                          f"{st.addr}:{ECHO}-{st.peer}:{a_port}", "--json", "--timeout", "20",
+                          "--run-dir", st.run_dir],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert tr.stderr.readline().startswith(f"tracing {st.addr}:{ECHO}-")
+            for s, msg in ((b, b"other"), (a, b"mine"), (b, b"other again")):
+                s.sendall(msg)
+                assert s.recv(100) == msg
+            out, err = tr.communicate(timeout=30)
+        finally:
+            if tr.poll() is None:
+                tr.kill()
+                tr.wait(5)
+    finally:
+        close_all([a, b])
+    assert tr.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events, err
+    assert all(e["segment"].startswith(f"{st.peer}:{a_port} > {st.addr}:{ECHO} ") for e in events)
+    assert any(e["segment"].endswith("len 4") for e in events)  # "mine"
+    assert all("tcp_v4_rcv" in e["calls"] for e in events)

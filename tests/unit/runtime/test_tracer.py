@@ -4,6 +4,7 @@ order, and detaching restores the shard exactly (nothing left on the path)."""
 
 from __future__ import annotations
 
+import pytest
 from shardstack.core import Shard, ShardConfig
 from shardstack.core.wire.ipv4 import str_to_ip
 from shardstack.core.wire.tcp import SYN, build_tcp_ipv4, build_tcp_options
@@ -68,3 +69,22 @@ def test_format_event_indents_calls():
     lines = tracer.format_event(ev).splitlines()
     assert lines[0].endswith("w0 in a:1 > b:2 S seq 1 ack 0 len 0")
     assert lines[1:] == ["  tcp_v4_rcv", "    tcp_v4_do_rcv"]
+
+
+def test_conn_trace_takes_only_that_connection():
+    w = FakeWorker()
+    conn = tracer.parse_conn("198.18.0.2:80-198.18.0.1:40007")
+    assert conn == (ADDR, 80, PEER, 40007)
+    tracer.control(w, "trace_start", {"tid": 5, "port": 80, "conn": list(conn)})
+    w.shard.receive_batch([_syn(40006, 80), _syn(40007, 80), _syn(40008, 80)], 0.0)
+    events = tracer.control(w, "trace_take", {"tid": 5})["events"]
+    assert [e["segment"].split()[0] for e in events] == ["198.18.0.1:40007"]
+    assert len(w.shard.take_frames()) == 3  # all three answered
+    tracer.control(w, "trace_stop", {"tid": 5})
+
+
+@pytest.mark.parametrize("bad", ["198.18.0.2:80", "198.18.0.2:80-198.18.0.1", "a:1-b:2",
+                                 "198.18.0.2:0-198.18.0.1:5"])
+def test_parse_conn_rejects(bad):
+    with pytest.raises(ValueError):
+        tracer.parse_conn(bad)
