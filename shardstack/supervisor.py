@@ -198,6 +198,7 @@ class Supervisor:
         self.fanout_stats = None
         self.tun_queues: list[Any] | None = None  # direct RX on TUN: one queue per child
         self.tun_counts = None  # tunsteer.SteeringCounts
+        self.tun_reta_map = None  # tunsteer.RetaMap: the RETA the steering program reads
         self.tun_created = False
         self.peer_added = False
         self.children: list[Child] = []
@@ -278,17 +279,21 @@ class Supervisor:
         from shardstack.netio import tunsteer
 
         cfg = self.cfg
-        counts = None
+        counts = reta_map = None
         try:
             counts = tunsteer.SteeringCounts(cfg.workers + 1)
+            # The program reads the RETA from a map: set_reta is a map write.
+            reta_map = tunsteer.RetaMap(self.reta)
             self.tun_queues = tunsteer.open_queues(cfg.ifname, cfg.workers, self.reta, cfg.mtu,
-                                                   cfg.offload, counts)
+                                                   cfg.offload, counts, reta_map)
         except OSError as e:
             log(f"direct RX on TUN unavailable ({e.strerror}); frames go through netio")
-            if counts is not None:
-                counts.close()
+            for m in (counts, reta_map):
+                if m is not None:
+                    m.close()
             return
         self.tun_counts = counts
+        self.tun_reta_map = reta_map
         self.tun = self.tun_queues[-1]  # netio's queue: ICMP and whatever is not TCP
         if cfg.pin:
             from shardstack.affinity import steer_tun_rps
@@ -333,6 +338,8 @@ class Supervisor:
             q.close()
         if self.tun_counts is not None:
             self.tun_counts.close()
+        if self.tun_reta_map is not None:
+            self.tun_reta_map.close()
         for s in self.fanout or ():
             s.close()
         if self.run is not None:
@@ -662,14 +669,8 @@ class Supervisor:
             from shardstack.netio import fanout
 
             fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
-        if self.tun_queues is not None:
-            from shardstack.netio import tunsteer
-
-            # Off the loop: the kernel's verifier takes seconds over the program
-            # of an uneven RETA (the binary search over its runs), and the loop
-            # must keep restarting workers and answering control meanwhile.
-            await self.loop.run_in_executor(None, tunsteer.set_steering, self.tun_queues[0].fd,
-                                            self.cfg.workers, reta, self.tun_counts)
+        if self.tun_reta_map is not None:
+            self.tun_reta_map.write(reta)  # 128 map writes; the program stays
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")

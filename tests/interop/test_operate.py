@@ -460,3 +460,26 @@ def test_trace_conn_shows_only_that_connection(crash_stack):
     assert all(e["segment"].startswith(f"{st.peer}:{a_port} > {st.addr}:{ECHO} ") for e in events)
     assert any(e["segment"].endswith("len 4") for e in events)  # "mine"
     assert all("tcp_v4_rcv" in e["calls"] for e in events)
+
+
+def test_set_reta_steers_new_connections(crash_stack):
+    """A new RETA reaches the kernel's steering at once (TUN direct RX: the
+    program reads the RETA from a BPF map): a connection whose bucket moved
+    from worker 0 to worker 1 is accepted and served by worker 1."""
+    st = crash_stack
+    sport = st.ports_for(2, ECHO, 36000)[0]
+    if st.worker_of(sport, ECHO) != 0:
+        sport = st.ports_for(2, ECHO, 36000)[1]
+    assert st.worker_of(sport, ECHO) == 0
+    bucket = _bucket(st, sport, ECHO)
+    new = rss.make_reta(2)
+    new[bucket] = 1
+    control.call(f"{st.run_dir}/control.sock", "set_reta", reta=new, timeout=10)
+    assert st.stats()["netio"]["counters"]["rx"] == "direct"
+    with st.connect(ECHO, sport) as s:
+        s.sendall(b"moved")
+        assert s.recv(100) == b"moved"
+        mine = [c for c in st.ss() if c.get("rport") == sport and c.get("lport") == ECHO]
+        assert [c["worker"] for c in mine] == [1], mine
+    rep = st.cli("reta")
+    assert rep["moves"] == 1 and rep["buckets"][bucket]["worker"] == 1
