@@ -130,9 +130,7 @@ def test_metrics_counters_move_under_load(mstack):
         assert rep["buckets"][b]["frames"] > 0 and rep["buckets"][b]["worker"] == b % 2
     new = rss.make_reta(2)
     new[0], new[1] = 1, 0
-    # (generous timeout: the TUN steering program of an uneven RETA takes the
-    # kernel's verifier seconds to load)
-    control.call(f"{st.run_dir}/control.sock", "set_reta", reta=new, timeout=60)
+    control.call(f"{st.run_dir}/control.sock", "set_reta", reta=new, timeout=10)
     moved = scrape(st)
     assert moved[("shardstack_reta_moves_total", (("direction", "in"),) + _w(0))] == 1
     assert moved[("shardstack_reta_moves_total", (("direction", "out"),) + _w(0))] == 1
