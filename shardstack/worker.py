@@ -50,12 +50,13 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardstack import control
+from shardstack import control, tracer
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
 from shardstack.core import ConnInfo, Shard, ShardConfig
 from shardstack.core.dropreason import DropReason
 from shardstack.core.wire.ethernet import ETH_HLEN
+from shardstack.load import BucketLoad
 from shardstack.netio import rss
 from shardstack.netio.device import (
     AUX_SPACE,
@@ -122,6 +123,8 @@ class Worker:
         self.run = RunDir(Path(cfg.run_dir))
         self.counters = WorkerCounters()
         self.shard = self._make_shard()
+        self.load = BucketLoad(loop)  # per-RETA-bucket accounting (shardstack.load)
+        self.shard.receive_batch = self.load.wrap(self.shard.receive_batch)
         if isinstance(tx, L2Tx):
             tx.attach_shard(self.shard)  # forward progress confirms neighbours
         self.services = None
@@ -458,6 +461,10 @@ class Worker:
             return {"conns": [self._conn_dict(ci) for ci in self.shard.connections()]}
         if op == "stats":
             return self._stats()
+        if op == "load":
+            return self.load.snapshot(self.shard)
+        if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
+            return tracer.control(self, op, req)
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}
@@ -502,6 +509,7 @@ class Worker:
 
     def close(self) -> None:
         self.closed = True
+        self.load.close()
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
         if self.rx_read is not None:
             self.loop.remove_reader(self.rx_fd)
