@@ -36,7 +36,7 @@ from shardstack.core.wire.ipv4 import ip_to_str, str_to_ip
 
 from . import packets as P
 from . import profile as prof
-from .script import Event, PacketSpec, Script, Syscall, Unsupported, parse_script
+from .script import Event, IcmpSpec, PacketSpec, Script, Syscall, Unsupported, parse_script
 from .syscalls import Call, Layer, Outcome, Unknown, const, value
 
 BASE = 1000.0  # virtual time of script time 0 (an arbitrary origin, > 0)
@@ -273,8 +273,22 @@ class Executor:
 
     # -- packets ------------------------------------------------------------------------------
 
+    def icmp_frame(self, ev: Event) -> bytes:
+        try:
+            return P.build_icmp_inbound(ev.body, self.remote_ip, self.local_ip,
+                                        self.local_port or self.layer.bind_port,
+                                        self.remote_port, self.local_isn or 0)
+        except ValueError as e:
+            raise Unsupported(ev.line, str(e)) from None
+
     def inbound(self, ev: Event) -> None:
         spec: PacketSpec = ev.body
+        if isinstance(spec, IcmpSpec):
+            if self.verbose:
+                self.log(f"  {self.t():9.6f} inject   {spec.text[1:].strip()}")
+            self.shard.receive(self.icmp_frame(ev), self.now)
+            self.collect()
+            return
         if self.local_port is None:
             self.local_port = self.layer.bind_port
         ack_flag = "." in spec.flags

@@ -41,7 +41,7 @@ from shardstack.core.wire.ipv4 import str_to_ip
 from . import packets as P
 from . import profile as prof
 from .executor import BASE, Executor, Fail, Result
-from .script import Unsupported, parse_script
+from .script import IcmpSpec, Unsupported, parse_script
 from .syscalls import SIOCINQ, SIOCOUTQ, Call, Outcome, Unknown, value
 
 STACK_IP = "198.18.99.2"
@@ -350,6 +350,10 @@ class LiveExecutor(Executor):
 
     def inbound(self, ev) -> None:
         spec = ev.body
+        if isinstance(spec, IcmpSpec):
+            self.raw.sendto(self.icmp_frame(ev), (STACK_IP, 0))
+            self.collect()
+            return
         if self.local_port is None:
             self.local_port = self.layer.bind_port
         ecr_map = self.map_ecr if "." in spec.flags else None

@@ -16,9 +16,10 @@ import struct
 from dataclasses import dataclass, field
 
 from shardstack.core.wire.checksum import tcp_checksum
+from shardstack.core.wire.icmp import build_icmp_error
 from shardstack.core.wire.ipv4 import build_ipv4, parse_ipv4
 
-from .script import PacketSpec, TcpOption
+from .script import IcmpSpec, PacketSpec, TcpOption
 
 FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, ".": 0x10, "U": 0x20,
              "E": 0x40, "W": 0x80, "A": 0x100}  # A: AE (RFC 9768 AccECN), the NS bit's place
@@ -263,3 +264,30 @@ def _options_mismatch(script: list[TcpOption], actual: list[tuple[int, bytes]],
             if want != data:
                 return f"TCP option {i} (sack blocks)"
     return None
+
+
+ICMP_TYPE = {"unreachable": 3, "source_quench": 4, "time_exceeded": 11, "parameter_problem": 12}
+UNREACH_CODES = ("net_unreachable", "host_unreachable", "protocol_unreachable",
+                 "port_unreachable", "frag_needed", "source_route_failed", "net_unknown",
+                 "host_unknown", "source_host_isolated", "net_prohibited", "host_prohibited",
+                 "net_unreachable_for_tos", "host_unreachable_for_tos", "packet_filtered",
+                 "precedence_violation", "precedence_cutoff")
+
+
+def build_icmp_inbound(spec: IcmpSpec, peer: int, local: int, local_port: int,
+                       peer_port: int, local_isn: int) -> bytes:
+    """The ICMP error (IPv4 packet) quoting the stack's segment ``spec`` names."""
+    itype = ICMP_TYPE[spec.itype]
+    code = 0
+    if spec.code is not None:
+        if spec.code.isdigit():
+            code = int(spec.code)
+        elif itype == 3 and spec.code in UNREACH_CODES:
+            code = UNREACH_CODES.index(spec.code)
+        else:
+            raise ValueError(f"ICMP code {spec.code}")
+    header = struct.pack("!HHIIBBHHH", local_port, peer_port, (spec.seq + local_isn) % 2**32, 0,
+                         5 << 4, FLAG_BITS["."], 0, 0, 0)
+    original = build_ipv4(local, peer, 6, header + bytes(spec.length))
+    rest = spec.mtu if spec.mtu is not None and spec.mtu >= 0 else 0
+    return build_ipv4(peer, local, 1, build_icmp_error(itype, code, original, rest))

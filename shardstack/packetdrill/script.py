@@ -80,6 +80,19 @@ class PacketSpec:
 
 
 @dataclass(slots=True)
+class IcmpSpec:
+    """An ICMP error the peer's side injects, quoting one of the stack's segments."""
+
+    direction: str
+    itype: str  # unreachable, time_exceeded, ...
+    code: str | None
+    mtu: int | None
+    seq: int = 0  # the quoted segment, relative to the stack's ISN
+    length: int = 0
+    text: str = ""
+
+
+@dataclass(slots=True)
 class Event:
     line: int
     time: Time
@@ -393,6 +406,8 @@ def parse_packet(line: int, text: str) -> PacketSpec:
     if tk.peek()[0] == "num" and tk.peek(1)[1] == ">" and tk.peek(2)[0] == "num":
         ports = (int(_num(tk.next()[1])), int(_num((tk.next(), tk.next())[1][1])))
     kind, val = tk.peek()
+    if kind == "id" and val == "icmp":
+        return _icmp(tk, direction, text)
     if kind == "id" and val.lower() in ("udp", "icmp", "gre", "mpls", "psp", "udplite"):
         raise Unsupported(line, f"{val} packets (the engine speaks TCP over IPv4 here)")
     if val == "(":
@@ -425,6 +440,40 @@ def parse_packet(line: int, text: str) -> PacketSpec:
             spec.options = _options(tk)
         else:
             raise Unsupported(line, f"packet field {val!r}")
+    return spec
+
+
+ICMP_TYPES = ("unreachable", "time_exceeded", "parameter_problem", "source_quench")
+
+
+def _icmp(tk: _Tokens, direction: str, text: str) -> IcmpSpec:
+    tk.next()
+    if direction != "<":
+        raise Unsupported(tk.line, "outbound ICMP (the engine's ICMP is not matched)")
+    itype = tk.next()[1]
+    if itype not in ICMP_TYPES:
+        raise Unsupported(tk.line, f"ICMP {itype}")
+    spec = IcmpSpec(direction, itype, None, None, text=text)
+    if tk.peek()[0] == "id" and tk.peek()[1] not in ("mtu", "id"):
+        spec.code = tk.next()[1]
+    while not tk.done():
+        kind, val = tk.next()
+        if val == "mtu" and tk.peek()[0] == "num":
+            spec.mtu = int(_num(tk.next()[1]))
+        elif val == "id" and tk.peek()[0] == "num":
+            tk.next()
+        elif val == "[":
+            if tk.peek()[0] != "num":
+                raise Unsupported(tk.line, f"ICMP quoting {tk.peek()[1]}")
+            spec.seq = int(_num(tk.next()[1]))
+            tk.expect(":")
+            tk.next()
+            tk.expect("(")
+            spec.length = int(_num(tk.next()[1]))
+            tk.expect(")")
+            tk.expect("]")
+        else:
+            raise Unsupported(tk.line, f"ICMP field {val!r}")
     return spec
 
 

@@ -285,3 +285,30 @@ def test_verbose_line_puts_packets_one_above_the_other():
         "S. 0:0(0) ack 1 win 1234 <mss 1460,nop,nop,sackOK,nop,wscale 7>"
     assert lines[2].split(":", 1)[1].strip().startswith(
         "S. 0:0(0) ack 1 win 65535 <mss 1460,nop,nop,sackOK,nop,wscale 7>")
+
+
+def test_icmp_lines():
+    from shardstack.packetdrill.script import IcmpSpec, parse_packet
+    spec = parse_packet(1, "< icmp unreachable frag_needed mtu 1200 [1:1461(1460)]")
+    assert isinstance(spec, IcmpSpec)
+    assert (spec.itype, spec.code, spec.mtu, spec.seq, spec.length) == \
+        ("unreachable", "frag_needed", 1200, 1, 1460)
+    r = run(ESTABLISH + "+0 > icmp unreachable\n")
+    assert r.status == "skip" and "outbound ICMP" in r.reason
+
+
+def test_icmp_frag_needed_reaches_the_engine():
+    # The engine shrinks its segments: a script expecting the old size fails (strict
+    # segments: gluing would join the 1160 and 300 bytes back into one line).
+    text = "--strict_segments\n" + LISTEN + """\
++0 < S 0:0(0) win 65535 <mss 1460,nop,wscale 7>
++0 > S. 0:0(0) ack 1 <mss 1460,nop,wscale 7>
++.1 < . 1:1(0) ack 1 win 514
++0 accept(3, ..., ...) = 4
++0 write(4, ..., 1460) = 1460
++0 > P. 1:1461(1460) ack 1
++.01 < icmp unreachable frag_needed mtu 1200 [1:1461(1460)]
++0 > . 1:1461(1460) ack 1
+"""
+    r = run(text)
+    assert r.status == "fail" and "payload length 1460 vs 1160" in r.reason
