@@ -74,6 +74,7 @@ class Pending:
     event: Event
     start: float  # script time it was made
     end: float  # script time it should return
+    began: float = 0.0  # virtual time it was first attempted (its own timeout counts from it)
 
 
 class Executor:
@@ -110,6 +111,7 @@ class Executor:
         # only their start is timed.
         self.instant_calls = True
         self.grace = GRACE  # how long past an expected time to wait to report what came
+        self._spins = 0
 
     # -- the clock ----------------------------------------------------------------------------
 
@@ -152,6 +154,9 @@ class Executor:
         if nxt > target:
             nxt = target
         nxt = max(nxt, self.now)
+        self._spins = self._spins + 1 if nxt == self.now else 0
+        if self._spins > 10000:  # time must move on: a loop here is a runner bug, say so
+            raise RuntimeError(f"virtual clock stuck at {self.t():.6f} s")
         self.now = nxt
         self.shard.advance(self.now)
         self.collect()
@@ -172,8 +177,12 @@ class Executor:
         return min(cands) - BASE if cands else None
 
     def _pending_wake(self) -> float | None:
-        if self.pending and self.pending.call.timeout is not None:
-            return BASE + self.pending.start + self.pending.call.timeout
+        """When a blocked call's own timeout (poll) ends, if that is still ahead."""
+        p = self.pending
+        if p is not None and p.call.timeout is not None:
+            wake = p.began + p.call.timeout
+            if wake > self.now:
+                return wake
         return None
 
     # -- timing -------------------------------------------------------------------------------
@@ -403,6 +412,7 @@ class Executor:
             raise Unsupported(ev.line, str(e)) from None
         if self.verbose:
             self.log(f"  {self.t():9.6f} call     {ev.text}")
+        began = self.now
         out = self._attempt(call, ev)
         self._drain()  # what the call sent left now
         end = None
@@ -410,11 +420,11 @@ class Executor:
             end = ev.end + (offset if ev.end_rel else 0.0)
         if out is None:
             if end is not None:
-                self.pending = Pending(call, ev, start, end)
+                self.pending = Pending(call, ev, start, end, began)
                 return
             # Not declared blocking: packetdrill's main thread would wait for it; only
             # the engine's timers can move it now.
-            self.pending = Pending(call, ev, start, start)
+            self.pending = Pending(call, ev, start, start, began)
             self.finish_pending(ev.line)
             return
         self.collect()

@@ -312,3 +312,15 @@ def test_icmp_frag_needed_reaches_the_engine():
 """
     r = run(text)
     assert r.status == "fail" and "payload length 1460 vs 1160" in r.reason
+
+
+def test_poll_timeout_counts_from_when_the_call_starts():
+    # The poll starts late (it waits for the blocking read before it); its 50 ms
+    # timeout runs from then, and nothing loops or returns early.
+    r = run(ESTABLISH + """\
++0...0.1 read(4, ..., 1000) = 10
++.1 < P. 1:11(10) ack 1 win 514
++0 > . 1:1(0) ack 11
++0...0.05 poll([{fd=4, events=POLLIN, revents=0}], 1, 50) = 0
+""")
+    assert r.status == "pass", r.reason
