@@ -362,6 +362,11 @@ class LiveExecutor(Executor):
             rport, lport, isn = spec.sport, spec.dport, self.flow_isn.get(spec.sport)
         frame = P.build_inbound(spec, self.remote_ip, self.local_ip, rport, lport, isn or 0,
                                 ecr_map)
+        if len(frame) > self.settings.mtu:
+            # The kernel routes what we inject into the TUN: no packet beyond its MTU
+            # (packetdrill writes such GSO packets to its tun directly).
+            raise Unsupported(ev.line, f"an inbound packet of {len(frame)} bytes: beyond the "
+                                       f"live TUN's MTU of {self.settings.mtu}")
         if self.verbose:
             self.log(f"  {self.t():9.6f} inject   {spec.text[1:].strip()}")
         self.raw.sendto(frame, (STACK_IP, 0))
