@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VPY) -m mypy core
+	$(VPY) -m mypy core netio
 	PY=$(VPY) scripts/run-tests
 
 test-fast: $(STAMP)

@@ -21,7 +21,6 @@ import random
 import pytest
 from core_helpers import A, B, make_shard, parse
 from shardstack.core import DropReason, tcp_input, tcp_output
-from shardstack.core.simlink import LinkParams, SimLink
 from shardstack.core.sock import TcpSock
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import (
@@ -37,6 +36,7 @@ from shardstack.core.wire.tcp import (
     build_tcp_options,
     parse_tcp,
 )
+from shardstack.netio.simlink import LinkParams, SimLink
 
 MASK = 0xFFFFFFFF
 PEER_ISN = 5000
