@@ -450,10 +450,16 @@ def _set_rcvbuf(s: socket.socket, size: int) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+_DRAIN_READ = 64  # > the 10- or 12-byte virtio-net header; the frame itself is discarded
+
+
 def _drain(s: socket.socket, limit: int = 100_000) -> None:
+    # The buffer must hold a virtio-net header: with PACKET_VNET_HDR on, packet(7)
+    # answers a read shorter than the header with EINVAL (packet_recvmsg) instead
+    # of truncating, and a frame that arrives while the group forms is then fatal.
     for _ in range(limit):
         try:
-            s.recv(1)
+            s.recv(_DRAIN_READ)
         except BlockingIOError:
             return
 
