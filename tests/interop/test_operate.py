@@ -241,6 +241,14 @@ def _lines(log) -> list[str]:
     return log.read_text(errors="replace").splitlines()
 
 
+def _spare_ready(st) -> None:
+    """Until the supervisor's warm spare has its imports done (it replaces a
+    dead worker within milliseconds; a cold start takes a loaded machine
+    most of the second the test allows)."""
+    wait_for(lambda: (st.stats()["supervisor"].get("spare") or {}).get("ready"),
+             what="the warm spare ready")
+
+
 def _ports_on(st, worker: int, n: int, start: int) -> list[int]:
     out = []
     p = start
@@ -283,6 +291,7 @@ def test_worker_crash(crash_stack, last_write):
     try:
         # the app's last write on each connection: the echo of `last_write` bytes
         echo_many(list(socks.values()), last_write, seed=last_write)
+        _spare_ready(st)
         victim = st.stats()["workers"][1]["proc"]["pid"]
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
