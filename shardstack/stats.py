@@ -43,6 +43,21 @@ class ProcTelemetry:
             pass  # it died between the request and now; the supervisor restarts it
         return out
 
+    def counters(self) -> dict[str, Any]:
+        """CPU seconds (user + system) and RSS bytes, as Prometheus's process
+        metrics; unlike `sample` it leaves cpu_percent's interval alone, so a
+        metrics scrape does not change what `shardstack stats` reports."""
+        out: dict[str, Any] = {"pid": self.pid}
+        if self._proc is None:
+            return out
+        try:
+            with self._proc.oneshot():
+                t = self._proc.cpu_times()
+                out.update(cpu_seconds=t.user + t.system, rss=self._proc.memory_info().rss)
+        except psutil.Error:
+            pass
+        return out
+
 
 def to_plain(obj: Any) -> Any:
     """A msgpack-able copy of a counters object (dataclass, slotted, dict, enum)."""
@@ -162,6 +177,7 @@ def format_stats(st: dict[str, Any]) -> str:
         f"{'process':<12} {'pid':>7} {'cpu%':>6} {'rss MiB':>8} {'ctx vol':>9} {'ctx inv':>9} restarts"
     )
     procs = [("supervisor", st.get("supervisor", {}))]
+    spare = st.get("supervisor", {}).get("spare")
     procs.append(("netio", st.get("netio", {})))
     procs += [(f"worker {w.get('id')}", w) for w in st.get("workers", [])]
     for name, p in procs:
@@ -171,6 +187,9 @@ def format_stats(st: dict[str, Any]) -> str:
             f"{proc.get('rss', 0) / 2**20:>8.1f} {proc.get('ctx_voluntary', 0):>9} "
             f"{proc.get('ctx_involuntary', 0):>9} {p.get('restarts', 0)}"
         )
+    if spare:
+        state = "ready" if spare.get("ready") else "starting"
+        lines.append(f"{'spare':<12} {spare.get('pid', '-'):>7}  (warm spare worker, {state})")
     lines.append("")
     lines.append(f"{'worker':<8} {'frames in':>10} {'frames out':>10} {'conns':>6} {'drops':>7}")
     for w in st.get("workers", []):
