@@ -55,3 +55,20 @@ def test_parse_rate(text, bps):
 def test_parse_rate_rejects_negative():
     with pytest.raises(ValueError):
         parse_rate("-1mbit")
+
+
+def test_rate_shaper_serialises_at_the_rate_and_tail_drops():
+    from shardstack.netio.bridge import _Shaper
+
+    sh = _Shaper(rate=8000.0, limit=3)  # 1000 bytes/s
+    frame = (bytes(100), 0)  # 0.1 s each on the wire
+    assert all(sh.push(frame, 0.0) for _ in range(3))
+    assert not sh.push(frame, 0.0)  # the queue holds 3: tail drop
+    out: list = []
+    sh.pop_due(0.15, out)
+    assert len(out) == 1  # the first finished at 0.1 s, the second at 0.2 s
+    assert sh.next_deadline() == pytest.approx(0.2)
+    sh.pop_due(0.31, out)
+    assert len(out) == 3 and sh.next_deadline() is None
+    assert sh.push(frame, 1.0)  # an idle link starts at once
+    assert sh.next_deadline() == pytest.approx(1.1)
