@@ -110,6 +110,7 @@ class ShardStats:
     tlp_probes: int = 0  # tail loss probes sent (TCPLossProbes)
     rack_reo_timeouts: int = 0  # RACK reordering-window expiries that marked losses
     dsack_undos: int = 0  # reductions undone: every retransmission was a duplicate (TCPDSACKUndo)
+    rto_undos: int = 0  # spurious RTOs undone: the original was acknowledged (TCPLossUndo)
     delayed_acks: int = 0
     zero_window_probes: int = 0
     keepalive_probes: int = 0

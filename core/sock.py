@@ -178,6 +178,8 @@ class TcpSock:
     undo_marker: int = 0  # SND.UNA when it began
     undo_retrans: int = 0  # its retransmissions not yet reported as duplicates
     rto_ts: int = 0  # our TSval when the last RTO fired (RTT samples in Loss)
+    loss_tsval: int = 0  # our TSval at the episode's first RTO (spurious-RTO detection)
+    loss_orig_acked: bool = False  # an ACK in Loss echoed an older TSval: the original arrived
     total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
     bytes_retrans: int = 0  # payload bytes retransmitted (tcpi_bytes_retrans)
     recoveries: int = 0  # fast recoveries entered

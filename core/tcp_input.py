@@ -293,6 +293,11 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
             # and its ACK was lost, so this "RTT" is mostly the RTO wait (RFC 3522's
             # observation; Karn's rule in timestamp form).  No sample.
             rtt = None
+            if sk.undo_active and ((tsecr - sk.loss_tsval) & MASK) & HALF:
+                # Older than the episode's first retransmission: this ACK was sent
+                # for an original transmission (Eifel detection, RFC 3522 §3.2;
+                # Linux tcp_packet_delayed): the RTO may have been spurious.
+                sk.loss_orig_acked = True
         else:
             rtt = (((int(now * 1000) + sk.ts_off) - tsecr) & MASK) / 1000.0
             if rtt > 60.0:
@@ -416,6 +421,27 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
     if total > sk.sacked_bytes:
         sk.delivered += _segs(total - sk.sacked_bytes, sk.mss_cache)  # newly SACKed
     sk.sacked_bytes = total
+
+
+def tcp_try_undo_loss(sh: Shard, sk: TcpSock, now: float) -> None:
+    """A spurious RTO (Linux ``tcp_try_undo_loss``; RFC 4015's response to an Eifel
+    detection): new data was acknowledged by an ACK that the original
+    transmission triggered, so nothing was lost: restore cwnd and ssthresh,
+    leave Loss, forget the lost marks, and go on with new data."""
+    if sh.tracing:
+        sh.tr("tcp_try_undo_loss")
+    cc = sk.cc
+    assert cc is not None  # in Loss: synchronized
+    cc.undo()
+    sk.undo_active = False
+    sk.in_loss = False
+    una = sk.snd_una
+    sk.lost_hi = sk.retrans_hi = una
+    sk.rtx_log.clear()
+    sk.relost.clear()
+    sk.dupacks = 0
+    sh.stats.rto_undos += 1
+    tcp_output.tcp_write_xmit(sh, sk, now)
 
 
 def tcp_try_undo_dsack(sh: Shard, sk: TcpSock) -> None:
@@ -548,6 +574,11 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
     if rack:
         tcp_recovery.tcp_rack_advance(sk, (una - acked) & MASK, now)
     if sk.in_loss:
+        if sk.loss_orig_acked:
+            sk.loss_orig_acked = False
+            if acked and sk.undo_active:
+                tcp_try_undo_loss(sh, sk, now)
+                return
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False

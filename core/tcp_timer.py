@@ -373,6 +373,8 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
         sk.undo_active = True  # a first RTO may prove spurious too (Linux tcp_init_undo)
         sk.undo_marker = una
         sk.undo_retrans = 0
+        sk.loss_tsval = sk.rto_ts  # Linux retrans_stamp, as a TSval (tcp_packet_delayed)
+        sk.loss_orig_acked = False
     sk.rtx_log.clear()
     sk.relost.clear()
     tcp_output.tcp_xmit_retransmit_queue(sh, sk, now)
