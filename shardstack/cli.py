@@ -91,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_arguments(demo)
     bench = sub.add_parser("bench", help="benchmarks against the Linux kernel's TCP in the same run")
     bench_cmd.add_arguments(bench)
+    _add_packetdrill(sub)
     return parser
+
+
+def _add_packetdrill(sub) -> None:
+    from shardstack.packetdrill import report
+
+    p = sub.add_parser("packetdrill", help=report.HELP, description=report.HELP,
+                       epilog=report.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(p)
 
 
 def _add_serve(sub) -> None:
@@ -364,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_trace(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
+    if args.command == "packetdrill":
+        from shardstack.packetdrill import report
+
+        return report.main(args)
     return bench_cmd.main(args=args)
 
 
