@@ -906,6 +906,21 @@ class ShimSocket(kernel_socket):
         raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
 
 
+def closed_elsewhere(sock: ShimSocket, ino: int) -> None:
+    """C code (libuv, given the fd with `sock=`) closed a stack socket's fd
+    itself: do what `close()` does besides closing the fd (give a bind back,
+    forget the registry entry of inode `ino`), then let go of the number,
+    which may already belong to someone else. No lingering wait: the fd is
+    gone already."""
+    st = sock._ss
+    if st is not None and sock._owner:
+        if st.kind in (BOUND, LISTENER) and st.owner_pid == os.getpid():
+            sock._release(st)
+        with _REG_LOCK:
+            _REGISTRY.pop(ino, None)
+    sock.detach()
+
+
 def _linger_wait(st: StackState, secs: int) -> None:
     """A lingering close(), after the fd is closed: ask the worker, on a
     stream of its own, to answer once the FIN is acknowledged (gateproto
