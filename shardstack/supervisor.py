@@ -103,6 +103,7 @@ class GlobalBind:
     backlog: int = 0
     listener: dict[str, Any] | None = None  # {backlog, path} once listening
     service: str | None = None  # "echo"/"discard" for the built-in services
+    holders: int = 1  # control connections (processes) holding it: freed at the last
 
 
 class BindTable:
@@ -474,6 +475,23 @@ class Supervisor:
         binds.add(b.bind_id)
         return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
 
+    def _op_adopt(self, req, conn) -> dict[str, Any]:
+        """Another process holds the bound socket's fd now (multiprocessing
+        spawn hands it over): it shares the bind, as processes sharing a
+        kernel socket do; the bind goes at its last holder's release or exit."""
+        b = self.binds.get(int(req["bind_id"]))
+        if b.service is not None:
+            raise OSError(errno.EBADF, "not an app's bind")
+        binds = conn.state.setdefault("binds", set())
+        if b.bind_id in binds:
+            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
+                    "bind_id": b.bind_id}
+        if not binds:
+            conn.on_close.append(lambda: self._release_all(conn))
+        binds.add(b.bind_id)
+        b.holders += 1
+        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+
     async def _op_listen(self, req, conn) -> dict[str, Any]:
         b = self._owned(req, conn)
         if b.listener is not None:
@@ -499,7 +517,9 @@ class Supervisor:
     async def _op_release(self, req, conn) -> dict[str, Any]:
         b = self._owned(req, conn)
         conn.state["binds"].discard(b.bind_id)
-        await self._release(b)
+        b.holders -= 1
+        if b.holders <= 0:
+            await self._release(b)
         return {}
 
     async def _op_ss(self, req, conn) -> dict[str, Any]:
@@ -600,7 +620,9 @@ class Supervisor:
         for bind_id in list(conn.state.get("binds", ())):
             b = self.binds.binds.get(bind_id)
             if b is not None:
-                self.loop.create_task(self._release(b))
+                b.holders -= 1
+                if b.holders <= 0:
+                    self.loop.create_task(self._release(b))
         conn.state["binds"] = set()
 
     async def _call_quietly(self, c: Child, op: str, **args: Any) -> dict[str, Any] | None:

@@ -156,7 +156,65 @@ def recover_state(fd: int) -> StackState | None:
             return StackState(PASSIVE, laddr, n.lport, raddr, n.rport,
                               worker=n.worker, token=n.token)
     with _REG_LOCK:
-        return _REGISTRY.get(os.fstat(fd).st_ino)
+        st = _REGISTRY.get(os.fstat(fd).st_ino)
+    return st if st is not None else _state_from_name(fd)
+
+
+def _state_from_name(fd: int) -> StackState | None:
+    """A bound or listening stack socket that reached another process
+    (multiprocessing spawn), where the registry does not follow: its own
+    name spells the bind (gateproto.BOUND_PREFIX, listener_file). The
+    process holds no claim on the bind yet: listen() adopts it."""
+    tmp = _csocket(AF_UNIX, SOCK_STREAM, 0, fd)
+    try:
+        try:
+            name = tmp.getsockname()
+        except OSError:
+            return None
+    finally:
+        tmp.detach()
+    if isinstance(name, bytes) and name.startswith(gp.BOUND_PREFIX):
+        try:
+            b = gp.decode_bound_name(name)
+        except gp.ProtoError:
+            return None
+        return StackState(BOUND, b.addr, b.port, bind_id=b.bind_id)
+    if isinstance(name, str) and name:
+        parsed = gp.parse_listener_path(name)
+        if parsed is not None:
+            return StackState(LISTENER, parsed[1], parsed[2], bind_id=parsed[0], path=name)
+    return None
+
+
+def view_addr(shown: str) -> str:
+    """The stack address behind a name the app sees (127.x under --loopback
+    stands for the stack's first address)."""
+    if _is_loopback(shown):
+        stack = get_stack()
+        view = stack.view() if stack is not None else None
+        if view is not None:
+            return view.primary
+    return shown
+
+
+def _bound_unix_socket(bind_id: int, addr: str, port: int) -> kernel_socket:
+    """The fd of a bound stack socket: an AF_UNIX socket whose abstract name
+    spells the bind (gateproto.BOUND_PREFIX)."""
+    u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+    try:
+        nonce = int.from_bytes(os.urandom(6), "big")
+        u.bind(gp.encode_bound_name(gp.BoundName(nonce, bind_id, addr, port)))
+    except BaseException:
+        u.close()
+        raise
+    return u
+
+
+def _release_bind(stack: Stack, bind_id: int) -> None:
+    try:
+        stack.call("release", bind_id=bind_id)
+    except OSError:
+        pass
 
 
 def _is_loopback(host: str) -> bool:
@@ -371,9 +429,16 @@ class ShimSocket(kernel_socket):
         # --loopback: a socket bound to 127.x keeps showing it (scope maps it
         # to the stack's address underneath).
         shown = parsed[0] if _is_loopback(parsed[0]) else str(r["addr"])
-        self._ss = StackState(BOUND, shown, int(r["port"]), bind_id=int(r["bind_id"]),
-                              owner_pid=os.getpid())
+        st = StackState(BOUND, shown, int(r["port"]), bind_id=int(r["bind_id"]),
+                        owner_pid=os.getpid())
+        try:
+            self._swap_fd(_bound_unix_socket(st.bind_id, str(r["addr"]), st.lport))
+        except BaseException:
+            _release_bind(stack, st.bind_id)
+            raise
+        self._ss = st
         self._owner = True
+        _register(self.fileno(), st)
 
     def listen(self, backlog: int = min(_socket_mod.SOMAXCONN, 128)) -> None:
         st = self._ss
@@ -389,7 +454,8 @@ class ShimSocket(kernel_socket):
             raise _oserror(errno.EINVAL)
         stack = get_stack()
         backlog = max(0, min(int(backlog), _socket_mod.SOMAXCONN))
-        path = str(stack.run_dir / "l" / f"{st.bind_id}.sock")
+        laddr = view_addr(st.laddr)
+        path = str(stack.run_dir / "l" / gp.listener_file(st.bind_id, laddr, st.lport))
         u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
         try:
             try:
@@ -402,15 +468,31 @@ class ShimSocket(kernel_socket):
             finally:
                 os.umask(old)
             u.listen(backlog)
-            stack.call("listen", bind_id=st.bind_id, backlog=backlog, path=path,
-                       opts=self._opts_list())
+            self._claimed_call(stack, st, "listen", bind_id=st.bind_id, backlog=backlog,
+                               path=path, opts=self._opts_list())
         except BaseException:
             u.close()
             raise
+        if self._owner:
+            _unregister(self.fileno())  # the bound fd's inode goes with it
         self._swap_fd(u)
         st.kind, st.path = LISTENER, path
         _register(self.fileno(), st)
         self._owner = True
+
+    def _claimed_call(self, stack: Stack, st: StackState, op: str, **args: Any) -> Any:
+        """A control call on our bind; a bind made in another process (the fd
+        came by multiprocessing spawn) is adopted first, as the kernel's socket
+        is shared by every process holding the fd."""
+        try:
+            return stack.call(op, **args)
+        except OSError as e:
+            if e.errno != errno.EBADF or st.owner_pid == os.getpid():
+                raise
+        stack.call("adopt", bind_id=st.bind_id)
+        st.owner_pid = os.getpid()  # our claim now: close() gives it back
+        self._owner = True
+        return stack.call(op, **args)
 
     def _parse(self, address: Any) -> tuple[str, int] | None:
         if self.family == AF_INET6 and (self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)):
@@ -528,6 +610,8 @@ class ShimSocket(kernel_socket):
         except BaseException:
             a.close()
             raise
+        if st is not None and self._owner:
+            _unregister(self.fileno())  # the bound fd's inode goes with it
         self._swap_fd(a)
         if st is None:
             st = StackState(ACTIVE)

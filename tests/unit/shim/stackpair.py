@@ -155,6 +155,16 @@ class StackPair:
                                     opts=req.get("opts", ()))
                 n.flush()
             return {}
+        if op == "adopt":  # as the supervisor: one more holder of the bind
+            b = self.binds.get(int(req["bind_id"]))
+            owned = conn.state.setdefault("binds", set())
+            if b.bind_id not in owned:
+                if not owned:
+                    conn.on_close.append(lambda: self._release_all(conn))
+                owned.add(b.bind_id)
+                b.holders += 1
+            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
+                    "bind_id": b.bind_id}
         if op == "release":
             self._release(int(req["bind_id"]))
             conn.state.get("binds", set()).discard(int(req["bind_id"]))
@@ -164,6 +174,9 @@ class StackPair:
     def _release(self, bind_id: int) -> None:
         b = self.binds.binds.get(bind_id)
         if b is None:
+            return
+        b.holders -= 1
+        if b.holders > 0:
             return
         if b.listener is not None:
             for n in self.nodes:
