@@ -100,9 +100,11 @@ def patch(uvloop: Any) -> None:
     _ORIG["create_server"] = loop_cls.create_server
     _ORIG["create_connection"] = loop_cls.create_connection
     _ORIG["start_tls"] = loop_cls.start_tls
+    _ORIG["connect_accepted_socket"] = loop_cls.connect_accepted_socket
     loop_cls.create_server = create_server
     loop_cls.create_connection = create_connection
     loop_cls.start_tls = start_tls
+    loop_cls.connect_accepted_socket = connect_accepted_socket
     setattr(loop_cls, _PATCHED, True)
 
 
@@ -122,6 +124,13 @@ async def create_server(self: Any, protocol_factory: Any, host: Any = None, port
                         **kw: Any) -> Any:
     """uvloop.Loop.create_server, with host/port sockets made by the shim."""
     orig = _ORIG["create_server"]
+    if sock is not None and _active() and host is None and port is None:
+        _listen_if_stack(sock, backlog)
+        if _on_stack(sock):
+            srv = await self.create_unix_server(_named(protocol_factory, sock.family),
+                                                sock=UnixFace(sock), backlog=backlog, ssl=ssl,
+                                                **kw)
+            return StackServer(self, [srv], [sock])
     if sock is not None or (host is None and port is None) or not _active():
         return await orig(self, protocol_factory, host, port, family=family, flags=flags,
                           sock=sock, backlog=backlog, ssl=ssl, reuse_address=reuse_address,
@@ -160,6 +169,19 @@ def _on_stack(sock: Any) -> bool:
     return getattr(sock, "_ss", None) is not None
 
 
+def _listen_if_stack(sock: Any, backlog: int) -> None:
+    """A shim socket given with sock= that is bound on the stack, or not bound
+    at all, listens now, in Python, so that it is the stack's listener before
+    libuv's own listen() (which would autobind the kernel fd)."""
+    from shardstack.shim.sock import BOUND, ShimSocket
+
+    if not isinstance(sock, ShimSocket) or not sock._cand:
+        return
+    st = sock._ss
+    if (st is not None and st.kind == BOUND) or (st is None and sock._unbound_candidate()):
+        sock.listen(backlog)
+
+
 class UnixFace:
     """A stack socket as uvloop's unix paths take it: AF_UNIX, which it is
     underneath. libuv closes the fd itself; `close()` then gives the
@@ -182,9 +204,13 @@ class UnixFace:
         self._sock.setblocking(flag)
 
     def getsockname(self) -> Any:
-        from shardstack.shim.sock import kernel_socket
+        from shardstack.shim.sock import _csocket
 
-        return kernel_socket.getsockname(self._sock)  # the unix path
+        tmp = _csocket(socket.AF_UNIX, socket.SOCK_STREAM, 0, self._sock.fileno())
+        try:
+            return tmp.getsockname()  # the unix name, read as AF_UNIX
+        finally:
+            tmp.detach()
 
     def detach(self) -> int:
         return self._sock.detach()
@@ -304,22 +330,32 @@ async def create_connection(self: Any, protocol_factory: Any, host: Any = None, 
                             *, ssl: Any = None, family: int = 0, proto: int = 0, flags: int = 0,
                             sock: Any = None, local_addr: Any = None,
                             server_hostname: Any = None, **kw: Any) -> Any:
-    """uvloop.Loop.create_connection, with a host/port socket made by the shim."""
+    """uvloop.Loop.create_connection, with a host/port socket made by the shim
+    and a stack socket (made here or given with sock=) on libuv's unix path."""
     orig = _ORIG["create_connection"]
-    if sock is not None or (host is None and port is None) or not _active():
+    given = sock is not None
+    if not _active() or (given and not _on_stack(sock)) or (
+            not given and host is None and port is None):
         return await orig(self, protocol_factory, host, port, ssl=ssl, family=family,
                           proto=proto, flags=flags, sock=sock, local_addr=local_addr,
                           server_hostname=server_hostname, **kw)
-    for k in _EYEBALLS:
-        kw.pop(k, None)  # addresses are tried one after another
-    if server_hostname is None and ssl:
-        server_hostname = host  # asyncio's rule: the host names the certificate
+    if given:
+        if host is not None or port is not None:
+            raise ValueError("host/port and sock can not be specified at the same time")
+    else:
+        for k in _EYEBALLS:
+            kw.pop(k, None)  # addresses are tried one after another
+        if server_hostname is None and ssl:
+            server_hostname = host  # asyncio's rule: the host names the certificate
     if server_hostname is not None and not ssl:
         raise ValueError("server_hostname is only meaningful with ssl")
-    sock = await _connected_socket(self, host, port, family, proto, flags, local_addr)
+    if not given:
+        sock = await _connected_socket(self, host, port, family, proto, flags, local_addr)
     views: list[Any] = []
     try:
         if _on_stack(sock):
+            for k in _EYEBALLS:
+                kw.pop(k, None)
             transport, protocol = await self.create_unix_connection(
                 _named(protocol_factory, sock.family, sock, views), sock=UnixFace(sock),
                 ssl=ssl, server_hostname=server_hostname, **kw)
@@ -327,10 +363,35 @@ async def create_connection(self: Any, protocol_factory: Any, host: Any = None, 
             transport, protocol = await orig(self, protocol_factory, sock=sock, ssl=ssl,
                                              server_hostname=server_hostname, **kw)
     except BaseException:
-        sock.close()
+        if not given:
+            sock.close()
         raise
+    finally:
+        for v in views:
+            if isinstance(v, int):
+                _PENDING.pop(v, None)
+    made = [v for v in views if not isinstance(v, int)]
     # The caller (asyncio.open_connection's StreamWriter) sees what the protocol saw.
-    return (views[0] if views else transport), protocol
+    return (made[0] if made else transport), protocol
+
+
+async def connect_accepted_socket(self: Any, protocol_factory: Any, sock: Any,
+                                  **kw: Any) -> Any:
+    """uvloop.Loop.connect_accepted_socket (anyio's listeners): a stack
+    connection on libuv's unix path, with its TCP names."""
+    orig = _ORIG["connect_accepted_socket"]
+    if not (_active() and _on_stack(sock)):
+        return await orig(self, protocol_factory, sock, **kw)
+    views: list[Any] = []
+    try:
+        transport, protocol = await orig(self, _named(protocol_factory, sock.family, sock, views),
+                                         UnixFace(sock), **kw)
+    finally:
+        for v in views:
+            if isinstance(v, int):
+                _PENDING.pop(v, None)
+    made = [v for v in views if not isinstance(v, int)]
+    return (made[0] if made else transport), protocol
 
 
 async def _connected_socket(loop: Any, host: Any, port: Any, family: int, proto: int,
@@ -394,31 +455,54 @@ def _named(protocol_factory: Any, family: int, sock: Any = None,
 
     libuv reads the names of the fd, an AF_UNIX stream for a stack
     connection; the shim knows the TCP ones (its registry and the accepted
-    stream's peer name). Python protocols get `connection_made` a view of
-    the transport that answers `peername`/`sockname` with them; kernel
-    connections and protocols that take no attributes are left as they are.
+    stream's peer name). Each protocol is lent, until its `connection_made`,
+    a subclass (no new slots, so `__class__` may change even on a slotted
+    class such as aiohttp's handlers) whose `connection_made` passes a view
+    of the transport that answers `peername`/`sockname` with them, then
+    puts the protocol's own class back. A protocol implemented in C keeps
+    the unix names.
     """
 
     def factory() -> Any:
         proto = protocol_factory()
-        made = getattr(proto, "connection_made", None)
-        if made is None:
-            return proto
-
-        def connection_made(transport: Any) -> None:
-            del proto.connection_made  # once; the class's own from now on
-            view = _view(transport, family, sock)
-            if views is not None:
-                views.append(view)
-            made(view)
-
-        try:
-            proto.connection_made = connection_made
-        except AttributeError:  # __slots__ or a C protocol
-            pass
+        sub = _named_class(type(proto), family)
+        if sub is not None:
+            try:
+                proto.__class__ = sub
+            except TypeError:
+                return proto
+            if views is not None:  # create_connection: it drops the entry in any case
+                _PENDING[id(proto)] = (sock, views)
+                views.append(id(proto))
         return proto
 
     return factory
+
+
+# id(protocol) -> (socket, views) of a create_connection in progress.
+_PENDING: dict[int, tuple[Any, list[Any]]] = {}
+_NAMED: dict[tuple[type, int], Any] = {}
+
+
+def _named_class(cls: type, family: int) -> type | None:
+    key = (cls, family)
+    sub = _NAMED.get(key)
+    if sub is None and key not in _NAMED:
+        def connection_made(self: Any, transport: Any) -> None:
+            self.__class__ = cls  # lent for this one call only
+            sock, views = _PENDING.pop(id(self), (None, None))
+            view = _view(transport, family, sock)
+            if views is not None:
+                views.append(view)
+            cls.connection_made(self, view)
+
+        try:
+            sub = type(cls.__name__, (cls,), {"__slots__": (), "connection_made": connection_made,
+                                              "__module__": cls.__module__})
+        except TypeError:  # final or C classes
+            sub = None
+        _NAMED[key] = sub
+    return sub
 
 
 def _view(transport: Any, family: int, sock: Any) -> Any:
