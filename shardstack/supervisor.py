@@ -520,7 +520,7 @@ class Supervisor:
         b.holders -= 1
         if b.holders <= 0:
             await self._release(b)
-        return {}
+        return {"freed": b.holders <= 0}  # else another process still holds it
 
     async def _op_ss(self, req, conn) -> dict[str, Any]:
         conns: list[dict[str, Any]] = []

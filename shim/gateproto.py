@@ -55,11 +55,6 @@ MAX_MESSAGE = 1 << 20
 # The abstract-namespace prefix of a worker-side connection name. The leading
 # NUL puts it in the abstract namespace (unix(7)): nothing on disk to clean up.
 NAME_PREFIX = b"\0shardstack/c/"
-# A socket bound on the stack but not yet listening or connected is an
-# AF_UNIX socket bound to this abstract name, which spells the bind: any
-# process the fd reaches (multiprocessing spawn pickles it over SCM_RIGHTS)
-# learns what it is from the fd alone.
-BOUND_PREFIX = b"\0shardstack/b/"
 
 # Options the shim forwards to the shard socket (everything else on a stack
 # socket is answered from local state, as the kernel would from its own).
@@ -144,36 +139,11 @@ def decode_conn_name(raw: bytes | str) -> ConnName:
         raise ProtoError("malformed shardstack connection name") from None
 
 
-class BoundName(NamedTuple):
-    """What the name of a bound (not yet listening) stack socket spells."""
-
-    nonce: int  # tells apart binds of different stacks in one network namespace
-    bind_id: int
-    addr: str
-    port: int
-
-
-def encode_bound_name(n: BoundName) -> bytes:
-    return BOUND_PREFIX + f"{n.nonce:x}/{n.bind_id}/{n.addr}:{n.port}".encode("ascii")
-
-
-def decode_bound_name(raw: bytes | str) -> BoundName:
-    """Inverse of encode_bound_name; ProtoError if `raw` is not such a name."""
-    if isinstance(raw, str):
-        raw = raw.encode("latin-1")
-    if not raw.startswith(BOUND_PREFIX):
-        raise ProtoError("not a shardstack bound-socket name")
-    try:
-        nonce, bind_id, local = raw[len(BOUND_PREFIX):].decode("ascii").split("/")
-        addr, port = _split_hostport(local)
-        return BoundName(int(nonce, 16), int(bind_id), addr, port)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtoError("malformed shardstack bound-socket name") from None
-
-
 def listener_file(bind_id: int, addr: str, port: int) -> str:
-    """The file name of a listener's AF_UNIX socket under <run-dir>/l/: it spells
-    the bind too, so a listening fd alone tells what it is (see BOUND_PREFIX)."""
+    """The file name, under <run-dir>/l/, of the AF_UNIX socket that stands for
+    a bound stack socket and then listens for it: it spells the bind, so the
+    fd alone tells what it is in any process it reaches (multiprocessing
+    spawn pickles a socket as its fd)."""
     return f"{bind_id}_{addr}_{port}.sock"
 
 

@@ -41,7 +41,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from shardstack.shim import gateproto as gp
 from shardstack.shim import scope
 
 ENV_WATCH = "SHARDSTACK_SHIM_WATCH"
@@ -66,9 +65,6 @@ class Leak:
         where = f"{self.addr[0]}:{self.addr[1]}"
         if self.what == "listens on":
             return f"listens on {where} through the KERNEL, not the stack"
-        if self.what == "listens in C on":
-            return (f"listens on {where}, bound on the stack, but listen() was called in C "
-                    "on the fd that stands for the bind: NOTHING can connect to it")
         return (f"is connected to {where} (from {self.local[0]}:{self.local[1]}) through "
                 "the KERNEL, not the stack")
 
@@ -103,8 +99,6 @@ def check_fd(fd: int, view: scope.StackView) -> tuple[Leak | None, bool]:
 
 def _check(s: Any, fd: int, view: scope.StackView) -> tuple[Leak | None, bool]:
     family = s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
-    if family == socket.AF_UNIX:
-        return _check_unix(s, fd)
     if family not in (socket.AF_INET, socket.AF_INET6):
         return None, True
     if s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) & 0xF != socket.SOCK_STREAM:
@@ -126,27 +120,6 @@ def _check(s: Any, fd: int, view: scope.StackView) -> tuple[Leak | None, bool]:
     if rhost is not None and scope.connect_scope(rhost, view)[0] == scope.STACK:
         return Leak(fd, ino, "is connected to", (peer[0], peer[1]), (local[0], local[1])), True
     return None, True
-
-
-def _check_unix(s: Any, fd: int) -> tuple[Leak | None, bool]:
-    """A socket the shim bound on the stack is, until listen()/connect(), an
-    AF_UNIX socket with a name that spells the bind. C code that takes it
-    and calls listen() itself (a libuv loop given the fd) listens on that
-    name, where nothing ever connects: as dead as a kernel listener."""
-    try:
-        name = s.getsockname()
-    except OSError:
-        return None, True
-    if not (isinstance(name, bytes) and name.startswith(gp.BOUND_PREFIX)):
-        return None, True
-    if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        return None, False  # bound on the stack, not listening yet: look again
-    try:
-        b = gp.decode_bound_name(name)
-    except gp.ProtoError:
-        return None, True
-    ino = os.fstat(fd).st_ino
-    return Leak(fd, ino, "listens in C on", (b.addr, b.port), (b.addr, b.port)), True
 
 
 def socket_fds() -> list[tuple[int, int]]:

@@ -162,28 +162,23 @@ def recover_state(fd: int) -> StackState | None:
 
 def _state_from_name(fd: int) -> StackState | None:
     """A bound or listening stack socket that reached another process
-    (multiprocessing spawn), where the registry does not follow: its own
-    name spells the bind (gateproto.BOUND_PREFIX, listener_file). The
-    process holds no claim on the bind yet: listen() adopts it."""
+    (multiprocessing spawn), where the registry does not follow: its path
+    spells the bind (gateproto.listener_file). The process holds no claim on
+    the bind yet: its listen() adopts it."""
     tmp = _csocket(AF_UNIX, SOCK_STREAM, 0, fd)
     try:
         try:
             name = tmp.getsockname()
+            listening = tmp.getsockopt(SOL_SOCKET, _socket_mod.SO_ACCEPTCONN)
         except OSError:
             return None
     finally:
         tmp.detach()
-    if isinstance(name, bytes) and name.startswith(gp.BOUND_PREFIX):
-        try:
-            b = gp.decode_bound_name(name)
-        except gp.ProtoError:
-            return None
-        return StackState(BOUND, b.addr, b.port, bind_id=b.bind_id)
-    if isinstance(name, str) and name:
-        parsed = gp.parse_listener_path(name)
-        if parsed is not None:
-            return StackState(LISTENER, parsed[1], parsed[2], bind_id=parsed[0], path=name)
-    return None
+    parsed = gp.parse_listener_path(name) if isinstance(name, str) and name else None
+    if parsed is None:
+        return None
+    return StackState(LISTENER if listening else BOUND, parsed[1], parsed[2],
+                      bind_id=parsed[0], path=name)
 
 
 def view_addr(shown: str) -> str:
@@ -197,17 +192,32 @@ def view_addr(shown: str) -> str:
     return shown
 
 
-def _bound_unix_socket(bind_id: int, addr: str, port: int) -> kernel_socket:
-    """The fd of a bound stack socket: an AF_UNIX socket whose abstract name
-    spells the bind (gateproto.BOUND_PREFIX)."""
+def _unix_at(path: str) -> kernel_socket:
+    """The fd of a bound stack socket: an AF_UNIX socket bound at its
+    listener's path (gateproto.listener_file), which spells the bind, in the
+    run directory, mode 0600: only the stack's user may connect."""
     u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
     try:
-        nonce = int.from_bytes(os.urandom(6), "big")
-        u.bind(gp.encode_bound_name(gp.BoundName(nonce, bind_id, addr, port)))
+        try:
+            os.unlink(path)  # left by a process that died
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            u.bind(path)
+        finally:
+            os.umask(old)
     except BaseException:
         u.close()
         raise
     return u
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _release_bind(stack: Stack, bind_id: int) -> None:
@@ -431,8 +441,10 @@ class ShimSocket(kernel_socket):
         shown = parsed[0] if _is_loopback(parsed[0]) else str(r["addr"])
         st = StackState(BOUND, shown, int(r["port"]), bind_id=int(r["bind_id"]),
                         owner_pid=os.getpid())
+        st.path = str(stack.run_dir / "l" / gp.listener_file(st.bind_id, str(r["addr"]),
+                                                            st.lport))
         try:
-            self._swap_fd(_bound_unix_socket(st.bind_id, str(r["addr"]), st.lport))
+            self._swap_fd(_unix_at(st.path))
         except BaseException:
             _release_bind(stack, st.bind_id)
             raise
@@ -448,36 +460,20 @@ class ShimSocket(kernel_socket):
             st = self._ss
         if st is None:
             return super().listen(backlog)
-        if st.kind == LISTENER:
-            return super().listen(backlog)  # a new backlog for the unix listener
-        if st.kind != BOUND:
+        if st.kind not in (BOUND, LISTENER):
             raise _oserror(errno.EINVAL)
         stack = get_stack()
         backlog = max(0, min(int(backlog), _socket_mod.SOMAXCONN))
-        laddr = view_addr(st.laddr)
-        path = str(stack.run_dir / "l" / gp.listener_file(st.bind_id, laddr, st.lport))
-        u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
-        try:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o177)  # only the stack's user may connect (DESIGN.md §2)
-            try:
-                u.bind(path)
-            finally:
-                os.umask(old)
-            u.listen(backlog)
-            self._claimed_call(stack, st, "listen", bind_id=st.bind_id, backlog=backlog,
-                               path=path, opts=self._opts_list())
-        except BaseException:
-            u.close()
-            raise
-        if self._owner:
-            _unregister(self.fileno())  # the bound fd's inode goes with it
-        self._swap_fd(u)
-        st.kind, st.path = LISTENER, path
-        _register(self.fileno(), st)
+        # The bound fd is the AF_UNIX socket at the listener's path: it
+        # listens in place, so every process holding the fd (fork, spawn)
+        # shares one accept queue, as with a kernel socket; a second listen()
+        # sets a new backlog.
+        super().listen(backlog)
+        if st.kind == LISTENER and st.owner_pid == os.getpid():
+            return
+        self._claimed_call(stack, st, "listen", bind_id=st.bind_id, backlog=backlog,
+                           path=st.path, opts=self._opts_list())
+        st.kind = LISTENER
         self._owner = True
 
     def _claimed_call(self, stack: Stack, st: StackState, op: str, **args: Any) -> Any:
@@ -612,6 +608,9 @@ class ShimSocket(kernel_socket):
             raise
         if st is not None and self._owner:
             _unregister(self.fileno())  # the bound fd's inode goes with it
+        if st is not None and st.path:
+            _unlink(st.path)  # a connection has no listener path
+            st.path = ""
         self._swap_fd(a)
         if st is None:
             st = StackState(ACTIVE)
@@ -967,16 +966,14 @@ class ShimSocket(kernel_socket):
 
     def _release(self, st: StackState) -> None:
         stack = get_stack()
+        freed = True
         if stack is not None and st.bind_id is not None:
             try:
-                stack.call("release", bind_id=st.bind_id)
+                freed = bool(stack.call("release", bind_id=st.bind_id).get("freed", True))
             except OSError:
                 pass  # the stack is gone or already released it: nothing to give back
-        if st.path:
-            try:
-                os.unlink(st.path)
-            except OSError:
-                pass
+        if st.path and freed:
+            _unlink(st.path)  # not while another process still listens there
         st.bind_id = None
 
     def dup(self) -> ShimSocket:

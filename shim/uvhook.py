@@ -171,14 +171,18 @@ def _on_stack(sock: Any) -> bool:
 
 def _listen_if_stack(sock: Any, backlog: int) -> None:
     """A shim socket given with sock= that is bound on the stack, or not bound
-    at all, listens now, in Python, so that it is the stack's listener before
-    libuv's own listen() (which would autobind the kernel fd)."""
-    from shardstack.shim.sock import BOUND, ShimSocket
+    at all, listens now, in Python, so that the stack knows the listener
+    before libuv's own listen() (on a kernel fd that would autobind a kernel
+    port)."""
+    from shardstack.shim.sock import BOUND, LISTENER, ShimSocket
 
     if not isinstance(sock, ShimSocket) or not sock._cand:
         return
     st = sock._ss
-    if (st is not None and st.kind == BOUND) or (st is None and sock._unbound_candidate()):
+    # A LISTENER too: one another process made listen (its fd came by spawn)
+    # is adopted by this process's listen().
+    if (st is not None and st.kind in (BOUND, LISTENER)) or (
+            st is None and sock._unbound_candidate()):
         sock.listen(backlog)
 
 

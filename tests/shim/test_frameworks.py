@@ -28,7 +28,7 @@ N = 3  # connections per test
 PEER_PORT = 9001
 
 ASGI_APP = '''
-import asyncio, sys
+import asyncio, os, sys
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -42,7 +42,8 @@ async def app(scope, receive, send):
     loop = type(asyncio.get_running_loop()).__module__
     impls = ",".join(sorted(m.rsplit(".", 1)[1] for m in sys.modules
                             if m.startswith("uvicorn.protocols.http.") and m.endswith("_impl")))
-    body = f"client={scope['client'][0]} loop={loop} http={impls or '-'}\\n".encode()
+    body = f"client={scope['client'][0]} loop={loop} http={impls or '-'} pid={os.getpid()}\\n"
+    body = body.encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
@@ -197,6 +198,21 @@ def test_uvicorn_default_config(shared_env):
                              8101, "uvloop")
     assert all("http=httptools" in line for line in lines), lines
     assert f"{env.peer}:" in env.app_log("uvicorn")  # the access log names the TCP peer
+
+
+def test_uvicorn_workers_share_one_listener(shared_env):
+    """`--workers 2`: the parent binds, two spawned children listen on the
+    same socket (its fd, pickled): one accept queue for both, as on Linux."""
+    env = shared_env
+    _write(env, "asgiapp.py", ASGI_APP)
+    lines = _serve_and_check(env, "uvicorn_w2", ["python", "-m", "uvicorn", "asgiapp:app",
+                                                 "--host", "0.0.0.0", "--port", "8107",
+                                                 "--workers", "2"], 8107, "uvloop")
+    log = env.app_log("uvicorn_w2")
+    children = {int(x.rsplit("[", 1)[1].rstrip("]")) for x in log.splitlines()
+                if "Started server process" in x}
+    assert len(children) == 2, log
+    assert {int(x.rsplit("pid=", 1)[1]) for x in lines} <= children, (lines, log)
 
 
 def test_hypercorn_asyncio(shared_env):

@@ -35,10 +35,10 @@ def test_bound_then_listening_fd_names_the_bind(stack):
     port = s.getsockname()[1]
     assert port > 0
     raw = shimsock._csocket(socket.AF_UNIX, socket.SOCK_STREAM, 0, s.fileno())
-    name = raw.getsockname()  # read as AF_UNIX (the object's AF_INET face would cut it short)
+    path = raw.getsockname()  # read as AF_UNIX (the object's AF_INET face would cut it short)
     raw.detach()
-    b = gp.decode_bound_name(name)
-    assert (b.bind_id, b.addr, b.port) == (s._ss.bind_id, "0.0.0.0", port)
+    assert path == s._ss.path and gp.parse_listener_path(path) == (s._ss.bind_id, "0.0.0.0", port)
+    assert os.stat(path).st_mode & 0o777 == 0o600  # only the stack's user connects
     t = _as_if_elsewhere(s)
     assert t._ss.kind == shimsock.BOUND and t._ss.bind_id == s._ss.bind_id
     assert t.getsockname() == ("0.0.0.0", port)
@@ -55,16 +55,30 @@ def test_bound_then_listening_fd_names_the_bind(stack):
         x.close()
 
 
-def test_bound_name_round_trip_and_rejects():
-    n = gp.BoundName(0xABCDEF123456, 7, "198.18.0.1", 8000)
-    assert gp.decode_bound_name(gp.encode_bound_name(n)) == n
-    assert len(gp.encode_bound_name(n)) < 108
-    for bad in (b"\0shardstack/c/1/2/1.2.3.4:5/1.2.3.4:6", b"\0shardstack/b/zz/1/x:1", b""):
-        try:
-            gp.decode_bound_name(bad)
-        except gp.ProtoError:
-            continue
-        raise AssertionError(bad)
+def test_listener_path_round_trip():
     assert gp.parse_listener_path("/run/l/" + gp.listener_file(3, "0.0.0.0", 80)) == (
         3, "0.0.0.0", 80)
     assert gp.parse_listener_path("/run/x/3_0.0.0.0_80.sock") is None
+    assert gp.parse_listener_path("/run/l/3_0.0.0.0.sock") is None
+    assert gp.parse_listener_path("/run/l/3_1.2.3.4_99999.sock") is None
+
+
+def test_listening_in_two_places_shares_one_queue(stack):
+    """The listener is the bound socket itself: a second process's listen()
+    on the same fd (here: a re-wrapped copy) shares its accept queue."""
+    s = socket.socket()
+    s.bind(("0.0.0.0", 0))
+    port = s.getsockname()[1]
+    other = _as_if_elsewhere(s)
+    assert other._ss.kind == shimsock.BOUND
+    other.listen(4)  # the "child" listens first ...
+    s.listen(4)  # ... the parent too: one queue, no second listener
+    c = socket.create_connection((SERVER_IP, port), timeout=5)
+    s.settimeout(5)
+    a, _ = s.accept()
+    assert a.getsockname() == (SERVER_IP, port)
+    for x in (a, c, other, s):
+        x.close()
+    again = socket.socket()
+    again.bind(("0.0.0.0", port))  # all holders closed: the port is free
+    again.close()
