@@ -503,7 +503,7 @@ def _named_class(cls: type, family: int) -> type | None:
         try:
             sub = type(cls.__name__, (cls,), {"__slots__": (), "connection_made": connection_made,
                                               "__module__": cls.__module__})
-        except TypeError:  # final or C classes
+        except Exception:  # final or C classes, a metaclass or __init_subclass__ refusing
             sub = None
         _NAMED[key] = sub
     return sub

@@ -255,3 +255,36 @@ def test_kernel_only_paths_untouched(uvstack):
         return got
 
     assert uvloop.run(main()).startswith(b"unix")
+
+
+def test_sock_given_listening_bound_and_connected(uvstack):
+    """sock= with a shim socket: listening already (socket.create_server), only
+    bound (hypercorn, uvicorn --workers), or connected (aiohttp's client)."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        listening = socket.create_server(("0.0.0.0", 0))
+        bound = socket.socket()
+        bound.bind(("0.0.0.0", 0))
+        servers = [await asyncio.start_server(_echo, sock=listening),
+                   await asyncio.start_server(_echo, sock=bound)]
+        out = []
+        for srv in servers:
+            port = srv.sockets[0].getsockname()[1]
+            c = socket.socket()
+            c.setblocking(False)
+            await loop.sock_connect(c, (SERVER_IP, port))
+            r, w = await asyncio.open_connection(sock=c)
+            w.write(b"given")
+            w.write_eof()
+            out.append((await asyncio.wait_for(r.read(), 5), w.get_extra_info("peername"), port))
+            w.close()
+            srv.close()
+            await srv.wait_closed()
+        return out
+
+    before = _opens(uvstack)
+    out = uvloop.run(main())
+    assert _opens(uvstack) == (before[0] + 2, before[1] + 2)
+    for got, peer, port in out:
+        assert got.startswith(b"given") and peer == (SERVER_IP, port)
