@@ -184,7 +184,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         return
     if ip.proto != 6:
         if ip.proto == udp.PROTO_UDP and ip.dst in sh.addr_set:
-            udp.udp_rcv(sh, ip, payload, pkt)  # ip_local_deliver's UDP: core/udp.py
+            udp.udp_rcv(sh, ip, payload, pkt, bool(csum_ok))  # ip_local_deliver's UDP
             return
         if ip.proto == 1 and ip.dst in sh.addr_set:
             # ip_local_deliver's other protocol: ICMP errors about our segments.

@@ -325,7 +325,7 @@ def _oserror(code: int, text: str | None = None) -> OSError:
 class ShimSocket(kernel_socket):
     """socket.socket, with AF_INET/SOCK_STREAM sockets on shardstack (module docstring)."""
 
-    __slots__ = ("_ss", "_pre", "_cand", "_owner")
+    __slots__ = ("_ss", "_pre", "_cand", "_owner", "_us", "_dgram")
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None) -> None:
@@ -343,6 +343,8 @@ class ShimSocket(kernel_socket):
         self._owner = False  # this object made the stack state (and unregisters it)
         self._pre = None  # options set while still a kernel socket, to replay
         self._cand = self.family in _FACES and self.type == SOCK_STREAM
+        self._us = None  # a UDP socket on the stack (shim/dgram.py)
+        self._dgram = self.family == AF_INET and self.type == _socket_mod.SOCK_DGRAM
 
     # -- helpers --------------------------------------------------------------
 
@@ -424,6 +426,8 @@ class ShimSocket(kernel_socket):
     # -- bind / listen / accept -----------------------------------------------
 
     def bind(self, address: Any) -> None:
+        if self._dgram:
+            return self._udp_bind(address)
         stack = self._stack()
         parsed = (self._parse(address) if stack is not None and self._ss is None
                   else None)
@@ -536,6 +540,8 @@ class ShimSocket(kernel_socket):
             return e.errno
 
     def _connect(self, address: Any, raising: bool) -> int:
+        if self._dgram:
+            return self._udp_connect(address, raising)
         st = self._ss
         if st is not None and st.kind in (ACTIVE, PASSIVE):
             return self._reconnect(st)
@@ -678,7 +684,80 @@ class ShimSocket(kernel_socket):
     # as tcp_recvmsg reports sk_err once and then 0. recvfrom/recvmsg report
     # no address, as TCP's do (the unix peer name is not the TCP peer).
 
+    # -- UDP on the stack (shim/dgram.py) --------------------------------------
+
+    def _udp_stack(self, host: str, for_bind: bool) -> tuple[Stack | None, str]:
+        """(the stack, the address on it) if `host` is in its scope, else (None, host)."""
+        stack = get_stack()
+        if stack is None:
+            return None, host
+        view = stack.view()
+        _check_denied(stack, view, (host, 0))
+        if view is None:
+            return None, host
+        if for_bind:
+            where, h = scope.bind_scope(host, view)
+        else:
+            where, h = scope.connect_scope(host, view)
+        return (stack, h) if where == scope.STACK else (None, host)
+
+    def _udp_bind(self, address: Any) -> None:
+        parsed = _parse_inet(address) if self._us is None else None
+        stack, host = self._udp_stack(parsed[0] or "0.0.0.0", True) if parsed else (None, "")
+        if stack is None:
+            return super().bind(address)
+        from shardstack.shim import dgram
+
+        self._us = dgram.bind(self, stack, host, parsed[1])
+
+    def _udp_autobind(self, host: str) -> Any:
+        """The stack's UDP socket for a datagram to `host`, bound on first use
+        (inet_autobind), or None: the kernel's."""
+        if self._us is not None:
+            return self._us
+        if super().getsockname()[1] != 0:
+            return None  # bound on the kernel already
+        stack, _ = self._udp_stack(host, False)
+        if stack is None:
+            return None
+        from shardstack.shim import dgram
+
+        self._us = dgram.bind(self, stack, "0.0.0.0", 0)
+        return self._us
+
+    def _udp_connect(self, address: Any, raising: bool) -> int:
+        parsed = _parse_inet(address)
+        us = self._udp_autobind(parsed[0]) if parsed else self._us
+        if us is None:
+            if raising:
+                super().connect(address)
+                return 0
+            return super().connect_ex(address)
+        from shardstack.shim import dgram
+
+        dgram.connect(self, get_stack(), us, parsed[0], parsed[1])
+        return 0
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if not self._dgram:
+            return super().sendto(data, *args)
+        addr = args[-1]
+        parsed = _parse_inet(addr)
+        us = self._udp_autobind(parsed[0]) if parsed else self._us
+        if us is None:
+            return super().sendto(data, *args)
+        from shardstack.shim import dgram
+
+        return dgram.sendto(self, us, data, parsed)
+
+    def _udp_recvfrom(self, bufsize: int, flags: int) -> tuple[bytes, Any]:
+        from shardstack.shim import dgram
+
+        return dgram.recvfrom(self, self._us, bufsize, flags)
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._us is not None:
+            return self._udp_recvfrom(bufsize, flags)[0]
         try:
             data = _csocket.recv(self, bufsize, flags)
         except ConnectionResetError:
@@ -689,6 +768,8 @@ class ShimSocket(kernel_socket):
         return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._us is not None:
+            return self.recvfrom_into(buffer, nbytes, flags)[0]
         try:
             n = _csocket.recv_into(self, buffer, nbytes, flags)
         except ConnectionResetError:
@@ -699,16 +780,27 @@ class ShimSocket(kernel_socket):
         return n
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        if self._us is not None:
+            return self._udp_recvfrom(bufsize, flags)
         if self._ss is None:
             return _csocket.recvfrom(self, bufsize, flags)
         return self.recv(bufsize, flags), None
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        if self._us is not None:
+            mv = memoryview(buffer).cast("B")
+            n = nbytes or len(mv)
+            data, addr = self._udp_recvfrom(n, flags)
+            mv[:len(data)] = data
+            return len(data), addr
         if self._ss is None:
             return _csocket.recvfrom_into(self, buffer, nbytes, flags)
         return self.recv_into(buffer, nbytes, flags), None
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        if self._us is not None:
+            data, addr = self._udp_recvfrom(bufsize, flags)
+            return data, [], 0, addr
         data, anc, mflags, addr = _csocket.recvmsg(self, bufsize, ancbufsize, flags)
         if self._ss is None:
             return data, anc, mflags, addr
@@ -725,6 +817,10 @@ class ShimSocket(kernel_socket):
         return n, anc, mflags, None
 
     def send(self, data: Any, flags: int = 0) -> int:
+        if self._us is not None:
+            from shardstack.shim import dgram
+
+            return dgram.sendto(self, self._us, data, None)
         try:
             return _csocket.send(self, data, flags)
         except BrokenPipeError:
@@ -732,6 +828,9 @@ class ShimSocket(kernel_socket):
             raise
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._us is not None:
+            self.send(data, flags)
+            return
         try:
             _csocket.sendall(self, data, flags)
         except BrokenPipeError:
@@ -740,6 +839,11 @@ class ShimSocket(kernel_socket):
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> int:
+        if self._dgram and (self._us is not None or address is not None):
+            data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+            if address is None:
+                return self.send(data)
+            return self.sendto(data, address)
         try:
             if address is None:
                 return _csocket.sendmsg(self, buffers, ancdata, flags)
@@ -797,12 +901,18 @@ class ShimSocket(kernel_socket):
     # -- names ----------------------------------------------------------------
 
     def getsockname(self) -> Any:
+        if self._us is not None:
+            return (self._us.laddr, self._us.lport)
         st = self._ss
         if st is None:
             return super().getsockname()
         return _face(self.family, *st.sockname)
 
     def getpeername(self) -> Any:
+        if self._us is not None:
+            if not self._us.rport:
+                raise _oserror(errno.ENOTCONN)
+            return (self._us.raddr, self._us.rport)
         st = self._ss
         if st is None:
             return super().getpeername()
@@ -815,13 +925,16 @@ class ShimSocket(kernel_socket):
     # -- options --------------------------------------------------------------
 
     def setsockopt(self, level: int, opt: int, value: Any, optlen: int | None = None) -> None:
+        if self._us is not None and level != SOL_SOCKET:
+            self._record(level, opt, value)  # IP options of a stack UDP socket: remembered
+            return
         st = self._ss
         if st is None:
             if optlen is None:
                 super().setsockopt(level, opt, value)
             else:
                 super().setsockopt(level, opt, value, optlen)
-            if self._cand:
+            if self._cand or self._dgram:
                 self._record(level, opt, value)
             return
         self._record(level, opt, value)
@@ -843,6 +956,8 @@ class ShimSocket(kernel_socket):
                                                 "value": _wire_value(opt, value)})
 
     def getsockopt(self, level: int, opt: int, buflen: int | None = None) -> Any:
+        if self._us is not None:
+            return self._udp_getsockopt(level, opt, buflen)
         st = self._ss
         if st is None:
             if buflen is None:
@@ -864,6 +979,22 @@ class ShimSocket(kernel_socket):
         if isinstance(value, bytes):
             return value[:buflen]  # the kernel copies min(len, size)
         return struct.pack("i", int(value))[:buflen]
+
+    def _udp_getsockopt(self, level: int, opt: int, buflen: int | None) -> Any:
+        """A stack UDP socket's options: what a kernel UDP socket answers for
+        its identity, what was set for the rest (the unix fd for buffers)."""
+        if level == SOL_SOCKET:
+            if opt == SO_DOMAIN:
+                return AF_INET
+            if opt == SO_PROTOCOL:
+                return _socket_mod.IPPROTO_UDP
+        elif (level, opt) in (self._pre or {}):
+            return self._pre[(level, opt)]
+        else:
+            raise _oserror(errno.ENOPROTOOPT)
+        if buflen is None:
+            return super().getsockopt(level, opt)
+        return super().getsockopt(level, opt, buflen)
 
     def _tcp_info(self, st: StackState) -> bytes:
         """TCP_INFO: the worker's `tcp_get_info` for a connection; a
@@ -934,6 +1065,10 @@ class ShimSocket(kernel_socket):
     # -- lifetime -------------------------------------------------------------
 
     def _real_close(self, _ss: Any = kernel_socket) -> None:
+        if self._us is not None and self.fileno() >= 0:
+            from shardstack.shim import dgram
+
+            dgram.close(self._us)
         st = self._ss
         linger = 0
         if st is not None and self.fileno() >= 0:
