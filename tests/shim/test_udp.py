@@ -9,6 +9,8 @@ that the datagrams went through the stack.
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 pytestmark = pytest.mark.interop
@@ -113,6 +115,29 @@ try:
     big.sendto(b"x" * 2000, ("{peer}", 5301))
 except OSError as e:
     print("big", errno.errorcode[e.errno])
+b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for dst in ("{bcast}",):  # the stack's subnet: its socket (255.255.255.255 is the kernel's)
+    try:
+        b.sendto(b"all", (dst, 5301))
+    except OSError as e:
+        print("broadcast", errno.errorcode[e.errno])
+b.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+try:
+    b.sendto(b"all", ("255.255.255.255", 5301))
+except OSError as e:
+    print("broadcast allowed", errno.errorcode[e.errno])
+u1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u1.bind(("0.0.0.0", 5310))
+u2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u2.bind(("0.0.0.0", 5310))
+except OSError as e:
+    print("rebind", errno.errorcode[e.errno])
+p1, p2 = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+for x in (p1, p2):
+    x.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    x.bind(("0.0.0.0", 5311))
+print("reuseport", p1.getsockname()[1], p2.getsockname()[1])
 r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 r.settimeout(5)
 r.connect(("{peer}", 5302))  # nobody there: the kernel answers port unreachable
@@ -129,7 +154,9 @@ def test_udp_client_against_the_kernel(shared_env):
     k = env.ns.popen([env_py(), "-c", KERNEL_UDP_ECHO.replace("{peer}", env.peer)])
     env.procs.append(k)
     before = _udp(env)
-    code = UDP_CLIENT.replace("{peer}", env.peer).replace("{n}", str(N))
+    bcast = str(ipaddress.IPv4Network(f"{env.addr}/{env.prefix}", strict=False).broadcast_address)
+    code = (UDP_CLIENT.replace("{peer}", env.peer).replace("{n}", str(N))
+            .replace("{bcast}", bcast))
     p = env.app_py(code, "udp_client")
     p.stdin.close()
     assert p.wait(60) == 0, env.app_log("udp_client") + env.log()
@@ -138,6 +165,8 @@ def test_udp_client_against_the_kernel(shared_env):
     assert log[N].startswith(f"name ('{env.addr}'") or log[N].startswith("name ('0.0.0.0'"), log
     assert log[N + 1].startswith(f"connected seen {env.addr}:") and env.peer in log[N + 1], log
     assert "big EMSGSIZE" in log and "refused" in log, log
+    assert "broadcast EACCES" in log and "broadcast allowed ENETUNREACH" in log, log
+    assert "rebind EADDRINUSE" in log and "reuseport 5311 5311" in log, log
     after = _udp(env)
     assert after["out_datagrams"] - before["out_datagrams"] == N + 2  # + connected + refused one
     assert after["in_datagrams"] - before["in_datagrams"] == N + 1
@@ -191,3 +220,44 @@ def test_dnspython_resolves_against_a_dns_server_on_the_stack(shared_env):
     after = _udp(env)
     assert after["to_apps"] - before["to_apps"] >= 2
     assert after["from_apps"] - before["from_apps"] >= 2
+
+
+ASYNCIO_UDP = '''
+import asyncio
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data.upper() + (" %s" % addr[0]).encode(), addr)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("0.0.0.0", 5320))
+    print("listening", transport.get_extra_info("sockname"), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+'''
+
+
+def test_asyncio_datagram_endpoint(shared_env):
+    """asyncio's loop: create_datagram_endpoint's socket is the shim's, on the stack."""
+    env = shared_env
+    p = env.app_py(ASYNCIO_UDP, "udp_asyncio")
+    line = env.wait_for_line("udp_asyncio", "listening", p)
+    assert "('0.0.0.0', 5320)" in line, line
+    before = _udp(env)
+    out = env.kernel_py(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        for i in range({N}):
+            s.sendto(b"dgram %d" % i, ("{env.addr}", 5320))
+            print(s.recvfrom(2048)[0].decode())
+        """)
+    assert out.splitlines() == [f"DGRAM {i} {env.peer}" for i in range(N)], out
+    after = _udp(env)
+    assert after["to_apps"] - before["to_apps"] == N
+    assert after["from_apps"] - before["from_apps"] == N
