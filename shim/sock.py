@@ -926,7 +926,10 @@ class ShimSocket(kernel_socket):
 
     def setsockopt(self, level: int, opt: int, value: Any, optlen: int | None = None) -> None:
         if self._us is not None and level != SOL_SOCKET:
-            self._record(level, opt, value)  # IP options of a stack UDP socket: remembered
+            if level == _socket_mod.IPPROTO_IP and opt in _MULTICAST_OPTS:
+                # The stack has no multicast: say so rather than never deliver.
+                raise _oserror(errno.ENOPROTOOPT, "shardstack: no multicast on the stack")
+            self._record(level, opt, value)  # other IP options of a stack UDP socket: remembered
             return
         st = self._ss
         if st is None:
@@ -1226,6 +1229,10 @@ def _unix_listen_queue(fd: int) -> tuple[int, int] | None:
         off += (alen + 3) & ~3
     return None
 
+
+_MULTICAST_OPTS = {getattr(_socket_mod, n) for n in (
+    "IP_ADD_MEMBERSHIP", "IP_DROP_MEMBERSHIP", "IP_ADD_SOURCE_MEMBERSHIP",
+    "IP_DROP_SOURCE_MEMBERSHIP", "IP_MULTICAST_IF") if hasattr(_socket_mod, n)}
 
 _BOOLEAN = {
     IPPROTO_TCP: {_socket_mod.TCP_NODELAY},

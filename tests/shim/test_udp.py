@@ -138,6 +138,11 @@ for x in (p1, p2):
     x.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     x.bind(("0.0.0.0", 5311))
 print("reuseport", p1.getsockname()[1], p2.getsockname()[1])
+try:
+    u1.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                  socket.inet_aton("239.1.2.3") + socket.inet_aton("0.0.0.0"))
+except OSError as e:
+    print("multicast", errno.errorcode[e.errno])
 r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 r.settimeout(5)
 r.connect(("{peer}", 5302))  # nobody there: the kernel answers port unreachable
@@ -167,6 +172,7 @@ def test_udp_client_against_the_kernel(shared_env):
     assert "big EMSGSIZE" in log and "refused" in log, log
     assert "broadcast EACCES" in log and "broadcast allowed ENETUNREACH" in log, log
     assert "rebind EADDRINUSE" in log and "reuseport 5311 5311" in log, log
+    assert "multicast ENOPROTOOPT" in log, log  # a clear no, not silence
     after = _udp(env)
     assert after["out_datagrams"] - before["out_datagrams"] == N + 2  # + connected + refused one
     assert after["in_datagrams"] - before["in_datagrams"] == N + 1
