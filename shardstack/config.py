@@ -87,6 +87,7 @@ class ServeConfig:
     pcap: str | None = None
     offload: bool = True  # virtio-net header: GSO/GRO super-frames, checksum offload
     pin: bool = False  # worker i on CPU i; TUN queue i's kernel work elsewhere (shardstack.affinity)
+    metrics: str | None = None  # "[HOST:]PORT" for Prometheus (shardstack.metrics); loopback default
     secret: bytes = b""
 
     def validate(self) -> ServeConfig:
@@ -108,6 +109,13 @@ class ServeConfig:
         ports = self.echo_ports + self.discard_ports
         if len(set(ports)) != len(ports):
             raise ConfigError("a port is given to more than one service")
+        if self.metrics is not None:
+            from shardstack.metrics import parse_listen
+
+            try:
+                parse_listen(self.metrics)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if len(self.secret) < 16:
             raise ConfigError("secret must be at least 16 bytes")
         return self
