@@ -29,6 +29,7 @@ from . import (
     tcp_output,
     tcp_rcvbuf,
     tcp_timer,
+    udp,
 )
 from .dropreason import DropReason
 from .events import Event, SocketError
@@ -201,6 +202,7 @@ class Shard:
         self.events: list[Event] = []
         self.stats = ShardStats()
         self.socks: dict[int, TcpSock] = {}
+        self.udp = udp.UdpTable()  # UDP sockets (core/udp.py)
         self.tracing = config.trace
         self._trace: list[str] = []
         if self.tracing:
