@@ -90,7 +90,7 @@ class TcpSock:
     shut_wr: bool = False  # FIN queued after the buffer
     fin_sent: bool = False
     fin_seq: int = 0
-    snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle)
+    snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle); the ISN at open
     write_blocked: bool = False  # a send() took less than offered: Writable owed
     # -- receive sequence space ------------------------------------------------------
     irs: int = 0

@@ -648,7 +648,7 @@ def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
     sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling,
                                                            sk.window_clamp)
-    sk.snd_una = sk.iss
+    sk.snd_una = sk.snd_sml = sk.iss  # snd_sml from the ISN: no small segment yet (Minshall)
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now
     tcp.tcp_set_state(sh, sk, _SYN_SENT)

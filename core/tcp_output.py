@@ -450,10 +450,12 @@ def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                         _arm_persist(sh, sk, now)
                     break
             elif (in_flight and not sk.nodelay and not sk.shut_wr
-                  and 0 < ((sk.snd_sml - una) & MASK) < HALF):
+                  and 0 < ((sk.snd_sml - una) & MASK) < HALF
+                  and ((nxt - sk.snd_sml) & MASK) < HALF):
                 # Nagle (RFC 9293 §3.7.4) in Minshall's variant, as Linux
-                # (tcp_nagle_check): hold a small segment only while an earlier
-                # small one is unacknowledged, so a bulk write's tail goes at once.
+                # (tcp_nagle_check, tcp_minshall_check): hold a small segment only
+                # while an earlier small one (ending at snd_sml, in (una, nxt]) is
+                # unacknowledged, so a bulk write's tail goes at once.
                 break
             sk.snd_sml = (nxt + size) & MASK
         last = size == avail
