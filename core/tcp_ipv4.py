@@ -105,14 +105,18 @@ def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
     return (f + m) & MASK, int.from_bytes(h[4:], "big")
 
 
-def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
-                              window_clamp: int = 0) -> tuple[int, int]:
+def tcp_select_initial_window(rcvbuf: int, window_scaling: bool, window_clamp: int = 0,
+                              mss: int = 0) -> tuple[int, int]:
     """(window to offer in the SYN, our window-scale shift) (Linux ``tcp_select_initial_window``).
 
     The shift is the smallest that lets the whole receive buffer be offered
     (RFC 7323 §2.3, at most 14); with TCP_WINDOW_CLAMP, the whole clamp
     (Linux bounds the space by ``window_clamp`` first), which also bounds
-    the window offered.
+    the window offered.  The window is at most the 64 KiB Linux starts from
+    (its default tcp_rmem[1] of 128 KiB, half of it window) and, as Linux
+    quantizes it, rounded down to whole segments of ``mss`` (our MSS less
+    the timestamp option when that is on): 64240 for 1460, 65160 for 1448;
+    the SYN's field cannot say more than 65535 (RFC 7323 §2.2: unscaled).
     """
     space = rcvbuf if not window_clamp or window_clamp > rcvbuf else window_clamp
     ws = 0
@@ -121,6 +125,10 @@ def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
         while rest > 65535 and ws < 14:
             rest >>= 1
             ws += 1
+    if space > 65536:
+        space = 65536
+    if space > mss > 0:
+        space -= space % mss
     return min(space, 65535), ws
 
 
@@ -306,15 +314,17 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     req.mss = min(opts.mss or 536, sh.adv_mss)
     wscale = opts.wscale if cfg.window_scaling else None
     req.wscale_ok = wscale is not None
-    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp)
-    if wscale is not None:
-        req.snd_wscale = wscale
-        req.rcv_wscale = ws
     req.sack_ok = cfg.sack and opts.sack_perm
     ts = opts.ts if cfg.timestamps else None
     req.ts_ok = ts is not None
     if ts is not None:
         req.ts_recent = ts[0]
+    # Linux tcp_openreq_init_rwin: whole segments of our MSS less the timestamp option.
+    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp,
+                                                sh.adv_mss - (12 if req.ts_ok else 0))
+    if wscale is not None:
+        req.snd_wscale = wscale
+        req.rcv_wscale = ws
     if sh.tracing:
         sh.tr("tcp_v4_init_req")  # the addresses: inet_reqsk_alloc took them
         sh.tr("tcp_v4_init_sequence")
@@ -380,7 +390,7 @@ def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: 
     req.iss = (seg.ack - 1) & MASK
     req.mss = mss
     req.rcv_wnd, ws = tcp_select_initial_window(listener.rcvbuf, True,
-                                                listener.window_clamp)
+                                                listener.window_clamp, mss)  # cookie_v4_check
     ts = seg.options.ts
     if ts is not None and sh.cfg.timestamps:
         o = syncookies.cookie_timestamp_decode(ts[1])
@@ -646,8 +656,11 @@ def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
         sh.tr("tcp_connect")
     cfg = sh.cfg
     sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
+    # Linux tcp_connect_init: whole segments of our MSS; the timestamp option is
+    # taken off only with a remembered ts_recent, never for a fresh SYN (Linux 6.18
+    # on a veth: 64240 with and without timestamps).
     sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling,
-                                                           sk.window_clamp)
+                                                           sk.window_clamp, sk.adv_mss)
     sk.snd_una = sk.snd_sml = sk.iss  # snd_sml from the ISN: no small segment yet (Minshall)
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now
