@@ -22,6 +22,7 @@ examples:
   shardstack serve --tun ss0 --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7
   shardstack run -- python -m http.server 8000
   shardstack ss            shardstack stats --json            shardstack reta
+  shardstack trace --port 7             the engine's call graph for port 7's segments, live
 """
 
 SERVE_EPILOG = """\

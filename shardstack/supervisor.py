@@ -68,6 +68,7 @@ MAX_BACKOFF = 5.0
 WORKER_CALL_TIMEOUT = 3.0
 RX_MODE_ENV = "SHARDSTACK_RX"  # "direct" (default) or "netio"
 SPARE_DELAY = 1.0  # s after start-up or a handoff before the next spare starts
+SPARE_MAX_FAILURES = 5  # spares dead before ready, in a row, before we stop making them
 
 
 def rx_mode(cfg: ServeConfig) -> str:
@@ -160,6 +161,15 @@ class BindTable:
 
 
 @dataclass(slots=True, eq=False)
+class Spare:
+    """The warm spare (shardstack.spare): its process and our end of its socket."""
+
+    proc: subprocess.Popen
+    sock: socket.socket
+    ready: bool = False  # it said its imports are done
+
+
+@dataclass(slots=True, eq=False)
 class Child:
     kind: str  # "netio" or "worker"
     wid: int  # worker id; -1 for netio
@@ -189,8 +199,9 @@ class Supervisor:
         self.metrics = None  # shardstack.metrics.MetricsServer with --metrics
         self.traces: dict[int, dict[str, Any]] = {}  # `shardstack trace`: tid -> {port, conn?}
         # A warm spare worker (shardstack.spare): imports done, waiting to
-        # become whichever worker dies next. (Popen, our end of its socketpair).
-        self.spare: tuple[subprocess.Popen, socket.socket] | None = None
+        # become whichever worker dies next.
+        self.spare: Spare | None = None
+        self.spare_failures = 0  # spares that died before reporting ready, in a row
         self._next_tid = 1
         self.binds = BindTable([cfg.addr.ip])
         self.tun = None  # netio.device.TunDevice in TUN mode
@@ -411,6 +422,8 @@ class Supervisor:
     def _start_spare(self) -> None:
         if self.stopping or self.spare is not None:
             return
+        if self.spare_failures >= SPARE_MAX_FAILURES:
+            return  # a spare that cannot even import: workers start cold, as without one
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen([sys.executable, "-m", "shardstack.spare",
@@ -422,14 +435,42 @@ class Supervisor:
             return
         finally:
             theirs.close()
-        self.spare = (proc, ours)
+        ours.setblocking(False)
+        self.spare = Spare(proc, ours)
+        self.loop.add_reader(ours.fileno(), self._on_spare_msg)
+
+    def _on_spare_msg(self) -> None:
+        """The spare's one message: b"R", its imports are done; or EOF, it died."""
+        sp = self.spare
+        if sp is None:
+            return
+        try:
+            data = sp.sock.recv(16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.loop.remove_reader(sp.sock.fileno())
+        if data == b"R":
+            sp.ready = True
+            self.spare_failures = 0
+            return
+        self.spare = None
+        sp.sock.close()
+        self._end(sp.proc)
+        self.spare_failures += 1
+        log(f"spare worker (pid {sp.proc.pid}) exited before it was ready "
+            f"({self.spare_failures} in a row)")
+        self.loop.call_later(SPARE_DELAY * 2 ** self.spare_failures, self._start_spare)
 
     def _use_spare(self, desc: dict[str, Any], fds: list[int]) -> subprocess.Popen | None:
         """Hand a dying worker's description to the spare; None if there is
         no live spare (then the caller starts a fresh interpreter)."""
         if self.spare is None:
             return None
-        proc, sock = self.spare
+        proc, sock = self.spare.proc, self.spare.sock
+        if not self.spare.ready:
+            self.loop.remove_reader(sock.fileno())
         self.spare = None
         try:
             if proc.poll() is not None:
@@ -448,10 +489,11 @@ class Supervisor:
 
     def _drop_spare(self) -> None:
         if self.spare is not None:
-            proc, sock = self.spare
-            self.spare = None
-            sock.close()  # an idle spare exits when its socket closes
-            self._end(proc)
+            sp, self.spare = self.spare, None
+            if not sp.ready:
+                self.loop.remove_reader(sp.sock.fileno())
+            sp.sock.close()  # an idle spare exits when its socket closes
+            self._end(sp.proc)
 
     @staticmethod
     def _end(proc: subprocess.Popen) -> None:
@@ -624,7 +666,10 @@ class Supervisor:
         netio = {"restarts": n.restarts, "ready": n.ready,
                  "proc": n.telemetry.sample() if n.telemetry else {},
                  "counters": await self._netio_stats()}
-        return {"run_dir": str(self.run.path), "supervisor": {"proc": self.me.sample()},
+        spare = (None if self.spare is None
+                 else {"pid": self.spare.proc.pid, "ready": self.spare.ready})
+        return {"run_dir": str(self.run.path),
+                "supervisor": {"proc": self.me.sample(), "spare": spare},
                 "netio": netio, "workers": workers}
 
     async def _netio_stats(self) -> dict[str, Any]:
@@ -730,7 +775,7 @@ class Supervisor:
         if self.spare is not None:
             from shardstack.stats import ProcTelemetry
 
-            procs.append({"process": "spare", **ProcTelemetry(self.spare[0].pid).counters()})
+            procs.append({"process": "spare", **ProcTelemetry(self.spare.proc.pid).counters()})
         for c in self.children:
             if c.telemetry is not None:
                 procs.append({"process": c.name, "restarts": c.restarts,
