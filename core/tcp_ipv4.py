@@ -311,7 +311,11 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     if sh.tracing:
         sh.tr("tcp_openreq_init")
     req.irs = seg.seq
-    req.mss = min(opts.mss or 536, sh.adv_mss)
+    # Linux tcp_mss_clamp: the listener's TCP_MAXSEG bounds the MSS we announce, and
+    # the peer's that we send by (tcp_parse_options' user_mss).
+    user_mss = sk.user_mss
+    adv_mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    req.mss = min(opts.mss or 536, adv_mss)
     wscale = opts.wscale if cfg.window_scaling else None
     req.wscale_ok = wscale is not None
     req.sack_ok = cfg.sack and opts.sack_perm
@@ -321,7 +325,7 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
         req.ts_recent = ts[0]
     # Linux tcp_openreq_init_rwin: whole segments of our MSS less the timestamp option.
     req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp,
-                                                sh.adv_mss - (12 if req.ts_ok else 0))
+                                                adv_mss - (12 if req.ts_ok else 0))
     if wscale is not None:
         req.snd_wscale = wscale
         req.rcv_wscale = ws
@@ -432,11 +436,13 @@ def tcp_v4_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: Tc
         mss = child.user_mss
     child.mss = mss
     child.mss_cache = mss - (12 if child.ts_ok else 0)
-    # The MSS we announce: the route's (our MTU's) advmss.
+    # The MSS we announce: the route's (our MTU's) advmss, bounded by TCP_MAXSEG
+    # (Linux tcp_mss_clamp), as the SYN-ACK announced it.
     if sh.tracing:
         sh.tr("dst_metric_advmss")
         sh.tr("ipv4_default_advmss")
-    child.adv_mss = sh.adv_mss
+    user_mss = child.user_mss
+    child.adv_mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
     tcp_input.tcp_initialize_rcv_mss(sh, child)
     tcp_minisocks.tcp_child_inherit_port(sh, listener, child)
     tcp_minisocks.tcp_child_hash(sh, child, req)

@@ -315,7 +315,9 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
     if sh.tracing:
         sh.tr("tcp_make_synack")
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
-    opts = build_tcp_options(mss=sh.adv_mss, wscale=req.rcv_wscale if req.wscale_ok else None,
+    user_mss = req.listener.user_mss  # Linux tcp_mss_clamp: TCP_MAXSEG set on the listener
+    mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
         sh.tr("__tcp_v4_send_check")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 import pytest
 from core_helpers import ACK, FIN, RST, SYN, B, Peer, listen, make_shard
@@ -218,3 +219,21 @@ def test_closing_listener_resets_unaccepted_children():
     with pytest.raises(OSError) as e:
         sh.accept(lsd)
     assert e.value.errno == errno.EBADF
+
+
+def test_listener_maxseg_is_announced_and_inherited():
+    # Linux tcp_mss_clamp: a TCP_MAXSEG set on the listener bounds the MSS the
+    # SYN-ACK announces, the peer's MSS we send by (tcp_parse_options' user_mss),
+    # and the child's advmss (tcp_v4_syn_recv_sock); the window is whole 1000s.
+    sh = make_shard()
+    lsd = listen(sh, opts=((socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000),))
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
+    sa = peer.recv_one()
+    assert sa.flags == "S." and sa.mss == 1000 and sa.window == 65000
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd = sh.accept(lsd)[0]
+    assert sh.sock(sd).adv_mss == 1000
+    assert sh.getsockopt(sd, socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 1000
+    sh.send(sd, bytes(3000), 0.0)
+    assert [len(s.payload) for s in peer.recv()] == [1000, 1000, 1000]
