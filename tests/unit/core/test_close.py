@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from core_helpers import ACK, FIN, RST, SYN, Pair, Peer, make_shard, parse, server_conn
+from core_helpers import ACK, FIN, PSH, RST, SYN, Pair, Peer, make_shard, parse, server_conn
 from shardstack.core import Closed, Readable, SocketError, State
 from shardstack.core.wire.tcp import build_tcp_ipv4
 
@@ -70,6 +70,31 @@ def test_closing_state_seen_when_fin_crosses_before_ack():
     p.b.receive(fa[0], 0.0)
     p.deliver()
     assert sk.state is State.TIME_WAIT
+
+
+@pytest.mark.parametrize("case", ["fin_with_data", "bare_fin_after_data", "bare_fin_no_data"])
+def test_peer_fin_ack_is_delayed_once_data_was_received(case):
+    # Linux tcp_fin enters pingpong mode in ESTABLISHED, so the FIN's ACK is a
+    # delayed one (40 ms) once data started the delayed-ACK engine; with no data
+    # ever received it goes at once (packetdrill close/fin-with-data and
+    # close/passive-close pass on Linux 6.18).
+    sh, sd, peer, una = server_conn()
+    seq = 1001
+    if case == "bare_fin_after_data":
+        peer.send(ACK | PSH, seq, una, payload=b"x" * 10, at=0.1)
+        assert peer.recv_one().ack == seq + 10  # quick-ack mode: at once
+        seq += 10
+    payload = b"y" * 10 if case == "fin_with_data" else b""
+    peer.send(ACK | FIN, seq, una, payload=payload, at=0.3)
+    end = seq + len(payload) + 1
+    assert sh.state(sd) is State.CLOSE_WAIT
+    if case == "bare_fin_no_data":
+        assert peer.recv_one().ack == end
+        return
+    assert peer.recv() == []
+    assert sh.next_deadline() == pytest.approx(0.340)
+    (t, ack), = peer.run_timers(1)
+    assert t == pytest.approx(0.340) and ack.flags == "." and ack.ack == end
 
 
 def test_half_close_shutdown_wr_keeps_receiving():
