@@ -29,6 +29,7 @@ from .tcp_h import (
     MAX_TCP_SYNCNT,
     TCP_FIN_TIMEOUT,
     TCP_FIN_TIMEOUT_MAX,
+    TCP_SYN_LINEAR_TIMEOUTS,
     TCP_SYN_RETRIES,
     BytesLike,
     SockOptValue,
@@ -67,6 +68,8 @@ class ShardConfig:
     rcvbuf: int = 262144
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
+    #: net.ipv4.tcp_syn_linear_timeouts: SYN retransmissions on a linear timer first.
+    syn_linear_timeouts: int = TCP_SYN_LINEAR_TIMEOUTS
 
 
 @dataclass(slots=True)

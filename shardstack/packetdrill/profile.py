@@ -32,6 +32,7 @@ class Settings:
     window_scaling: bool = True
     syncookies: bool = True
     congestion: str = "cubic"
+    syn_linear_timeouts: int = 4  # net.ipv4.tcp_syn_linear_timeouts (Linux 6.18)
     mtu: int = 1500
     notes: list[str] = field(default_factory=list)
 
@@ -64,7 +65,6 @@ FIXED = {
     "net.ipv4.tcp_ecn": {"0", "2"},  # 2: answer ECN only when asked; the engine never asks
     "net.ipv4.tcp_ecn_option": {"0", "1", "2"},  # AccECN option: only with tcp_ecn=3
     "net.ipv4.tcp_syn_retries": {"5", "6"},
-    "net.ipv4.tcp_syn_linear_timeouts": {"0"},  # the engine backs off from the first retry
     "net.ipv4.tcp_synack_retries": {"5"},
     "net.ipv4.tcp_recovery": {"1"},
     "net.ipv4.tcp_early_retrans": {"3", "4"},
@@ -125,6 +125,11 @@ def apply_sysctl(s: Settings, name: str, value: str) -> str | None:
             s.syncookies = value == "1"
             return None
         return "tcp_syncookies=2 (cookies always) is not modelled"
+    elif name == "net.ipv4.tcp_syn_linear_timeouts":
+        v = _ints(value) if value.isdigit() else []
+        if v:
+            s.syn_linear_timeouts = v[0]
+            return None
     elif name == "net.ipv4.tcp_congestion_control":
         if value in ("cubic", "reno"):
             s.congestion = value
