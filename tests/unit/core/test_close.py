@@ -147,6 +147,44 @@ def test_rst_in_close_wait_is_epipe():
     assert p.b.take_events()[-1] == SocketError(s, errno.EPIPE)
 
 
+def test_after_fin_then_rst_read_gives_eof_and_write_epipe():
+    # Linux tcp_recvmsg checks SOCK_DONE (FIN received) before sk_err; the write
+    # gets the EPIPE tcp_reset left, then EPIPE again (rst/rst-close-wait.pkt).
+    p, c, s = established()
+    p.a.close(c, 0.0)
+    p.deliver()
+    sk_a = next(iter(p.a.h.ehash.values()))
+    p.b.receive(_rst_from(sk_a), 0.0)
+    assert p.b.recv(s, 100) == b""
+    for _ in range(2):
+        with pytest.raises(OSError) as e:
+            p.b.send(s, b"x", 0.0)
+        assert e.value.errno == errno.EPIPE
+
+
+def test_write_after_rst_is_econnreset_then_epipe():
+    # Linux: sock_error() once, then sk_stream_wait_connect's EPIPE
+    # (rst/rst-established-write.pkt); never ENOTCONN, not even on a socket that
+    # never connected or a listener (Linux 6.18: both EPIPE).
+    p, c, s = established()
+    p.b.receive(_rst_from(p.a.sock(c)), 0.0)
+    errs = []
+    for _ in range(2):
+        with pytest.raises(OSError) as e:
+            p.b.send(s, b"x", 0.0)
+        errs.append(e.value.errno)
+    assert errs == [errno.ECONNRESET, errno.EPIPE]
+    assert p.b.recv(s, 100) == b""  # tcp_done shut both directions
+    lsd = p.b.socket()
+    fresh = p.b.socket()
+    p.b.bind(lsd, 0, 81)
+    p.b.listen(lsd, 1)
+    for sd in (fresh, lsd):
+        with pytest.raises(OSError) as e:
+            p.b.send(sd, b"x", 0.0)
+        assert e.value.errno == errno.EPIPE
+
+
 def _rst_from(sk):
     return build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.snd_nxt, 0, RST, 0)
 
