@@ -37,6 +37,7 @@ from . import (
     tcp_input,
     tcp_minisocks,
     tcp_output,
+    udp,
 )
 from .dropreason import WIRE_REASONS, DropReason
 from .events import Acceptable
@@ -191,6 +192,9 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         stats.drop(_IP_REASONS.get(e.reason, DropReason.IP_HDR))
         return
     if ip.proto != 6:
+        if ip.proto == udp.PROTO_UDP and ip.dst in sh.addr_set:
+            udp.udp_rcv(sh, ip, payload, pkt, bool(csum_ok))  # ip_local_deliver's UDP
+            return
         if ip.proto == 1 and ip.dst in sh.addr_set:
             # ip_local_deliver's other protocol: ICMP errors about our segments.
             err = icmp.icmp_rcv(sh, ip, payload)
@@ -480,6 +484,9 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
     """
     stats = sh.stats
     q = e.quote
+    if q.proto == udp.PROTO_UDP:
+        udp.udp_err(sh, e)  # __udp4_lib_err
+        return
     if q.proto != 6:
         stats.icmp_in_errors += 1  # no other transport here: nothing to tell
         return

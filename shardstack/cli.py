@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also put 127.0.0.0/8 TCP on the stack (app and local clients both on it)")
     run.add_argument("--no-check", action="store_true",
                      help="start the program even if no stack answers yet")
+    run.add_argument("--kernel-sockets", choices=("warn", "exit"), default="warn",
+                     help="a TCP socket that C code opened on the kernel where the stack should "
+                          "have it: report it loudly (warn) or also end the program (exit)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- the program and its arguments")
     for name, what in (("ss", "list TCP sockets on the stack, like `ss -tan`"),
                        ("stats", "per-process and per-worker counters and telemetry")):
