@@ -170,7 +170,9 @@ def test_full_accept_queue_drops_final_ack_and_synack_timer_retries():
 
 
 def test_full_request_queue_sends_syncookie_and_cookie_ack_completes():
-    sh, lsd, peer = listener(backlog=1)
+    # Linux inet_csk_reqsk_queue_is_full: full only with MORE requests than the
+    # backlog, so listen(fd, 0) takes one (backlog/listen-zero-first-syn.pkt)
+    sh, lsd, peer = listener(backlog=0)
     peer.port = 40001
     peer.send(SYN, 1000, mss=1460)
     peer.recv_one()
@@ -191,7 +193,7 @@ def test_full_request_queue_sends_syncookie_and_cookie_ack_completes():
 
 
 def test_full_request_queue_without_cookies_drops():
-    sh, lsd, peer = listener(backlog=1, syncookies=False)
+    sh, lsd, peer = listener(backlog=0, syncookies=False)  # one request fits (Linux: >)
     peer.port = 40001
     peer.send(SYN, 1000)
     peer.recv_one()
@@ -237,3 +239,19 @@ def test_listener_maxseg_is_announced_and_inherited():
     assert sh.getsockopt(sd, socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 1000
     sh.send(sd, bytes(3000), 0.0)
     assert [len(s.payload) for s in peer.recv()] == [1000, 1000, 1000]
+
+
+@pytest.mark.parametrize("backlog", [0, 2])
+def test_request_queue_is_full_only_above_the_backlog(backlog):
+    # Linux inet_csk_reqsk_queue_is_full (and sk_acceptq_is_full) compare with '>':
+    # backlog + 1 requests are stored, the next SYN gets a cookie.
+    sh, lsd, peer = listener(backlog=backlog)
+    for i in range(backlog + 1):
+        peer.port = 40001 + i
+        peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
+        sa = peer.recv_one()
+        assert sa.flags == "S." and sa.wscale is not None and sa.sack_perm  # not a cookie
+    assert sh.sock(lsd).reqs == backlog + 1 and sh.stats.syncookies_sent == 0
+    peer.port = 40100
+    peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
+    assert peer.recv_one().flags == "S." and sh.stats.syncookies_sent == 1

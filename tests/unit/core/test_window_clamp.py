@@ -124,8 +124,9 @@ def test_syn_cookie_children_inherit_the_clamp():
     lsd = p.b.socket()
     p.b.setsockopt(lsd, TCP, TCP_WINDOW_CLAMP, 10_000)
     p.b.bind(lsd, 0, 80)
-    p.b.listen(lsd, 1)
-    # Fill the request queue with a half-open connection, then connect for real.
+    p.b.listen(lsd, 0)
+    # Fill the request queue with a half-open connection (listen(fd, 0) takes one:
+    # Linux counts it full only above the backlog), then connect for real.
     blocker = make_shard(str_to_ip("198.18.0.3"))
     bsd = blocker.socket()
     blocker.connect(bsd, B, 80, p.now)
