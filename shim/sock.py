@@ -104,6 +104,9 @@ class StackState:
     owner_pid: int = 0
     ended: bool = False  # the end of the stream (EOF or its errno) was reported
     connect_failed: bool = False  # the handshake itself failed: connect() may be retried
+    #: Linux SS_CONNECTING: connect() returned EINPROGRESS; the first connect()
+    #: after the handshake returns 0 (SS_CONNECTED), the ones after it EISCONN.
+    ss_connecting: bool = False
 
     @property
     def sockname(self) -> tuple[str, int]:
@@ -573,7 +576,9 @@ class ShimSocket(kernel_socket):
         """connect() again on a stack connection (__inet_stream_connect)."""
         self._refresh()
         if st.status == CONNECTING:
-            return errno.EALREADY
+            if self.gettimeout() == 0.0:
+                return errno.EALREADY
+            return self._wait_connected(st)  # blocking now: inet_wait_for_connect
         if st.status == FAILED and st.connect_failed:
             # A non-blocking connect that failed: report how (ECONNABORTED
             # once SO_ERROR took the errno) and disconnect, so the next
@@ -584,6 +589,9 @@ class ShimSocket(kernel_socket):
         if st.status == FAILED and st.err:
             err, st.err = st.err, 0
             return err
+        if st.ss_connecting and st.status == ESTABLISHED:
+            st.ss_connecting = False  # __inet_stream_connect: SS_CONNECTING -> SS_CONNECTED
+            return 0
         return errno.EISCONN
 
     def _stack_connect(self, stack: Stack, view: scope.StackView, dst: str, port: int) -> None:
@@ -642,6 +650,7 @@ class ShimSocket(kernel_socket):
     def _wait_connected(self, st: StackState) -> int:
         timeout = self.gettimeout()
         if timeout == 0.0:
+            st.ss_connecting = True
             return errno.EINPROGRESS
         p = select.poll()
         p.register(self.fileno(), select.POLLOUT | select.POLLPRI)
@@ -652,6 +661,7 @@ class ShimSocket(kernel_socket):
             err, st.err = st.err, 0
             self._unconnect(st)  # a blocking connect that failed leaves it unconnected
             return err or errno.ECONNREFUSED
+        st.ss_connecting = False  # SS_CONNECTED
         return 0
 
     def _unconnect(self, st: StackState) -> None:
