@@ -326,6 +326,13 @@ class Shard:
                 if sk.nodelay and sk.sndq_len and sk.state in (State.ESTABLISHED,
                                                                State.CLOSE_WAIT):
                     tcp_output.tcp_write_xmit(self, sk, self.now)
+            elif opt == _socket.TCP_CORK:
+                # Linux __tcp_sock_set_cork: uncorking pushes what waits (Nagle
+                # still applies unless TCP_NODELAY).
+                sk.cork = bool(_int(value))
+                if not sk.cork and sk.sndq_len and sk.state in (State.ESTABLISHED,
+                                                                State.CLOSE_WAIT):
+                    tcp_output.tcp_write_xmit(self, sk, self.now)
             elif opt == _socket.TCP_MAXSEG:
                 v = _int(value)
                 if not 88 <= v <= 32767:
@@ -391,6 +398,7 @@ class Shard:
                 return _LINGER.pack(int(lg[0]), lg[1])
         elif level == _IPPROTO_TCP:
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
+                     _socket.TCP_CORK: int(sk.cork),
                      _socket.TCP_MAXSEG: sk.mss_cache if sk.state is not State.CLOSED
                      else (sk.user_mss or 536),
                      _socket.TCP_KEEPIDLE: int(sk.keepidle),

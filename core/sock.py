@@ -50,6 +50,7 @@ class TcpSock:
     reuseaddr: bool = False
     reuseport: bool = False
     nodelay: bool = False
+    cork: bool = False  # TCP_CORK (Linux TCP_NAGLE_CORK)
     keepalive: bool = False
     keepidle: float = 7200.0  # tcp_keepalive_time
     keepintvl: float = 75.0  # tcp_keepalive_intvl

@@ -459,6 +459,13 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                 # while an earlier small one (ending at snd_sml, in (una, nxt]) is
                 # unacknowledged, so a bulk write's tail goes at once.
                 break
+            elif sk.cork and not sk.shut_wr:
+                # TCP_CORK (Linux tcp_nagle_check, TCP_NAGLE_CORK): the partial
+                # tail waits whatever is in flight; with nothing in flight the
+                # probe timer bounds the wait (tcp_check_probe_timer).
+                if in_flight == 0:
+                    _arm_persist(sh, sk, now)
+                break
             sk.snd_sml = (nxt + size) & MASK
         last = size == avail
         flags = ACK | PSH if last else ACK

@@ -406,7 +406,12 @@ def tcp_probe_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         sk.probes_tstamp = None
         return
     if sk.snd_wnd:
+        # Open window: data held back with nothing in flight (TCP_CORK). Linux
+        # tcp_write_wakeup sends it regardless of the cork.
+        cork = sk.cork
+        sk.cork = False
         tcp_output.tcp_write_xmit(sh, sk, now)
+        sk.cork = cork
         return
     ut = sk.user_timeout
     if sk.probes_tstamp is None:
