@@ -61,7 +61,8 @@ class ShardConfig:
     #: gives a non-zero gso_size) carry only the pseudo-header sum in the TCP
     #: checksum field, for a device that sends them with NEEDS_CSUM.
     tx_csum_offload: bool = False
-    syncookies: bool = True
+    #: net.ipv4.tcp_syncookies: 0 never, 1 when the SYN queue is full, 2 always.
+    syncookies: int = 1
     window_scaling: bool = True
     sack: bool = True
     timestamps: bool = True

@@ -292,13 +292,15 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
 
     Backlog like Linux: a full accept queue drops the SYN; a full request
-    queue switches to SYN cookies (RFC 4987 §3.6) or, with cookies off, drops.
+    queue switches to SYN cookies (RFC 4987 §3.6) or, with cookies off, drops;
+    ``syncookies = 2`` (tcp_syncookies = 2) answers every SYN with a cookie.
     """
     if sh.tracing:
         sh.tr("tcp_v4_conn_request")
         sh.tr("tcp_conn_request")
     want_cookie = False
-    if inet_connection_sock.inet_csk_reqsk_queue_is_full(sk):
+    if ((sh.cfg.syncookies == 2 and isn is None)
+            or inet_connection_sock.inet_csk_reqsk_queue_is_full(sk)):
         if not sh.cfg.syncookies:
             sh.stats.drop(DropReason.TCP_REQQFULLDROP)
             return

@@ -255,3 +255,16 @@ def test_request_queue_is_full_only_above_the_backlog(backlog):
     peer.port = 40100
     peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
     assert peer.recv_one().flags == "S." and sh.stats.syncookies_sent == 1
+
+
+def test_syncookies_2_answers_every_syn_with_a_cookie():
+    # Linux tcp_syncookies = 2: cookies always, not only when the SYN queue is full
+    # (syncookies/*.pkt pass on Linux 6.18 with it)
+    sh, lsd, peer = listener(backlog=10, syncookies=2)
+    peer.send(SYN, 1000, mss=1000, wscale=7, sack_perm=True)  # no timestamps
+    sa = peer.recv_one()
+    assert sa.flags == "S." and sh.stats.syncookies_sent == 1
+    assert sa.wscale is None and not sa.sack_perm and sh.sock(lsd).reqs == 0
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    assert sh.sock(sd).mss == 536  # the cookie's MSS table entry below 1000
