@@ -576,8 +576,8 @@ class ShimSocket(kernel_socket):
         """connect() again on a stack connection (__inet_stream_connect)."""
         self._refresh()
         if st.status == CONNECTING:
-            if self.gettimeout() == 0.0:
-                return errno.EALREADY
+            if self.gettimeout() is not None:
+                return errno.EALREADY  # CPython's timeout mode is a non-blocking fd
             return self._wait_connected(st)  # blocking now: inet_wait_for_connect
         if st.status == FAILED and st.connect_failed:
             # A non-blocking connect that failed: report how (ECONNABORTED
@@ -649,8 +649,13 @@ class ShimSocket(kernel_socket):
 
     def _wait_connected(self, st: StackState) -> int:
         timeout = self.gettimeout()
+        # Linux SS_CONNECTING: CPython connects a non-blocking fd unless the socket
+        # is blocking without a timeout, and with a timeout only polls for the end
+        # (SO_ERROR), so the kernel socket stays SS_CONNECTING: the next connect()
+        # says 0 once (a kernel socket with settimeout(5): [0, EISCONN]; blocking:
+        # [EISCONN, EISCONN]).
+        st.ss_connecting = timeout is not None
         if timeout == 0.0:
-            st.ss_connecting = True
             return errno.EINPROGRESS
         p = select.poll()
         p.register(self.fileno(), select.POLLOUT | select.POLLPRI)
@@ -661,7 +666,6 @@ class ShimSocket(kernel_socket):
             err, st.err = st.err, 0
             self._unconnect(st)  # a blocking connect that failed leaves it unconnected
             return err or errno.ECONNREFUSED
-        st.ss_connecting = False  # SS_CONNECTED
         return 0
 
     def _unconnect(self, st: StackState) -> None:
