@@ -173,9 +173,10 @@ def test_cookie_ack_long_after_the_overflow_is_not_checked():
     p2.send(SYN, 5000, mss=1460)  # queue full: answered with a cookie
     cookie = p2.recv_one()
     assert sh.stats.syncookies_sent == 1
-    # Long after (the counter still accepts a cookie 64..128 s old) the
-    # overflow is no longer recent: Linux stops checking.
-    isn, _ = syncookies.cookie_v4_init_sequence(SECRET, B, A, 40003, 80, 7000, 1460, 125.0)
+    # More than 2 minutes after the overflow, a cookie that is itself valid
+    # (made 50 s ago) is no longer checked: Linux stops looking.
+    isn, _ = syncookies.cookie_v4_init_sequence(SECRET, B, A, 40003, 80, 7000, 1460, 200.0)
+    assert syncookies.cookie_v4_check(SECRET, B, A, 40003, 80, 7000, isn, 250.0) is not None
     p3 = Peer(sh, port=40003)
     p3.send(ACK, 7001, isn + 1, at=250.0)
     assert [s.flags for s in p3.recv() if s.dport == 40003] == ["R"]
