@@ -34,6 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VPY) -m mypy core netio
 	PY=$(VPY) scripts/run-tests
 
 test-fast: $(STAMP)
@@ -46,4 +47,4 @@ bench: $(STAMP)
 	$(VENV)/bin/shardstack bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache

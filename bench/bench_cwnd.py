@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_cwnd.py [--loss 0.01] [--size MiB] [--model auto|engine|fluid]
 
 ``engine`` runs two ``shardstack.core.Shard`` instances joined by
-``core.simlink.SimLink`` (fake clock, seeded loss), one sending ``--size`` MiB
+``netio.simlink.SimLink`` (fake clock, seeded loss), one sending ``--size`` MiB
 to the other, and samples the sender's congestion-control object (the
 connection's ``cc``) after every simulated event.  ``fluid`` is a
 round-per-RTT model used when the engine is not available: each RTT the
@@ -126,7 +126,7 @@ def run_engine(algo: str, loss: float, size: int, seed: int, max_time: float = 6
     """
     from shardstack.core.events import Acceptable, Connected, Readable, SocketError, Writable
     from shardstack.core.shard import Shard, ShardConfig
-    from shardstack.core.simlink import LinkParams, SimLink
+    from shardstack.netio.simlink import LinkParams, SimLink
 
     a_ip, b_ip = 0xC6120001, 0xC6120002  # 198.18.0.1 -> 198.18.0.2
     cli = Shard(ShardConfig(addrs=[a_ip], secret=b"bench-cli", congestion=algo), 0.0)

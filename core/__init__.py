@@ -1,5 +1,6 @@
 """shardstack.core: the sans-I/O TCP/IPv4 engine (see docs/architecture.md)."""
 
+from . import tcp_cubic  # noqa: F401  registers "cubic" (the default) with tcp_cong
 from .dropreason import DropReason
 from .events import Acceptable, Closed, Connected, Event, Readable, SocketError, Writable
 from .shard import ConnInfo, Shard, ShardConfig, ShardStats

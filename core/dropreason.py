@@ -38,10 +38,30 @@ class DropReason(enum.Enum):
     PROTO_MEM = "PROTO_MEM"  # in-window data past the receive-memory hard limit (TCPRcvQDrop)
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
-    TCP_COOKIE_BAD = "TCP_COOKIE_BAD"
+
+    # -- Device side (netio's Dispatcher, the worker's RX and TX): frames that
+    # never reach a Shard. Linux's names where Linux drops the same frame for
+    # the same reason (include/net/dropreason-core.h); the checks shared with
+    # the engine (IP_HDR, IP_CSUM, IP_FRAGMENT, IP_OTHERHOST, NOT_TCP,
+    # TCP_HDR) use the members above.
+    PKT_TOO_SMALL = "PKT_TOO_SMALL"  # shorter than its link-layer header (a runt)
+    OTHERHOST = "OTHERHOST"  # L2 unicast to another MAC (PACKET_OTHERHOST)
+    UNHANDLED_PROTO = "UNHANDLED_PROTO"  # an ethertype that is neither IPv4 nor ARP
+    ICMP_CSUM = "ICMP_CSUM"
+    ICMP_HDR = "ICMP_HDR"  # shorter than an ICMP header
+    ICMP_TYPE = "ICMP_TYPE"  # an ICMP message we neither answer nor hand on (not echo/error)
+    ICMP_ERR_QUOTE = "ICMP_ERR_QUOTE"  # an ICMP error whose quoted header is unusable
+    ICMP_ERR_NOT_TCP = "ICMP_ERR_NOT_TCP"  # an ICMP error quoting something other than TCP
+    ICMP_ERR_NOT_OURS = "ICMP_ERR_NOT_OURS"  # an ICMP error quoting a packet we did not send
+    ARP_HDR = "ARP_HDR"  # truncated, or not Ethernet/IPv4 ARP, or an unknown op
+    ARP_NOT_FOR_US = "ARP_NOT_FOR_US"  # asks for or answers another address
+    ARP_REPLY_IGNORED = "ARP_REPLY_IGNORED"  # unsolicited, inside locktime, or unusable sender
+    NEIGH_QUEUEFULL = "NEIGH_QUEUEFULL"  # a frame pushed out of an unresolved neighbour's queue
+    NEIGH_FAILED = "NEIGH_FAILED"  # frames queued on a neighbour that failed to resolve
+    DEV_TX = "DEV_TX"  # the device refused the frame or its queue was full
 
 
-#: core.wire WireError.reason -> drop reason, per layer.
+#: core.wire WireError.reason -> drop reason, per layer (anything else: the layer's HDR).
 WIRE_REASONS = {
     "ip": {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT},
     "tcp": {"bad_flags": DropReason.TCP_FLAGS, "option_len": DropReason.TCP_OPTIONS},

@@ -23,17 +23,22 @@ Quench, Redirect, and informational types).
 from __future__ import annotations
 
 import errno
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .wire.errors import WireError
 from .wire.icmp import (
     ICMP_DEST_UNREACH,
     ICMP_PARAMETERPROB,
     ICMP_TIME_EXCEEDED,
+    IcmpMessage,
     IcmpQuote,
     parse_icmp,
     parse_icmp_quote,
 )
+from .wire.ipv4 import Ipv4Header
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 __all__ = ["IcmpErr", "icmp_rcv", "icmp_unreach", "ICMP_ERR_CONVERT", "NR_ICMP_UNREACH",
            "IP_RT_MIN_PMTU"]
@@ -85,7 +90,8 @@ class IcmpErr(NamedTuple):
     quote: IcmpQuote
 
 
-def icmp_rcv(sh: Any, ip: Any, payload: Any) -> IcmpErr | None:
+def icmp_rcv(sh: Shard, ip: Ipv4Header, payload: bytes | bytearray | memoryview
+             ) -> IcmpErr | None:
     """One ICMP message addressed to us (Linux ``icmp_rcv``); never raises.
 
     Returns the error for the transport, or None when there is nothing to
@@ -116,7 +122,7 @@ def icmp_rcv(sh: Any, ip: Any, payload: Any) -> IcmpErr | None:
     return icmp_unreach(sh, ip, msg)
 
 
-def icmp_unreach(sh: Any, ip: Any, msg: Any) -> IcmpErr | None:
+def icmp_unreach(sh: Shard, ip: Ipv4Header, msg: IcmpMessage) -> IcmpErr | None:
     """An error message: read the quote (Linux ``icmp_unreach``)."""
     try:
         quote = parse_icmp_quote(msg.payload)

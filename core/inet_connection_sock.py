@@ -11,17 +11,21 @@ backlog of N admits N + 1 connections.
 from __future__ import annotations
 
 import errno
-import os
-from typing import Any
+from typing import TYPE_CHECKING
 
+from . import tcp
 from .inet_hashtables import (
     BindBucket,
     InetHashinfo,
-    __inet_hash,
+    OwnerT,
     inet_bind_bucket_create,
     inet_bind_hash,
+    inet_hash,
 )
-from .sock import State
+from .tcp_h import RequestSock, State, TcpSock, TimerKind, os_error
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
 # (EnumType attribute access) on paths run once per segment.
@@ -30,7 +34,7 @@ _LISTEN = State.LISTEN
 __all__ = ["EPHEMERAL_LO", "EPHEMERAL_HI", "SOMAXCONN", "inet_csk_get_port",
            "inet_csk_bind_conflict", "inet_csk_listen_start", "sk_acceptq_is_full",
            "inet_csk_reqsk_queue_is_full", "inet_csk_reqsk_queue_add",
-           "inet_csk_complete_hashdance", "inet_csk_accept", "os_error"]
+           "inet_csk_complete_hashdance", "inet_csk_reqsk_queue_drop", "inet_csk_accept"]
 
 #: net.ipv4.ip_local_port_range default.
 EPHEMERAL_LO = 32768
@@ -39,15 +43,11 @@ EPHEMERAL_HI = 60999
 SOMAXCONN = 4096
 
 
-def os_error(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
 def inet_rcv_saddr_equal(a: int, b: int) -> bool:
     return a == b or a == 0 or b == 0
 
 
-def inet_csk_bind_conflict(sk: Any, tb: BindBucket, h: InetHashinfo | None = None) -> bool:
+def inet_csk_bind_conflict(sk: OwnerT, tb: BindBucket[OwnerT], h: InetHashinfo[OwnerT] | None = None) -> bool:
     """True when ``sk`` may not share ``tb``'s port (Linux ``inet_bind_conflict``, relax)."""
     if h is not None:
         h.tr("inet_csk_bind_conflict")
@@ -62,7 +62,7 @@ def inet_csk_bind_conflict(sk: Any, tb: BindBucket, h: InetHashinfo | None = Non
     return False
 
 
-def inet_csk_get_port(h: InetHashinfo, sk: Any, port: int, lo: int = EPHEMERAL_LO,
+def inet_csk_get_port(h: InetHashinfo[OwnerT], sk: OwnerT, port: int, lo: int = EPHEMERAL_LO,
                       hi: int = EPHEMERAL_HI, offset: int = 0) -> None:
     """Bind ``sk`` to ``port`` (0: any free ephemeral port); OSError(EADDRINUSE) on conflict.
 
@@ -80,8 +80,8 @@ def inet_csk_get_port(h: InetHashinfo, sk: Any, port: int, lo: int = EPHEMERAL_L
         h.tr("tb_found")
         if inet_csk_bind_conflict(sk, tb, h):
             raise os_error(errno.EADDRINUSE)
-    else:
-        h.tr("tb_not_found")
+    h.tr("tb_not_found")  # Linux falls through this label from tb_found too
+    if tb is None:
         tb = inet_bind_bucket_create(h, port)
     if sk.bound:  # listen() re-check of our own port
         return
@@ -89,7 +89,7 @@ def inet_csk_get_port(h: InetHashinfo, sk: Any, port: int, lo: int = EPHEMERAL_L
     inet_bind_hash(h, sk, tb, port)
 
 
-def _find_open_port(h: InetHashinfo, sk: Any, lo: int, hi: int, offset: int) -> int:
+def _find_open_port(h: InetHashinfo[OwnerT], sk: OwnerT, lo: int, hi: int, offset: int) -> int:
     """Linux ``inet_csk_find_open_port``: odd ports first (even ones go to connect())."""
     n = hi - lo + 1
     for parity in (1, 0):
@@ -103,32 +103,48 @@ def _find_open_port(h: InetHashinfo, sk: Any, lo: int, hi: int, offset: int) -> 
     raise os_error(errno.EADDRINUSE)
 
 
-def inet_csk_listen_start(h: InetHashinfo, sk: Any, backlog: int) -> None:
+def inet_csk_listen_start(sh: Shard, sk: TcpSock, backlog: int) -> None:
     """LISTEN: re-check the port, then hash into the listening table."""
+    h = sh.h
     h.tr("inet_csk_listen_start")
-    h.tr("reqsk_queue_alloc")
+    reqsk_queue_alloc(h, sk)
     sk.backlog = min(max(backlog, 0), SOMAXCONN)
-    h.tr("inet_csk_delack_init")
+    inet_csk_delack_init(h, sk)
     prev = sk.state
-    sk.state = _LISTEN
+    tcp.tcp_set_state(sh, sk, _LISTEN)
     try:
         inet_csk_get_port(h, sk, sk.lport)
     except OSError:
-        sk.state = prev
+        tcp.tcp_set_state(sh, sk, prev)
         raise
-    h.tr("inet_hash")
-    __inet_hash(h, sk)
+    inet_hash(h, sk)
 
 
-def sk_acceptq_is_full(sk: Any) -> bool:
+def reqsk_queue_alloc(h: InetHashinfo[TcpSock], sk: TcpSock) -> None:
+    """A listener's queues start empty: the accept queue and the count of request
+    socks (Linux ``reqsk_queue_alloc``)."""
+    h.tr("reqsk_queue_alloc")
+    sk.accept_queue.clear()
+    sk.reqs = 0
+
+
+def inet_csk_delack_init(h: InetHashinfo[TcpSock], sk: TcpSock) -> None:
+    """No delayed ACK pending (Linux ``inet_csk_delack_init``)."""
+    h.tr("inet_csk_delack_init")
+    sk.unacked_rcv = 0
+    sk.ack_now = False
+    sk.timers[TimerKind.DELACK] = None
+
+
+def sk_acceptq_is_full(sk: TcpSock) -> bool:
     return len(sk.accept_queue) > sk.backlog
 
 
-def inet_csk_reqsk_queue_is_full(sk: Any) -> bool:
+def inet_csk_reqsk_queue_is_full(sk: TcpSock) -> bool:
     return sk.reqs >= sk.backlog
 
 
-def inet_csk_reqsk_queue_add(h: InetHashinfo, listener: Any, child: Any) -> None:
+def inet_csk_reqsk_queue_add(h: InetHashinfo[TcpSock], listener: TcpSock, child: TcpSock) -> None:
     tracing = h.trace is not None  # once per handshake: keep the no-trace case call-free
     if tracing:
         h.tr("inet_csk_reqsk_queue_add")
@@ -137,21 +153,34 @@ def inet_csk_reqsk_queue_add(h: InetHashinfo, listener: Any, child: Any) -> None
         h.tr("sk_acceptq_added")
 
 
-def inet_csk_complete_hashdance(h: InetHashinfo, listener: Any, req: Any, child: Any) -> None:
+def inet_csk_complete_hashdance(h: InetHashinfo[TcpSock], listener: TcpSock, req: RequestSock,
+                                child: TcpSock) -> None:
     """The request sock is done: drop it from the request queue, queue the child."""
-    tracing = h.trace is not None
-    if tracing:
+    if h.trace is not None:
         h.tr("inet_csk_complete_hashdance")
-        h.tr("inet_csk_reqsk_queue_drop")
-    req.dead = True
-    req.timers[4] = None
-    if tracing:
-        h.tr("reqsk_queue_removed")
-    listener.reqs -= 1
+    inet_csk_reqsk_queue_drop(h, req)
     inet_csk_reqsk_queue_add(h, listener, child)
 
 
-def inet_csk_accept(listener: Any) -> Any:
+def inet_csk_reqsk_queue_drop(h: InetHashinfo[TcpSock], req: RequestSock) -> None:
+    """Unhash a request sock and take it off its listener's request queue (Linux
+    ``inet_csk_reqsk_queue_drop``): it became a socket (whose entry replaced
+    its own in ehash) or it is given up."""
+    tracing = h.trace is not None
+    if tracing:
+        h.tr("inet_csk_reqsk_queue_drop")
+    key = (req.laddr, req.lport, req.raddr, req.rport)
+    if h.ehash.get(key) is req:
+        del h.ehash[key]
+    if not req.dead:
+        req.dead = True
+        if tracing:
+            h.tr("reqsk_queue_removed")
+        req.listener.reqs -= 1
+    req.timers[TimerKind.SYNACK] = None
+
+
+def inet_csk_accept(listener: TcpSock) -> TcpSock | None:
     """Pop the oldest established child, or None (EAGAIN for a non-blocking accept)."""
     if listener.state is not _LISTEN:
         raise os_error(errno.EINVAL)

@@ -12,47 +12,71 @@ only need ``laddr``, ``reuseaddr``, ``reuseport`` and ``state`` attributes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["BindBucket", "InetHashinfo", "inet_bind_bucket_create", "inet_bind_hash",
-           "inet_put_port", "__inet_lookup_established", "__inet_lookup_listener",
-           "__inet_lookup", "inet_ehash_insert", "inet_ehash_nolisten", "__inet_hash",
+from .tcp_h import RequestSock, State, TcpSock
+
+__all__ = ["BindOwner", "BindBucket", "InetHashinfo", "inet_bind_bucket_create", "inet_bind_hash",
+           "inet_put_port", "inet_ehash_insert", "inet_ehash_nolisten", "inet_hash", "__inet_hash",
            "inet_unhash"]
 
 
+class BindOwner(Protocol):
+    """What the bind table reads of an owner: a ``TcpSock``, or the supervisor's
+    ``GlobalBind`` (one bind table for every shard, docs/architecture.md)."""
+
+    laddr: int
+    lport: int
+    raddr: int
+    rport: int
+    reuseaddr: bool
+    reuseport: bool
+    bound: bool
+    bind_by_connect: bool
+    state: State
+
+
+#: The owners a table holds: ``TcpSock`` in a shard, ``GlobalBind`` in the supervisor.
+OwnerT = TypeVar("OwnerT", bound=BindOwner)
+#: ehash key: (laddr, lport, raddr, rport); listening key: (laddr, lport).
+Tuple4 = tuple[int, int, int, int]
+
+
 @dataclass(slots=True, eq=False)
-class BindBucket:
+class BindBucket(Generic[OwnerT]):
     """Linux ``inet_bind_bucket``: one per bound port."""
 
     port: int
     # Insertion-ordered set (dict of owner -> None): a listener's port keeps every
     # child and TIME-WAIT socket, so removal must not scan a list (crr workloads).
-    owners: dict = field(default_factory=dict)
+    owners: dict[OwnerT, None] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
-class InetHashinfo:
+class InetHashinfo(Generic[OwnerT]):
     """Linux ``inet_hashinfo`` for one shard (or the supervisor's bind table)."""
 
-    ehash: dict = field(default_factory=dict)
-    listening: dict = field(default_factory=dict)
-    bhash: dict = field(default_factory=dict)
-    trace: list | None = None
+    ehash: dict[Tuple4, TcpSock | RequestSock] = field(default_factory=dict)
+    listening: dict[tuple[int, int], OwnerT] = field(default_factory=dict)
+    bhash: dict[int, BindBucket[OwnerT]] = field(default_factory=dict)
+    trace: list[str] | None = None
 
     def tr(self, name: str) -> None:
         if self.trace is not None:
             self.trace.append(name)
 
 
-def inet_bind_bucket_create(h: InetHashinfo, port: int) -> BindBucket:
+def inet_bind_bucket_create(h: InetHashinfo[OwnerT], port: int) -> BindBucket[OwnerT]:
     if h.trace is not None:
         h.tr("inet_bind_bucket_create")
-    tb = h.bhash[port] = BindBucket(port)
+    tb: BindBucket[OwnerT] = BindBucket(port)
+    h.bhash[port] = tb
     return tb
 
 
-def inet_bind_hash(h: InetHashinfo, sk: Any, tb: BindBucket, port: int) -> None:
+def inet_bind_hash(h: InetHashinfo[OwnerT], sk: OwnerT, tb: BindBucket[OwnerT], port: int) -> None:
     """Make ``sk`` an owner of ``tb`` (Linux ``inet_bind_hash`` / ``sk_add_bind_node``)."""
     if h.trace is not None:
         h.tr("inet_bind_hash")
@@ -63,7 +87,7 @@ def inet_bind_hash(h: InetHashinfo, sk: Any, tb: BindBucket, port: int) -> None:
         h.tr("sk_add_bind_node")
 
 
-def inet_put_port(h: InetHashinfo, sk: Any) -> None:
+def inet_put_port(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Release ``sk``'s port; the bucket goes with its last owner."""
     if not sk.bound:
         return
@@ -79,32 +103,8 @@ def inet_put_port(h: InetHashinfo, sk: Any) -> None:
         del h.bhash[sk.lport]
 
 
-def __inet_lookup_established(h: InetHashinfo, saddr: int, sport: int, daddr: int,
-                              dport: int) -> Any:
-    if h.trace is not None:
-        h.tr("__inet_lookup_established")
-    return h.ehash.get((daddr, dport, saddr, sport))
-
-
-def __inet_lookup_listener(h: InetHashinfo, daddr: int, dport: int) -> Any:
-    """An exact-address listener wins over a wildcard one (Linux ``compute_score``)."""
-    if h.trace is not None:
-        h.tr("__inet_lookup_listener")
-    lst = h.listening
-    sk = lst.get((daddr, dport))
-    return sk if sk is not None else lst.get((0, dport))
-
-
-def __inet_lookup(h: InetHashinfo, saddr: int, sport: int, daddr: int, dport: int) -> Any:
-    if h.trace is not None:
-        h.tr("__inet_lookup")
-    sk = __inet_lookup_established(h, saddr, sport, daddr, dport)
-    if sk is not None:
-        return sk
-    return __inet_lookup_listener(h, daddr, dport)
-
-
-def inet_ehash_insert(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
+def inet_ehash_insert(h: InetHashinfo[TcpSock], sk: TcpSock | RequestSock,
+                      osk: RequestSock | None = None) -> bool:
     """Insert by 4-tuple, replacing ``osk`` (the request sock) if given.
 
     Returns False when another socket already owns the 4-tuple.
@@ -115,24 +115,35 @@ def inet_ehash_insert(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
     cur = h.ehash.get(key)
     if cur is not None and cur is not osk:
         return False
+    if h.trace is not None:
+        if cur is not None:
+            h.tr("sk_nulls_del_node_init_rcu")  # the request sock's entry goes...
+        h.tr("__sk_nulls_add_node_rcu")  # ...and this one takes the chain
     h.ehash[key] = sk
     return True
 
 
-def inet_ehash_nolisten(h: InetHashinfo, sk: Any, osk: Any = None) -> bool:
+def inet_ehash_nolisten(h: InetHashinfo[TcpSock], sk: TcpSock, osk: RequestSock | None = None) -> bool:
     if h.trace is not None:
         h.tr("inet_ehash_nolisten")
     return inet_ehash_insert(h, sk, osk)
 
 
-def __inet_hash(h: InetHashinfo, sk: Any) -> None:
+def inet_hash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
+    """Hash a listener (Linux ``inet_hash``)."""
+    if h.trace is not None:
+        h.tr("inet_hash")
+    __inet_hash(h, sk)
+
+
+def __inet_hash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Add a listener to the listening hash."""
     if h.trace is not None:
         h.tr("__inet_hash")
     h.listening[(sk.laddr, sk.lport)] = sk
 
 
-def inet_unhash(h: InetHashinfo, sk: Any) -> None:
+def inet_unhash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Remove ``sk`` from whichever lookup table holds it."""
     key = (sk.laddr, sk.lport, sk.raddr, sk.rport)
     if h.ehash.get(key) is sk:
@@ -142,8 +153,8 @@ def inet_unhash(h: InetHashinfo, sk: Any) -> None:
         del h.listening[lkey]
 
 
-def inet_hash_connect(h: InetHashinfo, sk: Any, lo: int, hi: int, offset: int,
-                      port_filter: Any = None) -> bool:
+def inet_hash_connect(h: InetHashinfo[TcpSock], sk: TcpSock, lo: int, hi: int, offset: int,
+                      port_filter: Callable[[int, int, int, int], bool] | None = None) -> bool:
     """Pick a local port for connect() and insert into ehash (Linux ``__inet_hash_connect``).
 
     RFC 6056 algorithm 3: start at a per-destination ``offset`` (a keyed hash of

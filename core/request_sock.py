@@ -9,14 +9,14 @@ is retransmitted by its own SYN-ACK timer.  The final ACK turns it into a full
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
-from .sock import State
+from .sock import State, TcpSock
 
-__all__ = ["RequestSock", "inet_reqsk_alloc", "TCP_SYNACK_RETRIES"]
+if TYPE_CHECKING:
+    from .shard import Shard
 
-#: net.ipv4.tcp_synack_retries default.
-TCP_SYNACK_RETRIES = 5
+__all__ = ["RequestSock", "inet_reqsk_alloc"]
 
 
 @dataclass(slots=True, eq=False)
@@ -25,8 +25,8 @@ class RequestSock:
     lport: int
     raddr: int
     rport: int
-    listener: Any
-    state: State = State.NEW_SYN_RECV
+    listener: TcpSock
+    state: Literal[State.NEW_SYN_RECV] = State.NEW_SYN_RECV  # Linux TCP_NEW_SYN_RECV
     iss: int = 0
     irs: int = 0
     mss: int = 536  # peer's MSS option (clamped)
@@ -40,14 +40,13 @@ class RequestSock:
     ts_off: int = 0
     num_retrans: int = 0
     synack_time: float = 0.0
-    acked: bool = False  # final ACK seen but the accept queue was full
     dead: bool = False
-    timers: list = field(default_factory=lambda: [None] * 8)
-    timer_seq: list = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
-    timer_q: list = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
+    timers: list[float | None] = field(default_factory=lambda: [None] * 8)
+    timer_seq: list[int] = field(default_factory=lambda: [0] * 8)  # representative heap entry
+    timer_q: list[float | None] = field(default_factory=lambda: [None] * 8)  # its deadline
 
 
-def inet_reqsk_alloc(sh: Any, listener: Any, laddr: int, lport: int, raddr: int,
+def inet_reqsk_alloc(sh: Shard, listener: TcpSock, laddr: int, lport: int, raddr: int,
                      rport: int) -> RequestSock:
     if sh.tracing:
         sh.tr("inet_reqsk_alloc")

@@ -19,24 +19,24 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import tcp_cong
+from . import inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer
 from .dropreason import DropReason
-from .events import Event
-from .inet_connection_sock import (
-    EPHEMERAL_HI,
-    EPHEMERAL_LO,
-    inet_csk_accept,
-    inet_csk_get_port,
-    inet_csk_listen_start,
+from .events import Event, SocketError
+from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
+from .inet_hashtables import InetHashinfo
+from .tcp_h import (
+    MAX_TCP_SYNCNT,
+    TCP_FIN_TIMEOUT,
+    TCP_FIN_TIMEOUT_MAX,
+    TCP_SYN_RETRIES,
+    BytesLike,
+    SockOptValue,
+    State,
+    TcpSock,
+    TimerKind,
     os_error,
 )
-from .inet_hashtables import InetHashinfo
-from .sock import State, TcpSock
-from .tcp import tcp_close, tcp_recvmsg, tcp_sendmsg, tcp_shutdown
-from .tcp_ipv4 import tcp_v4_connect, tcp_v4_rcv
-from .tcp_timer import TimerHeap, TimerKind, tcp_timer_handler
 
 __all__ = ["Shard", "ShardConfig", "ShardStats", "ConnInfo"]
 
@@ -80,7 +80,8 @@ class ShardStats:
     active_opens: int = 0
     active_opens_done: int = 0
     passive_opens: int = 0
-    estab_resets: int = 0
+    estab_resets: int = 0  # ESTABLISHED / CLOSE-WAIT -> CLOSED (EstabResets, tcp_set_state)
+    curr_estab: int = 0  # sockets in ESTABLISHED or CLOSE-WAIT now (CurrEstab, tcp_set_state)
     listen_overflows: int = 0
     syncookies_sent: int = 0
     syncookies_recv: int = 0
@@ -114,10 +115,11 @@ class ShardStats:
     tcp_pmtu_reductions: int = 0  # "fragmentation needed" that lowered a connection's MSS
     tcp_icmp_aborts: int = 0  # handshakes ended by an ICMP error (connects, request socks)
     tcp_icmp_soft_errors: int = 0  # errors kept as sk_err_soft for a later timeout
-    drops: Counter = field(default_factory=Counter)
+    drops: Counter[DropReason] = field(default_factory=Counter)
 
-    def drop(self, reason: str) -> None:
-        self.drops[DropReason[reason]] += 1
+    def drop(self, reason: DropReason) -> None:
+        """Count one segment discarded for ``reason`` (Linux ``kfree_skb_reason``)."""
+        self.drops[reason] += 1
 
     def as_dict(self) -> dict[str, int]:
         out = {k: getattr(self, k) for k in self.__slots__ if k != "drops"}
@@ -174,8 +176,8 @@ class Shard:
         self.secret = config.secret
         self.key = hashlib.blake2s(b"shardstack-isn" + config.secret).digest()
         self.adv_mss = config.mtu - 40  # IPv4 + TCP headers without options
-        self.h = InetHashinfo()
-        self.timers = TimerHeap()
+        self.h: InetHashinfo[TcpSock] = InetHashinfo()
+        self.timers = tcp_timer.TimerHeap()
         self.frames: list[bytes] = []
         #: (index in ``frames``, segment payload size) of each super-segment queued.
         self.gso_marks: list[tuple[int, int]] = []
@@ -216,17 +218,17 @@ class Shard:
 
     # -- packets and time ----------------------------------------------------------------
 
-    def receive(self, packet: Any, now: float, csum_ok: bool | None = None) -> None:
+    def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
         """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``."""
         self.now = now
-        tcp_v4_rcv(self, packet, now, self.cfg.csum_offload if csum_ok is None else csum_ok)
+        tcp_ipv4.tcp_v4_rcv(self, packet, now, self.cfg.csum_offload if csum_ok is None else csum_ok)
 
-    def receive_batch(self, packets: Iterable[Any], now: float,
+    def receive_batch(self, packets: Iterable[BytesLike], now: float,
                       csum_ok: bool | None = None) -> None:
         self.now = now
         ok = self.cfg.csum_offload if csum_ok is None else csum_ok
         for packet in packets:
-            tcp_v4_rcv(self, packet, now, ok)
+            tcp_ipv4.tcp_v4_rcv(self, packet, now, ok)
 
     def advance(self, now: float) -> None:
         """Fire every timer due at ``now``."""
@@ -237,7 +239,7 @@ class Shard:
             if due is None:
                 return
             kind, sk = due
-            tcp_timer_handler(self, kind, sk, now)
+            tcp_timer.tcp_timer_handler(self, kind, sk, now)
 
     def take_frames(self) -> list[bytes]:
         frames = self.frames
@@ -288,7 +290,7 @@ class Shard:
     def socket(self) -> int:
         return self.new_sock().sd
 
-    def setsockopt(self, sd: int, level: int, opt: int, value: Any) -> None:
+    def setsockopt(self, sd: int, level: int, opt: int, value: SockOptValue) -> None:
         sk = self._sk(sd)
         if level == _SOL_SOCKET:
             if opt == _socket.SO_REUSEADDR:
@@ -301,8 +303,12 @@ class Shard:
                     self.timers.arm(sk, TimerKind.KEEPALIVE, self.now + sk.keepidle)
                 sk.keepalive = on
             elif opt == _socket.SO_LINGER:
-                onoff, secs = _LINGER.unpack(value) if isinstance(value, bytes | bytearray) \
-                    else value
+                if isinstance(value, bytes | bytearray):
+                    onoff, secs = _LINGER.unpack(value)
+                elif isinstance(value, tuple):
+                    onoff, secs = value
+                else:
+                    raise os_error(errno.EINVAL)  # not a struct linger
                 sk.linger = (bool(onoff), int(secs))
             elif opt == _socket.SO_RCVBUF:
                 sk.rcvbuf = max(_int(value), 2048)
@@ -315,8 +321,7 @@ class Shard:
                 sk.nodelay = bool(_int(value))
                 if sk.nodelay and sk.sndq_len and sk.state in (State.ESTABLISHED,
                                                                State.CLOSE_WAIT):
-                    from .tcp_output import tcp_write_xmit
-                    tcp_write_xmit(self, sk, self.now)
+                    tcp_output.tcp_write_xmit(self, sk, self.now)
             elif opt == _socket.TCP_MAXSEG:
                 v = _int(value)
                 if not 88 <= v <= 32767:
@@ -342,13 +347,11 @@ class Shard:
                     raise os_error(errno.EINVAL)
                 sk.user_timeout = v
             elif opt == _socket.TCP_SYNCNT:
-                from .tcp_timer import MAX_TCP_SYNCNT
                 v = _int(value)
                 if not 1 <= v <= MAX_TCP_SYNCNT:
                     raise os_error(errno.EINVAL)
                 sk.syn_count = v
             elif opt == _socket.TCP_LINGER2:
-                from .tcp import TCP_FIN_TIMEOUT_MAX
                 v = _int(value)  # s; < 0: no FIN-WAIT-2 wait; clamped as Linux
                 sk.linger2 = -1.0 if v < 0 else float(min(v, int(TCP_FIN_TIMEOUT_MAX)))
             elif opt == _TCP_WINDOW_CLAMP:
@@ -367,13 +370,13 @@ class Shard:
         else:
             raise os_error(errno.ENOPROTOOPT)
 
-    def getsockopt(self, sd: int, level: int, opt: int) -> Any:
+    def getsockopt(self, sd: int, level: int, opt: int) -> int | bytes:
         sk = self._sk(sd)
         if level == _SOL_SOCKET:
             if opt == _socket.SO_ERROR:
                 err, sk.err = sk.err, 0
                 return err
-            table = {_socket.SO_REUSEADDR: int(sk.reuseaddr),
+            table: dict[int, int | bytes] = {_socket.SO_REUSEADDR: int(sk.reuseaddr),
                      _socket.SO_REUSEPORT: int(sk.reuseport),
                      _socket.SO_KEEPALIVE: int(sk.keepalive),
                      _socket.SO_RCVBUF: sk.rcvbuf, _socket.SO_SNDBUF: sk.sndbuf,
@@ -383,8 +386,6 @@ class Shard:
                 lg = sk.linger or (False, 0)
                 return _LINGER.pack(int(lg[0]), lg[1])
         elif level == _IPPROTO_TCP:
-            from .tcp import TCP_FIN_TIMEOUT
-            from .tcp_timer import TCP_SYN_RETRIES
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
                      _socket.TCP_MAXSEG: sk.mss_cache if sk.state is not State.CLOSED
                      else (sk.user_mss or 536),
@@ -414,7 +415,7 @@ class Shard:
             raise os_error(errno.EINVAL)
         sk.laddr = addr
         lo, hi = self.cfg.ephemeral_range
-        inet_csk_get_port(self.h, sk, port, lo, hi, self._port_offset())
+        inet_connection_sock.inet_csk_get_port(self.h, sk, port, lo, hi, self._port_offset())
 
     def _port_offset(self) -> int:
         self.connects += 1
@@ -431,41 +432,39 @@ class Shard:
             raise os_error(errno.EINVAL)
         if not sk.bound:
             lo, hi = self.cfg.ephemeral_range
-            inet_csk_get_port(self.h, sk, 0, lo, hi, self._port_offset())
-        inet_csk_listen_start(self.h, sk, backlog)
+            inet_connection_sock.inet_csk_get_port(self.h, sk, 0, lo, hi, self._port_offset())
+        inet_connection_sock.inet_csk_listen_start(self, sk, backlog)
 
     def accept(self, sd: int) -> tuple[int, tuple[int, int]] | None:
         sk = self._sk(sd)
-        child = inet_csk_accept(sk)
+        child = inet_connection_sock.inet_csk_accept(sk)
         if child is None:
             return None
         child.parent = None
         if child.rcvq_len or child.fin_rcvd:
-            from .tcp import emit_readable
-            emit_readable(self, child)
+            tcp.emit_readable(self, child)
         if child.err:
-            from .events import SocketError
             self.events.append(SocketError(child.sd, child.err))
         return child.sd, (child.raddr, child.rport)
 
     def connect(self, sd: int, addr: int, port: int, now: float) -> None:
         self.now = now
-        tcp_v4_connect(self, self._sk(sd), addr, port, now)
+        tcp_ipv4.tcp_v4_connect(self, self._sk(sd), addr, port, now)
 
-    def send(self, sd: int, data: Any, now: float) -> int:
+    def send(self, sd: int, data: BytesLike, now: float) -> int:
         self.now = now
-        return tcp_sendmsg(self, self._sk(sd), data, now)
+        return tcp.tcp_sendmsg(self, self._sk(sd), data, now)
 
     def recv(self, sd: int, maxlen: int) -> bytes | None:
-        return tcp_recvmsg(self, self._sk(sd), maxlen, self.now)
+        return tcp.tcp_recvmsg(self, self._sk(sd), maxlen, self.now)
 
     def shutdown(self, sd: int, how: int, now: float) -> None:
         self.now = now
-        tcp_shutdown(self, self._sk(sd), how, now)
+        tcp.tcp_shutdown(self, self._sk(sd), how, now)
 
     def close(self, sd: int, now: float) -> None:
         self.now = now
-        tcp_close(self, self._sk(sd), now)
+        tcp.tcp_close(self, self._sk(sd), now)
 
     def getsockname(self, sd: int) -> tuple[int, int]:
         sk = self._sk(sd)
@@ -509,13 +508,15 @@ class Shard:
         return rows
 
 
-def _int(value: Any) -> int:
+def _int(value: SockOptValue) -> int:
     if isinstance(value, bytes | bytearray):
         return int.from_bytes(value[:4], "little", signed=True)
+    if isinstance(value, tuple):
+        raise os_error(errno.EINVAL)  # a struct where an int is due
     return int(value)
 
 
-def _pos(value: Any) -> int:
+def _pos(value: SockOptValue) -> int:
     v = _int(value)
     if v < 1:
         raise os_error(errno.EINVAL)

@@ -2,7 +2,7 @@
 
 One slotted dataclass per connection; tcp_input/tcp_output/tcp_timer are
 functions over it.  States print their RFC 9293 names (``SYN-SENT``); every
-transition goes through :func:`tcp_set_state` so it can be traced.
+transition goes through ``tcp.tcp_set_state``, which counts and traces it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-__all__ = ["State", "TcpSock", "tcp_set_state", "SYNC_STATES"]
+if TYPE_CHECKING:
+    from .tcp_cong import CongestionControl
+
+__all__ = ["State", "TcpSock"]
 
 
 class State(enum.Enum):
@@ -31,11 +34,6 @@ class State(enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-#: RFC 9293 "synchronized" states: RST/SYN validation per RFC 5961 applies.
-SYNC_STATES = frozenset({State.SYN_RECV, State.ESTABLISHED, State.FIN_WAIT1, State.FIN_WAIT2,
-                         State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK, State.TIME_WAIT})
 
 
 @dataclass(slots=True, eq=False)
@@ -69,9 +67,9 @@ class TcpSock:
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False
     backlog: int = 0
-    accept_queue: deque = field(default_factory=deque)
+    accept_queue: deque[TcpSock] = field(default_factory=deque)
     reqs: int = 0  # request socks outstanding (reqsk_queue_len)
-    parent: Any = None  # the listener, until accept()
+    parent: TcpSock | None = None  # the listener, until accept()
     orphan: bool = False  # close() called; the descriptor belongs to no one
     # -- send sequence space (RFC 9293 §3.3.1) -------------------------------------
     iss: int = 0
@@ -86,7 +84,7 @@ class TcpSock:
     mss: int = 536  # send MSS: peer's MSS option clamped by our MTU, minus nothing
     mss_cache: int = 524  # payload per segment after our per-segment options
     # -- send buffer: chunks of memoryview; byte 0 of chunk 0 is sequence snd_una --
-    sndq: deque = field(default_factory=deque)
+    sndq: deque[memoryview] = field(default_factory=deque)
     sndq_head_off: int = 0  # bytes of chunk 0 already acked
     sndq_len: int = 0  # unacked + unsent bytes
     shut_wr: bool = False  # FIN queued after the buffer
@@ -101,13 +99,13 @@ class TcpSock:
     rcv_wnd: int = 0  # window advertised then (bytes)
     rcv_wscale: int = 0
     rcv_mss: int = 536  # estimate of the peer's segment size (delayed ACK)
-    rcvq: deque = field(default_factory=deque)  # bytes objects in order
+    rcvq: deque[bytes] = field(default_factory=deque)  # in order
     rcvq_len: int = 0
     rcvq_off: int = 0  # bytes of rcvq[0] already read
     ofo: list = field(default_factory=list)  # sorted [start, end, data]
     ofo_len: int = 0
     ofo_fin: int | None = None  # sequence number of a FIN that arrived ahead of a hole
-    ofo_recent: list = field(default_factory=list)  # latest out-of-order arrivals, newest first
+    ofo_recent: list[int] = field(default_factory=list)  # latest out-of-order arrivals, newest first
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False
@@ -129,12 +127,12 @@ class TcpSock:
     rtt_time: float = 0.0
     retrans_stamp: float | None = None  # first retransmission of the episode (Linux retrans_stamp)
     # -- loss recovery (RFC 6675 scoreboard, RFC 6937 PRR, RFC 6582 NewReno) ---------
-    cc: Any = None
+    cc: CongestionControl | None = None
     dupacks: int = 0
     in_recovery: bool = False  # fast recovery (Linux TCP_CA_Recovery)
     in_loss: bool = False  # after an RTO until ``recover`` is acked (Linux TCP_CA_Loss)
     recover: int = 0  # RecoveryPoint: SND.MAX when recovery / loss began
-    sacked: list = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
+    sacked: list[list[int]] = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
     sacked_bytes: int = 0  # total of ``sacked``
     reno_sacked: int = 0  # without SACK: bytes the dup ACKs say have left (Linux reno sacks)
     lost_hi: int = 0  # un-SACKed data below this is deemed lost (RFC 6675 IsLost)
@@ -152,8 +150,8 @@ class TcpSock:
     rack_rtt: float = 0.0  # RACK.rtt
     rack_fack: int = 0  # RACK.fack: highest sequence delivered (ACKed or SACKed)
     reord_seen: bool = False  # RACK.reordering_seen
-    relost: list = field(default_factory=list)  # retransmissions found lost again [s, e]
-    dsack: tuple | None = None  # duplicate range to report in the next ACK (RFC 2883)
+    relost: list[list[int]] = field(default_factory=list)  # retransmissions found lost again [s, e]
+    dsack: tuple[int, int] | None = None  # duplicate range to report in the next ACK (RFC 2883)
     reo_wnd_mult: int = 1  # RACK reordering window multiplier (RFC 8985 §6.2.4)
     reo_wnd_bumped: float = -1.0
     reo_wnd_persist: int = 0  # recoveries left before reo_wnd_mult resets
@@ -182,9 +180,9 @@ class TcpSock:
     ack_now: bool = False
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
     # -- timers: deadline per TimerKind (None = idle) --------------------------------
-    timers: list = field(default_factory=lambda: [None] * 8)
-    timer_seq: list = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
-    timer_q: list = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
+    timers: list[float | None] = field(default_factory=lambda: [None] * 8)
+    timer_seq: list[int] = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
+    timer_q: list[float | None] = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     probes_tstamp: float | None = None  # first unanswered zero-window probe (icsk_probes_tstamp)
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)
@@ -199,7 +197,3 @@ class TcpSock:
     def __repr__(self) -> str:
         return f"<TcpSock sd={self.sd} {self.state} {self.lport}->{self.rport}>"
 
-
-def tcp_set_state(sh: Any, sk: TcpSock, state: State) -> None:
-    """Every state change goes through here (Linux ``tcp_set_state``)."""
-    sk.state = state

@@ -44,6 +44,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from .tcp_h import HALF, MASK
+
 __all__ = [
     "COOKIE_PERIOD",
     "MAX_SYNCOOKIE_AGE",
@@ -109,7 +111,7 @@ def _secure_cookie(key: bytes, tup: tuple[int, int, int, int], peer_isn: int, co
     # Linux secure_tcp_syn_cookie, with two differently personalised BLAKE2s hashes.
     h1 = _hash(key, b"sscook1", _TUPLE.pack(*tup))
     h2 = _hash(key, b"sscook2", _TUPLE_COUNT.pack(*tup, count))
-    return (h1 + peer_isn + (count << COOKIEBITS) + ((h2 + data) & COOKIEMASK)) & 0xFFFFFFFF
+    return (h1 + peer_isn + (count << COOKIEBITS) + ((h2 + data) & COOKIEMASK)) & MASK
 
 
 def cookie_v4_init_sequence(secret: bytes, saddr: int, daddr: int, sport: int, dport: int,
@@ -122,7 +124,7 @@ def cookie_v4_init_sequence(secret: bytes, saddr: int, daddr: int, sport: int, d
     """
     idx = cookie_mss_index(mss)
     tup = (saddr & 0xFFFFFFFF, daddr & 0xFFFFFFFF, sport & 0xFFFF, dport & 0xFFFF)
-    isn = _secure_cookie(_key(secret), tup, peer_isn & 0xFFFFFFFF, cookie_count(now), idx)
+    isn = _secure_cookie(_key(secret), tup, peer_isn & MASK, cookie_count(now), idx)
     return isn, idx
 
 
@@ -136,7 +138,7 @@ def cookie_v4_check(secret: bytes, saddr: int, daddr: int, sport: int, dport: in
     key = _key(secret)
     tup = (saddr & 0xFFFFFFFF, daddr & 0xFFFFFFFF, sport & 0xFFFF, dport & 0xFFFF)
     h1 = _hash(key, b"sscook1", _TUPLE.pack(*tup))
-    rest = (cookie - h1 - peer_isn) & 0xFFFFFFFF
+    rest = (cookie - h1 - peer_isn) & MASK
     count = cookie_count(now)
     # How many ticks ago the cookie was made; the counter wraps at 8 bits, and a cookie
     # "from the future" shows up as a huge age and is rejected too.
@@ -173,10 +175,10 @@ def cookie_init_timestamp(ts_now: int, wscale: int | None, sack_perm: bool, ecn:
         options |= TS_OPT_SACK
     if ecn:
         options |= TS_OPT_ECN
-    ts_now &= 0xFFFFFFFF
+    ts_now &= MASK
     ts = ((ts_now >> TSBITS) << TSBITS) | options
-    if 0 < ((ts - ts_now) & 0xFFFFFFFF) < 1 << 31:  # after(ts, ts_now), wrap-safe
-        ts = (ts - (1 << TSBITS)) & 0xFFFFFFFF
+    if 0 < ((ts - ts_now) & MASK) < HALF:  # after(ts, ts_now)
+        ts = (ts - (1 << TSBITS)) & MASK
     return ts
 
 

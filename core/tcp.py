@@ -8,21 +8,24 @@ RFC 9293 §3.10.7.4 "RST bit").
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import TYPE_CHECKING
 
+from . import inet_hashtables, tcp_output
 from .events import Closed, Readable, SocketError, Writable
-from .inet_connection_sock import os_error
-from .inet_hashtables import inet_put_port, inet_unhash
-from .request_sock import RequestSock
-from .sock import State, TcpSock
-from .tcp_output import (
-    tcp_fin_state,
-    tcp_rto,
-    tcp_send_ack,
-    tcp_send_active_reset,
-    tcp_write_xmit,
+from .tcp_h import (
+    HALF,
+    MASK,
+    TCP_FIN_TIMEOUT,
+    BytesLike,
+    RequestSock,
+    State,
+    TcpSock,
+    os_error,
 )
 from .tcp_timer import TimerHeap, TimerKind
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
 # (EnumType attribute access) on paths run once per segment.
@@ -36,34 +39,59 @@ _SYN_RECV = State.SYN_RECV
 _SYN_SENT = State.SYN_SENT
 _TIME_WAIT = State.TIME_WAIT
 
-__all__ = ["tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg", "tcp_shutdown",
-           "tcp_close", "sk_release", "emit_readable", "tcp_fin_time", "TCP_FIN_TIMEOUT",
-           "TCP_FIN_TIMEOUT_MAX"]
+__all__ = ["tcp_set_state", "tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg",
+           "tcp_shutdown", "tcp_close", "sk_release", "emit_readable", "tcp_fin_time"]
 
-MASK = 0xFFFFFFFF
-#: net.ipv4.tcp_fin_timeout: how long an orphaned FIN-WAIT-2 socket waits for the FIN.
-TCP_FIN_TIMEOUT = 60.0
-#: TCP_LINGER2's upper bound (Linux TCP_FIN_TIMEOUT_MAX).
-TCP_FIN_TIMEOUT_MAX = 120.0
 _WRITE_STATES = (_ESTABLISHED, _CLOSE_WAIT)
+
+
+#: The trace line of each state: Linux's name for it (callgraph.md writes
+#: "TCP_ESTABLISHED", "set sk->sk_state = TCP_LISTEN").
+_STATE_TRACE = {st: "TCP_" + st.name for st in State}
+_STATE_TRACE[State.SYN_RECV] = "TCP_SYN_RECV"
+_STATE_TRACE[State.CLOSED] = "TCP_CLOSE"
+
+
+def tcp_set_state(sh: Shard, sk: TcpSock, state: State) -> None:
+    """The one place a socket changes state (Linux ``tcp_set_state``).
+
+    Keeps the per-state MIB counters as Linux does: CurrEstab counts
+    ESTABLISHED and CLOSE-WAIT sockets (RFC 1213 tcpCurrEstab), EstabResets
+    the moves from those two states straight to CLOSED.  With tracing on,
+    the new state's Linux name goes into the trace.
+    """
+    old = sk.state
+    if state is _ESTABLISHED:
+        if old is not _ESTABLISHED:
+            sh.stats.curr_estab += 1
+    elif state is _CLOSE_WAIT:
+        if old is not _ESTABLISHED and old is not _CLOSE_WAIT:
+            sh.stats.curr_estab += 1  # SYN-RECEIVED with a FIN: never counted as ESTABLISHED
+    elif old is _ESTABLISHED or old is _CLOSE_WAIT:
+        sh.stats.curr_estab -= 1
+        if state is _CLOSED:
+            sh.stats.estab_resets += 1
+    sk.state = state
+    if sh.tracing:
+        sh.tr(_STATE_TRACE[state])
 
 
 def tcp_fin_time(sk: TcpSock) -> float:
     """How long an orphaned FIN-WAIT-2 socket waits for the peer's FIN: TCP_LINGER2,
     else tcp_fin_timeout, but at least 3.5 RTOs (Linux ``tcp_fin_time``)."""
     fin_timeout = sk.linger2 if sk.linger2 > 0 else TCP_FIN_TIMEOUT
-    floor = 3.5 * tcp_rto(sk)
+    floor = 3.5 * tcp_output.tcp_rto(sk)
     return fin_timeout if fin_timeout >= floor else floor
 
 
-def emit_readable(sh: Any, sk: TcpSock) -> None:
+def emit_readable(sh: Shard, sk: TcpSock) -> None:
     """Report Readable once per recv() (edge), and not before accept()."""
     if not sk.readable_signalled and sk.parent is None and not sk.orphan:
         sk.readable_signalled = True
         sh.events.append(Readable(sk.sd))
 
 
-def sk_release(sh: Any, sk: TcpSock) -> None:
+def sk_release(sh: Shard, sk: TcpSock) -> None:
     """The descriptor is gone for good: report Closed once."""
     if not sk.closed_evt:
         sk.closed_evt = True
@@ -71,13 +99,13 @@ def sk_release(sh: Any, sk: TcpSock) -> None:
         sh.events.append(Closed(sk.sd))
 
 
-def tcp_done(sh: Any, sk: TcpSock, err: int = 0) -> None:
+def tcp_done(sh: Shard, sk: TcpSock, err: int = 0) -> None:
     """Final close: unhash, free the port, report (Linux ``tcp_done``)."""
-    sk.state = _CLOSED
+    tcp_set_state(sh, sk, _CLOSED)
     sk.dead = True
     TimerHeap.cancel_all(sk)
-    inet_unhash(sh.h, sk)
-    inet_put_port(sh.h, sk)
+    inet_hashtables.inet_unhash(sh.h, sk)
+    inet_hashtables.inet_put_port(sh.h, sk)
     if err and not sk.orphan:
         sk.err = err
         if sk.parent is None:
@@ -86,9 +114,8 @@ def tcp_done(sh: Any, sk: TcpSock, err: int = 0) -> None:
         sk_release(sh, sk)
 
 
-def tcp_reset(sh: Any, sk: TcpSock) -> None:
+def tcp_reset(sh: Shard, sk: TcpSock) -> None:
     """An acceptable RST arrived (RFC 9293 §3.10.7.4; errno as Linux ``tcp_reset``)."""
-    sh.stats.estab_resets += sk.state in (_ESTABLISHED, _CLOSE_WAIT)
     if sk.state is _SYN_SENT:
         err = errno.ECONNREFUSED
     elif sk.state is _CLOSE_WAIT:
@@ -100,7 +127,7 @@ def tcp_reset(sh: Any, sk: TcpSock) -> None:
     tcp_done(sh, sk, err)
 
 
-def tcp_sendmsg(sh: Any, sk: TcpSock, data: Any, now: float) -> int:
+def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float) -> int:
     """Queue ``data`` (no copy for bytes; one copy for mutable buffers), then push."""
     if sk.err:
         err, sk.err = sk.err, 0
@@ -132,11 +159,11 @@ def tcp_sendmsg(sh: Any, sk: TcpSock, data: Any, now: float) -> int:
         mv = memoryview(bytes(memoryview(data).cast("B")[:n]))
     sk.sndq.append(mv[:n] if n < len(mv) else mv)
     sk.sndq_len += n
-    tcp_write_xmit(sh, sk, now)
+    tcp_output.tcp_write_xmit(sh, sk, now)
     return n
 
 
-def tcp_recvmsg(sh: Any, sk: TcpSock, maxlen: int, now: float) -> bytes | None:
+def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None:
     """Take up to ``maxlen`` bytes; b"" at EOF; None when nothing is there yet."""
     sk.readable_signalled = False
     if sk.rcvq_len == 0:
@@ -176,7 +203,7 @@ def tcp_recvmsg(sh: Any, sk: TcpSock, maxlen: int, now: float) -> bytes | None:
     return bytes(out) if type(out) is not bytes else out
 
 
-def _cleanup_rbuf(sh: Any, sk: TcpSock, now: float) -> None:
+def _cleanup_rbuf(sh: Shard, sk: TcpSock, now: float) -> None:
     """Send a window update when reading opened the window a lot (Linux ``tcp_cleanup_rbuf``).
 
     Announce when the window we could offer now is at least twice what the
@@ -185,7 +212,7 @@ def _cleanup_rbuf(sh: Any, sk: TcpSock, now: float) -> None:
     if sk.state not in (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2) or sk.fin_rcvd:
         return
     cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
-    if cur & 0x80000000:
+    if cur & HALF:
         cur = 0
     full = sk.rcvbuf
     clamp = sk.window_clamp
@@ -198,10 +225,10 @@ def _cleanup_rbuf(sh: Any, sk: TcpSock, now: float) -> None:
         free = full
     free = (free >> sk.rcv_wscale) << sk.rcv_wscale
     if free >= 2 * cur and free >= sk.rcv_mss:
-        tcp_send_ack(sh, sk, now)
+        tcp_output.tcp_send_ack(sh, sk, now)
 
 
-def tcp_shutdown(sh: Any, sk: TcpSock, how: int, now: float) -> None:
+def tcp_shutdown(sh: Shard, sk: TcpSock, how: int, now: float) -> None:
     """shutdown(2): SHUT_RD (0), SHUT_WR (1), SHUT_RDWR (2)."""
     if how not in (0, 1, 2):
         raise os_error(errno.EINVAL)
@@ -215,13 +242,13 @@ def tcp_shutdown(sh: Any, sk: TcpSock, how: int, now: float) -> None:
         _queue_fin(sh, sk, now)
 
 
-def _queue_fin(sh: Any, sk: TcpSock, now: float) -> None:
+def _queue_fin(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.shut_wr = True
-    sk.state = tcp_fin_state(sk)
-    tcp_write_xmit(sh, sk, now)
+    tcp_set_state(sh, sk, tcp_output.tcp_fin_state(sk))
+    tcp_output.tcp_write_xmit(sh, sk, now)
 
 
-def tcp_close(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_close(sh: Shard, sk: TcpSock, now: float) -> None:
     """close(2) (Linux ``__tcp_close``): FIN, or RST when data would be lost or SO_LINGER 0."""
     st = sk.state
     sk.orphan = True
@@ -239,7 +266,7 @@ def tcp_close(sh: Any, sk: TcpSock, now: float) -> None:
     if unread or (sk.linger is not None and sk.linger[0] and sk.linger[1] == 0):
         # RFC 2525 §2.17 / RFC 9293 §3.10.4 ABORT: data we will never read, or an
         # explicit abortive close, resets the connection.
-        tcp_send_active_reset(sh, sk, now)
+        tcp_output.tcp_send_active_reset(sh, sk, now)
         tcp_done(sh, sk)
         return
     if st in (_ESTABLISHED, _CLOSE_WAIT, _SYN_RECV) and not sk.shut_wr:
@@ -247,20 +274,20 @@ def tcp_close(sh: Any, sk: TcpSock, now: float) -> None:
     elif sk.state is _FIN_WAIT2:
         if sk.linger2 < 0:
             # TCP_LINGER2 < 0: no FIN-WAIT-2 wait; Linux resets (TCPAbortOnLinger).
-            tcp_send_active_reset(sh, sk, now)
+            tcp_output.tcp_send_active_reset(sh, sk, now)
             tcp_done(sh, sk)
             return
         sh.timers.arm(sk, TimerKind.KEEPALIVE, now + tcp_fin_time(sk))
 
 
-def inet_csk_listen_stop(sh: Any, sk: TcpSock, now: float) -> None:
+def inet_csk_listen_stop(sh: Shard, sk: TcpSock, now: float) -> None:
     """Closing a listener resets the children nobody accepted and forgets its requests."""
     while sk.accept_queue:
         child = sk.accept_queue.popleft()
         child.orphan = True
         child.parent = None
         if child.state not in (_CLOSED, _TIME_WAIT):
-            tcp_send_active_reset(sh, child, now)
+            tcp_output.tcp_send_active_reset(sh, child, now)
         tcp_done(sh, child)
     for key, req in list(sh.h.ehash.items()):
         if isinstance(req, RequestSock) and req.listener is sk:
@@ -270,7 +297,7 @@ def inet_csk_listen_stop(sh: Any, sk: TcpSock, now: float) -> None:
     sk.reqs = 0
 
 
-def tcp_check_writable(sh: Any, sk: TcpSock) -> None:
+def tcp_check_writable(sh: Shard, sk: TcpSock) -> None:
     """Writable once room appears after a send() that could not take everything.
 
     Like Linux ``sk_stream_is_writeable``: only when the free space is at least

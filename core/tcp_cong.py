@@ -51,9 +51,6 @@ reaches ESTABLISHED (Linux ``tcp_init_congestion_control``).  Afterwards:
     Retransmission timeout: ``ssthresh`` as on loss (RFC 5681 eq. 4 uses
     FlightSize / 2), ``cwnd = 1`` (the loss window, RFC 5681 §3.1), leave
     recovery, state LOSS.  Slow start then runs from 1 segment.
-``on_ecn(now, in_flight)``
-    ECN-Echo (RFC 3168 §6.1.2): the same reduction without retransmission,
-    state CWR, at most once per window; ended by ``on_recovery_exit``.
 ``undo()``
     The last reduction was spurious (DSACK, Eifel, RFC 2883 / 3522): restore
     ``cwnd`` and ``ssthresh`` saved at the reduction (Linux
@@ -70,15 +67,18 @@ reading :attr:`ssthresh`; an engine doing plain NewReno just sends while
 
 Registry: :func:`register` / :func:`get` / :func:`available` (Linux
 ``tcp_register_congestion_control`` / ``tcp_ca_find``).  ``"reno"`` is
-:class:`Reno` here; ``"cubic"`` lives in ``tcp_cubic`` and is loaded on first
-use.
+:class:`Reno` here; ``"cubic"`` lives in ``tcp_cubic``, which registers itself
+when imported (``core/__init__`` imports it, as Linux builds tcp_cubic in).
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+
+from .tcp_h import os_error
 
 __all__ = [
     "DEFAULT",
@@ -107,7 +107,7 @@ class CaState(enum.IntEnum):
 
     OPEN = 0
     DISORDER = 1
-    CWR = 2
+    CWR = 2  # ECN's reduction: ECN is not implemented, so never entered
     RECOVERY = 3
     LOSS = 4
 
@@ -115,7 +115,6 @@ class CaState(enum.IntEnum):
 # on_ack runs once per ACK: module constants spare an EnumType attribute lookup each.
 _CA_OPEN = CaState.OPEN
 _CA_DISORDER = CaState.DISORDER
-_CA_CWR = CaState.CWR
 _CA_RECOVERY = CaState.RECOVERY
 _CA_LOSS = CaState.LOSS
 
@@ -184,7 +183,7 @@ class CongestionControl(ABC):
 
     @property
     def in_recovery(self) -> bool:
-        return self.ca_state in (CaState.RECOVERY, CaState.CWR)
+        return self.ca_state == CaState.RECOVERY
 
     @property
     def in_slow_start(self) -> bool:
@@ -211,8 +210,6 @@ class CongestionControl(ABC):
         if ca_state == _CA_RECOVERY:
             self._partial_ack(acked_segments)
             return
-        if ca_state == _CA_CWR:
-            return  # no growth until the reduced window has been acked (RFC 3168 §6.1.2)
         if ca_state == _CA_DISORDER:
             self.ca_state = _CA_OPEN  # the reordering healed without a loss
         # is_cwnd_limited(_note_flight(in_flight, now)), inline: once per ACK.
@@ -259,25 +256,9 @@ class CongestionControl(ABC):
         self.cwnd_frac = self.cwnd_cnt = 0.0
         self.ca_state = CaState.RECOVERY
 
-    def on_ecn(self, now: float, in_flight: float) -> None:
-        """ECN-Echo seen (RFC 3168 §6.1.2): reduce as for a loss, without recovery.
-
-        Linux ``tcp_enter_cwr``: state CWR, cwnd = ssthresh at once (Linux lowers it
-        gradually with PRR).  Once per window: ignored while in CWR or recovery; the
-        engine ends CWR with :meth:`on_recovery_exit` when the data outstanding at the
-        reduction has been acked.
-        """
-        if self.ca_state in (CaState.CWR, CaState.RECOVERY, CaState.LOSS):
-            return
-        self._save_for_undo()
-        self.ssthresh = self.ssthresh_on_loss(now, in_flight)
-        self.cwnd = min(self.cwnd, self.ssthresh)
-        self.cwnd_frac = self.cwnd_cnt = 0.0
-        self.ca_state = CaState.CWR
-
     def on_recovery_exit(self, now: float) -> None:
         """Full ACK of the recovery point (RFC 6582 §3.2 step 5, option 2)."""
-        if self.ca_state in (CaState.RECOVERY, CaState.CWR):
+        if self.ca_state == CaState.RECOVERY:
             self.cwnd = self.ssthresh
             self.cwnd_frac = self.cwnd_cnt = 0.0
         self.ca_state = CaState.OPEN
@@ -421,21 +402,12 @@ def get(name: str = DEFAULT) -> Callable[[], CongestionControl]:
     Raises ``OSError(ENOENT)`` for an unknown name, as ``setsockopt(TCP_CONGESTION)``
     does on Linux.
     """
-    if name not in _REGISTRY and name == "cubic":
-        from . import tcp_cubic  # noqa: F401  registers itself on import
-
     try:
         return _REGISTRY[name]
     except KeyError:
-        import errno
-        import os
-
-        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT)) from None
+        raise os_error(errno.ENOENT) from None
 
 
 def available() -> tuple[str, ...]:
     """Names of the registered algorithms (``net.ipv4.tcp_available_congestion_control``)."""
-    if "cubic" not in _REGISTRY:
-        from . import tcp_cubic  # noqa: F401
-
     return tuple(sorted(_REGISTRY))

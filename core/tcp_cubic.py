@@ -1,6 +1,6 @@
 """CUBIC congestion control (Linux ``net/ipv4/tcp_cubic.c``), per RFC 9438.
 
-Reading list: RFC 9438 (CUBIC), RFC 9406 (HyStart++), RFC 5681.
+Reading list: RFC 9438 (CUBIC), RFC 5681.
 
 The window follows the cubic function of the time since the current
 congestion-avoidance epoch began (RFC 9438 §4.2, Figure 1)::
@@ -20,9 +20,6 @@ lowered to ``cwnd * (1 + beta) / 2`` when the window is shrinking.  After an
 RTO, the next epoch starts with K = 0 and W_max = cwnd_epoch (§4.8).  A
 spurious reduction is undone with the whole CUBIC state (§4.9).
 
-Optional HyStart++ (RFC 9406, ``Cubic(hystart=True)``) leaves slow start
-early when the per-round minimum RTT rises, through Conservative Slow Start.
-
 Time (``now``) and RTT samples come in as arguments; ``RTT`` is the smoothed
 sample average kept by :class:`~shardstack.core.tcp_cong.CongestionControl`.
 The engine-facing contract is the one documented in ``tcp_cong``.
@@ -30,7 +27,7 @@ The engine-facing contract is the one documented in ``tcp_cong``.
 
 from __future__ import annotations
 
-from .tcp_cong import ABC_LIMIT, CaState, CongestionControl, register
+from .tcp_cong import CaState, CongestionControl, register
 
 __all__ = ["BETA", "C", "Cubic", "alpha_cubic", "cubic_k", "w_cubic"]
 
@@ -38,15 +35,6 @@ __all__ = ["BETA", "C", "Cubic", "alpha_cubic", "cubic_k", "w_cubic"]
 BETA = 0.7
 #: RFC 9438 §5 (Figure 1): the scaling constant, in segments / s^3.
 C = 0.4
-
-# RFC 9406 §4.3 constants.
-HYSTART_MIN_RTT_THRESH = 0.004
-HYSTART_MAX_RTT_THRESH = 0.016
-HYSTART_MIN_RTT_DIVISOR = 8
-HYSTART_N_RTT_SAMPLE = 8
-HYSTART_CSS_GROWTH_DIVISOR = 4
-HYSTART_CSS_ROUNDS = 5
-
 
 def alpha_cubic(beta: float = BETA) -> float:
     """RFC 9438 §4.3: the additive factor that makes CUBIC as fair as Reno on average."""
@@ -81,27 +69,17 @@ class Cubic(CongestionControl):
         "cwnd_prior",
         "after_rto",
         "_undo",
-        "hystart",
-        "_hs_round_end",
-        "_hs_round",
-        "_hs_cur_min",
-        "_hs_last_min",
-        "_hs_samples",
-        "_hs_css_base",
-        "_hs_css_rounds",
     )
 
     def __init__(
-        self, *, fast_convergence: bool = True, hystart: bool = False, beta: float = BETA, c: float = C
+        self, *, fast_convergence: bool = True, beta: float = BETA, c: float = C
     ) -> None:
         super().__init__()
         self.beta = beta
         self.c = c
         self.fast_convergence = fast_convergence
-        self.hystart = hystart
         self._reset_cubic()
-        self._undo: tuple | None = None
-        self._hs_reset()
+        self._undo: tuple[float, float, float | None, float, float, float] | None = None
 
     def _reset_cubic(self) -> None:
         # Linux bictcp_reset: no congestion event remembered yet.
@@ -117,7 +95,6 @@ class Cubic(CongestionControl):
         super().init(mss, now)
         self._reset_cubic()
         self._undo = None
-        self._hs_reset()
 
     # -- window as a float ---------------------------------------------------------------
 
@@ -154,19 +131,15 @@ class Cubic(CongestionControl):
             self.w_max = 0.0
             self.after_rto = True
         self.epoch_start = None
-        self._hs_reset()
 
     def cong_avoid(self, acked_segments: float, rtt: float | None, now: float) -> None:
         if self.in_slow_start:
-            if self.hystart:
-                acked_segments = self._hystart_slow_start(acked_segments, rtt, now)
-            else:
-                acked_segments = self.slow_start(acked_segments)
+            acked_segments = self.slow_start(acked_segments)
             if not acked_segments:
                 return
         self._cubic_update(acked_segments, now)
 
-    def _begin_epoch(self, now: float) -> None:
+    def _begin_epoch(self, now: float) -> float:
         # RFC 9438 §4.2: t counts from the start of this congestion-avoidance stage;
         # cwnd_epoch is the window then.  §4.8 (after an RTO, or a first exit from slow
         # start with no congestion event): K = 0 and W_max = cwnd_epoch.
@@ -181,12 +154,14 @@ class Cubic(CongestionControl):
         if self.cwnd_prior <= 0:
             self.cwnd_prior = self.cwnd_epoch
         self.after_rto = False
+        return now
 
     def _cubic_update(self, acked: float, now: float) -> None:
-        if self.epoch_start is None:
-            self._begin_epoch(now)
+        start = self.epoch_start
+        if start is None:
+            start = self._begin_epoch(now)
         rtt = self.srtt or 0.0
-        t = now - self.epoch_start
+        t = now - start
         cwnd = self._window()
         # §4.3: Reno-friendly estimate.  alpha_cubic until W_est has regained the
         # window before the last reduction, then Reno's 1.
@@ -225,53 +200,6 @@ class Cubic(CongestionControl):
             # RFC 9438 §5.8 (and Linux's CA_EVENT_TX_START): an idle period must not
             # count as time spent growing, so slide the epoch forward.
             self.epoch_start += idle
-
-    # -- HyStart++ (RFC 9406) ------------------------------------------------------------
-
-    def _hs_reset(self) -> None:
-        self._hs_round_end = 0.0
-        self._hs_round = 0
-        self._hs_cur_min = float("inf")
-        self._hs_last_min = float("inf")
-        self._hs_samples = 0
-        self._hs_css_base: float | None = None
-        self._hs_css_rounds = 0
-
-    def _hystart_slow_start(self, acked: float, rtt: float | None, now: float) -> float:
-        # Rounds are approximated by time: one smoothed RTT per round (RFC 9406 §4.2
-        # counts them by sequence; the engine does not give us snd_nxt here).
-        if now >= self._hs_round_end:
-            self._hs_last_min = self._hs_cur_min
-            self._hs_cur_min = float("inf")
-            self._hs_samples = 0
-            self._hs_round_end = now + (self.srtt or 0.0)
-            if self._hs_css_base is not None:
-                self._hs_css_rounds += 1
-                if self._hs_css_rounds >= HYSTART_CSS_ROUNDS:
-                    # §4.2: CSS lasted long enough; enter congestion avoidance.
-                    self.ssthresh = self.cwnd
-                    return acked
-        if rtt is not None and rtt > 0:
-            self._hs_cur_min = min(self._hs_cur_min, rtt)
-            self._hs_samples += 1
-        if self._hs_css_base is None:
-            grow = self.slow_start(acked)
-            if (self._hs_samples >= HYSTART_N_RTT_SAMPLE and self._hs_last_min != float("inf")
-                    and self._hs_cur_min != float("inf")):
-                thresh = min(max(self._hs_last_min / HYSTART_MIN_RTT_DIVISOR,
-                                 HYSTART_MIN_RTT_THRESH), HYSTART_MAX_RTT_THRESH)
-                if self._hs_cur_min >= self._hs_last_min + thresh:
-                    self._hs_css_base = self._hs_cur_min  # §4.2: enter CSS
-                    self._hs_css_rounds = 0
-            return grow
-        # Conservative Slow Start: growth divided by CSS_GROWTH_DIVISOR (§4.2).
-        if self._hs_cur_min < self._hs_css_base and self._hs_samples >= HYSTART_N_RTT_SAMPLE:
-            self._hs_css_base = None  # the RTT increase was spurious: back to slow start
-        self.cwnd_frac += min(acked, ABC_LIMIT) / HYSTART_CSS_GROWTH_DIVISOR
-        whole = int(self.cwnd_frac)
-        self.cwnd += whole
-        self.cwnd_frac -= whole
-        return 0.0
 
     def __repr__(self) -> str:
         base = super().__repr__()[:-1]

@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Any
 
-from .sock import State, TcpSock
+from . import tcp_input, tcp_output
 from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
-from .tcp_input import DUPTHRESH, _unsacked_below
-from .tcp_output import TCP_DELACK, tcp_rto
+from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
 __all__ = ["TCP_INFO_LEN", "TCPI_FIELDS", "TCPI_OPT_TIMESTAMPS", "TCPI_OPT_SACK",
            "TCPI_OPT_WSCALE", "LINUX_STATE", "tcp_get_info", "tcp_listen_info",
@@ -91,8 +89,6 @@ LINUX_STATE = {
     State.LAST_ACK: 9, State.LISTEN: 10, State.CLOSING: 11, State.NEW_SYN_RECV: 12,
 }
 
-_MASK = 0xFFFFFFFF
-_HALF = 0x80000000
 _U32 = 0xFFFFFFFF
 _NO_RATE = 0xFFFFFFFFFFFFFFFF  # Linux reports ~0 for "no pacing rate limit"
 _LITTLE = sys.byteorder == "little"
@@ -110,7 +106,7 @@ def _blank() -> list[int]:
     vals = [0] * len(_NAMES)
     vals[_INDEX["pacing_rate"]] = _NO_RATE
     vals[_INDEX["max_pacing_rate"]] = _NO_RATE
-    vals[_INDEX["reordering"]] = DUPTHRESH
+    vals[_INDEX["reordering"]] = TCP_FASTRETRANS_THRESH
     return vals
 
 
@@ -165,7 +161,7 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
         opts |= TCPI_OPT_WSCALE
         put(ix["wscale"], _nibbles(sk.snd_wscale, sk.rcv_wscale))
     put(ix["options"], opts)
-    put(ix["rto"], _usec(tcp_rto(sk)))  # icsk_rto: backed off, as the timer runs
+    put(ix["rto"], _usec(tcp_output.tcp_rto(sk)))  # icsk_rto: backed off, as the timer runs
     received = _bytes_received(sk)
     if received > (1 if sk.fin_rcvd else 0):
         put(ix["ato"], _usec(TCP_DELACK))  # Linux sets icsk_ack.ato with the first data
@@ -173,15 +169,15 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["rcv_mss"], sk.rcv_mss)
 
     # The RFC 6675 scoreboard, in segments as Linux counts them.
-    flight = (sk.snd_max - una) & _MASK
-    if flight & _HALF:
+    flight = (sk.snd_max - una) & MASK
+    if flight & HALF:
         flight = 0
     sacked = sk.sacked_bytes if sk.sack_ok else sk.reno_sacked
     put(ix["unacked"], _segs(flight, mss))
     put(ix["sacked"], _segs(sacked, mss))
     if sk.in_recovery or sk.in_loss:
-        put(ix["lost"], _segs(_unsacked_below(sk, una, sk.lost_hi), mss))
-        put(ix["retrans"], _segs(_unsacked_below(sk, una, sk.retrans_hi), mss))
+        put(ix["lost"], _segs(tcp_input._unsacked_below(sk, una, sk.lost_hi), mss))
+        put(ix["retrans"], _segs(tcp_input._unsacked_below(sk, una, sk.retrans_hi), mss))
 
     if sk.lsndtime >= 0:
         put(ix["last_data_sent"], _msec_since(now, sk.lsndtime))
@@ -230,7 +226,7 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
 
 
 def _fin_unacked(sk: TcpSock) -> int:
-    return 1 if sk.fin_sent and ((sk.fin_seq - sk.snd_una) & _MASK) < _HALF else 0
+    return 1 if sk.fin_sent and ((sk.fin_seq - sk.snd_una) & MASK) < HALF else 0
 
 
 def _bytes_acked_sent(sk: TcpSock) -> tuple[int, int]:
@@ -242,9 +238,9 @@ def _bytes_acked_sent(sk: TcpSock) -> tuple[int, int]:
     """
     if sk.iss == 0 and sk.snd_max == 0:
         return 0, 0
-    acked = (sk.snd_una - sk.iss) & _MASK
-    sent = (sk.snd_max - sk.iss) & _MASK
-    if acked & _HALF or sent & _HALF:
+    acked = (sk.snd_una - sk.iss) & MASK
+    sent = (sk.snd_max - sk.iss) & MASK
+    if acked & HALF or sent & HALF:
         return 0, 0
     sent -= 1 + (1 if sk.fin_sent else 0)  # the SYN and the FIN carry no payload
     return acked, max(sent, 0)
@@ -255,11 +251,11 @@ def _bytes_received(sk: TcpSock) -> int:
     Linux advances it with RCV.NXT, so a received FIN counts one)."""
     if sk.rcv_nxt == 0 and sk.irs == 0:
         return 0
-    n = (sk.rcv_nxt - sk.irs - 1) & _MASK
-    return 0 if n & _HALF else n
+    n = (sk.rcv_nxt - sk.irs - 1) & MASK
+    return 0 if n & HALF else n
 
 
-def unpack_tcp_info(buf: Any) -> dict[str, int]:
+def unpack_tcp_info(buf: bytes | bytearray | memoryview) -> dict[str, int]:
     """Decode a (possibly truncated) ``struct tcp_info``; missing fields read 0.
 
     ``snd_wscale``/``rcv_wscale`` are split out of their shared byte.

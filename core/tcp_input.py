@@ -18,24 +18,28 @@ data to the receive queue.  Everything else takes the slow path through
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import TYPE_CHECKING
 
+from . import tcp, tcp_minisocks, tcp_output, tcp_recovery
+from .dropreason import DropReason
 from .events import Connected, Readable
-from .sock import State, TcpSock
-from .tcp import emit_readable, tcp_check_writable, tcp_done, tcp_fin_time, tcp_reset
-from .tcp_output import (
+from .tcp_h import (
+    HALF,
+    MASK,
     TCP_DELACK,
-    _write_new,
-    tcp_send_ack,
-    tcp_send_active_reset,
-    tcp_send_reset,
-    tcp_send_synack_sock,
-    tcp_transmit,
-    tcp_write_xmit,
+    TCP_FASTRETRANS_THRESH,
+    TCP_RTO_MIN,
+    BytesLike,
+    State,
+    TcpSegment,
+    TcpSock,
+    TimerKind,
 )
-from .tcp_timer import TimerKind
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, RST, SYN
+from .wire.tcp import ACK, FIN, RST, SYN, TcpOptions
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
 # (EnumType attribute access) on paths run once per segment.
@@ -52,20 +56,12 @@ _TIME_WAIT = State.TIME_WAIT
 
 __all__ = ["tcp_rcv_established", "tcp_rcv_state_process", "tcp_rcv_synsent_state_process",
            "tcp_validate_incoming", "tcp_ack", "tcp_data_queue", "tcp_rtt_estimator",
-           "tcp_ack_update_rtt", "tcp_init_transfer", "tcp_send_challenge_ack",
-           "TCP_RTO_MIN", "TCP_TIMEOUT_INIT"]
+           "tcp_ack_update_rtt", "tcp_init_transfer", "tcp_send_challenge_ack"]
 
-MASK = 0xFFFFFFFF
-HALF = 0x80000000
-#: Linux TCP_RTO_MIN (200 ms) and TCP_TIMEOUT_INIT (1 s, RFC 6298 (2.1)).
-TCP_RTO_MIN = 0.2
-TCP_TIMEOUT_INIT = 1.0
 #: PAWS: a ts_recent older than 24 days is not trusted (RFC 7323 §5.5).
 PAWS_24DAYS = 24 * 86400.0
 #: Linux sysctl_tcp_invalid_ratelimit: at most one out-of-window ACK per 500 ms.
 OOW_RATELIMIT = 0.5
-#: A tail loss probe that would come after the RTO goes this much before it instead.
-_TLP_RTO_MARGIN = 0.005
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
@@ -73,6 +69,7 @@ _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP
 _DATA_STATES = (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2)
+_NO_DATA = memoryview(b"")
 
 
 # -- RTT / RTO (RFC 6298) ------------------------------------------------------------------
@@ -96,14 +93,13 @@ def tcp_set_rto(sk: TcpSock) -> None:
         sk.rto = 120.0
 
 
-def tcp_ack_update_rtt(sh: Any, sk: TcpSock, rtt: float) -> None:
+def tcp_ack_update_rtt(sh: Shard, sk: TcpSock, rtt: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_update_rtt")
-        sh.tr("tcp_update_rtt_min")
-        sh.tr("tcp_rtt_estimator")
     if rtt < 0:
         return
     if sh.tracing:
+        sh.tr("tcp_rtt_estimator")
         sh.tr("tcp_set_rto")
     # tcp_rtt_estimator and tcp_set_rto inline: this runs for nearly every ACK.
     srtt = sk.srtt
@@ -120,7 +116,7 @@ def tcp_ack_update_rtt(sh: Any, sk: TcpSock, rtt: float) -> None:
 
 # -- challenge ACKs (RFC 5961) --------------------------------------------------------------
 
-def tcp_send_challenge_ack(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_send_challenge_ack(sh: Shard, sk: TcpSock, now: float) -> None:
     """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited per socket (RFC 5961 §7)."""
     if sh.tracing:
         sh.tr("tcp_send_challenge_ack")
@@ -128,12 +124,12 @@ def tcp_send_challenge_ack(sh: Any, sk: TcpSock, now: float) -> None:
     sh.stats.challenge_acks += 1
 
 
-def _send_oow_ack(sh: Any, sk: TcpSock, now: float) -> None:
+def _send_oow_ack(sh: Shard, sk: TcpSock, now: float) -> None:
     """ACK an out-of-window segment, at most once per 500 ms (Linux ``tcp_oow_rate_limited``)."""
     if sk.last_oow_ack >= 0 and now - sk.last_oow_ack < OOW_RATELIMIT:
         return
     sk.last_oow_ack = now
-    tcp_send_ack(sh, sk, now)
+    tcp_output.tcp_send_ack(sh, sk, now)
 
 
 def tcp_segs_in(sk: TcpSock, plen: int) -> None:
@@ -157,7 +153,7 @@ def _segs(nbytes: int, mss: int) -> int:
 
 # -- the ACK (RFC 9293 §3.10.7.4 "fifth, check the ACK field") -------------------------------
 
-def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
+def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
     """Process SEG.ACK; False means the segment must be dropped (ACK of unsent data).
 
     RFC 5961 §5.2: an ACK beyond SND.MAX, or older than SND.UNA - MAX.SNDWND,
@@ -170,7 +166,7 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     d = (ack - una) & MASK
     if d & HALF:  # ack before snd_una
         if ((una - ack) & MASK) > sk.max_window:
-            sh.stats.drop("TCP_TOO_OLD_ACK")
+            sh.stats.drop(DropReason.TCP_TOO_OLD_ACK)
             tcp_send_challenge_ack(sh, sk, now)
             return False
         if sk.sack_ok and seg.options.sack_blocks and sk.cc is not None:
@@ -179,7 +175,7 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
             _sacktag(sh, sk, seg.options.sack_blocks)
         return True  # old duplicate: ignore the ACK, keep the data
     if d > ((sk.snd_max - una) & MASK):
-        sh.stats.drop("TCP_ACK_UNSENT_DATA")
+        sh.stats.drop(DropReason.TCP_ACK_UNSENT_DATA)
         tcp_send_challenge_ack(sh, sk, now)
         return False
     # Window update (RFC 9293 §3.10.7.4: from a segment newer than the last one
@@ -205,10 +201,6 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
         sk.snd_wl2 = ack
     sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
     sk.err_soft = 0  # something got through: forget a soft ICMP error (Linux tcp_ack)
-    sk.err_soft = 0  # ...so an earlier ICMP soft error is history (Linux tcp_ack)
-    if sh.tracing:
-        sh.tr("tcp_ecn_rcv_ecn_echo")
-        sh.tr("tcp_in_ack_event")
     if d == 0:
         newly_sacked = 0
         if sk.sack_ok and seg.options.sack_blocks:
@@ -233,40 +225,7 @@ def tcp_ack(sh: Any, sk: TcpSock, seg: Any, now: float) -> bool:
     return True
 
 
-def tcp_schedule_loss_probe(sh: Any, sk: TcpSock, now: float, rto: float,
-                            earlier_only: bool = False) -> None:
-    """Arm the tail loss probe 2 SRTT out (RFC 8985 §7.2; Linux
-    ``tcp_schedule_loss_probe``), plus a delayed-ACK allowance when a single
-    segment is in flight, and never later than the RTO."""
-    srtt = sk.srtt
-    if not srtt:
-        return
-    pto = 2 * srtt
-    if pto < 0.010:
-        pto = 0.010  # Linux's floor: a timer no sooner than 10 ms
-    if ((sk.snd_max - sk.snd_una) & MASK) <= sk.mss_cache:
-        pto += 0.2  # RFC 8985 §7.2 WCDelAckT
-    if pto >= rto:
-        # Never later than the RTO, but not dropped either: Linux arms the probe
-        # at min(PTO, RTO) in the RTO's place, so a one- or two-segment flight
-        # whose last segment (or ACK) is lost gets a probe, not a timeout that
-        # collapses cwnd to one -- at small windows the common case.  The
-        # probe goes just before the RTO and re-arms it.
-        pto = rto - (_TLP_RTO_MARGIN if rto > 2 * _TLP_RTO_MARGIN else rto / 2)
-        if pto < 2 * srtt:
-            return
-    deadline = now + pto
-    timers = sk.timers
-    cur = timers[_TLP]
-    if earlier_only and cur is not None and cur <= deadline:
-        return  # new data keeps an earlier probe; a larger flight may bring a later one in
-    timers[_TLP] = deadline
-    q = sk.timer_q[_TLP]
-    if q is None or q > deadline:  # TimerHeap.arm's lazy rule, without the call
-        sh.timers.arm(sk, _TLP, deadline)
-
-
-def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
+def _window_opened(sh: Shard, sk: TcpSock, now: float) -> None:
     if sk.timers[_PERSIST] is not None:
         sk.timers[_PERSIST] = None
         sk.probes = 0
@@ -274,7 +233,7 @@ def _window_opened(sh: Any, sk: TcpSock, now: float) -> None:
         sk.backoff = 0
 
 
-def _clean_rtx_queue(sh: Any, sk: TcpSock, ack: int, tsecr: int, blocks: Any, acked: int,
+def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple[tuple[int, int], ...], acked: int,
                      now: float) -> None:
     """New data acknowledged (``acked`` bytes of sequence space up to ``ack``):
     free it, sample RTT (``tsecr``: the echoed timestamp, 0 if none), feed
@@ -291,7 +250,7 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, ack: int, tsecr: int, blocks: Any, ac
     sacked = sk.sacked
     if sacked:
         # A hole filled below SACKed data by its original transmission: reordering.
-        if _rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
+        if tcp_recovery._rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
                                                  for b in sacked]):
             sk.reord_events += 1
     data = acked
@@ -377,18 +336,18 @@ def _clean_rtx_queue(sh: Any, sk: TcpSock, ack: int, tsecr: int, blocks: Any, ac
         # (``tcp_timer.TimerHeap.arm``'s rule, checked here without the call).
         deadline = now + rto
         timers[_RETRANSMIT] = deadline
-        q = sk.timer_q[_RETRANSMIT]
-        if q is None or q > deadline:
+        queued = sk.timer_q[_RETRANSMIT]
+        if queued is None or queued > deadline:
             sh.timers.arm(sk, _RETRANSMIT, deadline)
         if sk.sack_ok and not sk.in_recovery and not sk.in_loss:
-            tcp_schedule_loss_probe(sh, sk, now, rto)
+            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rto)
     if sk.snd_wnd and timers[_PERSIST] is not None:
         _window_opened(sh, sk, now)
     if sk.write_blocked:
-        tcp_check_writable(sh, sk)
+        tcp.tcp_check_writable(sh, sk)
 
 
-def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
+def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> None:
     """Merge the peer's SACK blocks into the scoreboard (RFC 2018 §3, RFC 6675 §4).
 
     Linux ``tcp_sacktag_write_queue``.  Blocks outside (SND.UNA, SND.MAX] are
@@ -425,7 +384,7 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
     offs = [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked]
     reordered = False
     for lo, hi in new:
-        if _rack_check_reordering(sk, lo, hi, offs):
+        if tcp_recovery._rack_check_reordering(sk, lo, hi, offs):
             reordered = True
     if reordered:
         sk.reord_events += 1  # once per ACK, as Linux tcp_check_sack_reordering
@@ -449,7 +408,7 @@ def _sacktag(sh: Any, sk: TcpSock, blocks: Any) -> None:
     sk.sacked_bytes = total
 
 
-def tcp_try_undo_dsack(sh: Any, sk: TcpSock) -> None:
+def tcp_try_undo_dsack(sh: Shard, sk: TcpSock) -> None:
     """Every retransmission of the last episode came back as a D-SACK: the
     receiver had it all, the reduction was spurious (RFC 2883 §5, Linux
     ``tcp_try_undo_dsack``); restore cwnd and ssthresh."""
@@ -459,7 +418,7 @@ def tcp_try_undo_dsack(sh: Any, sk: TcpSock) -> None:
         sh.stats.dsack_undos += 1
 
 
-def _sack_prune(sh: Any, sk: TcpSock) -> None:
+def _sack_prune(sh: Shard, sk: TcpSock) -> None:
     """Forget SACKed ranges the cumulative ACK now covers.
 
     An ACK that stops exactly where SACKed data begins means the receiver
@@ -499,8 +458,6 @@ def _sack_prune(sh: Any, sk: TcpSock) -> None:
 # same machinery runs NewReno (RFC 6582): dup ACKs stand in for SACKed
 # segments (``reno_sacked``) and each partial ACK marks the next segment lost.
 
-#: RFC 6675 DupThresh.
-DUPTHRESH = 3
 
 
 def _unsacked_below(sk: TcpSock, una: int, top: int) -> int:
@@ -547,13 +504,13 @@ def _lost_boundary(sk: TcpSock) -> int:
     (DupThresh - 1) * SMSS SACKed bytes, above S.  Walking the scoreboard down
     from the top, L is the start of the block where either count is reached.
     """
-    limit = (DUPTHRESH - 1) * sk.mss_cache
+    limit = (TCP_FASTRETRANS_THRESH - 1) * sk.mss_cache
     got = 0
     blocks = sk.sacked
     for i in range(len(blocks) - 1, -1, -1):
         b = blocks[i]
         got += (b[1] - b[0]) & MASK
-        if got > limit or len(blocks) - i >= DUPTHRESH:
+        if got > limit or len(blocks) - i >= TCP_FASTRETRANS_THRESH:
             return b[0]
     return sk.snd_una
 
@@ -563,7 +520,7 @@ def _mark_lost(sk: TcpSock, seq: int) -> None:
         sk.lost_hi = seq
 
 
-def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup: bool,
+def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, dup: bool,
                           now: float, rtt: float | None = None, flight: int = 0) -> None:
     """What an ACK means for loss recovery (Linux ``tcp_fastretrans_alert``).
 
@@ -574,11 +531,12 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
     (``tcp_rack_detect_loss``) alongside RFC 6675's IsLost.
     """
     cc = sk.cc
+    assert cc is not None  # every caller checked: a synchronized socket
     mss = sk.mss_cache
     una = sk.snd_una
     rack = sk.sack_ok
     if rack:
-        tcp_rack_advance(sk, (una - acked) & MASK, now)
+        tcp_recovery.tcp_rack_advance(sk, (una - acked) & MASK, now)
     if sk.in_loss:
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
@@ -597,10 +555,10 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         if sk.sacked:
             _mark_lost(sk, _lost_boundary(sk))
         if rack:
-            lost_to = tcp_rack_detect_loss(sh, sk, now)
+            lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
             if lost_to is not None:
                 _mark_lost(sk, lost_to)
-        tcp_write_xmit(sh, sk, now)
+        tcp_output.tcp_write_xmit(sh, sk, now)
         return
     if sk.in_recovery:
         if acked and ((una - sk.recover) & MASK) < HALF:
@@ -619,7 +577,7 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
             return
         if rack:
             _mark_lost(sk, _lost_boundary(sk))
-            lost_to = tcp_rack_detect_loss(sh, sk, now)
+            lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
             if lost_to is not None:
                 _mark_lost(sk, lost_to)
         else:
@@ -636,7 +594,7 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         if acked and ((sk.retrans_hi - una) & MASK) & HALF:
             sk.retrans_hi = una
         _prr_update(sk, delivered)
-        tcp_write_xmit(sh, sk, now)
+        tcp_output.tcp_write_xmit(sh, sk, now)
         return
     # Open / Disorder.
     if acked:
@@ -648,7 +606,7 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
     enter = False
     if sk.dupacks:
         in_flight = ((sk.snd_max - una) & MASK) / mss
-        dupthresh = DUPTHRESH
+        dupthresh = TCP_FASTRETRANS_THRESH
         if in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - una) & MASK):
             # RFC 5827 early retransmit: with fewer than 4 segments outstanding and
             # nothing new to send, three dup ACKs can never come.
@@ -659,7 +617,7 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         # RFC 8985 §6.2: data sent before the latest-sent delivered segment, and
         # not delivered within a reordering window of it, is lost; the REO
         # timer covers what is still inside its window.
-        lost_to = tcp_rack_detect_loss(sh, sk, now)
+        lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
         if not enter:
             # RFC 6675 §5: IsLost(HighACK + 1) also starts recovery.
             enter = lost_to is not None or 0 < ((_lost_boundary(sk) - una) & MASK) < HALF
@@ -668,259 +626,7 @@ def tcp_fastretrans_alert(sh: Any, sk: TcpSock, acked: int, delivered: int, dup:
         return
     if dup:
         # RFC 3042 limited transmit: each of the first two dup ACKs may send new data.
-        tcp_write_xmit(sh, sk, now)
-
-
-def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
-    """[s, e) cumulatively acknowledged or inside one SACKed block."""
-    eo = (e - una) & MASK
-    if eo == 0 or eo & HALF:
-        return True
-    so = (s - una) & MASK
-    if so & HALF:
-        return False
-    for b in sk.sacked:
-        if ((b[0] - una) & MASK) <= so and eo <= ((b[1] - una) & MASK):
-            return True
-    return False
-
-
-# -- RACK: loss detection by transmission time (RFC 8985 §6.2; Linux tcp_recovery.c) --------
-#
-# RFC 6675 calls a hole lost when enough data *above it in sequence* was
-# SACKed.  RACK asks instead whether data *sent after it* was delivered: a
-# segment is lost once a segment transmitted later has been delivered and a
-# reordering window has passed since.  The difference matters for
-# retransmissions, which are sent after data above them: a lost retransmission
-# is found as soon as anything sent later (a later retransmission, new data)
-# arrives, instead of waiting for the RTO, and un-retransmitted data sent
-# before a delivered retransmission is found lost without DupThresh SACKs.
-#
-# Send times without per-segment state: original data leaves in sequence
-# order, so one (end, time) pair per transmission burst (``tx_log``, written
-# by ``tcp_output._write_new``) orders all of it; retransmissions are logged
-# with their time in ``rtx_log`` [start, end, SND.MAX then, time] (few, and
-# only during recovery).  Lost original data is a sequence prefix above
-# ``lost_hi``; lost retransmissions go to ``relost`` and are sent again first.
-
-def _tx_time(sk: TcpSock, seq: int) -> float:
-    """When the original transmission of the byte before ``seq`` left (-1: unknown)."""
-    log = sk.tx_log
-    top = sk.snd_max
-    want = (top - seq) & MASK  # distances back from SND.MAX: older is larger
-    t = -1.0
-    for i in range(len(log) - 2, -1, -2):
-        if ((top - log[i]) & MASK) > want:
-            break
-        t = log[i + 1]
-    return t
-
-
-def _rack_update(sk: TcpSock, t: float, end: int, now: float) -> None:
-    """RFC 8985 §6.2 step 2: remember the latest-sent delivered data (RACK_sent_after)."""
-    x = sk.rack_xmit
-    if t > x or (t == x and 0 < ((end - sk.rack_end) & MASK) < HALF):
-        sk.rack_xmit = t
-        sk.rack_end = end
-        sk.rack_rtt = now - t
-
-
-def _rack_fack(sk: TcpSock) -> int:
-    """RACK.fack: the highest sequence delivered, never behind SND.UNA."""
-    una = sk.snd_una
-    f = sk.rack_fack
-    if 0 < ((f - una) & MASK) <= ((sk.snd_max - una) & MASK):
-        return f
-    return una
-
-
-def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
-    """RFC 8985 §6.2 steps 1-2 for one ACK (Linux ``tcp_rack_advance``).
-
-    Original data: the highest byte delivered was sent last (its original
-    send time is a lower bound if it was retransmitted too, so never too
-    eager).  Retransmissions delivered by now leave ``rtx_log``; one delivered
-    sooner than min_RTT after it was sent cannot be what arrived (the original
-    did), so its time is not used (RFC 8985 step 2, ambiguity).
-    """
-    una = sk.snd_una
-    top = sk.sacked[-1][1] if sk.sacked else una
-    if top != prior_una:
-        t = _tx_time(sk, top)
-        if t >= 0:
-            _rack_update(sk, t, top, now)
-    log = sk.rtx_log
-    if log:
-        min_rtt = sk.cc.min_rtt or sk.srtt  # before any sample: the handshake's RTT
-        keep = []
-        for ent in log:
-            if _delivered(sk, una, ent[0], ent[1]):
-                if now - ent[3] >= min_rtt:
-                    _rack_update(sk, ent[3], ent[1], now)
-            else:
-                keep.append(ent)
-        if len(keep) != len(log):
-            sk.rtx_log = keep
-    f = _rack_fack(sk)
-    if 0 < ((top - f) & MASK) < HALF:
-        sk.rack_fack = top
-    elif f == una:
-        sk.rack_fack = una
-
-
-def _rack_reo_wnd(sk: TcpSock) -> float:
-    """RFC 8985 §6.2.4 (Linux ``tcp_rack_reo_wnd``): until reordering has been
-    seen, none in recovery or once DupThresh segments are SACKed; otherwise
-    min(reo_wnd_mult * min_RTT / 4, SRTT)."""
-    if not sk.reord_seen and (sk.in_recovery or sk.in_loss
-                              or sk.sacked_bytes >= DUPTHRESH * sk.mss_cache):
-        return 0.0
-    reo = sk.reo_wnd_mult * (sk.cc.min_rtt or sk.srtt) / 4
-    if sk.srtt and reo > sk.srtt:
-        reo = sk.srtt
-    return reo
-
-
-#: Float slack when comparing times that were computed by different sums.
-_RACK_EPS = 1e-9
-
-
-def tcp_rack_detect_loss(sh: Any, sk: TcpSock, now: float) -> int | None:
-    """RFC 8985 §6.2 step 5 (Linux ``tcp_rack_detect_loss``): whatever was sent
-    before RACK.segment and has waited RACK.rtt + reo_wnd since it left is lost.
-
-    Lost retransmissions move from ``rtx_log`` to ``relost``; for original data
-    the new lost boundary is returned (None: nothing newly lost).  The REO
-    timer is armed for the latest-sent data still inside its window (RFC 8985:
-    the maximum remaining time), or cancelled.
-    """
-    xmit = sk.rack_xmit
-    if xmit < 0:
-        return None
-    wait = sk.rack_rtt + _rack_reo_wnd(sk) - now  # lost once send time + wait <= 0
-    rack_end = sk.rack_end
-    una = sk.snd_una
-    timeout = 0.0
-    log = sk.rtx_log
-    if log and (sk.in_recovery or sk.in_loss):
-        keep = []
-        relost = []
-        for ent in log:
-            t = ent[3]
-            if t < xmit or (t == xmit and 0 < ((rack_end - ent[1]) & MASK) < HALF):
-                left = t + wait
-                if left <= _RACK_EPS:
-                    relost.append([ent[0], ent[1]])
-                    continue
-                if left > timeout:
-                    timeout = left
-            keep.append(ent)
-        if relost:
-            sk.rtx_log = keep
-            sk.relost.extend(relost)
-            sh.stats.lost_retransmits += len(relost)
-    lost = (sk.lost_hi - una) & MASK
-    if lost > ((sk.snd_max - una) & MASK):
-        lost = 0  # behind SND.UNA (or never set): nothing marked yet
-    start = lost
-    tx = sk.tx_log
-    rack_off = (rack_end - una) & MASK
-    prev = 0  # where the burst begins (offset from SND.UNA)
-    for i in range(0, len(tx), 2):
-        end = (tx[i] - una) & MASK
-        if end & HALF or end <= lost:
-            prev = 0 if end & HALF else end
-            continue  # acknowledged, or already lost
-        t = tx[i + 1]
-        if t > xmit:
-            break
-        if t == xmit:  # RACK.segment's own burst: by sequence up to it
-            if rack_off & HALF or rack_off <= lost:
-                break
-            if rack_off < end:
-                end = rack_off
-        left = t + wait
-        if left <= _RACK_EPS:
-            lost = end  # bursts leave in time order: every earlier one is lost too
-        elif left > timeout and _unsacked_in(sk, prev if prev > lost else lost, end):
-            timeout = left
-        if t == xmit:
-            break
-        prev = end
-    if timeout > 0:
-        sh.timers.arm(sk, _REO, now + timeout)
-    else:
-        sk.timers[_REO] = None
-    if lost > start and _unsacked_in(sk, start, lost):
-        return (una + lost) & MASK
-    return None
-
-
-def _unsacked_in(sk: TcpSock, lo: int, hi: int) -> bool:
-    """Is any byte of [lo, hi) (offsets from SND.UNA) not SACKed?"""
-    una = sk.snd_una
-    for b in sk.sacked:
-        a = (b[0] - una) & MASK
-        if a > lo:
-            break
-        e = (b[1] - una) & MASK
-        if e > lo:
-            lo = e
-    return lo < hi
-
-
-def tcp_rack_reo_timeout(sh: Any, sk: TcpSock, now: float) -> None:
-    """The reordering window of data sent before RACK.segment passed: run RACK's
-    loss detection again and repair what it finds (Linux ``tcp_rack_reo_timeout``)."""
-    if (sk.cc is None or not sk.sack_ok or sk.snd_una == sk.snd_max
-            or not (sk.sacked or sk.rtx_log)
-            or sk.state not in _DATA_STATES + (_CLOSE_WAIT, _CLOSING, _LAST_ACK)):
-        return
-    relost = len(sk.relost)
-    lost_to = tcp_rack_detect_loss(sh, sk, now)
-    if not sk.in_recovery and not sk.in_loss:
-        if lost_to is None:
-            return
-        sh.stats.rack_reo_timeouts += 1
-        # Linux tcp_rack_reo_timeout counts one segment delivered for PRR here.
-        tcp_enter_recovery(sh, sk, now, lost_to, delivered=sk.mss_cache)
-        return
-    if lost_to is None and len(sk.relost) == relost:
-        return
-    sh.stats.rack_reo_timeouts += 1
-    if lost_to is not None:
-        _mark_lost(sk, lost_to)
-    if sk.in_recovery:
-        _prr_update(sk, 0)
-    tcp_write_xmit(sh, sk, now)
-
-
-def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: Any) -> bool:
-    """RFC 8985 §6.2 step 3: data never retransmitted, newly delivered below
-    RACK.fack, arrived out of order.  ``lo``/``hi`` bound what this ACK
-    delivered (offsets from SND.UNA); ``old`` are the SACKed offsets before it.
-    True (and RACK.reordering_seen set) when it did."""
-    una = sk.snd_una
-    fack = (_rack_fack(sk) - una) & MASK
-    if sk.in_recovery or sk.in_loss:
-        rtx = (sk.retrans_hi - una) & MASK  # below it: retransmitted this episode
-        if rtx & HALF:
-            rtx = 0
-        if lo < rtx:
-            lo = rtx
-    if hi > fack:
-        hi = fack
-    if lo >= hi:
-        return False
-    n = hi - lo
-    for a, b in old:
-        if b <= lo or a >= hi:
-            continue
-        n -= (b if b < hi else hi) - (a if a > lo else lo)
-    if n > 0:
-        sk.reord_seen = True
-        return True
-    return False
+        tcp_output.tcp_write_xmit(sh, sk, now)
 
 
 def _reno_add_sack(sk: TcpSock) -> None:
@@ -931,7 +637,7 @@ def _reno_add_sack(sk: TcpSock) -> None:
     sk.reno_sacked = n if n < room else max(room, 0)
 
 
-def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = None,
+def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None = None,
                        delivered: int = 0) -> None:
     """Fast retransmit + fast recovery (RFC 6675 §5 steps 4.1-4.3, RFC 6937 init).
 
@@ -946,7 +652,9 @@ def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = N
     una = sk.snd_una
     mss = sk.mss_cache
     flight = (sk.snd_max - una) & MASK
-    sk.cc.on_loss(now, flight / mss)
+    cc = sk.cc
+    assert cc is not None  # dup ACKs or RACK: synchronized
+    cc.on_loss(now, flight / mss)
     sk.in_recovery = True
     if sk.retrans_stamp is None:
         sk.retrans_stamp = now  # the fast retransmission below starts the episode
@@ -981,7 +689,7 @@ def tcp_enter_recovery(sh: Any, sk: TcpSock, now: float, lost_to: int | None = N
     _prr_update(sk, delivered)
     if sk.prr_quota <= 0:
         sk.prr_quota = mss  # RFC 6937 §3.1: the fast retransmit itself always goes
-    tcp_write_xmit(sh, sk, now)
+    tcp_output.tcp_write_xmit(sh, sk, now)
 
 
 def _prr_update(sk: TcpSock, delivered: int) -> None:
@@ -992,6 +700,7 @@ def _prr_update(sk: TcpSock, delivered: int) -> None:
     more than one segment beyond what was delivered (PRR-SSRB).
     """
     cc = sk.cc
+    assert cc is not None  # in recovery or Loss: synchronized
     mss = sk.mss_cache
     if delivered > 0:
         sk.prr_delivered += delivered
@@ -1012,7 +721,7 @@ def _prr_update(sk: TcpSock, delivered: int) -> None:
 
 # -- receiving data (RFC 9293 §3.10.7.4 "seventh, process the segment text") ---------------
 
-def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """Queue in-order data, keep out-of-order data for later, handle the FIN."""
     if sh.tracing:
         sh.tr("tcp_data_queue")
@@ -1031,7 +740,7 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
             # Starts before RCV.NXT: a retransmission overlapping what we have.
             behind = (rcv_nxt - seq) & MASK
             if behind >= n and not (fin and behind == n):
-                sh.stats.drop("TCP_OLD_DATA")
+                sh.stats.drop(DropReason.TCP_OLD_DATA)
                 sk.ack_now = True  # RFC 9293: ACK a duplicate so the peer resyncs
                 if n:
                     _dsack_set(sh, sk, seq, (seq + n) & MASK)
@@ -1048,11 +757,11 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     rwin = (sk.rcv_wup + sk.rcv_wnd - rcv_nxt) & MASK
     if n and (rwin == 0 or rwin & HALF):
         # Linux tcp_data_queue: zero window, in-order data is dropped and ACKed.
-        sh.stats.drop("TCP_ZEROWINDOW")
+        sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         sk.ack_now = True
         return
     if n and not _rmem_ok(sk, n):
-        sh.stats.drop("PROTO_MEM")
+        sh.stats.drop(DropReason.PROTO_MEM)
         sk.ack_now = True
         return
     if n:
@@ -1071,7 +780,7 @@ def tcp_data_queue(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     if fin and not sk.fin_rcvd:
         tcp_fin(sh, sk, now)
     if sk.rcvq_len or sk.fin_rcvd:
-        emit_readable(sh, sk)
+        tcp.emit_readable(sh, sk)
 
 
 def _rmem_ok(sk: TcpSock, n: int) -> bool:
@@ -1087,7 +796,8 @@ def _rmem_ok(sk: TcpSock, n: int) -> bool:
     return sk.rcvq_len + sk.ofo_len + n <= limit
 
 
-def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float) -> None:
+def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin: int,
+                now: float) -> None:
     """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``).
 
     ``sk.ofo`` holds disjoint ``[start, end, bytes]`` ranges sorted by offset
@@ -1099,10 +809,10 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     lo_off = (seq - sk.rcv_nxt) & MASK
     sk.ack_now = True  # RFC 5681 §4.2: ACK out-of-order data at once (dup ACK + SACK)
     if lo_off >= rwin or rwin & HALF:
-        sh.stats.drop("TCP_ZEROWINDOW")
+        sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         return
     if not _rmem_ok(sk, n):
-        sh.stats.drop("PROTO_MEM")
+        sh.stats.drop(DropReason.PROTO_MEM)
         return
     sk.rcv_ooopack += _segs(n, sk.mss_cache)  # Linux tcp_data_queue_ofo (gso_segs)
     hi_off = lo_off + n
@@ -1138,7 +848,7 @@ def _ofo_insert(sh: Any, sk: TcpSock, seq: int, data: Any, fin: int, now: float)
     sh.stats.ofo_queued += 1
 
 
-def _dsack_set(sh: Any, sk: TcpSock, start: int, end: int) -> None:
+def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
     """Report a duplicate segment in the next ACK's first SACK block (RFC 2883 §4,
     Linux ``tcp_dsack_set``)."""
     if sk.sack_ok:
@@ -1178,23 +888,23 @@ def _ofo_drain(sk: TcpSock) -> int:
     return 0
 
 
-def tcp_fin(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> None:
     """The peer's FIN, in order (RFC 9293 §3.10.7.4 "eighth, check the FIN bit")."""
     sk.rcv_nxt = (sk.rcv_nxt + 1) & MASK
     sk.fin_rcvd = True
     sk.ack_now = True
     st = sk.state
     if st in (_ESTABLISHED, _SYN_RECV):
-        sk.state = _CLOSE_WAIT
+        tcp.tcp_set_state(sh, sk, _CLOSE_WAIT)
     elif st is _FIN_WAIT1:
-        sk.state = _CLOSING
+        tcp.tcp_set_state(sh, sk, _CLOSING)
     elif st is _FIN_WAIT2:
-        tcp_send_ack(sh, sk, now)
-        _tcp_time_wait(sh, sk, now)
-    emit_readable(sh, sk)
+        tcp_output.tcp_send_ack(sh, sk, now)
+        tcp_minisocks.tcp_time_wait(sh, sk, now)
+    tcp.emit_readable(sh, sk)
 
 
-def tcp_ack_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_ack_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
     """ACK now or arm the delayed-ACK timer (Linux ``__tcp_ack_snd_check``).
 
     ACK at once for out-of-order data, a FIN, quick-ack mode (connection
@@ -1205,25 +915,17 @@ def tcp_ack_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
         sh.tr("tcp_ack_snd_check")
     if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
         if sk.state is not _CLOSED and sk.state is not _TIME_WAIT:
-            tcp_send_ack(sh, sk, now)
+            tcp_output.tcp_send_ack(sh, sk, now)
         return
     if sk.unacked_rcv and sk.timers[_DELACK] is None:
         sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
 
 
-def tcp_data_snd_check(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_data_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_data_snd_check")
     if sk.sndq_len or (sk.shut_wr and not sk.fin_sent):
-        tcp_write_xmit(sh, sk, now)
-
-
-def _tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
-    """``tcp_minisocks.tcp_time_wait``, imported at first use (it imports this module)."""
-    global _tcp_time_wait
-    from .tcp_minisocks import tcp_time_wait
-    _tcp_time_wait = tcp_time_wait
-    tcp_time_wait(sh, sk, now)
+        tcp_output.tcp_write_xmit(sh, sk, now)
 
 
 # -- header prediction (Linux tcp_rcv_established's fast path) ---------------------------------
@@ -1272,15 +974,16 @@ def _tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
 HEADER_PREDICTION = True
 
 
-def tcp_rcv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+def tcp_rcv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """ESTABLISHED receive of a parsed segment: the slow path (Linux ``tcp_rcv_established``
     after header prediction failed); see :func:`tcp_rcv_established_fast`."""
     tcp_rcv_state_process(sh, sk, seg, now)
 
 
-def tcp_rcv_established_fast(sh: Any, sk: TcpSock, pkt: Any, off: int, end: int, seq: int,
-                             ack: int, window: int, tsval: int | None, tsecr: int,
-                             csum: int | None, now: float) -> bool:
+def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
+                             off: int, end: int, seq: int, ack: int, window: int,
+                             tsval: int | None, tsecr: int, csum: int | None,
+                             now: float) -> bool:
     """Header prediction for one segment of an ESTABLISHED socket; False (and no
     state touched) when it must take the slow path.  See the essay above.
 
@@ -1341,9 +1044,9 @@ def tcp_rcv_established_fast(sh: Any, sk: TcpSock, pkt: Any, off: int, end: int,
         sk.segs_in += 1  # tcp_segs_in (Linux counts in tcp_v4_rcv; here once predicted)
         _clean_rtx_queue(sh, sk, ack, tsecr, (), acked, now)
         if sk.sndq_len:
-            _write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery (predicted)
+            tcp_output._write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery (predicted)
         if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
-            tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
+            tcp_output.tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
         elif sk.unacked_rcv and sk.timers[_DELACK] is None:
             sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
         return True
@@ -1369,10 +1072,10 @@ def tcp_rcv_established_fast(sh: Any, sk: TcpSock, pkt: Any, off: int, end: int,
         sk.readable_signalled = True
         sh.events.append(Readable(sk.sd))
     if sk.sndq_len:
-        _write_new(sh, sk, now, -1)
+        tcp_output._write_new(sh, sk, now, -1)
         unacked = sk.unacked_rcv  # our data carried the ACK
     if sk.ack_now or unacked > rcv_mss:
-        tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
+        tcp_output.tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
     elif unacked:
         # __tcp_ack_snd_check: delay it (RFC 1122 §4.2.3.2); the heap is touched
         # only when no earlier entry is queued (TimerHeap.arm's rule).
@@ -1388,7 +1091,7 @@ def tcp_rcv_established_fast(sh: Any, sk: TcpSock, pkt: Any, off: int, end: int,
 
 # -- the slow path: RFC 9293 §3.10.7.4 in order --------------------------------------------
 
-def _disordered_ack(sk: TcpSock, seg: Any) -> bool:
+def _disordered_ack(sk: TcpSock, seg: TcpSegment, tsval: int) -> bool:
     """A reordered duplicate ACK is not an old duplicate (Linux ``tcp_disordered_ack``).
 
     Pure ACKs overtake each other on the way; PAWS would discard the late one
@@ -1398,10 +1101,10 @@ def _disordered_ack(sk: TcpSock, seg: Any) -> bool:
     """
     return (not seg.payload and not seg.flags & (SYN | FIN) and seg.seq == sk.rcv_nxt
             and seg.ack == sk.snd_una and seg.window << sk.snd_wscale == sk.snd_wnd
-            and ((sk.ts_recent - seg.options.ts[0]) & MASK) <= sk.rto * 1000)
+            and ((sk.ts_recent - tsval) & MASK) <= sk.rto * 1000)
 
 
-def _oow_ack_allowed(sk: TcpSock, seg: Any, ahead: int) -> bool:
+def _oow_ack_allowed(sk: TcpSock, seg: TcpSegment, ahead: int) -> bool:
     """May the ACK of a segment that starts ``ahead`` bytes past RCV.NXT, beyond
     our window, still be used?
 
@@ -1425,7 +1128,8 @@ def _oow_ack_allowed(sk: TcpSock, seg: Any, ahead: int) -> bool:
             or bool(sk.sack_ok and seg.options.sack_blocks))
 
 
-def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
+def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
+                          now: float) -> TcpSegment | None:
     """Steps 1-4 of SEGMENT ARRIVES for synchronized states.
 
     Returns the segment to go on with, or None when it was dropped.  A
@@ -1439,8 +1143,8 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
     # PAWS (RFC 7323 §5.3): a timestamp older than TS.Recent marks an old duplicate.
     if (sk.ts_ok and ts is not None and not flags & RST
             and ((ts[0] - sk.ts_recent) & MASK) & HALF
-            and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg)):
-        sh.stats.drop("TCP_PAWS")
+            and now - sk.ts_recent_stamp < PAWS_24DAYS and not _disordered_ack(sk, seg, ts[0])):
+        sh.stats.drop(DropReason.TCP_PAWS)
         _send_oow_ack(sh, sk, now)
         return None
     # Step 1: sequence number (Linux tcp_sequence: overlaps the window at all).
@@ -1457,12 +1161,12 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
             # accept valid ACKs" when the text cannot be.  The text (and FIN)
             # is dropped and answered; the ACK and window go on to step 5.
             if n:
-                sh.stats.drop("TCP_INVALID_SEQUENCE")
+                sh.stats.drop(DropReason.TCP_INVALID_SEQUENCE)
                 sk.ack_now = True  # a data segment cannot start an ACK loop
             else:
                 _send_oow_ack(sh, sk, now)
             sh.stats.oow_acks_accepted += 1
-            return seg._replace(payload=b"", flags=flags & ~FIN)
+            return seg._replace(payload=_NO_DATA, flags=flags & ~FIN)
         if not flags & RST:
             if seg.payload and not flags & SYN and ((end - sk.rcv_nxt) & MASK) & HALF:
                 # A retransmission of data we have: the peer lost our ACK.  Data
@@ -1470,18 +1174,18 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
                 # tcp_oow_rate_limited exempts them) and name it with a D-SACK
                 # (RFC 2883 §4.1.1; Linux tcp_send_dupack).
                 _dsack_set(sh, sk, seq, end)
-                tcp_send_ack(sh, sk, now)
+                tcp_output.tcp_send_ack(sh, sk, now)
             else:
                 _send_oow_ack(sh, sk, now)
-        sh.stats.drop("TCP_INVALID_SEQUENCE")
+        sh.stats.drop(DropReason.TCP_INVALID_SEQUENCE)
         return None
     # Step 2: RST (RFC 5961 §3.2): exact match resets, in-window gets a challenge ACK.
     if flags & RST:
         if seq == sk.rcv_nxt:
-            sh.stats.drop("TCP_RESET")
-            tcp_reset(sh, sk)
+            sh.stats.drop(DropReason.TCP_RESET)
+            tcp.tcp_reset(sh, sk)
         else:
-            sh.stats.drop("TCP_RFC5961_RST")
+            sh.stats.drop(DropReason.TCP_RFC5961_RST)
             tcp_send_challenge_ack(sh, sk, now)
         return None
     # Timestamps: remember the peer's clock (RFC 7323 §4.3).
@@ -1495,13 +1199,13 @@ def tcp_validate_incoming(sh: Any, sk: TcpSock, seg: Any, now: float) -> Any:
         if (sk.state is _SYN_RECV and flags & ACK and seq == sk.irs
                 and seg.ack == sk.snd_nxt):
             return seg
-        sh.stats.drop("TCP_INVALID_SYN")
+        sh.stats.drop(DropReason.TCP_INVALID_SYN)
         tcp_send_challenge_ack(sh, sk, now)
         return None
     return seg
 
 
-def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """SEGMENT ARRIVES for every state but LISTEN and TIME-WAIT (RFC 9293 §3.10.7)."""
     if sh.tracing:
         sh.tr("tcp_rcv_state_process")
@@ -1510,22 +1214,23 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         tcp_rcv_synsent_state_process(sh, sk, seg, now)
         return
     if st is _CLOSED:
-        sh.stats.drop("TCP_CLOSE")
+        sh.stats.drop(DropReason.TCP_CLOSE)
         return
-    seg = tcp_validate_incoming(sh, sk, seg, now)
-    if seg is None:
+    checked = tcp_validate_incoming(sh, sk, seg, now)
+    if checked is None:
         return
+    seg = checked
     sk.rcv_tstamp = now
     flags = seg.flags
     if not flags & ACK:
-        sh.stats.drop("TCP_FLAGS_NOACK")
+        sh.stats.drop(DropReason.TCP_FLAGS_NOACK)
         return
     if st is _SYN_RECV:
         ack = seg.ack
         if ((ack - sk.iss - 1) & MASK) > ((sk.snd_nxt - sk.iss - 1) & MASK):
             # RFC 9293 §3.10.7.4: unacceptable ACK in SYN-RECEIVED -> RST.
-            tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
-            sh.stats.drop("TCP_ACK_UNSENT_DATA")
+            tcp_output.tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
+            sh.stats.drop(DropReason.TCP_ACK_UNSENT_DATA)
             return
     if not tcp_ack(sh, sk, seg, now):
         return
@@ -1534,26 +1239,25 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
         st = sk.state
     fin_acked = sk.fin_sent and sk.snd_una == ((sk.fin_seq + 1) & MASK)
     if st is _FIN_WAIT1 and fin_acked:
-        sk.state = st = _FIN_WAIT2
+        tcp.tcp_set_state(sh, sk, _FIN_WAIT2)
+        st = _FIN_WAIT2
         if sk.orphan:
             if sk.linger2 < 0:
-                tcp_done(sh, sk)  # TCP_LINGER2 < 0: no FIN-WAIT-2 wait (Linux TCPAbortOnData)
+                tcp.tcp_done(sh, sk)  # TCP_LINGER2 < 0: no FIN-WAIT-2 wait (Linux TCPAbortOnData)
                 return
-            sh.timers.arm(sk, _KEEPALIVE, now + tcp_fin_time(sk))
+            sh.timers.arm(sk, _KEEPALIVE, now + tcp.tcp_fin_time(sk))
     elif st is _CLOSING and fin_acked:
-        _tcp_time_wait(sh, sk, now)
+        tcp_minisocks.tcp_time_wait(sh, sk, now)
         return
     elif st is _LAST_ACK and fin_acked:
-        tcp_done(sh, sk)
+        tcp.tcp_done(sh, sk)
         return
-    if sh.tracing:
-        sh.tr("tcp_urg")
     if st in _DATA_STATES:
         if sk.orphan and st is not _ESTABLISHED and seg.payload and \
                 0 < ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) < HALF:
             # Linux: new data for a socket nobody will read after close() -> RST.
-            tcp_send_active_reset(sh, sk, now)
-            tcp_done(sh, sk)
+            tcp_output.tcp_send_active_reset(sh, sk, now)
+            tcp.tcp_done(sh, sk)
             return
         tcp_data_queue(sh, sk, seg, now)
     elif flags & FIN or seg.payload:
@@ -1564,44 +1268,48 @@ def tcp_rcv_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
     tcp_ack_snd_check(sh, sk, now)
 
 
-def tcp_synrecv_established(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+def tcp_synrecv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (Linux ``tcp_rcv_state_process``)."""
+    tcp_init_transfer(sh, sk, now)
+    tcp.tcp_set_state(sh, sk, _ESTABLISHED)
     if sh.tracing:
-        for name in ("inet_sk_rebuild_header", "tcp_init_congestion_control", "bictcp_init",
-                     "tcp_mtup_init", "tcp_init_buffer_space", "tcp_fixup_rcvbuf",
-                     "tcp_sndbuf_expand", "tcp_full_space"):
-            if sh.tracing:
-                sh.tr(name)
-    sk.state = _ESTABLISHED
+        sh.tr("sock_def_wakeup")
+    if sk.parent is None and not sk.orphan:
+        sh.events.append(Connected(sk.sd))  # simultaneous open completes like a connect()
     sk.delivered += 1  # the SYN-ACK: tcp_ack does not see it (Linux tcp_rcv_state_process)
     sk.snd_wnd = seg.window << sk.snd_wscale
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = seg.ack
     if sk.snd_wnd > sk.max_window:
         sk.max_window = sk.snd_wnd
-    tcp_init_transfer(sh, sk, now)
     sk.timers[_RETRANSMIT] = None
     sk.retrans_stamp = None
+    tcp_initialize_rcv_mss(sh, sk)
+
+
+def tcp_init_transfer(sh: Shard, sk: TcpSock, now: float) -> None:
+    """Congestion control and keepalive at the start of ESTABLISHED (Linux
+    ``tcp_init_transfer``)."""
     if sh.tracing:
-        sh.tr("sock_def_wakeup")
-        sh.tr("tcp_init_metrics")
-        sh.tr("tcp_update_pacing_rate")
-        sh.tr("tcp_initialize_rcv_mss")
-        sh.tr("tcp_fast_path_on")
-    if sk.parent is None and not sk.orphan:
-        sh.events.append(Connected(sk.sd))  # simultaneous open completes like a connect()
-
-
-def tcp_init_transfer(sh: Any, sk: TcpSock, now: float) -> None:
-    """Congestion control and keepalive at the start of ESTABLISHED."""
-    sk.cc = sh.new_cc(sk)
-    sk.cc.init(sk.mss_cache, now)
+        sh.tr("tcp_init_congestion_control")
+    cc = sk.cc = sh.new_cc(sk)
+    if sh.tracing and cc.name == "cubic":
+        sh.tr("bictcp_init")  # the algorithm's own init (tcp_cubic; Reno has none)
+    cc.init(sk.mss_cache, now)
     sk.rcv_tstamp = now
     if sk.keepalive:
         sh.timers.arm(sk, _KEEPALIVE, now + sk.keepidle)
 
 
-def tcp_rcv_synsent_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) -> None:
+def tcp_initialize_rcv_mss(sh: Shard, sk: TcpSock) -> None:
+    """First guess of the peer's segment size, for delayed ACKs: our send MSS,
+    at most 536 (Linux ``tcp_initialize_rcv_mss``)."""
+    if sh.tracing:
+        sh.tr("tcp_initialize_rcv_mss")
+    sk.rcv_mss = min(sk.mss_cache, 536)
+
+
+def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """SYN-SENT (RFC 9293 §3.10.7.3), including simultaneous open."""
     if sh.tracing:
         sh.tr("tcp_rcv_synsent_state_process")
@@ -1610,18 +1318,18 @@ def tcp_rcv_synsent_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) ->
         ack = seg.ack
         if ((ack - sk.iss) & MASK) - 1 >= ((sk.snd_max - sk.iss) & MASK):
             # ACK outside (ISS, SND.NXT]: RST unless it is one (RFC 9293 §3.10.7.3 first).
-            sh.stats.drop("TCP_SYNSENT_BAD")
-            tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
+            sh.stats.drop(DropReason.TCP_SYNSENT_BAD)
+            tcp_output.tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
             return
     if flags & RST:
         if flags & ACK:
-            sh.stats.drop("TCP_RESET")
-            tcp_reset(sh, sk)  # ECONNREFUSED
+            sh.stats.drop(DropReason.TCP_RESET)
+            tcp.tcp_reset(sh, sk)  # ECONNREFUSED
         else:
-            sh.stats.drop("TCP_SYNSENT_BAD")
+            sh.stats.drop(DropReason.TCP_SYNSENT_BAD)
         return
     if not flags & SYN:
-        sh.stats.drop("TCP_SYNSENT_BAD")
+        sh.stats.drop(DropReason.TCP_SYNSENT_BAD)
         return
     _syn_options(sh, sk, seg.options, now)
     sk.irs = seg.seq
@@ -1639,42 +1347,44 @@ def tcp_rcv_synsent_state_process(sh: Any, sk: TcpSock, seg: Any, now: float) ->
         tcp_finish_connect(sh, sk, now)
         if seg.payload or flags & FIN:
             tcp_data_queue(sh, sk, seg, now)
-        tcp_send_ack(sh, sk, now)
+        tcp_output.tcp_send_ack(sh, sk, now)
         tcp_data_snd_check(sh, sk, now)
         return
     # Simultaneous open (RFC 9293 §3.5 figure 8): SYN-RECEIVED, answer SYN-ACK.
-    sk.state = _SYN_RECV
+    tcp.tcp_set_state(sh, sk, _SYN_RECV)
     sk.snd_wnd = seg.window
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = sk.iss
-    tcp_send_synack_sock(sh, sk, now)
+    tcp_output.tcp_send_synack_sock(sh, sk, now)
 
 
-def _syn_options(sh: Any, sk: TcpSock, opts: Any, now: float) -> None:
+def _syn_options(sh: Shard, sk: TcpSock, opts: TcpOptions, now: float) -> None:
     """Negotiate from the peer's SYN options (Linux ``tcp_parse_options`` + ``tcp_sync_mss``)."""
     cfg = sh.cfg
     peer_mss = opts.mss or 536
     mss = min(peer_mss, sk.adv_mss)
-    sk.wscale_ok = cfg.window_scaling and opts.wscale is not None
-    if sk.wscale_ok:
-        sk.snd_wscale = opts.wscale
+    wscale = opts.wscale if cfg.window_scaling else None
+    sk.wscale_ok = wscale is not None
+    if wscale is not None:
+        sk.snd_wscale = wscale
     else:
         sk.snd_wscale = 0
         sk.rcv_wscale = 0
     sk.sack_ok = cfg.sack and opts.sack_perm
-    sk.ts_ok = cfg.timestamps and opts.ts is not None
-    if sk.ts_ok:
-        sk.ts_recent = opts.ts[0]
+    ts = opts.ts if cfg.timestamps else None
+    sk.ts_ok = ts is not None
+    if ts is not None:
+        sk.ts_recent = ts[0]
         sk.ts_recent_stamp = now
     sk.mss = mss
     sk.mss_cache = mss - (12 if sk.ts_ok else 0)
-    sk.rcv_mss = min(sk.mss_cache, 536)  # Linux tcp_initialize_rcv_mss
+    tcp_initialize_rcv_mss(sh, sk)
 
 
-def tcp_finish_connect(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_finish_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_finish_connect")
-    sk.state = _ESTABLISHED
+    tcp.tcp_set_state(sh, sk, _ESTABLISHED)
     sk.timers[_RETRANSMIT] = None
     sk.syn_retries = 0
     sk.retrans_stamp = None

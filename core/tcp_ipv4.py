@@ -25,43 +25,32 @@ import dataclasses
 import errno
 import hashlib
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Final
 
-from . import syncookies
-from . import tcp_input as _tcp_input
+from . import (
+    inet_connection_sock,
+    inet_hashtables,
+    request_sock,
+    syncookies,
+    tcp,
+    tcp_input,
+    tcp_minisocks,
+    tcp_output,
+)
+from .dropreason import WIRE_REASONS, DropReason
 from .events import Acceptable
 from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr, icmp_rcv
-from .inet_connection_sock import (
-    inet_csk_get_port,
-    inet_csk_reqsk_queue_is_full,
-    os_error,
-    sk_acceptq_is_full,
-)
-from .inet_hashtables import inet_ehash_insert, inet_hash_connect
-from .request_sock import inet_reqsk_alloc
-from .sock import State, TcpSock
-from .tcp_input import (
+from .tcp_h import (
+    MASK,
     TCP_TIMEOUT_INIT,
-    tcp_rcv_established,
-    tcp_rcv_established_fast,
-    tcp_rcv_state_process,
-    tcp_segs_in,
+    BytesLike,
+    RequestSock,
+    State,
+    TcpSegment,
+    TcpSock,
+    TimerKind,
+    os_error,
 )
-from .tcp_minisocks import (
-    TW_SYN,
-    tcp_check_req,
-    tcp_child_hash,
-    tcp_child_inherit_port,
-    tcp_create_openreq_child,
-    tcp_timewait_state_process,
-)
-from .tcp_output import (
-    tcp_make_synack,
-    tcp_send_reset,
-    tcp_send_syn,
-    tcp_xmit_retransmit_queue,
-)
-from .tcp_timer import TimerKind
 from .wire.checksum import verify_tcp_checksum
 from .wire.errors import WireError
 from .wire.icmp import (
@@ -75,6 +64,9 @@ from .wire.icmp import (
 from .wire.ipv4 import parse_ipv4
 from .wire.tcp import ACK, RST, SYN, parse_tcp
 
+if TYPE_CHECKING:
+    from .shard import Shard
+
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
 # (EnumType attribute access) on paths run once per segment.
 _CLOSED = State.CLOSED
@@ -84,12 +76,12 @@ __all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_re
            "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window", "tcp_v4_err",
            "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect"]
 
-MASK = 0xFFFFFFFF
 _TUPLE = struct.Struct("!IHIH")
-_ESTABLISHED = State.ESTABLISHED
-_NEW_SYN_RECV = State.NEW_SYN_RECV
+# Final: the type checker reads ``sk.state is _ESTABLISHED`` as "not a RequestSock"
+# (whose state is always NEW-SYN-RECV).
+_ESTABLISHED: Final = State.ESTABLISHED
 _TIME_WAIT = State.TIME_WAIT
-_IP_REASONS = {"checksum": "IP_CSUM", "fragment": "IP_FRAGMENT"}
+_IP_REASONS = WIRE_REASONS["ip"]
 # Header prediction reads the raw headers itself (Linux compares raw header
 # words too): IPv4 without options, the fixed TCP header and the aligned
 # timestamp option (NOP, NOP, kind 8, length 10 and the two values) that
@@ -100,9 +92,7 @@ _unpack_hp = struct.Struct("!BBHHHBBHIIHHIIHHHHIII").unpack_from
 _unpack_hp40 = struct.Struct("!BBHHHBBHIIHHIIHHHH").unpack_from  # shorter than 52 bytes
 _NO_TS = (0, 0, 0)
 _TS_WORD = 0x0101080A
-_tcp_rcv_established_fast = tcp_rcv_established_fast
-_UNKNOWN = object()
-_TCP_REASONS = {"bad_flags": "TCP_FLAGS", "option_len": "TCP_OPTIONS"}
+_TCP_REASONS = WIRE_REASONS["tcp"]
 
 
 def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
@@ -135,7 +125,8 @@ def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
 
 # -- receive ------------------------------------------------------------------------------
 
-def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
+def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
+               csum_ok: bool) -> None:
     """One inbound IPv4 packet (Linux ``ip_local_deliver`` + ``tcp_v4_rcv``); never raises.
 
     First header prediction (``tcp_input`` "header prediction"): a packet laid
@@ -148,11 +139,12 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
     """
     stats = sh.stats
     n = len(pkt)
-    hit: Any = _UNKNOWN  # the ehash lookup's answer, once made
+    looked_up = False  # header prediction made the ehash lookup already
+    hit: TcpSock | RequestSock | None = None
     # Two byte reads first (IPv4 without options; then the TCP flags byte: ACK
     # and at most PSH), so SYNs, FINs and RSTs are not unpacked twice.
     if (n >= 40 and pkt[0] == 0x45 and pkt[33] & 0xF7 == 0x10 and not sh.tracing
-            and _tcp_input.HEADER_PREDICTION):
+            and tcp_input.HEADER_PREDICTION):
         (vihl, tos, total, ident, frag, ttl, proto, ipsum, src, dst, sport, dport, seq, ack,
          offflags, window, tsum, urg, tsword, tsval, tsecr) = (
             _unpack_hp(pkt) if n >= 52 else _unpack_hp40(pkt) + _NO_TS)
@@ -160,6 +152,7 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
         if (proto == 6 and (hp == 0x8010 or hp == 0x5010) and not frag & 0x3FFF
                 and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))  # dst is ours if this hits
+            looked_up = True
             if (sk is not None and sk.state is _ESTABLISHED
                     and not (0x4506 + tos + total + ident + frag + (ttl << 8) + ipsum + src
                              + dst) % 0xFFFF):
@@ -179,14 +172,14 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
                                 + offflags + window + tsum + urg)
                         if tsval is not None:
                             csum += _TS_WORD + tsval + tsecr
-                    if _tcp_rcv_established_fast(sh, sk, pkt, off, total, seq, ack, window,
+                    if tcp_input.tcp_rcv_established_fast(sh, sk, pkt, off, total, seq, ack, window,
                                                  tsval, tsecr, csum, now):
                         stats.segs_in += 1
                         return
     try:
         ip, payload = parse_ipv4(pkt)
     except WireError as e:
-        stats.drop(_IP_REASONS.get(e.reason, "IP_HDR"))
+        stats.drop(_IP_REASONS.get(e.reason, DropReason.IP_HDR))
         return
     if ip.proto != 6:
         if ip.proto == 1 and ip.dst in sh.addr_set:
@@ -195,41 +188,40 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
             if err is not None:
                 tcp_v4_err(sh, err, now)
             return
-        stats.drop("NOT_TCP")
+        stats.drop(DropReason.NOT_TCP)
         return
     src = ip.src
     dst = ip.dst
     if dst not in sh.addr_set:
-        stats.drop("IP_OTHERHOST")
+        stats.drop(DropReason.IP_OTHERHOST)
         return
     if not csum_ok and not verify_tcp_checksum(src, dst, payload):
-        stats.drop("TCP_CSUM")
+        stats.drop(DropReason.TCP_CSUM)
         return
     try:
         seg = parse_tcp(payload)
     except WireError as e:
-        stats.drop(_TCP_REASONS.get(e.reason, "TCP_HDR"))
+        stats.drop(_TCP_REASONS.get(e.reason, DropReason.TCP_HDR))
         return
     stats.segs_in += 1
-    sk = sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port)) if hit is _UNKNOWN else hit
+    sk = hit if looked_up else sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port))
     if sh.tracing:
         sh.tr("tcp_v4_rcv")
         sh.tr("__inet_lookup_skb")
         sh.tr("__inet_lookup")
         sh.tr("__inet_lookup_established")
     if sk is not None:
-        st = sk.state
-        if st is _ESTABLISHED:
-            tcp_segs_in(sk, len(seg.payload))
-            tcp_rcv_established(sh, sk, seg, now)
+        if sk.state is _ESTABLISHED:
+            tcp_input.tcp_segs_in(sk, len(seg.payload))
+            tcp_input.tcp_rcv_established(sh, sk, seg, now)
             return
-        if st is _NEW_SYN_RECV:
-            child = tcp_check_req(sh, sk, seg, now)
+        if isinstance(sk, RequestSock):  # NEW-SYN-RECV
+            child = tcp_minisocks.tcp_check_req(sh, sk, seg, now)
             if child is not None:
                 tcp_child_process(sh, sk.listener, child, seg, now)
             return
-        if st is _TIME_WAIT:
-            if tcp_timewait_state_process(sh, sk, seg, now) != TW_SYN:
+        if sk.state is _TIME_WAIT:
+            if tcp_minisocks.tcp_timewait_state_process(sh, sk, seg, now) != tcp_minisocks.TW_SYN:
                 return
             # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
             isn = (sk.snd_nxt + 65535 + 2) & MASK
@@ -239,18 +231,18 @@ def tcp_v4_rcv(sh: Any, pkt: Any, now: float, csum_ok: bool) -> None:
                 return
             sk = None
         else:
-            tcp_segs_in(sk, len(seg.payload))
-            tcp_rcv_state_process(sh, sk, seg, now)
+            tcp_input.tcp_segs_in(sk, len(seg.payload))
+            tcp_input.tcp_rcv_state_process(sh, sk, seg, now)
             return
     listener = _lookup_listener(sh, dst, seg.dst_port)
     if listener is None:
-        stats.drop("NO_SOCKET")
-        tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
+        stats.drop(DropReason.NO_SOCKET)
+        tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
         return
     tcp_v4_do_rcv(sh, listener, seg, src, dst, now)
 
 
-def _lookup_listener(sh: Any, daddr: int, dport: int) -> TcpSock | None:
+def _lookup_listener(sh: Shard, daddr: int, dport: int) -> TcpSock | None:
     if sh.tracing:
         sh.tr("__inet_lookup_listener")
     lst = sh.h.listening
@@ -258,31 +250,31 @@ def _lookup_listener(sh: Any, daddr: int, dport: int) -> TcpSock | None:
     return sk if sk is not None else lst.get((0, dport))
 
 
-def tcp_v4_do_rcv(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now: float,
+def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
                   isn: int | None = None) -> None:
     """A segment for a listener: RFC 9293 §3.10.7.2 (LISTEN state)."""
     if sh.tracing:
         sh.tr("tcp_v4_do_rcv")
     flags = seg.flags
     if flags & RST:
-        sh.stats.drop("TCP_RESET")
+        sh.stats.drop(DropReason.TCP_RESET)
         return
     if flags & ACK:
         if not flags & SYN and sh.cfg.syncookies and _cookie_check(sh, sk, seg, src, dst, now):
             return
         # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
-        sh.stats.drop("TCP_FLAGS")
-        tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
+        sh.stats.drop(DropReason.TCP_FLAGS)
+        tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
         return
     if sh.tracing:
         sh.tr("tcp_rcv_state_process")
     if not flags & SYN:
-        sh.stats.drop("TCP_FLAGS")
+        sh.stats.drop(DropReason.TCP_FLAGS)
         return
     tcp_v4_conn_request(sh, sk, seg, src, dst, now, isn)
 
 
-def tcp_v4_conn_request(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now: float,
+def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
                         isn: int | None = None) -> None:
     """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
 
@@ -293,16 +285,16 @@ def tcp_v4_conn_request(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now:
         sh.tr("tcp_v4_conn_request")
         sh.tr("tcp_conn_request")
     want_cookie = False
-    if inet_csk_reqsk_queue_is_full(sk):
+    if inet_connection_sock.inet_csk_reqsk_queue_is_full(sk):
         if not sh.cfg.syncookies:
-            sh.stats.drop("TCP_REQQFULLDROP")
+            sh.stats.drop(DropReason.TCP_REQQFULLDROP)
             return
         want_cookie = True
-    if sk_acceptq_is_full(sk):
-        sh.stats.drop("TCP_LISTEN_OVERFLOW")
+    if inet_connection_sock.sk_acceptq_is_full(sk):
+        sh.stats.drop(DropReason.TCP_LISTEN_OVERFLOW)
         sh.stats.listen_overflows += 1
         return
-    req = inet_reqsk_alloc(sh, sk, dst, seg.dst_port, src, seg.src_port)
+    req = request_sock.inet_reqsk_alloc(sh, sk, dst, seg.dst_port, src, seg.src_port)
     if sh.tracing:
         sh.tr("tcp_parse_options")
     opts = seg.options
@@ -311,18 +303,19 @@ def tcp_v4_conn_request(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now:
         sh.tr("tcp_openreq_init")
     req.irs = seg.seq
     req.mss = min(opts.mss or 536, sh.adv_mss)
-    req.wscale_ok = cfg.window_scaling and opts.wscale is not None
+    wscale = opts.wscale if cfg.window_scaling else None
+    req.wscale_ok = wscale is not None
     req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp)
-    if req.wscale_ok:
-        req.snd_wscale = opts.wscale
+    if wscale is not None:
+        req.snd_wscale = wscale
         req.rcv_wscale = ws
     req.sack_ok = cfg.sack and opts.sack_perm
-    req.ts_ok = cfg.timestamps and opts.ts is not None
-    if req.ts_ok:
-        req.ts_recent = opts.ts[0]
+    ts = opts.ts if cfg.timestamps else None
+    req.ts_ok = ts is not None
+    if ts is not None:
+        req.ts_recent = ts[0]
     if sh.tracing:
-        sh.tr("tcp_v4_init_req")
-        sh.tr("tcp_v4_save_options")
+        sh.tr("tcp_v4_init_req")  # the addresses: inet_reqsk_alloc took them
         sh.tr("tcp_v4_init_sequence")
     iss, req.ts_off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
     if want_cookie:
@@ -348,23 +341,21 @@ def tcp_v4_conn_request(sh: Any, sk: TcpSock, seg: Any, src: int, dst: int, now:
     sh.stats.passive_opens += 1
 
 
-def inet_csk_reqsk_queue_hash_add(sh: Any, sk: TcpSock, req: Any, now: float) -> None:
+def inet_csk_reqsk_queue_hash_add(sh: Shard, sk: TcpSock, req: RequestSock, now: float) -> None:
     if sh.tracing:
         sh.tr("inet_csk_reqsk_queue_hash_add")
         sh.tr("reqsk_queue_hash_req")
-    inet_ehash_insert(sh.h, req)
-    if sh.tracing:
-        sh.tr("__sk_nulls_add_node_rcu")
+    inet_hashtables.inet_ehash_insert(sh.h, req)
     sh.timers.arm(req, TimerKind.SYNACK, now + TCP_TIMEOUT_INIT)
     if sh.tracing:
         sh.tr("inet_csk_reqsk_queue_added")
     sk.reqs += 1
 
 
-def tcp_v4_send_synack(sh: Any, req: Any, now: float) -> None:
+def tcp_v4_send_synack(sh: Shard, req: RequestSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_v4_send_synack")
-    frame = tcp_make_synack(sh, req, now)
+    frame = tcp_output.tcp_make_synack(sh, req, now)
     if sh.tracing:
         sh.tr("ip_build_and_send_pkt")
     sh.frames.append(frame)
@@ -373,17 +364,17 @@ def tcp_v4_send_synack(sh: Any, req: Any, now: float) -> None:
         req.synack_time = now
 
 
-def _cookie_check(sh: Any, listener: TcpSock, seg: Any, src: int, dst: int,
+def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: int,
                   now: float) -> bool:
     """Final ACK for a SYN-ACK we sent as a cookie (Linux ``cookie_v4_check``)."""
     mss = syncookies.cookie_v4_check(sh.secret, src, dst, seg.src_port, seg.dst_port,
                                      (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
     if mss is None:
         return False
-    if sk_acceptq_is_full(listener):
-        sh.stats.drop("TCP_LISTEN_OVERFLOW")
+    if inet_connection_sock.sk_acceptq_is_full(listener):
+        sh.stats.drop(DropReason.TCP_LISTEN_OVERFLOW)
         return True
-    req = inet_reqsk_alloc(sh, listener, dst, seg.dst_port, src, seg.src_port)
+    req = request_sock.inet_reqsk_alloc(sh, listener, dst, seg.dst_port, src, seg.src_port)
     req.irs = (seg.seq - 1) & MASK
     req.iss = (seg.ack - 1) & MASK
     req.mss = mss
@@ -405,54 +396,53 @@ def _cookie_check(sh: Any, listener: TcpSock, seg: Any, src: int, dst: int,
         req.rcv_wnd = min(req.rcv_wnd, 65535)
     req.num_retrans = 1  # no RTT sample from a cookie
     listener.reqs += 1
-    inet_ehash_insert(sh.h, req)
+    inet_hashtables.inet_ehash_insert(sh.h, req)
     sh.stats.syncookies_recv += 1
-    child = tcp_check_req(sh, req, seg, now)
+    child = tcp_minisocks.tcp_check_req(sh, req, seg, now)
     if child is None:
         return True
     tcp_child_process(sh, listener, child, seg, now)
     return True
 
 
-def tcp_v4_syn_recv_sock(sh: Any, listener: TcpSock, req: Any, seg: Any,
+def tcp_v4_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: TcpSegment,
                          now: float) -> TcpSock | None:
     """The child socket (Linux ``tcp_v4_syn_recv_sock``); None if the accept queue is full."""
     if sh.tracing:
         sh.tr("tcp_v4_syn_recv_sock")
-    if sk_acceptq_is_full(listener):
+    if inet_connection_sock.sk_acceptq_is_full(listener):
         return None
-    child = tcp_create_openreq_child(sh, listener, req, seg, now)
-    for name in ("inet_sk_rx_dst_set", "inet_csk_route_child_sock", "tcp_ca_openreq_child",
-                 "tcp_assign_congestion_control", "tcp_set_ca_state", "bictcp_state",
-                 "tcp_sync_mss", "dst_mtu", "ipv4_mtu", "tcp_mtu_to_mss",
-                 "tcp_bound_to_half_wnd"):
-        if sh.tracing:
-            sh.tr(name)
+    child = tcp_minisocks.tcp_create_openreq_child(sh, listener, req, seg, now)
+    # The send MSS: the peer's option, bounded by our MTU (req.mss) and TCP_MAXSEG.
+    if sh.tracing:
+        sh.tr("tcp_sync_mss")
     mss = req.mss
     if child.user_mss and child.user_mss < mss:
         mss = child.user_mss
     child.mss = mss
     child.mss_cache = mss - (12 if child.ts_ok else 0)
+    # The MSS we announce: the route's (our MTU's) advmss.
     if sh.tracing:
         sh.tr("dst_metric_advmss")
         sh.tr("ipv4_default_advmss")
-        sh.tr("tcp_initialize_rcv_mss")
-    child.rcv_mss = min(child.mss_cache, 536)
-    tcp_child_inherit_port(sh, listener, child)
-    tcp_child_hash(sh, child, req)
-    if sh.tracing:
-        sh.tr("tcp_move_syn")
+    child.adv_mss = sh.adv_mss
+    tcp_input.tcp_initialize_rcv_mss(sh, child)
+    tcp_minisocks.tcp_child_inherit_port(sh, listener, child)
+    tcp_minisocks.tcp_child_hash(sh, child, req)
     return child
 
 
-def tcp_child_process(sh: Any, listener: TcpSock, child: TcpSock, seg: Any, now: float) -> None:
+def tcp_child_process(sh: Shard, listener: TcpSock, child: TcpSock, seg: TcpSegment, now: float) -> None:
     """Run the final ACK through the child, then wake the listener (``tcp_child_process``)."""
     if sh.tracing:
         sh.tr("tcp_child_process")
-    tcp_rcv_state_process(sh, child, seg, now)
+    tcp_input.tcp_rcv_state_process(sh, child, seg, now)
+    # The listener's sk_data_ready: wake accept() when its queue became non-empty.
     if sh.tracing:
         sh.tr("sock_def_readable")
     if len(listener.accept_queue) == 1 and not listener.orphan:
+        if sh.tracing:
+            sh.tr("wake_up_interruptible_sync_poll")
         sh.events.append(Acceptable(listener.sd))
 
 
@@ -462,7 +452,7 @@ _SYN_STATES = (State.SYN_SENT, State.SYN_RECV)
 _EMSGSIZE = errno.EMSGSIZE
 
 
-def tcp_v4_err(sh: Any, e: IcmpErr, now: float) -> None:
+def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
     """An ICMP error quoting one of our segments (Linux ``tcp_v4_err``); never raises.
 
     Lookup as Linux: the established hash only (connections, request socks,
@@ -480,22 +470,21 @@ def tcp_v4_err(sh: Any, e: IcmpErr, now: float) -> None:
     if sk is None:
         stats.icmp_in_errors += 1  # Linux: ICMP_MIB_INERRORS, -ENOENT
         return
-    st = sk.state
-    if st is _TIME_WAIT:
-        return
-    itype, code = e.type, e.code
-    if st is _NEW_SYN_RECV:
+    if isinstance(sk, RequestSock):  # NEW-SYN-RECV
         # Only errors saying the peer cannot be reached end a half-open
         # connection; port unreachable in answer to a SYN-ACK proves nothing.
+        itype, code = e.type, e.code
         tcp_req_err(sh, sk, q.seq, itype == ICMP_PARAMETERPROB or itype == ICMP_TIME_EXCEEDED
                     or (itype == ICMP_DEST_UNREACH
                         and code in (ICMP_NET_UNREACH, ICMP_HOST_UNREACH)))
         return
-    if st is _CLOSED:
+    st = sk.state
+    if st is _TIME_WAIT or st is _CLOSED:
         return
     if ((q.seq - sk.snd_una) & MASK) > ((sk.snd_max - sk.snd_una) & MASK):
         stats.tcp_out_of_window_icmps += 1
         return
+    itype, code = e.type, e.code
     if itype == ICMP_DEST_UNREACH:
         if code > NR_ICMP_UNREACH:
             return
@@ -512,9 +501,8 @@ def tcp_v4_err(sh: Any, e: IcmpErr, now: float) -> None:
     if st in _SYN_STATES:
         # A connect in progress fails at once with the error (Linux
         # tcp_done_with_error); the connect() caller gets this errno.
-        from .tcp import tcp_done
         stats.tcp_icmp_aborts += 1
-        tcp_done(sh, sk, err)
+        tcp.tcp_done(sh, sk, err)
         return
     # RFC 1122 §4.2.3.9: once synchronized, every ICMP error is soft ("keep
     # trying until we time out"); only the timeout reports it, in place of
@@ -524,7 +512,7 @@ def tcp_v4_err(sh: Any, e: IcmpErr, now: float) -> None:
     sk.err_soft = err
 
 
-def tcp_req_err(sh: Any, req: Any, seq: int, abort: bool) -> None:
+def tcp_req_err(sh: Shard, req: RequestSock, seq: int, abort: bool) -> None:
     """An error quoting a request sock's SYN-ACK (Linux ``tcp_req_err``)."""
     if seq != req.iss:
         sh.stats.tcp_out_of_window_icmps += 1
@@ -532,12 +520,11 @@ def tcp_req_err(sh: Any, req: Any, seq: int, abort: bool) -> None:
     if abort:
         # Dropped silently (Linux inet_csk_reqsk_queue_drop): the listener has
         # no one to tell, and accept() never returns network errors (POSIX).
-        from .tcp_minisocks import _req_drop
-        _req_drop(sh, req)
+        inet_connection_sock.inet_csk_reqsk_queue_drop(sh.h, req)
         sh.stats.tcp_icmp_aborts += 1
 
 
-def tcp_v4_mtu_reduced(sh: Any, sk: TcpSock, mtu: int, now: float) -> None:
+def tcp_v4_mtu_reduced(sh: Shard, sk: TcpSock, mtu: int, now: float) -> None:
     """"Fragmentation needed" for one of our segments (Linux ``tcp_v4_mtu_reduced``).
 
     Our segments carry DF, so a router on the path dropped one and told us
@@ -575,7 +562,7 @@ def tcp_sync_mss(sk: TcpSock, pmtu: int) -> bool:
     return True
 
 
-def tcp_simple_retransmit(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_simple_retransmit(sh: Shard, sk: TcpSock, now: float) -> None:
     """Resend the whole flight at the current MSS (Linux ``tcp_simple_retransmit``,
     which lives in tcp_input.c).
 
@@ -603,12 +590,12 @@ def tcp_simple_retransmit(sh: Any, sk: TcpSock, now: float) -> None:
     sk.retrans_hi = una
     sk.rtx_log.clear()
     sk.relost.clear()
-    tcp_xmit_retransmit_queue(sh, sk, now)
+    tcp_output.tcp_xmit_retransmit_queue(sh, sk, now)
 
 
 # -- active open ------------------------------------------------------------------------
 
-def tcp_v4_connect(sh: Any, sk: TcpSock, raddr: int, rport: int, now: float) -> None:
+def tcp_v4_connect(sh: Shard, sk: TcpSock, raddr: int, rport: int, now: float) -> None:
     """connect(): pick the source, a port, an ISN; send the SYN (Linux ``tcp_v4_connect``)."""
     if sh.tracing:
         sh.tr("tcp_v4_connect")
@@ -636,7 +623,7 @@ def tcp_v4_connect(sh: Any, sk: TcpSock, raddr: int, rport: int, now: float) -> 
     sk.raddr = raddr
     sk.rport = rport
     if sk.bound:
-        if not inet_ehash_insert(sh.h, sk):
+        if not inet_hashtables.inet_ehash_insert(sh.h, sk):
             sk.raddr = sk.rport = 0
             raise os_error(errno.EADDRNOTAVAIL)
     else:
@@ -645,14 +632,14 @@ def tcp_v4_connect(sh: Any, sk: TcpSock, raddr: int, rport: int, now: float) -> 
                             digest_size=4).digest()
         sh.connects += 1
         offset = int.from_bytes(h, "big") + sh.connects
-        if not inet_hash_connect(sh.h, sk, lo, hi, offset, cfg.port_filter):
+        if not inet_hashtables.inet_hash_connect(sh.h, sk, lo, hi, offset, cfg.port_filter):
             sk.raddr = sk.rport = 0
             raise os_error(errno.EADDRNOTAVAIL)
     sk.iss, sk.ts_off = secure_tcp_seq(sh.key, sk.laddr, sk.lport, raddr, rport, now)
     tcp_connect(sh, sk, now)
 
 
-def tcp_connect(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     """Initialise the send side and send the SYN (Linux ``tcp_connect``, ``tcp_connect_init``)."""
     if sh.tracing:
         sh.tr("tcp_connect")
@@ -663,27 +650,29 @@ def tcp_connect(sh: Any, sk: TcpSock, now: float) -> None:
     sk.snd_una = sk.iss
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now
-    sk.state = _SYN_SENT
-    tcp_send_syn(sh, sk, now)
+    tcp.tcp_set_state(sh, sk, _SYN_SENT)
+    tcp_output.tcp_send_syn(sh, sk, now)
     sh.timers.arm(sk, TimerKind.RETRANSMIT, now + TCP_TIMEOUT_INIT)
     sh.stats.active_opens += 1
 
 
 def _reset_fields() -> tuple[str, ...]:
     """TcpSock fields ``tcp_disconnect`` puts back to their defaults: all but
-    the descriptor, the timer slots (their heap entries must stay stale) and
-    the socket options, which are the fields declared between ``rport`` and
+    the descriptor, the state (CLOSED already), the timer slots (their heap
+    entries must stay stale) and the socket options, which are the fields declared between ``rport`` and
     ``bound`` (the dataclass's "socket options" section)."""
     names = [f.name for f in dataclasses.fields(TcpSock)]
     keep = set(names[names.index("rport") + 1:names.index("bound")])
-    keep |= {"sd", "timers", "timer_seq", "timer_q"}
+    # ``state`` too: only a CLOSED socket is disconnected, and states change in
+    # ``tcp.tcp_set_state`` alone.
+    keep |= {"sd", "state", "timers", "timer_seq", "timer_q"}
     return tuple(n for n in names if n not in keep)
 
 
 _RESET_FIELDS = _reset_fields()
 
 
-def tcp_disconnect(sh: Any, sk: TcpSock) -> None:
+def tcp_disconnect(sh: Shard, sk: TcpSock) -> None:
     """A socket whose connect failed back to a fresh CLOSED one (Linux ``tcp_disconnect``,
     which lives in tcp.c).
 
@@ -702,6 +691,6 @@ def tcp_disconnect(sh: Any, sk: TcpSock) -> None:
     if user_port:
         lo, hi = sh.cfg.ephemeral_range
         try:
-            inet_csk_get_port(sh.h, sk, user_port, lo, hi)
+            inet_connection_sock.inet_csk_get_port(sh.h, sk, user_port, lo, hi)
         except OSError:
             sk.lport = 0

@@ -11,36 +11,39 @@ recycle it at once (RFC 6191), with an ISN beyond the old SND.NXT.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .inet_connection_sock import inet_csk_complete_hashdance
-from .inet_hashtables import inet_bind_hash, inet_ehash_nolisten
-from .request_sock import RequestSock
-from .sock import State, TcpSock
-from .tcp import sk_release, tcp_done
-from .tcp_input import tcp_ack_update_rtt
-from .tcp_output import tcp_send_ack, tcp_send_reset
-from .tcp_timer import TimerKind
-from .wire.tcp import ACK, FIN, RST, SYN
+from . import inet_connection_sock, inet_hashtables, tcp, tcp_input, tcp_ipv4, tcp_output
+from .dropreason import DropReason
+from .tcp_h import (
+    HALF,
+    MASK,
+    TCP_TIMEWAIT_LEN,
+    RequestSock,
+    State,
+    TcpSegment,
+    TcpSock,
+    TimerKind,
+)
+from .wire.tcp import ACK, FIN, RST, SYN, build_tcp_ipv4, build_tcp_options
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
 # (EnumType attribute access) on paths run once per segment.
 _SYN_RECV = State.SYN_RECV
 _TIME_WAIT = State.TIME_WAIT
 
-__all__ = ["TCP_TIMEWAIT_LEN", "tcp_time_wait", "tcp_timewait_state_process", "tcp_check_req",
+__all__ = ["tcp_time_wait", "tcp_timewait_state_process", "tcp_check_req",
            "tcp_create_openreq_child", "TW_SYN", "TW_ACK", "TW_DROP"]
 
-MASK = 0xFFFFFFFF
-HALF = 0x80000000
-#: Linux TCP_TIMEWAIT_LEN: 60 s (the RFC's 2*MSL with MSL = 30 s).
-TCP_TIMEWAIT_LEN = 60.0
 TW_DROP, TW_ACK, TW_SYN = 0, 1, 2
 
 
-def tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_time_wait(sh: Shard, sk: TcpSock, now: float) -> None:
     """Enter TIME-WAIT: keep only the 4-tuple, the port and the TIME-WAIT timer."""
-    sk.state = _TIME_WAIT
+    tcp.tcp_set_state(sh, sk, _TIME_WAIT)
     timers = sk.timers
     for i in range(len(timers)):
         timers[i] = None
@@ -48,15 +51,15 @@ def tcp_time_wait(sh: Any, sk: TcpSock, now: float) -> None:
     sk.sndq.clear()
     sk.sndq_len = 0
     if sk.orphan:
-        sk_release(sh, sk)
+        tcp.sk_release(sh, sk)
 
 
-def tcp_timewait_state_process(sh: Any, tw: TcpSock, seg: Any, now: float) -> int:
+def tcp_timewait_state_process(sh: Shard, tw: TcpSock, seg: TcpSegment, now: float) -> int:
     """A segment for a TIME-WAIT socket; returns TW_SYN when a new SYN may reuse the tuple."""
     flags = seg.flags
     if flags & RST:
-        sh.stats.drop("TCP_RESET")
-        tcp_done(sh, tw)  # TIME-WAIT assassination, as Linux with tcp_rfc1337 = 0
+        sh.stats.drop(DropReason.TCP_RESET)
+        tcp.tcp_done(sh, tw)  # TIME-WAIT assassination, as Linux with tcp_rfc1337 = 0
         return TW_DROP
     ts = seg.options.ts
     if flags & SYN and not flags & ACK:
@@ -64,30 +67,22 @@ def tcp_timewait_state_process(sh: Any, tw: TcpSock, seg: Any, now: float) -> in
         newer_ts = tw.ts_ok and ts is not None and 0 < ((ts[0] - tw.ts_recent) & MASK) < HALF
         if newer_seq or newer_ts:
             sh.stats.tw_recycled += 1
-            tcp_done(sh, tw)
+            tcp.tcp_done(sh, tw)
             return TW_SYN
     if flags & FIN and ((seg.seq + len(seg.payload) + 1) & MASK) == tw.rcv_nxt:
         # The peer lost our final ACK: ACK its retransmitted FIN, restart the clock.
-        tcp_send_ack(sh, tw, now)
+        tcp_output.tcp_send_ack(sh, tw, now)
         sh.timers.arm(tw, TimerKind.TIME_WAIT, now + TCP_TIMEWAIT_LEN)
         return TW_ACK
     if seg.payload or flags & (SYN | FIN):
-        tcp_send_ack(sh, tw, now)
-        sh.stats.drop("TCP_TIMEWAIT")
+        tcp_output.tcp_send_ack(sh, tw, now)
+        sh.stats.drop(DropReason.TCP_TIMEWAIT)
         return TW_ACK
-    sh.stats.drop("TCP_TIMEWAIT")
+    sh.stats.drop(DropReason.TCP_TIMEWAIT)
     return TW_DROP
 
 
-def _syn_recv_sock(sh: Any, listener: TcpSock, req: RequestSock, seg: Any, now: float) -> Any:
-    """``tcp_ipv4.tcp_v4_syn_recv_sock``, imported at first use (tcp_ipv4 imports this module)."""
-    global _syn_recv_sock
-    from .tcp_ipv4 import tcp_v4_syn_recv_sock
-    _syn_recv_sock = tcp_v4_syn_recv_sock
-    return tcp_v4_syn_recv_sock(sh, listener, req, seg, now)
-
-
-def tcp_check_req(sh: Any, req: RequestSock, seg: Any, now: float) -> TcpSock | None:
+def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> TcpSock | None:
     """A segment for a request sock (Linux ``tcp_check_req``); the child on success."""
     if sh.tracing:
         sh.tr("tcp_check_req")
@@ -100,13 +95,12 @@ def tcp_check_req(sh: Any, req: RequestSock, seg: Any, now: float) -> TcpSock | 
                    and ((ts[0] - req.ts_recent) & MASK) & HALF != 0)
     if seg.seq == req.irs and flags & (SYN | ACK | RST) == SYN and not paws_reject:
         # A retransmitted SYN: our SYN-ACK was lost; send it again (RFC 9293 §3.10.7.2).
-        from .tcp_ipv4 import tcp_v4_send_synack
-        tcp_v4_send_synack(sh, req, now)
+        tcp_ipv4.tcp_v4_send_synack(sh, req, now)
         return None
     if flags & ACK and seg.ack != ((req.iss + 1) & MASK):
         # Not our SYN-ACK being acknowledged: the listener answers with RST.
-        sh.stats.drop("TCP_ACK_UNSENT_DATA")
-        tcp_send_reset(sh, req.laddr, req.lport, req.raddr, req.rport, seg)
+        sh.stats.drop(DropReason.TCP_ACK_UNSENT_DATA)
+        tcp_output.tcp_send_reset(sh, req.laddr, req.lport, req.raddr, req.rport, seg)
         return None
     if sh.tracing:
         sh.tr("tcp_in_window")
@@ -116,65 +110,51 @@ def tcp_check_req(sh: Any, req: RequestSock, seg: Any, now: float) -> TcpSock | 
     if paws_reject or not in_window:
         if not flags & RST:
             _req_send_ack(sh, req, now)
-        sh.stats.drop("TCP_PAWS" if paws_reject else "TCP_INVALID_SEQUENCE")
+        sh.stats.drop(DropReason.TCP_PAWS if paws_reject else DropReason.TCP_INVALID_SEQUENCE)
         return None
     if flags & RST:
-        sh.stats.drop("TCP_RESET")
-        _req_drop(sh, req)
+        sh.stats.drop(DropReason.TCP_RESET)
+        inet_connection_sock.inet_csk_reqsk_queue_drop(sh.h, req)
         return None
     if flags & SYN:
         # RFC 5961 §4.2 would challenge; for an embryonic connection Linux resets it.
-        sh.stats.drop("TCP_INVALID_SYN")
-        tcp_send_reset(sh, req.laddr, req.lport, req.raddr, req.rport, seg)
-        _req_drop(sh, req)
+        sh.stats.drop(DropReason.TCP_INVALID_SYN)
+        tcp_output.tcp_send_reset(sh, req.laddr, req.lport, req.raddr, req.rport, seg)
+        inet_connection_sock.inet_csk_reqsk_queue_drop(sh.h, req)
         return None
     if not flags & ACK:
-        sh.stats.drop("TCP_FLAGS_NOACK")
+        sh.stats.drop(DropReason.TCP_FLAGS_NOACK)
         return None
     if ts is not None and req.ts_ok and ((ts[0] - req.ts_recent) & MASK) < HALF:
         req.ts_recent = ts[0]
     listener = req.listener
-    child = _syn_recv_sock(sh, listener, req, seg, now)
+    child = tcp_ipv4.tcp_v4_syn_recv_sock(sh, listener, req, seg, now)
     if child is None:
         # Accept queue full (Linux listen_overflow with tcp_abort_on_overflow = 0):
         # drop this ACK and let the SYN-ACK timer make the peer try again.
-        req.acked = True
-        sh.stats.drop("TCP_LISTEN_OVERFLOW")
+        sh.stats.drop(DropReason.TCP_LISTEN_OVERFLOW)
         sh.stats.listen_overflows += 1
         return None
     if sh.tracing:
-        sh.tr("sock_rps_save_rxhash")
         sh.tr("tcp_synack_rtt_meas")
-        sh.tr("skb_mstamp_us_delta")
-    if req.num_retrans == 0:
-        tcp_ack_update_rtt(sh, child, now - req.synack_time)
-    inet_csk_complete_hashdance(sh.h, listener, req, child)
+    if req.num_retrans == 0:  # Karn: no sample from a retransmitted SYN-ACK
+        if sh.tracing:
+            sh.tr("skb_mstamp_us_delta")
+        tcp_input.tcp_ack_update_rtt(sh, child, now - req.synack_time)
+    inet_connection_sock.inet_csk_complete_hashdance(sh.h, listener, req, child)
     return child
 
 
-def _req_send_ack(sh: Any, req: RequestSock, now: float) -> None:
-    from .tcp_output import tcp_reqsk_window
-    from .wire.tcp import build_tcp_ipv4, build_tcp_options
+def _req_send_ack(sh: Shard, req: RequestSock, now: float) -> None:
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
     opts = build_tcp_options(ts=ts) if ts else b""
     sh.frames.append(build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport,
                                     (req.iss + 1) & MASK, (req.irs + 1) & MASK, ACK,
-                                    tcp_reqsk_window(req.rcv_wnd, req.rcv_wscale), opts))
+                                    tcp_output.tcp_reqsk_window(req.rcv_wnd, req.rcv_wscale), opts))
     sh.stats.segs_out += 1
 
 
-def _req_drop(sh: Any, req: RequestSock) -> None:
-    """Linux ``inet_csk_reqsk_queue_drop``: unhash and forget a request sock."""
-    key = (req.laddr, req.lport, req.raddr, req.rport)
-    if sh.h.ehash.get(key) is req:
-        del sh.h.ehash[key]
-    if not req.dead:
-        req.dead = True
-        req.listener.reqs -= 1
-    req.timers[TimerKind.SYNACK] = None
-
-
-def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: Any,
+def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg: TcpSegment,
                              now: float) -> TcpSock:
     """A full socket from a request sock and the final ACK (Linux ``tcp_create_openreq_child``)."""
     if sh.tracing:
@@ -202,7 +182,7 @@ def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: 
     sk.syn_count = listener.syn_count
     sk.linger2 = listener.linger2
     sk.window_clamp = listener.window_clamp
-    sk.state = _SYN_RECV
+    tcp.tcp_set_state(sh, sk, _SYN_RECV)
     sk.laddr, sk.lport, sk.raddr, sk.rport = req.laddr, req.lport, req.raddr, req.rport
     sk.parent = listener
     sk.iss = req.iss
@@ -220,24 +200,20 @@ def tcp_create_openreq_child(sh: Any, listener: TcpSock, req: RequestSock, seg: 
     sk.ts_recent = req.ts_recent
     sk.ts_recent_stamp = now
     sk.ts_off = req.ts_off
-    sk.adv_mss = sh.adv_mss
     sk.segs_in = 1  # the SYN (Linux tcp_create_openreq_child; the final ACK is not counted)
     if sh.tracing:
         sh.tr("tcp_init_xmit_timers")
     return sk
 
 
-def tcp_child_inherit_port(sh: Any, listener: TcpSock, child: TcpSock) -> None:
+def tcp_child_inherit_port(sh: Shard, listener: TcpSock, child: TcpSock) -> None:
     """Linux ``__inet_inherit_port``: the child shares the listener's bind bucket."""
     if sh.tracing:
         sh.tr("__inet_inherit_port")
     tb = sh.h.bhash[listener.lport]
-    inet_bind_hash(sh.h, child, tb, listener.lport)
+    inet_hashtables.inet_bind_hash(sh.h, child, tb, listener.lport)
 
 
-def tcp_child_hash(sh: Any, child: TcpSock, req: RequestSock) -> None:
-    inet_ehash_nolisten(sh.h, child, req)
-    if sh.tracing:
-        sh.tr("sk_nulls_del_node_init_rcu")
-        sh.tr("__sk_nulls_add_node_rcu")
-        sh.tr("sock_prot_inuse_add")
+def tcp_child_hash(sh: Shard, child: TcpSock, req: RequestSock) -> None:
+    """The child takes the request sock's place in ehash (Linux ``inet_ehash_nolisten``)."""
+    inet_hashtables.inet_ehash_nolisten(sh.h, child, req)

@@ -13,12 +13,24 @@ until ``build_tcp_ipv4`` writes the frame) and a join of slices otherwise.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .sock import State, TcpSock
-from .tcp_timer import TimerKind
+from . import tcp_input, tcp_recovery
+from .tcp_h import (
+    HALF,
+    MASK,
+    TCP_RTO_MAX,
+    RequestSock,
+    State,
+    TcpSegment,
+    TcpSock,
+    TimerKind,
+)
 from .wire.checksum import sum16
 from .wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4, build_tcp_options
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 # Enum members as module constants: ``State.X`` costs ~70 ns per lookup
 # (EnumType attribute access) on paths run once per segment.
@@ -28,14 +40,8 @@ _LAST_ACK = State.LAST_ACK
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
            "tcp_write_xmit", "tcp_xmit_retransmit_queue", "tcp_current_mss", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
-           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto", "TCP_RTO_MAX", "TCP_DELACK"]
+           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto"]
 
-MASK = 0xFFFFFFFF
-HALF = 0x80000000
-#: Linux TCP_RTO_MAX.
-TCP_RTO_MAX = 120.0
-#: Delayed-ACK timeout (Linux TCP_DELACK_MIN / TCP_ATO_MIN, 40 ms).
-TCP_DELACK = 0.040
 _TS_OPT = struct.Struct("!III")
 _TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
 #: IPv4 header (no options) + TCP header + NOP,NOP,TS: what established segments carry.
@@ -174,7 +180,7 @@ def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
     return [(b[0], b[1]) for b in blocks[:limit]]
 
 
-def tcp_transmit(sh: Any, sk: TcpSock, seq: int, flags: int, payload: Any, now: float,
+def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | memoryview, now: float,
                  csum_partial: bool = False, win: int = -1) -> None:
     """Build one segment for ``sk`` and queue the frame (Linux ``__tcp_transmit_skb``).
 
@@ -242,13 +248,13 @@ def _tx_csum_init(sk: TcpSock) -> int:
     return base
 
 
-def tcp_send_ack(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_send_ack(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_send_ack")
     tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)
 
 
-def tcp_send_probe(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_send_probe(sh: Shard, sk: TcpSock, now: float) -> None:
     """Zero-window or keepalive probe: an old sequence number elicits an ACK.
 
     Linux ``tcp_xmit_probe_skb``.
@@ -256,13 +262,13 @@ def tcp_send_probe(sh: Any, sk: TcpSock, now: float) -> None:
     tcp_transmit(sh, sk, (sk.snd_una - 1) & MASK, ACK, b"", now)
 
 
-def tcp_send_active_reset(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_send_active_reset(sh: Shard, sk: TcpSock, now: float) -> None:
     """RST for abort (close with unread data, SO_LINGER 0), RFC 9293 §3.10.4 ABORT."""
     sh.stats.out_rsts += 1
     tcp_transmit(sh, sk, sk.snd_nxt, RST | ACK, b"", now)
 
 
-def tcp_send_reset(sh: Any, laddr: int, lport: int, raddr: int, rport: int, seg: Any) -> None:
+def tcp_send_reset(sh: Shard, laddr: int, lport: int, raddr: int, rport: int, seg: TcpSegment) -> None:
     """RST in answer to ``seg`` sent to no socket (Linux ``tcp_v4_send_reset``, RFC 9293 §3.10.7.1).
 
     Never answer an RST.  If the segment carried an ACK, the RST takes its
@@ -282,7 +288,7 @@ def tcp_send_reset(sh: Any, laddr: int, lport: int, raddr: int, rport: int, seg:
     sh.frames.append(frame)
 
 
-def tcp_send_syn(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     """The SYN of an active open (Linux ``tcp_connect`` / ``tcp_syn_options``)."""
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
@@ -293,7 +299,7 @@ def tcp_send_syn(sh: Any, sk: TcpSock, now: float) -> None:
     sk.segs_out += 1
 
 
-def tcp_send_synack_sock(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     """SYN-ACK from a full socket: simultaneous open (RFC 9293 §3.5 figure 8)."""
     ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
@@ -304,7 +310,7 @@ def tcp_send_synack_sock(sh: Any, sk: TcpSock, now: float) -> None:
     sk.segs_out += 1
 
 
-def tcp_make_synack(sh: Any, req: Any, now: float) -> bytes:
+def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
     """The SYN-ACK for a request sock; options only those the peer offered (RFC 7323 §2.2, §3.2)."""
     if sh.tracing:
         sh.tr("tcp_make_synack")
@@ -317,7 +323,7 @@ def tcp_make_synack(sh: Any, req: Any, now: float) -> bytes:
                           (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
 
 
-def _sndq_slice(sk: TcpSock, off: int, size: int) -> Any:
+def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
     """``size`` bytes of the send queue starting ``off`` bytes after SND.UNA.
 
     A view into one chunk when the range fits in it (the common case: apps
@@ -353,7 +359,7 @@ def _sndq_slice(sk: TcpSock, off: int, size: int) -> Any:
     return b"".join(parts)
 
 
-def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_write_xmit(sh: Shard, sk: TcpSock, now: float) -> None:
     """Send what the windows allow (Linux ``tcp_write_xmit``).
 
     Segments are MSS-sized (or up to ``tso_max`` when set), limited by the
@@ -367,19 +373,7 @@ def tcp_write_xmit(sh: Any, sk: TcpSock, now: float) -> None:
     _write_new(sh, sk, now, -1)
 
 
-_late_tlp: Any = None
-
-
-def _load_tlp() -> Any:
-    """``tcp_input.tcp_schedule_loss_probe``, bound once: tcp_input imports this
-    module, and a function-level import costs ~0.6 µs on every data write."""
-    global _late_tlp
-    from .tcp_input import tcp_schedule_loss_probe
-    _late_tlp = tcp_schedule_loss_probe
-    return tcp_schedule_loss_probe
-
-
-def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
+def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     """New data from SND.NXT; ``quota`` >= 0 caps the bytes (recovery), else cwnd does.
 
     Returns the bytes sent.
@@ -408,6 +402,7 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
             break
         in_flight = sent_off
         if quota < 0:
+            assert cc is not None  # data to send: synchronized (tcp_init_transfer)
             cwnd_room = cc.cwnd * sk.mss_cache - in_flight
             if sk.dupacks:
                 # RFC 3042 limited transmit: the first two dup ACKs each allow one
@@ -417,7 +412,7 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
             left = quota - sent
             cwnd_room = -(-left // mss) * mss if left > 0 else 0  # whole segments (Linux PRR)
         wnd_room = ((una + sk.snd_wnd - nxt) & MASK)
-        if wnd_room & 0x80000000:
+        if wnd_room & HALF:
             wnd_room = 0
         if burst and maxseg < avail and maxseg <= wnd_room and maxseg <= cwnd_room:
             # Full segments that are not the last of the queue: the loop below
@@ -470,6 +465,7 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
         # common case: applications write large buffers), else ``_sndq_slice``.
         chunk = sndq[0]
         off = sk.sndq_head_off + sent_off
+        payload: bytes | memoryview
         if off + size <= len(chunk):
             payload = chunk[off:off + size]
         else:
@@ -497,7 +493,7 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
             sk.rtt_seq = end
             sk.rtt_time = now
         sk.snd_nxt = end
-        if ((end - sk.snd_max) & MASK) < 0x80000000:
+        if ((end - sk.snd_max) & MASK) < HALF:
             sk.snd_max = end
         if fin:
             break
@@ -532,10 +528,7 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
         if sk.sack_ok and quota < 0 and rtx is not None:
             # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
             # flight may bring it in, never past the RTO.
-            tlp = _late_tlp
-            if tlp is None:
-                tlp = _load_tlp()
-            tlp(sh, sk, now, rtx - now, True)
+            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
     return sent
 
 
@@ -543,7 +536,7 @@ def _write_new(sh: Any, sk: TcpSock, now: float, quota: int) -> int:
 XMIT_BURST = True
 
 
-def _xmit_burst(sh: Any, sk: TcpSock, nxt: int, sent_off: int, count: int, size: int, mss: int,
+def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, size: int, mss: int,
                 win: int, now: float) -> int:
     """Send ``count`` segments of ``size`` bytes from ``nxt`` (``sent_off``
     bytes past SND.UNA), flags ACK, timestamps on, no SACK blocks: exactly
@@ -595,12 +588,12 @@ def _xmit_burst(sh: Any, sk: TcpSock, nxt: int, sent_off: int, count: int, size:
     sk.ack_now = False
     sk.timers[_DELACK] = None
     sk.snd_nxt = seq
-    if ((seq - sk.snd_max) & MASK) < 0x80000000:
+    if ((seq - sk.snd_max) & MASK) < HALF:
         sk.snd_max = seq
     return win
 
 
-def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
+def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
     """Loss recovery transmission (Linux ``tcp_xmit_retransmit_queue``, RFC 6675 §5 NextSeg).
 
     Lost holes first, in sequence order, then new data; in fast recovery as
@@ -608,12 +601,13 @@ def tcp_xmit_retransmit_queue(sh: Any, sk: TcpSock, now: float) -> None:
     A retransmission never covers SACKed data (it stops at the next SACKed
     block) nor cumulatively acknowledged data (it starts at or after SND.UNA).
     """
-    from .tcp_input import tcp_pipe
+    cc = sk.cc
+    assert cc is not None  # recovering: synchronized (tcp_init_transfer)
     recovery = sk.in_recovery
     if recovery:
         quota = sk.prr_quota
     else:
-        quota = sk.cc.cwnd * sk.mss_cache - tcp_pipe(sk)
+        quota = cc.cwnd * sk.mss_cache - tcp_input.tcp_pipe(sk)
     mss = tcp_current_mss(sk)
     una = sk.snd_una
     for _ in range(4096):  # bounded: one segment per round
@@ -723,23 +717,23 @@ def _next_hole(sk: TcpSock, mss: int) -> tuple[int, int] | None:
     return (una + start) & MASK, size if size < mss else mss
 
 
-def _send_fin(sh: Any, sk: TcpSock, seq: int, now: float) -> None:
+def _send_fin(sh: Shard, sk: TcpSock, seq: int, now: float) -> None:
     tcp_transmit(sh, sk, seq, FIN | ACK, b"", now)
     sk.fin_sent = True
     sk.fin_seq = seq
     end = (seq + 1) & MASK
     sk.snd_nxt = end
-    if ((end - sk.snd_max) & MASK) < 0x80000000:
+    if ((end - sk.snd_max) & MASK) < HALF:
         sk.snd_max = end
 
 
-def _arm_persist(sh: Any, sk: TcpSock, now: float) -> None:
+def _arm_persist(sh: Shard, sk: TcpSock, now: float) -> None:
     """Zero window with data waiting and nothing in flight (RFC 9293 §3.8.6.1)."""
     if sk.timers[_PERSIST] is None:
         sh.timers.arm(sk, _PERSIST, now + tcp_rto(sk))
 
 
-def tcp_retransmit_skb(sh: Any, sk: TcpSock, seq: int, now: float, limit: int = 0) -> int:
+def tcp_retransmit_skb(sh: Shard, sk: TcpSock, seq: int, now: float, limit: int = 0) -> int:
     """Retransmit one segment (at most ``limit`` bytes if given) starting at ``seq``;
     returns the sequence after it."""
     mss = tcp_current_mss(sk)

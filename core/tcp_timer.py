@@ -31,29 +31,38 @@ still armed, O(n) every n pushes, so amortised O(1).
 
 from __future__ import annotations
 
-import enum
+import errno
 import heapq
-from typing import Any
+from typing import TYPE_CHECKING, overload
 
-from .sock import State
+from . import inet_connection_sock, tcp, tcp_ipv4, tcp_output, tcp_recovery
+from .tcp_h import (
+    MASK,
+    TCP_ORPHAN_RETRIES,
+    TCP_RETRIES1,
+    TCP_RETRIES2,
+    TCP_RTO_MAX,
+    TCP_RTO_MIN,
+    TCP_SYN_RETRIES,
+    TCP_SYNACK_RETRIES,
+    TCP_TIMEOUT_INIT,
+    RequestSock,
+    State,
+    TcpSock,
+    TimerKind,
+)
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 __all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler", "tcp_enter_loss", "tcp_write_timeout",
-           "tcp_model_timeout", "retransmits_timed_out", "TCP_SYN_RETRIES", "TCP_SYNACK_RETRIES",
-           "TCP_RETRIES1", "TCP_RETRIES2", "MAX_TCP_SYNCNT"]
+           "tcp_model_timeout", "retransmits_timed_out"]
+
+#: What owns timers: a socket, or a request sock (its SYN-ACK timer).
+TimerOwner = TcpSock | RequestSock
 
 _SYN_SENT = State.SYN_SENT
 _SYN_RECV = State.SYN_RECV
-
-
-class TimerKind(enum.IntEnum):
-    RETRANSMIT = 0  # icsk_retransmit_timer (also SYN retries)
-    DELACK = 1  # icsk_delack_timer
-    KEEPALIVE = 2  # sk_timer: keepalive, and the orphaned FIN-WAIT-2 timeout
-    TIME_WAIT = 3  # inet_twsk timer
-    SYNACK = 4  # reqsk_timer
-    PERSIST = 5  # zero-window probe timer
-    REO = 6  # RACK reordering window (RFC 8985 §6.2; Linux ICSK_TIME_REO_TIMEOUT)
-    TLP = 7  # tail loss probe (RFC 8985 §7; Linux ICSK_TIME_LOSS_PROBE)
 
 
 class TimerHeap:
@@ -70,11 +79,11 @@ class TimerHeap:
     COMPACT_MIN = 64
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, int, int, Any]] = []
+        self.heap: list[tuple[float, int, int, TimerOwner]] = []
         self.count = 0
         self.limit = self.COMPACT_MIN
 
-    def arm(self, sk: Any, kind: int, deadline: float) -> None:
+    def arm(self, sk: TimerOwner, kind: int, deadline: float) -> None:
         """Set (or move) ``sk``'s timer ``kind`` to fire at ``deadline``."""
         sk.timers[kind] = deadline
         q = sk.timer_q[kind]
@@ -89,11 +98,11 @@ class TimerHeap:
             self.compact()
 
     @staticmethod
-    def cancel(sk: Any, kind: int) -> None:
+    def cancel(sk: TimerOwner, kind: int) -> None:
         sk.timers[kind] = None
 
     @staticmethod
-    def cancel_all(sk: Any) -> None:
+    def cancel_all(sk: TimerOwner) -> None:
         timers = sk.timers
         for i in range(len(timers)):
             timers[i] = None
@@ -117,7 +126,13 @@ class TimerHeap:
     def __len__(self) -> int:
         return len(self.heap)
 
-    def _settle(self, now: float | None) -> tuple[int, Any] | float | None:
+    @overload
+    def _settle(self, now: float) -> tuple[int, TimerOwner] | None: ...
+
+    @overload
+    def _settle(self, now: None) -> float | None: ...
+
+    def _settle(self, now: float | None) -> tuple[int, TimerOwner] | float | None:
         """Drop stale entries and re-queue moved ones at the top of the heap.
 
         With ``now``: pop and return the first timer due by then as (kind, sock).
@@ -150,31 +165,20 @@ class TimerHeap:
             return kind, sk
         return None
 
-    def pop_due(self, now: float) -> tuple[int, Any] | None:
+    def pop_due(self, now: float) -> tuple[int, TimerOwner] | None:
         """The next timer due at ``now`` as (kind, sock), its slot cleared; else None."""
-        return self._settle(now)  # type: ignore[return-value]
+        return self._settle(now)
 
     def next_deadline(self) -> float | None:
-        return self._settle(None)  # type: ignore[return-value]
+        return self._settle(None)
 
 
 # -- what each timer does (Linux tcp_timer.c handlers) ------------------------------------
 
-#: net.ipv4 sysctl defaults: tcp_syn_retries, tcp_synack_retries, tcp_retries1/2,
-#: and tcp_orphan_retries' effective value (0 means 8 while the peer seems alive).
-TCP_SYN_RETRIES = 6
-TCP_SYNACK_RETRIES = 5
-TCP_RETRIES1 = 3
-TCP_RETRIES2 = 15
-TCP_ORPHAN_RETRIES = 8
-#: TCP_SYNCNT's upper bound (Linux MAX_TCP_SYNCNT).
-MAX_TCP_SYNCNT = 127
-
-
-def tcp_timer_handler(sh: Any, kind: int, sk: Any, now: float) -> None:
+def tcp_timer_handler(sh: Shard, kind: int, sk: TimerOwner, now: float) -> None:
     """Run the expired timer ``kind`` of ``sk`` (a TcpSock or a RequestSock)."""
-    if kind == TimerKind.SYNACK:
-        reqsk_timer_handler(sh, sk, now)
+    if isinstance(sk, RequestSock):
+        reqsk_timer_handler(sh, sk, now)  # a request sock has only the SYN-ACK timer
     elif kind == TimerKind.RETRANSMIT:
         tcp_retransmit_timer(sh, sk, now)
     elif kind == TimerKind.DELACK:
@@ -184,30 +188,26 @@ def tcp_timer_handler(sh: Any, kind: int, sk: Any, now: float) -> None:
     elif kind == TimerKind.KEEPALIVE:
         tcp_keepalive_timer(sh, sk, now)
     elif kind == TimerKind.TIME_WAIT:
-        from .tcp import tcp_done
-        tcp_done(sh, sk)
+        tcp.tcp_done(sh, sk)
     elif kind == TimerKind.REO:
-        from .tcp_input import tcp_rack_reo_timeout
-        tcp_rack_reo_timeout(sh, sk, now)
+        tcp_recovery.tcp_rack_reo_timeout(sh, sk, now)
     elif kind == TimerKind.TLP:
-        tcp_send_loss_probe(sh, sk, now)
+        tcp_recovery.tcp_send_loss_probe(sh, sk, now)
 
 
-def reqsk_timer_handler(sh: Any, req: Any, now: float) -> None:
+def reqsk_timer_handler(sh: Shard, req: RequestSock, now: float) -> None:
     """Resend the SYN-ACK with exponential backoff; give up after tcp_synack_retries
     (5: 63 s), or the listener's TCP_SYNCNT (Linux ``reqsk_timer_handler``)."""
     if req.dead:
         return
     limit = req.listener.syn_count or TCP_SYNACK_RETRIES
     if req.num_retrans >= limit:
-        from .tcp_minisocks import _req_drop
-        _req_drop(sh, req)
+        inet_connection_sock.inet_csk_reqsk_queue_drop(sh.h, req)
         sh.stats.synack_timeouts += 1
         return
-    from .tcp_ipv4 import tcp_v4_send_synack
     req.num_retrans += 1
     sh.stats.retrans_segs += 1
-    tcp_v4_send_synack(sh, req, now)
+    tcp_ipv4.tcp_v4_send_synack(sh, req, now)
     sh.timers.arm(req, TimerKind.SYNACK, now + (1.0 * (1 << req.num_retrans)))
 
 
@@ -235,7 +235,6 @@ def tcp_model_timeout(boundary: int, rto_base: float) -> float:
 
     ``tcp_model_timeout(15, 0.2)`` is 924.6 s; ``(6, 1.0)`` 127 s.
     """
-    from .tcp_output import TCP_RTO_MAX
     base = _ms(rto_base)
     rto_max = _ms(TCP_RTO_MAX)
     thresh = (rto_max // base).bit_length() - 1  # ilog2: doublings before the cap
@@ -244,7 +243,7 @@ def tcp_model_timeout(boundary: int, rto_base: float) -> float:
     return (((2 << thresh) - 1) * base + (boundary - thresh) * rto_max) / 1000.0
 
 
-def retransmits_timed_out(sk: Any, boundary: int, timeout: float, now: float) -> bool:
+def retransmits_timed_out(sk: TcpSock, boundary: int, timeout: float, now: float) -> bool:
     """Has the episode of retransmissions lasted ``timeout`` seconds (0: as long
     as ``boundary`` backed-off retransmissions would)?  Linux
     ``retransmits_timed_out``: false before the first retransmission."""
@@ -252,27 +251,23 @@ def retransmits_timed_out(sk: Any, boundary: int, timeout: float, now: float) ->
     if not (sk.syn_retries if syn else sk.retries) or sk.retrans_stamp is None:
         return False
     if not timeout:
-        from .tcp_input import TCP_RTO_MIN, TCP_TIMEOUT_INIT
         timeout = tcp_model_timeout(boundary, TCP_TIMEOUT_INIT if syn else TCP_RTO_MIN)
     return _ms(now - sk.retrans_stamp) >= _ms(timeout)
 
 
-def tcp_orphan_retries(sk: Any, alive: bool) -> int:
+def tcp_orphan_retries(sk: TcpSock, alive: bool) -> int:
     """Retries for a socket nobody holds any more (Linux ``tcp_orphan_retries``,
     sysctl 0): 8 (~100 s at a 200 ms RTO) while the peer seems alive, else none."""
     return TCP_ORPHAN_RETRIES if alive else 0
 
 
-def tcp_write_err(sh: Any, sk: Any) -> None:
+def tcp_write_err(sh: Shard, sk: TcpSock) -> None:
     """Give up: the error is a soft error an ICMP reported, else ETIMEDOUT
     (Linux ``tcp_write_err``)."""
-    import errno
-
-    from .tcp import tcp_done
-    tcp_done(sh, sk, sk.err_soft or errno.ETIMEDOUT)
+    tcp.tcp_done(sh, sk, sk.err_soft or errno.ETIMEDOUT)
 
 
-def tcp_write_timeout(sh: Any, sk: Any, now: float) -> bool:
+def tcp_write_timeout(sh: Shard, sk: TcpSock, now: float) -> bool:
     """Decide, as the retransmission timer fires, whether to give up (Linux
     ``tcp_write_timeout``); if so the socket is closed with the error.
 
@@ -282,7 +277,6 @@ def tcp_write_timeout(sh: Any, sk: Any, now: float) -> bool:
     tcp_orphan_retries, 102.2 s).  Past tcp_retries1 (3 s) Linux only asks
     routing for another path (``__dst_negative_advice``): we have one route.
     """
-    from .tcp_output import TCP_RTO_MAX, tcp_rto
     st = sk.state
     if st is _SYN_SENT or st is _SYN_RECV:
         retry_until = sk.syn_count or TCP_SYN_RETRIES
@@ -292,7 +286,7 @@ def tcp_write_timeout(sh: Any, sk: Any, now: float) -> bool:
             sh.tr("__dst_negative_advice")
         retry_until = TCP_RETRIES2
         if sk.orphan:
-            retry_until = tcp_orphan_retries(sk, tcp_rto(sk) < TCP_RTO_MAX)
+            retry_until = tcp_orphan_retries(sk, tcp_output.tcp_rto(sk) < TCP_RTO_MAX)
         expired = False
     if not expired:
         expired = retransmits_timed_out(sk, retry_until, sk.user_timeout / 1000.0, now)
@@ -301,7 +295,7 @@ def tcp_write_timeout(sh: Any, sk: Any, now: float) -> bool:
     return expired
 
 
-def tcp_clamp_rto_to_user_timeout(sk: Any, rto: float, now: float) -> float:
+def tcp_clamp_rto_to_user_timeout(sk: TcpSock, rto: float, now: float) -> float:
     """Never wait past TCP_USER_TIMEOUT: the last timer fires when it ends
     (Linux ``tcp_clamp_rto_to_user_timeout``)."""
     ut = sk.user_timeout
@@ -313,10 +307,9 @@ def tcp_clamp_rto_to_user_timeout(sk: Any, rto: float, now: float) -> float:
     return rto if rto < remaining else remaining
 
 
-def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
+def tcp_retransmit_timer(sh: Shard, sk: TcpSock, now: float) -> None:
     """RTO expiry (RFC 6298 (5.4)-(5.7)): give up (``tcp_write_timeout``) or resend
     the oldest segment, back off, collapse cwnd (Linux ``tcp_retransmit_timer``)."""
-    from .tcp_output import tcp_rto, tcp_send_syn, tcp_send_synack_sock
     st = sk.state
     if st is _SYN_SENT or (st is _SYN_RECV and sk.parent is None):
         if sk.retrans_stamp is None:
@@ -327,11 +320,11 @@ def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
         sk.backoff += 1
         sh.stats.retrans_segs += 1
         if st is _SYN_SENT:
-            tcp_send_syn(sh, sk, now)
+            tcp_output.tcp_send_syn(sh, sk, now)
         else:
-            tcp_send_synack_sock(sh, sk, now)
+            tcp_output.tcp_send_synack_sock(sh, sk, now)
         sh.timers.arm(sk, TimerKind.RETRANSMIT,
-                      now + tcp_clamp_rto_to_user_timeout(sk, tcp_rto(sk), now))
+                      now + tcp_clamp_rto_to_user_timeout(sk, tcp_output.tcp_rto(sk), now))
         return
     if sk.snd_una == sk.snd_max:
         return
@@ -342,10 +335,10 @@ def tcp_retransmit_timer(sh: Any, sk: Any, now: float) -> None:
     sk.retries += 1
     tcp_enter_loss(sh, sk, now)
     sh.timers.arm(sk, TimerKind.RETRANSMIT,
-                  now + tcp_clamp_rto_to_user_timeout(sk, tcp_rto(sk), now))
+                  now + tcp_clamp_rto_to_user_timeout(sk, tcp_output.tcp_rto(sk), now))
 
 
-def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
+def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
     """RTO: collapse cwnd and resend the lost flight (RFC 6298 (5.4)-(5.6); Linux
     ``tcp_enter_loss``).
 
@@ -356,16 +349,15 @@ def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
     data follows.  Until the data outstanding now is acknowledged, dup ACKs
     start no fast recovery (RFC 6582 §4).
     """
-    from .tcp_output import tcp_retransmit_skb, tcp_xmit_retransmit_queue
     una = sk.snd_una
     first = not sk.in_loss
     sk.backoff += 1  # RFC 6298 (5.5)
     sk.rtos += 1
     sh.stats.rto_fires += 1
     if sk.cc is None:  # a FIN before ESTABLISHED: nothing to recover but the FIN
-        tcp_retransmit_skb(sh, sk, una, now)
+        tcp_output.tcp_retransmit_skb(sh, sk, una, now)
         return
-    sk.cc.on_rto(now, ((sk.snd_max - una) & 0xFFFFFFFF) / sk.mss_cache)
+    sk.cc.on_rto(now, ((sk.snd_max - una) & MASK) / sk.mss_cache)
     sk.in_recovery = False
     sk.in_loss = True
     sk.timers[TimerKind.TLP] = None
@@ -376,84 +368,38 @@ def tcp_enter_loss(sh: Any, sk: Any, now: float) -> None:
     sk.rtt_seq = -1  # Karn (RFC 6298 (3)): no RTT samples from retransmitted data
     sk.lost_hi = sk.snd_max
     sk.retrans_hi = una
-    sk.rto_ts = (int(now * 1000) + sk.ts_off) & 0xFFFFFFFF  # TSval of the resend below
+    sk.rto_ts = (int(now * 1000) + sk.ts_off) & MASK  # TSval of the resend below
     if first:
         sk.undo_active = True  # a first RTO may prove spurious too (Linux tcp_init_undo)
         sk.undo_marker = una
         sk.undo_retrans = 0
     sk.rtx_log.clear()
     sk.relost.clear()
-    tcp_xmit_retransmit_queue(sh, sk, now)
+    tcp_output.tcp_xmit_retransmit_queue(sh, sk, now)
 
 
-def tcp_send_loss_probe(sh: Any, sk: Any, now: float) -> None:
-    """Tail loss probe (RFC 8985 §7.3; Linux ``tcp_send_loss_probe``).
-
-    The last segments of a flight were sent and no ACK came for two RTTs:
-    rather than wait for the RTO, send one segment (new data if the windows
-    allow, else the last segment again, unless the peer SACKed it) so that
-    its ACK's SACK blocks reveal the loss and fast recovery repairs it.
-    """
-    from .sock import State
-    from .tcp_output import _write_new, tcp_current_mss, tcp_retransmit_skb, tcp_rto
-    if (sk.in_recovery or sk.in_loss or sk.snd_una == sk.snd_max or sk.cc is None
-            or sk.state not in (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT1,
-                                State.LAST_ACK, State.CLOSING)):
-        return
-    mss = tcp_current_mss(sk)
-    sent = _write_new(sh, sk, now, mss)
-    if not sent:
-        top = sk.snd_max
-        seq = (top - mss) & 0xFFFFFFFF
-        if ((seq - sk.snd_una) & 0xFFFFFFFF) & 0x80000000:
-            seq = sk.snd_una
-        if sk.sacked and ((sk.sacked[-1][1] - seq) & 0xFFFFFFFF) < 0x80000000 \
-                and sk.sacked[-1][1] != seq:
-            # The tail (or part of it) is SACKed: probe only below it.
-            lo = sk.sacked[-1][0]
-            if ((lo - seq) & 0xFFFFFFFF) & 0x80000000 or lo == seq:
-                return
-            top = lo
-        end = tcp_retransmit_skb(sh, sk, seq, now, (top - seq) & 0xFFFFFFFF)
-        if end == seq:
-            return
-        # RACK (RFC 8985 §6.2) learns the probe's send time: if it is delivered,
-        # holes sent before it are lost once a reordering window has passed.
-        # (Probes acknowledged on the fast path are dropped here, so the log
-        # stays bounded between recoveries.)
-        una = sk.snd_una
-        log = [e for e in sk.rtx_log if 0 < ((e[1] - una) & 0xFFFFFFFF) < 0x80000000]
-        log.append([seq, end, sk.snd_max, now])
-        sk.rtx_log = log
-    sh.stats.tlp_probes += 1
-    sh.timers.arm(sk, TimerKind.RETRANSMIT, now + tcp_rto(sk))
-
-
-def tcp_delack_timer(sh: Any, sk: Any, now: float) -> None:
-    from .sock import State
-    from .tcp_output import tcp_send_ack
+def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:
     if sk.state is State.CLOSED or sk.state is State.TIME_WAIT:
         return
     if sk.unacked_rcv or sk.ack_now:
         sh.stats.delayed_acks += 1
-        tcp_send_ack(sh, sk, now)
+        tcp_output.tcp_send_ack(sh, sk, now)
 
 
-def tcp_probe_timer(sh: Any, sk: Any, now: float) -> None:
+def tcp_probe_timer(sh: Shard, sk: TcpSock, now: float) -> None:
     """Zero-window probe (RFC 9293 §3.8.6.1; Linux ``tcp_probe_timer``).
 
     RFC 1122 §4.2.2.17 keeps probing for as long as the peer answers, which
     resets the count; TCP_USER_TIMEOUT (RFC 5482) bounds a window that stays
     shut since the first probe even so, and an orphan gets tcp_orphan_retries.
     """
-    from .tcp_output import TCP_RTO_MAX, tcp_rto, tcp_send_probe, tcp_write_xmit
-    pending = sk.sndq_len - ((sk.snd_nxt - sk.snd_una) & 0xFFFFFFFF)
+    pending = sk.sndq_len - ((sk.snd_nxt - sk.snd_una) & MASK)
     if sk.snd_max != sk.snd_una or pending <= 0:
         sk.probes = 0
         sk.probes_tstamp = None
         return
     if sk.snd_wnd:
-        tcp_write_xmit(sh, sk, now)
+        tcp_output.tcp_write_xmit(sh, sk, now)
         return
     ut = sk.user_timeout
     if sk.probes_tstamp is None:
@@ -463,7 +409,7 @@ def tcp_probe_timer(sh: Any, sk: Any, now: float) -> None:
         return
     max_probes = TCP_RETRIES2
     if sk.orphan:
-        alive = tcp_rto(sk) < TCP_RTO_MAX
+        alive = tcp_output.tcp_rto(sk) < TCP_RTO_MAX
         max_probes = tcp_orphan_retries(sk, alive)
         if not alive and sk.backoff >= max_probes:
             tcp_write_err(sh, sk)
@@ -474,26 +420,24 @@ def tcp_probe_timer(sh: Any, sk: Any, now: float) -> None:
     sk.probes += 1
     sk.backoff += 1
     sh.stats.zero_window_probes += 1
-    tcp_send_probe(sh, sk, now)
-    when = tcp_rto(sk)
+    tcp_output.tcp_send_probe(sh, sk, now)
+    when = tcp_output.tcp_rto(sk)
     if ut:  # Linux tcp_clamp_probe0_to_user_timeout
         remaining = ut / 1000.0 - (now - sk.probes_tstamp)
         when = min(when, max(remaining, 0.001))
     sh.timers.arm(sk, TimerKind.PERSIST, now + when)
 
 
-def tcp_keepalive_timer(sh: Any, sk: Any, now: float) -> None:
+def tcp_keepalive_timer(sh: Shard, sk: TcpSock, now: float) -> None:
     """Keepalive (RFC 1122 §4.2.3.6), and the orphaned FIN-WAIT-2 timeout (same timer in Linux).
 
     The peer is declared dead after TCP_KEEPCNT unanswered probes, or, with
     TCP_USER_TIMEOUT set, once that long has passed since it was last heard
     from and at least one probe went unanswered (Linux ``tcp_keepalive_timer``).
     """
-    from .tcp_output import tcp_send_active_reset, tcp_send_probe
     st = sk.state
     if st is State.FIN_WAIT2 and sk.orphan:
-        from .tcp import tcp_done
-        tcp_done(sh, sk)
+        tcp.tcp_done(sh, sk)
         return
     if not sk.keepalive or st not in (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT1,
                                       State.FIN_WAIT2):
@@ -508,10 +452,10 @@ def tcp_keepalive_timer(sh: Any, sk: Any, now: float) -> None:
         return
     ut = sk.user_timeout
     if (sk.probes > 0 and _ms(idle) >= ut) if ut else sk.probes >= sk.keepcnt:
-        tcp_send_active_reset(sh, sk, now)
+        tcp_output.tcp_send_active_reset(sh, sk, now)
         tcp_write_err(sh, sk)
         return
     sk.probes += 1
     sh.stats.keepalive_probes += 1
-    tcp_send_probe(sh, sk, now)
+    tcp_output.tcp_send_probe(sh, sk, now)
     sh.timers.arm(sk, TimerKind.KEEPALIVE, now + sk.keepintvl)

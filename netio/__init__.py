@@ -8,6 +8,8 @@ Modules (see docs/architecture.md, section "netio"):
 - `dispatch`: the pure steering of frames to workers, ARP and ICMP echo answers.
 - `neighbour`: the ARP-filled neighbour table (Linux NUD states) that workers mirror.
 - `process`: the netio process loop (device -> dispatcher -> ZeroMQ per worker).
+- `simlink`: a simulated link between two sans-I/O endpoints on a fake clock
+  (tests and benches: the wire, with seeded loss, delay and reordering).
 
 Importing this package imports nothing heavy; import the modules you need.
 """

@@ -53,6 +53,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from typing import Self
 
 from shardstack.core.wire.checksum import pseudo_header_sum
 
@@ -68,7 +69,12 @@ __all__ = [
     "recv_device",
     "partial_tcp_checksum",
     "aux_rx_flags",
+    "innermost",
+    "Frame",
 ]
+
+#: What a device sends and hands out: bytes, or a view of a buffer.
+Frame = bytes | bytearray | memoryview
 
 # Per-frame flags handed to callers.
 RX_CSUM_VALID = 0x1
@@ -184,10 +190,10 @@ class Device:
     def close(self) -> None:
         pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -221,7 +227,7 @@ def _gso_header(packet: bytearray, mss: int, l3: int) -> bytes:
     )
 
 
-def _gso_parts(packet, mss: int, l3: int, base: int = 0) -> tuple[bytes, bytearray, memoryview]:
+def _gso_parts(packet: Frame, mss: int, l3: int, base: int = 0) -> tuple[bytes, bytearray, memoryview]:
     """`_gso_header` without copying the payload: (virtio header, a copy of
     the headers up to the end of TCP with the partial checksum in it, the
     payload as a view), for one writev/sendmsg. `base`: bytes the caller
@@ -264,7 +270,7 @@ def _rx_flags(hdr: bytes | memoryview) -> int:
     return flags
 
 
-def aux_rx_flags(ancdata: list) -> int:
+def aux_rx_flags(ancdata: list[tuple[int, int, bytes]]) -> int:
     """Flags of one frame from its PACKET_AUXDATA control message (recvmsg's
     ancillary data; tp_status is a host-order u32, both bits in its low byte)."""
     for level, kind, data in ancdata:
@@ -278,7 +284,7 @@ def aux_rx_flags(ancdata: list) -> int:
     return 0
 
 
-def _ifreq_ioctl(name: str, request: int, fmt: str, *values) -> bytes:
+def _ifreq_ioctl(name: str, request: int, fmt: str, *values: int | bytes) -> bytes:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16s" + fmt, name.encode(), *values)
         req += bytes(40 - len(req))
@@ -290,7 +296,8 @@ def set_mtu(name: str, mtu: int) -> None:
 
 
 def get_mtu(name: str) -> int:
-    return struct.unpack_from("i", _ifreq_ioctl(name, SIOCGIFMTU, "i", 0), 16)[0]
+    mtu: int = struct.unpack_from("i", _ifreq_ioctl(name, SIOCGIFMTU, "i", 0), 16)[0]
+    return mtu
 
 
 def get_mac(name: str) -> bytes:
@@ -335,6 +342,13 @@ class DeviceWrapper(Device):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def innermost(dev: Device) -> Device:
+    """The device under every wrapper."""
+    while isinstance(dev, DeviceWrapper):
+        dev = dev.inner
+    return dev
 
 
 class TunDevice(Device):
@@ -532,6 +546,7 @@ class PacketDevice(Device):
         (no copy of either is made; the kernel gathers them)."""
         if not self.vnet_hdr:
             raise OSError(95, "packet socket without vnet_hdr: no GSO")
+        parts: tuple[bytes | bytearray | memoryview, ...]
         if eth is None:
             parts = _gso_parts(packet, mss, ETH_HLEN)
         else:
@@ -575,8 +590,9 @@ class LoopbackDevice(Device):
         self.gso = True
 
     @classmethod
-    def pair(cls, l2: bool = False, mtu: int = 1500, **kw) -> tuple[LoopbackDevice, LoopbackDevice]:
-        a, b = cls(l2, mtu, **kw), cls(l2, mtu, **kw)
+    def pair(cls, l2: bool = False, mtu: int = 1500, capacity: int = 4096,
+             record: bool = False) -> tuple[LoopbackDevice, LoopbackDevice]:
+        a, b = cls(l2, mtu, capacity, record), cls(l2, mtu, capacity, record)
         a.peer, b.peer = b, a
         return a, b
 

@@ -19,8 +19,9 @@ for the few things the I/O process answers itself:
   round to the receive direction (`icmp_socket_deliver`: the worker's
   `tcp_v4_err` does the rest). Off the TCP fast path: ICMP is always the
   slow path here.
-* Everything else is dropped and counted under a named reason, the way Linux
-  tags drops with SKB_DROP_REASON_*. Nothing in here raises on bad input.
+* Everything else is dropped and counted under a `DropReason` (the engine's
+  enum, core.dropreason), the way Linux tags drops with SKB_DROP_REASON_*.
+  Nothing in here raises on bad input.
 
 No I/O, no clocks: `Dispatcher.dispatch(batch, now)` returns what to send
 where (`now` only dates neighbour-table updates).
@@ -32,6 +33,7 @@ import collections
 import struct
 from dataclasses import dataclass, field
 
+from shardstack.core.dropreason import WIRE_REASONS, DropReason
 from shardstack.core.wire.arp import (
     ARPOP_REPLY,
     ARPOP_REQUEST,
@@ -55,7 +57,7 @@ from shardstack.core.wire.icmp import (
     parse_icmp,
     parse_icmp_quote,
 )
-from shardstack.core.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
+from shardstack.core.wire.ipv4 import PROTO_ICMP, parse_ipv4
 
 from .neighbour import ZERO_MAC, NeighTable
 from .rss import RETA_MASK, SYMMETRIC_KEY, FoldedToeplitz, Toeplitz, is_period16, make_reta
@@ -71,6 +73,11 @@ _IP_FAST = struct.Struct("!B5xHxB2xII")
 _PORTS = struct.Struct("!I")
 _ETHERTYPE = struct.Struct("!H")
 
+# WireError.reason -> DropReason for the parsers of the slow paths; a reason
+# not listed is the layer's header error.
+_IP_REASONS = WIRE_REASONS["ip"]
+_ICMP_REASONS = {"checksum": DropReason.ICMP_CSUM}
+
 
 @dataclass(slots=True)
 class DispatchStats:
@@ -81,9 +88,9 @@ class DispatchStats:
     icmp_replies: int = 0
     icmp_errors: int = 0  # ICMP errors handed to the worker owning the quoted flow
     per_worker: list[int] = field(default_factory=list)
-    drops: collections.Counter = field(default_factory=collections.Counter)
+    drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {
             "frames": self.frames,
             "tcp": self.tcp,
@@ -92,7 +99,7 @@ class DispatchStats:
             "icmp_replies": self.icmp_replies,
             "icmp_errors": self.icmp_errors,
             "per_worker": list(self.per_worker),
-            "drops": dict(self.drops),
+            "drops": {r.name: n for r, n in self.drops.items()},
         }
 
 
@@ -171,20 +178,20 @@ class Dispatcher:
             n_bytes = len(frame)
             if l2:
                 if n_bytes < ETH_HLEN:
-                    drops["runt"] += 1
+                    drops[DropReason.PKT_TOO_SMALL] += 1
                     continue
                 # Unicast for another station (veth, bridges and promiscuous
                 # NICs show them to AF_PACKET): ip_rcv_core and arp_rcv drop
                 # PACKET_OTHERHOST; group addresses (I/G bit) pass.
                 if mac and not frame[0] & 1 and frame[:6] != mac:
-                    drops["other_host"] += 1
+                    drops[DropReason.OTHERHOST] += 1
                     continue
                 etype = _ETHERTYPE.unpack_from(frame, 12)[0]
                 if etype != ETH_P_IP:
                     self._slow_l2(frame, etype, out)
                     continue
             if n_bytes < l3 + 20:
-                drops["ip_truncated"] += 1
+                drops[DropReason.IP_HDR] += 1  # shorter than an IPv4 header
                 continue
             vihl, frag, proto, src, dst = unpack_ip(frame, l3)
             if proto != 6 or vihl >> 4 != 4:
@@ -193,18 +200,18 @@ class Dispatcher:
             if vihl == 0x45:
                 l4 = l3 + 20
             elif vihl & 0x0F < 5:
-                drops["ip_header"] += 1
+                drops[DropReason.IP_HDR] += 1  # IHL < 5
                 continue
             else:
                 l4 = l3 + ((vihl & 0x0F) << 2)
             if frag & 0x3FFF:
-                drops["fragment"] += 1
+                drops[DropReason.IP_FRAGMENT] += 1
                 continue
             if n_bytes < l4 + 4:
-                drops["tcp_truncated"] += 1
+                drops[DropReason.TCP_HDR] += 1  # the ports are cut off
                 continue
             if dst not in addrs:
-                drops["not_local"] += 1
+                drops[DropReason.IP_OTHERHOST] += 1
                 continue
             if wtab is not None:
                 x = src ^ dst ^ unpack_ports(frame, l4)[0]
@@ -228,24 +235,24 @@ class Dispatcher:
         try:
             hdr, payload = parse_ipv4(memoryview(frame)[l3:])
         except WireError as e:
-            drops["ip_" + e.reason] += 1
+            drops[_IP_REASONS.get(e.reason, DropReason.IP_HDR)] += 1
             return
         if hdr.dst not in self.addrs:
-            drops["not_local"] += 1
+            drops[DropReason.IP_OTHERHOST] += 1
             return
         if hdr.proto != PROTO_ICMP:
-            drops["udp" if hdr.proto == PROTO_UDP else "proto_other"] += 1
+            drops[DropReason.NOT_TCP] += 1  # UDP or another protocol: we serve neither
             return
         try:
             msg = parse_icmp(payload)  # verifies the checksum, as icmp_rcv does
         except WireError as e:
-            drops["icmp_" + e.reason] += 1
+            drops[_ICMP_REASONS.get(e.reason, DropReason.ICMP_HDR)] += 1
             return
         if msg.type in ICMP_ERROR_TYPES:
             self._icmp_error(frame, flags, msg, out)
             return
         if msg.type != ICMP_ECHO or msg.code != 0:
-            drops["icmp_not_echo"] += 1
+            drops[DropReason.ICMP_TYPE] += 1
             return
         reply = echo_reply_ipv4(hdr, msg)  # RFC 1122 §3.2.2.6: same id, seq, data
         if self.l2:
@@ -262,14 +269,14 @@ class Dispatcher:
         drops = self.stats.drops
         try:
             q = parse_icmp_quote(msg.payload)
-        except WireError as e:
-            drops["icmp_err_" + e.reason] += 1
+        except WireError:
+            drops[DropReason.ICMP_ERR_QUOTE] += 1
             return
         if q.proto != 6:
-            drops["icmp_err_not_tcp"] += 1
+            drops[DropReason.ICMP_ERR_NOT_TCP] += 1
             return
         if q.src not in self.addrs:
-            drops["icmp_err_not_ours"] += 1
+            drops[DropReason.ICMP_ERR_NOT_OURS] += 1
             return
         w = self.reta[self.hasher.hash_tuple(q.dst, q.src, q.dport, q.sport) & RETA_MASK]
         out.frames[w].append(frame)
@@ -280,19 +287,19 @@ class Dispatcher:
         """Non-IPv4 Ethernet: ARP (`arp_process`), everything else dropped."""
         drops = self.stats.drops
         if etype != ETH_P_ARP:
-            drops["ethertype"] += 1  # IPv6, LLDP, VLAN tags...
+            drops[DropReason.UNHANDLED_PROTO] += 1  # IPv6, LLDP, VLAN tags...
             return
         try:
             arp = parse_arp(memoryview(frame)[ETH_HLEN:])
-        except WireError as e:
-            drops["arp_" + e.reason] += 1
+        except WireError:
+            drops[DropReason.ARP_HDR] += 1
             return
         sip, sha = arp.sender_ip, arp.sender_mac
         # A sender we may record: a unicast MAC and an address that is set
         # and not ours (0.0.0.0 is a duplicate-address probe, RFC 5227).
         usable = sip != 0 and sip not in self.addrs and not sha[0] & 1 and sha != ZERO_MAC
         if arp.target_ip not in self.addrs:
-            drops["arp_not_for_us"] += 1  # not answered; may still refresh an entry
+            drops[DropReason.ARP_NOT_FOR_US] += 1  # not answered; may still refresh an entry
             if usable:
                 self.neigh.arp_update(sip, sha, False, self.now)
             return
@@ -301,7 +308,7 @@ class Dispatcher:
             if usable and self.neigh.arp_update(sip, sha, frame[:6] == self.mac, self.now):
                 self.stats.arp_learned += 1
             else:  # unsolicited, inside locktime, or an unusable sender
-                drops["arp_reply_ignored"] += 1
+                drops[DropReason.ARP_REPLY_IGNORED] += 1
             return
         if usable and arp.op == ARPOP_REQUEST:
             self.neigh.neigh_event_ns(sip, sha, self.now)  # the asker will talk to us

@@ -331,7 +331,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def pack_program(prog: Sequence[tuple[int, int, int, int]]) -> tuple[bytes, ctypes.Array]:
+def pack_program(prog: Sequence[tuple[int, int, int, int]]) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
     """struct sock_fprog for setsockopt (the buffer must outlive the call)."""
     raw = b"".join(struct.pack("=HBBI", *insn) for insn in prog)
     buf = ctypes.create_string_buffer(raw, len(raw))
@@ -339,7 +339,8 @@ def pack_program(prog: Sequence[tuple[int, int, int, int]]) -> tuple[bytes, ctyp
     return bytes(fprog), buf
 
 
-def _setsockopt_prog(sock: socket.socket, level: int, opt: int, prog) -> None:
+def _setsockopt_prog(sock: socket.socket, level: int, opt: int,
+                     prog: Sequence[tuple[int, int, int, int]]) -> None:
     fprog, buf = pack_program(prog)
     sock.setsockopt(level, opt, fprog)
     del buf
@@ -447,7 +448,7 @@ class GroupStats:
         self.delivered = [0] * len(self.socks)
         self.dropped = [0] * len(self.socks)
 
-    def sample(self) -> dict:
+    def sample(self) -> dict[str, list[int]]:
         for i, s in enumerate(self.socks):
             packets, drops = _TPACKET_STATS.unpack(
                 s.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size))

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
-from .device import RX_CSUM_VALID, Device, DeviceWrapper
+from .device import RX_CSUM_VALID, Device, DeviceWrapper, Frame
 
 __all__ = ["Impair", "ImpairSpec", "ImpairCounters", "parse_impair_spec"]
 
@@ -176,7 +176,7 @@ class _Lane:
         buf[i] ^= 1 << self.rng.randrange(8)
         return bytes(buf)
 
-    def _emit(self, frame: bytes, flags: int, now: float, out: list) -> None:
+    def _emit(self, frame: bytes, flags: int, now: float, out: list[tuple[bytes, int]]) -> None:
         """Send a frame whose delay is over, through the reorder stage."""
         sp = self.spec
         if self._held is not None:
@@ -194,7 +194,7 @@ class _Lane:
         out.append((frame, flags))
         self.stats.passed += 1
 
-    def _release(self, now: float, out: list) -> None:
+    def _release(self, now: float, out: list[tuple[bytes, int]]) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, _, f, fl = heapq.heappop(heap)
@@ -238,7 +238,7 @@ class Impair(DeviceWrapper):
         out, self._rx_ready = self._rx_ready[:limit], self._rx_ready[limit:]
         return out
 
-    def send_batch(self, frames) -> int:
+    def send_batch(self, frames: Iterable[Frame]) -> int:
         """Frames accepted (lost ones count as sent: the wire ate them)."""
         frames = list(frames)
         self._tx_out(self.tx.push(((bytes(f), 0) for f in frames), self.clock()))
@@ -259,7 +259,7 @@ class Impair(DeviceWrapper):
         if run:
             self.inner.send_batch(run)
 
-    def send_gso(self, packet, mss: int) -> bool:
+    def send_gso(self, packet: Frame, mss: int) -> bool:
         # A super-segment is one frame to the impairer: lost, delayed or
         # reordered as a whole (it would be segmented behind us on a wire).
         self._tx_out(self.tx.push([(bytes(packet), mss)], self.clock()))

@@ -280,7 +280,7 @@ class NeighTable:
                 soonest = n.timer
         self.soonest = soonest
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> float:
         """When `neigh_timer_handler` should run next (never later than needed:
         callers skip it while `now < soonest`, so a busy loop pays nothing)."""
         return self.soonest

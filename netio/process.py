@@ -61,13 +61,23 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import zmq
 from shardstack.core.wire.ipv4 import str_to_ip
 
-from .device import DEFAULT_BATCH, Device, LoopbackDevice, PacketDevice, TunDevice
+from .device import (
+    DEFAULT_BATCH,
+    Device,
+    Frame,
+    LoopbackDevice,
+    PacketDevice,
+    TunDevice,
+    innermost,
+)
 from .dispatch import Dispatcher
 from .impair import Impair
 from .neighbour import NUD_REACHABLE, NUD_VALID, nud_name
@@ -79,6 +89,7 @@ __all__ = [
     "NetioStats",
     "worker_endpoint",
     "control_endpoint",
+    "control_call",
     "decode_batch",
     "decode_neighbours",
     "decode_neigh_entries",
@@ -115,6 +126,26 @@ def control_endpoint(rundir: str) -> str:
     return f"ipc://{rundir}/netio-ctl.ipc"
 
 
+def control_call(rundir: str, req: dict[str, Any], timeout_ms: int = 200) -> dict[str, Any] | None:
+    """One request to netio's REP control socket; None if netio does not
+    answer within `timeout_ms`. It BLOCKS that long: for the supervisor
+    (which runs it in an executor) and tools, never from a worker's event
+    loop (workers talk to netio through netio.neigh_mirror.NeighChannel)."""
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    s.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    try:
+        s.connect(control_endpoint(rundir))
+        s.send(msgpack.packb(req))
+        reply = msgpack.unpackb(s.recv(), strict_map_key=False)
+    except zmq.ZMQError:
+        return None
+    finally:
+        s.close(0)
+    return reply if isinstance(reply, dict) else None
+
+
 def neigh_endpoint(rundir: str) -> str:
     """Where netio's PULL for the workers' neighbour messages is bound (L2)."""
     return f"ipc://{rundir}/netio-neigh.ipc"
@@ -125,7 +156,7 @@ def encode_neigh_request(op: int, ip: int) -> bytes:
     return bytes((op,)) + ip.to_bytes(4, "big")
 
 
-def decode_batch(parts: list) -> list[tuple[bytes, int]]:
+def decode_batch(parts: Sequence[Frame]) -> list[tuple[bytes, int]]:
     """A worker's view of one message: [(frame, flags), ...] ([] for a
     neighbour announcement)."""
     flags = bytes(parts[0])
@@ -139,7 +170,7 @@ def encode_neighbour(ip: int, mac: bytes, state: int = NUD_REACHABLE) -> bytes:
     return ip.to_bytes(4, "big") + bytes(mac) + bytes((state,))
 
 
-def decode_neigh_entries(parts: list) -> list[tuple[int, bytes, int]]:
+def decode_neigh_entries(parts: Sequence[Frame]) -> list[tuple[int, bytes, int]]:
     """The entries of a neighbour announcement `[b"", entry...]`: [(ip, mac,
     state)]; [] for a frame batch. Malformed entries are skipped."""
     if len(parts[0]):
@@ -153,7 +184,7 @@ def decode_neigh_entries(parts: list) -> list[tuple[int, bytes, int]]:
     return out
 
 
-def decode_neighbours(parts: list) -> list[tuple[int, bytes]]:
+def decode_neighbours(parts: Sequence[Frame]) -> list[tuple[int, bytes]]:
     """The usable entries of a neighbour announcement: [(ip, mac)]."""
     return [(ip, mac) for ip, mac, st in decode_neigh_entries(parts) if st & NUD_VALID]
 
@@ -172,7 +203,7 @@ class NetioStats:
     zmq_sent: list[int] = field(default_factory=list)  # frames per worker
     zmq_dropped: list[int] = field(default_factory=list)  # frames per worker (HWM)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {
             "wakeups": self.wakeups,
             "rx_batches": self.rx_batches,
@@ -196,10 +227,10 @@ class NetioProcess:
         dev: Device,
         dispatcher: Dispatcher,
         rundir: str,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         sndhwm: int = DEFAULT_SNDHWM,
         batch: int = DEFAULT_BATCH,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dev = dev
         self.clock = clock
@@ -209,7 +240,7 @@ class NetioProcess:
         self.ctx = ctx or zmq.Context.instance()
         n = dispatcher.n_workers
         self.stats = NetioStats(zmq_sent=[0] * n, zmq_dropped=[0] * n)
-        self.push: list[zmq.Socket] = []
+        self.push: list[zmq.Socket[bytes]] = []
         for i in range(n):
             s = self.ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.SNDHWM, sndhwm)
@@ -223,7 +254,7 @@ class NetioProcess:
         self.poller.register(self.ctl, zmq.POLLIN)
         # L2: the workers' neighbour messages (see the module docstring)
         self.neigh = dispatcher.neigh
-        self.neigh_pull: zmq.Socket | None = None
+        self.neigh_pull: zmq.Socket[bytes] | None = None
         if dispatcher.l2:
             self.neigh_pull = self.ctx.socket(zmq.PULL)
             self.neigh_pull.setsockopt(zmq.LINGER, 0)
@@ -272,6 +303,8 @@ class NetioProcess:
     def _neigh_rx(self) -> None:
         """The workers' NEIGH_RESOLVE / NEIGH_CONFIRM messages (non-blocking)."""
         pull, neigh, stats = self.neigh_pull, self.neigh, self.stats
+        if pull is None:  # a TUN's netio has no neighbour channel
+            return
         now = self.clock()
         for _ in range(MAX_NEIGH_MSGS):
             try:
@@ -370,8 +403,9 @@ class NetioProcess:
 
     # -- control ------------------------------------------------------------
 
-    def counters(self) -> dict:
-        out = {"netio": self.stats.as_dict(), "dispatch": self.dispatcher.stats.as_dict()}
+    def counters(self) -> dict[str, object]:
+        out: dict[str, object] = {"netio": self.stats.as_dict(),
+                                  "dispatch": self.dispatcher.stats.as_dict()}
         if self.neigh_pull is not None:
             out["neigh"] = dict(self.neigh.stats.as_dict(), entries=len(self.neigh))
         counters = getattr(self.dev, "counters", None)
@@ -389,9 +423,11 @@ class NetioProcess:
             return
         self.ctl.send(msgpack.packb(self.handle(req)))
 
-    def handle(self, req) -> dict:
+    def handle(self, req: object) -> dict[str, Any]:
         """One control request (the REP socket's body; also callable directly)."""
-        op = req.get("op") if isinstance(req, dict) else None
+        if not isinstance(req, dict):
+            req = {}
+        op = req.get("op")
         if op == "stats":
             return {"ok": True, **self.counters()}
         if op == "reta":
@@ -483,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     kind, name = ("tun", args.tun) if args.tun else ("packet", args.packet)
     dev = make_device(kind, name, args.mtu, args.vnet_hdr, args.impair, args.pcap, args.trace)
     addrs = [str_to_ip(a.split("/")[0]) for a in args.addr]
-    mac = getattr(_innermost(dev), "mac", None)
+    mac = getattr(innermost(dev), "mac", None)
     disp = Dispatcher(args.workers, addrs, l2=dev.l2, mac=mac)
     os.makedirs(args.rundir, mode=0o700, exist_ok=True)
     proc = NetioProcess(dev, disp, args.rundir, sndhwm=args.sndhwm, batch=args.batch)
@@ -497,12 +533,6 @@ def main(argv: list[str] | None = None) -> int:
         proc.close()
         dev.close()
     return 0
-
-
-def _innermost(dev: Device) -> Device:
-    while hasattr(dev, "inner"):
-        dev = dev.inner
-    return dev
 
 
 if __name__ == "__main__":

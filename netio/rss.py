@@ -28,6 +28,12 @@ Receive-side Scaling", 2012). Both directions of a flow land on one worker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .device import Frame
+
 DEFAULT_KEY = bytes.fromhex(
     "6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa"
 )
@@ -112,7 +118,7 @@ class Toeplitz:
             ^ t10[dst_port >> 8] ^ t11[dst_port & 0xFF]
         )  # fmt: skip
 
-    def hash_packet(self, buf, l3: int, l4: int) -> int:
+    def hash_packet(self, buf: Frame, l3: int, l4: int) -> int:
         """Hash the TCP/IPv4 4-tuple of the packet in `buf`.
 
         `l3` is the offset of the IPv4 header (0 on TUN, 14 behind Ethernet),
@@ -156,7 +162,8 @@ def flow_to_worker(
     return reta[hasher.hash_tuple(src_ip, dst_ip, src_port, dst_port) & RETA_MASK]
 
 
-def packet_to_worker(buf, l3: int, l4: int, reta, hasher: Toeplitz = _SYMMETRIC) -> int:
+def packet_to_worker(buf: Frame, l3: int, l4: int, reta: Sequence[int],
+                     hasher: Toeplitz = _SYMMETRIC) -> int:
     """`flow_to_worker` straight from a raw packet (no intermediate tuple)."""
     return reta[hasher.hash_packet(buf, l3, l4) & RETA_MASK]
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from .device import RX_CSUM_VALID, RX_GSO, Device, DeviceWrapper
+from .device import RX_CSUM_VALID, RX_GSO, Device, DeviceWrapper, Frame
 
 __all__ = ["Trace", "describe"]
 
@@ -29,11 +29,11 @@ def _ip(v: int) -> str:
     return f"{v >> 24}.{(v >> 16) & 255}.{(v >> 8) & 255}.{v & 255}"
 
 
-def _mac(b: bytes) -> str:
+def _mac(b: Frame) -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
-def _describe_ipv4(p: bytes, off: int) -> str:
+def _describe_ipv4(p: Frame, off: int) -> str:
     if len(p) < off + 20 or p[off] >> 4 != 4:
         return f"ip? {bytes(p[off:off + 8]).hex()}"
     ihl = (p[off] & 15) * 4
@@ -50,7 +50,7 @@ def _describe_ipv4(p: bytes, off: int) -> str:
     return f"{_ip(src)} > {_ip(dst)} proto {proto}"
 
 
-def describe(frame: bytes, l2: bool) -> str:
+def describe(frame: Frame, l2: bool) -> str:
     """A one-line summary of a frame."""
     try:
         if not l2:
@@ -82,13 +82,13 @@ class Trace(DeviceWrapper):
             self.sink(f"rx {len(f)}B {describe(f, self.l2)}{extra}")
         return batch
 
-    def send_batch(self, frames) -> int:
+    def send_batch(self, frames: Iterable[Frame]) -> int:
         frames = list(frames)
         for f in frames:
             self.sink(f"tx {len(f)}B {describe(f, self.l2)}")
         return self.inner.send_batch(frames)
 
-    def send_gso(self, packet, mss: int) -> bool:
+    def send_gso(self, packet: Frame, mss: int) -> bool:
         self.sink(f"tx {len(packet)}B {describe(packet, self.l2)} gso mss {mss}")
         return self.inner.send_gso(packet, mss)
 

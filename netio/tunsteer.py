@@ -81,7 +81,12 @@ def _s32(k: int) -> int:
     return k - (1 << 32) if k & 0x80000000 else k
 
 
-def _e(code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> tuple:
+# An eBPF instruction (code, dst, src, off, imm) whose jump offset may still
+# be a label ("L<cBPF pc>") until `translate` resolves it.
+_Insn = tuple[int, int, int, int | str, int]
+
+
+def _e(code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) -> _Insn:
     return (code, dst, src, off, _s32(imm & 0xFFFFFFFF))
 
 
@@ -92,7 +97,7 @@ def translate(prog: Sequence[tuple[int, int, int, int]],
     With `count_map` (an array map's fd), every return first adds one to the
     map's entry for the value returned: per-queue steering counts, what
     `stats` reports as dispatched to each worker."""
-    out: list = [_e(EBPF_ALU64 | EBPF_MOV | fo.BPF_X, R6, R1)]  # R6 = skb, for LD_ABS
+    out: list[_Insn] = [_e(EBPF_ALU64 | EBPF_MOV | fo.BPF_X, R6, R1)]  # R6 = skb, for LD_ABS
     starts: list[int] = []
     ad_proto = (fo.SKF_AD_OFF + fo.SKF_AD_PROTOCOL) & 0xFFFFFFFF
     ad_pkttype = (fo.SKF_AD_OFF + fo.SKF_AD_PKTTYPE) & 0xFFFFFFFF
@@ -175,7 +180,7 @@ def translate(prog: Sequence[tuple[int, int, int, int]],
     starts.append(len(out))
     if count_map is not None:
         out += _count_epilogue(count_map)
-    resolved = []
+    resolved: list[tuple[int, int, int, int, int]] = []
     for pc, (code, dst, src, off, imm) in enumerate(out):
         if isinstance(off, str):
             off = starts[int(off[1:])] - pc - 1
@@ -183,7 +188,7 @@ def translate(prog: Sequence[tuple[int, int, int, int]],
     return resolved
 
 
-def _count_epilogue(map_fd: int) -> list:
+def _count_epilogue(map_fd: int) -> list[_Insn]:
     """map[R0] += 1 (atomically: queues run on any CPU), then return R0."""
     return [
         _e(EBPF_ALU64 | EBPF_MOV | fo.BPF_X, R9, R0),
@@ -216,11 +221,11 @@ class _ProgLoadAttr(ctypes.Structure):
     ]  # fmt: skip
 
 
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     if SYS_BPF is None:
         raise OSError(errno.ENOSYS, "bpf(2) number unknown on this architecture")
     libc = ctypes.CDLL(None, use_errno=True)
-    r = libc.syscall(SYS_BPF, cmd, attr, len(attr))
+    r: int = libc.syscall(SYS_BPF, cmd, attr, len(attr))
     if r < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -266,7 +271,7 @@ def load_program(insns: Sequence[tuple[int, int, int, int, int]]) -> int:
                          insns=ctypes.addressof(code), license=ctypes.addressof(lic),
                          log_level=1, log_size=len(log), log_buf=ctypes.addressof(log),
                          prog_name=b"ss_steer")
-    fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    fd: int = libc.syscall(SYS_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{os.strerror(err)}: {log.value.decode(errors='replace')[-400:]}")
@@ -274,7 +279,7 @@ def load_program(insns: Sequence[tuple[int, int, int, int, int]]) -> int:
 
 
 def steering_program(n_workers: int, reta: Sequence[int] | None = None,
-                     counts: SteeringCounts | None = None) -> list:
+                     counts: SteeringCounts | None = None) -> list[tuple[int, int, int, int, int]]:
     return translate(fo.build_program(n_workers, reta, l2=False), counts.fd if counts else None)
 
 

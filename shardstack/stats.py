@@ -47,7 +47,7 @@ class ProcTelemetry:
 def to_plain(obj: Any) -> Any:
     """A msgpack-able copy of a counters object (dataclass, slotted, dict, enum)."""
     if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {_key(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, enum.Enum):
@@ -62,6 +62,12 @@ def to_plain(obj: Any) -> Any:
     if hasattr(obj, "__dict__"):
         return {k: to_plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
     return str(obj)
+
+
+def _key(k: Any) -> str:
+    """A map key on the wire: an enum member by its name (DropReason.TCP_CSUM
+    -> "TCP_CSUM"), anything else as text."""
+    return k.name if isinstance(k, enum.Enum) else str(k)
 
 
 # -- rendering ------------------------------------------------------------------
@@ -115,6 +121,10 @@ def format_stats(st: dict[str, Any]) -> str:
             f"{w.get('id'):<8} {c.get('frames_in', 0):>10} {c.get('frames_out', 0):>10} "
             f"{c.get('connections', 0):>6} {sum(c.get('drops', {}).values()):>7}"
         )
+    for w in st.get("workers", []):
+        line = _drop_line(w.get("counters", {}).get("drops", {}))
+        if line:
+            lines.append(f"worker {w.get('id')} drops: {line}")
     n = st.get("netio", {}).get("counters", {})
     if n:
         d = n.get("dispatch", {})
@@ -123,7 +133,12 @@ def format_stats(st: dict[str, Any]) -> str:
             f"w{i}={v}" for i, v in enumerate(d.get("per_worker", []))))
         lines.append(f"netio answered: icmp={d.get('icmp_replies', 0)} arp={d.get('arp_replies', 0)}"
                      f"  zmq dropped: {n.get('netio', {}).get('zmq_dropped', [])}")
-        drops = d.get("drops", {})
-        if drops:
-            lines.append("netio drops: " + " ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+        line = _drop_line(d.get("drops", {}))
+        if line:
+            lines.append(f"netio drops: {line}")
     return "\n".join(lines)
+
+
+def _drop_line(drops: dict[str, int]) -> str:
+    """Drop counts by reason (DropReason names, as the processes send them)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(drops.items()) if v)

@@ -26,20 +26,21 @@ forwards: neighbour announcements, and ICMP errors quoting one of our flows
 (the kernel gives netio every non-TCP frame; those go through
 `shard.receive_batch` like any frame).
 
-The supervisor starts us as `python -m shardstack.worker` with a JSON
-description on stdin (not argv: it carries the ISN secret) and any device fd
-passed down (`pass_fds`). `worker-<i>.ctl` serves its commands.
+The supervisor starts us as `python -m shardstack.worker` (start-up:
+shardstack.child); our devices are netio's (netio.serve_devices: the TUN fd,
+or a packet socket behind netio.neigh_mirror.L2Tx, which adds Ethernet
+headers from the mirror of netio's neighbour table). `worker-<i>.ctl`
+serves its commands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
-import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,26 +50,21 @@ import uvloop
 import zmq
 
 from shardstack import control
+from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
+from shardstack.core.dropreason import DropReason
 from shardstack.netio import rss
 from shardstack.netio.device import (
     AUX_SPACE,
     MAX_FRAME,
     RX_CSUM_VALID,
     VNET_HDR_LEN,
-    PacketDevice,
     _rx_flags,
     aux_rx_flags,
 )
-from shardstack.netio.neighbour import NUD_DELAY, NUD_FAILED, NUD_STALE, NUD_VALID, NeighParms
-from shardstack.netio.process import (
-    NEIGH_CONFIRM,
-    NEIGH_RESOLVE,
-    decode_neigh_entries,
-    encode_neigh_request,
-    neigh_endpoint,
-    worker_endpoint,
-)
+from shardstack.netio.neigh_mirror import L2Tx
+from shardstack.netio.process import decode_neigh_entries, worker_endpoint
+from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
 from shardstack.stats import to_plain
 
@@ -94,10 +90,10 @@ class WorkerCounters:
     wakeups: int = 0
     timer_fires: int = 0
     gso_out: int = 0
-    drops: dict[str, int] = field(default_factory=dict)
+    drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
-    def drop(self, reason: str, n: int = 1) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + n
+    def drop(self, reason: DropReason, n: int = 1) -> None:
+        self.drops[reason] += n
 
 
 def _monotonic() -> float:
@@ -119,8 +115,8 @@ class Worker:
         self.run = RunDir(Path(cfg.run_dir))
         self.counters = WorkerCounters()
         self.shard = self._make_shard()
-        if self.l2 and hasattr(tx, "attach_shard"):
-            tx.attach_shard(self.shard)  # L2Tx: forward progress confirms neighbours
+        if isinstance(tx, L2Tx):
+            tx.attach_shard(self.shard)  # forward progress confirms neighbours
         self.services = None
         self.appgate = None
         self._timer: asyncio.TimerHandle | None = None
@@ -285,7 +281,7 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 break
             if len(data) <= head:
-                c.drop("runt")
+                c.drop(DropReason.PKT_TOO_SMALL)
                 continue
             mv = memoryview(data)
             if vnet:
@@ -419,7 +415,7 @@ class Worker:
             sent += tx.send_batch(run)
         c.frames_out += sent
         if sent != len(frames):
-            c.drop("tx", len(frames) - sent)
+            c.drop(DropReason.DEV_TX, len(frames) - sent)
 
     def _dispatch(self, events: list) -> None:
         services = self.services
@@ -477,14 +473,17 @@ class Worker:
         return d
 
     def _stats(self) -> dict[str, Any]:
+        # Every drop of this process by reason, ours and the shard's: names
+        # on the wire (to_plain), produced from the enum.
+        drops = self.counters.drops + self.shard.stats.drops
+        if isinstance(self.tx, L2Tx):
+            drops[DropReason.NEIGH_QUEUEFULL] += self.tx.stats["unres_discards"]
+            drops[DropReason.NEIGH_FAILED] += self.tx.stats["failed"]
         counters = to_plain(self.counters)
+        counters["drops"] = to_plain(+drops)
         counters["connections"] = sum(
             1 for ci in self.shard.connections() if ci.state != "LISTEN")
         shard_stats = self.shard.stats.as_dict()
-        drops = counters["drops"]
-        for k, v in shard_stats.items():
-            if k.startswith("drop_"):
-                drops[k[5:]] = drops.get(k[5:], 0) + v
         if self.services is not None:
             counters["services"] = to_plain(self.services.stats)
         if self.appgate is not None:
@@ -494,12 +493,8 @@ class Worker:
             impair = getattr(self.tx, "counters", None)
         if impair is not None:
             counters["impair"] = impair()["tx"]  # the rx lane is netio's
-        neigh = getattr(self.tx, "unres", None)
-        if neigh is not None:  # L2Tx: neighbour resolution (queued frames)
-            counters["neigh"] = dict(self.tx.stats, incomplete=len(neigh))
-            for k in ("unres_discards", "failed"):
-                if self.tx.stats[k]:
-                    drops["neigh_" + k] = drops.get("neigh_" + k, 0) + self.tx.stats[k]
+        if isinstance(self.tx, L2Tx):  # neighbour resolution (queued frames)
+            counters["neigh"] = dict(self.tx.stats, incomplete=len(self.tx.unres))
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
@@ -532,501 +527,20 @@ class Worker:
 # -- process entry ------------------------------------------------------------
 
 
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Die with the supervisor even if it is SIGKILLed (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-
-def keep_heap_warm() -> None:
-    """Serve large buffers from a heap that is never given back (glibc mallopt).
-
-    A bulk sender moves 256 KiB chunks (appgate.CHUNK) through the send
-    queue, allocated on read and freed on ACK. By default glibc maps such
-    blocks fresh (or trims the heap under them) each time, and touching the
-    new pages costs a fault per 4 KiB: measured, that was the largest single
-    cost of sending. Pinning the thresholds keeps freed chunks for reuse;
-    the price is that the worker's RSS stays at its high-water mark.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-def make_tx(cfg: ServeConfig, spec: dict[str, Any], wid: int):
-    """The worker's own TX device: the shared TUN fd, or a send-only AF_PACKET
-    socket that adds Ethernet headers (`L2Tx`); under `--impair`, wrapped in
-    netio's Impair so the TX direction is impaired too (seeded per worker)."""
-    from shardstack.netio.device import PacketDevice, TunDevice
-
-    if spec.get("kind") == "tun":
-        dev = TunDevice.from_fd(spec["fd"], cfg.ifname, spec["mtu"], spec["vnet_hdr"])
-    elif spec.get("kind") == "packet":
-        dev = PacketDevice(cfg.ifname, rx=False, vnet_hdr=spec.get("vnet_hdr", False))
-    else:
-        raise ValueError(f"unknown device kind {spec.get('kind')!r}")
-    if cfg.pcap:
-        from shardstack.netio.pcap import Pcap
-
-        dev = Pcap(dev, SharedPcapFile(cfg.pcap), rx=False)
-    if cfg.impair:
-        import dataclasses
-
-        from shardstack.netio.impair import Impair, parse_impair_spec
-
-        spec_ = parse_impair_spec(cfg.impair)
-        dev = Impair(dev, dataclasses.replace(spec_, seed=spec_.seed * 1009 + wid + 1))
-    if spec.get("kind") == "packet":
-        from shardstack.netio_adapter import _mac_of
-
-        return L2Tx(dev, _mac_of(dev, cfg.ifname), cfg)
-    return dev
-
-
-class SharedPcapFile:
-    """The file object netio.pcap.Pcap writes to, shared by every process.
-
-    The supervisor writes the pcap global header once; each process opens
-    the file O_APPEND and this object turns each of Pcap's batches (records
-    written, then flush()) into ONE write(2), which the kernel appends whole,
-    so records of different processes never interleave. The header Pcap
-    writes on construction is swallowed: the file already has one.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self.buf = bytearray()
-        self._header_seen = False
-
-    def write(self, data) -> int:
-        if not self._header_seen:
-            self._header_seen = True
-            return len(data)
-        self.buf += data
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buf:
-            os.write(self.fd, self.buf)
-            self.buf.clear()
-
-    def close(self) -> None:
-        self.flush()
-        os.close(self.fd)
-
-
-def write_pcap_header(path: str, l2: bool) -> None:
-    """Create (truncate) the shared capture with its global header (supervisor)."""
-    import struct
-
-    from shardstack.netio import pcap
-
-    linktype = pcap.LINKTYPE_ETHERNET if l2 else pcap.LINKTYPE_RAW
-    with open(path, "wb") as f:
-        f.write(struct.pack("=IHHiIII", pcap.PCAP_MAGIC, 2, 4, 0, 0, pcap.SNAPLEN, linktype))
-
-
-# Neighbour resolution (Linux neighbour.c / arp.c defaults). The table itself
-# is netio's (netio.neighbour: filled from ARP only, NUD states and timers);
-# a worker mirrors it from netio's announcements and talks back with
-# fire-and-forget messages, so nothing here ever waits on netio.
-ARP_QUEUE_LEN = 3  # frames held per unresolved neighbour (the classic unres_qlen)
-ARP_RETRANS = 1.0  # seconds between NEIGH_RESOLVE re-asks while INCOMPLETE (retrans_time)
-ARP_PROBES = 3  # re-asks before the worker gives up on the neighbour (mcast_solicit)
-CONFIRM_LEAD = 1.0  # s: look for forward progress this long before netio's DELAY ends
-NEIGH_MIRROR_TTL = 60.0  # s: an entry netio said nothing of this long is asked about again
-NEIGH_MIRROR_MAX = 4096  # STALE entries mirrored at most (netio's table holds 1024)
-NEIGH_SNDHWM = 1024  # messages to netio queued before we count them as dropped
-DELAY_FIRST_PROBE_TIME = NeighParms().delay_first_probe_time  # netio's DELAY (5 s)
-
-
-@dataclass(slots=True)
-class Unresolved:
-    """An INCOMPLETE neighbour: frames waiting for its MAC (`arp_queue`)."""
-
-    queue: list = field(default_factory=list)  # (packet, gso_size), oldest first
-    probes: int = 1
-    deadline: float = 0.0
-
-
-@dataclass(slots=True)
-class DelayCheck:
-    """A neighbour in DELAY: at `deadline`, confirm it if a connection through
-    it made forward progress since `snapshot` (id(sock) -> snd_una)."""
-
-    deadline: float
-    snapshot: dict
-
-
-class NeighChannel:
-    """Worker -> netio neighbour messages (netio.process NEIGH_RESOLVE,
-    NEIGH_CONFIRM): a zmq PUSH to netio's PULL, sent with NOBLOCK and never
-    answered, so a slow, absent or restarting netio costs at most a counted
-    drop. libzmq queues to a peer that is not there yet (ZMQ_IMMEDIATE off)."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.endpoint = neigh_endpoint(run_dir)
-        self.sock: zmq.Socket | None = None
-
-    def send(self, msg: bytes) -> bool:
-        sock = self.sock
-        if sock is None:
-            sock = self.sock = zmq.Context.instance().socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, NEIGH_SNDHWM)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
-        try:
-            sock.send(msg, zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
-
-
-class L2Tx:
-    """Ethernet framing for a worker's AF_PACKET TX (netio has none for workers).
-
-    Next hop: the destination itself when on-link, else `--gateway`. Its MAC
-    comes only from netio's neighbour table, which only ARP fills
-    (netio.neighbour): received frames teach nothing, so a forged TCP frame
-    cannot redirect our traffic. netio announces every change of an entry
-    (`neigh_update`, with its NUD state) and we mirror the usable ones:
-    `neigh` holds those we may use without a word (REACHABLE, DELAY, PROBE),
-    `stale` the STALE ones, whose first use we report (NEIGH_RESOLVE: netio
-    arms DELAY, as Linux's `neigh_event_send`) while we keep sending.
-
-    A miss never blocks: the frame waits on the neighbour, at most
-    ARP_QUEUE_LEN of them (the oldest goes first, counted `unres_discards`),
-    as Linux's `__neigh_event_send` queues on an INCOMPLETE entry, and we
-    send NEIGH_RESOLVE; the frames go out when netio's announcement arrives.
-    Every ARP_RETRANS we ask again, and after ARP_PROBES (or when netio says
-    FAILED) the frames are dropped (`failed`), as `neigh_invalidate` does;
-    TCP retransmits.
-
-    Confirmation (Linux `dst_confirm` -> `neigh_confirm`): when netio
-    announces DELAY we note snd_una of the connections through that hop, and
-    CONFIRM_LEAD before the DELAY ends, if one of them moved (the peer acked
-    new data or our SYN), we send NEIGH_CONFIRM, so netio goes back to
-    REACHABLE instead of probing. A confirmation names an address, never a MAC.
-    """
-
-    l2 = True
-
-    def __init__(self, inner, mac: bytes, cfg: ServeConfig, chan: Any = None) -> None:
-        self.inner = inner
-        self.mac = mac
-        self.net = int(cfg.addr.network.network_address)
-        self.mask = int(cfg.addr.network.netmask)
-        self.gateway = cfg.gateway
-        self.run_dir = cfg.run_dir
-        self.chan = chan if chan is not None else NeighChannel(cfg.run_dir)
-        self.shard: Any = None  # the worker's Shard (attach_shard), for confirmations
-        self.neigh: dict[int, bytes] = {}  # ip -> 14-byte Ethernet header, usable
-        self.stale: dict[int, bytes] = {}  # ip -> header, usable once reported (STALE)
-        self.heard: dict[int, float] = {}  # ip -> when netio last announced it
-        self.unres: dict[int, Unresolved] = {}
-        self.checks: dict[int, DelayCheck] = {}
-        self._sweep_at: float | None = None
-        self.stats = {"queued": 0, "flushed": 0, "unres_discards": 0, "failed": 0,
-                      "probes": 0, "uses": 0, "confirms": 0, "updates": 0,
-                      "mac_changes": 0, "msg_dropped": 0}
-
-    def attach_shard(self, shard: Any) -> None:
-        """The shard whose connections confirm neighbours (forward progress)."""
-        self.shard = shard
-
-    # -- netio's announcements ----------------------------------------------------
-
-    def neigh_update(self, entries, now: float | None = None) -> None:
-        """netio's announcement [(ip, mac, state)] (netio.process): mirror it,
-        and send what waited on a neighbour that is now usable."""
-        if now is None:
-            now = _monotonic()
-        st = self.stats
-        for ip, mac, state in entries:
-            st["updates"] += 1
-            if not state & NUD_VALID:  # INCOMPLETE, FAILED, gone
-                self.neigh.pop(ip, None)
-                self.stale.pop(ip, None)
-                self.heard.pop(ip, None)
-                self.checks.pop(ip, None)
-                if state == NUD_FAILED and ip in self.unres:
-                    st["failed"] += len(self.unres.pop(ip).queue)
-                continue
-            hdr = bytes(mac) + self.mac + b"\x08\x00"
-            old = self.neigh.get(ip) or self.stale.get(ip)
-            if old is not None and old != hdr:
-                st["mac_changes"] += 1
-            self.heard[ip] = now
-            if state == NUD_STALE:
-                self.neigh.pop(ip, None)
-                self.stale[ip] = hdr
-                if len(self.stale) > NEIGH_MIRROR_MAX:
-                    del self.stale[next(iter(self.stale))]
-            else:
-                self.stale.pop(ip, None)
-                self.neigh[ip] = hdr
-                if self._sweep_at is None:
-                    self._sweep_at = now + NEIGH_MIRROR_TTL
-                if state == NUD_DELAY:
-                    self._arm_check(ip, now)
-                else:
-                    self.checks.pop(ip, None)  # REACHABLE again, or PROBE: too late
-            if ip in self.unres:
-                if ip in self.stale:
-                    self._use(ip)
-                self._flush(ip)
-
-    # -- the TX path ------------------------------------------------------------------
-
-    def _hop(self, dst: int) -> int:
-        return dst if (dst & self.mask) == self.net or self.gateway is None else self.gateway
-
-    def _header(self, hop: int) -> bytes | None:
-        """The slow path of a frame for `hop`: a STALE entry (report its use),
-        or a miss (queue; ask netio, without waiting)."""
-        hdr = self.neigh.get(hop)
-        if hdr is not None:
-            return hdr
-        if hop in self.stale:
-            return self._use(hop)
-        if hop not in self.unres:
-            self.unres[hop] = Unresolved(deadline=_monotonic() + ARP_RETRANS)
-            self._solicit(hop)
-        return None
-
-    def _use(self, ip: int) -> bytes:
-        """First use of a STALE entry (Linux `neigh_event_send`: netio arms
-        DELAY); frames keep the cached MAC meanwhile."""
-        hdr = self.stale.pop(ip)
-        self.neigh[ip] = hdr
-        self.stats["uses"] += 1
-        self._tell(NEIGH_RESOLVE, ip)
-        return hdr
-
-    def _solicit(self, ip: int) -> None:
-        self.stats["probes"] += 1
-        self._tell(NEIGH_RESOLVE, ip)
-
-    def _tell(self, op: int, ip: int) -> None:
-        if not self.chan.send(encode_neigh_request(op, ip)):
-            self.stats["msg_dropped"] += 1
-
-    def _enqueue(self, hop: int, packet, gso: int) -> None:
-        q = self.unres[hop].queue
-        if len(q) >= ARP_QUEUE_LEN:
-            del q[0]
-            self.stats["unres_discards"] += 1
-        q.append((bytes(packet), gso))  # the caller's buffer may be reused
-        self.stats["queued"] += 1
-
-    def _flush(self, ip: int) -> None:
-        """The neighbour is resolved: its queued frames go, in order."""
-        u = self.unres.pop(ip)
-        hdr = self.neigh[ip]
-        sent = 0
-        run: list = []
-        for packet, gso in u.queue:
-            if not gso:
-                run.append(hdr + packet)
-                continue
-            if run:
-                sent += self.inner.send_batch(run)
-                run = []
-            sent += self._send_gso(hdr, packet, gso)
-        if run:
-            sent += self.inner.send_batch(run)
-        self.stats["flushed"] += sent
-
-    def send_batch(self, frames) -> int:
-        """Frames written or queued on an unresolved neighbour."""
-        out = []
-        queued = 0
-        neigh, mask, net, gw = self.neigh, self.mask, self.net, self.gateway
-        for f in frames:
-            dst = int.from_bytes(f[16:20], "big")
-            hop = dst if (dst & mask) == net or gw is None else gw  # _hop, inlined
-            hdr = neigh.get(hop)
-            if hdr is None:
-                hdr = self._header(hop)
-            if hdr is None:
-                self._enqueue(hop, f, 0)
-                queued += 1
-                continue
-            out.append(hdr + f)
-        return (self.inner.send_batch(out) if out else 0) + queued
-
-    @property
-    def gso(self) -> bool:
-        return self.inner.gso
-
-    def send_gso(self, packet, mss: int) -> bool:
-        hop = self._hop(int.from_bytes(packet[16:20], "big"))
-        hdr = self._header(hop)
-        if hdr is None:
-            self._enqueue(hop, packet, mss)
-            return True
-        return self._send_gso(hdr, packet, mss)
-
-    def _send_gso(self, hdr: bytes, packet, mss: int) -> bool:
-        inner = self.inner
-        if isinstance(inner, PacketDevice):  # gathered by the kernel: no 64 KiB copy
-            return inner.send_gso(packet, mss, eth=hdr)
-        return inner.send_gso(hdr + packet, mss)
-
-    # -- timers ---------------------------------------------------------------------
-
-    def poll(self, now: float | None = None) -> None:
-        self.inner.poll(now)
-        if now is None:
-            now = _monotonic()
-        if self.unres:
-            self._neigh_timer(now)
-        if self.checks:
-            self._run_checks(now)
-        if self._sweep_at is not None and now >= self._sweep_at:
-            self._sweep(now)
-
-    def _neigh_timer(self, now: float) -> None:
-        """Our side of `neigh_timer_handler` for INCOMPLETE entries: ask netio
-        again (a message or an announcement may have been lost), or give up
-        and drop the queue after ARP_PROBES."""
-        for ip, u in list(self.unres.items()):
-            if u.deadline > now:
-                continue
-            if u.probes >= ARP_PROBES:
-                del self.unres[ip]
-                self.stats["failed"] += len(u.queue)
-                continue
-            u.probes += 1
-            u.deadline = now + ARP_RETRANS
-            self._solicit(ip)
-
-    def _arm_check(self, ip: int, now: float) -> None:
-        if self.shard is None or ip in self.checks:
-            return
-        self.checks[ip] = DelayCheck(now + max(0.0, DELAY_FIRST_PROBE_TIME - CONFIRM_LEAD),
-                                     self._snd_una_by_sock(ip))
-
-    def _run_checks(self, now: float) -> None:
-        for ip, chk in list(self.checks.items()):
-            if chk.deadline > now:
-                continue
-            del self.checks[ip]
-            if self._progressed(ip, chk.snapshot):
-                self.stats["confirms"] += 1
-                self._tell(NEIGH_CONFIRM, ip)
-
-    def _conns_via(self, hop: int):
-        """(sock, snd_una) of the shard's connections whose next hop is `hop`
-        (read-only: the engine's established hash, keyed by 4-tuple)."""
-        h = getattr(self.shard, "h", None)
-        for key, sk in (h.ehash.items() if h is not None else ()):
-            una = getattr(sk, "snd_una", None)  # request socks have none
-            if una is not None and self._hop(key[2]) == hop:
-                yield sk, una
-
-    def _snd_una_by_sock(self, hop: int) -> dict:
-        return {id(sk): una for sk, una in self._conns_via(hop)}
-
-    def _progressed(self, hop: int, before: dict) -> bool:
-        """Forward progress through `hop` since `before`: a connection's
-        snd_una moved (the peer acked new data or our SYN: Linux `tcp_ack`'s
-        FLAG_FORWARD_PROGRESS), or one appeared whose SYN is already acked."""
-        for sk, una in self._conns_via(hop):
-            prev = before.get(id(sk))
-            if una != (getattr(sk, "iss", una) if prev is None else prev):
-                return True
-        return False
-
-    def _sweep(self, now: float) -> None:
-        """Entries netio said nothing of for NEIGH_MIRROR_TTL (it may have
-        restarted without them) turn STALE here, so the next use asks again."""
-        limit = now - NEIGH_MIRROR_TTL
-        oldest = None
-        for ip in list(self.neigh):
-            t = self.heard.get(ip, now)
-            if t <= limit:
-                self.stale[ip] = self.neigh.pop(ip)
-                self.checks.pop(ip, None)
-            elif oldest is None or t < oldest:
-                oldest = t
-        self._sweep_at = None if oldest is None else oldest + NEIGH_MIRROR_TTL
-
-    def next_deadline(self) -> float | None:
-        d = self.inner.next_deadline()
-        for u in self.unres.values():
-            if d is None or u.deadline < d:
-                d = u.deadline
-        for c in self.checks.values():
-            if d is None or c.deadline < d:
-                d = c.deadline
-        if self._sweep_at is not None and (d is None or self._sweep_at < d):
-            d = self._sweep_at
-        return d
-
-    def close(self) -> None:
-        self.chan.close()
-        self.inner.close()
-
-
-def _netio_call(run_dir: str, req: dict[str, Any], timeout_ms: int = 200) -> dict | None:
-    """One request to netio's REP control socket. It BLOCKS up to `timeout_ms`:
-    for the supervisor (which runs it in an executor) and tools, never from
-    a worker's event loop (workers use NeighChannel)."""
-    import msgpack
-
-    from shardstack.netio.process import control_endpoint
-
-    s = zmq.Context.instance().socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
-    s.setsockopt(zmq.SNDTIMEO, timeout_ms)
-    try:
-        s.connect(control_endpoint(run_dir))
-        s.send(msgpack.packb(req))
-        return msgpack.unpackb(s.recv(), strict_map_key=False)
-    except zmq.ZMQError:
-        return None
-    finally:
-        s.close(0)
-
-
-async def _amain(desc: dict[str, Any]) -> int:
+async def _amain(desc: ChildDesc) -> int:
     loop = asyncio.get_running_loop()
-    cfg = ServeConfig.from_dict(desc["config"])
-    wid = desc["worker"]
+    cfg, wid = desc.cfg, desc.wid
     if cfg.pin:
         from shardstack.affinity import pin_worker
 
         pin_worker(wid)
-    tx = make_tx(cfg, desc["tx"], wid)
-    rx_sock = desc["tx"].get("rx_fd")
-    if rx_sock is not None and desc["tx"]["kind"] == "packet":
-        import socket
-
-        rx_sock = socket.socket(fileno=rx_sock)
-    worker = Worker(cfg, wid, desc["reta"], tx, loop, rx_sock)
+    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir, subnet=cfg.addr.network,
+                   gateway=cfg.gateway, pcap=cfg.pcap, impair=cfg.impair)
+    worker = Worker(cfg, wid, desc.reta, tx, loop, worker_rx(desc.dev))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await worker.start()
-    if desc.get("ready_fd") is not None:
-        os.write(desc["ready_fd"], b"1")
-        os.close(desc["ready_fd"])
+    desc.ready()
     prof = _start_profile(wid)
     try:
         await stop.wait()
@@ -1052,14 +566,7 @@ def _start_profile(wid: int):
 
 
 def main() -> int:
-    parent = os.getppid()
-    set_parent_death_signal()
-    if os.getppid() != parent:
-        return 1  # the supervisor died before prctl took effect
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    keep_heap_warm()
-    desc = json.loads(sys.stdin.read())
-    return uvloop.run(_amain(desc))
+    return child_main(lambda desc: uvloop.run(_amain(desc)), warm_heap=True)
 
 
 if __name__ == "__main__":

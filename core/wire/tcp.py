@@ -17,6 +17,7 @@ unless the device already vouched for it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .checksum import pseudo_header_sum, sum16
@@ -93,11 +94,12 @@ _from_bytes = int.from_bytes
 # Fixed layouts recognised before the general walk (see ``parse_tcp``).
 _SACK_PERM_TS = b"\x04\x02\x08\x0a"
 _NOP_WS = b"\x01\x03\x03"
+_MSS_OPT = b"\x02\x04"  # kind 2, length 4
 _SACK_PREFIX = b"\x01\x01\x05"
 _unpack_syn = struct.Struct("!2xH4xII3xB").unpack_from
 
 
-def _sack_reader(nblocks: int):
+def _sack_reader(nblocks: int) -> Callable[[memoryview, int], tuple[tuple[int, int], ...]]:
     unpack = struct.Struct("!" + "II" * nblocks).unpack_from
 
     def read(mv: memoryview, offset: int) -> tuple[tuple[int, int], ...]:
@@ -176,7 +178,7 @@ def parse_tcp(buf: bytes | bytearray | memoryview) -> TcpSegment:
         # peer with timestamps on, and its ACKs under loss.
         blocks = _SACK_BLOCKS[hl](mv, 36) if hl > 32 else ()
         options = _new(TcpOptions, (None, None, False, blocks, _unpack_ts(mv, 24)))
-    elif hl == 40 and mv[20:22] == b"\x02\x04" and mv[24:28] == _SACK_PERM_TS \
+    elif hl == 40 and mv[20:22] == _MSS_OPT and mv[24:28] == _SACK_PERM_TS \
             and mv[36:39] == _NOP_WS:
         # Linux's SYN and SYN-ACK: MSS, SACK_PERM,TS, NOP,WS.
         mss, tsval, tsecr, ws = _unpack_syn(mv, 20)

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from shardstack.core.dropreason import DropReason
 from shardstack.netio import rss
 from test_serve import StackCli, _offloads_off, in_netns, nft_drops, nft_loss
 from test_serve import wait_for as _wait_for
@@ -1066,7 +1067,7 @@ def test_first_active_open_over_packet_keeps_its_syn(tmp_path):
     with topology("packet", tmp_path) as t:
         _transfer(t, "s2k", 1, 4096, 4096, seed=2, hold=False)
         st = t.stats()
-        tx_drops = sum(w["counters"]["drops"].get("tx", 0) for w in st["workers"])
+        tx_drops = sum(w["counters"]["drops"].get(DropReason.DEV_TX.name, 0) for w in st["workers"])
         retrans = sum(w["shard"].get("retrans_segs", 0) for w in st["workers"])
         assert (tx_drops, retrans) == (0, 0), "the SYN was dropped and retransmitted"
 

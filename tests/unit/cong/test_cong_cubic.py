@@ -173,20 +173,3 @@ def test_idle_does_not_count_as_growth_time() -> None:
     now = ra[-1][0]
     a.on_idle_restart(now, idle=0.05, rto=0.3)  # shorter than RTO: window kept
     assert a.epoch_start == pytest.approx(b.epoch_start + 0.05)
-
-
-def test_hystart_plus_plus_leaves_slow_start_on_rtt_increase() -> None:
-    cc = Cubic(hystart=True)
-    cc.init(1460, 0.0)
-    rtt = 0.1
-    now = rounds(cc, 0.0, rtt, 4)[-1][0]  # a few rounds at the base RTT
-    assert cc.in_slow_start
-    before = cc.cwnd
-    rounds(cc, now, rtt + 0.03, 8)  # the queue builds: RTT grows by 30 ms
-    assert not cc.in_slow_start  # RFC 9406 §4.2: CSS rounds done, ssthresh set
-    plain = Cubic()
-    plain.init(1460, 0.0)
-    plain.cwnd = before
-    rounds(plain, 0.0, rtt + 0.03, 8)
-    assert plain.in_slow_start
-    assert cc.cwnd < plain.cwnd / 4  # growth was damped compared to plain slow start

@@ -187,26 +187,3 @@ def test_idle_restart_window() -> None:
     assert cc.cwnd == 80
     cc.on_idle_restart(5.0, idle=1.0, rto=0.2)  # RFC 5681 §4.1
     assert cc.cwnd == 10
-
-
-def test_ecn_echo_reduces_once_per_window_without_recovery() -> None:
-    cc = reno()
-    cc.cwnd = 40
-    cc.on_ecn(1.0, 40)
-    assert (cc.cwnd, cc.ssthresh, cc.ca_state) == (20, 20, CaState.CWR)
-    cc.on_ecn(1.01, 20)  # same window: no second cut
-    assert cc.cwnd == 20
-    cc.on_ack(5, RTT, 1.02, 20)  # no growth while in CWR
-    assert cc.cwnd == 20
-    cc.on_recovery_exit(1.05)
-    assert cc.ca_state == CaState.OPEN
-    cc.on_ack(20, RTT, 1.1, 20)
-    assert cc.cwnd == 21
-
-
-def test_ecn_with_cubic_uses_beta() -> None:
-    cc = Cubic()
-    cc.init(1460, 0.0)
-    cc.cwnd = 100
-    cc.on_ecn(1.0, 100)
-    assert cc.cwnd == cc.ssthresh == 70 and cc.w_max == 100

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 
 
 class Fake:

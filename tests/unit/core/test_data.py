@@ -22,7 +22,7 @@ from core_helpers import (
     server_conn,
 )
 from shardstack.core import Closed, SocketError, State, Writable
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 
 
 def transfer(link, snd, sd_s, rcv, sd_r, data: bytes, max_time: float) -> bytes:

@@ -20,8 +20,7 @@ import random
 
 import pytest
 from core_helpers import A, B, make_shard, parse
-from shardstack.core import DropReason, tcp_input, tcp_ipv4, tcp_output
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.core import DropReason, tcp_input, tcp_output
 from shardstack.core.sock import TcpSock
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import (
@@ -37,6 +36,7 @@ from shardstack.core.wire.tcp import (
     build_tcp_options,
     parse_tcp,
 )
+from shardstack.netio.simlink import LinkParams, SimLink
 
 MASK = 0xFFFFFFFF
 PEER_ISN = 5000
@@ -105,8 +105,8 @@ class Spy:
     def __init__(self, monkeypatch) -> None:
         self.fast = 0
         self.slow = 0
-        real_fast = tcp_ipv4._tcp_rcv_established_fast
-        real_slow = tcp_ipv4.tcp_rcv_established
+        real_fast = tcp_input.tcp_rcv_established_fast
+        real_slow = tcp_input.tcp_rcv_established
 
         def fast(*args):
             done = real_fast(*args)
@@ -118,8 +118,9 @@ class Spy:
                 self.slow += 1
             return real_slow(*args)
 
-        monkeypatch.setattr(tcp_ipv4, "_tcp_rcv_established_fast", fast)
-        monkeypatch.setattr(tcp_ipv4, "tcp_rcv_established", slow)
+        # tcp_ipv4.tcp_v4_rcv calls both through the tcp_input module object.
+        monkeypatch.setattr(tcp_input, "tcp_rcv_established_fast", fast)
+        monkeypatch.setattr(tcp_input, "tcp_rcv_established", slow)
 
     def take(self) -> tuple[int, int]:
         out = (self.fast, self.slow)

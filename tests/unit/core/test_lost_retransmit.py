@@ -8,8 +8,8 @@ import random
 
 import pytest
 from core_helpers import ACK, B, connect_over, make_shard
-from shardstack.core.simlink import LinkParams, SimLink
 from shardstack.core.tcp_input import tcp_pipe
+from shardstack.netio.simlink import LinkParams, SimLink
 from test_recovery_script import MSS, rel, sack, server
 
 

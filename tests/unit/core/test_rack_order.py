@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 from core_helpers import ACK, B, connect_over, make_shard, parse
-from shardstack.core.simlink import LinkParams, SimLink
 from shardstack.core.tcp_timer import TimerKind
+from shardstack.netio.simlink import LinkParams, SimLink
 from test_recovery_script import MSS, rel, sack, server
 
 REO = TimerKind.REO

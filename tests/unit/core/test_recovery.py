@@ -13,7 +13,7 @@ import time
 
 import pytest
 from core_helpers import B, connect_over, make_shard
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 from test_data import transfer
 from wire_oracle import Watched
 

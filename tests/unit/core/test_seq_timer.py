@@ -1,30 +1,39 @@
-"""Wrap-safe sequence arithmetic and the timer heap."""
+"""Wrap-safe sequence arithmetic (the engine across 2**32) and the timer heap."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shardstack.core.seq import (
-    seq_add,
-    seq_between,
-    seq_geq,
-    seq_gt,
-    seq_leq,
-    seq_lt,
-    seq_sub,
-)
+import pytest
+from core_helpers import ACK, PSH, Peer, listen, make_shard, passive_open
+from shardstack.core import tcp_input
 from shardstack.core.tcp_timer import TimerHeap, TimerKind
 
 
-def test_seq_compare_across_wrap():
-    top = 0xFFFFFFF0
-    assert seq_add(top, 0x20) == 0x10
-    assert seq_lt(top, 0x10) and seq_gt(0x10, top)
-    assert seq_leq(5, 5) and seq_geq(5, 5) and not seq_lt(5, 5) and not seq_gt(5, 5)
-    assert seq_sub(0x10, top) == 0x20 and seq_sub(top, 0x10) == -0x20
-    assert seq_between(top, 0x5, 0x10) and not seq_between(0x10, top, 0x20)
-    # half the space away is "before" (RFC 1982 leaves it undefined; we pick one side)
-    assert seq_lt(0, 0x7FFFFFFF) and seq_gt(0, 0x80000001)
+@pytest.mark.parametrize("fast", [True, False])
+def test_receive_across_the_sequence_wrap(fast, monkeypatch):
+    """The peer's sequence numbers wrap past 2**32 - 1 mid-stream: in-order data,
+    a segment ahead of a hole (SACKed), the hole filled, all across the wrap, on the
+    fast path and on the slow one (tcp_h's inline idiom, RFC 9293 §3.4)."""
+    monkeypatch.setattr(tcp_input, "HEADER_PREDICTION", fast)
+    sh = make_shard()
+    peer = Peer(sh)
+    isn = 0xFFFFFFFF - 2500  # data starts 2500 bytes before the wrap
+    sd, sa = passive_open(peer, listen(sh), isn, sack_perm=True)
+    ack = sa.seq + 1
+    seq = isn + 1
+    data = bytes(range(256)) * 24  # 6144 bytes: 3 x 2048
+    peer.send(ACK | PSH, seq, ack, payload=data[:2048])
+    assert peer.recv()[-1].ack == (seq + 2048) & 0xFFFFFFFF
+    # The third piece (past the wrap) before the second, which straddles it.
+    peer.send(ACK | PSH, seq + 4096, ack, payload=data[4096:])
+    out = peer.recv()[-1]
+    assert out.ack == (seq + 2048) & 0xFFFFFFFF
+    assert out.sack == (((seq + 4096) & 0xFFFFFFFF, (seq + 6144) & 0xFFFFFFFF),)
+    peer.send(ACK | PSH, seq + 2048, ack, payload=data[2048:4096])
+    out = peer.recv()[-1]
+    assert out.ack == (seq + 6144) & 0xFFFFFFFF and out.ack < isn and not out.sack
+    assert sh.recv(sd, 10000) == data
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ import socket
 import pytest
 from core_helpers import ACK, SYN, B, Pair, Peer, connect_over, listen, make_shard, parse
 from shardstack.core import Closed, SocketError, State
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 
 TCP = socket.IPPROTO_TCP
 RTO_MIN, RTO_MAX = 0.2, 120.0

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import pytest
 from core_helpers import A, parse
-from shardstack.core.simlink import LinkParams, SimLink
-from shardstack.core.tcp_input import _TLP_RTO_MARGIN
-from shardstack.core.tcp_output import TCP_DELACK
+from shardstack.core.tcp_h import TCP_DELACK
+from shardstack.core.tcp_recovery import _TLP_RTO_MARGIN
 from shardstack.core.tcp_timer import TimerHeap, TimerKind
+from shardstack.netio.simlink import LinkParams, SimLink
 from test_data import connected_sim
 
 

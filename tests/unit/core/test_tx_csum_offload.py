@@ -15,12 +15,12 @@ import random
 
 from core_helpers import B, connect_over, make_shard
 from shardstack.core.dropreason import DropReason
-from shardstack.core.simlink import LinkParams, SimLink
 from shardstack.core.sock import State, TcpSock
 from shardstack.core.tcp_output import tcp_transmit
 from shardstack.core.wire.checksum import complete_partial, pseudo_header_sum, verify_tcp_checksum
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import ACK, FIN, PSH
+from shardstack.netio.simlink import LinkParams, SimLink
 
 IHL = 20
 CSUM_OFFSET = 16

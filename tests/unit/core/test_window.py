@@ -17,7 +17,7 @@ import socket
 
 import pytest
 from core_helpers import ACK, PSH, SYN, B, Peer, connect_over, make_shard, parse
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
+from shardstack.core.dropreason import DropReason
 from shardstack.core.wire.tcp import build_tcp_ipv4
 from shardstack.netio.device import RX_CSUM_VALID
 from shardstack.netio.dispatch import Dispatcher
@@ -109,13 +110,13 @@ def test_arp_request_answered_and_sender_learned():
     # ARP for someone else: dropped, not answered
     other = Ether(src=PEER_MAC) / ARP(op=1, hwsrc=PEER_MAC, psrc=PEER, pdst="198.18.0.9")
     assert d.dispatch([(bytes(other), 0)]).replies == []
-    assert d.stats.drops["arp_not_for_us"] == 1
+    assert d.stats.drops[DropReason.ARP_NOT_FOR_US] == 1
     # ARP reply to us: nothing sent; an unsolicited one creates no entry
     # (Linux arp_accept=0), one for an address we are resolving fills it
     rep = Ether(src="02:00:00:00:00:07", dst="02:00:00:00:00:02") / ARP(op=2, hwsrc="02:00:00:00:00:07", psrc="198.18.0.7", pdst=US)
     assert d.dispatch([(bytes(rep), 0)]).replies == []
     assert 0xC6120007 not in d.neighbours
-    assert d.stats.drops["arp_reply_ignored"] == 1 and d.stats.arp_learned == 0
+    assert d.stats.drops[DropReason.ARP_REPLY_IGNORED] == 1 and d.stats.arp_learned == 0
     d.neigh.neigh_event_send(0xC6120007, 0.0)
     assert d.dispatch([(bytes(rep), 0)]).replies == []
     assert d.neighbours[0xC6120007] == bytes.fromhex("020000000007")
@@ -129,44 +130,59 @@ def test_arp_request_builder_parses():
     assert (e[ARP].psrc, e[ARP].pdst) == (US, PEER)
 
 
+def _dropped_as(d: Dispatcher, frame: bytes) -> list[DropReason]:
+    """The reasons one frame was counted under (expected: exactly one)."""
+    before = d.stats.drops.copy()
+    out = d.dispatch([(frame, 0)])
+    assert out.replies == [] and not any(out.frames)
+    return list((d.stats.drops - before).elements())
+
+
 def test_drop_reasons():
+    """Each frame alone: dropped under exactly its reason, and as_dict (what
+    the control socket sends) names the reasons."""
     d = Dispatcher(2, [US_I], l2=False)
     bad_csum = bytearray(bytes(IP(src=PEER, dst=US) / ICMP()))
     bad_csum[-1] ^= 0xFF
+    bad_ip_csum = bytearray(bytes(IP(src=PEER, dst=US, proto=47) / Raw(b"gre!")))
+    bad_ip_csum[10] ^= 0xFF
     frames = [
-        b"",  # truncated
-        b"\x45" + bytes(10),  # truncated
-        bytes(IP(src=PEER, dst=US) / UDP(dport=53)),  # udp
-        bytes(IP(src=PEER, dst=US, proto=47) / Raw(b"gre!")),  # other proto
-        bytes(IP(src=PEER, dst=US, flags="MF") / TCP()),  # fragment
-        bytes(IP(src=PEER, dst=US, frag=10) / Raw(b"x" * 8)),  # fragment, but not TCP header
-        tcp(1, src=PEER, dst="198.18.0.99"),  # not ours
-        bytes(IP(src=PEER, dst=US) / ICMP(type=0)),  # echo reply: not answered
-        bytes(bad_csum),
-        bytes(IP(src=PEER, dst=US) / TCP())[:22],  # ports cut
-        b"\x65" + bytes(39),  # version 6 nibble
-        b"\x43" + bytes(8) + b"\x06" + bytes(30),  # IHL 3 on a TCP packet
-        b"\x42" + bytes(39),  # IHL 2 on anything else
+        (b"", DropReason.IP_HDR),  # truncated
+        (b"\x45" + bytes(10), DropReason.IP_HDR),  # truncated
+        (bytes(IP(src=PEER, dst=US) / UDP(dport=53)), DropReason.NOT_TCP),  # udp
+        (bytes(IP(src=PEER, dst=US, proto=47) / Raw(b"gre!")), DropReason.NOT_TCP),
+        (bytes(IP(src=PEER, dst=US, flags="MF") / TCP()), DropReason.IP_FRAGMENT),
+        # a fragment, but not TCP: parse_ipv4's check
+        (bytes(IP(src=PEER, dst=US, frag=10) / Raw(b"x" * 8)), DropReason.IP_FRAGMENT),
+        (tcp(1, src=PEER, dst="198.18.0.99"), DropReason.IP_OTHERHOST),  # not ours
+        (bytes(IP(src=PEER, dst=US) / ICMP(type=0)), DropReason.ICMP_TYPE),  # echo reply
+        (bytes(bad_csum), DropReason.ICMP_CSUM),
+        (bytes(IP(src=PEER, dst=US, proto=1) / Raw(b"\x08\x00")), DropReason.ICMP_HDR),  # 2 bytes
+        (bytes(bad_ip_csum), DropReason.IP_CSUM),
+        (bytes(IP(src=PEER, dst=US) / TCP())[:22], DropReason.TCP_HDR),  # ports cut
+        (b"\x65" + bytes(39), DropReason.IP_HDR),  # version 6 nibble
+        (b"\x43" + bytes(8) + b"\x06" + bytes(30), DropReason.IP_HDR),  # IHL 3 on TCP
+        (b"\x42" + bytes(39), DropReason.IP_HDR),  # IHL 2 on anything else
     ]
-    out = d.dispatch([(f, 0) for f in frames])
-    assert out.replies == [] and not any(out.frames)
-    drops = d.stats.drops
-    assert drops["ip_truncated"] == 2
-    assert drops["udp"] == 1 and drops["proto_other"] == 1
-    assert drops["fragment"] == 1 and drops["ip_fragment"] == 1
-    assert drops["not_local"] == 1
-    assert drops["icmp_not_echo"] == 1 and drops["icmp_checksum"] == 1
-    assert drops["tcp_truncated"] == 1 and drops["ip_version"] == 1
-    assert drops["ip_header"] == 1 and drops["ip_ihl"] == 1
-    assert sum(drops.values()) == len(frames)
+    for frame, reason in frames:
+        assert _dropped_as(d, frame) == [reason], frame
+    assert d.stats.as_dict()["drops"] == {
+        "IP_HDR": 5, "NOT_TCP": 2, "IP_FRAGMENT": 2, "IP_OTHERHOST": 1, "ICMP_TYPE": 1,
+        "ICMP_CSUM": 1, "ICMP_HDR": 1, "IP_CSUM": 1, "TCP_HDR": 1}
 
 
 def test_l2_drops():
     d = Dispatcher(1, [US_I], l2=True, mac=MAC)
     ipv6 = bytes(Ether(type=0x86DD) / Raw(bytes(40)))
     arp_bad = bytes(Ether(type=0x0806) / Raw(bytes(10)))
-    d.dispatch([(b"\x00" * 5, 0), (ipv6, 0), (arp_bad, 0)])
-    assert dict(d.stats.drops) == {"runt": 1, "ethertype": 1, "arp_truncated": 1}
+    arp_op = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", type=0x0806) / ARP(op=7, psrc=PEER, pdst=US))
+    other = bytes(Ether(dst="02:00:00:00:00:09") / IP(src=PEER, dst=US) / TCP())
+    assert _dropped_as(d, b"\x00" * 5) == [DropReason.PKT_TOO_SMALL]
+    assert _dropped_as(d, ipv6) == [DropReason.UNHANDLED_PROTO]
+    assert _dropped_as(d, arp_bad) == [DropReason.ARP_HDR]
+    assert _dropped_as(d, arp_op) == [DropReason.ARP_HDR]
+    assert _dropped_as(d, other) == [DropReason.OTHERHOST]
+    assert sum(d.stats.drops.values()) == 5
 
 
 @given(st.binary(max_size=120), st.booleans())

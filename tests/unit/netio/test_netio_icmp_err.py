@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from shardstack.core.dropreason import DropReason
 from shardstack.core.wire.ethernet import ETH_P_IP, build_ethernet
 from shardstack.core.wire.icmp import (
     ICMP_DEST_UNREACH,
@@ -117,9 +118,9 @@ def test_unusable_errors_are_counted_not_forwarded():
     out = d.dispatch([(f, 0) for f in frames])
     assert not any(out.frames) and out.replies == []
     drops = d.stats.drops
-    assert drops["icmp_err_quote_truncated"] == 1 and drops["icmp_err_not_tcp"] == 1
-    assert drops["icmp_err_not_ours"] == 1 and drops["icmp_checksum"] == 1
-    assert drops["icmp_not_echo"] == 1 and drops["not_local"] == 1
+    assert drops[DropReason.ICMP_ERR_QUOTE] == 1 and drops[DropReason.ICMP_ERR_NOT_TCP] == 1
+    assert drops[DropReason.ICMP_ERR_NOT_OURS] == 1 and drops[DropReason.ICMP_CSUM] == 1
+    assert drops[DropReason.ICMP_TYPE] == 1 and drops[DropReason.IP_OTHERHOST] == 1
     assert sum(drops.values()) == len(frames) and d.stats.icmp_errors == 0
 
 

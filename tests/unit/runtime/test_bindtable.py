@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 
+import msgpack
 import pytest
-from shardstack.core import ConnInfo, ShardStats
+from shardstack.core import ConnInfo, DropReason, ShardStats
+from shardstack.netio.dispatch import DispatchStats
 
 from shardstack.stats import format_ss, format_stats, to_plain
 from shardstack.supervisor import BindTable, _addr_arg
+from shardstack.worker import WorkerCounters
 
 A = 0xC6120002
 B = 0xC6120003
@@ -81,18 +84,26 @@ def test_to_plain_and_ss_table():
 
 
 def test_format_stats_reads_the_stats_reply():
+    """The counters as the processes send them (DropReason names produced by
+    their own stats objects), printed by reason."""
     shard = ShardStats()
+    disp = DispatchStats(per_worker=[5, 6])
+    disp.drops[DropReason.NOT_TCP] += 1
+    wc = WorkerCounters(frames_in=5, frames_out=4)
+    wc.drop(DropReason.DEV_TX)
     reply = {
         "run_dir": "/r",
         "supervisor": {"proc": {"pid": 1, "cpu_percent": 1.0, "rss": 2 << 20}},
         "netio": {"proc": {"pid": 2}, "restarts": 0,
-                  "counters": {"dispatch": {"per_worker": [5, 6], "drops": {"udp": 1}},
+                  "counters": {"dispatch": disp.as_dict(),
                                "netio": {"zmq_dropped": [0, 0]}}},
         "workers": [{"id": 0, "proc": {"pid": 3}, "restarts": 2,
-                     "counters": {"frames_in": 5, "frames_out": 4, "connections": 1,
-                                  "drops": {"tx": 1}}, "shard": shard.as_dict()}],
+                     "counters": to_plain(wc) | {"connections": 1},
+                     "shard": shard.as_dict()}],
     }
+    reply = msgpack.unpackb(msgpack.packb(reply))  # as it crosses the control socket
     text = format_stats(reply)
-    assert "w0=5 w1=6" in text and "udp=1" in text
+    assert "w0=5 w1=6" in text and "netio drops: NOT_TCP=1" in text
+    assert "worker 0 drops: DEV_TX=1" in text
     worker_line = [ln for ln in text.splitlines() if ln.startswith("0 ")][0]
     assert worker_line.split() == ["0", "5", "4", "1", "1"]

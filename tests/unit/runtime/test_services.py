@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from shardstack.core import Shard, ShardConfig
-from shardstack.core.simlink import LinkParams, SimLink
+from shardstack.netio.simlink import LinkParams, SimLink
 
 from shardstack.services import DISCARD, ECHO, Services
 

@@ -22,10 +22,22 @@ import time
 
 import pytest
 import zmq
+from shardstack.core.dropreason import DropReason
 from shardstack.core.wire.ipv4 import parse_ipv4
 from shardstack.core.wire.tcp import ACK, SYN, build_tcp_ipv4, build_tcp_options, parse_tcp
+from shardstack.netio import process as netio_process
 from shardstack.netio import rss
 from shardstack.netio.device import RX_CSUM_VALID, LoopbackDevice
+from shardstack.netio.neigh_mirror import (
+    ARP_PROBES,
+    ARP_QUEUE_LEN,
+    ARP_RETRANS,
+    CONFIRM_LEAD,
+    DELAY_FIRST_PROBE_TIME,
+    NEIGH_MIRROR_TTL,
+    L2Tx,
+    NeighChannel,
+)
 from shardstack.netio.neighbour import (
     NUD_DELAY,
     NUD_FAILED,
@@ -44,16 +56,7 @@ from shardstack.netio.process import (
 
 from shardstack import worker as wmod
 from shardstack.config import ServeConfig, parse_cidr
-from shardstack.worker import (
-    ARP_PROBES,
-    ARP_QUEUE_LEN,
-    ARP_RETRANS,
-    CONFIRM_LEAD,
-    DELAY_FIRST_PROBE_TIME,
-    NEIGH_MIRROR_TTL,
-    L2Tx,
-    Worker,
-)
+from shardstack.worker import Worker
 
 US, PEER, GW, FAR, NEW = 0xC6120002, 0xC6120001, 0xC61200FE, 0xC6130009, 0xC6120005
 OUR_MAC, PEER_MAC, GW_MAC = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01", b"\x02" * 6
@@ -89,12 +92,12 @@ def _no_blocking_call(*_a, **_k):
 def env(monkeypatch, tmp_path):
     clock = [100.0]
     monkeypatch.setattr(wmod, "_monotonic", lambda: clock[0])
-    monkeypatch.setattr(wmod, "_netio_call", _no_blocking_call)
-    cfg = ServeConfig(workers=1, device="packet", ifname="v0", addr=parse_cidr("198.18.0.2/24"),
-                      run_dir=str(tmp_path), secret=b"k" * 32, gateway=GW).validate()
+    monkeypatch.setattr(netio_process, "control_call", _no_blocking_call)
     inner = LoopbackDevice(l2=True, record=True)
     chan = FakeChan()
-    return L2Tx(inner, OUR_MAC, cfg, chan), inner, chan, clock
+    tx = L2Tx(inner, OUR_MAC, parse_cidr("198.18.0.2/24").network, GW, chan,
+              clock=lambda: clock[0])
+    return tx, inner, chan, clock
 
 
 def _pkt(seq: int, dst: int = PEER, payload: bytes = b"") -> bytes:
@@ -317,7 +320,7 @@ def _tcp_out(inner: LoopbackDevice):
 
 
 @pytest.mark.parametrize("rx", ["netio", "direct"])
-def test_worker_forged_frame_from_a_new_mac_does_not_redirect_tx(env, rx):
+def test_worker_forged_frame_from_a_new_mac_does_not_redirect_tx(env, rx, tmp_path):
     """netio announced PEER at PEER_MAC. A SYN claiming to be from PEER but
     sent from EVIL_MAC reaches the worker (through netio, or straight from
     its own packet socket) and is answered: the SYN-ACK still goes to
@@ -332,12 +335,12 @@ def test_worker_forged_frame_from_a_new_mac_does_not_redirect_tx(env, rx):
 
     async def main():
         loop = asyncio.get_running_loop()
-        cfg = _cfg(tx.run_dir, echo_ports=[7], offload=False)
+        cfg = _cfg(str(tmp_path), echo_ports=[7], offload=False)
         w = Worker(cfg, 0, rss.make_reta(1), tx, loop, rx_sock)
         await w.start()
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
-        push.connect(worker_endpoint(tx.run_dir, 0))
+        push.connect(worker_endpoint(str(tmp_path), 0))
         try:
             push.send_multipart([b"", encode_neighbour(PEER, PEER_MAC, NUD_REACHABLE)])
             await _until(lambda: PEER in tx.neigh)
@@ -381,7 +384,9 @@ def test_worker_miss_does_not_block_other_flows(env, tmp_path):
 
     os.makedirs(run_dir)
     cfg = _cfg(run_dir, echo_ports=[7])
-    tx = L2Tx(inner, OUR_MAC, cfg)  # the real channel: a zmq PUSH, NOBLOCK
+    # the real channel: a zmq PUSH, NOBLOCK
+    tx = L2Tx(inner, OUR_MAC, cfg.addr.network, cfg.gateway, NeighChannel(run_dir),
+              clock=lambda: clock[0])
     ctx = zmq.Context.instance()
     netio_pull = ctx.socket(zmq.PULL)  # netio's end, silent
     netio_pull.setsockopt(zmq.LINGER, 0)
@@ -408,7 +413,7 @@ def test_worker_miss_does_not_block_other_flows(env, tmp_path):
             await _until(lambda: len(inner.sent) == 1)
             [(mac, hdr, seg)] = _tcp_out(inner)
             assert (mac, hdr.dst, seg.dst_port) == (PEER_MAC, PEER, 42000)
-            assert NEW in tx.unres and w.counters.drops.get("tx", 0) == 0
+            assert NEW in tx.unres and w.counters.drops[DropReason.DEV_TX] == 0
             # netio's answer arrives: the SYN that waited goes
             push.send_multipart([b"", encode_neighbour(NEW, NEW_MAC, NUD_REACHABLE)])
             await _until(lambda: len(inner.sent) == 2)

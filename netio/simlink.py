@@ -1,7 +1,9 @@
 """A deterministic simulated link between two sans-I/O endpoints, with a fake clock.
 
 This is the test bench's wire (smoltcp's ``FaultInjector`` + a netem-like
-link, driven as a discrete-event simulation).  It knows nothing about TCP or
+link, driven as a discrete-event simulation).  It lives in netio, beside the
+real devices and the ``Impair`` wrapper, because it plays the device side:
+the engine (core/) never imports it; tests and benches do.  It knows nothing about TCP or
 ``Shard`` internals: an *endpoint* is any object with
 
 ``receive(packet: bytes, now: float) -> None``   a packet arrives
@@ -135,7 +137,7 @@ class _Direction:
     stats: LinkStats = field(default_factory=LinkStats)
     busy_until: float = 0.0
     # (finish_time, size) of packets in the bottleneck queue, oldest first.
-    queue: deque = field(default_factory=deque)
+    queue: deque[tuple[float, int]] = field(default_factory=deque)
     queued_bytes: int = 0
 
 

@@ -1,0 +1,368 @@
+"""Loss detection by time: RACK and the tail loss probe (Linux ``net/ipv4/tcp_recovery.c``).
+
+Reading list: RFC 8985 (RACK-TLP).  RFC 6675's scoreboard and PRR, which
+this complements, stay with the ACK processing in ``tcp_input``
+(``tcp_fastretrans_alert``); the retransmissions themselves go out through
+``tcp_output.tcp_xmit_retransmit_queue``.  Linux keeps ``tcp_schedule_loss_probe``
+and ``tcp_send_loss_probe`` in tcp_output.c; they live here beside RACK,
+whose other half they are (RFC 8985 §7).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import tcp_input, tcp_output
+from .tcp_h import HALF, MASK, TCP_FASTRETRANS_THRESH, State, TcpSock, TimerKind
+
+if TYPE_CHECKING:
+    from .shard import Shard
+
+__all__ = ["tcp_rack_advance", "tcp_rack_detect_loss", "tcp_rack_reo_timeout",
+           "tcp_schedule_loss_probe", "tcp_send_loss_probe"]
+
+_CLOSE_WAIT = State.CLOSE_WAIT
+_CLOSING = State.CLOSING
+_ESTABLISHED = State.ESTABLISHED
+_FIN_WAIT1 = State.FIN_WAIT1
+_FIN_WAIT2 = State.FIN_WAIT2
+_LAST_ACK = State.LAST_ACK
+#: States in which data we sent may still be outstanding.
+_SENDING_STATES = (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2, _CLOSE_WAIT, _CLOSING, _LAST_ACK)
+#: States a tail loss probe may be sent in (Linux tcp_send_loss_probe).
+_PROBE_STATES = (_ESTABLISHED, _CLOSE_WAIT, _FIN_WAIT1, _LAST_ACK, _CLOSING)
+_RETRANSMIT = TimerKind.RETRANSMIT
+_REO = TimerKind.REO
+_TLP = TimerKind.TLP
+#: A tail loss probe that would come after the RTO goes this much before it instead.
+_TLP_RTO_MARGIN = 0.005
+
+
+# -- RACK: loss detection by transmission time (RFC 8985 §6.2; Linux tcp_recovery.c) --------
+#
+# RFC 6675 calls a hole lost when enough data *above it in sequence* was
+# SACKed.  RACK asks instead whether data *sent after it* was delivered: a
+# segment is lost once a segment transmitted later has been delivered and a
+# reordering window has passed since.  The difference matters for
+# retransmissions, which are sent after data above them: a lost retransmission
+# is found as soon as anything sent later (a later retransmission, new data)
+# arrives, instead of waiting for the RTO, and un-retransmitted data sent
+# before a delivered retransmission is found lost without DupThresh SACKs.
+#
+# Send times without per-segment state: original data leaves in sequence
+# order, so one (end, time) pair per transmission burst (``tx_log``, written
+# by ``tcp_output._write_new``) orders all of it; retransmissions are logged
+# with their time in ``rtx_log`` [start, end, SND.MAX then, time] (few, and
+# only during recovery).  Lost original data is a sequence prefix above
+# ``lost_hi``; lost retransmissions go to ``relost`` and are sent again first.
+
+def _tx_time(sk: TcpSock, seq: int) -> float:
+    """When the original transmission of the byte before ``seq`` left (-1: unknown)."""
+    log = sk.tx_log
+    top = sk.snd_max
+    want = (top - seq) & MASK  # distances back from SND.MAX: older is larger
+    t = -1.0
+    for i in range(len(log) - 2, -1, -2):
+        if ((top - log[i]) & MASK) > want:
+            break
+        t = log[i + 1]
+    return t
+
+
+def _rack_update(sk: TcpSock, t: float, end: int, now: float) -> None:
+    """RFC 8985 §6.2 step 2: remember the latest-sent delivered data (RACK_sent_after)."""
+    x = sk.rack_xmit
+    if t > x or (t == x and 0 < ((end - sk.rack_end) & MASK) < HALF):
+        sk.rack_xmit = t
+        sk.rack_end = end
+        sk.rack_rtt = now - t
+
+
+def _rack_fack(sk: TcpSock) -> int:
+    """RACK.fack: the highest sequence delivered, never behind SND.UNA."""
+    una = sk.snd_una
+    f = sk.rack_fack
+    if 0 < ((f - una) & MASK) <= ((sk.snd_max - una) & MASK):
+        return f
+    return una
+
+
+def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
+    """RFC 8985 §6.2 steps 1-2 for one ACK (Linux ``tcp_rack_advance``).
+
+    Original data: the highest byte delivered was sent last (its original
+    send time is a lower bound if it was retransmitted too, so never too
+    eager).  Retransmissions delivered by now leave ``rtx_log``; one delivered
+    sooner than min_RTT after it was sent cannot be what arrived (the original
+    did), so its time is not used (RFC 8985 step 2, ambiguity).
+    """
+    una = sk.snd_una
+    top = sk.sacked[-1][1] if sk.sacked else una
+    if top != prior_una:
+        t = _tx_time(sk, top)
+        if t >= 0:
+            _rack_update(sk, t, top, now)
+    log = sk.rtx_log
+    if log:
+        cc = sk.cc
+        # Before any sample: the handshake's RTT.
+        min_rtt = (cc.min_rtt if cc is not None else None) or sk.srtt
+        keep = []
+        for ent in log:
+            if _delivered(sk, una, ent[0], ent[1]):
+                if now - ent[3] >= min_rtt:
+                    _rack_update(sk, ent[3], ent[1], now)
+            else:
+                keep.append(ent)
+        if len(keep) != len(log):
+            sk.rtx_log = keep
+    f = _rack_fack(sk)
+    if 0 < ((top - f) & MASK) < HALF:
+        sk.rack_fack = top
+    elif f == una:
+        sk.rack_fack = una
+
+
+def _rack_reo_wnd(sk: TcpSock) -> float:
+    """RFC 8985 §6.2.4 (Linux ``tcp_rack_reo_wnd``): until reordering has been
+    seen, none in recovery or once DupThresh segments are SACKed; otherwise
+    min(reo_wnd_mult * min_RTT / 4, SRTT)."""
+    if not sk.reord_seen and (sk.in_recovery or sk.in_loss
+                              or sk.sacked_bytes >= TCP_FASTRETRANS_THRESH * sk.mss_cache):
+        return 0.0
+    cc = sk.cc
+    reo = sk.reo_wnd_mult * ((cc.min_rtt if cc is not None else None) or sk.srtt) / 4
+    if sk.srtt and reo > sk.srtt:
+        reo = sk.srtt
+    return reo
+
+
+#: Float slack when comparing times that were computed by different sums.
+_RACK_EPS = 1e-9
+
+
+def tcp_rack_detect_loss(sh: Shard, sk: TcpSock, now: float) -> int | None:
+    """RFC 8985 §6.2 step 5 (Linux ``tcp_rack_detect_loss``): whatever was sent
+    before RACK.segment and has waited RACK.rtt + reo_wnd since it left is lost.
+
+    Lost retransmissions move from ``rtx_log`` to ``relost``; for original data
+    the new lost boundary is returned (None: nothing newly lost).  The REO
+    timer is armed for the latest-sent data still inside its window (RFC 8985:
+    the maximum remaining time), or cancelled.
+    """
+    xmit = sk.rack_xmit
+    if xmit < 0:
+        return None
+    wait = sk.rack_rtt + _rack_reo_wnd(sk) - now  # lost once send time + wait <= 0
+    rack_end = sk.rack_end
+    una = sk.snd_una
+    timeout = 0.0
+    log = sk.rtx_log
+    if log and (sk.in_recovery or sk.in_loss):
+        keep = []
+        relost = []
+        for ent in log:
+            t = ent[3]
+            if t < xmit or (t == xmit and 0 < ((rack_end - ent[1]) & MASK) < HALF):
+                left = t + wait
+                if left <= _RACK_EPS:
+                    relost.append([ent[0], ent[1]])
+                    continue
+                if left > timeout:
+                    timeout = left
+            keep.append(ent)
+        if relost:
+            sk.rtx_log = keep
+            sk.relost.extend(relost)
+            sh.stats.lost_retransmits += len(relost)
+    lost = (sk.lost_hi - una) & MASK
+    if lost > ((sk.snd_max - una) & MASK):
+        lost = 0  # behind SND.UNA (or never set): nothing marked yet
+    start = lost
+    tx = sk.tx_log
+    rack_off = (rack_end - una) & MASK
+    prev = 0  # where the burst begins (offset from SND.UNA)
+    for i in range(0, len(tx), 2):
+        end = (tx[i] - una) & MASK
+        if end & HALF or end <= lost:
+            prev = 0 if end & HALF else end
+            continue  # acknowledged, or already lost
+        t = tx[i + 1]
+        if t > xmit:
+            break
+        if t == xmit:  # RACK.segment's own burst: by sequence up to it
+            if rack_off & HALF or rack_off <= lost:
+                break
+            if rack_off < end:
+                end = rack_off
+        left = t + wait
+        if left <= _RACK_EPS:
+            lost = end  # bursts leave in time order: every earlier one is lost too
+        elif left > timeout and _unsacked_in(sk, prev if prev > lost else lost, end):
+            timeout = left
+        if t == xmit:
+            break
+        prev = end
+    if timeout > 0:
+        sh.timers.arm(sk, _REO, now + timeout)
+    else:
+        sk.timers[_REO] = None
+    if lost > start and _unsacked_in(sk, start, lost):
+        return (una + lost) & MASK
+    return None
+
+
+def _unsacked_in(sk: TcpSock, lo: int, hi: int) -> bool:
+    """Is any byte of [lo, hi) (offsets from SND.UNA) not SACKed?"""
+    una = sk.snd_una
+    for b in sk.sacked:
+        a = (b[0] - una) & MASK
+        if a > lo:
+            break
+        e = (b[1] - una) & MASK
+        if e > lo:
+            lo = e
+    return lo < hi
+
+
+def tcp_rack_reo_timeout(sh: Shard, sk: TcpSock, now: float) -> None:
+    """The reordering window of data sent before RACK.segment passed: run RACK's
+    loss detection again and repair what it finds (Linux ``tcp_rack_reo_timeout``)."""
+    if (sk.cc is None or not sk.sack_ok or sk.snd_una == sk.snd_max
+            or not (sk.sacked or sk.rtx_log)
+            or sk.state not in _SENDING_STATES):
+        return
+    relost = len(sk.relost)
+    lost_to = tcp_rack_detect_loss(sh, sk, now)
+    if not sk.in_recovery and not sk.in_loss:
+        if lost_to is None:
+            return
+        sh.stats.rack_reo_timeouts += 1
+        # Linux tcp_rack_reo_timeout counts one segment delivered for PRR here.
+        tcp_input.tcp_enter_recovery(sh, sk, now, lost_to, delivered=sk.mss_cache)
+        return
+    if lost_to is None and len(sk.relost) == relost:
+        return
+    sh.stats.rack_reo_timeouts += 1
+    if lost_to is not None:
+        tcp_input._mark_lost(sk, lost_to)
+    if sk.in_recovery:
+        tcp_input._prr_update(sk, 0)
+    tcp_output.tcp_write_xmit(sh, sk, now)
+
+
+def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: list[tuple[int, int]]) -> bool:
+    """RFC 8985 §6.2 step 3: data never retransmitted, newly delivered below
+    RACK.fack, arrived out of order.  ``lo``/``hi`` bound what this ACK
+    delivered (offsets from SND.UNA); ``old`` are the SACKed offsets before it.
+    True (and RACK.reordering_seen set) when it did."""
+    una = sk.snd_una
+    fack = (_rack_fack(sk) - una) & MASK
+    if sk.in_recovery or sk.in_loss:
+        rtx = (sk.retrans_hi - una) & MASK  # below it: retransmitted this episode
+        if rtx & HALF:
+            rtx = 0
+        if lo < rtx:
+            lo = rtx
+    if hi > fack:
+        hi = fack
+    if lo >= hi:
+        return False
+    n = hi - lo
+    for a, b in old:
+        if b <= lo or a >= hi:
+            continue
+        n -= (b if b < hi else hi) - (a if a > lo else lo)
+    if n > 0:
+        sk.reord_seen = True
+        return True
+    return False
+
+
+def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
+    """[s, e) cumulatively acknowledged or inside one SACKed block."""
+    eo = (e - una) & MASK
+    if eo == 0 or eo & HALF:
+        return True
+    so = (s - una) & MASK
+    if so & HALF:
+        return False
+    for b in sk.sacked:
+        if ((b[0] - una) & MASK) <= so and eo <= ((b[1] - una) & MASK):
+            return True
+    return False
+
+
+# -- the tail loss probe (RFC 8985 §7) --------------------------------------------------
+
+def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float,
+                            earlier_only: bool = False) -> None:
+    """Arm the tail loss probe 2 SRTT out (RFC 8985 §7.2; Linux
+    ``tcp_schedule_loss_probe``), plus a delayed-ACK allowance when a single
+    segment is in flight, and never later than the RTO."""
+    srtt = sk.srtt
+    if not srtt:
+        return
+    pto = 2 * srtt
+    if pto < 0.010:
+        pto = 0.010  # Linux's floor: a timer no sooner than 10 ms
+    if ((sk.snd_max - sk.snd_una) & MASK) <= sk.mss_cache:
+        pto += 0.2  # RFC 8985 §7.2 WCDelAckT
+    if pto >= rto:
+        # Never later than the RTO, but not dropped either: Linux arms the probe
+        # at min(PTO, RTO) in the RTO's place, so a one- or two-segment flight
+        # whose last segment (or ACK) is lost gets a probe, not a timeout that
+        # collapses cwnd to one -- at small windows the common case.  The
+        # probe goes just before the RTO and re-arms it.
+        pto = rto - (_TLP_RTO_MARGIN if rto > 2 * _TLP_RTO_MARGIN else rto / 2)
+        if pto < 2 * srtt:
+            return
+    deadline = now + pto
+    timers = sk.timers
+    cur = timers[_TLP]
+    if earlier_only and cur is not None and cur <= deadline:
+        return  # new data keeps an earlier probe; a larger flight may bring a later one in
+    timers[_TLP] = deadline
+    q = sk.timer_q[_TLP]
+    if q is None or q > deadline:  # TimerHeap.arm's lazy rule, without the call
+        sh.timers.arm(sk, _TLP, deadline)
+
+
+def tcp_send_loss_probe(sh: Shard, sk: TcpSock, now: float) -> None:
+    """Tail loss probe (RFC 8985 §7.3; Linux ``tcp_send_loss_probe``).
+
+    The last segments of a flight were sent and no ACK came for two RTTs:
+    rather than wait for the RTO, send one segment (new data if the windows
+    allow, else the last segment again, unless the peer SACKed it) so that
+    its ACK's SACK blocks reveal the loss and fast recovery repairs it.
+    """
+    if (sk.in_recovery or sk.in_loss or sk.snd_una == sk.snd_max or sk.cc is None
+            or sk.state not in _PROBE_STATES):
+        return
+    mss = tcp_output.tcp_current_mss(sk)
+    sent = tcp_output._write_new(sh, sk, now, mss)
+    if not sent:
+        top = sk.snd_max
+        seq = (top - mss) & MASK
+        if ((seq - sk.snd_una) & MASK) & HALF:
+            seq = sk.snd_una
+        if sk.sacked and ((sk.sacked[-1][1] - seq) & MASK) < HALF \
+                and sk.sacked[-1][1] != seq:
+            # The tail (or part of it) is SACKed: probe only below it.
+            lo = sk.sacked[-1][0]
+            if ((lo - seq) & MASK) & HALF or lo == seq:
+                return
+            top = lo
+        end = tcp_output.tcp_retransmit_skb(sh, sk, seq, now, (top - seq) & MASK)
+        if end == seq:
+            return
+        # RACK (RFC 8985 §6.2) learns the probe's send time: if it is delivered,
+        # holes sent before it are lost once a reordering window has passed.
+        # (Probes acknowledged on the fast path are dropped here, so the log
+        # stays bounded between recoveries.)
+        una = sk.snd_una
+        log = [e for e in sk.rtx_log if 0 < ((e[1] - una) & MASK) < HALF]
+        log.append([seq, end, sk.snd_max, now])
+        sk.rtx_log = log
+    sh.stats.tlp_probes += 1
+    sh.timers.arm(sk, _RETRANSMIT, now + tcp_output.tcp_rto(sk))
