@@ -38,6 +38,9 @@ class DropReason(enum.Enum):
     PROTO_MEM = "PROTO_MEM"  # in-window data past the receive-memory hard limit (TCPRcvQDrop)
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
+    #: Handling the frame raised (an engine bug): its connection was reset and
+    #: the fault logged, rate limited (core.fault).  Never expected to count.
+    ENGINE_EXCEPTION = "ENGINE_EXCEPTION"
 
     # -- Device side (netio's Dispatcher, the worker's RX and TX): frames that
     # never reach a Shard. Linux's names where Linux drops the same frame for

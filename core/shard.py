@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer
+from . import fault, inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer
 from .dropreason import DropReason
 from .events import Event, SocketError
 from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
@@ -31,6 +31,7 @@ from .tcp_h import (
     TCP_FIN_TIMEOUT_MAX,
     TCP_SYN_RETRIES,
     BytesLike,
+    RequestSock,
     SockOptValue,
     State,
     TcpSock,
@@ -192,6 +193,9 @@ class Shard:
         self.connects = 0
         self._next_sd = 3
         self._cc_factory = tcp_cong.get(config.congestion)
+        #: core.fault's log rate limit: when a fault was last logged, and how many since not.
+        self.fault_logged = -1.0
+        self.faults_unlogged = 0
 
     # -- plumbing used by the engine modules -------------------------------------------
 
@@ -219,16 +223,27 @@ class Shard:
     # -- packets and time ----------------------------------------------------------------
 
     def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
-        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``."""
+        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``.
+
+        A failure while handling it ends only its connection (``core.fault``).
+        """
         self.now = now
-        tcp_ipv4.tcp_v4_rcv(self, packet, now, self.cfg.csum_offload if csum_ok is None else csum_ok)
+        try:
+            tcp_ipv4.tcp_v4_rcv(self, packet, now,
+                                self.cfg.csum_offload if csum_ok is None else csum_ok)
+        except Exception as exc:  # the boundary (core.fault): counted, reset, logged
+            fault.tcp_rcv_failed(self, packet, exc, now)
 
     def receive_batch(self, packets: Iterable[BytesLike], now: float,
                       csum_ok: bool | None = None) -> None:
         self.now = now
         ok = self.cfg.csum_offload if csum_ok is None else csum_ok
+        rcv = tcp_ipv4.tcp_v4_rcv
         for packet in packets:
-            tcp_ipv4.tcp_v4_rcv(self, packet, now, ok)
+            try:
+                rcv(self, packet, now, ok)
+            except Exception as exc:  # the boundary (core.fault): counted, reset, logged
+                fault.tcp_rcv_failed(self, packet, exc, now)
 
     def advance(self, now: float) -> None:
         """Fire every timer due at ``now``."""
@@ -239,7 +254,10 @@ class Shard:
             if due is None:
                 return
             kind, sk = due
-            tcp_timer.tcp_timer_handler(self, kind, sk, now)
+            try:
+                tcp_timer.tcp_timer_handler(self, kind, sk, now)
+            except Exception as exc:  # the boundary (core.fault): counted, reset, logged
+                fault.tcp_timer_failed(self, kind, sk, exc, now)
 
     def take_frames(self) -> list[bytes]:
         frames = self.frames
@@ -493,7 +511,10 @@ class Shard:
     def connections(self) -> list[ConnInfo]:
         seen: set[int] = set()
         rows = []
-        socks = list(self.h.listening.values()) + list(self.h.ehash.values())
+        socks: list[TcpSock | RequestSock] = list(self.h.listening.values())
+        for group in self.h.reuseport.values():
+            socks += group
+        socks += self.h.ehash.values()
         for sk in socks:
             if id(sk) in seen:
                 continue

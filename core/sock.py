@@ -69,6 +69,9 @@ class TcpSock:
     backlog: int = 0
     accept_queue: deque[TcpSock] = field(default_factory=deque)
     reqs: int = 0  # request socks outstanding (reqsk_queue_len)
+    #: When the SYN queue last overflowed (a cookie was sent); -1: never (Linux
+    #: ``rx_queue.last_overflow``, ``tcp_synq_overflow``).
+    synq_overflow: float = -1.0
     parent: TcpSock | None = None  # the listener, until accept()
     orphan: bool = False  # close() called; the descriptor belongs to no one
     # -- send sequence space (RFC 9293 §3.3.1) -------------------------------------

@@ -1316,7 +1316,7 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
     flags = seg.flags
     if flags & ACK:
         ack = seg.ack
-        if ((ack - sk.iss) & MASK) - 1 >= ((sk.snd_max - sk.iss) & MASK):
+        if ((ack - sk.iss - 1) & MASK) >= ((sk.snd_max - sk.iss) & MASK):
             # ACK outside (ISS, SND.NXT]: RST unless it is one (RFC 9293 §3.10.7.3 first).
             sh.stats.drop(DropReason.TCP_SYNSENT_BAD)
             tcp_output.tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
@@ -1376,8 +1376,7 @@ def _syn_options(sh: Shard, sk: TcpSock, opts: TcpOptions, now: float) -> None:
     if ts is not None:
         sk.ts_recent = ts[0]
         sk.ts_recent_stamp = now
-    sk.mss = mss
-    sk.mss_cache = mss - (12 if sk.ts_ok else 0)
+    tcp_output.tcp_set_mss(sk, mss)
     tcp_initialize_rcv_mss(sh, sk)
 
 

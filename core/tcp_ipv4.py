@@ -225,7 +225,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                 return
             # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
             isn = (sk.snd_nxt + 65535 + 2) & MASK
-            listener = _lookup_listener(sh, dst, seg.dst_port)
+            listener = _lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
             if listener is not None:
                 tcp_v4_do_rcv(sh, listener, seg, src, dst, now, isn)
                 return
@@ -234,7 +234,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
             tcp_input.tcp_segs_in(sk, len(seg.payload))
             tcp_input.tcp_rcv_state_process(sh, sk, seg, now)
             return
-    listener = _lookup_listener(sh, dst, seg.dst_port)
+    listener = _lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
     if listener is None:
         stats.drop(DropReason.NO_SOCKET)
         tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
@@ -242,12 +242,18 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     tcp_v4_do_rcv(sh, listener, seg, src, dst, now)
 
 
-def _lookup_listener(sh: Shard, daddr: int, dport: int) -> TcpSock | None:
+def _lookup_listener(sh: Shard, daddr: int, dport: int, saddr: int,
+                     sport: int) -> TcpSock | None:
     if sh.tracing:
         sh.tr("__inet_lookup_listener")
-    lst = sh.h.listening
+    h = sh.h
+    lst = h.listening
     sk = lst.get((daddr, dport))
-    return sk if sk is not None else lst.get((0, dport))
+    if sk is None:
+        sk = lst.get((0, dport))
+    if sk is not None and h.reuseport:
+        return inet_hashtables.reuseport_select_sock(h, sk, saddr, sport)
+    return sk
 
 
 def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
@@ -260,7 +266,8 @@ def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
         sh.stats.drop(DropReason.TCP_RESET)
         return
     if flags & ACK:
-        if not flags & SYN and sh.cfg.syncookies and _cookie_check(sh, sk, seg, src, dst, now):
+        if (not flags & SYN and sh.cfg.syncookies and not tcp_synq_no_recent_overflow(sk, now)
+                and _cookie_check(sh, sk, seg, src, dst, now)):
             return
         # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
         sh.stats.drop(DropReason.TCP_FLAGS)
@@ -332,6 +339,7 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
             req.wscale_ok = req.sack_ok = False
             req.snd_wscale = req.rcv_wscale = 0
         sh.stats.syncookies_sent += 1
+        sk.synq_overflow = now  # Linux tcp_synq_overflow
     elif isn is not None:
         iss = isn
     req.iss = iss
@@ -362,6 +370,19 @@ def tcp_v4_send_synack(sh: Shard, req: RequestSock, now: float) -> None:
     sh.stats.segs_out += 1
     if req.num_retrans == 0:
         req.synack_time = now
+
+
+#: Linux TCP_SYNCOOKIE_VALID: how long after the SYN queue overflowed a bare ACK
+#: may be a cookie's (MAX_SYNCOOKIE_AGE periods of 60 s there).
+TCP_SYNCOOKIE_VALID = 120.0
+
+
+def tcp_synq_no_recent_overflow(listener: TcpSock, now: float) -> bool:
+    """No cookie was sent lately (Linux ``tcp_synq_no_recent_overflow``): then a bare
+    ACK to a listener is not a cookie's, and is not worth two keyed hashes (and a
+    forger's 4 / 2**24 odds per try)."""
+    last = listener.synq_overflow
+    return last < 0 or now - last > TCP_SYNCOOKIE_VALID
 
 
 def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: int,
@@ -419,8 +440,7 @@ def tcp_v4_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: Tc
     mss = req.mss
     if child.user_mss and child.user_mss < mss:
         mss = child.user_mss
-    child.mss = mss
-    child.mss_cache = mss - (12 if child.ts_ok else 0)
+    tcp_output.tcp_set_mss(child, mss)
     # The MSS we announce: the route's (our MTU's) advmss.
     if sh.tracing:
         sh.tr("dst_metric_advmss")
@@ -557,8 +577,7 @@ def tcp_sync_mss(sk: TcpSock, pmtu: int) -> bool:
     mss = pmtu - 40  # IPv4 + TCP headers, no options
     if mss >= sk.mss:
         return False
-    sk.mss = mss
-    sk.mss_cache = mss - (12 if sk.ts_ok else 0)
+    tcp_output.tcp_set_mss(sk, mss)
     return True
 
 

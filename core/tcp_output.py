@@ -19,7 +19,9 @@ from . import tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
+    TCP_MIN_SND_MSS,
     TCP_RTO_MAX,
+    TCPOLEN_TSTAMP_ALIGNED,
     RequestSock,
     State,
     TcpSegment,
@@ -51,6 +53,21 @@ _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
 _TLP = TimerKind.TLP
 
+
+
+def tcp_set_mss(sk: TcpSock, mss: int) -> None:
+    """Set the send MSS (Linux ``tcp_sync_mss`` / ``__tcp_mtu_to_mss``), the only writer
+    of ``mss``/``mss_cache``.
+
+    ``mss`` is the clamp before options (the peer's MSS option, our MTU,
+    TCP_MAXSEG, the path MTU): raised to ``tcp_min_snd_mss`` first, then the
+    timestamp option's room comes off, as Linux does, so ``mss_cache`` is at
+    least 36 whatever the peer announced.
+    """
+    if mss < TCP_MIN_SND_MSS:
+        mss = TCP_MIN_SND_MSS
+    sk.mss = mss
+    sk.mss_cache = mss - (TCPOLEN_TSTAMP_ALIGNED if sk.ts_ok else 0)
 
 def tcp_current_mss(sk: TcpSock) -> int:
     """Payload per segment after this moment's options (Linux ``tcp_current_mss``).

@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE.parent / "unit" / "core"))
 import socket  # noqa: E402
 
 from core_helpers import ACK, FIN, RST, SYN, A, B, Peer, listen, make_shard  # noqa: E402
+from shardstack.core.dropreason import DropReason  # noqa: E402
 from shardstack.core.sock import State  # noqa: E402
 from shardstack.core.wire.checksum import internet_checksum  # noqa: E402
 from shardstack.core.wire.icmp import build_icmp_error  # noqa: E402
@@ -376,6 +377,8 @@ def _seq_leq(a: int, b: int) -> bool:
 
 def check_invariants(sh) -> None:
     """The property every input must keep."""
+    # The receive boundary (core.fault) caught nothing: a fault there is a bug.
+    assert not sh.stats.drops.get(DropReason.ENGINE_EXCEPTION), sh.stats.drops
     assert len(sh.socks) <= 64, len(sh.socks)
     assert len(sh.h.ehash) <= 64, len(sh.h.ehash)
     assert len(sh.timers) <= 64 * 16 + 64, len(sh.timers)

@@ -351,7 +351,7 @@ def test_in_order_one_byte_segments_are_bounded_by_rcvbuf():
 
 # -- the receive boundary --------------------------------------------------------------------
 
-def test_a_failing_frame_resets_only_its_connection_and_the_batch_goes_on(monkeypatch):
+def test_a_failing_frame_resets_only_its_connection_and_the_batch_goes_on(monkeypatch, caplog):
     """Whatever fails while one frame is handled (here: a fault injected into the data
     path of one connection) is counted, that connection is reset as Linux resets one
     it cannot handle, and every other frame of the batch is processed."""
@@ -383,3 +383,13 @@ def test_a_failing_frame_resets_only_its_connection_and_the_batch_goes_on(monkey
     assert [s.flags for s in rsts] == ["R."] or [s.flags for s in rsts] == ["R"]
     assert sh.state(bsd) is State.CLOSED
     assert sum(n for r, n in sh.stats.drops.items() if "EXCEPTION" in r.value) == 1
+    # One log line, naming the frame and the fault; a second fault within the
+    # second is counted, not logged (a peer cannot flood the log).
+    faults = [r.getMessage() for r in caplog.records if "injected fault" in r.getMessage()]
+    assert len(faults) == 1 and "40001" in faults[0] and "RuntimeError" in faults[0]
+    bad2 = Peer(sh, port=40003)
+    b2sd, b2sa = passive_open(bad2, lsd, mss=1460)
+    victim = sh.sock(b2sd)
+    sh.receive(frame(40003, 1001, b2sa.seq + 1, ACK | FIN, b"c" * 10), 0.5)
+    assert sh.state(b2sd) is State.CLOSED
+    assert len([r for r in caplog.records if "injected fault" in r.getMessage()]) == 1
