@@ -102,6 +102,10 @@ class ShardStats:
     zero_window_probes: int = 0
     keepalive_probes: int = 0
     ofo_queued: int = 0
+    prune_called: int = 0  # receive memory over budget: queues collapsed/pruned (PruneCalled)
+    rcv_collapsed: int = 0  # collapses of the receive or out-of-order queue (TCPRcvCollapsed)
+    ofo_pruned: int = 0  # prunes that dropped out-of-order data (OfoPruned)
+    ofo_drop: int = 0  # out-of-order segments dropped by pruning (TCPOFODrop)
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)

@@ -108,7 +108,9 @@ class TcpSock:
     ofo: list = field(default_factory=list)  # sorted [start, end, data]
     ofo_len: int = 0
     ofo_fin: int | None = None  # sequence number of a FIN that arrived ahead of a hole
-    ofo_recent: list[int] = field(default_factory=list)  # latest out-of-order arrivals, newest first
+    #: SACK blocks to report, most recent first, at most 4 ([start, end]; Linux
+    #: ``rx_opt.selective_acks``), kept up to date as out-of-order data arrives.
+    sack_blocks: list[list[int]] = field(default_factory=list)
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False

@@ -29,6 +29,7 @@ from .tcp_h import (
     TCP_DELACK,
     TCP_FASTRETRANS_THRESH,
     TCP_RTO_MIN,
+    TCP_SKB_OVERHEAD,
     BytesLike,
     State,
     TcpSegment,
@@ -760,7 +761,7 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         sk.ack_now = True
         return
-    if n and not _rmem_ok(sk, n):
+    if n and not _rmem_ok(sh, sk, n):
         sh.stats.drop(DropReason.PROTO_MEM)
         sk.ack_now = True
         return
@@ -783,17 +784,98 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         tcp.emit_readable(sh, sk)
 
 
-def _rmem_ok(sk: TcpSock, n: int) -> bool:
-    """May ``n`` more bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
+def tcp_rmem_alloc(sk: TcpSock) -> int:
+    """Receive memory a connection holds, charged as Linux charges ``sk_rmem_alloc``:
+    payload plus a per-segment overhead (``TCP_SKB_OVERHEAD``, our truesize), for
+    the receive queue and the out-of-order queue alike."""
+    return (sk.rcvq_len + sk.ofo_len
+            + TCP_SKB_OVERHEAD * (len(sk.rcvq) + len(sk.ofo)))
+
+
+def _rmem_ok(sh: Shard, sk: TcpSock, n: int) -> bool:
+    """May a segment of ``n`` bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
 
     The window never retracts (``tcp_output.tcp_select_window``), so data up
     to the promised edge normally fits the buffer; rounding a kept edge up
     to the scale granularity can promise a little more, which this slack
-    absorbs.  Past it, in-window data is dropped (Linux TCPRcvQDrop) rather
-    than letting memory grow: the peer resends it once the reader catches up.
+    absorbs.  Memory is charged per segment (truesize), so a peer sending
+    tiny segments reaches the limit long before the window is full: then the
+    queues are collapsed and, if that is not enough, out-of-order data is
+    pruned (``tcp_prune_queue``).  Past that, in-window data is dropped
+    (Linux TCPRcvQDrop): the peer resends it once the reader catches up.
     """
     limit = sk.rcvbuf + (sk.rcvbuf >> 3) + (1 << sk.rcv_wscale)
-    return sk.rcvq_len + sk.ofo_len + n <= limit
+    need = n + TCP_SKB_OVERHEAD
+    if tcp_rmem_alloc(sk) + need <= limit:
+        return True
+    tcp_prune_queue(sh, sk, limit - need)
+    return tcp_rmem_alloc(sk) + need <= limit
+
+
+def tcp_prune_queue(sh: Shard, sk: TcpSock, target: int) -> None:
+    """Bring receive memory to ``target`` (Linux ``tcp_prune_queue``): collapse the
+    receive queue into one buffer and runs of adjacent out-of-order segments into
+    one each (``tcp_collapse``, ``tcp_collapse_ofo_queue``); if that is not
+    enough, drop out-of-order data from the highest sequence down
+    (``tcp_prune_ofo_queue``: the newest data is the cheapest for the peer to
+    resend, and keeping the low end lets the hole fill)."""
+    sh.stats.prune_called += 1
+    if len(sk.rcvq) > 1:
+        _collapse_rcvq(sk)
+        sh.stats.rcv_collapsed += 1
+    if tcp_rmem_alloc(sk) <= target:
+        return
+    if len(sk.ofo) > 1 and _collapse_ofo(sk):
+        sh.stats.rcv_collapsed += 1
+        if tcp_rmem_alloc(sk) <= target:
+            return
+    ofo = sk.ofo
+    if not ofo:
+        return
+    sh.stats.ofo_pruned += 1
+    while ofo and tcp_rmem_alloc(sk) > target:
+        e = ofo.pop()
+        sk.ofo_len -= len(e[2])
+        sh.stats.ofo_drop += 1
+    if sk.ofo_fin is not None and (not ofo or ((sk.ofo_fin - ofo[-1][1]) & MASK) != 0):
+        sk.ofo_fin = None  # its segment was pruned: the peer sends the FIN again
+    # Linux tcp_sack_reset: the blocks may name pruned data (RFC 2018 §8 allows
+    # the receiver to renege); the next out-of-order segment starts them anew.
+    sk.sack_blocks.clear()
+
+
+def _collapse_rcvq(sk: TcpSock) -> None:
+    q = sk.rcvq
+    off = sk.rcvq_off
+    first = q.popleft()
+    parts = [first[off:] if off else first]
+    parts.extend(q)
+    q.clear()
+    q.append(b"".join(parts))
+    sk.rcvq_off = 0
+
+
+def _collapse_ofo(sk: TcpSock) -> bool:
+    """Join runs of out-of-order segments that touch; True if any were joined."""
+    ofo = sk.ofo
+    out: list[list] = []
+    joined = False
+    run: list[bytes] = []
+    for e in ofo:
+        if out and out[-1][1] == e[0]:
+            run.append(e[2])
+            out[-1][1] = e[1]
+            joined = True
+            continue
+        if len(run) > 1:
+            out[-1][2] = b"".join(run)
+        out.append([e[0], e[1], e[2]])
+        run = [e[2]]
+    if len(run) > 1:
+        out[-1][2] = b"".join(run)
+    if joined:
+        ofo[:] = out
+    return joined
 
 
 def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin: int,
@@ -801,8 +883,12 @@ def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin:
     """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``).
 
     ``sk.ofo`` holds disjoint ``[start, end, bytes]`` ranges sorted by offset
-    from RCV.NXT; a new segment is trimmed against its neighbours and swallows
-    the ranges it covers.  An early FIN is remembered by its sequence number.
+    from RCV.NXT (the order never changes while RCV.NXT moves: every range
+    lies within the window ahead of it).  The place of a new segment is found
+    by bisection, O(log n) comparisons; it is trimmed against its neighbours
+    and swallows the ranges it covers.  The SACK blocks are kept as Linux
+    keeps them (``tcp_sack_new_ofo_skb``), so an ACK costs the same however
+    long the queue.  An early FIN is remembered by its sequence number.
     """
     n = len(data)
     rwin = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
@@ -811,41 +897,100 @@ def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin:
     if lo_off >= rwin or rwin & HALF:
         sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         return
-    if not _rmem_ok(sk, n):
+    if not _rmem_ok(sh, sk, n):
         sh.stats.drop(DropReason.PROTO_MEM)
         return
     sk.rcv_ooopack += _segs(n, sk.mss_cache)  # Linux tcp_data_queue_ofo (gso_segs)
     hi_off = lo_off + n
     if fin:
         sk.ofo_fin = (seq + n) & MASK
-    _ofo_note(sk, seq)
+    if sk.sack_ok:
+        tcp_sack_new_ofo_skb(sk, seq, (seq + n) & MASK)
     ofo = sk.ofo
     base = sk.rcv_nxt
-    offs = [((e[0] - base) & MASK) for e in ofo]
-    i = bisect.bisect_right(offs, lo_off)  # a range starting at lo_off is a predecessor
+
+    def off(e: list) -> int:
+        return (e[0] - base) & MASK
+
+    i = bisect.bisect_right(ofo, lo_off, key=off)  # a range starting at lo_off precedes
     if i > 0:  # trim against the predecessor
-        p_end = offs[i - 1] + len(ofo[i - 1][2])
+        p = ofo[i - 1]
+        p_end = off(p) + len(p[2])
         if p_end >= hi_off:
             _dsack_set(sh, sk, seq, (seq + n) & MASK)
             return  # nothing new
         if p_end > lo_off:
             data = data[p_end - lo_off:]
             lo_off = p_end
-    while i < len(ofo) and offs[i] < hi_off:  # swallow covered successors, trim at the next
-        s_end = offs[i] + len(ofo[i][2])
+    j = i
+    while j < len(ofo):  # swallow covered successors, trim at the next
+        s_off = off(ofo[j])
+        if s_off >= hi_off:
+            break
+        s_end = s_off + len(ofo[j][2])
         if s_end <= hi_off:
-            sk.ofo_len -= len(ofo[i][2])
-            del ofo[i]
-            del offs[i]
+            sk.ofo_len -= len(ofo[j][2])
+            j += 1
             continue
-        data = data[:offs[i] - lo_off]
-        hi_off = offs[i]
+        data = data[:s_off - lo_off]
+        hi_off = s_off
         break
+    if j > i:
+        del ofo[i:j]
     if not data:
         return
     ofo.insert(i, [(base + lo_off) & MASK, (base + hi_off) & MASK, bytes(data)])
     sk.ofo_len += len(data)
     sh.stats.ofo_queued += 1
+
+
+def tcp_sack_new_ofo_skb(sk: TcpSock, seq: int, end: int) -> None:
+    """Record [seq, end) in the SACK blocks to report (RFC 2018 §4, Linux
+    ``tcp_sack_new_ofo_skb``): a block it touches grows and moves to the front,
+    then absorbs any other block it now reaches; else a new block goes in front
+    and the oldest of more than four is forgotten."""
+    blocks = sk.sack_blocks
+    for i, b in enumerate(blocks):
+        # Touching or overlapping: !after(seq, b.end) && !after(b.start, end).
+        if ((b[1] - seq) & MASK) < HALF and ((end - b[0]) & MASK) < HALF:
+            if ((seq - b[0]) & MASK) & HALF:
+                b[0] = seq
+            if 0 < ((end - b[1]) & MASK) < HALF:
+                b[1] = end
+            if i:
+                del blocks[i]
+                blocks.insert(0, b)
+            _sack_maybe_coalesce(blocks)
+            return
+    blocks.insert(0, [seq, end])
+    if len(blocks) > 4:
+        del blocks[4:]
+
+
+def _sack_maybe_coalesce(blocks: list[list[int]]) -> None:
+    """Linux ``tcp_sack_maybe_coalesce``: the first block absorbs the others it reaches."""
+    first = blocks[0]
+    i = 1
+    while i < len(blocks):
+        b = blocks[i]
+        if ((first[1] - b[0]) & MASK) < HALF and ((b[1] - first[0]) & MASK) < HALF:
+            if ((b[0] - first[0]) & MASK) & HALF:
+                first[0] = b[0]
+            if 0 < ((b[1] - first[1]) & MASK) < HALF:
+                first[1] = b[1]
+            del blocks[i]
+            continue
+        i += 1
+
+
+def _sack_remove(sk: TcpSock) -> None:
+    """Blocks RCV.NXT reached are acknowledged now (Linux ``tcp_sack_remove``)."""
+    nxt = sk.rcv_nxt
+    blocks = sk.sack_blocks
+    if not sk.ofo:
+        blocks.clear()
+        return
+    blocks[:] = [b for b in blocks if ((nxt - b[0]) & MASK) & HALF]
 
 
 def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
@@ -856,23 +1001,15 @@ def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
         sh.stats.dsacks_sent += 1
 
 
-def _ofo_note(sk: TcpSock, seq: int) -> None:
-    """Remember arrival order: SACK blocks are reported most recent first (RFC 2018 §4)."""
-    recent = sk.ofo_recent
-    recent.insert(0, seq)
-    if len(recent) > 8:
-        del recent[8:]
-
-
 def _ofo_drain(sk: TcpSock) -> int:
     """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due."""
     ofo = sk.ofo
-    while ofo:
-        e = ofo[0]
+    k = 0
+    for e in ofo:  # the ranges RCV.NXT reached, taken off in one slice below
         off = (e[0] - sk.rcv_nxt) & MASK
         if off & HALF == 0 and off != 0:
             break
-        del ofo[0]
+        k += 1
         data = e[2]
         sk.ofo_len -= len(data)
         if off:  # starts before rcv_nxt: trim the part we already have
@@ -882,6 +1019,10 @@ def _ofo_drain(sk: TcpSock) -> int:
             sk.rcvq.append(data)
             sk.rcvq_len += len(data)
             sk.rcv_nxt = (sk.rcv_nxt + len(data)) & MASK
+    if k:
+        del ofo[:k]
+    if sk.sack_blocks:
+        _sack_remove(sk)
     if sk.ofo_fin is not None and sk.ofo_fin == sk.rcv_nxt and not ofo:
         sk.ofo_fin = None
         return FIN
@@ -1012,7 +1153,8 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         rwin = (sk.rcv_wup + sk.rcv_wnd - seq) & MASK
         rcvbuf = sk.rcvbuf
         if (rwin == 0 or rwin & HALF
-                or sk.rcvq_len + n > rcvbuf + (rcvbuf >> 3) + (1 << sk.rcv_wscale)):
+                or sk.rcvq_len + n + TCP_SKB_OVERHEAD * (len(sk.rcvq) + 1)
+                > rcvbuf + (rcvbuf >> 3) + (1 << sk.rcv_wscale)):
             return False
         data = pkt[off:end]
         if csum is not None and (csum + sum16(data)) % 0xFFFF:

@@ -78,7 +78,7 @@ def tcp_current_mss(sk: TcpSock) -> int:
     """
     mss = sk.mss_cache
     if (sk.ofo or sk.dsack) and sk.sack_ok:
-        n = len(sk.ofo) + (1 if sk.dsack else 0)
+        n = (len(sk.sack_blocks) if sk.ofo else 0) + (1 if sk.dsack else 0)
         limit = 3 if sk.ts_ok else 4
         mss -= 4 + 8 * (n if n < limit else limit)
     return mss
@@ -161,7 +161,7 @@ def _options(sk: TcpSock, now: float) -> bytes:
     if (sk.ofo or sk.dsack) and sk.sack_ok:
         ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
         limit = 3 if ts else 4
-        blocks = _sack_blocks(sk, limit) if sk.ofo else []
+        blocks = [(b[0], b[1]) for b in sk.sack_blocks[:limit]] if sk.ofo else []
         if sk.dsack:
             blocks = [sk.dsack] + blocks[:limit - 1]
             sk.dsack = None
@@ -169,32 +169,6 @@ def _options(sk: TcpSock, now: float) -> bytes:
     if sk.ts_ok:
         return _TS_OPT.pack(_TS_WORD, (int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent)
     return b""
-
-
-def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
-    """Merged out-of-order ranges for the SACK option (RFC 2018 §4).
-
-    The first block holds the most recent arrival; the others follow in the
-    order they last changed, so blocks reported before are repeated.
-    """
-    blocks: list[list[int]] = []
-    for e in sk.ofo:
-        start, end = e[0], e[1]
-        if blocks and blocks[-1][1] == start:
-            blocks[-1][1] = end
-        else:
-            blocks.append([start, end])
-    recent = sk.ofo_recent
-
-    def rank(b: list[int]) -> int:
-        span = (b[1] - b[0]) & MASK
-        for i, seq in enumerate(recent):
-            if ((seq - b[0]) & MASK) < span:
-                return i
-        return len(recent)
-
-    blocks.sort(key=rank)
-    return [(b[0], b[1]) for b in blocks[:limit]]
 
 
 def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | memoryview, now: float,
