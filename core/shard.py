@@ -106,6 +106,7 @@ class ShardStats:
     rcv_collapsed: int = 0  # collapses of the receive or out-of-order queue (TCPRcvCollapsed)
     ofo_pruned: int = 0  # prunes that dropped out-of-order data (OfoPruned)
     ofo_drop: int = 0  # out-of-order segments dropped by pruning (TCPOFODrop)
+    sack_capped: int = 0  # SACK blocks ignored: the scoreboard was at TCP_SACK_MAX_ENTRIES
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)

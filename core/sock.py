@@ -111,6 +111,8 @@ class TcpSock:
     #: SACK blocks to report, most recent first, at most 4 ([start, end]; Linux
     #: ``rx_opt.selective_acks``), kept up to date as out-of-order data arrives.
     sack_blocks: list[list[int]] = field(default_factory=list)
+    #: ``len(ofo)`` when collapsing it last found nothing to join (-1: try again).
+    ofo_collapsed: int = -1
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False
@@ -138,7 +140,10 @@ class TcpSock:
     in_loss: bool = False  # after an RTO until ``recover`` is acked (Linux TCP_CA_Loss)
     recover: int = 0  # RecoveryPoint: SND.MAX when recovery / loss began
     sacked: list[list[int]] = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
-    sacked_bytes: int = 0  # total of ``sacked``
+    sacked_bytes: int = 0
+    #: The smallest data segment sent since the flight was last empty: SACK
+    #: blocks narrower than it (and than the MSS) are not believed.
+    seg_min: int = 65535  # total of ``sacked``
     reno_sacked: int = 0  # without SACK: bytes the dup ACKs say have left (Linux reno sacks)
     lost_hi: int = 0  # un-SACKed data below this is deemed lost (RFC 6675 IsLost)
     retrans_hi: int = 0  # HighRxt: un-SACKed data below this has been retransmitted

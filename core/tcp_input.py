@@ -251,8 +251,9 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     sacked = sk.sacked
     if sacked:
         # A hole filled below SACKed data by its original transmission: reordering.
+        j = bisect.bisect_left(sacked, acked, key=lambda b: (b[0] - una) & MASK)
         if tcp_recovery._rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
-                                                 for b in sacked]):
+                                                 for b in sacked[:j]]):
             sk.reord_events += 1
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
@@ -278,6 +279,7 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     sk.snd_una = ack
     if ((ack - sk.snd_nxt) & MASK) < HALF:
         sk.snd_nxt = sk.snd_max = ack  # defensive: SND.NXT never lags the peer
+        sk.seg_min = 65535  # nothing in flight: the next flight sets it
     # RTT sample: timestamps (RFC 7323 §4.1) or Karn's timed segment (RFC 6298 (3)).
     rtt = None
     if tsecr and sk.ts_ok:
@@ -374,39 +376,74 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
                 tcp_try_undo_dsack(sh, sk)
     sacked = sk.sacked
+    # Only blocks that cover whole segments count (Linux tcp_match_skb_to_sack
+    # marks an skb only when a block covers all of it): a block narrower than
+    # the smallest segment of this flight, unless it ends at SND.MAX (a short
+    # tail), is ignored.  A peer SACKing single bytes can then neither split
+    # our retransmissions nor grow the scoreboard past one entry per segment
+    # in flight (CVE-2019-11477's class); with the MSS floor, that bounds it.
+    thr = sk.mss_cache if sk.mss_cache < sk.seg_min else sk.seg_min
     new = []
     for left, right in blocks:
         lo = (left - una) & MASK
         hi = (right - una) & MASK
-        if lo < hi <= span:
+        if lo < hi <= span and (hi - lo >= thr or hi == span):
             new.append((lo, hi))
     if not new:
         return
-    offs = [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked]
     reordered = False
     for lo, hi in new:
-        if tcp_recovery._rack_check_reordering(sk, lo, hi, offs):
+        i, j = _sacked_span(sacked, una, lo, hi)
+        if tcp_recovery._rack_check_reordering(
+                sk, lo, hi, [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked[i:j]]):
             reordered = True
     if reordered:
         sk.reord_events += 1  # once per ACK, as Linux tcp_check_sack_reordering
-    offs.extend(new)
-    offs.sort()
-    merged: list[list[int]] = []
-    for lo, hi in offs:
-        if merged and lo <= merged[-1][1]:
-            if hi > merged[-1][1]:
-                merged[-1][1] = hi
-        else:
-            merged.append([lo, hi])
-    total = 0
-    for b in merged:
-        total += b[1] - b[0]
-        b[0] = (una + b[0]) & MASK
-        b[1] = (una + b[1]) & MASK
-    sk.sacked = merged
-    if total > sk.sacked_bytes:
-        sk.delivered += _segs(total - sk.sacked_bytes, sk.mss_cache)  # newly SACKed
+    total = sk.sacked_bytes
+    before = total
+    for lo, hi in new:
+        # The blocks [lo, hi] touches merge with it into one: O(log n) to find
+        # them, a slice replacement to merge (the scoreboard stays sorted by
+        # offset from SND.UNA, disjoint, with gaps between entries).
+        i, j = _sacked_span(sacked, una, lo, hi)
+        if i == j and len(sacked) >= TCP_SACK_MAX_ENTRIES:
+            # A new entry past the cap: ignored (it merges with nothing).  Each
+            # scoreboard walk per ACK (pipe, NextSeg, RACK) is then bounded;
+            # a receiver with this many separate holes in one window is better
+            # served by the RTO anyway.
+            sh.stats.sack_capped += 1
+            continue
+        if i < j:
+            lo0 = (sacked[i][0] - una) & MASK
+            hi0 = (sacked[j - 1][1] - una) & MASK
+            for b in sacked[i:j]:
+                total -= (b[1] - b[0]) & MASK
+            if lo0 < lo:
+                lo = lo0
+            if hi0 > hi:
+                hi = hi0
+        sacked[i:j] = [[(una + lo) & MASK, (una + hi) & MASK]]
+        total += hi - lo
+    if total > before:
+        sk.delivered += _segs(total - before, sk.mss_cache)  # newly SACKed
     sk.sacked_bytes = total
+
+
+#: Most disjoint ranges the SACK scoreboard keeps (see ``_sacktag``).
+TCP_SACK_MAX_ENTRIES = 256
+
+
+def _sacked_span(sacked: list[list[int]], una: int, lo: int, hi: int) -> tuple[int, int]:
+    """Indices [i, j) of the scoreboard entries that overlap or touch [lo, hi]
+    (offsets from SND.UNA), by bisection."""
+    i = bisect.bisect_left(sacked, lo, key=lambda b: (b[1] - una) & MASK)
+    j = bisect.bisect_right(sacked, hi, lo=i, key=lambda b: (b[0] - una) & MASK)
+    return i, j
+
+
+def sacked_from(sk: TcpSock, una: int, off: int) -> int:
+    """Index of the first scoreboard entry ending after offset ``off`` from SND.UNA."""
+    return bisect.bisect_right(sk.sacked, off, key=lambda b: (b[1] - una) & MASK)
 
 
 def tcp_try_undo_dsack(sh: Shard, sk: TcpSock) -> None:
@@ -761,7 +798,7 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         sk.ack_now = True
         return
-    if n and not _rmem_ok(sh, sk, n):
+    if n and not _rmem_ok(sh, sk, n, seq):
         sh.stats.drop(DropReason.PROTO_MEM)
         sk.ack_now = True
         return
@@ -792,7 +829,7 @@ def tcp_rmem_alloc(sk: TcpSock) -> int:
             + TCP_SKB_OVERHEAD * (len(sk.rcvq) + len(sk.ofo)))
 
 
-def _rmem_ok(sh: Shard, sk: TcpSock, n: int) -> bool:
+def _rmem_ok(sh: Shard, sk: TcpSock, n: int, seq: int) -> bool:
     """May a segment of ``n`` bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
 
     The window never retracts (``tcp_output.tcp_select_window``), so data up
@@ -808,35 +845,50 @@ def _rmem_ok(sh: Shard, sk: TcpSock, n: int) -> bool:
     need = n + TCP_SKB_OVERHEAD
     if tcp_rmem_alloc(sk) + need <= limit:
         return True
-    tcp_prune_queue(sh, sk, limit - need)
+    tcp_prune_queue(sh, sk, limit - need, seq)
     return tcp_rmem_alloc(sk) + need <= limit
 
 
-def tcp_prune_queue(sh: Shard, sk: TcpSock, target: int) -> None:
+def tcp_prune_queue(sh: Shard, sk: TcpSock, target: int, seq: int) -> None:
     """Bring receive memory to ``target`` (Linux ``tcp_prune_queue``): collapse the
     receive queue into one buffer and runs of adjacent out-of-order segments into
     one each (``tcp_collapse``, ``tcp_collapse_ofo_queue``); if that is not
     enough, drop out-of-order data from the highest sequence down
     (``tcp_prune_ofo_queue``: the newest data is the cheapest for the peer to
-    resend, and keeping the low end lets the hole fill)."""
+    resend, and keeping the low end lets the hole fill).  Data below ``seq``
+    (the segment that wants the room) is never dropped for it: a segment
+    above everything queued is itself the one to drop (Linux 5.17+).  Pruning
+    frees an eighth of the buffer beyond the need, so a stream of segments
+    past the budget does not pay a prune each."""
     sh.stats.prune_called += 1
     if len(sk.rcvq) > 1:
         _collapse_rcvq(sk)
         sh.stats.rcv_collapsed += 1
     if tcp_rmem_alloc(sk) <= target:
         return
-    if len(sk.ofo) > 1 and _collapse_ofo(sk):
-        sh.stats.rcv_collapsed += 1
+    ofo = sk.ofo
+    if len(ofo) > 1 and sk.ofo_collapsed != len(ofo):
+        # Only when the queue changed since the last try found nothing to join.
+        if _collapse_ofo(sk):
+            sh.stats.rcv_collapsed += 1
+        sk.ofo_collapsed = len(ofo)
         if tcp_rmem_alloc(sk) <= target:
             return
-    ofo = sk.ofo
     if not ofo:
         return
-    sh.stats.ofo_pruned += 1
-    while ofo and tcp_rmem_alloc(sk) > target:
+    goal = target - (sk.rcvbuf >> 3)
+    base = sk.rcv_nxt
+    off = (seq - base) & MASK
+    dropped = 0
+    while ofo and tcp_rmem_alloc(sk) > goal and ((ofo[-1][0] - base) & MASK) > off:
         e = ofo.pop()
         sk.ofo_len -= len(e[2])
-        sh.stats.ofo_drop += 1
+        dropped += 1
+    if not dropped:
+        return
+    sh.stats.ofo_pruned += 1
+    sh.stats.ofo_drop += dropped
+    sk.ofo_collapsed = -1
     if sk.ofo_fin is not None and (not ofo or ((sk.ofo_fin - ofo[-1][1]) & MASK) != 0):
         sk.ofo_fin = None  # its segment was pruned: the peer sends the FIN again
     # Linux tcp_sack_reset: the blocks may name pruned data (RFC 2018 §8 allows
@@ -897,7 +949,7 @@ def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin:
     if lo_off >= rwin or rwin & HALF:
         sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         return
-    if not _rmem_ok(sh, sk, n):
+    if not _rmem_ok(sh, sk, n, seq):
         sh.stats.drop(DropReason.PROTO_MEM)
         return
     sk.rcv_ooopack += _segs(n, sk.mss_cache)  # Linux tcp_data_queue_ofo (gso_segs)

@@ -223,6 +223,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     sk.segs_out += 1
     if plen:
         sk.data_segs_out += 1
+        if plen < sk.seg_min:
+            sk.seg_min = plen
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
         sk.unacked_rcv = 0
@@ -572,6 +574,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
         sent_off += size
         off = end
     sh.stats.segs_out += count
+    if size < sk.seg_min:
+        sk.seg_min = size
     pcount = count * ((size - 1) // mss + 1)
     sk.segs_out += pcount
     sk.data_segs_out += pcount
@@ -646,7 +650,9 @@ def _next_relost(sk: TcpSock, mss: int) -> tuple[int, int] | None:
             continue
         end_off = (e - una) & MASK
         start = (s - una) & MASK
-        for b in sk.sacked:
+        sacked = sk.sacked
+        for k in range(tcp_input.sacked_from(sk, una, start), len(sacked)):
+            b = sacked[k]
             lo = (b[0] - una) & MASK
             if lo >= end_off:
                 break
@@ -690,7 +696,9 @@ def _next_hole(sk: TcpSock, mss: int) -> tuple[int, int] | None:
     if start >= lost:
         return None
     end = lost
-    for b in sk.sacked:
+    sacked = sk.sacked
+    for k in range(tcp_input.sacked_from(sk, una, start), len(sacked)):
+        b = sacked[k]
         lo = (b[0] - una) & MASK
         if lo >= end:
             break
