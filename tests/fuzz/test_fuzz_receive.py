@@ -2,8 +2,8 @@
 
 - Every corpus input replays (the regression set: the seeds, one per
   conversation, and every input the fuzzer ever broke the engine with).
-- slow: a bounded coverage-guided run (atheris, when it imports), and a
-  bounded hypothesis run of the same property.
+- slow: bounded runs of the same property: coverage-guided (atheris, when
+  it imports), the plain corpus mutator, and hypothesis.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_corpus_input_keeps_the_invariants(path):
 @pytest.mark.slow
 def test_atheris_bounded_run(tmp_path):
     pytest.importorskip("atheris")
-    runs = int(os.environ.get("SHARDSTACK_FUZZ_RUNS", "20000"))
+    runs = int(os.environ.get("SHARDSTACK_FUZZ_RUNS", "4000"))  # ~100/s instrumented
     new = tmp_path / "new"
     new.mkdir()
     env = dict(os.environ, PYTHONHASHSEED="0")
@@ -46,6 +46,14 @@ def test_atheris_bounded_run(tmp_path):
     if crashes:  # keep the reproducer next to the failure report
         shutil.copy(crashes[0], Path(os.environ.get("TMPDIR", "/tmp")) / crashes[0].name)
     assert r.returncode == 0 and not crashes, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_plain_bounded_run():
+    """30000 corpus mutations and random inputs (seeded), ~30 s."""
+    from fuzz_receive import plain
+
+    assert plain(int(os.environ.get("SHARDSTACK_FUZZ_PLAIN", "30000")), seed=11, every=0) > 0
 
 
 @pytest.mark.slow
