@@ -201,6 +201,9 @@ class Shard:
         #: core.fault's log rate limit: when a fault was last logged, and how many since not.
         self.fault_logged = -1.0
         self.faults_unlogged = 0
+        #: core.icmp's error token bucket (ICMP_ERR_RATE per second).
+        self.icmp_tokens = 100.0
+        self.icmp_tokens_t = now
 
     # -- plumbing used by the engine modules -------------------------------------------
 

@@ -181,6 +181,11 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     except WireError as e:
         stats.drop(_IP_REASONS.get(e.reason, DropReason.IP_HDR))
         return
+    if ip.header_len > 20:
+        bad = ip_options_reason(pkt, ip.header_len)
+        if bad is not None:
+            stats.drop(bad)
+            return
     if ip.proto != 6:
         if ip.proto == 1 and ip.dst in sh.addr_set:
             # ip_local_deliver's other protocol: ICMP errors about our segments.
@@ -201,7 +206,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     try:
         seg = parse_tcp(payload)
     except WireError as e:
-        stats.drop(_TCP_REASONS.get(e.reason, DropReason.TCP_HDR))
+        stats.drop(tcp_hdr_reason(payload, e.reason))
         return
     stats.segs_in += 1
     sk = hit if looked_up else sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port))
@@ -240,6 +245,63 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
         return
     tcp_v4_do_rcv(sh, listener, seg, src, dst, now)
+
+
+#: Fixed option lengths parse_tcp enforces (MSS, window scale, SACK permitted, timestamps).
+_TCPOPT_LEN = {2: 4, 3: 3, 4: 2, 8: 10}
+_IPOPT_LSRR = 131
+_IPOPT_SSRR = 137
+
+
+def ip_options_reason(pkt: BytesLike, hl: int) -> DropReason | None:
+    """Why a packet's IP options make it unacceptable, or None (RFC 791 §3.1; Linux
+    ``ip_options_compile``, and ``accept_source_route = 0``: a source-routed
+    packet is dropped).  Other options are legal and ignored."""
+    i = 20
+    while i < hl:
+        kind = pkt[i]
+        if kind == 0:  # end of list
+            return None
+        if kind == 1:  # no-op
+            i += 1
+            continue
+        if i + 1 >= hl or pkt[i + 1] < 2 or i + pkt[i + 1] > hl:
+            return DropReason.IP_OPTIONS
+        if kind == _IPOPT_LSRR or kind == _IPOPT_SSRR:
+            return DropReason.IP_SOURCE_ROUTE
+        i += pkt[i + 1]
+    return None
+
+
+def tcp_hdr_reason(seg: BytesLike, reason: str) -> DropReason:
+    """The drop reason for a TCP header ``parse_tcp`` refused, one per class of
+    malformation (``reason`` is its WireError's)."""
+    r = _TCP_REASONS.get(reason)
+    if r is not None and reason != "option_len":
+        return r
+    if reason == "data_offset":
+        return DropReason.TCP_DOFF_SHORT if seg[12] >> 4 < 5 else DropReason.TCP_DOFF_OVERRUN
+    if reason != "option_len":
+        return DropReason.TCP_HDR
+    hl = (seg[12] >> 4) << 2
+    i = 20
+    while i < hl:
+        kind = seg[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= hl or seg[i + 1] < 2:
+            return DropReason.TCP_OPTLEN_SHORT
+        if i + seg[i + 1] > hl:
+            return DropReason.TCP_OPT_OVERRUN
+        want = _TCPOPT_LEN.get(kind)
+        if (want is not None and seg[i + 1] != want) or (
+                kind == 5 and (seg[i + 1] < 10 or (seg[i + 1] - 2) & 7)):
+            break  # a known option with the wrong length (parse_tcp's order)
+        i += seg[i + 1]
+    return DropReason.TCP_OPTIONS
 
 
 def _lookup_listener(sh: Shard, daddr: int, dport: int, saddr: int,
@@ -485,10 +547,12 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
     q = e.quote
     if q.proto != 6:
         stats.icmp_in_errors += 1  # no other transport here: nothing to tell
+        stats.drop(DropReason.ICMP_ERR_NOT_TCP)
         return
     sk = sh.h.ehash.get((q.src, q.sport, q.dst, q.dport))
     if sk is None:
         stats.icmp_in_errors += 1  # Linux: ICMP_MIB_INERRORS, -ENOENT
+        stats.drop(DropReason.ICMP_ERR_NOT_OURS)
         return
     if isinstance(sk, RequestSock):  # NEW-SYN-RECV
         # Only errors saying the peer cannot be reached end a half-open
@@ -503,6 +567,7 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
         return
     if ((q.seq - sk.snd_una) & MASK) > ((sk.snd_max - sk.snd_una) & MASK):
         stats.tcp_out_of_window_icmps += 1
+        stats.drop(DropReason.ICMP_ERR_OUT_OF_WINDOW)
         return
     itype, code = e.type, e.code
     if itype == ICMP_DEST_UNREACH:
@@ -536,6 +601,7 @@ def tcp_req_err(sh: Shard, req: RequestSock, seq: int, abort: bool) -> None:
     """An error quoting a request sock's SYN-ACK (Linux ``tcp_req_err``)."""
     if seq != req.iss:
         sh.stats.tcp_out_of_window_icmps += 1
+        sh.stats.drop(DropReason.ICMP_ERR_OUT_OF_WINDOW)
         return
     if abort:
         # Dropped silently (Linux inet_csk_reqsk_queue_drop): the listener has

@@ -393,3 +393,119 @@ def test_a_failing_frame_resets_only_its_connection_and_the_batch_goes_on(monkey
     sh.receive(frame(40003, 1001, b2sa.seq + 1, ACK | FIN, b"c" * 10), 0.5)
     assert sh.state(b2sd) is State.CLOSED
     assert len([r for r in caplog.records if "injected fault" in r.getMessage()]) == 1
+
+
+# -- malformed frames, each under its own drop reason ---------------------------------------
+
+def _tcp_with_options(opts: bytes, doff: int | None = None) -> bytes:
+    import struct as _st
+
+    from shardstack.core.wire.ipv4 import build_ipv4
+    words = doff if doff is not None else 5 + len(opts) // 4
+    seg = _st.pack("!HHIIBBHHH", 40000, 80, 1, 0, words << 4, SYN, 1000, 0, 0) + opts
+    return build_ipv4(B, A, 6, seg)
+
+
+@pytest.mark.parametrize("opts,reason", [
+    (b"\x01\x01\x08\x00", "TCP_OPTLEN_SHORT"),  # length 0
+    (b"\x01\x01\x08\x01", "TCP_OPTLEN_SHORT"),  # length 1
+    (b"\x01\x01\x01\x08", "TCP_OPTLEN_SHORT"),  # no length byte
+    (b"\x01\x01\x08\x0a", "TCP_OPT_OVERRUN"),  # 10 bytes in 2
+    (b"\x02\x03\x05\xb4", "TCP_OPTIONS"),  # MSS with length 3
+])
+def test_malformed_tcp_options_each_have_a_reason(opts, reason):
+    sh = make_shard()
+    listen(sh)
+    sh.receive(_tcp_with_options(opts), 0.0, csum_ok=True)
+    assert sh.take_frames() == []
+    assert {r.value: n for r, n in sh.stats.drops.items()} == {reason: 1}
+
+
+@pytest.mark.parametrize("ipopts,reason", [
+    (b"\x83\x07\x04" + bytes(4) + b"\x00", "IP_SOURCE_ROUTE"),  # LSRR
+    (b"\x89\x07\x04" + bytes(4) + b"\x00", "IP_SOURCE_ROUTE"),  # SSRR
+    (b"\x07\x00\x00\x00", "IP_OPTIONS"),  # record route with length 0
+    (b"\x44\x28\x05\x00", "IP_OPTIONS"),  # timestamp option overrunning the header
+])
+def test_ip_options_source_routed_or_malformed_are_dropped(ipopts, reason):
+    import struct as _st
+
+    from shardstack.core.wire.ipv4 import header_checksum
+    tcp = build_tcp_ipv4(B, A, 40000, 80, 1000, 0, SYN, 65535)[20:]
+    hl = 20 + len(ipopts)
+    hdr = bytearray(_st.pack("!BBHHHBBHII", 0x40 | hl // 4, 0, hl + len(tcp), 0, 0x4000, 64, 6, 0,
+                             B, A) + ipopts)
+    hdr[10:12] = _st.pack("!H", header_checksum(bytes(hdr)))
+    sh = make_shard()
+    listen(sh)
+    sh.receive(bytes(hdr) + tcp, 0.0, csum_ok=True)
+    assert sh.take_frames() == []
+    assert {r.value: n for r, n in sh.stats.drops.items()} == {reason: 1}
+
+
+def test_ip_options_that_are_legal_are_accepted():
+    import struct as _st
+
+    from shardstack.core.wire.ipv4 import header_checksum
+    tcp = build_tcp_ipv4(B, A, 40000, 80, 1000, 0, SYN, 65535)[20:]
+    ipopts = b"\x94\x04\x00\x00"  # router alert
+    hdr = bytearray(_st.pack("!BBHHHBBHII", 0x46, 0, 24 + len(tcp), 0, 0x4000, 64, 6, 0, B, A)
+                    + ipopts)
+    hdr[10:12] = _st.pack("!H", header_checksum(bytes(hdr)))
+    sh = make_shard()
+    listen(sh)
+    sh.receive(bytes(hdr) + tcp, 0.0, csum_ok=True)
+    assert [s.flags for s in map(_parse, sh.take_frames())] == ["S."]
+
+
+def _parse(f):
+    from core_helpers import parse
+    return parse(f)
+
+
+def _icmp_err(quoted: bytes, itype: int = 3, code: int = 4, rest: int = 1000,
+              corrupt: bool = False) -> bytes:
+    from shardstack.core.wire.icmp import build_icmp_error
+    from shardstack.core.wire.ipv4 import build_ipv4
+    msg = bytearray(build_icmp_error(itype, code, quoted, rest))
+    if corrupt:
+        msg[2] ^= 0xFF
+    return build_ipv4(B, A, 1, bytes(msg))
+
+
+def test_icmp_errors_quoting_nonsense_each_have_a_reason():
+    sh, sd, peer, una = server_conn()
+    sk = sh.sock(sd)
+    mss = sk.mss_cache
+    ours = build_tcp_ipv4(A, B, 80, 40000, una, 1001, ACK, 100)
+    cases = [
+        (_icmp_err(ours, corrupt=True), "ICMP_CSUM"),
+        (_icmp_err(ours[:10]), "ICMP_ERR_QUOTE"),  # quote shorter than a header + 8
+        (_icmp_err(build_tcp_ipv4(B, A, 40000, 80, 1, 0, ACK, 100)), "ICMP_ERR_NOT_OURS"),
+        (_icmp_err(build_tcp_ipv4(A, B, 80, 40999, una, 0, ACK, 100)), "ICMP_ERR_NOT_OURS"),
+        (_icmp_err(build_tcp_ipv4(A, B, 80, 40000, (una + 5000) & MASK, 0, ACK, 100)),
+         "ICMP_ERR_OUT_OF_WINDOW"),
+    ]
+    from shardstack.core.wire.ipv4 import build_ipv4
+    udp = build_ipv4(A, B, 17, b"\x00\x50\x9c\x40" + bytes(4))
+    cases.append((_icmp_err(udp), "ICMP_ERR_NOT_TCP"))
+    for i, (pkt, reason) in enumerate(cases):
+        before = dict(sh.stats.drops)
+        sh.receive(pkt, 0.01 * i)
+        got = {r.value: n - before.get(r, 0) for r, n in sh.stats.drops.items()
+               if n != before.get(r, 0)}
+        assert got == {reason: 1}, (i, got)
+    assert sk.state is State.ESTABLISHED and sk.mss_cache == mss
+
+
+def test_icmp_error_flood_is_cut_and_counted():
+    sh, sd, peer, una = server_conn()
+    ours = build_tcp_ipv4(A, B, 80, 40000, una, 1001, ACK, 100)
+    pkt = _icmp_err(ours, code=1)  # host unreachable: a soft error each
+    for _ in range(1000):
+        sh.receive(pkt, 1.0)  # all at once: the burst passes, the rest is cut
+    assert sh.stats.drops[__import__("shardstack.core", fromlist=["DropReason"])
+                          .DropReason.ICMP_RATELIMIT] == 900
+    assert sh.stats.tcp_icmp_soft_errors == 100
+    sh.receive(pkt, 1.5)  # half a second later: tokens again
+    assert sh.stats.tcp_icmp_soft_errors == 101
