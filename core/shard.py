@@ -68,6 +68,17 @@ class ShardConfig:
     rcvbuf: int = 262144
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
+    #: Most connections (established, handshaking, TIME-WAIT: the 4-tuple
+    #: table) this shard holds; a SYN past it is dropped (TCP_CONN_LIMIT).
+    #: 0: no cap.
+    max_connections: int = 0
+    #: Linux tcp_mem for this shard, in bytes of queued data (receive memory
+    #: as charged per segment, plus send queues): (low, pressure, high).
+    #: Above ``pressure`` out-of-order data is pruned and not accepted; above
+    #: ``high`` new connections are refused and no data is queued (TCP_MEM).
+    #: Linux sizes its triple from RAM (a 24 GiB host: ~1.1/1.5/2.2 GiB for
+    #: all sockets); per worker we default lower.
+    tcp_mem: tuple[int, int, int] = (128 << 20, 256 << 20, 512 << 20)
 
 
 @dataclass(slots=True)
@@ -106,6 +117,7 @@ class ShardStats:
     rcv_collapsed: int = 0  # collapses of the receive or out-of-order queue (TCPRcvCollapsed)
     ofo_pruned: int = 0  # prunes that dropped out-of-order data (OfoPruned)
     ofo_drop: int = 0  # out-of-order segments dropped by pruning (TCPOFODrop)
+    tcp_mem_pressures: int = 0  # times the shard entered tcp_mem pressure (TCPMemoryPressures)
     sack_capped: int = 0  # SACK blocks ignored: the scoreboard was at TCP_SACK_MAX_ENTRIES
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
@@ -201,6 +213,10 @@ class Shard:
         #: core.fault's log rate limit: when a fault was last logged, and how many since not.
         self.fault_logged = -1.0
         self.faults_unlogged = 0
+        #: tcp_memory_allocated's cache: the total and when it was summed.
+        self.mem_allocated = 0
+        self.mem_sampled = -1.0
+        self.mem_pressure = False
         #: core.icmp's error token bucket (ICMP_ERR_RATE per second).
         self.icmp_tokens = 100.0
         self.icmp_tokens_t = now

@@ -829,6 +829,33 @@ def tcp_rmem_alloc(sk: TcpSock) -> int:
             + TCP_SKB_OVERHEAD * (len(sk.rcvq) + len(sk.ofo)))
 
 
+#: How long a shard's memory total is reused before it is summed again.
+TCP_MEM_SAMPLE = 0.01
+
+
+def tcp_memory_allocated(sh: Shard, now: float) -> int:
+    """The shard's queued TCP memory (Linux ``tcp_memory_allocated``): receive
+    memory as charged, plus send queues.  Summed over the sockets at most every
+    ``TCP_MEM_SAMPLE`` seconds; the pressure flag follows it (Linux
+    ``tcp_enter_memory_pressure`` above tcp_mem[1], leaving it below tcp_mem[0])."""
+    if now - sh.mem_sampled < TCP_MEM_SAMPLE and sh.mem_sampled >= 0:
+        return sh.mem_allocated
+    total = 0
+    for s in sh.socks.values():
+        if s.rcvq_len or s.ofo or s.sndq_len:
+            total += tcp_rmem_alloc(s) + s.sndq_len
+    sh.mem_allocated = total
+    sh.mem_sampled = now
+    low, pressure, _high = sh.cfg.tcp_mem
+    if total > pressure and pressure:
+        if not sh.mem_pressure:
+            sh.mem_pressure = True
+            sh.stats.tcp_mem_pressures += 1
+    elif total <= low:
+        sh.mem_pressure = False
+    return total
+
+
 def _rmem_ok(sh: Shard, sk: TcpSock, n: int, seq: int) -> bool:
     """May a segment of ``n`` bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
 
@@ -841,6 +868,22 @@ def _rmem_ok(sh: Shard, sk: TcpSock, n: int, seq: int) -> bool:
     pruned (``tcp_prune_queue``).  Past that, in-window data is dropped
     (Linux TCPRcvQDrop): the peer resends it once the reader catches up.
     """
+    high = sh.cfg.tcp_mem[2]
+    if high:
+        total = tcp_memory_allocated(sh, sh.now)
+        if total > high:
+            # Over the hard limit: nothing more is queued (Linux
+            # sk_rmem_schedule fails); out-of-order data goes first.
+            if sk.ofo:
+                tcp_prune_queue(sh, sk, 0, sk.rcv_nxt)
+            sh.stats.drop(DropReason.TCP_MEM)
+            return False
+        if sh.mem_pressure and seq != sk.rcv_nxt:
+            # Under pressure: out-of-order data is neither kept nor taken
+            # (tcp_prune_ofo_queue under tcp_under_memory_pressure).
+            if sk.ofo:
+                tcp_prune_queue(sh, sk, 0, sk.rcv_nxt)
+            return False
     limit = sk.rcvbuf + (sk.rcvbuf >> 3) + (1 << sk.rcv_wscale)
     need = n + TCP_SKB_OVERHEAD
     if tcp_rmem_alloc(sk) + need <= limit:

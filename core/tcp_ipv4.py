@@ -343,6 +343,21 @@ def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
     tcp_v4_conn_request(sh, sk, seg, src, dst, now, isn)
 
 
+def tcp_conn_allowed(sh: Shard, now: float) -> bool:
+    """May this shard take one more connection?  Not past its connection cap
+    (``ShardConfig.max_connections``: TCP_CONN_LIMIT) nor above the tcp_mem
+    hard limit (TCP_MEM).  Counted when not."""
+    cap = sh.cfg.max_connections
+    if cap and len(sh.h.ehash) >= cap:
+        sh.stats.drop(DropReason.TCP_CONN_LIMIT)
+        return False
+    high = sh.cfg.tcp_mem[2]
+    if high and tcp_input.tcp_memory_allocated(sh, now) > high:
+        sh.stats.drop(DropReason.TCP_MEM)
+        return False
+    return True
+
+
 def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
                         isn: int | None = None) -> None:
     """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
@@ -353,6 +368,8 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     if sh.tracing:
         sh.tr("tcp_v4_conn_request")
         sh.tr("tcp_conn_request")
+    if not tcp_conn_allowed(sh, now):
+        return
     want_cookie = False
     if inet_connection_sock.inet_csk_reqsk_queue_is_full(sk):
         if not sh.cfg.syncookies:
@@ -456,6 +473,8 @@ def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: 
         return False
     if inet_connection_sock.sk_acceptq_is_full(listener):
         sh.stats.drop(DropReason.TCP_LISTEN_OVERFLOW)
+        return True
+    if not tcp_conn_allowed(sh, now):
         return True
     req = request_sock.inet_reqsk_alloc(sh, listener, dst, seg.dst_port, src, seg.src_port)
     req.irs = (seg.seq - 1) & MASK

@@ -88,6 +88,8 @@ class ServeConfig:
     offload: bool = True  # virtio-net header: GSO/GRO super-frames, checksum offload
     pin: bool = False  # worker i on CPU i; TUN queue i's kernel work elsewhere (shardstack.affinity)
     secret: bytes = b""
+    max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
+    tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -108,6 +110,8 @@ class ServeConfig:
         ports = self.echo_ports + self.discard_ports
         if len(set(ports)) != len(ports):
             raise ConfigError("a port is given to more than one service")
+        if self.max_connections < 0:
+            raise ConfigError("--max-connections must be >= 0")
         if len(self.secret) < 16:
             raise ConfigError("secret must be at least 16 bytes")
         return self

@@ -509,3 +509,53 @@ def test_icmp_error_flood_is_cut_and_counted():
     assert sh.stats.tcp_icmp_soft_errors == 100
     sh.receive(pkt, 1.5)  # half a second later: tokens again
     assert sh.stats.tcp_icmp_soft_errors == 101
+
+
+# -- per-shard limits ------------------------------------------------------------------------
+
+def test_connection_cap_refuses_syns_and_counts():
+    sh = make_shard(max_connections=3)
+    lsd = listen(sh, backlog=16)
+    answered = 0
+    for port in range(41000, 41010):
+        p = Peer(sh, port=port)
+        p.send(SYN, 1000, mss=1460)
+        answered += sum(1 for s in p.recv() if s.flags == "S.")
+    assert answered == 3
+    assert sh.stats.drops[__import__("shardstack.core", fromlist=["DropReason"])
+                          .DropReason.TCP_CONN_LIMIT] == 7
+    del lsd
+
+
+def test_tcp_mem_pressure_stops_out_of_order_and_hard_limit_refuses_connections():
+    """A shard whose queued memory passes tcp_mem[1] keeps no out-of-order data;
+    past tcp_mem[2] it takes no new connection (counted as TCP_MEM)."""
+    from shardstack.core import DropReason as DR
+    rcvbuf = 65536
+    sh = make_shard(tcp_mem=(20000, 40000, 60000))
+    lsd = listen(sh, backlog=16, opts=((socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf),))
+    conns = []
+    for port in (40001, 40002):
+        p = Peer(sh, port=port)
+        sd, sa = passive_open(p, lsd, mss=1460, sack_perm=True)
+        conns.append((p, sd, sa.seq + 1))
+    # Connection 1 queues 50 KB in order (the app does not read).
+    p, sd, una = conns[0]
+    for k in range(35):
+        p.send(ACK, 1001 + 1460 * k, una, payload=b"a" * 1460, at=0.1 + k * 0.001)
+    p.recv()
+    # Connection 2 sends out-of-order data: under pressure it is not kept.
+    p2, sd2, una2 = conns[1]
+    p2.send(ACK, 1001 + 1460, una2, payload=b"b" * 1460, at=0.5)
+    assert sh.stats.tcp_mem_pressures == 1 and not sh.sock(sd2).ofo
+    # Past the hard limit: a new connection is refused.
+    for k in range(35, 60):
+        p.send(ACK, 1001 + 1460 * k, una, payload=b"a" * 1460, at=0.6 + k * 0.001)
+    p3 = Peer(sh, port=40003)
+    p3.send(SYN, 5000, mss=1460, at=1.0)
+    assert [s for s in p3.recv() if s.dport == 40003] == []
+    assert sh.stats.drops[DR.TCP_MEM] >= 1
+    # The reader drains; memory falls and connections are taken again.
+    sh.recv(sd, 1 << 20)
+    p3.send(SYN, 5000, mss=1460, at=2.0)
+    assert [s.flags for s in p3.recv() if s.dport == 40003] == ["S."]
