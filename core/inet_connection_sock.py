@@ -13,15 +13,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from . import tcp
-from .inet_hashtables import (
-    BindBucket,
-    InetHashinfo,
-    OwnerT,
-    inet_bind_bucket_create,
-    inet_bind_hash,
-    inet_hash,
-)
+from . import inet_hashtables, tcp
+from .inet_hashtables import BindBucket, InetHashinfo, OwnerT
 from .tcp_h import RequestSock, State, TcpSock, TimerKind, os_error
 
 if TYPE_CHECKING:
@@ -82,11 +75,11 @@ def inet_csk_get_port(h: InetHashinfo[OwnerT], sk: OwnerT, port: int, lo: int = 
             raise os_error(errno.EADDRINUSE)
     h.tr("tb_not_found")  # Linux falls through this label from tb_found too
     if tb is None:
-        tb = inet_bind_bucket_create(h, port)
+        tb = inet_hashtables.inet_bind_bucket_create(h, port)
     if sk.bound:  # listen() re-check of our own port
         return
     h.tr("success")
-    inet_bind_hash(h, sk, tb, port)
+    inet_hashtables.inet_bind_hash(h, sk, tb, port)
 
 
 def _find_open_port(h: InetHashinfo[OwnerT], sk: OwnerT, lo: int, hi: int, offset: int) -> int:
@@ -117,7 +110,7 @@ def inet_csk_listen_start(sh: Shard, sk: TcpSock, backlog: int) -> None:
     except OSError:
         tcp.tcp_set_state(sh, sk, prev)
         raise
-    inet_hash(h, sk)
+    inet_hashtables.inet_hash(h, sk)
 
 
 def reqsk_queue_alloc(h: InetHashinfo[TcpSock], sk: TcpSock) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from . import inet_hashtables, tcp_output
+from . import inet_hashtables, tcp_output, tcp_timer
 from .events import Closed, Readable, SocketError, Writable
 from .tcp_h import (
     HALF,
@@ -20,9 +20,9 @@ from .tcp_h import (
     RequestSock,
     State,
     TcpSock,
+    TimerKind,
     os_error,
 )
-from .tcp_timer import TimerHeap, TimerKind
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -48,7 +48,6 @@ _WRITE_STATES = (_ESTABLISHED, _CLOSE_WAIT)
 #: The trace line of each state: Linux's name for it (callgraph.md writes
 #: "TCP_ESTABLISHED", "set sk->sk_state = TCP_LISTEN").
 _STATE_TRACE = {st: "TCP_" + st.name for st in State}
-_STATE_TRACE[State.SYN_RECV] = "TCP_SYN_RECV"
 _STATE_TRACE[State.CLOSED] = "TCP_CLOSE"
 
 
@@ -103,7 +102,7 @@ def tcp_done(sh: Shard, sk: TcpSock, err: int = 0) -> None:
     """Final close: unhash, free the port, report (Linux ``tcp_done``)."""
     tcp_set_state(sh, sk, _CLOSED)
     sk.dead = True
-    TimerHeap.cancel_all(sk)
+    tcp_timer.TimerHeap.cancel_all(sk)
     inet_hashtables.inet_unhash(sh.h, sk)
     inet_hashtables.inet_put_port(sh.h, sk)
     if err and not sk.orphan:

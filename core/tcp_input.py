@@ -191,8 +191,8 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
     if sh.tracing:
         sh.tr("tcp_ack_update_window")
     window_changed = False
-    if d or (((seq - wl1) & MASK) & HALF == 0
-             and (seq != wl1 or ((ack - sk.snd_wl2) & MASK) & HALF == 0)):
+    if d or (((seq - wl1) & MASK) < HALF
+             and (seq != wl1 or ((ack - sk.snd_wl2) & MASK) < HALF)):
         if wnd != sk.snd_wnd:
             window_changed = True
             sk.snd_wnd = wnd
@@ -1102,7 +1102,7 @@ def _ofo_drain(sk: TcpSock) -> int:
     k = 0
     for e in ofo:  # the ranges RCV.NXT reached, taken off in one slice below
         off = (e[0] - sk.rcv_nxt) & MASK
-        if off & HALF == 0 and off != 0:
+        if 0 < off < HALF:
             break
         k += 1
         data = e[2]
@@ -1267,8 +1267,8 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
     sk.rcv_tstamp = now
     # tcp_ack: the window (RFC 9293 §3.10.7.4; any ACK advancing SND.UNA, as Linux
     # tcp_may_update_window), then what was acknowledged.
-    if acked or (((seq - sk.snd_wl1) & MASK) & HALF == 0
-                 and (seq != sk.snd_wl1 or ((ack - sk.snd_wl2) & MASK) & HALF == 0)):
+    if acked or (((seq - sk.snd_wl1) & MASK) < HALF
+                 and (seq != sk.snd_wl1 or ((ack - sk.snd_wl2) & MASK) < HALF)):
         if wnd != sk.snd_wnd:
             sk.snd_wnd = wnd
             if wnd > sk.max_window:

@@ -28,6 +28,7 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 from . import (
+    icmp,
     inet_connection_sock,
     inet_hashtables,
     request_sock,
@@ -39,7 +40,7 @@ from . import (
 )
 from .dropreason import WIRE_REASONS, DropReason
 from .events import Acceptable
-from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr, icmp_rcv
+from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr
 from .tcp_h import (
     MASK,
     TCP_TIMEOUT_INIT,
@@ -189,7 +190,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     if ip.proto != 6:
         if ip.proto == 1 and ip.dst in sh.addr_set:
             # ip_local_deliver's other protocol: ICMP errors about our segments.
-            err = icmp_rcv(sh, ip, payload)
+            err = icmp.icmp_rcv(sh, ip, payload)
             if err is not None:
                 tcp_v4_err(sh, err, now)
             return

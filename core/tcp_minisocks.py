@@ -124,7 +124,7 @@ def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> T
     if sh.tracing:
         sh.tr("tcp_paws_reject")
     paws_reject = (req.ts_ok and ts is not None and not flags & RST
-                   and ((ts[0] - req.ts_recent) & MASK) & HALF != 0)
+                   and ((ts[0] - req.ts_recent) & MASK) & HALF)
     if seg.seq == req.irs and flags & (SYN | ACK | RST) == SYN and not paws_reject:
         # A retransmitted SYN: our SYN-ACK was lost; send it again (RFC 9293 §3.10.7.2).
         tcp_ipv4.tcp_v4_send_synack(sh, req, now)

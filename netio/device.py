@@ -69,6 +69,7 @@ __all__ = [
     "recv_device",
     "partial_tcp_checksum",
     "aux_rx_flags",
+    "vnet_rx_flags",
     "innermost",
     "Frame",
 ]
@@ -148,7 +149,7 @@ def _read_frames(read: Callable[[], bytes], limit: int, vnet: bool) -> list[tupl
         if vnet:
             if len(data) <= VNET_HDR_LEN:
                 continue
-            out.append((data[VNET_HDR_LEN:], _rx_flags(data)))
+            out.append((data[VNET_HDR_LEN:], vnet_rx_flags(data)))
         else:
             out.append((data, 0))
     return out
@@ -258,7 +259,9 @@ def _grow_rcvbuf(sock: socket.socket, size: int = 4 << 20) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def _rx_flags(hdr: bytes | memoryview) -> int:
+def vnet_rx_flags(hdr: bytes | memoryview) -> int:
+    """Flags of one frame from its virtio-net header (the frame's first
+    VNET_HDR_LEN bytes, as TUN and PACKET_VNET_HDR sockets deliver them)."""
     vflags = hdr[0]
     flags = 0
     if vflags & VIRTIO_NET_HDR_F_NEEDS_CSUM:

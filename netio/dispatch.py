@@ -164,7 +164,6 @@ class Dispatcher:
         out = Batch([[] for _ in range(n)], [bytearray() for _ in range(n)], [])
         frames_out, flags_out = out.frames, out.flags
         stats = self.stats
-        drops = stats.drops
         per_worker = stats.per_worker
         reta, addrs, hp = self.reta, self.addrs, self.hasher.hash_packet
         wtab = self.wtab
@@ -174,24 +173,31 @@ class Dispatcher:
         l3 = ETH_HLEN if l2 else 0
         stats.frames += len(batch)
         icmp_before = stats.icmp_errors
+        # The fast path's drops, tallied in locals and counted once per batch:
+        # under a flood of junk they are the hot path, and a Counter keyed by
+        # an enum member costs two Python-level Enum.__hash__ calls per frame
+        # (min of 60 runs, 64-frame batches of junk for another address:
+        # 0.37 us/frame with the old str-keyed Counter, about twice that with
+        # the enum per frame, 0.26 tallied; truncated junk 0.17 -> 0.08).
+        runts = other_host = ip_hdr = frags = tcp_hdr = not_local = 0
         for frame, flags in batch:
             n_bytes = len(frame)
             if l2:
                 if n_bytes < ETH_HLEN:
-                    drops[DropReason.PKT_TOO_SMALL] += 1
+                    runts += 1
                     continue
                 # Unicast for another station (veth, bridges and promiscuous
                 # NICs show them to AF_PACKET): ip_rcv_core and arp_rcv drop
                 # PACKET_OTHERHOST; group addresses (I/G bit) pass.
                 if mac and not frame[0] & 1 and frame[:6] != mac:
-                    drops[DropReason.OTHERHOST] += 1
+                    other_host += 1
                     continue
                 etype = _ETHERTYPE.unpack_from(frame, 12)[0]
                 if etype != ETH_P_IP:
                     self._slow_l2(frame, etype, out)
                     continue
             if n_bytes < l3 + 20:
-                drops[DropReason.IP_HDR] += 1  # shorter than an IPv4 header
+                ip_hdr += 1  # shorter than an IPv4 header
                 continue
             vihl, frag, proto, src, dst = unpack_ip(frame, l3)
             if proto != 6 or vihl >> 4 != 4:
@@ -200,18 +206,18 @@ class Dispatcher:
             if vihl == 0x45:
                 l4 = l3 + 20
             elif vihl & 0x0F < 5:
-                drops[DropReason.IP_HDR] += 1  # IHL < 5
+                ip_hdr += 1  # IHL < 5
                 continue
             else:
                 l4 = l3 + ((vihl & 0x0F) << 2)
             if frag & 0x3FFF:
-                drops[DropReason.IP_FRAGMENT] += 1
+                frags += 1
                 continue
             if n_bytes < l4 + 4:
-                drops[DropReason.TCP_HDR] += 1  # the ports are cut off
+                tcp_hdr += 1  # the ports are cut off
                 continue
             if dst not in addrs:
-                drops[DropReason.IP_OTHERHOST] += 1
+                not_local += 1
                 continue
             if wtab is not None:
                 x = src ^ dst ^ unpack_ports(frame, l4)[0]
@@ -225,6 +231,13 @@ class Dispatcher:
             per_worker[w] += k
             stats.tcp += k
         stats.tcp -= stats.icmp_errors - icmp_before  # per_worker counts them, tcp does not
+        if runts or other_host or ip_hdr or frags or tcp_hdr or not_local:
+            drops = stats.drops
+            for reason, k in ((DropReason.PKT_TOO_SMALL, runts), (DropReason.OTHERHOST, other_host),
+                              (DropReason.IP_HDR, ip_hdr), (DropReason.IP_FRAGMENT, frags),
+                              (DropReason.TCP_HDR, tcp_hdr), (DropReason.IP_OTHERHOST, not_local)):
+                if k:
+                    drops[reason] += k
         return out
 
     # -- the slow paths: rare frames, readable code over fast code ----------

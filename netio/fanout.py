@@ -125,6 +125,32 @@ def _hash_bits(key: bytes) -> list[int]:
     return [table[1 << j] & rss.RETA_MASK for j in range(16)]
 
 
+def _hash_code(key: bytes) -> list[Insn | str]:
+    """A (the folded word w) -> A = hash & 127 = XOR of c_j over w's set bits j.
+
+    Branch-free: for each j, ((w >> j) & 1) * c_j is XORed into M[2]. The
+    obvious `jset 1<<j; xor c_j` pairs branch 16 times with a different
+    known constant on every path, which the eBPF verifier (TUN steering,
+    tunsteer.py) cannot prune: it walked ~500k instructions, 3 to 10
+    seconds, for a program that then compares A against an uneven RETA or
+    looks it up in a map. Here A is one unknown value on one path."""
+    code: list[Insn | str] = [_stmt(BPF_ST, 1), _stmt(BPF_LD | BPF_IMM, 0), _stmt(BPF_ST, 2)]
+    for j, c in enumerate(_hash_bits(key)):
+        if c:
+            code += [
+                _stmt(BPF_LD | BPF_MEM, 1),
+                _stmt(BPF_ALU | BPF_RSH | BPF_K, j),
+                _stmt(BPF_ALU | BPF_AND | BPF_K, 1),
+                _stmt(BPF_ALU | BPF_MUL | BPF_K, c),
+                _stmt(BPF_MISC | BPF_TAX),
+                _stmt(BPF_LD | BPF_MEM, 2),
+                _stmt(BPF_ALU | BPF_XOR | BPF_X),
+                _stmt(BPF_ST, 2),
+            ]
+    code.append(_stmt(BPF_LD | BPF_MEM, 2))
+    return code
+
+
 def _reta_code(reta: Sequence[int], n_workers: int) -> list[Insn | str]:
     """A (the RETA index, 0..127) -> `ret` of the worker."""
     if all(reta[i] == i % n_workers for i in range(rss.RETA_SIZE)):
@@ -155,11 +181,14 @@ def _reta_code(reta: Sequence[int], n_workers: int) -> list[Insn | str]:
 
 
 def build_program(n_workers: int, reta: Sequence[int] | None = None,
-                  key: bytes = rss.SYMMETRIC_KEY, l2: bool = True) -> list[tuple[int, int, int, int]]:
+                  key: bytes = rss.SYMMETRIC_KEY, l2: bool = True,
+                  bucket: bool = False) -> list[tuple[int, int, int, int]]:
     """The steering program: worker index for unfragmented TCP/IPv4 whose
     4-tuple is in the packet, `n_workers` (netio) for the rest. `l2`: also
     send frames not addressed to our MAC (pkt_type != PACKET_HOST) to netio
-    (AF_PACKET; a TUN has no link layer)."""
+    (AF_PACKET; a TUN has no link layer). `bucket`: end with `ret A`, the
+    RETA bucket (hash & 127) instead of its worker, for a program that looks
+    the worker up in a map (tunsteer.RetaMap); `reta` is then unused."""
     if n_workers < 1:
         raise ValueError("need at least one worker")
     reta = list(reta) if reta is not None else rss.make_reta(n_workers)
@@ -206,12 +235,8 @@ def build_program(n_workers: int, reta: Sequence[int] | None = None,
         _stmt(BPF_ALU | BPF_XOR | BPF_X),
         _stmt(BPF_ALU | BPF_AND | BPF_K, 0xFFFF),  # w: the folded tuple
     ]
-    for j, c in enumerate(_hash_bits(key)):
-        if c:
-            prog.append(_jump(BPF_JMP | BPF_JSET | BPF_K, 1 << j, 0, 1))
-            prog.append(_stmt(BPF_ALU | BPF_XOR | BPF_K, c << 16))
-    prog.append(_stmt(BPF_ALU | BPF_RSH | BPF_K, 16))  # A = hash & 127
-    prog += _reta_code(reta, n_workers)
+    prog += _hash_code(key)  # A = hash & 127
+    prog += [_stmt(BPF_RET | BPF_A)] if bucket else _reta_code(reta, n_workers)
     return assemble(prog)
 
 
@@ -425,10 +450,16 @@ def _set_rcvbuf(s: socket.socket, size: int) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+_DRAIN_READ = 64  # > the 10- or 12-byte virtio-net header; the frame itself is discarded
+
+
 def _drain(s: socket.socket, limit: int = 100_000) -> None:
+    # The buffer must hold a virtio-net header: with PACKET_VNET_HDR on, packet(7)
+    # answers a read shorter than the header with EINVAL (packet_recvmsg) instead
+    # of truncating, and a frame that arrives while the group forms is then fatal.
     for _ in range(limit):
         try:
-            s.recv(1)
+            s.recv(_DRAIN_READ)
         except BlockingIOError:
             return
 

@@ -30,6 +30,7 @@ from .process import NEIGH_CONFIRM, NEIGH_RESOLVE, encode_neigh_request, neigh_e
 
 __all__ = [
     "L2Tx",
+    "MirrorStats",
     "NeighChannel",
     "ARP_QUEUE_LEN",
     "ARP_RETRANS",
@@ -69,6 +70,22 @@ class DelayCheck:
 
     deadline: float
     snapshot: dict[int, int]
+
+
+@dataclass(slots=True)
+class MirrorStats:
+    """What a worker's side of neighbour resolution did (worker `stats`: neigh)."""
+
+    queued: int = 0  # frames that waited on an unresolved neighbour
+    flushed: int = 0  # of those, sent once it resolved
+    unres_discards: int = 0  # pushed out of a full queue (drop NEIGH_QUEUEFULL)
+    failed: int = 0  # dropped with a neighbour that failed (drop NEIGH_FAILED)
+    probes: int = 0  # NEIGH_RESOLVE for a miss (first ask and re-asks)
+    uses: int = 0  # NEIGH_RESOLVE for the first use of a STALE entry
+    confirms: int = 0  # NEIGH_CONFIRM sent (forward progress in DELAY)
+    updates: int = 0  # entries netio announced
+    mac_changes: int = 0  # announced entries whose MAC changed
+    msg_dropped: int = 0  # messages to netio its queue refused
 
 
 class NeighSender(Protocol):
@@ -155,9 +172,7 @@ class L2Tx(DeviceWrapper):
         self.unres: dict[int, Unresolved] = {}
         self.checks: dict[int, DelayCheck] = {}
         self._sweep_at: float | None = None
-        self.stats = {"queued": 0, "flushed": 0, "unres_discards": 0, "failed": 0,
-                      "probes": 0, "uses": 0, "confirms": 0, "updates": 0,
-                      "mac_changes": 0, "msg_dropped": 0}
+        self.stats = MirrorStats()
 
     def attach_shard(self, shard: object) -> None:
         """The shard whose connections confirm neighbours (forward progress)."""
@@ -173,19 +188,19 @@ class L2Tx(DeviceWrapper):
             now = self.clock()
         st = self.stats
         for ip, mac, state in entries:
-            st["updates"] += 1
+            st.updates += 1
             if not state & NUD_VALID:  # INCOMPLETE, FAILED, gone
                 self.neigh.pop(ip, None)
                 self.stale.pop(ip, None)
                 self.heard.pop(ip, None)
                 self.checks.pop(ip, None)
                 if state == NUD_FAILED and ip in self.unres:
-                    st["failed"] += len(self.unres.pop(ip).queue)
+                    st.failed += len(self.unres.pop(ip).queue)
                 continue
             hdr = bytes(mac) + self.mac + b"\x08\x00"
             old = self.neigh.get(ip) or self.stale.get(ip)
             if old is not None and old != hdr:
-                st["mac_changes"] += 1
+                st.mac_changes += 1
             self.heard[ip] = now
             if state == NUD_STALE:
                 self.neigh.pop(ip, None)
@@ -229,25 +244,25 @@ class L2Tx(DeviceWrapper):
         DELAY); frames keep the cached MAC meanwhile."""
         hdr = self.stale.pop(ip)
         self.neigh[ip] = hdr
-        self.stats["uses"] += 1
+        self.stats.uses += 1
         self._tell(NEIGH_RESOLVE, ip)
         return hdr
 
     def _solicit(self, ip: int) -> None:
-        self.stats["probes"] += 1
+        self.stats.probes += 1
         self._tell(NEIGH_RESOLVE, ip)
 
     def _tell(self, op: int, ip: int) -> None:
         if not self.chan.send(encode_neigh_request(op, ip)):
-            self.stats["msg_dropped"] += 1
+            self.stats.msg_dropped += 1
 
     def _enqueue(self, hop: int, packet: bytes | bytearray | memoryview, gso: int) -> None:
         q = self.unres[hop].queue
         if len(q) >= ARP_QUEUE_LEN:
             del q[0]
-            self.stats["unres_discards"] += 1
+            self.stats.unres_discards += 1
         q.append((bytes(packet), gso))  # the caller's buffer may be reused
-        self.stats["queued"] += 1
+        self.stats.queued += 1
 
     def _flush(self, ip: int) -> None:
         """The neighbour is resolved: its queued frames go, in order."""
@@ -265,7 +280,7 @@ class L2Tx(DeviceWrapper):
             sent += self._send_gso(hdr, packet, gso)
         if run:
             sent += self.inner.send_batch(run)
-        self.stats["flushed"] += sent
+        self.stats.flushed += sent
 
     def send_batch(self, frames: Iterable[bytes | bytearray | memoryview]) -> int:
         """Frames written or queued on an unresolved neighbour."""
@@ -321,7 +336,7 @@ class L2Tx(DeviceWrapper):
                 continue
             if u.probes >= ARP_PROBES:
                 del self.unres[ip]
-                self.stats["failed"] += len(u.queue)
+                self.stats.failed += len(u.queue)
                 continue
             u.probes += 1
             u.deadline = now + ARP_RETRANS
@@ -339,7 +354,7 @@ class L2Tx(DeviceWrapper):
                 continue
             del self.checks[ip]
             if self._progressed(ip, chk.snapshot):
-                self.stats["confirms"] += 1
+                self.stats.confirms += 1
                 self._tell(NEIGH_CONFIRM, ip)
 
     def _conns_via(self, hop: int) -> Iterator[tuple[object, int]]:

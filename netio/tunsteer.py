@@ -47,7 +47,7 @@ from .device import (
     set_up,
 )
 
-__all__ = ["translate", "load_program", "open_queues", "set_steering"]
+__all__ = ["translate", "load_program", "open_queues", "set_steering", "RetaMap"]
 
 IFF_MULTI_QUEUE = 0x0100
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
@@ -69,6 +69,7 @@ BPF_PSEUDO_MAP_FD = 1
 BPF_FUNC_MAP_LOOKUP_ELEM = 1
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_TYPE_ARRAY = 2
 R0, R1, R2, R6, R7, R8, R9, R10 = 0, 1, 2, 6, 7, 8, 9, 10
 SKB_LEN_OFF = 0  # offsetof(struct __sk_buff, len)
@@ -91,13 +92,19 @@ def _e(code: int, dst: int = 0, src: int = 0, off: int | str = 0, imm: int = 0) 
 
 
 def translate(prog: Sequence[tuple[int, int, int, int]],
-              count_map: int | None = None) -> list[tuple[int, int, int, int, int]]:
+              count_map: int | None = None,
+              reta_map: tuple[int, int] | None = None) -> list[tuple[int, int, int, int, int]]:
     """Classic BPF (our subset) -> eBPF (code, dst, src, off, imm) instructions.
 
     With `count_map` (an array map's fd), every return first adds one to the
     map's entry for the value returned: per-queue steering counts, what
-    `stats` reports as dispatched to each worker."""
+    `stats` reports as dispatched to each worker. With `reta_map` (fd,
+    default), a `ret A` (a program built with `bucket=True`) returns the
+    map's entry for A instead, or `default` if A is out of the map."""
     out: list[_Insn] = [_e(EBPF_ALU64 | EBPF_MOV | fo.BPF_X, R6, R1)]  # R6 = skb, for LD_ABS
+    # Epilogues after the program: the RETA lookup (label c<len>), then the
+    # counting one (c<len + 1> with a lookup, else c<len>).
+    count_label = f"c{len(prog) + (1 if reta_map is not None else 0)}"
     starts: list[int] = []
     ad_proto = (fo.SKF_AD_OFF + fo.SKF_AD_PROTOCOL) & 0xFFFFFFFF
     ad_pkttype = (fo.SKF_AD_OFF + fo.SKF_AD_PKTTYPE) & 0xFFFFFFFF
@@ -166,18 +173,26 @@ def translate(prog: Sequence[tuple[int, int, int, int]],
             if jf:
                 out.append(_e(fo.BPF_JMP | fo.BPF_JA, 0, 0, f))
         elif cls == fo.BPF_RET:
+            if code & fo.BPF_A and reta_map is not None:
+                out.append(_e(fo.BPF_JMP | fo.BPF_JA, 0, 0, f"c{len(prog)}"))  # lookup
+                continue
             if not code & fo.BPF_A:
                 out.append(_e(fo.BPF_ALU | EBPF_MOV | fo.BPF_K, R0, 0, 0, k))
             if count_map is None:
                 out.append(_e(fo.BPF_JMP | EBPF_EXIT))
             else:
-                out.append(_e(fo.BPF_JMP | fo.BPF_JA, 0, 0, f"c{len(prog)}"))
+                out.append(_e(fo.BPF_JMP | fo.BPF_JA, 0, 0, count_label))
         elif cls == fo.BPF_MISC:
             dst, src = (R0, R7) if code & fo.BPF_TXA else (R7, R0)
             out.append(_e(fo.BPF_ALU | EBPF_MOV | fo.BPF_X, dst, src))
         else:
             raise ValueError(f"unsupported cBPF class {code:#x}")
     starts.append(len(out))
+    if reta_map is not None:
+        out += _reta_epilogue(*reta_map)
+        out.append(_e(fo.BPF_JMP | EBPF_EXIT) if count_map is None
+                   else _e(fo.BPF_JMP | fo.BPF_JA, 0, 0, count_label))
+        starts.append(len(out))
     if count_map is not None:
         out += _count_epilogue(count_map)
     resolved: list[tuple[int, int, int, int, int]] = []
@@ -186,6 +201,25 @@ def translate(prog: Sequence[tuple[int, int, int, int]],
             off = starts[int(off[1:])] - pc - 1
         resolved.append((code, dst, src, off, imm))
     return resolved
+
+
+def _reta_epilogue(map_fd: int, default: int) -> list[_Insn]:
+    """R0 = map[R0] (the worker of bucket R0), or `default` on a miss. One
+    lookup instead of a comparison tree over the RETA's runs: the verifier
+    walks the tree once per hash path (seconds, near its 1M-instruction
+    limit, for an uneven RETA), and a new RETA is a map write, no reload."""
+    return [
+        _e(fo.BPF_STX | fo.BPF_MEM | fo.BPF_W, R10, R0, -8),  # the key: the bucket
+        _e(fo.BPF_LD | EBPF_DW | fo.BPF_IMM, R1, BPF_PSEUDO_MAP_FD, 0, map_fd),
+        _e(0, 0, 0, 0, 0),
+        _e(EBPF_ALU64 | EBPF_MOV | fo.BPF_X, R2, R10),
+        _e(EBPF_ALU64 | fo.BPF_ADD | fo.BPF_K, R2, 0, 0, -8),
+        _e(fo.BPF_JMP | EBPF_CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        _e(fo.BPF_JMP | fo.BPF_JEQ | fo.BPF_K, R0, 0, 2, 0),
+        _e(fo.BPF_LDX | fo.BPF_MEM | fo.BPF_W, R0, R0, 0),
+        _e(fo.BPF_JMP | fo.BPF_JA, 0, 0, 1),
+        _e(fo.BPF_ALU | EBPF_MOV | fo.BPF_K, R0, 0, 0, default),
+    ]
 
 
 def _count_epilogue(map_fd: int) -> list[_Insn]:
@@ -259,6 +293,46 @@ class SteeringCounts:
             self.fd = -1
 
 
+class RetaMap:
+    """The RETA as an eBPF array map (128 u32: bucket -> worker) that the
+    steering program reads (`steering_program(..., reta_map=)`): installing a
+    new table is 128 map writes, each bucket switching atomically, with no
+    program reload (and no verifier run)."""
+
+    def __init__(self, reta: Sequence[int]) -> None:
+        attr = ctypes.create_string_buffer(struct.pack("=IIIII", BPF_MAP_TYPE_ARRAY, 4, 4,
+                                                       len(reta), 0), 120)
+        self.fd = _bpf(BPF_MAP_CREATE, attr)
+        self.n = len(reta)
+        self.write(reta)
+
+    def write(self, reta: Sequence[int]) -> None:
+        if len(reta) != self.n:
+            raise ValueError(f"RETA must have {self.n} entries")
+        for i, w in enumerate(reta):
+            key = ctypes.c_uint32(i)
+            value = ctypes.c_uint32(w)
+            attr = ctypes.create_string_buffer(struct.pack(
+                "=IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0), 120)
+            _bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+    def read(self) -> list[int]:
+        out = []
+        for i in range(self.n):
+            key = ctypes.c_uint32(i)
+            value = ctypes.c_uint32(0)
+            attr = ctypes.create_string_buffer(struct.pack(
+                "=IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0), 120)
+            _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+            out.append(value.value)
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def load_program(insns: Sequence[tuple[int, int, int, int, int]]) -> int:
     """bpf(BPF_PROG_LOAD) a socket-filter program; returns its fd (O_CLOEXEC)."""
     if SYS_BPF is None:
@@ -279,14 +353,20 @@ def load_program(insns: Sequence[tuple[int, int, int, int, int]]) -> int:
 
 
 def steering_program(n_workers: int, reta: Sequence[int] | None = None,
-                     counts: SteeringCounts | None = None) -> list[tuple[int, int, int, int, int]]:
+                     counts: SteeringCounts | None = None,
+                     reta_map: RetaMap | None = None) -> list[tuple[int, int, int, int, int]]:
+    """The TUN steering program: with `reta_map`, one that reads the RETA from
+    it (then `reta` is unused: write the map); else the RETA compiled in."""
+    if reta_map is not None:
+        return translate(fo.build_program(n_workers, l2=False, bucket=True),
+                         counts.fd if counts else None, (reta_map.fd, n_workers))
     return translate(fo.build_program(n_workers, reta, l2=False), counts.fd if counts else None)
 
 
 def set_steering(queue_fd: int, n_workers: int, reta: Sequence[int] | None = None,
-                 counts: SteeringCounts | None = None) -> None:
+                 counts: SteeringCounts | None = None, reta_map: RetaMap | None = None) -> None:
     """Install (or replace) the device's steering program via any queue's fd."""
-    prog_fd = load_program(steering_program(n_workers, reta, counts))
+    prog_fd = load_program(steering_program(n_workers, reta, counts, reta_map))
     try:
         fcntl.ioctl(queue_fd, TUNSETSTEERINGEBPF, struct.pack("i", prog_fd))
     finally:
@@ -295,7 +375,8 @@ def set_steering(queue_fd: int, n_workers: int, reta: Sequence[int] | None = Non
 
 def open_queues(name: str, n_workers: int, reta: Sequence[int] | None = None,
                 mtu: int | None = 1500, vnet_hdr: bool = True,
-                counts: SteeringCounts | None = None) -> list[TunDevice]:
+                counts: SteeringCounts | None = None,
+                reta_map: RetaMap | None = None) -> list[TunDevice]:
     """N + 1 queues of one multi-queue TUN with our steering: queue i gets
     worker i's TCP flows, queue N the rest (netio). OSError when the device
     exists without IFF_MULTI_QUEUE or eBPF is not allowed (then use netio)."""
@@ -310,7 +391,7 @@ def open_queues(name: str, n_workers: int, reta: Sequence[int] | None = None,
                     fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                     fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
                 if i == 0:
-                    set_steering(fd, n_workers, reta, counts)
+                    set_steering(fd, n_workers, reta, counts, reta_map)
             except BaseException:
                 os.close(fd)
                 raise

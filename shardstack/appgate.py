@@ -819,7 +819,15 @@ class AppGate:
         the kernel's own ECONNRESET needs a byte of A's held unread in W,
         which a connection whose app never wrote, or last wrote a lot, has not.
         """
-        err = self.dead.pop(token, 0) if isinstance(token, int) else 0
+        if not isinstance(token, int):
+            return {"ok": True, "errno": 0, "alive": False}
+        if token >> 32 != self._next_token >> 32:
+            # A token of this worker's previous process (tokens carry the pid,
+            # _token): its connections died with it, unannounced, as a host
+            # that lost its state; the peer gets RST on its next segment
+            # (Linux's answer to a segment for no socket). Report the reset.
+            return {"ok": True, "errno": errno.ECONNRESET, "alive": False}
+        err = self.dead.pop(token, 0)
         return {"ok": True, "errno": err, "alive": token in self.tokens}
 
     # -- SO_LINGER: a close() that waits (the "linger" request) -----------------

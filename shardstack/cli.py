@@ -1,4 +1,4 @@
-"""The `shardstack` command: one subcommand per job (serve, run, ss, stats, demo, bench)."""
+"""The `shardstack` command: one subcommand per job (serve, run, ss, stats, reta, trace, demo, bench)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ examples:
   shardstack demo                       create a netns, serve http.server on the stack, fetch from it
   shardstack serve --tun ss0 --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7
   shardstack run -- python -m http.server 8000
-  shardstack ss            shardstack stats --json
+  shardstack ss            shardstack stats --json            shardstack reta
 """
 
 SERVE_EPILOG = """\
@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=what)
         p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    what = "the RETA: which worker owns each bucket, per-bucket load, moves so far"
+    p = sub.add_parser("reta", help=what, description=what)
+    p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="list every bucket, idle ones too")
+    what = "print what the engine does for a port's or a connection's segments, live"
+    p = sub.add_parser("trace", help=what, description=what + ". Attaches to the running "
+                       "stack, no restart; nothing is traced (or costs anything) once it exits.")
+    p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--port", type=int, metavar="N",
+                       help="trace TCP segments whose source or destination port is N")
+    which.add_argument("--conn", metavar="LADDR:LPORT-RADDR:RPORT",
+                       help="trace one connection (the stack's address first, as `ss` shows)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep tracing until Ctrl-C (default: stop once traffic on the port "
+                   "has been quiet for a second, or after --timeout)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="without --follow, stop after S seconds at most (default 30)")
+    p.add_argument("--json", action="store_true", help="one JSON object per traced segment")
     demo = sub.add_parser(
         "demo", help="self-contained demo in a network namespace it creates (needs root)"
     )
@@ -116,6 +136,9 @@ def _add_serve(sub) -> None:
                    help="per-worker queued-memory limits in MiB, like Linux tcp_mem: above "
                    "PRESSURE out-of-order data is not kept, above HIGH new connections "
                    "are refused (default 128,256,512)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus/OpenMetrics text at http://HOST:PORT/metrics "
+                   "(HOST defaults to 127.0.0.1: loopback only unless you name another)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -153,6 +176,7 @@ def serve_config(args: argparse.Namespace):
         pcap=os.path.abspath(args.pcap) if args.pcap else None,
         offload=args.offload,
         pin=args.pin,
+        metrics=args.metrics,
         secret=new_secret(),
         max_connections=args.max_connections,
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
@@ -255,6 +279,81 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reta(args: argparse.Namespace) -> int:
+    from shardstack.reta import format_reta
+
+    reply = _control_call(args, "reta")
+    if reply is None:
+        return 1
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=1) if args.json else format_reta(reply, args.all))
+    return 0
+
+
+TRACE_POLL = 0.1  # s between trace_take requests
+TRACE_QUIET = 1.0  # s without events that ends a trace without --follow
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import time
+
+    from shardstack import control
+    from shardstack.rundir import open_run_dir, select_run_dir
+    from shardstack.tracer import format_event
+
+    what: dict[str, Any] = {"port": args.port}
+    if args.conn:
+        from shardstack.tracer import parse_conn
+
+        try:
+            conn = parse_conn(args.conn)
+        except ValueError as e:
+            print(f"shardstack trace: {e}", file=sys.stderr)
+            return 2
+        what = {"port": conn[1], "conn": list(conn)}
+    run = open_run_dir(select_run_dir(args.run_dir))
+    try:
+        client = control.ControlClient(run.control_sock, timeout=10.0)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"shardstack trace: no stack running in {run.path}", file=sys.stderr)
+        return 1
+    with client:  # closing it detaches the trace, whatever happens here
+        try:
+            tid = client.call("trace_start", **what)["tid"]
+        except OSError as e:
+            print(f"shardstack trace: {e}", file=sys.stderr)
+            return 1
+        print(f"tracing {args.conn or f'port {args.port}'}"
+              + (" (Ctrl-C to stop)" if args.follow else ""),
+              file=sys.stderr, flush=True)
+        start = last = time.monotonic()
+        seen = 0
+        try:
+            while True:
+                reply = client.call("trace_take", tid=tid)
+                for ev in reply.get("events", []):
+                    print(json.dumps(ev) if args.json else format_event(ev), flush=True)
+                    seen += 1
+                if reply.get("dropped"):
+                    print(f"({reply['dropped']} segments not shown: trace buffer full)",
+                          file=sys.stderr, flush=True)
+                now = time.monotonic()
+                if reply.get("events"):
+                    last = now
+                if not args.follow and (now - start > args.timeout
+                                        or (seen and now - last > TRACE_QUIET)):
+                    break
+                time.sleep(TRACE_POLL)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                client.call("trace_stop", tid=tid)
+            except OSError:
+                pass
+    return 0
+
+
 def _launch(argv: list[str]) -> int:
     from shardstack.shim.launcher import main as launcher_main
 
@@ -282,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_ss(args)
     if args.command == "stats":
         return cmd_stats(args)
+    if args.command == "reta":
+        return cmd_reta(args)
+    if args.command == "trace":
+        return cmd_trace(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
     return bench_cmd.main(args=args)

@@ -87,6 +87,7 @@ class ServeConfig:
     pcap: str | None = None
     offload: bool = True  # virtio-net header: GSO/GRO super-frames, checksum offload
     pin: bool = False  # worker i on CPU i; TUN queue i's kernel work elsewhere (shardstack.affinity)
+    metrics: str | None = None  # "[HOST:]PORT" for Prometheus (shardstack.metrics); loopback default
     secret: bytes = b""
     max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
@@ -112,6 +113,13 @@ class ServeConfig:
             raise ConfigError("a port is given to more than one service")
         if self.max_connections < 0:
             raise ConfigError("--max-connections must be >= 0")
+        if self.metrics is not None:
+            from shardstack.metrics import parse_listen
+
+            try:
+                parse_listen(self.metrics)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if len(self.secret) < 16:
             raise ConfigError("secret must be at least 16 bytes")
         return self

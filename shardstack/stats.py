@@ -43,6 +43,21 @@ class ProcTelemetry:
             pass  # it died between the request and now; the supervisor restarts it
         return out
 
+    def counters(self) -> dict[str, Any]:
+        """CPU seconds (user + system) and RSS bytes, as Prometheus's process
+        metrics; unlike `sample` it leaves cpu_percent's interval alone, so a
+        metrics scrape does not change what `shardstack stats` reports."""
+        out: dict[str, Any] = {"pid": self.pid}
+        if self._proc is None:
+            return out
+        try:
+            with self._proc.oneshot():
+                t = self._proc.cpu_times()
+                out.update(cpu_seconds=t.user + t.system, rss=self._proc.memory_info().rss)
+        except psutil.Error:
+            pass
+        return out
+
 
 def to_plain(obj: Any) -> Any:
     """A msgpack-able copy of a counters object (dataclass, slotted, dict, enum)."""

@@ -43,6 +43,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstack import control
+from shardstack import reta as retabook
 from shardstack.config import ServeConfig
 from shardstack.core.inet_connection_sock import SOMAXCONN, inet_csk_get_port
 from shardstack.core.inet_hashtables import InetHashinfo, inet_hash, inet_put_port, inet_unhash
@@ -65,6 +67,7 @@ CRASH_BURST = 5
 MAX_BACKOFF = 5.0
 WORKER_CALL_TIMEOUT = 3.0
 RX_MODE_ENV = "SHARDSTACK_RX"  # "direct" (default) or "netio"
+SPARE_DELAY = 1.0  # s after start-up or a handoff before the next spare starts
 
 
 def rx_mode(cfg: ServeConfig) -> str:
@@ -182,12 +185,20 @@ class Supervisor:
         self.cfg = cfg
         self.run: RunDir | None = None
         self.reta = rss.make_reta(cfg.workers)
+        self.book = retabook.RetaBook(cfg.workers, list(self.reta))  # moves, load report
+        self.metrics = None  # shardstack.metrics.MetricsServer with --metrics
+        self.traces: dict[int, dict[str, Any]] = {}  # `shardstack trace`: tid -> {port, conn?}
+        # A warm spare worker (shardstack.spare): imports done, waiting to
+        # become whichever worker dies next. (Popen, our end of its socketpair).
+        self.spare: tuple[subprocess.Popen, socket.socket] | None = None
+        self._next_tid = 1
         self.binds = BindTable([cfg.addr.ip])
         self.tun = None  # netio.device.TunDevice in TUN mode
         self.fanout: list[Any] | None = None  # direct RX: the group's packet sockets
         self.fanout_stats = None
         self.tun_queues: list[Any] | None = None  # direct RX on TUN: one queue per child
         self.tun_counts = None  # tunsteer.SteeringCounts
+        self.tun_reta_map = None  # tunsteer.RetaMap: the RETA the steering program reads
         self.tun_created = False
         self.peer_added = False
         self.children: list[Child] = []
@@ -208,8 +219,11 @@ class Supervisor:
         try:
             self._setup()
             self.server = await control.serve_unix(self.run.control_sock, self._on_control)
+            if self.cfg.metrics:
+                self._start_metrics()
             for c in self.children:
                 self._spawn(c)
+            self.loop.call_later(SPARE_DELAY, self._start_spare)
             log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
                 f"{self.cfg.workers} workers; run dir {self.run.path}")
             await self.stop_event.wait()
@@ -265,27 +279,42 @@ class Supervisor:
         from shardstack.netio import tunsteer
 
         cfg = self.cfg
-        counts = None
+        counts = reta_map = None
         try:
             counts = tunsteer.SteeringCounts(cfg.workers + 1)
+            # The program reads the RETA from a map: set_reta is a map write.
+            reta_map = tunsteer.RetaMap(self.reta)
             self.tun_queues = tunsteer.open_queues(cfg.ifname, cfg.workers, self.reta, cfg.mtu,
-                                                   cfg.offload, counts)
+                                                   cfg.offload, counts, reta_map)
         except OSError as e:
             log(f"direct RX on TUN unavailable ({e.strerror}); frames go through netio")
-            if counts is not None:
-                counts.close()
+            for m in (counts, reta_map):
+                if m is not None:
+                    m.close()
             return
         self.tun_counts = counts
+        self.tun_reta_map = reta_map
         self.tun = self.tun_queues[-1]  # netio's queue: ICMP and whatever is not TCP
         if cfg.pin:
             from shardstack.affinity import steer_tun_rps
 
             steer_tun_rps(cfg.ifname, cfg.workers)
 
+    def _start_metrics(self) -> None:
+        from shardstack.metrics import MetricsServer, is_loopback, parse_listen
+
+        host, port = parse_listen(self.cfg.metrics)
+        self.metrics = MetricsServer(host, port, self.metrics_snapshot, self.loop)
+        log(f"metrics on http://{host}:{self.metrics.port}/metrics")
+        if not is_loopback(host):
+            log(f"warning: metrics served beyond loopback ({host}), without authentication")
+
     async def _teardown(self) -> None:
         self.stopping = True
         if self.server is not None:
             self.server.close()
+        if self.metrics is not None:
+            await self.loop.run_in_executor(None, self.metrics.close)
         live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         for c in live:
             c.proc.send_signal(signal.SIGTERM)
@@ -299,6 +328,7 @@ class Supervisor:
             c.proc.wait(timeout=5)
         for c in self.children:
             self._forget(c)
+        self._drop_spare()
         if self.tun is not None:
             if self.peer_added and not self.tun_created:
                 subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
@@ -308,6 +338,8 @@ class Supervisor:
             q.close()
         if self.tun_counts is not None:
             self.tun_counts.close()
+        if self.tun_reta_map is not None:
+            self.tun_reta_map.close()
         for s in self.fanout or ():
             s.close()
         if self.run is not None:
@@ -350,16 +382,20 @@ class Supervisor:
     def _spawn(self, c: Child) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         desc, fds = self._describe(c, ready_w)
-        try:
-            proc = subprocess.Popen(self._argv(c), stdin=subprocess.PIPE, pass_fds=fds,
-                                    close_fds=True)
-        finally:
+        proc = self._use_spare(desc, fds) if c.kind == "worker" else None
+        if proc is None:
+            try:
+                proc = subprocess.Popen(self._argv(c), stdin=subprocess.PIPE, pass_fds=fds,
+                                        close_fds=True)
+            finally:
+                os.close(ready_w)
+            try:
+                proc.stdin.write(json.dumps(desc).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it died at once; the pidfd reports the exit and we retry
+        else:
             os.close(ready_w)
-        try:
-            proc.stdin.write(json.dumps(desc).encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once; the pidfd reports the exit and we retry
         c.proc = proc
         c.started = time.monotonic()
         c.ready = False
@@ -369,6 +405,62 @@ class Supervisor:
         c.ready_fd = ready_r
         self.loop.add_reader(c.pidfd, self._on_exit, c)
         self.loop.add_reader(ready_r, self._on_ready, c)
+
+    # -- the warm spare (shardstack.spare) -----------------------------------
+
+    def _start_spare(self) -> None:
+        if self.stopping or self.spare is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "shardstack.spare",
+                                     str(theirs.fileno())], stdin=subprocess.DEVNULL,
+                                    pass_fds=[theirs.fileno()], close_fds=True)
+        except OSError as e:
+            log(f"cannot start a spare worker: {e}")
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.spare = (proc, ours)
+
+    def _use_spare(self, desc: dict[str, Any], fds: list[int]) -> subprocess.Popen | None:
+        """Hand a dying worker's description to the spare; None if there is
+        no live spare (then the caller starts a fresh interpreter)."""
+        if self.spare is None:
+            return None
+        proc, sock = self.spare
+        self.spare = None
+        try:
+            if proc.poll() is not None:
+                raise OSError(errno.ESRCH, "the spare exited")
+            from shardstack.spare import hand_over
+
+            hand_over(sock, desc, fds)
+        except OSError as e:
+            log(f"spare worker unusable ({e}); starting a new process")
+            self._end(proc)
+            return None
+        finally:
+            sock.close()
+        self.loop.call_later(SPARE_DELAY, self._start_spare)
+        return proc
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            proc, sock = self.spare
+            self.spare = None
+            sock.close()  # an idle spare exits when its socket closes
+            self._end(proc)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log(f"process {proc.pid} did not exit after SIGKILL")
 
     def _on_ready(self, c: Child) -> None:
         data = os.read(c.ready_fd, 16)
@@ -403,6 +495,8 @@ class Supervisor:
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
+        for tid, args in list(self.traces.items()):  # a trace follows a restarted worker
+            await self._call_quietly(c, "trace_start", tid=tid, **args)
         if c.proc is proc and c.pidfd >= 0:
             c.ready = True
 
@@ -570,19 +664,79 @@ class Supervisor:
         if len(reta) != rss.RETA_SIZE or not all(0 <= w < self.cfg.workers for w in reta):
             raise OSError(errno.EINVAL, "RETA must hold 128 valid worker ids")
         self.reta = reta
+        self.book.install(reta)
         if self.fanout is not None:
             from shardstack.netio import fanout
 
             fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
-        if self.tun_queues is not None:
-            from shardstack.netio import tunsteer
-
-            tunsteer.set_steering(self.tun_queues[0].fd, self.cfg.workers, reta, self.tun_counts)
+        if self.tun_reta_map is not None:
+            self.tun_reta_map.write(reta)  # 128 map writes; the program stays
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
         await self._ask_workers("set_reta", reta=reta)
         return {}
+
+    async def _op_reta(self, req, conn) -> dict[str, Any]:
+        """`shardstack reta`: the table, the moves so far, per-bucket load."""
+        return retabook.report(self.book, await self._ask_workers("load"))
+
+    async def _op_trace_start(self, req, conn) -> dict[str, Any]:
+        """`shardstack trace --port N | --conn ...`: attach a trace on every worker
+        (shardstack.tracer); detached by trace_stop or when `conn` closes."""
+        port = int(req["port"])
+        if not 1 <= port <= 65535:
+            raise OSError(errno.EINVAL, f"port {port} out of range")
+        args: dict[str, Any] = {"port": port}
+        if req.get("conn"):
+            args["conn"] = [int(x) for x in req["conn"]]
+            if len(args["conn"]) != 4 or args["conn"][1] != port:
+                raise OSError(errno.EINVAL, "conn is [laddr, lport, raddr, rport], lport = port")
+        tid = self._next_tid
+        self._next_tid += 1
+        self.traces[tid] = args
+        conn.on_close.append(lambda: self.loop.create_task(self._trace_stop(tid)))
+        await self._ask_workers("trace_start", tid=tid, **args)
+        return {"tid": tid}
+
+    async def _op_trace_take(self, req, conn) -> dict[str, Any]:
+        tid = int(req["tid"])
+        if tid not in self.traces:
+            raise OSError(errno.ENOENT, f"no trace {tid}")
+        events: list[dict[str, Any]] = []
+        dropped = 0
+        for reply in await self._ask_workers("trace_take", tid=tid):
+            if reply is not None:
+                events += reply.get("events", [])
+                dropped += reply.get("dropped", 0)
+        events.sort(key=lambda e: e["t"])
+        return {"events": events, "dropped": dropped}
+
+    async def _op_trace_stop(self, req, conn) -> dict[str, Any]:
+        await self._trace_stop(int(req["tid"]))
+        return {}
+
+    async def _trace_stop(self, tid: int) -> None:
+        if self.traces.pop(tid, None) is not None:
+            await self._ask_workers("trace_stop", tid=tid)
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        """What a metrics scrape reads (shardstack.metrics): the workers'
+        counters and load, netio's, and CPU/RSS of every process."""
+        stats, loads = await asyncio.gather(self._ask_workers("stats"), self._ask_workers("load"))
+        workers = [{"id": c.wid, **(reply or {})}
+                   for c, reply in zip(self._workers(), stats, strict=True)]
+        procs = [{"process": "supervisor", **self.me.counters()}]
+        if self.spare is not None:
+            from shardstack.stats import ProcTelemetry
+
+            procs.append({"process": "spare", **ProcTelemetry(self.spare[0].pid).counters()})
+        for c in self.children:
+            if c.telemetry is not None:
+                procs.append({"process": c.name, "restarts": c.restarts,
+                              **c.telemetry.counters()})
+        return {"workers": workers, "reta": retabook.report(self.book, loads),
+                "processes": procs, "netio": await self._netio_stats()}
 
     # -- helpers --------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import errno
 import functools
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,26 +50,32 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardstack import control
+from shardstack import control, tracer
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
+from shardstack.core import ConnInfo, Shard, ShardConfig
 from shardstack.core.dropreason import DropReason
+from shardstack.core.wire.ethernet import ETH_HLEN
+from shardstack.load import BucketLoad
 from shardstack.netio import rss
 from shardstack.netio.device import (
     AUX_SPACE,
     MAX_FRAME,
     RX_CSUM_VALID,
     VNET_HDR_LEN,
-    _rx_flags,
+    Device,
+    DeviceWrapper,
     aux_rx_flags,
+    vnet_rx_flags,
 )
+from shardstack.netio.impair import Impair
 from shardstack.netio.neigh_mirror import L2Tx
 from shardstack.netio.process import decode_neigh_entries, worker_endpoint
 from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
+from shardstack.services import DISCARD, ECHO, Services
 from shardstack.stats import to_plain
 
-ETH_HLEN = 14
 MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
 MAX_EVENT_ROUNDS = 64  # services reacting to events may raise more events
 # Largest TCP payload per super-segment: an IPv4 packet's 64 KiB minus
@@ -103,18 +110,21 @@ def _monotonic() -> float:
 class Worker:
     """Glue between zmq RX, the Shard, the device TX, services and appgate."""
 
-    def __init__(self, cfg: ServeConfig, wid: int, reta: list[int], tx: Any,
-                 loop: asyncio.AbstractEventLoop, rx_sock: Any = None) -> None:
+    def __init__(self, cfg: ServeConfig, wid: int, reta: list[int], tx: Device,
+                 loop: asyncio.AbstractEventLoop,
+                 rx_sock: socket.socket | int | None = None) -> None:
         self.cfg = cfg
         self.wid = wid
         self.reta = list(reta)
         self.tx = tx
         self.l2 = tx.l2
-        self.tso = bool(getattr(tx, "gso", False))
+        self.tso = tx.gso
         self.loop = loop
         self.run = RunDir(Path(cfg.run_dir))
         self.counters = WorkerCounters()
         self.shard = self._make_shard()
+        self.load = BucketLoad(loop)  # per-RETA-bucket accounting (shardstack.load)
+        self.shard.receive_batch = self.load.wrap(self.shard.receive_batch)
         if isinstance(tx, L2Tx):
             tx.attach_shard(self.shard)  # forward progress confirms neighbours
         self.services = None
@@ -152,9 +162,7 @@ class Worker:
 
     # -- construction ---------------------------------------------------------
 
-    def _make_shard(self):
-        from shardstack.core import Shard, ShardConfig
-
+    def _make_shard(self) -> Shard:
         wid, reta = self.wid, self.reta
         hasher = rss.Toeplitz(rss.SYMMETRIC_KEY)
 
@@ -174,8 +182,6 @@ class Worker:
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:
-        from shardstack.services import DISCARD, ECHO, Services
-
         self.services = Services(self.shard, self.cfg.addr.ip)
         for port in self.cfg.echo_ports:
             self.services.install(ECHO, port)
@@ -291,7 +297,7 @@ class Worker:
             if vnet:
                 # Only the checksum state matters to the shard; keeping RX_GSO
                 # would split batches into runs at every super-frame.
-                flags.append(_rx_flags(data) & RX_CSUM_VALID)
+                flags.append(vnet_rx_flags(data) & RX_CSUM_VALID)
             else:
                 flags.append(0 if aux is None else aux_rx_flags(anc) & RX_CSUM_VALID)
             # No neighbour learning from received frames (see L2Tx): their
@@ -459,6 +465,10 @@ class Worker:
             return {"conns": [self._conn_dict(ci) for ci in self.shard.connections()]}
         if op == "stats":
             return self._stats()
+        if op == "load":
+            return self.load.snapshot(self.shard)
+        if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
+            return tracer.control(self, op, req)
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}
@@ -471,7 +481,7 @@ class Worker:
             return result if isinstance(result, dict) else {}
         raise OSError(errno.EOPNOTSUPP, f"unknown worker op {op!r}")
 
-    def _conn_dict(self, ci: Any) -> dict[str, Any]:
+    def _conn_dict(self, ci: ConnInfo) -> dict[str, Any]:
         d = to_plain(ci)
         d["worker"] = self.wid
         return d
@@ -481,8 +491,8 @@ class Worker:
         # on the wire (to_plain), produced from the enum.
         drops = self.counters.drops + self.shard.stats.drops
         if isinstance(self.tx, L2Tx):
-            drops[DropReason.NEIGH_QUEUEFULL] += self.tx.stats["unres_discards"]
-            drops[DropReason.NEIGH_FAILED] += self.tx.stats["failed"]
+            drops[DropReason.NEIGH_QUEUEFULL] += self.tx.stats.unres_discards
+            drops[DropReason.NEIGH_FAILED] += self.tx.stats.failed
         counters = to_plain(self.counters)
         counters["drops"] = to_plain(+drops)
         counters["connections"] = sum(
@@ -492,17 +502,18 @@ class Worker:
             counters["services"] = to_plain(self.services.stats)
         if self.appgate is not None:
             counters["appgate"] = to_plain(getattr(self.appgate, "stats", {}))
-        impair = getattr(getattr(self.tx, "inner", self.tx), "counters", None)
-        if impair is None:
-            impair = getattr(self.tx, "counters", None)
-        if impair is not None:
-            counters["impair"] = impair()["tx"]  # the rx lane is netio's
+        dev = self.tx  # --impair: an Impair somewhere among the TX wrappers
+        while isinstance(dev, DeviceWrapper) and not isinstance(dev, Impair):
+            dev = dev.inner
+        if isinstance(dev, Impair):
+            counters["impair"] = dev.counters()["tx"]  # the rx lane is netio's
         if isinstance(self.tx, L2Tx):  # neighbour resolution (queued frames)
-            counters["neigh"] = dict(self.tx.stats, incomplete=len(self.tx.unres))
+            counters["neigh"] = to_plain(self.tx.stats) | {"incomplete": len(self.tx.unres)}
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
         self.closed = True
+        self.load.close()
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
         if self.rx_read is not None:
             self.loop.remove_reader(self.rx_fd)

@@ -705,10 +705,19 @@ class ShimSocket(kernel_socket):
         stack = get_stack()
         if stack is None or st.worker < 0:
             return 0
+        req = {"op": "status", "token": st.token}
         try:
-            r = stack.worker_call(st.worker, {"op": "status", "token": st.token})
+            r = stack.worker_call(st.worker, req)
         except OSError:
-            return 0
+            # A cached ctl stream to a worker that has since died breaks here;
+            # ask its replacement once (docs/howto.md "When a worker dies").
+            try:
+                r = stack.worker_call(st.worker, req)
+            except OSError:
+                # W is closed and no worker answers for it: the worker holding
+                # the connection died (and is not back yet). Its TCP state is
+                # gone; the peer will be reset: so is the app.
+                return errno.ECONNRESET
         return int(r.get("errno") or 0)
 
     # -- names ----------------------------------------------------------------

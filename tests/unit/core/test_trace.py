@@ -188,7 +188,9 @@ def test_state_changes_are_traced_with_linux_names():
     sa = peer.recv_one()
     peer.send(ACK, 1001, sa.seq + 1)
     sd, _ = sh.accept(lsd)
+    assert sh.stats.curr_estab == 1  # CurrEstab: ESTABLISHED and CLOSE-WAIT sockets
     peer.send(ACK | FIN | PSH, 1001, sa.seq + 1, payload=b"bye")
+    assert sh.state(sd).name == "CLOSE_WAIT" and sh.stats.curr_estab == 1
     assert sh.recv(sd, 100) == b"bye"
     sh.close(sd, 0.0)
     fin = [s for s in peer.recv() if "F" in s.flags][-1]
@@ -196,7 +198,7 @@ def test_state_changes_are_traced_with_linux_names():
     states = [n for n in sh.trace() if n.startswith("TCP_")]
     assert states == ["TCP_LISTEN", "TCP_SYN_RECV", "TCP_ESTABLISHED", "TCP_CLOSE_WAIT",
                       "TCP_LAST_ACK", "TCP_CLOSE"]
-    assert sh.stats.curr_estab == 0
+    assert sh.stats.curr_estab == 0 and sh.stats.estab_resets == 0  # closed, not reset
 
 
 def test_tracing_off_records_nothing():

@@ -35,7 +35,8 @@ ENV_FILE = DEPLOY / "systemd" / "shardstack.env"
 CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 DAEMONSET = DEPLOY / "k8s" / "daemonset.yaml"
 WAIT_READY = DEPLOY / "shardstack-wait-ready"
-SUBCOMMANDS = ("serve", "run", "ss", "stats", "demo", "bench")
+DASHBOARD = DEPLOY / "grafana" / "shardstack-dashboard.json"
+SUBCOMMANDS = ("serve", "run", "ss", "stats", "reta", "trace", "demo", "bench")
 ALLOWED_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("127.0.0.0/8"))
 
 
@@ -659,3 +660,60 @@ def test_wait_ready_gives_up_after_its_tries(tmp_path, reply):
     assert r.returncode == 1
     assert "not ready after 3 tries" in r.stderr
     assert _calls(tmp_path) == 3
+
+
+# -- Grafana dashboard ---------------------------------------------------------------
+
+_METRIC = re.compile(r"\bshardstack_[a-z_]+")
+
+
+def _exported() -> dict[str, set[str]]:
+    """Sample name -> label names, from the real collector over a snapshot
+    that has every kind of entry (shardstack.metrics.families)."""
+    from shardstack import metrics, reta
+
+    ld = {"frames": [1] * 128, "bytes": [1] * 128, "cpu": [0.1] * 128, "other_frames": 0,
+          "total_frames": 128, "cpu_seconds": 1.0, "states": {"ESTABLISHED": 1}}
+    snap = {"workers": [{"id": 0, "counters": {"frames_in": 1, "frames_out": 1,
+                                               "drops": {"TCP_CSUM": 1}},
+                         "shard": {"segs_in": 1, "segs_out": 1, "retrans_segs": 1}}],
+            "reta": reta.report(reta.RetaBook(1), [ld]),
+            "processes": [{"process": "worker-0", "cpu_seconds": 1.0, "rss": 1, "restarts": 0}],
+            "netio": {"dispatch": {"per_worker": [1], "drops": {"ip_version": 1}}}}
+    out: dict[str, set[str]] = {}
+    for fam in metrics.families(snap):
+        for sample in fam.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+def _targets(dash: dict) -> list[dict]:
+    return [t for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_is_valid_grafana_json():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["title"] and dash["uid"] and dash["schemaVersion"] >= 30
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "instance"} <= names
+
+
+def test_dashboard_queries_what_serve_exports_and_shows_all_of_it():
+    exported = _exported()
+    used = set()
+    for t in _targets(json.loads(DASHBOARD.read_text())):
+        names = _METRIC.findall(t["expr"])
+        assert names, t["expr"]
+        for name in names:
+            assert name in exported, f"{name} is not exported by serve --metrics"
+            used.add(name)
+        for label in re.findall(r"{{(\w+)}}", t.get("legendFormat", "")):
+            assert any(label in exported[n] for n in names), (label, t["expr"])
+    assert set(exported) - used == set(), "metrics no panel shows"

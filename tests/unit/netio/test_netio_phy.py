@@ -18,8 +18,8 @@ from shardstack.netio.device import (
     VNET_HDR,
     LoopbackDevice,
     _gso_header,
-    _rx_flags,
     partial_tcp_checksum,
+    vnet_rx_flags,
 )
 from shardstack.netio.impair import Impair, ImpairSpec, parse_impair_spec
 from shardstack.netio.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW, Pcap
@@ -81,12 +81,12 @@ def test_loopback_gso_flags():
 
 
 def test_rx_flags_from_virtio_header():
-    assert _rx_flags(VNET_HDR.pack(0, 0, 0, 0, 0, 0)) == 0
-    assert _rx_flags(VNET_HDR.pack(2, 0, 0, 0, 0, 0)) == RX_CSUM_VALID
-    assert _rx_flags(VNET_HDR.pack(1, 1, 52, 1448, 20, 16)) == (
+    assert vnet_rx_flags(VNET_HDR.pack(0, 0, 0, 0, 0, 0)) == 0
+    assert vnet_rx_flags(VNET_HDR.pack(2, 0, 0, 0, 0, 0)) == RX_CSUM_VALID
+    assert vnet_rx_flags(VNET_HDR.pack(1, 1, 52, 1448, 20, 16)) == (
         RX_CSUM_VALID | RX_CSUM_PARTIAL | RX_GSO
     )
-    assert _rx_flags(VNET_HDR.pack(1, 0x80, 0, 0, 20, 16)) == RX_CSUM_VALID | RX_CSUM_PARTIAL
+    assert vnet_rx_flags(VNET_HDR.pack(1, 0x80, 0, 0, 20, 16)) == RX_CSUM_VALID | RX_CSUM_PARTIAL
 
 
 def _complete_partial(pkt: bytearray, csum_start: int) -> None:

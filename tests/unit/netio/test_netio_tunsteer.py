@@ -14,15 +14,18 @@ from shardstack.netio import fanout, rss, tunsteer
 
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 _ALU = {
-    0x00: lambda a, v: a + v, 0x10: lambda a, v: a - v, 0x40: lambda a, v: a | v,
+    0x00: lambda a, v: a + v, 0x10: lambda a, v: a - v, 0x20: lambda a, v: a * v,
+    0x40: lambda a, v: a | v,
     0x50: lambda a, v: a & v, 0x60: lambda a, v: a << v, 0x70: lambda a, v: a >> v,
     0x90: lambda a, v: a % v, 0xA0: lambda a, v: a ^ v, 0xB0: lambda a, v: v,
 }  # fmt: skip
 
 
-def run_ebpf(insns, pkt: bytes, protocol: int = 0x0800, pkttype: int = 0) -> int:
-    """Registers, a 512-byte stack, legacy packet loads, `__sk_buff` loads."""
-    reg = [0] * 11
+def run_ebpf(insns, pkt: bytes, protocol: int = 0x0800, pkttype: int = 0,
+             maps: dict | None = None) -> int:
+    """Registers, a 512-byte stack, legacy packet loads, `__sk_buff` loads,
+    and (`maps`: fd -> list of u32) array-map lookups keyed at R10-8."""
+    reg: list = [0] * 11
     stack = bytearray(512)
     ctx = {0: len(pkt), 4: pkttype, 16: struct.unpack("<H", struct.pack(">H", protocol))[0]}
     pc = 0
@@ -30,6 +33,19 @@ def run_ebpf(insns, pkt: bytes, protocol: int = 0x0800, pkttype: int = 0) -> int
         code, dst, src, off, imm = insns[pc]
         pc += 1
         cls = code & 7
+        if code == 0x18:  # LD_IMM64 of a map fd (BPF_PSEUDO_MAP_FD)
+            reg[dst] = ("map", imm)
+            pc += 1
+            continue
+        if code == 0x85:  # CALL bpf_map_lookup_elem(R1 map, R2 = &key at R10-8)
+            assert imm == tunsteer.BPF_FUNC_MAP_LOOKUP_ELEM and reg[1][0] == "map"
+            key = int.from_bytes(stack[504:508], "little")
+            table = maps[reg[1][1]]
+            reg[0] = ("ptr", reg[1][1], key) if key < len(table) else 0
+            continue
+        if cls == 1 and isinstance(reg[src], tuple):  # LDX_MEM W through a map value pointer
+            reg[dst] = maps[reg[src][1]][reg[src][2]]
+            continue
         if cls == 0 and code & 0xE0 in (0x20, 0x40):  # LD_ABS / LD_IND
             size = {0x00: 4, 0x08: 2, 0x10: 1}[code & 0x18]
             k = imm & M32
@@ -66,7 +82,7 @@ def run_ebpf(insns, pkt: bytes, protocol: int = 0x0800, pkttype: int = 0) -> int
             if op == 0x00:
                 pc += off
                 continue
-            a = reg[dst] & M32
+            a = 1 if isinstance(reg[dst], tuple) else reg[dst] & M32  # a pointer is non-null
             v = (reg[src] if code & 8 else imm) & M32
             cond = {0x10: a == v, 0x20: a > v, 0x30: a >= v, 0x40: bool(a & v),
                     0x50: a != v}[op]
@@ -117,3 +133,30 @@ def test_counting_epilogue_shape():
     ld_map = [i for i in counted if i[0] == 0x18]
     assert ld_map and ld_map[0][2] == tunsteer.BPF_PSEUDO_MAP_FD and ld_map[0][4] == 7
     assert len(tunsteer.encode(counted)) == 8 * len(counted)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_reta_map_program_agrees_with_rss(n):
+    """The program that reads the RETA from a map (tunsteer.RetaMap): the
+    bucket's worker from the map, netio's index for the rest; writing a new
+    table into the map changes the answer without a new program."""
+    rng = random.Random(100 + n)
+    eprog = tunsteer.translate(fanout.build_program(n, l2=False, bucket=True), None, (9, n))
+    assert sum(1 for i in eprog if i[0] == 0x85) == 1  # one lookup, no comparison tree
+    for _ in range(2):
+        reta = [rng.randrange(n) for _ in range(128)]
+        for _ in range(300):
+            s, d, sp, dp = (rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16),
+                            rng.getrandbits(16))
+            pkt = packet(s, d, sp, dp, rng.choice([5, 6]))
+            assert run_ebpf(eprog, pkt, maps={9: reta}) == rss.flow_to_worker(s, d, sp, dp, reta)
+    assert run_ebpf(eprog, packet(1, 2, 3, 4, proto=17), maps={9: reta}) == n
+    assert run_ebpf(eprog, packet(1, 2, 3, 4), maps={9: []}) == n  # a miss: netio
+
+
+def test_hash_is_branch_free():
+    """No conditional jump between the folded word and the bucket: the eBPF
+    verifier would walk every combination (tunsteer: seconds per load)."""
+    prog = fanout.build_program(2, l2=False, bucket=True)
+    tail = prog[-len(fanout._hash_code(rss.SYMMETRIC_KEY)) - 1:]
+    assert not [i for i in tail if i[0] & 0x07 == fanout.BPF_JMP]

@@ -30,6 +30,8 @@ def test_good_serve_config(tmp_path):
     assert again == cfg
     assert not cfg.pin  # the scheduler places workers unless asked
     assert _config(GOOD + ["--pin"], tmp_path).pin
+    assert cfg.metrics is None
+    assert _config(GOOD + ["--metrics", "9464"], tmp_path).metrics == "9464"
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,9 @@ def test_good_serve_config(tmp_path):
         (["--echo", "70000"], "out of range"),
         (["--gateway", "198.19.0.1"], "--gateway"),
         (["--impair", "loss=banana"], "--impair"),
+        (["--metrics", "localhost:http"], "--metrics port"),
+        (["--metrics", "70000"], "out of range"),
+        (["--metrics", "example.org:9464"], "--metrics address"),
     ],
 )
 def test_serve_config_errors(extra, message, tmp_path):

@@ -114,11 +114,11 @@ def test_first_frames_wait_for_netios_announcement(env):
     # accepted (queued), not reported as dropped; netio told once, not per frame
     assert tx.send_batch(frames) == len(frames)
     assert inner.sent == [] and chan.msgs == [(NEIGH_RESOLVE, PEER)]
-    assert tx.stats["unres_discards"] == 1  # the oldest made room for the newest
+    assert tx.stats.unres_discards == 1  # the oldest made room for the newest
     assert tx.next_deadline() == pytest.approx(100.0 + ARP_RETRANS)
     tx.neigh_update([(PEER, PEER_MAC, NUD_REACHABLE)])
     assert inner.sent == [ETH_PEER + f for f in frames[1:]]
-    assert tx.stats["flushed"] == ARP_QUEUE_LEN and not tx.unres
+    assert tx.stats.flushed == ARP_QUEUE_LEN and not tx.unres
     assert tx.next_deadline() == pytest.approx(100.0 + NEIGH_MIRROR_TTL)  # only the mirror's TTL
     assert tx.send_batch([_pkt(9)]) == 1 and inner.sent[-1][:6] == PEER_MAC
     assert chan.msgs == [(NEIGH_RESOLVE, PEER)]  # a REACHABLE entry costs no message
@@ -143,10 +143,10 @@ def test_unanswered_neighbour_is_reasked_then_fails(env):
         clock[0] = tx.next_deadline()
         tx.poll(clock[0])
         assert chan.resolves() == [PEER] * n  # one re-ask per retrans interval
-    assert tx.unres and tx.stats["failed"] == 0
+    assert tx.unres and tx.stats.failed == 0
     clock[0] = tx.next_deadline()
     tx.poll(clock[0])
-    assert not tx.unres and tx.stats["failed"] == 2 and inner.sent == []
+    assert not tx.unres and tx.stats.failed == 2 and inner.sent == []
     assert tx.next_deadline() is None
     # the next frame starts a fresh resolution (Linux: FAILED -> INCOMPLETE)
     tx.send_batch([_pkt(3)])
@@ -158,7 +158,7 @@ def test_netios_failed_drops_the_queue_and_the_mac(env):
     tx.neigh_update([(GW, GW_MAC, NUD_REACHABLE)])
     tx.send_batch([_pkt(1)])
     tx.neigh_update([(PEER, bytes(6), NUD_FAILED), (GW, bytes(6), NUD_NONE)])
-    assert not tx.unres and tx.stats["failed"] == 1 and inner.sent == []
+    assert not tx.unres and tx.stats.failed == 1 and inner.sent == []
     assert tx.neigh == {} and tx.stale == {}
     tx.send_batch([_pkt(2, FAR)])  # the gateway was forgotten: asked again
     assert chan.resolves() == [PEER, GW] and inner.sent == []
@@ -176,7 +176,7 @@ def test_announced_mac_change_redirects_tx(env):
     tx.neigh_update([(PEER, NEW_MAC, NUD_REACHABLE)])
     tx.send_batch([_pkt(2)])
     assert [f[:6] for f in inner.sent] == [PEER_MAC, NEW_MAC]
-    assert tx.stats["mac_changes"] == 1
+    assert tx.stats.mac_changes == 1
 
 
 # -- STALE, DELAY, confirmation ---------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_stale_entry_is_used_and_its_first_use_reported(env):
     assert tx.send_batch([_pkt(1), _pkt(2)]) == 2
     tx.send_batch([_pkt(3)])
     assert [f[:6] for f in inner.sent] == [PEER_MAC] * 3  # no waiting in STALE
-    assert chan.msgs == [(NEIGH_RESOLVE, PEER)] and tx.stats["uses"] == 1
+    assert chan.msgs == [(NEIGH_RESOLVE, PEER)] and tx.stats.uses == 1
     # netio arms DELAY and says so; PROBE keeps the MAC in use too
     tx.neigh_update([(PEER, PEER_MAC, NUD_DELAY)])
     tx.neigh_update([(PEER, PEER_MAC, NUD_PROBE)])
@@ -241,7 +241,7 @@ def test_delay_is_confirmed_only_after_forward_progress(env):
     sk.snd_una += 1448
     clock[0] = tx.next_deadline()
     tx.poll(clock[0])
-    assert chan.confirms() == [PEER] and tx.stats["confirms"] == 1
+    assert chan.confirms() == [PEER] and tx.stats.confirms == 1
 
 
 def test_a_connection_born_established_in_delay_confirms(env):
