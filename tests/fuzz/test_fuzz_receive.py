@@ -34,7 +34,7 @@ def test_corpus_input_keeps_the_invariants(path):
 @pytest.mark.slow
 def test_atheris_bounded_run(tmp_path):
     pytest.importorskip("atheris")
-    runs = int(os.environ.get("SHARDSTACK_FUZZ_RUNS", "4000"))  # ~100/s instrumented
+    runs = int(os.environ.get("SHARDSTACK_FUZZ_RUNS", "10000"))  # ~300/s instrumented
     new = tmp_path / "new"
     new.mkdir()
     env = dict(os.environ, PYTHONHASHSEED="0")
