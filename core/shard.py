@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import fault, inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer
+from . import fault, inet_connection_sock, tcp, tcp_cong, tcp_ipv4, tcp_output, tcp_timer, udp
 from .dropreason import DropReason
 from .events import Event, SocketError
 from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
@@ -202,6 +202,7 @@ class Shard:
         self.events: list[Event] = []
         self.stats = ShardStats()
         self.socks: dict[int, TcpSock] = {}
+        self.udp = udp.UdpTable()  # UDP sockets (core/udp.py)
         self.tracing = config.trace
         self._trace: list[str] = []
         if self.tracing:

@@ -176,8 +176,8 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["unacked"], _segs(flight, mss))
     put(ix["sacked"], _segs(sacked, mss))
     if sk.in_recovery or sk.in_loss:
-        put(ix["lost"], _segs(tcp_input._unsacked_below(sk, una, sk.lost_hi), mss))
-        put(ix["retrans"], _segs(tcp_input._unsacked_below(sk, una, sk.retrans_hi), mss))
+        put(ix["lost"], _segs(tcp_input.tcp_unsacked_below(sk, una, sk.lost_hi), mss))
+        put(ix["retrans"], _segs(tcp_input.tcp_unsacked_below(sk, una, sk.retrans_hi), mss))
 
     if sk.lsndtime >= 0:
         put(ix["last_data_sent"], _msec_since(now, sk.lsndtime))

@@ -252,8 +252,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     if sacked:
         # A hole filled below SACKed data by its original transmission: reordering.
         j = bisect.bisect_left(sacked, acked, key=lambda b: (b[0] - una) & MASK)
-        if tcp_recovery._rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
-                                                 for b in sacked[:j]]):
+        if tcp_recovery.tcp_rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
+                                                  for b in sacked[:j]]):
             sk.reord_events += 1
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
@@ -394,7 +394,7 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
     reordered = False
     for lo, hi in new:
         i, j = _sacked_span(sacked, una, lo, hi)
-        if tcp_recovery._rack_check_reordering(
+        if tcp_recovery.tcp_rack_check_reordering(
                 sk, lo, hi, [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked[i:j]]):
             reordered = True
     if reordered:
@@ -498,7 +498,7 @@ def _sack_prune(sh: Shard, sk: TcpSock) -> None:
 
 
 
-def _unsacked_below(sk: TcpSock, una: int, top: int) -> int:
+def tcp_unsacked_below(sk: TcpSock, una: int, top: int) -> int:
     """Bytes in [una, top) that the peer has not SACKed."""
     off = (top - una) & MASK
     if off & HALF or off == 0:
@@ -521,9 +521,9 @@ def tcp_pipe(sk: TcpSock) -> int:
         return 0
     pipe = flight - (sk.sacked_bytes if sk.sack_ok else sk.reno_sacked)
     if 0 < ((sk.lost_hi - una) & MASK) < HALF:
-        pipe -= _unsacked_below(sk, una, sk.lost_hi)
+        pipe -= tcp_unsacked_below(sk, una, sk.lost_hi)
     if 0 < ((sk.retrans_hi - una) & MASK) < HALF:
-        pipe += _unsacked_below(sk, una, sk.retrans_hi)
+        pipe += tcp_unsacked_below(sk, una, sk.retrans_hi)
     for s, e in sk.relost:
         # A retransmission found lost again has left the network (RACK, RFC
         # 8985 §6.2; Linux drops it from retrans_out): counting it would hold
@@ -531,7 +531,7 @@ def tcp_pipe(sk: TcpSock) -> int:
         # resend it.
         if ((s - una) & MASK) & HALF:
             s = una
-        pipe -= _unsacked_below(sk, una, e) - _unsacked_below(sk, una, s)
+        pipe -= tcp_unsacked_below(sk, una, e) - tcp_unsacked_below(sk, una, s)
     return pipe if pipe > 0 else 0
 
 
@@ -553,7 +553,7 @@ def _lost_boundary(sk: TcpSock) -> int:
     return sk.snd_una
 
 
-def _mark_lost(sk: TcpSock, seq: int) -> None:
+def tcp_mark_lost(sk: TcpSock, seq: int) -> None:
     if 0 < ((seq - sk.lost_hi) & MASK) < HALF:
         sk.lost_hi = seq
 
@@ -591,11 +591,11 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
         if acked:
             cc.on_ack(acked / mss, rtt, now, flight / mss)  # slow start from the loss window
         if sk.sacked:
-            _mark_lost(sk, _lost_boundary(sk))
+            tcp_mark_lost(sk, _lost_boundary(sk))
         if rack:
             lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
             if lost_to is not None:
-                _mark_lost(sk, lost_to)
+                tcp_mark_lost(sk, lost_to)
         tcp_output.tcp_write_xmit(sh, sk, now)
         return
     if sk.in_recovery:
@@ -614,10 +614,10 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
                 tcp_try_undo_dsack(sh, sk)
             return
         if rack:
-            _mark_lost(sk, _lost_boundary(sk))
+            tcp_mark_lost(sk, _lost_boundary(sk))
             lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
             if lost_to is not None:
-                _mark_lost(sk, lost_to)
+                tcp_mark_lost(sk, lost_to)
         else:
             if dup:
                 sk.dupacks += 1
@@ -628,10 +628,10 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
                 # segment is lost too, and the dup ACKs it covered are used up.
                 sh.stats.partial_acks += 1
                 sk.reno_sacked = max(sk.reno_sacked - acked, 0)
-                _mark_lost(sk, (una + mss) & MASK)
+                tcp_mark_lost(sk, (una + mss) & MASK)
         if acked and ((sk.retrans_hi - una) & MASK) & HALF:
             sk.retrans_hi = una
-        _prr_update(sk, delivered)
+        tcp_cwnd_reduction(sk, delivered)
         tcp_output.tcp_write_xmit(sh, sk, now)
         return
     # Open / Disorder.
@@ -681,7 +681,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
 
     ``lost_to``: RACK found everything un-SACKed below it lost.  ``delivered``:
     the DeliveredData of the ACK that started recovery, which PRR counts like
-    any later one (Linux runs ``tcp_cwnd_reduction`` on that ACK too): with a
+    any later one (Linux runs tcp_cwnd_reduction on that ACK too): with a
     small window it lets a new segment go with the fast retransmit, so an ACK
     still comes back if the retransmission or its ACK is lost.
     """
@@ -701,14 +701,14 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     sk.retrans_hi = una
     sk.lost_hi = una
     if sk.sack_ok:
-        _mark_lost(sk, _lost_boundary(sk))
+        tcp_mark_lost(sk, _lost_boundary(sk))
     else:
         sk.reno_sacked = 0
         for _ in range(min(sk.dupacks, 64)):
             _reno_add_sack(sk)
-    _mark_lost(sk, (una + mss) & MASK)  # (4.3): the first segment is lost
+    tcp_mark_lost(sk, (una + mss) & MASK)  # (4.3): the first segment is lost
     if lost_to is not None:
-        _mark_lost(sk, lost_to)
+        tcp_mark_lost(sk, lost_to)
     sk.timers[_TLP] = None
     sk.prr_delivered = 0
     sk.prr_out = 0
@@ -724,14 +724,15 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
         sk.reo_wnd_persist -= 1
         if not sk.reo_wnd_persist:
             sk.reo_wnd_mult = 1  # RFC 8985 §6.2.4: back to 1 after 16 recoveries
-    _prr_update(sk, delivered)
+    tcp_cwnd_reduction(sk, delivered)
     if sk.prr_quota <= 0:
         sk.prr_quota = mss  # RFC 6937 §3.1: the fast retransmit itself always goes
     tcp_output.tcp_write_xmit(sh, sk, now)
 
 
-def _prr_update(sk: TcpSock, delivered: int) -> None:
-    """RFC 6937 §3.1 on each ACK in recovery: how much may be sent (``prr_quota``).
+def tcp_cwnd_reduction(sk: TcpSock, delivered: int) -> None:
+    """RFC 6937 §3.1 on each ACK in recovery (Linux ``tcp_cwnd_reduction``): how much
+    may be sent (``prr_quota``).
 
     While pipe exceeds ssthresh, send in proportion to what was delivered
     (ssthresh / RecoverFS); below it, slow-start back up to ssthresh but never
@@ -1281,7 +1282,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         sk.segs_in += 1  # tcp_segs_in (Linux counts in tcp_v4_rcv; here once predicted)
         _clean_rtx_queue(sh, sk, ack, tsecr, (), acked, now)
         if sk.sndq_len:
-            tcp_output._write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery (predicted)
+            tcp_output.tcp_write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery (predicted)
         if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
             tcp_output.tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
         elif sk.unacked_rcv and sk.timers[_DELACK] is None:
@@ -1309,7 +1310,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         sk.readable_signalled = True
         sh.events.append(Readable(sk.sd))
     if sk.sndq_len:
-        tcp_output._write_new(sh, sk, now, -1)
+        tcp_output.tcp_write_new(sh, sk, now, -1)
         unacked = sk.unacked_rcv  # our data carried the ACK
     if sk.ack_now or unacked > rcv_mss:
         tcp_output.tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack

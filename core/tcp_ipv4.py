@@ -37,6 +37,7 @@ from . import (
     tcp_input,
     tcp_minisocks,
     tcp_output,
+    udp,
 )
 from .dropreason import WIRE_REASONS, DropReason
 from .events import Acceptable
@@ -188,6 +189,9 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
             stats.drop(bad)
             return
     if ip.proto != 6:
+        if ip.proto == udp.PROTO_UDP and ip.dst in sh.addr_set:
+            udp.udp_rcv(sh, ip, payload, pkt, bool(csum_ok))  # ip_local_deliver's UDP
+            return
         if ip.proto == 1 and ip.dst in sh.addr_set:
             # ip_local_deliver's other protocol: ICMP errors about our segments.
             err = icmp.icmp_rcv(sh, ip, payload)
@@ -565,6 +569,9 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
     """
     stats = sh.stats
     q = e.quote
+    if q.proto == udp.PROTO_UDP:
+        udp.udp_err(sh, e)  # __udp4_lib_err
+        return
     if q.proto != 6:
         stats.icmp_in_errors += 1  # no other transport here: nothing to tell
         stats.drop(DropReason.ICMP_ERR_NOT_TCP)

@@ -179,7 +179,7 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     field for the device to complete (``ShardConfig.tx_csum_offload``, Linux
     ``tcp_v4_send_check`` on a CHECKSUM_PARTIAL skb); the payload is not read.
     ``win``: the window field when the caller selected it already for this
-    burst (``_write_new``: nothing on the receive side changes between its
+    burst (``tcp_write_new``: nothing on the receive side changes between its
     segments, and ``tcp_select_window`` would answer the same again); -1
     selects it here.
 
@@ -363,10 +363,10 @@ def tcp_write_xmit(sh: Shard, sk: TcpSock, now: float) -> None:
     if sk.in_recovery or sk.in_loss:
         tcp_xmit_retransmit_queue(sh, sk, now)
         return
-    _write_new(sh, sk, now, -1)
+    tcp_write_new(sh, sk, now, -1)
 
 
-def _write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
+def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     """New data from SND.NXT; ``quota`` >= 0 caps the bytes (recovery), else cwnd does.
 
     Returns the bytes sent.
@@ -630,7 +630,7 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
             # The head went again: give it a full RTO (Linux tcp_xmit_retransmit_queue).
             sh.timers.arm(sk, _RETRANSMIT, now + tcp_rto(sk))
     if quota > 0:
-        n = _write_new(sh, sk, now, quota)
+        n = tcp_write_new(sh, sk, now, quota)
         quota -= n
         sk.prr_out += n
     if recovery:

@@ -52,7 +52,7 @@ _TLP_RTO_MARGIN = 0.005
 #
 # Send times without per-segment state: original data leaves in sequence
 # order, so one (end, time) pair per transmission burst (``tx_log``, written
-# by ``tcp_output._write_new``) orders all of it; retransmissions are logged
+# by ``tcp_output.tcp_write_new``) orders all of it; retransmissions are logged
 # with their time in ``rtx_log`` [start, end, SND.MAX then, time] (few, and
 # only during recovery).  Lost original data is a sequence prefix above
 # ``lost_hi``; lost retransmissions go to ``relost`` and are sent again first.
@@ -261,13 +261,13 @@ def tcp_rack_reo_timeout(sh: Shard, sk: TcpSock, now: float) -> None:
         return
     sh.stats.rack_reo_timeouts += 1
     if lost_to is not None:
-        tcp_input._mark_lost(sk, lost_to)
+        tcp_input.tcp_mark_lost(sk, lost_to)
     if sk.in_recovery:
-        tcp_input._prr_update(sk, 0)
+        tcp_input.tcp_cwnd_reduction(sk, 0)
     tcp_output.tcp_write_xmit(sh, sk, now)
 
 
-def _rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: list[tuple[int, int]]) -> bool:
+def tcp_rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: list[tuple[int, int]]) -> bool:
     """RFC 8985 §6.2 step 3: data never retransmitted, newly delivered below
     RACK.fack, arrived out of order.  ``lo``/``hi`` bound what this ACK
     delivered (offsets from SND.UNA); ``old`` are the SACKed offsets before it.
@@ -356,7 +356,7 @@ def tcp_send_loss_probe(sh: Shard, sk: TcpSock, now: float) -> None:
             or sk.state not in _PROBE_STATES):
         return
     mss = tcp_output.tcp_current_mss(sk)
-    sent = tcp_output._write_new(sh, sk, now, mss)
+    sent = tcp_output.tcp_write_new(sh, sk, now, mss)
     if not sent:
         top = sk.snd_max
         seq = (top - mss) & MASK

@@ -57,7 +57,7 @@ from shardstack.core.wire.icmp import (
     parse_icmp,
     parse_icmp_quote,
 )
-from shardstack.core.wire.ipv4 import PROTO_ICMP, parse_ipv4
+from shardstack.core.wire.ipv4 import PROTO_ICMP, Ipv4Header, parse_ipv4
 
 from .neighbour import ZERO_MAC, NeighTable
 from .rss import RETA_MASK, SYMMETRIC_KEY, FoldedToeplitz, Toeplitz, is_period16, make_reta
@@ -79,6 +79,10 @@ _IP_REASONS = WIRE_REASONS["ip"]
 _ICMP_REASONS = {"checksum": DropReason.ICMP_CSUM}
 
 
+PROTO_UDP = 17
+_UDP_PORTS = struct.Struct("!HH")
+
+
 @dataclass(slots=True)
 class DispatchStats:
     frames: int = 0
@@ -87,6 +91,7 @@ class DispatchStats:
     arp_learned: int = 0
     icmp_replies: int = 0
     icmp_errors: int = 0  # ICMP errors handed to the worker owning the quoted flow
+    udp: int = 0  # UDP datagrams handed to a worker (core/udp.py)
     per_worker: list[int] = field(default_factory=list)
     drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
@@ -98,6 +103,7 @@ class DispatchStats:
             "arp_learned": self.arp_learned,
             "icmp_replies": self.icmp_replies,
             "icmp_errors": self.icmp_errors,
+            "udp": self.udp,
             "per_worker": list(self.per_worker),
             "drops": {r.name: n for r, n in self.drops.items()},
         }
@@ -173,6 +179,7 @@ class Dispatcher:
         l3 = ETH_HLEN if l2 else 0
         stats.frames += len(batch)
         icmp_before = stats.icmp_errors
+        udp_before = stats.udp
         # The fast path's drops, tallied in locals and counted once per batch:
         # under a flood of junk they are the hot path, and a Counter keyed by
         # an enum member costs two Python-level Enum.__hash__ calls per frame
@@ -230,7 +237,8 @@ class Dispatcher:
             k = len(frames_out[w])
             per_worker[w] += k
             stats.tcp += k
-        stats.tcp -= stats.icmp_errors - icmp_before  # per_worker counts them, tcp does not
+        # per_worker counts ICMP errors and UDP too, tcp does not
+        stats.tcp -= (stats.icmp_errors - icmp_before) + (stats.udp - udp_before)
         if runts or other_host or ip_hdr or frags or tcp_hdr or not_local:
             drops = stats.drops
             for reason, k in ((DropReason.PKT_TOO_SMALL, runts), (DropReason.OTHERHOST, other_host),
@@ -253,8 +261,11 @@ class Dispatcher:
         if hdr.dst not in self.addrs:
             drops[DropReason.IP_OTHERHOST] += 1
             return
+        if hdr.proto == PROTO_UDP:
+            self._udp(frame, flags, hdr, payload, out)
+            return
         if hdr.proto != PROTO_ICMP:
-            drops[DropReason.NOT_TCP] += 1  # UDP or another protocol: we serve neither
+            drops[DropReason.NOT_TCP] += 1  # another protocol: we serve none
             return
         try:
             msg = parse_icmp(payload)  # verifies the checksum, as icmp_rcv does
@@ -273,6 +284,20 @@ class Dispatcher:
         out.replies.append(reply)
         self.stats.icmp_replies += 1
 
+    def _udp(self, frame: bytes, flags: int, hdr: Ipv4Header, payload: memoryview,
+             out: Batch) -> None:
+        """UDP (core/udp.py): every worker holds every UDP socket, so any
+        worker can deliver; the 4-tuple's hash spreads flows over them as
+        TCP's, and keeps one flow on one worker (its order)."""
+        if len(payload) < 4:
+            self.stats.drops[DropReason.PKT_TOO_SMALL] += 1  # Linux: short UDP header
+            return
+        sport, dport = _UDP_PORTS.unpack_from(payload)
+        w = self.reta[self.hasher.hash_tuple(hdr.src, hdr.dst, sport, dport) & RETA_MASK]
+        out.frames[w].append(frame)
+        out.flags[w].append(flags)
+        self.stats.udp += 1
+
     def _icmp_error(self, frame: bytes, flags: int, msg: IcmpMessage, out: Batch) -> None:
         """An ICMP error about a TCP segment of ours goes, untouched, to the
         worker owning the flow: the quoted packet is ours (src = us), so the
@@ -285,7 +310,7 @@ class Dispatcher:
         except WireError:
             drops[DropReason.ICMP_ERR_QUOTE] += 1
             return
-        if q.proto != 6:
+        if q.proto not in (6, PROTO_UDP):
             drops[DropReason.ICMP_ERR_NOT_TCP] += 1
             return
         if q.src not in self.addrs:

@@ -58,7 +58,9 @@ from shardstack.core.events import (
 )
 from shardstack.core.sock import State
 from shardstack.core.tcp_info import tcp_get_info
+from shardstack.core.udp import UdpDatagram, UdpError
 from shardstack.shim import gateproto as gp
+from shardstack.udpgate import UdpGate
 
 CHUNK = 256 * 1024  # bytes per recv/send on either side: few, large syscalls
 FILLER = bytes(64 * 1024)
@@ -178,6 +180,18 @@ class AppGate:
         self._scratch = bytearray(CHUNK)
         self.path = os.path.join(run_dir, f"worker-{worker_id}.sock")
         self.server = self._open_server()
+        self.udp = UdpGate(shard, loop, run_dir, worker_id, flush)  # UDP sockets (udpgate.py)
+
+    # -- UDP (supervisor -> worker ctl ops; shardstack/udpgate.py) ----------------
+
+    def add_udp(self, **args: Any) -> dict[str, Any]:
+        return self.udp.add_udp(**args)
+
+    def connect_udp(self, **args: Any) -> dict[str, Any]:
+        return self.udp.connect_udp(**args)
+
+    def remove_udp(self, **args: Any) -> dict[str, Any]:
+        return self.udp.remove_udp(**args)
 
     # -- worker-<i>.sock ------------------------------------------------------
 
@@ -471,6 +485,9 @@ class AppGate:
         conns, lsds = self.conns, self.lsds
         for e in events:
             kind = type(e)
+            if kind is UdpDatagram or kind is UdpError:  # UDP sds are udpgate's own numbers
+                self.udp.on_event(e)
+                continue
             conn = conns.get(e.sd)
             if conn is not None:
                 if kind is Readable:
@@ -903,6 +920,7 @@ class AppGate:
 
     def close(self) -> None:
         """Worker shutdown: drop every app stream and our endpoint."""
+        self.udp.close()
         self.loop.remove_reader(self.server.fileno())
         self.server.close()
         try:

@@ -22,6 +22,7 @@ examples:
   shardstack serve --tun ss0 --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7
   shardstack run -- python -m http.server 8000
   shardstack ss            shardstack stats --json            shardstack reta
+  shardstack trace --port 7             the engine's call graph for port 7's segments, live
 """
 
 SERVE_EPILOG = """\
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also put 127.0.0.0/8 TCP on the stack (app and local clients both on it)")
     run.add_argument("--no-check", action="store_true",
                      help="start the program even if no stack answers yet")
+    run.add_argument("--kernel-sockets", choices=("warn", "exit"), default="warn",
+                     help="a TCP socket that C code opened on the kernel where the stack should "
+                          "have it: report it loudly (warn) or also end the program (exit)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- the program and its arguments")
     for name, what in (("ss", "list TCP sockets on the stack, like `ss -tan`"),
                        ("stats", "per-process and per-worker counters and telemetry")):
@@ -90,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_arguments(demo)
     bench = sub.add_parser("bench", help="benchmarks against the Linux kernel's TCP in the same run")
     bench_cmd.add_arguments(bench)
+    _add_packetdrill(sub)
     return parser
+
+
+def _add_packetdrill(sub) -> None:
+    from shardstack.packetdrill import report
+
+    p = sub.add_parser("packetdrill", help=report.HELP, description=report.HELP,
+                       epilog=report.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(p)
 
 
 def _add_serve(sub) -> None:
@@ -387,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_trace(args)
     if args.command == "demo":
         return demo_cmd.main(args=args)
+    if args.command == "packetdrill":
+        from shardstack.packetdrill import report
+
+        return report.main(args)
     return bench_cmd.main(args=args)
 
 

@@ -172,6 +172,10 @@ class AsyncControlClient:
 
     async def call(self, op: str, timeout: float = DEFAULT_TIMEOUT, **args: Any) -> dict[str, Any]:
         async with self._lock:
+            if self._writer.is_closing():
+                # The peer died (or we closed): an OSError the caller expects,
+                # not the RuntimeError a closed transport raises on write.
+                raise ConnectionResetError(errno.ECONNRESET, "control connection closed")
             self._writer.write(pack({"op": op, **args}))
             reply = await asyncio.wait_for(_read_message(self._reader), timeout)
         if reply is None:

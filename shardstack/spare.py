@@ -5,7 +5,7 @@ engine, uvloop, zmq, the appgate: a few hundred milliseconds, and more on a
 loaded machine), and while it starts, the dead worker's buckets have no
 worker. So the supervisor keeps one spare started ahead: `python -m
 shardstack.spare` with one end of a socketpair, which imports everything a
-worker needs and then blocks on that socket. When a worker dies, the
+worker needs, says so (one b"R" message), and then blocks on that socket. When a worker dies, the
 supervisor sends the spare the dead worker's description (the JSON a worker
 reads from stdin, shardstack.child) with its file descriptors attached (SCM_RIGHTS: the ready
 pipe, the TUN queue or packet socket), and the spare becomes that worker;
@@ -81,6 +81,7 @@ def main() -> int:
     import shardstack.services  # noqa: F401
 
     sock = socket.socket(fileno=int(sys.argv[1]))
+    sock.send(b"R")  # ready: the supervisor may count on a fast handoff now
     desc = receive(sock)
     sock.close()
     if desc is None:

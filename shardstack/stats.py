@@ -119,6 +119,7 @@ def format_stats(st: dict[str, Any]) -> str:
         f"{'process':<12} {'pid':>7} {'cpu%':>6} {'rss MiB':>8} {'ctx vol':>9} {'ctx inv':>9} restarts"
     )
     procs = [("supervisor", st.get("supervisor", {}))]
+    spare = st.get("supervisor", {}).get("spare")
     procs.append(("netio", st.get("netio", {})))
     procs += [(f"worker {w.get('id')}", w) for w in st.get("workers", [])]
     for name, p in procs:
@@ -128,6 +129,9 @@ def format_stats(st: dict[str, Any]) -> str:
             f"{proc.get('rss', 0) / 2**20:>8.1f} {proc.get('ctx_voluntary', 0):>9} "
             f"{proc.get('ctx_involuntary', 0):>9} {p.get('restarts', 0)}"
         )
+    if spare:
+        state = "ready" if spare.get("ready") else "starting"
+        lines.append(f"{'spare':<12} {spare.get('pid', '-'):>7}  (warm spare worker, {state})")
     lines.append("")
     lines.append(f"{'worker':<8} {'frames in':>10} {'frames out':>10} {'conns':>6} {'drops':>7}")
     for w in st.get("workers", []):

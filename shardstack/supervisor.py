@@ -68,6 +68,7 @@ MAX_BACKOFF = 5.0
 WORKER_CALL_TIMEOUT = 3.0
 RX_MODE_ENV = "SHARDSTACK_RX"  # "direct" (default) or "netio"
 SPARE_DELAY = 1.0  # s after start-up or a handoff before the next spare starts
+SPARE_MAX_FAILURES = 5  # spares dead before ready, in a row, before we stop making them
 
 
 def rx_mode(cfg: ServeConfig) -> str:
@@ -107,6 +108,33 @@ class GlobalBind:
     backlog: int = 0
     listener: dict[str, Any] | None = None  # {backlog, path} once listening
     service: str | None = None  # "echo"/"discard" for the built-in services
+    holders: int = 1  # control connections (processes) holding it: freed at the last
+
+
+UDP_BIND_BASE = 1 << 30  # UDP bind ids: apart from TCP's, one release op for both
+
+
+@dataclass(slots=True, eq=False)
+class UdpBind:
+    """A UDP socket on the stack: the app's unix datagram path and its addresses."""
+
+    bind_id: int
+    laddr: int
+    port: int
+    reuseaddr: bool
+    reuseport: bool
+    path: str
+    lport: int = 0
+    raddr: int = 0
+    rport: int = 0
+
+    def add_args(self) -> dict[str, Any]:
+        return {"bind_id": self.bind_id, "addr": _dotted(self.laddr), "port": self.lport,
+                "path": self.path}
+
+
+def _dotted(a: int) -> str:
+    return str(ipaddress.IPv4Address(a))
 
 
 class BindTable:
@@ -160,6 +188,15 @@ class BindTable:
 
 
 @dataclass(slots=True, eq=False)
+class Spare:
+    """The warm spare (shardstack.spare): its process and our end of its socket."""
+
+    proc: subprocess.Popen
+    sock: socket.socket
+    ready: bool = False  # it said its imports are done
+
+
+@dataclass(slots=True, eq=False)
 class Child:
     kind: str  # "netio" or "worker"
     wid: int  # worker id; -1 for netio
@@ -189,10 +226,13 @@ class Supervisor:
         self.metrics = None  # shardstack.metrics.MetricsServer with --metrics
         self.traces: dict[int, dict[str, Any]] = {}  # `shardstack trace`: tid -> {port, conn?}
         # A warm spare worker (shardstack.spare): imports done, waiting to
-        # become whichever worker dies next. (Popen, our end of its socketpair).
-        self.spare: tuple[subprocess.Popen, socket.socket] | None = None
+        # become whichever worker dies next.
+        self.spare: Spare | None = None
+        self.spare_failures = 0  # spares that died before reporting ready, in a row
         self._next_tid = 1
         self.binds = BindTable([cfg.addr.ip])
+        self.udp_binds: dict[int, UdpBind] = {}  # UDP's own port space (udp_lib_get_port)
+        self._next_udp = UDP_BIND_BASE
         self.tun = None  # netio.device.TunDevice in TUN mode
         self.fanout: list[Any] | None = None  # direct RX: the group's packet sockets
         self.fanout_stats = None
@@ -411,6 +451,8 @@ class Supervisor:
     def _start_spare(self) -> None:
         if self.stopping or self.spare is not None:
             return
+        if self.spare_failures >= SPARE_MAX_FAILURES:
+            return  # a spare that cannot even import: workers start cold, as without one
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen([sys.executable, "-m", "shardstack.spare",
@@ -422,14 +464,42 @@ class Supervisor:
             return
         finally:
             theirs.close()
-        self.spare = (proc, ours)
+        ours.setblocking(False)
+        self.spare = Spare(proc, ours)
+        self.loop.add_reader(ours.fileno(), self._on_spare_msg)
+
+    def _on_spare_msg(self) -> None:
+        """The spare's one message: b"R", its imports are done; or EOF, it died."""
+        sp = self.spare
+        if sp is None:
+            return
+        try:
+            data = sp.sock.recv(16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.loop.remove_reader(sp.sock.fileno())
+        if data == b"R":
+            sp.ready = True
+            self.spare_failures = 0
+            return
+        self.spare = None
+        sp.sock.close()
+        self._end(sp.proc)
+        self.spare_failures += 1
+        log(f"spare worker (pid {sp.proc.pid}) exited before it was ready "
+            f"({self.spare_failures} in a row)")
+        self.loop.call_later(SPARE_DELAY * 2 ** self.spare_failures, self._start_spare)
 
     def _use_spare(self, desc: dict[str, Any], fds: list[int]) -> subprocess.Popen | None:
         """Hand a dying worker's description to the spare; None if there is
         no live spare (then the caller starts a fresh interpreter)."""
         if self.spare is None:
             return None
-        proc, sock = self.spare
+        proc, sock = self.spare.proc, self.spare.sock
+        if not self.spare.ready:
+            self.loop.remove_reader(sock.fileno())
         self.spare = None
         try:
             if proc.poll() is not None:
@@ -448,10 +518,11 @@ class Supervisor:
 
     def _drop_spare(self) -> None:
         if self.spare is not None:
-            proc, sock = self.spare
-            self.spare = None
-            sock.close()  # an idle spare exits when its socket closes
-            self._end(proc)
+            sp, self.spare = self.spare, None
+            if not sp.ready:
+                self.loop.remove_reader(sp.sock.fileno())
+            sp.sock.close()  # an idle spare exits when its socket closes
+            self._end(sp.proc)
 
     @staticmethod
     def _end(proc: subprocess.Popen) -> None:
@@ -492,6 +563,11 @@ class Supervisor:
             for b in self.binds.listeners():
                 await ctl.call("add_listener", timeout=WORKER_CALL_TIMEOUT,
                                **self._listener_args(b))
+            for u in self.udp_binds.values():  # UDP sockets live on every worker too
+                await ctl.call("add_udp", timeout=WORKER_CALL_TIMEOUT, **u.add_args())
+                if u.rport:
+                    await ctl.call("connect_udp", timeout=WORKER_CALL_TIMEOUT,
+                                   bind_id=u.bind_id, addr=_dotted(u.raddr), port=u.rport)
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
@@ -575,6 +651,23 @@ class Supervisor:
         binds.add(b.bind_id)
         return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
 
+    def _op_adopt(self, req, conn) -> dict[str, Any]:
+        """Another process holds the bound socket's fd now (multiprocessing
+        spawn hands it over): it shares the bind, as processes sharing a
+        kernel socket do; the bind goes at its last holder's release or exit."""
+        b = self.binds.get(int(req["bind_id"]))
+        if b.service is not None:
+            raise OSError(errno.EBADF, "not an app's bind")
+        binds = conn.state.setdefault("binds", set())
+        if b.bind_id in binds:
+            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
+                    "bind_id": b.bind_id}
+        if not binds:
+            conn.on_close.append(lambda: self._release_all(conn))
+        binds.add(b.bind_id)
+        b.holders += 1
+        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+
     async def _op_listen(self, req, conn) -> dict[str, Any]:
         b = self._owned(req, conn)
         if b.listener is not None:
@@ -597,11 +690,73 @@ class Supervisor:
             raise
         return {}
 
+    # -- UDP: a port space of its own (Linux udp_lib_get_port), every worker told --
+
+    async def _op_udp_bind(self, req, conn) -> dict[str, Any]:
+        addr = _addr_arg(req.get("addr", 0))
+        if addr != 0 and addr not in self.binds.addrs:
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+        port = int(req.get("port", 0))
+        if not 0 <= port <= 65535:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        u = UdpBind(self._next_udp, addr, port, bool(req.get("reuseaddr")),
+                    bool(req.get("reuseport")), str(req["path"]))
+        u.lport = port if port else self._udp_ephemeral(u)
+        if port and any(self._udp_conflict(u, o) for o in self.udp_binds.values()):
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        self._next_udp += 1
+        self.udp_binds[u.bind_id] = u
+        binds = conn.state.setdefault("binds", set())
+        if not binds:
+            conn.on_close.append(lambda: self._release_all(conn))
+        binds.add(u.bind_id)
+        for reply in await self._ask_workers("add_udp", **u.add_args()):
+            if reply is None:
+                log(f"udp bind {u.bind_id}: a worker did not take it")
+        return {"addr": _dotted(u.laddr), "port": u.lport, "bind_id": u.bind_id}
+
+    async def _op_udp_connect(self, req, conn) -> dict[str, Any]:
+        bind_id = int(req["bind_id"])
+        u = self.udp_binds.get(bind_id)
+        if u is None or bind_id not in conn.state.get("binds", ()):
+            raise OSError(errno.EBADF, "bind_id not owned by this connection")
+        u.raddr, u.rport = _addr_arg(req.get("addr", 0)), int(req.get("port", 0))
+        await self._ask_workers("connect_udp", bind_id=bind_id, addr=_dotted(u.raddr),
+                                port=u.rport)
+        return {}
+
+    @staticmethod
+    def _udp_conflict(a: UdpBind, b: UdpBind) -> bool:
+        if a.lport != b.lport or (a.laddr and b.laddr and a.laddr != b.laddr):
+            return False
+        return not ((a.reuseaddr and b.reuseaddr) or (a.reuseport and b.reuseport))
+
+    def _udp_ephemeral(self, u: UdpBind) -> int:
+        used = {o.lport for o in self.udp_binds.values()}
+        lo, hi = 32768, 60999  # net.ipv4.ip_local_port_range
+        start = lo + (u.bind_id * 7919) % (hi - lo + 1)
+        for i in range(hi - lo + 1):
+            p = lo + (start - lo + i) % (hi - lo + 1)
+            if p not in used:
+                return p
+        raise OSError(errno.EAGAIN, "no free UDP port")
+
+    async def _release_udp(self, u: UdpBind) -> None:
+        self.udp_binds.pop(u.bind_id, None)
+        await self._ask_workers("remove_udp", bind_id=u.bind_id)
+
     async def _op_release(self, req, conn) -> dict[str, Any]:
+        u = self.udp_binds.get(int(req.get("bind_id", -1)))
+        if u is not None and u.bind_id in conn.state.get("binds", ()):
+            conn.state["binds"].discard(u.bind_id)
+            await self._release_udp(u)
+            return {"freed": True}
         b = self._owned(req, conn)
         conn.state["binds"].discard(b.bind_id)
-        await self._release(b)
-        return {}
+        b.holders -= 1
+        if b.holders <= 0:
+            await self._release(b)
+        return {"freed": b.holders <= 0}  # else another process still holds it
 
     async def _op_ss(self, req, conn) -> dict[str, Any]:
         conns: list[dict[str, Any]] = []
@@ -624,7 +779,10 @@ class Supervisor:
         netio = {"restarts": n.restarts, "ready": n.ready,
                  "proc": n.telemetry.sample() if n.telemetry else {},
                  "counters": await self._netio_stats()}
-        return {"run_dir": str(self.run.path), "supervisor": {"proc": self.me.sample()},
+        spare = (None if self.spare is None
+                 else {"pid": self.spare.proc.pid, "ready": self.spare.ready})
+        return {"run_dir": str(self.run.path),
+                "supervisor": {"proc": self.me.sample(), "spare": spare},
                 "netio": netio, "workers": workers}
 
     async def _netio_stats(self) -> dict[str, Any]:
@@ -730,7 +888,7 @@ class Supervisor:
         if self.spare is not None:
             from shardstack.stats import ProcTelemetry
 
-            procs.append({"process": "spare", **ProcTelemetry(self.spare[0].pid).counters()})
+            procs.append({"process": "spare", **ProcTelemetry(self.spare.proc.pid).counters()})
         for c in self.children:
             if c.telemetry is not None:
                 procs.append({"process": c.name, "restarts": c.restarts,
@@ -759,9 +917,15 @@ class Supervisor:
 
     def _release_all(self, conn: control.Conn) -> None:
         for bind_id in list(conn.state.get("binds", ())):
+            u = self.udp_binds.get(bind_id)
+            if u is not None:
+                self.loop.create_task(self._release_udp(u))
+                continue
             b = self.binds.binds.get(bind_id)
             if b is not None:
-                self.loop.create_task(self._release(b))
+                b.holders -= 1
+                if b.holders <= 0:
+                    self.loop.create_task(self._release(b))
         conn.state["binds"] = set()
 
     async def _call_quietly(self, c: Child, op: str, **args: Any) -> dict[str, Any] | None:

@@ -472,7 +472,7 @@ class Worker:
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}
-        if op in ("add_listener", "remove_listener"):
+        if op in ("add_listener", "remove_listener", "add_udp", "connect_udp", "remove_udp"):
             if self.appgate is None:
                 raise OSError(errno.EOPNOTSUPP, "this worker has no appgate")
             args = {k: v for k, v in req.items() if k != "op"}
@@ -502,6 +502,9 @@ class Worker:
             counters["services"] = to_plain(self.services.stats)
         if self.appgate is not None:
             counters["appgate"] = to_plain(getattr(self.appgate, "stats", {}))
+            gate_udp = getattr(self.appgate, "udp", None)
+            if gate_udp is not None:  # the shard's UDP MIB and the gate's hand-overs
+                counters["udp"] = {**to_plain(self.shard.udp.stats), **to_plain(gate_udp.stats)}
         dev = self.tx  # --impair: an Impair somewhere among the TX wrappers
         while isinstance(dev, DeviceWrapper) and not isinstance(dev, Impair):
             dev = dev.inner

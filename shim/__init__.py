@@ -41,7 +41,10 @@ def install(run_dir: str | os.PathLike[str] | None = None, loopback: bool = Fals
     `run_dir` defaults as `shardstack serve` picks it (shardstack.rundir).
     Nothing talks to the stack until a socket needs it. Without a stack
     answering, sockets stay on the kernel, unless `strict` (then a
-    non-loopback AF_INET stream bind/connect fails with ENETUNREACH).
+    non-loopback AF_INET stream bind/connect fails with ENETUNREACH, and a
+    watcher thread reports TCP sockets that C code put on the kernel in the
+    stack's scope: shim.kernelwatch). uvloop, imported now or later, makes
+    its host/port sockets through the shim (shim.uvhook).
     """
     from shardstack.rundir import select_run_dir
 
@@ -55,6 +58,13 @@ def install(run_dir: str | os.PathLike[str] | None = None, loopback: bool = Fals
         set_stack(stack)
     socket.socket = ShimSocket
     _patch_ssl(True)
+    from shardstack.shim import uvhook
+
+    uvhook.install_hook()  # uvloop's host/port paths through socket.socket (issue 14)
+    if strict:
+        from shardstack.shim import kernelwatch
+
+        kernelwatch.start_from_env()  # C code's own sockets: said loudly (docs/shim.md)
     return stack
 
 

@@ -139,6 +139,28 @@ def decode_conn_name(raw: bytes | str) -> ConnName:
         raise ProtoError("malformed shardstack connection name") from None
 
 
+def listener_file(bind_id: int, addr: str, port: int) -> str:
+    """The file name, under <run-dir>/l/, of the AF_UNIX socket that stands for
+    a bound stack socket and then listens for it: it spells the bind, so the
+    fd alone tells what it is in any process it reaches (multiprocessing
+    spawn pickles a socket as its fd)."""
+    return f"{bind_id}_{addr}_{port}.sock"
+
+
+def parse_listener_path(path: str) -> tuple[int, str, int] | None:
+    """(bind_id, addr, port) of a path listener_file() named under an `l/`
+    directory, else None."""
+    head, _, name = path.rpartition("/")
+    if not head.endswith("/l") or not name.endswith(".sock"):
+        return None
+    try:
+        bind_id, addr, port = name[:-5].split("_")
+        host, p = _split_hostport(f"{addr}:{port}")
+        return int(bind_id), host, p
+    except ValueError:
+        return None
+
+
 def _split_hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     p = int(port)

@@ -12,6 +12,9 @@ package's `_boot` directory first on PYTHONPATH (its
 sitecustomize.py installs the shim, then chains to any other
 sitecustomize). So subprocesses and multiprocessing spawn/forkserver
 children run on the stack too; fork children inherit the installed shim.
+Strict mode also watches for TCP sockets that C code opened on the kernel
+where the stack should have them (shim.kernelwatch): `--kernel-sockets warn`
+(the default) reports each loudly on stderr, `exit` also ends the process.
 A bare `python`/`python3` command is replaced by this interpreter, the one
 that can import shardstack.
 
@@ -28,13 +31,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardstack.shim.kernelwatch import ENV_ACTION as ENV_KERNEL_SOCKETS
 from shardstack.shim.stack import ENV_ENABLE, ENV_LOOPBACK, ENV_RUN_DIR, ENV_STRICT
 
 BOOT_DIR = Path(__file__).resolve().parent / "_boot"
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?$")
 
 USAGE = """\
-usage: shardstack run [--run-dir DIR] [--loopback] [--no-check] [--] COMMAND [ARG ...]
+usage: shardstack run [--run-dir DIR] [--loopback] [--no-check] [--kernel-sockets warn|exit]
+                      [--] COMMAND [ARG ...]
        python -m shardstack.shim [--run-dir DIR] [--loopback] (SCRIPT | -m MODULE) [ARG ...]"""
 
 
@@ -43,6 +48,7 @@ class LaunchArgs:
     run_dir: str | None = None
     loopback: bool = False
     check: bool = True
+    kernel_sockets: str = "warn"  # a TCP socket C code put on the kernel in the stack's scope
     module: str | None = None  # python -m shardstack.shim -m MODULE
     command: list[str] = field(default_factory=list)
 
@@ -66,6 +72,17 @@ def parse_args(argv: list[str], in_process: bool = False) -> LaunchArgs:
                 a.run_dir = argv[i]
         elif arg == "--loopback":
             a.loopback = True
+        elif arg == "--kernel-sockets" or arg.startswith("--kernel-sockets="):
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            else:
+                if i + 1 >= len(argv):
+                    raise ValueError("--kernel-sockets needs warn or exit")
+                i += 1
+                value = argv[i]
+            if value not in ("warn", "exit"):
+                raise ValueError(f"--kernel-sockets: {value!r} is not warn or exit")
+            a.kernel_sockets = value
         elif arg == "--no-check":
             a.check = False
         elif in_process and arg == "-m":
@@ -90,10 +107,12 @@ def parse_args(argv: list[str], in_process: bool = False) -> LaunchArgs:
     return a
 
 
-def child_env(run_dir: str, loopback: bool, base: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(run_dir: str, loopback: bool, base: dict[str, str] | None = None,
+              kernel_sockets: str = "warn") -> dict[str, str]:
     """The environment that makes Python children install the shim."""
     env = dict(os.environ if base is None else base)
     env[ENV_ENABLE] = "1"
+    env[ENV_KERNEL_SOCKETS] = kernel_sockets
     env[ENV_RUN_DIR] = str(run_dir)
     env[ENV_STRICT] = "1"  # meant for the stack: never leave by the kernel instead
     if loopback:
@@ -151,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.check and (msg := _check(run_dir)):
         print(f"shardstack run: {msg}", file=sys.stderr)
         return 1
-    env = child_env(run_dir, a.loopback)
+    env = child_env(run_dir, a.loopback, kernel_sockets=a.kernel_sockets)
     cmd = resolve_command(a.command)
     try:
         os.execvpe(cmd[0], cmd, env)
@@ -174,7 +193,7 @@ def run_in_process(argv: list[str]) -> int:
     if a.check and (msg := _check(run_dir)):
         print(f"shardstack.shim: {msg}", file=sys.stderr)
         return 1
-    os.environ.update(child_env(run_dir, a.loopback))
+    os.environ.update(child_env(run_dir, a.loopback, kernel_sockets=a.kernel_sockets))
     shim.install(run_dir, loopback=a.loopback, strict=True)
     if a.module is not None:
         sys.argv = [a.module, *a.command]

@@ -32,6 +32,7 @@ class StackView:
     workers: int = 1
     loopback: bool = False
     reta: tuple[int, ...] = field(default=())
+    mtu: int = 1500
 
     @classmethod
     def from_hello(cls, reply: dict, loopback: bool = False) -> StackView:
@@ -45,7 +46,7 @@ class StackView:
             nets.append(ipaddress.IPv4Network(str(n), strict=False))
         return cls(tuple(addrs), tuple(dict.fromkeys(nets)), bool(reply.get("gateway")),
                    max(1, int(reply.get("workers", 1))), loopback,
-                   tuple(int(x) for x in reply.get("reta", ())))
+                   tuple(int(x) for x in reply.get("reta", ())), int(reply.get("mtu") or 1500))
 
     @property
     def primary(self) -> str:

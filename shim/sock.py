@@ -156,7 +156,75 @@ def recover_state(fd: int) -> StackState | None:
             return StackState(PASSIVE, laddr, n.lport, raddr, n.rport,
                               worker=n.worker, token=n.token)
     with _REG_LOCK:
-        return _REGISTRY.get(os.fstat(fd).st_ino)
+        st = _REGISTRY.get(os.fstat(fd).st_ino)
+    return st if st is not None else _state_from_name(fd)
+
+
+def _state_from_name(fd: int) -> StackState | None:
+    """A bound or listening stack socket that reached another process
+    (multiprocessing spawn), where the registry does not follow: its path
+    spells the bind (gateproto.listener_file). The process holds no claim on
+    the bind yet: its listen() adopts it."""
+    tmp = _csocket(AF_UNIX, SOCK_STREAM, 0, fd)
+    try:
+        try:
+            name = tmp.getsockname()
+            listening = tmp.getsockopt(SOL_SOCKET, _socket_mod.SO_ACCEPTCONN)
+        except OSError:
+            return None
+    finally:
+        tmp.detach()
+    parsed = gp.parse_listener_path(name) if isinstance(name, str) and name else None
+    if parsed is None:
+        return None
+    return StackState(LISTENER if listening else BOUND, parsed[1], parsed[2],
+                      bind_id=parsed[0], path=name)
+
+
+def view_addr(shown: str) -> str:
+    """The stack address behind a name the app sees (127.x under --loopback
+    stands for the stack's first address)."""
+    if _is_loopback(shown):
+        stack = get_stack()
+        view = stack.view() if stack is not None else None
+        if view is not None:
+            return view.primary
+    return shown
+
+
+def _unix_at(path: str) -> kernel_socket:
+    """The fd of a bound stack socket: an AF_UNIX socket bound at its
+    listener's path (gateproto.listener_file), which spells the bind, in the
+    run directory, mode 0600: only the stack's user may connect."""
+    u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+    try:
+        try:
+            os.unlink(path)  # left by a process that died
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            u.bind(path)
+        finally:
+            os.umask(old)
+    except BaseException:
+        u.close()
+        raise
+    return u
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _release_bind(stack: Stack, bind_id: int) -> None:
+    try:
+        stack.call("release", bind_id=bind_id)
+    except OSError:
+        pass
 
 
 def _is_loopback(host: str) -> bool:
@@ -257,7 +325,7 @@ def _oserror(code: int, text: str | None = None) -> OSError:
 class ShimSocket(kernel_socket):
     """socket.socket, with AF_INET/SOCK_STREAM sockets on shardstack (module docstring)."""
 
-    __slots__ = ("_ss", "_pre", "_cand", "_owner")
+    __slots__ = ("_ss", "_pre", "_cand", "_owner", "_us", "_dgram")
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None) -> None:
@@ -275,6 +343,8 @@ class ShimSocket(kernel_socket):
         self._owner = False  # this object made the stack state (and unregisters it)
         self._pre = None  # options set while still a kernel socket, to replay
         self._cand = self.family in _FACES and self.type == SOCK_STREAM
+        self._us = None  # a UDP socket on the stack (shim/dgram.py)
+        self._dgram = self.family == AF_INET and self.type == _socket_mod.SOCK_DGRAM
 
     # -- helpers --------------------------------------------------------------
 
@@ -356,6 +426,8 @@ class ShimSocket(kernel_socket):
     # -- bind / listen / accept -----------------------------------------------
 
     def bind(self, address: Any) -> None:
+        if self._dgram:
+            return self._udp_bind(address)
         stack = self._stack()
         parsed = (self._parse(address) if stack is not None and self._ss is None
                   else None)
@@ -371,9 +443,18 @@ class ShimSocket(kernel_socket):
         # --loopback: a socket bound to 127.x keeps showing it (scope maps it
         # to the stack's address underneath).
         shown = parsed[0] if _is_loopback(parsed[0]) else str(r["addr"])
-        self._ss = StackState(BOUND, shown, int(r["port"]), bind_id=int(r["bind_id"]),
-                              owner_pid=os.getpid())
+        st = StackState(BOUND, shown, int(r["port"]), bind_id=int(r["bind_id"]),
+                        owner_pid=os.getpid())
+        st.path = str(stack.run_dir / "l" / gp.listener_file(st.bind_id, str(r["addr"]),
+                                                            st.lport))
+        try:
+            self._swap_fd(_unix_at(st.path))
+        except BaseException:
+            _release_bind(stack, st.bind_id)
+            raise
+        self._ss = st
         self._owner = True
+        _register(self.fileno(), st)
 
     def listen(self, backlog: int = min(_socket_mod.SOMAXCONN, 128)) -> None:
         st = self._ss
@@ -383,34 +464,35 @@ class ShimSocket(kernel_socket):
             st = self._ss
         if st is None:
             return super().listen(backlog)
-        if st.kind == LISTENER:
-            return super().listen(backlog)  # a new backlog for the unix listener
-        if st.kind != BOUND:
+        if st.kind not in (BOUND, LISTENER):
             raise _oserror(errno.EINVAL)
         stack = get_stack()
         backlog = max(0, min(int(backlog), _socket_mod.SOMAXCONN))
-        path = str(stack.run_dir / "l" / f"{st.bind_id}.sock")
-        u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
-        try:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o177)  # only the stack's user may connect (DESIGN.md §2)
-            try:
-                u.bind(path)
-            finally:
-                os.umask(old)
-            u.listen(backlog)
-            stack.call("listen", bind_id=st.bind_id, backlog=backlog, path=path,
-                       opts=self._opts_list())
-        except BaseException:
-            u.close()
-            raise
-        self._swap_fd(u)
-        st.kind, st.path = LISTENER, path
-        _register(self.fileno(), st)
+        # The bound fd is the AF_UNIX socket at the listener's path: it
+        # listens in place, so every process holding the fd (fork, spawn)
+        # shares one accept queue, as with a kernel socket; a second listen()
+        # sets a new backlog.
+        super().listen(backlog)
+        if st.kind == LISTENER and st.owner_pid == os.getpid():
+            return
+        self._claimed_call(stack, st, "listen", bind_id=st.bind_id, backlog=backlog,
+                           path=st.path, opts=self._opts_list())
+        st.kind = LISTENER
         self._owner = True
+
+    def _claimed_call(self, stack: Stack, st: StackState, op: str, **args: Any) -> Any:
+        """A control call on our bind; a bind made in another process (the fd
+        came by multiprocessing spawn) is adopted first, as the kernel's socket
+        is shared by every process holding the fd."""
+        try:
+            return stack.call(op, **args)
+        except OSError as e:
+            if e.errno != errno.EBADF or st.owner_pid == os.getpid():
+                raise
+        stack.call("adopt", bind_id=st.bind_id)
+        st.owner_pid = os.getpid()  # our claim now: close() gives it back
+        self._owner = True
+        return stack.call(op, **args)
 
     def _parse(self, address: Any) -> tuple[str, int] | None:
         if self.family == AF_INET6 and (self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)):
@@ -458,6 +540,8 @@ class ShimSocket(kernel_socket):
             return e.errno
 
     def _connect(self, address: Any, raising: bool) -> int:
+        if self._dgram:
+            return self._udp_connect(address, raising)
         st = self._ss
         if st is not None and st.kind in (ACTIVE, PASSIVE):
             return self._reconnect(st)
@@ -528,6 +612,11 @@ class ShimSocket(kernel_socket):
         except BaseException:
             a.close()
             raise
+        if st is not None and self._owner:
+            _unregister(self.fileno())  # the bound fd's inode goes with it
+        if st is not None and st.path:
+            _unlink(st.path)  # a connection has no listener path
+            st.path = ""
         self._swap_fd(a)
         if st is None:
             st = StackState(ACTIVE)
@@ -595,7 +684,80 @@ class ShimSocket(kernel_socket):
     # as tcp_recvmsg reports sk_err once and then 0. recvfrom/recvmsg report
     # no address, as TCP's do (the unix peer name is not the TCP peer).
 
+    # -- UDP on the stack (shim/dgram.py) --------------------------------------
+
+    def _udp_stack(self, host: str, for_bind: bool) -> tuple[Stack | None, str]:
+        """(the stack, the address on it) if `host` is in its scope, else (None, host)."""
+        stack = get_stack()
+        if stack is None:
+            return None, host
+        view = stack.view()
+        _check_denied(stack, view, (host, 0))
+        if view is None:
+            return None, host
+        if for_bind:
+            where, h = scope.bind_scope(host, view)
+        else:
+            where, h = scope.connect_scope(host, view)
+        return (stack, h) if where == scope.STACK else (None, host)
+
+    def _udp_bind(self, address: Any) -> None:
+        parsed = _parse_inet(address) if self._us is None else None
+        stack, host = self._udp_stack(parsed[0] or "0.0.0.0", True) if parsed else (None, "")
+        if stack is None:
+            return super().bind(address)
+        from shardstack.shim import dgram
+
+        self._us = dgram.bind(self, stack, host, parsed[1])
+
+    def _udp_autobind(self, host: str) -> Any:
+        """The stack's UDP socket for a datagram to `host`, bound on first use
+        (inet_autobind), or None: the kernel's."""
+        if self._us is not None:
+            return self._us
+        if super().getsockname()[1] != 0:
+            return None  # bound on the kernel already
+        stack, _ = self._udp_stack(host, False)
+        if stack is None:
+            return None
+        from shardstack.shim import dgram
+
+        self._us = dgram.bind(self, stack, "0.0.0.0", 0)
+        return self._us
+
+    def _udp_connect(self, address: Any, raising: bool) -> int:
+        parsed = _parse_inet(address)
+        us = self._udp_autobind(parsed[0]) if parsed else self._us
+        if us is None:
+            if raising:
+                super().connect(address)
+                return 0
+            return super().connect_ex(address)
+        from shardstack.shim import dgram
+
+        dgram.connect(self, get_stack(), us, parsed[0], parsed[1])
+        return 0
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if not self._dgram:
+            return super().sendto(data, *args)
+        addr = args[-1]
+        parsed = _parse_inet(addr)
+        us = self._udp_autobind(parsed[0]) if parsed else self._us
+        if us is None:
+            return super().sendto(data, *args)
+        from shardstack.shim import dgram
+
+        return dgram.sendto(self, us, data, parsed)
+
+    def _udp_recvfrom(self, bufsize: int, flags: int) -> tuple[bytes, Any]:
+        from shardstack.shim import dgram
+
+        return dgram.recvfrom(self, self._us, bufsize, flags)
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._us is not None:
+            return self._udp_recvfrom(bufsize, flags)[0]
         try:
             data = _csocket.recv(self, bufsize, flags)
         except ConnectionResetError:
@@ -606,6 +768,8 @@ class ShimSocket(kernel_socket):
         return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._us is not None:
+            return self.recvfrom_into(buffer, nbytes, flags)[0]
         try:
             n = _csocket.recv_into(self, buffer, nbytes, flags)
         except ConnectionResetError:
@@ -616,16 +780,27 @@ class ShimSocket(kernel_socket):
         return n
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        if self._us is not None:
+            return self._udp_recvfrom(bufsize, flags)
         if self._ss is None:
             return _csocket.recvfrom(self, bufsize, flags)
         return self.recv(bufsize, flags), None
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        if self._us is not None:
+            mv = memoryview(buffer).cast("B")
+            n = nbytes or len(mv)
+            data, addr = self._udp_recvfrom(n, flags)
+            mv[:len(data)] = data
+            return len(data), addr
         if self._ss is None:
             return _csocket.recvfrom_into(self, buffer, nbytes, flags)
         return self.recv_into(buffer, nbytes, flags), None
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        if self._us is not None:
+            data, addr = self._udp_recvfrom(bufsize, flags)
+            return data, [], 0, addr
         data, anc, mflags, addr = _csocket.recvmsg(self, bufsize, ancbufsize, flags)
         if self._ss is None:
             return data, anc, mflags, addr
@@ -642,6 +817,10 @@ class ShimSocket(kernel_socket):
         return n, anc, mflags, None
 
     def send(self, data: Any, flags: int = 0) -> int:
+        if self._us is not None:
+            from shardstack.shim import dgram
+
+            return dgram.sendto(self, self._us, data, None)
         try:
             return _csocket.send(self, data, flags)
         except BrokenPipeError:
@@ -649,6 +828,9 @@ class ShimSocket(kernel_socket):
             raise
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._us is not None:
+            self.send(data, flags)
+            return
         try:
             _csocket.sendall(self, data, flags)
         except BrokenPipeError:
@@ -657,6 +839,11 @@ class ShimSocket(kernel_socket):
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> int:
+        if self._dgram and (self._us is not None or address is not None):
+            data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+            if address is None:
+                return self.send(data)
+            return self.sendto(data, address)
         try:
             if address is None:
                 return _csocket.sendmsg(self, buffers, ancdata, flags)
@@ -723,12 +910,18 @@ class ShimSocket(kernel_socket):
     # -- names ----------------------------------------------------------------
 
     def getsockname(self) -> Any:
+        if self._us is not None:
+            return (self._us.laddr, self._us.lport)
         st = self._ss
         if st is None:
             return super().getsockname()
         return _face(self.family, *st.sockname)
 
     def getpeername(self) -> Any:
+        if self._us is not None:
+            if not self._us.rport:
+                raise _oserror(errno.ENOTCONN)
+            return (self._us.raddr, self._us.rport)
         st = self._ss
         if st is None:
             return super().getpeername()
@@ -741,13 +934,19 @@ class ShimSocket(kernel_socket):
     # -- options --------------------------------------------------------------
 
     def setsockopt(self, level: int, opt: int, value: Any, optlen: int | None = None) -> None:
+        if self._us is not None and level != SOL_SOCKET:
+            if level == _socket_mod.IPPROTO_IP and opt in _MULTICAST_OPTS:
+                # The stack has no multicast: say so rather than never deliver.
+                raise _oserror(errno.ENOPROTOOPT, "shardstack: no multicast on the stack")
+            self._record(level, opt, value)  # other IP options of a stack UDP socket: remembered
+            return
         st = self._ss
         if st is None:
             if optlen is None:
                 super().setsockopt(level, opt, value)
             else:
                 super().setsockopt(level, opt, value, optlen)
-            if self._cand:
+            if self._cand or self._dgram:
                 self._record(level, opt, value)
             return
         self._record(level, opt, value)
@@ -769,6 +968,8 @@ class ShimSocket(kernel_socket):
                                                 "value": _wire_value(opt, value)})
 
     def getsockopt(self, level: int, opt: int, buflen: int | None = None) -> Any:
+        if self._us is not None:
+            return self._udp_getsockopt(level, opt, buflen)
         st = self._ss
         if st is None:
             if buflen is None:
@@ -790,6 +991,22 @@ class ShimSocket(kernel_socket):
         if isinstance(value, bytes):
             return value[:buflen]  # the kernel copies min(len, size)
         return struct.pack("i", int(value))[:buflen]
+
+    def _udp_getsockopt(self, level: int, opt: int, buflen: int | None) -> Any:
+        """A stack UDP socket's options: what a kernel UDP socket answers for
+        its identity, what was set for the rest (the unix fd for buffers)."""
+        if level == SOL_SOCKET:
+            if opt == SO_DOMAIN:
+                return AF_INET
+            if opt == SO_PROTOCOL:
+                return _socket_mod.IPPROTO_UDP
+        elif (level, opt) in (self._pre or {}):
+            return self._pre[(level, opt)]
+        else:
+            raise _oserror(errno.ENOPROTOOPT)
+        if buflen is None:
+            return super().getsockopt(level, opt)
+        return super().getsockopt(level, opt, buflen)
 
     def _tcp_info(self, st: StackState) -> bytes:
         """TCP_INFO: the worker's `tcp_get_info` for a connection; a
@@ -860,6 +1077,10 @@ class ShimSocket(kernel_socket):
     # -- lifetime -------------------------------------------------------------
 
     def _real_close(self, _ss: Any = kernel_socket) -> None:
+        if self._us is not None and self.fileno() >= 0:
+            from shardstack.shim import dgram
+
+            dgram.close(self._us)
         st = self._ss
         linger = 0
         if st is not None and self.fileno() >= 0:
@@ -892,16 +1113,14 @@ class ShimSocket(kernel_socket):
 
     def _release(self, st: StackState) -> None:
         stack = get_stack()
+        freed = True
         if stack is not None and st.bind_id is not None:
             try:
-                stack.call("release", bind_id=st.bind_id)
+                freed = bool(stack.call("release", bind_id=st.bind_id).get("freed", True))
             except OSError:
                 pass  # the stack is gone or already released it: nothing to give back
-        if st.path:
-            try:
-                os.unlink(st.path)
-            except OSError:
-                pass
+        if st.path and freed:
+            _unlink(st.path)  # not while another process still listens there
         st.bind_id = None
 
     def dup(self) -> ShimSocket:
@@ -913,6 +1132,21 @@ class ShimSocket(kernel_socket):
 
     def __getstate__(self) -> Any:
         raise TypeError(f"cannot pickle {self.__class__.__name__!r} object")
+
+
+def closed_elsewhere(sock: ShimSocket, ino: int) -> None:
+    """C code (libuv, given the fd with `sock=`) closed a stack socket's fd
+    itself: do what `close()` does besides closing the fd (give a bind back,
+    forget the registry entry of inode `ino`), then let go of the number,
+    which may already belong to someone else. No lingering wait: the fd is
+    gone already."""
+    st = sock._ss
+    if st is not None and sock._owner:
+        if st.kind in (BOUND, LISTENER) and st.owner_pid == os.getpid():
+            sock._release(st)
+        with _REG_LOCK:
+            _REGISTRY.pop(ino, None)
+    sock.detach()
 
 
 def _linger_wait(st: StackState, secs: int) -> None:
@@ -1004,6 +1238,10 @@ def _unix_listen_queue(fd: int) -> tuple[int, int] | None:
         off += (alen + 3) & ~3
     return None
 
+
+_MULTICAST_OPTS = {getattr(_socket_mod, n) for n in (
+    "IP_ADD_MEMBERSHIP", "IP_DROP_MEMBERSHIP", "IP_ADD_SOURCE_MEMBERSHIP",
+    "IP_DROP_SOURCE_MEMBERSHIP", "IP_MULTICAST_IF") if hasattr(_socket_mod, n)}
 
 _BOOLEAN = {
     IPPROTO_TCP: {_socket_mod.TCP_NODELAY},

@@ -192,6 +192,55 @@ def rr(a: argparse.Namespace, rep: Reporter) -> dict:
     return rep.result("rr")
 
 
+def udp_rr(a: argparse.Namespace, rep: Reporter) -> dict:
+    """UDP request/response: one datagram out, its echo back, one at a time.
+    A datagram lost either way costs its 0.5 s timeout and counts as an error."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((a.host, a.port))
+    s.settimeout(0.5)
+    msg = b"u" * a.size
+    deadline = rep.start + a.seconds
+    clock = time.perf_counter_ns
+    with s:
+        now = rep.now()
+        while now < deadline and rep.ops < a.max_ops:
+            t0 = clock()
+            s.send(msg)
+            try:
+                data = s.recv(a.size + 1)
+            except TimeoutError:
+                rep.error("lost")
+            else:
+                if len(data) != a.size:
+                    rep.error("short")
+                else:
+                    rep.sample((clock() - t0) / 1000.0)
+                    rep.ops += 1
+                    rep.nbytes += a.size
+            now = rep.now()
+            rep.maybe_tick(now)
+    return rep.result("udp-rr")
+
+
+def udp_probe(a: argparse.Namespace, rep: Reporter) -> dict:
+    """Whether a UDP echo answers at host:port (the probe of a UDP service)."""
+    deadline = rep.start + a.seconds
+    attempts = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while attempts < 1000:
+            attempts += 1
+            try:
+                s.sendto(b"probe", (a.host, a.port))
+                if s.recvfrom(64)[0] == b"probe":
+                    return rep.result("udp-probe", attempts=attempts, ok=True)
+            except OSError:
+                pass
+            if rep.now() >= deadline:
+                break
+    return rep.result("udp-probe", attempts=attempts, ok=False)
+
+
 def probe(a: argparse.Namespace, rep: Reporter) -> dict:
     deadline = rep.start + a.seconds
     attempts = 0
@@ -351,7 +400,7 @@ def _expire(sel: selectors.BaseSelector, rep: Reporter, now: float) -> None:
 
 
 MODES = {"bulk-send": bulk_send, "bulk-recv": bulk_recv, "rr": rr, "crr": many, "http": many,
-         "probe": probe}
+         "probe": probe, "udp-rr": udp_rr, "udp-probe": udp_probe}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """What each benchmark scenario measures: its cases, the client mode, the service, the bounds.
 
-A scenario (`bulk`, `crr`, `rr`, `http`) expands into cases (bulk: upload and
+A scenario (`bulk`, `crr`, `rr`, `udp`, `http`) expands into cases (bulk: upload and
 download; http: a 1 KiB and a 1 MiB file). Each case names the load-client mode
 it runs, the service on the far side, the headline metric and the bounds on
 the load loop: every loop stops at whichever comes first, its deadline or its
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCENARIOS = ("bulk", "crr", "rr", "http")
+SCENARIOS = ("bulk", "crr", "rr", "udp", "http")
 
 # Service ports on the server side (the classic inetd numbers; root binds them).
 ECHO_PORT = 7
 DISCARD_PORT = 9
 SOURCE_PORT = 19
 HTTP_PORT = 8000
+UDP_ECHO_PORT = 7  # UDP's own port space
 
 QUICK_DURATION = 2.5  # seconds per case with --quick
 DEFAULT_DURATION = 8.0
@@ -29,7 +30,7 @@ MIB = 1024 * 1024
 # Ceilings per second of run time, far above what Python can reach, so the
 # count bound only bites when something is wrong with the clock.
 _MAX_BYTES_PER_S = 16 * 1024**3
-_MAX_OPS_PER_S = {"crr": 200_000, "rr": 500_000, "http": 100_000}
+_MAX_OPS_PER_S = {"crr": 200_000, "rr": 500_000, "udp": 500_000, "http": 100_000}
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +87,9 @@ def cases_for(scenario: str, conns: int = DEFAULT_CONNS) -> list[Case]:
                      size=100, conns=conns)]
     if scenario == "rr":
         return [Case("rr", "64B", "rr", "echo", ECHO_PORT, "p50_us", "us", False, size=64)]
+    if scenario == "udp":
+        return [Case("udp", "rr-64B", "udp-rr", "udp-echo", UDP_ECHO_PORT, "p50_us", "us", False,
+                     size=64)]
     if scenario == "http":
         return [
             Case("http", "1KiB", "http", "http", HTTP_PORT, "ops_per_s", "/s", True,
@@ -120,7 +124,7 @@ def http_files(case: Case) -> dict[str, int]:
 
 def secondary_metrics(case: Case) -> list[tuple[str, str]]:
     """Other figures worth a column: (result key, unit)."""
-    if case.mode == "rr":
+    if case.mode in ("rr", "udp-rr"):
         return [("p99_us", "us"), ("p999_us", "us"), ("ops_per_s", "/s")]
     if case.mode in ("crr", "http"):
         extra = [("p50_us", "us"), ("p99_us", "us")]

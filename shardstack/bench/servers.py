@@ -52,12 +52,33 @@ class Services:
         self.sel.register(ls, selectors.EVENT_READ, ("listen", kind))
         return ls.getsockname()[1]
 
+    def listen_udp(self, addr: str, port: int) -> int:
+        """A UDP echo on addr:port (each datagram back to its sender); the port bound."""
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind((addr, port))
+        u.setblocking(False)
+        self.sel.register(u, selectors.EVENT_READ, "udp-echo")
+        return u.getsockname()[1]
+
+    def _udp_echo(self, u: socket.socket) -> None:
+        for _ in range(256):  # bounded, as _accept
+            try:
+                data, addr = u.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                u.sendto(data, addr)
+            except OSError:
+                pass  # full or refused: UDP loses it, the client counts it
+
     def run(self, max_seconds: float) -> None:
         deadline = time.monotonic() + max_seconds
         while not self.stop and time.monotonic() < deadline:
             for key, events in self.sel.select(timeout=0.5):
                 tag = key.data
-                if isinstance(tag, tuple):
+                if tag == "udp-echo":
+                    self._udp_echo(key.fileobj)
+                elif isinstance(tag, tuple):
                     self._accept(key.fileobj, tag[1])
                 else:
                     self._io(tag, events)
@@ -137,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--echo", type=int)
     p.add_argument("--discard", type=int)
     p.add_argument("--source", type=int)
+    p.add_argument("--udp-echo", type=int, dest="udp_echo")
     p.add_argument("--max-seconds", type=float, default=3600.0)
     a = p.parse_args(argv)
     svc = Services()
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         port = getattr(a, kind)
         if port is not None:
             bound.append(f"{kind}={svc.listen(a.bind, port, kind)}")
+    if a.udp_echo is not None:
+        bound.append(f"udp-echo={svc.listen_udp(a.bind, a.udp_echo)}")
 
     def _stop(*_: object) -> None:
         svc.stop = True

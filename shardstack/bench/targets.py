@@ -71,7 +71,7 @@ class Capabilities:
             return f"`shardstack serve` has no --{device} option yet"
         if service in ("echo", "discard") and not getattr(self, service):
             return f"`shardstack serve` has no --{service} service yet"
-        if service in ("source", "http") and not self.run:
+        if service in ("source", "http", "udp-echo") and not self.run:
             return self.reasons.get("run", "`shardstack run` (the shim launcher) is not available")
         return None
 
@@ -150,7 +150,7 @@ def control_call(run_dir: str | os.PathLike[str], op: str) -> dict[str, Any] | N
 
 
 def wait_tcp(ns: nsmod.Netns, host: str, port: int, timeout: float,
-             server: subprocess.Popen | None = None) -> str:
+             server: subprocess.Popen | None = None, mode: str = "probe") -> str:
     """Connect from `ns` until `host:port` answers; "" on success, else why not.
 
     Gives up early when `server` (the process that should be listening) exits.
@@ -159,7 +159,7 @@ def wait_tcp(ns: nsmod.Netns, host: str, port: int, timeout: float,
     while True:
         if server is not None and server.poll() is not None:
             return f"the server process exited with status {server.returncode}"
-        proc = ns.run([PY, "-m", "shardstack.bench.client", "probe", "--host", host, "--port",
+        proc = ns.run([PY, "-m", "shardstack.bench.client", mode, "--host", host, "--port",
                        str(port), "--seconds", "1"], check=False, timeout=20)
         if '"ok": true' in proc.stdout:
             return ""
@@ -182,6 +182,7 @@ def _tail(path: Path, n: int = 3) -> str:
 class Endpoint:
     host: str
     port: int
+    udp: bool = False  # probed with a datagram, not a connection
 
 
 class Target:
@@ -233,9 +234,11 @@ class Target:
 
     def probe(self, ep: Endpoint, timeout: float = SERVICE_READY_TIMEOUT,
               server: subprocess.Popen | None = None, log: Path | None = None) -> None:
-        """Wait until the service accepts a connection from the client namespace."""
+        """Wait until the service accepts a connection (answers a datagram, for
+        UDP) from the client namespace."""
         assert self.pair is not None
-        why = wait_tcp(self.pair.client, ep.host, ep.port, timeout, server)
+        why = wait_tcp(self.pair.client, ep.host, ep.port, timeout, server,
+                       "udp-probe" if ep.udp else "probe")
         if why:
             tail = _tail(log) if log else ""
             raise Unavailable(f"{self.name}: {why}" + (f" (log: {tail})" if tail else ""))
@@ -286,7 +289,7 @@ class KernelTarget(Target):
             proc = self.pair.server.popen(argv, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
             self.pids[f"server-{service}"] = (proc.pid, False)
-        ep = Endpoint(host, port)
+        ep = Endpoint(host, port, service == "udp-echo")
         self.probe(ep, server=proc)
         return ep
 
@@ -364,7 +367,7 @@ class ShardstackTarget(Target):
         why = self.caps.missing_for(self.device, service)
         if why:
             raise Unavailable(why)
-        ep = Endpoint(self.host, port)
+        ep = Endpoint(self.host, port, service == "udp-echo")
         if service in ("echo", "discard"):
             self.probe(ep)  # built into the workers
             return ep

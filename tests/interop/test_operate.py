@@ -145,6 +145,24 @@ def test_metrics_loopback_only_by_default(mstack):
         socket.create_connection((mstack.peer, METRICS_PORT), timeout=2).close()
 
 
+def test_metrics_through_a_worker_crash(mstack):
+    """Scrapes while a worker dies and is replaced still answer 200 with
+    parseable text (a dead worker's families are just absent), and the
+    restart is counted."""
+    st = mstack
+    victim = st.stats()["workers"][1]["proc"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(5):
+        assert ("shardstack_reta_buckets", _w(0)) in scrape(st)
+    wait_for(lambda: st.hello()["ready"], what="worker 1 replaced")
+
+    def counted():
+        m = scrape(st)
+        return m.get(("shardstack_process_restarts_total", (("process", "worker-1"),))) == 1 \
+            and ("shardstack_segments_in_total", _w(1)) in m
+    wait_for(counted, what="the restart in the metrics, worker 1 answering again")
+
+
 def test_bucket_of_a_real_frame():
     """frame_bucket reads the 4-tuple where Linux puts it: checked on a frame
     the kernel built (a SYN from a kernel socket, captured on a TUN)."""
@@ -223,6 +241,14 @@ def _lines(log) -> list[str]:
     return log.read_text(errors="replace").splitlines()
 
 
+def _spare_ready(st) -> None:
+    """Until the supervisor's warm spare has its imports done (it replaces a
+    dead worker within milliseconds; a cold start takes a loaded machine
+    most of the second the test allows)."""
+    wait_for(lambda: (st.stats()["supervisor"].get("spare") or {}).get("ready"),
+             what="the warm spare ready")
+
+
 def _ports_on(st, worker: int, n: int, start: int) -> list[int]:
     out = []
     p = start
@@ -265,6 +291,7 @@ def test_worker_crash(crash_stack, last_write):
     try:
         # the app's last write on each connection: the echo of `last_write` bytes
         echo_many(list(socks.values()), last_write, seed=last_write)
+        _spare_ready(st)
         victim = st.stats()["workers"][1]["proc"]["pid"]
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)

@@ -454,7 +454,7 @@ def _flood_and_check(st, send, l2: bool, direct: bool = False) -> None:
         assert rx >= FLOOD // 5, rx
         assert sum(drops.values()) >= FLOOD // 10
         # every frame was either dropped with a reason, dispatched, or answered
-        assert (sum(drops.values()) + disp["tcp"] + disp["icmp_replies"]
+        assert (sum(drops.values()) + disp["tcp"] + disp.get("udp", 0) + disp["icmp_replies"]
                 + disp["arp_replies"] + disp["arp_learned"]) == rx
         want = {DropReason.IP_HDR, DropReason.IP_FRAGMENT, DropReason.NOT_TCP,
                 DropReason.IP_CSUM}  # (IP_CSUM: parse_ipv4 on the slow path)

@@ -10,6 +10,7 @@ when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -147,6 +148,43 @@ class Env:
         data = json.loads(r.stdout)
         return data["conns"] if isinstance(data, dict) else data
 
+    def stats(self) -> dict:
+        """`shardstack stats --json`: the stack's own counters."""
+        r = self.ns.run([PY, "-m", "shardstack", "stats", "--json", "--run-dir", self.run_dir],
+                        check=False, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    def gate_counts(self) -> dict[str, int]:
+        """The workers' appgate counters summed: connections (and bytes) the
+        stack itself handed to or took from apps (active_opens, passive_opens,
+        bytes_up, bytes_down)."""
+        total: dict[str, int] = {}
+        for w in self.stats()["workers"]:
+            for k, v in (w.get("counters", {}).get("appgate") or {}).items():
+                if isinstance(v, int):
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def kernel_listeners(self, port: int) -> str:
+        """The namespace kernel's IPv4 (or dual-stack) TCP listeners on `port`
+        (`ss -Htln`): empty when the app's listener is on the stack. An
+        IPv6-only one (`[::]:port`, V6ONLY) is the kernel's by design."""
+        r = self.ns.run(["ss", "-Htln", f"sport = :{port}"], check=False, timeout=10)
+        return "\n".join(x for x in r.stdout.splitlines() if "[::]:" not in x)
+
+    def stop_apps(self) -> None:
+        """Stop the programs a test started, keep the stack (shared_env)."""
+        procs, self.procs = self.procs, []
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+
     def stop(self) -> None:
         for p in [*self.procs, getattr(self, "serve_proc", None)]:
             if p is not None and p.poll() is None:
@@ -158,8 +196,8 @@ class Env:
                     p.wait(5)
 
 
-@pytest.fixture
-def env():
+@contextlib.contextmanager
+def _stack_env():
     if os.geteuid() != 0:
         pytest.skip("shim interop tests need root (network namespaces, TUN)")
     missing = netns.missing_requirements()
@@ -171,3 +209,24 @@ def env():
             yield e
         finally:
             e.stop()
+
+
+@pytest.fixture
+def env():
+    with _stack_env() as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def module_env():
+    """One stack for every test of a module (each test stops its own apps: `shared_env`)."""
+    with _stack_env() as e:
+        yield e
+
+
+@pytest.fixture
+def shared_env(module_env):
+    try:
+        yield module_env
+    finally:
+        module_env.stop_apps()

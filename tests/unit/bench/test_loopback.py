@@ -18,7 +18,7 @@ import pytest
 def services():
     proc = subprocess.Popen([sys.executable, "-m", "shardstack.bench.servers", "--bind",
                              "127.0.0.1", "--echo", "0", "--discard", "0", "--source", "0",
-                             "--max-seconds", "60"], stdout=subprocess.PIPE, text=True)
+                             "--udp-echo", "0", "--max-seconds", "60"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().split()
         assert line[0] == "READY"
@@ -69,3 +69,13 @@ def test_probe_reports_a_closed_port():
                          capture_output=True, text=True, timeout=30)
     res = json.loads(out.stdout.splitlines()[-1])
     assert res["ok"] is False and "Refused" in res["last_error"]
+
+
+def test_udp_rr_counts_exactly_max_ops_round_trips(services):
+    (res,) = [r for r in _client("udp-probe", "--port", str(services["udp-echo"]))
+              if r["type"] == "result"]
+    assert res["ok"]
+    *_, res = _client("udp-rr", "--port", str(services["udp-echo"]), "--size", "64",
+                      "--max-ops", "300")
+    assert res["type"] == "result" and res["ops"] == 300 and res["bytes"] == 300 * 64
+    assert res["latency_count"] == 300 and 0 < res["p50_us"] <= res["max_us"]

@@ -23,8 +23,8 @@ def test_parse_scenarios_names_the_unknown_one():
 
 def test_each_scenario_expands_into_its_cases():
     keys = [c.key for c in sc.plan(list(sc.SCENARIOS), conns=16)]
-    assert keys == ["bulk-upload", "bulk-download", "crr-16conn", "rr-64B", "http-1KiB",
-                    "http-1MiB"]
+    assert keys == ["bulk-upload", "bulk-download", "crr-16conn", "rr-64B", "udp-rr-64B",
+                    "http-1KiB", "http-1MiB"]
     up, down = sc.cases_for("bulk")
     assert (up.mode, up.service, up.unit) == ("bulk-send", "discard", "B/s")
     assert (down.mode, down.service) == ("bulk-recv", "source")
@@ -35,8 +35,10 @@ def test_each_scenario_expands_into_its_cases():
     small, big = sc.cases_for("http", 8)
     assert (small.size, big.size) == (1024, 1024 * 1024)
     assert sc.http_files(big) == {"f1048576.bin": 1024 * 1024}
+    (u,) = sc.cases_for("udp")
+    assert (u.mode, u.service, u.size, u.metric) == ("udp-rr", "udp-echo", 64, "p50_us")
     with pytest.raises(ValueError):
-        sc.cases_for("udp")
+        sc.cases_for("sctp")
 
 
 def test_every_case_is_bounded_in_count_and_time():

@@ -84,7 +84,7 @@ def test_syn_fin_and_syn_rst():
 
 def test_not_tcp_other_host_and_fragments():
     sh = listening()
-    assert feed(sh, build_ipv4(B, A, 17, b"udp!")) == []
+    assert feed(sh, build_ipv4(B, A, 47, b"gre!")) == []  # UDP is served (core/udp.py)
     assert feed(sh, build_tcp_ipv4(B, B, 40000, 80, 1, 0, SYN, 100)) == []
     frag = bytearray(syn())
     frag[6] = 0x20  # MF

@@ -149,7 +149,8 @@ def test_drop_reasons():
     frames = [
         (b"", DropReason.IP_HDR),  # truncated
         (b"\x45" + bytes(10), DropReason.IP_HDR),  # truncated
-        (bytes(IP(src=PEER, dst=US) / UDP(dport=53)), DropReason.NOT_TCP),  # udp
+        (bytes(IP(src=PEER, dst=US, proto=47) / Raw(b"gre!")), DropReason.NOT_TCP),  # GRE
+        (bytes(IP(src=PEER, dst=US, proto=17) / Raw(b"ud")), DropReason.PKT_TOO_SMALL),  # UDP
         (bytes(IP(src=PEER, dst=US, proto=47) / Raw(b"gre!")), DropReason.NOT_TCP),
         (bytes(IP(src=PEER, dst=US, flags="MF") / TCP()), DropReason.IP_FRAGMENT),
         # a fragment, but not TCP: parse_ipv4's check
@@ -168,7 +169,7 @@ def test_drop_reasons():
         assert _dropped_as(d, frame) == [reason], frame
     assert d.stats.as_dict()["drops"] == {
         "IP_HDR": 5, "NOT_TCP": 2, "IP_FRAGMENT": 2, "IP_OTHERHOST": 1, "ICMP_TYPE": 1,
-        "ICMP_CSUM": 1, "ICMP_HDR": 1, "IP_CSUM": 1, "TCP_HDR": 1}
+        "ICMP_CSUM": 1, "ICMP_HDR": 1, "IP_CSUM": 1, "TCP_HDR": 1, "PKT_TOO_SMALL": 1}
 
 
 def test_l2_drops():
@@ -219,3 +220,16 @@ def test_any_key_steers_like_flow_to_worker():
         for f in frames:
             sport = int.from_bytes(f[20:22], "big")
             assert flow_to_worker(PEER_I, US_I, sport, 80, reta=reta, hasher=t) == w
+
+
+def test_udp_goes_to_a_worker_by_its_tuple():
+    """UDP (core/udp.py): each datagram to one worker, one flow to one worker."""
+    d = Dispatcher(4, [US_I])
+    frames = [bytes(IP(src=PEER, dst=US) / UDP(sport=40000 + i, dport=53) / Raw(b"q"))
+              for i in range(32)]
+    out = d.dispatch([(f, 0) for f in frames] + [(frames[0], 0)])
+    got = [(w, f) for w, fs in enumerate(out.frames) for f in fs]
+    assert sorted(f for _, f in got) == sorted(frames + [frames[0]])
+    assert len({w for w, f in got if f == frames[0]}) == 1
+    assert len({w for w, _ in got}) > 1  # spread
+    assert d.stats.udp == 33 and d.stats.tcp == 0

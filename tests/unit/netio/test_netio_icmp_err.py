@@ -103,13 +103,13 @@ def test_l2_icmp_error_and_echo_still_answered():
 def test_unusable_errors_are_counted_not_forwarded():
     d = Dispatcher(2, [US])
     good = icmp_err(ours(40000, 80))
-    udp = build_ipv4(US, PEER, 17, b"\x9c\x40\x00\x35\x00\x08\x00\x00")
+    gre = build_ipv4(US, PEER, 47, b"\x9c\x40\x00\x35\x00\x08\x00\x00")  # no transport of ours
     not_ours = build_tcp_ipv4(PEER, US, 80, 40000, 1, 1, ACK, 100)
     bad_csum = bytearray(good)
     bad_csum[22] ^= 0x55  # the ICMP checksum
     frames = [
         icmp_err(ours(40000, 80)[:24]),  # quote too short for 8 bytes of TCP
-        icmp_err(udp, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0),
+        icmp_err(gre, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0),
         icmp_err(not_ours),
         bytes(bad_csum),
         icmp_err(ours(40000, 80), ICMP_SOURCE_QUENCH, 0, 0),  # not an error we deliver

@@ -213,3 +213,29 @@ def test_peercred_rejects_unprivileged_process(tmp_path):
         assert control.call(path, "hello")["hi"] == 1  # root still gets in
     finally:
         srv.stop()
+
+
+def test_async_client_call_on_a_dead_peer_is_an_oserror(sock_path):
+    """The supervisor's client to a worker that died: every later call raises
+    an OSError (EPIPE, then ECONNRESET), which callers handle, never the
+    RuntimeError uvloop's closed transport raises on write."""
+    import uvloop
+
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(sock_path)
+    lsock.listen(1)
+
+    async def main():
+        c = await control.AsyncControlClient.connect(sock_path)
+        peer, _ = lsock.accept()  # already queued: does not block
+        peer.close()  # the worker dies
+        for _ in range(3):
+            with pytest.raises(OSError):  # EPIPE, ECONNRESET: what callers handle
+                await c.call("ping", timeout=2)
+            await asyncio.sleep(0.05)  # the transport notices and closes
+        c.close()
+
+    try:
+        uvloop.run(main())
+    finally:
+        lsock.close()

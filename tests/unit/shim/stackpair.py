@@ -145,6 +145,8 @@ class StackPair:
                     "bind_id": b.bind_id}
         if op == "listen":
             b = self.binds.get(int(req["bind_id"]))
+            if b.listener is not None:
+                return {}  # as the supervisor: listening already (a new backlog is local)
             self.binds.listen(b, int(req.get("backlog", 128)))
             b.listener = {"backlog": int(req.get("backlog", 128)), "path": req["path"]}
             for n in self.nodes:
@@ -155,20 +157,34 @@ class StackPair:
                                     opts=req.get("opts", ()))
                 n.flush()
             return {}
+        if op == "adopt":  # as the supervisor: one more holder of the bind
+            b = self.binds.get(int(req["bind_id"]))
+            owned = conn.state.setdefault("binds", set())
+            if b.bind_id not in owned:
+                if not owned:
+                    conn.on_close.append(lambda: self._release_all(conn))
+                owned.add(b.bind_id)
+                b.holders += 1
+            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
+                    "bind_id": b.bind_id}
         if op == "release":
-            self._release(int(req["bind_id"]))
+            freed = self._release(int(req["bind_id"]))
             conn.state.get("binds", set()).discard(int(req["bind_id"]))
-            return {}
+            return {"freed": freed}
         raise OSError(95, f"unknown op {op!r}")
 
-    def _release(self, bind_id: int) -> None:
+    def _release(self, bind_id: int) -> bool:
         b = self.binds.binds.get(bind_id)
         if b is None:
-            return
+            return True
+        b.holders -= 1
+        if b.holders > 0:
+            return False
         if b.listener is not None:
             for n in self.nodes:
                 n.gate.remove_listener(bind_id)  # a no-op where it was not installed
         self.binds.release(b)
+        return True
 
     def _release_all(self, conn: control.Conn) -> None:
         for bind_id in list(conn.state.get("binds", ())):

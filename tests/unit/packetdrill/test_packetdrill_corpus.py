@@ -1,0 +1,45 @@
+"""The conformance corpus (tests/packetdrill/) in virtual time against the engine.
+
+Every script passes under upstream packetdrill on Linux (docs/conformance.md).
+Here each must pass on shardstack too, except the ones listed in
+tests/packetdrill/known-differences.txt, which must still differ (strict
+xfail): an engine fix shows up as an unexpected pass, so the table is kept
+true.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shardstack.packetdrill import run_file
+
+CORPUS = Path(__file__).resolve().parents[2] / "packetdrill"
+SCRIPTS = sorted(p.relative_to(CORPUS).as_posix() for p in CORPUS.glob("*/*.pkt"))
+
+
+def known_differences() -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in (CORPUS / "known-differences.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            script, issue, reason = (f.strip() for f in line.split("|", 2))
+            out[script] = (issue, reason)
+    return out
+
+
+KNOWN = known_differences()
+
+
+def test_corpus_is_large_and_listed_differences_exist():
+    assert len(SCRIPTS) >= 100
+    assert set(KNOWN) <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script(script):
+    r = run_file(str(CORPUS / script))
+    if script in KNOWN:
+        assert r.status != "pass", f"{script} now passes: remove it from known-differences.txt"
+        pytest.xfail(f"{KNOWN[script][0]}: {r.status} {r.line}: {r.reason}")
+    assert r.status == "pass", f"{r.status} {script}:{r.line} {r.reason}"
