@@ -487,8 +487,8 @@ def test_icmp_errors_quoting_nonsense_each_have_a_reason():
          "ICMP_ERR_OUT_OF_WINDOW"),
     ]
     from shardstack.core.wire.ipv4 import build_ipv4
-    udp = build_ipv4(A, B, 17, b"\x00\x50\x9c\x40" + bytes(4))
-    cases.append((_icmp_err(udp), "ICMP_ERR_NOT_TCP"))
+    gre = build_ipv4(A, B, 47, bytes(8))  # a transport we do not have (UDP goes to udp_err)
+    cases.append((_icmp_err(gre), "ICMP_ERR_NOT_TCP"))
     for i, (pkt, reason) in enumerate(cases):
         before = dict(sh.stats.drops)
         sh.receive(pkt, 0.01 * i)
