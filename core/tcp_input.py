@@ -1130,6 +1130,13 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.rcv_nxt = (sk.rcv_nxt + 1) & MASK
     sk.fin_rcvd = True
     sk.ack_now = True
+    if sk.ofo:
+        # Out-of-order data lies after the FIN: it is not data (Linux tcp_fin
+        # purges the queue and resets the SACK blocks).
+        sk.ofo.clear()
+        sk.ofo_len = 0
+        sk.sack_blocks.clear()
+    sk.ofo_fin = None
     st = sk.state
     if st in (_ESTABLISHED, _SYN_RECV):
         tcp.tcp_set_state(sh, sk, _CLOSE_WAIT)

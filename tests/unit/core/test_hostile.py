@@ -559,3 +559,22 @@ def test_tcp_mem_pressure_stops_out_of_order_and_hard_limit_refuses_connections(
     sh.recv(sd, 1 << 20)
     p3.send(SYN, 5000, mss=1460, at=2.0)
     assert [s.flags for s in p3.recv() if s.dport == 40003] == ["S."]
+
+
+# -- found by the fuzzer ----------------------------------------------------------------------
+
+def test_out_of_order_data_beyond_an_in_order_fin_is_purged():
+    """Found by the million-input fuzz run (input 767596): data queued out of order
+    above a hole, then a FIN that fills the hole's first byte.  The data lies after
+    the FIN: Linux tcp_fin purges the out-of-order queue.  Here it stayed queued
+    (a range starting at RCV.NXT, never drained, memory held) and would have been
+    delivered after EOF by the next in-order segment."""
+    sh, sd, peer, una = server_conn(sack_perm=True)
+    peer.send(ACK, 1002, una, payload=b"z" * 100)  # 1001 is the hole
+    assert sh.sock(sd).ofo
+    peer.send(FIN | ACK, 1001, una)  # the FIN takes 1001: RCV.NXT is 1002 now
+    sk = sh.sock(sd)
+    assert sk.ofo == [] and sk.ofo_len == 0 and not sk.sack_blocks
+    assert sh.recv(sd, 1000) == b""
+    peer.send(ACK, 1002, una, payload=b"y" * 10)  # more "data" after the FIN
+    assert sh.recv(sd, 1000) == b""
