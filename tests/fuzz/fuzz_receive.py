@@ -60,6 +60,8 @@ from shardstack.core.wire.tcp import build_tcp_ipv4, build_tcp_options  # noqa: 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
 CORPUS = HERE.parent / "fuzz_corpus" / "receive"
+#: The plain engine fails an input that runs longer than this (a spinning engine).
+INPUT_SECONDS = 20
 #: Linux tcp_min_snd_mss, less the timestamp option.
 MIN_MSS_CACHE = 48 - 12
 
@@ -438,8 +440,13 @@ def plain(runs: int, seed: int, every: int = 50000) -> int:
     progress; returns the number of inputs run.  Fast (no coverage
     instrumentation): the engine for the million-input runs."""
     import random
+    import signal
     import time
 
+    def stuck(*_: object) -> None:
+        raise AssertionError(f"one input ran longer than {INPUT_SECONDS} s")
+
+    signal.signal(signal.SIGALRM, stuck)
     rng = random.Random(seed)
     corpus = seeds() or [b"\0" * 16]
     t0 = time.monotonic()
@@ -462,6 +469,7 @@ def plain(runs: int, seed: int, every: int = 50000) -> int:
                     k = rng.randrange(len(b) + 1)
                     b[k:] = other[rng.randrange(len(other) + 1):]
             data = bytes(b[:512])
+        signal.alarm(INPUT_SECONDS)  # liveness: a wedged engine fails the run
         try:
             run_one(data)
         except BaseException:
@@ -469,6 +477,8 @@ def plain(runs: int, seed: int, every: int = 50000) -> int:
             path.write_bytes(data)
             print(f"input {i} failed; saved to {path}", flush=True)
             raise
+        finally:
+            signal.alarm(0)
         if every and (i + 1) % every == 0:
             rate = (i + 1) / (time.monotonic() - t0)
             print(f"{i + 1} inputs, {rate:.0f}/s", flush=True)

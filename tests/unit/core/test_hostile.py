@@ -578,3 +578,30 @@ def test_out_of_order_data_beyond_an_in_order_fin_is_purged():
     assert sh.recv(sd, 1000) == b""
     peer.send(ACK, 1002, una, payload=b"y" * 10)  # more "data" after the FIN
     assert sh.recv(sd, 1000) == b""
+
+
+def test_keepalive_timer_due_by_float_rounding_does_not_spin():
+    """Found by the final fuzz run (seed 32, input 399225): the peer last heard at
+    0.001, TCP_KEEPIDLE 1, the timer due at 1.001.  now - rcv_tstamp is
+    0.9999999999999999 < 1.0, so the handler re-armed the timer for
+    rcv_tstamp + keepidle, which is not after now: Shard.advance ran it again,
+    forever (a wedged worker)."""
+    import signal
+
+    sh, sd, peer, una = server_conn(ack_at=0.001)
+    sh.setsockopt(sd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sh.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+
+    def spinning(*_):
+        raise AssertionError("Shard.advance did not return")
+
+    old = signal.signal(signal.SIGALRM, spinning)
+    signal.alarm(5)
+    try:
+        sh.advance(1.001)
+        sh.advance(1.5)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    probes = [s for s in peer.recv() if s.flags == "." and s.seq == (una - 1) & MASK]
+    assert len(probes) == 1 and sh.stats.keepalive_probes == 1
