@@ -134,7 +134,7 @@ def sk_acceptq_is_full(sk: TcpSock) -> bool:
 
 
 def inet_csk_reqsk_queue_is_full(sk: TcpSock) -> bool:
-    return sk.reqs >= sk.backlog
+    return sk.reqs > sk.backlog
 
 
 def inet_csk_reqsk_queue_add(h: InetHashinfo[TcpSock], listener: TcpSock, child: TcpSock) -> None:

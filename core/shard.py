@@ -29,6 +29,7 @@ from .tcp_h import (
     MAX_TCP_SYNCNT,
     TCP_FIN_TIMEOUT,
     TCP_FIN_TIMEOUT_MAX,
+    TCP_SYN_LINEAR_TIMEOUTS,
     TCP_SYN_RETRIES,
     BytesLike,
     RequestSock,
@@ -61,7 +62,8 @@ class ShardConfig:
     #: gives a non-zero gso_size) carry only the pseudo-header sum in the TCP
     #: checksum field, for a device that sends them with NEEDS_CSUM.
     tx_csum_offload: bool = False
-    syncookies: bool = True
+    #: net.ipv4.tcp_syncookies: 0 never, 1 when the SYN queue is full, 2 always.
+    syncookies: int = 1
     window_scaling: bool = True
     sack: bool = True
     timestamps: bool = True
@@ -79,6 +81,8 @@ class ShardConfig:
     #: Linux sizes its triple from RAM (a 24 GiB host: ~1.1/1.5/2.2 GiB for
     #: all sockets); per worker we default lower.
     tcp_mem: tuple[int, int, int] = (128 << 20, 256 << 20, 512 << 20)
+    #: net.ipv4.tcp_syn_linear_timeouts: SYN retransmissions on a linear timer first.
+    syn_linear_timeouts: int = TCP_SYN_LINEAR_TIMEOUTS
 
 
 @dataclass(slots=True)
@@ -365,6 +369,13 @@ class Shard:
                 if sk.nodelay and sk.sndq_len and sk.state in (State.ESTABLISHED,
                                                                State.CLOSE_WAIT):
                     tcp_output.tcp_write_xmit(self, sk, self.now)
+            elif opt == _socket.TCP_CORK:
+                # Linux __tcp_sock_set_cork: uncorking pushes what waits (Nagle
+                # still applies unless TCP_NODELAY).
+                sk.cork = bool(_int(value))
+                if not sk.cork and sk.sndq_len and sk.state in (State.ESTABLISHED,
+                                                                State.CLOSE_WAIT):
+                    tcp_output.tcp_write_xmit(self, sk, self.now)
             elif opt == _socket.TCP_MAXSEG:
                 v = _int(value)
                 if not 88 <= v <= 32767:
@@ -430,6 +441,7 @@ class Shard:
                 return _LINGER.pack(int(lg[0]), lg[1])
         elif level == _IPPROTO_TCP:
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
+                     _socket.TCP_CORK: int(sk.cork),
                      _socket.TCP_MAXSEG: sk.mss_cache if sk.state is not State.CLOSED
                      else (sk.user_mss or 536),
                      _socket.TCP_KEEPIDLE: int(sk.keepidle),

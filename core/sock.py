@@ -50,6 +50,7 @@ class TcpSock:
     reuseaddr: bool = False
     reuseport: bool = False
     nodelay: bool = False
+    cork: bool = False  # TCP_CORK (Linux TCP_NAGLE_CORK)
     keepalive: bool = False
     keepidle: float = 7200.0  # tcp_keepalive_time
     keepintvl: float = 75.0  # tcp_keepalive_intvl
@@ -93,7 +94,7 @@ class TcpSock:
     shut_wr: bool = False  # FIN queued after the buffer
     fin_sent: bool = False
     fin_seq: int = 0
-    snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle)
+    snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle); the ISN at open
     write_blocked: bool = False  # a send() took less than offered: Writable owed
     # -- receive sequence space ------------------------------------------------------
     irs: int = 0

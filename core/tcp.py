@@ -135,9 +135,10 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float) -> int:
     if st not in _WRITE_STATES or sk.shut_wr:
         if st in (_SYN_SENT, _SYN_RECV):
             return 0
-        if sk.shut_wr or st is not _CLOSED and st is not _LISTEN:
-            raise os_error(errno.EPIPE)
-        raise os_error(errno.ENOTCONN)
+        # Linux sk_stream_wait_connect / sk_stream_error: EPIPE in every other
+        # state, even never connected or listening (Linux 6.18: send() on a fresh
+        # socket and on a listener both fail with EPIPE).
+        raise os_error(errno.EPIPE)
     room = sk.sndbuf - sk.sndq_len
     n = len(data)
     if n == 0:
@@ -166,7 +167,9 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
     """Take up to ``maxlen`` bytes; b"" at EOF; None when nothing is there yet."""
     sk.readable_signalled = False
     if sk.rcvq_len == 0:
-        if sk.err:
+        # Linux tcp_recvmsg tests SOCK_DONE (the peer's FIN came) before sk_err: a
+        # RST after the FIN leaves the EOF to read() and its error to write().
+        if sk.err and not sk.fin_rcvd:
             err, sk.err = sk.err, 0
             raise os_error(err)
         if sk.fin_rcvd or sk.rd_shut or sk.state in (_CLOSED, _TIME_WAIT):

@@ -105,6 +105,10 @@ TCP_SYNACK_RETRIES = 5
 TCP_RETRIES1 = 3
 TCP_RETRIES2 = 15
 TCP_ORPHAN_RETRIES = 8
+#: net.ipv4.tcp_syn_linear_timeouts (Linux 6.18 default 4): the first four SYN
+#: retransmissions keep the initial RTO (1 s) instead of doubling it, and the
+#: SYN retry count (TCP_SYNCNT / tcp_syn_retries) is extended by as many.
+TCP_SYN_LINEAR_TIMEOUTS = 4
 #: TCP_SYNCNT's upper bound (Linux MAX_TCP_SYNCNT).
 MAX_TCP_SYNCNT = 127
 #: net.ipv4.tcp_fin_timeout: how long an orphaned FIN-WAIT-2 socket waits for the FIN.

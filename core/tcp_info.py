@@ -128,7 +128,9 @@ def _segs(nbytes: int, mss: int) -> int:
 
 
 def _usec(seconds: float) -> int:
-    return min(max(int(seconds * 1e6), 0), _U32)
+    # Rounded, not truncated: the engine's times are binary floats (210 ms after a
+    # 10 ms RTT can be 0.20999999999999996 s), Linux's whole jiffies or microseconds.
+    return min(max(round(seconds * 1e6), 0), _U32)
 
 
 def _msec_since(now: float, then: float) -> int:

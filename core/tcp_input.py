@@ -773,6 +773,7 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     if seg.flags & SYN:
         seq = (seq + 1) & MASK
     rcv_nxt = sk.rcv_nxt
+    quick = False
     if seq != rcv_nxt:
         d = (seq - rcv_nxt) & MASK
         if d & HALF:
@@ -812,12 +813,14 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         sk.unacked_rcv += n
         if sk.quickack:
             sk.quickack -= 1
-            sk.ack_now = True
+            quick = True
     if sk.ofo or sk.ofo_fin is not None:
         fin = _ofo_drain(sk) or fin
         sk.ack_now = True
-    if fin and not sk.fin_rcvd:
-        tcp_fin(sh, sk, now)
+    if fin and not sk.fin_rcvd and tcp_fin(sh, sk, now):
+        quick = False  # pingpong: no quick ACK for the data the FIN came with
+    if quick:
+        sk.ack_now = True
     if sk.rcvq_len or sk.fin_rcvd:
         tcp.emit_readable(sh, sk)
 
@@ -1125,11 +1128,19 @@ def _ofo_drain(sk: TcpSock) -> int:
     return 0
 
 
-def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> None:
-    """The peer's FIN, in order (RFC 9293 §3.10.7.4 "eighth, check the FIN bit")."""
-    sk.rcv_nxt = (sk.rcv_nxt + 1) & MASK
+def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> bool:
+    """The peer's FIN, in order (RFC 9293 §3.10.7.4 "eighth, check the FIN bit").
+
+    True when it moved us to CLOSE-WAIT: Linux enters pingpong mode there
+    (``inet_csk_enter_pingpong_mode``), so the FIN's ACK is a delayed one
+    (40 ms, the same timer as data), not a quick ACK.  The delayed-ACK
+    engine starts with the first data (``icsk_ack.ato`` set by
+    ``tcp_event_data_recv``); a FIN before any data is ACKed at once (ato 0).
+    Linux 6.18 (veth pair): a bare FIN 200 ms after 10 bytes of data is ACKed
+    after 40 ms; a bare FIN on a connection without data at once.
+    """
+    sk.rcv_nxt = rcv_nxt = (sk.rcv_nxt + 1) & MASK
     sk.fin_rcvd = True
-    sk.ack_now = True
     if sk.ofo:
         # Out-of-order data lies after the FIN: it is not data (Linux tcp_fin
         # purges the queue and resets the SACK blocks).
@@ -1138,14 +1149,22 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> None:
         sk.sack_blocks.clear()
     sk.ofo_fin = None
     st = sk.state
-    if st in (_ESTABLISHED, _SYN_RECV):
+    if st is _ESTABLISHED or st is _SYN_RECV:
         tcp.tcp_set_state(sh, sk, _CLOSE_WAIT)
-    elif st is _FIN_WAIT1:
+        if (rcv_nxt - sk.irs) & MASK > 2:  # data came before or with it
+            sk.unacked_rcv += 1  # the delayed-ACK timer acknowledges the FIN
+        else:
+            sk.ack_now = True
+        tcp.emit_readable(sh, sk)
+        return True
+    sk.ack_now = True
+    if st is _FIN_WAIT1:
         tcp.tcp_set_state(sh, sk, _CLOSING)
     elif st is _FIN_WAIT2:
         tcp_output.tcp_send_ack(sh, sk, now)
         tcp_minisocks.tcp_time_wait(sh, sk, now)
     tcp.emit_readable(sh, sk)
+    return False
 
 
 def tcp_ack_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:

@@ -106,14 +106,18 @@ def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
     return (f + m) & MASK, int.from_bytes(h[4:], "big")
 
 
-def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
-                              window_clamp: int = 0) -> tuple[int, int]:
+def tcp_select_initial_window(rcvbuf: int, window_scaling: bool, window_clamp: int = 0,
+                              mss: int = 0) -> tuple[int, int]:
     """(window to offer in the SYN, our window-scale shift) (Linux ``tcp_select_initial_window``).
 
     The shift is the smallest that lets the whole receive buffer be offered
     (RFC 7323 §2.3, at most 14); with TCP_WINDOW_CLAMP, the whole clamp
     (Linux bounds the space by ``window_clamp`` first), which also bounds
-    the window offered.
+    the window offered.  The window is at most the 64 KiB Linux starts from
+    (its default tcp_rmem[1] of 128 KiB, half of it window) and, as Linux
+    quantizes it, rounded down to whole segments of ``mss`` (our MSS less
+    the timestamp option when that is on): 64240 for 1460, 65160 for 1448;
+    the SYN's field cannot say more than 65535 (RFC 7323 §2.2: unscaled).
     """
     space = rcvbuf if not window_clamp or window_clamp > rcvbuf else window_clamp
     ws = 0
@@ -122,6 +126,10 @@ def tcp_select_initial_window(rcvbuf: int, window_scaling: bool,
         while rest > 65535 and ws < 14:
             rest >>= 1
             ws += 1
+    if space > 65536:
+        space = 65536
+    if space > mss > 0:
+        space -= space % mss
     return min(space, 65535), ws
 
 
@@ -368,7 +376,8 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
 
     Backlog like Linux: a full accept queue drops the SYN; a full request
-    queue switches to SYN cookies (RFC 4987 §3.6) or, with cookies off, drops.
+    queue switches to SYN cookies (RFC 4987 §3.6) or, with cookies off, drops;
+    ``syncookies = 2`` (tcp_syncookies = 2) answers every SYN with a cookie.
     """
     if sh.tracing:
         sh.tr("tcp_v4_conn_request")
@@ -376,7 +385,8 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     if not tcp_conn_allowed(sh, now):
         return
     want_cookie = False
-    if inet_connection_sock.inet_csk_reqsk_queue_is_full(sk):
+    if ((sh.cfg.syncookies == 2 and isn is None)
+            or inet_connection_sock.inet_csk_reqsk_queue_is_full(sk)):
         if not sh.cfg.syncookies:
             sh.stats.drop(DropReason.TCP_REQQFULLDROP)
             return
@@ -393,18 +403,24 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     if sh.tracing:
         sh.tr("tcp_openreq_init")
     req.irs = seg.seq
-    req.mss = min(opts.mss or 536, sh.adv_mss)
+    # Linux tcp_mss_clamp: the listener's TCP_MAXSEG bounds the MSS we announce, and
+    # the peer's that we send by (tcp_parse_options' user_mss).
+    user_mss = sk.user_mss
+    adv_mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    req.mss = min(opts.mss or 536, adv_mss)
     wscale = opts.wscale if cfg.window_scaling else None
     req.wscale_ok = wscale is not None
-    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp)
-    if wscale is not None:
-        req.snd_wscale = wscale
-        req.rcv_wscale = ws
     req.sack_ok = cfg.sack and opts.sack_perm
     ts = opts.ts if cfg.timestamps else None
     req.ts_ok = ts is not None
     if ts is not None:
         req.ts_recent = ts[0]
+    # Linux tcp_openreq_init_rwin: whole segments of our MSS less the timestamp option.
+    req.rcv_wnd, ws = tcp_select_initial_window(sk.rcvbuf, req.wscale_ok, sk.window_clamp,
+                                                adv_mss - (12 if req.ts_ok else 0))
+    if wscale is not None:
+        req.snd_wscale = wscale
+        req.rcv_wscale = ws
     if sh.tracing:
         sh.tr("tcp_v4_init_req")  # the addresses: inet_reqsk_alloc took them
         sh.tr("tcp_v4_init_sequence")
@@ -486,7 +502,7 @@ def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: 
     req.iss = (seg.ack - 1) & MASK
     req.mss = mss
     req.rcv_wnd, ws = tcp_select_initial_window(listener.rcvbuf, True,
-                                                listener.window_clamp)
+                                                listener.window_clamp, mss)  # cookie_v4_check
     ts = seg.options.ts
     if ts is not None and sh.cfg.timestamps:
         o = syncookies.cookie_timestamp_decode(ts[1])
@@ -527,11 +543,13 @@ def tcp_v4_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: Tc
     if child.user_mss and child.user_mss < mss:
         mss = child.user_mss
     tcp_output.tcp_set_mss(child, mss)
-    # The MSS we announce: the route's (our MTU's) advmss.
+    # The MSS we announce: the route's (our MTU's) advmss, bounded by TCP_MAXSEG
+    # (Linux tcp_mss_clamp), as the SYN-ACK announced it.
     if sh.tracing:
         sh.tr("dst_metric_advmss")
         sh.tr("ipv4_default_advmss")
-    child.adv_mss = sh.adv_mss
+    user_mss = child.user_mss
+    child.adv_mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
     tcp_input.tcp_initialize_rcv_mss(sh, child)
     tcp_minisocks.tcp_child_inherit_port(sh, listener, child)
     tcp_minisocks.tcp_child_hash(sh, child, req)
@@ -757,9 +775,12 @@ def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
         sh.tr("tcp_connect")
     cfg = sh.cfg
     sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
+    # Linux tcp_connect_init: whole segments of our MSS; the timestamp option is
+    # taken off only with a remembered ts_recent, never for a fresh SYN (Linux 6.18
+    # on a veth: 64240 with and without timestamps).
     sk.rcv_wnd, sk.rcv_wscale = tcp_select_initial_window(sk.rcvbuf, cfg.window_scaling,
-                                                           sk.window_clamp)
-    sk.snd_una = sk.iss
+                                                           sk.window_clamp, sk.adv_mss)
+    sk.snd_una = sk.snd_sml = sk.iss  # snd_sml from the ISN: no small segment yet (Minshall)
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now
     tcp.tcp_set_state(sh, sk, _SYN_SENT)

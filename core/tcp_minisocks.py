@@ -218,7 +218,7 @@ def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg
     sk.laddr, sk.lport, sk.raddr, sk.rport = req.laddr, req.lport, req.raddr, req.rport
     sk.parent = listener
     sk.iss = req.iss
-    sk.snd_una = sk.snd_nxt = sk.snd_max = (req.iss + 1) & MASK
+    sk.snd_una = sk.snd_nxt = sk.snd_max = sk.snd_sml = (req.iss + 1) & MASK
     sk.snd_wl1 = req.irs
     sk.snd_wl2 = sk.snd_una
     sk.irs = req.irs

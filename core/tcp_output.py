@@ -308,7 +308,9 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
     if sh.tracing:
         sh.tr("tcp_make_synack")
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
-    opts = build_tcp_options(mss=sh.adv_mss, wscale=req.rcv_wscale if req.wscale_ok else None,
+    user_mss = req.listener.user_mss  # Linux tcp_mss_clamp: TCP_MAXSEG set on the listener
+    mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
         sh.tr("__tcp_v4_send_check")
@@ -443,10 +445,19 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                         _arm_persist(sh, sk, now)
                     break
             elif (in_flight and not sk.nodelay and not sk.shut_wr
-                  and 0 < ((sk.snd_sml - una) & MASK) < HALF):
+                  and 0 < ((sk.snd_sml - una) & MASK) < HALF
+                  and ((nxt - sk.snd_sml) & MASK) < HALF):
                 # Nagle (RFC 9293 §3.7.4) in Minshall's variant, as Linux
-                # (tcp_nagle_check): hold a small segment only while an earlier
-                # small one is unacknowledged, so a bulk write's tail goes at once.
+                # (tcp_nagle_check, tcp_minshall_check): hold a small segment only
+                # while an earlier small one (ending at snd_sml, in (una, nxt]) is
+                # unacknowledged, so a bulk write's tail goes at once.
+                break
+            elif sk.cork and not sk.shut_wr:
+                # TCP_CORK (Linux tcp_nagle_check, TCP_NAGLE_CORK): the partial
+                # tail waits whatever is in flight; with nothing in flight the
+                # probe timer bounds the wait (tcp_check_probe_timer).
+                if in_flight == 0:
+                    _arm_persist(sh, sk, now)
                 break
             sk.snd_sml = (nxt + size) & MASK
         last = size == avail

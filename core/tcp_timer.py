@@ -272,7 +272,12 @@ def tcp_write_timeout(sh: Shard, sk: TcpSock, now: float) -> bool:
     ``tcp_write_timeout``); if so the socket is closed with the error.
 
     SYN-SENT / SYN-RECEIVED: after TCP_SYNCNT (default tcp_syn_retries = 6)
-    retransmissions.  Otherwise: when the episode has lasted TCP_USER_TIMEOUT,
+    retransmissions (SYN-SENT: plus tcp_syn_linear_timeouts, Linux 6.18), or
+    once as long has passed as that many backed-off ones would take (1+2+4...:
+    127 s for 6, the rule that ends a connect first; Linux 6.18 on a veth
+    with tcp_syn_retries 6: SYNs at 0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 69 s,
+    ETIMEDOUT with the timer after it; TCP_SYNCNT 1: SYNs at 0, 1, 2 s,
+    ETIMEDOUT at 3 s; TCP_SYNCNT 2: 0..5 s, ETIMEDOUT at 7 s).  Otherwise: when the episode has lasted TCP_USER_TIMEOUT,
     or, without it, tcp_model_timeout(tcp_retries2) = 924.6 s (orphans:
     tcp_orphan_retries, 102.2 s).  Past tcp_retries1 (3 s) Linux only asks
     routing for another path (``__dst_negative_advice``): we have one route.
@@ -280,7 +285,8 @@ def tcp_write_timeout(sh: Shard, sk: TcpSock, now: float) -> bool:
     st = sk.state
     if st is _SYN_SENT or st is _SYN_RECV:
         retry_until = sk.syn_count or TCP_SYN_RETRIES
-        expired = sk.syn_retries >= retry_until
+        limit = retry_until + sh.cfg.syn_linear_timeouts if st is _SYN_SENT else retry_until
+        expired = sk.syn_retries >= limit
     else:
         if retransmits_timed_out(sk, TCP_RETRIES1, 0.0, now) and sh.tracing:
             sh.tr("__dst_negative_advice")
@@ -317,7 +323,8 @@ def tcp_retransmit_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         if tcp_write_timeout(sh, sk, now):
             return
         sk.syn_retries += 1
-        sk.backoff += 1
+        if st is not _SYN_SENT or sk.syn_retries > sh.cfg.syn_linear_timeouts:
+            sk.backoff += 1  # else the linear timer (Linux tcp_syn_linear_timeouts)
         sh.stats.retrans_segs += 1
         if st is _SYN_SENT:
             tcp_output.tcp_send_syn(sh, sk, now)
@@ -399,7 +406,12 @@ def tcp_probe_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         sk.probes_tstamp = None
         return
     if sk.snd_wnd:
+        # Open window: data held back with nothing in flight (TCP_CORK). Linux
+        # tcp_write_wakeup sends it regardless of the cork.
+        cork = sk.cork
+        sk.cork = False
         tcp_output.tcp_write_xmit(sh, sk, now)
+        sk.cork = cork
         return
     ut = sk.user_timeout
     if sk.probes_tstamp is None:

@@ -104,6 +104,9 @@ class StackState:
     owner_pid: int = 0
     ended: bool = False  # the end of the stream (EOF or its errno) was reported
     connect_failed: bool = False  # the handshake itself failed: connect() may be retried
+    #: Linux SS_CONNECTING: connect() returned EINPROGRESS; the first connect()
+    #: after the handshake returns 0 (SS_CONNECTED), the ones after it EISCONN.
+    ss_connecting: bool = False
 
     @property
     def sockname(self) -> tuple[str, int]:
@@ -573,7 +576,9 @@ class ShimSocket(kernel_socket):
         """connect() again on a stack connection (__inet_stream_connect)."""
         self._refresh()
         if st.status == CONNECTING:
-            return errno.EALREADY
+            if self.gettimeout() is not None:
+                return errno.EALREADY  # CPython's timeout mode is a non-blocking fd
+            return self._wait_connected(st)  # blocking now: inet_wait_for_connect
         if st.status == FAILED and st.connect_failed:
             # A non-blocking connect that failed: report how (ECONNABORTED
             # once SO_ERROR took the errno) and disconnect, so the next
@@ -584,6 +589,9 @@ class ShimSocket(kernel_socket):
         if st.status == FAILED and st.err:
             err, st.err = st.err, 0
             return err
+        if st.ss_connecting and st.status == ESTABLISHED:
+            st.ss_connecting = False  # __inet_stream_connect: SS_CONNECTING -> SS_CONNECTED
+            return 0
         return errno.EISCONN
 
     def _stack_connect(self, stack: Stack, view: scope.StackView, dst: str, port: int) -> None:
@@ -641,6 +649,12 @@ class ShimSocket(kernel_socket):
 
     def _wait_connected(self, st: StackState) -> int:
         timeout = self.gettimeout()
+        # Linux SS_CONNECTING: CPython connects a non-blocking fd unless the socket
+        # is blocking without a timeout, and with a timeout only polls for the end
+        # (SO_ERROR), so the kernel socket stays SS_CONNECTING: the next connect()
+        # says 0 once (a kernel socket with settimeout(5): [0, EISCONN]; blocking:
+        # [EISCONN, EISCONN]).
+        st.ss_connecting = timeout is not None
         if timeout == 0.0:
             return errno.EINPROGRESS
         p = select.poll()

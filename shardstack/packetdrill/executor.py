@@ -126,7 +126,8 @@ class Executor:
         self.cfg = ShardConfig(addrs=[self.local_ip], mtu=s.mtu, secret=b"packetdrill",
                                syncookies=s.syncookies, window_scaling=s.window_scaling,
                                sack=s.sack, timestamps=s.timestamps, rcvbuf=s.rcvbuf,
-                               sndbuf=s.sndbuf, congestion=s.congestion)
+                               sndbuf=s.sndbuf, congestion=s.congestion,
+                               syn_linear_timeouts=s.syn_linear_timeouts)
         self.shard = Shard(self.cfg, self.now)
         self.layer = Layer(self.shard, self.local_ip, self.remote_ip)
 
@@ -277,7 +278,7 @@ class Executor:
         if self.cfg is not None:  # settings read when connections start
             s = self.settings
             for name in ("syncookies", "window_scaling", "sack", "timestamps", "rcvbuf",
-                         "sndbuf", "congestion"):
+                         "sndbuf", "congestion", "syn_linear_timeouts"):
                 setattr(self.cfg, name, getattr(s, name))
 
     # -- packets ------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ class Settings:
     timestamps: bool = True
     sack: bool = True
     window_scaling: bool = True
-    syncookies: bool = True
+    syncookies: int = 1  # net.ipv4.tcp_syncookies: 0, 1, 2 (always)
     congestion: str = "cubic"
+    syn_linear_timeouts: int = 4  # net.ipv4.tcp_syn_linear_timeouts (Linux 6.18)
     mtu: int = 1500
     notes: list[str] = field(default_factory=list)
 
@@ -46,7 +47,8 @@ def upstream_defaults(s: Settings) -> None:
     SACK, CUBIC, syncookies.  Used when a script's defaults.sh is not beside it."""
     s.rcvbuf = 15 * 1024 * 1024
     s.sndbuf = 4 * 1024 * 1024
-    s.timestamps = s.sack = s.window_scaling = s.syncookies = True
+    s.timestamps = s.sack = s.window_scaling = True
+    s.syncookies = 1
     s.congestion = "cubic"
     s.notes.append("defaults.sh not found: upstream packetdrill's defaults assumed")
 
@@ -64,7 +66,6 @@ FIXED = {
     "net.ipv4.tcp_ecn": {"0", "2"},  # 2: answer ECN only when asked; the engine never asks
     "net.ipv4.tcp_ecn_option": {"0", "1", "2"},  # AccECN option: only with tcp_ecn=3
     "net.ipv4.tcp_syn_retries": {"5", "6"},
-    "net.ipv4.tcp_syn_linear_timeouts": {"0"},  # the engine backs off from the first retry
     "net.ipv4.tcp_synack_retries": {"5"},
     "net.ipv4.tcp_recovery": {"1"},
     "net.ipv4.tcp_early_retrans": {"3", "4"},
@@ -121,10 +122,14 @@ def apply_sysctl(s: Settings, name: str, value: str) -> str | None:
         s.window_scaling = value != "0"
         return None
     elif name == "net.ipv4.tcp_syncookies":
-        if value in ("0", "1"):
-            s.syncookies = value == "1"
+        if value in ("0", "1", "2"):
+            s.syncookies = int(value)
             return None
-        return "tcp_syncookies=2 (cookies always) is not modelled"
+    elif name == "net.ipv4.tcp_syn_linear_timeouts":
+        v = _ints(value) if value.isdigit() else []
+        if v:
+            s.syn_linear_timeouts = v[0]
+            return None
     elif name == "net.ipv4.tcp_congestion_control":
         if value in ("cubic", "reno"):
             s.congestion = value

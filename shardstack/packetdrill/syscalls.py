@@ -86,6 +86,9 @@ class VSock:
     sd: int
     nonblock: bool = False
     connecting: bool = False
+    #: Linux's SS_CONNECTING: a non-blocking connect() returned EINPROGRESS; the
+    #: next connect() after the handshake returns 0 (SS_CONNECTED), later ones EISCONN.
+    ss_connecting: bool = False
     listening: bool = False
 
 
@@ -210,16 +213,25 @@ class Layer:
         def run(now: float) -> Outcome | None:
             if not state["started"]:
                 state["started"] = True
+                if vs.ss_connecting and vs.sd in self.connected:
+                    # __inet_stream_connect: SS_CONNECTING and established -> SS_CONNECTED
+                    vs.ss_connecting = False
+                    return Outcome(0)
                 if vs.connecting and vs.sd not in self.connected and vs.sd not in self.failed:
-                    return Outcome(-1, E.EALREADY)
+                    if vs.nonblock or not vs.ss_connecting:
+                        return Outcome(-1, E.EALREADY)
+                    return None  # blocking now: inet_wait_for_connect
                 try:
                     self.shard.connect(vs.sd, self.remote_ip, self.connect_port, now)
                 except OSError as e:
+                    vs.ss_connecting = False  # how a failed attempt ended: SS_UNCONNECTED
                     return Outcome(-1, e.errno)
                 vs.connecting = True
                 if vs.nonblock:
+                    vs.ss_connecting = True
                     return Outcome(-1, E.EINPROGRESS)
             if vs.sd in self.connected:
+                vs.ss_connecting = False
                 return Outcome(0)
             if vs.sd in self.failed:
                 self.failed.pop(vs.sd)

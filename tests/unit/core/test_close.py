@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from core_helpers import ACK, FIN, RST, SYN, Pair, Peer, make_shard, parse, server_conn
+from core_helpers import ACK, FIN, PSH, RST, SYN, Pair, Peer, make_shard, parse, server_conn
 from shardstack.core import Closed, Readable, SocketError, State
 from shardstack.core.wire.tcp import build_tcp_ipv4
 
@@ -72,6 +72,31 @@ def test_closing_state_seen_when_fin_crosses_before_ack():
     assert sk.state is State.TIME_WAIT
 
 
+@pytest.mark.parametrize("case", ["fin_with_data", "bare_fin_after_data", "bare_fin_no_data"])
+def test_peer_fin_ack_is_delayed_once_data_was_received(case):
+    # Linux tcp_fin enters pingpong mode in ESTABLISHED, so the FIN's ACK is a
+    # delayed one (40 ms) once data started the delayed-ACK engine; with no data
+    # ever received it goes at once (packetdrill close/fin-with-data and
+    # close/passive-close pass on Linux 6.18).
+    sh, sd, peer, una = server_conn()
+    seq = 1001
+    if case == "bare_fin_after_data":
+        peer.send(ACK | PSH, seq, una, payload=b"x" * 10, at=0.1)
+        assert peer.recv_one().ack == seq + 10  # quick-ack mode: at once
+        seq += 10
+    payload = b"y" * 10 if case == "fin_with_data" else b""
+    peer.send(ACK | FIN, seq, una, payload=payload, at=0.3)
+    end = seq + len(payload) + 1
+    assert sh.state(sd) is State.CLOSE_WAIT
+    if case == "bare_fin_no_data":
+        assert peer.recv_one().ack == end
+        return
+    assert peer.recv() == []
+    assert sh.next_deadline() == pytest.approx(0.340)
+    (t, ack), = peer.run_timers(1)
+    assert t == pytest.approx(0.340) and ack.flags == "." and ack.ack == end
+
+
 def test_half_close_shutdown_wr_keeps_receiving():
     p, c, s = established()
     p.a.shutdown(c, socket.SHUT_WR, 0.0)
@@ -120,6 +145,44 @@ def test_rst_in_close_wait_is_epipe():
     sk_a = next(iter(p.a.h.ehash.values()))
     p.b.receive(_rst_from(sk_a), 0.0)
     assert p.b.take_events()[-1] == SocketError(s, errno.EPIPE)
+
+
+def test_after_fin_then_rst_read_gives_eof_and_write_epipe():
+    # Linux tcp_recvmsg checks SOCK_DONE (FIN received) before sk_err; the write
+    # gets the EPIPE tcp_reset left, then EPIPE again (rst/rst-close-wait.pkt).
+    p, c, s = established()
+    p.a.close(c, 0.0)
+    p.deliver()
+    sk_a = next(iter(p.a.h.ehash.values()))
+    p.b.receive(_rst_from(sk_a), 0.0)
+    assert p.b.recv(s, 100) == b""
+    for _ in range(2):
+        with pytest.raises(OSError) as e:
+            p.b.send(s, b"x", 0.0)
+        assert e.value.errno == errno.EPIPE
+
+
+def test_write_after_rst_is_econnreset_then_epipe():
+    # Linux: sock_error() once, then sk_stream_wait_connect's EPIPE
+    # (rst/rst-established-write.pkt); never ENOTCONN, not even on a socket that
+    # never connected or a listener (Linux 6.18: both EPIPE).
+    p, c, s = established()
+    p.b.receive(_rst_from(p.a.sock(c)), 0.0)
+    errs = []
+    for _ in range(2):
+        with pytest.raises(OSError) as e:
+            p.b.send(s, b"x", 0.0)
+        errs.append(e.value.errno)
+    assert errs == [errno.ECONNRESET, errno.EPIPE]
+    assert p.b.recv(s, 100) == b""  # tcp_done shut both directions
+    lsd = p.b.socket()
+    fresh = p.b.socket()
+    p.b.bind(lsd, 0, 81)
+    p.b.listen(lsd, 1)
+    for sd in (fresh, lsd):
+        with pytest.raises(OSError) as e:
+            p.b.send(sd, b"x", 0.0)
+        assert e.value.errno == errno.EPIPE
 
 
 def _rst_from(sk):

@@ -115,6 +115,59 @@ def test_nagle_minshall_sends_bulk_tail_at_once():
     assert p.a.take_frames() == []
 
 
+@pytest.mark.parametrize("side", ["active", "passive"])
+def test_nagle_minshall_tail_at_once_for_every_isn(side):
+    # Linux starts snd_sml at the ISN (tcp_connect_init, tcp_create_openreq_child),
+    # so before any small segment tcp_minshall_check is false whatever the ISN.
+    # A wrong start value holds the tail for about half of all ISNs: try 32.
+    held = []
+    for i in range(32):
+        p = Pair(secret=b"minshall-isn-%d" % i)
+        _, c, s = p.connect()
+        sh, sd = (p.a, c) if side == "active" else (p.b, s)
+        sh.send(sd, bytes(3000), 0.0)  # two full segments and a short tail
+        sizes = [len(parse(f).payload) for f in sh.take_frames()]
+        mss = sh.sock(sd).mss_cache
+        if sizes != [mss, mss, 3000 - 2 * mss]:
+            held.append((sh.sock(sd).iss, sizes))
+    assert held == []
+
+
+def test_tcp_cork_holds_partial_segments_until_uncork_or_probe():
+    # Linux TCP_CORK (tcp_nagle_check's TCP_NAGLE_CORK): a partial segment waits even
+    # with nothing in flight, full ones go; uncorking pushes the rest
+    # (nagle/cork-holds-until-uncork.pkt); a cork left on is bounded by the probe
+    # timer (tcp_check_probe_timer, RTO-based: the man page's 200 ms ceiling),
+    # whose tcp_write_wakeup sends despite the cork.
+    p = Pair()
+    _, c, s = p.connect()
+    p.a.setsockopt(c, socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    assert p.a.getsockopt(c, socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+    mss = p.a.sock(c).mss_cache
+    for _ in range(2):
+        p.a.send(c, b"x" * 100, p.now)
+    assert p.a.take_frames() == []
+    p.tap.clear()
+    p.a.send(c, b"y" * mss, p.now)  # a full segment's worth goes; the 200-byte rest waits
+    p.advance(p.now + 0.05)  # ACKed: nothing in flight, still corked
+    assert [len(x.payload) for x in p.segs("ab") if x.payload] == [mss]
+    p.tap.clear()
+    p.a.setsockopt(c, socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    p.deliver()
+    out = [x for x in p.segs("ab") if x.payload]
+    assert [len(x.payload) for x in out] == [200] and out[0].flags == "P."
+    # left corked: the probe timer sends the partial segment after about an RTO
+    p.a.setsockopt(c, socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    t0 = p.now
+    p.a.send(c, b"z" * 10, t0)
+    assert p.a.take_frames() == []
+    rto = p.a.sock(c).rto
+    p.advance(t0 + rto + 0.01)
+    late = [(t, x) for t, d, x in p.tap if d == "ab" and x.payload == b"z" * 10]
+    assert len(late) == 1 and late[0][0] == pytest.approx(t0 + max(rto, 0.2))
+    assert p.b.recv(s, 10000) == b"x" * 200 + b"y" * mss + b"z" * 10
+
+
 def test_nodelay_sends_each_write_at_once():
     p = Pair()
     _, c, s = p.connect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 import pytest
 from core_helpers import ACK, FIN, RST, SYN, B, Peer, listen, make_shard
@@ -30,7 +31,9 @@ def test_syn_gets_synack_with_negotiated_options():
     assert s.flags == "S." and s.ack == 1001
     assert (s.sport, s.dport) == (80, 40000)
     assert s.mss == 1460 and s.wscale == 3 and s.sack_perm and s.ts[1] == 555
-    assert s.window == 65535  # RFC 7323 §2.2: SYN windows are not scaled
+    # RFC 7323 §2.2: SYN windows are not scaled; Linux offers whole segments of its MSS
+    # less the timestamp option: 45 x 1448 (tcp_select_initial_window)
+    assert s.window == 65160
     assert sh.accept(lsd) is None  # only a request sock so far
     assert [c.state for c in sh.connections()] == ["LISTEN", "NEW-SYN-RECV"]
 
@@ -167,7 +170,9 @@ def test_full_accept_queue_drops_final_ack_and_synack_timer_retries():
 
 
 def test_full_request_queue_sends_syncookie_and_cookie_ack_completes():
-    sh, lsd, peer = listener(backlog=1)
+    # Linux inet_csk_reqsk_queue_is_full: full only with MORE requests than the
+    # backlog, so listen(fd, 0) takes one (backlog/listen-zero-first-syn.pkt)
+    sh, lsd, peer = listener(backlog=0)
     peer.port = 40001
     peer.send(SYN, 1000, mss=1460)
     peer.recv_one()
@@ -188,7 +193,7 @@ def test_full_request_queue_sends_syncookie_and_cookie_ack_completes():
 
 
 def test_full_request_queue_without_cookies_drops():
-    sh, lsd, peer = listener(backlog=1, syncookies=False)
+    sh, lsd, peer = listener(backlog=0, syncookies=False)  # one request fits (Linux: >)
     peer.port = 40001
     peer.send(SYN, 1000)
     peer.recv_one()
@@ -216,3 +221,50 @@ def test_closing_listener_resets_unaccepted_children():
     with pytest.raises(OSError) as e:
         sh.accept(lsd)
     assert e.value.errno == errno.EBADF
+
+
+def test_listener_maxseg_is_announced_and_inherited():
+    # Linux tcp_mss_clamp: a TCP_MAXSEG set on the listener bounds the MSS the
+    # SYN-ACK announces, the peer's MSS we send by (tcp_parse_options' user_mss),
+    # and the child's advmss (tcp_v4_syn_recv_sock); the window is whole 1000s.
+    sh = make_shard()
+    lsd = listen(sh, opts=((socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000),))
+    peer = Peer(sh)
+    peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
+    sa = peer.recv_one()
+    assert sa.flags == "S." and sa.mss == 1000 and sa.window == 65000
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd = sh.accept(lsd)[0]
+    assert sh.sock(sd).adv_mss == 1000
+    assert sh.getsockopt(sd, socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 1000
+    sh.send(sd, bytes(3000), 0.0)
+    assert [len(s.payload) for s in peer.recv()] == [1000, 1000, 1000]
+
+
+@pytest.mark.parametrize("backlog", [0, 2])
+def test_request_queue_is_full_only_above_the_backlog(backlog):
+    # Linux inet_csk_reqsk_queue_is_full (and sk_acceptq_is_full) compare with '>':
+    # backlog + 1 requests are stored, the next SYN gets a cookie.
+    sh, lsd, peer = listener(backlog=backlog)
+    for i in range(backlog + 1):
+        peer.port = 40001 + i
+        peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
+        sa = peer.recv_one()
+        assert sa.flags == "S." and sa.wscale is not None and sa.sack_perm  # not a cookie
+    assert sh.sock(lsd).reqs == backlog + 1 and sh.stats.syncookies_sent == 0
+    peer.port = 40100
+    peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True)
+    assert peer.recv_one().flags == "S." and sh.stats.syncookies_sent == 1
+
+
+def test_syncookies_2_answers_every_syn_with_a_cookie():
+    # Linux tcp_syncookies = 2: cookies always, not only when the SYN queue is full
+    # (syncookies/*.pkt pass on Linux 6.18 with it)
+    sh, lsd, peer = listener(backlog=10, syncookies=2)
+    peer.send(SYN, 1000, mss=1000, wscale=7, sack_perm=True)  # no timestamps
+    sa = peer.recv_one()
+    assert sa.flags == "S." and sh.stats.syncookies_sent == 1
+    assert sa.wscale is None and not sa.sack_perm and sh.sock(lsd).reqs == 0
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    assert sh.sock(sd).mss == 536  # the cookie's MSS table entry below 1000

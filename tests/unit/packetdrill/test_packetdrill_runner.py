@@ -44,9 +44,9 @@ def test_passive_open_and_data_pass():
 def test_wrong_window_fails_with_both_packets():
     r = run(LISTEN + SYN + "+0 > S. 0:0(0) ack 1 win 1234 <mss 1460,nop,nop,sackOK,nop,wscale 7>\n")
     assert r.status == "fail" and r.line == 6
-    assert "window 1234 vs 65535" in r.reason
+    assert "window 1234 vs 64240" in r.reason
     assert "expected 'S. 0:0(0) ack 1 win 1234" in r.reason
-    assert "got 'S. 0:0(0) ack 1 win 65535 <mss 1460,nop,nop,sackOK,nop,wscale 7>'" in r.reason
+    assert "got 'S. 0:0(0) ack 1 win 64240 <mss 1460,nop,nop,sackOK,nop,wscale 7>'" in r.reason
 
 
 def test_wrong_flags_fail():
@@ -284,7 +284,7 @@ def test_verbose_line_puts_packets_one_above_the_other():
     assert lines[1].split(":", 1)[1].strip() == \
         "S. 0:0(0) ack 1 win 1234 <mss 1460,nop,nop,sackOK,nop,wscale 7>"
     assert lines[2].split(":", 1)[1].strip().startswith(
-        "S. 0:0(0) ack 1 win 65535 <mss 1460,nop,nop,sackOK,nop,wscale 7>")
+        "S. 0:0(0) ack 1 win 64240 <mss 1460,nop,nop,sackOK,nop,wscale 7>")
 
 
 def test_icmp_lines():
