@@ -38,6 +38,21 @@ class DropReason(enum.Enum):
     PROTO_MEM = "PROTO_MEM"  # in-window data past the receive-memory hard limit (TCPRcvQDrop)
     TCP_SYNSENT_BAD = "TCP_SYNSENT_BAD"  # unacceptable segment in SYN-SENT
     TCP_TIMEWAIT = "TCP_TIMEWAIT"
+    #: Handling the frame raised (an engine bug): its connection was reset and
+    #: the fault logged, rate limited (core.fault).  Never expected to count.
+    ENGINE_EXCEPTION = "ENGINE_EXCEPTION"
+    # Malformed input, one reason per class (issue 11); Linux folds most of
+    # these into TCP_HDR / IP_INHDR, we keep them apart so a probe shows up.
+    TCP_DOFF_SHORT = "TCP_DOFF_SHORT"  # data offset < 5
+    TCP_DOFF_OVERRUN = "TCP_DOFF_OVERRUN"  # data offset beyond the packet
+    TCP_OPTLEN_SHORT = "TCP_OPTLEN_SHORT"  # an option length of 0 or 1, or none
+    TCP_OPT_OVERRUN = "TCP_OPT_OVERRUN"  # an option running past the header
+    IP_OPTIONS = "IP_OPTIONS"  # malformed IP options (Linux ip_options_compile: IP_INHDR)
+    IP_SOURCE_ROUTE = "IP_SOURCE_ROUTE"  # LSRR/SSRR: accept_source_route = 0
+    ICMP_ERR_OUT_OF_WINDOW = "ICMP_ERR_OUT_OF_WINDOW"  # quoted seq outside SND.UNA..SND.NXT
+    ICMP_RATELIMIT = "ICMP_RATELIMIT"  # errors past the shard's ICMP error budget
+    TCP_MEM = "TCP_MEM"  # the shard's tcp_mem hard limit: a new connection refused
+    TCP_CONN_LIMIT = "TCP_CONN_LIMIT"  # the shard's connection cap: a new connection refused
 
     # -- Device side (netio's Dispatcher, the worker's RX and TX): frames that
     # never reach a Shard. Linux's names where Linux drops the same frame for

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, NamedTuple
 
+from .dropreason import DropReason
 from .wire.errors import WireError
 from .wire.icmp import (
     ICMP_DEST_UNREACH,
@@ -49,6 +50,13 @@ NR_ICMP_UNREACH = 15
 #: net.ipv4.route.min_pmtu: a reported MTU below this is raised to it
 #: (512 bytes of data + 20 IP + 20 TCP; Linux ``ip_rt_min_pmtu``).
 IP_RT_MIN_PMTU = 552
+#: ICMP errors a shard acts on per second, and the burst it allows (a token
+#: bucket).  Each error that reaches a connection costs a lookup and may
+#: resend a flight (fragmentation needed): a flood of well-formed errors is
+#: cut here, counted as ICMP_RATELIMIT.  Linux bounds what it *sends*
+#: (icmp_msgs_per_sec = 1000); we bound what we take the same way.
+ICMP_ERR_RATE = 1000.0
+ICMP_ERR_BURST = 100.0
 
 #: Destination-unreachable code -> (errno, fatal), as Linux's
 #: ``icmp_err_convert``.  ``fatal`` is RFC 1122 §3.2.2.1's hard/soft split
@@ -105,6 +113,9 @@ def icmp_rcv(sh: Shard, ip: Ipv4Header, payload: bytes | bytearray | memoryview
         stats.icmp_in_errors += 1
         if e.reason == "checksum":
             stats.icmp_in_csum_errors += 1
+            stats.drop(DropReason.ICMP_CSUM)
+        else:
+            stats.drop(DropReason.ICMP_HDR)
         return None
     t = msg.type
     if t == ICMP_DEST_UNREACH:
@@ -119,7 +130,24 @@ def icmp_rcv(sh: Shard, ip: Ipv4Header, payload: bytes | bytearray | memoryview
         # Echo and the other informational types are netio's business.
         stats.icmp_in_ignored += 1
         return None
+    if not icmp_err_allowed(sh):
+        stats.drop(DropReason.ICMP_RATELIMIT)
+        return None
     return icmp_unreach(sh, ip, msg)
+
+
+def icmp_err_allowed(sh: Shard) -> bool:
+    """Take a token from the shard's ICMP error bucket (``ICMP_ERR_RATE``)."""
+    now = sh.now
+    tokens = sh.icmp_tokens + (now - sh.icmp_tokens_t) * ICMP_ERR_RATE
+    sh.icmp_tokens_t = now
+    if tokens > ICMP_ERR_BURST:
+        tokens = ICMP_ERR_BURST
+    if tokens < 1.0:
+        sh.icmp_tokens = tokens
+        return False
+    sh.icmp_tokens = tokens - 1.0
+    return True
 
 
 def icmp_unreach(sh: Shard, ip: Ipv4Header, msg: IcmpMessage) -> IcmpErr | None:
@@ -128,11 +156,13 @@ def icmp_unreach(sh: Shard, ip: Ipv4Header, msg: IcmpMessage) -> IcmpErr | None:
         quote = parse_icmp_quote(msg.payload)
     except WireError:
         sh.stats.icmp_in_errors += 1
+        sh.stats.drop(DropReason.ICMP_ERR_QUOTE)
         return None
     if quote.src not in sh.addr_set:
         # Not about a packet we sent: nothing of ours to tell (Linux finds no
         # socket and counts InErrors).
         sh.stats.icmp_in_errors += 1
+        sh.stats.drop(DropReason.ICMP_ERR_NOT_OURS)
         return None
     # The rest-of-header word: "unused" and the next-hop MTU (RFC 1191 §4)
     # for fragmentation needed; meaningless for the other errors we act on.

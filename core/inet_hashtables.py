@@ -61,6 +61,9 @@ class InetHashinfo(Generic[OwnerT]):
     ehash: dict[Tuple4, TcpSock | RequestSock] = field(default_factory=dict)
     listening: dict[tuple[int, int], OwnerT] = field(default_factory=dict)
     bhash: dict[int, BindBucket[OwnerT]] = field(default_factory=dict)
+    #: SO_REUSEPORT groups with more than one listener, by listening key; the
+    #: group's first member is the one in ``listening`` (Linux ``sock_reuseport``).
+    reuseport: dict[tuple[int, int], list[OwnerT]] = field(default_factory=dict)
     trace: list[str] | None = None
 
     def tr(self, name: str) -> None:
@@ -140,7 +143,27 @@ def __inet_hash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Add a listener to the listening hash."""
     if h.trace is not None:
         h.tr("__inet_hash")
-    h.listening[(sk.laddr, sk.lport)] = sk
+    key = (sk.laddr, sk.lport)
+    cur = h.listening.get(key)
+    if cur is not None and cur is not sk:
+        # A second listener on the same address and port: bind() let it in, so
+        # both set SO_REUSEPORT.  It joins the group; it replaces no one
+        # (Linux reuseport_add_sock).
+        group = h.reuseport.setdefault(key, [cur])
+        if sk not in group:
+            group.append(sk)
+        return
+    h.listening[key] = sk
+
+
+def reuseport_select_sock(h: InetHashinfo[OwnerT], head: OwnerT, saddr: int,
+                          sport: int) -> OwnerT:
+    """The group member a flow goes to (Linux ``reuseport_select_sock``): by a hash
+    of the peer's address and port, so one flow always meets the same listener."""
+    group = h.reuseport.get((head.laddr, head.lport))
+    if not group:
+        return head
+    return group[(saddr * 31 + sport) % len(group)]
 
 
 def inet_unhash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
@@ -149,6 +172,16 @@ def inet_unhash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     if h.ehash.get(key) is sk:
         del h.ehash[key]
     lkey = (sk.laddr, sk.lport)
+    group = h.reuseport.get(lkey)
+    if group is not None and sk in group:
+        # Leaving a SO_REUSEPORT group: the others keep listening (Linux
+        # reuseport_detach_sock).
+        group.remove(sk)
+        if h.listening.get(lkey) is sk:
+            h.listening[lkey] = group[0]
+        if len(group) == 1:
+            del h.reuseport[lkey]
+        return
     if h.listening.get(lkey) is sk:
         del h.listening[lkey]
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import (
+    fault,
     inet_connection_sock,
     tcp,
     tcp_cong,
@@ -42,6 +43,7 @@ from .tcp_h import (
     TCP_SYN_LINEAR_TIMEOUTS,
     TCP_SYN_RETRIES,
     BytesLike,
+    RequestSock,
     SockOptValue,
     State,
     TcpSock,
@@ -83,6 +85,17 @@ class ShardConfig:
     tcp_rmem: tuple[int, int, int] = tcp_rcvbuf.TCP_RMEM
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
+    #: Most connections (established, handshaking, TIME-WAIT: the 4-tuple
+    #: table) this shard holds; a SYN past it is dropped (TCP_CONN_LIMIT).
+    #: 0: no cap.
+    max_connections: int = 0
+    #: Linux tcp_mem for this shard, in bytes of queued data (receive memory
+    #: as charged per segment, plus send queues): (low, pressure, high).
+    #: Above ``pressure`` out-of-order data is pruned and not accepted; above
+    #: ``high`` new connections are refused and no data is queued (TCP_MEM).
+    #: Linux sizes its triple from RAM (a 24 GiB host: ~1.1/1.5/2.2 GiB for
+    #: all sockets); per worker we default lower.
+    tcp_mem: tuple[int, int, int] = (128 << 20, 256 << 20, 512 << 20)
     #: net.ipv4.tcp_syn_linear_timeouts: SYN retransmissions on a linear timer first.
     syn_linear_timeouts: int = TCP_SYN_LINEAR_TIMEOUTS
 
@@ -120,6 +133,12 @@ class ShardStats:
     zero_window_probes: int = 0
     keepalive_probes: int = 0
     ofo_queued: int = 0
+    prune_called: int = 0  # receive memory over budget: queues collapsed/pruned (PruneCalled)
+    rcv_collapsed: int = 0  # collapses of the receive or out-of-order queue (TCPRcvCollapsed)
+    ofo_pruned: int = 0  # prunes that dropped out-of-order data (OfoPruned)
+    ofo_drop: int = 0  # out-of-order segments dropped by pruning (TCPOFODrop)
+    tcp_mem_pressures: int = 0  # times the shard entered tcp_mem pressure (TCPMemoryPressures)
+    sack_capped: int = 0  # SACK blocks ignored: the scoreboard was at TCP_SACK_MAX_ENTRIES
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)
@@ -215,6 +234,16 @@ class Shard:
         self.connects = 0
         self._next_sd = 3
         self._cc_factory = tcp_cong.get(config.congestion)
+        #: core.fault's log rate limit: when a fault was last logged, and how many since not.
+        self.fault_logged = -1.0
+        self.faults_unlogged = 0
+        #: tcp_memory_allocated's cache: the total and when it was summed.
+        self.mem_allocated = 0
+        self.mem_sampled = -1.0
+        self.mem_pressure = False
+        #: core.icmp's error token bucket (ICMP_ERR_RATE per second).
+        self.icmp_tokens = 100.0
+        self.icmp_tokens_t = now
 
     # -- plumbing used by the engine modules -------------------------------------------
 
@@ -244,16 +273,27 @@ class Shard:
     # -- packets and time ----------------------------------------------------------------
 
     def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
-        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``."""
+        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``.
+
+        A failure while handling it ends only its connection (``core.fault``).
+        """
         self.now = now
-        tcp_ipv4.tcp_v4_rcv(self, packet, now, self.cfg.csum_offload if csum_ok is None else csum_ok)
+        try:
+            tcp_ipv4.tcp_v4_rcv(self, packet, now,
+                                self.cfg.csum_offload if csum_ok is None else csum_ok)
+        except Exception as exc:  # the boundary (core.fault): counted, reset, logged
+            fault.tcp_rcv_failed(self, packet, exc, now)
 
     def receive_batch(self, packets: Iterable[BytesLike], now: float,
                       csum_ok: bool | None = None) -> None:
         self.now = now
         ok = self.cfg.csum_offload if csum_ok is None else csum_ok
+        rcv = tcp_ipv4.tcp_v4_rcv
         for packet in packets:
-            tcp_ipv4.tcp_v4_rcv(self, packet, now, ok)
+            try:
+                rcv(self, packet, now, ok)
+            except Exception as exc:  # the boundary (core.fault): counted, reset, logged
+                fault.tcp_rcv_failed(self, packet, exc, now)
 
     def advance(self, now: float) -> None:
         """Fire every timer due at ``now``."""
@@ -264,7 +304,10 @@ class Shard:
             if due is None:
                 return
             kind, sk = due
-            tcp_timer.tcp_timer_handler(self, kind, sk, now)
+            try:
+                tcp_timer.tcp_timer_handler(self, kind, sk, now)
+            except Exception as exc:  # the boundary (core.fault): counted, reset, logged
+                fault.tcp_timer_failed(self, kind, sk, exc, now)
 
     def take_frames(self) -> list[bytes]:
         frames = self.frames
@@ -527,7 +570,10 @@ class Shard:
     def connections(self) -> list[ConnInfo]:
         seen: set[int] = set()
         rows = []
-        socks = list(self.h.listening.values()) + list(self.h.ehash.values())
+        socks: list[TcpSock | RequestSock] = list(self.h.listening.values())
+        for group in self.h.reuseport.values():
+            socks += group
+        socks += self.h.ehash.values()
         for sk in socks:
             if id(sk) in seen:
                 continue

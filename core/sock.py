@@ -73,6 +73,9 @@ class TcpSock:
     backlog: int = 0
     accept_queue: deque[TcpSock] = field(default_factory=deque)
     reqs: int = 0  # request socks outstanding (reqsk_queue_len)
+    #: When the SYN queue last overflowed (a cookie was sent); -1: never (Linux
+    #: ``rx_queue.last_overflow``, ``tcp_synq_overflow``).
+    synq_overflow: float = -1.0
     parent: TcpSock | None = None  # the listener, until accept()
     orphan: bool = False  # close() called; the descriptor belongs to no one
     # -- send sequence space (RFC 9293 §3.3.1) -------------------------------------
@@ -123,7 +126,11 @@ class TcpSock:
     ofo: list = field(default_factory=list)  # sorted [start, end, data]
     ofo_len: int = 0
     ofo_fin: int | None = None  # sequence number of a FIN that arrived ahead of a hole
-    ofo_recent: list[int] = field(default_factory=list)  # latest out-of-order arrivals, newest first
+    #: SACK blocks to report, most recent first, at most 4 ([start, end]; Linux
+    #: ``rx_opt.selective_acks``), kept up to date as out-of-order data arrives.
+    sack_blocks: list[list[int]] = field(default_factory=list)
+    #: ``len(ofo)`` when collapsing it last found nothing to join (-1: try again).
+    ofo_collapsed: int = -1
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False
@@ -153,7 +160,10 @@ class TcpSock:
     in_loss: bool = False  # after an RTO until ``recover`` is acked (Linux TCP_CA_Loss)
     recover: int = 0  # RecoveryPoint: SND.MAX when recovery / loss began
     sacked: list[list[int]] = field(default_factory=list)  # peer's SACK scoreboard [[start, end]]
-    sacked_bytes: int = 0  # total of ``sacked``
+    sacked_bytes: int = 0
+    #: The smallest data segment sent since the flight was last empty: SACK
+    #: blocks narrower than it (and than the MSS) are not believed.
+    seg_min: int = 65535  # total of ``sacked``
     reno_sacked: int = 0  # without SACK: bytes the dup ACKs say have left (Linux reno sacks)
     lost_hi: int = 0  # un-SACKed data below this is deemed lost (RFC 6675 IsLost)
     retrans_hi: int = 0  # HighRxt: un-SACKed data below this has been retransmitted

@@ -52,7 +52,7 @@ __all__ = [
     "TCP_RTO_MIN", "TCP_RTO_MAX", "TCP_TIMEOUT_INIT", "TCP_DELACK", "TCP_SYN_RETRIES",
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
-    "TCP_FASTRETRANS_THRESH", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
+    "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
     "SockOptValue",
 ]
 
@@ -115,6 +115,18 @@ MAX_TCP_SYNCNT = 127
 TCP_FIN_TIMEOUT = 60.0
 #: TCP_LINGER2's upper bound (Linux TCP_FIN_TIMEOUT_MAX).
 TCP_FIN_TIMEOUT_MAX = 120.0
+#: Linux net.ipv4.tcp_min_snd_mss: the send MSS (before options) is never below
+#: 48, so a peer announcing MSS 1..47 cannot make us send 8-byte segments or,
+#: with timestamps, none at all (CVE-2019-11479).
+TCP_MIN_SND_MSS = 48
+#: Receive memory charged per queued segment besides its payload (our truesize:
+#: the queue entry, the bytes object's header and the sequence numbers, ~180
+#: bytes in CPython, rounded up; Linux charges sk_buff truesize, ~768 for a
+#: small segment).  A peer sending 1-byte segments fills the buffer's budget
+#: after rcvbuf / 257 of them, not rcvbuf.
+TCP_SKB_OVERHEAD = 256
+#: Bytes the timestamp option takes in every segment (RFC 7323 §3, aligned).
+TCPOLEN_TSTAMP_ALIGNED = 12
 #: Linux TCP_TIMEWAIT_LEN: 60 s (the RFC's 2*MSL with MSL = 30 s).
 TCP_TIMEWAIT_LEN = 60.0
 #: RFC 6675 DupThresh (Linux TCP_FASTRETRANS_THRESH).

@@ -29,6 +29,7 @@ from .tcp_h import (
     TCP_DELACK,
     TCP_FASTRETRANS_THRESH,
     TCP_RTO_MIN,
+    TCP_SKB_OVERHEAD,
     BytesLike,
     State,
     TcpSegment,
@@ -258,8 +259,9 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     sacked = sk.sacked
     if sacked:
         # A hole filled below SACKed data by its original transmission: reordering.
+        j = bisect.bisect_left(sacked, acked, key=lambda b: (b[0] - una) & MASK)
         if tcp_recovery.tcp_rack_check_reordering(sk, 0, acked, [((b[0] - una) & MASK, (b[1] - una) & MASK)
-                                                 for b in sacked]):
+                                                  for b in sacked[:j]]):
             sk.reord_events += 1
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
@@ -285,6 +287,7 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     sk.snd_una = ack
     if ((ack - sk.snd_nxt) & MASK) < HALF:
         sk.snd_nxt = sk.snd_max = ack  # defensive: SND.NXT never lags the peer
+        sk.seg_min = 65535  # nothing in flight: the next flight sets it
     # RTT sample: timestamps (RFC 7323 §4.1) or Karn's timed segment (RFC 6298 (3)).
     rtt = None
     if tsecr and sk.ts_ok:
@@ -388,38 +391,56 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
                 tcp_try_undo_dsack(sh, sk)
     sacked = sk.sacked
+    # Only blocks that cover whole segments count (Linux tcp_match_skb_to_sack
+    # marks an skb only when a block covers all of it): a block narrower than
+    # the smallest segment of this flight, unless it ends at SND.MAX (a short
+    # tail), is ignored.  A peer SACKing single bytes can then neither split
+    # our retransmissions nor grow the scoreboard past one entry per segment
+    # in flight (CVE-2019-11477's class); with the MSS floor, that bounds it.
+    thr = sk.mss_cache if sk.mss_cache < sk.seg_min else sk.seg_min
     new = []
     for left, right in blocks:
         lo = (left - una) & MASK
         hi = (right - una) & MASK
-        if lo < hi <= span:
+        if lo < hi <= span and (hi - lo >= thr or hi == span):
             new.append((lo, hi))
     if not new:
         return
-    offs = [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked]
     reordered = False
     for lo, hi in new:
-        if tcp_recovery.tcp_rack_check_reordering(sk, lo, hi, offs):
+        i, j = _sacked_span(sacked, una, lo, hi)
+        if tcp_recovery.tcp_rack_check_reordering(
+                sk, lo, hi, [((b[0] - una) & MASK, (b[1] - una) & MASK) for b in sacked[i:j]]):
             reordered = True
     if reordered:
         sk.reord_events += 1  # once per ACK, as Linux tcp_check_sack_reordering
-    offs.extend(new)
-    offs.sort()
-    merged: list[list[int]] = []
-    for lo, hi in offs:
-        if merged and lo <= merged[-1][1]:
-            if hi > merged[-1][1]:
-                merged[-1][1] = hi
-        else:
-            merged.append([lo, hi])
-    total = 0
-    for b in merged:
-        total += b[1] - b[0]
-        b[0] = (una + b[0]) & MASK
-        b[1] = (una + b[1]) & MASK
-    sk.sacked = merged
-    if total > sk.sacked_bytes:
-        sk.delivered += _segs(total - sk.sacked_bytes, sk.mss_cache)  # newly SACKed
+    total = sk.sacked_bytes
+    before = total
+    for lo, hi in new:
+        # The blocks [lo, hi] touches merge with it into one: O(log n) to find
+        # them, a slice replacement to merge (the scoreboard stays sorted by
+        # offset from SND.UNA, disjoint, with gaps between entries).
+        i, j = _sacked_span(sacked, una, lo, hi)
+        if i == j and len(sacked) >= TCP_SACK_MAX_ENTRIES:
+            # A new entry past the cap: ignored (it merges with nothing).  Each
+            # scoreboard walk per ACK (pipe, NextSeg, RACK) is then bounded;
+            # a receiver with this many separate holes in one window is better
+            # served by the RTO anyway.
+            sh.stats.sack_capped += 1
+            continue
+        if i < j:
+            lo0 = (sacked[i][0] - una) & MASK
+            hi0 = (sacked[j - 1][1] - una) & MASK
+            for b in sacked[i:j]:
+                total -= (b[1] - b[0]) & MASK
+            if lo0 < lo:
+                lo = lo0
+            if hi0 > hi:
+                hi = hi0
+        sacked[i:j] = [[(una + lo) & MASK, (una + hi) & MASK]]
+        total += hi - lo
+    if total > before:
+        sk.delivered += _segs(total - before, sk.mss_cache)  # newly SACKed
     sk.sacked_bytes = total
 
 
@@ -442,6 +463,23 @@ def tcp_try_undo_loss(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.dupacks = 0
     sh.stats.rto_undos += 1
     tcp_output.tcp_write_xmit(sh, sk, now)
+
+
+#: Most disjoint ranges the SACK scoreboard keeps (see ``_sacktag``).
+TCP_SACK_MAX_ENTRIES = 256
+
+
+def _sacked_span(sacked: list[list[int]], una: int, lo: int, hi: int) -> tuple[int, int]:
+    """Indices [i, j) of the scoreboard entries that overlap or touch [lo, hi]
+    (offsets from SND.UNA), by bisection."""
+    i = bisect.bisect_left(sacked, lo, key=lambda b: (b[1] - una) & MASK)
+    j = bisect.bisect_right(sacked, hi, lo=i, key=lambda b: (b[0] - una) & MASK)
+    return i, j
+
+
+def sacked_from(sk: TcpSock, una: int, off: int) -> int:
+    """Index of the first scoreboard entry ending after offset ``off`` from SND.UNA."""
+    return bisect.bisect_right(sk.sacked, off, key=lambda b: (b[1] - una) & MASK)
 
 
 def tcp_try_undo_dsack(sh: Shard, sk: TcpSock) -> None:
@@ -803,7 +841,7 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         sk.ack_now = True
         return
-    if n and not _rmem_ok(sk, n):
+    if n and not _rmem_ok(sh, sk, n, seq):
         sh.stats.drop(DropReason.PROTO_MEM)
         sk.ack_now = True
         return
@@ -833,17 +871,156 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         tcp.emit_readable(sh, sk)
 
 
-def _rmem_ok(sk: TcpSock, n: int) -> bool:
-    """May ``n`` more bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
+def tcp_rmem_alloc(sk: TcpSock) -> int:
+    """Receive memory a connection holds, charged as Linux charges ``sk_rmem_alloc``:
+    payload plus a per-segment overhead (``TCP_SKB_OVERHEAD``, our truesize), for
+    the receive queue and the out-of-order queue alike."""
+    return (sk.rcvq_len + sk.ofo_len
+            + TCP_SKB_OVERHEAD * (len(sk.rcvq) + len(sk.ofo)))
+
+
+#: How long a shard's memory total is reused before it is summed again.
+TCP_MEM_SAMPLE = 0.01
+
+
+def tcp_memory_allocated(sh: Shard, now: float) -> int:
+    """The shard's queued TCP memory (Linux ``tcp_memory_allocated``): receive
+    memory as charged, plus send queues.  Summed over the sockets at most every
+    ``TCP_MEM_SAMPLE`` seconds; the pressure flag follows it (Linux
+    ``tcp_enter_memory_pressure`` above tcp_mem[1], leaving it below tcp_mem[0])."""
+    if now - sh.mem_sampled < TCP_MEM_SAMPLE and sh.mem_sampled >= 0:
+        return sh.mem_allocated
+    total = 0
+    for s in sh.socks.values():
+        if s.rcvq_len or s.ofo or s.sndq_len:
+            total += tcp_rmem_alloc(s) + s.sndq_len
+    sh.mem_allocated = total
+    sh.mem_sampled = now
+    low, pressure, _high = sh.cfg.tcp_mem
+    if total > pressure and pressure:
+        if not sh.mem_pressure:
+            sh.mem_pressure = True
+            sh.stats.tcp_mem_pressures += 1
+    elif total <= low:
+        sh.mem_pressure = False
+    return total
+
+
+def _rmem_ok(sh: Shard, sk: TcpSock, n: int, seq: int) -> bool:
+    """May a segment of ``n`` bytes be queued?  (Linux ``tcp_try_rmem_schedule``.)
 
     The window never retracts (``tcp_output.tcp_select_window``), so data up
     to the promised edge normally fits the buffer; rounding a kept edge up
     to the scale granularity can promise a little more, which this slack
-    absorbs.  Past it, in-window data is dropped (Linux TCPRcvQDrop) rather
-    than letting memory grow: the peer resends it once the reader catches up.
+    absorbs.  Memory is charged per segment (truesize), so a peer sending
+    tiny segments reaches the limit long before the window is full: then the
+    queues are collapsed and, if that is not enough, out-of-order data is
+    pruned (``tcp_prune_queue``).  Past that, in-window data is dropped
+    (Linux TCPRcvQDrop): the peer resends it once the reader catches up.
     """
+    high = sh.cfg.tcp_mem[2]
+    if high:
+        total = tcp_memory_allocated(sh, sh.now)
+        if total > high:
+            # Over the hard limit: nothing more is queued (Linux
+            # sk_rmem_schedule fails); out-of-order data goes first.
+            if sk.ofo:
+                tcp_prune_queue(sh, sk, 0, sk.rcv_nxt)
+            sh.stats.drop(DropReason.TCP_MEM)
+            return False
+        if sh.mem_pressure and seq != sk.rcv_nxt:
+            # Under pressure: out-of-order data is neither kept nor taken
+            # (tcp_prune_ofo_queue under tcp_under_memory_pressure).
+            if sk.ofo:
+                tcp_prune_queue(sh, sk, 0, sk.rcv_nxt)
+            return False
     limit = sk.rcvbuf + (sk.rcvbuf >> 3) + (1 << sk.rcv_wscale)
-    return sk.rcvq_len + sk.ofo_len + n <= limit
+    need = n + TCP_SKB_OVERHEAD
+    if tcp_rmem_alloc(sk) + need <= limit:
+        return True
+    tcp_prune_queue(sh, sk, limit - need, seq)
+    return tcp_rmem_alloc(sk) + need <= limit
+
+
+def tcp_prune_queue(sh: Shard, sk: TcpSock, target: int, seq: int) -> None:
+    """Bring receive memory to ``target`` (Linux ``tcp_prune_queue``): collapse the
+    receive queue into one buffer and runs of adjacent out-of-order segments into
+    one each (``tcp_collapse``, ``tcp_collapse_ofo_queue``); if that is not
+    enough, drop out-of-order data from the highest sequence down
+    (``tcp_prune_ofo_queue``: the newest data is the cheapest for the peer to
+    resend, and keeping the low end lets the hole fill).  Data below ``seq``
+    (the segment that wants the room) is never dropped for it: a segment
+    above everything queued is itself the one to drop (Linux 5.17+).  Pruning
+    frees an eighth of the buffer beyond the need, so a stream of segments
+    past the budget does not pay a prune each."""
+    sh.stats.prune_called += 1
+    if len(sk.rcvq) > 1:
+        _collapse_rcvq(sk)
+        sh.stats.rcv_collapsed += 1
+    if tcp_rmem_alloc(sk) <= target:
+        return
+    ofo = sk.ofo
+    if len(ofo) > 1 and sk.ofo_collapsed != len(ofo):
+        # Only when the queue changed since the last try found nothing to join.
+        if _collapse_ofo(sk):
+            sh.stats.rcv_collapsed += 1
+        sk.ofo_collapsed = len(ofo)
+        if tcp_rmem_alloc(sk) <= target:
+            return
+    if not ofo:
+        return
+    goal = target - (sk.rcvbuf >> 3)
+    base = sk.rcv_nxt
+    off = (seq - base) & MASK
+    dropped = 0
+    while ofo and tcp_rmem_alloc(sk) > goal and ((ofo[-1][0] - base) & MASK) > off:
+        e = ofo.pop()
+        sk.ofo_len -= len(e[2])
+        dropped += 1
+    if not dropped:
+        return
+    sh.stats.ofo_pruned += 1
+    sh.stats.ofo_drop += dropped
+    sk.ofo_collapsed = -1
+    if sk.ofo_fin is not None and (not ofo or ((sk.ofo_fin - ofo[-1][1]) & MASK) != 0):
+        sk.ofo_fin = None  # its segment was pruned: the peer sends the FIN again
+    # Linux tcp_sack_reset: the blocks may name pruned data (RFC 2018 §8 allows
+    # the receiver to renege); the next out-of-order segment starts them anew.
+    sk.sack_blocks.clear()
+
+
+def _collapse_rcvq(sk: TcpSock) -> None:
+    q = sk.rcvq
+    off = sk.rcvq_off
+    first = q.popleft()
+    parts = [first[off:] if off else first]
+    parts.extend(q)
+    q.clear()
+    q.append(b"".join(parts))
+    sk.rcvq_off = 0
+
+
+def _collapse_ofo(sk: TcpSock) -> bool:
+    """Join runs of out-of-order segments that touch; True if any were joined."""
+    ofo = sk.ofo
+    out: list[list] = []
+    joined = False
+    run: list[bytes] = []
+    for e in ofo:
+        if out and out[-1][1] == e[0]:
+            run.append(e[2])
+            out[-1][1] = e[1]
+            joined = True
+            continue
+        if len(run) > 1:
+            out[-1][2] = b"".join(run)
+        out.append([e[0], e[1], e[2]])
+        run = [e[2]]
+    if len(run) > 1:
+        out[-1][2] = b"".join(run)
+    if joined:
+        ofo[:] = out
+    return joined
 
 
 def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin: int,
@@ -851,8 +1028,12 @@ def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin:
     """Keep a segment that arrived ahead of a hole (Linux ``tcp_data_queue_ofo``).
 
     ``sk.ofo`` holds disjoint ``[start, end, bytes]`` ranges sorted by offset
-    from RCV.NXT; a new segment is trimmed against its neighbours and swallows
-    the ranges it covers.  An early FIN is remembered by its sequence number.
+    from RCV.NXT (the order never changes while RCV.NXT moves: every range
+    lies within the window ahead of it).  The place of a new segment is found
+    by bisection, O(log n) comparisons; it is trimmed against its neighbours
+    and swallows the ranges it covers.  The SACK blocks are kept as Linux
+    keeps them (``tcp_sack_new_ofo_skb``), so an ACK costs the same however
+    long the queue.  An early FIN is remembered by its sequence number.
     """
     n = len(data)
     rwin = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
@@ -861,41 +1042,100 @@ def _ofo_insert(sh: Shard, sk: TcpSock, seq: int, data: bytes | memoryview, fin:
     if lo_off >= rwin or rwin & HALF:
         sh.stats.drop(DropReason.TCP_ZEROWINDOW)
         return
-    if not _rmem_ok(sk, n):
+    if not _rmem_ok(sh, sk, n, seq):
         sh.stats.drop(DropReason.PROTO_MEM)
         return
     sk.rcv_ooopack += _segs(n, sk.mss_cache)  # Linux tcp_data_queue_ofo (gso_segs)
     hi_off = lo_off + n
     if fin:
         sk.ofo_fin = (seq + n) & MASK
-    _ofo_note(sk, seq)
+    if sk.sack_ok:
+        tcp_sack_new_ofo_skb(sk, seq, (seq + n) & MASK)
     ofo = sk.ofo
     base = sk.rcv_nxt
-    offs = [((e[0] - base) & MASK) for e in ofo]
-    i = bisect.bisect_right(offs, lo_off)  # a range starting at lo_off is a predecessor
+
+    def off(e: list) -> int:
+        return (e[0] - base) & MASK
+
+    i = bisect.bisect_right(ofo, lo_off, key=off)  # a range starting at lo_off precedes
     if i > 0:  # trim against the predecessor
-        p_end = offs[i - 1] + len(ofo[i - 1][2])
+        p = ofo[i - 1]
+        p_end = off(p) + len(p[2])
         if p_end >= hi_off:
             _dsack_set(sh, sk, seq, (seq + n) & MASK)
             return  # nothing new
         if p_end > lo_off:
             data = data[p_end - lo_off:]
             lo_off = p_end
-    while i < len(ofo) and offs[i] < hi_off:  # swallow covered successors, trim at the next
-        s_end = offs[i] + len(ofo[i][2])
+    j = i
+    while j < len(ofo):  # swallow covered successors, trim at the next
+        s_off = off(ofo[j])
+        if s_off >= hi_off:
+            break
+        s_end = s_off + len(ofo[j][2])
         if s_end <= hi_off:
-            sk.ofo_len -= len(ofo[i][2])
-            del ofo[i]
-            del offs[i]
+            sk.ofo_len -= len(ofo[j][2])
+            j += 1
             continue
-        data = data[:offs[i] - lo_off]
-        hi_off = offs[i]
+        data = data[:s_off - lo_off]
+        hi_off = s_off
         break
+    if j > i:
+        del ofo[i:j]
     if not data:
         return
     ofo.insert(i, [(base + lo_off) & MASK, (base + hi_off) & MASK, bytes(data)])
     sk.ofo_len += len(data)
     sh.stats.ofo_queued += 1
+
+
+def tcp_sack_new_ofo_skb(sk: TcpSock, seq: int, end: int) -> None:
+    """Record [seq, end) in the SACK blocks to report (RFC 2018 §4, Linux
+    ``tcp_sack_new_ofo_skb``): a block it touches grows and moves to the front,
+    then absorbs any other block it now reaches; else a new block goes in front
+    and the oldest of more than four is forgotten."""
+    blocks = sk.sack_blocks
+    for i, b in enumerate(blocks):
+        # Touching or overlapping: !after(seq, b.end) && !after(b.start, end).
+        if ((b[1] - seq) & MASK) < HALF and ((end - b[0]) & MASK) < HALF:
+            if ((seq - b[0]) & MASK) & HALF:
+                b[0] = seq
+            if 0 < ((end - b[1]) & MASK) < HALF:
+                b[1] = end
+            if i:
+                del blocks[i]
+                blocks.insert(0, b)
+            _sack_maybe_coalesce(blocks)
+            return
+    blocks.insert(0, [seq, end])
+    if len(blocks) > 4:
+        del blocks[4:]
+
+
+def _sack_maybe_coalesce(blocks: list[list[int]]) -> None:
+    """Linux ``tcp_sack_maybe_coalesce``: the first block absorbs the others it reaches."""
+    first = blocks[0]
+    i = 1
+    while i < len(blocks):
+        b = blocks[i]
+        if ((first[1] - b[0]) & MASK) < HALF and ((b[1] - first[0]) & MASK) < HALF:
+            if ((b[0] - first[0]) & MASK) & HALF:
+                first[0] = b[0]
+            if 0 < ((b[1] - first[1]) & MASK) < HALF:
+                first[1] = b[1]
+            del blocks[i]
+            continue
+        i += 1
+
+
+def _sack_remove(sk: TcpSock) -> None:
+    """Blocks RCV.NXT reached are acknowledged now (Linux ``tcp_sack_remove``)."""
+    nxt = sk.rcv_nxt
+    blocks = sk.sack_blocks
+    if not sk.ofo:
+        blocks.clear()
+        return
+    blocks[:] = [b for b in blocks if ((nxt - b[0]) & MASK) & HALF]
 
 
 def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
@@ -906,23 +1146,15 @@ def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
         sh.stats.dsacks_sent += 1
 
 
-def _ofo_note(sk: TcpSock, seq: int) -> None:
-    """Remember arrival order: SACK blocks are reported most recent first (RFC 2018 §4)."""
-    recent = sk.ofo_recent
-    recent.insert(0, seq)
-    if len(recent) > 8:
-        del recent[8:]
-
-
 def _ofo_drain(sk: TcpSock) -> int:
     """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due."""
     ofo = sk.ofo
-    while ofo:
-        e = ofo[0]
+    k = 0
+    for e in ofo:  # the ranges RCV.NXT reached, taken off in one slice below
         off = (e[0] - sk.rcv_nxt) & MASK
         if 0 < off < HALF:
             break
-        del ofo[0]
+        k += 1
         data = e[2]
         sk.ofo_len -= len(data)
         if off:  # starts before rcv_nxt: trim the part we already have
@@ -932,6 +1164,10 @@ def _ofo_drain(sk: TcpSock) -> int:
             sk.rcvq.append(data)
             sk.rcvq_len += len(data)
             sk.rcv_nxt = (sk.rcv_nxt + len(data)) & MASK
+    if k:
+        del ofo[:k]
+    if sk.sack_blocks:
+        _sack_remove(sk)
     if sk.ofo_fin is not None and sk.ofo_fin == sk.rcv_nxt and not ofo:
         sk.ofo_fin = None
         return FIN
@@ -951,6 +1187,13 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> bool:
     """
     sk.rcv_nxt = rcv_nxt = (sk.rcv_nxt + 1) & MASK
     sk.fin_rcvd = True
+    if sk.ofo:
+        # Out-of-order data lies after the FIN: it is not data (Linux tcp_fin
+        # purges the queue and resets the SACK blocks).
+        sk.ofo.clear()
+        sk.ofo_len = 0
+        sk.sack_blocks.clear()
+    sk.ofo_fin = None
     st = sk.state
     if st is _ESTABLISHED or st is _SYN_RECV:
         tcp.tcp_set_state(sh, sk, _CLOSE_WAIT)
@@ -1078,7 +1321,8 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         rwin = (sk.rcv_wup + sk.rcv_wnd - seq) & MASK
         rcvbuf = sk.rcvbuf
         if (rwin == 0 or rwin & HALF
-                or sk.rcvq_len + n > rcvbuf + (rcvbuf >> 3) + (1 << sk.rcv_wscale)):
+                or sk.rcvq_len + n + TCP_SKB_OVERHEAD * (len(sk.rcvq) + 1)
+                > rcvbuf + (rcvbuf >> 3) + (1 << sk.rcv_wscale)):
             return False
         data = pkt[off:end]
         if csum is not None and (csum + sum16(data)) % 0xFFFF:
@@ -1388,7 +1632,7 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
     flags = seg.flags
     if flags & ACK:
         ack = seg.ack
-        if ((ack - sk.iss) & MASK) - 1 >= ((sk.snd_max - sk.iss) & MASK):
+        if ((ack - sk.iss - 1) & MASK) >= ((sk.snd_max - sk.iss) & MASK):
             # ACK outside (ISS, SND.NXT]: RST unless it is one (RFC 9293 §3.10.7.3 first).
             sh.stats.drop(DropReason.TCP_SYNSENT_BAD)
             tcp_output.tcp_send_reset(sh, sk.laddr, sk.lport, sk.raddr, sk.rport, seg)
@@ -1448,8 +1692,7 @@ def _syn_options(sh: Shard, sk: TcpSock, opts: TcpOptions, now: float) -> None:
     if ts is not None:
         sk.ts_recent = ts[0]
         sk.ts_recent_stamp = now
-    sk.mss = mss
-    sk.mss_cache = mss - (12 if sk.ts_ok else 0)
+    tcp_output.tcp_set_mss(sk, mss)
     tcp_initialize_rcv_mss(sh, sk)
 
 

@@ -201,6 +201,11 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     except WireError as e:
         stats.drop(_IP_REASONS.get(e.reason, DropReason.IP_HDR))
         return
+    if ip.header_len > 20:
+        bad = ip_options_reason(pkt, ip.header_len)
+        if bad is not None:
+            stats.drop(bad)
+            return
     if ip.proto != 6:
         if ip.proto == udp.PROTO_UDP and ip.dst in sh.addr_set:
             udp.udp_rcv(sh, ip, payload, pkt, bool(csum_ok))  # ip_local_deliver's UDP
@@ -224,7 +229,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     try:
         seg = parse_tcp(payload)
     except WireError as e:
-        stats.drop(_TCP_REASONS.get(e.reason, DropReason.TCP_HDR))
+        stats.drop(tcp_hdr_reason(payload, e.reason))
         return
     stats.segs_in += 1
     sk = hit if looked_up else sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port))
@@ -248,7 +253,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                 return
             # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
             isn = (sk.snd_nxt + 65535 + 2) & MASK
-            listener = _lookup_listener(sh, dst, seg.dst_port)
+            listener = _lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
             if listener is not None:
                 tcp_v4_do_rcv(sh, listener, seg, src, dst, now, isn)
                 return
@@ -257,7 +262,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
             tcp_input.tcp_segs_in(sk, len(seg.payload))
             tcp_input.tcp_rcv_state_process(sh, sk, seg, now)
             return
-    listener = _lookup_listener(sh, dst, seg.dst_port)
+    listener = _lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
     if listener is None:
         stats.drop(DropReason.NO_SOCKET)
         tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
@@ -265,12 +270,75 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
     tcp_v4_do_rcv(sh, listener, seg, src, dst, now)
 
 
-def _lookup_listener(sh: Shard, daddr: int, dport: int) -> TcpSock | None:
+#: Fixed option lengths parse_tcp enforces (MSS, window scale, SACK permitted, timestamps).
+_TCPOPT_LEN = {2: 4, 3: 3, 4: 2, 8: 10}
+_IPOPT_LSRR = 131
+_IPOPT_SSRR = 137
+
+
+def ip_options_reason(pkt: BytesLike, hl: int) -> DropReason | None:
+    """Why a packet's IP options make it unacceptable, or None (RFC 791 §3.1; Linux
+    ``ip_options_compile``, and ``accept_source_route = 0``: a source-routed
+    packet is dropped).  Other options are legal and ignored."""
+    i = 20
+    while i < hl:
+        kind = pkt[i]
+        if kind == 0:  # end of list
+            return None
+        if kind == 1:  # no-op
+            i += 1
+            continue
+        if i + 1 >= hl or pkt[i + 1] < 2 or i + pkt[i + 1] > hl:
+            return DropReason.IP_OPTIONS
+        if kind == _IPOPT_LSRR or kind == _IPOPT_SSRR:
+            return DropReason.IP_SOURCE_ROUTE
+        i += pkt[i + 1]
+    return None
+
+
+def tcp_hdr_reason(seg: BytesLike, reason: str) -> DropReason:
+    """The drop reason for a TCP header ``parse_tcp`` refused, one per class of
+    malformation (``reason`` is its WireError's)."""
+    r = _TCP_REASONS.get(reason)
+    if r is not None and reason != "option_len":
+        return r
+    if reason == "data_offset":
+        return DropReason.TCP_DOFF_SHORT if seg[12] >> 4 < 5 else DropReason.TCP_DOFF_OVERRUN
+    if reason != "option_len":
+        return DropReason.TCP_HDR
+    hl = (seg[12] >> 4) << 2
+    i = 20
+    while i < hl:
+        kind = seg[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= hl or seg[i + 1] < 2:
+            return DropReason.TCP_OPTLEN_SHORT
+        if i + seg[i + 1] > hl:
+            return DropReason.TCP_OPT_OVERRUN
+        want = _TCPOPT_LEN.get(kind)
+        if (want is not None and seg[i + 1] != want) or (
+                kind == 5 and (seg[i + 1] < 10 or (seg[i + 1] - 2) & 7)):
+            break  # a known option with the wrong length (parse_tcp's order)
+        i += seg[i + 1]
+    return DropReason.TCP_OPTIONS
+
+
+def _lookup_listener(sh: Shard, daddr: int, dport: int, saddr: int,
+                     sport: int) -> TcpSock | None:
     if sh.tracing:
         sh.tr("__inet_lookup_listener")
-    lst = sh.h.listening
+    h = sh.h
+    lst = h.listening
     sk = lst.get((daddr, dport))
-    return sk if sk is not None else lst.get((0, dport))
+    if sk is None:
+        sk = lst.get((0, dport))
+    if sk is not None and h.reuseport:
+        return inet_hashtables.reuseport_select_sock(h, sk, saddr, sport)
+    return sk
 
 
 def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
@@ -283,7 +351,8 @@ def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
         sh.stats.drop(DropReason.TCP_RESET)
         return
     if flags & ACK:
-        if not flags & SYN and sh.cfg.syncookies and _cookie_check(sh, sk, seg, src, dst, now):
+        if (not flags & SYN and sh.cfg.syncookies and not tcp_synq_no_recent_overflow(sk, now)
+                and _cookie_check(sh, sk, seg, src, dst, now)):
             return
         # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
         sh.stats.drop(DropReason.TCP_FLAGS)
@@ -297,6 +366,21 @@ def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
     tcp_v4_conn_request(sh, sk, seg, src, dst, now, isn)
 
 
+def tcp_conn_allowed(sh: Shard, now: float) -> bool:
+    """May this shard take one more connection?  Not past its connection cap
+    (``ShardConfig.max_connections``: TCP_CONN_LIMIT) nor above the tcp_mem
+    hard limit (TCP_MEM).  Counted when not."""
+    cap = sh.cfg.max_connections
+    if cap and len(sh.h.ehash) >= cap:
+        sh.stats.drop(DropReason.TCP_CONN_LIMIT)
+        return False
+    high = sh.cfg.tcp_mem[2]
+    if high and tcp_input.tcp_memory_allocated(sh, now) > high:
+        sh.stats.drop(DropReason.TCP_MEM)
+        return False
+    return True
+
+
 def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
                         isn: int | None = None) -> None:
     """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
@@ -308,6 +392,8 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     if sh.tracing:
         sh.tr("tcp_v4_conn_request")
         sh.tr("tcp_conn_request")
+    if not tcp_conn_allowed(sh, now):
+        return
     want_cookie = False
     if ((sh.cfg.syncookies == 2 and isn is None)
             or inet_connection_sock.inet_csk_reqsk_queue_is_full(sk)):
@@ -364,6 +450,7 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
             req.wscale_ok = req.sack_ok = False
             req.snd_wscale = req.rcv_wscale = 0
         sh.stats.syncookies_sent += 1
+        sk.synq_overflow = now  # Linux tcp_synq_overflow
     elif isn is not None:
         iss = isn
     req.iss = iss
@@ -396,6 +483,19 @@ def tcp_v4_send_synack(sh: Shard, req: RequestSock, now: float) -> None:
         req.synack_time = now
 
 
+#: Linux TCP_SYNCOOKIE_VALID: how long after the SYN queue overflowed a bare ACK
+#: may be a cookie's (MAX_SYNCOOKIE_AGE periods of 60 s there).
+TCP_SYNCOOKIE_VALID = 120.0
+
+
+def tcp_synq_no_recent_overflow(listener: TcpSock, now: float) -> bool:
+    """No cookie was sent lately (Linux ``tcp_synq_no_recent_overflow``): then a bare
+    ACK to a listener is not a cookie's, and is not worth two keyed hashes (and a
+    forger's 4 / 2**24 odds per try)."""
+    last = listener.synq_overflow
+    return last < 0 or now - last > TCP_SYNCOOKIE_VALID
+
+
 def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: int,
                   now: float) -> bool:
     """Final ACK for a SYN-ACK we sent as a cookie (Linux ``cookie_v4_check``)."""
@@ -405,6 +505,8 @@ def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: 
         return False
     if inet_connection_sock.sk_acceptq_is_full(listener):
         sh.stats.drop(DropReason.TCP_LISTEN_OVERFLOW)
+        return True
+    if not tcp_conn_allowed(sh, now):
         return True
     req = request_sock.inet_reqsk_alloc(sh, listener, dst, seg.dst_port, src, seg.src_port)
     req.irs = (seg.seq - 1) & MASK
@@ -452,8 +554,7 @@ def tcp_v4_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: Tc
     mss = req.mss
     if child.user_mss and child.user_mss < mss:
         mss = child.user_mss
-    child.mss = mss
-    child.mss_cache = mss - (12 if child.ts_ok else 0)
+    tcp_output.tcp_set_mss(child, mss)
     # The MSS we announce: the route's (our MTU's) advmss, bounded by TCP_MAXSEG
     # (Linux tcp_mss_clamp), as the SYN-ACK announced it.
     if sh.tracing:
@@ -503,10 +604,12 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
         return
     if q.proto != 6:
         stats.icmp_in_errors += 1  # no other transport here: nothing to tell
+        stats.drop(DropReason.ICMP_ERR_NOT_TCP)
         return
     sk = sh.h.ehash.get((q.src, q.sport, q.dst, q.dport))
     if sk is None:
         stats.icmp_in_errors += 1  # Linux: ICMP_MIB_INERRORS, -ENOENT
+        stats.drop(DropReason.ICMP_ERR_NOT_OURS)
         return
     if isinstance(sk, RequestSock):  # NEW-SYN-RECV
         # Only errors saying the peer cannot be reached end a half-open
@@ -521,6 +624,7 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
         return
     if ((q.seq - sk.snd_una) & MASK) > ((sk.snd_max - sk.snd_una) & MASK):
         stats.tcp_out_of_window_icmps += 1
+        stats.drop(DropReason.ICMP_ERR_OUT_OF_WINDOW)
         return
     itype, code = e.type, e.code
     if itype == ICMP_DEST_UNREACH:
@@ -554,6 +658,7 @@ def tcp_req_err(sh: Shard, req: RequestSock, seq: int, abort: bool) -> None:
     """An error quoting a request sock's SYN-ACK (Linux ``tcp_req_err``)."""
     if seq != req.iss:
         sh.stats.tcp_out_of_window_icmps += 1
+        sh.stats.drop(DropReason.ICMP_ERR_OUT_OF_WINDOW)
         return
     if abort:
         # Dropped silently (Linux inet_csk_reqsk_queue_drop): the listener has
@@ -595,8 +700,7 @@ def tcp_sync_mss(sk: TcpSock, pmtu: int) -> bool:
     mss = pmtu - 40  # IPv4 + TCP headers, no options
     if mss >= sk.mss:
         return False
-    sk.mss = mss
-    sk.mss_cache = mss - (12 if sk.ts_ok else 0)
+    tcp_output.tcp_set_mss(sk, mss)
     return True
 
 

@@ -57,11 +57,29 @@ def tcp_time_wait(sh: Shard, sk: TcpSock, now: float) -> None:
 def tcp_timewait_state_process(sh: Shard, tw: TcpSock, seg: TcpSegment, now: float) -> int:
     """A segment for a TIME-WAIT socket; returns TW_SYN when a new SYN may reuse the tuple."""
     flags = seg.flags
-    if flags & RST:
-        sh.stats.drop(DropReason.TCP_RESET)
-        tcp.tcp_done(sh, tw)  # TIME-WAIT assassination, as Linux with tcp_rfc1337 = 0
-        return TW_DROP
     ts = seg.options.ts
+    # PAWS against the connection's TS.Recent (RFC 7323 §5.3, Linux tcp_paws_reject):
+    # an RST is let through once TS.Recent is older than TCP_PAWS_MSL.
+    paws_reject = (tw.ts_ok and ts is not None and tw.ts_recent != 0
+                   and 0 < ((tw.ts_recent - ts[0]) & MASK) < HALF
+                   and not (flags & RST and now - tw.ts_recent_stamp >= TCP_PAWS_MSL))
+    if flags & RST:
+        if not paws_reject and seg.seq == tw.rcv_nxt:
+            sh.stats.drop(DropReason.TCP_RESET)
+            tcp.tcp_done(sh, tw)  # TIME-WAIT assassination, as Linux with tcp_rfc1337 = 0
+        else:
+            # Linux kills a TIME-WAIT socket only with an RST at exactly RCV.NXT
+            # (RFC 5961 §3.2's rule); a blind one is dropped.
+            sh.stats.drop(DropReason.TCP_PAWS if paws_reject
+                          else DropReason.TCP_INVALID_SEQUENCE)
+        return TW_DROP
+    if paws_reject:
+        # An old duplicate: ACK it (rate limited) and keep the full 2*MSL
+        # (Linux LINUX_MIB_PAWS_TW_REJECTED).
+        sh.stats.drop(DropReason.TCP_PAWS)
+        sh.timers.arm(tw, TimerKind.TIME_WAIT, now + TCP_TIMEWAIT_LEN)
+        _tw_ack(sh, tw, now)
+        return TW_ACK
     if flags & SYN and not flags & ACK:
         newer_seq = 0 < ((seg.seq - tw.rcv_nxt) & MASK) < HALF
         newer_ts = tw.ts_ok and ts is not None and 0 < ((ts[0] - tw.ts_recent) & MASK) < HALF
@@ -75,11 +93,25 @@ def tcp_timewait_state_process(sh: Shard, tw: TcpSock, seg: TcpSegment, now: flo
         sh.timers.arm(tw, TimerKind.TIME_WAIT, now + TCP_TIMEWAIT_LEN)
         return TW_ACK
     if seg.payload or flags & (SYN | FIN):
-        tcp_output.tcp_send_ack(sh, tw, now)
+        _tw_ack(sh, tw, now)
         sh.stats.drop(DropReason.TCP_TIMEWAIT)
         return TW_ACK
     sh.stats.drop(DropReason.TCP_TIMEWAIT)
     return TW_DROP
+
+
+#: Linux TCP_PAWS_MSL: after this long without a timestamp, an RST is not PAWS-checked.
+TCP_PAWS_MSL = 60.0
+
+
+def _tw_ack(sh: Shard, tw: TcpSock, now: float) -> None:
+    """ACK an out-of-window segment in TIME-WAIT, at most once per 500 ms (Linux
+    ``tcp_timewait_check_oow_rate_limit``): a peer cannot make a TIME-WAIT socket
+    answer every packet it sends."""
+    if tw.last_oow_ack >= 0 and now - tw.last_oow_ack < tcp_input.OOW_RATELIMIT:
+        return
+    tw.last_oow_ack = now
+    tcp_output.tcp_send_ack(sh, tw, now)
 
 
 def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> TcpSock | None:

@@ -19,7 +19,9 @@ from . import tcp_chrono, tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
+    TCP_MIN_SND_MSS,
     TCP_RTO_MAX,
+    TCPOLEN_TSTAMP_ALIGNED,
     RequestSock,
     State,
     TcpSegment,
@@ -52,6 +54,21 @@ _PERSIST = TimerKind.PERSIST
 _TLP = TimerKind.TLP
 
 
+
+def tcp_set_mss(sk: TcpSock, mss: int) -> None:
+    """Set the send MSS (Linux ``tcp_sync_mss`` / ``__tcp_mtu_to_mss``), the only writer
+    of ``mss``/``mss_cache``.
+
+    ``mss`` is the clamp before options (the peer's MSS option, our MTU,
+    TCP_MAXSEG, the path MTU): raised to ``tcp_min_snd_mss`` first, then the
+    timestamp option's room comes off, as Linux does, so ``mss_cache`` is at
+    least 36 whatever the peer announced.
+    """
+    if mss < TCP_MIN_SND_MSS:
+        mss = TCP_MIN_SND_MSS
+    sk.mss = mss
+    sk.mss_cache = mss - (TCPOLEN_TSTAMP_ALIGNED if sk.ts_ok else 0)
+
 def tcp_current_mss(sk: TcpSock) -> int:
     """Payload per segment after this moment's options (Linux ``tcp_current_mss``).
 
@@ -61,7 +78,7 @@ def tcp_current_mss(sk: TcpSock) -> int:
     """
     mss = sk.mss_cache
     if (sk.ofo or sk.dsack) and sk.sack_ok:
-        n = len(sk.ofo) + (1 if sk.dsack else 0)
+        n = (len(sk.sack_blocks) if sk.ofo else 0) + (1 if sk.dsack else 0)
         limit = 3 if sk.ts_ok else 4
         mss -= 4 + 8 * (n if n < limit else limit)
     return mss
@@ -144,7 +161,7 @@ def _options(sk: TcpSock, now: float) -> bytes:
     if (sk.ofo or sk.dsack) and sk.sack_ok:
         ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
         limit = 3 if ts else 4
-        blocks = _sack_blocks(sk, limit) if sk.ofo else []
+        blocks = [(b[0], b[1]) for b in sk.sack_blocks[:limit]] if sk.ofo else []
         if sk.dsack:
             blocks = [sk.dsack] + blocks[:limit - 1]
             sk.dsack = None
@@ -152,32 +169,6 @@ def _options(sk: TcpSock, now: float) -> bytes:
     if sk.ts_ok:
         return _TS_OPT.pack(_TS_WORD, (int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent)
     return b""
-
-
-def _sack_blocks(sk: TcpSock, limit: int) -> list[tuple[int, int]]:
-    """Merged out-of-order ranges for the SACK option (RFC 2018 §4).
-
-    The first block holds the most recent arrival; the others follow in the
-    order they last changed, so blocks reported before are repeated.
-    """
-    blocks: list[list[int]] = []
-    for e in sk.ofo:
-        start, end = e[0], e[1]
-        if blocks and blocks[-1][1] == start:
-            blocks[-1][1] = end
-        else:
-            blocks.append([start, end])
-    recent = sk.ofo_recent
-
-    def rank(b: list[int]) -> int:
-        span = (b[1] - b[0]) & MASK
-        for i, seq in enumerate(recent):
-            if ((seq - b[0]) & MASK) < span:
-                return i
-        return len(recent)
-
-    blocks.sort(key=rank)
-    return [(b[0], b[1]) for b in blocks[:limit]]
 
 
 def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | memoryview, now: float,
@@ -232,6 +223,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     sk.segs_out += 1
     if plen:
         sk.data_segs_out += 1
+        if plen < sk.seg_min:
+            sk.seg_min = plen
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
         sk.unacked_rcv = 0
@@ -626,6 +619,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
         sent_off += size
         off = end
     sh.stats.segs_out += count
+    if size < sk.seg_min:
+        sk.seg_min = size
     pcount = count * ((size - 1) // mss + 1)
     sk.segs_out += pcount
     sk.data_segs_out += pcount
@@ -700,7 +695,9 @@ def _next_relost(sk: TcpSock, mss: int) -> tuple[int, int] | None:
             continue
         end_off = (e - una) & MASK
         start = (s - una) & MASK
-        for b in sk.sacked:
+        sacked = sk.sacked
+        for k in range(tcp_input.sacked_from(sk, una, start), len(sacked)):
+            b = sacked[k]
             lo = (b[0] - una) & MASK
             if lo >= end_off:
                 break
@@ -744,7 +741,9 @@ def _next_hole(sk: TcpSock, mss: int) -> tuple[int, int] | None:
     if start >= lost:
         return None
     end = lost
-    for b in sk.sacked:
+    sacked = sk.sacked
+    for k in range(tcp_input.sacked_from(sk, una, start), len(sacked)):
+        b = sacked[k]
         lo = (b[0] - una) & MASK
         if lo >= end:
             break

@@ -10,6 +10,7 @@ whose other half they are (RFC 8985 §7).
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
 
 from . import tcp_input, tcp_output
@@ -107,8 +108,21 @@ def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
         # The windowed path minimum (tcp_update_rtt_min); before any sample, SRTT.
         min_rtt = sk.min_rtt or sk.srtt
         keep = []
+        # The scoreboard's offsets once per ACK, then a C-level bisection per
+        # entry: O(n + R log n) for n SACKed ranges and R logged retransmissions.
+        sacked = sk.sacked
+        starts = [(b[0] - una) & MASK for b in sacked]
+        ends = [(b[1] - una) & MASK for b in sacked]
+        bisect_right = bisect.bisect_right
         for ent in log:
-            if _delivered(sk, una, ent[0], ent[1]):
+            eo = (ent[1] - una) & MASK
+            if eo == 0 or eo & HALF:
+                delivered = True
+            else:
+                so = (ent[0] - una) & MASK
+                k = bisect_right(starts, so) - 1
+                delivered = not so & HALF and k >= 0 and eo <= ends[k]
+            if delivered:
                 if now - ent[3] >= min_rtt:
                     _rack_update(sk, ent[3], ent[1], now)
             else:
@@ -213,7 +227,9 @@ def tcp_rack_detect_loss(sh: Shard, sk: TcpSock, now: float) -> int | None:
 def _unsacked_in(sk: TcpSock, lo: int, hi: int) -> bool:
     """Is any byte of [lo, hi) (offsets from SND.UNA) not SACKed?"""
     una = sk.snd_una
-    for b in sk.sacked:
+    sacked = sk.sacked
+    for k in range(tcp_input.sacked_from(sk, una, lo), len(sacked)):
+        b = sacked[k]
         a = (b[0] - una) & MASK
         if a > lo:
             break
@@ -285,10 +301,10 @@ def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
     so = (s - una) & MASK
     if so & HALF:
         return False
-    for b in sk.sacked:
-        if ((b[0] - una) & MASK) <= so and eo <= ((b[1] - una) & MASK):
-            return True
-    return False
+    sacked = sk.sacked
+    i = tcp_input.sacked_from(sk, una, so)  # the only entry that can hold [s, e)
+    return i < len(sacked) and ((sacked[i][0] - una) & MASK) <= so \
+        and eo <= ((sacked[i][1] - una) & MASK)
 
 
 # -- the tail loss probe (RFC 8985 §7) --------------------------------------------------

@@ -461,8 +461,12 @@ def tcp_keepalive_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         sh.timers.arm(sk, TimerKind.KEEPALIVE, now + sk.keepidle)
         return
     idle = now - sk.rcv_tstamp
-    if idle < sk.keepidle and sk.probes == 0:
-        sh.timers.arm(sk, TimerKind.KEEPALIVE, sk.rcv_tstamp + sk.keepidle)
+    due = sk.rcv_tstamp + sk.keepidle
+    # Compare the deadline, not the idle time: now - rcv_tstamp < keepidle can
+    # hold while rcv_tstamp + keepidle <= now (float rounding), and re-arming
+    # for a deadline not after now made Shard.advance spin forever.
+    if due > now and sk.probes == 0:
+        sh.timers.arm(sk, TimerKind.KEEPALIVE, due)
         return
     ut = sk.user_timeout
     if (sk.probes > 0 and _ms(idle) >= ut) if ut else sk.probes >= sk.keepcnt:

@@ -171,6 +171,13 @@ def _add_serve(sub) -> None:
                    help="worker i on CPU i, and on TUN the kernel's receive work for a worker's "
                    "frames on the other CPUs: faster bulk transfers when the stack has the CPUs "
                    "to itself, slower when apps share them (default: the scheduler places workers)")
+    p.add_argument("--max-connections", type=int, default=0, metavar="N",
+                   help="most connections per worker (established, handshaking, TIME-WAIT); "
+                   "SYNs past it are dropped and counted (default: no cap)")
+    p.add_argument("--tcp-mem", metavar="LOW,PRESSURE,HIGH", default=None,
+                   help="per-worker queued-memory limits in MiB, like Linux tcp_mem: above "
+                   "PRESSURE out-of-order data is not kept, above HIGH new connections "
+                   "are refused (default 128,256,512)")
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus/OpenMetrics text at http://HOST:PORT/metrics "
                    "(HOST defaults to 127.0.0.1: loopback only unless you name another)")
@@ -213,8 +220,25 @@ def serve_config(args: argparse.Namespace):
         pin=args.pin,
         metrics=args.metrics,
         secret=new_secret(),
+        max_connections=args.max_connections,
+        tcp_mem=_parse_tcp_mem(args.tcp_mem),
     )
     return cfg.validate()
+
+
+def _parse_tcp_mem(text: str | None) -> list[int]:
+    """``--tcp-mem 128,256,512`` (MiB) -> bytes; [] keeps the engine's default."""
+    from shardstack.config import ConfigError
+
+    if not text:
+        return []
+    try:
+        low, pressure, high = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--tcp-mem wants LOW,PRESSURE,HIGH in MiB, not {text!r}") from None
+    if not 0 < low <= pressure <= high:
+        raise ConfigError("--tcp-mem needs 0 < LOW <= PRESSURE <= HIGH")
+    return [low << 20, pressure << 20, high << 20]
 
 
 def _check_impair(spec: str) -> None:

@@ -89,6 +89,8 @@ class ServeConfig:
     pin: bool = False  # worker i on CPU i; TUN queue i's kernel work elsewhere (shardstack.affinity)
     metrics: str | None = None  # "[HOST:]PORT" for Prometheus (shardstack.metrics); loopback default
     secret: bytes = b""
+    max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
+    tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -109,6 +111,8 @@ class ServeConfig:
         ports = self.echo_ports + self.discard_ports
         if len(set(ports)) != len(ports):
             raise ConfigError("a port is given to more than one service")
+        if self.max_connections < 0:
+            raise ConfigError("--max-connections must be >= 0")
         if self.metrics is not None:
             from shardstack.metrics import parse_listen
 

@@ -202,6 +202,9 @@ def format_stats(st: dict[str, Any]) -> str:
         line = _drop_line(w.get("counters", {}).get("drops", {}))
         if line:
             lines.append(f"worker {w.get('id')} drops: {line}")
+        line = _drop_line({k: w.get("shard", {}).get(k, 0) for k in LIMIT_COUNTERS})
+        if line:
+            lines.append(f"worker {w.get('id')} limits hit: {line}")
     n = st.get("netio", {}).get("counters", {})
     if n:
         d = n.get("dispatch", {})
@@ -214,6 +217,14 @@ def format_stats(st: dict[str, Any]) -> str:
         if line:
             lines.append(f"netio drops: {line}")
     return "\n".join(lines)
+
+
+#: ShardStats counters that say a limit was reached (the drops themselves are
+#: in the drop reasons): listen/SYN queues, receive memory, SACK scoreboard,
+#: tcp_mem, ICMP and challenge-ACK rate limits.
+LIMIT_COUNTERS = ("listen_overflows", "syncookies_sent", "prune_called", "rcv_collapsed",
+                  "ofo_pruned", "ofo_drop", "sack_capped", "tcp_mem_pressures",
+                  "challenge_acks")
 
 
 def _drop_line(drops: dict[str, int]) -> str:

@@ -174,7 +174,11 @@ class Worker:
         scfg = ShardConfig(addrs=[self.cfg.addr.ip], mtu=self.cfg.mtu, secret=self.cfg.secret,
                            trace=False, port_filter=port_filter,
                            tso_max=TSO_MAX if self.tso else 0,
-                           tx_csum_offload=self.tso)  # send_gso marks NEEDS_CSUM
+                           tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
+                           max_connections=self.cfg.max_connections)
+        if self.cfg.tcp_mem:
+            low, pressure, high = self.cfg.tcp_mem
+            scfg.tcp_mem = (low, pressure, high)
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:

@@ -62,7 +62,9 @@ def test_bad_data_offset():
     assert feed(sh, build_ipv4(B, A, 6, bytes(seg)), csum_ok=True) == []
     seg[12] = 0xF0  # 60-byte header in a 20-byte segment
     assert feed(sh, build_ipv4(B, A, 6, bytes(seg)), csum_ok=True) == []
-    assert sh.stats.drops[DropReason.TCP_HDR] == 2
+    # each class under its own reason (issue 11)
+    assert sh.stats.drops[DropReason.TCP_DOFF_SHORT] == 1
+    assert sh.stats.drops[DropReason.TCP_DOFF_OVERRUN] == 1
 
 
 def test_truncated_options():
@@ -70,7 +72,7 @@ def test_truncated_options():
     # NOP, NOP, then a timestamp option whose length (10) runs past the 4 option bytes
     seg = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 0x60, SYN, 1000, 0, 0) + b"\x01\x01\x08\x0a"
     assert feed(sh, build_ipv4(B, A, 6, seg), csum_ok=True) == []
-    assert sh.stats.drops[DropReason.TCP_OPTIONS] == 1
+    assert sh.stats.drops[DropReason.TCP_OPT_OVERRUN] == 1
 
 
 def test_syn_fin_and_syn_rst():
