@@ -365,6 +365,8 @@ class Shard:
                 sk.reuseaddr = bool(_int(value))
             elif opt == _socket.SO_REUSEPORT:
                 sk.reuseport = bool(_int(value))
+            elif opt == _socket.SO_OOBINLINE:
+                sk.oobinline = bool(_int(value))
             elif opt == _socket.SO_KEEPALIVE:
                 on = bool(_int(value))
                 if on and not sk.keepalive and sk.state is State.ESTABLISHED:
@@ -455,6 +457,7 @@ class Shard:
             table: dict[int, int | bytes] = {_socket.SO_REUSEADDR: int(sk.reuseaddr),
                      _socket.SO_REUSEPORT: int(sk.reuseport),
                      _socket.SO_KEEPALIVE: int(sk.keepalive),
+                     _socket.SO_OOBINLINE: int(sk.oobinline),
                      _socket.SO_RCVBUF: sk.rcvbuf, _socket.SO_SNDBUF: sk.sndbuf,
                      _socket.SO_TYPE: _socket.SOCK_STREAM,
                      _socket.SO_ACCEPTCONN: int(sk.state is State.LISTEN)}
@@ -528,11 +531,15 @@ class Shard:
         self.now = now
         tcp_ipv4.tcp_v4_connect(self, self._sk(sd), addr, port, now)
 
-    def send(self, sd: int, data: BytesLike, now: float) -> int:
+    def send(self, sd: int, data: BytesLike, now: float, flags: int = 0) -> int:
+        """send(2); ``flags`` may hold MSG_OOB: the last byte sent is urgent."""
         self.now = now
-        return tcp.tcp_sendmsg(self, self._sk(sd), data, now)
+        return tcp.tcp_sendmsg(self, self._sk(sd), data, now, bool(flags & _socket.MSG_OOB))
 
-    def recv(self, sd: int, maxlen: int) -> bytes | None:
+    def recv(self, sd: int, maxlen: int, flags: int = 0) -> bytes | None:
+        """recv(2): None when it would block; ``flags`` may hold MSG_OOB (the urgent byte)."""
+        if flags & _socket.MSG_OOB:
+            return tcp.tcp_recv_urg(self, self._sk(sd), maxlen)
         return tcp.tcp_recvmsg(self, self._sk(sd), maxlen, self.now)
 
     def shutdown(self, sd: int, how: int, now: float) -> None:

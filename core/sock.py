@@ -67,6 +67,7 @@ class TcpSock:
     syn_count: int = 0  # TCP_SYNCNT; 0: tcp_syn_retries (tcp_synack_retries on a listener)
     linger2: float = 0.0  # TCP_LINGER2, s; 0: tcp_fin_timeout; < 0: no FIN-WAIT-2 wait
     window_clamp: int = 0  # TCP_WINDOW_CLAMP, bytes; 0: none (the buffer and scale bound it)
+    oobinline: bool = False  # SO_OOBINLINE: the urgent byte stays in the stream
     # -- bind / listen -------------------------------------------------------------
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False
@@ -98,6 +99,10 @@ class TcpSock:
     fin_sent: bool = False
     fin_seq: int = 0
     snd_sml: int = 0  # end of the last small (< MSS) segment sent (Minshall's Nagle); the ISN at open
+    # Urgent data sent (RFC 9293 §3.8.5, RFC 6093; Linux tcp_mark_urg): SND.UP is
+    # one past the last urgent byte; segments before it carry URG until SND.UNA passes it.
+    snd_up: int = 0
+    urg_mode: bool = False  # Linux tcp_urg_mode (snd_up ahead of snd_una)
     write_blocked: bool = False  # a send() took less than offered: Writable owed
     # Where the sender's time goes (tcp_chrono): the condition timed now (0: none,
     # 1 busy, 2 rwnd-limited, 3 sndbuf-limited), since when, and the totals, s.
@@ -131,6 +136,10 @@ class TcpSock:
     sack_blocks: list[list[int]] = field(default_factory=list)
     #: ``len(ofo)`` when collapsing it last found nothing to join (-1: try again).
     ofo_collapsed: int = -1
+    # Urgent data received (Linux tcp_check_urg / tcp_urg): the urgent byte's
+    # sequence number and its state, URG_* flags | the byte (0: none).
+    urg_seq: int = 0
+    urg_data: int = 0
     rd_shut: bool = False  # shutdown(SHUT_RD)
     adv_mss: int = 1460  # the MSS we announce
     fin_rcvd: bool = False

@@ -16,6 +16,9 @@ from .tcp_h import (
     HALF,
     MASK,
     TCP_FIN_TIMEOUT,
+    TCP_URG_NOTYET,
+    TCP_URG_READ,
+    TCP_URG_VALID,
     BytesLike,
     RequestSock,
     State,
@@ -126,8 +129,11 @@ def tcp_reset(sh: Shard, sk: TcpSock) -> None:
     tcp_done(sh, sk, err)
 
 
-def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float) -> int:
-    """Queue ``data`` (no copy for bytes; one copy for mutable buffers), then push."""
+def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float, oob: bool = False) -> int:
+    """Queue ``data`` (no copy for bytes; one copy for mutable buffers), then push.
+
+    ``oob`` (send(MSG_OOB)): the last byte queued is urgent (Linux ``tcp_mark_urg``).
+    """
     if sk.err:
         err, sk.err = sk.err, 0
         raise os_error(err)
@@ -159,6 +165,11 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float) -> int:
         mv = memoryview(bytes(memoryview(data).cast("B")[:n]))
     sk.sndq.append(mv[:n] if n < len(mv) else mv)
     sk.sndq_len += n
+    if oob:
+        # SND.UP one past the urgent byte, the pointer convention Linux and BSD
+        # send (RFC 6093 §2); tcp_transmit sets URG while a segment starts before it.
+        sk.snd_up = (sk.snd_una + sk.sndq_len) & MASK
+        sk.urg_mode = True
     tcp_output.tcp_write_xmit(sh, sk, now)
     return n
 
@@ -166,6 +177,8 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float) -> int:
 def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None:
     """Take up to ``maxlen`` bytes; b"" at EOF; None when nothing is there yet."""
     sk.readable_signalled = False
+    if sk.urg_data and sk.rcvq_len:
+        maxlen = _urg_mark(sk, maxlen)
     if sk.rcvq_len == 0:
         # Linux tcp_recvmsg tests SOCK_DONE (the peer's FIN came) before sk_err: a
         # RST after the FIN leaves the EOF to read() and its error to write().
@@ -206,6 +219,74 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
         tcp_rcvbuf.tcp_rcv_space_adjust(sh, sk, now)  # once per RTT: grow with what was read
     _cleanup_rbuf(sh, sk, now)
     return bytes(out) if type(out) is not bytes else out
+
+
+def _urg_mark(sk: TcpSock, maxlen: int) -> int:
+    """How much a read may take at the urgent mark (Linux ``tcp_recvmsg``): it stops
+    before the urgent byte; one starting at the byte skips it unless SO_OOBINLINE.
+    Reading past the byte forgets it (recv(MSG_OOB) then fails with EINVAL)."""
+    if sk.urg_data & TCP_URG_NOTYET:
+        tcp_urg_fill(sk)
+        if sk.urg_data & TCP_URG_NOTYET:
+            return maxlen  # not received yet: reads end at RCV.NXT, before it
+    off = (sk.urg_seq - sk.copied_seq) & MASK
+    if off & HALF:
+        sk.urg_data = 0  # already behind the reader
+    elif off == 0:
+        if not sk.oobinline:
+            tcp_urg_skip(sk)
+            sk.urg_data = 0
+        elif maxlen > 0:
+            sk.urg_data = 0  # this read takes the byte inline
+    elif off < maxlen:
+        return off
+    return maxlen
+
+
+def tcp_urg_skip(sk: TcpSock) -> None:
+    """Take the urgent byte at the head of the receive queue out of the stream."""
+    q = sk.rcvq
+    off = sk.rcvq_off + 1
+    if off >= len(q[0]):
+        q.popleft()
+        off = 0
+    sk.rcvq_off = off
+    sk.rcvq_len -= 1
+    sk.copied_seq = (sk.copied_seq + 1) & MASK
+
+
+def tcp_urg_fill(sk: TcpSock) -> None:
+    """A pending urgent pointer whose byte has reached the receive queue: keep the
+    byte (Linux ``tcp_urg`` does this from the segment; a segment without URG can
+    deliver it by header prediction, so the reader looks here too)."""
+    i = (sk.urg_seq - sk.copied_seq) & MASK
+    if i >= sk.rcvq_len:
+        return
+    i += sk.rcvq_off
+    for chunk in sk.rcvq:
+        if i < len(chunk):
+            sk.urg_data = TCP_URG_VALID | chunk[i]
+            return
+        i -= len(chunk)
+
+
+def tcp_recv_urg(sh: Shard, sk: TcpSock, maxlen: int) -> bytes | None:
+    """recv(MSG_OOB) (Linux ``tcp_recv_urg``): the urgent byte, once; EINVAL with
+    SO_OOBINLINE, with none, or when it was taken already; None (EAGAIN) while the
+    pointer is known and the byte is not here yet; b"" after EOF."""
+    if sk.state is _LISTEN:
+        raise os_error(errno.ENOTCONN)
+    if sk.urg_data & TCP_URG_NOTYET:
+        tcp_urg_fill(sk)
+    urg = sk.urg_data
+    if sk.oobinline or not urg or urg & TCP_URG_READ:
+        raise os_error(errno.EINVAL)
+    if urg & TCP_URG_VALID:
+        sk.urg_data = urg | TCP_URG_READ
+        return bytes((urg & 0xFF,)) if maxlen > 0 else b""
+    if sk.state is _CLOSED or sk.fin_rcvd or sk.rd_shut:
+        return b""
+    return None
 
 
 def _cleanup_rbuf(sh: Shard, sk: TcpSock, now: float) -> None:

@@ -53,7 +53,7 @@ __all__ = [
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
     "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
-    "SockOptValue",
+    "SockOptValue", "TCP_URG_VALID", "TCP_URG_NOTYET", "TCP_URG_READ",
 ]
 
 #: A packet or an application's buffer: anything with the buffer protocol we accept.
@@ -61,6 +61,13 @@ BytesLike = bytes | bytearray | memoryview
 #: A socket option's value as setsockopt(2) takes it: an int, the option's bytes,
 #: a name (TCP_CONGESTION) or SO_LINGER's (onoff, seconds).
 SockOptValue = int | bytes | bytearray | str | tuple[int, int]
+
+#: ``TcpSock.urg_data`` flags (Linux TCP_URG_*), or'ed with the urgent byte:
+#: the byte is here, the pointer is known but the byte not yet received, the
+#: application took it with recv(MSG_OOB).
+TCP_URG_VALID = 0x100
+TCP_URG_NOTYET = 0x200
+TCP_URG_READ = 0x400
 
 #: Sequence numbers are 32 bits: arithmetic is modulo MASK + 1.
 MASK = 0xFFFFFFFF
@@ -154,11 +161,11 @@ NOT_IMPLEMENTED = frozenset({
     # Not built: ECN, saved SYNs, receive-side steering, per-protocol use counts,
     # path-MTU probing, MSS bounded by the window, the old initial-buffer fixup and send-buffer
     # growth (the receive buffer auto-tunes: tcp_rcvbuf), the metrics cache,
-    # pacing, urgent data, and a fast-path switch (tcp_v4_rcv predicts for
+    # pacing, and a fast-path switch (tcp_v4_rcv predicts for
     # every ESTABLISHED socket).
     "tcp_ecn_create_request", "tcp_ecn_rcv_ecn_echo", "tcp_reqsk_record_syn", "tcp_move_syn",
     "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtup_init", "tcp_mtu_to_mss",
     "tcp_bound_to_half_wnd",
     "tcp_fixup_rcvbuf", "tcp_sndbuf_expand", "tcp_full_space", "tcp_init_metrics",
-    "tcp_update_pacing_rate", "tcp_urg", "tcp_fast_path_on",
+    "tcp_update_pacing_rate", "tcp_fast_path_on",
 })

@@ -30,6 +30,8 @@ from .tcp_h import (
     TCP_FASTRETRANS_THRESH,
     TCP_RTO_MIN,
     TCP_SKB_OVERHEAD,
+    TCP_URG_NOTYET,
+    TCP_URG_VALID,
     BytesLike,
     State,
     TcpSegment,
@@ -37,7 +39,7 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, RST, SYN, TcpOptions
+from .wire.tcp import ACK, FIN, RST, SYN, URG, TcpOptions
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -1567,6 +1569,8 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
     elif st is _LAST_ACK and fin_acked:
         tcp.tcp_done(sh, sk)
         return
+    if flags & URG or sh.tracing:
+        tcp_urg(sh, sk, seg)  # RFC 9293 §3.10.7.4 sixth step, before the text
     if st in _DATA_STATES:
         if sk.orphan and st is not _ESTABLISHED and seg.payload and \
                 0 < ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) < HALF:
@@ -1581,6 +1585,47 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
         return
     tcp_data_snd_check(sh, sk, now)
     tcp_ack_snd_check(sh, sk, now)
+
+
+def tcp_urg(sh: Shard, sk: TcpSock, seg: TcpSegment) -> None:
+    """Check the URG bit (RFC 9293 §3.10.7.4 sixth step; Linux ``tcp_urg``): note
+    a new urgent pointer, and keep the urgent byte when this segment carries it.
+    Header prediction declines URG segments, so only this path sees them."""
+    if sh.tracing:
+        sh.tr("tcp_urg")
+    if seg.flags & URG:
+        tcp_check_urg(sk, seg)
+    if sk.urg_data & TCP_URG_NOTYET:
+        seq = seg.seq
+        if seg.flags & SYN:
+            seq = (seq + 1) & MASK
+        off = (sk.urg_seq - seq) & MASK
+        if off < len(seg.payload):
+            sk.urg_data = TCP_URG_VALID | seg.payload[off]
+
+
+def tcp_check_urg(sk: TcpSock, seg: TcpSegment) -> None:
+    """A segment with URG: the urgent byte is SEG.SEQ + SEG.UP - 1 (the BSD
+    reading Linux keeps, tcp_stdurg off; RFC 6093 §2).  Only a pointer past
+    everything received and past the urgent byte already known counts (Linux
+    ``tcp_check_urg``); only the latest urgent byte is kept."""
+    ptr = seg.urgent
+    if ptr:
+        ptr -= 1
+    ptr = (seg.seq + ptr) & MASK
+    copied = sk.copied_seq
+    if 0 < ((copied - ptr) & MASK) < HALF:
+        return  # the reader is past it
+    if ((ptr - sk.rcv_nxt) & MASK) & HALF:
+        return  # received already: an old pointer repeated
+    if sk.urg_data and not 0 < ((ptr - sk.urg_seq) & MASK) < HALF:
+        return  # not beyond the urgent byte we know
+    if (sk.urg_data and sk.urg_seq == copied and not sk.oobinline
+            and copied != sk.rcv_nxt):
+        # The reader sits on the old urgent byte: it leaves the stream unread.
+        tcp.tcp_urg_skip(sk)
+    sk.urg_data = TCP_URG_NOTYET
+    sk.urg_seq = ptr
 
 
 def tcp_synrecv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:

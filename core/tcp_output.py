@@ -29,7 +29,7 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_ipv4, build_tcp_options
+from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, build_tcp_ipv4, build_tcp_options
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -194,6 +194,11 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     if win < 0:
         win = tcp_select_window(sk)
     plen = len(payload)
+    urg = 0
+    if sk.urg_mode:
+        urg = _urgent_pointer(sk, seq)
+        if urg:
+            flags |= URG
     if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok):
         tsval = (int(now * 1000) + sk.ts_off) & MASK
         tsecr = sk.ts_recent
@@ -207,17 +212,18 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
         else:
             # Pseudo-header (proto 6, TCP length 32 + plen) + header words (data
             # offset 8 words: 0x8000 | flags) + the TS option words.
-            t_sum = base + plen + seq + ack + (0x8000 | flags) + win + tsval + tsecr
+            t_sum = base + plen + seq + ack + (0x8000 | flags) + win + tsval + tsecr + urg
             if plen:
                 t_sum += sum16(payload)
             t_field = -t_sum % 0xFFFF
         hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
                            sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
-                           t_field, 0, _TS_WORD, tsval, tsecr)
+                           t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                               win, _options(sk, now), payload, csum_partial=csum_partial)
+                               win, _options(sk, now), payload, csum_partial=csum_partial,
+                               urgent=urg)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -230,6 +236,21 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
+
+
+def _urgent_pointer(sk: TcpSock, seq: int) -> int:
+    """The urgent pointer for a segment starting at ``seq`` (0: no URG), as Linux
+    ``__tcp_transmit_skb``: SND.UP - SEG.SEQ while SND.UP is ahead of it, 0xFFFF
+    when that does not fit in 16 bits (RFC 6093 §4), and urgent mode ends once
+    SND.UNA has reached SND.UP."""
+    d = (sk.snd_up - seq) & MASK
+    if 0 < d < HALF:
+        if d <= 0xFFFF:
+            return d
+        return 0xFFFF if 0 < ((seq + 0xFFFF - sk.snd_nxt) & MASK) < HALF else 0
+    if ((sk.snd_una - sk.snd_up) & MASK) < HALF:
+        sk.urg_mode = False
+    return 0
 
 
 def _tx_csum_init(sk: TcpSock) -> int:
@@ -476,7 +497,7 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                     if in_flight == 0 and sk.snd_wnd == 0:
                         _arm_persist(sh, sk, now)
                     break
-            elif (in_flight and not sk.nodelay and not sk.shut_wr
+            elif (in_flight and not sk.nodelay and not sk.shut_wr and not sk.urg_mode
                   and 0 < ((sk.snd_sml - una) & MASK) < HALF
                   and ((nxt - sk.snd_sml) & MASK) < HALF):
                 # Nagle (RFC 9293 §3.7.4) in Minshall's variant, as Linux
@@ -484,7 +505,7 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                 # while an earlier small one (ending at snd_sml, in (una, nxt]) is
                 # unacknowledged, so a bulk write's tail goes at once.
                 break
-            elif sk.cork and not sk.shut_wr:
+            elif sk.cork and not sk.shut_wr and not sk.urg_mode:
                 # TCP_CORK (Linux tcp_nagle_check, TCP_NAGLE_CORK): the partial
                 # tail waits whatever is in flight; with nothing in flight the
                 # probe timer bounds the wait (tcp_check_probe_timer).

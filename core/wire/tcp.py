@@ -306,6 +306,7 @@ def build_tcp_ipv4(
     ident: int = 0,
     tos: int = 0,
     csum_partial: bool = False,
+    urgent: int = 0,
 ) -> bytes:
     """A whole IPv4+TCP packet with DF set and both checksums filled.
 
@@ -339,7 +340,8 @@ def build_tcp_ipv4(
     if csum_partial:
         t_field = pseudo_header_sum(src, dst, 6, tcp_len)
     else:
-        t_sum = src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
+        t_sum = (src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
+                 + urgent)
         if olen:
             t_sum += _from_bytes(options, "big")
         if plen:
@@ -347,7 +349,7 @@ def build_tcp_ipv4(
         t_field = -t_sum % 0xFFFF
     hdr = _pack_ip_tcp(
         0x45, tos, total, ident, 0x4000, ttl, 6, -ip_sum % 0xFFFF, src, dst,
-        src_port, dst_port, seq, ack, thl << 2, flags, window, t_field, 0,
+        src_port, dst_port, seq, ack, thl << 2, flags, window, t_field, urgent,
     )
     if olen or plen:
         return b"".join((hdr, options, payload))

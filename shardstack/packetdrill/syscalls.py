@@ -248,13 +248,14 @@ class Layer:
         return err or E.ECONNREFUSED
 
     def _recv(self, vs: VSock, n: int, flags: int) -> Call:
-        if flags & ~socket.MSG_DONTWAIT:
+        if flags & ~(socket.MSG_DONTWAIT | socket.MSG_OOB):
             raise Unknown(f"recv flags {flags:#x}")
         nonblock = vs.nonblock or bool(flags & socket.MSG_DONTWAIT)
+        oob = flags & socket.MSG_OOB
 
         def run(now: float) -> Outcome | None:
             try:
-                data = self.shard.recv(vs.sd, n)
+                data = self.shard.recv(vs.sd, n, oob)
             except OSError as e:
                 return Outcome(-1, e.errno)
             if data is None:
@@ -280,15 +281,16 @@ class Layer:
         return self.sys_recv(args, expected_ret)
 
     def _send(self, vs: VSock, n: int, flags: int) -> Call:
-        if flags & ~(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL):
+        if flags & ~(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL | socket.MSG_OOB):
             raise Unknown(f"send flags {flags:#x}")
         nonblock = vs.nonblock or bool(flags & socket.MSG_DONTWAIT)
+        oob = flags & socket.MSG_OOB
         state = {"sent": 0}
 
         def run(now: float) -> Outcome | None:
             while state["sent"] < n:
                 try:
-                    took = self.shard.send(vs.sd, bytes(n - state["sent"]), now)
+                    took = self.shard.send(vs.sd, bytes(n - state["sent"]), now, oob)
                 except OSError as e:
                     if state["sent"]:
                         return Outcome(state["sent"])
