@@ -94,14 +94,14 @@ class Peer:
     def send(self, flags: int, seq: int, ack: int = 0, *, dport: int = 80, window: int = 65535,
              payload: bytes = b"", mss: int | None = None, wscale: int | None = None,
              sack_perm: bool = False, ts: tuple[int, int] | None = None,
-             sack: tuple = (), at: float | None = None) -> None:
+             sack: tuple = (), at: float | None = None, urgent: int = 0) -> None:
         if at is not None:
             self.now = at
             self.shard.advance(at)
         opts = build_tcp_options(mss=mss, wscale=wscale, sack_perm=sack_perm, ts=ts,
                                  sack_blocks=sack)
         pkt = build_tcp_ipv4(self.addr, self.shard_addr, self.port, dport, seq & 0xFFFFFFFF,
-                             ack & 0xFFFFFFFF, flags, window, opts, payload)
+                             ack & 0xFFFFFFFF, flags, window, opts, payload, urgent=urgent)
         self.shard.receive(pkt, self.now)
 
     def recv(self) -> list[Seg]:
