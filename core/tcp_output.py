@@ -431,6 +431,10 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
     burst = XMIT_BURST and sk.ts_ok and not sack_opts
+    if sk.urg_mode:
+        # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
+        maxseg = mss
+        burst = False
     cc = sk.cc
     una = sk.snd_una
     sent = 0

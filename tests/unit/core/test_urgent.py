@@ -115,6 +115,17 @@ def test_send_oob_sets_urg_until_snd_up_is_acked():
     assert not seg.flags & URG and seg.urgent == 0
 
 
+def test_send_oob_with_timestamps_sets_urg_on_every_segment():
+    # With timestamps full segments normally go out as one burst (_xmit_burst)
+    # or a GSO super-segment; each must still carry its own pointer.
+    sh, sd, peer, first = server_conn(ISN, mss=1000, ts=(1, 0))
+    assert sh.send(sd, b"x" * 3000, peer.now, socket.MSG_OOB) == 3000
+    segs = _sent(sh)
+    assert [s.seq - first for s in segs] == [0, 988, 1976, 2964]
+    assert all(s.flags & URG for s in segs)
+    assert [s.urgent for s in segs] == [3000, 2012, 1024, 36]
+
+
 def test_retransmission_before_snd_up_keeps_urg():
     sh, sd, peer, first = server_conn(ISN, mss=1000)
     sh.send(sd, b"x" * 1500, peer.now, socket.MSG_OOB)
