@@ -266,24 +266,29 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return r
 
 
-class SteeringCounts:
-    """An eBPF array map of u64 counters, one per queue: what the steering
-    program sent to each (read by the supervisor's `stats`)."""
+class _ArrayMap:
+    """An eBPF array map of ``n`` unsigned values of ``width`` bytes (4 or 8), by
+    fd: the one place that packs bpf(2)'s map-element attributes."""
 
-    def __init__(self, n_queues: int) -> None:
-        self.n = n_queues
-        attr = ctypes.create_string_buffer(struct.pack("=IIIII", BPF_MAP_TYPE_ARRAY, 4, 8,
-                                                       n_queues, 0), 120)
+    def __init__(self, n: int, width: int) -> None:
+        self.n = n
+        self._ctype: type[ctypes.c_uint32] | type[ctypes.c_uint64] = \
+            ctypes.c_uint32 if width == 4 else ctypes.c_uint64
+        attr = ctypes.create_string_buffer(struct.pack("=IIIII", BPF_MAP_TYPE_ARRAY, 4, width,
+                                                       n, 0), 120)
         self.fd = _bpf(BPF_MAP_CREATE, attr)
+
+    def _elem(self, cmd: int, index: int, value: ctypes.c_uint32 | ctypes.c_uint64) -> None:
+        key = ctypes.c_uint32(index)
+        attr = ctypes.create_string_buffer(struct.pack(
+            "=IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0), 120)
+        _bpf(cmd, attr)
 
     def read(self) -> list[int]:
         out = []
         for i in range(self.n):
-            key = ctypes.c_uint32(i)
-            value = ctypes.c_uint64(0)
-            attr = ctypes.create_string_buffer(struct.pack(
-                "=IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0), 120)
-            _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+            value = self._ctype(0)
+            self._elem(BPF_MAP_LOOKUP_ELEM, i, value)
             out.append(value.value)
         return out
 
@@ -293,44 +298,29 @@ class SteeringCounts:
             self.fd = -1
 
 
-class RetaMap:
+class SteeringCounts(_ArrayMap):
+    """An eBPF array map of u64 counters, one per queue: what the steering
+    program sent to each (read by the supervisor's `stats`)."""
+
+    def __init__(self, n_queues: int) -> None:
+        super().__init__(n_queues, 8)
+
+
+class RetaMap(_ArrayMap):
     """The RETA as an eBPF array map (128 u32: bucket -> worker) that the
     steering program reads (`steering_program(..., reta_map=)`): installing a
     new table is 128 map writes, each bucket switching atomically, with no
     program reload (and no verifier run)."""
 
     def __init__(self, reta: Sequence[int]) -> None:
-        attr = ctypes.create_string_buffer(struct.pack("=IIIII", BPF_MAP_TYPE_ARRAY, 4, 4,
-                                                       len(reta), 0), 120)
-        self.fd = _bpf(BPF_MAP_CREATE, attr)
-        self.n = len(reta)
+        super().__init__(len(reta), 4)
         self.write(reta)
 
     def write(self, reta: Sequence[int]) -> None:
         if len(reta) != self.n:
             raise ValueError(f"RETA must have {self.n} entries")
         for i, w in enumerate(reta):
-            key = ctypes.c_uint32(i)
-            value = ctypes.c_uint32(w)
-            attr = ctypes.create_string_buffer(struct.pack(
-                "=IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0), 120)
-            _bpf(BPF_MAP_UPDATE_ELEM, attr)
-
-    def read(self) -> list[int]:
-        out = []
-        for i in range(self.n):
-            key = ctypes.c_uint32(i)
-            value = ctypes.c_uint32(0)
-            attr = ctypes.create_string_buffer(struct.pack(
-                "=IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0), 120)
-            _bpf(BPF_MAP_LOOKUP_ELEM, attr)
-            out.append(value.value)
-        return out
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            self._elem(BPF_MAP_UPDATE_ELEM, i, ctypes.c_uint32(w))
 
 
 def load_program(insns: Sequence[tuple[int, int, int, int, int]]) -> int:
