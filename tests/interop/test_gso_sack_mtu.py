@@ -28,7 +28,12 @@ def test_gso_segments_with_sack_blocks_fit_the_mtu(tmp_path):
         t.sns.run(["ethtool", "-K", "vsa", "tso", "off", "gso", "off"])
         cap = tmp_path / "vsa.pcap"
         with _capture(t, cap, ns=t.sns, dev="vsa", bufkib=16384):  # the stack's side
-            _transfer(t, "k2s", 1, 8 << 20, 8 << 20, seed=23, hold=False, timeout=90)
+            # A fixed 256 KiB receive buffer on the stack's side (SO_RCVBUF: no
+            # auto-tuning) paces the kernel's data, so both directions run at once
+            # and the stack's data segments meet its out-of-order queue; with an
+            # auto-tuned window the kernel's 8 MiB could finish first.
+            _transfer(t, "k2s", 1, 8 << 20, 8 << 20, seed=23, hold=False, timeout=90,
+                      server_args=("--rcvbuf", str(256 << 10)))
         gso_out = sum(w["counters"]["gso_out"] for w in t.stats()["workers"])
         pkts = _read_ip(cap)
     ours = [p for p in pkts if p.src == t.addr and TCP in p]
