@@ -54,6 +54,9 @@ from .tcp_h import (
 __all__ = ["Shard", "ShardConfig", "ShardStats", "ConnInfo"]
 
 
+#: socket.MSG_OOB as a plain int: the enum's ``&`` costs ~3 µs per send/recv.
+_MSG_OOB = int(_socket.MSG_OOB)
+
 @dataclass(slots=True)
 class ShardConfig:
     """Per-shard settings; defaults follow Linux's sysctls."""
@@ -534,11 +537,11 @@ class Shard:
     def send(self, sd: int, data: BytesLike, now: float, flags: int = 0) -> int:
         """send(2); ``flags`` may hold MSG_OOB: the last byte sent is urgent."""
         self.now = now
-        return tcp.tcp_sendmsg(self, self._sk(sd), data, now, bool(flags & _socket.MSG_OOB))
+        return tcp.tcp_sendmsg(self, self._sk(sd), data, now, bool(flags & _MSG_OOB))
 
     def recv(self, sd: int, maxlen: int, flags: int = 0) -> bytes | None:
         """recv(2): None when it would block; ``flags`` may hold MSG_OOB (the urgent byte)."""
-        if flags & _socket.MSG_OOB:
+        if flags & _MSG_OOB:
             return tcp.tcp_recv_urg(self, self._sk(sd), maxlen)
         return tcp.tcp_recvmsg(self, self._sk(sd), maxlen, self.now)
 
