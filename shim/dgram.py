@@ -57,10 +57,10 @@ class UdpState:
     worker: int = 0
 
 
-def _kernel() -> Any:
-    from shardstack.shim.sock import kernel_socket
+def _unix_at() -> Any:
+    from shardstack.shim.sock import _unix_at
 
-    return kernel_socket
+    return _unix_at
 
 
 def _csock() -> Any:
@@ -85,17 +85,8 @@ def bind(s: Any, stack: Stack, host: str, port: int) -> UdpState:
     udir = run_dir / "u"
     os.makedirs(udir, mode=0o700, exist_ok=True)
     path = str(udir / f"{os.getpid()}-{next(_COUNTER)}.sock")
-    u = _kernel()(_socket_mod.AF_UNIX, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC)
+    u = _unix_at()(path, _socket_mod.SOCK_DGRAM)
     try:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        old = os.umask(0o177)
-        try:
-            u.bind(path)
-        finally:
-            os.umask(old)
         rcvbuf = pre.get((_socket_mod.SOL_SOCKET, _socket_mod.SO_RCVBUF))
         u.setsockopt(_socket_mod.SOL_SOCKET, _socket_mod.SO_RCVBUF,
                      int(rcvbuf) if rcvbuf else 212992)  # net.core.rmem_default

@@ -195,11 +195,12 @@ def view_addr(shown: str) -> str:
     return shown
 
 
-def _unix_at(path: str) -> kernel_socket:
-    """The fd of a bound stack socket: an AF_UNIX socket bound at its
-    listener's path (gateproto.listener_file), which spells the bind, in the
-    run directory, mode 0600: only the stack's user may connect."""
-    u = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+def _unix_at(path: str, kind: int = SOCK_STREAM) -> kernel_socket:
+    """An AF_UNIX socket bound at `path` in the run directory, mode 0600: only
+    the stack's user may connect. A bound TCP socket's fd is one bound at its
+    listener's path (gateproto.listener_file), which spells the bind; a UDP
+    socket's is a SOCK_DGRAM one (shim/dgram.py)."""
+    u = kernel_socket(AF_UNIX, kind | _socket_mod.SOCK_CLOEXEC)
     try:
         try:
             os.unlink(path)  # left by a process that died
