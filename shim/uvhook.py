@@ -371,12 +371,22 @@ async def create_connection(self: Any, protocol_factory: Any, host: Any = None, 
             sock.close()
         raise
     finally:
-        for v in views:
-            if isinstance(v, int):
-                _PENDING.pop(v, None)
+        _forget_pending(views)
+    return _transport_seen(views, transport), protocol
+
+
+def _forget_pending(views: list[Any]) -> None:
+    """Drop the pending entries `_named` registered (ints in `views`)."""
+    for v in views:
+        if isinstance(v, int):
+            _PENDING.pop(v, None)
+
+
+def _transport_seen(views: list[Any], transport: Any) -> Any:
+    """The transport the protocol saw (a TCP-named view, if `_named` made one):
+    the caller (asyncio.open_connection's StreamWriter) must see the same."""
     made = [v for v in views if not isinstance(v, int)]
-    # The caller (asyncio.open_connection's StreamWriter) sees what the protocol saw.
-    return (made[0] if made else transport), protocol
+    return made[0] if made else transport
 
 
 async def connect_accepted_socket(self: Any, protocol_factory: Any, sock: Any,
@@ -391,11 +401,8 @@ async def connect_accepted_socket(self: Any, protocol_factory: Any, sock: Any,
         transport, protocol = await orig(self, _named(protocol_factory, sock.family, sock, views),
                                          UnixFace(sock), **kw)
     finally:
-        for v in views:
-            if isinstance(v, int):
-                _PENDING.pop(v, None)
-    made = [v for v in views if not isinstance(v, int)]
-    return (made[0] if made else transport), protocol
+        _forget_pending(views)
+    return _transport_seen(views, transport), protocol
 
 
 async def _connected_socket(loop: Any, host: Any, port: Any, family: int, proto: int,
