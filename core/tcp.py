@@ -15,7 +15,16 @@ from .events import Closed, Readable, SocketError, Writable
 from .tcp_h import (
     HALF,
     MASK,
+    TCP_CLOSE_WAIT,
+    TCP_CLOSED,
+    TCP_ESTABLISHED,
     TCP_FIN_TIMEOUT,
+    TCP_FIN_WAIT1,
+    TCP_FIN_WAIT2,
+    TCP_LISTEN,
+    TCP_SYN_RECV,
+    TCP_SYN_SENT,
+    TCP_TIME_WAIT,
     TCP_URG_NOTYET,
     TCP_URG_READ,
     TCP_URG_VALID,
@@ -30,22 +39,11 @@ from .tcp_h import (
 if TYPE_CHECKING:
     from .shard import Shard
 
-# Enum members as module constants: ``State.X`` costs ~70 ns per lookup
-# (EnumType attribute access) on paths run once per segment.
-_CLOSED = State.CLOSED
-_CLOSE_WAIT = State.CLOSE_WAIT
-_ESTABLISHED = State.ESTABLISHED
-_FIN_WAIT1 = State.FIN_WAIT1
-_FIN_WAIT2 = State.FIN_WAIT2
-_LISTEN = State.LISTEN
-_SYN_RECV = State.SYN_RECV
-_SYN_SENT = State.SYN_SENT
-_TIME_WAIT = State.TIME_WAIT
 
 __all__ = ["tcp_set_state", "tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg",
            "tcp_shutdown", "tcp_close", "sk_release", "emit_readable", "tcp_fin_time"]
 
-_WRITE_STATES = (_ESTABLISHED, _CLOSE_WAIT)
+_WRITE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
 
 
 #: The trace line of each state: Linux's name for it (callgraph.md writes
@@ -63,15 +61,15 @@ def tcp_set_state(sh: Shard, sk: TcpSock, state: State) -> None:
     the new state's Linux name goes into the trace.
     """
     old = sk.state
-    if state is _ESTABLISHED:
-        if old is not _ESTABLISHED:
+    if state is TCP_ESTABLISHED:
+        if old is not TCP_ESTABLISHED:
             sh.stats.curr_estab += 1
-    elif state is _CLOSE_WAIT:
-        if old is not _ESTABLISHED and old is not _CLOSE_WAIT:
+    elif state is TCP_CLOSE_WAIT:
+        if old is not TCP_ESTABLISHED and old is not TCP_CLOSE_WAIT:
             sh.stats.curr_estab += 1  # SYN-RECEIVED with a FIN: never counted as ESTABLISHED
-    elif old is _ESTABLISHED or old is _CLOSE_WAIT:
+    elif old is TCP_ESTABLISHED or old is TCP_CLOSE_WAIT:
         sh.stats.curr_estab -= 1
-        if state is _CLOSED:
+        if state is TCP_CLOSED:
             sh.stats.estab_resets += 1
     sk.state = state
     if sh.tracing:
@@ -103,7 +101,7 @@ def sk_release(sh: Shard, sk: TcpSock) -> None:
 
 def tcp_done(sh: Shard, sk: TcpSock, err: int = 0) -> None:
     """Final close: unhash, free the port, report (Linux ``tcp_done``)."""
-    tcp_set_state(sh, sk, _CLOSED)
+    tcp_set_state(sh, sk, TCP_CLOSED)
     sk.dead = True
     tcp_timer.TimerHeap.cancel_all(sk)
     inet_hashtables.inet_unhash(sh.h, sk)
@@ -118,11 +116,11 @@ def tcp_done(sh: Shard, sk: TcpSock, err: int = 0) -> None:
 
 def tcp_reset(sh: Shard, sk: TcpSock) -> None:
     """An acceptable RST arrived (RFC 9293 §3.10.7.4; errno as Linux ``tcp_reset``)."""
-    if sk.state is _SYN_SENT:
+    if sk.state is TCP_SYN_SENT:
         err = errno.ECONNREFUSED
-    elif sk.state is _CLOSE_WAIT:
+    elif sk.state is TCP_CLOSE_WAIT:
         err = errno.EPIPE
-    elif sk.state is _TIME_WAIT:
+    elif sk.state is TCP_TIME_WAIT:
         err = 0
     else:
         err = errno.ECONNRESET
@@ -139,7 +137,7 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float, oob: bool =
         raise os_error(err)
     st = sk.state
     if st not in _WRITE_STATES or sk.shut_wr:
-        if st in (_SYN_SENT, _SYN_RECV):
+        if st in (TCP_SYN_SENT, TCP_SYN_RECV):
             return 0
         # Linux sk_stream_wait_connect / sk_stream_error: EPIPE in every other
         # state, even never connected or listening (Linux 6.18: send() on a fresh
@@ -185,11 +183,12 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
         if sk.err and not sk.fin_rcvd:
             err, sk.err = sk.err, 0
             raise os_error(err)
-        if sk.fin_rcvd or sk.rd_shut or sk.state in (_CLOSED, _TIME_WAIT):
-            if sk.state is _LISTEN:
+        if sk.fin_rcvd or sk.rd_shut or sk.state in (TCP_CLOSED, TCP_TIME_WAIT):
+            if sk.state is TCP_LISTEN:
                 raise os_error(errno.ENOTCONN)
             return b""
-        if sk.state is _LISTEN or (sk.state is _CLOSED and not sk.dead):
+        # (A CLOSED socket returned above: the EOF branch takes every CLOSED state.)
+        if sk.state is TCP_LISTEN:
             raise os_error(errno.ENOTCONN)
         return None
     q = sk.rcvq
@@ -274,7 +273,7 @@ def tcp_recv_urg(sh: Shard, sk: TcpSock, maxlen: int) -> bytes | None:
     """recv(MSG_OOB) (Linux ``tcp_recv_urg``): the urgent byte, once; EINVAL with
     SO_OOBINLINE, with none, or when it was taken already; None (EAGAIN) while the
     pointer is known and the byte is not here yet; b"" after EOF."""
-    if sk.state is _LISTEN:
+    if sk.state is TCP_LISTEN:
         raise os_error(errno.ENOTCONN)
     if sk.urg_data & TCP_URG_NOTYET:
         tcp_urg_fill(sk)
@@ -284,7 +283,7 @@ def tcp_recv_urg(sh: Shard, sk: TcpSock, maxlen: int) -> bytes | None:
     if urg & TCP_URG_VALID:
         sk.urg_data = urg | TCP_URG_READ
         return bytes((urg & 0xFF,)) if maxlen > 0 else b""
-    if sk.state is _CLOSED or sk.fin_rcvd or sk.rd_shut:
+    if sk.state is TCP_CLOSED or sk.fin_rcvd or sk.rd_shut:
         return b""
     return None
 
@@ -295,7 +294,7 @@ def _cleanup_rbuf(sh: Shard, sk: TcpSock, now: float) -> None:
     Announce when the window we could offer now is at least twice what the
     peer currently sees (and that is at most half the buffer).
     """
-    if sk.state not in (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2) or sk.fin_rcvd:
+    if sk.state not in (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2) or sk.fin_rcvd:
         return
     cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
     if cur & HALF:
@@ -318,13 +317,13 @@ def tcp_shutdown(sh: Shard, sk: TcpSock, how: int, now: float) -> None:
     """shutdown(2): SHUT_RD (0), SHUT_WR (1), SHUT_RDWR (2)."""
     if how not in (0, 1, 2):
         raise os_error(errno.EINVAL)
-    if sk.state in (_CLOSED, _LISTEN, _SYN_SENT):
+    if sk.state in (TCP_CLOSED, TCP_LISTEN, TCP_SYN_SENT):
         raise os_error(errno.ENOTCONN)
     if how in (0, 2):
         sk.rd_shut = True
         emit_readable(sh, sk)
-    if how in (1, 2) and not sk.shut_wr and sk.state in (_ESTABLISHED, _CLOSE_WAIT,
-                                                          _SYN_RECV):
+    if how in (1, 2) and not sk.shut_wr and sk.state in (TCP_ESTABLISHED, TCP_CLOSE_WAIT,
+                                                          TCP_SYN_RECV):
         _queue_fin(sh, sk, now)
 
 
@@ -338,14 +337,14 @@ def tcp_close(sh: Shard, sk: TcpSock, now: float) -> None:
     """close(2) (Linux ``__tcp_close``): FIN, or RST when data would be lost or SO_LINGER 0."""
     st = sk.state
     sk.orphan = True
-    if st is _LISTEN:
+    if st is TCP_LISTEN:
         inet_csk_listen_stop(sh, sk, now)
         tcp_done(sh, sk)
         return
-    if st in (_CLOSED, _SYN_SENT):
+    if st in (TCP_CLOSED, TCP_SYN_SENT):
         tcp_done(sh, sk)
         return
-    if st is _TIME_WAIT:
+    if st is TCP_TIME_WAIT:
         sk_release(sh, sk)
         return
     unread = sk.rcvq_len > 0
@@ -355,9 +354,9 @@ def tcp_close(sh: Shard, sk: TcpSock, now: float) -> None:
         tcp_output.tcp_send_active_reset(sh, sk, now)
         tcp_done(sh, sk)
         return
-    if st in (_ESTABLISHED, _CLOSE_WAIT, _SYN_RECV) and not sk.shut_wr:
+    if st in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_SYN_RECV) and not sk.shut_wr:
         _queue_fin(sh, sk, now)
-    elif sk.state is _FIN_WAIT2:
+    elif sk.state is TCP_FIN_WAIT2:
         if sk.linger2 < 0:
             # TCP_LINGER2 < 0: no FIN-WAIT-2 wait; Linux resets (TCPAbortOnLinger).
             tcp_output.tcp_send_active_reset(sh, sk, now)
@@ -372,7 +371,7 @@ def inet_csk_listen_stop(sh: Shard, sk: TcpSock, now: float) -> None:
         child = sk.accept_queue.popleft()
         child.orphan = True
         child.parent = None
-        if child.state not in (_CLOSED, _TIME_WAIT):
+        if child.state not in (TCP_CLOSED, TCP_TIME_WAIT):
             tcp_output.tcp_send_active_reset(sh, child, now)
         tcp_done(sh, child)
     for key, req in list(sh.h.ehash.items()):

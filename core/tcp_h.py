@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .request_sock import RequestSock
 from .sock import State, TcpSock
@@ -54,6 +54,8 @@ __all__ = [
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
     "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
     "SockOptValue", "TCP_URG_VALID", "TCP_URG_NOTYET", "TCP_URG_READ",
+    "TCP_CLOSED", "TCP_LISTEN", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_ESTABLISHED", "TCP_FIN_WAIT1",
+    "TCP_FIN_WAIT2", "TCP_CLOSE_WAIT", "TCP_CLOSING", "TCP_LAST_ACK", "TCP_TIME_WAIT",
 ]
 
 #: A packet or an application's buffer: anything with the buffer protocol we accept.
@@ -74,6 +76,25 @@ MASK = 0xFFFFFFFF
 #: Half the sequence space: a forward distance with this bit set means "before".
 HALF = 0x80000000
 
+
+
+# -- states as plain names ---------------------------------------------------------------------
+
+# ``State.X`` is an EnumType attribute lookup (~70 ns) on paths run once per
+# segment: engine modules compare ``sk.state is TCP_X`` against these instead.
+# ``Final``: the type checker reads ``sk.state is TCP_ESTABLISHED`` as "not a
+# RequestSock" (whose state is always NEW-SYN-RECV).
+TCP_CLOSED: Final = State.CLOSED
+TCP_LISTEN: Final = State.LISTEN
+TCP_SYN_SENT: Final = State.SYN_SENT
+TCP_SYN_RECV: Final = State.SYN_RECV
+TCP_ESTABLISHED: Final = State.ESTABLISHED
+TCP_FIN_WAIT1: Final = State.FIN_WAIT1
+TCP_FIN_WAIT2: Final = State.FIN_WAIT2
+TCP_CLOSE_WAIT: Final = State.CLOSE_WAIT
+TCP_CLOSING: Final = State.CLOSING
+TCP_LAST_ACK: Final = State.LAST_ACK
+TCP_TIME_WAIT: Final = State.TIME_WAIT
 
 
 def os_error(code: int) -> OSError:

@@ -26,14 +26,23 @@ from .events import Connected, Readable
 from .tcp_h import (
     HALF,
     MASK,
+    TCP_CLOSE_WAIT,
+    TCP_CLOSED,
+    TCP_CLOSING,
     TCP_DELACK,
+    TCP_ESTABLISHED,
     TCP_FASTRETRANS_THRESH,
+    TCP_FIN_WAIT1,
+    TCP_FIN_WAIT2,
+    TCP_LAST_ACK,
     TCP_RTO_MIN,
     TCP_SKB_OVERHEAD,
+    TCP_SYN_RECV,
+    TCP_SYN_SENT,
+    TCP_TIME_WAIT,
     TCP_URG_NOTYET,
     TCP_URG_VALID,
     BytesLike,
-    State,
     TcpSegment,
     TcpSock,
     TimerKind,
@@ -44,18 +53,6 @@ from .wire.tcp import ACK, FIN, RST, SYN, URG, TcpOptions
 if TYPE_CHECKING:
     from .shard import Shard
 
-# Enum members as module constants: ``State.X`` costs ~70 ns per lookup
-# (EnumType attribute access) on paths run once per segment.
-_CLOSED = State.CLOSED
-_CLOSE_WAIT = State.CLOSE_WAIT
-_CLOSING = State.CLOSING
-_ESTABLISHED = State.ESTABLISHED
-_FIN_WAIT1 = State.FIN_WAIT1
-_FIN_WAIT2 = State.FIN_WAIT2
-_LAST_ACK = State.LAST_ACK
-_SYN_RECV = State.SYN_RECV
-_SYN_SENT = State.SYN_SENT
-_TIME_WAIT = State.TIME_WAIT
 
 __all__ = ["tcp_rcv_established", "tcp_rcv_state_process", "tcp_rcv_synsent_state_process",
            "tcp_validate_incoming", "tcp_ack", "tcp_data_queue", "tcp_rtt_estimator",
@@ -74,7 +71,7 @@ _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP
-_DATA_STATES = (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2)
+_DATA_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2)
 _NO_DATA = memoryview(b"")
 
 
@@ -225,7 +222,7 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
             dup = newly_sacked > 0
         else:
             dup = (sk.snd_max != una and not seg.payload and not seg.flags & (SYN | FIN)
-                   and not window_changed and sk.state is not _SYN_RECV)
+                   and not window_changed and sk.state is not TCP_SYN_RECV)
         if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
@@ -268,7 +265,7 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     data = acked
     if sk.fin_sent and ack == ((sk.fin_seq + 1) & MASK):
         data -= 1
-    if una == sk.iss and sk.state is _SYN_RECV:  # this ACK also covers our SYN
+    if una == sk.iss and sk.state is TCP_SYN_RECV:  # this ACK also covers our SYN
         data -= 1
     qlen = sk.sndq_len
     if data > qlen:
@@ -1197,8 +1194,8 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> bool:
         sk.sack_blocks.clear()
     sk.ofo_fin = None
     st = sk.state
-    if st is _ESTABLISHED or st is _SYN_RECV:
-        tcp.tcp_set_state(sh, sk, _CLOSE_WAIT)
+    if st is TCP_ESTABLISHED or st is TCP_SYN_RECV:
+        tcp.tcp_set_state(sh, sk, TCP_CLOSE_WAIT)
         if (rcv_nxt - sk.irs) & MASK > 2:  # data came before or with it
             sk.unacked_rcv += 1  # the delayed-ACK timer acknowledges the FIN
         else:
@@ -1206,9 +1203,9 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> bool:
         tcp.emit_readable(sh, sk)
         return True
     sk.ack_now = True
-    if st is _FIN_WAIT1:
-        tcp.tcp_set_state(sh, sk, _CLOSING)
-    elif st is _FIN_WAIT2:
+    if st is TCP_FIN_WAIT1:
+        tcp.tcp_set_state(sh, sk, TCP_CLOSING)
+    elif st is TCP_FIN_WAIT2:
         tcp_output.tcp_send_ack(sh, sk, now)
         tcp_minisocks.tcp_time_wait(sh, sk, now)
     tcp.emit_readable(sh, sk)
@@ -1225,7 +1222,7 @@ def tcp_ack_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_snd_check")
     if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
-        if sk.state is not _CLOSED and sk.state is not _TIME_WAIT:
+        if sk.state is not TCP_CLOSED and sk.state is not TCP_TIME_WAIT:
             tcp_output.tcp_send_ack(sh, sk, now)
         return
     if sk.unacked_rcv and sk.timers[_DELACK] is None:
@@ -1513,7 +1510,7 @@ def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
     # Step 4: SYN in a synchronized state (RFC 5961 §4.2): challenge ACK.  The one
     # exception is the peer's SYN-ACK completing a simultaneous open (Linux does the same).
     if flags & SYN:
-        if (sk.state is _SYN_RECV and flags & ACK and seq == sk.irs
+        if (sk.state is TCP_SYN_RECV and flags & ACK and seq == sk.irs
                 and seg.ack == sk.snd_nxt):
             return seg
         sh.stats.drop(DropReason.TCP_INVALID_SYN)
@@ -1527,10 +1524,10 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
     if sh.tracing:
         sh.tr("tcp_rcv_state_process")
     st = sk.state
-    if st is _SYN_SENT:
+    if st is TCP_SYN_SENT:
         tcp_rcv_synsent_state_process(sh, sk, seg, now)
         return
-    if st is _CLOSED:
+    if st is TCP_CLOSED:
         sh.stats.drop(DropReason.TCP_CLOSE)
         return
     checked = tcp_validate_incoming(sh, sk, seg, now)
@@ -1542,7 +1539,7 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
     if not flags & ACK:
         sh.stats.drop(DropReason.TCP_FLAGS_NOACK)
         return
-    if st is _SYN_RECV:
+    if st is TCP_SYN_RECV:
         ack = seg.ack
         if ((ack - sk.iss - 1) & MASK) > ((sk.snd_nxt - sk.iss - 1) & MASK):
             # RFC 9293 §3.10.7.4: unacceptable ACK in SYN-RECEIVED -> RST.
@@ -1551,28 +1548,28 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
             return
     if not tcp_ack(sh, sk, seg, now):
         return
-    if st is _SYN_RECV:
+    if st is TCP_SYN_RECV:
         tcp_synrecv_established(sh, sk, seg, now)
         st = sk.state
     fin_acked = sk.fin_sent and sk.snd_una == ((sk.fin_seq + 1) & MASK)
-    if st is _FIN_WAIT1 and fin_acked:
-        tcp.tcp_set_state(sh, sk, _FIN_WAIT2)
-        st = _FIN_WAIT2
+    if st is TCP_FIN_WAIT1 and fin_acked:
+        tcp.tcp_set_state(sh, sk, TCP_FIN_WAIT2)
+        st = TCP_FIN_WAIT2
         if sk.orphan:
             if sk.linger2 < 0:
                 tcp.tcp_done(sh, sk)  # TCP_LINGER2 < 0: no FIN-WAIT-2 wait (Linux TCPAbortOnData)
                 return
             sh.timers.arm(sk, _KEEPALIVE, now + tcp.tcp_fin_time(sk))
-    elif st is _CLOSING and fin_acked:
+    elif st is TCP_CLOSING and fin_acked:
         tcp_minisocks.tcp_time_wait(sh, sk, now)
         return
-    elif st is _LAST_ACK and fin_acked:
+    elif st is TCP_LAST_ACK and fin_acked:
         tcp.tcp_done(sh, sk)
         return
     if flags & URG or sh.tracing:
         tcp_urg(sh, sk, seg)  # RFC 9293 §3.10.7.4 sixth step, before the text
     if st in _DATA_STATES:
-        if sk.orphan and st is not _ESTABLISHED and seg.payload and \
+        if sk.orphan and st is not TCP_ESTABLISHED and seg.payload and \
                 0 < ((seg.seq + len(seg.payload) - sk.rcv_nxt) & MASK) < HALF:
             # Linux: new data for a socket nobody will read after close() -> RST.
             tcp_output.tcp_send_active_reset(sh, sk, now)
@@ -1581,7 +1578,7 @@ def tcp_rcv_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -
         tcp_data_queue(sh, sk, seg, now)
     elif flags & FIN or seg.payload:
         sk.ack_now = True  # a retransmitted FIN (CLOSE-WAIT, CLOSING, LAST-ACK): re-ACK
-    if sk.state is _CLOSED or sk.state is _TIME_WAIT:
+    if sk.state is TCP_CLOSED or sk.state is TCP_TIME_WAIT:
         return
     tcp_data_snd_check(sh, sk, now)
     tcp_ack_snd_check(sh, sk, now)
@@ -1631,7 +1628,7 @@ def tcp_check_urg(sk: TcpSock, seg: TcpSegment) -> None:
 def tcp_synrecv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (Linux ``tcp_rcv_state_process``)."""
     tcp_init_transfer(sh, sk, now)
-    tcp.tcp_set_state(sh, sk, _ESTABLISHED)
+    tcp.tcp_set_state(sh, sk, TCP_ESTABLISHED)
     if sh.tracing:
         sh.tr("sock_def_wakeup")
     if sk.parent is None and not sk.orphan:
@@ -1712,7 +1709,7 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
         tcp_data_snd_check(sh, sk, now)
         return
     # Simultaneous open (RFC 9293 §3.5 figure 8): SYN-RECEIVED, answer SYN-ACK.
-    tcp.tcp_set_state(sh, sk, _SYN_RECV)
+    tcp.tcp_set_state(sh, sk, TCP_SYN_RECV)
     sk.snd_wnd = seg.window
     sk.snd_wl1 = seg.seq
     sk.snd_wl2 = sk.iss
@@ -1744,7 +1741,7 @@ def _syn_options(sh: Shard, sk: TcpSock, opts: TcpOptions, now: float) -> None:
 def tcp_finish_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_finish_connect")
-    tcp.tcp_set_state(sh, sk, _ESTABLISHED)
+    tcp.tcp_set_state(sh, sk, TCP_ESTABLISHED)
     sk.timers[_RETRANSMIT] = None
     sk.syn_retries = 0
     sk.retrans_stamp = None

@@ -25,7 +25,7 @@ import dataclasses
 import errno
 import hashlib
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from . import (
     icmp,
@@ -44,6 +44,10 @@ from .events import Acceptable
 from .icmp import ICMP_ERR_CONVERT, IP_RT_MIN_PMTU, NR_ICMP_UNREACH, IcmpErr
 from .tcp_h import (
     MASK,
+    TCP_CLOSED,
+    TCP_ESTABLISHED,
+    TCP_SYN_SENT,
+    TCP_TIME_WAIT,
     TCP_TIMEOUT_INIT,
     BytesLike,
     RequestSock,
@@ -69,20 +73,12 @@ from .wire.tcp import ACK, RST, SYN, parse_tcp
 if TYPE_CHECKING:
     from .shard import Shard
 
-# Enum members as module constants: ``State.X`` costs ~70 ns per lookup
-# (EnumType attribute access) on paths run once per segment.
-_CLOSED = State.CLOSED
-_SYN_SENT = State.SYN_SENT
 
 __all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_recv_sock",
            "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window", "tcp_v4_err",
            "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect"]
 
 _TUPLE = struct.Struct("!IHIH")
-# Final: the type checker reads ``sk.state is _ESTABLISHED`` as "not a RequestSock"
-# (whose state is always NEW-SYN-RECV).
-_ESTABLISHED: Final = State.ESTABLISHED
-_TIME_WAIT = State.TIME_WAIT
 _IP_REASONS = WIRE_REASONS["ip"]
 # Header prediction reads the raw headers itself (Linux compares raw header
 # words too): IPv4 without options, the fixed TCP header and the aligned
@@ -173,7 +169,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                 and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))  # dst is ours if this hits
             looked_up = True
-            if (sk is not None and sk.state is _ESTABLISHED
+            if (sk is not None and sk.state is TCP_ESTABLISHED
                     and not (0x4506 + tos + total + ident + frag + (ttl << 8) + ipsum + src
                              + dst) % 0xFFFF):
                 if hp == 0x8010:
@@ -239,7 +235,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         sh.tr("__inet_lookup")
         sh.tr("__inet_lookup_established")
     if sk is not None:
-        if sk.state is _ESTABLISHED:
+        if sk.state is TCP_ESTABLISHED:
             tcp_input.tcp_segs_in(sk, len(seg.payload))
             tcp_input.tcp_rcv_established(sh, sk, seg, now)
             return
@@ -248,7 +244,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
             if child is not None:
                 tcp_child_process(sh, sk.listener, child, seg, now)
             return
-        if sk.state is _TIME_WAIT:
+        if sk.state is TCP_TIME_WAIT:
             if tcp_minisocks.tcp_timewait_state_process(sh, sk, seg, now) != tcp_minisocks.TW_SYN:
                 return
             # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
@@ -620,7 +616,7 @@ def tcp_v4_err(sh: Shard, e: IcmpErr, now: float) -> None:
                         and code in (ICMP_NET_UNREACH, ICMP_HOST_UNREACH)))
         return
     st = sk.state
-    if st is _TIME_WAIT or st is _CLOSED:
+    if st is TCP_TIME_WAIT or st is TCP_CLOSED:
         return
     if ((q.seq - sk.snd_una) & MASK) > ((sk.snd_max - sk.snd_una) & MASK):
         stats.tcp_out_of_window_icmps += 1
@@ -742,9 +738,9 @@ def tcp_v4_connect(sh: Shard, sk: TcpSock, raddr: int, rport: int, now: float) -
     if sh.tracing:
         sh.tr("tcp_v4_connect")
     st = sk.state
-    if st is _SYN_SENT:
+    if st is TCP_SYN_SENT:
         raise os_error(errno.EALREADY)
-    if sk.dead and st is _CLOSED and sk.cc is None:
+    if sk.dead and st is TCP_CLOSED and sk.cc is None:
         # The last connect failed (RST, timeout, ICMP) before the connection
         # was ever established.  Linux's socket is then still "connecting" in
         # CLOSE: connect() reports how it ended (the pending error, or
@@ -755,7 +751,7 @@ def tcp_v4_connect(sh: Shard, sk: TcpSock, raddr: int, rport: int, now: float) -
         sk.err = 0
         tcp_disconnect(sh, sk)
         raise os_error(err)
-    if st is not _CLOSED or sk.dead:
+    if st is not TCP_CLOSED or sk.dead:
         raise os_error(errno.EISCONN)
     if not 0 < rport < 65536 or raddr == 0:
         raise os_error(errno.EINVAL if rport >= 65536 else errno.ECONNREFUSED)
@@ -796,7 +792,7 @@ def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.snd_una = sk.snd_sml = sk.iss  # snd_sml from the ISN: no small segment yet (Minshall)
     sk.snd_nxt = sk.snd_max = (sk.iss + 1) & MASK
     sk.rtt_time = now
-    tcp.tcp_set_state(sh, sk, _SYN_SENT)
+    tcp.tcp_set_state(sh, sk, TCP_SYN_SENT)
     tcp_output.tcp_send_syn(sh, sk, now)
     sh.timers.arm(sk, TimerKind.RETRANSMIT, now + TCP_TIMEOUT_INIT)
     sh.stats.active_opens += 1

@@ -19,6 +19,9 @@ from . import tcp_chrono, tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
+    TCP_CLOSE_WAIT,
+    TCP_FIN_WAIT1,
+    TCP_LAST_ACK,
     TCP_MIN_SND_MSS,
     TCP_RTO_MAX,
     TCPOLEN_TSTAMP_ALIGNED,
@@ -34,11 +37,6 @@ from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, build_tcp_ipv4, build_tcp_op
 if TYPE_CHECKING:
     from .shard import Shard
 
-# Enum members as module constants: ``State.X`` costs ~70 ns per lookup
-# (EnumType attribute access) on paths run once per segment.
-_CLOSE_WAIT = State.CLOSE_WAIT
-_FIN_WAIT1 = State.FIN_WAIT1
-_LAST_ACK = State.LAST_ACK
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
            "tcp_write_xmit", "tcp_xmit_retransmit_queue", "tcp_current_mss", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
@@ -834,4 +832,4 @@ def tcp_retransmit_skb(sh: Shard, sk: TcpSock, seq: int, now: float, limit: int 
 
 def tcp_fin_state(sk: TcpSock) -> State:
     """The state after queueing our FIN (RFC 9293 §3.10.4 CLOSE)."""
-    return _LAST_ACK if sk.state is _CLOSE_WAIT else _FIN_WAIT1
+    return TCP_LAST_ACK if sk.state is TCP_CLOSE_WAIT else TCP_FIN_WAIT1

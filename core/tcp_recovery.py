@@ -14,7 +14,19 @@ import bisect
 from typing import TYPE_CHECKING
 
 from . import tcp_input, tcp_output
-from .tcp_h import HALF, MASK, TCP_FASTRETRANS_THRESH, State, TcpSock, TimerKind
+from .tcp_h import (
+    HALF,
+    MASK,
+    TCP_CLOSE_WAIT,
+    TCP_CLOSING,
+    TCP_ESTABLISHED,
+    TCP_FASTRETRANS_THRESH,
+    TCP_FIN_WAIT1,
+    TCP_FIN_WAIT2,
+    TCP_LAST_ACK,
+    TcpSock,
+    TimerKind,
+)
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -22,16 +34,10 @@ if TYPE_CHECKING:
 __all__ = ["tcp_rack_advance", "tcp_rack_detect_loss", "tcp_rack_reo_timeout",
            "tcp_schedule_loss_probe", "tcp_send_loss_probe"]
 
-_CLOSE_WAIT = State.CLOSE_WAIT
-_CLOSING = State.CLOSING
-_ESTABLISHED = State.ESTABLISHED
-_FIN_WAIT1 = State.FIN_WAIT1
-_FIN_WAIT2 = State.FIN_WAIT2
-_LAST_ACK = State.LAST_ACK
 #: States in which data we sent may still be outstanding.
-_SENDING_STATES = (_ESTABLISHED, _FIN_WAIT1, _FIN_WAIT2, _CLOSE_WAIT, _CLOSING, _LAST_ACK)
+_SENDING_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_LAST_ACK)
 #: States a tail loss probe may be sent in (Linux tcp_send_loss_probe).
-_PROBE_STATES = (_ESTABLISHED, _CLOSE_WAIT, _FIN_WAIT1, _LAST_ACK, _CLOSING)
+_PROBE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_CLOSING)
 _RETRANSMIT = TimerKind.RETRANSMIT
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP

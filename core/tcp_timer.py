@@ -43,7 +43,9 @@ from .tcp_h import (
     TCP_RETRIES2,
     TCP_RTO_MAX,
     TCP_RTO_MIN,
+    TCP_SYN_RECV,
     TCP_SYN_RETRIES,
+    TCP_SYN_SENT,
     TCP_SYNACK_RETRIES,
     TCP_TIMEOUT_INIT,
     RequestSock,
@@ -61,8 +63,6 @@ __all__ = ["TimerKind", "TimerHeap", "tcp_timer_handler", "tcp_enter_loss", "tcp
 #: What owns timers: a socket, or a request sock (its SYN-ACK timer).
 TimerOwner = TcpSock | RequestSock
 
-_SYN_SENT = State.SYN_SENT
-_SYN_RECV = State.SYN_RECV
 
 
 class TimerHeap:
@@ -247,7 +247,7 @@ def retransmits_timed_out(sk: TcpSock, boundary: int, timeout: float, now: float
     """Has the episode of retransmissions lasted ``timeout`` seconds (0: as long
     as ``boundary`` backed-off retransmissions would)?  Linux
     ``retransmits_timed_out``: false before the first retransmission."""
-    syn = sk.state is _SYN_SENT or sk.state is _SYN_RECV
+    syn = sk.state is TCP_SYN_SENT or sk.state is TCP_SYN_RECV
     if not (sk.syn_retries if syn else sk.retries) or sk.retrans_stamp is None:
         return False
     if not timeout:
@@ -283,9 +283,9 @@ def tcp_write_timeout(sh: Shard, sk: TcpSock, now: float) -> bool:
     routing for another path (``__dst_negative_advice``): we have one route.
     """
     st = sk.state
-    if st is _SYN_SENT or st is _SYN_RECV:
+    if st is TCP_SYN_SENT or st is TCP_SYN_RECV:
         retry_until = sk.syn_count or TCP_SYN_RETRIES
-        limit = retry_until + sh.cfg.syn_linear_timeouts if st is _SYN_SENT else retry_until
+        limit = retry_until + sh.cfg.syn_linear_timeouts if st is TCP_SYN_SENT else retry_until
         expired = sk.syn_retries >= limit
     else:
         if retransmits_timed_out(sk, TCP_RETRIES1, 0.0, now) and sh.tracing:
@@ -317,16 +317,16 @@ def tcp_retransmit_timer(sh: Shard, sk: TcpSock, now: float) -> None:
     """RTO expiry (RFC 6298 (5.4)-(5.7)): give up (``tcp_write_timeout``) or resend
     the oldest segment, back off, collapse cwnd (Linux ``tcp_retransmit_timer``)."""
     st = sk.state
-    if st is _SYN_SENT or (st is _SYN_RECV and sk.parent is None):
+    if st is TCP_SYN_SENT or (st is TCP_SYN_RECV and sk.parent is None):
         if sk.retrans_stamp is None:
             sk.retrans_stamp = sk.rtt_time  # Linux tcp_connect stamps the first SYN
         if tcp_write_timeout(sh, sk, now):
             return
         sk.syn_retries += 1
-        if st is not _SYN_SENT or sk.syn_retries > sh.cfg.syn_linear_timeouts:
+        if st is not TCP_SYN_SENT or sk.syn_retries > sh.cfg.syn_linear_timeouts:
             sk.backoff += 1  # else the linear timer (Linux tcp_syn_linear_timeouts)
         sh.stats.retrans_segs += 1
-        if st is _SYN_SENT:
+        if st is TCP_SYN_SENT:
             tcp_output.tcp_send_syn(sh, sk, now)
         else:
             tcp_output.tcp_send_synack_sock(sh, sk, now)
