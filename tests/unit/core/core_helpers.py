@@ -237,3 +237,28 @@ def connect_over(link, a: Shard, b: Shard, port: int = 80, timeout: float = 30.0
 
     assert link.run_until(accepted, timeout)
     return c, box[0][0]
+
+
+class Bulk:
+    """`size` zero bytes from a's socket `c` to b's socket `s` over `link`, in
+    writes of at most 64 KiB: `write()` offers a what is left, `read()` drains
+    b, `step()` does both and says whether everything arrived (for run_until)."""
+
+    def __init__(self, link, a: Shard, c: int, b: Shard, s: int, size: int) -> None:
+        self.link, self.a, self.c, self.b, self.s = link, a, c, b, s
+        self.data = memoryview(bytes(size))
+        self.sent = self.got = 0
+
+    def write(self) -> None:
+        if self.sent < len(self.data):
+            self.sent += self.a.send(self.c, self.data[self.sent:self.sent + 65536],
+                                     self.link.now)
+
+    def read(self) -> None:
+        while chunk := self.b.recv(self.s, 1 << 20):
+            self.got += len(chunk)
+
+    def step(self) -> bool:
+        self.write()
+        self.read()
+        return self.got == len(self.data)

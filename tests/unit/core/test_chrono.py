@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 
-from core_helpers import B, connect_over, make_shard
+from core_helpers import B, Bulk, connect_over, make_shard
 from shardstack.core.tcp_info import tcp_get_info, unpack_tcp_info
 from shardstack.netio.simlink import LinkParams, SimLink
 
@@ -24,14 +24,11 @@ def test_busy_rwnd_and_sndbuf_limited_times():
     link = SimLink(a, b, seed=1, params=params)
     opts = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024),)
     c, s = connect_over(link, a, b, server_opts=opts)
-    data = bytes(3 * MIB)
-    sent = 0
+    bulk = Bulk(link, a, c, b, s, 3 * MIB)
     t0 = link.now
 
     def writer() -> bool:
-        nonlocal sent
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
+        bulk.write()
         return False
 
     # 2 s in which the receiving application reads nothing: the window shuts.
@@ -41,17 +38,9 @@ def test_busy_rwnd_and_sndbuf_limited_times():
     assert info["sndbuf_limited"] == 0  # data waits for the window, not for the app
     assert info["busy_time"] >= info["rwnd_limited"] + info["sndbuf_limited"] - 1
     # Now it reads everything: the rest goes through and is acknowledged.
-    got = 0
 
     def reader() -> bool:
-        nonlocal got
-        writer()
-        while True:
-            chunk = b.recv(s, MIB)
-            if not chunk:
-                break
-            got += len(chunk)
-        return got == len(data) and a.sock(c).sndq_len == 0
+        return bulk.step() and a.sock(c).sndq_len == 0
 
     assert link.run_until(reader, link.now + 30.0)
     done = _info(a, c, link.now)
@@ -66,18 +55,8 @@ def test_a_cwnd_bound_sender_is_busy_but_not_rwnd_limited():
     a, b = make_shard(), make_shard(B)
     link = SimLink(a, b, seed=2, params=params)
     c, s = connect_over(link, a, b)
-    data = bytes(2 * MIB)
-    sent = got = 0
-
-    def step() -> bool:
-        nonlocal sent, got
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
-        while (chunk := b.recv(s, MIB)):
-            got += len(chunk)
-        return got == len(data)
-
-    assert link.run_until(step, link.now + 60.0)
+    bulk = Bulk(link, a, c, b, s, 2 * MIB)
+    assert link.run_until(bulk.step, link.now + 60.0)
     info = _info(a, c, link.now)
     assert info["busy_time"] > 0.5e6
     assert info["rwnd_limited"] < 0.05 * info["busy_time"], info
@@ -91,18 +70,8 @@ def test_a_small_send_buffer_makes_the_sender_sndbuf_limited():
     link = SimLink(a, b, seed=3, params=params)
     c, s = connect_over(link, a, b)
     a.setsockopt(c, socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    data = bytes(2 * MIB)
-    sent = got = 0
-
-    def step() -> bool:
-        nonlocal sent, got
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
-        while (chunk := b.recv(s, MIB)):
-            got += len(chunk)
-        return got == len(data)
-
-    assert link.run_until(step, link.now + 120.0)
+    bulk = Bulk(link, a, c, b, s, 2 * MIB)
+    assert link.run_until(bulk.step, link.now + 120.0)
     info = _info(a, c, link.now)
     assert info["sndbuf_limited"] > 0.5 * info["busy_time"], info
     assert info["rwnd_limited"] < 0.05 * info["busy_time"]
@@ -116,16 +85,8 @@ def test_ss_info_shows_the_limits_like_ss_ti():
     link = SimLink(a, b, seed=1, params=params)
     opts = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024),)
     c, s = connect_over(link, a, b, server_opts=opts)
-    data = bytes(MIB)
-    sent = 0
-
-    def writer() -> bool:
-        nonlocal sent
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
-        return False
-
-    link.run_until(writer, link.now + 1.0)  # the receiver never reads
+    bulk = Bulk(link, a, c, b, s, MIB)
+    link.run_until(lambda: bulk.write() or False, link.now + 1.0)  # the receiver never reads
     rows = [dict(vars(ci)) if hasattr(ci, "__dict__") else
             {f: getattr(ci, f) for f in ci.__dataclass_fields__} for ci in a.connections()]
     est = [r for r in rows if r["state"] == "ESTABLISHED"]

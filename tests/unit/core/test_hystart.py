@@ -4,7 +4,7 @@ RTT rises; without it, slow start doubles until the queue drops a burst."""
 
 from __future__ import annotations
 
-from core_helpers import B, connect_over, make_shard
+from core_helpers import B, Bulk, connect_over, make_shard
 from shardstack.core import tcp_cubic
 from shardstack.core.tcp_cong import INFINITE_SSTHRESH
 from shardstack.netio.simlink import LinkParams, SimLink
@@ -21,15 +21,10 @@ def _slow_start_over_a_deep_queue(hystart: bool, monkeypatch):
     a, b = make_shard(sndbuf=4 * MIB), make_shard(B)
     link = SimLink(a, b, seed=5, params=params)
     c, s = connect_over(link, a, b)
-    data = bytes(8 * MIB)
-    sent = 0
+    bulk = Bulk(link, a, c, b, s, 8 * MIB)
 
     def step() -> bool:
-        nonlocal sent
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
-        while b.recv(s, MIB):
-            pass
+        bulk.step()
         return link.stats_ab.queue_drops > 0  # the first overflow is all we need to see
 
     link.run_until(step, link.now + 1.6)
@@ -54,17 +49,7 @@ def test_a_flat_rtt_keeps_slow_start_going():
     a, b = make_shard(), make_shard(B)
     link = SimLink(a, b, seed=6, params=params)
     c, s = connect_over(link, a, b)
-    data = bytes(4 * MIB)
-    sent = 0
-
-    def step() -> bool:
-        nonlocal sent
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
-        while b.recv(s, MIB):
-            pass
-        return False
-
-    link.run_until(step, link.now + 0.3)
+    bulk = Bulk(link, a, c, b, s, 4 * MIB)
+    link.run_until(lambda: bulk.step() and False, link.now + 0.3)  # never done: 0.3 s
     cc = a.sock(c).cc
     assert cc.ssthresh == INFINITE_SSTHRESH and cc.cwnd > 100

@@ -6,7 +6,7 @@ instead of restarting from one segment."""
 
 from __future__ import annotations
 
-from core_helpers import B, connect_over, make_shard
+from core_helpers import B, Bulk, connect_over, make_shard
 from shardstack.core import tcp_input
 from shardstack.core.tcp_cong import INFINITE_SSTHRESH
 from shardstack.netio.simlink import LinkParams, SimLink
@@ -21,15 +21,10 @@ def _ack_path_stall(monkeypatch, undo: bool):
     a, b = make_shard(), make_shard(B)
     link = SimLink(a, b, seed=7, a_to_b=ab, b_to_a=ba)
     c, s = connect_over(link, a, b)
-    data = bytes(16 * MIB)
-    sent = 0
+    bulk = Bulk(link, a, c, b, s, 16 * MIB)
 
     def pump() -> bool:
-        nonlocal sent
-        if sent < len(data):
-            sent += a.send(c, memoryview(data)[sent:sent + 65536], link.now)
-        while b.recv(s, MIB):
-            pass
+        bulk.step()
         return False
 
     link.run_until(pump, link.now + 0.5)  # slow start up to a large window
