@@ -91,6 +91,7 @@ class ServeConfig:
     secret: bytes = b""
     max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
+    rebalance: str = "off"  # "auto": move buckets from hot to cold workers (shardstack.rebalance)
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -120,6 +121,8 @@ class ServeConfig:
                 parse_listen(self.metrics)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        if self.rebalance not in ("auto", "off"):
+            raise ConfigError(f"--rebalance must be auto or off, not {self.rebalance!r}")
         if len(self.secret) < 16:
             raise ConfigError("secret must be at least 16 bytes")
         return self
