@@ -1024,7 +1024,11 @@ class AppGate:
 
     def connections(self) -> list[dict[str, Any]]:
         return [{"sd": c.sd, "token": c.token, "state": str(c.state),
-                 "unconsumed": c.unconsumed} for c in self.conns.values()]
+                 "unconsumed": c.unconsumed, "reading": c.reading, "writing": c.writing,
+                 "app_eof": c.app_eof, "peer_eof": c.peer_eof,
+                 "inp": len(c.inp) if c.inp is not None else None,
+                 "out": len(c.out) if c.out is not None else None}
+                for c in self.conns.values()]
 
     def close(self) -> None:
         """Worker shutdown: drop every app stream and our endpoint."""

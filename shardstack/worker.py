@@ -478,6 +478,8 @@ class Worker:
             return {"conns": [self._conn_dict(ci) for ci in self.shard.connections()]}
         if op == "stats":
             return self._stats()
+        if op == "gate":  # the appgate's view of its connections (diagnostics)
+            return {"conns": self.appgate.connections() if self.appgate is not None else []}
         if op == "load":
             return self.load.snapshot(self.shard)
         if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
