@@ -19,10 +19,11 @@ import socket
 import msgpack
 import pytest
 from core_helpers import ACK, FIN, SYN, A, B, Peer, listen, make_shard, parse, passive_open
-from shardstack.core import Acceptable, Readable, Shard, State, tcp_migrate
+from shardstack.core import Acceptable, Connected, Readable, Shard, State, tcp_migrate
 from shardstack.core.sock import TcpSock
 from shardstack.core.tcp_cubic import Cubic
 from shardstack.core.tcp_h import TCP_TIMEWAIT_LEN, TimerKind
+from shardstack.core.wire.tcp import build_tcp_ipv4, build_tcp_options
 from shardstack.netio.simlink import LinkParams, SimLink
 
 
@@ -392,3 +393,259 @@ def test_export_of_an_unknown_type_fails_and_leaves_the_shard_as_it_was():
         b.migrate_out(everything)
     assert b.h.ehash == ehash and b.socks == socks and b.stats.curr_estab == estab
     assert b.sock(s) is sk and sk.state is State.ESTABLISHED
+
+
+# -- targeted: each kind of entry the 4-tuple table holds ----------------------------------------
+
+def two_shards(addr: int = A) -> tuple[Shard, Shard, int, int]:
+    """Two shards of one host, each with its own listener copy on :80."""
+    s1, s2 = make_shard(addr), make_shard(addr)
+    return s1, s2, listen(s1, 80, 4), listen(s2, 80, 4)
+
+
+def move(src: Shard, dst: Shard, now: float) -> list[tuple[int, int]]:
+    return dst.migrate_in(ship(src.migrate_out(everything)), now)
+
+
+def test_request_sock_moves_and_its_synack_retransmit_continues_on_the_new_shard():
+    """A SYN answered on s1, moved to s2 before the SYN-ACK timer fires: s2
+    retransmits the same SYN-ACK at the same absolute time (1 s), and the peer's
+    final ACK completes the handshake on s2."""
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    peer.send(SYN, 1000, mss=1460, wscale=7, sack_perm=True, ts=(500, 0))
+    sa = peer.recv_one()
+    assert sa.flags == "S."
+    assert s1.sock(l1).reqs == 1
+    pairs = move(s1, s2, 0.3)
+    assert pairs == []  # a request sock has no descriptor
+    assert s1.sock(l1).reqs == 0 and not s1.h.ehash and s1.next_deadline() is None
+    assert s2.sock(l2).reqs == 1
+    assert s2.next_deadline() == pytest.approx(1.0)
+    peer.shard = s2
+    assert peer.advance(0.999) == []
+    again = peer.advance(1.0)
+    assert [(s.flags, s.seq, s.ack, s.ts[1]) for s in again] == [("S.", sa.seq, 1001, 500)]
+    assert s1.take_frames() == []
+    peer.send(ACK, 1001, sa.seq + 1, ts=(501, again[0].ts[0]), at=1.05)
+    acc = s2.accept(l2)
+    assert acc is not None and acc[1] == (B, 40000)
+    assert s2.state(acc[0]) is State.ESTABLISHED and s2.sock(l2).reqs == 0
+    assert s2.stats.curr_estab == 1
+
+
+def test_accept_queue_children_move_in_order_to_the_listener_copy():
+    """Three handshakes completed on s1, none accepted, one with data: on s2 they
+    wait in s2's listener queue in the same order (Acceptable raised for it), the
+    data is there to read, and the connections carry on."""
+    s1, s2, l1, l2 = two_shards()
+    peers = [Peer(s1, port=40000 + i) for i in range(3)]
+    synacks = []
+    for p in peers:
+        p.send(SYN, 1000, mss=1460)
+        synacks.append(p.recv_one())
+        p.send(ACK, 1001, synacks[-1].seq + 1)
+    peers[1].send(ACK, 1001, synacks[1].seq + 1, payload=b"early data")
+    peers[1].recv()
+    s1.take_events()
+    assert len(s1.sock(l1).accept_queue) == 3
+    pairs = move(s1, s2, 0.1)
+    assert len(pairs) == 3
+    assert not s1.sock(l1).accept_queue and s1.accept(l1) is None and not s1.h.ehash
+    assert s2.take_events() == [Acceptable(l2)]
+    got = [s2.accept(l2) for _ in range(3)]
+    assert [g[1] for g in got] == [(B, 40000), (B, 40001), (B, 40002)]
+    assert s2.accept(l2) is None
+    assert [s2.sock(g[0]).parent for g in got] == [None] * 3
+    assert s2.recv(got[1][0], 100) == b"early data"
+    assert s2.stats.curr_estab == 3 and s1.stats.curr_estab == 0
+    # The moved connection talks on: data out, the peer's ACK taken.
+    peers[2].shard = s2
+    s2.send(got[2][0], b"hello", 0.2)
+    seg, = [x for x in peers[2].recv() if x.dport == 40002]
+    assert (seg.seq, seg.payload) == (synacks[2].seq + 1, b"hello")
+    peers[2].send(ACK, 1001, seg.seq + 5, at=0.21)
+    assert s2.sock(got[2][0]).snd_una == seg.seq + 5
+
+
+def test_time_wait_moves_and_the_new_shard_re_acks_a_late_fin():
+    """TIME-WAIT moved: its timer ends at the same absolute time on s2, and a
+    retransmitted FIN (our last ACK was lost) is answered by s2 with an ACK, not RST."""
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    sd, sa = passive_open(peer, l1)
+    s1.close(sd, 0.1)
+    fin = peer.recv_one()
+    assert "F" in fin.flags
+    peer.send(ACK | FIN, 1001, fin.seq + 1, at=0.12)
+    last_ack = peer.recv_one()
+    assert last_ack.flags == "." and last_ack.ack == 1002
+    tw = s1.h.ehash[(A, 80, B, 40000)]
+    assert tw.state is State.TIME_WAIT
+    ends = tw.timers[TimerKind.TIME_WAIT]
+    assert ends == pytest.approx(0.12 + TCP_TIMEWAIT_LEN)
+    move(s1, s2, 1.0)
+    assert not s1.h.ehash and s1.next_deadline() is None
+    assert s2.h.ehash[(A, 80, B, 40000)].state is State.TIME_WAIT
+    assert s2.next_deadline() == ends
+    assert not s2.socks.keys() - {l2}  # TIME-WAIT has no descriptor here either
+    peer.shard = s2
+    peer.send(ACK | FIN, 1001, fin.seq + 1, at=5.0)  # the peer never saw our ACK
+    reack = peer.recv_one()
+    assert (reack.flags, reack.seq, reack.ack) == (".", fin.seq + 1, 1002)
+    # The re-ACK restarts the 2*MSL clock (tcp_timewait_state_process), on s2.
+    assert s2.next_deadline() == pytest.approx(5.0 + TCP_TIMEWAIT_LEN)
+    assert peer.advance(5.0 + TCP_TIMEWAIT_LEN) == []
+    assert not s2.h.ehash and s2.next_deadline() is None
+
+
+def test_timers_fire_on_the_new_shard_at_the_same_absolute_time():
+    """Unacknowledged data (RTO) and an ACK owed (delayed ACK) at s1: moved, s2 holds
+    the same deadlines and acts at them, not before; s1 never acts again."""
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    sd, sa = passive_open(peer, l1, ack_at=0.05, mss=1460)
+    s1.send(sd, b"x" * 1000, 0.1)
+    data = peer.recv_one()
+    s1.sock(sd).quickack = 0  # past the quick-ACK start: ACKs may be delayed
+    peer.send(ACK, 1001, sa.seq + 1, payload=b"y" * 100, at=0.11)  # ACKs nothing new
+    assert peer.recv() == []  # one small segment: the ACK is delayed
+    sk = s1.sock(sd)
+    rto, delack = sk.timers[TimerKind.RETRANSMIT], sk.timers[TimerKind.DELACK]
+    assert rto is not None and delack is not None and delack < rto
+    pairs = move(s1, s2, 0.12)
+    (old, new), = pairs
+    assert old == sd
+    nk = s2.sock(new)
+    assert nk.timers[TimerKind.RETRANSMIT] == rto and nk.timers[TimerKind.DELACK] == delack
+    assert s2.next_deadline() == delack
+    peer.shard = s2
+    assert peer.advance(delack - 1e-6) == []
+    ack = peer.advance(delack)
+    assert [(s.flags, s.ack, s.payload) for s in ack] == [(".", 1101, b"")]
+    assert s2.next_deadline() == rto
+    assert peer.advance(rto - 1e-6) == []
+    rtx = peer.advance(rto)
+    assert [(s.seq, len(s.payload)) for s in rtx] == [(data.seq, 1000)]
+    s1.advance(10.0)
+    assert s1.take_frames() == []
+    assert s2.stats.retrans_segs == 1 and s1.stats.retrans_segs == 0
+
+
+def test_syn_sent_moves_and_completes_on_the_new_shard():
+    c1, c2 = make_shard(B), make_shard(B)
+    csd = c1.socket()
+    c1.connect(csd, A, 80, 0.0)
+    syn = parse(c1.take_frames()[0])
+    (old, new), = move(c1, c2, 0.01)
+    assert old == csd and c2.state(new) is State.SYN_SENT
+    server = make_shard(A)
+    lsd = listen(server, 80)
+    server.receive(build(syn), 0.02)
+    server.advance(0.02)
+    for f in server.take_frames():
+        c2.receive(f, 0.03)
+    events = c2.take_events()
+    assert Connected(new) in events and c2.state(new) is State.ESTABLISHED
+    for f in c2.take_frames():
+        server.receive(f, 0.04)
+    assert server.accept(lsd) is not None
+
+
+def build(seg) -> bytes:
+    opts = build_tcp_options(mss=seg.mss, wscale=seg.wscale, sack_perm=seg.sack_perm, ts=seg.ts)
+    return build_tcp_ipv4(seg.src, seg.dst, seg.sport, seg.dport, seg.seq, seg.ack, SYN,
+                          seg.window, opts)
+
+
+# -- what the application is told; the gauges ---------------------------------------------------
+
+def test_import_raises_readable_for_waiting_data_and_carries_pending_events():
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    sd, sa = passive_open(peer, l1)
+    peer.send(ACK, 1001, sa.seq + 1, payload=b"abc")
+    assert Readable(sd) in s1.take_events()  # taken: the old shard's edge is spent
+    peer.send(ACK | FIN, 1004, sa.seq + 1)
+    (old, new), = move(s1, s2, 0.1)
+    assert s2.take_events() == [Readable(new)]  # level: data and EOF wait on s2
+    assert s2.recv(new, 10) == b"abc" and s2.recv(new, 10) == b""
+
+
+def test_events_pending_for_a_moved_socket_go_with_it_once():
+    """Events the glue has not taken yet leave the old shard with the socket and are
+    raised on the new one under the new descriptor, once."""
+    c1, c2 = make_shard(B), make_shard(B)
+    server = make_shard(A)
+    lsd = listen(server, 80)
+    csd = c1.socket()
+    c1.connect(csd, A, 80, 0.0)
+    for f in c1.take_frames():
+        server.receive(f, 0.01)
+    for f in server.take_frames():
+        c1.receive(f, 0.02)
+    for f in c1.take_frames():
+        server.receive(f, 0.025)
+    acc = server.accept(lsd)
+    assert acc is not None
+    server.send(acc[0], b"data", 0.03)
+    for f in server.take_frames():
+        c1.receive(f, 0.04)
+    assert c1.events == [Connected(csd), Readable(csd)]
+    (old, new), = move(c1, c2, 0.05)
+    assert old == csd and c1.events == []
+    assert c2.take_events() == [Connected(new), Readable(new)]
+    assert c2.recv(new, 100) == b"data"
+
+
+def test_gauges_follow_the_socket_and_counters_stay():
+    """CurrEstab drops on the old shard and rises on the new one; cumulative counters
+    (EstabResets, segments) are not touched by a move."""
+    s1, s2, l1, l2 = two_shards()
+    sds = [passive_open(Peer(s1, port=40000 + i), l1)[0] for i in range(3)]
+    Peer(s1, port=40000).send(ACK | FIN, 1001, s1.sock(sds[0]).snd_nxt)  # one CLOSE-WAIT
+    assert s1.state(sds[0]) is State.CLOSE_WAIT
+    before1, before2 = s1.stats.as_dict(), s2.stats.as_dict()
+    assert before1["curr_estab"] == 3
+    move(s1, s2, 0.5)
+    after1, after2 = s1.stats.as_dict(), s2.stats.as_dict()
+    assert after1["curr_estab"] == 0 and after2["curr_estab"] == 3
+    for k in before1:
+        if k != "curr_estab":
+            assert after1[k] == before1[k], k
+            assert after2[k] == before2[k], k
+
+
+def test_bad_use():
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    sd, sa = passive_open(peer, l1)
+    with pytest.raises(OSError) as e:
+        tcp_migrate.sock_export(s1, l1)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        tcp_migrate.sock_export(s1, 999)
+    assert e.value.errno == errno.EBADF
+    # Same tuple already on the destination: nothing installed.
+    s3 = make_shard(A)
+    l3 = listen(s3, 80)
+    passive_open(Peer(s3), l3)
+    states = ship(s1.migrate_out(everything))
+    ehash = dict(s3.h.ehash)
+    with pytest.raises(OSError) as e:
+        s3.migrate_in(states, 1.0)
+    assert e.value.errno == errno.EADDRINUSE and s3.h.ehash == ehash
+    # No listener copy for a child still in the queue: ENOENT, nothing installed.
+    peer2 = Peer(s2, port=41000)
+    peer2.send(SYN, 1000)
+    sa2 = peer2.recv_one()
+    peer2.send(ACK, 1001, sa2.seq + 1)
+    kids = ship(s2.migrate_out(everything))
+    assert kids[0]["listener"] == [0, 80] and not kids[0]["app"]
+    bare = make_shard(A)
+    with pytest.raises(OSError) as e:
+        bare.migrate_in(kids, 1.0)
+    assert e.value.errno == errno.ENOENT and not bare.h.ehash
+    # The established one does install anywhere its tuple is free.
+    assert [st["app"] for st in states] == [True]
+    assert len(bare.migrate_in(states, 1.0)) == 1
