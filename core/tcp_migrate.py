@@ -172,10 +172,25 @@ def _take_events(sh: Shard, sd: int) -> list[list[Any]]:
     return [[type(e).__name__, getattr(e, "errno", 0)] for e in mine]
 
 
+def _encode_sndq(sk: TcpSock) -> dict[str, Any]:
+    """The send queue from SND.UNA on: the acknowledged head of the first chunk
+    (``sndq_head_off`` bytes, up to a whole application write) stays behind, so
+    the state carries only unacknowledged and unsent bytes."""
+    q = sk.sndq
+    off = sk.sndq_head_off
+    if off and q:
+        q = deque(q)
+        q[0] = q[0][off:]
+    return encode_value(q)
+
+
 def _export_sk(sh: Shard, sk: TcpSock) -> dict[str, Any]:
     if sk.state is TCP_LISTEN or sk.accept_queue:
         raise os_error(errno.EINVAL)  # listeners are not moved: every shard has its own
-    fields = {n: encode_value(getattr(sk, n)) for n in _SOCK_COPY}
+    fields = {n: encode_value(getattr(sk, n)) for n in _SOCK_COPY if n != "sndq"}
+    fields["sndq"] = _encode_sndq(sk)
+    if sk.sndq_head_off:
+        fields["sndq_head_off"] = 0
     parent = sk.parent
     return {
         "v": STATE_VERSION,
