@@ -241,6 +241,8 @@ def _dest_listener(sh: Shard, state: dict[str, Any]) -> TcpSock:
     """The new shard's copy of the listener a child or request sock belongs to."""
     laddr, lport = state["listener"]
     lst = sh.h.listening.get((laddr, lport))
+    if lst is None:  # the copy may be bound otherwise: find it as a SYN would
+        lst = sh.h.listening.get((state["tuple"][0], lport)) or sh.h.listening.get((0, lport))
     if lst is None or lst.state is not TCP_LISTEN:
         raise os_error(errno.ENOENT)  # the caller must open the listener copy first
     return lst
