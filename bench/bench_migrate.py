@@ -27,7 +27,6 @@ import socket
 import time
 
 import msgpack
-
 from shardstack.core import Shard, ShardConfig
 from shardstack.core.wire.ipv4 import str_to_ip
 
