@@ -54,7 +54,7 @@ from .win_minmax import WinMin
 if TYPE_CHECKING:
     from .shard import Shard
 
-__all__ = ["sock_export", "sock_import", "migrate_out", "migrate_in", "SHARD_LOCAL",
+__all__ = ["sock_export", "sock_import", "migrate_out", "migrate_in", "state_tuple", "SHARD_LOCAL",
            "STATE_VERSION", "encode_value", "decode_value"]
 
 #: Bumped when the layout of a state changes incompatibly (``shardstack reload``
@@ -73,7 +73,10 @@ _REQ_LOCAL = frozenset({"listener", "timer_seq", "timer_q", "state"})
 
 _ENUMS: dict[str, type[enum.Enum]] = {c.__name__: c for c in (State, CaState, TimerKind)}
 _OBJS: dict[str, type] = {"WinMin": WinMin}
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+#: Types msgpack carries as they are (int is apart: only 64 bits fit).
+_PLAIN = frozenset({float, str, bytes, bool, type(None)})
+#: msgpack's integer range; an IPv6 address (128 bits) is tagged instead.
+_INT_LO, _INT_HI = -(1 << 63), 1 << 64
 _EVENTS: dict[str, type[events.Event]] = {
     c.__name__: c for c in (events.Connected, events.Readable, events.Writable,
                             events.Acceptable, events.Closed)}
@@ -114,6 +117,10 @@ def encode_value(v: Any) -> Any:
     t = type(v)
     if t in _PLAIN:
         return v
+    if t is int:
+        if _INT_LO <= v < _INT_HI:
+            return v
+        return {"$": "int", "v": v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True)}
     if t is list:
         return [encode_value(x) for x in v]
     if t is tuple:
@@ -146,6 +153,8 @@ def decode_value(v: Any) -> Any:
     if t is not dict:
         return v
     tag = v["$"]
+    if tag == "int":
+        return int.from_bytes(v["v"], "big", signed=True)
     if tag == "tuple":
         return tuple(decode_value(x) for x in v["v"])
     if tag == "deque":
@@ -169,6 +178,13 @@ def decode_value(v: Any) -> Any:
             setattr(cc, n, decode_value(x))
         return cc
     raise ValueError(f"tcp_migrate: unknown value tag {tag!r}")
+
+
+def state_tuple(state: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(laddr, lport, raddr, rport) of a state (IPv6 addresses are tagged in it:
+    msgpack integers stop at 64 bits)."""
+    laddr, lport, raddr, rport = decode_value(state["tuple"])
+    return laddr, lport, raddr, rport
 
 
 # -- one socket --------------------------------------------------------------------------
@@ -199,7 +215,8 @@ def _export_sk(sh: Shard, sk: TcpSock) -> dict[str, Any]:
     if sk.state is TCP_LISTEN or sk.accept_queue:
         raise os_error(errno.EINVAL)  # listeners are not moved: every shard has its own
     plain = _PLAIN
-    fields = {n: v if type(v) in plain else encode_value(v)
+    lo, hi = _INT_LO, _INT_HI
+    fields = {n: v if (t := type(v)) in plain or (t is int and lo <= v < hi) else encode_value(v)
               for n, v in zip(_SOCK_EXPORT, _get_sock_fields(sk), strict=True)}
     fields["sndq"] = _encode_sndq(sk)
     if sk.sndq_head_off:
@@ -210,11 +227,11 @@ def _export_sk(sh: Shard, sk: TcpSock) -> dict[str, Any]:
         "kind": "sock",
         "sd": sk.sd,
         "state": sk.state.value,
-        "tuple": [sk.laddr, sk.lport, sk.raddr, sk.rport],
+        "tuple": encode_value([sk.laddr, sk.lport, sk.raddr, sk.rport]),
         # The application holds this descriptor (it must hand the app's end over);
         # False for orphans, TIME-WAIT and children not yet accepted.
         "app": not sk.orphan and not sk.closed_evt and parent is None,
-        "listener": None if parent is None else [parent.laddr, parent.lport],
+        "listener": None if parent is None else encode_value([parent.laddr, parent.lport]),
         "fields": fields,
         "events": _take_events(sh, sk.sd),
     }
@@ -252,10 +269,11 @@ def sock_export(sh: Shard, sd: int) -> dict[str, Any]:
 
 def _dest_listener(sh: Shard, state: dict[str, Any]) -> TcpSock:
     """The new shard's copy of the listener a child or request sock belongs to."""
-    laddr, lport = state["listener"]
+    laddr, lport = decode_value(state["listener"])
     lst = sh.h.listening.get((laddr, lport))
     if lst is None:  # the copy may be bound otherwise: find it as a SYN would
-        lst = sh.h.listening.get((state["tuple"][0], lport)) or sh.h.listening.get((0, lport))
+        lst = (sh.h.listening.get((state_tuple(state)[0], lport))
+               or sh.h.listening.get((0, lport)))
     if lst is None or lst.state is not TCP_LISTEN:
         raise os_error(errno.ENOENT)  # the caller must open the listener copy first
     return lst
@@ -265,7 +283,7 @@ def _check_free(sh: Shard, state: dict[str, Any]) -> None:
     if state.get("v") != STATE_VERSION:
         raise ValueError(f"tcp_migrate: state version {state.get('v')!r}, "
                          f"this engine reads {STATE_VERSION}")
-    if tuple(state["tuple"]) in sh.h.ehash:
+    if state_tuple(state) in sh.h.ehash:
         raise os_error(errno.EADDRINUSE)
     if state["listener"] is not None:
         _dest_listener(sh, state)
@@ -337,9 +355,9 @@ def _export_req(req: RequestSock) -> dict[str, Any]:
         "kind": "req",
         "sd": -1,
         "state": req.state.value,
-        "tuple": [req.laddr, req.lport, req.raddr, req.rport],
+        "tuple": encode_value([req.laddr, req.lport, req.raddr, req.rport]),
         "app": False,
-        "listener": [lst.laddr, lst.lport],
+        "listener": encode_value([lst.laddr, lst.lport]),
         "fields": {n: encode_value(getattr(req, n)) for n in _REQ_COPY},
         "events": [],
     }
@@ -356,7 +374,7 @@ def _detach_req(sh: Shard, req: RequestSock) -> None:
 
 
 def _import_req(sh: Shard, state: dict[str, Any]) -> RequestSock:
-    laddr, lport, raddr, rport = state["tuple"]
+    laddr, lport, raddr, rport = state_tuple(state)
     lst = _dest_listener(sh, state)
     req = RequestSock(laddr, lport, raddr, rport, lst)
     for n, x in state["fields"].items():
@@ -423,10 +441,10 @@ def migrate_in(sh: Shard, states: list[dict[str, Any]], now: float) -> list[tupl
     absolute deadlines; one already past fires at the next ``advance``).
     """
     sh.now = max(sh.now, now)
-    seen: set[tuple[int, ...]] = set()
+    seen: set[tuple[int, int, int, int]] = set()
     for st in states:
         _check_free(sh, st)
-        key = tuple(st["tuple"])
+        key = state_tuple(st)
         if key in seen:
             raise os_error(errno.EADDRINUSE)
         seen.add(key)

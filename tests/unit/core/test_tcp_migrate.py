@@ -656,3 +656,22 @@ def test_bad_use():
     # The established one does install anywhere its tuple is free.
     assert [st["app"] for st in states] == [True]
     assert len(bare.migrate_in(states, 1.0)) == 1
+
+
+def test_ipv6_sized_addresses_survive_strict_msgpack():
+    """msgpack integers stop at 64 bits; a 128-bit address (IPv6, issue 14) is carried
+    tagged and comes back as the same int, in the fields and in the 4-tuple."""
+    for v in (0, 1 << 63, (1 << 64) - 1, 1 << 64, (1 << 128) - 1, -(1 << 63), -(1 << 70)):
+        assert tcp_migrate.decode_value(ship([tcp_migrate.encode_value(v)])[0]) == v
+    s1, s2, l1, l2 = two_shards()
+    sd, _ = passive_open(Peer(s1), l1)
+    sk = s1.sock(sd)
+    v6a, v6b = 0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 2  # 2001:db8::1, 2001:db8::2
+    del s1.h.ehash[(sk.laddr, sk.lport, sk.raddr, sk.rport)]
+    sk.laddr, sk.raddr = v6a, v6b
+    s1.h.ehash[(v6a, 80, v6b, 40000)] = sk
+    states = ship(s1.migrate_out(everything))
+    assert tcp_migrate.state_tuple(states[0]) == (v6a, 80, v6b, 40000)
+    (old, new), = s2.migrate_in(states, 0.5)
+    nk = s2.sock(new)
+    assert (nk.laddr, nk.raddr) == (v6a, v6b) and s2.h.ehash[(v6a, 80, v6b, 40000)] is nk
