@@ -71,6 +71,7 @@ SHARD_LOCAL = frozenset({"sd", "state", "timer_seq", "timer_q", "parent", "accep
 #: RequestSock fields handled apart: its listener and the heap bookkeeping.
 _REQ_LOCAL = frozenset({"listener", "timer_seq", "timer_q", "state"})
 
+_CLOSED = State.CLOSED.value
 _ENUMS: dict[str, type[enum.Enum]] = {c.__name__: c for c in (State, CaState, TimerKind)}
 _OBJS: dict[str, type] = {"WinMin": WinMin}
 #: Types msgpack carries as they are (int is apart: only 64 bits fit).
@@ -283,7 +284,7 @@ def _check_free(sh: Shard, state: dict[str, Any]) -> None:
     if state.get("v") != STATE_VERSION:
         raise ValueError(f"tcp_migrate: state version {state.get('v')!r}, "
                          f"this engine reads {STATE_VERSION}")
-    if state_tuple(state) in sh.h.ehash:
+    if state["state"] != _CLOSED and state_tuple(state) in sh.h.ehash:
         raise os_error(errno.EADDRINUSE)
     if state["listener"] is not None:
         _dest_listener(sh, state)
@@ -316,10 +317,12 @@ def _import_sk(sh: Shard, state: dict[str, Any]) -> TcpSock:
     target = State(state["state"])
     tcp.tcp_set_state(sh, sk, target)  # from CLOSED: counts it as any transition would
     h = sh.h
-    if bound:
-        tb = h.bhash.get(sk.lport) or inet_hashtables.inet_bind_bucket_create(h, sk.lport)
-        inet_hashtables.inet_bind_hash(h, sk, tb, sk.lport)
-    inet_hashtables.inet_ehash_insert(h, sk)
+    if target is not State.CLOSED:
+        # (A CLOSED one is a child reset in the accept queue: unhashed, as it was.)
+        if bound:
+            tb = h.bhash.get(sk.lport) or inet_hashtables.inet_bind_bucket_create(h, sk.lport)
+            inet_hashtables.inet_bind_hash(h, sk, tb, sk.lport)
+        inet_hashtables.inet_ehash_insert(h, sk)
     if state["listener"] is not None:
         lst = _dest_listener(sh, state)
         sk.parent = lst
@@ -445,7 +448,7 @@ def migrate_in(sh: Shard, states: list[dict[str, Any]], now: float) -> list[tupl
     for st in states:
         _check_free(sh, st)
         key = state_tuple(st)
-        if key in seen:
+        if st["state"] != _CLOSED and key in seen:
             raise os_error(errno.EADDRINUSE)
         seen.add(key)
     out = []

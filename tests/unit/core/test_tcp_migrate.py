@@ -18,7 +18,7 @@ import socket
 
 import msgpack
 import pytest
-from core_helpers import ACK, FIN, SYN, A, B, Peer, listen, make_shard, parse, passive_open
+from core_helpers import ACK, FIN, RST, SYN, A, B, Peer, listen, make_shard, parse, passive_open
 from shardstack.core import Acceptable, Connected, Readable, Shard, State, tcp_migrate
 from shardstack.core.sock import TcpSock
 from shardstack.core.tcp_cubic import Cubic
@@ -675,3 +675,38 @@ def test_ipv6_sized_addresses_survive_strict_msgpack():
     (old, new), = s2.migrate_in(states, 0.5)
     nk = s2.sock(new)
     assert (nk.laddr, nk.raddr) == (v6a, v6b) and s2.h.ehash[(v6a, 80, v6b, 40000)] is nk
+
+
+def _reset_child_then_accept(moved: bool) -> tuple:
+    """A handshake completes, data arrives, then the peer resets it, all before
+    accept(); what accept() and the reads then give (optionally after a move)."""
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    peer.send(SYN, 1000, mss=1460)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1, payload=b"hi")
+    peer.send(RST, 1003)
+    sh, lsd = s1, l1
+    if moved:
+        move(s1, s2, 0.1)
+        sh, lsd = s2, l2
+        assert s1.accept(l1) is None and not s1.h.ehash
+    acc = sh.accept(lsd)
+    assert acc is not None
+    out: list = [sh.state(acc[0])]
+    for _ in range(2):
+        try:
+            out.append(sh.recv(acc[0], 10))
+        except OSError as e:
+            out.append(e.errno)
+    return tuple(out), bool(sh.h.ehash)
+
+
+def test_a_child_reset_in_the_accept_queue_moves_as_it_is():
+    """Linux keeps a reset child in the accept queue: accept() returns it and the
+    reads say what happened.  Moved, it says the same on the new shard, and it is
+    not put back into the 4-tuple table."""
+    here = _reset_child_then_accept(False)
+    there = _reset_child_then_accept(True)
+    assert there == here
+    assert here[0][0] is State.CLOSED and not here[1]
