@@ -48,6 +48,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -523,12 +524,20 @@ class Agent:
                 self.loop.remove_reader(c.fileno())
                 body, fds = got
                 rd.fds = []
+                # Acknowledge only what is installed: a refusal (the engine's
+                # ENOENT for a missing listener, EADDRINUSE for a taken
+                # 4-tuple) makes the sender take its state back.
                 try:
-                    c.send(b"K", socket.MSG_DONTWAIT)
+                    self.install(body, fds)
+                    ack = b"K"
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    print(f"worker {self.w.wid}: refused a transfer: {e!r}", file=sys.stderr)
+                    ack = b"N"
+                try:
+                    c.send(ack, socket.MSG_DONTWAIT)
                 except OSError:
                     pass
                 c.close()
-                self.install(body, fds)
                 return
             if not data:
                 timer.cancel()
@@ -540,10 +549,15 @@ class Agent:
         the held frames replayed; `local`: an aborted export coming back."""
         w = self.w
         now = time.monotonic()
+        try:
+            pairs = w.shard.migrate_in(body["engine"], now)  # installs all or nothing
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         socks = [socket.socket(fileno=fd) for fd in fds]
         for sk in socks:
             sk.setblocking(False)
-        pairs = w.shard.migrate_in(body["engine"], now)
         sdmap = {int(a): int(b) for a, b in pairs}
         app = w.appgate.import_conns(body["gate"], socks, sdmap) if w.appgate is not None else 0
         if w.appgate is None:
@@ -553,6 +567,7 @@ class Agent:
         buckets = [int(b) for b in body["buckets"]]
         held = [] if local else self.steer.take_held(buckets)
         self._replay(held, now)
+        w.shard.advance(time.monotonic())  # timers that fell due during the move
         w.flush()
         done = time.monotonic()
         figures = {"conns": len(body["engine"]), "installed": len(sdmap), "app_conns": app,

@@ -950,7 +950,10 @@ class Supervisor:
                 moves.append(rec)
                 if not rec["ok"]:
                     raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        t_away = time.monotonic()
         await self._replace(c)
+        t_new = time.monotonic()
+        self._start_spare()  # the next worker's successor starts importing now
         for dst in others:  # and back
             part = [k for k in mine if self.reta[k] == dst]
             if part:
@@ -958,8 +961,11 @@ class Supervisor:
                 moves.append(rec)
                 if not rec["ok"]:
                     raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        log(f"reload: {c.name} pid {old_pid} -> {c.proc.pid}: new process ready in "
+            f"{t_new - t_away:.2f} s, {sum(m['conns'] for m in moves)} connections moved")
         return {"worker": c.wid, "old_pid": old_pid, "pid": c.proc.pid,
-                "conns": sum(m["conns"] for m in moves), "moves": moves}
+                "conns": sum(m["conns"] for m in moves), "moves": moves,
+                "replace_seconds": round(t_new - t_away, 3)}
 
     async def _replace(self, c: Child) -> None:
         """Stop c's process (it owns no bucket now) and wait for its successor."""

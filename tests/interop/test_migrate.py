@@ -22,6 +22,8 @@ import json
 import random
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -267,6 +269,13 @@ def _move(st, bucket: int, worker: int) -> dict:
                         timeout=10)
 
 
+def _cli_long(st, *args: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "shardstack", *args, "--run-dir", st.run_dir,
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def _check_app(log, ports) -> None:
     lines = wait_for(lambda: sum(x.startswith("eof ") for x in _lines(log)) >= len(ports)
                      and _lines(log), timeout=30, what="the app saw every EOF")
@@ -346,7 +355,9 @@ def test_reload_keeps_streams(mig_stack):
     streams = Streams(socks, seed=16).start()
     try:
         time.sleep(0.5)
-        out = st.cli("reload")
+        t0 = time.monotonic()
+        out = _cli_long(st, "reload")
+        took = time.monotonic() - t0
         assert [w["old_pid"] for w in out["workers"]] == pids
         new_pids = [w["pid"] for w in out["workers"]]
         assert all(a != b for a, b in zip(pids, new_pids, strict=True))
@@ -358,6 +369,11 @@ def test_reload_keeps_streams(mig_stack):
         for s in socks.values():
             s.close()
     streams.check()
+    moves = [m for w in out["workers"] for m in w["moves"]]
+    print([(w["replace_seconds"], [(m["seconds"], m["pause"], m["conns"]) for m in w["moves"]])
+           for w in out["workers"]])
+    print(f"reload: {took:.1f} s; {len(moves)} moves, pause per move max "
+          f"{max(m['pause'] for m in moves) * 1e3:.1f} ms, held {sum(m['held'] for m in moves)}")
     now = [w["proc"]["pid"] for w in st.stats()["workers"]]
     assert now == new_pids and not set(now) & set(pids)
     _check_app(log, app_ports)
