@@ -14,10 +14,9 @@ Hysteresis, so that noise never moves anything:
 - nothing moves while the stack is nearly idle (mean < MIN_LOAD CPU s/s);
 - after a move, COOLDOWN seconds and a fresh window before the next one (the
   load picture has to show the effect of the last move first);
-- the buckets moved are chosen greedily, largest first, so that their load
-  fits in half the gap between the two workers (moving more would only make
-  the cold worker the hot one); if no bucket fits, the smallest one moves
-  only if that still lowers the larger of the two loads.
+- the buckets moved are chosen greedily, largest first, each only if it
+  brings the two workers' loads closer (an elephant bucket larger than the
+  gap stays: moving it would only make the cold worker the hot one).
 """
 
 from __future__ import annotations
@@ -104,20 +103,14 @@ class Balancer:
 
 def choose_buckets(mine: list[int], load: list[float], hot: float, cold: float) -> list[int]:
     """Buckets of the hot worker (`mine`) to give the cold one: greedy,
-    largest first, within half the gap; else the smallest busy bucket if it
-    still lowers max(hot, cold)."""
+    largest first, each taken only if it brings the two workers' loads
+    closer together (|gap - 2 * moved| shrinks), so a move never makes the
+    cold worker the hotter one by more than the gap it closes."""
     busy = sorted((k for k in mine if load[k] > 0), key=lambda k: -load[k])
-    if not busy:
-        return []
-    budget = (hot - cold) / 2
-    pick, total = [], 0.0
+    gap = hot - cold
+    pick, moved = [], 0.0
     for k in busy:
-        if total + load[k] <= budget:
+        if abs(gap - 2 * (moved + load[k])) < abs(gap - 2 * moved):
             pick.append(k)
-            total += load[k]
-    if pick:
-        return pick
-    smallest = busy[-1]
-    if load[smallest] < hot - cold:
-        return [smallest]
-    return []
+            moved += load[k]
+    return pick

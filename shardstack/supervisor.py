@@ -988,22 +988,29 @@ class Supervisor:
 
         while not self.stopping:
             await asyncio.sleep(SAMPLE_PERIOD)
-            if self.move_lock.locked() or not all(c.ready for c in self._workers()):
-                continue
-            loads = await self._ask_workers("load")
-            if any(ld is None for ld in loads):
-                continue
-            pick = self.balancer.observe(time.monotonic(), self.reta, loads)
-            if pick is None:
-                continue
-            bucket, dst = pick
-            async with self.move_lock:
-                if self.reta[bucket] == dst:
-                    continue
-                try:
-                    await self._move([bucket], dst, "auto")
-                except OSError as e:
-                    log(f"rebalance: {e}")
+            try:
+                await self._rebalance_once()
+            except Exception as e:  # a bug here must not end rebalancing silently
+                log(f"rebalance: {type(e).__name__}: {e}")
+
+    async def _rebalance_once(self) -> None:
+        if self.move_lock.locked() or not all(c.ready for c in self._workers()):
+            return
+        loads = await self._ask_workers("load")
+        if any(ld is None for ld in loads):
+            return
+        pick = self.balancer.observe(time.monotonic(), self.reta, loads)
+        if pick is None:
+            return
+        buckets, dst = pick
+        async with self.move_lock:
+            buckets = [k for k in buckets if self.reta[k] != dst]
+            if not buckets:
+                return
+            rec = await self._move(buckets, dst, "auto")
+            log(f"rebalance: buckets {buckets} -> worker {dst} "
+                f"({'ok' if rec['ok'] else rec['reason']}, {rec['conns']} connections, "
+                f"ratio was {self.balancer.last_ratio:.2f})")
 
     async def _op_reta(self, req, conn) -> dict[str, Any]:
         """`shardstack reta`: the table, the moves so far, per-bucket load."""
