@@ -59,6 +59,7 @@ import msgpack
 from shardstack.load import _BUCKET_OF, frame_bucket
 
 MOVE_TIMEOUT = 2.0  # s: a move not done by then is aborted (the bucket stays put)
+FOREIGN_GRACE = 3.0  # s after a worker starts: frames of others' buckets are forwarded
 HOLD_MAX = 1 << 16  # frames held per bucket; beyond, dropped (TCP retransmits them)
 FDS_PER_CARRIER = 250  # SCM_MAX_FD is 253
 _U32 = struct.Struct("!I")
@@ -102,19 +103,32 @@ class RxSteer:
     forwarded buckets go to `forwarder(wid)`, the rest pass. With nothing
     held or forwarded it costs one attribute test per batch."""
 
-    __slots__ = ("inner", "hold", "forward", "active", "stats", "send")
+    __slots__ = ("inner", "hold", "forward", "active", "stats", "send", "reta", "wid",
+                 "foreign")
 
     def __init__(self, inner: Callable[..., Any],
-                 send: Callable[[int, list, bytes], bool]) -> None:
+                 send: Callable[[int, list, bytes], bool],
+                 reta: list[int] | None = None, wid: int = -1) -> None:
         self.inner = inner
         self.send = send  # (wid, frames, flags) -> sent?
         self.hold: dict[int, Held] = {}
         self.forward: dict[int, int] = {}  # bucket -> worker id
+        # While set (a new process's first seconds): frames of buckets the
+        # RETA gives to another worker go there. They are what the process
+        # this one replaces left unread on the same queue after moving its
+        # buckets away (shardstack reload); answering them would be a RST.
+        self.foreign = False
+        self.reta = reta
+        self.wid = wid
         self.active = False
         self.stats = SteerStats()
 
     def _update(self) -> None:
-        self.active = bool(self.hold or self.forward)
+        self.active = bool(self.hold or self.forward or self.foreign)
+
+    def set_foreign(self, on: bool) -> None:
+        self.foreign = on and self.reta is not None
+        self._update()
 
     def __call__(self, packets: Any, now: float, csum_ok: bool | None = None) -> None:
         if not self.active:
@@ -133,6 +147,8 @@ class RxSteer:
                     self.stats.hold_dropped += 1
                 continue
             w = forward.get(k)
+            if w is None and self.foreign and k >= 0 and self.reta[k] != self.wid:
+                w = self.reta[k]
             if w is not None:
                 out.setdefault(w, []).append(f)
                 continue
@@ -267,20 +283,21 @@ class MoveRecord:
     ok: bool
     at: float  # wall clock (time.time) when it finished
     seconds: float  # the whole move, supervisor's view
-    pause: float  # B's view: export started -> installed (the connections' pause)
+    pause: float  # RETA switched -> installed at B: how long the bucket's frames waited
     conns: int  # connections moved (established, handshaking, TIME-WAIT...)
     app_conns: int  # of those, with an app's stream handed over
     held: int  # frames B held and replayed
     forwarded: int = 0  # stragglers A sent on (cumulative at A when the move ended)
     reason: str = ""  # why it was aborted
     by: str = "hand"  # "hand", "auto", "reload"
+    transfer: float = 0.0  # A's export started -> installed at B (state out, sent, in)
 
     def as_dict(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "from": self.src, "to": self.dst, "ok": self.ok,
                 "at": round(self.at, 3), "seconds": round(self.seconds, 6),
                 "pause": round(self.pause, 6), "conns": self.conns, "app_conns": self.app_conns,
                 "held": self.held, "forwarded": self.forwarded, "reason": self.reason,
-                "by": self.by}
+                "by": self.by, "transfer": round(self.transfer, 6)}
 
 
 # -- the worker's agent ------------------------------------------------------------
@@ -305,8 +322,9 @@ class Agent:
     def __init__(self, worker: Any) -> None:
         self.w = worker
         self.loop = worker.loop
-        self.steer = RxSteer(worker.shard.receive_batch, self._forward)
+        self.steer = RxSteer(worker.shard.receive_batch, self._forward, worker.reta, worker.wid)
         worker.shard.receive_batch = self.steer
+        self.steer.set_foreign(True)  # until FOREIGN_GRACE after start (listen())
         self.push: dict[int, Any] = {}  # wid -> zmq PUSH to its rx endpoint
         self.incoming: dict[int, Incoming] = {}  # bucket -> its pending move
         self.server: socket.socket | None = None
@@ -336,6 +354,7 @@ class Agent:
         s.listen(16)
         self.server = s
         self.loop.add_reader(s.fileno(), self._on_accept)
+        self.loop.call_later(FOREIGN_GRACE, self.steer.set_foreign, False)
 
     def close(self) -> None:
         if self.server is not None:
@@ -571,8 +590,8 @@ class Agent:
         w.flush()
         done = time.monotonic()
         figures = {"conns": len(body["engine"]), "installed": len(sdmap), "app_conns": app,
-                   "services": svc, "held": len(held),
-                   "pause": done - float(body["t_export"]),
+                   "services": svc, "held": len(held), "installed_at": done,
+                   "transfer": done - float(body["t_export"]),
                    "install_seconds": done - now}
         if local:
             return figures

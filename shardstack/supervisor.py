@@ -895,6 +895,7 @@ class Supervisor:
         new = list(self.reta)
         for k in buckets:
             new[k] = dst
+        t_switch = time.monotonic()  # the kernel's steering changes first, in _install_reta
         try:
             await self._install_reta(new)
             exp = await a.ctl.call("mig_export", timeout=timeout, buckets=buckets, to=dst)
@@ -913,7 +914,8 @@ class Supervisor:
         rec.forwarded = exp.get("forwarded", 0)
         try:
             fin = await b.ctl.call("mig_finish", timeout=timeout, buckets=buckets)
-            rec.pause = fin.get("pause", 0.0)
+            rec.pause = max(0.0, fin.get("installed_at", t_switch) - t_switch)
+            rec.transfer = fin.get("transfer", 0.0)
             rec.held = fin.get("held", 0)
         except (OSError, TimeoutError, control.ControlError) as e:
             # Sent and acknowledged, so it is B's now; its figures are lost.

@@ -533,6 +533,10 @@ class Worker:
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
+        if self.migrate.steer.forward:
+            # Buckets moved away (shardstack reload stops us once we own none):
+            # what is still queued for us goes on to their new workers.
+            self.drain_rx()
         self.closed = True
         self.load.close()
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))

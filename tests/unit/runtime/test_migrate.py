@@ -222,3 +222,26 @@ def test_reta_book_keeps_the_migrations():
     assert rep["migrations"]["last"][0]["held"] == 7
     text = retabook.format_reta(rep)
     assert "1 done, 1 aborted" in text and "no acknowledgement" in text
+
+
+def test_steer_forwards_other_workers_buckets_while_foreign():
+    """A new process's first seconds: frames of buckets the RETA gives to
+    another worker go there (what its predecessor left on the queue), its
+    own buckets' frames pass; then, foreign off, everything passes."""
+    reta = rss.make_reta(2)
+    got, sent = [], []
+    st = migrate.RxSteer(lambda fr, now, ok=None: got.extend(fr),
+                         lambda w, fr, fl: sent.append((w, list(fr))) or True, reta, 1)
+    st.set_foreign(True)
+    mine = _ports_in(1, 1)[0]  # bucket 1: worker 1's
+    theirs = _ports_in(2, 1)[0]  # bucket 2: worker 0's
+    a, b = _frame(mine), _frame(theirs)
+    st([a, b], 0.0, True)
+    assert got == [a] and sent == [(0, [b])]
+    reta[2] = 1  # set_reta updates the list in place
+    st([b], 0.1, True)
+    assert got == [a, b]
+    st.set_foreign(False)
+    reta[2] = 0
+    st([b], 0.2, True)
+    assert got == [a, b, b] and not st.active
