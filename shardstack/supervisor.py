@@ -844,18 +844,37 @@ class Supervisor:
     async def _install_reta(self, reta: list[int]) -> None:
         """Switch the steering (kernel program or map, netio's Dispatcher) and
         tell the workers (their ephemeral-port filter reads it)."""
+        await self._steer_reta(reta)
+        await self._publish_reta(reta)
+
+    async def _steer_reta(self, reta: list[int]) -> None:
+        """What decides where frames go: the kernel's steering with direct
+        RX, netio's Dispatcher without it."""
         self.reta = reta
         self.book.install(reta)
+        direct = False
         if self.fanout is not None:
             from shardstack.netio import fanout
 
             fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
+            direct = True
         if self.tun_reta_map is not None:
             self.tun_reta_map.write(reta)  # 128 map writes; the program stays
+            direct = True
+        if not direct:
+            await self._netio_reta(reta)
+
+    async def _publish_reta(self, reta: list[int]) -> None:
+        """Everyone else who reads the RETA: netio (with direct RX it only
+        forwards ICMP errors by it) and the workers (ephemeral ports)."""
+        if self.fanout is not None or self.tun_reta_map is not None:
+            await self._netio_reta(reta)
+        await self._ask_workers("set_reta", reta=reta)
+
+    async def _netio_reta(self, reta: list[int]) -> None:
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
-        await self._ask_workers("set_reta", reta=reta)
 
     # -- moving buckets with their connections (shardstack.migrate) ---------------
 
@@ -895,9 +914,11 @@ class Supervisor:
         new = list(self.reta)
         for k in buckets:
             new[k] = dst
-        t_switch = time.monotonic()  # the kernel's steering changes first, in _install_reta
+        t_switch = time.monotonic()
         try:
-            await self._install_reta(new)
+            # Only the steering before the export (the pause runs from here);
+            # the rest of the RETA's readers are told once the move is done.
+            await self._steer_reta(new)
             exp = await a.ctl.call("mig_export", timeout=timeout, buckets=buckets, to=dst)
         except (OSError, TimeoutError, control.ControlError) as e:
             # A kept (or took back) the state: the bucket goes back to it, and
@@ -920,6 +941,10 @@ class Supervisor:
         except (OSError, TimeoutError, control.ControlError) as e:
             # Sent and acknowledged, so it is B's now; its figures are lost.
             rec.reason = f"no figures from worker {dst}: {e}"
+        try:
+            await self._publish_reta(self.reta)
+        except OSError as e:
+            log(f"move of bucket(s) {label}: RETA not published everywhere: {e}")
         rec.seconds = time.monotonic() - t0
         rec.at = time.time()
         self.book.record(rec.as_dict())
