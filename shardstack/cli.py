@@ -379,7 +379,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     else:
         for w in reply["workers"]:
             print(f"worker {w['worker']}: pid {w['old_pid']} -> {w['pid']}, "
-                  f"{w['conns']} connections moved (away and back)")
+                  f"{w['conns']} connections moved away and back, new process ready in "
+                  f"{w['replace_seconds']:.1f} s")
     return 0
 
 

@@ -977,6 +977,7 @@ class Supervisor:
                 moves.append(rec)
                 if not rec["ok"]:
                     raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        away = sum(m["conns"] for m in moves)
         t_away = time.monotonic()
         await self._replace(c)
         t_new = time.monotonic()
@@ -989,9 +990,9 @@ class Supervisor:
                 if not rec["ok"]:
                     raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
         log(f"reload: {c.name} pid {old_pid} -> {c.proc.pid}: new process ready in "
-            f"{t_new - t_away:.2f} s, {sum(m['conns'] for m in moves)} connections moved")
+            f"{t_new - t_away:.2f} s, {away} connections moved away and back")
         return {"worker": c.wid, "old_pid": old_pid, "pid": c.proc.pid,
-                "conns": sum(m["conns"] for m in moves), "moves": moves,
+                "conns": away, "moves": moves,
                 "replace_seconds": round(t_new - t_away, 3)}
 
     async def _replace(self, c: Child) -> None:
