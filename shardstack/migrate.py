@@ -59,6 +59,10 @@ import msgpack
 from shardstack.load import _BUCKET_OF, frame_bucket
 
 MOVE_TIMEOUT = 2.0  # s: a move not done by then is aborted (the bucket stays put)
+# s the sender still waits for the answer after MOVE_TIMEOUT: the receiver
+# starts no install after MOVE_TIMEOUT (it refuses a late transfer), so an
+# install begun in time gets this long to finish before the sender gives up.
+ACK_GRACE = 1.0
 FOREIGN_GRACE = 3.0  # s after a worker starts: frames of others' buckets are forwarded
 HOLD_MAX = 1 << 16  # frames held per bucket; beyond, dropped (TCP retransmits them)
 FDS_PER_CARRIER = 250  # SCM_MAX_FD is 253
@@ -483,15 +487,21 @@ class Agent:
         try:
             s = send_transfer(self.path(w.run.path, to), body, fds, deadline)
             try:
-                ok = wait_ack(s, deadline)
-                why = "" if ok else "no acknowledgement in time"
+                ok = wait_ack(s, deadline + ACK_GRACE)
+                why = "" if ok else "not acknowledged in time"
             finally:
                 s.close()
         except OSError as e:
             why = f"transfer failed: {e}"
         if not ok:
             # The bucket stays ours: the state goes back into our own shard.
-            self.install(body, [os.dup(fd) for fd in fds], local=True)
+            dups = [os.dup(fd) for fd in fds]
+            try:
+                self.install(body, dups, local=True)
+            except BaseException:
+                for fd in dups:
+                    _close_quietly(fd)
+                raise
             for sk in socks:
                 sk.close()
             self.aborted += 1
@@ -547,9 +557,15 @@ class Agent:
                 # ENOENT for a missing listener, EADDRINUSE for a taken
                 # 4-tuple) makes the sender take its state back.
                 try:
+                    if time.monotonic() > float(body["t_export"]) + MOVE_TIMEOUT:
+                        # The sender stops waiting at MOVE_TIMEOUT + ACK_GRACE and
+                        # takes the state back: two live copies must never exist.
+                        raise OSError(errno.ETIMEDOUT, "transfer arrived too late")
                     self.install(body, fds)
                     ack = b"K"
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    for fd in fds:
+                        _close_quietly(fd)
                     print(f"worker {self.w.wid}: refused a transfer: {e!r}", file=sys.stderr)
                     ack = b"N"
                 try:
@@ -568,12 +584,7 @@ class Agent:
         the held frames replayed; `local`: an aborted export coming back."""
         w = self.w
         now = time.monotonic()
-        try:
-            pairs = w.shard.migrate_in(body["engine"], now)  # installs all or nothing
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
+        pairs = w.shard.migrate_in(body["engine"], now)  # all or nothing; the caller closes fds
         socks = [socket.socket(fileno=fd) for fd in fds]
         for sk in socks:
             sk.setblocking(False)
@@ -616,6 +627,13 @@ class Agent:
             run.append(f)
         if run:
             inner(run, now, state)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _plain(obj: Any) -> dict[str, Any]:

@@ -908,8 +908,17 @@ class Supervisor:
         a, b = workers[src], workers[dst]
         if not (a.ready and b.ready and a.ctl is not None and b.ctl is not None):
             raise OSError(errno.EAGAIN, "both workers must be running and ready")
-        timeout = migrate.MOVE_TIMEOUT + 1.0
-        await b.ctl.call("mig_hold", timeout=timeout, buckets=buckets, src=src)
+        timeout = migrate.MOVE_TIMEOUT + migrate.ACK_GRACE + 1.0
+        try:
+            await b.ctl.call("mig_hold", timeout=timeout, buckets=buckets, src=src)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # Nothing switched yet: the bucket simply stays (B, if it wakes up
+            # holding, gives up after its own timeout: it gets no frames of it).
+            rec.ok, rec.reason = False, f"worker {dst} did not take the hold: {e!r}"
+            rec.seconds = time.monotonic() - t0
+            self.book.record(rec.as_dict())
+            log(f"move of bucket(s) {label} {src} -> {dst} aborted: {rec.reason}")
+            return rec.as_dict()
         old = list(self.reta)
         new = list(self.reta)
         for k in buckets:

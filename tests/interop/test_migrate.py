@@ -17,10 +17,13 @@ Every loop is bounded in count and time; namespaces are the test's own
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -467,3 +470,43 @@ def test_rebalance_auto_evens_a_skewed_load(auto_stack):
                       f"held {m['held']}" for m in auto))
     assert auto, "the balancer moved nothing: " + st.log.read_text()[-3000:]
     assert converged_at is not None and converged_at <= CONVERGE_S, samples
+
+
+def test_move_to_a_frozen_worker_is_aborted_in_bounded_time(mig_stack):
+    """A move that cannot finish (the new worker stopped with SIGSTOP) is
+    aborted within a bounded time; the bucket stays with its worker and its
+    connections carry on: SHA-256 intact, no RST."""
+    st = mig_stack
+    ports = st.ports_for(20, ECHO, 40000)
+    rst0, srst0 = kernel_rst_counters(st.ns), stack_rsts(st)
+    socks = _connect_all(st, ports, ECHO)
+    b = bucket_of(_ip(st.addr), ECHO, _ip(st.peer), ports[0])
+    src = st.reta[b]
+    victim = st.stats()["workers"][1 - src]["proc"]["pid"]
+    streams = Streams(socks, seed=18, max_bytes=256 * 1024).start()
+    try:
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as ei:
+                _move(st, b, 1 - src)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert ei.value.errno == errno.ETIMEDOUT, ei.value
+        assert took < 6.0, f"the abort took {took:.1f} s"
+        rep = st.cli("reta")
+        assert rep["reta"][b] == src
+        assert rep["migrations"]["aborted"] == 1 and rep["migrations"]["done"] == 0
+        # the bucket still moves once the worker is back
+        rec = _move(st, b, 1 - src)
+        assert rec["to"] == 1 - src
+        streams.finish(st=st)
+    finally:
+        streams.stop.set()
+        for s in socks.values():
+            s.close()
+    streams.check()
+    assert kernel_rst_counters(st.ns) == rst0, "the kernel peer saw or sent a reset"
+    assert stack_rsts(st) == srst0, "the stack sent a RST"
