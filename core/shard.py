@@ -27,6 +27,7 @@ from . import (
     tcp_cong,
     tcp_info,
     tcp_ipv4,
+    tcp_migrate,
     tcp_output,
     tcp_rcvbuf,
     tcp_timer,
@@ -576,6 +577,17 @@ class Shard:
         if sk is None:
             raise os_error(errno.EBADF)
         return sk
+
+    # -- moving connections to another shard (core/tcp_migrate.py) -------------------------
+
+    def migrate_out(self, match: Callable[[int, int, int, int], bool]) -> list[dict]:
+        """Remove every connection whose (laddr, lport, raddr, rport) ``match``es and
+        return its state (msgpack-serialisable), in the order ``migrate_in`` replays."""
+        return tcp_migrate.migrate_out(self, match)
+
+    def migrate_in(self, states: list[dict], now: float) -> list[tuple[int, int]]:
+        """Install states from another shard's ``migrate_out``; (old sd, new sd) each."""
+        return tcp_migrate.migrate_in(self, states, now)
 
     def connections(self) -> list[ConnInfo]:
         seen: set[int] = set()

@@ -40,7 +40,16 @@ class State(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class TcpSock:
-    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists."""
+    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists.
+
+    Every field must round-trip through ``tcp_migrate`` (a connection moves
+    between shards and worker processes): it walks these slots generically, so
+    a new field of a plain type (int, float, bool, str, bytes, None, list,
+    tuple, deque, memoryview, an enum it knows) needs nothing; any other type
+    needs a case in ``tcp_migrate.encode_value``, and a field that must not
+    move needs a reason in ``tcp_migrate.SHARD_LOCAL``.
+    tests/unit/core/test_tcp_migrate.py fails until it does.
+    """
 
     sd: int
     state: State = State.CLOSED

@@ -2,7 +2,11 @@
 
 Timers are data, not callbacks (smoltcp ``Timer``): each socket holds one
 deadline per :class:`TimerKind` in ``sk.timers`` (None: idle); the shard keeps
-a single heap of ``(deadline, seq, kind, sock)`` entries.
+a single heap of ``(deadline, seq, kind, sock)`` entries.  Deadlines are
+absolute times on the caller's clock (a worker passes ``time.monotonic()``,
+one CLOCK_MONOTONIC for every process of a host), so ``tcp_migrate`` moves
+them to another shard or process unchanged and they fire there at the same
+instant; ``timer_seq``/``timer_q`` belong to this heap and are re-made.
 
 Lazy deletion with a generation counter.  Each (sock, kind) has at most one
 *representative* heap entry: its ``seq`` is ``sk.timer_seq[kind]`` and its
