@@ -37,6 +37,7 @@ from . import (
     tcp_ipv4,
     tcp_minisocks,
     tcp_output,
+    udp,
 )
 from .dropreason import WIRE_REASONS, DropReason
 from .icmpv6 import Icmpv6Err, icmpv6_err_convert
@@ -64,6 +65,7 @@ from .wire.ipv6 import (
     NEXTHDR_ICMP,
     NEXTHDR_NONE,
     NEXTHDR_TCP,
+    NEXTHDR_UDP,
     PARAMPROB_NEXTHDR,
     Ipv6ParamProblem,
     is_multicast6,
@@ -133,6 +135,9 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
             err = icmpv6.icmpv6_rcv(sh, ip, payload, bool(csum_ok))
             if err is not None:
                 tcp_v6_err(sh, err, now)
+            return
+        if nh == NEXTHDR_UDP:
+            udp.udpv6_rcv(sh, ip, payload, pkt, bool(csum_ok))
             return
         if nh == NEXTHDR_NONE:
             stats.drop(DropReason.NOT_TCP)  # RFC 8200 §4.7: nothing follows
@@ -320,6 +325,10 @@ def tcp_v6_err(sh: Shard, e: Icmpv6Err, now: float) -> None:
     """
     stats = sh.stats
     q = e.quote
+    if q.proto == NEXTHDR_UDP:
+        err, fatal = icmpv6_err_convert(e.type, e.code)
+        udp.udpv6_err(sh, e, fatal, err)  # __udp6_lib_err
+        return
     if q.proto != NEXTHDR_TCP:
         stats.icmp6_in_errors += 1
         stats.drop(DropReason.ICMP_ERR_NOT_TCP)

@@ -416,9 +416,12 @@ def test_socket_api_errors_as_linux():
     with pytest.raises(OSError) as e:
         sh.connect(o, v4_mapped(B), 80, 0.0)
     assert e.value.errno == errno.ENETUNREACH
-    with pytest.raises(OSError) as e:
-        sh.connect(sh.socket(V6), str_to_ip6("ff02::1"), 80, 0.0)
-    assert e.value.errno == errno.ENETUNREACH
+    for bad in (str_to_ip6("ff02::1"), 1, str_to_ip6("::198.18.0.2")):
+        # multicast, ::1, IPv4-compatible: never sent, and never as IPv4
+        with pytest.raises(OSError) as e:
+            sh.connect(sh.socket(V6), bad, 80, 0.0)
+        assert e.value.errno == errno.ENETUNREACH
+    assert sh.take_frames() == []
 
 
 def test_v4_mapped_connect_from_an_ipv6_socket_goes_out_as_ipv4():
