@@ -503,3 +503,59 @@ def test_random_and_truncated_ipv6_never_raises():
         sh.receive(bytes(b), 0.1, csum_ok=rng.random() < 0.5)
         sh.receive(bytes([0x60]) + rng.randbytes(rng.randint(0, 120)), 0.1)
     assert sh.stats.drops[DropReason.ENGINE_EXCEPTION] == 0
+
+
+# -- the fast paths (header prediction, burst sends) over IPv6 change nothing but speed ------
+
+
+def _transfer6(fast: bool, params: LinkParams, seed: int, **kw):
+    from test_header_prediction import Mode, shard_state
+
+    rnd = random.Random(seed)
+    up, down = rnd.randbytes(200_000), rnd.randbytes(200_000)
+    wire: list = []
+    with Mode(fast):
+        a = make_shard6(A6, **kw)
+        b = make_shard6(B6, **kw)
+        link = SimLink(a, b, seed=seed, params=params,
+                       tap=lambda now, d, pkt: wire.append((now, d, bytes(pkt))))
+        c, s = _connect(a, b, link)
+        got = {c: bytearray(), s: bytearray()}
+        sent = {c: 0, s: 0}
+
+        def step() -> bool:
+            for sh, sd, data in ((a, c, up), (b, s, down)):
+                if sent[sd] < len(data):
+                    sent[sd] += sh.send(sd, memoryview(data)[sent[sd]:sent[sd] + 65536],
+                                        link.now)
+            for sh, sd in ((a, c), (b, s)):
+                while chunk := sh.recv(sd, 1 << 20):
+                    got[sd].extend(chunk)
+            return len(got[s]) == len(up) and len(got[c]) == len(down)
+
+        for _ in range(100_000):
+            if step() or link.now > 300:
+                break
+            link.run_for(0.002)
+        assert bytes(got[s]) == up and bytes(got[c]) == down
+        return wire, shard_state(a), shard_state(b)
+
+
+@pytest.mark.parametrize(("seed", "params", "kw"), [
+    (1, LinkParams(delay=0.005, loss=0.02), {}),
+    (4, LinkParams(delay=0.004, loss=0.01, bandwidth=20e6, queue_bytes=40_000),
+     {"tso_max": 65000, "tx_csum_offload": True}),
+])
+def test_ipv6_fast_paths_are_identical_on_the_wire(seed, params, kw, monkeypatch):
+    from test_header_prediction import Spy
+
+    spy = Spy(monkeypatch)
+    fast = _transfer6(True, params, seed, **kw)
+    hits = spy.take()
+    assert hits[0] > 15 and hits[1] > 10  # IPv6 header prediction ran, and so did the rest
+    slow = _transfer6(False, params, seed, **kw)
+    assert len(fast[0]) == len(slow[0])
+    for i, (x, y) in enumerate(zip(fast[0], slow[0], strict=True)):
+        assert x == y, f"packet {i} differs"
+    assert fast[1:] == slow[1:]
+    assert all(p[2][0] >> 4 == 6 for p in fast[0])
