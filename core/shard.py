@@ -1,7 +1,8 @@
 """The Shard: one host's TCP engine, sans I/O (h11's ``Connection`` for a whole stack).
 
-IPv4 packets and the time go in; IPv4 packets, socket events and the next
-timer deadline come out.  Socket operations use small integer descriptors
+IPv4 and IPv6 packets and the time go in; IPv4 and IPv6 packets (tell them
+apart by the version nibble), socket events and the next timer deadline
+come out.  Socket operations use small integer descriptors
 local to the shard (never reused).  Nothing here reads a clock, a socket or
 a random source: ``now`` and ``ShardConfig.secret`` come from the caller.
 
@@ -307,7 +308,8 @@ class Shard:
     # -- packets and time ----------------------------------------------------------------
 
     def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
-        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``.
+        """One inbound IPv4 or IPv6 packet (by its version nibble); never raises.
+        ``csum_ok`` overrides ``cfg.csum_offload``.
 
         A failure while handling it ends only its connection (``core.fault``).
         """
