@@ -34,6 +34,7 @@ from . import (
     request_sock,
     syncookies,
     tcp,
+    tcp_ecn,
     tcp_input,
     tcp_minisocks,
     tcp_output,
@@ -165,8 +166,9 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
          offflags, window, tsum, urg, tsword, tsval, tsecr) = (
             _unpack_hp(pkt) if n >= 52 else _unpack_hp40(pkt) + _NO_TS)
         hp = offflags & 0xF0F7  # data offset and flags but PSH (Linux TCP_HP_BITS)
+        # A CE mark (RFC 3168 §5) takes the slow path, where tcp_ecn sees it.
         if (proto == 6 and (hp == 0x8010 or hp == 0x5010) and not frag & 0x3FFF
-                and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
+                and tos & 3 != 3 and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))  # dst is ours if this hits
             looked_up = True
             if (sk is not None and sk.state is TCP_ESTABLISHED
@@ -223,7 +225,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         stats.drop(DropReason.TCP_CSUM)
         return
     try:
-        seg = parse_tcp(payload)
+        seg = parse_tcp(payload, ip.tos & 3)
     except WireError as e:
         stats.drop(tcp_hdr_reason(payload, e.reason))
         return
@@ -432,6 +434,7 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
         sh.tr("tcp_v4_init_req")  # the addresses: inet_reqsk_alloc took them
         sh.tr("tcp_v4_init_sequence")
     iss, req.ts_off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
+    tcp_ecn.tcp_ecn_create_request(sh, req, seg)
     if want_cookie:
         iss, idx = syncookies.cookie_v4_init_sequence(sh.secret, src, dst, seg.src_port,
                                                       seg.dst_port, seg.seq, req.mss, now)
@@ -440,10 +443,10 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
             # The SYN's options ride in the low TSval bits (Linux cookie_init_timestamp).
             tsnow = (int(now * 1000) + req.ts_off) & MASK
             tsval = syncookies.cookie_init_timestamp(
-                tsnow, opts.wscale if req.wscale_ok else None, req.sack_ok, False)
+                tsnow, opts.wscale if req.wscale_ok else None, req.sack_ok, req.ecn_ok)
             req.ts_off = (tsval - int(now * 1000)) & MASK
         else:
-            req.wscale_ok = req.sack_ok = False
+            req.wscale_ok = req.sack_ok = req.ecn_ok = False  # no room to remember them
             req.snd_wscale = req.rcv_wscale = 0
         sh.stats.syncookies_sent += 1
         sk.synq_overflow = now  # Linux tcp_synq_overflow
@@ -523,6 +526,7 @@ def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: 
             req.snd_wscale = o.wscale
             req.rcv_wscale = ws
         req.sack_ok = o.sack_perm and sh.cfg.sack
+        req.ecn_ok = o.ecn and sh.cfg.ecn != 0  # Linux cookie_ecn_ok
     if not req.wscale_ok:
         req.rcv_wnd = min(req.rcv_wnd, 65535)
     req.num_retrans = 1  # no RTT sample from a cookie

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import inet_connection_sock, inet_hashtables, tcp, tcp_input, tcp_ipv4, tcp_output
+from . import inet_connection_sock, inet_hashtables, tcp, tcp_ecn, tcp_input, tcp_ipv4, tcp_output
 from .dropreason import DropReason
 from .tcp_h import (
     HALF,
@@ -230,6 +230,7 @@ def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg
     sk.ts_recent = req.ts_recent
     sk.ts_recent_stamp = now
     sk.ts_off = req.ts_off
+    tcp_ecn.tcp_ecn_openreq_child(sk, req)
     sk.segs_in = 1  # the SYN (Linux tcp_create_openreq_child; the final ACK is not counted)
     if sh.tracing:
         sh.tr("tcp_init_xmit_timers")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -192,6 +192,9 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     if win < 0:
         win = tcp_select_window(sk)
     plen = len(payload)
+    tos = 0
+    if sk.ecn_flags:  # ECT(0) on new data, CWR, ECE (RFC 3168 §6.1; tcp_ecn_send)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, seq, flags, plen)
     urg = 0
     if sk.urg_mode:
         urg = _urgent_pointer(sk, seq)
@@ -214,14 +217,14 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             if plen:
                 t_sum += sum16(payload)
             t_field = -t_sum % 0xFFFF
-        hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
-                           sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
+        hdr = _pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6,
+                           -(sk.tx_ipsum + total + tos) % 0xFFFF, sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
                            t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                               win, _options(sk, now), payload, csum_partial=csum_partial,
-                               urgent=urg)
+                               win, _options(sk, now), payload, tos=tos,
+                               csum_partial=csum_partial, urgent=urg)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -305,7 +308,8 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
-    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
+    flags = SYN | tcp_ecn.tcp_ecn_send_syn(sh, sk)
+    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, flags,
                                     tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -316,8 +320,9 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(bool(sk.ecn_flags & tcp_ecn.TCP_ECN_OK))
     sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                    sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
+                                    sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -333,8 +338,9 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
         sh.tr("__tcp_v4_send_check")
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(req.ecn_ok)
     return build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                          (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
+                          (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -429,8 +435,9 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
     burst = XMIT_BURST and sk.ts_ok and not sack_opts
-    if sk.urg_mode:
-        # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
+    if sk.urg_mode or sk.ecn_flags & tcp_ecn.TCP_ECN_QUEUE_CWR:
+        # Each segment's urgent pointer is its own (tcp_transmit), and a CWR owed
+        # goes on one plain segment (tcp_ecn_send): no burst, no GSO.
         maxseg = mss
         burst = False
     cc = sk.cc
@@ -612,14 +619,18 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     tsecr = sk.ts_recent
     total = 52 + size
     base = sk.tx_csum or _tx_csum_init(sk)
-    ipsum = -(sk.tx_ipsum + total) % 0xFFFF
+    flags = ACK
+    tos = 0
+    if sk.ecn_flags:  # new data: ECT(0), ECE if owed (the caller kept a queued CWR out)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, nxt, flags, size)
+    ipsum = -(sk.tx_ipsum + total + tos) % 0xFFFF
     src = sk.laddr
     dst = sk.raddr
     gso = size > mss
     partial = gso and sh.cfg.tx_csum_offload
     if partial:
         t_field = (src + dst + 38 + size) % 0xFFFF or 0xFFFF
-    t_base = base + size + ack + (0x8000 | ACK) + win + tsval + tsecr
+    t_base = base + size + ack + (0x8000 | flags) + win + tsval + tsecr
     sport = sk.lport
     dport = sk.rport
     frames = sh.frames
@@ -633,8 +644,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
         payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
         if not partial:
             t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-        append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
-                                      sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
+        append(b"".join((_pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6, ipsum, src, dst,
+                                      sport, dport, seq, ack, 0x80, flags, win, t_field, 0,
                                       _TS_WORD, tsval, tsecr), payload)))
         if gso:
             sh.gso_marks.append((len(frames) - 1, mss))
