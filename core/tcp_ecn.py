@@ -52,6 +52,7 @@ __all__ = [
     "TCP_ECN_DEFAULT",
     "tcp_ecn_send_syn", "tcp_ecn_create_request", "tcp_ecn_make_synack", "tcp_ecn_rcv_synack",
     "tcp_ecn_rcv_syn", "tcp_ecn_openreq_child", "tcp_ecn_send", "tcp_ecn_rcv_data",
+    "tcp_ecn_mark_is_news",
     "tcp_ecn_rcv_ecn_echo", "tcp_ecn_delivered_ce", "tcp_cwr_ack", "tcp_ecn_queue_cwr",
 ]
 
@@ -174,6 +175,20 @@ def tcp_ecn_rcv_data(sk: TcpSock, seg: TcpSegment) -> None:
         sk.ecn_flags |= TCP_ECN_SEEN
     elif sk.ecn_flags & TCP_ECN_SEEN:
         _enter_quickack(sk)
+
+
+def tcp_ecn_mark_is_news(sk: TcpSock, tos: int, total: int, offflags: int) -> bool:
+    """Would :func:`tcp_ecn_rcv_data` change anything for this packet (IPv4
+    ``tos``, ``total`` length, the TCP data offset/flags word)?  Header
+    prediction asks, for ECN connections only, and leaves such segments to
+    the slow path: data marked CE, the first ECT data, Not-ECT data once
+    marks were seen.  Pure ACKs carry no news for the receiver side."""
+    if total - 20 - ((offflags >> 10) & 0x3C) <= 0:
+        return False
+    mark = tos & INET_ECN_MASK
+    if mark == INET_ECN_CE:
+        return True
+    return not mark if sk.ecn_flags & TCP_ECN_SEEN else bool(mark)
 
 
 def _enter_quickack(sk: TcpSock) -> None:

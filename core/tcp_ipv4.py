@@ -166,14 +166,17 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
          offflags, window, tsum, urg, tsword, tsval, tsecr) = (
             _unpack_hp(pkt) if n >= 52 else _unpack_hp40(pkt) + _NO_TS)
         hp = offflags & 0xF0F7  # data offset and flags but PSH (Linux TCP_HP_BITS)
-        # A CE mark (RFC 3168 §5) takes the slow path, where tcp_ecn sees it.
         if (proto == 6 and (hp == 0x8010 or hp == 0x5010) and not frag & 0x3FFF
-                and tos & 3 != 3 and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
+                and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))  # dst is ours if this hits
             looked_up = True
+            # An ECN connection's data whose mark means news (RFC 3168 §6.1.3: CE,
+            # the first ECT, Not-ECT after ECT) takes the slow path, where tcp_ecn sees it.
             if (sk is not None and sk.state is TCP_ESTABLISHED
                     and not (0x4506 + tos + total + ident + frag + (ttl << 8) + ipsum + src
-                             + dst) % 0xFFFF):
+                             + dst) % 0xFFFF
+                    and not (sk.ecn_flags and tcp_ecn.tcp_ecn_mark_is_news(sk, tos, total,
+                                                                           offflags))):
                 if hp == 0x8010:
                     off = 52
                 else:
