@@ -111,6 +111,9 @@ class ShardConfig:
     tcp_mem: tuple[int, int, int] = (128 << 20, 256 << 20, 512 << 20)
     #: net.ipv4.tcp_syn_linear_timeouts: SYN retransmissions on a linear timer first.
     syn_linear_timeouts: int = TCP_SYN_LINEAR_TIMEOUTS
+    #: net.ipv4.tcp_ecn (RFC 3168, core.tcp_ecn): 0 off; 1 ask for ECN on our
+    #: SYNs and accept it; 2 (Linux's default) accept when a peer asks, never ask.
+    ecn: int = 2
 
 
 @dataclass(slots=True)
@@ -154,6 +157,7 @@ class ShardStats:
     sack_capped: int = 0  # SACK blocks ignored: the scoreboard was at TCP_SACK_MAX_ENTRIES
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
+    tcp_delivered_ce: int = 0  # segments delivered by ACKs with ECE (TCPDeliveredCE)
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)
     icmp_in_msgs: int = 0  # every ICMP message for one of our addresses (InMsgs)
     icmp_in_errors: int = 0  # malformed, or quoting no socket of ours (InErrors)

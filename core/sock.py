@@ -231,6 +231,12 @@ class TcpSock:
     rcv_ooopack: int = 0  # segments queued out of order
     dsack_dups: int = 0  # segments a D-SACK reported as received twice
     reord_events: int = 0  # reordering detected (tcpi_reord_seen; ``reord_seen`` is RACK's flag)
+    # -- ECN (RFC 3168; core.tcp_ecn: Linux tp->ecn_flags and the CWR state) ---------
+    ecn_flags: int = 0  # tcp_ecn.TCP_ECN_* bits (0: ECN not in use)
+    ecn_high_seq: int = 0  # SND.NXT when the CWR reduction began (Linux high_seq)
+    ecn_prior_cwnd: int = 0  # cwnd then, segments (Linux prior_cwnd)
+    ecn_prr_delivered: int = 0  # segments delivered since (Linux prr_delivered)
+    delivered_ce: int = 0  # segments delivered by ACKs with ECE (tcpi_delivered_ce)
     # -- delayed ACK -----------------------------------------------------------------
     quickack: int = 16
     unacked_rcv: int = 0  # bytes received since we last sent an ACK

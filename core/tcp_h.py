@@ -193,12 +193,12 @@ NOT_IMPLEMENTED = frozenset({
     # Congestion control of a child: created at ESTABLISHED (tcp_init_transfer).
     "tcp_ca_openreq_child", "tcp_assign_congestion_control", "tcp_set_ca_state",
     "bictcp_state", "tcp_in_ack_event",
-    # Not built: ECN, saved SYNs, receive-side steering, per-protocol use counts,
+    # Not built: saved SYNs, receive-side steering, per-protocol use counts,
     # path-MTU probing, MSS bounded by the window, the old initial-buffer fixup and send-buffer
     # growth (the receive buffer auto-tunes: tcp_rcvbuf), the metrics cache,
     # pacing, and a fast-path switch (tcp_v4_rcv predicts for
     # every ESTABLISHED socket).
-    "tcp_ecn_create_request", "tcp_ecn_rcv_ecn_echo", "tcp_reqsk_record_syn", "tcp_move_syn",
+    "tcp_reqsk_record_syn", "tcp_move_syn",
     "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtup_init", "tcp_mtu_to_mss",
     "tcp_bound_to_half_wnd",
     "tcp_fixup_rcvbuf", "tcp_sndbuf_expand", "tcp_full_space", "tcp_init_metrics",

@@ -20,9 +20,10 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from . import tcp, tcp_chrono, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
+from . import tcp, tcp_chrono, tcp_ecn, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
 from .dropreason import DropReason
 from .events import Connected, Readable
+from .tcp_cong import CaState
 from .tcp_h import (
     HALF,
     MASK,
@@ -48,7 +49,7 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, RST, SYN, URG, TcpOptions
+from .wire.tcp import ACK, ECE, FIN, RST, SYN, URG, TcpOptions
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -70,6 +71,7 @@ _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
+_CA_CWR = CaState.CWR  # ECN's reduction (tcp_ecn)
 _TLP = TimerKind.TLP
 _DATA_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2)
 _NO_DATA = memoryview(b"")
@@ -209,6 +211,12 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
         sk.snd_wl2 = ack
     sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
     sk.err_soft = 0  # something got through: forget a soft ICMP error (Linux tcp_ack)
+    if sh.tracing:
+        sh.tr("tcp_ecn_rcv_ecn_echo")
+    ece = seg.flags & ECE and sk.ecn_flags
+    if ece:  # RFC 3168 §6.1.2: reduce before this ACK grows anything (tcp_ecn)
+        prior_delivered = sk.delivered
+        tcp_ecn.tcp_ecn_rcv_ecn_echo(sh, sk, now)
     if d == 0:
         newly_sacked = 0
         if sk.sack_ok and seg.options.sack_blocks:
@@ -227,9 +235,13 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
             _window_opened(sh, sk, now)
+        if ece:
+            tcp_ecn.tcp_ecn_delivered_ce(sh, sk, sk.delivered - prior_delivered)
         return True
     ts = seg.options.ts
     _clean_rtx_queue(sh, sk, ack, ts[1] if ts is not None else 0, seg.options.sack_blocks, d, now)
+    if ece:
+        tcp_ecn.tcp_ecn_delivered_ce(sh, sk, sk.delivered - prior_delivered)
     return True
 
 
@@ -319,7 +331,10 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += (data - 1) // mss + 1 if data > mss else 1
-        cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        if cc.ca_state is not _CA_CWR:
+            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        else:
+            tcp_ecn.tcp_cwr_ack(sk, acked, rtt, now)  # ECN's reduction (RFC 3168 §6.1.2)
     elif cc is not None:
         prior = sk.sacked_bytes
         if sacked:
@@ -760,6 +775,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     sk.undo_active = True  # Linux tcp_init_undo
     sk.undo_marker = una
     sk.undo_retrans = 0
+    tcp_ecn.tcp_ecn_queue_cwr(sk)
     if sk.reo_wnd_persist:
         sk.reo_wnd_persist -= 1
         if not sk.reo_wnd_persist:
@@ -809,6 +825,8 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     fin = seg.flags & FIN
     if n == 0 and not fin:
         return
+    if n and sk.ecn_flags:
+        tcp_ecn.tcp_ecn_rcv_data(sk, seg)  # CWR and CE (RFC 3168 §6.1.3)
     seq = seg.seq
     if seg.flags & SYN:
         seq = (seq + 1) & MASK
@@ -1692,6 +1710,10 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
     _syn_options(sh, sk, seg.options, now)
     sk.irs = seg.seq
     sk.rcv_nxt = sk.rcv_wup = (seg.seq + 1) & MASK
+    if flags & ACK:
+        tcp_ecn.tcp_ecn_rcv_synack(sk, flags)
+    else:
+        tcp_ecn.tcp_ecn_rcv_syn(sk, flags)
     if flags & ACK:
         sk.snd_una = seg.ack
         sk.delivered += 1  # our SYN (Linux: tcp_ack's tcp_clean_rtx_queue)

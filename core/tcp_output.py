@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -210,6 +210,9 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     if win < 0:
         win = tcp_select_window(sk)
     plen = len(payload)
+    tos = 0
+    if sk.ecn_flags:  # ECT(0) on new data, CWR, ECE (RFC 3168 §6.1; tcp_ecn_send)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, seq, flags, plen)
     urg = 0
     if sk.urg_mode:
         urg = _urgent_pointer(sk, seq)
@@ -234,20 +237,22 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             t_field = -t_sum % 0xFFFF
         raddr = sk.raddr
         if raddr <= 0xFFFFFFFF:
-            hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
-                               sk.laddr, raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
-                               t_field, urg, _TS_WORD, tsval, tsecr)
+            hdr = _pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6,
+                               -(sk.tx_ipsum + total + tos) % 0xFFFF, sk.laddr, raddr, sk.lport,
+                               sk.rport, seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD,
+                               tsval, tsecr)
         else:
             # IPv6 (tcp_h.V4_ADDR_MAX): no header checksum; the TCP sums above
-            # hold as they are (128-bit addresses sum like 32-bit ones).
+            # hold as they are (128-bit addresses sum like 32-bit ones). ECN
+            # bits sit in the Traffic Class (RFC 3168 §5, RFC 8200 §7).
             laddr = sk.laddr
-            hdr = _pack_ts_hdr6(0x60000000, 32 + plen, 6, 64, laddr >> 64, laddr & _M64,
-                                raddr >> 64, raddr & _M64, sk.lport, sk.rport, seq, ack, 0x80,
-                                flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
+            hdr = _pack_ts_hdr6(0x60000000 | tos << 20, 32 + plen, 6, 64, laddr >> 64,
+                                laddr & _M64, raddr >> 64, raddr & _M64, sk.lport, sk.rport,
+                                seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                                win, _options(sk, now), payload, csum_partial, urg)
+                                win, _options(sk, now), payload, csum_partial, urg, tos)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -265,16 +270,17 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
 def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
                     flags: int, win: int, options: bytes = b"",
                     payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
-                    urgent: int = 0) -> bytes:
+                    urgent: int = 0, tos: int = 0) -> bytes:
     """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
     (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
     (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
     ``tcp_v6_send_check``)."""
     if raddr > V4_ADDR_MAX:
         return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
-                              payload, csum_partial=csum_partial, urgent=urgent)
+                              payload, traffic_class=tos, csum_partial=csum_partial,
+                              urgent=urgent)
     return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
-                          csum_partial=csum_partial, urgent=urgent)
+                          tos=tos, csum_partial=csum_partial, urgent=urgent)
 
 
 def _urgent_pointer(sk: TcpSock, seq: int) -> int:
@@ -346,7 +352,8 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
-    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
+    flags = SYN | tcp_ecn.tcp_ecn_send_syn(sh, sk)
+    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, flags,
                                      tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -357,8 +364,9 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(bool(sk.ecn_flags & tcp_ecn.TCP_ECN_OK))
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                     sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
+                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -375,8 +383,9 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
         sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(req.ecn_ok)
     return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                           (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
+                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -471,8 +480,9 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
     burst = XMIT_BURST and sk.ts_ok and not sack_opts
-    if sk.urg_mode:
-        # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
+    if sk.urg_mode or sk.ecn_flags & tcp_ecn.TCP_ECN_QUEUE_CWR:
+        # Each segment's urgent pointer is its own (tcp_transmit), and a CWR owed
+        # goes on one plain segment (tcp_ecn_send): no burst, no GSO.
         maxseg = mss
         burst = False
     cc = sk.cc
@@ -654,14 +664,18 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     tsecr = sk.ts_recent
     total = 52 + size
     base = sk.tx_csum or _tx_csum_init(sk)
-    ipsum = -(sk.tx_ipsum + total) % 0xFFFF
+    flags = ACK
+    tos = 0
+    if sk.ecn_flags:  # new data: ECT(0), ECE if owed (the caller kept a queued CWR out)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, nxt, flags, size)
+    ipsum = -(sk.tx_ipsum + total + tos) % 0xFFFF
     src = sk.laddr
     dst = sk.raddr
     gso = size > mss
     partial = gso and sh.cfg.tx_csum_offload
     if partial:
         t_field = (src + dst + 38 + size) % 0xFFFF or 0xFFFF
-    t_base = base + size + ack + (0x8000 | ACK) + win + tsval + tsecr
+    t_base = base + size + ack + (0x8000 | flags) + win + tsval + tsecr
     sport = sk.lport
     dport = sk.rport
     frames = sh.frames
@@ -676,8 +690,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
             if not partial:
                 t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-            append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
-                                          sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
+            append(b"".join((_pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6, ipsum, src, dst,
+                                          sport, dport, seq, ack, 0x80, flags, win, t_field, 0,
                                           _TS_WORD, tsval, tsecr), payload)))
             if gso:
                 sh.gso_marks.append((len(frames) - 1, mss))
@@ -686,14 +700,14 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             off = end
     else:
         # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
-        ip6 = _pack_ip6(0x60000000, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+        ip6 = _pack_ip6(0x60000000 | tos << 20, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
                         dst & _M64)
         for _ in range(count):
             end = off + size
             payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
             if not partial:
                 t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-            append(b"".join((ip6, _pack_tcp_ts(sport, dport, seq, ack, 0x80, ACK, win, t_field,
+            append(b"".join((ip6, _pack_tcp_ts(sport, dport, seq, ack, 0x80, flags, win, t_field,
                                                0, _TS_WORD, tsval, tsecr), payload)))
             if gso:
                 sh.gso_marks.append((len(frames) - 1, mss))

@@ -39,7 +39,7 @@ import errno
 import heapq
 from typing import TYPE_CHECKING, overload
 
-from . import inet_connection_sock, tcp, tcp_ipv4, tcp_output, tcp_recovery
+from . import inet_connection_sock, tcp, tcp_ecn, tcp_ipv4, tcp_output, tcp_recovery
 from .tcp_h import (
     MASK,
     TCP_ORPHAN_RETRIES,
@@ -369,6 +369,7 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
         tcp_output.tcp_retransmit_skb(sh, sk, una, now)
         return
     sk.cc.on_rto(now, ((sk.snd_max - una) & MASK) / sk.mss_cache)
+    tcp_ecn.tcp_ecn_queue_cwr(sk)
     sk.in_recovery = False
     sk.in_loss = True
     sk.timers[TimerKind.TLP] = None
