@@ -281,11 +281,13 @@ def _bytes_received(sk: TcpSock) -> int:
 def unpack_tcp_info(buf: bytes | bytearray | memoryview) -> dict[str, int]:
     """Decode a (possibly truncated) ``struct tcp_info``; missing fields read 0.
 
-    ``snd_wscale``/``rcv_wscale`` are split out of their shared byte.
+    ``snd_wscale``/``rcv_wscale`` are split out of their shared byte, and
+    ``delivery_rate_app_limited`` out of ``flags``.
     """
     raw = bytes(buf)[:TCP_INFO_LEN].ljust(TCP_INFO_LEN, b"\0")
     out = dict(zip(_NAMES, _TCP_INFO.unpack(raw), strict=True))
     del out["_pad"]
     w = out["wscale"]
     out["snd_wscale"], out["rcv_wscale"] = (w & 0xF, w >> 4) if _LITTLE else (w >> 4, w & 0xF)
+    out["delivery_rate_app_limited"] = 1 if out["flags"] & _APP_LIMITED_BIT else 0
     return out
