@@ -81,9 +81,11 @@ TCP_MIN_TSO_SEGS = 2
 TCP_TSO_RTT_LOG = 9
 #: Linux paces only after this many data segments (tcp_update_skb_after_send).
 _UNPACED_SEGS = 10
-#: SRTT assumed before any sample (Linux divides by srtt_us only when it is
-#: non-zero: the rate is then that of a 1/8 µs round trip, i.e. unlimited).
-_NO_SRTT = 0.125e-6
+#: The smallest SRTT the rate is computed from: Linux keeps srtt_us in 1/8 µs
+#: units and divides by it only when non-zero, so no SRTT yet (or a round trip
+#: faster than that, as between two shards in one process) gives the rate of
+#: a 1/8 µs round trip: unlimited in practice, and finite.
+_MIN_SRTT = 0.125e-6
 _PACING = TimerKind.PACING
 _SENDING = (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_CLOSING, TCP_LAST_ACK)
 
@@ -106,7 +108,10 @@ def tcp_update_pacing_rate(sh: Shard, sk: TcpSock) -> None:
     if segs > cwnd:
         cwnd = segs
     ratio = TCP_PACING_SS_RATIO if cwnd < cc.ssthresh // 2 else TCP_PACING_CA_RATIO
-    rate = int(mss * cwnd * ratio / (100 * (sk.srtt or _NO_SRTT)))
+    srtt = sk.srtt
+    if srtt < _MIN_SRTT:
+        srtt = _MIN_SRTT
+    rate = int(mss * cwnd * ratio / (100 * srtt))
     cap = sk.max_pacing_rate
     sk.pacing_rate = rate if rate < cap else cap
 

@@ -198,3 +198,29 @@ def test_app_limited_sender_is_flagged():
     info = _info(a, c, link.now)
     assert info["delivery_rate_app_limited"] == 0
     assert info["delivery_rate"] > 2e6
+
+
+def test_a_zero_rtt_path_gives_a_finite_rate():
+    # Two shards in one process, frames handed over at once: every RTT sample
+    # is 0 and SRTT decays towards 0 (through subnormal floats); the rate must
+    # stay a finite integer (Linux's srtt_us floor: 1/8 µs), not abort the
+    # connection with an OverflowError.
+    a, b = make_shard(), make_shard(B)
+    link = SimLink(a, b, seed=6, params=LinkParams())
+    c, s = connect_over(link, a, b)
+    data = memoryview(bytes(24 * MIB))  # ~8000 zero RTT samples: SRTT < 1e-300
+    sent = got = 0
+    now = link.now
+    for _ in range(200_000):
+        if got == len(data):
+            break
+        now += 0.0001
+        if sent < len(data):
+            sent += a.send(c, data[sent:], now)
+        b.receive_batch(a.take_frames(), now)
+        while chunk := b.recv(s, 1 << 22):
+            got += len(chunk)
+        a.receive_batch(b.take_frames(), now)
+    assert got == len(data)
+    sk = a.sock(c)
+    assert sk.srtt < 1e-6 and 0 < sk.pacing_rate < tcp_pacing.NO_PACING_RATE
