@@ -428,9 +428,14 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
-    maxseg = tcp_pacing.tcp_tso_autosize(sk, mss, tso) if tso > mss else mss
-    burst = XMIT_BURST and sk.ts_ok and not sack_opts
     pace = sk.pacing_needed  # internal pacing (tcp_pacing): one departure per round
+    if tso <= mss:
+        maxseg = mss
+    elif pace:
+        maxseg = tcp_pacing.tcp_tso_autosize(sk, mss, tso)  # about 1 ms of the rate
+    else:
+        maxseg = (tso // mss) * mss
+    burst = XMIT_BURST and sk.ts_ok and not sack_opts
     if sk.urg_mode:
         # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
         maxseg = mss

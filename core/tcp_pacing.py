@@ -35,12 +35,15 @@ spaced by the rate on average because ``wstamp`` advances from where it was,
 not from now.
 
 Super-segments (``tcp_tso_autosize``): a GSO super-segment leaves the
-device as one burst, so its size follows the rate: about 1 ms of it
-(``sk_pacing_shift`` 10: rate / 1024 bytes), plus a share of the 64 KiB GSO
-limit that halves for every doubling of the minimum RTT above 512 µs
+device as one burst, so a paced sender sizes it by the rate: about 1 ms of
+it (``sk_pacing_shift`` 10: rate / 1024 bytes), plus a share of the 64 KiB
+GSO limit that halves for every doubling of the minimum RTT above 512 µs
 (``tcp_tso_rtt_log`` 9), at least ``tcp_min_tso_segs`` (2) segments.  On a
 sub-millisecond path that is the full 64 KiB, so pacing costs clean-link
-throughput nothing there.
+throughput nothing there.  Linux autosizes every flow; the engine only
+paced ones: its cost is per segment (a Python round per super-segment, not
+a few hundred nanoseconds), and an unpaced flow gains nothing from smaller
+bursts that the device would not space out anyway.
 """
 
 from __future__ import annotations

@@ -146,9 +146,9 @@ def test_unpaced_sender_bursts():
 
 
 def test_super_segments_carry_about_a_millisecond_of_the_rate():
-    # tcp_tso_autosize: at 2 MB/s ~2 KB per ms, i.e. the 2-segment minimum; on
-    # a sub-millisecond path the RTT term lets the whole 64 KiB GSO size through
-    # (Linux's reason pacing costs a LAN nothing).
+    # tcp_tso_autosize: at 2 MB/s ~2 KB per ms, i.e. the 2-segment minimum; an
+    # unpaced sender sends full 64 KiB super-segments (the engine autosizes
+    # only paced flows: tcp_pacing's docstring).
     a, b, link, c, s, taps = _paced_pair(2_000_000, tso=65000, delay=0.010)
     bulk = Bulk(link, a, c, b, s, 400 * 1024)
     assert link.run_until(bulk.step, link.now + 30.0)
@@ -159,6 +159,13 @@ def test_super_segments_carry_about_a_millisecond_of_the_rate():
     bulk2 = Bulk(link2, a2, c2, b2, s2, 400 * 1024)
     assert link2.run_until(bulk2.step, link2.now + 30.0)
     assert max(n for _t, n in _data_departures(taps2)) > 20 * mss
+    # Paced on a sub-millisecond path: the RTT term lets the whole GSO size
+    # through, so pacing costs a LAN nothing.
+    a3, b3, link3, c3, s3, taps3 = _paced_pair(100_000_000, tso=65000, delay=0.0002)
+    bulk3 = Bulk(link3, a3, c3, b3, s3, 2 * MIB)
+    assert link3.run_until(bulk3.step, link3.now + 30.0)
+    assert a3.sock(c3).pacing_needed
+    assert max(n for _t, n in _data_departures(taps3)[12:]) > 20 * mss
 
 
 def test_delivery_rate_measures_the_bottleneck():
