@@ -38,7 +38,7 @@ from __future__ import annotations
 import struct
 import sys
 
-from . import tcp_chrono, tcp_input, tcp_output, tcp_rate
+from . import tcp_chrono, tcp_input, tcp_output, tcp_pacing, tcp_rate
 from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
 from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
@@ -239,7 +239,7 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["rcv_wnd"], sk.rcv_wnd & _U32)
     put(ix["total_rto"], min(sk.rtos + sk.syn_retries, 0xFFFF))
     # Pacing and delivery rate (tcp_pacing, tcp_rate), bytes/s as Linux reports them.
-    put(ix["pacing_rate"], sk.pacing_rate if sk.cc is not None else _NO_RATE)
+    put(ix["pacing_rate"], sk.pacing_rate if sk.pacing_needed else tcp_pacing.tcp_pacing_rate(sk))
     put(ix["max_pacing_rate"], sk.max_pacing_rate)
     put(ix["delivery_rate"], tcp_rate.tcp_delivery_rate(sk))
     if sk.rate_app_limited:

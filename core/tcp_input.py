@@ -385,11 +385,13 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
 
 def _rate_sample(sh: Shard, sk: TcpSock, end: int, now: float) -> None:
     """After an ACK delivered data (the latest sent of it ending before ``end``):
-    one delivery-rate sample (tcp_rate), then the pacing rate from the updated
-    window and SRTT (Linux tcp_ack -> tcp_rate_gen, tcp_cong_control ->
-    tcp_update_pacing_rate)."""
+    one delivery-rate sample (tcp_rate), then, on a paced socket, the pacing
+    rate from the updated window and SRTT (Linux tcp_ack -> tcp_rate_gen,
+    tcp_cong_control -> tcp_update_pacing_rate; an unpaced socket's rate is
+    computed when read, tcp_pacing.tcp_pacing_rate)."""
     tcp_rate.tcp_rate_gen(sk, end, now)
-    tcp_pacing.tcp_update_pacing_rate(sh, sk)
+    if sk.pacing_needed:
+        tcp_pacing.tcp_update_pacing_rate(sh, sk)
 
 
 def _fresh_end(sk: TcpSock, una: int, ack: int, acked: int) -> int:

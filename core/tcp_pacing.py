@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from .shard import Shard
 
 __all__ = ["TCP_PACING_SS_RATIO", "TCP_PACING_CA_RATIO", "NO_PACING_RATE", "TCP_PACING_SLACK",
-           "tcp_update_pacing_rate", "tcp_pacing_check", "tcp_update_skb_after_send",
+           "tcp_update_pacing_rate", "tcp_pacing_rate", "tcp_pacing_check", "tcp_update_skb_after_send",
            "tcp_tso_autosize", "tcp_pace_kick", "tcp_set_max_pacing_rate", "tcp_init_pacing"]
 
 #: net.ipv4.tcp_pacing_ss_ratio / tcp_pacing_ca_ratio, percent.
@@ -95,13 +95,22 @@ _SENDING = (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_CLOSING, TCP_LAS
 
 def tcp_update_pacing_rate(sh: Shard, sk: TcpSock) -> None:
     """``sk.pacing_rate`` from the congestion window and SRTT (Linux
-    ``tcp_update_pacing_rate``): ratio * max(cwnd, segments out) * MSS / SRTT,
-    at most SO_MAX_PACING_RATE."""
+    ``tcp_update_pacing_rate``), after every ACK of a paced socket and at
+    ESTABLISHED.  An unpaced socket's rate is only read (TCP_INFO,
+    ``ss -i``): ``tcp_pacing_rate`` computes it then, from the same state
+    the last ACK left, which saves the ACK path the work."""
     if sh.tracing:
         sh.tr("tcp_update_pacing_rate")
+    if sk.cc is not None:
+        sk.pacing_rate = tcp_pacing_rate(sk)
+
+
+def tcp_pacing_rate(sk: TcpSock) -> int:
+    """ratio * max(cwnd, segments out) * MSS / SRTT, at most
+    SO_MAX_PACING_RATE, bytes/s (~0 before congestion control exists)."""
     cc = sk.cc
     if cc is None:
-        return
+        return NO_PACING_RATE
     cwnd = cc.cwnd
     mss = sk.mss_cache
     out = (sk.snd_nxt - sk.snd_una) & MASK
@@ -116,7 +125,7 @@ def tcp_update_pacing_rate(sh: Shard, sk: TcpSock) -> None:
         srtt = _MIN_SRTT
     rate = int(mss * cwnd * ratio / (100 * srtt))
     cap = sk.max_pacing_rate
-    sk.pacing_rate = rate if rate < cap else cap
+    return rate if rate < cap else cap
 
 
 def tcp_init_pacing(sh: Shard, sk: TcpSock) -> None:
@@ -134,8 +143,7 @@ def tcp_set_max_pacing_rate(sk: TcpSock, rate: int) -> None:
     if rate != NO_PACING_RATE:
         sk.pacing_needed = True
     sk.max_pacing_rate = rate
-    if sk.pacing_rate > rate:
-        sk.pacing_rate = rate
+    sk.pacing_rate = tcp_pacing_rate(sk) if sk.cc is not None else rate
 
 
 def tcp_pacing_check(sh: Shard, sk: TcpSock, now: float) -> bool:

@@ -62,24 +62,23 @@ def test_pacing_rate_follows_cwnd_and_srtt_in_slow_start():
     a, b, link, c, s, _ = _paced_pair(None)
     sk = a.sock(c)
     # Right after the handshake: from the SYN's RTT sample and the initial window.
-    assert sk.pacing_rate == _expected_rate(sk) > 0
+    assert _info(a, c, link.now)["pacing_rate"] == _expected_rate(sk) > 0
     bulk = Bulk(link, a, c, b, s, 256 * 1024)
     assert link.run_until(bulk.step, link.now + 10.0)
     link.run_for(0.1)  # everything acknowledged
     assert sk.cc.ssthresh > 2 * sk.cc.cwnd  # still slow start: the 200 % ratio
-    assert sk.pacing_rate == _expected_rate(sk)
-    want = int(sk.mss_cache * sk.cc.cwnd * 2.0 / sk.srtt)
-    assert abs(sk.pacing_rate - want) <= 1
     info = _info(a, c, link.now)
-    assert info["pacing_rate"] == sk.pacing_rate
+    assert info["pacing_rate"] == _expected_rate(sk)
+    assert abs(info["pacing_rate"] - int(sk.mss_cache * sk.cc.cwnd * 2.0 / sk.srtt)) <= 1
     assert info["max_pacing_rate"] == tcp_pacing.NO_PACING_RATE  # ~0: no cap, as Linux
     assert not sk.pacing_needed  # CUBIC without SO_MAX_PACING_RATE: computed, not enforced
 
 
 def test_pacing_rate_uses_the_ca_ratio_after_a_loss():
     # A bottleneck with a small queue: slow start overflows it, recovery sets
-    # ssthresh, and congestion avoidance paces at 120 % of cwnd/SRTT.
-    a, b = make_shard(), make_shard(B)
+    # ssthresh, and congestion avoidance paces at 120 % of cwnd/SRTT.  A paced
+    # sender (ShardConfig.pacing) updates its rate on every ACK.
+    a, b = make_shard(pacing=True), make_shard(B)
     link = SimLink(a, b, seed=3, params=LinkParams(delay=0.005, bandwidth=2e6,
                                                    queue_bytes=30_000))
     c, s = connect_over(link, a, b)
@@ -89,8 +88,9 @@ def test_pacing_rate_uses_the_ca_ratio_after_a_loss():
     sk = a.sock(c)
     assert sk.recoveries >= 1
     cc = sk.cc
+    assert sk.pacing_needed
     assert cc.cwnd >= cc.ssthresh // 2  # congestion avoidance: the 120 % ratio
-    assert sk.pacing_rate == _expected_rate(sk)
+    assert sk.pacing_rate == _expected_rate(sk) == _info(a, c, link.now)["pacing_rate"]
     assert abs(sk.pacing_rate - int(sk.mss_cache * cc.cwnd * 1.2 / sk.srtt)) <= 1
 
 
@@ -230,4 +230,4 @@ def test_a_zero_rtt_path_gives_a_finite_rate():
         a.receive_batch(b.take_frames(), now)
     assert got == len(data)
     sk = a.sock(c)
-    assert sk.srtt < 1e-6 and 0 < sk.pacing_rate < tcp_pacing.NO_PACING_RATE
+    assert sk.srtt < 1e-6 and 0 < _info(a, c, now)["pacing_rate"] < tcp_pacing.NO_PACING_RATE
