@@ -184,12 +184,13 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
         if sk.err and not sk.fin_rcvd:
             err, sk.err = sk.err, 0
             raise os_error(err)
-        if sk.fin_rcvd or sk.rd_shut or sk.state in (TCP_CLOSED, TCP_TIME_WAIT):
+        if sk.fin_rcvd or sk.rd_shut or sk.dead or sk.state is TCP_TIME_WAIT:
             if sk.state is TCP_LISTEN:
                 raise os_error(errno.ENOTCONN)
             return b""
-        # (A CLOSED socket returned above: the EOF branch takes every CLOSED state.)
-        if sk.state is TCP_LISTEN:
+        # Linux tcp_recvmsg: a CLOSE socket without SOCK_DONE (tcp_done's ``dead``
+        # here) never connected, fresh or only bound: ENOTCONN, not EOF.
+        if sk.state is TCP_LISTEN or sk.state is TCP_CLOSED:
             raise os_error(errno.ENOTCONN)
         return None
     q = sk.rcvq
