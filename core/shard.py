@@ -17,6 +17,7 @@ import errno
 import hashlib
 import socket as _socket
 import struct
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from . import (
     tcp_ipv6,
     tcp_migrate,
     tcp_output,
+    tcp_pacing,
     tcp_rcvbuf,
     tcp_timer,
     udp,
@@ -114,6 +116,10 @@ class ShardConfig:
     #: net.ipv4.tcp_ecn (RFC 3168, core.tcp_ecn): 0 off; 1 ask for ECN on our
     #: SYNs and accept it; 2 (Linux's default) accept when a peer asks, never ask.
     ecn: int = 2
+    #: Pace every connection in the engine (tcp_pacing), as Linux does under the
+    #: fq qdisc or a congestion control that needs pacing; off: only sockets
+    #: with SO_MAX_PACING_RATE are paced (Linux with CUBIC and no fq).
+    pacing: bool = False
 
 
 @dataclass(slots=True)
@@ -219,6 +225,8 @@ _IPPROTO_IPV6 = _socket.IPPROTO_IPV6
 _IPV6_V6ONLY = _socket.IPV6_V6ONLY
 _LINGER = struct.Struct("ii")
 _TCP_WINDOW_CLAMP = getattr(_socket, "TCP_WINDOW_CLAMP", 10)
+#: SOL_SOCKET SO_MAX_PACING_RATE (asm-generic/socket.h; Python's socket module lacks it).
+SO_MAX_PACING_RATE = 47
 #: Linux SOCK_MIN_RCVBUF (2048 + one sk_buff, x86-64): TCP_WINDOW_CLAMP's floor is half.
 SOCK_MIN_RCVBUF = 2304
 _UNSYNCED = (State.CLOSED, State.LISTEN, State.SYN_SENT)
@@ -456,6 +464,8 @@ class Shard:
                 sk.rcvbuf_locked = True  # Linux SOCK_RCVBUF_LOCK: no auto-tuning
             elif opt == _socket.SO_SNDBUF:
                 sk.sndbuf = max(_int(value), 4608)
+            elif opt == SO_MAX_PACING_RATE:
+                tcp_pacing.tcp_set_max_pacing_rate(sk, _pacing_rate_value(value))
             else:
                 raise os_error(errno.ENOPROTOOPT)
         elif level == _IPPROTO_TCP:
@@ -541,6 +551,9 @@ class Shard:
             if opt == _socket.SO_LINGER:
                 lg = sk.linger or (False, 0)
                 return _LINGER.pack(int(lg[0]), lg[1])
+            if opt == SO_MAX_PACING_RATE:
+                # An int reads at most ~0U, as Linux answers a 4-byte buffer.
+                return min(sk.max_pacing_rate, 0xFFFFFFFF)
         elif level == _IPPROTO_TCP:
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
                      _socket.TCP_CORK: int(sk.cork),
@@ -726,3 +739,17 @@ def _pos(value: SockOptValue) -> int:
     return v
 
 
+
+
+def _pacing_rate_value(value: SockOptValue) -> int:
+    """SO_MAX_PACING_RATE's argument as Linux reads it (``sk_setsockopt``): a
+    4-byte unsigned int, ~0U meaning ~0UL (no limit), or an 8-byte unsigned
+    long."""
+    if isinstance(value, bytes | bytearray) and len(value) >= 8:
+        return int.from_bytes(value[:8], sys.byteorder)
+    v = _int(value)
+    if isinstance(value, bytes | bytearray):
+        v = int.from_bytes(value[:4], sys.byteorder)
+    if v < 0:
+        v &= 0xFFFFFFFF  # a C int carries the unsigned value
+    return tcp_pacing.NO_PACING_RATE if v == 0xFFFFFFFF else v

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from . import inet_hashtables, tcp_chrono, tcp_output, tcp_rcvbuf, tcp_timer
+from . import inet_hashtables, tcp_chrono, tcp_output, tcp_rate, tcp_rcvbuf, tcp_timer
 from .events import Closed, Readable, SocketError, Writable
 from .tcp_h import (
     HALF,
@@ -161,6 +161,7 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float, oob: bool =
     if n > room:
         sk.write_blocked = True
         n = room
+    tcp_rate.tcp_rate_check_app_limited(sk)  # before queueing, as Linux tcp_sendmsg_locked
     # Immutable buffers (bytes, read-only views of them) are queued without a
     # copy; a mutable one is copied once, and only the part we take.
     if type(data) is bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_ecn, tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_pacing, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -25,6 +25,7 @@ from .tcp_h import (
     TCP_MIN_SND_MSS,
     TCP_RTO_MAX,
     TCPOLEN_TSTAMP_ALIGNED,
+    TX_LOG_STRIDE,
     V4_ADDR_MAX,
     RequestSock,
     State,
@@ -478,7 +479,13 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
-    maxseg = (tso // mss) * mss if tso > mss else mss
+    pace = sk.pacing_needed  # internal pacing (tcp_pacing): one departure per round
+    if tso <= mss:
+        maxseg = mss
+    elif pace:
+        maxseg = tcp_pacing.tcp_tso_autosize(sk, mss, tso)  # about 1 ms of the rate
+    else:
+        maxseg = (tso // mss) * mss
     burst = XMIT_BURST and sk.ts_ok and not sack_opts
     if sk.urg_mode or sk.ecn_flags & tcp_ecn.TCP_ECN_QUEUE_CWR:
         # Each segment's urgent pointer is its own (tcp_transmit), and a CWR owed
@@ -490,10 +497,13 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     sent = 0
     win = -1
     sndq = sk.sndq
-    if sk.snd_max == una and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
+    idle = sk.snd_max == una  # nothing in flight (the rate sampler starts a new flight)
+    if idle and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
         # RFC 5681 §4.1: after an idle period longer than the RTO, restart from IW.
         cc.on_idle_restart(now, now - sk.lsndtime, sk.rto)
     while True:
+        if pace and tcp_pacing.tcp_pacing_check(sh, sk, now):
+            break  # the next departure is later: the pacing timer sends it
         nxt = sk.snd_nxt
         sent_off = (nxt - una) & MASK
         avail = sk.sndq_len - sent_off
@@ -525,9 +535,13 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                 count = wnd_room // maxseg
             if count > cwnd_room // maxseg:
                 count = cwnd_room // maxseg
+            if pace:
+                count = 1
             win = _xmit_burst(sh, sk, nxt, sent_off, count, maxseg, mss, win, now)
             took = count * maxseg
             sent += took
+            if pace:
+                tcp_pacing.tcp_update_skb_after_send(sk, took, now)
             if took == wnd_room or took >= cwnd_room:
                 break  # no room left: the next round would stop (data in flight, no persist)
             continue
@@ -591,6 +605,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             sk.data_segs_out += extra
         else:
             tcp_transmit(sh, sk, nxt, flags, payload, now, False, win)
+        if pace:
+            tcp_pacing.tcp_update_skb_after_send(sk, size, now)
         # The window field of the whole burst: the receive side cannot change
         # while we send, so tcp_select_window would only repeat itself.
         win = sk.rcv_wnd >> sk.rcv_wscale
@@ -612,27 +628,7 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
-        if sk.sack_ok:
-            # RACK (RFC 8985 §6.2) orders by send time: one (end, time) pair per
-            # burst, not per segment; acknowledged bursts are dropped here.
-            log = sk.tx_log
-            if not log:
-                log += (sk.snd_nxt, now)
-            elif log[-1] == now:
-                log[-2] = sk.snd_nxt
-            elif log[-2] == una:  # all of it acknowledged (request/response)
-                if len(log) > 2:
-                    del log[2:]
-                log[0] = sk.snd_nxt
-                log[1] = now
-            else:
-                i = 0
-                n = len(log)
-                while i < n and ((una - log[i]) & MASK) < HALF:
-                    i += 2
-                if i:
-                    del log[:i]
-                log += (sk.snd_nxt, now)
+        _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
         if rtx is None and sk.snd_max != una:
@@ -643,6 +639,37 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             # flight may bring it in, never past the RTO.
             tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
     return sent
+
+
+def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
+    """Record a transmission burst that ended at SND.NXT in ``tx_log``: its
+    send time for RACK (RFC 8985 §6.2 orders by it) and the rate sampler's
+    snapshot (Linux ``tcp_rate_skb_sent``: what every skb of the burst would
+    carry).  ``idle``: nothing was in flight before it, so a new flight, and
+    the sampler's send and delivery clocks, start now.  One entry per burst,
+    not per segment; acknowledged bursts are dropped here."""
+    if idle:
+        sk.first_tx_mstamp = sk.delivered_mstamp = now
+    log = sk.tx_log
+    end = sk.snd_nxt
+    delivered = sk.delivered
+    first = sk.first_tx_mstamp
+    app = 1 if sk.app_limited else 0
+    if log:
+        if (log[-5] == now and log[-4] == delivered and log[-2] == first
+                and log[-1] == app):
+            log[-6] = end  # the same moment and snapshot: the same burst
+            return
+        if log[-6] == una:  # all of it acknowledged (request/response)
+            log[:] = (end, now, delivered, sk.delivered_mstamp, first, app)
+            return
+        i = 0
+        n = len(log)
+        while i < n and ((una - log[i]) & MASK) < HALF:
+            i += TX_LOG_STRIDE
+        if i:
+            del log[:i]
+    log += (end, now, delivered, sk.delivered_mstamp, first, app)
 
 
 #: Module switch for ``_xmit_burst`` (tests turn it off to compare with per-segment sends).
@@ -746,9 +773,12 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
         quota = cc.cwnd * sk.mss_cache - tcp_input.tcp_pipe(sk)
     mss = tcp_current_mss(sk)
     una = sk.snd_una
+    pace = sk.pacing_needed
     for _ in range(4096):  # bounded: one segment per round
         if quota <= 0:
             break
+        if pace and tcp_pacing.tcp_pacing_check(sh, sk, now):
+            break  # retransmissions are paced too (Linux tcp_xmit_retransmit_queue)
         again = False
         hole = _next_relost(sk, mss) if sk.relost else None
         if hole is not None:
@@ -762,6 +792,8 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
         n = (end - seq) & MASK
         if n == 0:
             break
+        if pace:
+            tcp_pacing.tcp_update_skb_after_send(sk, n, now)
         if not again:
             sk.retrans_hi = end
         sk.rtx_log.append([seq, end, sk.snd_max, now])  # RACK: when it left (RFC 8985 §6.2)

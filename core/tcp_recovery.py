@@ -24,6 +24,7 @@ from .tcp_h import (
     TCP_FIN_WAIT1,
     TCP_FIN_WAIT2,
     TCP_LAST_ACK,
+    TX_LOG_STRIDE,
     TcpSock,
     TimerKind,
 )
@@ -41,6 +42,8 @@ _PROBE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_LAST_ACK, T
 _RETRANSMIT = TimerKind.RETRANSMIT
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP
+#: net.ipv4.tcp_max_reordering: the largest reordering degree recorded, segments.
+TCP_MAX_REORDERING = 300
 #: A tail loss probe that would come after the RTO goes this much before it instead.
 _TLP_RTO_MARGIN = 0.005
 
@@ -57,8 +60,9 @@ _TLP_RTO_MARGIN = 0.005
 # before a delivered retransmission is found lost without DupThresh SACKs.
 #
 # Send times without per-segment state: original data leaves in sequence
-# order, so one (end, time) pair per transmission burst (``tx_log``, written
-# by ``tcp_output.tcp_write_new``) orders all of it; retransmissions are logged
+# order, so one (end, time, ...) entry per transmission burst (``tx_log``,
+# written by ``tcp_output.tcp_write_new``; the rest of the entry is the rate
+# sampler's, tcp_rate) orders all of it; retransmissions are logged
 # with their time in ``rtx_log`` [start, end, SND.MAX then, time] (few, and
 # only during recovery).  Lost original data is a sequence prefix above
 # ``lost_hi``; lost retransmissions go to ``relost`` and are sent again first.
@@ -69,7 +73,7 @@ def _tx_time(sk: TcpSock, seq: int) -> float:
     top = sk.snd_max
     want = (top - seq) & MASK  # distances back from SND.MAX: older is larger
     t = -1.0
-    for i in range(len(log) - 2, -1, -2):
+    for i in range(len(log) - TX_LOG_STRIDE, -1, -TX_LOG_STRIDE):
         if ((top - log[i]) & MASK) > want:
             break
         t = log[i + 1]
@@ -200,7 +204,7 @@ def tcp_rack_detect_loss(sh: Shard, sk: TcpSock, now: float) -> int | None:
     tx = sk.tx_log
     rack_off = (rack_end - una) & MASK
     prev = 0  # where the burst begins (offset from SND.UNA)
-    for i in range(0, len(tx), 2):
+    for i in range(0, len(tx), TX_LOG_STRIDE):
         end = (tx[i] - una) & MASK
         if end & HALF or end <= lost:
             prev = 0 if end & HALF else end
@@ -295,6 +299,13 @@ def tcp_rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: list[tuple[int
         n -= (b if b < hi else hi) - (a if a > lo else lo)
     if n > 0:
         sk.reord_seen = True
+        # The degree of reordering, in segments (Linux tcp_check_sack_reordering:
+        # how far below the highest delivered byte this data arrived, capped
+        # by tcp_max_reordering); TCP_INFO reports it as tcpi_reordering.
+        mss = sk.mss_cache
+        degree = (fack - lo + mss - 1) // mss
+        if degree > sk.reordering:
+            sk.reordering = degree if degree < TCP_MAX_REORDERING else TCP_MAX_REORDERING
         return True
     return False
 
