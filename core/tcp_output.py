@@ -564,15 +564,17 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             # RACK (RFC 8985 §6.2) orders by send time: one (end, time) pair per
             # burst, not per segment; acknowledged bursts are dropped here.
             log = sk.tx_log
+            # (After a retransmission sent at this instant: just after it.)
+            t = tcp_recovery.tcp_rack_new_data_time(sk, now) if sk.rtx_log else now
             if not log:
-                log += (sk.snd_nxt, now)
-            elif log[-1] == now:
+                log += (sk.snd_nxt, t)
+            elif log[-1] == t:
                 log[-2] = sk.snd_nxt
             elif log[-2] == una:  # all of it acknowledged (request/response)
                 if len(log) > 2:
                     del log[2:]
                 log[0] = sk.snd_nxt
-                log[1] = now
+                log[1] = t
             else:
                 i = 0
                 n = len(log)
@@ -580,7 +582,7 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                     i += 2
                 if i:
                     del log[:i]
-                log += (sk.snd_nxt, now)
+                log += (sk.snd_nxt, t)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
         if rtx is None and sk.snd_max != una:
@@ -691,7 +693,8 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
             break
         if not again:
             sk.retrans_hi = end
-        sk.rtx_log.append([seq, end, sk.snd_max, now])  # RACK: when it left (RFC 8985 §6.2)
+        # RACK: when it left (RFC 8985 §6.2), after new data sent at this instant.
+        sk.rtx_log.append([seq, end, sk.snd_max, tcp_recovery.tcp_rack_sent_time(sk, now)])
         quota -= n
         sk.prr_out += n
         if seq == una:

@@ -365,10 +365,12 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
         tcp_output.tcp_retransmit_skb(sh, sk, una, now)
         return
     sk.cc.on_rto(now, ((sk.snd_max - una) & MASK) / sk.mss_cache)
+    new_recovery = not sk.in_recovery and first
     sk.in_recovery = False
     sk.in_loss = True
     sk.timers[TimerKind.TLP] = None
     sk.timers[TimerKind.REO] = None
+    sk.tlp_high_seq = -1  # Linux tcp_retransmit_timer: the probe's episode is over
     sk.recover = sk.snd_max
     sk.dupacks = 0
     sk.reno_sacked = 0
@@ -385,6 +387,7 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.rtx_log.clear()
     sk.relost.clear()
     tcp_output.tcp_xmit_retransmit_queue(sh, sk, now)
+    tcp_recovery.tcp_frto_start(sh, sk, new_recovery)
 
 
 def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:
