@@ -100,6 +100,8 @@ class ShardConfig:
     tcp_rmem: tuple[int, int, int] = tcp_rcvbuf.TCP_RMEM
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
+    #: net.ipv4.tcp_frto: F-RTO (RFC 5682, SACK-enhanced) after an RTO; 0 off.
+    frto: int = 2
     #: Most connections (established, handshaking, TIME-WAIT: the 4-tuple
     #: table) this shard holds; a SYN past it is dropped (TCP_CONN_LIMIT).
     #: 0: no cap.
@@ -148,9 +150,11 @@ class ShardStats:
     dsacks_recv: int = 0  # TCPDSACKRecv
     lost_retransmits: int = 0  # retransmissions found lost and sent again (TCPLostRetransmit)
     tlp_probes: int = 0  # tail loss probes sent (TCPLossProbes)
+    tlp_recoveries: int = 0  # probes that repaired a loss: cwnd reduced (TCPLossProbeRecovery)
     rack_reo_timeouts: int = 0  # RACK reordering-window expiries that marked losses
     dsack_undos: int = 0  # reductions undone: every retransmission was a duplicate (TCPDSACKUndo)
     rto_undos: int = 0  # spurious RTOs undone: the original was acknowledged (TCPLossUndo)
+    spurious_rtos: int = 0  # ... of which F-RTO found (RFC 5682; TCPSpuriousRTOs)
     delayed_acks: int = 0
     zero_window_probes: int = 0
     keepalive_probes: int = 0

@@ -219,6 +219,12 @@ class TcpSock:
     rto_ts: int = 0  # our TSval when the last RTO fired (RTT samples in Loss)
     loss_tsval: int = 0  # our TSval at the episode's first RTO (spurious-RTO detection)
     loss_orig_acked: bool = False  # an ACK in Loss echoed an older TSval: the original arrived
+    # -- TLP episode (RFC 8985 §7.4; Linux tlp_high_seq, tcp_recovery.tcp_process_tlp_ack) --
+    tlp_high_seq: int = -1  # TLPHighRxt: SND.NXT when the outstanding probe went (-1: none)
+    tlp_retrans: bool = False  # TLPRxtOut: that probe retransmitted (not new data)
+    # -- F-RTO (RFC 5682; Linux tp->frto, tcp_recovery.tcp_process_frto) ----------------
+    frto: bool = False  # this RTO may still prove spurious: new data goes before retransmissions
+    frto_sacked: int = 0  # bytes SACKed above the retransmitted head, below the recovery point
     total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
     bytes_retrans: int = 0  # payload bytes retransmitted (tcpi_bytes_retrans)
     recoveries: int = 0  # fast recoveries entered

@@ -243,6 +243,9 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
                    and not window_changed and sk.state is not TCP_SYN_RECV)
         if newly_sacked > 0:
             _rate_sample(sh, sk, tcp_rate.tcp_rate_sack_end(sk, seg.options.sack_blocks), now)
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, False, bool(seg.payload) or window_changed,
+                                             newly_sacked > 0, now)
         if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
@@ -375,6 +378,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += _segs(data, mss)
+    if sk.tlp_high_seq >= 0:
+        tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, True, True, False, now)
     timers = sk.timers
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
@@ -447,6 +452,8 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             sk.reo_wnd_mult += 1
             sk.reo_wnd_bumped = sh.now
             sk.reo_wnd_persist = 16
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_tlp_dsack(sk, first[0], first[1])
         if sk.undo_active and ((first[0] - sk.undo_marker) & MASK) < HALF:
             sk.undo_retrans -= 1
             if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
@@ -678,6 +685,8 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             if acked and sk.undo_active:
                 tcp_try_undo_loss(sh, sk, now)
                 return
+        if sk.frto and tcp_recovery.tcp_process_frto(sh, sk, acked, delivered, dup, now, rtt, flight):
+            return
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
@@ -812,6 +821,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     if lost_to is not None:
         tcp_mark_lost(sk, lost_to)
     sk.timers[_TLP] = None
+    sk.tlp_high_seq = -1  # the episode is fast recovery's now (Linux tcp_init_cwnd_reduction)
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1

@@ -650,6 +650,9 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
     not per segment; acknowledged bursts are dropped here."""
     if idle:
         sk.first_tx_mstamp = sk.delivered_mstamp = now
+    if sk.rtx_log:
+        # After a retransmission recorded at this instant: just after it (RACK's order).
+        now = tcp_recovery.tcp_rack_new_data_time(sk, now)
     log = sk.tx_log
     end = sk.snd_nxt
     delivered = sk.delivered
@@ -796,7 +799,8 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
             tcp_pacing.tcp_update_skb_after_send(sk, n, now)
         if not again:
             sk.retrans_hi = end
-        sk.rtx_log.append([seq, end, sk.snd_max, now])  # RACK: when it left (RFC 8985 §6.2)
+        # RACK: when it left (RFC 8985 §6.2), after new data sent at this instant.
+        sk.rtx_log.append([seq, end, sk.snd_max, tcp_recovery.tcp_rack_sent_time(sk, now)])
         quota -= n
         sk.prr_out += n
         if seq == una:

@@ -372,10 +372,12 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
         return
     sk.cc.on_rto(now, ((sk.snd_max - una) & MASK) / sk.mss_cache)
     tcp_ecn.tcp_ecn_queue_cwr(sk)
+    new_recovery = not sk.in_recovery and first
     sk.in_recovery = False
     sk.in_loss = True
     sk.timers[TimerKind.TLP] = None
     sk.timers[TimerKind.REO] = None
+    sk.tlp_high_seq = -1  # Linux tcp_retransmit_timer: the probe's episode is over
     sk.recover = sk.snd_max
     sk.dupacks = 0
     sk.reno_sacked = 0
@@ -392,6 +394,7 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.rtx_log.clear()
     sk.relost.clear()
     tcp_output.tcp_xmit_retransmit_queue(sh, sk, now)
+    tcp_recovery.tcp_frto_start(sh, sk, new_recovery)
 
 
 def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:
