@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "ss":
             p.add_argument("-i", "--info", action="store_true",
-                           help="each connection's TCP_INFO (rtt, cwnd, busy/rwnd_limited/"
+                           help="each connection's TCP_INFO (rtt, cwnd, pacing_rate, "
+                                "delivery_rate, app_limited, busy/rwnd_limited/"
                                 "sndbuf_limited, rcv_rtt/rcv_space, reordering), like `ss -ti`")
     what = "the RETA: which worker owns each bucket, per-bucket load, moves so far"
     p = sub.add_parser("reta", help=what, description=what)
@@ -195,6 +196,10 @@ def _add_serve(sub) -> None:
                    help="auto: move RETA buckets, with their connections, from the busiest "
                    "worker to the idlest when their CPU differs by more than 20%% for a "
                    "second (default off)")
+    p.add_argument("--ecn", type=int, choices=(0, 1, 2), default=2,
+                   help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
+                   "on outgoing connections and accept it, 2 accept it when a peer asks "
+                   "(default 2, Linux's default)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -237,6 +242,7 @@ def serve_config(args: argparse.Namespace):
         max_connections=args.max_connections,
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
         rebalance=args.rebalance,
+        ecn=args.ecn,
     )
     return cfg.validate()
 
