@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 import errno
 import operator
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -72,7 +73,9 @@ SHARD_LOCAL = frozenset({"sd", "state", "timer_seq", "timer_q", "parent", "accep
 _REQ_LOCAL = frozenset({"listener", "timer_seq", "timer_q", "state"})
 
 _CLOSED = State.CLOSED.value
-_ENUMS: dict[str, type[enum.Enum]] = {c.__name__: c for c in (State, CaState, TimerKind)}
+#: The enums a field may hold (socket.AddressFamily: a socket's family, issue 14).
+_ENUMS: dict[str, type[enum.Enum]] = {
+    c.__name__: c for c in (State, CaState, TimerKind, socket.AddressFamily)}
 _OBJS: dict[str, type] = {"WinMin": WinMin}
 #: Types msgpack carries as they are (int is apart: only 64 bits fit).
 _PLAIN = frozenset({float, str, bytes, bool, type(None)})
