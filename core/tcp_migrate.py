@@ -258,14 +258,13 @@ def _detach_sk(sh: Shard, sk: TcpSock) -> None:
 
 
 def sock_export(sh: Shard, sd: int) -> dict[str, Any]:
-    """Dump the connection behind ``sd`` and remove it from ``sh`` (no segment is
-    sent).  Any state but LISTEN and CLOSED; EBADF for an unknown descriptor,
-    EINVAL for a listener."""
+    """Dump the socket behind ``sd`` and remove it from ``sh`` (no segment is
+    sent).  Any state but LISTEN: a CLOSED one too (a fresh or bound socket with
+    its options, or a connection that ended and still holds its error and data
+    for the application); EBADF for an unknown descriptor, EINVAL for a listener."""
     sk = sh.socks.get(sd)
     if sk is None:
         raise os_error(errno.EBADF)
-    if sk.state is State.CLOSED:
-        raise os_error(errno.ENOTCONN)
     state = _export_sk(sh, sk)
     _detach_sk(sh, sk)
     return state
@@ -320,11 +319,14 @@ def _import_sk(sh: Shard, state: dict[str, Any]) -> TcpSock:
     target = State(state["state"])
     tcp.tcp_set_state(sh, sk, target)  # from CLOSED: counts it as any transition would
     h = sh.h
+    if bound:
+        # No conflict check: the port was the socket's already (and the runtime's
+        # bind table, one for every shard, vetted it).
+        tb = h.bhash.get(sk.lport) or inet_hashtables.inet_bind_bucket_create(h, sk.lport)
+        inet_hashtables.inet_bind_hash(h, sk, tb, sk.lport)
     if target is not State.CLOSED:
-        # (A CLOSED one is a child reset in the accept queue: unhashed, as it was.)
-        if bound:
-            tb = h.bhash.get(sk.lport) or inet_hashtables.inet_bind_bucket_create(h, sk.lport)
-            inet_hashtables.inet_bind_hash(h, sk, tb, sk.lport)
+        # (A CLOSED one is not in the 4-tuple table: a connection that ended, kept
+        # for what the application has still to read, or a socket never connected.)
         inet_hashtables.inet_ehash_insert(h, sk)
     if state["listener"] is not None:
         lst = _dest_listener(sh, state)
@@ -399,8 +401,9 @@ def _import_req(sh: Shard, state: dict[str, Any]) -> RequestSock:
 
 def migrate_out(sh: Shard, match: Callable[[int, int, int, int], bool]) -> list[dict[str, Any]]:
     """Export and remove every connection whose (laddr, lport, raddr, rport)
-    satisfies ``match``: any state but LISTEN/CLOSED (SYN-SENT to TIME-WAIT),
-    request socks, and children in a listener's accept queue (in queue order).
+    satisfies ``match``: SYN-SENT to TIME-WAIT, request socks, children in a
+    listener's accept queue (in queue order), and connections that ended but
+    whose descriptor the application still holds (CLOSED, with their error).
 
     Every state is encoded before anything is removed, so a TypeError leaves
     the shard as it was.
@@ -415,6 +418,12 @@ def migrate_out(sh: Shard, match: Callable[[int, int, int, int], bool]) -> list[
             reqs.append(owner)
         elif owner.parent is None:
             socks.append(owner)
+    # Connections that ended (reset, timed out) while the application still
+    # holds them: their error and unread data go with them.
+    for sk in sh.socks.values():
+        if (sk.state is State.CLOSED and sk.dead and sk.parent is None and sk.rport
+                and not sk.closed_evt and match(sk.laddr, sk.lport, sk.raddr, sk.rport)):
+            socks.append(sk)
     # Accept-queue children in the order accept() would return them.
     for lst in _listeners(sh):
         for child in lst.accept_queue:

@@ -776,3 +776,49 @@ def test_a_child_reset_in_the_accept_queue_moves_as_it_is():
     there = _reset_child_then_accept(True)
     assert there == here
     assert here[0][0] is State.CLOSED and not here[1]
+
+
+def _reset_then_read(moved: bool) -> tuple:
+    """An accepted connection with unread data is reset by the peer; what the
+    application's reads and writes then give, on s1 or after a move to s2."""
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    sd, sa = passive_open(peer, l1)
+    peer.send(ACK, 1001, sa.seq + 1, payload=b"unread")
+    peer.send(RST, 1007)
+    s1.take_events()
+    sh = s1
+    if moved:
+        (old, new), = move(s1, s2, 0.1)
+        assert old == sd and not s1.socks.keys() - {l1}
+        sh, sd = s2, new
+    out: list = [sh.state(sd)]
+    for op in (lambda: sh.recv(sd, 100), lambda: sh.recv(sd, 100),
+               lambda: sh.send(sd, b"x", 0.2)):
+        try:
+            out.append(op())
+        except OSError as e:
+            out.append(e.errno)
+    return tuple(out)
+
+
+def test_a_connection_reset_before_the_app_saw_it_moves_with_its_error():
+    """The application still holds a reset connection: after a move its reads and
+    writes on the new shard say exactly what they would have said on the old."""
+    here = _reset_then_read(False)
+    assert here[0] is State.CLOSED and errno.ECONNRESET in here
+    assert _reset_then_read(True) == here
+
+
+def test_a_bound_socket_moves_with_its_port_and_options():
+    s1, s2 = make_shard(A), make_shard(A)
+    sd = s1.socket()
+    s1.setsockopt(sd, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s1.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s1.bind(sd, A, 8080)
+    new = tcp_migrate.sock_import(s2, ship([tcp_migrate.sock_export(s1, sd)])[0])
+    assert 8080 not in s1.h.bhash and sd not in s1.socks
+    assert s2.getsockname(new) == (A, 8080) and 8080 in s2.h.bhash
+    assert s2.getsockopt(new, socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    s2.listen(new, 4)  # and it goes on from there
+    assert s2.state(new) is State.LISTEN
