@@ -881,3 +881,28 @@ def rsts6(tap: list[tuple[float, str, bytes]]) -> list:
         if p[40 + 13] & 0x04:
             out.append((t, d))
     return out
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda st: st["fields"].update(no_such_field=1),  # a newer build's field
+    lambda st: st.update(v=tcp_migrate.STATE_VERSION + 1),
+    lambda st: st.update(state="BOGUS"),
+    lambda st: st.update(kind="socket"),
+    lambda st: st["fields"].update(rtt_min={"$": "nope"}),
+    lambda st: st.pop("tuple"),
+    lambda st: st.update(tuple=[1, 2]),
+    lambda st: st["events"].append(["Exploded", 0]),
+])
+def test_a_malformed_state_is_refused_before_anything_is_installed(spoil):
+    """ValueError, and the destination holds nothing of the batch: not the good state
+    before the bad one either."""
+    s1, s2, l1, l2 = two_shards()
+    for port in (40000, 40001):
+        passive_open(Peer(s1, port=port), l1)
+    states = ship(s1.migrate_out(everything))
+    spoil(states[1])
+    socks = dict(s2.socks)
+    with pytest.raises(ValueError, match="tcp_migrate"):
+        s2.migrate_in(states, 1.0)
+    assert not s2.h.ehash and s2.socks == socks and s2.stats.curr_estab == 0
+    assert s2.next_deadline() is None and s2.events == []
