@@ -328,7 +328,10 @@ class Agent:
         self.loop = worker.loop
         self.steer = RxSteer(worker.shard.receive_batch, self._forward, worker.reta, worker.wid)
         worker.shard.receive_batch = self.steer
-        self.steer.set_foreign(True)  # until FOREIGN_GRACE after start (listen())
+        # A worker started owning no bucket is a reload's successor (shardstack
+        # reload moves them all away first): until FOREIGN_GRACE after start
+        # (listen()), what its predecessor left on the queue goes on.
+        self.steer.set_foreign(worker.wid not in worker.reta)
         self.push: dict[int, Any] = {}  # wid -> zmq PUSH to its rx endpoint
         self.incoming: dict[int, Incoming] = {}  # bucket -> its pending move
         self.server: socket.socket | None = None

@@ -225,9 +225,10 @@ def test_reta_book_keeps_the_migrations():
 
 
 def test_steer_forwards_other_workers_buckets_while_foreign():
-    """A new process's first seconds: frames of buckets the RETA gives to
-    another worker go there (what its predecessor left on the queue), its
-    own buckets' frames pass; then, foreign off, everything passes."""
+    """A reload successor's first seconds (started owning no bucket): frames
+    of buckets the RETA gives to another worker go there (what its
+    predecessor left on the queue), its own buckets' frames pass; then,
+    foreign off, everything passes."""
     reta = rss.make_reta(2)
     got, sent = [], []
     st = migrate.RxSteer(lambda fr, now, ok=None: got.extend(fr),
