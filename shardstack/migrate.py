@@ -403,6 +403,11 @@ class Agent:
         if op == "mig_hold":
             return self.hold(buckets, int(req.get("src", -1)))
         if op == "mig_export":
+            not_after = req.get("not_after")
+            if isinstance(not_after, float) and time.monotonic() > not_after:
+                # The supervisor gave up on this move (we were stopped or
+                # busy) and switched the bucket back to us: it stays.
+                raise OSError(errno.ETIMEDOUT, "export request arrived too late")
             return self.export(buckets, int(req["to"]))
         if op == "mig_finish":
             return self.finish(buckets)
