@@ -295,13 +295,14 @@ class MoveRecord:
     reason: str = ""  # why it was aborted
     by: str = "hand"  # "hand", "auto", "reload"
     transfer: float = 0.0  # A's export started -> installed at B (state out, sent, in)
+    steps: dict = field(default_factory=dict)  # where the time went (*_seconds of A and B)
 
     def as_dict(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "from": self.src, "to": self.dst, "ok": self.ok,
                 "at": round(self.at, 3), "seconds": round(self.seconds, 6),
                 "pause": round(self.pause, 6), "conns": self.conns, "app_conns": self.app_conns,
                 "held": self.held, "forwarded": self.forwarded, "reason": self.reason,
-                "by": self.by, "transfer": round(self.transfer, 6)}
+                "by": self.by, "transfer": round(self.transfer, 6), "steps": self.steps}
 
 
 # -- the worker's agent ------------------------------------------------------------
@@ -483,12 +484,14 @@ class Agent:
         self.steer.clear_forward(buckets)
         w.drain_rx()  # frames the kernel steered to us before the switch: ours to process
         w.flush()
+        t_drained = time.monotonic()
         states = w.shard.migrate_out(bucket_match(set(buckets)))
+        t_out = time.monotonic()
         sds = {s["sd"] for s in states if isinstance(s.get("sd"), int) and s["sd"] >= 0}
         gate, socks = (w.appgate.export_conns(sds, to) if w.appgate is not None else ([], []))
         svc = w.services.export(sds) if w.services is not None else []
         body = {"buckets": buckets, "from": w.wid, "t_export": t0, "engine": states,
-                "gate": gate, "services": svc}
+                "gate": gate, "services": svc, "t_sent": time.monotonic()}
         fds = [s.fileno() for s in socks]
         deadline = t0 + MOVE_TIMEOUT
         ok, why = False, ""
@@ -520,7 +523,8 @@ class Agent:
         self.moves_out += 1
         w.flush()
         return {"conns": len(states), "app_conns": len(gate), "services": len(svc),
-                "export_seconds": time.monotonic() - t0,
+                "export_seconds": time.monotonic() - t0, "drain_seconds": t_drained - t0,
+                "out_seconds": t_out - t_drained,
                 "forwarded": self.steer.stats.forwarded}
 
     # -- incoming transfers ------------------------------------------------------
@@ -535,8 +539,9 @@ class Agent:
                 return
             c.setblocking(False)
             rd = TransferReader()
+            deadline = time.monotonic() + MOVE_TIMEOUT
             timer = self.loop.call_later(MOVE_TIMEOUT, self._drop_conn, c, rd)
-            self.loop.add_reader(c.fileno(), self._on_data, c, rd, timer)
+            self.loop.add_reader(c.fileno(), self._on_data, c, rd, timer, deadline)
 
     def _drop_conn(self, c: socket.socket, rd: TransferReader) -> None:
         if c.fileno() >= 0:
@@ -546,14 +551,22 @@ class Agent:
             os.close(fd)
         rd.fds = []
 
-    def _on_data(self, c: socket.socket, rd: TransferReader, timer: Any) -> None:
-        for _ in range(64):
+    def _on_data(self, c: socket.socket, rd: TransferReader, timer: Any,
+                 deadline: float) -> None:
+        """The sender writes the whole transfer at once, as fast as we read
+        (it packed everything first): once its first bytes are here, read the
+        rest in one go, blocking (bounded by the deadline), rather than a
+        chunk per loop iteration between this worker's own traffic, which
+        measured a third of a 100-connection move's pause."""
+        for _ in range(1 << 16):
             try:
                 data, anc, _fl, _a = c.recvmsg(1 << 20, CARRIER_ANC, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data, anc = b"", []
+            if c.gettimeout() == 0.0:
+                c.settimeout(max(0.001, deadline - time.monotonic()))
             rd.feed(data, anc)
             got = rd.done()
             if got is not None:
@@ -592,7 +605,9 @@ class Agent:
         the held frames replayed; `local`: an aborted export coming back."""
         w = self.w
         now = time.monotonic()
+        t_recv = now - float(body.get("t_sent", now))
         pairs = w.shard.migrate_in(body["engine"], now)  # all or nothing; the caller closes fds
+        t_in = time.monotonic()
         socks = [socket.socket(fileno=fd) for fd in fds]
         for sk in socks:
             sk.setblocking(False)
@@ -604,14 +619,18 @@ class Agent:
         svc = w.services.adopt(body["services"], sdmap, now) if w.services is not None else 0
         buckets = [int(b) for b in body["buckets"]]
         held = [] if local else self.steer.take_held(buckets)
+        t_gate = time.monotonic()
         self._replay(held, now)
+        t_replay = time.monotonic()
         w.shard.advance(time.monotonic())  # timers that fell due during the move
         w.flush()
         done = time.monotonic()
         figures = {"conns": len(body["engine"]), "installed": len(sdmap), "app_conns": app,
                    "services": svc, "held": len(held), "installed_at": done,
                    "transfer": done - float(body["t_export"]),
-                   "install_seconds": done - now}
+                   "install_seconds": done - now, "recv_seconds": t_recv,
+                   "in_seconds": t_in - now, "gate_seconds": t_gate - t_in,
+                   "replay_seconds": t_replay - t_gate}
         if local:
             return figures
         self.moves_in += 1

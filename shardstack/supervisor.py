@@ -949,6 +949,8 @@ class Supervisor:
             fin = await b.ctl.call("mig_finish", timeout=timeout, buckets=buckets)
             rec.pause = max(0.0, fin.get("installed_at", t_switch) - t_switch)
             rec.transfer = fin.get("transfer", 0.0)
+            rec.steps = {k: round(v, 6) for d in (exp, fin) for k, v in d.items()
+                         if k.endswith("_seconds")}
             rec.held = fin.get("held", 0)
         except (OSError, TimeoutError, control.ControlError) as e:
             # Sent and acknowledged, so it is B's now; its figures are lost.

@@ -375,7 +375,7 @@ def test_reload_keeps_streams(mig_stack):
             s.close()
     streams.check()
     moves = [m for w in out["workers"] for m in w["moves"]]
-    print([(w["replace_seconds"], [(m["seconds"], m["pause"], m["conns"]) for m in w["moves"]])
+    print([(w["replace_seconds"], [(m["pause"], m["held"], m["steps"]) for m in w["moves"]])
            for w in out["workers"]])
     print(f"reload: {took:.1f} s; {len(moves)} moves, pause per move max "
           f"{max(m['pause'] for m in moves) * 1e3:.1f} ms, held {sum(m['held'] for m in moves)}")
