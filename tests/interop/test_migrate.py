@@ -510,3 +510,51 @@ def test_move_to_a_frozen_worker_is_aborted_in_bounded_time(mig_stack):
     streams.check()
     assert kernel_rst_counters(st.ns) == rst0, "the kernel peer saw or sent a reset"
     assert stack_rsts(st) == srst0, "the stack sent a RST"
+
+
+APP_OPTS = """
+import os, socket, threading
+t = threading.Timer(120, os._exit, (3,))
+t.daemon = True  # bounded, and no reason to outlive the connection
+t.start()
+srv = socket.create_server(("0.0.0.0", {port}))
+print("listening", flush=True)
+c, _ = srv.accept()
+with c:
+    while True:
+        data = c.recv(100)
+        if not data:
+            break
+        # socket options go to the worker holding the connection (its token)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        state = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)[0]
+        c.sendall(f"{{data.decode()}} nodelay={{nodelay}} state={{state}}".encode())
+"""
+
+
+def test_socket_options_follow_a_moved_connection(mig_stack):
+    """After its bucket moved, an app's setsockopt/getsockopt (TCP_NODELAY,
+    TCP_INFO) on the connection still reach its TCP state: the old worker
+    answers "moved" and the shim asks the new one."""
+    st = mig_stack
+    port = APP_PORT + 1
+    app, log = _run_app(st, APP_OPTS.format(port=port), "opts")
+    try:
+        wait_for(lambda: "listening" in _lines(log) or app.poll() is not None,
+                 what="app listening")
+        sport = 41000
+        s = st.connect(port, sport)
+        b = bucket_of(_ip(st.addr), port, _ip(st.peer), sport)
+        w = st.reta[b]
+        for i in range(3):
+            s.sendall(f"q{i}".encode())
+            assert s.recv(100) == f"q{i} nodelay=1 state=1".encode()  # TCP_ESTABLISHED
+            w = 1 - w
+            assert _move(st, b, w)["app_conns"] == 1
+        s.close()
+        assert app.wait(10) == 0, _lines(log)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(5)
