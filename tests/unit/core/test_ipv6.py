@@ -572,3 +572,32 @@ def test_ipv6_fast_paths_are_identical_on_the_wire(seed, params, kw, monkeypatch
         assert x == y, f"packet {i} differs"
     assert fast[1:] == slow[1:]
     assert all(p[2][0] >> 4 == 6 for p in fast[0])
+
+
+def test_a_failing_ipv6_frame_resets_its_connection(monkeypatch, caplog):
+    """The receive boundary (core.fault) finds an IPv6 frame's connection too: it
+    is reset with an IPv6 RST and the log line names the IPv6 addresses."""
+    from shardstack.core import tcp_input
+
+    sh = shard6()
+    lsd = listen6(sh)
+    peer = Peer6(sh)
+    peer.send(SYN, 1000, mss=1440)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    victim = sh.sock(sd)
+    real = tcp_input.tcp_data_queue
+
+    def faulty(shard, sk, seg, now):
+        if sk is victim:
+            raise RuntimeError("injected fault")
+        return real(shard, sk, seg, now)
+
+    monkeypatch.setattr(tcp_input, "tcp_data_queue", faulty)
+    peer.send(ACK | FIN, 1001, sa.seq + 1, payload=b"x" * 10)
+    assert sh.stats.drops[DropReason.ENGINE_EXCEPTION] == 1
+    assert sh.state(sd) is State.CLOSED
+    assert [s.flags for s in peer.recv()] in (["R."], ["R"])
+    msgs = [r.getMessage() for r in caplog.records if "injected fault" in r.getMessage()]
+    assert len(msgs) == 1 and "fd00::2:40000" in msgs[0]
