@@ -601,3 +601,56 @@ def test_a_failing_ipv6_frame_resets_its_connection(monkeypatch, caplog):
     assert [s.flags for s in peer.recv()] in (["R."], ["R"])
     msgs = [r.getMessage() for r in caplog.records if "injected fault" in r.getMessage()]
     assert len(msgs) == 1 and "fd00::2:40000" in msgs[0]
+
+
+class NarrowPath:
+    """Shard ``inner`` behind a router whose next hop has a 1280-byte MTU: a bigger
+    packet towards it is dropped and answered with Packet Too Big (RFC 8201), as a
+    router's ``icmp6_send`` does."""
+
+    def __init__(self, inner: Shard, mtu: int = 1280) -> None:
+        self.inner, self.mtu = inner, mtu
+        self.ptb: list[bytes] = []
+        self.too_big = 0
+
+    def receive(self, packet: bytes, now: float) -> None:
+        if len(packet) > self.mtu:
+            self.too_big += 1
+            self.ptb.append(build_icmpv6_error(R6, parse_ipv6(packet)[0].src, ICMPV6_PKT_TOOBIG,
+                                               0, packet, self.mtu))
+            return
+        self.inner.receive(packet, now)
+
+    def advance(self, now: float) -> None:
+        self.inner.advance(now)
+
+    def take_frames(self) -> list[bytes]:
+        out, self.ptb = self.inner.take_frames() + self.ptb, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self.inner.next_deadline()
+
+
+def test_bulk_through_a_1280_byte_path_learns_the_mtu():
+    a = shard6(A6)
+    b = shard6(B6)
+    path = NarrowPath(b)
+    link = SimLink(a, path, seed=3, params=LinkParams(delay=0.005, loss=0.01))
+    c, s = _connect(a, b, link)
+    data = random.Random(5).randbytes(200_000)
+    bulk = Bulk(link, a, c, b, s, len(data))
+    bulk.data = memoryview(data)
+    got = bytearray()
+
+    def step() -> bool:
+        bulk.write()
+        while chunk := b.recv(s, 1 << 20):
+            got.extend(chunk)
+        return len(got) == len(data)
+
+    assert link.run_until(step, 120.0)
+    assert bytes(got) == data
+    assert path.too_big >= 1 and a.stats.tcp_pmtu_reductions == 1
+    assert a.sock(c).mss == 1220  # 1280 - 60
+    assert a.stats.icmp6_in_pkt_too_bigs == path.too_big
