@@ -210,7 +210,9 @@ def _client():
     sh.connect(sd, B6, 80, 0.0)
     syn_frame = sh.take_frames()[0]
     syn = parse6(syn_frame)
-    assert syn.mss == 1440
+    # As Linux 6.18's SYN over IPv6 on a 1500-byte link (tests/unit/wire/test_wire_ipv6.py's
+    # capture): MSS 1440, window 64800 (whole 1440-byte segments of 64 KiB).
+    assert syn.mss == 1440 and syn.window == 64800
     return sh, sd, Peer6(sh, port=80), syn, syn_frame
 
 
