@@ -656,3 +656,12 @@ def test_bulk_through_a_1280_byte_path_learns_the_mtu():
     assert path.too_big >= 1 and a.stats.tcp_pmtu_reductions == 1
     assert a.sock(c).mss == 1220  # 1280 - 60
     assert a.stats.icmp6_in_pkt_too_bigs == path.too_big
+
+
+@pytest.mark.parametrize("src", [0, 1, v4_mapped(B), str_to_ip6("::198.18.0.2")])
+def test_no_parameter_problem_to_addresses_off_the_wire(src):
+    sh = shard6()
+    sh.receive(build_ipv6(src, A6, 253, b"x" * 8), 0.0)
+    sh.receive(build_ipv6(src, A6, NEXTHDR_ROUTING, bytes((6, 0, 0, 1, 0, 0, 0, 0)) + bytes(20)),
+               0.0)
+    assert sh.take_frames() == [] and sh.stats.icmp6_out_parm_problems == 0
