@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_input, tcp_ipv6, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -241,13 +241,14 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             # IPv6 (tcp_h.V4_ADDR_MAX): no header checksum; the TCP sums above
             # hold as they are (128-bit addresses sum like 32-bit ones).
             laddr = sk.laddr
-            hdr = _pack_ts_hdr6(0x60000000, 32 + plen, 6, 64, laddr >> 64, laddr & _M64,
+            hdr = _pack_ts_hdr6(0x60000000 | sk.flowlabel, 32 + plen, 6, 64, laddr >> 64,
+                                laddr & _M64,
                                 raddr >> 64, raddr & _M64, sk.lport, sk.rport, seq, ack, 0x80,
                                 flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                                win, _options(sk, now), payload, csum_partial, urg)
+                                win, _options(sk, now), payload, csum_partial, urg, sk.flowlabel)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -265,14 +266,15 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
 def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
                     flags: int, win: int, options: bytes = b"",
                     payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
-                    urgent: int = 0) -> bytes:
+                    urgent: int = 0, flowlabel: int = 0) -> bytes:
     """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
     (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
     (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
-    ``tcp_v6_send_check``)."""
+    ``tcp_v6_send_check``).  ``flowlabel``: IPv6's (RFC 6437)."""
     if raddr > V4_ADDR_MAX:
         return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
-                              payload, csum_partial=csum_partial, urgent=urgent)
+                              payload, flow_label=flowlabel, csum_partial=csum_partial,
+                              urgent=urgent)
     return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
                           csum_partial=csum_partial, urgent=urgent)
 
@@ -347,7 +349,7 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
-                                     tcp_syn_window(sk.rcv_wnd), opts))
+                                     tcp_syn_window(sk.rcv_wnd), opts, flowlabel=sk.flowlabel))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -358,7 +360,8 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                     sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
+                                     sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts,
+                                     flowlabel=sk.flowlabel))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -373,10 +376,15 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
     mss = user_mss if 0 < user_mss < route_mss else route_mss
     opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
+    v6 = req.raddr > V4_ADDR_MAX
     if sh.tracing:
-        sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+        sh.tr("__tcp_v6_send_check" if v6 else "__tcp_v4_send_check")
+    # IPv6: the flow label the connection will keep (tcp_v6_syn_recv_sock).
+    label = tcp_ipv6.ip6_make_flowlabel(sh.key, req.laddr, req.lport, req.raddr,
+                                        req.rport) if v6 else 0
     return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                           (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
+                           (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts,
+                           flowlabel=label)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -686,7 +694,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             off = end
     else:
         # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
-        ip6 = _pack_ip6(0x60000000, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+        ip6 = _pack_ip6(0x60000000 | sk.flowlabel, 32 + size, 6, 64, src >> 64, src & _M64,
+                        dst >> 64,
                         dst & _M64)
         for _ in range(count):
             end = off + size

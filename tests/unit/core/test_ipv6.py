@@ -665,3 +665,25 @@ def test_no_parameter_problem_to_addresses_off_the_wire(src):
     sh.receive(build_ipv6(src, A6, NEXTHDR_ROUTING, bytes((6, 0, 0, 1, 0, 0, 0, 0)) + bytes(20)),
                0.0)
     assert sh.take_frames() == [] and sh.stats.icmp6_out_parm_problems == 0
+
+
+def test_each_connection_keeps_one_flow_label():
+    """RFC 6437 §3: a non-zero label per connection and direction, the same on every
+    packet (SYN, SYN-ACK, data, bursts, ACKs), different for another connection."""
+    a, b, link = _pair(loss=0.0)
+    tap: list[bytes] = []
+    link.tap = lambda now, d, pkt: tap.append(pkt)
+    c1, s1 = _connect(a, b, link)
+    a.send(c1, bytes(50_000), link.now)
+    b.send(s1, bytes(20_000), link.now)
+    link.run_for(1.0)
+    c2 = a.socket(V6)
+    a.connect(c2, B6, 80, link.now)
+    link.run_for(1.0)
+    labels: dict[tuple, set[int]] = {}
+    for pkt in tap:
+        ip, _ = parse_ipv6(pkt)
+        seg = parse6(pkt)
+        labels.setdefault((ip.src, seg.sport, seg.dport), set()).add(ip.flow_label)
+    assert len(labels) == 4 and all(len(v) == 1 and 0 not in v for v in labels.values())
+    assert len({next(iter(v)) for v in labels.values()}) == 4
