@@ -687,3 +687,40 @@ def test_each_connection_keeps_one_flow_label():
         labels.setdefault((ip.src, seg.sport, seg.dport), set()).add(ip.flow_label)
     assert len(labels) == 4 and all(len(v) == 1 and 0 not in v for v in labels.values())
     assert len({next(iter(v)) for v in labels.values()}) == 4
+
+
+# bind() then listen() of a first socket, then bind() of a second on the same port:
+# what Linux 6.18 answered (python sockets in a namespace we made, fd00::1/64 and
+# 198.18.0.1/24 on one interface, no SO_REUSEADDR).
+_BIND_TABLE = [
+    ((2, None, 0), (10, False, 0), errno.EADDRINUSE),  # 0.0.0.0, then dual-stack ::
+    ((2, None, 0), (10, True, 0), None),  # 0.0.0.0, then V6ONLY ::
+    ((10, True, 0), (10, None, A6), errno.EADDRINUSE),  # V6ONLY ::, then fd00::1
+    ((2, None, 0), (10, None, A6), None),  # 0.0.0.0, then fd00::1
+    ((10, None, A6), (2, None, 0), None),  # fd00::1, then 0.0.0.0
+    ((10, False, 0), (2, None, A), errno.EADDRINUSE),  # dual-stack ::, then 198.18.0.1
+    ((10, True, 0), (2, None, A), None),  # V6ONLY ::, then 198.18.0.1
+]
+
+
+@pytest.mark.parametrize(("first", "second", "err"), _BIND_TABLE)
+def test_bind_conflicts_as_linux(first, second, err):
+    sh = shard6(addr4=A)
+
+    def sock(family, v6only, addr):
+        sd = sh.socket(family)
+        if v6only is not None:
+            sh.setsockopt(sd, IPV6, V6ONLY, int(v6only))
+        return sd, addr
+
+    sd, addr = sock(*first)
+    sh.bind(sd, addr, 80)
+    sh.listen(sd, 8)
+    sd2, addr2 = sock(*second)
+    if err is None:
+        sh.bind(sd2, addr2, 80)
+        sh.listen(sd2, 8)
+    else:
+        with pytest.raises(OSError) as e:
+            sh.bind(sd2, addr2, 80)
+        assert e.value.errno == err
