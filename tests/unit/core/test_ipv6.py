@@ -273,13 +273,20 @@ def test_packet_too_big_out_of_window_is_ignored():
     assert sh.stats.drops[DropReason.ICMP_ERR_OUT_OF_WINDOW] == 1
 
 
+# What a Linux 6.18 connect() over IPv6 returned when its SYN was answered with
+# each error (an AF_PACKET responder on a veth in namespaces we made).
 @pytest.mark.parametrize(("itype", "code", "err"), [
-    (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, errno.ECONNREFUSED),
     (ICMPV6_DEST_UNREACH, 0, errno.ENETUNREACH),  # no route
     (ICMPV6_DEST_UNREACH, 1, errno.EACCES),  # administratively prohibited
+    (ICMPV6_DEST_UNREACH, 2, errno.EHOSTUNREACH),  # beyond scope of source address
     (ICMPV6_DEST_UNREACH, 3, errno.EHOSTUNREACH),  # address unreachable
+    (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, errno.ECONNREFUSED),
+    (ICMPV6_DEST_UNREACH, 5, errno.EACCES),  # source address failed policy
+    (ICMPV6_DEST_UNREACH, 6, errno.EACCES),  # reject route
+    (ICMPV6_DEST_UNREACH, 7, errno.EPROTO),  # unassigned code
     (ICMPV6_TIME_EXCEED, 0, errno.EHOSTUNREACH),
     (ICMPV6_PARAMPROB, 0, errno.EPROTO),
+    (ICMPV6_PARAMPROB, 1, errno.EPROTO),
 ])
 def test_error_during_syn_sent_fails_the_connect(itype, code, err):
     """Linux tcp_v6_err: in SYN-SENT any error ends the connect with
