@@ -731,3 +731,27 @@ def test_bind_conflicts_as_linux(first, second, err):
         with pytest.raises(OSError) as e:
             sh.bind(sd2, addr2, 80)
         assert e.value.errno == err
+
+
+def test_trace_names_the_ipv6_functions():
+    """With ShardConfig.trace, an IPv6 passive open records tcp_ipv6's names where
+    their work is done, in order, and none of the IPv4-only ones."""
+    sh = shard6(trace=True)
+    lsd = listen6(sh)
+    peer = Peer6(sh)
+    sh.trace()
+    peer.send(SYN, 1000, mss=1440)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    assert sh.accept(lsd) is not None
+    names = sh.trace()
+    want = ["tcp_v6_rcv", "inet6_lookup_listener", "tcp_v6_do_rcv", "tcp_v6_conn_request",
+            "tcp_conn_request", "tcp_v6_init_req", "tcp_v6_init_sequence",
+            "tcp_v6_send_synack", "__tcp_v6_send_check", "ip6_xmit", "tcp_v6_rcv",
+            "tcp_check_req", "tcp_v6_syn_recv_sock"]
+    it = iter(names)
+    assert all(w in it for w in want), names
+    assert not {n for n in names if "v4" in n}, names
+    c = shard6(B6, trace=True)
+    c.connect(c.socket(V6), A6, 80, 0.0)
+    assert "tcp_v6_connect" in c.trace()
