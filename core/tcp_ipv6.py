@@ -140,7 +140,7 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
         hp = offflags & 0xF0F7  # data offset and flags but PSH (Linux TCP_HP_BITS)
         total = 40 + plen
         if (vtf >> 28 == 6 and (hp == 0x8010 or hp == 0x5010)
-                and 20 + ((offflags >> 10) & 0x3C) <= plen and total <= n):
+                and ((offflags >> 10) & 0x3C) <= plen and total <= n):
             src = s_hi << 64 | s_lo
             dst = d_hi << 64 | d_lo
             # A hit means dst is ours and src a peer we accepted (a usable address).

@@ -755,3 +755,25 @@ def test_trace_names_the_ipv6_functions():
     c = shard6(B6, trace=True)
     c.connect(c.socket(V6), A6, 80, 0.0)
     assert "tcp_v6_connect" in c.trace()
+
+
+@pytest.mark.parametrize("ts", [True, False])
+def test_pure_acks_and_data_take_the_ipv6_fast_path(ts, monkeypatch):
+    from test_header_prediction import Spy
+
+    sh = shard6()
+    lsd = listen6(sh)
+    peer = Peer6(sh)
+    peer.send(SYN, 1000, mss=1440, sack_perm=True, wscale=7, ts=(10, 0) if ts else None)
+    sa = peer.recv_one()
+    tso = (lambda v: {"ts": (v, sa.ts[0])}) if ts else (lambda v: {})
+    peer.send(ACK, 1001, sa.seq + 1, **tso(11))
+    sd, _ = sh.accept(lsd)
+    spy = Spy(monkeypatch)
+    sh.send(sd, bytes(4000), 0.01)
+    out = peer.recv()
+    assert out and out[-1].seq + len(out[-1].payload) == sa.seq + 1 + 4000
+    peer.send(ACK, 1001, sa.seq + 1 + 4000, at=0.02, **tso(12))  # a pure ACK of new data
+    peer.send(ACK, 1001, sa.seq + 1 + 4000, payload=b"d" * 100, at=0.03, **tso(13))  # data
+    assert spy.take() == (2, 0)
+    assert sh.sock(sd).snd_una == sa.seq + 1 + 4000 and sh.recv(sd, 200) == b"d" * 100
