@@ -147,7 +147,7 @@ class Executor:
                                syncookies=s.syncookies, window_scaling=s.window_scaling,
                                sack=s.sack, timestamps=s.timestamps, rcvbuf=s.rcvbuf,
                                sndbuf=s.sndbuf, congestion=s.congestion,
-                               syn_linear_timeouts=s.syn_linear_timeouts)
+                               syn_linear_timeouts=s.syn_linear_timeouts, ecn=s.ecn)
         self.shard = Shard(self.cfg, self.now)
         self.layer = Layer(self.shard, self.local_ip, self.remote_ip)
         if self.v6:
@@ -302,7 +302,7 @@ class Executor:
         if self.cfg is not None:  # settings read when connections start
             s = self.settings
             for name in ("syncookies", "window_scaling", "sack", "timestamps", "rcvbuf",
-                         "sndbuf", "congestion", "syn_linear_timeouts"):
+                         "sndbuf", "congestion", "syn_linear_timeouts", "ecn"):
                 setattr(self.cfg, name, getattr(s, name))
 
     # -- packets ------------------------------------------------------------------------------
