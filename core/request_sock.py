@@ -38,6 +38,7 @@ class RequestSock:
     ts_ok: bool = False
     ts_recent: int = 0
     ts_off: int = 0
+    ecn_ok: bool = False  # the SYN asked for ECN and we accept (tcp_ecn_create_request)
     num_retrans: int = 0
     synack_time: float = 0.0
     dead: bool = False

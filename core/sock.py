@@ -40,7 +40,16 @@ class State(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class TcpSock:
-    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists."""
+    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists.
+
+    Every field must round-trip through ``tcp_migrate`` (a connection moves
+    between shards and worker processes): it walks these slots generically, so
+    a new field of a plain type (int, float, bool, str, bytes, None, list,
+    tuple, deque, memoryview, an enum it knows) needs nothing; any other type
+    needs a case in ``tcp_migrate.encode_value``, and a field that must not
+    move needs a reason in ``tcp_migrate.SHARD_LOCAL``.
+    tests/unit/core/test_tcp_migrate.py fails until it does.
+    """
 
     sd: int
     state: State = State.CLOSED
@@ -68,6 +77,13 @@ class TcpSock:
     linger2: float = 0.0  # TCP_LINGER2, s; 0: tcp_fin_timeout; < 0: no FIN-WAIT-2 wait
     window_clamp: int = 0  # TCP_WINDOW_CLAMP, bytes; 0: none (the buffer and scale bound it)
     oobinline: bool = False  # SO_OOBINLINE: the urgent byte stays in the stream
+    # IPv6 (issue 14, core.tcp_ipv6): the socket's address family, as socket()
+    # made it (AF_INET 2 / AF_INET6 10).  laddr/raddr always hold the *wire*
+    # addresses (32-bit for IPv4 packets, 128-bit for IPv6 ones), so an
+    # AF_INET6 socket talking to an IPv4 peer (v4-mapped) keeps 32-bit ones;
+    # the Shard API maps them.  Kept by tcp_disconnect like the options.
+    family: int = 2
+    v6only: bool = False  # IPV6_V6ONLY: an AF_INET6 socket bound to :: takes IPv6 only
     # -- bind / listen -------------------------------------------------------------
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False
@@ -203,6 +219,12 @@ class TcpSock:
     rto_ts: int = 0  # our TSval when the last RTO fired (RTT samples in Loss)
     loss_tsval: int = 0  # our TSval at the episode's first RTO (spurious-RTO detection)
     loss_orig_acked: bool = False  # an ACK in Loss echoed an older TSval: the original arrived
+    # -- TLP episode (RFC 8985 §7.4; Linux tlp_high_seq, tcp_recovery.tcp_process_tlp_ack) --
+    tlp_high_seq: int = -1  # TLPHighRxt: SND.NXT when the outstanding probe went (-1: none)
+    tlp_retrans: bool = False  # TLPRxtOut: that probe retransmitted (not new data)
+    # -- F-RTO (RFC 5682; Linux tp->frto, tcp_recovery.tcp_process_frto) ----------------
+    frto: bool = False  # this RTO may still prove spurious: new data goes before retransmissions
+    frto_sacked: int = 0  # bytes SACKed above the retransmitted head, below the recovery point
     total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
     bytes_retrans: int = 0  # payload bytes retransmitted (tcpi_bytes_retrans)
     recoveries: int = 0  # fast recoveries entered
@@ -218,6 +240,12 @@ class TcpSock:
     rcv_ooopack: int = 0  # segments queued out of order
     dsack_dups: int = 0  # segments a D-SACK reported as received twice
     reord_events: int = 0  # reordering detected (tcpi_reord_seen; ``reord_seen`` is RACK's flag)
+    # -- ECN (RFC 3168; core.tcp_ecn: Linux tp->ecn_flags and the CWR state) ---------
+    ecn_flags: int = 0  # tcp_ecn.TCP_ECN_* bits (0: ECN not in use)
+    ecn_high_seq: int = 0  # SND.NXT when the CWR reduction began (Linux high_seq)
+    ecn_prior_cwnd: int = 0  # cwnd then, segments (Linux prior_cwnd)
+    ecn_prr_delivered: int = 0  # segments delivered since (Linux prr_delivered)
+    delivered_ce: int = 0  # segments delivered by ACKs with ECE (tcpi_delivered_ce)
     # -- pacing / rate sampling (tcp_rate: Linux tcp_rate.c; tcp_pacing: tcp_update_pacing_rate,
     # the internal pacing of tcp_output.c) ----------------------------------------------
     pacing_rate: int = 0  # bytes/s (sk_pacing_rate); set from cwnd/SRTT on every ACK

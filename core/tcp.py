@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .shard import Shard
 
 
-__all__ = ["tcp_set_state", "tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg",
+__all__ = ["tcp_set_state", "tcp_state_leave", "tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg",
            "tcp_shutdown", "tcp_close", "sk_release", "emit_readable", "tcp_fin_time"]
 
 _WRITE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
@@ -74,6 +74,14 @@ def tcp_set_state(sh: Shard, sk: TcpSock, state: State) -> None:
     sk.state = state
     if sh.tracing:
         sh.tr(_STATE_TRACE[state])
+
+
+def tcp_state_leave(sh: Shard, sk: TcpSock) -> None:
+    """The socket leaves this shard in its state (``tcp_migrate``): the per-state
+    gauges stop counting it here, with no transition and no EstabResets; the
+    shard it moves to counts it again through :func:`tcp_set_state`."""
+    if sk.state is TCP_ESTABLISHED or sk.state is TCP_CLOSE_WAIT:
+        sh.stats.curr_estab -= 1
 
 
 def tcp_fin_time(sk: TcpSock) -> float:

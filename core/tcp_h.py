@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .shard import Shard
 
 __all__ = [
-    "MASK", "HALF", "State", "TcpSock", "RequestSock", "TcpSegment", "Shard",
+    "MASK", "HALF", "V4_ADDR_MAX", "AF_INET", "AF_INET6", "TCP_V6_HDRS", "State", "TcpSock", "RequestSock", "TcpSegment", "Shard",
     "TCP_RTO_MIN", "TCP_RTO_MAX", "TCP_TIMEOUT_INIT", "TCP_DELACK", "TCP_SYN_RETRIES",
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
@@ -75,6 +75,20 @@ TCP_URG_READ = 0x400
 MASK = 0xFFFFFFFF
 #: Half the sequence space: a forward distance with this bit set means "before".
 HALF = 0x80000000
+
+# -- address families (issue 14; docs/architecture.md "Conventions") ---------------------------
+
+#: An address (an ``int``) above this is an IPv6 one.  Wire addresses in
+#: ``::/96`` (unspecified, loopback, IPv4-compatible) are refused on IPv6
+#: input and as IPv6 destinations, so every IPv6 address a connection holds
+#: is above it and every IPv4 one at or below it: a connection's family is
+#: ``raddr > V4_ADDR_MAX``, and one table keys both families without overlap.
+V4_ADDR_MAX: Final = 0xFFFFFFFF
+#: socket.AF_INET / AF_INET6 (Linux's values), what ``TcpSock.family`` holds.
+AF_INET: Final = 2
+AF_INET6: Final = 10
+#: IPv6 + TCP headers without options: the MSS is the MTU less this (IPv4: 40).
+TCP_V6_HDRS: Final = 60
 
 
 
@@ -184,11 +198,11 @@ NOT_IMPLEMENTED = frozenset({
     # Congestion control of a child: created at ESTABLISHED (tcp_init_transfer).
     "tcp_ca_openreq_child", "tcp_assign_congestion_control", "tcp_set_ca_state",
     "bictcp_state", "tcp_in_ack_event",
-    # Not built: ECN, saved SYNs, receive-side steering, per-protocol use counts,
+    # Not built: saved SYNs, receive-side steering, per-protocol use counts,
     # path-MTU probing, MSS bounded by the window, the old initial-buffer fixup and send-buffer
     # growth (the receive buffer auto-tunes: tcp_rcvbuf), the metrics cache,
     # and a fast-path switch (tcp_v4_rcv predicts for every ESTABLISHED socket).
-    "tcp_ecn_create_request", "tcp_ecn_rcv_ecn_echo", "tcp_reqsk_record_syn", "tcp_move_syn",
+    "tcp_reqsk_record_syn", "tcp_move_syn",
     "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtup_init", "tcp_mtu_to_mss",
     "tcp_bound_to_half_wnd",
     "tcp_fixup_rcvbuf", "tcp_sndbuf_expand", "tcp_full_space", "tcp_init_metrics",

@@ -17,14 +17,15 @@ sent, min RTT, notsent bytes, snd_wnd/rcv_wnd, RTO count, and the
 per-socket counters the engine keeps where Linux counts them
 (``TcpSock``): segs_in/out and data_segs_in/out (GRO super-frames and GSO
 super-segments by the segments they stand for), delivered, rcv_ooopack,
-dsack_dups, reord_seen (reordering events) and bytes_retrans.  Byte
+dsack_dups, reord_seen (reordering events), bytes_retrans, and ECN's
+TCPI_OPT_ECN / TCPI_OPT_ECN_SEEN options bits and delivered_ce (``tcp_ecn``).  Byte
 counters but bytes_retrans wrap at 4 GiB (they are read off the sequence
 space, which the engine does not count beyond).  busy_time, rwnd_limited
 and sndbuf_limited come from ``tcp_chrono``; rcv_rtt and rcv_space from
 receive auto-tuning (``tcp_rcvbuf``); min_rtt is windowed (``win_minmax``).
 pacing_rate/max_pacing_rate from ``tcp_pacing`` (~0: unlimited, as
 Linux), delivery_rate and its app-limited flag from ``tcp_rate``.
-Zero: ECN (delivered_ce).
+Zero: AccECN's byte counters.
 
 Listeners report only what Linux reports for one: the state, cwnd,
 reordering, the pacing rates, and the accept queue's length in
@@ -43,7 +44,7 @@ from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
 from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
 __all__ = ["TCP_INFO_LEN", "TCPI_FIELDS", "TCPI_OPT_TIMESTAMPS", "TCPI_OPT_SACK",
-           "TCPI_OPT_WSCALE", "LINUX_STATE", "tcp_get_info", "tcp_listen_info",
+           "TCPI_OPT_WSCALE", "TCPI_OPT_ECN", "TCPI_OPT_ECN_SEEN", "LINUX_STATE", "tcp_get_info", "tcp_listen_info",
            "unpack_tcp_info"]
 
 #: ``struct tcp_info`` in declaration order: (name, struct code).  ``wscale``
@@ -84,6 +85,8 @@ TCP_INFO_LEN = _TCP_INFO.size
 TCPI_OPT_TIMESTAMPS = 1
 TCPI_OPT_SACK = 2
 TCPI_OPT_WSCALE = 4
+TCPI_OPT_ECN = 8  # ECN was negotiated at the handshake (RFC 3168 §6.1.1)
+TCPI_OPT_ECN_SEEN = 16  # at least one ECT or CE mark was received
 
 #: include/net/tcp_states.h numbering (tcpi_state, /proc/net/tcp's "st").
 LINUX_STATE = {
@@ -169,6 +172,10 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     if sk.wscale_ok:
         opts |= TCPI_OPT_WSCALE
         put(ix["wscale"], _nibbles(sk.snd_wscale, sk.rcv_wscale))
+    if sk.ecn_flags & 1:  # tcp_ecn.TCP_ECN_OK
+        opts |= TCPI_OPT_ECN
+    if sk.ecn_flags & 8:  # tcp_ecn.TCP_ECN_SEEN
+        opts |= TCPI_OPT_ECN_SEEN
     put(ix["options"], opts)
     put(ix["rto"], _usec(tcp_output.tcp_rto(sk)))  # icsk_rto: backed off, as the timer runs
     received = _bytes_received(sk)
@@ -196,7 +203,8 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["last_ack_recv"], _msec_since(now, sk.rcv_tstamp))
 
     if sk.raddr:
-        put(ix["pmtu"], sk.adv_mss + 40)  # icsk_pmtu_cookie, set with the route at connect
+        # icsk_pmtu_cookie, set with the route at connect (IPv6 headers: 60 bytes)
+        put(ix["pmtu"], sk.adv_mss + (60 if sk.raddr > 0xFFFFFFFF else 40))
     free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
     cap = 65535 << sk.rcv_wscale
     if sk.window_clamp and sk.window_clamp < cap:
@@ -232,6 +240,7 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["data_segs_out"], sk.data_segs_out & _U32)
     put(ix["data_segs_in"], sk.data_segs_in & _U32)
     put(ix["delivered"], sk.delivered & _U32)
+    put(ix["delivered_ce"], sk.delivered_ce & _U32)
     put(ix["dsack_dups"], sk.dsack_dups & _U32)
     put(ix["reord_seen"], sk.reord_events & _U32)
     put(ix["rcv_ooopack"], sk.rcv_ooopack & _U32)

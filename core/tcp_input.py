@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from . import (
     tcp,
     tcp_chrono,
+    tcp_ecn,
     tcp_minisocks,
     tcp_output,
     tcp_pacing,
@@ -32,6 +33,7 @@ from . import (
 )
 from .dropreason import DropReason
 from .events import Connected, Readable
+from .tcp_cong import CaState
 from .tcp_h import (
     HALF,
     MASK,
@@ -57,7 +59,7 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, RST, SYN, URG, TcpOptions
+from .wire.tcp import ACK, ECE, FIN, RST, SYN, URG, TcpOptions
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -79,6 +81,7 @@ _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
+_CA_CWR = CaState.CWR  # ECN's reduction (tcp_ecn)
 _TLP = TimerKind.TLP
 _DATA_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2)
 _NO_DATA = memoryview(b"")
@@ -218,6 +221,12 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
         sk.snd_wl2 = ack
     sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
     sk.err_soft = 0  # something got through: forget a soft ICMP error (Linux tcp_ack)
+    if sh.tracing:
+        sh.tr("tcp_ecn_rcv_ecn_echo")
+    ece = seg.flags & ECE and sk.ecn_flags
+    if ece:  # RFC 3168 §6.1.2: reduce before this ACK grows anything (tcp_ecn)
+        prior_delivered = sk.delivered
+        tcp_ecn.tcp_ecn_rcv_ecn_echo(sh, sk, now)
     if d == 0:
         newly_sacked = 0
         if sk.sack_ok and seg.options.sack_blocks:
@@ -234,13 +243,20 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
                    and not window_changed and sk.state is not TCP_SYN_RECV)
         if newly_sacked > 0:
             _rate_sample(sh, sk, tcp_rate.tcp_rate_sack_end(sk, seg.options.sack_blocks), now)
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, False, bool(seg.payload) or window_changed,
+                                             newly_sacked > 0, now)
         if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
             _window_opened(sh, sk, now)
+        if ece:
+            tcp_ecn.tcp_ecn_delivered_ce(sh, sk, sk.delivered - prior_delivered)
         return True
     ts = seg.options.ts
     _clean_rtx_queue(sh, sk, ack, ts[1] if ts is not None else 0, seg.options.sack_blocks, d, now)
+    if ece:
+        tcp_ecn.tcp_ecn_delivered_ce(sh, sk, sk.delivered - prior_delivered)
     return True
 
 
@@ -330,7 +346,10 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += (data - 1) // mss + 1 if data > mss else 1
-        cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        if cc.ca_state is not _CA_CWR:
+            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        else:
+            tcp_ecn.tcp_cwr_ack(sk, acked, rtt, now)  # ECN's reduction (RFC 3168 §6.1.2)
         _rate_sample(sh, sk, ack, now)
     elif cc is not None:
         prior = sk.sacked_bytes
@@ -359,6 +378,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += _segs(data, mss)
+    if sk.tlp_high_seq >= 0:
+        tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, True, True, False, now)
     timers = sk.timers
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
@@ -431,6 +452,8 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             sk.reo_wnd_mult += 1
             sk.reo_wnd_bumped = sh.now
             sk.reo_wnd_persist = 16
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_tlp_dsack(sk, first[0], first[1])
         if sk.undo_active and ((first[0] - sk.undo_marker) & MASK) < HALF:
             sk.undo_retrans -= 1
             if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
@@ -662,6 +685,8 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             if acked and sk.undo_active:
                 tcp_try_undo_loss(sh, sk, now)
                 return
+        if sk.frto and tcp_recovery.tcp_process_frto(sh, sk, acked, delivered, dup, now, rtt, flight):
+            return
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
@@ -796,6 +821,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     if lost_to is not None:
         tcp_mark_lost(sk, lost_to)
     sk.timers[_TLP] = None
+    sk.tlp_high_seq = -1  # the episode is fast recovery's now (Linux tcp_init_cwnd_reduction)
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1
@@ -806,6 +832,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     sk.undo_active = True  # Linux tcp_init_undo
     sk.undo_marker = una
     sk.undo_retrans = 0
+    tcp_ecn.tcp_ecn_queue_cwr(sk)
     if sk.reo_wnd_persist:
         sk.reo_wnd_persist -= 1
         if not sk.reo_wnd_persist:
@@ -855,6 +882,8 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     fin = seg.flags & FIN
     if n == 0 and not fin:
         return
+    if n and sk.ecn_flags:
+        tcp_ecn.tcp_ecn_rcv_data(sk, seg)  # CWR and CE (RFC 3168 §6.1.3)
     seq = seg.seq
     if seg.flags & SYN:
         seq = (seq + 1) & MASK
@@ -1739,6 +1768,10 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
     _syn_options(sh, sk, seg.options, now)
     sk.irs = seg.seq
     sk.rcv_nxt = sk.rcv_wup = (seg.seq + 1) & MASK
+    if flags & ACK:
+        tcp_ecn.tcp_ecn_rcv_synack(sk, flags)
+    else:
+        tcp_ecn.tcp_ecn_rcv_syn(sk, flags)
     if flags & ACK:
         sk.snd_una = seg.ack
         sk.delivered += 1  # our SYN (Linux: tcp_ack's tcp_clean_rtx_queue)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_input, tcp_pacing, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_pacing, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -26,6 +26,7 @@ from .tcp_h import (
     TCP_RTO_MAX,
     TCPOLEN_TSTAMP_ALIGNED,
     TX_LOG_STRIDE,
+    V4_ADDR_MAX,
     RequestSock,
     State,
     TcpSegment,
@@ -33,7 +34,17 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, build_tcp_ipv4, build_tcp_options
+from .wire.tcp import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    build_tcp_ipv4,
+    build_tcp_ipv6,
+    build_tcp_options,
+)
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -41,12 +52,19 @@ if TYPE_CHECKING:
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
            "tcp_write_xmit", "tcp_xmit_retransmit_queue", "tcp_current_mss", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
-           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto"]
+           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto",
+           "tcp_build_frame"]
 
 _TS_OPT = struct.Struct("!III")
 _TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
 #: IPv4 header (no options) + TCP header + NOP,NOP,TS: what established segments carry.
 _pack_ts_hdr = struct.Struct("!BBHHHBBHIIHHIIBBHHHIII").pack
+#: The same for IPv6 (RFC 8200 §3; addresses as 64-bit halves): 72 bytes.
+_pack_ts_hdr6 = struct.Struct("!IHBBQQQQHHIIBBHHHIII").pack
+#: IPv6 header alone, and TCP + NOP,NOP,TS alone (a burst packs the first once).
+_pack_ip6 = struct.Struct("!IHBBQQQQ").pack
+_pack_tcp_ts = struct.Struct("!HHIIBBHHHIII").pack
+_M64 = (1 << 64) - 1
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
@@ -193,6 +211,9 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     if win < 0:
         win = tcp_select_window(sk)
     plen = len(payload)
+    tos = 0
+    if sk.ecn_flags:  # ECT(0) on new data, CWR, ECE (RFC 3168 §6.1; tcp_ecn_send)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, seq, flags, plen)
     urg = 0
     if sk.urg_mode:
         urg = _urgent_pointer(sk, seq)
@@ -215,14 +236,24 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             if plen:
                 t_sum += sum16(payload)
             t_field = -t_sum % 0xFFFF
-        hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
-                           sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
-                           t_field, urg, _TS_WORD, tsval, tsecr)
+        raddr = sk.raddr
+        if raddr <= 0xFFFFFFFF:
+            hdr = _pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6,
+                               -(sk.tx_ipsum + total + tos) % 0xFFFF, sk.laddr, raddr, sk.lport,
+                               sk.rport, seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD,
+                               tsval, tsecr)
+        else:
+            # IPv6 (tcp_h.V4_ADDR_MAX): no header checksum; the TCP sums above
+            # hold as they are (128-bit addresses sum like 32-bit ones). ECN
+            # bits sit in the Traffic Class (RFC 3168 §5, RFC 8200 §7).
+            laddr = sk.laddr
+            hdr = _pack_ts_hdr6(0x60000000 | tos << 20, 32 + plen, 6, 64, laddr >> 64,
+                                laddr & _M64, raddr >> 64, raddr & _M64, sk.lport, sk.rport,
+                                seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
-        frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                               win, _options(sk, now), payload, csum_partial=csum_partial,
-                               urgent=urg)
+        frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
+                                win, _options(sk, now), payload, csum_partial, urg, tos)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -235,6 +266,22 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
+
+
+def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
+                    flags: int, win: int, options: bytes = b"",
+                    payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
+                    urgent: int = 0, tos: int = 0) -> bytes:
+    """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
+    (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
+    (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
+    ``tcp_v6_send_check``)."""
+    if raddr > V4_ADDR_MAX:
+        return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
+                              payload, traffic_class=tos, csum_partial=csum_partial,
+                              urgent=urgent)
+    return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
+                          tos=tos, csum_partial=csum_partial, urgent=urgent)
 
 
 def _urgent_pointer(sk: TcpSock, seq: int) -> int:
@@ -293,11 +340,11 @@ def tcp_send_reset(sh: Shard, laddr: int, lport: int, raddr: int, rport: int, se
     sh.stats.out_rsts += 1
     sh.stats.segs_out += 1
     if flags & ACK:
-        frame = build_tcp_ipv4(laddr, raddr, lport, rport, seg.ack, 0, RST, 0)
+        frame = tcp_build_frame(laddr, raddr, lport, rport, seg.ack, 0, RST, 0)
     else:
         end = (seg.seq + len(seg.payload) + (1 if flags & SYN else 0)
                + (1 if flags & FIN else 0)) & MASK
-        frame = build_tcp_ipv4(laddr, raddr, lport, rport, 0, end, RST | ACK, 0)
+        frame = tcp_build_frame(laddr, raddr, lport, rport, 0, end, RST | ACK, 0)
     sh.frames.append(frame)
 
 
@@ -306,8 +353,9 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
-    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
-                                    tcp_syn_window(sk.rcv_wnd), opts))
+    flags = SYN | tcp_ecn.tcp_ecn_send_syn(sh, sk)
+    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, flags,
+                                     tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -317,8 +365,9 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
-    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                    sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(bool(sk.ecn_flags & tcp_ecn.TCP_ECN_OK))
+    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
+                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -329,13 +378,15 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
         sh.tr("tcp_make_synack")
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
     user_mss = req.listener.user_mss  # Linux tcp_mss_clamp: TCP_MAXSEG set on the listener
-    mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    route_mss = sh.adv_mss6 if req.raddr > V4_ADDR_MAX else sh.adv_mss
+    mss = user_mss if 0 < user_mss < route_mss else route_mss
     opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
-        sh.tr("__tcp_v4_send_check")
-    return build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                          (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
+        sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(req.ecn_ok)
+    return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
+                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -436,8 +487,9 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     else:
         maxseg = (tso // mss) * mss
     burst = XMIT_BURST and sk.ts_ok and not sack_opts
-    if sk.urg_mode:
-        # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
+    if sk.urg_mode or sk.ecn_flags & tcp_ecn.TCP_ECN_QUEUE_CWR:
+        # Each segment's urgent pointer is its own (tcp_transmit), and a CWR owed
+        # goes on one plain segment (tcp_ecn_send): no burst, no GSO.
         maxseg = mss
         burst = False
     cc = sk.cc
@@ -598,6 +650,9 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
     not per segment; acknowledged bursts are dropped here."""
     if idle:
         sk.first_tx_mstamp = sk.delivered_mstamp = now
+    if sk.rtx_log:
+        # After a retransmission recorded at this instant: just after it (RACK's order).
+        now = tcp_recovery.tcp_rack_new_data_time(sk, now)
     log = sk.tx_log
     end = sk.snd_nxt
     if log:
@@ -640,14 +695,18 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     tsecr = sk.ts_recent
     total = 52 + size
     base = sk.tx_csum or _tx_csum_init(sk)
-    ipsum = -(sk.tx_ipsum + total) % 0xFFFF
+    flags = ACK
+    tos = 0
+    if sk.ecn_flags:  # new data: ECT(0), ECE if owed (the caller kept a queued CWR out)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, nxt, flags, size)
+    ipsum = -(sk.tx_ipsum + total + tos) % 0xFFFF
     src = sk.laddr
     dst = sk.raddr
     gso = size > mss
     partial = gso and sh.cfg.tx_csum_offload
     if partial:
         t_field = (src + dst + 38 + size) % 0xFFFF or 0xFFFF
-    t_base = base + size + ack + (0x8000 | ACK) + win + tsval + tsecr
+    t_base = base + size + ack + (0x8000 | flags) + win + tsval + tsecr
     sport = sk.lport
     dport = sk.rport
     frames = sh.frames
@@ -656,19 +715,36 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     n = len(chunk)
     off = sk.sndq_head_off + sent_off
     seq = nxt
-    for _ in range(count):
-        end = off + size
-        payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
-        if not partial:
-            t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-        append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
-                                      sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
-                                      _TS_WORD, tsval, tsecr), payload)))
-        if gso:
-            sh.gso_marks.append((len(frames) - 1, mss))
-        seq = (seq + size) & MASK
-        sent_off += size
-        off = end
+    if dst <= 0xFFFFFFFF:
+        for _ in range(count):
+            end = off + size
+            payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
+            if not partial:
+                t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
+            append(b"".join((_pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6, ipsum, src, dst,
+                                          sport, dport, seq, ack, 0x80, flags, win, t_field, 0,
+                                          _TS_WORD, tsval, tsecr), payload)))
+            if gso:
+                sh.gso_marks.append((len(frames) - 1, mss))
+            seq = (seq + size) & MASK
+            sent_off += size
+            off = end
+    else:
+        # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
+        ip6 = _pack_ip6(0x60000000 | tos << 20, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+                        dst & _M64)
+        for _ in range(count):
+            end = off + size
+            payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
+            if not partial:
+                t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
+            append(b"".join((ip6, _pack_tcp_ts(sport, dport, seq, ack, 0x80, flags, win, t_field,
+                                               0, _TS_WORD, tsval, tsecr), payload)))
+            if gso:
+                sh.gso_marks.append((len(frames) - 1, mss))
+            seq = (seq + size) & MASK
+            sent_off += size
+            off = end
     sh.stats.segs_out += count
     if size < sk.seg_min:
         sk.seg_min = size
@@ -724,7 +800,8 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
             tcp_pacing.tcp_update_skb_after_send(sk, n, now)
         if not again:
             sk.retrans_hi = end
-        sk.rtx_log.append([seq, end, sk.snd_max, now])  # RACK: when it left (RFC 8985 §6.2)
+        # RACK: when it left (RFC 8985 §6.2), after new data sent at this instant.
+        sk.rtx_log.append([seq, end, sk.snd_max, tcp_recovery.tcp_rack_sent_time(sk, now)])
         quota -= n
         sk.prr_out += n
         if seq == una:

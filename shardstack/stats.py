@@ -111,7 +111,10 @@ def format_tcp_info(i: dict[str, Any]) -> str:
     def ms(us: int) -> str:
         return f"{us / 1000:g}"
 
-    out = [str(i.get("cc", "")), f"wscale:{i.get('snd_wscale', 0)},{i.get('rcv_wscale', 0)}",
+    opts = i.get("options", 0)
+    # ss's option words: ECN negotiated (TCPI_OPT_ECN), ECT/CE marks seen (TCPI_OPT_ECN_SEEN).
+    out = ["ecn" if opts & 8 else "", "ecnseen" if opts & 16 else "",
+           str(i.get("cc", "")), f"wscale:{i.get('snd_wscale', 0)},{i.get('rcv_wscale', 0)}",
            f"rto:{ms(i.get('rto', 0))}", f"rtt:{ms(i.get('rtt', 0))}/{ms(i.get('rttvar', 0))}"]
     if i.get("ato"):
         out.append(f"ato:{ms(i['ato'])}")
