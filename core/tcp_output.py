@@ -664,16 +664,16 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
         now = tcp_recovery.tcp_rack_new_data_time(sk, now)
     log = sk.tx_log
     end = sk.snd_nxt
-    delivered = sk.delivered
-    first = sk.first_tx_mstamp
-    app = 1 if sk.app_limited else 0
     if log:
-        if (log[-5] == now and log[-4] == delivered and log[-2] == first
-                and log[-1] == app):
-            log[-6] = end  # the same moment and snapshot: the same burst
+        if log[-5] == now:
+            # The same moment: the same burst, for RACK one send time.  (ACKs
+            # handled in between, in one batch, leave its older snapshot: a
+            # sample over a slightly longer interval, never a faster one.)
+            log[-6] = end
             return
         if log[-6] == una:  # all of it acknowledged (request/response)
-            log[:] = (end, now, delivered, sk.delivered_mstamp, first, app)
+            log[:] = (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
+                      1 if sk.app_limited else 0)
             return
         i = 0
         n = len(log)
@@ -681,7 +681,8 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
             i += TX_LOG_STRIDE
         if i:
             del log[:i]
-    log += (end, now, delivered, sk.delivered_mstamp, first, app)
+    log += (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
+            1 if sk.app_limited else 0)
 
 
 #: Module switch for ``_xmit_burst`` (tests turn it off to compare with per-segment sends).

@@ -186,6 +186,11 @@ def _add_serve(sub) -> None:
                    help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
                    "on outgoing connections and accept it, 2 accept it when a peer asks "
                    "(default 2, Linux's default)")
+    p.add_argument("--pacing", action="store_true",
+                   help="pace every connection at its pacing rate (cwnd x MSS / SRTT, "
+                   "200 %% in slow start, 120 %% after), as Linux under the fq qdisc; by "
+                   "default only sockets with SO_MAX_PACING_RATE are paced, as Linux "
+                   "with CUBIC and no fq")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -228,6 +233,7 @@ def serve_config(args: argparse.Namespace):
         max_connections=args.max_connections,
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
         ecn=args.ecn,
+        pacing=args.pacing,
     )
     return cfg.validate()
 

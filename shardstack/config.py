@@ -92,6 +92,7 @@ class ServeConfig:
     max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
     ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (ShardConfig.ecn)
+    pacing: bool = False  # pace every connection (ShardConfig.pacing); else SO_MAX_PACING_RATE only
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:

@@ -30,6 +30,11 @@ def test_good_serve_config(tmp_path):
     assert again == cfg
     assert not cfg.pin  # the scheduler places workers unless asked
     assert _config(GOOD + ["--pin"], tmp_path).pin
+    # Pacing every connection is opt-in (Linux with CUBIC and no fq paces only
+    # SO_MAX_PACING_RATE sockets), and reaches the children.
+    assert not cfg.pacing
+    paced = _config(GOOD + ["--pacing"], tmp_path)
+    assert paced.pacing and ServeConfig.from_dict(json.loads(json.dumps(paced.to_dict()))).pacing
     assert cfg.metrics is None
     assert _config(GOOD + ["--metrics", "9464"], tmp_path).metrics == "9464"
 
