@@ -185,6 +185,10 @@ def _add_serve(sub) -> None:
                    help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
                    "on outgoing connections and accept it, 2 accept it when a peer asks "
                    "(default 2, Linux's default)")
+    p.add_argument("--mtu-probing", type=int, choices=(0, 1, 2), default=0,
+                   help="path MTU probing (RFC 4821), as Linux's net.ipv4.tcp_mtu_probing: "
+                   "0 off (default, as Linux), 1 on once a path drops large segments "
+                   "without ICMP (a black hole), 2 always (start at 1024 bytes, probe up)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -227,6 +231,7 @@ def serve_config(args: argparse.Namespace):
         max_connections=args.max_connections,
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
         ecn=args.ecn,
+        mtu_probing=args.mtu_probing,
     )
     return cfg.validate()
 

@@ -176,7 +176,7 @@ class Worker:
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
                            max_connections=self.cfg.max_connections,
-                           ecn=self.cfg.ecn)
+                           ecn=self.cfg.ecn, mtu_probing=self.cfg.mtu_probing)
         if self.cfg.tcp_mem:
             low, pressure, high = self.cfg.tcp_mem
             scfg.tcp_mem = (low, pressure, high)
