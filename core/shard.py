@@ -1,7 +1,8 @@
 """The Shard: one host's TCP engine, sans I/O (h11's ``Connection`` for a whole stack).
 
-IPv4 packets and the time go in; IPv4 packets, socket events and the next
-timer deadline come out.  Socket operations use small integer descriptors
+IPv4 and IPv6 packets and the time go in; IPv4 and IPv6 packets (tell them
+apart by the version nibble), socket events and the next timer deadline
+come out.  Socket operations use small integer descriptors
 local to the shard (never reused).  Nothing here reads a clock, a socket or
 a random source: ``now`` and ``ShardConfig.secret`` come from the caller.
 
@@ -16,6 +17,7 @@ import errno
 import hashlib
 import socket as _socket
 import struct
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +29,10 @@ from . import (
     tcp_cong,
     tcp_info,
     tcp_ipv4,
+    tcp_ipv6,
+    tcp_migrate,
     tcp_output,
+    tcp_pacing,
     tcp_rcvbuf,
     tcp_timer,
     udp,
@@ -37,11 +42,15 @@ from .events import Event, SocketError
 from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
 from .inet_hashtables import InetHashinfo
 from .tcp_h import (
+    AF_INET,
+    AF_INET6,
     MAX_TCP_SYNCNT,
     TCP_FIN_TIMEOUT,
     TCP_FIN_TIMEOUT_MAX,
     TCP_SYN_LINEAR_TIMEOUTS,
     TCP_SYN_RETRIES,
+    TCP_V6_HDRS,
+    V4_ADDR_MAX,
     BytesLike,
     RequestSock,
     SockOptValue,
@@ -62,6 +71,9 @@ class ShardConfig:
     """Per-shard settings; defaults follow Linux's sysctls."""
 
     addrs: list[int] = field(default_factory=list)
+    #: Our IPv6 addresses (128-bit ints, none in ::/96 or v4-mapped); the first
+    #: is an IPv6 connect()'s source.  A shard may have only these, or none.
+    addrs6: list[int] = field(default_factory=list)
     mtu: int = 1500
     secret: bytes = b""
     trace: bool = False
@@ -88,6 +100,8 @@ class ShardConfig:
     tcp_rmem: tuple[int, int, int] = tcp_rcvbuf.TCP_RMEM
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
+    #: net.ipv4.tcp_frto: F-RTO (RFC 5682, SACK-enhanced) after an RTO; 0 off.
+    frto: int = 2
     #: Most connections (established, handshaking, TIME-WAIT: the 4-tuple
     #: table) this shard holds; a SYN past it is dropped (TCP_CONN_LIMIT).
     #: 0: no cap.
@@ -111,6 +125,10 @@ class ShardConfig:
     base_mss: int = 1024
     probe_threshold: int = 8
     probe_interval: float = 600.0
+    #: Pace every connection in the engine (tcp_pacing), as Linux does under the
+    #: fq qdisc or a congestion control that needs pacing; off: only sockets
+    #: with SO_MAX_PACING_RATE are paced (Linux with CUBIC and no fq).
+    pacing: bool = False
 
 
 @dataclass(slots=True)
@@ -139,9 +157,11 @@ class ShardStats:
     dsacks_recv: int = 0  # TCPDSACKRecv
     lost_retransmits: int = 0  # retransmissions found lost and sent again (TCPLostRetransmit)
     tlp_probes: int = 0  # tail loss probes sent (TCPLossProbes)
+    tlp_recoveries: int = 0  # probes that repaired a loss: cwnd reduced (TCPLossProbeRecovery)
     rack_reo_timeouts: int = 0  # RACK reordering-window expiries that marked losses
     dsack_undos: int = 0  # reductions undone: every retransmission was a duplicate (TCPDSACKUndo)
     rto_undos: int = 0  # spurious RTOs undone: the original was acknowledged (TCPLossUndo)
+    spurious_rtos: int = 0  # ... of which F-RTO found (RFC 5682; TCPSpuriousRTOs)
     delayed_acks: int = 0
     zero_window_probes: int = 0
     keepalive_probes: int = 0
@@ -171,6 +191,16 @@ class ShardStats:
     tcp_pmtu_reductions: int = 0  # "fragmentation needed" that lowered a connection's MSS
     tcp_icmp_aborts: int = 0  # handshakes ended by an ICMP error (connects, request socks)
     tcp_icmp_soft_errors: int = 0  # errors kept as sk_err_soft for a later timeout
+    # ICMPv6 (core.icmpv6; Linux Icmp6 MIB names)
+    icmp6_in_msgs: int = 0
+    icmp6_in_errors: int = 0
+    icmp6_in_csum_errors: int = 0
+    icmp6_in_dest_unreachs: int = 0
+    icmp6_in_pkt_too_bigs: int = 0
+    icmp6_in_time_excds: int = 0
+    icmp6_in_parm_problems: int = 0
+    icmp6_in_ignored: int = 0  # echo, ND, MLD: netio's business
+    icmp6_out_parm_problems: int = 0  # Parameter Problems we sent (RFC 8200 §4)
     drops: Counter[DropReason] = field(default_factory=Counter)
 
     def drop(self, reason: DropReason) -> None:
@@ -206,8 +236,12 @@ class ConnInfo:
 
 _SOL_SOCKET = _socket.SOL_SOCKET
 _IPPROTO_TCP = _socket.IPPROTO_TCP
+_IPPROTO_IPV6 = _socket.IPPROTO_IPV6
+_IPV6_V6ONLY = _socket.IPV6_V6ONLY
 _LINGER = struct.Struct("ii")
 _TCP_WINDOW_CLAMP = getattr(_socket, "TCP_WINDOW_CLAMP", 10)
+#: SOL_SOCKET SO_MAX_PACING_RATE (asm-generic/socket.h; Python's socket module lacks it).
+SO_MAX_PACING_RATE = 47
 #: Linux SOCK_MIN_RCVBUF (2048 + one sk_buff, x86-64): TCP_WINDOW_CLAMP's floor is half.
 SOCK_MIN_RCVBUF = 2304
 _UNSYNCED = (State.CLOSED, State.LISTEN, State.SYN_SENT)
@@ -225,16 +259,24 @@ def _window_clamp(sk: TcpSock) -> int:
 
 
 class Shard:
-    """A sans-I/O TCP/IPv4 host; see docs/architecture.md "core (the engine)"."""
+    """A sans-I/O TCP host, IPv4 and IPv6; see docs/architecture.md "core (the engine)"."""
 
     def __init__(self, config: ShardConfig, now: float = 0.0) -> None:
-        if not config.addrs:
-            raise ValueError("ShardConfig.addrs must name at least one address")
+        if not config.addrs and not config.addrs6:
+            raise ValueError("ShardConfig.addrs or addrs6 must name at least one address")
+        for a in config.addrs:
+            if not 0 < a <= V4_ADDR_MAX:
+                raise ValueError(f"not an IPv4 address in ShardConfig.addrs: {a!r}")
+        for a in config.addrs6:
+            if not tcp_ipv6.ipv6_addr_usable(a) or a >> 128:
+                raise ValueError(f"not a usable IPv6 address in ShardConfig.addrs6: {a!r}")
         self.cfg = config
-        self.addr_set = frozenset(config.addrs)
+        # Both families in one set: their int ranges never overlap (tcp_h.V4_ADDR_MAX).
+        self.addr_set = frozenset(config.addrs) | frozenset(config.addrs6)
         self.secret = config.secret
         self.key = hashlib.blake2s(b"shardstack-isn" + config.secret).digest()
         self.adv_mss = config.mtu - 40  # IPv4 + TCP headers without options
+        self.adv_mss6 = config.mtu - TCP_V6_HDRS  # IPv6 + TCP headers (RFC 8200 §8.3)
         self.h: InetHashinfo[TcpSock] = InetHashinfo()
         self.timers = tcp_timer.TimerHeap()
         self.frames: list[bytes] = []
@@ -262,6 +304,9 @@ class Shard:
         #: core.icmp's error token bucket (ICMP_ERR_RATE per second).
         self.icmp_tokens = 100.0
         self.icmp_tokens_t = now
+        #: core.icmpv6's bucket for the errors we send (Parameter Problem).
+        self.icmp6_out_tokens = 50.0
+        self.icmp6_out_t = now
 
     # -- plumbing used by the engine modules -------------------------------------------
 
@@ -291,7 +336,8 @@ class Shard:
     # -- packets and time ----------------------------------------------------------------
 
     def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
-        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``.
+        """One inbound IPv4 or IPv6 packet (by its version nibble); never raises.
+        ``csum_ok`` overrides ``cfg.csum_offload``.
 
         A failure while handling it ends only its connection (``core.fault``).
         """
@@ -373,8 +419,38 @@ class Shard:
 
     # -- the socket API --------------------------------------------------------------------
 
-    def socket(self) -> int:
-        return self.new_sock().sd
+    def socket(self, family: int = AF_INET) -> int:
+        """A TCP socket of ``family`` (AF_INET or AF_INET6; else EAFNOSUPPORT).
+
+        An AF_INET6 socket takes and returns IPv6 addresses (128-bit ints);
+        its IPv4 peers (a dual-stack listener's, or a connect() to
+        ``::ffff:a.b.c.d``) appear v4-mapped, as on Linux.
+        """
+        if family != AF_INET and family != AF_INET6:
+            raise os_error(errno.EAFNOSUPPORT)
+        sk = self.new_sock()
+        sk.family = family
+        return sk.sd
+
+    def _api_addr(self, sk: TcpSock, addr: int) -> int:
+        """A wire address as the socket's family shows it: an AF_INET6 socket
+        sees IPv4 addresses v4-mapped (RFC 4291 §2.5.5.2); 0 stays 0 (``::``)."""
+        if sk.family == AF_INET6 and 0 < addr <= V4_ADDR_MAX:
+            return 0xFFFF00000000 | addr
+        return addr
+
+    def _wire_addr(self, sk: TcpSock, addr: int) -> int:
+        """An address given to bind()/connect() in the wire's terms: for an
+        AF_INET6 socket a v4-mapped one becomes IPv4 (EINVAL with V6ONLY at
+        bind, ENETUNREACH at connect, as Linux); for AF_INET an IPv6 one is
+        EAFNOSUPPORT."""
+        if sk.family == AF_INET6:
+            if addr >> 32 == 0xFFFF and not addr >> 48:
+                return addr & 0xFFFFFFFF
+            return addr
+        if not 0 <= addr <= V4_ADDR_MAX:
+            raise os_error(errno.EAFNOSUPPORT)
+        return addr
 
     def setsockopt(self, sd: int, level: int, opt: int, value: SockOptValue) -> None:
         sk = self._sk(sd)
@@ -403,6 +479,8 @@ class Shard:
                 sk.rcvbuf_locked = True  # Linux SOCK_RCVBUF_LOCK: no auto-tuning
             elif opt == _socket.SO_SNDBUF:
                 sk.sndbuf = max(_int(value), 4608)
+            elif opt == SO_MAX_PACING_RATE:
+                tcp_pacing.tcp_set_max_pacing_rate(sk, _pacing_rate_value(value))
             else:
                 raise os_error(errno.ENOPROTOOPT)
         elif level == _IPPROTO_TCP:
@@ -463,6 +541,12 @@ class Shard:
                     sk.window_clamp = v if v > SOCK_MIN_RCVBUF // 2 else SOCK_MIN_RCVBUF // 2
             else:
                 raise os_error(errno.ENOPROTOOPT)
+        elif level == _IPPROTO_IPV6 and sk.family == AF_INET6:
+            if opt != _IPV6_V6ONLY:
+                raise os_error(errno.ENOPROTOOPT)
+            if sk.bound:
+                raise os_error(errno.EINVAL)  # Linux: not once a port is bound
+            sk.v6only = bool(_int(value))
         else:
             raise os_error(errno.ENOPROTOOPT)
 
@@ -482,6 +566,9 @@ class Shard:
             if opt == _socket.SO_LINGER:
                 lg = sk.linger or (False, 0)
                 return _LINGER.pack(int(lg[0]), lg[1])
+            if opt == SO_MAX_PACING_RATE:
+                # An int reads at most ~0U, as Linux answers a 4-byte buffer.
+                return min(sk.max_pacing_rate, 0xFFFFFFFF)
         elif level == _IPPROTO_TCP:
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
                      _socket.TCP_CORK: int(sk.cork),
@@ -495,6 +582,8 @@ class Shard:
                      _socket.TCP_SYNCNT: sk.syn_count or TCP_SYN_RETRIES,
                      _socket.TCP_LINGER2: -1 if sk.linger2 < 0 else int(sk.linger2 or TCP_FIN_TIMEOUT),
                      _TCP_WINDOW_CLAMP: _window_clamp(sk)}
+        elif level == _IPPROTO_IPV6 and sk.family == AF_INET6:
+            table = {_IPV6_V6ONLY: int(sk.v6only)}
         else:
             raise os_error(errno.ENOPROTOOPT)
         if opt not in table:
@@ -507,6 +596,10 @@ class Shard:
         self.tr("inet_bind")
         if sk.bound or sk.state is not State.CLOSED:
             raise os_error(errno.EINVAL)
+        wire = self._wire_addr(sk, addr)
+        if wire != addr and sk.v6only:
+            raise os_error(errno.EINVAL)  # a v4-mapped address on an IPv6-only socket
+        addr = wire
         if addr != 0 and addr not in self.addr_set:
             raise os_error(errno.EADDRNOTAVAIL)
         if not 0 <= port < 65536:
@@ -543,11 +636,26 @@ class Shard:
             tcp.emit_readable(self, child)
         if child.err:
             self.events.append(SocketError(child.sd, child.err))
-        return child.sd, (child.raddr, child.rport)
+        return child.sd, (self._api_addr(child, child.raddr), child.rport)
 
     def connect(self, sd: int, addr: int, port: int, now: float) -> None:
+        """connect(2): IPv4 or IPv6 by the address in the socket's terms (an
+        AF_INET6 socket reaches an IPv4 peer through ``::ffff:a.b.c.d``)."""
         self.now = now
-        tcp_ipv4.tcp_v4_connect(self, self._sk(sd), addr, port, now)
+        sk = self._sk(sd)
+        wire = self._wire_addr(sk, addr)
+        if sk.family == AF_INET6 and wire == addr:
+            # Not v4-mapped: IPv6 (::/96 and :: are refused there, not sent as IPv4).
+            tcp_ipv6.tcp_v6_connect(self, sk, wire, port, now)
+            return
+        if sk.family == AF_INET6:
+            # Linux tcp_v6_connect: v4-mapped goes to tcp_v4_connect, not on
+            # an IPv6-only socket nor one bound to an IPv6 address.
+            if sk.v6only or sk.laddr > V4_ADDR_MAX:
+                raise os_error(errno.ENETUNREACH)
+        if not self.cfg.addrs and sk.laddr == 0 and sk.state is State.CLOSED and not sk.dead:
+            raise os_error(errno.ENETUNREACH)  # no IPv4 address: no route
+        tcp_ipv4.tcp_v4_connect(self, sk, wire, port, now)
 
     def send(self, sd: int, data: BytesLike, now: float, flags: int = 0) -> int:
         """send(2); ``flags`` may hold MSG_OOB: the last byte sent is urgent."""
@@ -570,13 +678,13 @@ class Shard:
 
     def getsockname(self, sd: int) -> tuple[int, int]:
         sk = self._sk(sd)
-        return sk.laddr, sk.lport
+        return self._api_addr(sk, sk.laddr), sk.lport
 
     def getpeername(self, sd: int) -> tuple[int, int]:
         sk = self._sk(sd)
         if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT):
             raise os_error(errno.ENOTCONN)
-        return sk.raddr, sk.rport
+        return self._api_addr(sk, sk.raddr), sk.rport
 
     def state(self, sd: int) -> State:
         """The RFC state of a descriptor (tests, ``ss``)."""
@@ -591,6 +699,17 @@ class Shard:
         if sk is None:
             raise os_error(errno.EBADF)
         return sk
+
+    # -- moving connections to another shard (core/tcp_migrate.py) -------------------------
+
+    def migrate_out(self, match: Callable[[int, int, int, int], bool]) -> list[dict]:
+        """Remove every connection whose (laddr, lport, raddr, rport) ``match``es and
+        return its state (msgpack-serialisable), in the order ``migrate_in`` replays."""
+        return tcp_migrate.migrate_out(self, match)
+
+    def migrate_in(self, states: list[dict], now: float) -> list[tuple[int, int]]:
+        """Install states from another shard's ``migrate_out``; (old sd, new sd) each."""
+        return tcp_migrate.migrate_in(self, states, now)
 
     def connections(self) -> list[ConnInfo]:
         seen: set[int] = set()
@@ -608,12 +727,15 @@ class Shard:
                 if sk.state is not State.LISTEN:
                     info.update(tcp_info.unpack_tcp_info(tcp_info.tcp_get_info(sk, self.now)))
                     info["cc"] = sk.cc.name if sk.cc else (sk.cc_name or self.cfg.congestion)
-                rows.append(ConnInfo(None if sk.closed_evt else sk.sd, str(sk.state), sk.laddr,
-                                     sk.lport, sk.raddr, sk.rport, sk.sndq_len, sk.rcvq_len,
-                                     sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto, info))
+                rows.append(ConnInfo(None if sk.closed_evt else sk.sd, str(sk.state),
+                                     self._api_addr(sk, sk.laddr), sk.lport,
+                                     self._api_addr(sk, sk.raddr), sk.rport, sk.sndq_len,
+                                     sk.rcvq_len, sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto,
+                                     info))
             else:
-                rows.append(ConnInfo(None, str(sk.state), sk.laddr, sk.lport, sk.raddr,
-                                     sk.rport, 0, 0, 0, 0.0, 1.0))
+                lsk = sk.listener
+                rows.append(ConnInfo(None, str(sk.state), self._api_addr(lsk, sk.laddr), sk.lport,
+                                     self._api_addr(lsk, sk.raddr), sk.rport, 0, 0, 0, 0.0, 1.0))
         return rows
 
 
@@ -632,3 +754,17 @@ def _pos(value: SockOptValue) -> int:
     return v
 
 
+
+
+def _pacing_rate_value(value: SockOptValue) -> int:
+    """SO_MAX_PACING_RATE's argument as Linux reads it (``sk_setsockopt``): a
+    4-byte unsigned int, ~0U meaning ~0UL (no limit), or an 8-byte unsigned
+    long."""
+    if isinstance(value, bytes | bytearray) and len(value) >= 8:
+        return int.from_bytes(value[:8], sys.byteorder)
+    v = _int(value)
+    if isinstance(value, bytes | bytearray):
+        v = int.from_bytes(value[:4], sys.byteorder)
+    if v < 0:
+        v &= 0xFFFFFFFF  # a C int carries the unsigned value
+    return tcp_pacing.NO_PACING_RATE if v == 0xFFFFFFFF else v

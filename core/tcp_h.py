@@ -48,11 +48,11 @@ if TYPE_CHECKING:
     from .shard import Shard
 
 __all__ = [
-    "MASK", "HALF", "State", "TcpSock", "RequestSock", "TcpSegment", "Shard",
+    "MASK", "HALF", "V4_ADDR_MAX", "AF_INET", "AF_INET6", "TCP_V6_HDRS", "State", "TcpSock", "RequestSock", "TcpSegment", "Shard",
     "TCP_RTO_MIN", "TCP_RTO_MAX", "TCP_TIMEOUT_INIT", "TCP_DELACK", "TCP_SYN_RETRIES",
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
-    "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
+    "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "TX_LOG_STRIDE", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
     "SockOptValue", "TCP_URG_VALID", "TCP_URG_NOTYET", "TCP_URG_READ",
     "TCP_CLOSED", "TCP_LISTEN", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_ESTABLISHED", "TCP_FIN_WAIT1",
     "TCP_FIN_WAIT2", "TCP_CLOSE_WAIT", "TCP_CLOSING", "TCP_LAST_ACK", "TCP_TIME_WAIT",
@@ -75,6 +75,20 @@ TCP_URG_READ = 0x400
 MASK = 0xFFFFFFFF
 #: Half the sequence space: a forward distance with this bit set means "before".
 HALF = 0x80000000
+
+# -- address families (issue 14; docs/architecture.md "Conventions") ---------------------------
+
+#: An address (an ``int``) above this is an IPv6 one.  Wire addresses in
+#: ``::/96`` (unspecified, loopback, IPv4-compatible) are refused on IPv6
+#: input and as IPv6 destinations, so every IPv6 address a connection holds
+#: is above it and every IPv4 one at or below it: a connection's family is
+#: ``raddr > V4_ADDR_MAX``, and one table keys both families without overlap.
+V4_ADDR_MAX: Final = 0xFFFFFFFF
+#: socket.AF_INET / AF_INET6 (Linux's values), what ``TcpSock.family`` holds.
+AF_INET: Final = 2
+AF_INET6: Final = 10
+#: IPv6 + TCP headers without options: the MSS is the MTU less this (IPv4: 40).
+TCP_V6_HDRS: Final = 60
 
 
 
@@ -117,7 +131,12 @@ class TimerKind(enum.IntEnum):
     PERSIST = 5  # zero-window probe timer
     REO = 6  # RACK reordering window (RFC 8985 §6.2; Linux ICSK_TIME_REO_TIMEOUT)
     TLP = 7  # tail loss probe (RFC 8985 §7; Linux ICSK_TIME_LOSS_PROBE)
+    PACING = 8  # the next paced departure (Linux tcp_sock.pacing_timer; tcp_pacing)
 
+
+#: Values per ``TcpSock.tx_log`` entry: end, send time, and the rate sampler's
+#: snapshot (delivered, delivered_mstamp, first_tx_mstamp, app-limited).
+TX_LOG_STRIDE = 6
 
 #: Linux TCP_RTO_MIN (200 ms) and TCP_RTO_MAX (120 s).
 TCP_RTO_MIN = 0.2
@@ -182,11 +201,10 @@ NOT_IMPLEMENTED = frozenset({
     # Not built: saved SYNs, receive-side steering, per-protocol use counts,
     # MSS from the route's MTU, MSS bounded by the window, the old initial-buffer fixup and send-buffer
     # growth (the receive buffer auto-tunes: tcp_rcvbuf), the metrics cache,
-    # pacing, and a fast-path switch (tcp_v4_rcv predicts for
-    # every ESTABLISHED socket).
+    # and a fast-path switch (tcp_v4_rcv predicts for every ESTABLISHED socket).
     "tcp_reqsk_record_syn", "tcp_move_syn",
     "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtu_to_mss",
     "tcp_bound_to_half_wnd",
     "tcp_fixup_rcvbuf", "tcp_sndbuf_expand", "tcp_full_space", "tcp_init_metrics",
-    "tcp_update_pacing_rate", "tcp_fast_path_on",
+    "tcp_fast_path_on",
 })

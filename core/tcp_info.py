@@ -23,8 +23,9 @@ counters but bytes_retrans wrap at 4 GiB (they are read off the sequence
 space, which the engine does not count beyond).  busy_time, rwnd_limited
 and sndbuf_limited come from ``tcp_chrono``; rcv_rtt and rcv_space from
 receive auto-tuning (``tcp_rcvbuf``); min_rtt is windowed (``win_minmax``).
-Zero: delivery_rate, AccECN's byte counters.  The pacing rates read ~0 ("unlimited"): the
-engine does not pace.
+pacing_rate/max_pacing_rate from ``tcp_pacing`` (~0: unlimited, as
+Linux), delivery_rate and its app-limited flag from ``tcp_rate``.
+Zero: AccECN's byte counters.
 
 Listeners report only what Linux reports for one: the state, cwnd,
 reordering, the pacing rates, and the accept queue's length in
@@ -38,7 +39,7 @@ from __future__ import annotations
 import struct
 import sys
 
-from . import tcp_chrono, tcp_input, tcp_output
+from . import tcp_chrono, tcp_input, tcp_output, tcp_pacing, tcp_rate
 from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
 from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
@@ -96,6 +97,10 @@ LINUX_STATE = {
 
 _U32 = 0xFFFFFFFF
 _NO_RATE = 0xFFFFFFFFFFFFFFFF  # Linux reports ~0 for "no pacing rate limit"
+#: tcpi_delivery_rate_app_limited: the first bit-field of the ``flags`` byte
+#: (GCC allocates bit-fields from the least significant bit on little-endian
+#: hosts, from the most significant on big-endian ones).
+_APP_LIMITED_BIT = 1 if sys.byteorder == "little" else 0x80
 _LITTLE = sys.byteorder == "little"
 _SYN_UNACKED = (State.SYN_SENT, State.SYN_RECV)
 
@@ -198,7 +203,8 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["last_ack_recv"], _msec_since(now, sk.rcv_tstamp))
 
     if sk.raddr:
-        put(ix["pmtu"], sk.adv_mss + 40)  # icsk_pmtu_cookie, set with the route at connect
+        # icsk_pmtu_cookie, set with the route at connect (IPv6 headers: 60 bytes)
+        put(ix["pmtu"], sk.adv_mss + (60 if sk.raddr > 0xFFFFFFFF else 40))
     free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
     cap = 65535 << sk.rcv_wscale
     if sk.window_clamp and sk.window_clamp < cap:
@@ -241,6 +247,13 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["snd_wnd"], sk.snd_wnd & _U32)
     put(ix["rcv_wnd"], sk.rcv_wnd & _U32)
     put(ix["total_rto"], min(sk.rtos + sk.syn_retries, 0xFFFF))
+    # Pacing and delivery rate (tcp_pacing, tcp_rate), bytes/s as Linux reports them.
+    put(ix["pacing_rate"], sk.pacing_rate if sk.pacing_needed else tcp_pacing.tcp_pacing_rate(sk))
+    put(ix["max_pacing_rate"], sk.max_pacing_rate)
+    put(ix["delivery_rate"], tcp_rate.tcp_delivery_rate(sk))
+    if sk.rate_app_limited:
+        put(ix["flags"], _APP_LIMITED_BIT)
+    put(ix["reordering"], sk.reordering)  # tcp_recovery.tcp_rack_check_reordering
     return _TCP_INFO.pack(*vals)
 
 
@@ -277,11 +290,13 @@ def _bytes_received(sk: TcpSock) -> int:
 def unpack_tcp_info(buf: bytes | bytearray | memoryview) -> dict[str, int]:
     """Decode a (possibly truncated) ``struct tcp_info``; missing fields read 0.
 
-    ``snd_wscale``/``rcv_wscale`` are split out of their shared byte.
+    ``snd_wscale``/``rcv_wscale`` are split out of their shared byte, and
+    ``delivery_rate_app_limited`` out of ``flags``.
     """
     raw = bytes(buf)[:TCP_INFO_LEN].ljust(TCP_INFO_LEN, b"\0")
     out = dict(zip(_NAMES, _TCP_INFO.unpack(raw), strict=True))
     del out["_pad"]
     w = out["wscale"]
     out["snd_wscale"], out["rcv_wscale"] = (w & 0xF, w >> 4) if _LITTLE else (w >> 4, w & 0xF)
+    out["delivery_rate_app_limited"] = 1 if out["flags"] & _APP_LIMITED_BIT else 0
     return out

@@ -27,6 +27,8 @@ from . import (
     tcp_minisocks,
     tcp_mtup,
     tcp_output,
+    tcp_pacing,
+    tcp_rate,
     tcp_rcvbuf,
     tcp_recovery,
 )
@@ -240,6 +242,11 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
         else:
             dup = (sk.snd_max != una and not seg.payload and not seg.flags & (SYN | FIN)
                    and not window_changed and sk.state is not TCP_SYN_RECV)
+        if newly_sacked > 0:
+            _rate_sample(sh, sk, tcp_rate.tcp_rate_sack_end(sk, seg.options.sack_blocks), now)
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, False, bool(seg.payload) or window_changed,
+                                             newly_sacked > 0, now)
         if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
@@ -346,8 +353,10 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
             cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
         else:
             tcp_ecn.tcp_cwr_ack(sk, acked, rtt, now)  # ECN's reduction (RFC 3168 §6.1.2)
+        _rate_sample(sh, sk, ack, now)
     elif cc is not None:
         prior = sk.sacked_bytes
+        latest = _fresh_end(sk, una, ack, acked)
         if sacked:
             _sack_prune(sh, sk)
         # Segments delivered by the cumulative ACK that were not SACKed before
@@ -356,7 +365,13 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         if fresh > 0 or data <= 0:
             sk.delivered += _segs(fresh, mss)
         if blocks and sk.sack_ok:
+            before = sk.sacked_bytes
             _sacktag(sh, sk, blocks)
+            if sk.sacked_bytes > before:
+                end = tcp_rate.tcp_rate_sack_end(sk, blocks)
+                if ((end - una) & MASK) > ((latest - una) & MASK):
+                    latest = end  # sent later than the cumulatively acked part
+        _rate_sample(sh, sk, latest, now)
         # RFC 6937 DeliveredData = change in SND.UNA + change in SACKed bytes.
         tcp_fastretrans_alert(sh, sk, acked, acked + sk.sacked_bytes - prior, False, now,
                               rtt, in_flight_before)
@@ -366,6 +381,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += _segs(data, mss)
+    if sk.tlp_high_seq >= 0:
+        tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, True, True, False, now)
     timers = sk.timers
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
@@ -390,6 +407,33 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         tcp.tcp_check_writable(sh, sk)
 
 
+def _rate_sample(sh: Shard, sk: TcpSock, end: int, now: float) -> None:
+    """After an ACK delivered data (the latest sent of it ending before ``end``):
+    one delivery-rate sample (tcp_rate), then, on a paced socket, the pacing
+    rate from the updated window and SRTT (Linux tcp_ack -> tcp_rate_gen,
+    tcp_cong_control -> tcp_update_pacing_rate; an unpaced socket's rate is
+    computed when read, tcp_pacing.tcp_pacing_rate)."""
+    tcp_rate.tcp_rate_gen(sk, end, now)
+    if sk.pacing_needed:
+        tcp_pacing.tcp_update_pacing_rate(sh, sk)
+
+
+def _fresh_end(sk: TcpSock, una: int, ack: int, acked: int) -> int:
+    """Where the data a cumulative ACK from ``una`` to ``ack`` newly delivers
+    ends: ``ack``, unless SACKed data (delivered before) ends the range, then
+    the start of that SACKed run (``una``: nothing new).  Before the scoreboard
+    is pruned (Linux skips SACKed skbs in ``tcp_rate_skb_delivered``)."""
+    sacked = sk.sacked
+    if not sacked:
+        return ack
+    j = bisect.bisect_left(sacked, acked, key=lambda b: (b[0] - una) & MASK)
+    if j:
+        b = sacked[j - 1]
+        if ((b[1] - una) & MASK) >= acked:
+            return b[0]
+    return ack
+
+
 def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> None:
     """Merge the peer's SACK blocks into the scoreboard (RFC 2018 §3, RFC 6675 §4).
 
@@ -411,6 +455,8 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             sk.reo_wnd_mult += 1
             sk.reo_wnd_bumped = sh.now
             sk.reo_wnd_persist = 16
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_tlp_dsack(sk, first[0], first[1])
         if sk.undo_active and ((first[0] - sk.undo_marker) & MASK) < HALF:
             sk.undo_retrans -= 1
             if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
@@ -642,6 +688,8 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             if acked and sk.undo_active:
                 tcp_try_undo_loss(sh, sk, now)
                 return
+        if sk.frto and tcp_recovery.tcp_process_frto(sh, sk, acked, delivered, dup, now, rtt, flight):
+            return
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
@@ -778,6 +826,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     if lost_to is not None:
         tcp_mark_lost(sk, lost_to)
     sk.timers[_TLP] = None
+    sk.tlp_high_seq = -1  # the episode is fast recovery's now (Linux tcp_init_cwnd_reduction)
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1
@@ -1672,6 +1721,7 @@ def tcp_synrecv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float)
         sk.max_window = sk.snd_wnd
     sk.timers[_RETRANSMIT] = None
     sk.retrans_stamp = None
+    tcp_pacing.tcp_init_pacing(sh, sk)
     tcp_initialize_rcv_mss(sh, sk)
 
 
@@ -1783,6 +1833,7 @@ def tcp_finish_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.retrans_stamp = None
     sk.backoff = 0
     tcp_init_transfer(sh, sk, now)
+    tcp_pacing.tcp_init_pacing(sh, sk)
     sh.stats.active_opens_done += 1
     if not sk.orphan:
         sh.events.append(Connected(sk.sd))

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from . import tcp_ipv4, tcp_output
 from .tcp_cong import CaState
-from .tcp_h import HALF, MASK, TCP_MIN_SND_MSS, TCPOLEN_TSTAMP_ALIGNED, TcpSock
+from .tcp_h import HALF, MASK, TCP_MIN_SND_MSS, TCPOLEN_TSTAMP_ALIGNED, V4_ADDR_MAX, TcpSock
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -53,8 +53,6 @@ TCP_PROBE_THRESHOLD = 8
 TCP_PROBE_INTERVAL = 600.0
 #: net.ipv4.tcp_mtu_probe_floor: black-hole halving never goes below this MSS.
 TCP_MTU_PROBE_FLOOR = 48
-#: IPv4 header + TCP header, no options.
-_HDRS = 40
 _CA_OPEN = CaState.OPEN
 #: Linux's default tp->reordering: a probe needs this many + 1 segments behind it.
 _REORDERING = 3
@@ -64,12 +62,17 @@ def _optlen(sk: TcpSock) -> int:
     return TCPOLEN_TSTAMP_ALIGNED if sk.ts_ok else 0
 
 
+def _hdrs(sk: TcpSock) -> int:
+    """IP + TCP headers without options: 40 over IPv4, 60 over IPv6 (Linux net_header_len)."""
+    return 60 if sk.raddr > V4_ADDR_MAX else 40
+
+
 def tcp_mtu_to_mss(sk: TcpSock, mtu: int) -> int:
     """Payload per segment for a packet of ``mtu`` bytes (Linux ``tcp_mtu_to_mss``):
     less the headers and our per-segment options, never above the path's
     clamp (``sk.mss``: the peer's MSS, our MTU, TCP_MAXSEG, ICMP), never
     below tcp_min_snd_mss."""
-    mss = mtu - _HDRS
+    mss = mtu - _hdrs(sk)
     if mss > sk.mss:
         mss = sk.mss
     mss -= _optlen(sk)
@@ -78,7 +81,7 @@ def tcp_mtu_to_mss(sk: TcpSock, mtu: int) -> int:
 
 def tcp_mss_to_mtu(sk: TcpSock, mss: int) -> int:
     """The packet size a segment of ``mss`` payload bytes makes (Linux ``tcp_mss_to_mtu``)."""
-    return mss + _HDRS + _optlen(sk)
+    return mss + _hdrs(sk) + _optlen(sk)
 
 
 def tcp_mtup_init(sh: Shard, sk: TcpSock, now: float) -> None:
@@ -87,7 +90,7 @@ def tcp_mtup_init(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_mtup_init")
     sk.mtup_enabled = sh.cfg.mtu_probing > 1
-    sk.mtup_search_high = sk.mss + _HDRS
+    sk.mtup_search_high = sk.mss + _hdrs(sk)
     sk.mtup_search_low = tcp_mss_to_mtu(sk, sh.cfg.base_mss)
     sk.mtup_probe_size = 0
     if sk.mtup_enabled:
@@ -111,7 +114,7 @@ def tcp_mtup_sync(sh: Shard, sk: TcpSock) -> None:
 def tcp_mtup_clamp(sk: TcpSock) -> None:
     """The path clamp (``sk.mss``) changed, e.g. an ICMP "fragmentation needed":
     the ceiling follows it down (Linux ``tcp_sync_mss``'s search_high)."""
-    high = sk.mss + _HDRS
+    high = sk.mss + _hdrs(sk)
     if sk.mtup_search_high > high:
         sk.mtup_search_high = high
     mss = sk.mss - _optlen(sk)
@@ -166,7 +169,7 @@ def _check_reprobe(sh: Shard, sk: TcpSock, now: float) -> None:
     if now - sk.mtup_probe_ts < sh.cfg.probe_interval:
         return
     sk.mtup_probe_size = 0
-    sk.mtup_search_high = sk.mss + _HDRS
+    sk.mtup_search_high = sk.mss + _hdrs(sk)
     sk.mtup_search_low = tcp_mss_to_mtu(sk, sk.mss_cache)
     sk.mtup_probe_ts = now
 

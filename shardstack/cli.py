@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "ss":
             p.add_argument("-i", "--info", action="store_true",
-                           help="each connection's TCP_INFO (rtt, cwnd, busy/rwnd_limited/"
+                           help="each connection's TCP_INFO (rtt, cwnd, pacing_rate, "
+                                "delivery_rate, app_limited, busy/rwnd_limited/"
                                 "sndbuf_limited, rcv_rtt/rcv_space, reordering), like `ss -ti`")
     what = "the RETA: which worker owns each bucket, per-bucket load, moves so far"
     p = sub.add_parser("reta", help=what, description=what)
