@@ -205,9 +205,10 @@ def tcp_mtup_probe_failed(sh: Shard, sk: TcpSock, now: float) -> bool:
     cc = sk.cc
     if cc is None or cc.ca_state >= CaState.CWR or sk.snd_una != sk.mtup_probe_seq_start:
         return False
+    end = sk.mtup_probe_seq_end
     _failed(sh, sk)
     cc.cwnd += 1
-    tcp_ipv4.tcp_simple_retransmit(sh, sk, now)
+    tcp_ipv4.tcp_simple_retransmit(sh, sk, now, end)  # the probe alone, at the current MSS
     return True
 
 
