@@ -500,3 +500,19 @@ def test_ecn_over_ipv6() -> None:
     assert sum(1 for f in ab if f[40 + 13] & CWR) == 1
     sk = a.sock(c)
     assert sk.delivered_ce >= 1 and sk.cc.ssthresh < 0x7FFFFFFF and sk.total_retrans == 0
+
+
+def test_zero_window_probe_is_not_ect() -> None:
+    """§6.1.5 / Linux tcp_xmit_probe_skb: a window probe carries no new data, so it
+    goes Not-ECT; the data the reopened window lets out is ECT(0)."""
+    sh, sd, peer, iss = _ecn_server()
+    sh.receive(build_tcp_ipv4(B, A, 40000, 80, 1001, iss, ACK, 0), 0.01)  # window closed
+    sh.send(sd, b"w" * 3000, 0.01)
+    assert sh.take_frames() == []
+    t = sh.next_deadline()
+    sh.advance(t)
+    probes = sh.take_frames()
+    assert probes and all(len(f) == 40 and ecn_of(f) == NOT_ECT for f in probes)
+    sh.receive(build_tcp_ipv4(B, A, 40000, 80, 1001, iss, ACK, 65535), t + 0.01)
+    data = [f for f in sh.take_frames() if len(f) > 40]
+    assert data and all(ecn_of(f) == ECT0 for f in data)
