@@ -105,3 +105,44 @@ def test_probing_without_timestamps() -> None:
     done, bulk, a, sk, big, _ = _run(2, hole, 4096 * KIB, 120, ts=False)
     assert done
     assert hole - 8 <= sk.mss_cache + 40 <= hole
+
+
+def test_probing_over_ipv6_counts_the_larger_header() -> None:
+    """Over IPv6 the headers are 60 bytes (Linux net_header_len): the search range
+    and the MSS it gives follow, and the probe converges below the hole as over IPv4."""
+    import socket
+
+    from core_helpers import A6, B6, make_shard6
+    a, b = make_shard6(A6, mtu_probing=2), make_shard6(B6)
+    hole = 1340
+    big: list[int] = []
+
+    def black_hole(now: float, pkt: bytes) -> bool:
+        if len(pkt) > hole:
+            big.append(len(pkt))
+            return True
+        return False
+
+    link = SimLink(a, b, seed=2, a_to_b=LinkParams(delay=0.005, filter=black_hole),
+                   b_to_a=LinkParams(delay=0.005))
+    lsd = b.socket(socket.AF_INET6)
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 4)
+    c = a.socket(socket.AF_INET6)
+    a.connect(c, B6, 80, 0.0)
+    box: list = []
+
+    def accepted() -> bool:
+        r = b.accept(lsd)
+        if r is not None:
+            box.append(r)
+        return bool(box)
+
+    assert link.run_until(accepted, 30)
+    s = box[0][0]
+    sk = a.sock(c)
+    assert sk.mtup_search_high == 1500 and sk.mss_cache == 1024
+    bulk = Bulk(link, a, c, b, s, 4096 * KIB)
+    assert link.run_until(bulk.step, 120)
+    assert hole - 8 <= sk.mss_cache + 72 <= hole  # IPv6 40 + TCP 20 + timestamps 12
+    assert sk.rtos == 0 and a.stats.tcp_mtup_fail >= 1
