@@ -118,6 +118,13 @@ class ShardConfig:
     #: net.ipv4.tcp_ecn (RFC 3168, core.tcp_ecn): 0 off; 1 ask for ECN on our
     #: SYNs and accept it; 2 (Linux's default) accept when a peer asks, never ask.
     ecn: int = 2
+    #: net.ipv4.tcp_mtu_probing (RFC 4821, core.tcp_mtup): 0 off (Linux's default);
+    #: 1 on once a black hole is suspected; 2 always.
+    mtu_probing: int = 0
+    #: net.ipv4.tcp_base_mss, tcp_probe_threshold (bytes), tcp_probe_interval (s).
+    base_mss: int = 1024
+    probe_threshold: int = 8
+    probe_interval: float = 600.0
     #: Pace every connection in the engine (tcp_pacing), as Linux does under the
     #: fq qdisc or a congestion control that needs pacing; off: only sockets
     #: with SO_MAX_PACING_RATE are paced (Linux with CUBIC and no fq).
@@ -168,6 +175,10 @@ class ShardStats:
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
     tcp_delivered_ce: int = 0  # segments delivered by ACKs with ECE (TCPDeliveredCE)
+    tcp_mtup_probes: int = 0  # PLPMTUD probes sent
+    tcp_mtup_success: int = 0  # probes acknowledged: the MSS grew (TCPMTUPSuccess)
+    tcp_mtup_fail: int = 0  # probes lost: the ceiling came down (TCPMTUPFail)
+    tcp_mtup_blackholes: int = 0  # black holes suspected after tcp_retries1 of RTOs
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)
     icmp_in_msgs: int = 0  # every ICMP message for one of our addresses (InMsgs)
     icmp_in_errors: int = 0  # malformed, or quoting no socket of ours (InErrors)

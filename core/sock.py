@@ -250,6 +250,14 @@ class TcpSock:
     ecn_prior_cwnd: int = 0  # cwnd then, segments (Linux prior_cwnd)
     ecn_prr_delivered: int = 0  # segments delivered since (Linux prr_delivered)
     delivered_ce: int = 0  # segments delivered by ACKs with ECE (tcpi_delivered_ce)
+    # -- PLPMTUD (RFC 4821; core.tcp_mtup: Linux icsk_mtup, tp->mtu_probe) -----------
+    mtup_enabled: bool = False  # probing on (tcp_mtu_probing 2, or 1 after a black hole)
+    mtup_search_high: int = 0  # MTU not known to fail, bytes
+    mtup_search_low: int = 0  # MTU known to pass, bytes
+    mtup_probe_size: int = 0  # MTU of the probe in flight (0: none)
+    mtup_probe_seq_start: int = 0
+    mtup_probe_seq_end: int = 0
+    mtup_probe_ts: float = 0.0  # when the search (re)started
     # -- pacing / rate sampling (tcp_rate: Linux tcp_rate.c; tcp_pacing: tcp_update_pacing_rate,
     # the internal pacing of tcp_output.c) ----------------------------------------------
     pacing_rate: int = 0  # bytes/s (sk_pacing_rate); set from cwnd/SRTT on every ACK

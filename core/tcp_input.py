@@ -25,6 +25,7 @@ from . import (
     tcp_chrono,
     tcp_ecn,
     tcp_minisocks,
+    tcp_mtup,
     tcp_output,
     tcp_pacing,
     tcp_rate,
@@ -311,6 +312,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
             q.popleft()
         sk.sndq_head_off = off
     sk.snd_una = ack
+    if sk.mtup_probe_size:
+        tcp_mtup.tcp_mtup_acked(sh, sk, ack)  # did the PLPMTUD probe get through?
     if ((ack - sk.snd_nxt) & MASK) < HALF:
         sk.snd_nxt = sk.snd_max = ack  # defensive: SND.NXT never lags the peer
         sk.seg_min = 65535  # nothing in flight: the next flight sets it
@@ -796,6 +799,8 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     small window it lets a new segment go with the fast retransmit, so an ACK
     still comes back if the retransmission or its ACK is lost.
     """
+    if sk.mtup_probe_size and tcp_mtup.tcp_mtup_probe_failed(sh, sk, now):
+        return  # the lost PLPMTUD probe was too big, no congestion (tcp_mtup)
     if sh.tracing:
         sh.tr("tcp_enter_recovery")
     una = sk.snd_una
@@ -1729,6 +1734,7 @@ def tcp_init_transfer(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing and cc.name == "cubic":
         sh.tr("bictcp_init")  # the algorithm's own init (tcp_cubic; Reno has none)
     cc.init(sk.mss_cache, now)
+    tcp_mtup.tcp_mtup_init(sh, sk, now)  # PLPMTUD (RFC 4821)
     tcp_rcvbuf.tcp_init_buffer_space(sh, sk, now)
     sk.rcv_tstamp = now
     if sk.keepalive:

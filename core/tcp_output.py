@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_ecn, tcp_input, tcp_ipv6, tcp_pacing, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_ipv6, tcp_mtup, tcp_pacing, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -85,6 +85,8 @@ def tcp_set_mss(sk: TcpSock, mss: int) -> None:
         mss = TCP_MIN_SND_MSS
     sk.mss = mss
     sk.mss_cache = mss - (TCPOLEN_TSTAMP_ALIGNED if sk.ts_ok else 0)
+    if sk.mtup_enabled:
+        tcp_mtup.tcp_mtup_clamp(sk)  # PLPMTUD: no larger than search_low
 
 def tcp_current_mss(sk: TcpSock) -> int:
     """Payload per segment after this moment's options (Linux ``tcp_current_mss``).
@@ -485,6 +487,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
 
     Returns the bytes sent.
     """
+    if sk.mtup_enabled and quota < 0:
+        tcp_mtup.tcp_mtu_probe(sh, sk, now)  # PLPMTUD (RFC 4821 §7.4): maybe one probe first
     sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max

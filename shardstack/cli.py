@@ -191,6 +191,10 @@ def _add_serve(sub) -> None:
                    "200 %% in slow start, 120 %% after), as Linux under the fq qdisc; by "
                    "default only sockets with SO_MAX_PACING_RATE are paced, as Linux "
                    "with CUBIC and no fq")
+    p.add_argument("--mtu-probing", type=int, choices=(0, 1, 2), default=0,
+                   help="path MTU probing (RFC 4821), as Linux's net.ipv4.tcp_mtu_probing: "
+                   "0 off (default, as Linux), 1 on once a path drops large segments "
+                   "without ICMP (a black hole), 2 always (start at 1024 bytes, probe up)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -234,6 +238,7 @@ def serve_config(args: argparse.Namespace):
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
         ecn=args.ecn,
         pacing=args.pacing,
+        mtu_probing=args.mtu_probing,
     )
     return cfg.validate()
 

@@ -93,6 +93,7 @@ class ServeConfig:
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
     ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (ShardConfig.ecn)
     pacing: bool = False  # pace every connection (ShardConfig.pacing); else SO_MAX_PACING_RATE only
+    mtu_probing: int = 0  # net.ipv4.tcp_mtu_probing: 0 off, 1 after a black hole, 2 always
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -117,6 +118,8 @@ class ServeConfig:
             raise ConfigError("--max-connections must be >= 0")
         if self.ecn not in (0, 1, 2):
             raise ConfigError(f"--ecn must be 0, 1 or 2, not {self.ecn}")
+        if self.mtu_probing not in (0, 1, 2):
+            raise ConfigError(f"--mtu-probing must be 0, 1 or 2, not {self.mtu_probing}")
         if self.metrics is not None:
             from shardstack.metrics import parse_listen
 

@@ -176,7 +176,8 @@ class Worker:
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
                            max_connections=self.cfg.max_connections,
-                           ecn=self.cfg.ecn, pacing=self.cfg.pacing)
+                           ecn=self.cfg.ecn, pacing=self.cfg.pacing,
+                           mtu_probing=self.cfg.mtu_probing)
         if self.cfg.tcp_mem:
             low, pressure, high = self.cfg.tcp_mem
             scfg.tcp_mem = (low, pressure, high)
