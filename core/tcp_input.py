@@ -662,6 +662,8 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             if sk.undo_active and sk.undo_retrans <= 0:
                 tcp_try_undo_dsack(sh, sk)
             return
+        lost_before = sk.lost_hi
+        relost_before = len(sk.relost)
         if rack:
             tcp_mark_lost(sk, _lost_boundary(sk))
             lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
@@ -680,7 +682,10 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
                 tcp_mark_lost(sk, (una + mss) & MASK)
         if acked and ((sk.retrans_hi - una) & MASK) & HALF:
             sk.retrans_hi = una
-        tcp_cwnd_reduction(sk, delivered)
+        # PRR's slow-start bound may add a segment only on an ACK that advanced
+        # SND.UNA and found nothing newly lost (Linux tcp_cwnd_reduction).
+        tcp_cwnd_reduction(sk, delivered, bool(acked) and sk.lost_hi == lost_before
+                           and len(sk.relost) == relost_before)
         tcp_output.tcp_write_xmit(sh, sk, now)
         return
     # Open / Disorder.
@@ -694,9 +699,11 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
     if sk.dupacks:
         in_flight = ((sk.snd_max - una) & MASK) / mss
         dupthresh = TCP_FASTRETRANS_THRESH
-        if in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - una) & MASK):
+        if not rack and in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - una) & MASK):
             # RFC 5827 early retransmit: with fewer than 4 segments outstanding and
-            # nothing new to send, three dup ACKs can never come.
+            # nothing new to send, three dup ACKs can never come.  Not with SACK:
+            # RACK's reordering window covers it there (Linux dropped early
+            # retransmit for RACK; rack/rack-reorder-timer.pkt).
             dupthresh = max(int(in_flight + 0.999) - 1, 1)
         enter = sk.dupacks >= dupthresh
     lost_to = None
@@ -780,13 +787,15 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     tcp_output.tcp_write_xmit(sh, sk, now)
 
 
-def tcp_cwnd_reduction(sk: TcpSock, delivered: int) -> None:
+def tcp_cwnd_reduction(sk: TcpSock, delivered: int, ssrb: bool = False) -> None:
     """RFC 6937 §3.1 on each ACK in recovery (Linux ``tcp_cwnd_reduction``): how much
     may be sent (``prr_quota``).
 
     While pipe exceeds ssthresh, send in proportion to what was delivered
-    (ssthresh / RecoverFS); below it, slow-start back up to ssthresh but never
-    more than one segment beyond what was delivered (PRR-SSRB).
+    (ssthresh / RecoverFS); below it, send what was delivered and not yet
+    sent again (PRR-CRB), one segment more only when ``ssrb`` (PRR-SSRB, as
+    Linux 6.x: an ACK that advanced SND.UNA and marked nothing newly lost),
+    never beyond ssthresh.
     """
     cc = sk.cc
     assert cc is not None  # in recovery or Loss: synchronized
@@ -801,8 +810,10 @@ def tcp_cwnd_reduction(sk: TcpSock, delivered: int) -> None:
         limit = sk.prr_delivered - sk.prr_out
         if delivered > limit:
             limit = delivered
+        if ssrb:
+            limit += mss
         room = ssthresh - pipe
-        sndcnt = room if room < limit + mss else limit + mss
+        sndcnt = room if room < limit else limit
     sk.prr_quota = sndcnt if sndcnt > 0 else 0
     w = (pipe + sk.prr_quota) // mss
     cc.cwnd = w if w > 1 else 1  # Linux: snd_cwnd = in_flight + sndcnt
@@ -870,7 +881,7 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
             sk.quickack -= 1
             quick = True
     if sk.ofo or sk.ofo_fin is not None:
-        fin = _ofo_drain(sk) or fin
+        fin = _ofo_drain(sh, sk) or fin
         sk.ack_now = True
     if fin and not sk.fin_rcvd and tcp_fin(sh, sk, now):
         quick = False  # pingpong: no quick ACK for the data the FIN came with
@@ -1155,9 +1166,28 @@ def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
         sh.stats.dsacks_sent += 1
 
 
-def _ofo_drain(sk: TcpSock) -> int:
-    """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due."""
+def _dsack_extend(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
+    """Add [start, end) to the pending D-SACK block, or set it (Linux ``tcp_dsack_extend``)."""
+    d = sk.dsack
+    if d is None:
+        _dsack_set(sh, sk, start, end)
+        return
+    if ((start - d[1]) & MASK) & HALF or start == d[1]:
+        if ((end - d[0]) & MASK) < HALF:  # touches or overlaps: one block
+            lo = start if ((start - d[0]) & MASK) & HALF else d[0]
+            hi = end if ((d[1] - end) & MASK) & HALF else d[1]
+            sk.dsack = (lo, hi)
+
+
+def _ofo_drain(sh: Shard, sk: TcpSock) -> int:
+    """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due.
+
+    Queued data that the in-order segment just received repeated (it started
+    below the RCV.NXT that segment brought) is reported in a D-SACK block
+    (RFC 2883 §4.1.1; Linux ``tcp_ofo_queue``, ``tcp_dsack_extend``).
+    """
     ofo = sk.ofo
+    high = sk.rcv_nxt  # what the in-order data reached: below it, queued data was repeated
     k = 0
     for e in ofo:  # the ranges RCV.NXT reached, taken off in one slice below
         off = (e[0] - sk.rcv_nxt) & MASK
@@ -1166,6 +1196,9 @@ def _ofo_drain(sk: TcpSock) -> int:
         k += 1
         data = e[2]
         sk.ofo_len -= len(data)
+        if ((e[0] - high) & MASK) & HALF:
+            end = (e[0] + len(data)) & MASK
+            _dsack_extend(sh, sk, e[0], end if ((end - high) & MASK) & HALF else high)
         if off:  # starts before rcv_nxt: trim the part we already have
             behind = (sk.rcv_nxt - e[0]) & MASK
             data = data[behind:] if behind < len(data) else b""

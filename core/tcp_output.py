@@ -585,13 +585,18 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                 log += (sk.snd_nxt, t)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
-        if rtx is None and sk.snd_max != una:
+        if (rtx is None or timers[_TLP] is not None) and sk.snd_max != una:
+            # Linux tcp_event_new_data_sent: the RTO restarts from new data
+            # while a loss probe is pending (one timer serves both there).
             rtx = now + tcp_rto(sk)
-            sh.timers.arm(sk, _RETRANSMIT, rtx)
+            timers[_RETRANSMIT] = rtx
+            q = sk.timer_q[_RETRANSMIT]
+            if q is None or q > rtx:  # TimerHeap.arm's lazy rule, without the call
+                sh.timers.arm(sk, _RETRANSMIT, rtx)
         if sk.sack_ok and quota < 0 and rtx is not None:
-            # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
-            # flight may bring it in, never past the RTO.
-            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
+            # RFC 8985 §7.2: (re)start the probe timer on new data, from the
+            # newest segment (Linux tcp_write_xmit), never past the RTO.
+            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now)
     return sent
 
 

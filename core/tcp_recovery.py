@@ -44,6 +44,9 @@ _REO = TimerKind.REO
 _TLP = TimerKind.TLP
 #: A tail loss probe that would come after the RTO goes this much before it instead.
 _TLP_RTO_MARGIN = 0.005
+#: Added to 2 SRTT when more than one segment is in flight (Linux
+#: TCP_TIMEOUT_MIN, two jiffies at HZ=1000).
+_TLP_MIN = 0.002
 
 
 # -- RACK: loss detection by transmission time (RFC 8985 §6.2; Linux tcp_recovery.c) --------
@@ -304,7 +307,7 @@ def tcp_rack_reo_timeout(sh: Shard, sk: TcpSock, now: float) -> None:
     if lost_to is not None:
         tcp_input.tcp_mark_lost(sk, lost_to)
     if sk.in_recovery:
-        tcp_input.tcp_cwnd_reduction(sk, 0)
+        tcp_input.tcp_cwnd_reduction(sk, 0, True)  # room for what was newly marked
     tcp_output.tcp_write_xmit(sh, sk, now)
 
 
@@ -352,19 +355,20 @@ def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
 
 # -- the tail loss probe (RFC 8985 §7) --------------------------------------------------
 
-def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float,
-                            earlier_only: bool = False) -> None:
-    """Arm the tail loss probe 2 SRTT out (RFC 8985 §7.2; Linux
-    ``tcp_schedule_loss_probe``), plus a delayed-ACK allowance when a single
-    segment is in flight, and never later than the RTO."""
+def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float) -> None:
+    """Arm the tail loss probe 2 SRTT after the newest transmission (RFC 8985
+    §7.2; Linux ``tcp_schedule_loss_probe``, called on each ACK and after new
+    data): plus a delayed-ACK allowance (Linux's TCP_RTO_MIN) when a single
+    segment is in flight, else Linux's two-jiffy timer floor, and never
+    later than the RTO (``rto``: how far away it is)."""
     srtt = sk.srtt
     if not srtt:
         return
     pto = 2 * srtt
-    if pto < 0.010:
-        pto = 0.010  # Linux's floor: a timer no sooner than 10 ms
     if ((sk.snd_max - sk.snd_una) & MASK) <= sk.mss_cache:
         pto += 0.2  # RFC 8985 §7.2 WCDelAckT
+    else:
+        pto += _TLP_MIN  # Linux TCP_TIMEOUT_MIN
     if pto >= rto:
         # Never later than the RTO, but not dropped either: Linux arms the probe
         # at min(PTO, RTO) in the RTO's place, so a one- or two-segment flight
@@ -375,11 +379,7 @@ def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float,
         if pto < 2 * srtt:
             return
     deadline = now + pto
-    timers = sk.timers
-    cur = timers[_TLP]
-    if earlier_only and cur is not None and cur <= deadline:
-        return  # new data keeps an earlier probe; a larger flight may bring a later one in
-    timers[_TLP] = deadline
+    sk.timers[_TLP] = deadline  # a later deadline too: from the newest segment
     q = sk.timer_q[_TLP]
     if q is None or q > deadline:  # TimerHeap.arm's lazy rule, without the call
         sh.timers.arm(sk, _TLP, deadline)
