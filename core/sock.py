@@ -221,8 +221,11 @@ class TcpSock:
     rcv_ooopack: int = 0  # segments queued out of order
     dsack_dups: int = 0  # segments a D-SACK reported as received twice
     reord_events: int = 0  # reordering detected (tcpi_reord_seen; ``reord_seen`` is RACK's flag)
-    # -- delayed ACK -----------------------------------------------------------------
-    quickack: int = 16
+    # -- delayed ACK (tcp_delack: Linux icsk_ack) ----------------------------------------
+    quickack: int = 0  # icsk_ack.quick: ACKs left to send at once (granted with the first data)
+    ato: float = 0.0  # icsk_ack.ato: the delayed-ACK timeout estimate (0: no data yet)
+    lrcvtime: float = 0.0  # icsk_ack.lrcvtime: when in-order data last arrived
+    pingpong: int = 0  # icsk_ack.pingpong: replies sent within ato (interactive from 1)
     unacked_rcv: int = 0  # bytes received since we last sent an ACK
     ack_now: bool = False
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited

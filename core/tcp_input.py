@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from . import tcp, tcp_chrono, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
+from . import tcp, tcp_chrono, tcp_delack, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
 from .dropreason import DropReason
 from .events import Connected, Readable
 from .tcp_h import (
@@ -29,7 +29,6 @@ from .tcp_h import (
     TCP_CLOSE_WAIT,
     TCP_CLOSED,
     TCP_CLOSING,
-    TCP_DELACK,
     TCP_ESTABLISHED,
     TCP_FASTRETRANS_THRESH,
     TCP_FIN_WAIT1,
@@ -845,6 +844,8 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
                 sk.ack_now = True  # RFC 9293: ACK a duplicate so the peer resyncs
                 if n:
                     _dsack_set(sh, sk, seq, (seq + n) & MASK)
+                    sh.stats.delayed_ack_lost += 1
+                    tcp_delack.tcp_enter_quickack_mode(sk)  # Linux tcp_data_queue
                 return
             if behind:
                 _dsack_set(sh, sk, seq, rcv_nxt)
@@ -877,9 +878,9 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         if (tsecr != sk.rcv_rtt_last_tsecr or not sk.rcv_rtt_time
                 or ((rcv_nxt - sk.rcv_rtt_seq) & MASK) < HALF):
             tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)  # receiver RTT, for auto-tuning
-        if sk.quickack:
-            sk.quickack -= 1
-            quick = True
+        tcp_delack.tcp_event_data_recv(sk, now)
+        if sk.quickack and not sk.pingpong:
+            quick = True  # quick-ack mode (Linux tcp_in_quickack_mode)
     if sk.ofo or sk.ofo_fin is not None:
         fin = _ofo_drain(sh, sk) or fin
         sk.ack_now = True
@@ -1239,6 +1240,7 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> bool:
     st = sk.state
     if st is TCP_ESTABLISHED or st is TCP_SYN_RECV:
         tcp.tcp_set_state(sh, sk, TCP_CLOSE_WAIT)
+        tcp_delack.enter_pingpong_mode(sk)
         if (rcv_nxt - sk.irs) & MASK > 2:  # data came before or with it
             sk.unacked_rcv += 1  # the delayed-ACK timer acknowledges the FIN
         else:
@@ -1269,7 +1271,7 @@ def tcp_ack_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
             tcp_output.tcp_send_ack(sh, sk, now)
         return
     if sk.unacked_rcv and sk.timers[_DELACK] is None:
-        sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
+        sh.timers.arm(sk, _DELACK, now + tcp_delack.tcp_delack_timeout(sk))
 
 
 def tcp_data_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
@@ -1400,7 +1402,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
             tcp_output.tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
         elif sk.unacked_rcv and sk.timers[_DELACK] is None:
-            sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
+            sh.timers.arm(sk, _DELACK, now + tcp_delack.tcp_delack_timeout(sk))
         return True
     m = sk.mss_cache  # tcp_segs_in: a GRO super-frame counts as the segments it was
     segs = 1 if n <= m else (n - 1) // m + 1
@@ -1421,9 +1423,9 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)
     unacked = sk.unacked_rcv + n
     sk.unacked_rcv = unacked
-    if sk.quickack:
-        sk.quickack -= 1
-        sk.ack_now = True
+    tcp_delack.tcp_event_data_recv(sk, now)
+    if sk.quickack and not sk.pingpong:
+        sk.ack_now = True  # quick-ack mode (Linux tcp_in_quickack_mode)
     if not sk.readable_signalled and sk.parent is None and not sk.orphan:
         sk.readable_signalled = True
         sh.events.append(Readable(sk.sd))
@@ -1437,7 +1439,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         # only when no earlier entry is queued (TimerHeap.arm's rule).
         timers = sk.timers
         if timers[_DELACK] is None:
-            deadline = now + TCP_DELACK
+            deadline = now + tcp_delack.tcp_delack_timeout(sk)
             timers[_DELACK] = deadline
             q = sk.timer_q[_DELACK]
             if q is None or q > deadline:
@@ -1531,6 +1533,8 @@ def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
                 # tcp_oow_rate_limited exempts them) and name it with a D-SACK
                 # (RFC 2883 §4.1.1; Linux tcp_send_dupack).
                 _dsack_set(sh, sk, seq, end)
+                sh.stats.delayed_ack_lost += 1
+                tcp_delack.tcp_enter_quickack_mode(sk)  # Linux tcp_send_dupack
                 tcp_output.tcp_send_ack(sh, sk, now)
             else:
                 _send_oow_ack(sh, sk, now)

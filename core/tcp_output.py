@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_delack, tcp_input, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -231,6 +231,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             sk.seg_min = plen
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
+        if sk.quickack and sk.unacked_rcv:
+            tcp_delack.tcp_dec_quickack_mode(sk)
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
@@ -560,6 +562,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
+        if sk.ato and now - sk.lrcvtime < sk.ato:
+            tcp_delack.tcp_event_data_sent(sk, now)  # a reply: towards pingpong mode
         if sk.sack_ok:
             # RACK (RFC 8985 §6.2) orders by send time: one (end, time) pair per
             # burst, not per segment; acknowledged bursts are dropped here.
@@ -654,6 +658,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     pcount = count * ((size - 1) // mss + 1)
     sk.segs_out += pcount
     sk.data_segs_out += pcount
+    if sk.quickack and sk.unacked_rcv:
+        tcp_delack.tcp_dec_quickack_mode(sk)
     sk.unacked_rcv = 0  # tcp_event_ack_sent
     sk.ack_now = False
     sk.timers[_DELACK] = None

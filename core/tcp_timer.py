@@ -35,7 +35,7 @@ import errno
 import heapq
 from typing import TYPE_CHECKING, overload
 
-from . import inet_connection_sock, tcp, tcp_ipv4, tcp_output, tcp_recovery
+from . import inet_connection_sock, tcp, tcp_delack, tcp_ipv4, tcp_output, tcp_recovery
 from .tcp_h import (
     MASK,
     TCP_ORPHAN_RETRIES,
@@ -395,6 +395,7 @@ def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         return
     if sk.unacked_rcv or sk.ack_now:
         sh.stats.delayed_acks += 1
+        tcp_delack.tcp_delack_timer_expired(sk)  # ato inflates, or pingpong ends
         tcp_output.tcp_send_ack(sh, sk, now)
 
 
