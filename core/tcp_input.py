@@ -506,19 +506,25 @@ def _sack_prune(sh: Shard, sk: TcpSock) -> None:
     sent again.
     """
     una = sk.snd_una
-    keep = []
-    total = 0
-    for s, e in sk.sacked:
-        if 0 < ((e - una) & MASK) < HALF:  # end after una
-            if ((s - una) & MASK) & HALF:
-                s = una
-            keep.append([s, e])
-            total += (e - s) & MASK
-    if keep and keep[0][0] == una:
-        sh.stats.sack_reneging += 1
-        keep = []
-        total = 0
-    sk.sacked = keep
+    sacked = sk.sacked
+    # The blocks that end at or before SND.UNA are a prefix (the scoreboard is
+    # sorted and disjoint): found by bisection, dropped with one slice.
+    k = bisect.bisect_left(sacked, 1, key=lambda b: 0 if ((b[1] - una) & MASK) - 1 & HALF else 1)
+    total = sk.sacked_bytes
+    for i in range(k):
+        b = sacked[i]
+        total -= (b[1] - b[0]) & MASK
+    if k:
+        del sacked[:k]
+    if sacked:
+        first = sacked[0]
+        if ((first[0] - una) & MASK) & HALF:  # straddles SND.UNA: trim it
+            total -= (una - first[0]) & MASK
+            first[0] = una
+        if first[0] == una:
+            sh.stats.sack_reneging += 1
+            sacked.clear()
+            total = 0
     sk.sacked_bytes = total
 
 
@@ -540,18 +546,39 @@ def _sack_prune(sh: Shard, sk: TcpSock) -> None:
 
 
 def tcp_unsacked_below(sk: TcpSock, una: int, top: int) -> int:
-    """Bytes in [una, top) that the peer has not SACKed."""
+    """Bytes in [una, top) that the peer has not SACKed.
+
+    Bisection finds the blocks that start below ``top``; the SACKed bytes are
+    then summed over the shorter side (below, or above with ``sacked_bytes``
+    as the total): the lost boundary sits near the top of the scoreboard
+    (RFC 6675 IsLost) and HighRxt near the bottom early in recovery, so each
+    call of ``tcp_pipe`` walks a few blocks, not a full scoreboard.
+    """
     off = (top - una) & MASK
     if off & HALF or off == 0:
         return 0
-    n = off
-    for b in sk.sacked:
-        lo = (b[0] - una) & MASK
-        if lo >= off:
-            break
-        hi = (b[1] - una) & MASK
-        n -= (hi if hi < off else off) - lo
-    return n
+    blocks = sk.sacked
+    n = len(blocks)
+    if not n:
+        return off
+    k = bisect.bisect_left(blocks, off, key=lambda b: (b[0] - una) & MASK)  # start < off
+    if k <= n - k:
+        got = 0
+        for i in range(k):
+            b = blocks[i]
+            lo = (b[0] - una) & MASK
+            hi = (b[1] - una) & MASK
+            got += (hi if hi < off else off) - lo
+        return off - got
+    above = 0
+    for i in range(k, n):
+        b = blocks[i]
+        above += (b[1] - b[0]) & MASK
+    if k:
+        hi = (blocks[k - 1][1] - una) & MASK
+        if hi > off:
+            above += hi - off
+    return off - (sk.sacked_bytes - above)
 
 
 def tcp_pipe(sk: TcpSock) -> int:
