@@ -203,6 +203,9 @@ class TcpSock:
     # -- TLP episode (RFC 8985 §7.4; Linux tlp_high_seq, tcp_recovery.tcp_process_tlp_ack) --
     tlp_high_seq: int = -1  # TLPHighRxt: SND.NXT when the outstanding probe went (-1: none)
     tlp_retrans: bool = False  # TLPRxtOut: that probe retransmitted (not new data)
+    # RACK: the SACK blocks of the ACK being processed, [start, end) (tcp_rack_advance
+    # checks only the retransmissions they touch)
+    rack_sacked_new: list = field(default_factory=list)
     # -- F-RTO (RFC 5682; Linux tp->frto, tcp_recovery.tcp_process_frto) ----------------
     frto: bool = False  # this RTO may still prove spurious: new data goes before retransmissions
     frto_sacked: int = 0  # bytes SACKed above the retransmitted head, below the recovery point

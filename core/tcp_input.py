@@ -411,6 +411,7 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             new.append((lo, hi))
     if not new:
         return
+    sk.rack_sacked_new = [((una + lo) & MASK, (una + hi) & MASK) for lo, hi in new]
     reordered = False
     for lo, hi in new:
         i, j = _sacked_span(sacked, una, lo, hi)

@@ -150,24 +150,35 @@ def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
         if t >= 0:
             _rack_update(sk, t, top, now)
     log = sk.rtx_log
-    if log:
-        # The windowed path minimum (tcp_update_rtt_min); before any sample, SRTT.
-        min_rtt = sk.min_rtt or sk.srtt
+    new = sk.rack_sacked_new
+    if new:
+        sk.rack_sacked_new = []
+    if log and (new or prior_una != una):
+        # Only this ACK can have delivered a retransmission still logged: by
+        # moving SND.UNA past it, or by a SACK block that touches it (then
+        # checked against the whole scoreboard).  O(R) cheap tests for R
+        # logged retransmissions, and a bisection for the few touched.
+        min_rtt = sk.min_rtt or sk.srtt  # windowed (tcp_update_rtt_min); before any sample, SRTT
+        new_offs = [((s - una) & MASK, (e - una) & MASK) for s, e in new]
         keep = []
-        # The scoreboard's offsets once per ACK, then a C-level bisection per
-        # entry: O(n + R log n) for n SACKed ranges and R logged retransmissions.
-        sacked = sk.sacked
-        starts = [(b[0] - una) & MASK for b in sacked]
-        ends = [(b[1] - una) & MASK for b in sacked]
-        bisect_right = bisect.bisect_right
+        starts: list[int] | None = None
+        ends: list[int] = []
         for ent in log:
             eo = (ent[1] - una) & MASK
             if eo == 0 or eo & HALF:
                 delivered = True
             else:
+                delivered = False
                 so = (ent[0] - una) & MASK
-                k = bisect_right(starts, so) - 1
-                delivered = not so & HALF and k >= 0 and eo <= ends[k]
+                if not so & HALF:
+                    for lo, hi in new_offs:
+                        if lo < eo and so < hi:  # touched: is it inside one SACKed range?
+                            if starts is None:
+                                starts = [(b[0] - una) & MASK for b in sk.sacked]
+                                ends = [(b[1] - una) & MASK for b in sk.sacked]
+                            k = bisect.bisect_right(starts, so) - 1
+                            delivered = k >= 0 and eo <= ends[k]
+                            break
             if delivered:
                 if now - ent[3] >= min_rtt:
                     _rack_update(sk, ent[3], ent[1], now)
