@@ -15,7 +15,16 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_ecn, tcp_input, tcp_ipv6, tcp_mtup, tcp_pacing, tcp_recovery
+from . import (
+    tcp_chrono,
+    tcp_delack,
+    tcp_ecn,
+    tcp_input,
+    tcp_ipv6,
+    tcp_mtup,
+    tcp_pacing,
+    tcp_recovery,
+)
 from .tcp_h import (
     HALF,
     MASK,
@@ -267,6 +276,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             sk.seg_min = plen
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
+        if sk.quickack and sk.unacked_rcv:
+            tcp_delack.tcp_dec_quickack_mode(sk)
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
@@ -641,16 +652,23 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
+        if sk.ato and now - sk.lrcvtime < sk.ato:
+            tcp_delack.tcp_event_data_sent(sk, now)  # a reply: towards pingpong mode
         _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
-        if rtx is None and sk.snd_max != una:
+        if (rtx is None or timers[_TLP] is not None) and sk.snd_max != una:
+            # Linux tcp_event_new_data_sent: the RTO restarts from new data
+            # while a loss probe is pending (one timer serves both there).
             rtx = now + tcp_rto(sk)
-            sh.timers.arm(sk, _RETRANSMIT, rtx)
+            timers[_RETRANSMIT] = rtx
+            q = sk.timer_q[_RETRANSMIT]
+            if q is None or q > rtx:  # TimerHeap.arm's lazy rule, without the call
+                sh.timers.arm(sk, _RETRANSMIT, rtx)
         if sk.sack_ok and quota < 0 and rtx is not None:
-            # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
-            # flight may bring it in, never past the RTO.
-            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
+            # RFC 8985 §7.2: (re)start the probe timer on new data, from the
+            # newest segment (Linux tcp_write_xmit), never past the RTO.
+            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now)
     return sent
 
 
@@ -765,6 +783,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     pcount = count * ((size - 1) // mss + 1)
     sk.segs_out += pcount
     sk.data_segs_out += pcount
+    if sk.quickack and sk.unacked_rcv:
+        tcp_delack.tcp_dec_quickack_mode(sk)
     sk.unacked_rcv = 0  # tcp_event_ack_sent
     sk.ack_now = False
     sk.timers[_DELACK] = None

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, overload
 from . import (
     inet_connection_sock,
     tcp,
+    tcp_delack,
     tcp_ecn,
     tcp_ipv4,
     tcp_mtup,
@@ -415,6 +416,7 @@ def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         return
     if sk.unacked_rcv or sk.ack_now:
         sh.stats.delayed_acks += 1
+        tcp_delack.tcp_delack_timer_expired(sk)  # ato inflates, or pingpong ends
         tcp_output.tcp_send_ack(sh, sk, now)
 
 
