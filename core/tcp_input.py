@@ -112,16 +112,15 @@ def tcp_set_rto(sk: TcpSock) -> None:
 def tcp_ack_update_rtt(sh: Shard, sk: TcpSock, rtt: float, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_update_rtt")
+        if rtt >= 0:
+            sh.tr("tcp_update_rtt_min")
+            sh.tr("tcp_rtt_estimator")
+            sh.tr("tcp_set_rto")
     if rtt < 0:
         return
-    if sh.tracing:
-        sh.tr("tcp_update_rtt_min")
     # tcp_update_rtt_min: the path's minimum over the last tcp_min_rtt_wlen (300 s),
     # for RACK's reordering window and TCP_INFO (win_minmax).
     sk.min_rtt = sk.rtt_min.update(now, rtt)
-    if sh.tracing:
-        sh.tr("tcp_rtt_estimator")
-        sh.tr("tcp_set_rto")
     # tcp_rtt_estimator and tcp_set_rto inline: this runs for nearly every ACK.
     srtt = sk.srtt
     if srtt == 0.0:

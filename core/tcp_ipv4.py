@@ -133,9 +133,13 @@ def tcp_select_initial_window(rcvbuf: int, window_scaling: bool, window_clamp: i
         rest = space
         if rmem_max > rest:
             rest = rmem_max if not window_clamp or window_clamp > rmem_max else window_clamp
-        while rest > 65535 and ws < 14:
-            rest >>= 1
-            ws += 1
+        # The smallest shift that brings ``rest`` within 16 bits: its bit length
+        # past 16 (the halving loop's answer without the loop), at most 14.
+        ws = rest.bit_length() - 16
+        if ws < 0:
+            ws = 0
+        elif ws > 14:
+            ws = 14
     if space > 65536:
         space = 65536
     if space > mss > 0:

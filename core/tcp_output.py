@@ -466,30 +466,35 @@ def _chrono_note(sk: TcpSock, mss: int, now: float) -> None:
     ``tcp_cwnd_validate``'s chrono calls): busy; rwnd-limited when unsent data
     waits for the peer's window while the congestion window has room for it;
     sndbuf-limited when everything queued is sent, the congestion window has
-    room, and the application is blocked on a full send buffer."""
+    room, and the application is blocked on a full send buffer.
+
+    Runs after every transmit round: the tests are ordered so that the
+    common cases (all of it sent; unsent data the peer's window has room
+    for) read no more than they need."""
     una = sk.snd_una
     nxt = sk.snd_nxt
     in_flight = (nxt - una) & MASK
     left = sk.sndq_len - in_flight
-    limited = False
-    cc = sk.cc
-    if cc is not None:
-        cwnd_room = cc.cwnd * sk.mss_cache - in_flight
-        if left > 0:
-            wnd_room = (una + sk.snd_wnd - nxt) & MASK
-            if wnd_room & HALF:
-                wnd_room = 0
-            need = left if left < mss else mss
-            limited = wnd_room < need and cwnd_room >= need
-        elif sk.write_blocked and cwnd_room > 0:
+    if left > 0:
+        wnd_room = (una + sk.snd_wnd - nxt) & MASK
+        if wnd_room & HALF:
+            wnd_room = 0
+        need = left if left < mss else mss
+        if wnd_room < need:
+            cc = sk.cc
+            if cc is not None and cc.cwnd * sk.mss_cache - in_flight >= need:
+                if sk.chrono_type < tcp_chrono.CHRONO_RWND_LIMITED:
+                    tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
+                return
+    elif sk.write_blocked:
+        cc = sk.cc
+        if cc is not None and cc.cwnd * sk.mss_cache - in_flight > 0:
             tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_SNDBUF_LIMITED, now)
             return
-    if limited:
-        if sk.chrono_type < tcp_chrono.CHRONO_RWND_LIMITED:
-            tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
-    elif sk.chrono_type == tcp_chrono.CHRONO_RWND_LIMITED:
+    ctype = sk.chrono_type
+    if ctype == tcp_chrono.CHRONO_RWND_LIMITED:
         tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
-    elif not sk.chrono_type:
+    elif not ctype:
         tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_BUSY, now)
 
 
