@@ -109,6 +109,9 @@ class GlobalBind:
     listener: dict[str, Any] | None = None  # {backlog, path} once listening
     service: str | None = None  # "echo"/"discard" for the built-in services
     holders: int = 1  # control connections (processes) holding it: freed at the last
+    # -- IPv6 (issue 14): the bind's family, as core's conflict rules read it
+    family: int = socket.AF_INET
+    v6only: bool = False  # IPV6_V6ONLY: `::` then takes no IPv4
 
 
 UDP_BIND_BASE = 1 << 30  # UDP bind ids: apart from TCP's, one release op for both
@@ -133,26 +136,33 @@ class UdpBind:
                 "path": self.path}
 
 
-def _dotted(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))
+def _dotted(a: int, v6: bool = False) -> str:
+    return str(ipaddress.IPv6Address(a) if v6 else ipaddress.IPv4Address(a))
 
 
 class BindTable:
     """bind/listen/release across shards (docs/architecture.md "Runtime")."""
 
-    def __init__(self, addrs: list[int]) -> None:
+    def __init__(self, addrs: list[int], addrs6: list[int] | None = None) -> None:
         self.h = InetHashinfo()
         self.addrs = addrs
+        self.addrs6 = list(addrs6 or ())
         self.binds: dict[int, GlobalBind] = {}
         self._next_id = 1
 
     def bind(self, addr: int, port: int, reuseaddr: bool = False, reuseport: bool = False,
-             service: str | None = None) -> GlobalBind:
-        if addr != 0 and addr not in self.addrs:
+             service: str | None = None, family: int = socket.AF_INET,
+             v6only: bool = False) -> GlobalBind:
+        """`family` AF_INET6: `addr` is 128-bit, 0 the wildcard `::` (which
+        takes IPv4 too unless `v6only`: one table holds both families, so
+        `::` and `0.0.0.0` on one port conflict as on Linux)."""
+        mine = self.addrs6 if family == socket.AF_INET6 else self.addrs
+        if addr != 0 and addr not in mine:
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
         if not 0 <= port <= 65535:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service)
+        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service,
+                       family=family, v6only=v6only)
         inet_csk_get_port(self.h, b, port, offset=self._next_id * 7919)
         self._next_id += 1
         self.binds[b.bind_id] = b
@@ -230,7 +240,8 @@ class Supervisor:
         self.spare: Spare | None = None
         self.spare_failures = 0  # spares that died before reporting ready, in a row
         self._next_tid = 1
-        self.binds = BindTable([cfg.addr.ip])
+        self.binds = BindTable([cfg.addr.ip] if cfg.addr else [],
+                               [cfg.addr6.ip] if cfg.addr6 else [])
         self.udp_binds: dict[int, UdpBind] = {}  # UDP's own port space (udp_lib_get_port)
         self._next_udp = UDP_BIND_BASE
         self.tun = None  # netio.device.TunDevice in TUN mode
@@ -240,7 +251,7 @@ class Supervisor:
         self.tun_counts = None  # tunsteer.SteeringCounts
         self.tun_reta_map = None  # tunsteer.RetaMap: the RETA the steering program reads
         self.tun_created = False
-        self.peer_added = False
+        self.peers_added: list[str] = []  # the --peer addresses we added to the TUN
         self.children: list[Child] = []
         self.netio: Child | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -264,7 +275,7 @@ class Supervisor:
             for c in self.children:
                 self._spawn(c)
             self.loop.call_later(SPARE_DELAY, self._start_spare)
-            log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
+            log(f"serving {' '.join(c.text for c in self.cfg.addrs)} on {self.cfg.device} {self.cfg.ifname} with "
                 f"{self.cfg.workers} workers; run dir {self.run.path}")
             await self.stop_event.wait()
             log("stopping")
@@ -307,13 +318,19 @@ class Supervisor:
             self._open_tun_queues()
         if self.tun is None:
             self.tun = TunDevice(cfg.ifname, mtu=cfg.mtu, vnet_hdr=cfg.offload, up=True)
-        if cfg.peer is not None:
-            r = subprocess.run(["ip", "addr", "add", cfg.peer.text, "dev", cfg.ifname],
-                               capture_output=True, text=True, timeout=10)
+        for peer in (cfg.peer, cfg.peer6):
+            if peer is None:
+                continue
+            # IPv6: no duplicate address detection (`nodad`), so the
+            # address is usable at once rather than "tentative" for a second
+            # or more (RFC 4862 §5.4; the stack is the only other node).
+            cmd = ["ip", "addr", "add", peer.text, "dev", cfg.ifname] + (["nodad"] if peer.v6
+                                                                       else [])
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             if r.returncode == 0:
-                self.peer_added = True
+                self.peers_added.append(peer.text)
             elif "File exists" not in r.stderr:
-                raise OSError(errno.EINVAL, f"ip addr add {cfg.peer.text}: {r.stderr.strip()}")
+                raise OSError(errno.EINVAL, f"ip addr add {peer.text}: {r.stderr.strip()}")
 
     def _open_tun_queues(self) -> None:
         from shardstack.netio import tunsteer
@@ -370,8 +387,8 @@ class Supervisor:
             self._forget(c)
         self._drop_spare()
         if self.tun is not None:
-            if self.peer_added and not self.tun_created:
-                subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
+            for text in self.peers_added if not self.tun_created else ():
+                subprocess.run(["ip", "addr", "del", text, "dev", self.cfg.ifname],
                                capture_output=True, timeout=10)
             self.tun.close()  # a TUN we created (not persistent) goes with its last fd
         for q in self.tun_queues or ():
@@ -626,7 +643,7 @@ class Supervisor:
 
     def _op_hello(self, req, conn) -> dict[str, Any]:
         return {
-            "addrs": [self.cfg.addr.addr],
+            "addrs": [c.addr for c in self.cfg.addrs],
             "workers": self.cfg.workers,
             "run_dir": str(self.run.path),
             "pid": os.getpid(),
@@ -635,21 +652,24 @@ class Supervisor:
             # What the shim needs to route a connect: which destinations are on-link for the
             # stack (or reachable through its gateway), and the RETA that picks the worker
             # owning a given 4-tuple (for connect() from an explicitly bound port).
-            "nets": [str(self.cfg.addr.network)],
+            "nets": [str(c.network) for c in self.cfg.addrs],
             "gateway": (str(ipaddress.IPv4Address(self.cfg.gateway))
                         if self.cfg.gateway is not None else None),
             "reta": list(self.reta),
         }
 
     def _op_bind(self, req, conn) -> dict[str, Any]:
-        addr = _addr_arg(req.get("addr", 0))
+        v6 = bool(req.get("v6"))
+        addr = _addr_arg(req.get("addr", 0), v6)
         b = self.binds.bind(addr, int(req.get("port", 0)), bool(req.get("reuseaddr")),
-                            bool(req.get("reuseport")))
+                            bool(req.get("reuseport")),
+                            family=socket.AF_INET6 if v6 else socket.AF_INET,
+                            v6only=bool(req.get("v6only")))
         binds = conn.state.setdefault("binds", set())
         if not binds:
             conn.on_close.append(lambda: self._release_all(conn))
         binds.add(b.bind_id)
-        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+        return _bind_reply(b)
 
     def _op_adopt(self, req, conn) -> dict[str, Any]:
         """Another process holds the bound socket's fd now (multiprocessing
@@ -660,13 +680,12 @@ class Supervisor:
             raise OSError(errno.EBADF, "not an app's bind")
         binds = conn.state.setdefault("binds", set())
         if b.bind_id in binds:
-            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
-                    "bind_id": b.bind_id}
+            return _bind_reply(b)
         if not binds:
             conn.on_close.append(lambda: self._release_all(conn))
         binds.add(b.bind_id)
         b.holders += 1
-        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+        return _bind_reply(b)
 
     async def _op_listen(self, req, conn) -> dict[str, Any]:
         b = self._owned(req, conn)
@@ -908,7 +927,8 @@ class Supervisor:
         return self.binds.get(bind_id)
 
     def _listener_args(self, b: GlobalBind) -> dict[str, Any]:
-        return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener}
+        return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener,
+                **({"v6": True, "v6only": b.v6only} if b.family == socket.AF_INET6 else {})}
 
     async def _release(self, b: GlobalBind) -> None:
         if b.listener is not None:
@@ -942,13 +962,20 @@ class Supervisor:
         return list(await asyncio.gather(*calls))
 
 
-def _addr_arg(a: Any) -> int:
+def _addr_arg(a: Any, v6: bool = False) -> int:
     if isinstance(a, int):
         return a
     try:
+        if v6:
+            return int(ipaddress.IPv6Address(a or "::"))
         return int(ipaddress.IPv4Address(a or "0.0.0.0"))
     except ValueError:
         raise OSError(errno.EINVAL, f"bad address {a!r}") from None
+
+
+def _bind_reply(b: GlobalBind) -> dict[str, Any]:
+    return {"addr": _dotted(b.laddr, b.family == socket.AF_INET6), "port": b.lport,
+            "bind_id": b.bind_id}
 
 
 def serve(cfg: ServeConfig) -> int:
