@@ -53,6 +53,15 @@ class DropReason(enum.Enum):
     ICMP_RATELIMIT = "ICMP_RATELIMIT"  # errors past the shard's ICMP error budget
     TCP_MEM = "TCP_MEM"  # the shard's tcp_mem hard limit: a new connection refused
     TCP_CONN_LIMIT = "TCP_CONN_LIMIT"  # the shard's connection cap: a new connection refused
+    # -- IPv6 (issue 14; core.wire.ipv6 / icmpv6, core.tcp_ipv6, netio's NDP).
+    # Truncated/version/payload length use IP_HDR, fragments IP_FRAGMENT.
+    IPV6_BAD_EXTHDR = "IPV6_BAD_EXTHDR"  # a malformed or unprocessable extension header
+    IP_NOPROTO = "IP_NOPROTO"  # an upper-layer protocol (Next Header) we do not handle
+    IPV6_BAD_SADDR = "IPV6_BAD_SADDR"  # multicast, loopback, unspecified or ::/96 source
+    IPV6_NDISC_HOP_LIMIT = "IPV6_NDISC_HOP_LIMIT"  # NS/NA with a Hop Limit other than 255
+    IPV6_NDISC_BAD_CODE = "IPV6_NDISC_BAD_CODE"  # NS/NA with a non-zero code
+    IPV6_NDISC_BAD_OPTIONS = "IPV6_NDISC_BAD_OPTIONS"  # truncated NS/NA, bad option lengths
+    IPV6_NDISC_NS_OTHERHOST = "IPV6_NDISC_NS_OTHERHOST"  # an NS for an address not ours
 
     # -- Device side (netio's Dispatcher, the worker's RX and TX): frames that
     # never reach a Shard. Linux's names where Linux drops the same frame for
@@ -80,4 +89,14 @@ class DropReason(enum.Enum):
 WIRE_REASONS = {
     "ip": {"checksum": DropReason.IP_CSUM, "fragment": DropReason.IP_FRAGMENT},
     "tcp": {"bad_flags": DropReason.TCP_FLAGS, "option_len": DropReason.TCP_OPTIONS},
+    # core.wire.ipv6.parse_ipv6 (anything else, truncated/version/payload_len: IP_HDR).
+    "ipv6": {"fragment": DropReason.IP_FRAGMENT, "src_multicast": DropReason.IPV6_BAD_SADDR,
+             **{r: DropReason.IPV6_BAD_EXTHDR for r in (
+                 "exthdr_truncated", "exthdr_chain", "exthdr_option_len",
+                 "exthdr_option_discard", "exthdr_option_unknown", "exthdr_too_many_options",
+                 "exthdr_routing")},
+             "exthdr_hop_not_first": DropReason.IP_NOPROTO},
+    # core.wire.icmpv6.parse_ndp (anything else: IPV6_NDISC_BAD_OPTIONS).
+    "ndp": {"ndp_hop_limit": DropReason.IPV6_NDISC_HOP_LIMIT,
+            "ndp_code": DropReason.IPV6_NDISC_BAD_CODE},
 }

@@ -27,6 +27,18 @@ from .icmp import (
     echo_reply_ipv4,
     parse_icmp,
 )
+from .icmpv6 import (
+    Icmpv6Message,
+    Icmpv6Quote,
+    NdpMessage,
+    build_icmpv6,
+    build_icmpv6_error,
+    build_neigh_advert,
+    build_neigh_solicit,
+    parse_icmpv6,
+    parse_icmpv6_quote,
+    parse_ndp,
+)
 from .ipv4 import (
     PROTO_ICMP,
     PROTO_TCP,
@@ -36,6 +48,14 @@ from .ipv4 import (
     ip_to_str,
     parse_ipv4,
     str_to_ip,
+)
+from .ipv6 import (
+    Ipv6Header,
+    Ipv6ParamProblem,
+    build_ipv6,
+    ip6_to_str,
+    parse_ipv6,
+    str_to_ip6,
 )
 from .tcp import (
     ACK,
@@ -102,4 +122,20 @@ __all__ = [
     "build_arp_reply",
     "ARPOP_REQUEST",
     "ARPOP_REPLY",
+    "Ipv6Header",
+    "Ipv6ParamProblem",
+    "parse_ipv6",
+    "build_ipv6",
+    "ip6_to_str",
+    "str_to_ip6",
+    "Icmpv6Message",
+    "Icmpv6Quote",
+    "NdpMessage",
+    "parse_icmpv6",
+    "build_icmpv6",
+    "build_icmpv6_error",
+    "parse_icmpv6_quote",
+    "parse_ndp",
+    "build_neigh_solicit",
+    "build_neigh_advert",
 ]
