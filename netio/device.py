@@ -309,6 +309,22 @@ def get_mac(name: str) -> bytes:
     return raw[18:24]
 
 
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_MULTICAST = 0
+
+
+def join_multicast(sock: socket.socket, ifname: str, macs: Iterable[bytes]) -> None:
+    """Have the interface accept these Ethernet multicast addresses and this
+    packet socket receive them (packet(7) PACKET_ADD_MEMBERSHIP,
+    PACKET_MR_MULTICAST): IPv6 NDP's solicited-node groups 33:33:ff:xx:xx:xx
+    (RFC 4861 §7.2.1, RFC 2464 §7), as the kernel's own IPv6 joins them."""
+    index = socket.if_nametoindex(ifname)
+    for mac in macs:
+        mreq = struct.pack("iHH8s", index, PACKET_MR_MULTICAST, 6, bytes(mac))  # packet_mreq
+        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+
+
 def set_up(name: str) -> None:
     raw = _ifreq_ioctl(name, SIOCGIFFLAGS, "H", 0)
     flags = struct.unpack_from("H", raw, 16)[0]

@@ -56,7 +56,7 @@ def parse_cidr(text: str, what: str = "address") -> Cidr:
         raise ConfigError(f"bad {what} {text!r}: {e}") from None
     if isinstance(iface, ipaddress.IPv6Interface):
         if iface.ip.is_multicast or iface.ip.is_unspecified or iface.ip.is_loopback \
-                or iface.ip.ipv4_mapped is not None:
+                or iface.ip.ipv4_mapped is not None or int(iface.ip) <= 0xFFFFFFFF:
             raise ConfigError(f"bad {what} {text!r}: not a unicast IPv6 address")
         return Cidr(int(iface.ip), iface.network.prefixlen, True)
     return Cidr(int(iface.ip), iface.network.prefixlen)

@@ -552,7 +552,9 @@ async def _amain(desc: ChildDesc) -> int:
         from shardstack.affinity import pin_worker
 
         pin_worker(wid)
-    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir, subnet=cfg.addr.network,
+    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir,
+                   subnet=cfg.addr.network if cfg.addr else None,
+                   subnet6=cfg.addr6.network if cfg.addr6 else None,
                    gateway=cfg.gateway, pcap=cfg.pcap, impair=cfg.impair)
     worker = Worker(cfg, wid, desc.reta, tx, loop, worker_rx(desc.dev))
     stop = asyncio.Event()
