@@ -35,6 +35,7 @@ from .tcp_h import TimerKind
 from .tcp_timer import TimerHeap
 from .wire.errors import WireError
 from .wire.ipv4 import ip_to_str, parse_ipv4
+from .wire.ipv6 import ip6_to_str, parse_ipv6
 from .wire.tcp import flags_to_str, parse_tcp
 
 if TYPE_CHECKING:
@@ -54,13 +55,20 @@ def tcp_rcv_failed(sh: Shard, pkt: BytesLike, exc: BaseException, now: float) ->
     what = f"frame {len(pkt)} bytes {bytes(pkt[:48]).hex()}"
     sk: TcpSock | RequestSock | None = None
     try:
-        ip, payload = parse_ipv4(pkt)
-        if ip.proto == 6:
+        if len(pkt) and pkt[0] >> 4 == 6:
+            ip6, payload = parse_ipv6(pkt)
+            src, dst, proto = ip6.src, ip6.dst, ip6.next_header
+            fmt = ip6_to_str
+        else:
+            ip, payload = parse_ipv4(pkt)
+            src, dst, proto = ip.src, ip.dst, ip.proto
+            fmt = ip_to_str
+        if proto == 6:
             seg = parse_tcp(payload)
-            what = (f"TCP {ip_to_str(ip.src)}:{seg.src_port} > {ip_to_str(ip.dst)}:"
+            what = (f"TCP {fmt(src)}:{seg.src_port} > {fmt(dst)}:"
                     f"{seg.dst_port} [{flags_to_str(seg.flags)}] seq={seg.seq} ack={seg.ack} "
                     f"len={len(seg.payload)}")
-            sk = sh.h.ehash.get((ip.dst, seg.dst_port, ip.src, seg.src_port))
+            sk = sh.h.ehash.get((dst, seg.dst_port, src, seg.src_port))
     except WireError:
         pass  # it failed after parsing, so it parses; this is only for the message
     _abort(sh, sk, now)

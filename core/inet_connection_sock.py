@@ -14,8 +14,17 @@ import errno
 from typing import TYPE_CHECKING
 
 from . import inet_hashtables, tcp
-from .inet_hashtables import BindBucket, InetHashinfo, OwnerT
-from .tcp_h import TCP_LISTEN, RequestSock, TcpSock, TimerKind, os_error
+from .inet_hashtables import BindBucket, BindOwner, InetHashinfo, OwnerT
+from .tcp_h import (
+    AF_INET,
+    AF_INET6,
+    TCP_LISTEN,
+    V4_ADDR_MAX,
+    RequestSock,
+    TcpSock,
+    TimerKind,
+    os_error,
+)
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -37,12 +46,35 @@ def inet_rcv_saddr_equal(a: int, b: int) -> bool:
     return a == b or a == 0 or b == 0
 
 
+def inet_addr_families(sk: BindOwner) -> int:
+    """Which families' packets ``sk`` can take, as bits (1: IPv4, 2: IPv6):
+    by its bound address, or for a wildcard by its family and IPV6_V6ONLY
+    (issue 14; ``tcp_h.V4_ADDR_MAX`` tells the address families apart)."""
+    a = sk.laddr
+    if a:
+        return 2 if a > V4_ADDR_MAX else 1
+    if getattr(sk, "family", AF_INET) != AF_INET6:
+        return 1
+    return 2 if getattr(sk, "v6only", False) else 3
+
+
+def inet_sk_saddr_equal(sk: BindOwner, sk2: BindOwner) -> bool:
+    """Two sockets' bound addresses overlap (Linux ``inet_rcv_saddr_equal`` with
+    ``ipv6_rcv_saddr_equal``): equal or a wildcard, in a family both take.
+    So ``0.0.0.0`` and a dual-stack ``::`` conflict, ``0.0.0.0`` and a V6ONLY
+    ``::`` do not, nor an IPv4 wildcard and a specific IPv6 address.  (Linux
+    is asymmetric in one corner: an IPv4 wildcard bound *after* a specific
+    IPv6 address conflicts there; we apply the IPv6 rule both ways.)"""
+    return (inet_rcv_saddr_equal(sk.laddr, sk2.laddr)
+            and bool(inet_addr_families(sk) & inet_addr_families(sk2)))
+
+
 def inet_csk_bind_conflict(sk: OwnerT, tb: BindBucket[OwnerT], h: InetHashinfo[OwnerT] | None = None) -> bool:
     """True when ``sk`` may not share ``tb``'s port (Linux ``inet_bind_conflict``, relax)."""
     if h is not None:
         h.tr("inet_csk_bind_conflict")
     for sk2 in tb.owners:
-        if sk2 is sk or not inet_rcv_saddr_equal(sk.laddr, sk2.laddr):
+        if sk2 is sk or not inet_sk_saddr_equal(sk, sk2):
             continue
         if sk.reuseaddr and sk2.reuseaddr and sk2.state is not TCP_LISTEN:
             continue  # TIME-WAIT children inherit reuseaddr from their listener

@@ -2,7 +2,10 @@
 
 - ``ehash``: 4-tuple (laddr, lport, raddr, rport) -> established socket, request
   sock (NEW-SYN-RECV) or TIME-WAIT socket, as Linux keeps all three in one table.
-- ``listening``: (laddr, lport) -> listener; laddr 0 is INADDR_ANY.
+- ``listening``: (laddr, lport) -> listener; laddr 0 is INADDR_ANY, and also
+  an AF_INET6 socket bound to ``::`` that takes both families (Linux's
+  dual-stack listener); one with IPV6_V6ONLY is keyed ``(ANY6, lport)``
+  (``inet_listen_key``), so it can share the port with an IPv4 wildcard one.
 - ``bhash``: port -> :class:`BindBucket` with its owners (bound sockets).
 
 The bind table works without a Shard (``trace`` may stay None) so the
@@ -42,6 +45,17 @@ class BindOwner(Protocol):
 OwnerT = TypeVar("OwnerT", bound=BindOwner)
 #: ehash key: (laddr, lport, raddr, rport); listening key: (laddr, lport).
 Tuple4 = tuple[int, int, int, int]
+#: The listening-key address of an IPV6_V6ONLY socket bound to ``::``: no
+#: address of either family (they are at most 128 bits).
+ANY6 = 1 << 128
+
+
+def inet_listen_key(sk: BindOwner) -> tuple[int, int]:
+    """A listener's key in ``listening``: (laddr, lport), but ``(ANY6, lport)``
+    for an IPV6_V6ONLY socket on the IPv6 wildcard (issue 14)."""
+    if sk.laddr == 0 and getattr(sk, "v6only", False):
+        return ANY6, sk.lport
+    return sk.laddr, sk.lport
 
 
 @dataclass(slots=True, eq=False)
@@ -143,7 +157,7 @@ def __inet_hash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     """Add a listener to the listening hash."""
     if h.trace is not None:
         h.tr("__inet_hash")
-    key = (sk.laddr, sk.lport)
+    key = inet_listen_key(sk)
     cur = h.listening.get(key)
     if cur is not None and cur is not sk:
         # A second listener on the same address and port: bind() let it in, so
@@ -160,7 +174,7 @@ def reuseport_select_sock(h: InetHashinfo[OwnerT], head: OwnerT, saddr: int,
                           sport: int) -> OwnerT:
     """The group member a flow goes to (Linux ``reuseport_select_sock``): by a hash
     of the peer's address and port, so one flow always meets the same listener."""
-    group = h.reuseport.get((head.laddr, head.lport))
+    group = h.reuseport.get(inet_listen_key(head))
     if not group:
         return head
     return group[(saddr * 31 + sport) % len(group)]
@@ -171,7 +185,7 @@ def inet_unhash(h: InetHashinfo[OwnerT], sk: OwnerT) -> None:
     key = (sk.laddr, sk.lport, sk.raddr, sk.rport)
     if h.ehash.get(key) is sk:
         del h.ehash[key]
-    lkey = (sk.laddr, sk.lport)
+    lkey = inet_listen_key(sk)
     group = h.reuseport.get(lkey)
     if group is not None and sk in group:
         # Leaving a SO_REUSEPORT group: the others keep listening (Linux

@@ -27,6 +27,7 @@ from . import (
     tcp_cong,
     tcp_info,
     tcp_ipv4,
+    tcp_ipv6,
     tcp_output,
     tcp_rcvbuf,
     tcp_timer,
@@ -37,11 +38,15 @@ from .events import Event, SocketError
 from .inet_connection_sock import EPHEMERAL_HI, EPHEMERAL_LO
 from .inet_hashtables import InetHashinfo
 from .tcp_h import (
+    AF_INET,
+    AF_INET6,
     MAX_TCP_SYNCNT,
     TCP_FIN_TIMEOUT,
     TCP_FIN_TIMEOUT_MAX,
     TCP_SYN_LINEAR_TIMEOUTS,
     TCP_SYN_RETRIES,
+    TCP_V6_HDRS,
+    V4_ADDR_MAX,
     BytesLike,
     RequestSock,
     SockOptValue,
@@ -62,6 +67,9 @@ class ShardConfig:
     """Per-shard settings; defaults follow Linux's sysctls."""
 
     addrs: list[int] = field(default_factory=list)
+    #: Our IPv6 addresses (128-bit ints, none in ::/96 or v4-mapped); the first
+    #: is an IPv6 connect()'s source.  A shard may have only these, or none.
+    addrs6: list[int] = field(default_factory=list)
     mtu: int = 1500
     secret: bytes = b""
     trace: bool = False
@@ -156,6 +164,16 @@ class ShardStats:
     tcp_pmtu_reductions: int = 0  # "fragmentation needed" that lowered a connection's MSS
     tcp_icmp_aborts: int = 0  # handshakes ended by an ICMP error (connects, request socks)
     tcp_icmp_soft_errors: int = 0  # errors kept as sk_err_soft for a later timeout
+    # ICMPv6 (core.icmpv6; Linux Icmp6 MIB names)
+    icmp6_in_msgs: int = 0
+    icmp6_in_errors: int = 0
+    icmp6_in_csum_errors: int = 0
+    icmp6_in_dest_unreachs: int = 0
+    icmp6_in_pkt_too_bigs: int = 0
+    icmp6_in_time_excds: int = 0
+    icmp6_in_parm_problems: int = 0
+    icmp6_in_ignored: int = 0  # echo, ND, MLD: netio's business
+    icmp6_out_parm_problems: int = 0  # Parameter Problems we sent (RFC 8200 §4)
     drops: Counter[DropReason] = field(default_factory=Counter)
 
     def drop(self, reason: DropReason) -> None:
@@ -191,6 +209,8 @@ class ConnInfo:
 
 _SOL_SOCKET = _socket.SOL_SOCKET
 _IPPROTO_TCP = _socket.IPPROTO_TCP
+_IPPROTO_IPV6 = _socket.IPPROTO_IPV6
+_IPV6_V6ONLY = _socket.IPV6_V6ONLY
 _LINGER = struct.Struct("ii")
 _TCP_WINDOW_CLAMP = getattr(_socket, "TCP_WINDOW_CLAMP", 10)
 #: Linux SOCK_MIN_RCVBUF (2048 + one sk_buff, x86-64): TCP_WINDOW_CLAMP's floor is half.
@@ -210,16 +230,24 @@ def _window_clamp(sk: TcpSock) -> int:
 
 
 class Shard:
-    """A sans-I/O TCP/IPv4 host; see docs/architecture.md "core (the engine)"."""
+    """A sans-I/O TCP host, IPv4 and IPv6; see docs/architecture.md "core (the engine)"."""
 
     def __init__(self, config: ShardConfig, now: float = 0.0) -> None:
-        if not config.addrs:
-            raise ValueError("ShardConfig.addrs must name at least one address")
+        if not config.addrs and not config.addrs6:
+            raise ValueError("ShardConfig.addrs or addrs6 must name at least one address")
+        for a in config.addrs:
+            if not 0 < a <= V4_ADDR_MAX:
+                raise ValueError(f"not an IPv4 address in ShardConfig.addrs: {a!r}")
+        for a in config.addrs6:
+            if not tcp_ipv6.ipv6_addr_usable(a) or a >> 128:
+                raise ValueError(f"not a usable IPv6 address in ShardConfig.addrs6: {a!r}")
         self.cfg = config
-        self.addr_set = frozenset(config.addrs)
+        # Both families in one set: their int ranges never overlap (tcp_h.V4_ADDR_MAX).
+        self.addr_set = frozenset(config.addrs) | frozenset(config.addrs6)
         self.secret = config.secret
         self.key = hashlib.blake2s(b"shardstack-isn" + config.secret).digest()
         self.adv_mss = config.mtu - 40  # IPv4 + TCP headers without options
+        self.adv_mss6 = config.mtu - TCP_V6_HDRS  # IPv6 + TCP headers (RFC 8200 §8.3)
         self.h: InetHashinfo[TcpSock] = InetHashinfo()
         self.timers = tcp_timer.TimerHeap()
         self.frames: list[bytes] = []
@@ -247,6 +275,9 @@ class Shard:
         #: core.icmp's error token bucket (ICMP_ERR_RATE per second).
         self.icmp_tokens = 100.0
         self.icmp_tokens_t = now
+        #: core.icmpv6's bucket for the errors we send (Parameter Problem).
+        self.icmp6_out_tokens = 50.0
+        self.icmp6_out_t = now
 
     # -- plumbing used by the engine modules -------------------------------------------
 
@@ -358,8 +389,38 @@ class Shard:
 
     # -- the socket API --------------------------------------------------------------------
 
-    def socket(self) -> int:
-        return self.new_sock().sd
+    def socket(self, family: int = AF_INET) -> int:
+        """A TCP socket of ``family`` (AF_INET or AF_INET6; else EAFNOSUPPORT).
+
+        An AF_INET6 socket takes and returns IPv6 addresses (128-bit ints);
+        its IPv4 peers (a dual-stack listener's, or a connect() to
+        ``::ffff:a.b.c.d``) appear v4-mapped, as on Linux.
+        """
+        if family != AF_INET and family != AF_INET6:
+            raise os_error(errno.EAFNOSUPPORT)
+        sk = self.new_sock()
+        sk.family = family
+        return sk.sd
+
+    def _api_addr(self, sk: TcpSock, addr: int) -> int:
+        """A wire address as the socket's family shows it: an AF_INET6 socket
+        sees IPv4 addresses v4-mapped (RFC 4291 §2.5.5.2); 0 stays 0 (``::``)."""
+        if sk.family == AF_INET6 and 0 < addr <= V4_ADDR_MAX:
+            return 0xFFFF00000000 | addr
+        return addr
+
+    def _wire_addr(self, sk: TcpSock, addr: int) -> int:
+        """An address given to bind()/connect() in the wire's terms: for an
+        AF_INET6 socket a v4-mapped one becomes IPv4 (EINVAL with V6ONLY at
+        bind, ENETUNREACH at connect, as Linux); for AF_INET an IPv6 one is
+        EAFNOSUPPORT."""
+        if sk.family == AF_INET6:
+            if addr >> 32 == 0xFFFF and not addr >> 48:
+                return addr & 0xFFFFFFFF
+            return addr
+        if not 0 <= addr <= V4_ADDR_MAX:
+            raise os_error(errno.EAFNOSUPPORT)
+        return addr
 
     def setsockopt(self, sd: int, level: int, opt: int, value: SockOptValue) -> None:
         sk = self._sk(sd)
@@ -448,6 +509,12 @@ class Shard:
                     sk.window_clamp = v if v > SOCK_MIN_RCVBUF // 2 else SOCK_MIN_RCVBUF // 2
             else:
                 raise os_error(errno.ENOPROTOOPT)
+        elif level == _IPPROTO_IPV6 and sk.family == AF_INET6:
+            if opt != _IPV6_V6ONLY:
+                raise os_error(errno.ENOPROTOOPT)
+            if sk.bound:
+                raise os_error(errno.EINVAL)  # Linux: not once a port is bound
+            sk.v6only = bool(_int(value))
         else:
             raise os_error(errno.ENOPROTOOPT)
 
@@ -480,6 +547,8 @@ class Shard:
                      _socket.TCP_SYNCNT: sk.syn_count or TCP_SYN_RETRIES,
                      _socket.TCP_LINGER2: -1 if sk.linger2 < 0 else int(sk.linger2 or TCP_FIN_TIMEOUT),
                      _TCP_WINDOW_CLAMP: _window_clamp(sk)}
+        elif level == _IPPROTO_IPV6 and sk.family == AF_INET6:
+            table = {_IPV6_V6ONLY: int(sk.v6only)}
         else:
             raise os_error(errno.ENOPROTOOPT)
         if opt not in table:
@@ -492,6 +561,10 @@ class Shard:
         self.tr("inet_bind")
         if sk.bound or sk.state is not State.CLOSED:
             raise os_error(errno.EINVAL)
+        wire = self._wire_addr(sk, addr)
+        if wire != addr and sk.v6only:
+            raise os_error(errno.EINVAL)  # a v4-mapped address on an IPv6-only socket
+        addr = wire
         if addr != 0 and addr not in self.addr_set:
             raise os_error(errno.EADDRNOTAVAIL)
         if not 0 <= port < 65536:
@@ -528,11 +601,25 @@ class Shard:
             tcp.emit_readable(self, child)
         if child.err:
             self.events.append(SocketError(child.sd, child.err))
-        return child.sd, (child.raddr, child.rport)
+        return child.sd, (self._api_addr(child, child.raddr), child.rport)
 
     def connect(self, sd: int, addr: int, port: int, now: float) -> None:
+        """connect(2): IPv4 or IPv6 by the address in the socket's terms (an
+        AF_INET6 socket reaches an IPv4 peer through ``::ffff:a.b.c.d``)."""
         self.now = now
-        tcp_ipv4.tcp_v4_connect(self, self._sk(sd), addr, port, now)
+        sk = self._sk(sd)
+        wire = self._wire_addr(sk, addr)
+        if sk.family == AF_INET6 and (wire > V4_ADDR_MAX or (wire == 0 and addr == 0)):
+            tcp_ipv6.tcp_v6_connect(self, sk, wire, port, now)
+            return
+        if sk.family == AF_INET6:
+            # Linux tcp_v6_connect: v4-mapped goes to tcp_v4_connect, not on
+            # an IPv6-only socket nor one bound to an IPv6 address.
+            if sk.v6only or sk.laddr > V4_ADDR_MAX:
+                raise os_error(errno.ENETUNREACH)
+        if not self.cfg.addrs and sk.laddr == 0 and sk.state is State.CLOSED and not sk.dead:
+            raise os_error(errno.ENETUNREACH)  # no IPv4 address: no route
+        tcp_ipv4.tcp_v4_connect(self, sk, wire, port, now)
 
     def send(self, sd: int, data: BytesLike, now: float, flags: int = 0) -> int:
         """send(2); ``flags`` may hold MSG_OOB: the last byte sent is urgent."""
@@ -555,13 +642,13 @@ class Shard:
 
     def getsockname(self, sd: int) -> tuple[int, int]:
         sk = self._sk(sd)
-        return sk.laddr, sk.lport
+        return self._api_addr(sk, sk.laddr), sk.lport
 
     def getpeername(self, sd: int) -> tuple[int, int]:
         sk = self._sk(sd)
         if sk.state in (State.CLOSED, State.LISTEN, State.SYN_SENT):
             raise os_error(errno.ENOTCONN)
-        return sk.raddr, sk.rport
+        return self._api_addr(sk, sk.raddr), sk.rport
 
     def state(self, sd: int) -> State:
         """The RFC state of a descriptor (tests, ``ss``)."""
@@ -593,12 +680,15 @@ class Shard:
                 if sk.state is not State.LISTEN:
                     info.update(tcp_info.unpack_tcp_info(tcp_info.tcp_get_info(sk, self.now)))
                     info["cc"] = sk.cc.name if sk.cc else (sk.cc_name or self.cfg.congestion)
-                rows.append(ConnInfo(None if sk.closed_evt else sk.sd, str(sk.state), sk.laddr,
-                                     sk.lport, sk.raddr, sk.rport, sk.sndq_len, sk.rcvq_len,
-                                     sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto, info))
+                rows.append(ConnInfo(None if sk.closed_evt else sk.sd, str(sk.state),
+                                     self._api_addr(sk, sk.laddr), sk.lport,
+                                     self._api_addr(sk, sk.raddr), sk.rport, sk.sndq_len,
+                                     sk.rcvq_len, sk.cc.cwnd if sk.cc else 0, sk.srtt, sk.rto,
+                                     info))
             else:
-                rows.append(ConnInfo(None, str(sk.state), sk.laddr, sk.lport, sk.raddr,
-                                     sk.rport, 0, 0, 0, 0.0, 1.0))
+                lsk = sk.listener
+                rows.append(ConnInfo(None, str(sk.state), self._api_addr(lsk, sk.laddr), sk.lport,
+                                     self._api_addr(lsk, sk.raddr), sk.rport, 0, 0, 0, 0.0, 1.0))
         return rows
 
 

@@ -68,6 +68,13 @@ class TcpSock:
     linger2: float = 0.0  # TCP_LINGER2, s; 0: tcp_fin_timeout; < 0: no FIN-WAIT-2 wait
     window_clamp: int = 0  # TCP_WINDOW_CLAMP, bytes; 0: none (the buffer and scale bound it)
     oobinline: bool = False  # SO_OOBINLINE: the urgent byte stays in the stream
+    # IPv6 (issue 14, core.tcp_ipv6): the socket's address family, as socket()
+    # made it (AF_INET 2 / AF_INET6 10).  laddr/raddr always hold the *wire*
+    # addresses (32-bit for IPv4 packets, 128-bit for IPv6 ones), so an
+    # AF_INET6 socket talking to an IPv4 peer (v4-mapped) keeps 32-bit ones;
+    # the Shard API maps them.  Kept by tcp_disconnect like the options.
+    family: int = 2
+    v6only: bool = False  # IPV6_V6ONLY: an AF_INET6 socket bound to :: takes IPv6 only
     # -- bind / listen -------------------------------------------------------------
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False

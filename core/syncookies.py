@@ -56,6 +56,9 @@ __all__ = [
     "cookie_mss_index",
     "cookie_timestamp_decode",
     "cookie_v4_check",
+    "cookie_v6_check",
+    "cookie_v6_init_sequence",
+    "MSS_TABLE6",
     "cookie_v4_init_sequence",
 ]
 
@@ -112,6 +115,51 @@ def _secure_cookie(key: bytes, tup: tuple[int, int, int, int], peer_isn: int, co
     h1 = _hash(key, b"sscook1", _TUPLE.pack(*tup))
     h2 = _hash(key, b"sscook2", _TUPLE_COUNT.pack(*tup, count))
     return (h1 + peer_isn + (count << COOKIEBITS) + ((h2 + data) & COOKIEMASK)) & MASK
+
+
+#: Linux ``msstab`` of syncookies.c for IPv6 (net/ipv6/syncookies.c): the
+#: common MTUs 1280, 1480, 1500 and 9000 less the 60 bytes of IPv6 + TCP.
+MSS_TABLE6: tuple[int, ...] = (1220, 1420, 1440, 8940)
+
+
+def _tuple6(saddr: int, daddr: int, sport: int, dport: int) -> bytes:
+    return b"".join((saddr.to_bytes(16, "big"), daddr.to_bytes(16, "big"),
+                     (sport & 0xFFFF).to_bytes(2, "big"), (dport & 0xFFFF).to_bytes(2, "big")))
+
+
+def _mss_index6(mss: int) -> int:
+    for idx in range(len(MSS_TABLE6) - 1, 0, -1):
+        if mss >= MSS_TABLE6[idx]:
+            return idx
+    return 0
+
+
+def cookie_v6_init_sequence(secret: bytes, saddr: int, daddr: int, sport: int, dport: int,
+                            peer_isn: int, mss: int, now: float) -> tuple[int, int]:
+    """The IPv6 cookie (Linux ``cookie_v6_init_sequence``): the same layout over
+    the 128-bit addresses; ``MSS_TABLE6[index]`` is the MSS it carries."""
+    key = _key(secret)
+    idx = _mss_index6(mss)
+    tup = _tuple6(saddr, daddr, sport, dport)
+    count = cookie_count(now)
+    h1 = _hash(key, b"sscook1", tup)
+    h2 = _hash(key, b"sscook2", tup + count.to_bytes(4, "big"))
+    return (h1 + (peer_isn & MASK) + (count << COOKIEBITS) + ((h2 + idx) & COOKIEMASK)) & MASK, idx
+
+
+def cookie_v6_check(secret: bytes, saddr: int, daddr: int, sport: int, dport: int,
+                    peer_isn: int, cookie: int, now: float) -> int | None:
+    """The MSS a valid IPv6 cookie carries, or None (Linux ``cookie_v6_check``)."""
+    key = _key(secret)
+    tup = _tuple6(saddr, daddr, sport, dport)
+    rest = (cookie - _hash(key, b"sscook1", tup) - peer_isn) & MASK
+    count = cookie_count(now)
+    diff = (count - (rest >> COOKIEBITS)) & _COUNT_MASK
+    if diff >= MAX_SYNCOOKIE_AGE:
+        return None
+    made = (count - diff) & 0xFFFFFFFF
+    idx = (rest - _hash(key, b"sscook2", tup + made.to_bytes(4, "big"))) & COOKIEMASK
+    return MSS_TABLE6[idx] if idx < len(MSS_TABLE6) else None
 
 
 def cookie_v4_init_sequence(secret: bytes, saddr: int, daddr: int, sport: int, dport: int,

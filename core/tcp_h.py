@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .shard import Shard
 
 __all__ = [
-    "MASK", "HALF", "State", "TcpSock", "RequestSock", "TcpSegment", "Shard",
+    "MASK", "HALF", "V4_ADDR_MAX", "AF_INET", "AF_INET6", "TCP_V6_HDRS", "State", "TcpSock", "RequestSock", "TcpSegment", "Shard",
     "TCP_RTO_MIN", "TCP_RTO_MAX", "TCP_TIMEOUT_INIT", "TCP_DELACK", "TCP_SYN_RETRIES",
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
@@ -75,6 +75,20 @@ TCP_URG_READ = 0x400
 MASK = 0xFFFFFFFF
 #: Half the sequence space: a forward distance with this bit set means "before".
 HALF = 0x80000000
+
+# -- address families (issue 14; docs/architecture.md "Conventions") ---------------------------
+
+#: An address (an ``int``) above this is an IPv6 one.  Wire addresses in
+#: ``::/96`` (unspecified, loopback, IPv4-compatible) are refused on IPv6
+#: input and as IPv6 destinations, so every IPv6 address a connection holds
+#: is above it and every IPv4 one at or below it: a connection's family is
+#: ``raddr > V4_ADDR_MAX``, and one table keys both families without overlap.
+V4_ADDR_MAX: Final = 0xFFFFFFFF
+#: socket.AF_INET / AF_INET6 (Linux's values), what ``TcpSock.family`` holds.
+AF_INET: Final = 2
+AF_INET6: Final = 10
+#: IPv6 + TCP headers without options: the MSS is the MTU less this (IPv4: 40).
+TCP_V6_HDRS: Final = 60
 
 
 

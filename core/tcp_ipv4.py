@@ -35,6 +35,7 @@ from . import (
     syncookies,
     tcp,
     tcp_input,
+    tcp_ipv6,
     tcp_minisocks,
     tcp_output,
     udp,
@@ -49,6 +50,7 @@ from .tcp_h import (
     TCP_SYN_SENT,
     TCP_TIME_WAIT,
     TCP_TIMEOUT_INIT,
+    V4_ADDR_MAX,
     BytesLike,
     RequestSock,
     State,
@@ -76,7 +78,8 @@ if TYPE_CHECKING:
 
 __all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_recv_sock",
            "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window", "tcp_v4_err",
-           "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect"]
+           "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect",
+           "tcp_conn_request", "cookie_check"]
 
 _TUPLE = struct.Struct("!IHIH")
 _IP_REASONS = WIRE_REASONS["ip"]
@@ -95,8 +98,13 @@ _TCP_REASONS = WIRE_REASONS["tcp"]
 
 def secure_tcp_seq(key: bytes, laddr: int, lport: int, raddr: int, rport: int,
                    now: float) -> tuple[int, int]:
-    """(ISN, timestamp offset) for a 4-tuple (RFC 6528 §3, Linux ``secure_tcp_seq``)."""
-    h = hashlib.blake2s(_TUPLE.pack(laddr, lport, raddr, rport), key=key, digest_size=8).digest()
+    """(ISN, timestamp offset) for a 4-tuple (RFC 6528 §3, Linux ``secure_tcp_seq``;
+    ``secure_tcpv6_seq`` over 128-bit addresses when the peer is IPv6)."""
+    if raddr > V4_ADDR_MAX:
+        data = tcp_ipv6.tuple6(laddr, lport, raddr, rport)
+    else:
+        data = _TUPLE.pack(laddr, lport, raddr, rport)
+    h = hashlib.blake2s(data, key=key, digest_size=8).digest()
     f = int.from_bytes(h[:4], "big")
     m = int(now * 250000)  # RFC 6528: a timer ticking every 4 microseconds
     return (f + m) & MASK, int.from_bytes(h[4:], "big")
@@ -192,6 +200,10 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                                                  tsval, tsecr, csum, now):
                         stats.segs_in += 1
                         return
+    if n and pkt[0] >> 4 == 6:
+        # An IPv6 packet (the version nibble; the glue takes both ethertypes).
+        tcp_ipv6.tcp_v6_rcv(sh, pkt, now, csum_ok)
+        return
     try:
         ip, payload = parse_ipv4(pkt)
     except WireError as e:
@@ -348,7 +360,7 @@ def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
         return
     if flags & ACK:
         if (not flags & SYN and sh.cfg.syncookies and not tcp_synq_no_recent_overflow(sk, now)
-                and _cookie_check(sh, sk, seg, src, dst, now)):
+                and cookie_check(sh, sk, seg, src, dst, now)):
             return
         # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
         sh.stats.drop(DropReason.TCP_FLAGS)
@@ -379,14 +391,24 @@ def tcp_conn_allowed(sh: Shard, now: float) -> bool:
 
 def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
                         isn: int | None = None) -> None:
-    """A SYN for a listener (Linux ``tcp_v4_conn_request`` / ``tcp_conn_request``).
+    """A SYN for a listener (Linux ``tcp_v4_conn_request``)."""
+    if sh.tracing:
+        sh.tr("tcp_v4_conn_request")
+    tcp_conn_request(sh, sk, seg, src, dst, now, isn)
+
+
+def tcp_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, now: float,
+                     isn: int | None = None) -> None:
+    """A SYN for a listener, either family (Linux ``tcp_conn_request``; the
+    family's parts, ``route_req``/``init_seq``/``cookie_init_seq``, chosen by
+    the peer's address: ``tcp_h.V4_ADDR_MAX``).
 
     Backlog like Linux: a full accept queue drops the SYN; a full request
     queue switches to SYN cookies (RFC 4987 §3.6) or, with cookies off, drops;
     ``syncookies = 2`` (tcp_syncookies = 2) answers every SYN with a cookie.
     """
+    v6 = src > V4_ADDR_MAX
     if sh.tracing:
-        sh.tr("tcp_v4_conn_request")
         sh.tr("tcp_conn_request")
     if not tcp_conn_allowed(sh, now):
         return
@@ -412,7 +434,8 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
     # Linux tcp_mss_clamp: the listener's TCP_MAXSEG bounds the MSS we announce, and
     # the peer's that we send by (tcp_parse_options' user_mss).
     user_mss = sk.user_mss
-    adv_mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    route_mss = sh.adv_mss6 if v6 else sh.adv_mss  # the MTU less 60 (IPv6) or 40 bytes
+    adv_mss = user_mss if 0 < user_mss < route_mss else route_mss
     req.mss = min(opts.mss or 536, adv_mss)
     wscale = opts.wscale if cfg.window_scaling else None
     req.wscale_ok = wscale is not None
@@ -429,13 +452,19 @@ def tcp_v4_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: 
         req.snd_wscale = wscale
         req.rcv_wscale = ws
     if sh.tracing:
-        sh.tr("tcp_v4_init_req")  # the addresses: inet_reqsk_alloc took them
-        sh.tr("tcp_v4_init_sequence")
+        # the addresses: inet_reqsk_alloc took them
+        sh.tr("tcp_v6_init_req" if v6 else "tcp_v4_init_req")
+        sh.tr("tcp_v6_init_sequence" if v6 else "tcp_v4_init_sequence")
     iss, req.ts_off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
     if want_cookie:
-        iss, idx = syncookies.cookie_v4_init_sequence(sh.secret, src, dst, seg.src_port,
-                                                      seg.dst_port, seg.seq, req.mss, now)
-        req.mss = syncookies.MSS_TABLE[idx]
+        if v6:
+            iss, idx = syncookies.cookie_v6_init_sequence(sh.secret, src, dst, seg.src_port,
+                                                          seg.dst_port, seg.seq, req.mss, now)
+            req.mss = syncookies.MSS_TABLE6[idx]
+        else:
+            iss, idx = syncookies.cookie_v4_init_sequence(sh.secret, src, dst, seg.src_port,
+                                                          seg.dst_port, seg.seq, req.mss, now)
+            req.mss = syncookies.MSS_TABLE[idx]
         if req.ts_ok:
             # The SYN's options ride in the low TSval bits (Linux cookie_init_timestamp).
             tsnow = (int(now * 1000) + req.ts_off) & MASK
@@ -468,11 +497,14 @@ def inet_csk_reqsk_queue_hash_add(sh: Shard, sk: TcpSock, req: RequestSock, now:
 
 
 def tcp_v4_send_synack(sh: Shard, req: RequestSock, now: float) -> None:
+    """Send (or resend) a request sock's SYN-ACK; an IPv6 one is
+    ``tcp_v6_send_synack``'s work, which differs only in the framing."""
+    v6 = req.raddr > V4_ADDR_MAX
     if sh.tracing:
-        sh.tr("tcp_v4_send_synack")
+        sh.tr("tcp_v6_send_synack" if v6 else "tcp_v4_send_synack")
     frame = tcp_output.tcp_make_synack(sh, req, now)
     if sh.tracing:
-        sh.tr("ip_build_and_send_pkt")
+        sh.tr("ip6_xmit" if v6 else "ip_build_and_send_pkt")
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     if req.num_retrans == 0:
@@ -492,11 +524,13 @@ def tcp_synq_no_recent_overflow(listener: TcpSock, now: float) -> bool:
     return last < 0 or now - last > TCP_SYNCOOKIE_VALID
 
 
-def _cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: int,
+def cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: int,
                   now: float) -> bool:
-    """Final ACK for a SYN-ACK we sent as a cookie (Linux ``cookie_v4_check``)."""
-    mss = syncookies.cookie_v4_check(sh.secret, src, dst, seg.src_port, seg.dst_port,
-                                     (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
+    """Final ACK for a SYN-ACK we sent as a cookie (Linux ``cookie_v4_check``,
+    ``cookie_v6_check`` for an IPv6 peer)."""
+    check = syncookies.cookie_v6_check if src > V4_ADDR_MAX else syncookies.cookie_v4_check
+    mss = check(sh.secret, src, dst, seg.src_port, seg.dst_port,
+                (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
     if mss is None:
         return False
     if inet_connection_sock.sk_acceptq_is_full(listener):
@@ -693,7 +727,7 @@ def tcp_sync_mss(sk: TcpSock, pmtu: int) -> bool:
     TCP_MAXSEG, so the path MTU can only lower it further.  ``mss_cache``
     keeps the room timestamps take in every segment.
     """
-    mss = pmtu - 40  # IPv4 + TCP headers, no options
+    mss = pmtu - (60 if sk.raddr > V4_ADDR_MAX else 40)  # IP + TCP headers, no options
     if mss >= sk.mss:
         return False
     tcp_output.tcp_set_mss(sk, mss)
@@ -782,7 +816,8 @@ def tcp_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_connect")
     cfg = sh.cfg
-    sk.adv_mss = sh.adv_mss if not sk.user_mss else min(sk.user_mss, sh.adv_mss)
+    route_mss = sh.adv_mss6 if sk.raddr > V4_ADDR_MAX else sh.adv_mss
+    sk.adv_mss = route_mss if not sk.user_mss else min(sk.user_mss, route_mss)
     # Linux tcp_connect_init: whole segments of our MSS; the timestamp option is
     # taken off only with a remembered ts_recent, never for a fresh SYN (Linux 6.18
     # on a veth: 64240 with and without timestamps).

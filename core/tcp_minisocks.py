@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import inet_connection_sock, inet_hashtables, tcp, tcp_input, tcp_ipv4, tcp_output
+from . import (
+    inet_connection_sock,
+    inet_hashtables,
+    tcp,
+    tcp_input,
+    tcp_ipv4,
+    tcp_ipv6,
+    tcp_output,
+)
 from .dropreason import DropReason
 from .tcp_h import (
     HALF,
@@ -21,12 +29,13 @@ from .tcp_h import (
     TCP_SYN_RECV,
     TCP_TIME_WAIT,
     TCP_TIMEWAIT_LEN,
+    V4_ADDR_MAX,
     RequestSock,
     TcpSegment,
     TcpSock,
     TimerKind,
 )
-from .wire.tcp import ACK, FIN, RST, SYN, build_tcp_ipv4, build_tcp_options
+from .wire.tcp import ACK, FIN, RST, SYN, build_tcp_options
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -157,7 +166,10 @@ def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> T
     if ts is not None and req.ts_ok and ((ts[0] - req.ts_recent) & MASK) < HALF:
         req.ts_recent = ts[0]
     listener = req.listener
-    child = tcp_ipv4.tcp_v4_syn_recv_sock(sh, listener, req, seg, now)
+    if req.raddr > V4_ADDR_MAX:
+        child = tcp_ipv6.tcp_v6_syn_recv_sock(sh, listener, req, seg, now)
+    else:
+        child = tcp_ipv4.tcp_v4_syn_recv_sock(sh, listener, req, seg, now)
     if child is None:
         # Accept queue full (Linux listen_overflow with tcp_abort_on_overflow = 0):
         # drop this ACK and let the SYN-ACK timer make the peer try again.
@@ -177,9 +189,9 @@ def tcp_check_req(sh: Shard, req: RequestSock, seg: TcpSegment, now: float) -> T
 def _req_send_ack(sh: Shard, req: RequestSock, now: float) -> None:
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
     opts = build_tcp_options(ts=ts) if ts else b""
-    sh.frames.append(build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport,
-                                    (req.iss + 1) & MASK, (req.irs + 1) & MASK, ACK,
-                                    tcp_output.tcp_reqsk_window(req.rcv_wnd, req.rcv_wscale), opts))
+    sh.frames.append(tcp_output.tcp_build_frame(
+        req.laddr, req.raddr, req.lport, req.rport, (req.iss + 1) & MASK, (req.irs + 1) & MASK,
+        ACK, tcp_output.tcp_reqsk_window(req.rcv_wnd, req.rcv_wscale), opts))
     sh.stats.segs_out += 1
 
 
@@ -212,6 +224,8 @@ def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg
     sk.syn_count = listener.syn_count
     sk.linger2 = listener.linger2
     sk.window_clamp = listener.window_clamp
+    sk.family = listener.family  # an AF_INET6 listener's IPv4 children are v4-mapped
+    sk.v6only = listener.v6only
     tcp.tcp_set_state(sh, sk, TCP_SYN_RECV)
     sk.laddr, sk.lport, sk.raddr, sk.rport = req.laddr, req.lport, req.raddr, req.rport
     sk.parent = listener

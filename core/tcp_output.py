@@ -25,6 +25,7 @@ from .tcp_h import (
     TCP_MIN_SND_MSS,
     TCP_RTO_MAX,
     TCPOLEN_TSTAMP_ALIGNED,
+    V4_ADDR_MAX,
     RequestSock,
     State,
     TcpSegment,
@@ -32,7 +33,17 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, build_tcp_ipv4, build_tcp_options
+from .wire.tcp import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    build_tcp_ipv4,
+    build_tcp_ipv6,
+    build_tcp_options,
+)
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -40,7 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["tcp_transmit", "tcp_send_ack", "tcp_send_reset", "tcp_send_active_reset",
            "tcp_write_xmit", "tcp_xmit_retransmit_queue", "tcp_current_mss", "tcp_retransmit_skb", "tcp_send_syn", "tcp_make_synack",
-           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto"]
+           "tcp_select_window", "tcp_syn_window", "tcp_reqsk_window", "tcp_send_probe", "tcp_rto",
+           "tcp_build_frame"]
 
 _TS_OPT = struct.Struct("!III")
 _TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
@@ -197,7 +209,9 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
         urg = _urgent_pointer(sk, seq)
         if urg:
             flags |= URG
-    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok):
+    # IPv4 with timestamps, no SACK blocks: the packed fast path.  IPv6
+    # peers (addresses above 32 bits, tcp_h.V4_ADDR_MAX) take the general one.
+    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok) and sk.raddr <= 0xFFFFFFFF:
         tsval = (int(now * 1000) + sk.ts_off) & MASK
         tsecr = sk.ts_recent
         total = 52 + plen
@@ -219,9 +233,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
                            t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
-        frame = build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                               win, _options(sk, now), payload, csum_partial=csum_partial,
-                               urgent=urg)
+        frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
+                                win, _options(sk, now), payload, csum_partial, urg)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -234,6 +247,21 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
+
+
+def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
+                    flags: int, win: int, options: bytes = b"",
+                    payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
+                    urgent: int = 0) -> bytes:
+    """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
+    (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
+    (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
+    ``tcp_v6_send_check``)."""
+    if raddr > V4_ADDR_MAX:
+        return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
+                              payload, csum_partial=csum_partial, urgent=urgent)
+    return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
+                          csum_partial=csum_partial, urgent=urgent)
 
 
 def _urgent_pointer(sk: TcpSock, seq: int) -> int:
@@ -292,11 +320,11 @@ def tcp_send_reset(sh: Shard, laddr: int, lport: int, raddr: int, rport: int, se
     sh.stats.out_rsts += 1
     sh.stats.segs_out += 1
     if flags & ACK:
-        frame = build_tcp_ipv4(laddr, raddr, lport, rport, seg.ack, 0, RST, 0)
+        frame = tcp_build_frame(laddr, raddr, lport, rport, seg.ack, 0, RST, 0)
     else:
         end = (seg.seq + len(seg.payload) + (1 if flags & SYN else 0)
                + (1 if flags & FIN else 0)) & MASK
-        frame = build_tcp_ipv4(laddr, raddr, lport, rport, 0, end, RST | ACK, 0)
+        frame = tcp_build_frame(laddr, raddr, lport, rport, 0, end, RST | ACK, 0)
     sh.frames.append(frame)
 
 
@@ -305,8 +333,8 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
-    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
-                                    tcp_syn_window(sk.rcv_wnd), opts))
+    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
+                                     tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -316,8 +344,8 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
-    sh.frames.append(build_tcp_ipv4(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                    sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
+    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
+                                     sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -328,13 +356,14 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
         sh.tr("tcp_make_synack")
     ts = ((int(now * 1000) + req.ts_off) & MASK, req.ts_recent) if req.ts_ok else None
     user_mss = req.listener.user_mss  # Linux tcp_mss_clamp: TCP_MAXSEG set on the listener
-    mss = user_mss if 0 < user_mss < sh.adv_mss else sh.adv_mss
+    route_mss = sh.adv_mss6 if req.raddr > V4_ADDR_MAX else sh.adv_mss
+    mss = user_mss if 0 < user_mss < route_mss else route_mss
     opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
-        sh.tr("__tcp_v4_send_check")
-    return build_tcp_ipv4(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                          (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
+        sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+    return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
+                           (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -428,7 +457,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
-    burst = XMIT_BURST and sk.ts_ok and not sack_opts
+    # IPv6 peers send segment by segment (tcp_transmit's general path).
+    burst = XMIT_BURST and sk.ts_ok and not sack_opts and sk.raddr <= V4_ADDR_MAX
     if sk.urg_mode:
         # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
         maxseg = mss
