@@ -927,8 +927,10 @@ class Supervisor:
         return self.binds.get(bind_id)
 
     def _listener_args(self, b: GlobalBind) -> dict[str, Any]:
-        return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener,
-                **({"v6": True, "v6only": b.v6only} if b.family == socket.AF_INET6 else {})}
+        if b.family == socket.AF_INET6:  # (the text: msgpack's ints stop at 64 bits)
+            return {"bind_id": b.bind_id, "addr": _dotted(b.laddr, True), "port": b.lport,
+                    **b.listener, "v6": True, "v6only": b.v6only}
+        return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener}
 
     async def _release(self, b: GlobalBind) -> None:
         if b.listener is not None:

@@ -39,6 +39,7 @@ import asyncio
 import collections
 import errno
 import functools
+import ipaddress
 import os
 import signal
 import socket
@@ -168,10 +169,16 @@ class Worker:
 
         def port_filter(laddr: int, lport: int, raddr: int, rport: int) -> bool:
             # The mTCP trick: accept an ephemeral port only if the peer's
-            # replies (raddr:rport → laddr:lport) hash to this worker.
+            # replies (raddr:rport → laddr:lport) hash to this worker; over
+            # IPv6 (wire addresses above 32 bits) the 36-byte tuple's hash.
+            if raddr > 0xFFFFFFFF:
+                return reta[hasher.hash_tuple6(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
             return reta[hasher.hash_tuple(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
 
-        scfg = ShardConfig(addrs=[self.cfg.addr.ip], mtu=self.cfg.mtu, secret=self.cfg.secret,
+        cfg = self.cfg
+        scfg = ShardConfig(addrs=[cfg.addr.ip] if cfg.addr else [],
+                           addrs6=[cfg.addr6.ip] if cfg.addr6 else [],
+                           mtu=self.cfg.mtu, secret=self.cfg.secret,
                            trace=False, port_filter=port_filter,
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
@@ -182,7 +189,8 @@ class Worker:
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:
-        self.services = Services(self.shard, self.cfg.addr.ip)
+        # the built-in services on the wildcard: every address of ours
+        self.services = Services(self.shard, 0, v6=self.cfg.addr6 is not None)
         for port in self.cfg.echo_ports:
             self.services.install(ECHO, port)
         for port in self.cfg.discard_ports:
@@ -382,12 +390,14 @@ class Worker:
         listeners are on every shard, so the whole connection is ours.
         `frames` are `take_frames_gso()` pairs; a super-segment is taken
         whole (the shard accepts segments of any size)."""
-        local = self.cfg.addr.ip.to_bytes(4, "big")
+        local = self.cfg.addr.ip.to_bytes(4, "big") if self.cfg.addr else b"...."
         last = local[3]
+        local6 = self.cfg.addr6.ip.to_bytes(16, "big") if self.cfg.addr6 else None
         out = None
         for i, pair in enumerate(frames):
             f = pair[0]
-            if f[19] == last and f[16:20] == local:
+            if (f[19] == last and f[16:20] == local and f[0] >> 4 == 4) or (
+                    local6 is not None and f[0] >> 4 == 6 and f[24:40] == local6):
                 if out is None:
                     out = frames[:i]
                     mine = []
@@ -484,6 +494,9 @@ class Worker:
     def _conn_dict(self, ci: ConnInfo) -> dict[str, Any]:
         d = to_plain(ci)
         d["worker"] = self.wid
+        for k in ("laddr", "raddr"):
+            if d[k] > 0xFFFFFFFF:  # IPv6 (msgpack's ints stop at 64 bits): as `ss` prints it
+                d[k] = f"[{ipaddress.IPv6Address(d[k])}]"
         return d
 
     def _stats(self) -> dict[str, Any]:
