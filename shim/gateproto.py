@@ -167,7 +167,7 @@ def _split_hostport(text: str) -> tuple[str, int]:
     p = int(port)
     if not 0 <= p <= 0xFFFF:
         raise ValueError(port)
-    return str(ipaddress.ip_address(host)), p
+    return ip_str(host), p
 
 
 def ip_str(addr: int | str, v6: bool = False) -> str:
@@ -176,7 +176,12 @@ def ip_str(addr: int | str, v6: bool = False) -> str:
     (IPv6 ones are above 2**32, core.tcp_h.V4_ADDR_MAX); `v6` says how to
     spell the ambiguous 0 (`::` rather than `0.0.0.0`)."""
     if isinstance(addr, str):
-        return str(ipaddress.ip_address(addr))
+        addr = int(ipaddress.ip_address(addr)) if ":" in addr else addr
+        if isinstance(addr, str):
+            return str(ipaddress.IPv4Address(addr))
+    if addr >> 32 == 0xFFFF:
+        # v4-mapped as Linux (inet_ntop) and Python 3.13 spell it: ::ffff:a.b.c.d
+        return "::ffff:" + str(ipaddress.IPv4Address(addr & 0xFFFFFFFF))
     if addr > 0xFFFFFFFF or (v6 and addr == 0):
         return str(ipaddress.IPv6Address(addr))
     return str(ipaddress.IPv4Address(addr))
