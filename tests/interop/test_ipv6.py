@@ -203,6 +203,10 @@ def test_curl6_from_the_kernel_to_http_server_on_the_stack(kind):
         assert hashlib.sha256((st.tmp / "got4.bin").read_bytes()).hexdigest() == want
         # both connections were the stack's (the kernel has no such listener)
         assert st.shard_sum("passive_opens") - opens == 2
+        # IPv6 super-segments went out whole (GSO TCPV6), none refused by the device
+        workers = st.cli("stats")["workers"]
+        assert not any(w["counters"]["drops"].get("DEV_TX") for w in workers), workers
+        assert sum(w["counters"]["gso_out"] for w in workers) > 0
         log = st.app_log("http")
         assert f'{st.peer6} - - ' in log and f'::ffff:{st.peer4} - - ' in log, log
         # ping -6: answered by netio, the kernel peer sees no loss
