@@ -609,7 +609,8 @@ class Shard:
         self.now = now
         sk = self._sk(sd)
         wire = self._wire_addr(sk, addr)
-        if sk.family == AF_INET6 and (wire > V4_ADDR_MAX or (wire == 0 and addr == 0)):
+        if sk.family == AF_INET6 and wire == addr:
+            # Not v4-mapped: IPv6 (::/96 and :: are refused there, not sent as IPv4).
             tcp_ipv6.tcp_v6_connect(self, sk, wire, port, now)
             return
         if sk.family == AF_INET6:

@@ -191,7 +191,8 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["last_ack_recv"], _msec_since(now, sk.rcv_tstamp))
 
     if sk.raddr:
-        put(ix["pmtu"], sk.adv_mss + 40)  # icsk_pmtu_cookie, set with the route at connect
+        # icsk_pmtu_cookie, set with the route at connect (IPv6 headers: 60 bytes)
+        put(ix["pmtu"], sk.adv_mss + (60 if sk.raddr > 0xFFFFFFFF else 40))
     free = sk.rcvbuf - sk.rcvq_len - sk.ofo_len
     cap = 65535 << sk.rcv_wscale
     if sk.window_clamp and sk.window_clamp < cap:

@@ -58,6 +58,12 @@ _TS_OPT = struct.Struct("!III")
 _TS_WORD = 0x0101080A  # NOP, NOP, kind 8, length 10
 #: IPv4 header (no options) + TCP header + NOP,NOP,TS: what established segments carry.
 _pack_ts_hdr = struct.Struct("!BBHHHBBHIIHHIIBBHHHIII").pack
+#: The same for IPv6 (RFC 8200 §3; addresses as 64-bit halves): 72 bytes.
+_pack_ts_hdr6 = struct.Struct("!IHBBQQQQHHIIBBHHHIII").pack
+#: IPv6 header alone, and TCP + NOP,NOP,TS alone (a burst packs the first once).
+_pack_ip6 = struct.Struct("!IHBBQQQQ").pack
+_pack_tcp_ts = struct.Struct("!HHIIBBHHHIII").pack
+_M64 = (1 << 64) - 1
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
@@ -209,9 +215,7 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
         urg = _urgent_pointer(sk, seq)
         if urg:
             flags |= URG
-    # IPv4 with timestamps, no SACK blocks: the packed fast path.  IPv6
-    # peers (addresses above 32 bits, tcp_h.V4_ADDR_MAX) take the general one.
-    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok) and sk.raddr <= 0xFFFFFFFF:
+    if sk.ts_ok and not ((sk.ofo or sk.dsack) and sk.sack_ok):
         tsval = (int(now * 1000) + sk.ts_off) & MASK
         tsecr = sk.ts_recent
         total = 52 + plen
@@ -228,9 +232,18 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             if plen:
                 t_sum += sum16(payload)
             t_field = -t_sum % 0xFFFF
-        hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
-                           sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
-                           t_field, urg, _TS_WORD, tsval, tsecr)
+        raddr = sk.raddr
+        if raddr <= 0xFFFFFFFF:
+            hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
+                               sk.laddr, raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
+                               t_field, urg, _TS_WORD, tsval, tsecr)
+        else:
+            # IPv6 (tcp_h.V4_ADDR_MAX): no header checksum; the TCP sums above
+            # hold as they are (128-bit addresses sum like 32-bit ones).
+            laddr = sk.laddr
+            hdr = _pack_ts_hdr6(0x60000000, 32 + plen, 6, 64, laddr >> 64, laddr & _M64,
+                                raddr >> 64, raddr & _M64, sk.lport, sk.rport, seq, ack, 0x80,
+                                flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
@@ -457,8 +470,7 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
     maxseg = (tso // mss) * mss if tso > mss else mss
-    # IPv6 peers send segment by segment (tcp_transmit's general path).
-    burst = XMIT_BURST and sk.ts_ok and not sack_opts and sk.raddr <= V4_ADDR_MAX
+    burst = XMIT_BURST and sk.ts_ok and not sack_opts
     if sk.urg_mode:
         # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
         maxseg = mss
@@ -658,19 +670,36 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     n = len(chunk)
     off = sk.sndq_head_off + sent_off
     seq = nxt
-    for _ in range(count):
-        end = off + size
-        payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
-        if not partial:
-            t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-        append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
-                                      sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
-                                      _TS_WORD, tsval, tsecr), payload)))
-        if gso:
-            sh.gso_marks.append((len(frames) - 1, mss))
-        seq = (seq + size) & MASK
-        sent_off += size
-        off = end
+    if dst <= 0xFFFFFFFF:
+        for _ in range(count):
+            end = off + size
+            payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
+            if not partial:
+                t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
+            append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
+                                          sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
+                                          _TS_WORD, tsval, tsecr), payload)))
+            if gso:
+                sh.gso_marks.append((len(frames) - 1, mss))
+            seq = (seq + size) & MASK
+            sent_off += size
+            off = end
+    else:
+        # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
+        ip6 = _pack_ip6(0x60000000, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+                        dst & _M64)
+        for _ in range(count):
+            end = off + size
+            payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
+            if not partial:
+                t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
+            append(b"".join((ip6, _pack_tcp_ts(sport, dport, seq, ack, 0x80, ACK, win, t_field,
+                                               0, _TS_WORD, tsval, tsecr), payload)))
+            if gso:
+                sh.gso_marks.append((len(frames) - 1, mss))
+            seq = (seq + size) & MASK
+            sent_off += size
+            off = end
     sh.stats.segs_out += count
     if size < sk.seg_min:
         sk.seg_min = size

@@ -15,6 +15,11 @@ CLOSE-WAIT, LAST-ACK, CLOSING, TIME-WAIT), then a sequence of steps:
   offered with and without the device's checksum vouching;
 - an ICMP error quoting one of our segments (types/codes/MTUs/quote lengths);
 - random bytes;
+- with ``v6`` (``run_one(data, v6=True)``: every input also replays as IPv6)
+  the same conversations over IPv6 against a dual-stack shard, the
+  mutations rewriting IPv6 header fields and inserting extension headers
+  (hop-by-hop, destination options, routing, fragment, malformed ones), and
+  ICMPv6 errors (Packet Too Big with MTUs around 1280, unreachable, ...);
 - application calls (send, recv, shutdown, close, setsockopt TCP_MAXSEG);
 - time passing (timers fire).
 
@@ -50,12 +55,27 @@ sys.path.insert(0, str(HERE.parent / "unit" / "core"))
 
 import socket  # noqa: E402
 
-from core_helpers import ACK, FIN, RST, SYN, A, B, Peer, listen, make_shard  # noqa: E402
+from core_helpers import (  # noqa: E402
+    A6,
+    ACK,
+    B6,
+    FIN,
+    RST,
+    SYN,
+    A,
+    B,
+    Peer,
+    Peer6,
+    listen,
+    make_shard,
+    make_shard6,
+)
 from shardstack.core.dropreason import DropReason  # noqa: E402
 from shardstack.core.sock import State  # noqa: E402
 from shardstack.core.wire.checksum import internet_checksum  # noqa: E402
 from shardstack.core.wire.icmp import build_icmp_error  # noqa: E402
-from shardstack.core.wire.tcp import build_tcp_ipv4, build_tcp_options  # noqa: E402
+from shardstack.core.wire.icmpv6 import build_icmpv6_error  # noqa: E402
+from shardstack.core.wire.tcp import build_tcp_ipv4, build_tcp_ipv6, build_tcp_options  # noqa: E402
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
@@ -122,12 +142,16 @@ def _syn_opts(s: Script) -> dict:
 class World:
     """A shard, the peer talking to it, and the descriptor of the socket under test."""
 
-    def __init__(self, s: Script) -> None:
+    def __init__(self, s: Script, v6: bool = False) -> None:
         kw = {}
         if s.flag():
             kw["syncookies"] = s.flag()
-        self.sh = make_shard(**kw)
-        self.peer = Peer(self.sh)
+        self.v6 = v6
+        # IPv6: a dual-stack shard (A6 and A), its peer at B6, AF_INET6 sockets.
+        self.sh = make_shard6(A6, addr4=A, **kw) if v6 else make_shard(**kw)
+        self.peer = Peer6(self.sh) if v6 else Peer(self.sh)
+        self.family = socket.AF_INET6 if v6 else socket.AF_INET
+        self.raddr = B6 if v6 else B
         self.sd: int | None = None
         self.lsd: int | None = None
         self.peer_isn = 1000
@@ -142,21 +166,22 @@ class World:
         return sk
 
 
-def setup(s: Script) -> World:
-    w = World(s)
+def setup(s: Script, v6: bool = False) -> World:
+    w = World(s, v6)
     sh, peer = w.sh, w.peer
     scenario = s.below(14)
     if scenario == 0:  # LISTEN only
-        w.lsd = listen(sh, backlog=s.below(4) + 1)
+        w.lsd = listen(sh, backlog=s.below(4) + 1, family=w.family)
         return w
     if scenario == 1:  # SYN-SENT (we connect; the peer answers nothing yet)
-        w.sd = sh.socket()
-        sh.connect(w.sd, B, 40000, 0.0)
+        w.sd = sh.socket(w.family)
+        sh.connect(w.sd, w.raddr, 40000, 0.0)
         peer.recv_one()
         return w
     w.lsd = listen(sh, backlog=s.below(8) + 1,
                    opts=((socket.SOL_SOCKET, socket.SO_RCVBUF, s.choice([2048, 8192, 65536,
-                                                                       262144])),))
+                                                                       262144])),),
+                   family=w.family)
     opts = _syn_opts(s)
     w.ts = opts.get("ts")
     peer.send(SYN, w.peer_isn, **opts)
@@ -281,12 +306,64 @@ def tcp_frame(s: Script, w: World) -> bytes:
     flags = s.choice(_FLAG_SETS) if s.below(4) else s.byte()
     payload = b"p" * s.choice([0, 0, 1, 2, 10, 500, 1460, 3000, 65000 - 100])
     opts = _options(s, sk)
+    if w.v6:
+        return build_tcp_ipv6(B6, A6, sport, dport, seq, ack, flags, s.u16(), opts, payload,
+                              flow_label=s.u16())
     return build_tcp_ipv4(B, A, sport, dport, seq, ack, flags, s.u16(), opts, payload,
                           ttl=64, ident=s.u16())
 
 
+#: Extension headers to put in front of an IPv6 packet's upper layer: well-formed
+#: ones (skipped), and ones the stack must refuse (fragment, Segments Left > 0,
+#: options asking for a Parameter Problem, lengths past the packet).
+_EXTHDRS = [
+    (0, b"\x00\x01\x04\x00\x00\x00\x00"),  # hop-by-hop, PadN
+    (60, b"\x00\x01\x04\x00\x00\x00\x00"),  # destination options, PadN
+    (43, b"\x00\x00\x00\x00\x00\x00\x00"),  # routing, Segments Left 0
+    (43, b"\x00\x00\x01\x00\x00\x00\x00"),  # routing, Segments Left 1
+    (44, b"\x00\x00\x01\x00\x00\x00\x07"),  # fragment
+    (60, b"\x00\xbe\x02\x00\x00\x01\x00"),  # unknown option, action 10
+    (60, b"\x00\x7e\x02\x00\x00\x01\x00"),  # unknown option, action 01
+    (60, b"\x05\x01\x04\x00\x00\x00\x00"),  # length past the packet
+    (60, b"\x00\x01\x09\x00\x00\x00\x00"),  # option past its header
+]
+
+
+def _insert_exthdr(s: Script, b: bytearray) -> bytearray:
+    """Put one extension header (or a run of empty ones) after the fixed IPv6 header."""
+    if len(b) < 40:
+        return b
+    nh, rest = s.choice(_EXTHDRS)
+    count = s.choice([1, 1, 2, 9, 40])
+    ext = b""
+    first = b[6]
+    for _ in range(count):
+        ext = ext + bytes([nh]) + rest
+    # Each header names the next; the last names the original upper layer.
+    chain = bytearray(ext)
+    for i in range(count):
+        chain[8 * i] = nh if i < count - 1 else first
+    b[6] = nh
+    out = b[:40] + chain + b[40:]
+    plen = len(out) - 40
+    out[4:6] = struct.pack("!H", min(plen, 0xFFFF))
+    return out
+
+
 def mutate(s: Script, pkt: bytes) -> bytes:
     b = bytearray(pkt)
+    if b and b[0] >> 4 == 6:
+        for _ in range(s.below(6) + 1):
+            where = s.choice([0, 1, 4, 5, 6, 7, 8, 24, 39, 40 + 12, 40 + 13, 60, 61,
+                              s.below(len(b))])
+            if where < len(b):
+                b[where] = s.byte()
+        if s.flag():
+            b = _insert_exthdr(s, b)
+        if s.flag():
+            n = s.below(len(b) + 8)
+            b = b[:n] if n <= len(b) else b + bytes(n - len(b))
+        return bytes(b)
     for _ in range(s.below(6) + 1):
         where = s.choice([0, 2, 3, 6, 9, 20 + 12, 20 + 13, 40, 41, 42, s.below(len(b))])
         if where < len(b):
@@ -302,7 +379,28 @@ def mutate(s: Script, pkt: bytes) -> bytes:
     return bytes(b)
 
 
+def icmp6_frame(s: Script, w: World) -> bytes:
+    """An ICMPv6 error (or another type) quoting one of our segments, or garbage."""
+    sk = w.sk()
+    if sk is not None:
+        seq = _seq_near(s, sk.snd_una, 65535) & MASK
+        laddr = sk.laddr if sk.laddr > 0xFFFFFFFF else A6
+        quoted = build_tcp_ipv6(laddr, B6, sk.lport or 80, w.peer.port, seq, sk.rcv_nxt, ACK,
+                                100, b"", b"x" * s.below(100))
+    else:
+        quoted = build_tcp_ipv6(A6, B6, 80, w.peer.port, s.u32(), 0, SYN | ACK, 100)
+    quoted = quoted[:s.choice([len(quoted), 48, 47, 40, 8])]
+    if s.flag():
+        quoted = mutate(s, quoted)
+    itype = s.choice([2, 2, 1, 1, 3, 4, 128, 129, 135, 136, s.byte()])
+    code = s.choice([0, 0, 4, 1, 3, 5, 6, s.byte()])
+    rest = s.choice([1280, 1279, 1220, 1500, 0, 65536, s.u32()])
+    return build_icmpv6_error(B6, A6, itype, code, quoted, rest)
+
+
 def icmp_frame(s: Script, w: World) -> bytes:
+    if w.v6:
+        return icmp6_frame(s, w)
     sk = w.sk()
     if sk is not None:
         seq = _seq_near(s, sk.snd_una, 65535) & MASK
@@ -348,11 +446,11 @@ def app_step(s: Script, w: World) -> None:
         pass  # bad API use answers with an errno; that is the API's contract
 
 
-def run_one(data: bytes) -> None:
+def run_one(data: bytes, v6: bool = False) -> None:
     """One fuzz input: a conversation, then steps; raises AssertionError when an
-    invariant breaks, or whatever escaped the Shard."""
+    invariant breaks, or whatever escaped the Shard.  ``v6``: over IPv6."""
     s = Script(data)
-    w = setup(s)
+    w = setup(s, v6)
     sh = w.sh
     check_invariants(sh)
     for _ in range(s.below(16) + 1):
@@ -366,7 +464,10 @@ def run_one(data: bytes) -> None:
         elif kind == 6:
             sh.receive(icmp_frame(s, w), w.now)
         elif kind == 7:
-            sh.receive(s.raw(s.below(80)), w.now)
+            raw = s.raw(s.below(80))
+            if v6 and raw:  # random bytes behind an IPv6 version nibble
+                raw = bytes([0x60 | (raw[0] & 0x0F)]) + raw[1:]
+            sh.receive(raw, w.now)
         elif kind == 8:
             app_step(s, w)
         else:
@@ -434,11 +535,12 @@ def seeds() -> list[bytes]:
     return [p.read_bytes() for p in sorted(CORPUS.iterdir()) if p.is_file()]
 
 
-def plain(runs: int, seed: int, every: int = 50000) -> int:
+def plain(runs: int, seed: int, every: int = 50000, v6: bool | None = None) -> int:
     """The engine without atheris: corpus inputs mutated (byte flips, inserts,
     cuts, splices) and fresh random ones, deterministic by ``seed``; prints
     progress; returns the number of inputs run.  Fast (no coverage
-    instrumentation): the engine for the million-input runs."""
+    instrumentation): the engine for the million-input runs.  ``v6`` None:
+    every other input runs over IPv6."""
     import random
     import signal
     import time
@@ -471,7 +573,7 @@ def plain(runs: int, seed: int, every: int = 50000) -> int:
             data = bytes(b[:512])
         signal.alarm(INPUT_SECONDS)  # liveness: a wedged engine fails the run
         try:
-            run_one(data)
+            run_one(data, bool(i & 1) if v6 is None else v6)
         except BaseException:
             path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fuzz-crash-{seed}-{i}"
             path.write_bytes(data)
@@ -495,6 +597,7 @@ def main() -> None:
 
     def one(data: bytes) -> None:
         run_one(data)
+        run_one(data, v6=True)  # every input means the same over IPv6
 
     # Coverage of the engine guides the mutations: every function of
     # shardstack.core is instrumented in place (instrument_all would take a

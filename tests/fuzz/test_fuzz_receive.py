@@ -31,6 +31,12 @@ def test_corpus_input_keeps_the_invariants(path):
     run_one((CORPUS / path).read_bytes())
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in CORPUS.iterdir()))
+def test_corpus_input_keeps_the_invariants_over_ipv6(path):
+    """The same script over IPv6 (dual-stack shard, extension headers, ICMPv6)."""
+    run_one((CORPUS / path).read_bytes(), v6=True)
+
+
 @pytest.mark.slow
 def test_atheris_bounded_run(tmp_path):
     pytest.importorskip("atheris")
@@ -63,3 +69,4 @@ def test_plain_bounded_run():
 @given(st.binary(min_size=4, max_size=512))
 def test_hypothesis_bounded_run(data):
     run_one(data)
+    run_one(data, v6=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardstack.core import Shard, ShardConfig
+from shardstack.core.wire.checksum import verify_tcp_checksum
 from shardstack.core.wire.ipv4 import parse_ipv4, str_to_ip
+from shardstack.core.wire.ipv6 import NEXTHDR_TCP, parse_ipv6, str_to_ip6
 from shardstack.core.wire.tcp import (
     ACK,
     FIN,
@@ -19,6 +21,7 @@ from shardstack.core.wire.tcp import (
     RST,
     SYN,
     build_tcp_ipv4,
+    build_tcp_ipv6,
     build_tcp_options,
     flags_to_str,
     parse_tcp,
@@ -26,10 +29,14 @@ from shardstack.core.wire.tcp import (
 
 A = str_to_ip("198.18.0.1")
 B = str_to_ip("198.18.0.2")
+#: The IPv6 pair (RFC 4193 unique local addresses, as the interop tests use).
+A6 = str_to_ip6("fd00::1")
+B6 = str_to_ip6("fd00::2")
 SECRET = b"test-secret-0123456789"
 
-__all__ = ["A", "B", "Seg", "parse", "Peer", "Pair", "make_shard", "listen", "passive_open",
-           "server_conn", "connect_over", "ACK", "FIN", "PSH", "RST", "SYN"]
+__all__ = ["A", "B", "A6", "B6", "Seg", "parse", "parse6", "Peer", "Peer6", "Pair", "make_shard",
+           "make_shard6", "listen", "passive_open", "server_conn", "connect_over", "ACK", "FIN",
+           "PSH", "RST", "SYN"]
 
 
 @dataclass(frozen=True)
@@ -64,15 +71,33 @@ def parse(frame: bytes) -> Seg:
                t.window, o.mss, o.wscale, o.sack_perm, o.ts, o.sack_blocks, bytes(t.payload))
 
 
+def parse6(frame: bytes) -> Seg:
+    """An IPv6 frame's TCP segment (its checksum must verify)."""
+    ip, payload = parse_ipv6(frame)
+    assert ip.next_header == NEXTHDR_TCP, ip
+    assert verify_tcp_checksum(ip.src, ip.dst, payload), "bad TCP checksum over IPv6"
+    t = parse_tcp(payload)
+    o = t.options
+    return Seg(ip.src, ip.dst, t.src_port, t.dst_port, t.seq, t.ack, flags_to_str(t.flags),
+               t.window, o.mss, o.wscale, o.sack_perm, o.ts, o.sack_blocks, bytes(t.payload))
+
+
+def make_shard6(addr6: int = A6, addr4: int | None = None, **kw) -> Shard:
+    """A shard with the IPv6 address ``addr6`` (and the IPv4 one ``addr4``, if given)."""
+    kw.setdefault("secret", SECRET)
+    return Shard(ShardConfig(addrs=[addr4] if addr4 else [], addrs6=[addr6], **kw), 0.0)
+
+
 def make_shard(addr: int = A, **kw) -> Shard:
     kw.setdefault("secret", SECRET)
     return Shard(ShardConfig(addrs=[addr], **kw), 0.0)
 
 
-def listen(sh: Shard, port: int = 80, backlog: int = 4, opts: tuple = ()) -> int:
+def listen(sh: Shard, port: int = 80, backlog: int = 4, opts: tuple = (),
+           family: int = 2) -> int:
     """A listener on sh's wildcard:``port``, ``opts`` ((level, opt, value), ...) set before
-    bind; its sd."""
-    lsd = sh.socket()
+    bind; its sd.  ``family`` 10 (AF_INET6): on ``::``."""
+    lsd = sh.socket(family)
     for level, opt, value in opts:
         sh.setsockopt(lsd, level, opt, value)
     sh.bind(lsd, 0, port)
@@ -128,6 +153,38 @@ class Peer:
                 break
             sent += [(t, s) for s in self.advance(t)]
         return sent
+
+
+class Peer6(Peer):
+    """A scripted IPv6 host ``addr:port`` (B6) talking to ``shard`` at A6: the same
+    calls as :class:`Peer`, IPv6 frames."""
+
+    def __init__(self, shard: Shard, addr: int = B6, port: int = 40000,
+                 shard_addr: int = A6) -> None:
+        super().__init__(shard, addr, port, shard_addr)
+
+    def frame(self, flags: int, seq: int, ack: int = 0, *, dport: int = 80,
+              window: int = 65535, payload: bytes = b"", urgent: int = 0, sack: tuple = (),
+              **opts) -> bytes:
+        return build_tcp_ipv6(self.addr, self.shard_addr, self.port, dport, seq & 0xFFFFFFFF,
+                              ack & 0xFFFFFFFF, flags, window,
+                              build_tcp_options(sack_blocks=sack, **opts), payload,
+                              urgent=urgent)
+
+    def send(self, flags: int, seq: int, ack: int = 0, *, at: float | None = None,
+             **kw) -> None:  # type: ignore[override]
+        if at is not None:
+            self.now = at
+            self.shard.advance(at)
+        self.shard.receive(self.frame(flags, seq, ack, **kw), self.now)
+
+    def recv(self) -> list[Seg]:
+        """Every TCP frame the shard sent since the last call (ICMPv6 ones skipped)."""
+        out = []
+        for f in self.shard.take_frames():
+            if parse_ipv6(f)[0].next_header == NEXTHDR_TCP:
+                out.append(parse6(f))
+        return out
 
 
 def passive_open(peer: Peer, lsd: int, isn: int = 1000, *, ack_window: int = 65535,

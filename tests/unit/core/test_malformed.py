@@ -52,8 +52,9 @@ def test_bad_ip_checksum_and_header():
     assert feed(sh, pkt) == []
     assert sh.stats.drops[DropReason.IP_CSUM] == 1
     assert feed(sh, b"\x45\x00") == []
-    assert feed(sh, b"\x65" + bytes(39)) == []
-    assert sh.stats.drops[DropReason.IP_HDR] == 2
+    assert feed(sh, b"\x75" + bytes(39)) == []  # version 7 (6 is IPv6: tests/unit/core/test_ipv6.py)
+    assert feed(sh, b"\x65" + bytes(30)) == []  # an IPv6 header cut short
+    assert sh.stats.drops[DropReason.IP_HDR] == 3
 
 
 def test_bad_data_offset():
