@@ -176,9 +176,9 @@ def ip_str(addr: int | str, v6: bool = False) -> str:
     (IPv6 ones are above 2**32, core.tcp_h.V4_ADDR_MAX); `v6` says how to
     spell the ambiguous 0 (`::` rather than `0.0.0.0`)."""
     if isinstance(addr, str):
-        addr = int(ipaddress.ip_address(addr)) if ":" in addr else addr
-        if isinstance(addr, str):
+        if ":" not in addr:
             return str(ipaddress.IPv4Address(addr))
+        addr, v6 = int(ipaddress.IPv6Address(addr)), True
     if addr >> 32 == 0xFFFF:
         # v4-mapped as Linux (inet_ntop) and Python 3.13 spell it: ::ffff:a.b.c.d
         return "::ffff:" + str(ipaddress.IPv4Address(addr & 0xFFFFFFFF))
