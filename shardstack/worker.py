@@ -39,7 +39,6 @@ import asyncio
 import collections
 import errno
 import functools
-import ipaddress
 import os
 import signal
 import socket
@@ -75,6 +74,7 @@ from shardstack.netio.process import decode_neigh_entries, worker_endpoint
 from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
 from shardstack.services import DISCARD, ECHO, Services
+from shardstack.shim.gateproto import ip_str as gp_ip_str
 from shardstack.stats import to_plain
 
 MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
@@ -494,9 +494,12 @@ class Worker:
     def _conn_dict(self, ci: ConnInfo) -> dict[str, Any]:
         d = to_plain(ci)
         d["worker"] = self.wid
+        v6 = ci.sd is not None and self.shard.sock(ci.sd).family == socket.AF_INET6
         for k in ("laddr", "raddr"):
-            if d[k] > 0xFFFFFFFF:  # IPv6 (msgpack's ints stop at 64 bits): as `ss` prints it
-                d[k] = f"[{ipaddress.IPv6Address(d[k])}]"
+            if d[k] > 0xFFFFFFFF or (v6 and d[k] == 0):
+                # IPv6 (msgpack's ints stop at 64 bits) as `ss` prints it; an
+                # AF_INET6 listener's `::` too, not 0.0.0.0
+                d[k] = f"[{gp_ip_str(d[k], True)}]"
         return d
 
     def _stats(self) -> dict[str, Any]:

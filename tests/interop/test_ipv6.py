@@ -195,6 +195,9 @@ def test_curl6_from_the_kernel_to_http_server_on_the_stack(kind):
         want = _blob(st, "blob.bin", 3 << 20, 1)
         app = st.run_app([PY, "-m", "http.server", "--bind", "::", str(HTTP_PORT)], "http")
         st.wait_listening(HTTP_PORT, app, "http")
+        rows = [r for r in st.cli("ss") if r["lport"] == HTTP_PORT]
+        # one AF_INET6 `::` listener per worker, shown as Linux's ss shows it
+        assert [r["laddr"] for r in rows] == ["[::]"] * WORKERS, rows
         opens = st.shard_sum("passive_opens")
         out = st.tmp / "got6.bin"
         _curl(st, f"http://[{st.addr6}]:{HTTP_PORT}/blob.bin", out)
