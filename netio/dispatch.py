@@ -241,7 +241,7 @@ class Dispatcher:
                     continue
                 etype = _ETHERTYPE.unpack_from(frame, 12)[0]
                 if etype != ETH_P_IP:
-                    self._slow_l2(frame, etype, out)
+                    self._slow_l2(frame, etype, out, flags)
                     continue
             if n_bytes < l3 + 20:
                 ip_hdr += 1  # shorter than an IPv4 header
@@ -364,11 +364,11 @@ class Dispatcher:
         out.flags[w].append(flags)
         self.stats.icmp_errors += 1
 
-    def _slow_l2(self, frame: bytes, etype: int, out: Batch) -> None:
+    def _slow_l2(self, frame: bytes, etype: int, out: Batch, flags: int = 0) -> None:
         """Non-IPv4 Ethernet: ARP (`arp_process`), everything else dropped."""
         drops = self.stats.drops
         if etype == ETH_P_IPV6 and self.addrs6:
-            self._ipv6(frame, 0, ETH_HLEN, out)
+            self._ipv6(frame, flags, ETH_HLEN, out)
             return
         if etype != ETH_P_ARP:
             drops[DropReason.UNHANDLED_PROTO] += 1  # LLDP, VLAN tags, IPv6 unconfigured...

@@ -298,11 +298,13 @@ def test_stack_connects_out_to_a_kernel_ipv6_server(kind):
             assert n6["probes_bcast"] >= 1 and n6["entries"] >= 1, n6
 
 
-def test_transfer_under_loss_over_ipv6():
+@pytest.mark.parametrize("kind", ["tun", "packet"])
+def test_transfer_under_loss_over_ipv6(kind):
     """Seeded loss and reordering in both directions (--impair: netio's RX,
-    every worker's TX) on an IPv6 download: every byte arrives, in order."""
+    every worker's TX; on AF_PACKET NDP frames too) on an IPv6 download:
+    every byte arrives, in order."""
     spec = "loss=0.02,reorder=0.02,seed=11"
-    with v6_stack("tun", ["--impair", spec, "--no-offload"]) as st:
+    with v6_stack(kind, ["--impair", spec, "--no-offload"]) as st:
         want = _blob(st, "lossy.bin", 4 << 20, 2)
         app = st.run_app([PY, "-m", "http.server", "--bind", "::", str(HTTP_PORT)], "http")
         st.wait_listening(HTTP_PORT, app, "http")

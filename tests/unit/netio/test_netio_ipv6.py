@@ -200,3 +200,21 @@ def test_neighbour_messages_carry_ipv6_addresses():
     parts = [b"", encode_neighbour(PEER_I, mac, NUD_STALE), encode_neighbour(0xC6120001, mac)]
     assert decode_neigh_entries(parts) == [(PEER_I, mac, NUD_STALE),
                                            (0xC6120001, mac, NUD_REACHABLE)]
+
+
+@pytest.mark.parametrize("layer2", [False, True])
+def test_ipv6_frames_keep_their_checksum_flags(layer2):
+    """The device's checksum state goes with an IPv6 frame to its worker (a
+    veth's CHECKSUM_PARTIAL frame has only the pseudo-header sum in it: the
+    worker must not verify it)."""
+    from shardstack.netio.device import RX_CSUM_VALID
+
+    d = Dispatcher(2, [], l2=layer2, mac=MAC if layer2 else None, addrs6=[US_I])
+    frames = [(eth(tcp6(p)) if layer2 else tcp6(p), RX_CSUM_VALID * (p % 2))
+              for p in range(40000, 40040)]
+    out = d.dispatch(frames)
+    for fs, fl in zip(out.frames, out.flags, strict=True):
+        for f, flag in zip(fs, fl, strict=True):
+            sport = int.from_bytes(f[(54 if layer2 else 40):][:2], "big")
+            assert flag == RX_CSUM_VALID * (sport % 2)
+    assert sum(len(fs) for fs in out.frames) == 40
