@@ -1,4 +1,4 @@
-"""shardstack.core: the sans-I/O TCP/IPv4 engine (see docs/architecture.md)."""
+"""shardstack.core: the sans-I/O TCP engine, IPv4 and IPv6 (see docs/architecture.md)."""
 
 from . import tcp_cubic  # noqa: F401  registers "cubic" (the default) with tcp_cong
 from .dropreason import DropReason

@@ -94,7 +94,8 @@ WIRE_REASONS = {
              **{r: DropReason.IPV6_BAD_EXTHDR for r in (
                  "exthdr_truncated", "exthdr_chain", "exthdr_option_len",
                  "exthdr_option_discard", "exthdr_option_unknown", "exthdr_too_many_options",
-                 "exthdr_routing")},
+                 "exthdr_routing", "exthdr_padding")},
+             "fragment_len": DropReason.IP_FRAGMENT,
              "exthdr_hop_not_first": DropReason.IP_NOPROTO},
     # core.wire.icmpv6.parse_ndp (anything else: IPV6_NDISC_BAD_OPTIONS).
     "ndp": {"ndp_hop_limit": DropReason.IPV6_NDISC_HOP_LIMIT,

@@ -38,12 +38,13 @@ class RequestSock:
     ts_ok: bool = False
     ts_recent: int = 0
     ts_off: int = 0
+    ecn_ok: bool = False  # the SYN asked for ECN and we accept (tcp_ecn_create_request)
     num_retrans: int = 0
     synack_time: float = 0.0
     dead: bool = False
-    timers: list[float | None] = field(default_factory=lambda: [None] * 8)
-    timer_seq: list[int] = field(default_factory=lambda: [0] * 8)  # representative heap entry
-    timer_q: list[float | None] = field(default_factory=lambda: [None] * 8)  # its deadline
+    timers: list[float | None] = field(default_factory=lambda: [None] * 9)
+    timer_seq: list[int] = field(default_factory=lambda: [0] * 9)  # representative heap entry
+    timer_q: list[float | None] = field(default_factory=lambda: [None] * 9)  # its deadline
 
 
 def inet_reqsk_alloc(sh: Shard, listener: TcpSock, laddr: int, lport: int, raddr: int,

@@ -1,7 +1,8 @@
 """The Shard: one host's TCP engine, sans I/O (h11's ``Connection`` for a whole stack).
 
-IPv4 packets and the time go in; IPv4 packets, socket events and the next
-timer deadline come out.  Socket operations use small integer descriptors
+IPv4 and IPv6 packets and the time go in; IPv4 and IPv6 packets (tell them
+apart by the version nibble), socket events and the next timer deadline
+come out.  Socket operations use small integer descriptors
 local to the shard (never reused).  Nothing here reads a clock, a socket or
 a random source: ``now`` and ``ShardConfig.secret`` come from the caller.
 
@@ -16,6 +17,7 @@ import errno
 import hashlib
 import socket as _socket
 import struct
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +30,9 @@ from . import (
     tcp_info,
     tcp_ipv4,
     tcp_ipv6,
+    tcp_migrate,
     tcp_output,
+    tcp_pacing,
     tcp_rcvbuf,
     tcp_timer,
     udp,
@@ -96,6 +100,8 @@ class ShardConfig:
     tcp_rmem: tuple[int, int, int] = tcp_rcvbuf.TCP_RMEM
     sndbuf: int = 1048576
     congestion: str = tcp_cong.DEFAULT
+    #: net.ipv4.tcp_frto: F-RTO (RFC 5682, SACK-enhanced) after an RTO; 0 off.
+    frto: int = 2
     #: Most connections (established, handshaking, TIME-WAIT: the 4-tuple
     #: table) this shard holds; a SYN past it is dropped (TCP_CONN_LIMIT).
     #: 0: no cap.
@@ -109,6 +115,13 @@ class ShardConfig:
     tcp_mem: tuple[int, int, int] = (128 << 20, 256 << 20, 512 << 20)
     #: net.ipv4.tcp_syn_linear_timeouts: SYN retransmissions on a linear timer first.
     syn_linear_timeouts: int = TCP_SYN_LINEAR_TIMEOUTS
+    #: net.ipv4.tcp_ecn (RFC 3168, core.tcp_ecn): 0 off; 1 ask for ECN on our
+    #: SYNs and accept it; 2 (Linux's default) accept when a peer asks, never ask.
+    ecn: int = 2
+    #: Pace every connection in the engine (tcp_pacing), as Linux does under the
+    #: fq qdisc or a congestion control that needs pacing; off: only sockets
+    #: with SO_MAX_PACING_RATE are paced (Linux with CUBIC and no fq).
+    pacing: bool = False
 
 
 @dataclass(slots=True)
@@ -137,9 +150,11 @@ class ShardStats:
     dsacks_recv: int = 0  # TCPDSACKRecv
     lost_retransmits: int = 0  # retransmissions found lost and sent again (TCPLostRetransmit)
     tlp_probes: int = 0  # tail loss probes sent (TCPLossProbes)
+    tlp_recoveries: int = 0  # probes that repaired a loss: cwnd reduced (TCPLossProbeRecovery)
     rack_reo_timeouts: int = 0  # RACK reordering-window expiries that marked losses
     dsack_undos: int = 0  # reductions undone: every retransmission was a duplicate (TCPDSACKUndo)
     rto_undos: int = 0  # spurious RTOs undone: the original was acknowledged (TCPLossUndo)
+    spurious_rtos: int = 0  # ... of which F-RTO found (RFC 5682; TCPSpuriousRTOs)
     delayed_acks: int = 0
     zero_window_probes: int = 0
     keepalive_probes: int = 0
@@ -152,6 +167,7 @@ class ShardStats:
     sack_capped: int = 0  # SACK blocks ignored: the scoreboard was at TCP_SACK_MAX_ENTRIES
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
+    tcp_delivered_ce: int = 0  # segments delivered by ACKs with ECE (TCPDeliveredCE)
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)
     icmp_in_msgs: int = 0  # every ICMP message for one of our addresses (InMsgs)
     icmp_in_errors: int = 0  # malformed, or quoting no socket of ours (InErrors)
@@ -213,6 +229,8 @@ _IPPROTO_IPV6 = _socket.IPPROTO_IPV6
 _IPV6_V6ONLY = _socket.IPV6_V6ONLY
 _LINGER = struct.Struct("ii")
 _TCP_WINDOW_CLAMP = getattr(_socket, "TCP_WINDOW_CLAMP", 10)
+#: SOL_SOCKET SO_MAX_PACING_RATE (asm-generic/socket.h; Python's socket module lacks it).
+SO_MAX_PACING_RATE = 47
 #: Linux SOCK_MIN_RCVBUF (2048 + one sk_buff, x86-64): TCP_WINDOW_CLAMP's floor is half.
 SOCK_MIN_RCVBUF = 2304
 _UNSYNCED = (State.CLOSED, State.LISTEN, State.SYN_SENT)
@@ -307,7 +325,8 @@ class Shard:
     # -- packets and time ----------------------------------------------------------------
 
     def receive(self, packet: BytesLike, now: float, csum_ok: bool | None = None) -> None:
-        """One inbound IPv4 packet; never raises.  ``csum_ok`` overrides ``cfg.csum_offload``.
+        """One inbound IPv4 or IPv6 packet (by its version nibble); never raises.
+        ``csum_ok`` overrides ``cfg.csum_offload``.
 
         A failure while handling it ends only its connection (``core.fault``).
         """
@@ -449,6 +468,8 @@ class Shard:
                 sk.rcvbuf_locked = True  # Linux SOCK_RCVBUF_LOCK: no auto-tuning
             elif opt == _socket.SO_SNDBUF:
                 sk.sndbuf = max(_int(value), 4608)
+            elif opt == SO_MAX_PACING_RATE:
+                tcp_pacing.tcp_set_max_pacing_rate(sk, _pacing_rate_value(value))
             else:
                 raise os_error(errno.ENOPROTOOPT)
         elif level == _IPPROTO_TCP:
@@ -534,6 +555,9 @@ class Shard:
             if opt == _socket.SO_LINGER:
                 lg = sk.linger or (False, 0)
                 return _LINGER.pack(int(lg[0]), lg[1])
+            if opt == SO_MAX_PACING_RATE:
+                # An int reads at most ~0U, as Linux answers a 4-byte buffer.
+                return min(sk.max_pacing_rate, 0xFFFFFFFF)
         elif level == _IPPROTO_TCP:
             table = {_socket.TCP_NODELAY: int(sk.nodelay),
                      _socket.TCP_CORK: int(sk.cork),
@@ -665,6 +689,17 @@ class Shard:
             raise os_error(errno.EBADF)
         return sk
 
+    # -- moving connections to another shard (core/tcp_migrate.py) -------------------------
+
+    def migrate_out(self, match: Callable[[int, int, int, int], bool]) -> list[dict]:
+        """Remove every connection whose (laddr, lport, raddr, rport) ``match``es and
+        return its state (msgpack-serialisable), in the order ``migrate_in`` replays."""
+        return tcp_migrate.migrate_out(self, match)
+
+    def migrate_in(self, states: list[dict], now: float) -> list[tuple[int, int]]:
+        """Install states from another shard's ``migrate_out``; (old sd, new sd) each."""
+        return tcp_migrate.migrate_in(self, states, now)
+
     def connections(self) -> list[ConnInfo]:
         seen: set[int] = set()
         rows = []
@@ -708,3 +743,17 @@ def _pos(value: SockOptValue) -> int:
     return v
 
 
+
+
+def _pacing_rate_value(value: SockOptValue) -> int:
+    """SO_MAX_PACING_RATE's argument as Linux reads it (``sk_setsockopt``): a
+    4-byte unsigned int, ~0U meaning ~0UL (no limit), or an 8-byte unsigned
+    long."""
+    if isinstance(value, bytes | bytearray) and len(value) >= 8:
+        return int.from_bytes(value[:8], sys.byteorder)
+    v = _int(value)
+    if isinstance(value, bytes | bytearray):
+        v = int.from_bytes(value[:4], sys.byteorder)
+    if v < 0:
+        v &= 0xFFFFFFFF  # a C int carries the unsigned value
+    return tcp_pacing.NO_PACING_RATE if v == 0xFFFFFFFF else v

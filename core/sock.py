@@ -40,7 +40,16 @@ class State(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class TcpSock:
-    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists."""
+    """Per-connection state.  Names follow Linux ``tcp_sock`` where one exists.
+
+    Every field must round-trip through ``tcp_migrate`` (a connection moves
+    between shards and worker processes): it walks these slots generically, so
+    a new field of a plain type (int, float, bool, str, bytes, None, list,
+    tuple, deque, memoryview, an enum it knows) needs nothing; any other type
+    needs a case in ``tcp_migrate.encode_value``, and a field that must not
+    move needs a reason in ``tcp_migrate.SHARD_LOCAL``.
+    tests/unit/core/test_tcp_migrate.py fails until it does.
+    """
 
     sd: int
     state: State = State.CLOSED
@@ -188,8 +197,11 @@ class TcpSock:
     prr_quota: int = 0  # bytes PRR lets us send now (sndcnt)
     recover_fs: int = 1  # RFC 6937 RecoverFS (bytes)
     rtx_log: list = field(default_factory=list)  # this episode's retransmissions [s, e, snd_max, t]
-    # RACK (RFC 8985 §6.2): when original data left, one (end, time) pair per
-    # transmission burst, flat: [end0, t0, end1, t1, ...] (acked bursts pruned).
+    # When original data left, one entry per transmission burst, flat, TX_LOG_STRIDE
+    # (tcp_h) values each: [end, time, and the rate sampler's snapshot at that time:
+    # delivered, delivered_mstamp, first_tx_mstamp, app-limited (0/1)] (acked
+    # bursts pruned).  RACK (RFC 8985 §6.2) orders by its times; tcp_rate samples
+    # the delivery rate from its snapshots (Linux keeps both per skb).
     tx_log: list = field(default_factory=list)
     rack_xmit: float = -1.0  # RACK.xmit_ts: send time of the latest-sent delivered data
     rack_end: int = 0  # RACK.end_seq
@@ -207,6 +219,12 @@ class TcpSock:
     rto_ts: int = 0  # our TSval when the last RTO fired (RTT samples in Loss)
     loss_tsval: int = 0  # our TSval at the episode's first RTO (spurious-RTO detection)
     loss_orig_acked: bool = False  # an ACK in Loss echoed an older TSval: the original arrived
+    # -- TLP episode (RFC 8985 §7.4; Linux tlp_high_seq, tcp_recovery.tcp_process_tlp_ack) --
+    tlp_high_seq: int = -1  # TLPHighRxt: SND.NXT when the outstanding probe went (-1: none)
+    tlp_retrans: bool = False  # TLPRxtOut: that probe retransmitted (not new data)
+    # -- F-RTO (RFC 5682; Linux tp->frto, tcp_recovery.tcp_process_frto) ----------------
+    frto: bool = False  # this RTO may still prove spurious: new data goes before retransmissions
+    frto_sacked: int = 0  # bytes SACKed above the retransmitted head, below the recovery point
     total_retrans: int = 0  # segments retransmitted (tcpi_total_retrans)
     bytes_retrans: int = 0  # payload bytes retransmitted (tcpi_bytes_retrans)
     recoveries: int = 0  # fast recoveries entered
@@ -222,15 +240,34 @@ class TcpSock:
     rcv_ooopack: int = 0  # segments queued out of order
     dsack_dups: int = 0  # segments a D-SACK reported as received twice
     reord_events: int = 0  # reordering detected (tcpi_reord_seen; ``reord_seen`` is RACK's flag)
+    # -- ECN (RFC 3168; core.tcp_ecn: Linux tp->ecn_flags and the CWR state) ---------
+    ecn_flags: int = 0  # tcp_ecn.TCP_ECN_* bits (0: ECN not in use)
+    ecn_high_seq: int = 0  # SND.NXT when the CWR reduction began (Linux high_seq)
+    ecn_prior_cwnd: int = 0  # cwnd then, segments (Linux prior_cwnd)
+    ecn_prr_delivered: int = 0  # segments delivered since (Linux prr_delivered)
+    delivered_ce: int = 0  # segments delivered by ACKs with ECE (tcpi_delivered_ce)
+    # -- pacing / rate sampling (tcp_rate: Linux tcp_rate.c; tcp_pacing: tcp_update_pacing_rate,
+    # the internal pacing of tcp_output.c) ----------------------------------------------
+    pacing_rate: int = 0  # bytes/s (sk_pacing_rate); set from cwnd/SRTT on every ACK
+    max_pacing_rate: int = 0xFFFFFFFFFFFFFFFF  # SO_MAX_PACING_RATE (sk_max_pacing_rate); ~0: none
+    pacing_needed: bool = False  # pace in the engine (Linux sk_pacing_status == SK_PACING_NEEDED)
+    wstamp: float = 0.0  # earliest departure of the next segment (Linux tcp_wstamp_ns), s
+    first_tx_mstamp: float = 0.0  # send time of the latest-sent delivered data (or flight start)
+    delivered_mstamp: float = 0.0  # when ``delivered`` last grew (or the flight started)
+    app_limited: int = 0  # ``delivered`` + in flight when the app ran dry (0: not app-limited)
+    rate_delivered: int = 0  # the chosen rate sample: segments delivered ...
+    rate_interval: float = 0.0  # ... over this interval, s
+    rate_app_limited: bool = False  # ... while the application did not fill the window
+    reordering: int = 3  # degree of reordering seen, segments (tp->reordering; tcp_reordering)
     # -- delayed ACK -----------------------------------------------------------------
     quickack: int = 16
     unacked_rcv: int = 0  # bytes received since we last sent an ACK
     ack_now: bool = False
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited
     # -- timers: deadline per TimerKind (None = idle) --------------------------------
-    timers: list[float | None] = field(default_factory=lambda: [None] * 8)
-    timer_seq: list[int] = field(default_factory=lambda: [0] * 8)  # representative heap entry (tcp_timer)
-    timer_q: list[float | None] = field(default_factory=lambda: [None] * 8)  # its deadline (tcp_timer)
+    timers: list[float | None] = field(default_factory=lambda: [None] * 9)
+    timer_seq: list[int] = field(default_factory=lambda: [0] * 9)  # representative heap entry (tcp_timer)
+    timer_q: list[float | None] = field(default_factory=lambda: [None] * 9)  # its deadline (tcp_timer)
     probes: int = 0  # persist / keepalive probes sent without answer
     probes_tstamp: float | None = None  # first unanswered zero-window probe (icsk_probes_tstamp)
     rcv_tstamp: float = 0.0  # last segment received (keepalive idle)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from . import inet_hashtables, tcp_chrono, tcp_output, tcp_rcvbuf, tcp_timer
+from . import inet_hashtables, tcp_chrono, tcp_output, tcp_rate, tcp_rcvbuf, tcp_timer
 from .events import Closed, Readable, SocketError, Writable
 from .tcp_h import (
     HALF,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .shard import Shard
 
 
-__all__ = ["tcp_set_state", "tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg",
+__all__ = ["tcp_set_state", "tcp_state_leave", "tcp_done", "tcp_reset", "tcp_sendmsg", "tcp_recvmsg",
            "tcp_shutdown", "tcp_close", "sk_release", "emit_readable", "tcp_fin_time"]
 
 _WRITE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
@@ -74,6 +74,14 @@ def tcp_set_state(sh: Shard, sk: TcpSock, state: State) -> None:
     sk.state = state
     if sh.tracing:
         sh.tr(_STATE_TRACE[state])
+
+
+def tcp_state_leave(sh: Shard, sk: TcpSock) -> None:
+    """The socket leaves this shard in its state (``tcp_migrate``): the per-state
+    gauges stop counting it here, with no transition and no EstabResets; the
+    shard it moves to counts it again through :func:`tcp_set_state`."""
+    if sk.state is TCP_ESTABLISHED or sk.state is TCP_CLOSE_WAIT:
+        sh.stats.curr_estab -= 1
 
 
 def tcp_fin_time(sk: TcpSock) -> float:
@@ -153,6 +161,7 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float, oob: bool =
     if n > room:
         sk.write_blocked = True
         n = room
+    tcp_rate.tcp_rate_check_app_limited(sk)  # before queueing, as Linux tcp_sendmsg_locked
     # Immutable buffers (bytes, read-only views of them) are queued without a
     # copy; a mutable one is copied once, and only the part we take.
     if type(data) is bytes:
@@ -183,12 +192,13 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
         if sk.err and not sk.fin_rcvd:
             err, sk.err = sk.err, 0
             raise os_error(err)
-        if sk.fin_rcvd or sk.rd_shut or sk.state in (TCP_CLOSED, TCP_TIME_WAIT):
+        if sk.fin_rcvd or sk.rd_shut or sk.dead or sk.state is TCP_TIME_WAIT:
             if sk.state is TCP_LISTEN:
                 raise os_error(errno.ENOTCONN)
             return b""
-        # (A CLOSED socket returned above: the EOF branch takes every CLOSED state.)
-        if sk.state is TCP_LISTEN:
+        # Linux tcp_recvmsg: a CLOSE socket without SOCK_DONE (tcp_done's ``dead``
+        # here) never connected, fresh or only bound: ENOTCONN, not EOF.
+        if sk.state is TCP_LISTEN or sk.state is TCP_CLOSED:
             raise os_error(errno.ENOTCONN)
         return None
     q = sk.rcvq

@@ -107,7 +107,7 @@ class CaState(enum.IntEnum):
 
     OPEN = 0
     DISORDER = 1
-    CWR = 2  # ECN's reduction: ECN is not implemented, so never entered
+    CWR = 2  # ECN's reduction (core.tcp_ecn): once per window of CE marks
     RECOVERY = 3
     LOSS = 4
 
@@ -115,6 +115,7 @@ class CaState(enum.IntEnum):
 # on_ack runs once per ACK: module constants spare an EnumType attribute lookup each.
 _CA_OPEN = CaState.OPEN
 _CA_DISORDER = CaState.DISORDER
+_CA_CWR = CaState.CWR
 _CA_RECOVERY = CaState.RECOVERY
 _CA_LOSS = CaState.LOSS
 
@@ -207,11 +208,14 @@ class CongestionControl(ABC):
         if acked_segments <= 0:
             return
         ca_state = self.ca_state
-        if ca_state == _CA_RECOVERY:
-            self._partial_ack(acked_segments)
-            return
-        if ca_state == _CA_DISORDER:
-            self.ca_state = _CA_OPEN  # the reordering healed without a loss
+        if ca_state:  # not Open (OPEN is 0): one test on the common path
+            if ca_state == _CA_RECOVERY:
+                self._partial_ack(acked_segments)
+                return
+            if ca_state == _CA_DISORDER:
+                self.ca_state = _CA_OPEN  # the reordering healed without a loss
+            elif ca_state == _CA_CWR:
+                return  # ECN's reduction (tcp_ecn.tcp_cwr_ack) sets cwnd; nothing grows
         # is_cwnd_limited(_note_flight(in_flight, now)), inline: once per ACK.
         if in_flight is None:
             limited = True

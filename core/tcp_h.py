@@ -52,7 +52,7 @@ __all__ = [
     "TCP_RTO_MIN", "TCP_RTO_MAX", "TCP_TIMEOUT_INIT", "TCP_DELACK", "TCP_SYN_RETRIES",
     "TCP_SYNACK_RETRIES", "TCP_RETRIES1", "TCP_RETRIES2", "TCP_ORPHAN_RETRIES",
     "MAX_TCP_SYNCNT", "TCP_FIN_TIMEOUT", "TCP_FIN_TIMEOUT_MAX", "TCP_TIMEWAIT_LEN",
-    "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
+    "TCP_FASTRETRANS_THRESH", "TCP_MIN_SND_MSS", "TCP_SKB_OVERHEAD", "TCPOLEN_TSTAMP_ALIGNED", "TX_LOG_STRIDE", "NOT_IMPLEMENTED", "os_error", "TimerKind", "BytesLike",
     "SockOptValue", "TCP_URG_VALID", "TCP_URG_NOTYET", "TCP_URG_READ",
     "TCP_CLOSED", "TCP_LISTEN", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_ESTABLISHED", "TCP_FIN_WAIT1",
     "TCP_FIN_WAIT2", "TCP_CLOSE_WAIT", "TCP_CLOSING", "TCP_LAST_ACK", "TCP_TIME_WAIT",
@@ -131,7 +131,12 @@ class TimerKind(enum.IntEnum):
     PERSIST = 5  # zero-window probe timer
     REO = 6  # RACK reordering window (RFC 8985 §6.2; Linux ICSK_TIME_REO_TIMEOUT)
     TLP = 7  # tail loss probe (RFC 8985 §7; Linux ICSK_TIME_LOSS_PROBE)
+    PACING = 8  # the next paced departure (Linux tcp_sock.pacing_timer; tcp_pacing)
 
+
+#: Values per ``TcpSock.tx_log`` entry: end, send time, and the rate sampler's
+#: snapshot (delivered, delivered_mstamp, first_tx_mstamp, app-limited).
+TX_LOG_STRIDE = 6
 
 #: Linux TCP_RTO_MIN (200 ms) and TCP_RTO_MAX (120 s).
 TCP_RTO_MIN = 0.2
@@ -193,14 +198,13 @@ NOT_IMPLEMENTED = frozenset({
     # Congestion control of a child: created at ESTABLISHED (tcp_init_transfer).
     "tcp_ca_openreq_child", "tcp_assign_congestion_control", "tcp_set_ca_state",
     "bictcp_state", "tcp_in_ack_event",
-    # Not built: ECN, saved SYNs, receive-side steering, per-protocol use counts,
+    # Not built: saved SYNs, receive-side steering, per-protocol use counts,
     # path-MTU probing, MSS bounded by the window, the old initial-buffer fixup and send-buffer
     # growth (the receive buffer auto-tunes: tcp_rcvbuf), the metrics cache,
-    # pacing, and a fast-path switch (tcp_v4_rcv predicts for
-    # every ESTABLISHED socket).
-    "tcp_ecn_create_request", "tcp_ecn_rcv_ecn_echo", "tcp_reqsk_record_syn", "tcp_move_syn",
+    # and a fast-path switch (tcp_v4_rcv predicts for every ESTABLISHED socket).
+    "tcp_reqsk_record_syn", "tcp_move_syn",
     "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtup_init", "tcp_mtu_to_mss",
     "tcp_bound_to_half_wnd",
     "tcp_fixup_rcvbuf", "tcp_sndbuf_expand", "tcp_full_space", "tcp_init_metrics",
-    "tcp_update_pacing_rate", "tcp_fast_path_on",
+    "tcp_fast_path_on",
 })

@@ -17,13 +17,15 @@ sent, min RTT, notsent bytes, snd_wnd/rcv_wnd, RTO count, and the
 per-socket counters the engine keeps where Linux counts them
 (``TcpSock``): segs_in/out and data_segs_in/out (GRO super-frames and GSO
 super-segments by the segments they stand for), delivered, rcv_ooopack,
-dsack_dups, reord_seen (reordering events) and bytes_retrans.  Byte
+dsack_dups, reord_seen (reordering events), bytes_retrans, and ECN's
+TCPI_OPT_ECN / TCPI_OPT_ECN_SEEN options bits and delivered_ce (``tcp_ecn``).  Byte
 counters but bytes_retrans wrap at 4 GiB (they are read off the sequence
 space, which the engine does not count beyond).  busy_time, rwnd_limited
 and sndbuf_limited come from ``tcp_chrono``; rcv_rtt and rcv_space from
 receive auto-tuning (``tcp_rcvbuf``); min_rtt is windowed (``win_minmax``).
-Zero: delivery_rate, ECN.  The pacing rates read ~0 ("unlimited"): the
-engine does not pace.
+pacing_rate/max_pacing_rate from ``tcp_pacing`` (~0: unlimited, as
+Linux), delivery_rate and its app-limited flag from ``tcp_rate``.
+Zero: AccECN's byte counters.
 
 Listeners report only what Linux reports for one: the state, cwnd,
 reordering, the pacing rates, and the accept queue's length in
@@ -37,12 +39,12 @@ from __future__ import annotations
 import struct
 import sys
 
-from . import tcp_chrono, tcp_input, tcp_output
+from . import tcp_chrono, tcp_input, tcp_output, tcp_pacing, tcp_rate
 from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
 from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
 __all__ = ["TCP_INFO_LEN", "TCPI_FIELDS", "TCPI_OPT_TIMESTAMPS", "TCPI_OPT_SACK",
-           "TCPI_OPT_WSCALE", "LINUX_STATE", "tcp_get_info", "tcp_listen_info",
+           "TCPI_OPT_WSCALE", "TCPI_OPT_ECN", "TCPI_OPT_ECN_SEEN", "LINUX_STATE", "tcp_get_info", "tcp_listen_info",
            "unpack_tcp_info"]
 
 #: ``struct tcp_info`` in declaration order: (name, struct code).  ``wscale``
@@ -83,6 +85,8 @@ TCP_INFO_LEN = _TCP_INFO.size
 TCPI_OPT_TIMESTAMPS = 1
 TCPI_OPT_SACK = 2
 TCPI_OPT_WSCALE = 4
+TCPI_OPT_ECN = 8  # ECN was negotiated at the handshake (RFC 3168 §6.1.1)
+TCPI_OPT_ECN_SEEN = 16  # at least one ECT or CE mark was received
 
 #: include/net/tcp_states.h numbering (tcpi_state, /proc/net/tcp's "st").
 LINUX_STATE = {
@@ -93,6 +97,10 @@ LINUX_STATE = {
 
 _U32 = 0xFFFFFFFF
 _NO_RATE = 0xFFFFFFFFFFFFFFFF  # Linux reports ~0 for "no pacing rate limit"
+#: tcpi_delivery_rate_app_limited: the first bit-field of the ``flags`` byte
+#: (GCC allocates bit-fields from the least significant bit on little-endian
+#: hosts, from the most significant on big-endian ones).
+_APP_LIMITED_BIT = 1 if sys.byteorder == "little" else 0x80
 _LITTLE = sys.byteorder == "little"
 _SYN_UNACKED = (State.SYN_SENT, State.SYN_RECV)
 
@@ -164,6 +172,10 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     if sk.wscale_ok:
         opts |= TCPI_OPT_WSCALE
         put(ix["wscale"], _nibbles(sk.snd_wscale, sk.rcv_wscale))
+    if sk.ecn_flags & 1:  # tcp_ecn.TCP_ECN_OK
+        opts |= TCPI_OPT_ECN
+    if sk.ecn_flags & 8:  # tcp_ecn.TCP_ECN_SEEN
+        opts |= TCPI_OPT_ECN_SEEN
     put(ix["options"], opts)
     put(ix["rto"], _usec(tcp_output.tcp_rto(sk)))  # icsk_rto: backed off, as the timer runs
     received = _bytes_received(sk)
@@ -228,12 +240,20 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
     put(ix["data_segs_out"], sk.data_segs_out & _U32)
     put(ix["data_segs_in"], sk.data_segs_in & _U32)
     put(ix["delivered"], sk.delivered & _U32)
+    put(ix["delivered_ce"], sk.delivered_ce & _U32)
     put(ix["dsack_dups"], sk.dsack_dups & _U32)
     put(ix["reord_seen"], sk.reord_events & _U32)
     put(ix["rcv_ooopack"], sk.rcv_ooopack & _U32)
     put(ix["snd_wnd"], sk.snd_wnd & _U32)
     put(ix["rcv_wnd"], sk.rcv_wnd & _U32)
     put(ix["total_rto"], min(sk.rtos + sk.syn_retries, 0xFFFF))
+    # Pacing and delivery rate (tcp_pacing, tcp_rate), bytes/s as Linux reports them.
+    put(ix["pacing_rate"], sk.pacing_rate if sk.pacing_needed else tcp_pacing.tcp_pacing_rate(sk))
+    put(ix["max_pacing_rate"], sk.max_pacing_rate)
+    put(ix["delivery_rate"], tcp_rate.tcp_delivery_rate(sk))
+    if sk.rate_app_limited:
+        put(ix["flags"], _APP_LIMITED_BIT)
+    put(ix["reordering"], sk.reordering)  # tcp_recovery.tcp_rack_check_reordering
     return _TCP_INFO.pack(*vals)
 
 
@@ -270,11 +290,13 @@ def _bytes_received(sk: TcpSock) -> int:
 def unpack_tcp_info(buf: bytes | bytearray | memoryview) -> dict[str, int]:
     """Decode a (possibly truncated) ``struct tcp_info``; missing fields read 0.
 
-    ``snd_wscale``/``rcv_wscale`` are split out of their shared byte.
+    ``snd_wscale``/``rcv_wscale`` are split out of their shared byte, and
+    ``delivery_rate_app_limited`` out of ``flags``.
     """
     raw = bytes(buf)[:TCP_INFO_LEN].ljust(TCP_INFO_LEN, b"\0")
     out = dict(zip(_NAMES, _TCP_INFO.unpack(raw), strict=True))
     del out["_pad"]
     w = out["wscale"]
     out["snd_wscale"], out["rcv_wscale"] = (w & 0xF, w >> 4) if _LITTLE else (w >> 4, w & 0xF)
+    out["delivery_rate_app_limited"] = 1 if out["flags"] & _APP_LIMITED_BIT else 0
     return out

@@ -20,9 +20,20 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from . import tcp, tcp_chrono, tcp_minisocks, tcp_output, tcp_rcvbuf, tcp_recovery
+from . import (
+    tcp,
+    tcp_chrono,
+    tcp_ecn,
+    tcp_minisocks,
+    tcp_output,
+    tcp_pacing,
+    tcp_rate,
+    tcp_rcvbuf,
+    tcp_recovery,
+)
 from .dropreason import DropReason
 from .events import Connected, Readable
+from .tcp_cong import CaState
 from .tcp_h import (
     HALF,
     MASK,
@@ -48,7 +59,7 @@ from .tcp_h import (
     TimerKind,
 )
 from .wire.checksum import sum16
-from .wire.tcp import ACK, FIN, RST, SYN, URG, TcpOptions
+from .wire.tcp import ACK, ECE, FIN, RST, SYN, URG, TcpOptions
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -70,6 +81,7 @@ _DELACK = TimerKind.DELACK
 _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
+_CA_CWR = CaState.CWR  # ECN's reduction (tcp_ecn)
 _TLP = TimerKind.TLP
 _DATA_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2)
 _NO_DATA = memoryview(b"")
@@ -209,6 +221,12 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
         sk.snd_wl2 = ack
     sk.probes = 0  # the peer answers: keepalive / zero-window probing start over
     sk.err_soft = 0  # something got through: forget a soft ICMP error (Linux tcp_ack)
+    if sh.tracing:
+        sh.tr("tcp_ecn_rcv_ecn_echo")
+    ece = seg.flags & ECE and sk.ecn_flags
+    if ece:  # RFC 3168 §6.1.2: reduce before this ACK grows anything (tcp_ecn)
+        prior_delivered = sk.delivered
+        tcp_ecn.tcp_ecn_rcv_ecn_echo(sh, sk, now)
     if d == 0:
         newly_sacked = 0
         if sk.sack_ok and seg.options.sack_blocks:
@@ -223,13 +241,22 @@ def tcp_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> bool:
         else:
             dup = (sk.snd_max != una and not seg.payload and not seg.flags & (SYN | FIN)
                    and not window_changed and sk.state is not TCP_SYN_RECV)
+        if newly_sacked > 0:
+            _rate_sample(sh, sk, tcp_rate.tcp_rate_sack_end(sk, seg.options.sack_blocks), now)
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, False, bool(seg.payload) or window_changed,
+                                             newly_sacked > 0, now)
         if sk.cc is not None and (dup or sk.in_recovery or sk.in_loss):
             tcp_fastretrans_alert(sh, sk, 0, newly_sacked, dup, now)
         elif window_changed and sk.snd_wnd:
             _window_opened(sh, sk, now)
+        if ece:
+            tcp_ecn.tcp_ecn_delivered_ce(sh, sk, sk.delivered - prior_delivered)
         return True
     ts = seg.options.ts
     _clean_rtx_queue(sh, sk, ack, ts[1] if ts is not None else 0, seg.options.sack_blocks, d, now)
+    if ece:
+        tcp_ecn.tcp_ecn_delivered_ce(sh, sk, sk.delivered - prior_delivered)
     return True
 
 
@@ -319,9 +346,14 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += (data - 1) // mss + 1 if data > mss else 1
-        cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        if cc.ca_state is not _CA_CWR:
+            cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
+        else:
+            tcp_ecn.tcp_cwr_ack(sk, acked, rtt, now)  # ECN's reduction (RFC 3168 §6.1.2)
+        _rate_sample(sh, sk, ack, now)
     elif cc is not None:
         prior = sk.sacked_bytes
+        latest = _fresh_end(sk, una, ack, acked)
         if sacked:
             _sack_prune(sh, sk)
         # Segments delivered by the cumulative ACK that were not SACKed before
@@ -330,7 +362,13 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         if fresh > 0 or data <= 0:
             sk.delivered += _segs(fresh, mss)
         if blocks and sk.sack_ok:
+            before = sk.sacked_bytes
             _sacktag(sh, sk, blocks)
+            if sk.sacked_bytes > before:
+                end = tcp_rate.tcp_rate_sack_end(sk, blocks)
+                if ((end - una) & MASK) > ((latest - una) & MASK):
+                    latest = end  # sent later than the cumulatively acked part
+        _rate_sample(sh, sk, latest, now)
         # RFC 6937 DeliveredData = change in SND.UNA + change in SACKed bytes.
         tcp_fastretrans_alert(sh, sk, acked, acked + sk.sacked_bytes - prior, False, now,
                               rtt, in_flight_before)
@@ -340,6 +378,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         sk.retrans_stamp = None
         sk.dupacks = 0
         sk.delivered += _segs(data, mss)
+    if sk.tlp_high_seq >= 0:
+        tcp_recovery.tcp_process_tlp_ack(sh, sk, ack, True, True, False, now)
     timers = sk.timers
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
@@ -364,6 +404,33 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
         tcp.tcp_check_writable(sh, sk)
 
 
+def _rate_sample(sh: Shard, sk: TcpSock, end: int, now: float) -> None:
+    """After an ACK delivered data (the latest sent of it ending before ``end``):
+    one delivery-rate sample (tcp_rate), then, on a paced socket, the pacing
+    rate from the updated window and SRTT (Linux tcp_ack -> tcp_rate_gen,
+    tcp_cong_control -> tcp_update_pacing_rate; an unpaced socket's rate is
+    computed when read, tcp_pacing.tcp_pacing_rate)."""
+    tcp_rate.tcp_rate_gen(sk, end, now)
+    if sk.pacing_needed:
+        tcp_pacing.tcp_update_pacing_rate(sh, sk)
+
+
+def _fresh_end(sk: TcpSock, una: int, ack: int, acked: int) -> int:
+    """Where the data a cumulative ACK from ``una`` to ``ack`` newly delivers
+    ends: ``ack``, unless SACKed data (delivered before) ends the range, then
+    the start of that SACKed run (``una``: nothing new).  Before the scoreboard
+    is pruned (Linux skips SACKed skbs in ``tcp_rate_skb_delivered``)."""
+    sacked = sk.sacked
+    if not sacked:
+        return ack
+    j = bisect.bisect_left(sacked, acked, key=lambda b: (b[0] - una) & MASK)
+    if j:
+        b = sacked[j - 1]
+        if ((b[1] - una) & MASK) >= acked:
+            return b[0]
+    return ack
+
+
 def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> None:
     """Merge the peer's SACK blocks into the scoreboard (RFC 2018 §3, RFC 6675 §4).
 
@@ -385,6 +452,8 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             sk.reo_wnd_mult += 1
             sk.reo_wnd_bumped = sh.now
             sk.reo_wnd_persist = 16
+        if sk.tlp_high_seq >= 0:
+            tcp_recovery.tcp_tlp_dsack(sk, first[0], first[1])
         if sk.undo_active and ((first[0] - sk.undo_marker) & MASK) < HALF:
             sk.undo_retrans -= 1
             if sk.undo_retrans <= 0 and not sk.in_recovery and not sk.in_loss:
@@ -616,6 +685,8 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             if acked and sk.undo_active:
                 tcp_try_undo_loss(sh, sk, now)
                 return
+        if sk.frto and tcp_recovery.tcp_process_frto(sh, sk, acked, delivered, dup, now, rtt, flight):
+            return
         if acked and ((una - sk.recover) & MASK) < HALF:
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
@@ -750,6 +821,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     if lost_to is not None:
         tcp_mark_lost(sk, lost_to)
     sk.timers[_TLP] = None
+    sk.tlp_high_seq = -1  # the episode is fast recovery's now (Linux tcp_init_cwnd_reduction)
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1
@@ -760,6 +832,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     sk.undo_active = True  # Linux tcp_init_undo
     sk.undo_marker = una
     sk.undo_retrans = 0
+    tcp_ecn.tcp_ecn_queue_cwr(sk)
     if sk.reo_wnd_persist:
         sk.reo_wnd_persist -= 1
         if not sk.reo_wnd_persist:
@@ -809,6 +882,8 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
     fin = seg.flags & FIN
     if n == 0 and not fin:
         return
+    if n and sk.ecn_flags:
+        tcp_ecn.tcp_ecn_rcv_data(sk, seg)  # CWR and CE (RFC 3168 §6.1.3)
     seq = seg.seq
     if seg.flags & SYN:
         seq = (seq + 1) & MASK
@@ -1641,6 +1716,7 @@ def tcp_synrecv_established(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float)
         sk.max_window = sk.snd_wnd
     sk.timers[_RETRANSMIT] = None
     sk.retrans_stamp = None
+    tcp_pacing.tcp_init_pacing(sh, sk)
     tcp_initialize_rcv_mss(sh, sk)
 
 
@@ -1692,6 +1768,10 @@ def tcp_rcv_synsent_state_process(sh: Shard, sk: TcpSock, seg: TcpSegment, now: 
     _syn_options(sh, sk, seg.options, now)
     sk.irs = seg.seq
     sk.rcv_nxt = sk.rcv_wup = (seg.seq + 1) & MASK
+    if flags & ACK:
+        tcp_ecn.tcp_ecn_rcv_synack(sk, flags)
+    else:
+        tcp_ecn.tcp_ecn_rcv_syn(sk, flags)
     if flags & ACK:
         sk.snd_una = seg.ack
         sk.delivered += 1  # our SYN (Linux: tcp_ack's tcp_clean_rtx_queue)
@@ -1747,6 +1827,7 @@ def tcp_finish_connect(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.retrans_stamp = None
     sk.backoff = 0
     tcp_init_transfer(sh, sk, now)
+    tcp_pacing.tcp_init_pacing(sh, sk)
     sh.stats.active_opens_done += 1
     if not sk.orphan:
         sh.events.append(Connected(sk.sd))

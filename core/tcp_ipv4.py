@@ -34,6 +34,7 @@ from . import (
     request_sock,
     syncookies,
     tcp,
+    tcp_ecn,
     tcp_input,
     tcp_ipv6,
     tcp_minisocks,
@@ -177,9 +178,13 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                 and 20 + ((offflags >> 10) & 0x3C) <= total <= n):
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))  # dst is ours if this hits
             looked_up = True
+            # An ECN connection's data whose mark means news (RFC 3168 §6.1.3: CE,
+            # the first ECT, Not-ECT after ECT) takes the slow path, where tcp_ecn sees it.
             if (sk is not None and sk.state is TCP_ESTABLISHED
                     and not (0x4506 + tos + total + ident + frag + (ttl << 8) + ipsum + src
-                             + dst) % 0xFFFF):
+                             + dst) % 0xFFFF
+                    and not (sk.ecn_flags and tcp_ecn.tcp_ecn_mark_is_news(sk, tos, total,
+                                                                           offflags))):
                 if hp == 0x8010:
                     off = 52
                 else:
@@ -235,7 +240,7 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         stats.drop(DropReason.TCP_CSUM)
         return
     try:
-        seg = parse_tcp(payload)
+        seg = parse_tcp(payload, ip.tos & 3)
     except WireError as e:
         stats.drop(tcp_hdr_reason(payload, e.reason))
         return
@@ -456,6 +461,7 @@ def tcp_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int
         sh.tr("tcp_v6_init_req" if v6 else "tcp_v4_init_req")
         sh.tr("tcp_v6_init_sequence" if v6 else "tcp_v4_init_sequence")
     iss, req.ts_off = secure_tcp_seq(sh.key, dst, seg.dst_port, src, seg.src_port, now)
+    tcp_ecn.tcp_ecn_create_request(sh, req, seg)
     if want_cookie:
         if v6:
             iss, idx = syncookies.cookie_v6_init_sequence(sh.secret, src, dst, seg.src_port,
@@ -469,10 +475,10 @@ def tcp_conn_request(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int
             # The SYN's options ride in the low TSval bits (Linux cookie_init_timestamp).
             tsnow = (int(now * 1000) + req.ts_off) & MASK
             tsval = syncookies.cookie_init_timestamp(
-                tsnow, opts.wscale if req.wscale_ok else None, req.sack_ok, False)
+                tsnow, opts.wscale if req.wscale_ok else None, req.sack_ok, req.ecn_ok)
             req.ts_off = (tsval - int(now * 1000)) & MASK
         else:
-            req.wscale_ok = req.sack_ok = False
+            req.wscale_ok = req.sack_ok = req.ecn_ok = False  # no room to remember them
             req.snd_wscale = req.rcv_wscale = 0
         sh.stats.syncookies_sent += 1
         sk.synq_overflow = now  # Linux tcp_synq_overflow
@@ -557,6 +563,7 @@ def cookie_check(sh: Shard, listener: TcpSock, seg: TcpSegment, src: int, dst: i
             req.snd_wscale = o.wscale
             req.rcv_wscale = ws
         req.sack_ok = o.sack_perm and sh.cfg.sack
+        req.ecn_ok = o.ecn and sh.cfg.ecn != 0  # Linux cookie_ecn_ok
     if not req.wscale_ok:
         req.rcv_wnd = min(req.rcv_wnd, 65535)
     req.num_retrans = 1  # no RTT sample from a cookie

@@ -17,6 +17,7 @@ from . import (
     inet_connection_sock,
     inet_hashtables,
     tcp,
+    tcp_ecn,
     tcp_input,
     tcp_ipv4,
     tcp_ipv6,
@@ -244,6 +245,7 @@ def tcp_create_openreq_child(sh: Shard, listener: TcpSock, req: RequestSock, seg
     sk.ts_recent = req.ts_recent
     sk.ts_recent_stamp = now
     sk.ts_off = req.ts_off
+    tcp_ecn.tcp_ecn_openreq_child(sk, req)
     sk.segs_in = 1  # the SYN (Linux tcp_create_openreq_child; the final ACK is not counted)
     if sh.tracing:
         sh.tr("tcp_init_xmit_timers")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_input, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_pacing, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -25,6 +25,7 @@ from .tcp_h import (
     TCP_MIN_SND_MSS,
     TCP_RTO_MAX,
     TCPOLEN_TSTAMP_ALIGNED,
+    TX_LOG_STRIDE,
     V4_ADDR_MAX,
     RequestSock,
     State,
@@ -210,6 +211,9 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
     if win < 0:
         win = tcp_select_window(sk)
     plen = len(payload)
+    tos = 0
+    if sk.ecn_flags:  # ECT(0) on new data, CWR, ECE (RFC 3168 §6.1; tcp_ecn_send)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, seq, flags, plen)
     urg = 0
     if sk.urg_mode:
         urg = _urgent_pointer(sk, seq)
@@ -234,20 +238,22 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             t_field = -t_sum % 0xFFFF
         raddr = sk.raddr
         if raddr <= 0xFFFFFFFF:
-            hdr = _pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, -(sk.tx_ipsum + total) % 0xFFFF,
-                               sk.laddr, raddr, sk.lport, sk.rport, seq, ack, 0x80, flags, win,
-                               t_field, urg, _TS_WORD, tsval, tsecr)
+            hdr = _pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6,
+                               -(sk.tx_ipsum + total + tos) % 0xFFFF, sk.laddr, raddr, sk.lport,
+                               sk.rport, seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD,
+                               tsval, tsecr)
         else:
             # IPv6 (tcp_h.V4_ADDR_MAX): no header checksum; the TCP sums above
-            # hold as they are (128-bit addresses sum like 32-bit ones).
+            # hold as they are (128-bit addresses sum like 32-bit ones). ECN
+            # bits sit in the Traffic Class (RFC 3168 §5, RFC 8200 §7).
             laddr = sk.laddr
-            hdr = _pack_ts_hdr6(0x60000000, 32 + plen, 6, 64, laddr >> 64, laddr & _M64,
-                                raddr >> 64, raddr & _M64, sk.lport, sk.rport, seq, ack, 0x80,
-                                flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
+            hdr = _pack_ts_hdr6(0x60000000 | tos << 20, 32 + plen, 6, 64, laddr >> 64,
+                                laddr & _M64, raddr >> 64, raddr & _M64, sk.lport, sk.rport,
+                                seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                                win, _options(sk, now), payload, csum_partial, urg)
+                                win, _options(sk, now), payload, csum_partial, urg, tos)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -265,16 +271,17 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
 def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
                     flags: int, win: int, options: bytes = b"",
                     payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
-                    urgent: int = 0) -> bytes:
+                    urgent: int = 0, tos: int = 0) -> bytes:
     """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
     (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
     (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
     ``tcp_v6_send_check``)."""
     if raddr > V4_ADDR_MAX:
         return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
-                              payload, csum_partial=csum_partial, urgent=urgent)
+                              payload, traffic_class=tos, csum_partial=csum_partial,
+                              urgent=urgent)
     return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
-                          csum_partial=csum_partial, urgent=urgent)
+                          tos=tos, csum_partial=csum_partial, urgent=urgent)
 
 
 def _urgent_pointer(sk: TcpSock, seq: int) -> int:
@@ -346,7 +353,8 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, 0) if sh.cfg.timestamps else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sh.cfg.window_scaling
                              else None, sack_perm=sh.cfg.sack, ts=ts)
-    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, SYN,
+    flags = SYN | tcp_ecn.tcp_ecn_send_syn(sh, sk)
+    sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, flags,
                                      tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -357,8 +365,9 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
     ts = ((int(now * 1000) + sk.ts_off) & MASK, sk.ts_recent) if sk.ts_ok else None
     opts = build_tcp_options(mss=sk.adv_mss, wscale=sk.rcv_wscale if sk.wscale_ok else None,
                              sack_perm=sk.sack_ok, ts=ts)
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(bool(sk.ecn_flags & tcp_ecn.TCP_ECN_OK))
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                     sk.rcv_nxt, SYN | ACK, tcp_syn_window(sk.rcv_wnd), opts))
+                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -375,8 +384,9 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
                              sack_perm=req.sack_ok, ts=ts)
     if sh.tracing:
         sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+    flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(req.ecn_ok)
     return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                           (req.irs + 1) & MASK, SYN | ACK, tcp_syn_window(req.rcv_wnd), opts)
+                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -469,10 +479,17 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
-    maxseg = (tso // mss) * mss if tso > mss else mss
+    pace = sk.pacing_needed  # internal pacing (tcp_pacing): one departure per round
+    if tso <= mss:
+        maxseg = mss
+    elif pace:
+        maxseg = tcp_pacing.tcp_tso_autosize(sk, mss, tso)  # about 1 ms of the rate
+    else:
+        maxseg = (tso // mss) * mss
     burst = XMIT_BURST and sk.ts_ok and not sack_opts
-    if sk.urg_mode:
-        # Each segment's urgent pointer is its own (tcp_transmit): no burst, no GSO.
+    if sk.urg_mode or sk.ecn_flags & tcp_ecn.TCP_ECN_QUEUE_CWR:
+        # Each segment's urgent pointer is its own (tcp_transmit), and a CWR owed
+        # goes on one plain segment (tcp_ecn_send): no burst, no GSO.
         maxseg = mss
         burst = False
     cc = sk.cc
@@ -480,10 +497,13 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
     sent = 0
     win = -1
     sndq = sk.sndq
-    if sk.snd_max == una and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
+    idle = sk.snd_max == una  # nothing in flight (the rate sampler starts a new flight)
+    if idle and sk.lsndtime >= 0 and now - sk.lsndtime > sk.rto and cc:
         # RFC 5681 §4.1: after an idle period longer than the RTO, restart from IW.
         cc.on_idle_restart(now, now - sk.lsndtime, sk.rto)
     while True:
+        if pace and tcp_pacing.tcp_pacing_check(sh, sk, now):
+            break  # the next departure is later: the pacing timer sends it
         nxt = sk.snd_nxt
         sent_off = (nxt - una) & MASK
         avail = sk.sndq_len - sent_off
@@ -515,9 +535,13 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
                 count = wnd_room // maxseg
             if count > cwnd_room // maxseg:
                 count = cwnd_room // maxseg
+            if pace:
+                count = 1
             win = _xmit_burst(sh, sk, nxt, sent_off, count, maxseg, mss, win, now)
             took = count * maxseg
             sent += took
+            if pace:
+                tcp_pacing.tcp_update_skb_after_send(sk, took, now)
             if took == wnd_room or took >= cwnd_room:
                 break  # no room left: the next round would stop (data in flight, no persist)
             continue
@@ -581,6 +605,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             sk.data_segs_out += extra
         else:
             tcp_transmit(sh, sk, nxt, flags, payload, now, False, win)
+        if pace:
+            tcp_pacing.tcp_update_skb_after_send(sk, size, now)
         # The window field of the whole burst: the receive side cannot change
         # while we send, so tcp_select_window would only repeat itself.
         win = sk.rcv_wnd >> sk.rcv_wscale
@@ -602,27 +628,7 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
-        if sk.sack_ok:
-            # RACK (RFC 8985 §6.2) orders by send time: one (end, time) pair per
-            # burst, not per segment; acknowledged bursts are dropped here.
-            log = sk.tx_log
-            if not log:
-                log += (sk.snd_nxt, now)
-            elif log[-1] == now:
-                log[-2] = sk.snd_nxt
-            elif log[-2] == una:  # all of it acknowledged (request/response)
-                if len(log) > 2:
-                    del log[2:]
-                log[0] = sk.snd_nxt
-                log[1] = now
-            else:
-                i = 0
-                n = len(log)
-                while i < n and ((una - log[i]) & MASK) < HALF:
-                    i += 2
-                if i:
-                    del log[:i]
-                log += (sk.snd_nxt, now)
+        _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
         if rtx is None and sk.snd_max != una:
@@ -633,6 +639,40 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             # flight may bring it in, never past the RTO.
             tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
     return sent
+
+
+def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
+    """Record a transmission burst that ended at SND.NXT in ``tx_log``: its
+    send time for RACK (RFC 8985 §6.2 orders by it) and the rate sampler's
+    snapshot (Linux ``tcp_rate_skb_sent``: what every skb of the burst would
+    carry).  ``idle``: nothing was in flight before it, so a new flight, and
+    the sampler's send and delivery clocks, start now.  One entry per burst,
+    not per segment; acknowledged bursts are dropped here."""
+    if idle:
+        sk.first_tx_mstamp = sk.delivered_mstamp = now
+    if sk.rtx_log:
+        # After a retransmission recorded at this instant: just after it (RACK's order).
+        now = tcp_recovery.tcp_rack_new_data_time(sk, now)
+    log = sk.tx_log
+    end = sk.snd_nxt
+    delivered = sk.delivered
+    first = sk.first_tx_mstamp
+    app = 1 if sk.app_limited else 0
+    if log:
+        if (log[-5] == now and log[-4] == delivered and log[-2] == first
+                and log[-1] == app):
+            log[-6] = end  # the same moment and snapshot: the same burst
+            return
+        if log[-6] == una:  # all of it acknowledged (request/response)
+            log[:] = (end, now, delivered, sk.delivered_mstamp, first, app)
+            return
+        i = 0
+        n = len(log)
+        while i < n and ((una - log[i]) & MASK) < HALF:
+            i += TX_LOG_STRIDE
+        if i:
+            del log[:i]
+    log += (end, now, delivered, sk.delivered_mstamp, first, app)
 
 
 #: Module switch for ``_xmit_burst`` (tests turn it off to compare with per-segment sends).
@@ -654,14 +694,18 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     tsecr = sk.ts_recent
     total = 52 + size
     base = sk.tx_csum or _tx_csum_init(sk)
-    ipsum = -(sk.tx_ipsum + total) % 0xFFFF
+    flags = ACK
+    tos = 0
+    if sk.ecn_flags:  # new data: ECT(0), ECE if owed (the caller kept a queued CWR out)
+        flags, tos = tcp_ecn.tcp_ecn_send(sk, nxt, flags, size)
+    ipsum = -(sk.tx_ipsum + total + tos) % 0xFFFF
     src = sk.laddr
     dst = sk.raddr
     gso = size > mss
     partial = gso and sh.cfg.tx_csum_offload
     if partial:
         t_field = (src + dst + 38 + size) % 0xFFFF or 0xFFFF
-    t_base = base + size + ack + (0x8000 | ACK) + win + tsval + tsecr
+    t_base = base + size + ack + (0x8000 | flags) + win + tsval + tsecr
     sport = sk.lport
     dport = sk.rport
     frames = sh.frames
@@ -676,8 +720,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
             if not partial:
                 t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-            append(b"".join((_pack_ts_hdr(0x45, 0, total, 0, 0x4000, 64, 6, ipsum, src, dst,
-                                          sport, dport, seq, ack, 0x80, ACK, win, t_field, 0,
+            append(b"".join((_pack_ts_hdr(0x45, tos, total, 0, 0x4000, 64, 6, ipsum, src, dst,
+                                          sport, dport, seq, ack, 0x80, flags, win, t_field, 0,
                                           _TS_WORD, tsval, tsecr), payload)))
             if gso:
                 sh.gso_marks.append((len(frames) - 1, mss))
@@ -686,14 +730,14 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             off = end
     else:
         # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
-        ip6 = _pack_ip6(0x60000000, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+        ip6 = _pack_ip6(0x60000000 | tos << 20, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
                         dst & _M64)
         for _ in range(count):
             end = off + size
             payload = chunk[off:end] if end <= n else _sndq_slice(sk, sent_off, size)
             if not partial:
                 t_field = -(t_base + seq + sum16(payload)) % 0xFFFF
-            append(b"".join((ip6, _pack_tcp_ts(sport, dport, seq, ack, 0x80, ACK, win, t_field,
+            append(b"".join((ip6, _pack_tcp_ts(sport, dport, seq, ack, 0x80, flags, win, t_field,
                                                0, _TS_WORD, tsval, tsecr), payload)))
             if gso:
                 sh.gso_marks.append((len(frames) - 1, mss))
@@ -732,9 +776,12 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
         quota = cc.cwnd * sk.mss_cache - tcp_input.tcp_pipe(sk)
     mss = tcp_current_mss(sk)
     una = sk.snd_una
+    pace = sk.pacing_needed
     for _ in range(4096):  # bounded: one segment per round
         if quota <= 0:
             break
+        if pace and tcp_pacing.tcp_pacing_check(sh, sk, now):
+            break  # retransmissions are paced too (Linux tcp_xmit_retransmit_queue)
         again = False
         hole = _next_relost(sk, mss) if sk.relost else None
         if hole is not None:
@@ -748,9 +795,12 @@ def tcp_xmit_retransmit_queue(sh: Shard, sk: TcpSock, now: float) -> None:
         n = (end - seq) & MASK
         if n == 0:
             break
+        if pace:
+            tcp_pacing.tcp_update_skb_after_send(sk, n, now)
         if not again:
             sk.retrans_hi = end
-        sk.rtx_log.append([seq, end, sk.snd_max, now])  # RACK: when it left (RFC 8985 §6.2)
+        # RACK: when it left (RFC 8985 §6.2), after new data sent at this instant.
+        sk.rtx_log.append([seq, end, sk.snd_max, tcp_recovery.tcp_rack_sent_time(sk, now)])
         quota -= n
         sk.prr_out += n
         if seq == una:

@@ -24,6 +24,7 @@ from .tcp_h import (
     TCP_FIN_WAIT1,
     TCP_FIN_WAIT2,
     TCP_LAST_ACK,
+    TX_LOG_STRIDE,
     TcpSock,
     TimerKind,
 )
@@ -31,8 +32,9 @@ from .tcp_h import (
 if TYPE_CHECKING:
     from .shard import Shard
 
-__all__ = ["tcp_rack_advance", "tcp_rack_detect_loss", "tcp_rack_reo_timeout",
-           "tcp_schedule_loss_probe", "tcp_send_loss_probe"]
+__all__ = ["tcp_rack_sent_time", "tcp_rack_new_data_time", "tcp_rack_advance", "tcp_rack_detect_loss", "tcp_rack_reo_timeout",
+           "tcp_schedule_loss_probe", "tcp_send_loss_probe", "tcp_process_tlp_ack", "tcp_tlp_dsack",
+           "tcp_frto_start", "tcp_process_frto"]
 
 #: States in which data we sent may still be outstanding.
 _SENDING_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_LAST_ACK)
@@ -41,6 +43,8 @@ _PROBE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_LAST_ACK, T
 _RETRANSMIT = TimerKind.RETRANSMIT
 _REO = TimerKind.REO
 _TLP = TimerKind.TLP
+#: net.ipv4.tcp_max_reordering: the largest reordering degree recorded, segments.
+TCP_MAX_REORDERING = 300
 #: A tail loss probe that would come after the RTO goes this much before it instead.
 _TLP_RTO_MARGIN = 0.005
 
@@ -57,8 +61,9 @@ _TLP_RTO_MARGIN = 0.005
 # before a delivered retransmission is found lost without DupThresh SACKs.
 #
 # Send times without per-segment state: original data leaves in sequence
-# order, so one (end, time) pair per transmission burst (``tx_log``, written
-# by ``tcp_output.tcp_write_new``) orders all of it; retransmissions are logged
+# order, so one (end, time, ...) entry per transmission burst (``tx_log``,
+# written by ``tcp_output.tcp_write_new``; the rest of the entry is the rate
+# sampler's, tcp_rate) orders all of it; retransmissions are logged
 # with their time in ``rtx_log`` [start, end, SND.MAX then, time] (few, and
 # only during recovery).  Lost original data is a sequence prefix above
 # ``lost_hi``; lost retransmissions go to ``relost`` and are sent again first.
@@ -69,11 +74,49 @@ def _tx_time(sk: TcpSock, seq: int) -> float:
     top = sk.snd_max
     want = (top - seq) & MASK  # distances back from SND.MAX: older is larger
     t = -1.0
-    for i in range(len(log) - 2, -1, -2):
+    for i in range(len(log) - TX_LOG_STRIDE, -1, -TX_LOG_STRIDE):
         if ((top - log[i]) & MASK) > want:
             break
         t = log[i + 1]
     return t
+
+
+#: How much later than original data sent at the same instant a retransmission
+#: is taken to have left (see ``tcp_rack_sent_time``): far above float noise
+#: and ``_RACK_EPS``, far below any RTT.
+_RACK_AFTER = 1e-6
+
+
+def tcp_rack_sent_time(sk: TcpSock, now: float) -> float:
+    """The send time RACK records for a retransmission going out at ``now``.
+
+    RFC 8985 §6.2 orders segments sent at the same time by sequence, which
+    holds for original data but not for a retransmission: one ACK may send
+    new data and the next, processed at the same instant, retransmit a hole
+    below it.  The new data then reaches the peer first, and its SACK would
+    make the retransmission look sent earlier and already overdue: it was
+    resent again, needlessly (the peer answers with a D-SACK).  When new data
+    already left at this instant, the retransmission is recorded as just
+    after it (Linux's clock, refreshed per ACK, rarely ties); new data after
+    a retransmission at the same instant, after that (``tcp_rack_new_data_time``).
+    """
+    log = sk.tx_log
+    if log:
+        t = log[1 - TX_LOG_STRIDE]  # the newest burst's send time
+        if t >= now:
+            return t + _RACK_AFTER
+    return now
+
+
+def tcp_rack_new_data_time(sk: TcpSock, now: float) -> float:
+    """The send time RACK records for new data going out at ``now``: after a
+    retransmission recorded at this instant (``tcp_rack_sent_time``), just
+    after it, so that every transmission's recorded time follows the order
+    they left in."""
+    t = sk.rtx_log[-1][3]
+    if t >= now:
+        return t + _RACK_AFTER
+    return now
 
 
 def _rack_update(sk: TcpSock, t: float, end: int, now: float) -> None:
@@ -200,7 +243,7 @@ def tcp_rack_detect_loss(sh: Shard, sk: TcpSock, now: float) -> int | None:
     tx = sk.tx_log
     rack_off = (rack_end - una) & MASK
     prev = 0  # where the burst begins (offset from SND.UNA)
-    for i in range(0, len(tx), 2):
+    for i in range(0, len(tx), TX_LOG_STRIDE):
         end = (tx[i] - una) & MASK
         if end & HALF or end <= lost:
             prev = 0 if end & HALF else end
@@ -295,6 +338,13 @@ def tcp_rack_check_reordering(sk: TcpSock, lo: int, hi: int, old: list[tuple[int
         n -= (b if b < hi else hi) - (a if a > lo else lo)
     if n > 0:
         sk.reord_seen = True
+        # The degree of reordering, in segments (Linux tcp_check_sack_reordering:
+        # how far below the highest delivered byte this data arrived, capped
+        # by tcp_max_reordering); TCP_INFO reports it as tcpi_reordering.
+        mss = sk.mss_cache
+        degree = (fack - lo + mss - 1) // mss
+        if degree > sk.reordering:
+            sk.reordering = degree if degree < TCP_MAX_REORDERING else TCP_MAX_REORDERING
         return True
     return False
 
@@ -359,6 +409,11 @@ def tcp_send_loss_probe(sh: Shard, sk: TcpSock, now: float) -> None:
     if (sk.in_recovery or sk.in_loss or sk.snd_una == sk.snd_max or sk.cc is None
             or sk.state not in _PROBE_STATES):
         return
+    if sk.tlp_high_seq >= 0:
+        # RFC 8985 §7.3: one probe per episode.  Until its ACK says what
+        # happened (tcp_process_tlp_ack), the RTO is next (Linux re-arms it).
+        sh.timers.arm(sk, _RETRANSMIT, now + tcp_output.tcp_rto(sk))
+        return
     mss = tcp_output.tcp_current_mss(sk)
     sent = tcp_output.tcp_write_new(sh, sk, now, mss)
     if not sent:
@@ -382,7 +437,131 @@ def tcp_send_loss_probe(sh: Shard, sk: TcpSock, now: float) -> None:
         # stays bounded between recoveries.)
         una = sk.snd_una
         log = [e for e in sk.rtx_log if 0 < ((e[1] - una) & MASK) < HALF]
-        log.append([seq, end, sk.snd_max, now])
+        log.append([seq, end, sk.snd_max, tcp_rack_sent_time(sk, now)])
         sk.rtx_log = log
+    sk.tlp_high_seq = sk.snd_max  # RFC 8985 §7.3: TLPRxtOut, TLPHighRxt = SND.NXT
+    sk.tlp_retrans = not sent
     sh.stats.tlp_probes += 1
     sh.timers.arm(sk, _RETRANSMIT, now + tcp_output.tcp_rto(sk))
+
+
+def tcp_tlp_dsack(sk: TcpSock, start: int, end: int) -> None:
+    """A D-SACK of the probe's range (Linux FLAG_DSACK_TLP): the original and
+    the probe both arrived, nothing was lost; the episode ends without a
+    congestion response (RFC 8985 §7.4.1)."""
+    if sk.tlp_retrans and end == sk.tlp_high_seq:
+        sk.tlp_high_seq = -1
+
+
+def tcp_process_tlp_ack(sh: Shard, sk: TcpSock, ack: int, advanced: bool, not_dup: bool,
+                        sacked: bool, now: float) -> None:
+    """RFC 8985 §7.4.2 (Linux ``tcp_process_tlp_ack``): what the ACKs at and
+    beyond the probe say.  A probe of new data, or a pure duplicate ACK (both
+    copies arrived), ends the episode; an ACK beyond TLPHighRxt means the
+    probe repaired a loss: one congestion window reduction, as fast recovery
+    would have made (``advanced``: SND.UNA moved; ``not_dup``: it carried
+    data or a window update; ``sacked``: it SACKed new data)."""
+    high = sk.tlp_high_seq
+    if ((ack - high) & MASK) & HALF:
+        return  # below TLPHighRxt: not yet
+    if not sk.tlp_retrans:
+        sk.tlp_high_seq = -1
+    elif ack != high:
+        sk.tlp_high_seq = -1
+        cc = sk.cc
+        if cc is not None and not sk.in_recovery and not sk.in_loss:
+            if sh.tracing:
+                sh.tr("tcp_process_tlp_ack")
+            # tcp_init_cwnd_reduction + CWR + tcp_end_cwnd_reduction: ssthresh
+            # as on a loss, cwnd down to it, back to Open (the undo state kept,
+            # a later D-SACK may still show it spurious).
+            cc.on_loss(now, ((sk.snd_max - sk.snd_una) & MASK) / sk.mss_cache)
+            cc.on_recovery_exit(now)
+            sh.stats.tlp_recoveries += 1
+    elif not (advanced or not_dup or sacked):
+        sk.tlp_high_seq = -1
+
+
+# -- F-RTO: was the RTO spurious? (RFC 5682 §3.1, SACK-enhanced §4; Linux tcp_process_loss) ----
+#
+# After an RTO the head segment goes again with cwnd 1.  If the timer fired
+# only because the path stalled (a delay spike, not a loss), the originals are
+# still on their way, and resending the whole window behind them would be
+# needless.  F-RTO does not retransmit more on the first ACK that advances
+# SND.UNA: it sends new data instead (step 2b).  The ACKs that follow tell
+# the two cases apart: one that acknowledges (cumulatively or selectively)
+# data that was never retransmitted means the originals arrived: the RTO was
+# spurious and its reduction is undone (step 3b); a duplicate ACK or a SACK of
+# only the new data means they did not: conventional recovery goes on (3a).
+# Timestamps (Eifel, tcp_input's loss_orig_acked) find the same only when the
+# ACK echoes an original's TSval; F-RTO also finds a stall whose first ACK is
+# for the retransmission, and works without timestamps.
+
+def _frto_delivered(sk: TcpSock) -> int:
+    """Bytes in [retransmitted head's end, recovery point) that are delivered:
+    cumulatively acknowledged or SACKed (F-RTO's never-retransmitted data)."""
+    una = sk.snd_una
+    lo = sk.retrans_hi
+    hi = sk.recover
+    span = (hi - lo) & MASK
+    if span & HALF or span == 0:
+        return 0
+    acked = (una - lo) & MASK
+    if acked & HALF:
+        acked = 0
+    if acked >= span:
+        return span
+    start = una if acked else lo
+    unsacked = tcp_input.tcp_unsacked_below(sk, una, hi) - tcp_input.tcp_unsacked_below(sk, una, start)
+    return span - unsacked
+
+
+def tcp_frto_start(sh: Shard, sk: TcpSock, new_recovery: bool) -> None:
+    """RFC 5682 §3.1 step 1 (Linux ``tcp_enter_loss``, tcp_frto sysctl): F-RTO
+    for this RTO unless it interrupts a fast recovery (then loss is already
+    known; a repeated timeout of the same data still qualifies, §3.2)."""
+    sk.frto = bool(sh.cfg.frto) and (new_recovery or sk.retries > 1)
+    if sk.frto:
+        sk.frto_sacked = _frto_delivered(sk)
+
+
+def tcp_process_frto(sh: Shard, sk: TcpSock, acked: int, delivered: int, dup: bool,
+                     now: float, rtt: float | None, flight: int) -> bool:
+    """One ACK in Loss with F-RTO on (RFC 5682 §3.1 steps 2-3; Linux
+    ``tcp_process_loss``).  True when it was handled here: the RTO undone, or
+    new data sent in place of retransmissions."""
+    una = sk.snd_una
+    got = _frto_delivered(sk)
+    orig = got > sk.frto_sacked  # never-retransmitted data newly delivered
+    sk.frto_sacked = got
+    if orig:
+        # Step 3b: the originals arrived; the RTO was spurious.
+        sk.frto = False
+        sh.stats.spurious_rtos += 1
+        tcp_input.tcp_try_undo_loss(sh, sk, now)
+        return True
+    if 0 < ((sk.snd_max - sk.recover) & MASK) < HALF:
+        # New data went out (step 2b done): a duplicate ACK or a SACK (of the
+        # new data, orig was not) shows the loss was real (step 3a).
+        if dup or delivered > acked:
+            sk.frto = False
+        return False
+    if not acked or ((una - sk.recover) & MASK) < HALF:
+        return False  # nothing advanced, or everything is acknowledged (step 2a)
+    # Step 2b: the first ACK advancing SND.UNA: new data instead of the next
+    # retransmissions, if there is any and the peer's window has room.
+    sk.recover = sk.snd_max
+    sk.frto_sacked = _frto_delivered(sk)
+    unsent = sk.sndq_len - ((sk.snd_nxt - una) & MASK)
+    room = (una + sk.snd_wnd - sk.snd_nxt) & MASK
+    cc = sk.cc
+    if unsent <= 0 or room == 0 or room & HALF or cc is None:
+        sk.frto = False
+        return False
+    mss = sk.mss_cache
+    cc.on_ack(acked / mss, rtt, now, flight / mss)
+    quota = cc.cwnd * mss - tcp_input.tcp_pipe(sk)
+    if quota < mss:
+        quota = mss  # RFC 5682 step 2b: up to two new segments; at least one
+    tcp_output.tcp_write_new(sh, sk, now, quota)
+    return True

@@ -2,7 +2,11 @@
 
 Timers are data, not callbacks (smoltcp ``Timer``): each socket holds one
 deadline per :class:`TimerKind` in ``sk.timers`` (None: idle); the shard keeps
-a single heap of ``(deadline, seq, kind, sock)`` entries.
+a single heap of ``(deadline, seq, kind, sock)`` entries.  Deadlines are
+absolute times on the caller's clock (a worker passes ``time.monotonic()``,
+one CLOCK_MONOTONIC for every process of a host), so ``tcp_migrate`` moves
+them to another shard or process unchanged and they fire there at the same
+instant; ``timer_seq``/``timer_q`` belong to this heap and are re-made.
 
 Lazy deletion with a generation counter.  Each (sock, kind) has at most one
 *representative* heap entry: its ``seq`` is ``sk.timer_seq[kind]`` and its
@@ -35,7 +39,7 @@ import errno
 import heapq
 from typing import TYPE_CHECKING, overload
 
-from . import inet_connection_sock, tcp, tcp_ipv4, tcp_output, tcp_recovery
+from . import inet_connection_sock, tcp, tcp_ecn, tcp_ipv4, tcp_output, tcp_pacing, tcp_recovery
 from .tcp_h import (
     MASK,
     TCP_ORPHAN_RETRIES,
@@ -68,7 +72,7 @@ TimerOwner = TcpSock | RequestSock
 class TimerHeap:
     """One heap for every timer of every socket (and request sock) of a shard.
 
-    A timer owner needs three 8-slot lists (one slot per TimerKind): ``timers`` (deadline or None),
+    A timer owner needs three lists of one slot per TimerKind: ``timers`` (deadline or None),
     ``timer_seq`` (the seq of its representative heap entry) and ``timer_q``
     (that entry's deadline, or None when none is queued).
     """
@@ -193,6 +197,8 @@ def tcp_timer_handler(sh: Shard, kind: int, sk: TimerOwner, now: float) -> None:
         tcp_recovery.tcp_rack_reo_timeout(sh, sk, now)
     elif kind == TimerKind.TLP:
         tcp_recovery.tcp_send_loss_probe(sh, sk, now)
+    elif kind == TimerKind.PACING:
+        tcp_pacing.tcp_pace_kick(sh, sk, now)
 
 
 def reqsk_timer_handler(sh: Shard, req: RequestSock, now: float) -> None:
@@ -365,10 +371,13 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
         tcp_output.tcp_retransmit_skb(sh, sk, una, now)
         return
     sk.cc.on_rto(now, ((sk.snd_max - una) & MASK) / sk.mss_cache)
+    tcp_ecn.tcp_ecn_queue_cwr(sk)
+    new_recovery = not sk.in_recovery and first
     sk.in_recovery = False
     sk.in_loss = True
     sk.timers[TimerKind.TLP] = None
     sk.timers[TimerKind.REO] = None
+    sk.tlp_high_seq = -1  # Linux tcp_retransmit_timer: the probe's episode is over
     sk.recover = sk.snd_max
     sk.dupacks = 0
     sk.reno_sacked = 0
@@ -385,6 +394,7 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
     sk.rtx_log.clear()
     sk.relost.clear()
     tcp_output.tcp_xmit_retransmit_queue(sh, sk, now)
+    tcp_recovery.tcp_frto_start(sh, sk, new_recovery)
 
 
 def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:

@@ -242,7 +242,7 @@ class ImpairBridge:
             self.close()
             raise
         self.names = ("a2b", "b2a")
-        self.lanes = [ImpairLane(spec, name, True) for name in self.names]
+        self.lanes = [ImpairLane(spec, name, True, True) for name in self.names]
         self.counts = [BridgeCounters(), BridgeCounters()]
         self.shapers = [_Shaper(rate, limit) if rate > 0 else None for _ in self.names]
         self._stop = False
@@ -407,6 +407,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uniform ± jitter on the delay (may reorder by itself)")
     p.add_argument("--hold-ms", type=float, default=10.0,
                    help="longest a reordered frame waits for a successor (default 10)")
+    p.add_argument("--ce", type=_rate_arg, default=0.0, metavar="P",
+                   help="probability that an ECN-capable (ECT) IPv4 packet is marked "
+                        "Congestion Experienced instead of passing unmarked, as an AQM "
+                        "router does (RFC 3168; netem's ecn); default 0")
+    p.add_argument("--mtu-blackhole", type=int, default=0, metavar="N",
+                   help="silently drop IPv4 packets longer than N bytes, no ICMP: a path-MTU "
+                        "black hole (RFC 4821) after GSO frames are cut (default: none)")
     p.add_argument("--rate", type=parse_rate, default=0.0, metavar="R",
                    help="bottleneck rate per direction: 100mbit, 1gbit, bits/s (default: none)")
     p.add_argument("--limit", type=int, default=1000,
@@ -433,7 +440,7 @@ def _rate_arg(text: str) -> float:
 def spec_from_args(a: argparse.Namespace) -> ImpairSpec:
     return ImpairSpec(loss=a.loss, dup=a.dup, reorder=a.reorder, corrupt=a.corrupt,
                       delay=a.delay_ms / 1e3, jitter=a.jitter_ms / 1e3, hold=a.hold_ms / 1e3,
-                      seed=a.seed)
+                      seed=a.seed, ce=a.ce, blackhole=a.mtu_blackhole)
 
 
 def _progress_line(c: dict[str, dict[str, int]]) -> str:
@@ -445,7 +452,7 @@ def _progress_line(c: dict[str, dict[str, int]]) -> str:
 def run_command(a: argparse.Namespace) -> int:
     import json
 
-    if a.seconds <= 0 or a.delay_ms < 0 or a.jitter_ms < 0 or a.limit < 1:
+    if a.seconds <= 0 or a.delay_ms < 0 or a.jitter_ms < 0 or a.limit < 1 or a.mtu_blackhole < 0:
         print("impair-bridge: --seconds, --limit must be positive, delays non-negative",
               file=sys.stderr)
         return 2
@@ -459,7 +466,8 @@ def run_command(a: argparse.Namespace) -> int:
     old = {s: signal.signal(s, bridge.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     print(f"impair-bridge: {a.if_a} <-> {a.if_b} loss={a.loss:g} dup={a.dup:g} "
-          f"reorder={a.reorder:g} delay={a.delay_ms:g}ms rate={a.rate:g}bit/s seed={a.seed} "
+          f"reorder={a.reorder:g} delay={a.delay_ms:g}ms rate={a.rate:g}bit/s ce={a.ce:g} "
+          f"mtu-blackhole={a.mtu_blackhole} seed={a.seed} "
           f"for at most {a.seconds:g} s (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         report = None

@@ -8,6 +8,11 @@ its own counter. It is driven by a spec string (the `--impair` option):
 
 Rates are probabilities (0.03 or 3%); durations take us/ms/s (bare = ms).
 `dir=rx|tx|both` limits which direction is impaired (default both).
+Two more keys test what a path does besides losing packets: `ce=P` marks an
+ECN-capable IPv4 packet (ECT(0) or ECT(1)) Congestion Experienced with
+probability P, as an AQM router would instead of dropping it (RFC 3168 §5;
+netem's `ecn`), and `blackhole=N` silently drops every IPv4 packet longer
+than N bytes (a path-MTU black hole: no ICMP, RFC 4821 §1).
 
 Reproducibility: each direction draws from its own `random.Random` seeded
 from (seed, direction), so the same seed and the same frames give the same
@@ -15,7 +20,10 @@ faults whatever the other direction carries. Time comes from `clock` (a
 callable; tests pass a fake one), never from inside the fault decisions.
 
 Semantics per frame, in this order (netem's, simplified):
+  blackhole drop it if its IPv4 packet is longer than N (a GSO super-segment
+            counts by the segments it becomes).
   loss      drop it.
+  ce        an ECT packet: set CE, redo the IPv4 header checksum.
   dup       send it twice (each copy then goes through the steps below).
   corrupt   flip one random bit; the RX_CSUM_VALID flag is cleared, because no
             NIC vouches for a corrupted frame, so the stack must catch it.
@@ -34,6 +42,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
+from shardstack.core.wire.ipv4 import header_checksum
+
 from .device import RX_CSUM_VALID, Device, DeviceWrapper, Frame
 
 __all__ = ["Impair", "ImpairLane", "ImpairSpec", "ImpairCounters", "parse_impair_spec"]
@@ -51,9 +61,11 @@ class ImpairSpec:
     hold: float = 0.010  # longest a reordered frame waits for a successor
     rx: bool = True
     tx: bool = True
+    ce: float = 0.0  # probability of marking an ECT packet CE (RFC 3168 §5)
+    blackhole: int = 0  # drop IPv4 packets longer than this, silently (0: none)
 
 
-_RATES = ("loss", "dup", "reorder", "corrupt")
+_RATES = ("loss", "dup", "reorder", "corrupt", "ce")
 _TIMES = ("delay", "jitter", "hold")
 
 
@@ -91,6 +103,10 @@ def parse_impair_spec(spec: str) -> ImpairSpec:
             setattr(out, key, _parse_time(value))
         elif key == "seed":
             out.seed = int(value)
+        elif key == "blackhole":
+            out.blackhole = int(value)
+            if out.blackhole < 0:
+                raise ValueError(f"impair: blackhole must be >= 0, got {value!r}")
         elif key == "dir":
             if value not in ("rx", "tx", "both"):
                 raise ValueError(f"impair: dir must be rx, tx or both, got {value!r}")
@@ -109,6 +125,8 @@ class ImpairCounters:
     corrupted: int = 0
     delayed: int = 0
     reordered: int = 0
+    ce_marked: int = 0  # ECT packets marked Congestion Experienced
+    blackholed: int = 0  # packets over the black hole's size, dropped
     passed: int = 0  # frames released (duplicates included)
 
     def as_dict(self) -> dict[str, int]:
@@ -118,9 +136,10 @@ class ImpairCounters:
 class _Lane:
     """One direction's fault pipeline; emits (frame, flags) in release order."""
 
-    __slots__ = ("spec", "rng", "stats", "_heap", "_seq", "_held", "_held_until", "active", "rx")
+    __slots__ = ("spec", "rng", "stats", "_heap", "_seq", "_held", "_held_until", "active", "rx",
+                 "l2")
 
-    def __init__(self, spec: ImpairSpec, direction: str, active: bool) -> None:
+    def __init__(self, spec: ImpairSpec, direction: str, active: bool, l2: bool = False) -> None:
         self.spec = spec
         self.rng = random.Random(f"{spec.seed}/{direction}")
         self.stats = ImpairCounters()
@@ -132,6 +151,7 @@ class _Lane:
         # On RX the second field is the device flags; on TX it is the GSO
         # mss (0: an ordinary frame).
         self.rx = direction == "rx"
+        self.l2 = l2  # frames are Ethernet (else bare IP packets), for `ce` and `blackhole`
 
     def push(self, batch: Iterable[tuple[bytes, int]], now: float) -> list[tuple[bytes, int]]:
         out: list[tuple[bytes, int]] = []
@@ -143,9 +163,15 @@ class _Lane:
         sp, rng, st = self.spec, self.rng, self.stats
         for frame, flags in batch:
             st.frames += 1
+            if sp.blackhole and self._too_big(frame, flags):
+                st.blackholed += 1
+                continue
             if sp.loss and rng.random() < sp.loss:
                 st.lost += 1
                 continue
+            if sp.ce and self._ect(frame) and rng.random() < sp.ce:
+                frame = self._mark_ce(frame)
+                st.ce_marked += 1
             copies = 1
             if sp.dup and rng.random() < sp.dup:
                 st.duplicated += 1
@@ -174,6 +200,41 @@ class _Lane:
                 self._emit(f, fl, now, out, hold)
         self._release(now, out)
         return out
+
+    def _l3(self, frame: bytes) -> int:
+        """Offset of the IPv4 header, or -1 when the frame holds no IPv4 packet."""
+        if not self.l2:
+            return 0 if frame and frame[0] >> 4 == 4 else -1
+        off = 18 if len(frame) >= 18 and frame[12:14] == b"\x81\x00" else 14
+        if len(frame) < off + 20 or frame[off - 2:off] != b"\x08\x00" or frame[off] >> 4 != 4:
+            return -1
+        return off
+
+    def _too_big(self, frame: bytes, flags: int) -> bool:
+        """Longer than the black hole lets through?  A TX super-segment (``flags``:
+        its GSO mss) by the size of the segments it becomes."""
+        l3 = self._l3(frame)
+        if l3 < 0:
+            return False
+        size = frame[l3 + 2] << 8 | frame[l3 + 3]
+        if flags and not self.rx:  # IP + TCP headers + one mss of payload
+            hl = (frame[l3] & 0x0F) * 4
+            seg = hl + (frame[l3 + hl + 12] >> 4) * 4 + flags if len(frame) > l3 + hl + 12 else size
+            size = min(size, seg)
+        return size > self.spec.blackhole
+
+    def _ect(self, frame: bytes) -> bool:
+        l3 = self._l3(frame)
+        return l3 >= 0 and frame[l3 + 1] & 3 in (1, 2)
+
+    def _mark_ce(self, frame: bytes) -> bytes:
+        l3 = self._l3(frame)
+        hl = (frame[l3] & 0x0F) * 4
+        hdr = bytearray(frame[l3:l3 + hl])
+        hdr[1] |= 3
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = header_checksum(bytes(hdr)).to_bytes(2, "big")
+        return b"".join((frame[:l3], hdr, frame[l3 + hl:]))
 
     def _corrupt(self, frame: bytes) -> bytes:
         buf = bytearray(frame)
@@ -238,8 +299,8 @@ class Impair(DeviceWrapper):
         super().__init__(inner)
         self.spec = parse_impair_spec(spec) if isinstance(spec, str) else spec
         self.clock = clock
-        self.rx = _Lane(self.spec, "rx", self.spec.rx)
-        self.tx = _Lane(self.spec, "tx", self.spec.tx)
+        self.rx = _Lane(self.spec, "rx", self.spec.rx, inner.l2)
+        self.tx = _Lane(self.spec, "tx", self.spec.tx, inner.l2)
         self._rx_ready: list[tuple[bytes, int]] = []
 
     def recv_batch(self, limit: int = 64) -> list[tuple[bytes, int]]:

@@ -180,6 +180,15 @@ class AppGate:
         self._scratch = bytearray(CHUNK)
         self.path = os.path.join(run_dir, f"worker-{worker_id}.sock")
         self.server = self._open_server()
+        # W of each connection the app shut down (SHUT_WR) while the peer has
+        # not: registered with no events, so epoll reports only the HUP that
+        # A's close() raises (a shut-down W stays readable at EOF, which a
+        # reader could not tell from a close). Linux's close() after
+        # shutdown() is still tcp_close: an abort under SO_LINGER {1, 0}, the
+        # orphan's FIN-WAIT-2 timeout otherwise.
+        self._hup = select.epoll()
+        self._hup_conns: dict[int, GateConn] = {}
+        loop.add_reader(self._hup.fileno(), self._on_hup)
         self.udp = UdpGate(shard, loop, run_dir, worker_id, flush)  # UDP sockets (udpgate.py)
 
     # -- UDP (supervisor -> worker ctl ops; shardstack/udpgate.py) ----------------
@@ -708,16 +717,34 @@ class AppGate:
         self._stop_reading(conn)
         now = time.monotonic()
         if _hung_up(conn.w):
-            # A is closed, not just shut down: close() semantics (tcp_close).
-            self._forget(conn)
-            self._closed(conn)
-            self._want_write(conn, False)
-            conn.w.close()
-            self.shard.close(conn.sd, now)
+            self._app_closed(conn, now)
             return
         self.shard.shutdown(conn.sd, socket.SHUT_WR, now)
         if conn.peer_eof:
             self._finish(conn)
+        else:
+            fd = conn.w.fileno()
+            self._hup.register(fd, 0)
+            self._hup_conns[fd] = conn
+
+    def _app_closed(self, conn: GateConn, now: float) -> None:
+        """A is closed, not just shut down: close() semantics (tcp_close)."""
+        self._forget(conn)
+        self._closed(conn)
+        self._want_write(conn, False)
+        conn.w.close()
+        self.shard.close(conn.sd, now)
+
+    def _on_hup(self) -> None:
+        """A shut-down connection's A was closed (see ``_hup``)."""
+        now = time.monotonic()
+        for fd, _ev in self._hup.poll(0):
+            conn = self._hup_conns.get(fd)
+            if conn is None:
+                self._hup.unregister(fd)
+            elif self.conns.get(conn.sd) is conn:
+                self._app_closed(conn, now)
+        self.flush()
 
     def _finish(self, conn: GateConn) -> None:
         """Both directions done cleanly: release W (nothing unread) and the shard socket."""
@@ -795,6 +822,10 @@ class AppGate:
         if self.conns.get(conn.sd) is conn:
             del self.conns[conn.sd]
         self.tokens.pop(conn.token, None)
+        fd = conn.w.fileno()
+        if self._hup_conns.get(fd) is conn:
+            del self._hup_conns[fd]
+            self._hup.unregister(fd)
 
     def _closed(self, conn: GateConn) -> None:
         """The gate lets go of a connection whose shard socket closes
@@ -928,6 +959,8 @@ class AppGate:
     def close(self) -> None:
         """Worker shutdown: drop every app stream and our endpoint."""
         self.udp.close()
+        self.loop.remove_reader(self._hup.fileno())
+        self._hup.close()
         self.loop.remove_reader(self.server.fileno())
         self.server.close()
         try:

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "ss":
             p.add_argument("-i", "--info", action="store_true",
-                           help="each connection's TCP_INFO (rtt, cwnd, busy/rwnd_limited/"
+                           help="each connection's TCP_INFO (rtt, cwnd, pacing_rate, "
+                                "delivery_rate, app_limited, busy/rwnd_limited/"
                                 "sndbuf_limited, rcv_rtt/rcv_space, reordering), like `ss -ti`")
     what = "the RETA: which worker owns each bucket, per-bucket load, moves so far"
     p = sub.add_parser("reta", help=what, description=what)
@@ -186,6 +187,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus/OpenMetrics text at http://HOST:PORT/metrics "
                    "(HOST defaults to 127.0.0.1: loopback only unless you name another)")
+    p.add_argument("--ecn", type=int, choices=(0, 1, 2), default=2,
+                   help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
+                   "on outgoing connections and accept it, 2 accept it when a peer asks "
+                   "(default 2, Linux's default)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -232,6 +237,7 @@ def serve_config(args: argparse.Namespace):
         secret=new_secret(),
         max_connections=args.max_connections,
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
+        ecn=args.ecn,
     )
     return cfg.validate()
 

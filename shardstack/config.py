@@ -113,6 +113,7 @@ class ServeConfig:
     secret: bytes = b""
     max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
+    ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (ShardConfig.ecn)
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -142,6 +143,8 @@ class ServeConfig:
             raise ConfigError("a port is given to more than one service")
         if self.max_connections < 0:
             raise ConfigError("--max-connections must be >= 0")
+        if self.ecn not in (0, 1, 2):
+            raise ConfigError(f"--ecn must be 0, 1 or 2, not {self.ecn}")
         if self.metrics is not None:
             from shardstack.metrics import parse_listen
 

@@ -92,12 +92,29 @@ def ip_text(ip: int | str) -> str:
     return ip if isinstance(ip, str) else str(ipaddress.IPv4Address(ip))
 
 
+#: TCP_INFO's ~0 rate: no pacing limit.
+_NO_RATE = 0xFFFFFFFFFFFFFFFF
+
+
+def _bps(rate: int) -> str:
+    """A rate in bytes/s as ss prints it in bits/s (its sprint_bps: one
+    decimal, G/M/K prefixes)."""
+    bits = rate * 8.0
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if bits > scale:
+            return f"{bits / scale:.1f}{unit}bps"
+    return f"{bits:g}bps"
+
+
 def format_tcp_info(i: dict[str, Any]) -> str:
     """One connection's TCP_INFO the way `ss -ti` prints it (zero counters left out)."""
     def ms(us: int) -> str:
         return f"{us / 1000:g}"
 
-    out = [str(i.get("cc", "")), f"wscale:{i.get('snd_wscale', 0)},{i.get('rcv_wscale', 0)}",
+    opts = i.get("options", 0)
+    # ss's option words: ECN negotiated (TCPI_OPT_ECN), ECT/CE marks seen (TCPI_OPT_ECN_SEEN).
+    out = ["ecn" if opts & 8 else "", "ecnseen" if opts & 16 else "",
+           str(i.get("cc", "")), f"wscale:{i.get('snd_wscale', 0)},{i.get('rcv_wscale', 0)}",
            f"rto:{ms(i.get('rto', 0))}", f"rtt:{ms(i.get('rtt', 0))}/{ms(i.get('rttvar', 0))}"]
     if i.get("ato"):
         out.append(f"ato:{ms(i['ato'])}")
@@ -110,10 +127,18 @@ def format_tcp_info(i: dict[str, Any]) -> str:
                 "segs_in", "data_segs_out", "data_segs_in"):
         if i.get(key):
             out.append(f"{key}:{i[key]}")
+    pacing = i.get("pacing_rate", 0)
+    if pacing and pacing != _NO_RATE:
+        cap = i.get("max_pacing_rate", _NO_RATE)
+        out.append(f"pacing_rate {_bps(pacing)}" + (f"/{_bps(cap)}" if cap != _NO_RATE else ""))
     if i.get("delivery_rate"):
-        out.append(f"delivery_rate {i['delivery_rate'] * 8}bps")
+        out.append(f"delivery_rate {_bps(i['delivery_rate'])}")
     if i.get("delivered"):
         out.append(f"delivered:{i['delivered']}")
+    if i.get("delivered_ce"):
+        out.append(f"delivered_ce:{i['delivered_ce']}")
+    if i.get("delivery_rate_app_limited"):
+        out.append("app_limited")
     busy = i.get("busy_time", 0)
     if busy:
         out.append(f"busy:{busy // 1000}ms")

@@ -182,7 +182,8 @@ class Worker:
                            trace=False, port_filter=port_filter,
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
-                           max_connections=self.cfg.max_connections)
+                           max_connections=self.cfg.max_connections,
+                           ecn=self.cfg.ecn)
         if self.cfg.tcp_mem:
             low, pressure, high = self.cfg.tcp_mem
             scfg.tcp_mem = (low, pressure, high)

@@ -70,6 +70,7 @@ TCP_FORWARDED = {
 SOL_FORWARDED = {
     socket.SO_KEEPALIVE, socket.SO_RCVBUF, socket.SO_SNDBUF, socket.SO_LINGER,
     socket.SO_REUSEADDR, socket.SO_REUSEPORT,
+    getattr(socket, "SO_MAX_PACING_RATE", 47),  # the engine paces (core/tcp_pacing.py)
 }
 
 # Errnos a dying connection may report through the OOB byte (all < 256).

@@ -152,10 +152,17 @@ class TcpSegment(NamedTuple):
     header_len: int
     options: TcpOptions
     payload: memoryview
+    #: The ECN field of the IP header it came in (RFC 3168 §5: 0 Not-ECT, 1
+    #: ECT(1), 2 ECT(0), 3 CE), as Linux keeps ``ip_dsfield`` in the skb's
+    #: control block for ``tcp_ecn_check_ce``; 0 when parsed without one.
+    ecn: int = 0
 
 
-def parse_tcp(buf: bytes | bytearray | memoryview) -> TcpSegment:
+def parse_tcp(buf: bytes | bytearray | memoryview, ecn: int = 0) -> TcpSegment:
     """Parse a TCP segment (header, options, payload view); see module doc.
+
+    ``ecn``: the ECN bits of the IP header (``tos & 3``), carried on the
+    result for the engine's ECN (``core.tcp_ecn``).
 
     Fast paths for the layouts that make up nearly all traffic: no options;
     NOP,NOP,TS (12 bytes, an established connection), possibly followed by
@@ -190,7 +197,8 @@ def parse_tcp(buf: bytes | bytearray | memoryview) -> TcpSegment:
         options = _new(TcpOptions, (mss, min(ws, MAX_WSCALE), True, (), (tsval, tsecr)))
     else:
         options = parse_tcp_options(mv[20:hl])
-    return _new(TcpSegment, (sport, dport, seq, ack, flags, window, urgent, hl, options, mv[hl:]))
+    return _new(TcpSegment, (sport, dport, seq, ack, flags, window, urgent, hl, options, mv[hl:],
+                             ecn))
 
 
 def _sack_after_ts(mv: memoryview, hl: int) -> bool:

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "such as bulk-download, http-1MiB (default: all); `lossy` (never part of "
                    "all): bulk both ways and 64 B rr through `shardstack impair-bridge` at "
                    "0.5/1/3 %% loss, 0/10 %% reorder, 2/10/50 ms, kernel vs shardstack-packet "
-                   "(--quick: 2 links)")
+                   "(--quick: 2 links; one lossy case by its key, e.g. lossy-rr-l0.5-r0-d2; "
+                   "an rr case runs 15/loss transactions, at most 30 s)")
     p.add_argument("--out", metavar="DIR",
                    help="where results.json, summary.txt and the plots go "
                         "(default: ./bench-results/<UTC time>)")

@@ -129,4 +129,4 @@ def human_rate(value: float | None, unit: str) -> str:
         return f"{value / 1e3:.1f}k/s" if abs(value) >= 1e4 else f"{value:.0f}/s"
     if unit == "us":
         return f"{value / 1e3:.2f} ms" if value >= 1e4 else f"{value:.0f} µs"
-    return f"{value:g} {unit}"
+    return f"{value:g} {unit}".rstrip()

@@ -220,7 +220,20 @@ def rr(a: argparse.Namespace, rep: Reporter) -> dict:
             rep.nbytes += a.size
             now = rep.now()
             rep.maybe_tick(now)
-    return rep.result("rr")
+    return rep.result("rr", slow_count=_slow_count(rep.lat_us))
+
+
+#: A round trip this much over the median waited for a retransmission
+#: (a probe timeout or an RTO: 200 ms and more on Linux and on the stack).
+SLOW_OVER_P50_US = 100_000.0
+
+
+def _slow_count(lat_us) -> int:
+    """How many round trips took over p50 + 100 ms: those that met a loss."""
+    if not lat_us:
+        return 0
+    p50 = sorted(lat_us)[len(lat_us) // 2]
+    return sum(1 for v in lat_us if v > p50 + SLOW_OVER_P50_US)
 
 
 def udp_rr(a: argparse.Namespace, rep: Reporter) -> dict:

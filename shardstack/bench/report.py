@@ -107,6 +107,15 @@ def _note_mark(notes: dict[str, str], reason: str) -> str:
     return notes[reason]
 
 
+def _tail(got: dict[str, dict[str, Any]], variant: str) -> str:
+    """'21/3000': rr round trips that met a loss, of all (the p99's sample base)."""
+    slow, n = got.get("rr:slow_count"), got.get("rr:latency_count")
+    if slow is None or n is None:
+        return "-"
+    a, b = slow["values"].get(variant), n["values"].get(variant)
+    return "-" if a is None or b is None else f"{a:.0f}/{b:.0f}"
+
+
 def lossy_table(rows: Sequence[dict[str, Any]], variant: str = "shardstack-packet") -> str:
     """The lossy matrix, one line per link: upload and download goodput and the
     64 B request/response p99, kernel beside `variant`, with stack/kernel ratios
@@ -122,7 +131,8 @@ def lossy_table(rows: Sequence[dict[str, Any]], variant: str = "shardstack-packe
     cols = [("up:bytes_per_s", "upload"), ("down:bytes_per_s", "download"),
             ("rr:p99_us", "rr p99")]
     head = f"{'link (loss-reorder-delay)':<26}" + "".join(
-        f" {name + ' kernel':>16} {'stack':>11} {'x':>6}" for _, name in cols)
+        f" {name + ' kernel':>16} {'stack':>11} {'x':>6}" for _, name in cols) + \
+        f" {'rr slow/n k':>12} {'stack':>12}"
     lines = [head, "-" * len(head)]
     for label, got in by.items():
         cells = []
@@ -135,7 +145,9 @@ def lossy_table(rows: Sequence[dict[str, Any]], variant: str = "shardstack-packe
             r = row["ratio"].get(variant)
             cells.append(f" {human_rate(k, row['unit']):>16} {human_rate(v, row['unit']):>11} "
                          f"{(f'{r:.2f}' if r is not None else '-'):>6}")
+        cells.append(f" {_tail(got, KERNEL):>12} {_tail(got, variant):>12}")
         lines.append(f"{label:<26}" + "".join(cells))
     lines.append("link: l<loss %>-r<reorder %>-d<one-way delay ms>, each direction; "
-                 "x = stack / kernel (goodput: higher is better; p99: lower is better)")
+                 "x = stack / kernel (goodput: higher is better; p99: lower is better); "
+                 "rr slow/n: round trips over p50 + 100 ms (they met a loss) of all")
     return "\n".join(lines)

@@ -93,6 +93,7 @@ def run_case(target: Target, case: sc.Case, seconds: float, progress: Progress,
              label: str) -> RunRecord:
     """One client run against one target; never raises for a target-side failure."""
     rec = RunRecord(case.key, case.scenario, target.name, target.workers, "ok")
+    seconds = sc.case_seconds(case, seconds)
     if case.link:
         # The bridge first: the service's readiness probe crosses it too.
         try:

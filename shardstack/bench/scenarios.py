@@ -50,6 +50,7 @@ class Case:
     conns: int = 1  # concurrent connections
     link: str = ""  # lossy cases: the impair spec of the bridged link (netio.impair syntax)
     cc: str = ""  # lossy cases: the kernel ends' congestion control (TCP_CONGESTION)
+    ops: int = 0  # lossy rr: a fixed transaction count (the time bound is LOSSY_RR_MAX_S)
 
     @property
     def key(self) -> str:
@@ -73,6 +74,7 @@ def parse_scenarios(text: str | None) -> list[str]:
         return list(SCENARIOS)
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     cases = [c.key for s in SCENARIOS for c in cases_for(s)]
+    cases += [c.key for c in lossy_cases(LOSSY_LINKS)]
     names = (*SCENARIOS, *EXTRA_SCENARIOS)
     unknown = [s for s in wanted if s not in names and s not in cases]
     if unknown:
@@ -121,6 +123,15 @@ LOSSY_LINKS = tuple((loss, reorder, d) for d in LOSSY_DELAY_MS for loss in LOSSY
                     for reorder in LOSSY_REORDER)
 # --quick: two links (the issue's 3 % case, and reordering at a longer RTT).
 LOSSY_QUICK_LINKS = ((0.03, 0.0, 2), (0.01, 0.10, 10))
+# Request/response on a lossy link: about 2 x loss of the round trips meet a
+# loss (request or response) and then wait for a probe timeout (~200 ms on
+# both stacks), so p99 sits near the loss rate's own knife edge.  A run of a
+# few seconds holds a handful of tail samples and its p99 flips between "no
+# loss" and "a timeout" with one of them; a fixed count of LOSSY_RR_TAIL / loss
+# transactions puts ~2 x LOSSY_RR_TAIL round trips that met a loss in every
+# run (400+ samples per percent of tail), bounded by LOSSY_RR_MAX_S.
+LOSSY_RR_TAIL = 15
+LOSSY_RR_MAX_S = 30.0
 
 
 def link_spec(loss: float, reorder: float, delay_ms: float, seed: int = LOSSY_SEED) -> str:
@@ -149,9 +160,20 @@ def lossy_cases(links, seed: int = LOSSY_SEED, cc: str = LOSSY_CC) -> list[Case]
             Case("lossy", f"down-{label}", "bulk-recv", "source", SOURCE_PORT, "bytes_per_s",
                  "B/s", True, link=spec, cc=cc),
             Case("lossy", f"rr-{label}", "rr", "echo", ECHO_PORT, "p99_us", "us", False, size=64,
-                 link=spec, cc=cc),
+                 link=spec, cc=cc, ops=lossy_rr_ops(loss)),
         ]
     return out
+
+
+def lossy_rr_ops(loss: float) -> int:
+    """The transaction count of a lossy rr case (see LOSSY_RR_TAIL)."""
+    return int(LOSSY_RR_TAIL / loss + 0.5) if loss > 0 else 1000
+
+
+def case_seconds(case: Case, seconds: float) -> float:
+    """The time bound of one run: `seconds`, or for a fixed-count case
+    (lossy rr) up to LOSSY_RR_MAX_S, whichever of count and time comes first."""
+    return max(seconds, LOSSY_RR_MAX_S) if case.ops else seconds
 
 
 def plan(scenarios: list[str], conns: int = DEFAULT_CONNS, quick: bool = False,
@@ -165,6 +187,9 @@ def plan(scenarios: list[str], conns: int = DEFAULT_CONNS, quick: bool = False,
              if s in wanted or default.key in wanted]
     if "lossy" in wanted:
         cases += lossy_cases(LOSSY_QUICK_LINKS if quick else LOSSY_LINKS, seed, cc)
+    else:
+        # Single lossy cases by key ('lossy-rr-l0.5-r0-d2').
+        cases += [c for c in lossy_cases(LOSSY_LINKS, seed, cc) if c.key in wanted]
     return cases
 
 
@@ -172,6 +197,8 @@ def bounds(case: Case, seconds: float) -> Bounds:
     """The count and time bounds of one run of `case`."""
     if seconds <= 0:
         raise ValueError("duration must be positive")
+    if case.ops:
+        return Bounds(case_seconds(case, seconds), case.ops, int(_MAX_BYTES_PER_S * seconds))
     max_ops = int(_MAX_OPS_PER_S.get(case.scenario, 100_000) * seconds) + 1
     return Bounds(seconds, max_ops, int(_MAX_BYTES_PER_S * seconds))
 
@@ -184,7 +211,8 @@ def http_files(case: Case) -> dict[str, int]:
 def secondary_metrics(case: Case) -> list[tuple[str, str]]:
     """Other figures worth a column: (result key, unit)."""
     if case.scenario == "lossy":
-        return [("ops_per_s", "/s"), ("p50_us", "us")] if case.mode == "rr" else []
+        return ([("ops_per_s", "/s"), ("p50_us", "us"), ("latency_count", ""),
+                 ("slow_count", "")] if case.mode == "rr" else [])
     if case.mode in ("rr", "udp-rr"):
         return [("p99_us", "us"), ("p999_us", "us"), ("ops_per_s", "/s")]
     if case.mode in ("crr", "http"):

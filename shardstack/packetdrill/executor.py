@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno as E
 import os
+import socket
 import textwrap
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 from shardstack.core import Shard, ShardConfig
 from shardstack.core import tcp_info as _tcp_info
 from shardstack.core.wire.ipv4 import ip_to_str, str_to_ip
+from shardstack.core.wire.ipv6 import str_to_ip6
 
 from . import packets as P
 from . import profile as prof
@@ -45,6 +47,11 @@ TOLERANCE = 0.004
 TOLERANCE_PERCENT = 12.5
 LOCAL_IP = "192.168.0.1"  # packetdrill's defaults; virtual mode only: nothing leaves the process
 REMOTE_IP = "192.0.2.1"
+#: --ip_version=ipv6: the addresses and MTU Linux's packetdrill kselftests use
+#: (tools/testing/selftests/net/packetdrill): MTU 1520 keeps the MSS at 1460.
+LOCAL_IP6 = "fd3d:a0b:17d6::1"
+REMOTE_IP6 = "fd3d:fa7b:d17d::1"
+MTU6 = 1520
 REMOTE_PORT = 47513  # the peer's port in a passive open (any port works)
 
 
@@ -79,7 +86,7 @@ class Pending:
 
 class Executor:
     def __init__(self, script: Script, settings: prof.Settings, verbose: bool = False,
-                 log=None) -> None:
+                 log=None, ip_version: str = "ipv4") -> None:
         self.script = script
         self.settings = settings
         self.verbose = verbose
@@ -112,6 +119,18 @@ class Executor:
         self.instant_calls = True
         self.grace = GRACE  # how long past an expected time to wait to report what came
         self._spins = 0
+        self.v6 = False
+        if ip_version == "ipv6":
+            self.use_ipv6()
+
+    def use_ipv6(self) -> None:
+        """packetdrill's --ip_version=ipv6: IPv6 addresses, AF_INET6 sockets for the
+        script's AF_INET, MTU 1520 unless the script sets --mtu."""
+        self.v6 = True
+        self.local_ip = str_to_ip6(LOCAL_IP6)
+        self.remote_ip = str_to_ip6(REMOTE_IP6)
+        if "mtu" not in self.script.options:
+            self.settings.mtu = MTU6
 
     # -- the clock ----------------------------------------------------------------------------
 
@@ -123,13 +142,16 @@ class Executor:
         if self.shard is not None:
             return
         s = self.settings
-        self.cfg = ShardConfig(addrs=[self.local_ip], mtu=s.mtu, secret=b"packetdrill",
+        addrs = ([], [self.local_ip]) if self.v6 else ([self.local_ip], [])
+        self.cfg = ShardConfig(addrs=addrs[0], addrs6=addrs[1], mtu=s.mtu, secret=b"packetdrill",
                                syncookies=s.syncookies, window_scaling=s.window_scaling,
                                sack=s.sack, timestamps=s.timestamps, rcvbuf=s.rcvbuf,
                                sndbuf=s.sndbuf, congestion=s.congestion,
-                               syn_linear_timeouts=s.syn_linear_timeouts)
+                               syn_linear_timeouts=s.syn_linear_timeouts, ecn=s.ecn)
         self.shard = Shard(self.cfg, self.now)
         self.layer = Layer(self.shard, self.local_ip, self.remote_ip)
+        if self.v6:
+            self.layer.family = socket.AF_INET6
 
     def collect(self) -> None:
         self._drain()
@@ -223,8 +245,10 @@ class Executor:
                 self.tol_abs = int(val) / 1e6
             elif name == "tolerance_percent":
                 self.tol_pct = float(val)
-            elif name == "ip_version" and val == "ipv4":
+            elif name == "ip_version" and val == "ipv4" and not self.v6:
                 pass
+            elif name == "ip_version" and val == "ipv6":
+                self.use_ipv6()
             elif name == "strict_segments":
                 self.strict = True
             elif name == "tcp_ts_tick_usecs":
@@ -278,7 +302,7 @@ class Executor:
         if self.cfg is not None:  # settings read when connections start
             s = self.settings
             for name in ("syncookies", "window_scaling", "sack", "timestamps", "rcvbuf",
-                         "sndbuf", "congestion", "syn_linear_timeouts"):
+                         "sndbuf", "congestion", "syn_linear_timeouts", "ecn"):
                 setattr(self.cfg, name, getattr(s, name))
 
     # -- packets ------------------------------------------------------------------------------
@@ -565,12 +589,13 @@ def _inbound(ev: Event) -> bool:
 
 
 def run_text(text: str, path: str = "<script>", profile: str = "linux",
-             verbose: bool = False, log=None, tolerance_usecs: int | None = None) -> Result:
+             verbose: bool = False, log=None, tolerance_usecs: int | None = None,
+             ip_version: str = "ipv4") -> Result:
     t0 = time.perf_counter()
     name = path
     try:
         script = parse_script(text, path)
-        ex = Executor(script, prof.linux(), verbose=verbose, log=log)
+        ex = Executor(script, prof.linux(), verbose=verbose, log=log, ip_version=ip_version)
         if tolerance_usecs is not None:
             ex.tol_abs = tolerance_usecs / 1e6
         ex.run()
@@ -588,13 +613,13 @@ def run_text(text: str, path: str = "<script>", profile: str = "linux",
 
 
 def run_file(path: str, profile: str = "linux", verbose: bool = False, log=None,
-             tolerance_usecs: int | None = None) -> Result:
+             tolerance_usecs: int | None = None, ip_version: str = "ipv4") -> Result:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError as e:
         return Result(path, "fail", None, f"cannot read: {e.strerror}")
-    return run_text(text, path, profile, verbose, log, tolerance_usecs)
+    return run_text(text, path, profile, verbose, log, tolerance_usecs, ip_version)
 
 
 __all__ = ["Result", "run_file", "run_text", "Executor", "ip_to_str"]

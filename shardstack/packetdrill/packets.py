@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 from shardstack.core.wire.checksum import tcp_checksum
 from shardstack.core.wire.icmp import build_icmp_error
+from shardstack.core.wire.icmpv6 import build_icmpv6_error
 from shardstack.core.wire.ipv4 import build_ipv4, parse_ipv4
+from shardstack.core.wire.ipv6 import build_ipv6, parse_ipv6
 
 from .script import IcmpSpec, PacketSpec, TcpOption
 
@@ -69,18 +71,23 @@ class Wire:
 
 
 def decode(frame: bytes, now: float) -> Wire | None:
-    """An IPv4/TCP frame from the engine, or None for anything else."""
+    """An IPv4/TCP or IPv6/TCP frame from the engine, or None for anything else."""
     try:
-        ip, payload = parse_ipv4(frame)
+        if frame[:1] and frame[0] >> 4 == 6:
+            ip6, payload = parse_ipv6(frame)
+            proto, tos, src, dst = ip6.next_header, ip6.traffic_class, ip6.src, ip6.dst
+        else:
+            ip, payload = parse_ipv4(frame)
+            proto, tos, src, dst = ip.proto, ip.tos, ip.src, ip.dst
     except ValueError:
         return None
-    if ip.proto != 6 or len(payload) < 20:
+    if proto != 6 or len(payload) < 20:
         return None
     tcp = bytes(payload)
     sport, dport, seq, ack, off, flags, win, _csum, urg = struct.unpack("!HHIIBBHHH", tcp[:20])
     hlen = (off >> 4) * 4
     return Wire(now, flags | ((off & 1) << 8), seq, ack, win, urg, len(tcp) - hlen,
-                _raw_options(tcp[20:hlen]), ip.tos, sport, dport, ip.src, ip.dst)
+                _raw_options(tcp[20:hlen]), tos, sport, dport, src, dst)
 
 
 def _raw_options(buf: bytes) -> list[tuple[int, bytes]]:
@@ -179,7 +186,7 @@ def script_options_bytes(opts: list[TcpOption], ack_offset: int,
 
 def build_inbound(spec: PacketSpec, src: int, dst: int, sport: int, dport: int,
                   local_isn: int, ecr_map=None) -> bytes:
-    """The IPv4 packet the peer sends for ``spec``."""
+    """The IPv4 (or IPv6: addresses above 32 bits) packet the peer sends for ``spec``."""
     flags = flags_value(spec.flags)
     ack = 0
     if flags & FLAG_BITS["."]:
@@ -195,6 +202,8 @@ def build_inbound(spec: PacketSpec, src: int, dst: int, sport: int, dport: int,
     csum = tcp_checksum(src, dst, segment)
     segment = segment[:16] + struct.pack("!H", csum) + segment[18:]
     tos = ECN_BITS.get(spec.ecn or "noecn", 2)  # ect01 injected as ECT(0)
+    if src > 0xFFFFFFFF:
+        return build_ipv6(src, dst, 6, segment, traffic_class=tos)
     return build_ipv4(src, dst, 6, segment, tos=tos)
 
 
@@ -274,9 +283,28 @@ UNREACH_CODES = ("net_unreachable", "host_unreachable", "protocol_unreachable",
                  "precedence_violation", "precedence_cutoff")
 
 
+#: In IPv6 mode, packetdrill's ICMP names become ICMPv6 (type, code), as its
+#: icmp_packet.c maps them; names without an ICMPv6 meaning are not run.
+ICMP6_FOR = {("unreachable", "net_unreachable"): (1, 0), ("unreachable", "host_unreachable"): (1, 3),
+             ("unreachable", "port_unreachable"): (1, 4), ("unreachable", "frag_needed"): (2, 0),
+             ("unreachable", "host_prohibited"): (1, 1), ("unreachable", "net_prohibited"): (1, 1),
+             ("time_exceeded", None): (3, 0), ("parameter_problem", None): (4, 0)}
+
+
 def build_icmp_inbound(spec: IcmpSpec, peer: int, local: int, local_port: int,
                        peer_port: int, local_isn: int) -> bytes:
-    """The ICMP error (IPv4 packet) quoting the stack's segment ``spec`` names."""
+    """The ICMP error (IPv4 packet) quoting the stack's segment ``spec`` names;
+    ICMPv6 (RFC 4443) when the addresses are IPv6."""
+    if peer > 0xFFFFFFFF:
+        key = (spec.itype, spec.code)
+        if key not in ICMP6_FOR:
+            raise ValueError(f"ICMP {spec.itype} {spec.code} has no ICMPv6 counterpart here")
+        itype6, code6 = ICMP6_FOR[key]
+        header = struct.pack("!HHIIBBHHH", local_port, peer_port,
+                             (spec.seq + local_isn) % 2**32, 0, 5 << 4, FLAG_BITS["."], 0, 0, 0)
+        original = build_ipv6(local, peer, 6, header + bytes(spec.length))
+        rest = spec.mtu if spec.mtu is not None and spec.mtu >= 0 else 0
+        return build_icmpv6_error(peer, local, itype6, code6, original, rest)
     itype = ICMP_TYPE[spec.itype]
     code = 0
     if spec.code is not None:

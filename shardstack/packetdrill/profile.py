@@ -33,6 +33,7 @@ class Settings:
     syncookies: int = 1  # net.ipv4.tcp_syncookies: 0, 1, 2 (always)
     congestion: str = "cubic"
     syn_linear_timeouts: int = 4  # net.ipv4.tcp_syn_linear_timeouts (Linux 6.18)
+    ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (RFC 3168)
     mtu: int = 1500
     notes: list[str] = field(default_factory=list)
 
@@ -63,7 +64,6 @@ FIXED = {
     "net.ipv4.tcp_dsack": {"1"},
     "net.ipv4.tcp_fack": {"0", "1"},  # removed from Linux; no effect there either
     "net.ipv4.tcp_reordering": {"3"},
-    "net.ipv4.tcp_ecn": {"0", "2"},  # 2: answer ECN only when asked; the engine never asks
     "net.ipv4.tcp_ecn_option": {"0", "1", "2"},  # AccECN option: only with tcp_ecn=3
     "net.ipv4.tcp_syn_retries": {"5", "6"},
     "net.ipv4.tcp_synack_retries": {"5"},
@@ -129,6 +129,10 @@ def apply_sysctl(s: Settings, name: str, value: str) -> str | None:
         v = _ints(value) if value.isdigit() else []
         if v:
             s.syn_linear_timeouts = v[0]
+            return None
+    elif name == "net.ipv4.tcp_ecn":
+        if value in ("0", "1", "2"):  # 3-5 (AccECN) are not modelled
+            s.ecn = int(value)
             return None
     elif name == "net.ipv4.tcp_congestion_control":
         if value in ("cubic", "reno"):

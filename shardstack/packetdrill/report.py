@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance-usecs", type=int, metavar="N",
                    help="timing tolerance floor in microseconds (packetdrill's --tolerance_usecs; "
                    "default 4000; a script's own line wins)")
+    p.add_argument("--ip-version", choices=("ipv4", "ipv6"), default="ipv4",
+                   help="packetdrill's --ip_version: ipv6 runs the scripts over IPv6 (AF_INET6 "
+                   "sockets, fd3d:a0b:17d6::1 and fd3d:fa7b:d17d::1, MTU 1520 as Linux's "
+                   "kselftests; virtual time only)")
     p.add_argument("--live", action="store_true",
                    help="run against a live stack (shardstack serve on a TUN, in a network "
                    "namespace it creates; 198.18.0.0/15) through the real shim, in real time "
@@ -80,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"== {path}", file=sys.stderr)
         r = run_file(path, profile=args.profile, verbose=args.verbose, log=log,
-                     tolerance_usecs=args.tolerance_usecs)
+                     tolerance_usecs=args.tolerance_usecs, ip_version=args.ip_version)
         results.append(r)
         if not args.json:
             print(line_for(r, args.verbose), flush=True)

@@ -100,6 +100,9 @@ class Layer:
         self.shard = shard
         self.local_ip = local_ip
         self.remote_ip = remote_ip
+        #: AF_INET6 in --ip_version=ipv6: the script's AF_INET sockets become IPv6
+        #: ones, as packetdrill's socket_domain does.
+        self.family = socket.AF_INET
         self.bind_port = bind_port
         self.connect_port = connect_port
         self.fds: dict[int, VSock] = {}
@@ -144,7 +147,8 @@ class Layer:
 
     def sys_socket(self, args: list[Any], expected_ret: Any) -> Call:
         fam = value(args[0]) if args else ...
-        if fam is not ... and fam != socket.AF_INET:
+        if fam is not ... and fam != socket.AF_INET and not (
+                fam == socket.AF_INET6 and self.family == socket.AF_INET6):
             raise Unknown("socket family other than AF_INET")
         typ = value(args[1])
         nonblock = bool(typ & socket.SOCK_NONBLOCK)
@@ -152,7 +156,7 @@ class Layer:
             raise Unknown("socket type other than SOCK_STREAM")
 
         def run(now: float) -> Outcome:
-            sd = self.shard.socket()
+            sd = self.shard.socket(self.family)
             self.adopt(expected_ret, sd, nonblock=nonblock)
             return Outcome(value(expected_ret))
         return Call(run)

@@ -120,3 +120,45 @@ abort(c, {n})
     assert "reset True" in log, log
     if side != "asyncio":
         assert "then b''" in log, log  # reported once, then EOF (as tcp_recvmsg)
+
+
+APP_SHUT_THEN_ABORT = """
+import socket, struct, time
+srv = socket.create_server(("0.0.0.0", 7311))
+print("listening", flush=True)
+c, _ = srv.accept()
+print("connected", c.getsockname()[0], flush=True)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.shutdown(socket.SHUT_WR)
+time.sleep(0.5)  # the FIN is out: the peer reads EOF first
+c.close()
+time.sleep(2)  # the process (and with it every fd) stays: close() alone must abort
+"""
+
+KERNEL_SEES_FIN_THEN_RST = """
+import socket, time
+c = socket.create_connection(("{addr}", 7311), timeout=10)
+print("first", c.recv(100), flush=True)
+# Without writing (data towards a closed socket would draw a RST anyway): the
+# RST alone moves the kernel socket from CLOSE-WAIT (8) to CLOSE (7).
+deadline = time.monotonic() + 1.5
+while time.monotonic() < deadline:
+    state = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    if state != 8:
+        break
+    time.sleep(0.02)
+print("state", state, flush=True)
+"""
+
+
+def test_linger_zero_close_after_shutdown_sends_rst(env):
+    # Linux tcp_close: SO_LINGER {1, 0} aborts (tcp_disconnect: RST, as
+    # tcp_need_reset holds in FIN-WAIT-1/2) even after shutdown(SHUT_WR) sent
+    # the FIN; the peer read EOF, then its writes meet the RST.
+    app = env.app_py(APP_SHUT_THEN_ABORT, "shutabort")
+    env.wait_for_line("shutabort", "listening", app)
+    out = env.kernel_py(KERNEL_SEES_FIN_THEN_RST.format(addr=env.addr)).splitlines()
+    assert app.wait(30) == 0, env.app_log("shutabort")
+    assert f"connected {env.addr}" in env.app_log("shutabort").splitlines()
+    assert out[0] == "first b''", out
+    assert out[1] == "state 7", out  # TCP_CLOSE: the abort's RST arrived

@@ -320,3 +320,17 @@ def test_rst_with_exact_sequence_closes_every_state(target, err):
     assert ska.state is State.CLOSED
     assert SocketError(c, err) in p.a.take_events()
     assert p.a.h.ehash == {}
+
+
+def test_recv_on_never_connected_socket_is_enotconn():
+    # Linux tcp_recvmsg: a CLOSE socket that was never connected (no SOCK_DONE,
+    # no shutdown) answers ENOTCONN, fresh or bound; one that tcp_done closed
+    # reads EOF (the case above).
+    p = Pair()
+    fresh = p.a.socket()
+    bound = p.a.socket()
+    p.a.bind(bound, 0, 4242)
+    for sd in (fresh, bound):
+        with pytest.raises(OSError) as e:
+            p.a.recv(sd, 100)
+        assert e.value.errno == errno.ENOTCONN

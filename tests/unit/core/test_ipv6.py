@@ -471,8 +471,21 @@ def test_routing_header_with_segments_left_is_refused_with_a_parameter_problem()
     assert sh.stats.drops[DropReason.IPV6_BAD_EXTHDR] == 1
 
 
+def test_fragment_of_bad_length_gets_a_parameter_problem():
+    """Linux ipv6_frag_rcv (observed on Linux 6.18): a non-last fragment whose
+    data is not a multiple of 8 bytes is answered, pointing at Payload Length."""
+    sh = shard6()
+    sh.receive(build_ipv6(B6, A6, 44, bytes((6, 0, 0, 1, 0, 0, 0, 9)) + bytes(21)), 0.0)
+    (err,) = sh.take_frames()
+    msg = parse_icmpv6(A6, B6, parse_ipv6(err)[1])
+    assert (msg.type, msg.code, msg.rest) == (ICMPV6_PARAMPROB, 0, 4)
+    assert sh.stats.drops == {DropReason.IP_FRAGMENT: 1}
+
+
 @pytest.mark.parametrize(("pkt", "reason"), [
-    (build_ipv6(B6, A6, 44, bytes((6, 0, 0, 1, 0, 0, 0, 9)) + bytes(20)), DropReason.IP_FRAGMENT),
+    (build_ipv6(B6, A6, 44, bytes((6, 0, 0, 1, 0, 0, 0, 9)) + bytes(24)), DropReason.IP_FRAGMENT),
+    (build_ipv6(B6, A6, 60, bytes((6, 0, 0x7E, 2, 0, 0, 1, 0)) + bytes(20)),
+     DropReason.IPV6_BAD_EXTHDR),  # an option whose type says "discard silently"
     (build_ipv6(B6, A6 + 5, 6, bytes(20)), DropReason.IP_OTHERHOST),
     (build_ipv6(1, A6, 6, bytes(20)), DropReason.IPV6_BAD_SADDR),  # ::1 from the wire
     (build_ipv6(v4_mapped(B), A6, 6, bytes(20)), DropReason.IPV6_BAD_SADDR),

@@ -66,6 +66,9 @@ def test_sack_recovery_resends_exactly_the_holes_and_prr_bounds_cwnd():
 
 def test_after_rto_sacked_data_is_never_resent():
     sh, sd, peer, una = server()
+    # Conventional RTO recovery: with F-RTO (test_frto) the first ACK's SACK of
+    # never-retransmitted segment 5 would prove the RTO spurious and undo it.
+    sh.cfg.frto = 0
     assert len(peer.recv()) == 10
     sk = sh.sock(sd)
     # No ACK at all: first the tail loss probe (the last segment again), then the RTO.

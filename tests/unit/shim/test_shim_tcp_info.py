@@ -140,3 +140,39 @@ def test_bound_reset_and_kernel_sockets(stack):
     assert ki["state"] == 1 and ki["pmtu"] > 1500  # lo's MTU, not the stack's 1500
     for x in (s, lst, k, kpeer):
         x.close()
+
+
+def test_pacing_and_delivery_rate_through_the_shim(stack):
+    """SO_MAX_PACING_RATE goes through the shim to the engine, which paces with
+    it; TCP_INFO then shows the capped pacing rate and a measured delivery rate
+    in Linux's layout (tcpi_pacing_rate, tcpi_max_pacing_rate, tcpi_delivery_rate)."""
+    srv = listener()
+    port = srv.getsockname()[1]
+    n = 300_000
+    cap = 3_000_000  # bytes/s
+
+    def serve():
+        c, _ = srv.accept()
+        with c:
+            got = 0
+            while got < n:
+                got += len(c.recv(65536))
+            c.sendall(b"ok")
+            c.recv(10)
+
+    join = in_thread(serve)
+    cl = socket.create_connection((SERVER_IP, port), timeout=5)
+    so_max_pacing_rate = getattr(socket, "SO_MAX_PACING_RATE", 47)
+    before = unpack_tcp_info(cl.getsockopt(TCP, INFO, 1024))
+    assert before["max_pacing_rate"] == 0xFFFFFFFFFFFFFFFF  # ~0: no cap yet, as Linux
+    cl.setsockopt(socket.SOL_SOCKET, so_max_pacing_rate, cap)
+    assert cl.getsockopt(socket.SOL_SOCKET, so_max_pacing_rate) == cap
+    cl.sendall(b"p" * n)
+    assert cl.recv(10) == b"ok"
+    i = unpack_tcp_info(cl.getsockopt(TCP, INFO, 1024))
+    assert i["max_pacing_rate"] == cap
+    assert 0 < i["pacing_rate"] <= cap
+    assert i["delivery_rate"] > 0 and i["delivered"] >= n // i["snd_mss"]
+    cl.close()
+    join()
+    srv.close()

@@ -143,14 +143,29 @@ def test_against_scapy_extension_headers() -> None:
     assert ip.next_header == 17 and bytes(body[8:]) == b"hi"
 
 
-def test_fragment_header_dropped() -> None:
+# The expectations below about what Linux answers were observed on Linux 6.18:
+# packets injected with AF_PACKET on a veth into a namespace we made (fd00::/64),
+# the replies captured there (ICMPv6 type/code/pointer, or the RST to our SYN).
+
+
+def test_fragments_dropped_and_atomic_fragments_processed() -> None:
     frag = bytes((NEXTHDR_TCP, 0, 0, 1, 0, 0, 0, 7))  # offset 0, M set
+    with pytest.raises(WireError) as e:
+        parse_ipv6(build_ipv6(A, B, NEXTHDR_FRAGMENT, frag + bytes(24)))
+    assert e.value.reason == "fragment" and not isinstance(e.value, Ipv6ParamProblem)
+    later = bytes((NEXTHDR_TCP, 0, 0, 8, 0, 0, 0, 7))  # offset 8, last
     with pytest.raises(WireError, match="fragment"):
-        parse_ipv6(build_ipv6(A, B, NEXTHDR_FRAGMENT, frag + bytes(20)))
-    # An atomic fragment (RFC 6946) too: we do not reassemble at all.
+        parse_ipv6(build_ipv6(A, B, NEXTHDR_FRAGMENT, later + bytes(20)))
+    # Not the last fragment and not a multiple of 8 bytes: Linux's
+    # ipv6_frag_rcv answers Parameter Problem code 0 at Payload Length.
+    with pytest.raises(Ipv6ParamProblem) as pp:
+        parse_ipv6(build_ipv6(A, B, NEXTHDR_FRAGMENT, frag + bytes(21)))
+    assert (pp.value.code, pp.value.pointer) == (PARAMPROB_HEADER, 4)
+    # An atomic fragment (offset 0, M clear) is processed alone (RFC 6946 §4).
     atomic = bytes((NEXTHDR_TCP, 0, 0, 0, 0, 0, 0, 7))
-    with pytest.raises(WireError, match="fragment"):
-        parse_ipv6(build_ipv6(A, B, NEXTHDR_DEST, _ext(NEXTHDR_FRAGMENT) + atomic))
+    ip, body = parse_ipv6(build_ipv6(A, B, NEXTHDR_DEST, _ext(NEXTHDR_FRAGMENT) + atomic
+                                     + bytes(20)))
+    assert ip.next_header == NEXTHDR_TCP and len(body) == 20 and ip.header_len == 56
 
 
 def test_routing_header_with_segments_left_is_a_parameter_problem() -> None:
@@ -189,11 +204,24 @@ def test_unknown_option_actions(otype: int, icmp: bool | None, unless_mc: bool) 
             PARAMPROB_OPTION, 42, unless_mc)
 
 
-def test_option_overrunning_its_header() -> None:
-    pkt = build_ipv6(A, B, NEXTHDR_DEST, bytes((NEXTHDR_TCP, 0, 1, 9, 0, 0, 0, 0)) + bytes(20))
-    with pytest.raises(Ipv6ParamProblem) as e:
-        parse_ipv6(pkt)
-    assert e.value.code == PARAMPROB_HEADER
+@pytest.mark.parametrize("opts", [
+    bytes((1, 9, 0, 0, 0, 0)),  # PadN past the header
+    bytes((0x3E, 5, 0, 0, 0, 0)),  # an option past the header
+    bytes((1, 4, 0, 1, 0, 0)),  # PadN with non-zero contents
+    bytes((0, 0, 0, 0, 0, 0)) + bytes((1, 6)) + bytes(6),  # 14 bytes of padding in a row
+])
+def test_bad_options_are_dropped_silently(opts: bytes) -> None:
+    """Linux's ip6_parse_tlv ``bad`` label: dropped, no ICMPv6."""
+    body = bytes((NEXTHDR_TCP, (len(opts) + 2) // 8 - 1)) + opts
+    with pytest.raises(WireError) as e:
+        parse_ipv6(build_ipv6(A, B, NEXTHDR_DEST, body + bytes(20)))
+    assert not isinstance(e.value, Ipv6ParamProblem)
+    assert e.value.reason in ("exthdr_option_len", "exthdr_padding")
+
+
+def test_padding_up_to_seven_bytes_is_fine() -> None:
+    pad1s = bytes((NEXTHDR_TCP, 0, 0, 0, 0, 0, 0, 0))  # six Pad1
+    assert parse_ipv6(build_ipv6(A, B, NEXTHDR_DEST, pad1s))[0].next_header == NEXTHDR_TCP
 
 
 def test_extension_header_overrunning_the_packet() -> None:
