@@ -130,10 +130,28 @@ class UdpBind:
     lport: int = 0
     raddr: int = 0
     rport: int = 0
+    # -- IPv6 (issue 14): an AF_INET6 socket (IPv4 peers v4-mapped unless v6only)
+    v6: bool = False
+    v6only: bool = False
 
     def add_args(self) -> dict[str, Any]:
+        if self.v6:
+            return {"bind_id": self.bind_id, "addr": _dotted(self.laddr, True),
+                    "port": self.lport, "path": self.path, "v6": True, "v6only": self.v6only}
         return {"bind_id": self.bind_id, "addr": _dotted(self.laddr), "port": self.lport,
                 "path": self.path}
+
+    def families(self) -> int:
+        """Which families' datagrams it takes (1: IPv4, 2: IPv6), as core's
+        inet_addr_families: by its address, or the wildcard's V6ONLY."""
+        if not self.v6:
+            return 1
+        if self.laddr:
+            return 2
+        return 2 if self.v6only else 3
+
+    def peer_text(self) -> str:
+        return _dotted(self.raddr, self.v6 or self.raddr > 0xFFFFFFFF)
 
 
 def _dotted(a: int, v6: bool = False) -> str:
@@ -584,7 +602,7 @@ class Supervisor:
                 await ctl.call("add_udp", timeout=WORKER_CALL_TIMEOUT, **u.add_args())
                 if u.rport:
                     await ctl.call("connect_udp", timeout=WORKER_CALL_TIMEOUT,
-                                   bind_id=u.bind_id, addr=_dotted(u.raddr), port=u.rport)
+                                   bind_id=u.bind_id, addr=u.peer_text(), port=u.rport)
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
@@ -712,14 +730,16 @@ class Supervisor:
     # -- UDP: a port space of its own (Linux udp_lib_get_port), every worker told --
 
     async def _op_udp_bind(self, req, conn) -> dict[str, Any]:
-        addr = _addr_arg(req.get("addr", 0))
-        if addr != 0 and addr not in self.binds.addrs:
+        v6 = bool(req.get("v6"))
+        addr = _addr_arg(req.get("addr", 0), v6)
+        if addr != 0 and addr not in (self.binds.addrs6 if v6 else self.binds.addrs):
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
         port = int(req.get("port", 0))
         if not 0 <= port <= 65535:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         u = UdpBind(self._next_udp, addr, port, bool(req.get("reuseaddr")),
-                    bool(req.get("reuseport")), str(req["path"]))
+                    bool(req.get("reuseport")), str(req["path"]), v6=v6,
+                    v6only=v6 and bool(req.get("v6only")))
         u.lport = port if port else self._udp_ephemeral(u)
         if port and any(self._udp_conflict(u, o) for o in self.udp_binds.values()):
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
@@ -732,15 +752,17 @@ class Supervisor:
         for reply in await self._ask_workers("add_udp", **u.add_args()):
             if reply is None:
                 log(f"udp bind {u.bind_id}: a worker did not take it")
-        return {"addr": _dotted(u.laddr), "port": u.lport, "bind_id": u.bind_id}
+        return {"addr": _dotted(u.laddr, v6), "port": u.lport, "bind_id": u.bind_id}
 
     async def _op_udp_connect(self, req, conn) -> dict[str, Any]:
         bind_id = int(req["bind_id"])
         u = self.udp_binds.get(bind_id)
         if u is None or bind_id not in conn.state.get("binds", ()):
             raise OSError(errno.EBADF, "bind_id not owned by this connection")
-        u.raddr, u.rport = _addr_arg(req.get("addr", 0)), int(req.get("port", 0))
-        await self._ask_workers("connect_udp", bind_id=bind_id, addr=_dotted(u.raddr),
+        text = req.get("addr", 0)
+        u.raddr = _addr_arg(text, isinstance(text, str) and ":" in text)
+        u.rport = int(req.get("port", 0))
+        await self._ask_workers("connect_udp", bind_id=bind_id, addr=u.peer_text(),
                                 port=u.rport)
         return {}
 
@@ -748,6 +770,8 @@ class Supervisor:
     def _udp_conflict(a: UdpBind, b: UdpBind) -> bool:
         if a.lport != b.lport or (a.laddr and b.laddr and a.laddr != b.laddr):
             return False
+        if not a.families() & b.families():
+            return False  # e.g. 0.0.0.0 beside a V6ONLY `::` (Linux ipv6_rcv_saddr_equal)
         return not ((a.reuseaddr and b.reuseaddr) or (a.reuseport and b.reuseport))
 
     def _udp_ephemeral(self, u: UdpBind) -> int:

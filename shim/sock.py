@@ -361,7 +361,7 @@ class ShimSocket(kernel_socket):
         self._pre = None  # options set while still a kernel socket, to replay
         self._cand = self.family in _FACES and self.type == SOCK_STREAM
         self._us = None  # a UDP socket on the stack (shim/dgram.py)
-        self._dgram = self.family == AF_INET and self.type == _socket_mod.SOCK_DGRAM
+        self._dgram = self.family in _FACES and self.type == _socket_mod.SOCK_DGRAM
 
     # -- helpers --------------------------------------------------------------
 
@@ -744,14 +744,48 @@ class ShimSocket(kernel_socket):
             where, h = scope.connect_scope(host, view)
         return (stack, h) if where == scope.STACK else (None, host)
 
+    def _udp_parse(self, address: Any) -> tuple[str, int] | None:
+        """(host, port) of a UDP address the stack could serve: IPv4 text on
+        AF_INET; on AF_INET6 (only when the stack has IPv6) the IPv6 text,
+        `::ffff:a.b.c.d` for IPv4 peers (the stack's AF_INET6 socket takes
+        them v4-mapped, as Linux's)."""
+        if self.family == AF_INET:
+            return _parse_inet(address)
+        stack = get_stack()
+        view = stack.view() if stack is not None else None
+        if view is None or not view.addrs6 or not isinstance(address, tuple) \
+                or not 2 <= len(address) <= 4:
+            return None
+        host, port = address[0], address[1]
+        if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+            return None
+        try:
+            return gp.ip_str(host.split("%", 1)[0] or "::"), port
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _udp_scope_host(host: str) -> str:
+        """The address the scope judges: a v4-mapped one as IPv4."""
+        if host.startswith("::ffff:") and "." in host:
+            return host[7:]
+        return host
+
     def _udp_bind(self, address: Any) -> None:
-        parsed = _parse_inet(address) if self._us is None else None
+        parsed = self._udp_parse(address) if self._us is None else None
+        if parsed is not None and self.family == AF_INET6 and "." in parsed[0]:
+            parsed = None  # bound to a v4-mapped address: the kernel's
         stack, host = self._udp_stack(parsed[0] or "0.0.0.0", True) if parsed else (None, "")
         if stack is None:
             return super().bind(address)
         from shardstack.shim import dgram
 
-        self._us = dgram.bind(self, stack, host, parsed[1])
+        self._us = dgram.bind(self, stack, host, parsed[1], self._udp_v6_args())
+
+    def _udp_v6_args(self) -> dict[str, Any]:
+        if self.family != AF_INET6:
+            return {}
+        return {"v6": True, "v6only": bool((self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)))}
 
     def _udp_autobind(self, host: str) -> Any:
         """The stack's UDP socket for a datagram to `host`, bound on first use
@@ -760,16 +794,17 @@ class ShimSocket(kernel_socket):
             return self._us
         if super().getsockname()[1] != 0:
             return None  # bound on the kernel already
-        stack, _ = self._udp_stack(host, False)
+        stack, _ = self._udp_stack(self._udp_scope_host(host), False)
         if stack is None:
             return None
         from shardstack.shim import dgram
 
-        self._us = dgram.bind(self, stack, "0.0.0.0", 0)
+        wild = "::" if self.family == AF_INET6 else "0.0.0.0"
+        self._us = dgram.bind(self, stack, wild, 0, self._udp_v6_args())
         return self._us
 
     def _udp_connect(self, address: Any, raising: bool) -> int:
-        parsed = _parse_inet(address)
+        parsed = self._udp_parse(address)
         us = self._udp_autobind(parsed[0]) if parsed else self._us
         if us is None:
             if raising:
@@ -785,7 +820,7 @@ class ShimSocket(kernel_socket):
         if not self._dgram:
             return super().sendto(data, *args)
         addr = args[-1]
-        parsed = _parse_inet(addr)
+        parsed = self._udp_parse(addr)
         us = self._udp_autobind(parsed[0]) if parsed else self._us
         if us is None:
             return super().sendto(data, *args)
@@ -954,7 +989,7 @@ class ShimSocket(kernel_socket):
 
     def getsockname(self) -> Any:
         if self._us is not None:
-            return (self._us.laddr, self._us.lport)
+            return self._us.name(self._us.laddr, self._us.lport)
         st = self._ss
         if st is None:
             return super().getsockname()
@@ -964,7 +999,7 @@ class ShimSocket(kernel_socket):
         if self._us is not None:
             if not self._us.rport:
                 raise _oserror(errno.ENOTCONN)
-            return (self._us.raddr, self._us.rport)
+            return self._us.name(self._us.raddr, self._us.rport)
         st = self._ss
         if st is None:
             return super().getpeername()
@@ -1040,7 +1075,7 @@ class ShimSocket(kernel_socket):
         its identity, what was set for the rest (the unix fd for buffers)."""
         if level == SOL_SOCKET:
             if opt == SO_DOMAIN:
-                return AF_INET
+                return self.family
             if opt == SO_PROTOCOL:
                 return _socket_mod.IPPROTO_UDP
         elif (level, opt) in (self._pre or {}):

@@ -316,3 +316,84 @@ def test_transfer_under_loss_over_ipv6(kind):
         tx = [w["counters"]["impair"] for w in s["workers"]]
         assert rx["lost"] > 0 and sum(t["lost"] for t in tx) > 0, (rx, tx)
         assert sum(w["shard"]["retrans_segs"] for w in s["workers"]) > 0
+
+
+UDP6_SERVER = """
+import socket, socketserver
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        data, sock = self.request
+        sock.sendto(data + b" from " + repr(self.client_address).encode(), self.client_address)
+
+class Server(socketserver.UDPServer):
+    address_family = socket.AF_INET6
+
+srv = Server(("::", 5400), Echo)
+print("listening", srv.server_address, flush=True)
+srv.serve_forever()
+"""
+
+UDP6_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(b"up", (sys.argv[1], 5401))
+data, addr = s.recvfrom(2048)
+print(data.decode(), addr, s.getsockname()[0], flush=True)
+"""
+
+
+def _udp_total(st: V6Stack, key: str) -> int:
+    return sum((w["counters"].get("udp") or {}).get(key, 0) for w in st.cli("stats")["workers"])
+
+
+def test_udp_over_ipv6_both_ways():
+    """AF_INET6 UDP on the stack: a `socketserver.UDPServer` on `::` answers
+    the kernel over IPv6 and over IPv4 (its peer v4-mapped, as on Linux), and
+    a program on the stack sends to a kernel IPv6 UDP echo; the stack's UDP
+    counters count every datagram."""
+    with v6_stack("tun") as st:
+        (st.tmp / "www" / "srv.py").write_text(UDP6_SERVER)
+        (st.tmp / "www" / "cli.py").write_text(UDP6_CLIENT)
+        before = _udp_total(st, "to_apps")
+        app = st.run_app([PY, "srv.py"], "udp6")
+        deadline = time.monotonic() + WAIT
+        while "listening" not in st.app_log("udp6") and time.monotonic() < deadline:
+            assert app.poll() is None, st.app_log("udp6")
+            time.sleep(0.05)
+        assert "('::', 5400, 0, 0)" in st.app_log("udp6"), st.app_log("udp6")
+        r = st.kns.run([PY, "-c", f"""
+import socket
+for fam, dst in ((socket.AF_INET6, "{st.addr6}"), (socket.AF_INET, "{st.addr4}")):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(b"hi", (dst, 5400))
+    print(s.recvfrom(2048)[0].decode())
+"""], check=False, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr + st.app_log("udp6")
+        six, four = r.stdout.splitlines()
+        assert six.startswith(f"hi from ('{st.peer6}', ") and six.endswith(", 0, 0)"), six
+        assert four.startswith(f"hi from ('::ffff:{st.peer4}', "), four
+        kecho = st.kns.popen([PY, "-c", f"""
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("{st.peer6}", 5401))
+s.settimeout(30)
+d, a = s.recvfrom(2048)
+s.sendto(d + b" back", a)
+print(a[0], flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.3)
+            cli = st.run_app([PY, "cli.py", st.peer6], "udp6cli")
+            assert cli.wait(30) == 0, st.app_log("udp6cli")
+            seen = kecho.communicate(timeout=30)[0].strip()
+        finally:
+            if kecho.poll() is None:
+                kecho.kill()
+        assert seen == st.addr6  # the datagram left from the stack's IPv6 address
+        line = st.app_log("udp6cli").strip()
+        # an autobound unconnected socket's name is the wildcard, as on Linux
+        assert line == f"up back ('{st.peer6}', 5401, 0, 0) ::", line
+        assert _udp_total(st, "to_apps") - before == 3
