@@ -689,11 +689,11 @@ async def create_datagram_endpoint(self: Any, protocol_factory: Any, local_addr:
           "allow_broadcast": allow_broadcast}
     if reuse_address is not None:
         kw["reuse_address"] = reuse_address  # uvloop refuses it (True) as asyncio does
-    if not _active() or family not in (0, socket.AF_INET) or (
+    if not _active() or family not in (0, socket.AF_INET, socket.AF_INET6) or (
             sock is None and local_addr is None and remote_addr is None):
         return await orig(self, protocol_factory, local_addr, remote_addr, sock=sock, **kw)
     if sock is None:
-        sock = await _datagram_socket(self, local_addr, remote_addr, reuse_port,
+        sock = await _datagram_socket(self, family, local_addr, remote_addr, reuse_port,
                                       allow_broadcast)
     if getattr(sock, "_us", None) is None:  # the kernel's: uvloop's own transport
         return await orig(self, protocol_factory, sock=sock)
@@ -708,29 +708,32 @@ async def create_datagram_endpoint(self: Any, protocol_factory: Any, local_addr:
     return transport, protocol
 
 
-async def _datagram_socket(loop: Any, local_addr: Any, remote_addr: Any, reuse_port: Any,
-                           allow_broadcast: Any) -> Any:
+async def _datagram_socket(loop: Any, family: int, local_addr: Any, remote_addr: Any,
+                           reuse_port: Any, allow_broadcast: Any) -> Any:
     """asyncio's set-up of a datagram socket (resolve, options, bind, connect),
-    through `socket.socket`: the shim."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    through `socket.socket`: the shim. The family is the first resolved
+    address's (local first), as asyncio's."""
+    addrs = []
+    for where in (local_addr, remote_addr):
+        if where is None:
+            addrs.append(None)
+            continue
+        infos = await loop.getaddrinfo(*where, family=family, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError("getaddrinfo() returned empty list")
+        family = infos[0][0]
+        addrs.append(infos[0][4])
+    s = socket.socket(family or socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setblocking(False)
         if reuse_port:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if allow_broadcast:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        if local_addr is not None:
-            infos = await loop.getaddrinfo(*local_addr, family=socket.AF_INET,
-                                           type=socket.SOCK_DGRAM)
-            if not infos:
-                raise OSError("getaddrinfo() returned empty list")
-            s.bind(infos[0][4])
-        if remote_addr is not None:
-            infos = await loop.getaddrinfo(*remote_addr, family=socket.AF_INET,
-                                           type=socket.SOCK_DGRAM)
-            if not infos:
-                raise OSError("getaddrinfo() returned empty list")
-            s.connect(infos[0][4])  # UDP: no handshake, it does not block
+        if addrs[0] is not None:
+            s.bind(addrs[0])
+        if addrs[1] is not None:
+            s.connect(addrs[1])  # UDP: no handshake, it does not block
     except BaseException:
         s.close()
         raise

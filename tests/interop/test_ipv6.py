@@ -344,6 +344,27 @@ print(data.decode(), addr, s.getsockname()[0], flush=True)
 """
 
 
+UV6_ECHO = """
+import asyncio
+import uvloop
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data.upper() + repr(addr).encode(), addr)
+
+async def main():
+    t, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        Echo, local_addr=("::", 5402))
+    print("listening", t.get_extra_info("sockname"), flush=True)
+    await asyncio.sleep(60)
+
+uvloop.run(main())
+"""
+
+
 def _udp_total(st: V6Stack, key: str) -> int:
     return sum((w["counters"].get("udp") or {}).get(key, 0) for w in st.cli("stats")["workers"])
 
@@ -397,3 +418,21 @@ print(a[0], flush=True)
         # an autobound unconnected socket's name is the wildcard, as on Linux
         assert line == f"up back ('{st.peer6}', 5401, 0, 0) ::", line
         assert _udp_total(st, "to_apps") - before == 3
+        # uvloop's create_datagram_endpoint on `::` (the hook: shim/uvhook.py)
+        (st.tmp / "www" / "uv6.py").write_text(UV6_ECHO)
+        uv = st.run_app([PY, "uv6.py"], "uv6")
+        deadline = time.monotonic() + WAIT
+        while "listening" not in st.app_log("uv6") and time.monotonic() < deadline:
+            assert uv.poll() is None, st.app_log("uv6")
+            time.sleep(0.05)
+        assert "('::', 5402, 0, 0)" in st.app_log("uv6"), st.app_log("uv6")
+        r = st.kns.run([PY, "-c", f"""
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"uv", ("{st.addr6}", 5402))
+print(s.recvfrom(2048)[0].decode())
+"""], check=False, timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith(f"UV('{st.peer6}', "), \
+            r.stdout + r.stderr + st.app_log("uv6")
+        assert _udp_total(st, "to_apps") - before == 4
