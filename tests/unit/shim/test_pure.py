@@ -312,3 +312,25 @@ def test_ipv6_conn_names_and_addresses():
     assert gp.ip_str(0xFFFF_C6120001) == "::ffff:198.18.0.1"  # as inet_ntop spells it
     assert gp.ip_str(0, v6=True) == "::" and gp.ip_str(0) == "0.0.0.0"
     assert gp.parse_listener_path("/r/l/" + gp.listener_file(3, "::", 8000)) == (3, "::", 8000)
+
+
+def test_read_frame_never_reads_past_its_frame():
+    """A connect's reply and the connection's first bytes can arrive together
+    (a fast peer, a slow app): read_frame takes the reply and leaves the data
+    on the socket for the app (it once read 64 KiB and raised ProtoError on
+    the data, or dropped it)."""
+    from shardstack.shim.stack import read_frame
+
+    a, b = socket.socketpair()
+    try:
+        data = os.urandom(5000)
+        b.sendall(gp.pack({"ok": True, "lport": 5}) + data)
+        assert read_frame(a, bytearray()) == {"ok": True, "lport": 5}
+        got = b""
+        a.settimeout(5)
+        while len(got) < len(data):
+            got += a.recv(65536)
+        assert got == data
+    finally:
+        a.close()
+        b.close()
