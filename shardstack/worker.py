@@ -391,7 +391,8 @@ class Worker:
         listeners are on every shard, so the whole connection is ours.
         `frames` are `take_frames_gso()` pairs; a super-segment is taken
         whole (the shard accepts segments of any size)."""
-        local = self.cfg.addr.ip.to_bytes(4, "big") if self.cfg.addr else b"...."
+        # (an IPv6-only stack: no IPv4 packet is ours; 5 bytes never equal 4)
+        local = self.cfg.addr.ip.to_bytes(4, "big") if self.cfg.addr else b"none!"
         last = local[3]
         local6 = self.cfg.addr6.ip.to_bytes(16, "big") if self.cfg.addr6 else None
         out = None

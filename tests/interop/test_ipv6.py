@@ -473,3 +473,26 @@ def test_ipv6_over_af_packet_through_a_lossy_bridge():
             out_text, _err = bridge.communicate(timeout=20)
         counters = json.loads(out_text.strip().splitlines()[-1])["counters"]
         assert all(c["lost"] > 0 for c in counters.values()), counters
+
+
+def test_stack_to_its_own_ipv6_address():
+    """A program on the stack fetching from a server on the stack over the
+    stack's own IPv6 address: the frames never reach the device (the
+    worker's local delivery, as Linux routes them via lo)."""
+    with v6_stack("tun") as st:
+        want = _blob(st, "self.bin", 1 << 20, 4)
+        app = st.run_app([PY, "-m", "http.server", "--bind", "::", str(HTTP_PORT)], "http")
+        st.wait_listening(HTTP_PORT, app, "http")
+        (st.tmp / "www" / "get.py").write_text(
+            "import hashlib, sys, urllib.request\n"
+            "d = urllib.request.urlopen(sys.argv[1], timeout=30).read()\n"
+            "print(hashlib.sha256(d).hexdigest(), flush=True)\n")
+        before = st.cli("stats")["workers"]
+        cli = st.run_app([PY, "get.py", f"http://[{st.addr6}]:{HTTP_PORT}/self.bin"], "get")
+        assert cli.wait(60) == 0, st.app_log("get")
+        assert st.app_log("get").strip() == want
+        after = st.cli("stats")["workers"]
+        assert sum(w["shard"]["active_opens"] for w in after) - \
+            sum(w["shard"]["active_opens"] for w in before) == 1
+        assert sum(w["shard"]["passive_opens"] for w in after) - \
+            sum(w["shard"]["passive_opens"] for w in before) == 1
