@@ -66,6 +66,7 @@ from shardstack.core.wire.icmpv6 import (
     NA_SOLICITED,
     NDISC_NEIGHBOUR_ADVERTISEMENT,
     NDISC_NEIGHBOUR_SOLICITATION,
+    Icmpv6Message,
     build_neigh_advert,
     build_neigh_solicit,
     echo_reply6_for,
@@ -479,7 +480,7 @@ class Dispatcher:
         out.flags[w].append(flags)
         self.stats.icmp_errors += 1
 
-    def _ndisc(self, frame: bytes, hdr: Ipv6Header, msg: object, out: Batch) -> None:
+    def _ndisc(self, frame: bytes, hdr: Ipv6Header, msg: Icmpv6Message, out: Batch) -> None:
         """RFC 4861 NS/NA on Ethernet (a TUN is L3: nothing to resolve there).
         NS for one of our addresses: its sender's entry (STALE, §7.2.3) and a
         solicited, override NA back (to all-nodes for a DAD probe from ::).
@@ -489,7 +490,7 @@ class Dispatcher:
             drops[DropReason.ICMP_TYPE] += 1
             return
         try:
-            nd = parse_ndp(hdr, msg)  # type: ignore[arg-type]
+            nd = parse_ndp(hdr, msg)
         except WireError as e:
             drops[_NDP_REASONS.get(e.reason, DropReason.IPV6_NDISC_BAD_OPTIONS)] += 1
             return
