@@ -84,6 +84,10 @@ class TcpSock:
     # the Shard API maps them.  Kept by tcp_disconnect like the options.
     family: int = 2
     v6only: bool = False  # IPV6_V6ONLY: an AF_INET6 socket bound to :: takes IPv6 only
+    #: The IPv6 flow label of this connection's packets (RFC 6437 §3: one per
+    #: connection, from a keyed hash of its 4-tuple, as Linux's auto flow
+    #: labels are a hash of the flow); set at connect/accept, 0 for IPv4.
+    flowlabel: int = 0
     # -- bind / listen -------------------------------------------------------------
     bound: bool = False  # owns a bind-bucket entry
     bind_by_connect: bool = False

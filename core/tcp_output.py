@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_ecn, tcp_input, tcp_pacing, tcp_recovery
+from . import tcp_chrono, tcp_ecn, tcp_input, tcp_ipv6, tcp_pacing, tcp_recovery
 from .tcp_h import (
     HALF,
     MASK,
@@ -247,13 +247,15 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             # hold as they are (128-bit addresses sum like 32-bit ones). ECN
             # bits sit in the Traffic Class (RFC 3168 §5, RFC 8200 §7).
             laddr = sk.laddr
-            hdr = _pack_ts_hdr6(0x60000000 | tos << 20, 32 + plen, 6, 64, laddr >> 64,
-                                laddr & _M64, raddr >> 64, raddr & _M64, sk.lport, sk.rport,
-                                seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
+            hdr = _pack_ts_hdr6(0x60000000 | tos << 20 | sk.flowlabel, 32 + plen, 6, 64,
+                                laddr >> 64, laddr & _M64, raddr >> 64, raddr & _M64, sk.lport,
+                                sk.rport, seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD,
+                                tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                                win, _options(sk, now), payload, csum_partial, urg, tos)
+                                win, _options(sk, now), payload, csum_partial, urg, tos,
+                                sk.flowlabel)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -271,14 +273,15 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
 def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
                     flags: int, win: int, options: bytes = b"",
                     payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
-                    urgent: int = 0, tos: int = 0) -> bytes:
+                    urgent: int = 0, tos: int = 0, flowlabel: int = 0) -> bytes:
     """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
     (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
     (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
-    ``tcp_v6_send_check``)."""
+    ``tcp_v6_send_check``).  ``flowlabel``: IPv6's (RFC 6437)."""
     if raddr > V4_ADDR_MAX:
         return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
-                              payload, traffic_class=tos, csum_partial=csum_partial,
+                              payload, traffic_class=tos, flow_label=flowlabel,
+                              csum_partial=csum_partial,
                               urgent=urgent)
     return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
                           tos=tos, csum_partial=csum_partial, urgent=urgent)
@@ -355,7 +358,7 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
                              else None, sack_perm=sh.cfg.sack, ts=ts)
     flags = SYN | tcp_ecn.tcp_ecn_send_syn(sh, sk)
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, flags,
-                                     tcp_syn_window(sk.rcv_wnd), opts))
+                                     tcp_syn_window(sk.rcv_wnd), opts, flowlabel=sk.flowlabel))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -367,7 +370,8 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
                              sack_perm=sk.sack_ok, ts=ts)
     flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(bool(sk.ecn_flags & tcp_ecn.TCP_ECN_OK))
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts))
+                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts,
+                                     flowlabel=sk.flowlabel))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -382,11 +386,16 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
     mss = user_mss if 0 < user_mss < route_mss else route_mss
     opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
+    v6 = req.raddr > V4_ADDR_MAX
     if sh.tracing:
-        sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+        sh.tr("__tcp_v6_send_check" if v6 else "__tcp_v4_send_check")
     flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(req.ecn_ok)
+    # IPv6: the flow label the connection will keep (tcp_v6_syn_recv_sock).
+    label = tcp_ipv6.ip6_make_flowlabel(sh.key, req.laddr, req.lport, req.raddr,
+                                        req.rport) if v6 else 0
     return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts)
+                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts,
+                           flowlabel=label)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -730,7 +739,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             off = end
     else:
         # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
-        ip6 = _pack_ip6(0x60000000 | tos << 20, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+        ip6 = _pack_ip6(0x60000000 | tos << 20 | sk.flowlabel, 32 + size, 6, 64, src >> 64,
+                        src & _M64, dst >> 64,
                         dst & _M64)
         for _ in range(count):
             end = off + size
