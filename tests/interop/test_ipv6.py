@@ -496,3 +496,44 @@ def test_stack_to_its_own_ipv6_address():
             sum(w["shard"]["active_opens"] for w in before) == 1
         assert sum(w["shard"]["passive_opens"] for w in after) - \
             sum(w["shard"]["passive_opens"] for w in before) == 1
+
+
+def test_ipv6_only_stack():
+    """`serve --addr 2001:db8::2/64` alone: an IPv6-only stack serves curl -6
+    (services and the shim need no IPv4 address), and an IPv4 connect from
+    a program on it fails at once with ENETUNREACH (no IPv4 route), not a
+    hang."""
+    _require_root()
+    net6 = netns.next_subnet6()
+    a6, p6 = str(net6.network_address + 2), str(net6.network_address + 1)
+    with tempfile.TemporaryDirectory(prefix="ss6-") as tmp, netns.netns(prefix="sssix") as ns:
+        (Path(tmp) / "www").mkdir()
+        st = V6Stack("tun", ns, ns, a6, p6, "", "", Path(tmp))
+        try:
+            st.start(["--echo", "7"], ["--tun", "ss6t", "--peer", f"{p6}/64"],
+                     ["--addr", f"{a6}/64"])
+            want = _blob(st, "only6.bin", 256 << 10, 5)
+            app = st.run_app([PY, "-m", "http.server", "--bind", "::", str(HTTP_PORT)], "http")
+            st.wait_listening(HTTP_PORT, app, "http")
+            _curl(st, f"http://[{a6}]:{HTTP_PORT}/only6.bin", st.tmp / "only6.got")
+            assert hashlib.sha256((st.tmp / "only6.got").read_bytes()).hexdigest() == want
+            r = ns.run([PY, "-c", f"""
+import socket
+s = socket.create_connection(("{a6}", 7), timeout=5)
+s.sendall(b"echo6")
+print(s.recv(100).decode())
+"""], check=False, timeout=20)
+            assert r.stdout.strip() == "echo6", r.stdout + r.stderr
+            (st.tmp / "www" / "v4.py").write_text(
+                "import errno, socket, time\n"
+                "t = time.monotonic()\n"
+                "try:\n"
+                "    socket.create_connection(('198.18.0.9', 80), timeout=10)\n"
+                "except OSError as e:\n"
+                "    print(errno.errorcode.get(e.errno), round(time.monotonic() - t, 1))\n")
+            cli = st.run_app([PY, "v4.py"], "v4")
+            assert cli.wait(30) == 0, st.app_log("v4")
+            code, secs = st.app_log("v4").split()
+            assert code == "ENETUNREACH" and float(secs) < 2, st.app_log("v4")
+        finally:
+            st.stop()
