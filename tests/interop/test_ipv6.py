@@ -210,6 +210,11 @@ def test_curl6_from_the_kernel_to_http_server_on_the_stack(kind):
         workers = st.cli("stats")["workers"]
         assert not any(w["counters"]["drops"].get("DEV_TX") for w in workers), workers
         assert sum(w["counters"]["gso_out"] for w in workers) > 0
+        # direct RX: the kernel's steering program (eBPF on TUN, cBPF fanout
+        # on AF_PACKET) put the IPv6 TCP frames on the workers, netio saw none
+        n = st.netio()
+        assert n["rx"] == "direct" and n["dispatch"]["tcp"] == 0, n
+        assert sum(n["steered"]["delivered"][:WORKERS]) > 0, n
         log = st.app_log("http")
         assert f'{st.peer6} - - ' in log and f'::ffff:{st.peer4} - - ' in log, log
         # ping -6: answered by netio, the kernel peer sees no loss
