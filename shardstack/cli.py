@@ -35,6 +35,8 @@ example (as root, in a namespace of your own):
   ip netns exec demo shardstack serve --workers 2 --tun ss0 \\
       --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7 --discard 9
   ip netns exec demo ping 198.18.0.2
+dual stack: repeat --addr and --peer with an IPv6 prefix, e.g.
+      --addr 198.18.0.2/24 --addr 2001:db8::2/64 --peer 198.18.0.1/24 --peer 2001:db8::1/64
 """
 
 
@@ -149,9 +151,12 @@ def _add_serve(sub) -> None:
     dev = p.add_mutually_exclusive_group(required=True)
     dev.add_argument("--tun", metavar="NAME", help="a TUN device (created if missing)")
     dev.add_argument("--packet", metavar="IFACE", help="an existing interface, via AF_PACKET")
-    p.add_argument("--addr", required=True, metavar="A.B.C.D/N", help="the stack's address")
-    p.add_argument("--peer", metavar="A.B.C.D/N",
-                   help="give the kernel side of the TUN this address and bring it up")
+    p.add_argument("--addr", required=True, action="append", metavar="ADDR/N",
+                   help="the stack's address, IPv4 (A.B.C.D/N) or IPv6 (X:Y::Z/N); repeat "
+                   "once for dual stack (one of each)")
+    p.add_argument("--peer", action="append", default=[], metavar="ADDR/N",
+                   help="give the kernel side of the TUN this address and bring it up "
+                   "(one per family of --addr; IPv6 without duplicate address detection)")
     p.add_argument("--gateway", metavar="A.B.C.D", help="next hop for addresses off-link")
     p.add_argument("--mtu", type=int, default=1500,
                    help="the device MTU; the MSS we advertise follows from it (default 1500)")
@@ -212,17 +217,22 @@ def serve_config(args: argparse.Namespace):
         parse_cidr,
         parse_ip,
         parse_port,
+        split_families,
     )
     from shardstack.rundir import select_run_dir
 
     if args.impair:
         _check_impair(args.impair)
+    addr, addr6 = split_families([parse_cidr(a, "--addr") for a in args.addr], "--addr")
+    peer, peer6 = split_families([parse_cidr(a, "--peer") for a in args.peer], "--peer")
     cfg = ServeConfig(
         workers=args.workers,
         device="tun" if args.tun else "packet",
         ifname=args.tun or args.packet,
-        addr=parse_cidr(args.addr, "--addr"),
-        peer=parse_cidr(args.peer, "--peer") if args.peer else None,
+        addr=addr,
+        peer=peer,
+        addr6=addr6,
+        peer6=peer6,
         gateway=parse_ip(args.gateway, "--gateway") if args.gateway else None,
         mtu=args.mtu,
         run_dir=str(select_run_dir(args.run_dir)),
