@@ -305,7 +305,9 @@ class AppGate:
         try:
             if app is None:
                 raise OSError(errno.EINVAL, "connect request without the socket's fd")
-            sd = shard.socket()
+            # an AF_INET6 socket to an IPv6 peer (the shim sends v4-mapped
+            # destinations as IPv4: the AF_INET socket they behave as)
+            sd = shard.socket(socket.AF_INET6 if msg.get("v6") else socket.AF_INET)
         except OSError as e:
             _try_send(w, gp.pack(_err(e.errno or errno.EIO, e.strerror)))
             w.close()
@@ -400,13 +402,18 @@ class AppGate:
     # -- passive open ---------------------------------------------------------
 
     def add_listener(self, bind_id: int, addr: int | str, port: int, backlog: int, path: str,
-                     opts: Iterable[Any] = (), **_extra: Any) -> dict[str, Any]:
-        """Install a listener on this shard; accepted connections go to `path`."""
+                     opts: Iterable[Any] = (), v6: bool = False, v6only: bool = False,
+                     **_extra: Any) -> dict[str, Any]:
+        """Install a listener on this shard; accepted connections go to `path`.
+        `v6`: an AF_INET6 listener (`::` takes IPv4 too, v4-mapped, unless
+        `v6only`)."""
         if bind_id in self.listeners:
             return {}
         shard = self.shard
-        sd = shard.socket()
+        sd = shard.socket(socket.AF_INET6 if v6 else socket.AF_INET)
         try:
+            if v6:
+                shard.setsockopt(sd, socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             shard.setsockopt(sd, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             for level, opt, value in opts:
                 _setopt_quietly(shard, sd, level, opt, value)

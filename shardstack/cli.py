@@ -37,6 +37,8 @@ example (as root, in a namespace of your own):
   ip netns exec demo shardstack serve --workers 2 --tun ss0 \\
       --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7 --discard 9
   ip netns exec demo ping 198.18.0.2
+dual stack: repeat --addr and --peer with an IPv6 prefix, e.g.
+      --addr 198.18.0.2/24 --addr 2001:db8::2/64 --peer 198.18.0.1/24 --peer 2001:db8::1/64
 """
 
 
@@ -159,9 +161,12 @@ def _add_serve(sub) -> None:
     dev = p.add_mutually_exclusive_group(required=True)
     dev.add_argument("--tun", metavar="NAME", help="a TUN device (created if missing)")
     dev.add_argument("--packet", metavar="IFACE", help="an existing interface, via AF_PACKET")
-    p.add_argument("--addr", required=True, metavar="A.B.C.D/N", help="the stack's address")
-    p.add_argument("--peer", metavar="A.B.C.D/N",
-                   help="give the kernel side of the TUN this address and bring it up")
+    p.add_argument("--addr", required=True, action="append", metavar="ADDR/N",
+                   help="the stack's address, IPv4 (A.B.C.D/N) or IPv6 (X:Y::Z/N); repeat "
+                   "once for dual stack (one of each)")
+    p.add_argument("--peer", action="append", default=[], metavar="ADDR/N",
+                   help="give the kernel side of the TUN this address and bring it up "
+                   "(one per family of --addr; IPv6 without duplicate address detection)")
     p.add_argument("--gateway", metavar="A.B.C.D", help="next hop for addresses off-link")
     p.add_argument("--mtu", type=int, default=1500,
                    help="the device MTU; the MSS we advertise follows from it (default 1500)")
@@ -200,6 +205,15 @@ def _add_serve(sub) -> None:
                    help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
                    "on outgoing connections and accept it, 2 accept it when a peer asks "
                    "(default 2, Linux's default)")
+    p.add_argument("--pacing", action="store_true",
+                   help="pace every connection at its pacing rate (cwnd x MSS / SRTT, "
+                   "200 %% in slow start, 120 %% after), as Linux under the fq qdisc; by "
+                   "default only sockets with SO_MAX_PACING_RATE are paced, as Linux "
+                   "with CUBIC and no fq")
+    p.add_argument("--mtu-probing", type=int, choices=(0, 1, 2), default=0,
+                   help="path MTU probing (RFC 4821), as Linux's net.ipv4.tcp_mtu_probing: "
+                   "0 off (default, as Linux), 1 on once a path drops large segments "
+                   "without ICMP (a black hole), 2 always (start at 1024 bytes, probe up)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -217,17 +231,22 @@ def serve_config(args: argparse.Namespace):
         parse_cidr,
         parse_ip,
         parse_port,
+        split_families,
     )
     from shardstack.rundir import select_run_dir
 
     if args.impair:
         _check_impair(args.impair)
+    addr, addr6 = split_families([parse_cidr(a, "--addr") for a in args.addr], "--addr")
+    peer, peer6 = split_families([parse_cidr(a, "--peer") for a in args.peer], "--peer")
     cfg = ServeConfig(
         workers=args.workers,
         device="tun" if args.tun else "packet",
         ifname=args.tun or args.packet,
-        addr=parse_cidr(args.addr, "--addr"),
-        peer=parse_cidr(args.peer, "--peer") if args.peer else None,
+        addr=addr,
+        peer=peer,
+        addr6=addr6,
+        peer6=peer6,
         gateway=parse_ip(args.gateway, "--gateway") if args.gateway else None,
         mtu=args.mtu,
         run_dir=str(select_run_dir(args.run_dir)),
@@ -243,6 +262,8 @@ def serve_config(args: argparse.Namespace):
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
         rebalance=args.rebalance,
         ecn=args.ecn,
+        pacing=args.pacing,
+        mtu_probing=args.mtu_probing,
     )
     return cfg.validate()
 

@@ -45,9 +45,10 @@ class ServiceStats:
 class Services:
     """The echo and discard services of one worker's shard."""
 
-    def __init__(self, shard, addr: int) -> None:
+    def __init__(self, shard, addr: int, v6: bool = False) -> None:
         self.shard = shard
         self.addr = addr
+        self.v6 = v6  # a dual-stack AF_INET6 listener (`::` takes IPv4 too)
         self.listeners: dict[int, str] = {}  # listening sd -> kind
         self.conns: dict[int, _Conn] = {}
         self.stats = ServiceStats()
@@ -55,7 +56,7 @@ class Services:
     def install(self, kind: str, port: int) -> int:
         """Listen on (addr, port) for `kind` (ECHO or DISCARD)."""
         shard = self.shard
-        sd = shard.socket()
+        sd = shard.socket(socket.AF_INET6 if self.v6 else socket.AF_INET)
         shard.setsockopt(sd, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         shard.bind(sd, self.addr, port)
         shard.listen(sd, LISTEN_BACKLOG)

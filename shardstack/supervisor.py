@@ -109,6 +109,9 @@ class GlobalBind:
     listener: dict[str, Any] | None = None  # {backlog, path} once listening
     service: str | None = None  # "echo"/"discard" for the built-in services
     holders: int = 1  # control connections (processes) holding it: freed at the last
+    # -- IPv6 (issue 14): the bind's family, as core's conflict rules read it
+    family: int = socket.AF_INET
+    v6only: bool = False  # IPV6_V6ONLY: `::` then takes no IPv4
 
 
 UDP_BIND_BASE = 1 << 30  # UDP bind ids: apart from TCP's, one release op for both
@@ -127,32 +130,57 @@ class UdpBind:
     lport: int = 0
     raddr: int = 0
     rport: int = 0
+    # -- IPv6 (issue 14): an AF_INET6 socket (IPv4 peers v4-mapped unless v6only)
+    v6: bool = False
+    v6only: bool = False
 
     def add_args(self) -> dict[str, Any]:
+        if self.v6:
+            return {"bind_id": self.bind_id, "addr": _dotted(self.laddr, True),
+                    "port": self.lport, "path": self.path, "v6": True, "v6only": self.v6only}
         return {"bind_id": self.bind_id, "addr": _dotted(self.laddr), "port": self.lport,
                 "path": self.path}
 
+    def families(self) -> int:
+        """Which families' datagrams it takes (1: IPv4, 2: IPv6), as core's
+        inet_addr_families: by its address, or the wildcard's V6ONLY."""
+        if not self.v6:
+            return 1
+        if self.laddr:
+            return 2
+        return 2 if self.v6only else 3
 
-def _dotted(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))
+    def peer_text(self) -> str:
+        return _dotted(self.raddr, self.v6 or self.raddr > 0xFFFFFFFF)
+
+
+def _dotted(a: int, v6: bool = False) -> str:
+    return str(ipaddress.IPv6Address(a) if v6 else ipaddress.IPv4Address(a))
 
 
 class BindTable:
     """bind/listen/release across shards (docs/architecture.md "Runtime")."""
 
-    def __init__(self, addrs: list[int]) -> None:
+    def __init__(self, addrs: list[int], addrs6: list[int] | None = None) -> None:
         self.h = InetHashinfo()
         self.addrs = addrs
+        self.addrs6 = list(addrs6 or ())
         self.binds: dict[int, GlobalBind] = {}
         self._next_id = 1
 
     def bind(self, addr: int, port: int, reuseaddr: bool = False, reuseport: bool = False,
-             service: str | None = None) -> GlobalBind:
-        if addr != 0 and addr not in self.addrs:
+             service: str | None = None, family: int = socket.AF_INET,
+             v6only: bool = False) -> GlobalBind:
+        """`family` AF_INET6: `addr` is 128-bit, 0 the wildcard `::` (which
+        takes IPv4 too unless `v6only`: one table holds both families, so
+        `::` and `0.0.0.0` on one port conflict as on Linux)."""
+        mine = self.addrs6 if family == socket.AF_INET6 else self.addrs
+        if addr != 0 and addr not in mine:
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
         if not 0 <= port <= 65535:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service)
+        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service,
+                       family=family, v6only=v6only)
         inet_csk_get_port(self.h, b, port, offset=self._next_id * 7919)
         self._next_id += 1
         self.binds[b.bind_id] = b
@@ -232,7 +260,8 @@ class Supervisor:
         self.spare: Spare | None = None
         self.spare_failures = 0  # spares that died before reporting ready, in a row
         self._next_tid = 1
-        self.binds = BindTable([cfg.addr.ip])
+        self.binds = BindTable([cfg.addr.ip] if cfg.addr else [],
+                               [cfg.addr6.ip] if cfg.addr6 else [])
         self.udp_binds: dict[int, UdpBind] = {}  # UDP's own port space (udp_lib_get_port)
         self._next_udp = UDP_BIND_BASE
         self.tun = None  # netio.device.TunDevice in TUN mode
@@ -242,7 +271,7 @@ class Supervisor:
         self.tun_counts = None  # tunsteer.SteeringCounts
         self.tun_reta_map = None  # tunsteer.RetaMap: the RETA the steering program reads
         self.tun_created = False
-        self.peer_added = False
+        self.peers_added: list[str] = []  # the --peer addresses we added to the TUN
         self.children: list[Child] = []
         self.netio: Child | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -273,7 +302,7 @@ class Supervisor:
 
                 self.balancer = Balancer(self.cfg.workers)
                 self.loop.create_task(self._rebalance_loop())
-            log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
+            log(f"serving {' '.join(c.text for c in self.cfg.addrs)} on {self.cfg.device} {self.cfg.ifname} with "
                 f"{self.cfg.workers} workers; run dir {self.run.path}")
             await self.stop_event.wait()
             log("stopping")
@@ -316,13 +345,19 @@ class Supervisor:
             self._open_tun_queues()
         if self.tun is None:
             self.tun = TunDevice(cfg.ifname, mtu=cfg.mtu, vnet_hdr=cfg.offload, up=True)
-        if cfg.peer is not None:
-            r = subprocess.run(["ip", "addr", "add", cfg.peer.text, "dev", cfg.ifname],
-                               capture_output=True, text=True, timeout=10)
+        for peer in (cfg.peer, cfg.peer6):
+            if peer is None:
+                continue
+            # IPv6: no duplicate address detection (`nodad`), so the
+            # address is usable at once rather than "tentative" for a second
+            # or more (RFC 4862 §5.4; the stack is the only other node).
+            cmd = ["ip", "addr", "add", peer.text, "dev", cfg.ifname] + (["nodad"] if peer.v6
+                                                                       else [])
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             if r.returncode == 0:
-                self.peer_added = True
+                self.peers_added.append(peer.text)
             elif "File exists" not in r.stderr:
-                raise OSError(errno.EINVAL, f"ip addr add {cfg.peer.text}: {r.stderr.strip()}")
+                raise OSError(errno.EINVAL, f"ip addr add {peer.text}: {r.stderr.strip()}")
 
     def _open_tun_queues(self) -> None:
         from shardstack.netio import tunsteer
@@ -379,8 +414,8 @@ class Supervisor:
             self._forget(c)
         self._drop_spare()
         if self.tun is not None:
-            if self.peer_added and not self.tun_created:
-                subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
+            for text in self.peers_added if not self.tun_created else ():
+                subprocess.run(["ip", "addr", "del", text, "dev", self.cfg.ifname],
                                capture_output=True, timeout=10)
             self.tun.close()  # a TUN we created (not persistent) goes with its last fd
         for q in self.tun_queues or ():
@@ -576,7 +611,7 @@ class Supervisor:
                 await ctl.call("add_udp", timeout=WORKER_CALL_TIMEOUT, **u.add_args())
                 if u.rport:
                     await ctl.call("connect_udp", timeout=WORKER_CALL_TIMEOUT,
-                                   bind_id=u.bind_id, addr=_dotted(u.raddr), port=u.rport)
+                                   bind_id=u.bind_id, addr=u.peer_text(), port=u.rport)
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
@@ -641,7 +676,7 @@ class Supervisor:
 
     def _op_hello(self, req, conn) -> dict[str, Any]:
         return {
-            "addrs": [self.cfg.addr.addr],
+            "addrs": [c.addr for c in self.cfg.addrs],
             "workers": self.cfg.workers,
             "run_dir": str(self.run.path),
             "pid": os.getpid(),
@@ -650,21 +685,24 @@ class Supervisor:
             # What the shim needs to route a connect: which destinations are on-link for the
             # stack (or reachable through its gateway), and the RETA that picks the worker
             # owning a given 4-tuple (for connect() from an explicitly bound port).
-            "nets": [str(self.cfg.addr.network)],
+            "nets": [str(c.network) for c in self.cfg.addrs],
             "gateway": (str(ipaddress.IPv4Address(self.cfg.gateway))
                         if self.cfg.gateway is not None else None),
             "reta": list(self.reta),
         }
 
     def _op_bind(self, req, conn) -> dict[str, Any]:
-        addr = _addr_arg(req.get("addr", 0))
+        v6 = bool(req.get("v6"))
+        addr = _addr_arg(req.get("addr", 0), v6)
         b = self.binds.bind(addr, int(req.get("port", 0)), bool(req.get("reuseaddr")),
-                            bool(req.get("reuseport")))
+                            bool(req.get("reuseport")),
+                            family=socket.AF_INET6 if v6 else socket.AF_INET,
+                            v6only=bool(req.get("v6only")))
         binds = conn.state.setdefault("binds", set())
         if not binds:
             conn.on_close.append(lambda: self._release_all(conn))
         binds.add(b.bind_id)
-        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+        return _bind_reply(b)
 
     def _op_adopt(self, req, conn) -> dict[str, Any]:
         """Another process holds the bound socket's fd now (multiprocessing
@@ -675,13 +713,12 @@ class Supervisor:
             raise OSError(errno.EBADF, "not an app's bind")
         binds = conn.state.setdefault("binds", set())
         if b.bind_id in binds:
-            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
-                    "bind_id": b.bind_id}
+            return _bind_reply(b)
         if not binds:
             conn.on_close.append(lambda: self._release_all(conn))
         binds.add(b.bind_id)
         b.holders += 1
-        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+        return _bind_reply(b)
 
     async def _op_listen(self, req, conn) -> dict[str, Any]:
         b = self._owned(req, conn)
@@ -708,14 +745,16 @@ class Supervisor:
     # -- UDP: a port space of its own (Linux udp_lib_get_port), every worker told --
 
     async def _op_udp_bind(self, req, conn) -> dict[str, Any]:
-        addr = _addr_arg(req.get("addr", 0))
-        if addr != 0 and addr not in self.binds.addrs:
+        v6 = bool(req.get("v6"))
+        addr = _addr_arg(req.get("addr", 0), v6)
+        if addr != 0 and addr not in (self.binds.addrs6 if v6 else self.binds.addrs):
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
         port = int(req.get("port", 0))
         if not 0 <= port <= 65535:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         u = UdpBind(self._next_udp, addr, port, bool(req.get("reuseaddr")),
-                    bool(req.get("reuseport")), str(req["path"]))
+                    bool(req.get("reuseport")), str(req["path"]), v6=v6,
+                    v6only=v6 and bool(req.get("v6only")))
         u.lport = port if port else self._udp_ephemeral(u)
         if port and any(self._udp_conflict(u, o) for o in self.udp_binds.values()):
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
@@ -728,15 +767,17 @@ class Supervisor:
         for reply in await self._ask_workers("add_udp", **u.add_args()):
             if reply is None:
                 log(f"udp bind {u.bind_id}: a worker did not take it")
-        return {"addr": _dotted(u.laddr), "port": u.lport, "bind_id": u.bind_id}
+        return {"addr": _dotted(u.laddr, v6), "port": u.lport, "bind_id": u.bind_id}
 
     async def _op_udp_connect(self, req, conn) -> dict[str, Any]:
         bind_id = int(req["bind_id"])
         u = self.udp_binds.get(bind_id)
         if u is None or bind_id not in conn.state.get("binds", ()):
             raise OSError(errno.EBADF, "bind_id not owned by this connection")
-        u.raddr, u.rport = _addr_arg(req.get("addr", 0)), int(req.get("port", 0))
-        await self._ask_workers("connect_udp", bind_id=bind_id, addr=_dotted(u.raddr),
+        text = req.get("addr", 0)
+        u.raddr = _addr_arg(text, isinstance(text, str) and ":" in text)
+        u.rport = int(req.get("port", 0))
+        await self._ask_workers("connect_udp", bind_id=bind_id, addr=u.peer_text(),
                                 port=u.rport)
         return {}
 
@@ -744,6 +785,8 @@ class Supervisor:
     def _udp_conflict(a: UdpBind, b: UdpBind) -> bool:
         if a.lport != b.lport or (a.laddr and b.laddr and a.laddr != b.laddr):
             return False
+        if not a.families() & b.families():
+            return False  # e.g. 0.0.0.0 beside a V6ONLY `::` (Linux ipv6_rcv_saddr_equal)
         return not ((a.reuseaddr and b.reuseaddr) or (a.reuseport and b.reuseport))
 
     def _udp_ephemeral(self, u: UdpBind) -> int:
@@ -1127,6 +1170,9 @@ class Supervisor:
         return self.binds.get(bind_id)
 
     def _listener_args(self, b: GlobalBind) -> dict[str, Any]:
+        if b.family == socket.AF_INET6:  # (the text: msgpack's ints stop at 64 bits)
+            return {"bind_id": b.bind_id, "addr": _dotted(b.laddr, True), "port": b.lport,
+                    **b.listener, "v6": True, "v6only": b.v6only}
         return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener}
 
     async def _release(self, b: GlobalBind) -> None:
@@ -1161,13 +1207,20 @@ class Supervisor:
         return list(await asyncio.gather(*calls))
 
 
-def _addr_arg(a: Any) -> int:
+def _addr_arg(a: Any, v6: bool = False) -> int:
     if isinstance(a, int):
         return a
     try:
+        if v6:
+            return int(ipaddress.IPv6Address(a or "::"))
         return int(ipaddress.IPv4Address(a or "0.0.0.0"))
     except ValueError:
         raise OSError(errno.EINVAL, f"bad address {a!r}") from None
+
+
+def _bind_reply(b: GlobalBind) -> dict[str, Any]:
+    return {"addr": _dotted(b.laddr, b.family == socket.AF_INET6), "port": b.lport,
+            "bind_id": b.bind_id}
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -74,6 +74,7 @@ from shardstack.netio.process import decode_neigh_entries, worker_endpoint
 from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
 from shardstack.services import DISCARD, ECHO, Services
+from shardstack.shim.gateproto import ip_str as gp_ip_str
 from shardstack.stats import to_plain
 
 MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
@@ -171,22 +172,30 @@ class Worker:
 
         def port_filter(laddr: int, lport: int, raddr: int, rport: int) -> bool:
             # The mTCP trick: accept an ephemeral port only if the peer's
-            # replies (raddr:rport → laddr:lport) hash to this worker.
+            # replies (raddr:rport → laddr:lport) hash to this worker; over
+            # IPv6 (wire addresses above 32 bits) the 36-byte tuple's hash.
+            if raddr > 0xFFFFFFFF:
+                return reta[hasher.hash_tuple6(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
             return reta[hasher.hash_tuple(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
 
-        scfg = ShardConfig(addrs=[self.cfg.addr.ip], mtu=self.cfg.mtu, secret=self.cfg.secret,
+        cfg = self.cfg
+        scfg = ShardConfig(addrs=[cfg.addr.ip] if cfg.addr else [],
+                           addrs6=[cfg.addr6.ip] if cfg.addr6 else [],
+                           mtu=self.cfg.mtu, secret=self.cfg.secret,
                            trace=False, port_filter=port_filter,
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
                            max_connections=self.cfg.max_connections,
-                           ecn=self.cfg.ecn)
+                           ecn=self.cfg.ecn, pacing=self.cfg.pacing,
+                           mtu_probing=self.cfg.mtu_probing)
         if self.cfg.tcp_mem:
             low, pressure, high = self.cfg.tcp_mem
             scfg.tcp_mem = (low, pressure, high)
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:
-        self.services = Services(self.shard, self.cfg.addr.ip)
+        # the built-in services on the wildcard: every address of ours
+        self.services = Services(self.shard, 0, v6=self.cfg.addr6 is not None)
         for port in self.cfg.echo_ports:
             self.services.install(ECHO, port)
         for port in self.cfg.discard_ports:
@@ -396,12 +405,15 @@ class Worker:
         listeners are on every shard, so the whole connection is ours.
         `frames` are `take_frames_gso()` pairs; a super-segment is taken
         whole (the shard accepts segments of any size)."""
-        local = self.cfg.addr.ip.to_bytes(4, "big")
+        # (an IPv6-only stack: no IPv4 packet is ours; 5 bytes never equal 4)
+        local = self.cfg.addr.ip.to_bytes(4, "big") if self.cfg.addr else b"none!"
         last = local[3]
+        local6 = self.cfg.addr6.ip.to_bytes(16, "big") if self.cfg.addr6 else None
         out = None
         for i, pair in enumerate(frames):
             f = pair[0]
-            if f[19] == last and f[16:20] == local:
+            if (f[19] == last and f[16:20] == local and f[0] >> 4 == 4) or (
+                    local6 is not None and f[0] >> 4 == 6 and f[24:40] == local6):
                 if out is None:
                     out = frames[:i]
                     mine = []
@@ -502,6 +514,12 @@ class Worker:
     def _conn_dict(self, ci: ConnInfo) -> dict[str, Any]:
         d = to_plain(ci)
         d["worker"] = self.wid
+        v6 = ci.sd is not None and self.shard.sock(ci.sd).family == socket.AF_INET6
+        for k in ("laddr", "raddr"):
+            if d[k] > 0xFFFFFFFF or (v6 and d[k] == 0):
+                # IPv6 (msgpack's ints stop at 64 bits) as `ss` prints it; an
+                # AF_INET6 listener's `::` too, not 0.0.0.0
+                d[k] = f"[{gp_ip_str(d[k], True)}]"
         return d
 
     def _stats(self) -> dict[str, Any]:
@@ -576,7 +594,9 @@ async def _amain(desc: ChildDesc) -> int:
         from shardstack.affinity import pin_worker
 
         pin_worker(wid)
-    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir, subnet=cfg.addr.network,
+    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir,
+                   subnet=cfg.addr.network if cfg.addr else None,
+                   subnet6=cfg.addr6.network if cfg.addr6 else None,
                    gateway=cfg.gateway, pcap=cfg.pcap, impair=cfg.impair)
     worker = Worker(cfg, wid, desc.reta, tx, loop, worker_rx(desc.dev))
     stop = asyncio.Event()

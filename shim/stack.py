@@ -191,14 +191,22 @@ class _CtlChannel:
 
 
 def read_frame(sock: Any, buf: bytearray) -> dict[str, Any]:
-    """Block until one whole frame is in; ECONNRESET if the peer hangs up first."""
+    """Block until one whole frame is in; ECONNRESET if the peer hangs up first.
+
+    Reads exactly the frame, never past it: on a connect's stream the
+    connection's first bytes may follow the reply at once (a fast peer, a
+    slow app), and they are the app's."""
     while True:
         msgs = gp.unpack_frames(buf)
         if msgs:
             if len(msgs) > 1:  # never happens with one request in flight
                 raise OSError(errno.EPROTO, "unexpected extra gate message")
             return msgs[0]
-        chunk = sock.recv(65536)
+        if len(buf) < gp.HEADER.size:
+            need = gp.HEADER.size - len(buf)
+        else:
+            need = gp.HEADER.size + gp.HEADER.unpack_from(buf)[0] - len(buf)
+        chunk = sock.recv(need)
         if not chunk:
             raise ConnectionResetError(errno.ECONNRESET, "the stack hung up")
         buf += chunk
