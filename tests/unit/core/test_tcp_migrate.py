@@ -578,7 +578,8 @@ def test_timers_fire_on_the_new_shard_at_the_same_absolute_time():
     sd, sa = passive_open(peer, l1, ack_at=0.05, mss=1460)
     s1.send(sd, b"x" * 1000, 0.1)
     data = peer.recv_one()
-    s1.sock(sd).quickack = 0  # past the quick-ACK start: ACKs may be delayed
+    # TCP_QUICKACK 0 (pingpong mode, as Linux): the peer's data is not ACKed at once.
+    s1.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
     peer.send(ACK, 1001, sa.seq + 1, payload=b"y" * 100, at=0.11)  # ACKs nothing new
     assert peer.recv() == []  # one small segment: the ACK is delayed
     sk = s1.sock(sd)
