@@ -258,6 +258,8 @@ def test_bulk_both_ways_survives_many_moves(seed):
 
     assert link.run_until(transferred, 120.0), (up.got, down.got, link.now)
     moves_with_data = ha.moves + hb.moves
+    # The application closes (between moves: during one the glue holds its calls too).
+    assert link.run_until(lambda: ha.moving is None and hb.moving is None, link.now + 1.0)
     for h, name in ((ha, "c"), (hb, "s")):
         h.shard.close(h.app[name], link.now)
     # Both ends closed: FIN handshakes, then TIME-WAIT, still moving (less often:
