@@ -70,12 +70,17 @@ _U32 = struct.Struct("!I")
 _FD_SIZE = array.array("i").itemsize
 CARRIER_ANC = socket.CMSG_SPACE(FDS_PER_CARRIER * _FD_SIZE)
 FORWARD_ETH = bytes(12) + b"\x08\x00"  # a dummy Ethernet header: L2 workers strip 14 bytes
+FORWARD_ETH6 = bytes(12) + b"\x86\xdd"
 
 
 def bucket_of(laddr: int, lport: int, raddr: int, rport: int) -> int:
     """The RETA bucket a connection's frames hash to (symmetric key: either
-    direction, netio.rss.FoldedToeplitz)."""
-    x = laddr ^ raddr ^ (lport << 16 | rport)
+    direction), IPv4 or IPv6 (128-bit addresses): netio.rss.FoldedToeplitz's
+    fold6, which is its fold for addresses below 2**32."""
+    x = laddr ^ raddr
+    x ^= x >> 64
+    x ^= x >> 32
+    x = (x & 0xFFFFFFFF) ^ (lport << 16 | rport)
     return _BUCKET_OF[(x ^ (x >> 16)) & 0xFFFF]
 
 
@@ -390,7 +395,8 @@ class Agent:
             p.connect(worker_endpoint(str(self.w.run.path), wid))
             self.push[wid] = p
         if self.w.l2:
-            frames = [FORWARD_ETH + bytes(f) for f in frames]
+            frames = [(FORWARD_ETH6 if f[0] >> 4 == 6 else FORWARD_ETH) + bytes(f)
+                      for f in frames]
         try:
             p.send_multipart([flags, *frames], zmq.NOBLOCK, copy=True)
         except zmq.ZMQError:
