@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every bucket, idle ones too")
     p.add_argument("move", nargs="*", metavar="move BUCKET WORKER",
                    help="move one bucket to WORKER, its connections with it (no byte lost, "
-                   "no reset; aborted after 2 s, the bucket then stays)")
+                   "no reset; a move that cannot finish, its transfer given 2 s, is aborted "
+                   "and the bucket stays)")
     what = ("replace every worker process by a new one (current code and config), "
             "moving its connections away and back: established connections survive")
     p = sub.add_parser("reload", help=what, description=what + ". Needs --workers 2 or more.")
