@@ -79,6 +79,9 @@ TCP_PAWS_WINDOW = 1
 OOW_RATELIMIT = 0.5
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
+#: tcp_delack's 40 ms floor and the back-to-back inter-arrival bound, for the fast path.
+_ATO_MIN = tcp_delack.TCP_ATO_MIN
+_ATO_HALF = tcp_delack.TCP_ATO_MIN / 2
 _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
@@ -1521,7 +1524,12 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)
     unacked = sk.unacked_rcv + n
     sk.unacked_rcv = unacked
-    tcp_delack.tcp_event_data_recv(sk, now)
+    ato = sk.ato
+    if ato and now - sk.lrcvtime <= _ATO_HALF:
+        sk.ato = ato * 0.5 + _ATO_HALF  # tcp_event_data_recv's back-to-back case, inline
+        sk.lrcvtime = now
+    else:
+        tcp_delack.tcp_event_data_recv(sk, now)
     if sk.quickack and not sk.pingpong:
         sk.ack_now = True  # quick-ack mode (Linux tcp_in_quickack_mode)
     if not sk.readable_signalled and sk.parent is None and not sk.orphan:
@@ -1537,7 +1545,8 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         # only when no earlier entry is queued (TimerHeap.arm's rule).
         timers = sk.timers
         if timers[_DELACK] is None:
-            deadline = now + tcp_delack.tcp_delack_timeout(sk)
+            ato = sk.ato
+            deadline = now + (_ATO_MIN if ato <= _ATO_MIN else tcp_delack.tcp_delack_timeout(sk))
             timers[_DELACK] = deadline
             q = sk.timer_q[_DELACK]
             if q is None or q > deadline:
