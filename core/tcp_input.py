@@ -724,8 +724,7 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
             sk.lost_hi = sk.retrans_hi = una
-            sk.rtx_log.clear()
-            sk.relost.clear()
+            tcp_recovery.tcp_rack_keep_in_flight(sk, False)
             sk.dupacks = 0
             cc.on_ack(acked / mss, rtt, now, flight / mss)
             cc.on_recovery_exit(now)
@@ -750,8 +749,7 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             sk.dupacks = 0
             sk.reno_sacked = 0
             sk.lost_hi = sk.retrans_hi = una
-            sk.rtx_log.clear()
-            sk.relost.clear()
+            tcp_recovery.tcp_rack_keep_in_flight(sk, False)
             sk.timers[_REO] = None
             cc.on_recovery_exit(now)
             if sk.undo_active and sk.undo_retrans <= 0:
@@ -867,8 +865,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1
-    sk.rtx_log.clear()
-    sk.relost.clear()
+    tcp_recovery.tcp_rack_keep_in_flight(sk, True)  # not resent while still on their way
     sh.stats.fast_retrans += 1
     sk.recoveries += 1
     sk.undo_active = True  # Linux tcp_init_undo
