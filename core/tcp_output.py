@@ -657,8 +657,10 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
-        if sk.ato and now - sk.lrcvtime < sk.ato:
-            tcp_delack.tcp_event_data_sent(sk, now)  # a reply: towards pingpong mode
+        if not sk.pingpong and sk.ato and now - sk.lrcvtime < sk.ato:
+            # A reply (Linux tcp_event_data_sent): interactive from the first;
+            # once there, the count has nothing more to decide.
+            tcp_delack.enter_pingpong_mode(sk)
         _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
