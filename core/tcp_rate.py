@@ -70,6 +70,7 @@ def tcp_rate_gen(sk: TcpSock, end: int, now: float) -> None:
     if sk.app_limited and 0 < ((delivered - sk.app_limited) & MASK) < HALF:
         sk.app_limited = 0  # the app-limited bubble is delivered and gone
     sk.delivered_mstamp = now
+    sk.rate_round_end = sk.snd_nxt  # the in-order path's next sample (tcp_input)
     if i >= n:
         return  # no snapshot (the SYN; data sent before the log began)
     sent_at = log[i + 1]
