@@ -355,7 +355,12 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
             cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
         else:
             tcp_ecn.tcp_cwr_ack(sk, acked, rtt, now)  # ECN's reduction (RFC 3168 §6.1.2)
-        _rate_sample(sh, sk, ack, now)
+        # tcp_rate: the delivery clock moves on every ACK; on this path a full
+        # sample is taken once a round trip (when the data sent at the last one
+        # is acknowledged), on every ACK only for a paced socket.
+        sk.delivered_mstamp = now
+        if sk.pacing_needed or ((ack - sk.rate_round_end) & MASK) < HALF:
+            _rate_sample(sh, sk, ack, now)
     elif cc is not None:
         prior = sk.sacked_bytes
         latest = _fresh_end(sk, una, ack, acked)

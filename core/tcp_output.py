@@ -691,6 +691,9 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
     if sk.rtx_log:
         # After a retransmission recorded at this instant: just after it (RACK's order).
         now = tcp_recovery.tcp_rack_new_data_time(sk, now)
+    app = sk.app_limited
+    if app and 0 < ((sk.delivered - app) & MASK) < HALF:
+        sk.app_limited = 0  # the app-limited bubble is delivered and gone (tcp_rate_gen)
     log = sk.tx_log
     end = sk.snd_nxt
     if log:
@@ -708,6 +711,15 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
         n = len(log)
         while i < n and ((una - log[i]) & MASK) < HALF:
             i += TX_LOG_STRIDE
+        # The latest-delivered data's send time (Linux first_tx_mstamp), as the
+        # burst holding SND.UNA - 1 says: the in-order path samples once a round
+        # trip (tcp_input), so no ACK may have recorded it.
+        if i and (i >= n or log[i - TX_LOG_STRIDE] == una):
+            t = log[i - TX_LOG_STRIDE + 1]
+        else:
+            t = log[i + 1] if i < n else 0.0
+        if t > sk.first_tx_mstamp:
+            sk.first_tx_mstamp = t
         if i:
             del log[:i]
     log += (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
