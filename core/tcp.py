@@ -177,7 +177,10 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float, oob: bool =
         # send (RFC 6093 §2); tcp_transmit sets URG while a segment starts before it.
         sk.snd_up = (sk.snd_una + sk.sndq_len) & MASK
         sk.urg_mode = True
-    tcp_output.tcp_write_xmit(sh, sk, now)
+    if sk.in_recovery or sk.in_loss:
+        tcp_output.tcp_write_xmit(sh, sk, now)  # retransmissions first
+    else:
+        tcp_output.tcp_write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery
     return n
 
 

@@ -473,7 +473,10 @@ def _chrono_note(sk: TcpSock, mss: int, now: float) -> None:
     if ctype == tcp_chrono.CHRONO_RWND_LIMITED:
         tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
     elif not ctype:
-        tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_BUSY, now)
+        # tcp_chrono_start(BUSY) from no condition timed: no interval to close
+        # (inline: every request/response flight starts here).
+        sk.chrono_type = tcp_chrono.CHRONO_BUSY
+        sk.chrono_start = now
 
 
 def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
@@ -637,7 +640,10 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
         if rtx is None and sk.snd_max != una:
-            rtx = now + tcp_rto(sk)
+            rto = sk.rto  # tcp_rto(sk) without the call when there is no backoff
+            if sk.backoff or rto > TCP_RTO_MAX:
+                rto = tcp_rto(sk)
+            rtx = now + rto
             sh.timers.arm(sk, _RETRANSMIT, rtx)
         if sk.sack_ok and quota < 0 and rtx is not None:
             # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
