@@ -624,13 +624,16 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             sk.fin_sent = True
             sk.fin_seq = end
             end = (end + 1) & MASK
-        if sk.rtt_seq < 0 and not sk.ts_ok and sk.snd_max == nxt:
+        if not sk.ts_ok and sk.rtt_seq < 0 and sk.snd_max == nxt:
             sk.rtt_seq = end
             sk.rtt_time = now
         sk.snd_nxt = end
         if ((end - sk.snd_max) & MASK) < HALF:
             sk.snd_max = end
-        if fin:
+        if last and (fin or not pace):
+            # The queue is all sent: the next round would only find nothing
+            # available and no FIN owed (a paced socket goes round for the
+            # pacing check, which may arm its timer).
             break
     if sk.sndq_len and quota < 0:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
