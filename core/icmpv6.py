@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from . import icmp
 from .dropreason import DropReason
+from .tcp_h import V4_ADDR_MAX
 from .wire.errors import WireError
 from .wire.icmpv6 import (
     ICMPV6_DEST_UNREACH,
@@ -162,12 +163,13 @@ def icmpv6_param_prob(sh: Shard, pkt: bytes | bytearray | memoryview, code: int,
     Problem (RFC 4443 §3.4), as Linux ``icmpv6_param_prob_reason``.
 
     Not sent (RFC 4443 §2.4(e)) in answer to an ICMPv6 error, to a packet from
-    the unspecified address, or past the rate limit (counted ICMP_RATELIMIT).
+    an address no one on the wire has (``::``, ``::1``, ``::/96``, v4-mapped; a
+    multicast source never parses), or past the rate limit (ICMP_RATELIMIT).
     """
     src = int.from_bytes(pkt[8:24], "big")
     dst = int.from_bytes(pkt[24:40], "big")
-    if src == 0 or dst not in sh.addr_set:
-        return
+    if src <= V4_ADDR_MAX or src >> 32 == 0xFFFF or dst not in sh.addr_set:
+        return  # from ::, ::1, ::/96 or v4-mapped: no one to answer on the wire
     if pkt[6] == NEXTHDR_ICMP and len(pkt) > 40 and pkt[40] < 128:
         return  # never an error about an error (RFC 4443 §2.4(e.1))
     if not _out_allowed(sh):

@@ -37,6 +37,7 @@ from . import (
     inet_connection_sock,
     inet_hashtables,
     tcp,
+    tcp_ecn,
     tcp_input,
     tcp_ipv4,
     tcp_minisocks,
@@ -82,7 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = ["tcp_v6_rcv", "tcp_v6_do_rcv", "tcp_v6_connect", "tcp_v6_syn_recv_sock",
            "tcp_v6_err", "tcp_v6_mtu_reduced", "inet6_lookup_listener", "tuple6",
-           "ipv6_addr_usable"]
+           "ipv6_addr_usable", "ip6_make_flowlabel"]
 
 _IP6_REASONS = WIRE_REASONS["ipv6"]
 # Header prediction: IPv6 header (no extension headers), TCP header, and the
@@ -98,6 +99,15 @@ def tuple6(laddr: int, lport: int, raddr: int, rport: int) -> bytes:
     """The 36 bytes of an IPv6 4-tuple, for keyed hashes (ISN, port offset)."""
     return b"".join((laddr.to_bytes(16, "big"), lport.to_bytes(2, "big"),
                      raddr.to_bytes(16, "big"), rport.to_bytes(2, "big")))
+
+
+def ip6_make_flowlabel(key: bytes, laddr: int, lport: int, raddr: int, rport: int) -> int:
+    """A connection's flow label (RFC 6437 §3: non-zero, uniformly distributed,
+    the same for all its packets; Linux ``ip6_make_flowlabel`` hashes the flow
+    too): 20 bits of a keyed hash of the 4-tuple, never 0."""
+    h = hashlib.blake2s(tuple6(laddr, lport, raddr, rport), key=key, digest_size=4,
+                        person=b"flowlbl").digest()
+    return (int.from_bytes(h, "big") & 0xFFFFF) or 1
 
 
 def ipv6_addr_usable(addr: int) -> bool:
@@ -131,13 +141,17 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
         hp = offflags & 0xF0F7  # data offset and flags but PSH (Linux TCP_HP_BITS)
         total = 40 + plen
         if (vtf >> 28 == 6 and (hp == 0x8010 or hp == 0x5010)
-                and 20 + ((offflags >> 10) & 0x3C) <= plen and total <= n):
+                and ((offflags >> 10) & 0x3C) <= plen and total <= n):
             src = s_hi << 64 | s_lo
             dst = d_hi << 64 | d_lo
             # A hit means dst is ours and src a peer we accepted (a usable address).
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))
             looked_up = True
-            if sk is not None and sk.state is TCP_ESTABLISHED:
+            # An ECN connection's data whose mark means news (RFC 3168 §6.1.3) takes
+            # the slow path, where tcp_ecn sees it (the Traffic Class's low two bits).
+            if (sk is not None and sk.state is TCP_ESTABLISHED
+                    and not (sk.ecn_flags and tcp_ecn.tcp_ecn_mark_is_news(
+                        sk, (vtf >> 20) & 0xFF, plen - ((offflags >> 10) & 0x3C)))):
                 if hp == 0x8010:
                     off = 72
                 else:
@@ -195,7 +209,7 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
         stats.drop(DropReason.TCP_CSUM)
         return
     try:
-        seg = parse_tcp(payload)
+        seg = parse_tcp(payload, ip.traffic_class & 3)
     except WireError as e:
         stats.drop(tcp_ipv4.tcp_hdr_reason(payload, e.reason))
         return
@@ -300,6 +314,8 @@ def tcp_v6_syn_recv_sock(sh: Shard, listener: TcpSock, req: RequestSock, seg: Tc
     tcp_input.tcp_initialize_rcv_mss(sh, child)
     tcp_minisocks.tcp_child_inherit_port(sh, listener, child)
     tcp_minisocks.tcp_child_hash(sh, child, req)
+    child.flowlabel = ip6_make_flowlabel(sh.key, child.laddr, child.lport, child.raddr,
+                                         child.rport)
     return child
 
 
@@ -350,6 +366,7 @@ def tcp_v6_connect(sh: Shard, sk: TcpSock, raddr: int, rport: int, now: float) -
             sk.raddr = sk.rport = 0
             raise os_error(errno.EADDRNOTAVAIL)
     sk.iss, sk.ts_off = tcp_ipv4.secure_tcp_seq(sh.key, sk.laddr, sk.lport, raddr, rport, now)
+    sk.flowlabel = ip6_make_flowlabel(sh.key, sk.laddr, sk.lport, raddr, rport)
     tcp_ipv4.tcp_connect(sh, sk, now)
 
 

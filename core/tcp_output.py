@@ -15,7 +15,16 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_ecn, tcp_input, tcp_pacing, tcp_recovery
+from . import (
+    tcp_chrono,
+    tcp_delack,
+    tcp_ecn,
+    tcp_input,
+    tcp_ipv6,
+    tcp_mtup,
+    tcp_pacing,
+    tcp_recovery,
+)
 from .tcp_h import (
     HALF,
     MASK,
@@ -85,6 +94,8 @@ def tcp_set_mss(sk: TcpSock, mss: int) -> None:
         mss = TCP_MIN_SND_MSS
     sk.mss = mss
     sk.mss_cache = mss - (TCPOLEN_TSTAMP_ALIGNED if sk.ts_ok else 0)
+    if sk.mtup_enabled:
+        tcp_mtup.tcp_mtup_clamp(sk)  # PLPMTUD: no larger than search_low
 
 def tcp_current_mss(sk: TcpSock) -> int:
     """Payload per segment after this moment's options (Linux ``tcp_current_mss``).
@@ -247,13 +258,15 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             # hold as they are (128-bit addresses sum like 32-bit ones). ECN
             # bits sit in the Traffic Class (RFC 3168 §5, RFC 8200 §7).
             laddr = sk.laddr
-            hdr = _pack_ts_hdr6(0x60000000 | tos << 20, 32 + plen, 6, 64, laddr >> 64,
-                                laddr & _M64, raddr >> 64, raddr & _M64, sk.lport, sk.rport,
-                                seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD, tsval, tsecr)
+            hdr = _pack_ts_hdr6(0x60000000 | tos << 20 | sk.flowlabel, 32 + plen, 6, 64,
+                                laddr >> 64, laddr & _M64, raddr >> 64, raddr & _M64, sk.lport,
+                                sk.rport, seq, ack, 0x80, flags, win, t_field, urg, _TS_WORD,
+                                tsval, tsecr)
         frame = b"".join((hdr, payload)) if plen else hdr
     else:
         frame = tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, seq, ack, flags,
-                                win, _options(sk, now), payload, csum_partial, urg, tos)
+                                win, _options(sk, now), payload, csum_partial, urg, tos,
+                                sk.flowlabel)
     sh.frames.append(frame)
     sh.stats.segs_out += 1
     sk.segs_out += 1
@@ -263,6 +276,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             sk.seg_min = plen
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
+        if sk.quickack and sk.unacked_rcv:
+            tcp_delack.tcp_dec_quickack_mode(sk)
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
@@ -271,14 +286,15 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
 def tcp_build_frame(laddr: int, raddr: int, lport: int, rport: int, seq: int, ack: int,
                     flags: int, win: int, options: bytes = b"",
                     payload: bytes | bytearray | memoryview = b"", csum_partial: bool = False,
-                    urgent: int = 0, tos: int = 0) -> bytes:
+                    urgent: int = 0, tos: int = 0, flowlabel: int = 0) -> bytes:
     """One TCP segment in an IPv4 or IPv6 packet, by the peer's address family
     (``tcp_h.V4_ADDR_MAX``): the only place the network header differs
     (Linux ``ip_queue_xmit`` / ``inet6_csk_xmit``, ``tcp_v4_send_check`` /
-    ``tcp_v6_send_check``)."""
+    ``tcp_v6_send_check``).  ``flowlabel``: IPv6's (RFC 6437)."""
     if raddr > V4_ADDR_MAX:
         return build_tcp_ipv6(laddr, raddr, lport, rport, seq, ack, flags, win, options,
-                              payload, traffic_class=tos, csum_partial=csum_partial,
+                              payload, traffic_class=tos, flow_label=flowlabel,
+                              csum_partial=csum_partial,
                               urgent=urgent)
     return build_tcp_ipv4(laddr, raddr, lport, rport, seq, ack, flags, win, options, payload,
                           tos=tos, csum_partial=csum_partial, urgent=urgent)
@@ -355,7 +371,7 @@ def tcp_send_syn(sh: Shard, sk: TcpSock, now: float) -> None:
                              else None, sack_perm=sh.cfg.sack, ts=ts)
     flags = SYN | tcp_ecn.tcp_ecn_send_syn(sh, sk)
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss, 0, flags,
-                                     tcp_syn_window(sk.rcv_wnd), opts))
+                                     tcp_syn_window(sk.rcv_wnd), opts, flowlabel=sk.flowlabel))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -367,7 +383,8 @@ def tcp_send_synack_sock(sh: Shard, sk: TcpSock, now: float) -> None:
                              sack_perm=sk.sack_ok, ts=ts)
     flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(bool(sk.ecn_flags & tcp_ecn.TCP_ECN_OK))
     sh.frames.append(tcp_build_frame(sk.laddr, sk.raddr, sk.lport, sk.rport, sk.iss,
-                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts))
+                                     sk.rcv_nxt, flags, tcp_syn_window(sk.rcv_wnd), opts,
+                                     flowlabel=sk.flowlabel))
     sh.stats.segs_out += 1
     sk.segs_out += 1
 
@@ -382,11 +399,16 @@ def tcp_make_synack(sh: Shard, req: RequestSock, now: float) -> bytes:
     mss = user_mss if 0 < user_mss < route_mss else route_mss
     opts = build_tcp_options(mss=mss, wscale=req.rcv_wscale if req.wscale_ok else None,
                              sack_perm=req.sack_ok, ts=ts)
+    v6 = req.raddr > V4_ADDR_MAX
     if sh.tracing:
-        sh.tr("__tcp_v6_send_check" if req.raddr > V4_ADDR_MAX else "__tcp_v4_send_check")
+        sh.tr("__tcp_v6_send_check" if v6 else "__tcp_v4_send_check")
     flags = SYN | ACK | tcp_ecn.tcp_ecn_make_synack(req.ecn_ok)
+    # IPv6: the flow label the connection will keep (tcp_v6_syn_recv_sock).
+    label = tcp_ipv6.ip6_make_flowlabel(sh.key, req.laddr, req.lport, req.raddr,
+                                        req.rport) if v6 else 0
     return tcp_build_frame(req.laddr, req.raddr, req.lport, req.rport, req.iss,
-                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts)
+                           (req.irs + 1) & MASK, flags, tcp_syn_window(req.rcv_wnd), opts,
+                           flowlabel=label)
 
 
 def _sndq_slice(sk: TcpSock, off: int, size: int) -> bytes | memoryview:
@@ -484,6 +506,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
 
     Returns the bytes sent.
     """
+    if sk.mtup_enabled and quota < 0:
+        tcp_mtup.tcp_mtu_probe(sh, sk, now)  # PLPMTUD (RFC 4821 §7.4): maybe one probe first
     sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
@@ -639,19 +663,26 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
+        if sk.ato and now - sk.lrcvtime < sk.ato:
+            tcp_delack.tcp_event_data_sent(sk, now)  # a reply: towards pingpong mode
         _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
-        if rtx is None and sk.snd_max != una:
+        if (rtx is None or timers[_TLP] is not None) and sk.snd_max != una:
+            # Linux tcp_event_new_data_sent: the RTO restarts from new data
+            # while a loss probe is pending (one timer serves both there).
             rto = sk.rto  # tcp_rto(sk) without the call when there is no backoff
             if sk.backoff or rto > TCP_RTO_MAX:
                 rto = tcp_rto(sk)
             rtx = now + rto
-            sh.timers.arm(sk, _RETRANSMIT, rtx)
+            timers[_RETRANSMIT] = rtx
+            q = sk.timer_q[_RETRANSMIT]
+            if q is None or q > rtx:  # TimerHeap.arm's lazy rule, without the call
+                sh.timers.arm(sk, _RETRANSMIT, rtx)
         if sk.sack_ok and quota < 0 and rtx is not None:
-            # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
-            # flight may bring it in, never past the RTO.
-            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
+            # RFC 8985 §7.2: (re)start the probe timer on new data, from the
+            # newest segment (Linux tcp_write_xmit), never past the RTO.
+            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now)
     return sent
 
 
@@ -669,16 +700,16 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
         now = tcp_recovery.tcp_rack_new_data_time(sk, now)
     log = sk.tx_log
     end = sk.snd_nxt
-    delivered = sk.delivered
-    first = sk.first_tx_mstamp
-    app = 1 if sk.app_limited else 0
     if log:
-        if (log[-5] == now and log[-4] == delivered and log[-2] == first
-                and log[-1] == app):
-            log[-6] = end  # the same moment and snapshot: the same burst
+        if log[-5] == now:
+            # The same moment: the same burst, for RACK one send time.  (ACKs
+            # handled in between, in one batch, leave its older snapshot: a
+            # sample over a slightly longer interval, never a faster one.)
+            log[-6] = end
             return
         if log[-6] == una:  # all of it acknowledged (request/response)
-            log[:] = (end, now, delivered, sk.delivered_mstamp, first, app)
+            log[:] = (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
+                      1 if sk.app_limited else 0)
             return
         i = 0
         n = len(log)
@@ -686,7 +717,8 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
             i += TX_LOG_STRIDE
         if i:
             del log[:i]
-    log += (end, now, delivered, sk.delivered_mstamp, first, app)
+    log += (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
+            1 if sk.app_limited else 0)
 
 
 #: Module switch for ``_xmit_burst`` (tests turn it off to compare with per-segment sends).
@@ -744,7 +776,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
             off = end
     else:
         # IPv6: the network header is the same for the whole burst (tcp_h.V4_ADDR_MAX).
-        ip6 = _pack_ip6(0x60000000 | tos << 20, 32 + size, 6, 64, src >> 64, src & _M64, dst >> 64,
+        ip6 = _pack_ip6(0x60000000 | tos << 20 | sk.flowlabel, 32 + size, 6, 64, src >> 64,
+                        src & _M64, dst >> 64,
                         dst & _M64)
         for _ in range(count):
             end = off + size
@@ -764,6 +797,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     pcount = count * ((size - 1) // mss + 1)
     sk.segs_out += pcount
     sk.data_segs_out += pcount
+    if sk.quickack and sk.unacked_rcv:
+        tcp_delack.tcp_dec_quickack_mode(sk)
     sk.unacked_rcv = 0  # tcp_event_ack_sent
     sk.ack_now = False
     sk.timers[_DELACK] = None

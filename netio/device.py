@@ -121,6 +121,7 @@ VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 
@@ -207,20 +208,32 @@ def partial_tcp_checksum(packet: bytearray, l3: int = 0) -> tuple[int, int]:
     `tcp_v4_send_check` stores for CHECKSUM_PARTIAL). Returns (csum_start,
     header_len) for the virtio header.
     """
-    ihl = (packet[l3] & 0x0F) * 4
-    l4 = l3 + ihl
+    l4, src, dst = _l4_addrs(packet, l3)
     tcp_len = len(packet) - l4
-    src = int.from_bytes(packet[l3 + 12 : l3 + 16], "big")
-    dst = int.from_bytes(packet[l3 + 16 : l3 + 20], "big")
     partial = pseudo_header_sum(src, dst, 6, tcp_len)
     packet[l4 + TCP_CSUM_OFFSET : l4 + TCP_CSUM_OFFSET + 2] = partial.to_bytes(2, "big")
     doff = (packet[l4 + 12] >> 4) * 4
     return l4, l4 + doff
 
 
+def _l4_addrs(packet: Frame, l3: int) -> tuple[int, int, int]:
+    """(TCP's offset, source, destination) of the IPv4 or IPv6 packet at
+    `l3`. IPv6: TCP right after the 40-byte header (the engine sends no
+    extension headers); the pseudo-header sum takes 128-bit addresses."""
+    if packet[l3] >> 4 == 6:
+        return (l3 + 40, int.from_bytes(packet[l3 + 8:l3 + 24], "big"),
+                int.from_bytes(packet[l3 + 24:l3 + 40], "big"))
+    return (l3 + (packet[l3] & 0x0F) * 4, int.from_bytes(packet[l3 + 12:l3 + 16], "big"),
+            int.from_bytes(packet[l3 + 16:l3 + 20], "big"))
+
+
+def _gso_type(packet: Frame, l3: int) -> int:
+    return VIRTIO_NET_HDR_GSO_TCPV6 if packet[l3] >> 4 == 6 else VIRTIO_NET_HDR_GSO_TCPV4
+
+
 def _gso_header(packet: bytearray, mss: int, l3: int) -> bytes:
     csum_start, hdr_len = partial_tcp_checksum(packet, l3)
-    gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if len(packet) - hdr_len > mss else VIRTIO_NET_HDR_GSO_NONE
+    gso_type = _gso_type(packet, l3) if len(packet) - hdr_len > mss else VIRTIO_NET_HDR_GSO_NONE
     if gso_type == VIRTIO_NET_HDR_GSO_NONE:
         mss = 0
     return VNET_HDR.pack(
@@ -234,15 +247,13 @@ def _gso_parts(packet: Frame, mss: int, l3: int, base: int = 0) -> tuple[bytes, 
     payload as a view), for one writev/sendmsg. `base`: bytes the caller
     sends before `packet` (an Ethernet header kept apart)."""
     mv = memoryview(packet)
-    l4 = l3 + (mv[l3] & 0x0F) * 4
+    l4, src, dst = _l4_addrs(mv, l3)
     end = l4 + (mv[l4 + 12] >> 4) * 4
     head = bytearray(mv[:end])
-    src = int.from_bytes(head[l3 + 12:l3 + 16], "big")
-    dst = int.from_bytes(head[l3 + 16:l3 + 20], "big")
     partial = pseudo_header_sum(src, dst, 6, len(mv) - l4)
     head[l4 + TCP_CSUM_OFFSET:l4 + TCP_CSUM_OFFSET + 2] = partial.to_bytes(2, "big")
     if len(mv) - end > mss:
-        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+        gso_type = _gso_type(mv, l3)
     else:
         gso_type, mss = VIRTIO_NET_HDR_GSO_NONE, 0
     vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, base + end, mss, base + l4,
@@ -307,6 +318,22 @@ def get_mac(name: str) -> bytes:
     """The interface's hardware address (SIOCGIFHWADDR, in this netns)."""
     raw = _ifreq_ioctl(name, SIOCGIFHWADDR, "H6s", 0, bytes(6))
     return raw[18:24]
+
+
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_MULTICAST = 0
+
+
+def join_multicast(sock: socket.socket, ifname: str, macs: Iterable[bytes]) -> None:
+    """Have the interface accept these Ethernet multicast addresses and this
+    packet socket receive them (packet(7) PACKET_ADD_MEMBERSHIP,
+    PACKET_MR_MULTICAST): IPv6 NDP's solicited-node groups 33:33:ff:xx:xx:xx
+    (RFC 4861 §7.2.1, RFC 2464 §7), as the kernel's own IPv6 joins them."""
+    index = socket.if_nametoindex(ifname)
+    for mac in macs:
+        mreq = struct.pack("iHH8s", index, PACKET_MR_MULTICAST, 6, bytes(mac))  # packet_mreq
+        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
 
 
 def set_up(name: str) -> None:

@@ -47,6 +47,7 @@ from shardstack.core.wire.ethernet import (
     ETH_HLEN,
     ETH_P_ARP,
     ETH_P_IP,
+    ETH_P_IPV6,
     build_ethernet,
 )
 from shardstack.core.wire.icmp import (
@@ -57,7 +58,33 @@ from shardstack.core.wire.icmp import (
     parse_icmp,
     parse_icmp_quote,
 )
+from shardstack.core.wire.icmpv6 import (
+    ALL_NODES,
+    ICMPV6_ECHO_REQUEST,
+    ICMPV6_ERROR_TYPES,
+    NA_OVERRIDE,
+    NA_SOLICITED,
+    NDISC_NEIGHBOUR_ADVERTISEMENT,
+    NDISC_NEIGHBOUR_SOLICITATION,
+    Icmpv6Message,
+    build_neigh_advert,
+    build_neigh_solicit,
+    echo_reply6_for,
+    multicast_mac,
+    parse_icmpv6,
+    parse_icmpv6_quote,
+    parse_ndp,
+    solicited_node_multicast,
+)
 from shardstack.core.wire.ipv4 import PROTO_ICMP, Ipv4Header, parse_ipv4
+from shardstack.core.wire.ipv6 import (
+    NEXTHDR_ICMP,
+    NEXTHDR_TCP,
+    NEXTHDR_UDP,
+    Ipv6Header,
+    is_multicast6,
+    parse_ipv6,
+)
 
 from .neighbour import ZERO_MAC, NeighTable
 from .rss import RETA_MASK, SYMMETRIC_KEY, FoldedToeplitz, Toeplitz, is_period16, make_reta
@@ -76,6 +103,8 @@ _ETHERTYPE = struct.Struct("!H")
 # WireError.reason -> DropReason for the parsers of the slow paths; a reason
 # not listed is the layer's header error.
 _IP_REASONS = WIRE_REASONS["ip"]
+_IP6_REASONS = WIRE_REASONS["ipv6"]
+_NDP_REASONS = WIRE_REASONS["ndp"]
 _ICMP_REASONS = {"checksum": DropReason.ICMP_CSUM}
 
 
@@ -92,6 +121,9 @@ class DispatchStats:
     icmp_replies: int = 0
     icmp_errors: int = 0  # ICMP errors handed to the worker owning the quoted flow
     udp: int = 0  # UDP datagrams handed to a worker (core/udp.py)
+    ipv6: int = 0  # IPv6 packets to us (all of them: TCP, UDP, ICMPv6)
+    ndisc_na_sent: int = 0  # Neighbor Advertisements answering solicitations for us
+    ndisc_learned: int = 0  # advertisements that resolved or refreshed a neighbour
     per_worker: list[int] = field(default_factory=list)
     drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
@@ -104,6 +136,9 @@ class DispatchStats:
             "icmp_replies": self.icmp_replies,
             "icmp_errors": self.icmp_errors,
             "udp": self.udp,
+            "ipv6": self.ipv6,
+            "ndisc_na_sent": self.ndisc_na_sent,
+            "ndisc_learned": self.ndisc_learned,
             "per_worker": list(self.per_worker),
             "drops": {r.name: n for r, n in self.drops.items()},
         }
@@ -132,6 +167,7 @@ class Dispatcher:
         mac: bytes | None = None,
         reta: list[int] | None = None,
         key: bytes = SYMMETRIC_KEY,
+        addrs6: list[int] | set[int] | None = None,
     ) -> None:
         if l2 and (mac is None or len(mac) != 6):
             raise ValueError("an L2 dispatcher needs our 6-byte MAC address")
@@ -148,6 +184,11 @@ class Dispatcher:
         self.set_reta(reta if reta is not None else make_reta(n_workers))
         self.stats = DispatchStats(per_worker=[0] * n_workers)
         self.neigh = NeighTable()  # filled from ARP only (netio.neighbour)
+        # IPv6 (issue 14): our addresses, their solicited-node groups, and the
+        # IPv6 neighbours (Linux's nd_tbl), filled from NS/NA only
+        self.addrs6 = frozenset(addrs6 or ())
+        self.snm6 = {solicited_node_multicast(a): a for a in self.addrs6}
+        self.neigh6 = NeighTable()
         self.now = 0.0  # the time of the batch being dispatched
 
     @property
@@ -201,7 +242,7 @@ class Dispatcher:
                     continue
                 etype = _ETHERTYPE.unpack_from(frame, 12)[0]
                 if etype != ETH_P_IP:
-                    self._slow_l2(frame, etype, out)
+                    self._slow_l2(frame, etype, out, flags)
                     continue
             if n_bytes < l3 + 20:
                 ip_hdr += 1  # shorter than an IPv4 header
@@ -253,6 +294,9 @@ class Dispatcher:
     def _slow_ip(self, frame: bytes, flags: int, l3: int, out: Batch) -> None:
         """Non-TCP IPv4 (or a bad version nibble): `ip_rcv` then `icmp_rcv`."""
         drops = self.stats.drops
+        if frame[l3] >> 4 == 6 and self.addrs6:  # (no IPv6 address: not for us)
+            self._ipv6(frame, flags, l3, out)
+            return
         try:
             hdr, payload = parse_ipv4(memoryview(frame)[l3:])
         except WireError as e:
@@ -321,11 +365,14 @@ class Dispatcher:
         out.flags[w].append(flags)
         self.stats.icmp_errors += 1
 
-    def _slow_l2(self, frame: bytes, etype: int, out: Batch) -> None:
+    def _slow_l2(self, frame: bytes, etype: int, out: Batch, flags: int = 0) -> None:
         """Non-IPv4 Ethernet: ARP (`arp_process`), everything else dropped."""
         drops = self.stats.drops
+        if etype == ETH_P_IPV6 and self.addrs6:
+            self._ipv6(frame, flags, ETH_HLEN, out)
+            return
         if etype != ETH_P_ARP:
-            drops[DropReason.UNHANDLED_PROTO] += 1  # IPv6, LLDP, VLAN tags...
+            drops[DropReason.UNHANDLED_PROTO] += 1  # LLDP, VLAN tags, IPv6 unconfigured...
             return
         try:
             arp = parse_arp(memoryview(frame)[ETH_HLEN:])
@@ -353,6 +400,140 @@ class Dispatcher:
         body = build_arp_reply(arp, self.mac)
         out.replies.append(build_ethernet(sha, self.mac, ETH_P_ARP, body, pad=True))
         self.stats.arp_replies += 1
+
+    # -- IPv6 (ipv6_rcv, icmpv6_rcv, ndisc_rcv) ---------------------------------
+
+    def _ipv6(self, frame: bytes, flags: int, l3: int, out: Batch) -> None:
+        """An IPv6 packet: TCP and UDP to the worker its 36-byte tuple hashes
+        to (the steering programs do the same in the kernel for plain TCP,
+        netio.fanout), ICMPv6 echo answered here, errors to the worker owning
+        the quoted flow, NDP (L2) into `neigh6`. Extension headers are walked
+        (and refused with a reason) by core.wire.ipv6.parse_ipv6."""
+        drops = self.stats.drops
+        try:
+            hdr, payload = parse_ipv6(memoryview(frame)[l3:])
+        except WireError as e:
+            drops[_IP6_REASONS.get(e.reason, DropReason.IP_HDR)] += 1
+            return
+        dst = hdr.dst
+        if dst not in self.addrs6:
+            # to a group of ours: NDP to our solicited-node group, all-nodes
+            group = is_multicast6(dst) and (dst in self.snm6 or dst == ALL_NODES)
+            if not (group and hdr.next_header == NEXTHDR_ICMP):
+                drops[DropReason.IP_OTHERHOST] += 1
+                return
+        self.stats.ipv6 += 1
+        nh = hdr.next_header
+        if nh in (NEXTHDR_TCP, NEXTHDR_UDP):
+            if len(payload) < 4:
+                drops[DropReason.TCP_HDR if nh == NEXTHDR_TCP else DropReason.PKT_TOO_SMALL] += 1
+                return
+            sport, dport = _UDP_PORTS.unpack_from(payload)
+            w = self.reta[self.hasher.hash_tuple6(hdr.src, dst, sport, dport) & RETA_MASK]
+            out.frames[w].append(frame)
+            out.flags[w].append(flags)
+            if nh == NEXTHDR_UDP:
+                self.stats.udp += 1
+            return
+        if nh != NEXTHDR_ICMP:
+            drops[DropReason.IP_NOPROTO] += 1
+            return
+        try:
+            msg = parse_icmpv6(hdr.src, dst, payload)  # the checksum, as icmpv6_rcv
+        except WireError as e:
+            drops[_ICMP_REASONS.get(e.reason, DropReason.ICMP_HDR)] += 1
+            return
+        if msg.type in ICMPV6_ERROR_TYPES:
+            self._icmpv6_error(frame, flags, msg.body, out)
+        elif msg.type == ICMPV6_ECHO_REQUEST and msg.code == 0 and dst in self.addrs6:
+            # RFC 4443 §4.2: same identifier, sequence and data; not to a
+            # group (Linux answers those only with icmp_echo_ignore_multicast off)
+            out.replies.append(self._framed6(frame, echo_reply6_for(hdr, msg)))
+            self.stats.icmp_replies += 1
+        elif msg.type in (NDISC_NEIGHBOUR_SOLICITATION, NDISC_NEIGHBOUR_ADVERTISEMENT):
+            self._ndisc(frame, hdr, msg, out)
+        else:
+            drops[DropReason.ICMP_TYPE] += 1
+
+    def _framed6(self, frame: bytes, packet: bytes) -> bytes:
+        """A reply to `frame`: back to its sender's MAC on Ethernet."""
+        if self.l2:
+            return build_ethernet(bytes(frame[6:12]), self.mac, ETH_P_IPV6, packet)
+        return packet
+
+    def _icmpv6_error(self, frame: bytes, flags: int, body: memoryview, out: Batch) -> None:
+        """As `_icmp_error`: the worker of the quoted flow, turned round."""
+        drops = self.stats.drops
+        try:
+            q = parse_icmpv6_quote(body)
+        except WireError:
+            drops[DropReason.ICMP_ERR_QUOTE] += 1
+            return
+        if q.proto not in (NEXTHDR_TCP, NEXTHDR_UDP):
+            drops[DropReason.ICMP_ERR_NOT_TCP] += 1
+            return
+        if q.src not in self.addrs6:
+            drops[DropReason.ICMP_ERR_NOT_OURS] += 1
+            return
+        w = self.reta[self.hasher.hash_tuple6(q.dst, q.src, q.dport, q.sport) & RETA_MASK]
+        out.frames[w].append(frame)
+        out.flags[w].append(flags)
+        self.stats.icmp_errors += 1
+
+    def _ndisc(self, frame: bytes, hdr: Ipv6Header, msg: Icmpv6Message, out: Batch) -> None:
+        """RFC 4861 NS/NA on Ethernet (a TUN is L3: nothing to resolve there).
+        NS for one of our addresses: its sender's entry (STALE, §7.2.3) and a
+        solicited, override NA back (to all-nodes for a DAD probe from ::).
+        NA: an existing entry only (`NeighTable.ndisc_recv_na`)."""
+        drops = self.stats.drops
+        if not self.l2:
+            drops[DropReason.ICMP_TYPE] += 1
+            return
+        try:
+            nd = parse_ndp(hdr, msg)
+        except WireError as e:
+            drops[_NDP_REASONS.get(e.reason, DropReason.IPV6_NDISC_BAD_OPTIONS)] += 1
+            return
+        now = self.now
+        if nd.type == NDISC_NEIGHBOUR_ADVERTISEMENT:
+            if nd.target in self.addrs6:
+                drops[DropReason.ARP_REPLY_IGNORED] += 1  # someone else claims our address
+            elif self.neigh6.ndisc_recv_na(nd.target, nd.tgt_lladdr,
+                                          bool(nd.flags & NA_SOLICITED),
+                                          bool(nd.flags & NA_OVERRIDE), now):
+                self.stats.ndisc_learned += 1
+            else:
+                drops[DropReason.ARP_REPLY_IGNORED] += 1
+            return
+        if nd.target not in self.addrs6:
+            drops[DropReason.IPV6_NDISC_NS_OTHERHOST] += 1
+            return
+        ll = nd.src_lladdr
+        if hdr.src == 0:  # duplicate address detection of our address: defend it
+            na = build_neigh_advert(nd.target, ALL_NODES, nd.target, NA_OVERRIDE, self.mac)
+            out.replies.append(build_ethernet(multicast_mac(ALL_NODES), self.mac, ETH_P_IPV6, na))
+            self.stats.ndisc_na_sent += 1
+            return
+        if ll is not None and not ll[0] & 1 and ll != ZERO_MAC:
+            self.neigh6.neigh_event_ns(hdr.src, ll, now)  # the asker will talk to us
+        na = build_neigh_advert(nd.target, hdr.src, nd.target, NA_SOLICITED | NA_OVERRIDE,
+                                self.mac)
+        out.replies.append(build_ethernet(ll or bytes(frame[6:12]), self.mac, ETH_P_IPV6, na))
+        self.stats.ndisc_na_sent += 1
+
+    def neigh_solicit(self, target: int, dst_mac: bytes | None = None) -> bytes | None:
+        """An NS for `target` from our first IPv6 address: to its
+        solicited-node group, or unicast to `dst_mac` (the PROBE state's
+        check of a cached address, RFC 4861 §7.3.3); None without one."""
+        if not self.addrs6:
+            return None
+        src = min(self.addrs6)
+        if dst_mac is None:
+            group = solicited_node_multicast(target)
+            ns = build_neigh_solicit(src, group, target, self.mac)
+            return build_ethernet(multicast_mac(group), self.mac, ETH_P_IPV6, ns)
+        ns = build_neigh_solicit(src, target, target, self.mac)
+        return build_ethernet(dst_mac, self.mac, ETH_P_IPV6, ns)
 
     def arp_request(self, target: int, sender: int, dst_mac: bytes | None = None) -> bytes:
         """A who-has for `target`: broadcast, or unicast to `dst_mac` (the

@@ -5,7 +5,8 @@ Instead of one netio process reading the device and forwarding over ZeroMQ
 AF_PACKET socket and all of them join ONE fanout group (packet(7),
 PACKET_FANOUT) of type PACKET_FANOUT_CBPF. The group's classic-BPF program
 computes, in the kernel, the same choice the Dispatcher makes in Python:
-RETA[toeplitz(4-tuple) & 127] (DESIGN.md §1, "Flow → worker").
+RETA[toeplitz(4-tuple) & 127] (DESIGN.md §1, "Flow → worker"), for TCP over
+IPv4 and over IPv6 (the 36-byte tuple, whose words fold the same way).
 
 Why a cBPF program can do it: with the symmetric key (period 16 bits) the
 hash depends only on w = XOR of the six 16-bit words of the 4-tuple
@@ -14,8 +15,8 @@ XOR over the set bits j of w of a constant c_j = T[1 << j] & 127: sixteen
 `jset #(1<<j)` / `xor #(c_j << 16)` pairs (the hash accumulates above the
 16 bits being tested), then `rsh #16`. The RETA is `mod #N` when it is the
 default round-robin table, else a binary search over its runs of equal
-entries. Everything that is not an unfragmented TCP/IPv4 frame goes to the
-last member (netio: ARP, ICMP echo, counters; an ICMP error it forwards
+entries. Everything that is not an unfragmented TCP/IPv4 frame or a TCP/IPv6
+frame without extension headers goes to the last member (netio: ARP, ICMP echo, counters; an ICMP error it forwards
 to the worker owning the flow the error quotes, `dispatch.Dispatcher`).
 
 The fanout index is the position of the socket in the group's member array
@@ -78,6 +79,7 @@ PACKET_IGNORE_OUTGOING = 23
 PACKET_AUXDATA = 8
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
 SO_RCVBUFFORCE = 33
@@ -183,8 +185,8 @@ def _reta_code(reta: Sequence[int], n_workers: int) -> list[Insn | str]:
 def build_program(n_workers: int, reta: Sequence[int] | None = None,
                   key: bytes = rss.SYMMETRIC_KEY, l2: bool = True,
                   bucket: bool = False) -> list[tuple[int, int, int, int]]:
-    """The steering program: worker index for unfragmented TCP/IPv4 whose
-    4-tuple is in the packet, `n_workers` (netio) for the rest. `l2`: also
+    """The steering program: worker index for unfragmented TCP/IPv4 and for
+    TCP/IPv6 (TCP the first next header) whose 4-tuple is in the packet, `n_workers` (netio) for the rest. `l2`: also
     send frames not addressed to our MAC (pkt_type != PACKET_HOST) to netio
     (AF_PACKET; a TUN has no link layer). `bucket`: end with `ret A`, the
     RETA bucket (hash & 127) instead of its worker, for a program that looks
@@ -195,16 +197,15 @@ def build_program(n_workers: int, reta: Sequence[int] | None = None,
     if len(reta) != rss.RETA_SIZE or not all(0 <= w < n_workers for w in reta):
         raise ValueError("RETA must hold 128 worker ids below n_workers")
     net = SKF_NET_OFF
-    prog: list[Insn | str] = [
-        _stmt(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL),
-        _jump(BPF_JMP | BPF_JEQ | BPF_K, ETH_P_IP, 0, "other"),
-    ]
+    prog: list[Insn | str] = []
     if l2:
         # Only frames addressed to us (PACKET_HOST): a promiscuous interface
         # also shows unicast for other MACs, which netio's Dispatcher drops.
         prog += [_stmt(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE),
                  _jump(BPF_JMP | BPF_JEQ | BPF_K, PACKET_HOST, 0, "other")]
     prog += [
+        _stmt(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL),
+        _jump(BPF_JMP | BPF_JEQ | BPF_K, ETH_P_IP, 0, "not4"),
         # Every load below must be inside the packet: an out-of-bounds load
         # ends the program returning 0 (worker 0), so runts go to netio here.
         _stmt(BPF_LD | BPF_W | BPF_LEN),  # from the network header
@@ -219,8 +220,27 @@ def build_program(n_workers: int, reta: Sequence[int] | None = None,
         _stmt(BPF_MISC | BPF_TAX),  # X = IHL * 4 + 4: the ports' end
         _stmt(BPF_LD | BPF_W | BPF_LEN),
         _jump(BPF_JMP | BPF_JGE | BPF_X, 0, "tcp", "other"),
+        "not4",
+        # TCP/IPv6 with TCP as the first next header (RFC 8200 §4: extension
+        # headers, like IPv4 fragments and options we cannot walk in cBPF,
+        # go to netio): the 36-byte tuple is at fixed offsets 8..44.
+        _jump(BPF_JMP | BPF_JEQ | BPF_K, ETH_P_IPV6, 0, "other"),
+        _stmt(BPF_LD | BPF_W | BPF_LEN),
+        _jump(BPF_JMP | BPF_JGE | BPF_K, 44, 0, "other"),
+        _stmt(BPF_LD | BPF_B | BPF_ABS, net + 6),  # next header
+        _jump(BPF_JMP | BPF_JEQ | BPF_K, 6, "tcp6", "other"),
         "other",  # here, not at the end: cBPF jumps reach 255 instructions
         _stmt(BPF_RET | BPF_K, n_workers),
+        "tcp6",
+        # w = the XOR of the nine 32-bit words (addresses, then the ports
+        # word), folded to 16 bits below: rss.FoldedToeplitz.fold6
+        _stmt(BPF_LD | BPF_W | BPF_ABS, net + 40),  # src port << 16 | dst port
+    ]
+    for off in range(8, 40, 4):
+        prog += [_stmt(BPF_MISC | BPF_TAX), _stmt(BPF_LD | BPF_W | BPF_ABS, net + off),
+                 _stmt(BPF_ALU | BPF_XOR | BPF_X)]
+    prog += [
+        _jump(BPF_JMP | BPF_JEQ | BPF_K, 0, "fold", "fold"),  # always: to the shared fold
         "tcp",
         _stmt(BPF_LD | BPF_W | BPF_IND, net - 4),  # src port << 16 | dst port
         _stmt(BPF_ST, 0),
@@ -230,6 +250,7 @@ def build_program(n_workers: int, reta: Sequence[int] | None = None,
         _stmt(BPF_ALU | BPF_XOR | BPF_X),
         _stmt(BPF_LDX | BPF_MEM, 0),
         _stmt(BPF_ALU | BPF_XOR | BPF_X),
+        "fold",
         _stmt(BPF_MISC | BPF_TAX),
         _stmt(BPF_ALU | BPF_RSH | BPF_K, 16),
         _stmt(BPF_ALU | BPF_XOR | BPF_X),

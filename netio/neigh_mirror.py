@@ -26,7 +26,7 @@ import zmq
 
 from .device import Device, DeviceWrapper, PacketDevice
 from .neighbour import NUD_DELAY, NUD_FAILED, NUD_STALE, NUD_VALID, NeighParms
-from .process import NEIGH_CONFIRM, NEIGH_RESOLVE, encode_neigh_request, neigh_endpoint
+from .process import NEIGH_CONFIRM, NEIGH_RESOLVE, encode_neigh_request, is_ip6, neigh_endpoint
 
 __all__ = [
     "L2Tx",
@@ -152,16 +152,20 @@ class L2Tx(DeviceWrapper):
     REACHABLE instead of probing. A confirmation names an address, never a MAC.
     """
 
-    def __init__(self, inner: Device, mac: bytes, subnet: ipaddress.IPv4Network,
+    def __init__(self, inner: Device, mac: bytes, subnet: ipaddress.IPv4Network | None,
                  gateway: int | None, chan: NeighSender,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 subnet6: ipaddress.IPv6Network | None = None) -> None:
         """`inner`: the send-only packet socket (maybe wrapped); `mac`: ours;
-        `subnet`: on-link destinations, the others go to `gateway`."""
+        `subnet`: on-link destinations, the others go to `gateway`.
+        `subnet6`: our IPv6 prefix; IPv6 packets (version 6) go to their
+        destination's MAC, resolved by netio's NDP table (there is no IPv6
+        gateway: off-link IPv6 destinations are solicited directly)."""
         super().__init__(inner)
         self.l2 = True
         self.mac = mac
-        self.net = int(subnet.network_address)
-        self.mask = int(subnet.netmask)
+        self.net = int(subnet.network_address) if subnet is not None else 0
+        self.mask = int(subnet.netmask) if subnet is not None else 0xFFFFFFFF
         self.gateway = gateway
         self.chan = chan
         self.clock = clock
@@ -197,7 +201,7 @@ class L2Tx(DeviceWrapper):
                 if state == NUD_FAILED and ip in self.unres:
                     st.failed += len(self.unres.pop(ip).queue)
                 continue
-            hdr = bytes(mac) + self.mac + b"\x08\x00"
+            hdr = bytes(mac) + self.mac + (b"\x86\xdd" if is_ip6(ip) else b"\x08\x00")
             old = self.neigh.get(ip) or self.stale.get(ip)
             if old is not None and old != hdr:
                 st.mac_changes += 1
@@ -224,6 +228,8 @@ class L2Tx(DeviceWrapper):
     # -- the TX path ------------------------------------------------------------------
 
     def _hop(self, dst: int) -> int:
+        if is_ip6(dst):
+            return dst  # on-link or not, no IPv6 router to go through (see __init__)
         return dst if (dst & self.mask) == self.net or self.gateway is None else self.gateway
 
     def _header(self, hop: int) -> bytes | None:
@@ -288,8 +294,11 @@ class L2Tx(DeviceWrapper):
         queued = 0
         neigh, mask, net, gw = self.neigh, self.mask, self.net, self.gateway
         for f in frames:
-            dst = int.from_bytes(f[16:20], "big")
-            hop = dst if (dst & mask) == net or gw is None else gw  # _hop, inlined
+            if f[0] >> 4 == 6:
+                hop = int.from_bytes(f[24:40], "big")  # IPv6: the destination itself
+            else:
+                dst = int.from_bytes(f[16:20], "big")
+                hop = dst if (dst & mask) == net or gw is None else gw  # _hop, inlined
             hdr = neigh.get(hop)
             if hdr is None:
                 hdr = self._header(hop)
@@ -301,7 +310,8 @@ class L2Tx(DeviceWrapper):
         return (self.inner.send_batch(out) if out else 0) + queued
 
     def send_gso(self, packet: bytes | bytearray | memoryview, mss: int) -> bool:
-        hop = self._hop(int.from_bytes(packet[16:20], "big"))
+        dst = packet[24:40] if packet[0] >> 4 == 6 else packet[16:20]
+        hop = self._hop(int.from_bytes(dst, "big"))
         hdr = self._header(hop)
         if hdr is None:
             self._enqueue(hop, packet, mss)

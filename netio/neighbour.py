@@ -136,7 +136,12 @@ class NeighStats:
 
 @dataclass(slots=True)
 class NeighTable:
-    """IPv4 -> Ethernet neighbours with Linux's NUD state machine (see module doc)."""
+    """IPv4 -> Ethernet neighbours with Linux's NUD state machine (see module
+    doc). netio keeps a second one for IPv6 (Linux's nd_tbl beside arp_tbl),
+    filled from NS/NA only (`neigh_event_ns` for a solicitation of ours with a
+    source link-layer option, `ndisc_recv_na` for advertisements); RFC 4861
+    §10's defaults are ARP's values here (30 s reachable, 1 s retransmit,
+    5 s delay, 3 probes)."""
 
     parms: NeighParms = field(default_factory=NeighParms)
     rng: random.Random = field(default_factory=random.Random)
@@ -202,6 +207,35 @@ class NeighTable:
             self._touch(n)
         if new != old:
             self._set_state(n, new, now)
+
+    # -- NDP in (RFC 4861 §7.2.5, Linux ndisc_recv_na) ----------------------------
+
+    def ndisc_recv_na(self, ip: int, mac: bytes | None, solicited: bool, override: bool,
+                      now: float) -> bool:
+        """A Neighbor Advertisement for `ip`: an EXISTING entry only (RFC
+        4861 §7.2.5, unsolicited NAs create nothing). INCOMPLETE takes the
+        address, REACHABLE if Solicited else STALE; otherwise a different
+        address is taken only with Override (without it, a REACHABLE entry
+        turns STALE and keeps its address), and Solicited confirms. An NA
+        without a target link-layer option only confirms. True if taken."""
+        n = self.entries.get(ip)
+        if n is None:
+            return False
+        if n.state == NUD_INCOMPLETE:
+            if mac is None:
+                return False  # nothing to resolve with (§7.2.5: silently discarded)
+            self.neigh_update(n, mac, NUD_REACHABLE if solicited else NUD_STALE, True, now)
+            return True
+        if mac is None or mac == n.mac:
+            if solicited and n.state & NUD_VALID:
+                self.neigh_update(n, n.mac, NUD_REACHABLE, False, now)
+            return solicited
+        if not override:
+            if n.state == NUD_REACHABLE:
+                self._set_state(n, NUD_STALE, now)
+            return False
+        self.neigh_update(n, mac, NUD_REACHABLE if solicited else NUD_STALE, True, now)
+        return True
 
     # -- upper layers (workers) ---------------------------------------------------
 

@@ -35,10 +35,13 @@ device). Workers mirror it:
   stops. Entries nobody asked for (an ARP request made them) stay netio's. `decode_batch` returns [] for
   it, `decode_neigh_entries` reads it ((ip, mac, state); a 10-byte entry,
   the older form, is REACHABLE) and `decode_neighbours` gives the usable
-  ones as (ip, mac).
+  ones as (ip, mac). An IPv6 neighbour's entry is 23 bytes: its address
+  takes 16 (RFC 4861 NDP fills `dispatcher.neigh6` as ARP fills `neigh`).
+  Addresses are told apart by size: IPv6 ones are never below 2**32
+  (`is_ip6`; the stack refuses ::/96, the deprecated IPv4-compatible block).
 * workers -> netio, fire and forget (a worker never waits on netio): each
   worker connects a PUSH to netio's PULL at `neigh_endpoint(rundir)` and
-  sends 5-byte messages, an op byte and the address: `NEIGH_RESOLVE` (Linux
+  sends 5-byte messages (17 for IPv6), an op byte and the address: `NEIGH_RESOLVE` (Linux
   `neigh_event_send`: a frame waits on this address or a STALE entry was
   used; netio starts resolution or arms DELAY, and announces the entry back
   at once when it has a usable MAC) and `NEIGH_CONFIRM` (`neigh_confirm`:
@@ -57,6 +60,7 @@ it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import threading
@@ -151,9 +155,14 @@ def neigh_endpoint(rundir: str) -> str:
     return f"ipc://{rundir}/netio-neigh.ipc"
 
 
+def is_ip6(ip: int) -> bool:
+    """An IPv6 address, in the neighbour plumbing (see the module docstring)."""
+    return ip > 0xFFFFFFFF
+
+
 def encode_neigh_request(op: int, ip: int) -> bytes:
     """A worker's NEIGH_RESOLVE / NEIGH_CONFIRM message about `ip`."""
-    return bytes((op,)) + ip.to_bytes(4, "big")
+    return bytes((op,)) + ip.to_bytes(16 if is_ip6(ip) else 4, "big")
 
 
 def decode_batch(parts: Sequence[Frame]) -> list[tuple[bytes, int]]:
@@ -166,8 +175,8 @@ def decode_batch(parts: Sequence[Frame]) -> list[tuple[bytes, int]]:
 
 
 def encode_neighbour(ip: int, mac: bytes, state: int = NUD_REACHABLE) -> bytes:
-    """One announcement entry: ip (4, big-endian), MAC (6), NUD state (1)."""
-    return ip.to_bytes(4, "big") + bytes(mac) + bytes((state,))
+    """One announcement entry: ip (4, or 16 for IPv6; big-endian), MAC (6), NUD state (1)."""
+    return ip.to_bytes(16 if is_ip6(ip) else 4, "big") + bytes(mac) + bytes((state,))
 
 
 def decode_neigh_entries(parts: Sequence[Frame]) -> list[tuple[int, bytes, int]]:
@@ -181,6 +190,8 @@ def decode_neigh_entries(parts: Sequence[Frame]) -> list[tuple[int, bytes, int]]
         if n == 11 or n == 10:
             out.append((int.from_bytes(p[:4], "big"), bytes(p[4:10]),
                         p[10] if n == 11 else NUD_REACHABLE))
+        elif n == 23:
+            out.append((int.from_bytes(p[:16], "big"), bytes(p[16:22]), p[22]))
     return out
 
 
@@ -254,6 +265,7 @@ class NetioProcess:
         self.poller.register(self.ctl, zmq.POLLIN)
         # L2: the workers' neighbour messages (see the module docstring)
         self.neigh = dispatcher.neigh
+        self.neigh6 = dispatcher.neigh6
         self.neigh_pull: zmq.Socket[bytes] | None = None
         if dispatcher.l2:
             self.neigh_pull = self.ctx.socket(zmq.PULL)
@@ -261,6 +273,7 @@ class NetioProcess:
             self.neigh_pull.bind(neigh_endpoint(rundir))
             self.poller.register(self.neigh_pull, zmq.POLLIN)
             self.neigh.neigh_timer_handler(clock())  # its timers start on our clock
+            self.neigh6.neigh_timer_handler(clock())
         if dev.fileno() >= 0:
             self.poller.register(dev.fileno(), zmq.POLLIN)
         self.running = False
@@ -295,7 +308,8 @@ class NetioProcess:
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
         if self.neigh_pull is not None:  # (a TUN's table never runs its timers)
-            timeout = max(0.0, min(timeout, self.neigh.next_deadline() - self.clock()))
+            soonest = min(self.neigh.next_deadline(), self.neigh6.next_deadline())
+            timeout = max(0.0, min(timeout, soonest - self.clock()))
         return timeout
 
     # -- the neighbour table (L2) -------------------------------------------
@@ -312,22 +326,26 @@ class NetioProcess:
             except zmq.Again:
                 break
             stats.neigh_msgs += 1
-            if len(msg) != 5:
+            if len(msg) not in (5, 17):
                 stats.neigh_bad_msgs += 1
                 continue
-            ip = int.from_bytes(msg[1:5], "big")
+            ip = int.from_bytes(msg[1:], "big")
+            if len(msg) == 17 and not is_ip6(ip):
+                stats.neigh_bad_msgs += 1
+                continue
             if msg[0] == NEIGH_RESOLVE:
                 self._resolve(ip, now)
             elif msg[0] == NEIGH_CONFIRM:
-                neigh.neigh_confirm(ip, now)
+                (self.neigh6 if is_ip6(ip) else neigh).neigh_confirm(ip, now)
             else:
                 stats.neigh_bad_msgs += 1
 
     def _resolve(self, ip: int, now: float) -> None:
         """A worker needs `ip`: Linux `neigh_event_send`, and the entry is
         announced back when usable (the asking worker may have none)."""
-        if self.neigh.neigh_event_send(ip, now) & NUD_VALID:
-            self.neigh.announce(ip)
+        tbl = self.neigh6 if is_ip6(ip) else self.neigh
+        if tbl.neigh_event_send(ip, now) & NUD_VALID:
+            tbl.announce(ip)
 
     def _neigh_tx(self) -> None:
         """Run the table's timers, put its who-has on the device, announce
@@ -343,8 +361,23 @@ class NetioProcess:
             frames = [arp(p.ip, src, p.mac) for p in probes]
             self.stats.neigh_probes_failed += len(frames) - self.dev.send_batch(frames)
         changes = neigh.take_changes()
+        changes += self._ndisc_tx(now)
         if changes:
             self._announce([encode_neighbour(ip, mac, st) for ip, mac, st in changes])
+
+    def _ndisc_tx(self, now: float) -> list[tuple[int, bytes, int]]:
+        """`_neigh_tx` for IPv6: the NDP table's timers and solicitations
+        (RFC 4861 §7.2.2: multicast to the solicited-node group while
+        INCOMPLETE, unicast in PROBE); its changes, to announce."""
+        nd = self.neigh6
+        if now >= nd.soonest:
+            nd.neigh_timer_handler(now)
+        probes = nd.take_probes()
+        frames = [f for f in (self.dispatcher.neigh_solicit(p.ip, p.mac) for p in probes)
+                  if f is not None]
+        if frames:
+            self.stats.neigh_probes_failed += len(frames) - self.dev.send_batch(frames)
+        return nd.take_changes()
 
     def _announce(self, entries: list[bytes]) -> None:
         """Tell every worker (see the module docstring)."""
@@ -408,6 +441,7 @@ class NetioProcess:
                                   "dispatch": self.dispatcher.stats.as_dict()}
         if self.neigh_pull is not None:
             out["neigh"] = dict(self.neigh.stats.as_dict(), entries=len(self.neigh))
+            out["neigh6"] = dict(self.neigh6.stats.as_dict(), entries=len(self.neigh6))
         counters = getattr(self.dev, "counters", None)
         if counters is not None:
             out["impair"] = counters()
@@ -440,13 +474,19 @@ class NetioProcess:
             return {"ok": True, "neighbours": {ip: mac.hex() for ip, mac in
                                                self.dispatcher.neighbours.items()}}  # fmt: skip
         if op == "neigh":
+            # IPv6 entries by their text: msgpack ints stop at 64 bits
             return {"ok": True, "neigh": {ip: {"mac": n.mac.hex(), "state": nud_name(n.state)}
-                                          for ip, n in self.neigh.entries.items()}}
+                                          for ip, n in self.neigh.entries.items()},
+                    "neigh6": {str(ipaddress.IPv6Address(ip)):
+                               {"mac": n.mac.hex(), "state": nud_name(n.state)}
+                               for ip, n in self.neigh6.entries.items()}}
         if op == "arp":
-            if not self.dispatcher.l2 or not self.dispatcher.addrs:
+            if not self.dispatcher.l2 or not (self.dispatcher.addrs or self.dispatcher.addrs6):
                 return {"ok": False, "error": "ARP needs an L2 device"}
             try:
-                ip = int(req["ip"])
+                # an int (IPv4), or an address's text (IPv6: NDP)
+                ip = int(ipaddress.ip_address(req["ip"]) if isinstance(req["ip"], str)
+                         else req["ip"])
             except (KeyError, TypeError, ValueError):
                 return {"ok": False, "error": "arp needs an int ip"}
             self._resolve(ip, self.clock())

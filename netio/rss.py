@@ -10,7 +10,9 @@ This mirrors what a multi-queue NIC does in hardware (Linux: `ethtool -X`,
         shift K left by one bit
 
 The input for TCP/IPv4 is the 12-byte string src ip | dst ip | src port |
-dst port, all in network order. The hash's low 7 bits index a 128-entry
+dst port, all in network order; for TCP/IPv6 the 36-byte string of the same
+four fields with 16-byte addresses (Microsoft's "TCP/IPv6" hash type, also
+used here for UDP/IPv6). The hash's low 7 bits index a 128-entry
 indirection table whose entries are worker ids.
 
 Why a table-driven variant: the hash is linear over GF(2), so the contribution
@@ -45,6 +47,7 @@ SYMMETRIC_KEY = b"\x6d\x5a" * 20
 RETA_SIZE = 128
 RETA_MASK = RETA_SIZE - 1
 TUPLE_LEN = 12  # src ip (4) + dst ip (4) + src port (2) + dst port (2)
+TUPLE6_LEN = 36  # src ip (16) + dst ip (16) + src port (2) + dst port (2)
 
 
 def toeplitz(key: bytes, data: bytes) -> int:
@@ -93,15 +96,23 @@ class Toeplitz:
     from a raw IPv4 packet so the per-packet path allocates nothing.
     """
 
-    __slots__ = ("key", "_t")
+    __slots__ = ("key", "_t", "_t6")
 
     def __init__(self, key: bytes = SYMMETRIC_KEY) -> None:
         self.key = bytes(key)
         self._t = build_tables(self.key)
+        self._t6: tuple[tuple[int, ...], ...] | None = None  # built on first IPv6 use
+
+    def _tables6(self) -> tuple[tuple[int, ...], ...]:
+        t6 = self._t6
+        if t6 is None:
+            t6 = self._t6 = build_tables(self.key, TUPLE6_LEN)
+        return t6
 
     def hash_bytes(self, data: bytes) -> int:
-        """Hash up to 12 bytes (8 for the address-only IPv4 hash type)."""
-        t = self._t
+        """Hash up to 36 bytes (12: TCP/IPv4, 8: IPv4 addresses only,
+        36: TCP/IPv6, 32: IPv6 addresses only)."""
+        t = self._t if len(data) <= TUPLE_LEN else self._tables6()
         h = 0
         for i, b in enumerate(data):
             h ^= t[i][b]
@@ -134,6 +145,28 @@ class Toeplitz:
         )  # fmt: skip
 
 
+    def hash_tuple6(self, src_ip: int, dst_ip: int, src_port: int, dst_port: int) -> int:
+        """The TCP/IPv6 hash of a 4-tuple with 128-bit addresses."""
+        t = self._tables6()
+        data = (src_ip << 160 | dst_ip << 32 | src_port << 16 | dst_port).to_bytes(36, "big")
+        h = 0
+        for i, b in enumerate(data):
+            h ^= t[i][b]
+        return h
+
+    def hash_packet6(self, buf: Frame, l3: int, l4: int) -> int:
+        """Hash the 4-tuple of the IPv6 packet in `buf`: addresses at l3 + 8
+        (32 bytes), ports at `l4` (after any extension headers)."""
+        t = self._tables6()
+        h = 0
+        a = l3 + 8
+        for i in range(32):
+            h ^= t[i][buf[a + i]]
+        for i in range(4):
+            h ^= t[32 + i][buf[l4 + i]]
+        return h
+
+
 def make_reta(n_workers: int, size: int = RETA_SIZE) -> list[int]:
     """The default indirection table: entries spread round-robin over workers
     (as `ethtool_rxfh_indir_default` does for queues)."""
@@ -160,6 +193,17 @@ def flow_to_worker(
 ) -> int:
     """The worker that owns the flow: RETA[hash & 127]."""
     return reta[hasher.hash_tuple(src_ip, dst_ip, src_port, dst_port) & RETA_MASK]
+
+
+def flow_hash6(src_ip: int, dst_ip: int, src_port: int, dst_port: int) -> int:
+    """`flow_hash` for IPv6 (128-bit addresses, the 36-byte tuple)."""
+    return _SYMMETRIC.hash_tuple6(src_ip, dst_ip, src_port, dst_port)
+
+
+def flow_to_worker6(src_ip: int, dst_ip: int, src_port: int, dst_port: int,
+                    reta: Sequence[int], hasher: Toeplitz = _SYMMETRIC) -> int:
+    """`flow_to_worker` for IPv6."""
+    return reta[hasher.hash_tuple6(src_ip, dst_ip, src_port, dst_port) & RETA_MASK]
 
 
 def packet_to_worker(buf: Frame, l3: int, l4: int, reta: Sequence[int],
@@ -196,6 +240,20 @@ class FoldedToeplitz:
         self.key = bytes(key)
         t = build_tables(self.key, 2)
         self.table = [hi ^ lo for hi in t[0] for lo in t[1]]
+
+    @staticmethod
+    def fold6(src_ip: int, dst_ip: int, ports: int) -> int:
+        """The 18 16-bit words of the IPv6 4-tuple XORed together: the same
+        argument as `fold`, since 128-bit fields also start on 16-bit
+        boundaries (a 36-byte input needs the 40-byte key, which it is)."""
+        x = src_ip ^ dst_ip
+        x ^= x >> 64
+        x ^= x >> 32
+        x = (x & 0xFFFFFFFF) ^ ports
+        return (x ^ (x >> 16)) & 0xFFFF
+
+    def hash_tuple6(self, src_ip: int, dst_ip: int, src_port: int, dst_port: int) -> int:
+        return self.table[self.fold6(src_ip, dst_ip, src_port << 16 | dst_port)]
 
     @staticmethod
     def fold(src_ip: int, dst_ip: int, ports: int) -> int:

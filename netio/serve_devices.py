@@ -69,8 +69,9 @@ def _open(spec: DeviceSpec, ifname: str, rx: bool) -> Device:
 
 
 def worker_tx(spec: DeviceSpec, ifname: str, wid: int, *, run_dir: str,
-              subnet: ipaddress.IPv4Network, gateway: int | None,
-              pcap: str | None = None, impair: str | None = None) -> Device:
+              subnet: ipaddress.IPv4Network | None, gateway: int | None,
+              pcap: str | None = None, impair: str | None = None,
+              subnet6: ipaddress.IPv6Network | None = None) -> Device:
     """Worker `wid`'s TX device (its RX half, if any, is `worker_rx`)."""
     dev = _open(spec, ifname, rx=False)
     if pcap:
@@ -79,7 +80,8 @@ def worker_tx(spec: DeviceSpec, ifname: str, wid: int, *, run_dir: str,
         imp = parse_impair_spec(impair)
         dev = Impair(dev, dataclasses.replace(imp, seed=imp.seed * 1009 + wid + 1))
     if spec.get("kind") == "packet":
-        return L2Tx(dev, device_mac(dev, ifname), subnet, gateway, NeighChannel(run_dir))
+        return L2Tx(dev, device_mac(dev, ifname), subnet, gateway, NeighChannel(run_dir),
+                    subnet6=subnet6)
     return dev
 
 

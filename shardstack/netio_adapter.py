@@ -23,6 +23,8 @@ import signal
 import threading
 
 from shardstack.child import ChildDesc, child_main
+from shardstack.core.wire.icmpv6 import ALL_NODES, multicast_mac
+from shardstack.netio.device import innermost, join_multicast
 from shardstack.netio.dispatch import Dispatcher
 from shardstack.netio.process import NetioProcess, control_endpoint, neigh_endpoint
 from shardstack.netio.serve_devices import device_mac, netio_rx
@@ -32,7 +34,12 @@ def run(desc: ChildDesc) -> int:
     cfg = desc.cfg
     dev = netio_rx(desc.dev, cfg.ifname, pcap=cfg.pcap, impair=cfg.impair)
     mac = device_mac(dev, cfg.ifname) if dev.l2 else None
-    disp = Dispatcher(desc.workers, [cfg.addr.ip], l2=dev.l2, mac=mac, reta=desc.reta)
+    disp = Dispatcher(desc.workers, [cfg.addr.ip] if cfg.addr else [], l2=dev.l2, mac=mac,
+                      reta=desc.reta, addrs6=[cfg.addr6.ip] if cfg.addr6 else [])
+    if dev.l2 and disp.snm6:
+        # NDP: our solicited-node groups and all-nodes reach this socket
+        join_multicast(innermost(dev).sock, cfg.ifname,  # type: ignore[attr-defined]
+                       [multicast_mac(g) for g in (*disp.snm6, ALL_NODES)])
     proc = NetioProcess(dev, disp, cfg.run_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,8 +1,9 @@
 """Network namespaces, veth pairs and TUN devices for the demo, the bench and tests.
 
 Every real packet shardstack's harness sends stays inside namespaces made
-here, with addresses from 198.18.0.0/15 (RFC 2544's benchmarking range), so
-nothing ever leaves the machine or touches the host's own interfaces.
+here, with addresses from 198.18.0.0/15 (RFC 2544's benchmarking range), or
+for IPv6 from 2001:db8::/32 (RFC 3849, documentation) and fd00::/8 (RFC 4193,
+unique local), so nothing ever leaves the machine or touches the host's own interfaces.
 
 Why context managers that kill before they delete: `ip netns del` only
 unmounts the name; a namespace lives on while a process still runs in it
@@ -34,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
+TEST_NETS6 = (ipaddress.ip_network("2001:db8::/32"), ipaddress.ip_network("fd00::/8"))
 NETNS_DIR = "/run/netns"
 DEFAULT_PREFIX = "ssb"
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL at teardown
@@ -66,12 +68,28 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def check_address(addr: str) -> ipaddress.IPv4Interface:
-    """Parse `A.B.C.D[/N]` and insist it lies in 198.18.0.0/15; ValueError otherwise."""
+def check_address(addr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """Parse `A.B.C.D[/N]` and insist it lies in 198.18.0.0/15, or an IPv6
+    `X::Y[/N]` inside 2001:db8::/32 or fd00::/8; ValueError otherwise."""
+    if ":" in addr:
+        iface6 = ipaddress.IPv6Interface(addr)
+        if not any(iface6.network.subnet_of(n) for n in TEST_NETS6):
+            raise ValueError(f"{addr} is outside 2001:db8::/32 and fd00::/8: the harness "
+                             "uses only those for IPv6")
+        return iface6
     iface = ipaddress.IPv4Interface(addr)
     if iface.ip not in BENCH_NET or not iface.network.subnet_of(BENCH_NET):
         raise ValueError(f"{addr} is outside {BENCH_NET}: the harness uses only that range")
     return iface
+
+
+def subnet6(index: int) -> ipaddress.IPv6Network:
+    """The `index`-th /64 of 2001:db8::/32 (wrapping at 2**16), for IPv6 test links."""
+    return ipaddress.IPv6Network(f"2001:db8:{index % 0xFFFF + 1:x}::/64")
+
+
+def next_subnet6() -> ipaddress.IPv6Network:
+    return subnet6(os.getpid() * 7 + next(_counter))
 
 
 def subnet(index: int, prefix: int = 24) -> ipaddress.IPv4Network:
@@ -176,8 +194,12 @@ class Netns:
         self.ip("link", "set", dev, "up")
 
     def add_addr(self, dev: str, cidr: str) -> None:
-        check_address(cidr)
-        self.ip("addr", "add", cidr, "dev", dev)
+        """IPv6 addresses skip duplicate address detection (`nodad`): usable
+        at once, not tentative for a second (RFC 4862 §5.4)."""
+        if check_address(cidr).version == 6:
+            self.ip("addr", "add", cidr, "dev", dev, "nodad")
+        else:
+            self.ip("addr", "add", cidr, "dev", dev)
 
     def add_route(self, dest: str, via: str | None = None, dev: str | None = None) -> None:
         check_address(dest)
@@ -375,6 +397,7 @@ class Pair:
     server: Netns
     link: VethPair
     net: ipaddress.IPv4Network
+    net6: ipaddress.IPv6Network | None = None  # the link's IPv6 /64 (`ipv6=True`)
 
     @property
     def client_ip(self) -> str:
@@ -384,18 +407,34 @@ class Pair:
     def server_ip(self) -> str:
         return str(self.net.network_address + 2)
 
+    @property
+    def client_ip6(self) -> str:
+        assert self.net6 is not None, "a pair made with ipv6=True"
+        return str(self.net6.network_address + 1)
+
+    @property
+    def server_ip6(self) -> str:
+        assert self.net6 is not None, "a pair made with ipv6=True"
+        return str(self.net6.network_address + 2)
+
 
 @contextlib.contextmanager
 def client_server_pair(prefix: str = DEFAULT_PREFIX, server_addr: bool = True,
                        net: ipaddress.IPv4Network | None = None,
-                       grace: float = KILL_GRACE) -> Iterator[Pair]:
+                       grace: float = KILL_GRACE, ipv6: bool = False) -> Iterator[Pair]:
     """Two namespaces on a veth: client .1/24, server .2/24 (or no kernel address on the
-    server end when `server_addr` is False, for a user-space stack on AF_PACKET)."""
+    server end when `server_addr` is False, for a user-space stack on AF_PACKET).
+    `ipv6`: also a /64 of 2001:db8::/32, client ::1 and (with `server_addr`) server ::2."""
     net = net or next_subnet()
+    net6 = next_subnet6() if ipv6 else None
     with netns(prefix, grace) as c, netns(prefix, grace) as s:
         link = add_veth(c, s, "veth0", "veth0", a_addr=host(net, 1),
                         b_addr=host(net, 2) if server_addr else None)
-        yield Pair(c, s, link, net)
+        if net6 is not None:
+            c.add_addr("veth0", f"{net6.network_address + 1}/64")
+            if server_addr:
+                s.add_addr("veth0", f"{net6.network_address + 2}/64")
+        yield Pair(c, s, link, net, net6)
 
 
 @dataclass(slots=True, frozen=True)
@@ -419,15 +458,22 @@ def _quiet_l2(ns: Netns) -> None:
 @contextlib.contextmanager
 def bridged_pair(prefix: str = DEFAULT_PREFIX, server_addr: bool = True,
                  net: ipaddress.IPv4Network | None = None, grace: float = KILL_GRACE,
-                 mtu: int | None = None) -> Iterator[BridgedPair]:
+                 mtu: int | None = None, ipv6: bool = False) -> Iterator[BridgedPair]:
     """client ns (.1/24 on veth0) ── veth ── bridge ns (vc, vs: no addresses) ── veth ──
-    server ns (veth0, .2/24 unless `server_addr` is False). IPv6 is off in all three."""
+    server ns (veth0, .2/24 unless `server_addr` is False). IPv6 is off in all three,
+    unless `ipv6`: then the client (::1) and server (::2, with `server_addr`) get a
+    /64 of 2001:db8::/32, and only the bridge namespace stays IPv6-free."""
     net = net or next_subnet()
+    net6 = next_subnet6() if ipv6 else None
     with netns(prefix, grace) as c, netns(prefix, grace) as br, netns(prefix, grace) as s:
-        for ns in (c, br, s):
+        for ns in (br,) if ipv6 else (c, br, s):
             _quiet_l2(ns)
         add_veth(c, br, "veth0", "vc", a_addr=host(net, 1), mtu=mtu)
         add_veth(br, s, "vs", "veth0", b_addr=host(net, 2) if server_addr else None, mtu=mtu)
+        if net6 is not None:
+            c.add_addr("veth0", f"{net6.network_address + 1}/64")
+            if server_addr:
+                s.add_addr("veth0", f"{net6.network_address + 2}/64")
         link = VethPair(c, "veth0", s, "veth0", host(net, 1),
                         host(net, 2) if server_addr else None)
-        yield BridgedPair(c, s, link, net, br, "vc", "vs")
+        yield BridgedPair(c, s, link, net, net6, br, "vc", "vs")

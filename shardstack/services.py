@@ -45,9 +45,10 @@ class ServiceStats:
 class Services:
     """The echo and discard services of one worker's shard."""
 
-    def __init__(self, shard, addr: int) -> None:
+    def __init__(self, shard, addr: int, v6: bool = False) -> None:
         self.shard = shard
         self.addr = addr
+        self.v6 = v6  # a dual-stack AF_INET6 listener (`::` takes IPv4 too)
         self.listeners: dict[int, str] = {}  # listening sd -> kind
         self.conns: dict[int, _Conn] = {}
         self.stats = ServiceStats()
@@ -55,7 +56,7 @@ class Services:
     def install(self, kind: str, port: int) -> int:
         """Listen on (addr, port) for `kind` (ECHO or DISCARD)."""
         shard = self.shard
-        sd = shard.socket()
+        sd = shard.socket(socket.AF_INET6 if self.v6 else socket.AF_INET)
         shard.setsockopt(sd, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         shard.bind(sd, self.addr, port)
         shard.listen(sd, LISTEN_BACKLOG)
@@ -125,6 +126,36 @@ class Services:
         if self.conns.pop(sd, None) is not None:
             self.stats.closed += 1
             self.shard.close(sd, now)
+
+    # -- migration (shardstack.migrate) ---------------------------------------------
+
+    def export(self, sds: set[int]) -> list[dict]:
+        """Let go of our connections among `sds` (the engine exported them)."""
+        out = []
+        for sd in sorted(sds):
+            c = self.conns.pop(sd, None)
+            if c is not None:
+                out.append({"sd": sd, "kind": c.kind, "pending": bytes(c.pending),
+                            "eof": c.eof, "shut": c.shut})
+        return out
+
+    def adopt(self, entries: list[dict], sdmap: dict[int, int], now: float) -> int:
+        """Take over exported connections under their new descriptors, and
+        accept children that arrived in our listeners' queues."""
+        taken = 0
+        for e in entries:
+            sd = sdmap.get(e["sd"])
+            if sd is None:
+                continue
+            c = _Conn(e["kind"], bytearray(e["pending"]), bool(e["eof"]), bool(e["shut"]))
+            self.conns[sd] = c
+            taken += 1
+            self._write(sd, c, now)
+            if sd in self.conns and not c.pending and not c.eof:
+                self._read(sd, c, now)
+        for lsd in list(self.listeners):
+            self._accept(lsd)
+        return taken
 
     def close_all(self, now: float) -> None:
         for sd in list(self.conns):

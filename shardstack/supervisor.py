@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardstack import control
+from shardstack import control, migrate
 from shardstack import reta as retabook
 from shardstack.config import ServeConfig
 from shardstack.core.inet_connection_sock import SOMAXCONN, inet_csk_get_port
@@ -109,6 +109,9 @@ class GlobalBind:
     listener: dict[str, Any] | None = None  # {backlog, path} once listening
     service: str | None = None  # "echo"/"discard" for the built-in services
     holders: int = 1  # control connections (processes) holding it: freed at the last
+    # -- IPv6 (issue 14): the bind's family, as core's conflict rules read it
+    family: int = socket.AF_INET
+    v6only: bool = False  # IPV6_V6ONLY: `::` then takes no IPv4
 
 
 UDP_BIND_BASE = 1 << 30  # UDP bind ids: apart from TCP's, one release op for both
@@ -127,32 +130,57 @@ class UdpBind:
     lport: int = 0
     raddr: int = 0
     rport: int = 0
+    # -- IPv6 (issue 14): an AF_INET6 socket (IPv4 peers v4-mapped unless v6only)
+    v6: bool = False
+    v6only: bool = False
 
     def add_args(self) -> dict[str, Any]:
+        if self.v6:
+            return {"bind_id": self.bind_id, "addr": _dotted(self.laddr, True),
+                    "port": self.lport, "path": self.path, "v6": True, "v6only": self.v6only}
         return {"bind_id": self.bind_id, "addr": _dotted(self.laddr), "port": self.lport,
                 "path": self.path}
 
+    def families(self) -> int:
+        """Which families' datagrams it takes (1: IPv4, 2: IPv6), as core's
+        inet_addr_families: by its address, or the wildcard's V6ONLY."""
+        if not self.v6:
+            return 1
+        if self.laddr:
+            return 2
+        return 2 if self.v6only else 3
 
-def _dotted(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))
+    def peer_text(self) -> str:
+        return _dotted(self.raddr, self.v6 or self.raddr > 0xFFFFFFFF)
+
+
+def _dotted(a: int, v6: bool = False) -> str:
+    return str(ipaddress.IPv6Address(a) if v6 else ipaddress.IPv4Address(a))
 
 
 class BindTable:
     """bind/listen/release across shards (docs/architecture.md "Runtime")."""
 
-    def __init__(self, addrs: list[int]) -> None:
+    def __init__(self, addrs: list[int], addrs6: list[int] | None = None) -> None:
         self.h = InetHashinfo()
         self.addrs = addrs
+        self.addrs6 = list(addrs6 or ())
         self.binds: dict[int, GlobalBind] = {}
         self._next_id = 1
 
     def bind(self, addr: int, port: int, reuseaddr: bool = False, reuseport: bool = False,
-             service: str | None = None) -> GlobalBind:
-        if addr != 0 and addr not in self.addrs:
+             service: str | None = None, family: int = socket.AF_INET,
+             v6only: bool = False) -> GlobalBind:
+        """`family` AF_INET6: `addr` is 128-bit, 0 the wildcard `::` (which
+        takes IPv4 too unless `v6only`: one table holds both families, so
+        `::` and `0.0.0.0` on one port conflict as on Linux)."""
+        mine = self.addrs6 if family == socket.AF_INET6 else self.addrs
+        if addr != 0 and addr not in mine:
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
         if not 0 <= port <= 65535:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service)
+        b = GlobalBind(self._next_id, addr, reuseaddr, reuseport, service=service,
+                       family=family, v6only=v6only)
         inet_csk_get_port(self.h, b, port, offset=self._next_id * 7919)
         self._next_id += 1
         self.binds[b.bind_id] = b
@@ -211,6 +239,8 @@ class Child:
     ready_fd: int = -1
     telemetry: ProcTelemetry | None = None
     ctl: control.AsyncControlClient | None = None
+    reloading: bool = False  # `shardstack reload` is replacing it: its exit is no crash
+    reloads: int = 0
 
     @property
     def name(self) -> str:
@@ -230,7 +260,8 @@ class Supervisor:
         self.spare: Spare | None = None
         self.spare_failures = 0  # spares that died before reporting ready, in a row
         self._next_tid = 1
-        self.binds = BindTable([cfg.addr.ip])
+        self.binds = BindTable([cfg.addr.ip] if cfg.addr else [],
+                               [cfg.addr6.ip] if cfg.addr6 else [])
         self.udp_binds: dict[int, UdpBind] = {}  # UDP's own port space (udp_lib_get_port)
         self._next_udp = UDP_BIND_BASE
         self.tun = None  # netio.device.TunDevice in TUN mode
@@ -240,7 +271,7 @@ class Supervisor:
         self.tun_counts = None  # tunsteer.SteeringCounts
         self.tun_reta_map = None  # tunsteer.RetaMap: the RETA the steering program reads
         self.tun_created = False
-        self.peer_added = False
+        self.peers_added: list[str] = []  # the --peer addresses we added to the TUN
         self.children: list[Child] = []
         self.netio: Child | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -248,6 +279,8 @@ class Supervisor:
         self.stop_event: asyncio.Event | None = None
         self.server: asyncio.AbstractServer | None = None
         self.me = ProcTelemetry(os.getpid())
+        self.move_lock = asyncio.Lock()  # one bucket move (or reload) at a time
+        self.balancer = None  # shardstack.rebalance.Balancer with --rebalance auto
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -264,7 +297,12 @@ class Supervisor:
             for c in self.children:
                 self._spawn(c)
             self.loop.call_later(SPARE_DELAY, self._start_spare)
-            log(f"serving {self.cfg.addr.text} on {self.cfg.device} {self.cfg.ifname} with "
+            if self.cfg.rebalance == "auto" and self.cfg.workers > 1:
+                from shardstack.rebalance import Balancer
+
+                self.balancer = Balancer(self.cfg.workers)
+                self.loop.create_task(self._rebalance_loop())
+            log(f"serving {' '.join(c.text for c in self.cfg.addrs)} on {self.cfg.device} {self.cfg.ifname} with "
                 f"{self.cfg.workers} workers; run dir {self.run.path}")
             await self.stop_event.wait()
             log("stopping")
@@ -307,13 +345,19 @@ class Supervisor:
             self._open_tun_queues()
         if self.tun is None:
             self.tun = TunDevice(cfg.ifname, mtu=cfg.mtu, vnet_hdr=cfg.offload, up=True)
-        if cfg.peer is not None:
-            r = subprocess.run(["ip", "addr", "add", cfg.peer.text, "dev", cfg.ifname],
-                               capture_output=True, text=True, timeout=10)
+        for peer in (cfg.peer, cfg.peer6):
+            if peer is None:
+                continue
+            # IPv6: no duplicate address detection (`nodad`), so the
+            # address is usable at once rather than "tentative" for a second
+            # or more (RFC 4862 §5.4; the stack is the only other node).
+            cmd = ["ip", "addr", "add", peer.text, "dev", cfg.ifname] + (["nodad"] if peer.v6
+                                                                       else [])
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
             if r.returncode == 0:
-                self.peer_added = True
+                self.peers_added.append(peer.text)
             elif "File exists" not in r.stderr:
-                raise OSError(errno.EINVAL, f"ip addr add {cfg.peer.text}: {r.stderr.strip()}")
+                raise OSError(errno.EINVAL, f"ip addr add {peer.text}: {r.stderr.strip()}")
 
     def _open_tun_queues(self) -> None:
         from shardstack.netio import tunsteer
@@ -370,8 +414,8 @@ class Supervisor:
             self._forget(c)
         self._drop_spare()
         if self.tun is not None:
-            if self.peer_added and not self.tun_created:
-                subprocess.run(["ip", "addr", "del", self.cfg.peer.text, "dev", self.cfg.ifname],
+            for text in self.peers_added if not self.tun_created else ():
+                subprocess.run(["ip", "addr", "del", text, "dev", self.cfg.ifname],
                                capture_output=True, timeout=10)
             self.tun.close()  # a TUN we created (not persistent) goes with its last fd
         for q in self.tun_queues or ():
@@ -567,7 +611,7 @@ class Supervisor:
                 await ctl.call("add_udp", timeout=WORKER_CALL_TIMEOUT, **u.add_args())
                 if u.rport:
                     await ctl.call("connect_udp", timeout=WORKER_CALL_TIMEOUT,
-                                   bind_id=u.bind_id, addr=_dotted(u.raddr), port=u.rport)
+                                   bind_id=u.bind_id, addr=u.peer_text(), port=u.rport)
         except (OSError, TimeoutError, control.ControlError) as e:
             log(f"{c.name}: listener install failed: {e}")
             return
@@ -600,6 +644,12 @@ class Supervisor:
         # A child that got as far as serving is replaced at once (kill -9, an
         # OOM kill); one that keeps failing to start, or keeps dying, backs off.
         failed_start = not c.served
+        if c.reloading and not failed_start:  # replaced on purpose (`shardstack reload`)
+            c.reloading = False
+            c.reloads += 1
+            log(f"{c.name} (pid {c.proc.pid}) replaced by reload after {lived:.1f}s")
+            self._spawn(c)
+            return
         c.deaths = [t for t in c.deaths if now - t < CRASH_WINDOW] + [now]
         if failed_start or len(c.deaths) > CRASH_BURST:
             c.quick_deaths += 1
@@ -626,7 +676,7 @@ class Supervisor:
 
     def _op_hello(self, req, conn) -> dict[str, Any]:
         return {
-            "addrs": [self.cfg.addr.addr],
+            "addrs": [c.addr for c in self.cfg.addrs],
             "workers": self.cfg.workers,
             "run_dir": str(self.run.path),
             "pid": os.getpid(),
@@ -635,21 +685,24 @@ class Supervisor:
             # What the shim needs to route a connect: which destinations are on-link for the
             # stack (or reachable through its gateway), and the RETA that picks the worker
             # owning a given 4-tuple (for connect() from an explicitly bound port).
-            "nets": [str(self.cfg.addr.network)],
+            "nets": [str(c.network) for c in self.cfg.addrs],
             "gateway": (str(ipaddress.IPv4Address(self.cfg.gateway))
                         if self.cfg.gateway is not None else None),
             "reta": list(self.reta),
         }
 
     def _op_bind(self, req, conn) -> dict[str, Any]:
-        addr = _addr_arg(req.get("addr", 0))
+        v6 = bool(req.get("v6"))
+        addr = _addr_arg(req.get("addr", 0), v6)
         b = self.binds.bind(addr, int(req.get("port", 0)), bool(req.get("reuseaddr")),
-                            bool(req.get("reuseport")))
+                            bool(req.get("reuseport")),
+                            family=socket.AF_INET6 if v6 else socket.AF_INET,
+                            v6only=bool(req.get("v6only")))
         binds = conn.state.setdefault("binds", set())
         if not binds:
             conn.on_close.append(lambda: self._release_all(conn))
         binds.add(b.bind_id)
-        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+        return _bind_reply(b)
 
     def _op_adopt(self, req, conn) -> dict[str, Any]:
         """Another process holds the bound socket's fd now (multiprocessing
@@ -660,13 +713,12 @@ class Supervisor:
             raise OSError(errno.EBADF, "not an app's bind")
         binds = conn.state.setdefault("binds", set())
         if b.bind_id in binds:
-            return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport,
-                    "bind_id": b.bind_id}
+            return _bind_reply(b)
         if not binds:
             conn.on_close.append(lambda: self._release_all(conn))
         binds.add(b.bind_id)
         b.holders += 1
-        return {"addr": str(ipaddress.IPv4Address(b.laddr)), "port": b.lport, "bind_id": b.bind_id}
+        return _bind_reply(b)
 
     async def _op_listen(self, req, conn) -> dict[str, Any]:
         b = self._owned(req, conn)
@@ -693,14 +745,16 @@ class Supervisor:
     # -- UDP: a port space of its own (Linux udp_lib_get_port), every worker told --
 
     async def _op_udp_bind(self, req, conn) -> dict[str, Any]:
-        addr = _addr_arg(req.get("addr", 0))
-        if addr != 0 and addr not in self.binds.addrs:
+        v6 = bool(req.get("v6"))
+        addr = _addr_arg(req.get("addr", 0), v6)
+        if addr != 0 and addr not in (self.binds.addrs6 if v6 else self.binds.addrs):
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
         port = int(req.get("port", 0))
         if not 0 <= port <= 65535:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         u = UdpBind(self._next_udp, addr, port, bool(req.get("reuseaddr")),
-                    bool(req.get("reuseport")), str(req["path"]))
+                    bool(req.get("reuseport")), str(req["path"]), v6=v6,
+                    v6only=v6 and bool(req.get("v6only")))
         u.lport = port if port else self._udp_ephemeral(u)
         if port and any(self._udp_conflict(u, o) for o in self.udp_binds.values()):
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
@@ -713,15 +767,17 @@ class Supervisor:
         for reply in await self._ask_workers("add_udp", **u.add_args()):
             if reply is None:
                 log(f"udp bind {u.bind_id}: a worker did not take it")
-        return {"addr": _dotted(u.laddr), "port": u.lport, "bind_id": u.bind_id}
+        return {"addr": _dotted(u.laddr, v6), "port": u.lport, "bind_id": u.bind_id}
 
     async def _op_udp_connect(self, req, conn) -> dict[str, Any]:
         bind_id = int(req["bind_id"])
         u = self.udp_binds.get(bind_id)
         if u is None or bind_id not in conn.state.get("binds", ()):
             raise OSError(errno.EBADF, "bind_id not owned by this connection")
-        u.raddr, u.rport = _addr_arg(req.get("addr", 0)), int(req.get("port", 0))
-        await self._ask_workers("connect_udp", bind_id=bind_id, addr=_dotted(u.raddr),
+        text = req.get("addr", 0)
+        u.raddr = _addr_arg(text, isinstance(text, str) and ":" in text)
+        u.rport = int(req.get("port", 0))
+        await self._ask_workers("connect_udp", bind_id=bind_id, addr=u.peer_text(),
                                 port=u.rport)
         return {}
 
@@ -729,6 +785,8 @@ class Supervisor:
     def _udp_conflict(a: UdpBind, b: UdpBind) -> bool:
         if a.lport != b.lport or (a.laddr and b.laddr and a.laddr != b.laddr):
             return False
+        if not a.families() & b.families():
+            return False  # e.g. 0.0.0.0 beside a V6ONLY `::` (Linux ipv6_rcv_saddr_equal)
         return not ((a.reuseaddr and b.reuseaddr) or (a.reuseport and b.reuseport))
 
     def _udp_ephemeral(self, u: UdpBind) -> int:
@@ -817,23 +875,222 @@ class Supervisor:
             None, control_call, str(self.run.path), req, int(WORKER_CALL_TIMEOUT * 1000))
 
     async def _op_set_reta(self, req, conn) -> dict[str, Any]:
-        """Rebalance: a new 128-entry indirection table, to netio and workers."""
+        """A new 128-entry indirection table, to netio and workers. The
+        connections of buckets that change workers do not follow (they reset
+        at their next segment): `reta_move` is the move that carries them."""
         reta = [int(w) for w in req["reta"]]
         if len(reta) != rss.RETA_SIZE or not all(0 <= w < self.cfg.workers for w in reta):
             raise OSError(errno.EINVAL, "RETA must hold 128 valid worker ids")
+        await self._install_reta(reta)
+        return {}
+
+    async def _install_reta(self, reta: list[int]) -> None:
+        """Switch the steering (kernel program or map, netio's Dispatcher) and
+        tell the workers (their ephemeral-port filter reads it)."""
+        await self._steer_reta(reta)
+        await self._publish_reta(reta)
+
+    async def _steer_reta(self, reta: list[int]) -> None:
+        """What decides where frames go: the kernel's steering with direct
+        RX, netio's Dispatcher without it."""
         self.reta = reta
         self.book.install(reta)
+        direct = False
         if self.fanout is not None:
             from shardstack.netio import fanout
 
             fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
+            direct = True
         if self.tun_reta_map is not None:
             self.tun_reta_map.write(reta)  # 128 map writes; the program stays
+            direct = True
+        if not direct:
+            await self._netio_reta(reta)
+
+    async def _publish_reta(self, reta: list[int]) -> None:
+        """Everyone else who reads the RETA: netio (with direct RX it only
+        forwards ICMP errors by it) and the workers (ephemeral ports)."""
+        if self.fanout is not None or self.tun_reta_map is not None:
+            await self._netio_reta(reta)
+        await self._ask_workers("set_reta", reta=reta)
+
+    async def _netio_reta(self, reta: list[int]) -> None:
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
-        await self._ask_workers("set_reta", reta=reta)
-        return {}
+
+    # -- moving buckets with their connections (shardstack.migrate) ---------------
+
+    async def _op_reta_move(self, req, conn) -> dict[str, Any]:
+        """`shardstack reta move BUCKET WORKER`."""
+        bucket, dst = int(req["bucket"]), int(req["worker"])
+        if not 0 <= bucket < rss.RETA_SIZE:
+            raise OSError(errno.EINVAL, f"bucket must be 0..{rss.RETA_SIZE - 1}")
+        if not 0 <= dst < self.cfg.workers:
+            raise OSError(errno.EINVAL, f"worker must be 0..{self.cfg.workers - 1}")
+        async with self.move_lock:
+            rec = await self._move([bucket], dst, "hand")
+        if not rec["ok"]:
+            raise OSError(errno.ETIMEDOUT, f"move aborted, bucket {bucket} stays with worker "
+                          f"{rec['from']}: {rec['reason']}")
+        return rec
+
+    async def _move(self, buckets: list[int], dst: int, by: str) -> dict[str, Any]:
+        """Move `buckets` (all of one worker's) to worker `dst` with their
+        connections; the caller holds move_lock. Returns the move's record
+        (migrate.MoveRecord.as_dict()), also kept in the book."""
+        src = self.reta[buckets[0]]
+        if any(self.reta[b] != src for b in buckets):
+            raise OSError(errno.EINVAL, "buckets of one move must share a worker")
+        t0 = time.monotonic()
+        label = buckets[0] if len(buckets) == 1 else f"{len(buckets)}x"
+        rec = migrate.MoveRecord(label, src, dst, True, time.time(), 0.0, 0.0, 0, 0, 0, by=by)
+        if src == dst:
+            return rec.as_dict()
+        workers = self._workers()
+        a, b = workers[src], workers[dst]
+        if not (a.ready and b.ready and a.ctl is not None and b.ctl is not None):
+            raise OSError(errno.EAGAIN, "both workers must be running and ready")
+        timeout = migrate.MOVE_TIMEOUT + migrate.ACK_GRACE + 1.0
+        try:
+            await b.ctl.call("mig_hold", timeout=timeout, buckets=buckets, src=src)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # Nothing switched yet: the bucket simply stays (B, if it wakes up
+            # holding, gives up after its own timeout: it gets no frames of it).
+            rec.ok, rec.reason = False, f"worker {dst} did not take the hold: {e!r}"
+            rec.seconds = time.monotonic() - t0
+            self.book.record(rec.as_dict())
+            log(f"move of bucket(s) {label} {src} -> {dst} aborted: {rec.reason}")
+            return rec.as_dict()
+        old = list(self.reta)
+        new = list(self.reta)
+        for k in buckets:
+            new[k] = dst
+        t_switch = time.monotonic()
+        try:
+            # Only the steering before the export (the pause runs from here);
+            # the rest of the RETA's readers are told once the move is done.
+            await self._steer_reta(new)
+            exp = await a.ctl.call("mig_export", timeout=timeout, buckets=buckets, to=dst)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # A kept (or took back) the state: the bucket goes back to it, and
+            # what B held meanwhile is forwarded there.
+            await self._install_reta(old)
+            await self._call_quietly(b, "mig_abort", buckets=buckets)
+            rec.ok, rec.reason = False, str(e) or type(e).__name__
+            rec.seconds = time.monotonic() - t0
+            self.book.record(rec.as_dict())
+            log(f"move of bucket(s) {label} {src} -> {dst} aborted: {rec.reason}")
+            return rec.as_dict()
+        rec.conns = exp.get("conns", 0)
+        rec.app_conns = exp.get("app_conns", 0)
+        rec.forwarded = exp.get("forwarded", 0)
+        try:
+            fin = await b.ctl.call("mig_finish", timeout=timeout, buckets=buckets)
+            rec.pause = max(0.0, fin.get("installed_at", t_switch) - t_switch)
+            rec.transfer = fin.get("transfer", 0.0)
+            rec.held = fin.get("held", 0)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # Sent and acknowledged, so it is B's now; its figures are lost.
+            rec.reason = f"no figures from worker {dst}: {e}"
+        try:
+            await self._publish_reta(self.reta)
+        except OSError as e:
+            log(f"move of bucket(s) {label}: RETA not published everywhere: {e}")
+        rec.seconds = time.monotonic() - t0
+        rec.at = time.time()
+        self.book.record(rec.as_dict())
+        return rec.as_dict()
+
+    async def _op_reload(self, req, conn) -> dict[str, Any]:
+        """`shardstack reload`: every worker process replaced by a new one
+        started from the current code, its connections moved away first and
+        back after (docs/howto.md "Reloading"). Needs two workers or more."""
+        workers = self._workers()
+        if len(workers) < 2:
+            raise OSError(errno.EOPNOTSUPP, "reload moves connections between workers: "
+                          "it needs --workers 2 or more")
+        report = []
+        async with self.move_lock:
+            for c in workers:
+                report.append(await self._reload_one(c, workers))
+        return {"workers": report}
+
+    async def _reload_one(self, c: Child, workers: list[Child]) -> dict[str, Any]:
+        mine = [k for k in range(rss.RETA_SIZE) if self.reta[k] == c.wid]
+        others = [o.wid for o in workers if o is not c]
+        old_pid = c.proc.pid if c.proc is not None else None
+        moves = []
+        # away: round robin over the others, one move per destination
+        for i, dst in enumerate(others):
+            part = mine[i::len(others)]
+            if part:
+                rec = await self._move(part, dst, "reload")
+                moves.append(rec)
+                if not rec["ok"]:
+                    raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        away = sum(m["conns"] for m in moves)
+        t_away = time.monotonic()
+        await self._replace(c)
+        t_new = time.monotonic()
+        self._start_spare()  # the next worker's successor starts importing now
+        for dst in others:  # and back
+            part = [k for k in mine if self.reta[k] == dst]
+            if part:
+                rec = await self._move(part, c.wid, "reload")
+                moves.append(rec)
+                if not rec["ok"]:
+                    raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        log(f"reload: {c.name} pid {old_pid} -> {c.proc.pid}: new process ready in "
+            f"{t_new - t_away:.2f} s, {away} connections moved away and back")
+        return {"worker": c.wid, "old_pid": old_pid, "pid": c.proc.pid,
+                "conns": away, "moves": moves,
+                "replace_seconds": round(t_new - t_away, 3)}
+
+    async def _replace(self, c: Child) -> None:
+        """Stop c's process (it owns no bucket now) and wait for its successor."""
+        proc = c.proc
+        c.reloading = True
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE + 20.0
+        while c.proc is proc or not c.ready:
+            if time.monotonic() > deadline:
+                c.reloading = False
+                raise OSError(errno.ETIMEDOUT, f"{c.name}: no ready successor in time")
+            if c.proc is proc and time.monotonic() > deadline - 20.0 and proc.poll() is None:
+                proc.kill()
+            await asyncio.sleep(0.02)
+
+    async def _rebalance_loop(self) -> None:
+        """--rebalance auto: sample the workers' load, move a bucket from the
+        hottest worker to the coldest when the balancer says so."""
+        from shardstack.rebalance import SAMPLE_PERIOD
+
+        while not self.stopping:
+            await asyncio.sleep(SAMPLE_PERIOD)
+            try:
+                await self._rebalance_once()
+            except Exception as e:  # a bug here must not end rebalancing silently
+                log(f"rebalance: {type(e).__name__}: {e}")
+
+    async def _rebalance_once(self) -> None:
+        if self.move_lock.locked() or not all(c.ready for c in self._workers()):
+            return
+        loads = await self._ask_workers("load")
+        if any(ld is None for ld in loads):
+            return
+        pick = self.balancer.observe(time.monotonic(), self.reta, loads)
+        if pick is None:
+            return
+        buckets, dst = pick
+        async with self.move_lock:
+            buckets = [k for k in buckets if self.reta[k] != dst]
+            if not buckets:
+                return
+            rec = await self._move(buckets, dst, "auto")
+            log(f"rebalance: buckets {buckets} -> worker {dst} "
+                f"({'ok' if rec['ok'] else rec['reason']}, {rec['conns']} connections, "
+                f"ratio was {self.balancer.last_ratio:.2f})")
 
     async def _op_reta(self, req, conn) -> dict[str, Any]:
         """`shardstack reta`: the table, the moves so far, per-bucket load."""
@@ -908,6 +1165,9 @@ class Supervisor:
         return self.binds.get(bind_id)
 
     def _listener_args(self, b: GlobalBind) -> dict[str, Any]:
+        if b.family == socket.AF_INET6:  # (the text: msgpack's ints stop at 64 bits)
+            return {"bind_id": b.bind_id, "addr": _dotted(b.laddr, True), "port": b.lport,
+                    **b.listener, "v6": True, "v6only": b.v6only}
         return {"bind_id": b.bind_id, "addr": b.laddr, "port": b.lport, **b.listener}
 
     async def _release(self, b: GlobalBind) -> None:
@@ -942,13 +1202,20 @@ class Supervisor:
         return list(await asyncio.gather(*calls))
 
 
-def _addr_arg(a: Any) -> int:
+def _addr_arg(a: Any, v6: bool = False) -> int:
     if isinstance(a, int):
         return a
     try:
+        if v6:
+            return int(ipaddress.IPv6Address(a or "::"))
         return int(ipaddress.IPv4Address(a or "0.0.0.0"))
     except ValueError:
         raise OSError(errno.EINVAL, f"bad address {a!r}") from None
+
+
+def _bind_reply(b: GlobalBind) -> dict[str, Any]:
+    return {"addr": _dotted(b.laddr, b.family == socket.AF_INET6), "port": b.lport,
+            "bind_id": b.bind_id}
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -22,6 +22,7 @@ detaches them when the CLI says so or its control connection closes.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import time
 from collections import deque
@@ -34,31 +35,56 @@ _PORTS = struct.Struct("!HH")
 _SEQ = struct.Struct("!II")
 
 
-def segment_summary(frame) -> str | None:
-    """`A:P > B:Q FLAGS seq S ack A len N` of a TCP/IPv4 packet, or None."""
+def _tcp_at(frame) -> tuple[int, int, int, int] | None:
+    """(TCP's offset, source, destination, IP packet length) of a TCP/IPv4
+    packet, or of a TCP/IPv6 one with TCP as the first next header (issue
+    14), else None."""
     try:
+        if frame[0] >> 4 == 6:
+            if frame[6] != 6:
+                return None
+            return (40, int.from_bytes(frame[8:24], "big"), int.from_bytes(frame[24:40], "big"),
+                    40 + int.from_bytes(frame[4:6], "big"))
         if frame[9] != 6:
             return None
-        ihl = (frame[0] & 15) * 4
-        total = int.from_bytes(frame[2:4], "big")
-        sport, dport = _PORTS.unpack_from(frame, ihl)
-        seq, ack = _SEQ.unpack_from(frame, ihl + 4)
-        doff = (frame[ihl + 12] >> 4) * 4
-        flags = frame[ihl + 13]
+        return ((frame[0] & 15) * 4, int.from_bytes(frame[12:16], "big"),
+                int.from_bytes(frame[16:20], "big"), int.from_bytes(frame[2:4], "big"))
+    except IndexError:
+        return None
+
+
+def _addr_text(a: int) -> str:
+    if a > 0xFFFFFFFF:
+        return f"[{ipaddress.IPv6Address(a)}]"
+    return str(ipaddress.IPv4Address(a))
+
+
+def segment_summary(frame) -> str | None:
+    """`A:P > B:Q FLAGS seq S ack A len N` of a TCP packet (IPv6 addresses
+    in brackets), or None."""
+    at = _tcp_at(frame)
+    if at is None:
+        return None
+    l4, src, dst, total = at
+    try:
+        sport, dport = _PORTS.unpack_from(frame, l4)
+        seq, ack = _SEQ.unpack_from(frame, l4 + 4)
+        doff = (frame[l4 + 12] >> 4) * 4
+        flags = frame[l4 + 13]
     except (IndexError, struct.error):
         return None
-    src = ".".join(str(b) for b in bytes(frame[12:16]))
-    dst = ".".join(str(b) for b in bytes(frame[16:20]))
-    n = max(0, min(total, len(frame)) - ihl - doff)
-    return f"{src}:{sport} > {dst}:{dport} {flags_to_str(flags)} seq {seq} ack {ack} len {n}"
+    n = max(0, min(total, len(frame)) - l4 - doff)
+    return (f"{_addr_text(src)}:{sport} > {_addr_text(dst)}:{dport} {flags_to_str(flags)} "
+            f"seq {seq} ack {ack} len {n}")
 
 
 def _ports(frame) -> tuple[int, int] | None:
+    at = _tcp_at(frame)
+    if at is None:
+        return None
     try:
-        if frame[9] != 6:
-            return None
-        return _PORTS.unpack_from(frame, (frame[0] & 15) * 4)
-    except (IndexError, struct.error):
+        return _PORTS.unpack_from(frame, at[0])
+    except struct.error:
         return None
 
 
@@ -153,8 +179,8 @@ class Tracer:
             set_tracing(shard, False)
         ev = {"worker": self.worker, "t": time.time(), "dir": "in",
               "segment": segment_summary(packet) or "?", "calls": [_plain(c) for c in calls]}
-        src = int.from_bytes(packet[12:16], "big")
-        dst = int.from_bytes(packet[16:20], "big")
+        at = _tcp_at(packet)
+        src, dst = (at[1], at[2]) if at is not None else (0, 0)
         for sess in self.sessions.values():
             if sess.matches(src, pp[0], dst, pp[1]):
                 if len(sess.events) == MAX_EVENTS:

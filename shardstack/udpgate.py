@@ -33,6 +33,9 @@ from typing import Any
 from shardstack.core import udp
 
 HDR = struct.Struct("!4sHBx")  # address, port, kind; the shim's twin: shim/dgram.py
+# An AF_INET6 socket's header (issue 14): a 16-byte address, IPv4 peers
+# v4-mapped (the shard's AF_INET6 UDP socket sees them so).
+HDR6 = struct.Struct("!16sHBx")
 KIND_DATA, KIND_ERROR = 0, 1
 MAX_DGRAM = 65535
 
@@ -57,6 +60,7 @@ class UdpGate:
         self.by_bind: dict[int, int] = {}  # bind_id -> UDP sd
         self.by_path: dict[str, int] = {}  # app socket path -> sd
         self.paths: dict[int, str] = {}  # sd -> app socket path
+        self.v6: set[int] = set()  # AF_INET6 sds: 20-byte headers
         self._next_sd = 1
         self.sock = self._open()
 
@@ -77,13 +81,18 @@ class UdpGate:
 
     # -- supervisor -> worker ----------------------------------------------------
 
-    def add_udp(self, bind_id: int, addr: str, port: int, path: str,
-                **_extra: Any) -> dict[str, Any]:
+    def add_udp(self, bind_id: int, addr: str, port: int, path: str, v6: bool = False,
+                v6only: bool = False, **_extra: Any) -> dict[str, Any]:
         if bind_id in self.by_bind:
             return {}
         sd = self._next_sd
         self._next_sd += 1
-        udp.udp_bind(self.shard, sd, int(ipaddress.IPv4Address(addr)), int(port))
+        if v6:
+            udp.udp_bind(self.shard, sd, int(ipaddress.IPv6Address(addr)), int(port),
+                         socket.AF_INET6, v6only)
+            self.v6.add(sd)
+        else:
+            udp.udp_bind(self.shard, sd, int(ipaddress.IPv4Address(addr)), int(port))
         self.by_bind[bind_id] = sd
         self.by_path[path] = sd
         self.paths[sd] = path
@@ -93,7 +102,7 @@ class UdpGate:
         sd = self.by_bind.get(bind_id)
         if sd is None:
             raise OSError(errno.EBADF, "unknown UDP bind")
-        udp.udp_connect(self.shard, sd, int(ipaddress.IPv4Address(addr)), int(port))
+        udp.udp_connect(self.shard, sd, int(ipaddress.ip_address(addr)), int(port))
         return {}
 
     def remove_udp(self, bind_id: int, **_extra: Any) -> dict[str, Any]:
@@ -101,17 +110,25 @@ class UdpGate:
         if sd is not None:
             udp.udp_close(self.shard, sd)
             self.by_path.pop(self.paths.pop(sd, ""), None)
+            self.v6.discard(sd)
         return {}
 
     # -- shard -> app -------------------------------------------------------------------
 
     def on_event(self, ev: Any) -> None:
         """A UdpDatagram or UdpError from the shard."""
+        v6 = ev.sd in self.v6
         if type(ev) is udp.UdpDatagram:
-            self._to_app(ev.sd, HDR.pack(ev.src.to_bytes(4, "big"), ev.sport, KIND_DATA) + ev.data)
+            if v6:
+                self._to_app(ev.sd, HDR6.pack(ev.src.to_bytes(16, "big"), ev.sport, KIND_DATA)
+                             + ev.data)
+            else:
+                self._to_app(ev.sd, HDR.pack(ev.src.to_bytes(4, "big"), ev.sport, KIND_DATA)
+                             + ev.data)
         else:
             self.stats.refused += 1
-            self._to_app(ev.sd, HDR.pack(b"\0\0\0\0", ev.errno, KIND_ERROR))
+            self._to_app(ev.sd, (HDR6 if v6 else HDR).pack(bytes(16 if v6 else 4), ev.errno,
+                                                            KIND_ERROR))
 
     def _to_app(self, sd: int, msg: bytes) -> None:
         path = self.paths.get(sd)
@@ -133,17 +150,18 @@ class UdpGate:
         sent = False
         for _ in range(256):  # bounded: let TCP and timers run too
             try:
-                msg, sender = self.sock.recvfrom(MAX_DGRAM + HDR.size)
+                msg, sender = self.sock.recvfrom(MAX_DGRAM + HDR6.size)
             except (BlockingIOError, InterruptedError):
                 break
             sd = self.by_path.get(sender) if isinstance(sender, str) else None
-            if sd is None or len(msg) < HDR.size:
+            hdr = HDR6 if sd in self.v6 else HDR
+            if sd is None or len(msg) < hdr.size:
                 self.stats.bad_from_apps += 1
                 continue
-            raw, dport, kind = HDR.unpack_from(msg)
+            raw, dport, kind = hdr.unpack_from(msg)
             try:
                 udp.udp_sendmsg(self.shard, sd, int.from_bytes(raw, "big"), dport,
-                                bytes(msg[HDR.size:]))
+                                bytes(msg[hdr.size:]))
             except OSError:
                 self.stats.bad_from_apps += 1
                 continue

@@ -50,7 +50,7 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardstack import control, tracer
+from shardstack import control, migrate, tracer
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
 from shardstack.core import ConnInfo, Shard, ShardConfig
@@ -74,6 +74,7 @@ from shardstack.netio.process import decode_neigh_entries, worker_endpoint
 from shardstack.netio.serve_devices import worker_rx, worker_tx
 from shardstack.rundir import RunDir
 from shardstack.services import DISCARD, ECHO, Services
+from shardstack.shim.gateproto import ip_str as gp_ip_str
 from shardstack.stats import to_plain
 
 MAX_BATCHES_PER_WAKEUP = 64  # bound one wake-up under a flood (x netio batch of 64); then yield
@@ -125,6 +126,9 @@ class Worker:
         self.shard = self._make_shard()
         self.load = BucketLoad(loop)  # per-RETA-bucket accounting (shardstack.load)
         self.shard.receive_batch = self.load.wrap(self.shard.receive_batch)
+        # Moving buckets with their connections (shardstack.migrate): holds
+        # and forwards frames of buckets on the move, around the shard's receive.
+        self.migrate = migrate.Agent(self)
         if isinstance(tx, L2Tx):
             tx.attach_shard(self.shard)  # forward progress confirms neighbours
         self.services = None
@@ -168,28 +172,37 @@ class Worker:
 
         def port_filter(laddr: int, lport: int, raddr: int, rport: int) -> bool:
             # The mTCP trick: accept an ephemeral port only if the peer's
-            # replies (raddr:rport → laddr:lport) hash to this worker.
+            # replies (raddr:rport → laddr:lport) hash to this worker; over
+            # IPv6 (wire addresses above 32 bits) the 36-byte tuple's hash.
+            if raddr > 0xFFFFFFFF:
+                return reta[hasher.hash_tuple6(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
             return reta[hasher.hash_tuple(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
 
-        scfg = ShardConfig(addrs=[self.cfg.addr.ip], mtu=self.cfg.mtu, secret=self.cfg.secret,
+        cfg = self.cfg
+        scfg = ShardConfig(addrs=[cfg.addr.ip] if cfg.addr else [],
+                           addrs6=[cfg.addr6.ip] if cfg.addr6 else [],
+                           mtu=self.cfg.mtu, secret=self.cfg.secret,
                            trace=False, port_filter=port_filter,
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
                            max_connections=self.cfg.max_connections,
-                           ecn=self.cfg.ecn)
+                           ecn=self.cfg.ecn, pacing=self.cfg.pacing,
+                           mtu_probing=self.cfg.mtu_probing)
         if self.cfg.tcp_mem:
             low, pressure, high = self.cfg.tcp_mem
             scfg.tcp_mem = (low, pressure, high)
         return Shard(scfg, _monotonic())
 
     async def start(self) -> None:
-        self.services = Services(self.shard, self.cfg.addr.ip)
+        # the built-in services on the wildcard: every address of ours
+        self.services = Services(self.shard, 0, v6=self.cfg.addr6 is not None)
         for port in self.cfg.echo_ports:
             self.services.install(ECHO, port)
         for port in self.cfg.discard_ports:
             self.services.install(DISCARD, port)
         self.appgate = self._make_appgate()
         self.ctl_server = await control.serve_unix(self.run.worker_ctl(self.wid), self._on_ctl)
+        self.migrate.listen()
         self.pull.bind(worker_endpoint(str(self.run.path), self.wid))
         self.loop.add_reader(self.pull.getsockopt(zmq.FD), self._on_rx)
         self._on_rx()  # messages may already be queued: the FD will not tell us
@@ -332,6 +345,15 @@ class Worker:
         netio: see L2Tx)."""
         return [memoryview(f)[ETH_HLEN:] for f in frames]
 
+    def drain_rx(self) -> None:
+        """Process every frame already queued for us (bounded): before a
+        bucket's state leaves, what was steered here before the switch."""
+        if self.rx_read is not None:
+            for _ in range(64):
+                if not self._dev_rx_once():
+                    break
+        self._on_rx()
+
     def _on_timer(self) -> None:
         self._timer = None
         self._armed = None
@@ -383,12 +405,15 @@ class Worker:
         listeners are on every shard, so the whole connection is ours.
         `frames` are `take_frames_gso()` pairs; a super-segment is taken
         whole (the shard accepts segments of any size)."""
-        local = self.cfg.addr.ip.to_bytes(4, "big")
+        # (an IPv6-only stack: no IPv4 packet is ours; 5 bytes never equal 4)
+        local = self.cfg.addr.ip.to_bytes(4, "big") if self.cfg.addr else b"none!"
         last = local[3]
+        local6 = self.cfg.addr6.ip.to_bytes(16, "big") if self.cfg.addr6 else None
         out = None
         for i, pair in enumerate(frames):
             f = pair[0]
-            if f[19] == last and f[16:20] == local:
+            if (f[19] == last and f[16:20] == local and f[0] >> 4 == 4) or (
+                    local6 is not None and f[0] >> 4 == 6 and f[24:40] == local6):
                 if out is None:
                     out = frames[:i]
                     mine = []
@@ -466,10 +491,14 @@ class Worker:
             return {"conns": [self._conn_dict(ci) for ci in self.shard.connections()]}
         if op == "stats":
             return self._stats()
+        if op == "gate":  # the appgate's view of its connections (diagnostics)
+            return {"conns": self.appgate.connections() if self.appgate is not None else []}
         if op == "load":
             return self.load.snapshot(self.shard)
         if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
             return tracer.control(self, op, req)
+        if isinstance(op, str) and op.startswith("mig_"):  # moving buckets (shardstack.migrate)
+            return self.migrate.control(op, req)
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}
@@ -485,6 +514,12 @@ class Worker:
     def _conn_dict(self, ci: ConnInfo) -> dict[str, Any]:
         d = to_plain(ci)
         d["worker"] = self.wid
+        v6 = ci.sd is not None and self.shard.sock(ci.sd).family == socket.AF_INET6
+        for k in ("laddr", "raddr"):
+            if d[k] > 0xFFFFFFFF or (v6 and d[k] == 0):
+                # IPv6 (msgpack's ints stop at 64 bits) as `ss` prints it; an
+                # AF_INET6 listener's `::` too, not 0.0.0.0
+                d[k] = f"[{gp_ip_str(d[k], True)}]"
         return d
 
     def _stats(self) -> dict[str, Any]:
@@ -506,6 +541,7 @@ class Worker:
             gate_udp = getattr(self.appgate, "udp", None)
             if gate_udp is not None:  # the shard's UDP MIB and the gate's hand-overs
                 counters["udp"] = {**to_plain(self.shard.udp.stats), **to_plain(gate_udp.stats)}
+        counters["migrate"] = self.migrate.control("mig_stats", {})
         dev = self.tx  # --impair: an Impair somewhere among the TX wrappers
         while isinstance(dev, DeviceWrapper) and not isinstance(dev, Impair):
             dev = dev.inner
@@ -516,6 +552,10 @@ class Worker:
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
+        if self.migrate.steer.forward:
+            # Buckets moved away (shardstack reload stops us once we own none):
+            # what is still queued for us goes on to their new workers.
+            self.drain_rx()
         self.closed = True
         self.load.close()
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
@@ -531,6 +571,7 @@ class Worker:
             frames = self.shard.take_frames_gso()
             if frames:
                 self._send(frames)  # FIN/RST on the way out
+        self.migrate.close()
         if self.ctl_server is not None:
             self.ctl_server.close()
         self.pull.close(0)
@@ -553,7 +594,9 @@ async def _amain(desc: ChildDesc) -> int:
         from shardstack.affinity import pin_worker
 
         pin_worker(wid)
-    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir, subnet=cfg.addr.network,
+    tx = worker_tx(desc.dev, cfg.ifname, wid, run_dir=cfg.run_dir,
+                   subnet=cfg.addr.network if cfg.addr else None,
+                   subnet6=cfg.addr6.network if cfg.addr6 else None,
                    gateway=cfg.gateway, pcap=cfg.pcap, impair=cfg.impair)
     worker = Worker(cfg, wid, desc.reta, tx, loop, worker_rx(desc.dev))
     stop = asyncio.Event()

@@ -40,6 +40,7 @@ from shardstack.shim import scope
 from shardstack.shim.stack import Stack
 
 HDR = struct.Struct("!4sHBx")  # udpgate.HDR
+HDR6 = struct.Struct("!16sHBx")  # udpgate.HDR6: an AF_INET6 socket's (v4-mapped IPv4 peers)
 KIND_DATA, KIND_ERROR = 0, 1
 _COUNTER = itertools.count(1)
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -55,6 +56,10 @@ class UdpState:
     raddr: str = ""
     rport: int = 0
     worker: int = 0
+    v6: bool = False  # an AF_INET6 socket: 20-byte headers, 4-tuple names
+
+    def name(self, host: str, port: int) -> tuple:
+        return (host, port, 0, 0) if self.v6 else (host, port)
 
 
 def _unix_at() -> Any:
@@ -78,8 +83,11 @@ def dest_on_stack(stack: Stack, host: str, bound: bool) -> tuple[bool, str]:
     return where == scope.STACK, dst
 
 
-def bind(s: Any, stack: Stack, host: str, port: int) -> UdpState:
-    """Bind `s` on the stack (the scope said so) and swap its fd."""
+def bind(s: Any, stack: Stack, host: str, port: int,
+         v6args: dict[str, Any] | None = None) -> UdpState:
+    """Bind `s` on the stack (the scope said so) and swap its fd. `v6args`
+    ({"v6": True, "v6only": ...}): an AF_INET6 socket."""
+    v6args = v6args or {}
     pre = s._pre or {}
     run_dir = stack.run_dir
     udir = run_dir / "u"
@@ -92,7 +100,8 @@ def bind(s: Any, stack: Stack, host: str, port: int) -> UdpState:
                      int(rcvbuf) if rcvbuf else 212992)  # net.core.rmem_default
         r = stack.call("udp_bind", addr=host, port=port, path=path,
                        reuseaddr=bool(pre.get((_socket_mod.SOL_SOCKET, _socket_mod.SO_REUSEADDR))),
-                       reuseport=bool(pre.get((_socket_mod.SOL_SOCKET, _socket_mod.SO_REUSEPORT))))
+                       reuseport=bool(pre.get((_socket_mod.SOL_SOCKET, _socket_mod.SO_REUSEPORT))),
+                       **v6args)
     except BaseException:
         u.close()
         _unlink(path)
@@ -101,7 +110,7 @@ def bind(s: Any, stack: Stack, host: str, port: int) -> UdpState:
     view = stack.view()
     workers = view.workers if view is not None else 1
     return UdpState(int(r["bind_id"]), str(r["addr"]), int(r["port"]), path, os.getpid(),
-                    worker=int(r["port"]) % max(1, workers))
+                    worker=int(r["port"]) % max(1, workers), v6=bool(v6args.get("v6")))
 
 
 def connect(s: Any, stack: Stack, st: UdpState, host: str, port: int) -> None:
@@ -121,6 +130,14 @@ def sendto(s: Any, st: UdpState, data: Any, addr: tuple[str, int] | None) -> int
         host, port = addr
     view = stack.view() if stack is not None else None
     mv = memoryview(data).cast("B")
+    if st.v6:
+        ip6 = ipaddress.IPv6Address(host)
+        over = 28 if ip6.ipv4_mapped is not None else 48  # IPv4 or IPv6 + UDP headers
+        if view is not None and len(mv) + over > view.mtu:
+            raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+        if ip6.is_multicast:
+            raise OSError(errno.ENETUNREACH, "shardstack sends no multicast")
+        return _send(s, stack, st, HDR6.pack(ip6.packed, port, KIND_DATA) + bytes(mv), len(mv))
     if view is not None and len(mv) + 28 > view.mtu:
         raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
     ip = ipaddress.IPv4Address(host)
@@ -128,7 +145,10 @@ def sendto(s: Any, st: UdpState, data: Any, addr: tuple[str, int] | None) -> int
         if not (s._pre or {}).get((_socket_mod.SOL_SOCKET, _socket_mod.SO_BROADCAST)):
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         raise OSError(errno.ENETUNREACH, "shardstack sends no broadcast")
-    msg = HDR.pack(ip.packed, port, KIND_DATA) + bytes(mv)
+    return _send(s, stack, st, HDR.pack(ip.packed, port, KIND_DATA) + bytes(mv), len(mv))
+
+
+def _send(s: Any, stack: Any, st: UdpState, msg: bytes, n: int) -> int:
     # The object's AF_INET face would parse a unix address: send through a
     # transient AF_UNIX object on the same fd (the fd's O_NONBLOCK holds).
     tmp = _csock()(_socket_mod.AF_UNIX, _socket_mod.SOCK_DGRAM, 0, s.fileno())
@@ -138,7 +158,7 @@ def sendto(s: Any, st: UdpState, data: Any, addr: tuple[str, int] | None) -> int
         tmp.sendto(msg, str(stack.run_dir / f"worker-{st.worker}.udp"))
     finally:
         tmp.detach()
-    return len(mv)
+    return n
 
 
 def _is_subnet_broadcast(view: Any, ip: ipaddress.IPv4Address) -> bool:
@@ -146,13 +166,18 @@ def _is_subnet_broadcast(view: Any, ip: ipaddress.IPv4Address) -> bool:
 
 
 def recvfrom(s: Any, st: UdpState, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
-    raw = _csock().recv(s, bufsize + HDR.size, flags)
-    if len(raw) < HDR.size:
+    hdr = HDR6 if st.v6 else HDR
+    raw = _csock().recv(s, bufsize + hdr.size, flags)
+    if len(raw) < hdr.size:
         return b"", None
-    a, port, kind = HDR.unpack_from(raw)
+    a, port, kind = hdr.unpack_from(raw)
     if kind == KIND_ERROR:
         raise OSError(port, os.strerror(port))
-    return raw[HDR.size:], (str(ipaddress.IPv4Address(a)), port)
+    if st.v6:
+        from shardstack.shim import gateproto as gp
+
+        return raw[hdr.size:], (gp.ip_str(int.from_bytes(a, "big"), True), port, 0, 0)
+    return raw[hdr.size:], (str(ipaddress.IPv4Address(a)), port)
 
 
 def close(st: UdpState) -> None:

@@ -163,17 +163,33 @@ def parse_listener_path(path: str) -> tuple[int, str, int] | None:
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
+    """'host:port', the port after the last colon (an IPv6 host has colons)."""
     host, _, port = text.rpartition(":")
     p = int(port)
     if not 0 <= p <= 0xFFFF:
         raise ValueError(port)
-    return str(ipaddress.IPv4Address(host)), p
+    return ip_str(host), p
 
 
-def ip_str(addr: int | str) -> str:
-    """'a.b.c.d' from the engine's int form (or a string, normalised)."""
+def ip_str(addr: int | str, v6: bool = False) -> str:
+    """'a.b.c.d', or an IPv6 address's text, from the engine's int form (or
+    a string, normalised). The engine's ints tell the families apart by size
+    (IPv6 ones are above 2**32, core.tcp_h.V4_ADDR_MAX); `v6` says how to
+    spell the ambiguous 0 (`::` rather than `0.0.0.0`)."""
+    if isinstance(addr, str):
+        if ":" not in addr:
+            return str(ipaddress.IPv4Address(addr))
+        addr, v6 = int(ipaddress.IPv6Address(addr)), True
+    if addr >> 32 == 0xFFFF:
+        # v4-mapped as Linux (inet_ntop) and Python 3.13 spell it: ::ffff:a.b.c.d
+        return "::ffff:" + str(ipaddress.IPv4Address(addr & 0xFFFFFFFF))
+    if addr > 0xFFFFFFFF or (v6 and addr == 0):
+        return str(ipaddress.IPv6Address(addr))
     return str(ipaddress.IPv4Address(addr))
 
 
 def ip_int(addr: int | str) -> int:
-    return int(ipaddress.IPv4Address(addr))
+    """The engine's int of an address's text (IPv4 or IPv6), or an int as is."""
+    if isinstance(addr, int):
+        return addr
+    return int(ipaddress.ip_address(addr))

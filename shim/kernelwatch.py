@@ -69,15 +69,19 @@ class Leak:
                 "the KERNEL, not the stack")
 
 
-def _v4(family: int, host: str, v6only: bool) -> str | None:
-    """The IPv4 address an address of `family` stands for, None for real IPv6."""
+def _v4(family: int, host: str, v6only: bool, view: scope.StackView | None = None) -> str | None:
+    """The address, as the scope reads it, that an address of `family` stands
+    for: IPv4 text (v4-mapped ones unwrapped), or when the stack has IPv6 the
+    IPv6 text (`::` then is the stack's own wildcard); None otherwise."""
     if family == socket.AF_INET:
         return host
     host = host.split("%", 1)[0]
-    if host == "::":
-        return None if v6only else "0.0.0.0"
     if host.lower().startswith("::ffff:") and "." in host:
         return host[7:]
+    if view is not None and view.addrs6:
+        return host
+    if host == "::":
+        return None if v6only else "0.0.0.0"
     return None
 
 
@@ -107,7 +111,7 @@ def _check(s: Any, fd: int, view: scope.StackView) -> tuple[Leak | None, bool]:
     v6only = family == socket.AF_INET6 and bool(
         s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
     local = s.getsockname()
-    lhost = _v4(family, local[0], v6only)
+    lhost = _v4(family, local[0], v6only, view)
     if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         if lhost is not None and scope.bind_scope(lhost, view)[0] == scope.STACK:
             return Leak(fd, ino, "listens on", (local[0], local[1]), (local[0], local[1])), True
@@ -116,7 +120,7 @@ def _check(s: Any, fd: int, view: scope.StackView) -> tuple[Leak | None, bool]:
         peer = s.getpeername()
     except OSError:
         return None, False  # not connected (yet): look again next time
-    rhost = _v4(family, peer[0], v6only)
+    rhost = _v4(family, peer[0], v6only, view)
     if rhost is not None and scope.connect_scope(rhost, view)[0] == scope.STACK:
         return Leak(fd, ino, "is connected to", (peer[0], peer[1]), (local[0], local[1])), True
     return None, True

@@ -252,16 +252,24 @@ def _fd_domain(fd: int) -> int:
 
 
 def _face(family: int, host: str, port: int) -> tuple:
-    """A TCP address as the socket's family shows it: AF_INET6 sockets (a
-    dual-stack `::` listener, `::ffff:a.b.c.d` peers) see v4-mapped ones."""
+    """A TCP address as the socket's family shows it: AF_INET6 sockets see
+    IPv6 ones as they are, IPv4 ones (a dual-stack `::` listener's peers,
+    `::ffff:a.b.c.d` destinations) v4-mapped, in the 4-tuple (host, port,
+    flowinfo, scope_id)."""
     if family == AF_INET6:
+        if ":" in host:
+            return (host, port, 0, 0)
         return ("::" if host == "0.0.0.0" else "::ffff:" + host, port, 0, 0)
     return (host, port)
 
 
-def _parse_addr(family: int, address: Any) -> tuple[str, int] | None:
-    """(IPv4 host, port) of an address the stack could serve, else None
-    (the kernel method then runs, and raises its own errors if malformed)."""
+def _parse_addr(family: int, address: Any, v6: bool = False,
+                v6only: bool = False) -> tuple[str, int] | None:
+    """(host, port) of an address the stack could serve, else None (the
+    kernel method then runs, and raises its own errors if malformed). The
+    host is IPv4 text, or with `v6` (the stack has IPv6) an IPv6 address's
+    text, `::` the dual-stack wildcard; v4-mapped addresses are IPv4 (not on
+    an IPv6-only socket)."""
     if family == AF_INET:
         return _parse_inet(address)
     if not isinstance(address, tuple) or not 2 <= len(address) <= 4:
@@ -270,12 +278,17 @@ def _parse_addr(family: int, address: Any) -> tuple[str, int] | None:
     if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
         return None
     if host in ("", "::"):
-        return "0.0.0.0", port  # dual-stack wildcard: the IPv4 half is the stack's
+        if v6:
+            return "::", port  # both families unless IPV6_V6ONLY (the stack's bind)
+        # no IPv6 on the stack: the dual-stack wildcard's IPv4 half is the stack's
+        return None if v6only else ("0.0.0.0", port)
     try:
-        v4 = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+        ip6 = ipaddress.IPv6Address(host.split("%", 1)[0])
     except ValueError:
         return None
-    return (str(v4), port) if v4 is not None else None
+    if ip6.ipv4_mapped is not None:
+        return None if v6only else (str(ip6.ipv4_mapped), port)
+    return (str(ip6), port) if v6 else None
 
 
 def _parse_inet(address: Any) -> tuple[str, int] | None:
@@ -312,7 +325,7 @@ def _check_denied(stack: Stack | None, view: Any, parsed: tuple[str, int] | None
     if not (stack.denied or stack.strict):
         return
     try:
-        if ipaddress.IPv4Address(parsed[0] or "0.0.0.0").is_loopback:
+        if ipaddress.ip_address(parsed[0] or "0.0.0.0").is_loopback:
             return
     except ValueError:
         return
@@ -348,7 +361,7 @@ class ShimSocket(kernel_socket):
         self._pre = None  # options set while still a kernel socket, to replay
         self._cand = self.family in _FACES and self.type == SOCK_STREAM
         self._us = None  # a UDP socket on the stack (shim/dgram.py)
-        self._dgram = self.family == AF_INET and self.type == _socket_mod.SOCK_DGRAM
+        self._dgram = self.family in _FACES and self.type == _socket_mod.SOCK_DGRAM
 
     # -- helpers --------------------------------------------------------------
 
@@ -441,9 +454,13 @@ class ShimSocket(kernel_socket):
         if where == scope.KERNEL:
             return super().bind(address)
         pre = self._pre or {}
+        extra = {}
+        if scope.is_v6(host):  # an AF_INET6 socket on the stack's IPv6 side
+            extra = {"v6": True, "v6only": bool(pre.get((IPPROTO_IPV6, IPV6_V6ONLY)))}
         r = stack.call("bind", addr=host, port=parsed[1],
                        reuseaddr=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEADDR))),
-                       reuseport=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEPORT))))
+                       reuseport=bool(pre.get((SOL_SOCKET, _socket_mod.SO_REUSEPORT))),
+                       **extra)
         # --loopback: a socket bound to 127.x keeps showing it (scope maps it
         # to the stack's address underneath).
         shown = parsed[0] if _is_loopback(parsed[0]) else str(r["addr"])
@@ -464,7 +481,7 @@ class ShimSocket(kernel_socket):
         st = self._ss
         if st is None and self._unbound_candidate():
             # listen() on an unbound socket binds the wildcard, any port (inet_autobind)
-            self.bind(("0.0.0.0", 0))
+            self.bind(("::", 0) if self.family == AF_INET6 else ("0.0.0.0", 0))
             st = self._ss
         if st is None:
             return super().listen(backlog)
@@ -499,9 +516,12 @@ class ShimSocket(kernel_socket):
         return stack.call(op, **args)
 
     def _parse(self, address: Any) -> tuple[str, int] | None:
-        if self.family == AF_INET6 and (self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)):
-            return None  # an IPv6-only socket: nothing for an IPv4 stack
-        return _parse_addr(self.family, address)
+        if self.family != AF_INET6:
+            return _parse_addr(self.family, address)
+        stack = self._stack()
+        view = stack.view() if stack is not None else None
+        v6only = bool((self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)))
+        return _parse_addr(self.family, address, bool(view and view.addrs6), v6only)
 
     def _unbound_candidate(self) -> bool:
         stack = self._stack()
@@ -597,11 +617,14 @@ class ShimSocket(kernel_socket):
 
     def _stack_connect(self, stack: Stack, view: scope.StackView, dst: str, port: int) -> None:
         st = self._ss
-        laddr, lport = (st.laddr, st.lport) if st is not None else ("0.0.0.0", 0)
+        v6 = scope.is_v6(dst)
+        laddr, lport = (st.laddr, st.lport) if st is not None else ("::" if v6 else "0.0.0.0", 0)
         if _is_loopback(laddr):
             laddr = view.primary  # bound to 127.x under --loopback (bind)
         worker = self._worker_for(stack, view, laddr, lport, dst, port)
         req = {"op": "connect", "addr": dst, "port": port, "opts": self._opts_list()}
+        if v6:
+            req["v6"] = True  # an AF_INET6 socket on the shard
         if st is not None:
             req.update(baddr=laddr, bport=lport, bind_id=st.bind_id)
         a = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
@@ -642,9 +665,14 @@ class ShimSocket(kernel_socket):
         if lport and view.reta:
             from shardstack.netio import rss
 
-            h = rss.Toeplitz(rss.SYMMETRIC_KEY).hash_tuple(
-                gp.ip_int(raddr), gp.ip_int(laddr if laddr != "0.0.0.0" else view.primary),
-                rport, lport)
+            if scope.is_v6(raddr):
+                h = rss.flow_hash6(gp.ip_int(raddr),
+                                   gp.ip_int(laddr if laddr != "::" else view.primary6),
+                                   rport, lport)
+            else:
+                h = rss.Toeplitz(rss.SYMMETRIC_KEY).hash_tuple(
+                    gp.ip_int(raddr), gp.ip_int(laddr if laddr != "0.0.0.0" else view.primary),
+                    rport, lport)
             return view.reta[h & rss.RETA_MASK]
         return scope.pick_worker(view, os.getpid(), stack.next_counter())
 
@@ -716,14 +744,48 @@ class ShimSocket(kernel_socket):
             where, h = scope.connect_scope(host, view)
         return (stack, h) if where == scope.STACK else (None, host)
 
+    def _udp_parse(self, address: Any) -> tuple[str, int] | None:
+        """(host, port) of a UDP address the stack could serve: IPv4 text on
+        AF_INET; on AF_INET6 (only when the stack has IPv6) the IPv6 text,
+        `::ffff:a.b.c.d` for IPv4 peers (the stack's AF_INET6 socket takes
+        them v4-mapped, as Linux's)."""
+        if self.family == AF_INET:
+            return _parse_inet(address)
+        stack = get_stack()
+        view = stack.view() if stack is not None else None
+        if view is None or not view.addrs6 or not isinstance(address, tuple) \
+                or not 2 <= len(address) <= 4:
+            return None
+        host, port = address[0], address[1]
+        if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+            return None
+        try:
+            return gp.ip_str(host.split("%", 1)[0] or "::"), port
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _udp_scope_host(host: str) -> str:
+        """The address the scope judges: a v4-mapped one as IPv4."""
+        if host.startswith("::ffff:") and "." in host:
+            return host[7:]
+        return host
+
     def _udp_bind(self, address: Any) -> None:
-        parsed = _parse_inet(address) if self._us is None else None
+        parsed = self._udp_parse(address) if self._us is None else None
+        if parsed is not None and self.family == AF_INET6 and "." in parsed[0]:
+            parsed = None  # bound to a v4-mapped address: the kernel's
         stack, host = self._udp_stack(parsed[0] or "0.0.0.0", True) if parsed else (None, "")
         if stack is None:
             return super().bind(address)
         from shardstack.shim import dgram
 
-        self._us = dgram.bind(self, stack, host, parsed[1])
+        self._us = dgram.bind(self, stack, host, parsed[1], self._udp_v6_args())
+
+    def _udp_v6_args(self) -> dict[str, Any]:
+        if self.family != AF_INET6:
+            return {}
+        return {"v6": True, "v6only": bool((self._pre or {}).get((IPPROTO_IPV6, IPV6_V6ONLY)))}
 
     def _udp_autobind(self, host: str) -> Any:
         """The stack's UDP socket for a datagram to `host`, bound on first use
@@ -732,16 +794,17 @@ class ShimSocket(kernel_socket):
             return self._us
         if super().getsockname()[1] != 0:
             return None  # bound on the kernel already
-        stack, _ = self._udp_stack(host, False)
+        stack, _ = self._udp_stack(self._udp_scope_host(host), False)
         if stack is None:
             return None
         from shardstack.shim import dgram
 
-        self._us = dgram.bind(self, stack, "0.0.0.0", 0)
+        wild = "::" if self.family == AF_INET6 else "0.0.0.0"
+        self._us = dgram.bind(self, stack, wild, 0, self._udp_v6_args())
         return self._us
 
     def _udp_connect(self, address: Any, raising: bool) -> int:
-        parsed = _parse_inet(address)
+        parsed = self._udp_parse(address)
         us = self._udp_autobind(parsed[0]) if parsed else self._us
         if us is None:
             if raising:
@@ -757,7 +820,7 @@ class ShimSocket(kernel_socket):
         if not self._dgram:
             return super().sendto(data, *args)
         addr = args[-1]
-        parsed = _parse_inet(addr)
+        parsed = self._udp_parse(addr)
         us = self._udp_autobind(parsed[0]) if parsed else self._us
         if us is None:
             return super().sendto(data, *args)
@@ -926,7 +989,7 @@ class ShimSocket(kernel_socket):
 
     def getsockname(self) -> Any:
         if self._us is not None:
-            return (self._us.laddr, self._us.lport)
+            return self._us.name(self._us.laddr, self._us.lport)
         st = self._ss
         if st is None:
             return super().getsockname()
@@ -936,7 +999,7 @@ class ShimSocket(kernel_socket):
         if self._us is not None:
             if not self._us.rport:
                 raise _oserror(errno.ENOTCONN)
-            return (self._us.raddr, self._us.rport)
+            return self._us.name(self._us.raddr, self._us.rport)
         st = self._ss
         if st is None:
             return super().getpeername()
@@ -1012,7 +1075,7 @@ class ShimSocket(kernel_socket):
         its identity, what was set for the rest (the unix fd for buffers)."""
         if level == SOL_SOCKET:
             if opt == SO_DOMAIN:
-                return AF_INET
+                return self.family
             if opt == SO_PROTOCOL:
                 return _socket_mod.IPPROTO_UDP
         elif (level, opt) in (self._pre or {}):

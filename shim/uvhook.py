@@ -31,7 +31,14 @@ hand each socket to uvloop's original method with `sock=`:
 Stack sockets are AF_UNIX underneath, so libuv reports unix names; the
 wrappers make the protocol's `connection_made` see a transport view whose
 `get_extra_info('peername'/'sockname')` are the TCP names (docs/shim.md).
-`create_datagram_endpoint` is left alone: UDP is not on the stack.
+- create_datagram_endpoint(local_addr=, remote_addr=): the socket is the
+  shim's (`socket.socket(AF_INET, SOCK_DGRAM)`, bound and connected in
+  Python, so the scope decides as for any UDP socket, shim/dgram.py). A
+  socket that went on the stack is an AF_UNIX datagram socket with a
+  header per datagram underneath, which libuv's UDP handle cannot read, so
+  it is served by `StackDatagramTransport` (asyncio's datagram transport
+  over the loop's add_reader/add_writer and the shim's recvfrom/sendto);
+  a kernel one goes to uvloop with `sock=`.
 """
 
 from __future__ import annotations
@@ -101,6 +108,8 @@ def patch(uvloop: Any) -> None:
     _ORIG["create_connection"] = loop_cls.create_connection
     _ORIG["start_tls"] = loop_cls.start_tls
     _ORIG["connect_accepted_socket"] = loop_cls.connect_accepted_socket
+    _ORIG["create_datagram_endpoint"] = loop_cls.create_datagram_endpoint
+    loop_cls.create_datagram_endpoint = create_datagram_endpoint
     loop_cls.create_server = create_server
     loop_cls.create_connection = create_connection
     loop_cls.start_tls = start_tls
@@ -663,3 +672,200 @@ class TransportView(asyncio.Transport):
 
     def abort(self) -> None:
         self._transport.abort()
+
+
+# -- create_datagram_endpoint ----------------------------------------------------------
+
+
+async def create_datagram_endpoint(self: Any, protocol_factory: Any, local_addr: Any = None,
+                                   remote_addr: Any = None, *, family: int = 0, proto: int = 0,
+                                   flags: int = 0, reuse_address: Any = None,
+                                   reuse_port: Any = None, allow_broadcast: Any = None,
+                                   sock: Any = None) -> Any:
+    """uvloop.Loop.create_datagram_endpoint, with the socket made by the shim
+    (module docstring): on the stack when the scope says so."""
+    orig = _ORIG["create_datagram_endpoint"]
+    kw = {"family": family, "proto": proto, "flags": flags, "reuse_port": reuse_port,
+          "allow_broadcast": allow_broadcast}
+    if reuse_address is not None:
+        kw["reuse_address"] = reuse_address  # uvloop refuses it (True) as asyncio does
+    if not _active() or family not in (0, socket.AF_INET, socket.AF_INET6) or (
+            sock is None and local_addr is None and remote_addr is None):
+        return await orig(self, protocol_factory, local_addr, remote_addr, sock=sock, **kw)
+    if sock is None:
+        sock = await _datagram_socket(self, family, local_addr, remote_addr, reuse_port,
+                                      allow_broadcast)
+    if getattr(sock, "_us", None) is None:  # the kernel's: uvloop's own transport
+        return await orig(self, protocol_factory, sock=sock)
+    protocol = protocol_factory()
+    waiter = self.create_future()
+    transport = StackDatagramTransport(self, sock, protocol, waiter)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        raise
+    return transport, protocol
+
+
+async def _datagram_socket(loop: Any, family: int, local_addr: Any, remote_addr: Any,
+                           reuse_port: Any, allow_broadcast: Any) -> Any:
+    """asyncio's set-up of a datagram socket (resolve, options, bind, connect),
+    through `socket.socket`: the shim. The family is the first resolved
+    address's (local first), as asyncio's."""
+    addrs = []
+    for where in (local_addr, remote_addr):
+        if where is None:
+            addrs.append(None)
+            continue
+        infos = await loop.getaddrinfo(*where, family=family, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError("getaddrinfo() returned empty list")
+        family = infos[0][0]
+        addrs.append(infos[0][4])
+    s = socket.socket(family or socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setblocking(False)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if allow_broadcast:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if addrs[0] is not None:
+            s.bind(addrs[0])
+        if addrs[1] is not None:
+            s.connect(addrs[1])  # UDP: no handshake, it does not block
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class StackDatagramTransport(asyncio.DatagramTransport):
+    """asyncio.DatagramTransport over a stack UDP socket (shim/dgram.py): one
+    datagram per recvfrom/sendto of the shim socket, readiness from the
+    loop's add_reader/add_writer on its fd (what asyncio's selector
+    transport does, on any loop). Errors a datagram reports (ECONNREFUSED
+    after an ICMP port unreachable) go to `protocol.error_received`."""
+
+    max_size = 256 * 1024
+
+    def __init__(self, loop: Any, sock: Any, protocol: Any, waiter: Any) -> None:
+        super().__init__({"socket": sock})
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._fd = sock.fileno()
+        self._closing = False
+        self._buffer: list[tuple[bytes, Any]] = []
+        self._buffer_size = 0
+        self._writing = False
+        try:
+            self._peer = sock.getpeername()
+        except OSError:
+            self._peer = None
+        loop.call_soon(protocol.connection_made, self)
+        loop.call_soon(loop.add_reader, self._fd, self._read_ready)
+        loop.call_soon(_done, waiter)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname":
+            return self._sock.getsockname() if self._sock is not None else default
+        if name == "peername":
+            return self._peer if self._peer is not None else default
+        return super().get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffer_size
+
+    def _read_ready(self) -> None:
+        for _ in range(64):  # bounded: other callbacks run between batches
+            if self._closing:
+                return
+            try:
+                data, addr = self._sock.recvfrom(self.max_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                continue
+            if addr is None:
+                continue  # not a datagram of ours (a runt): nothing to deliver
+            self._protocol.datagram_received(data, addr)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if self._closing:
+            return
+        if self._peer is not None and addr not in (None, self._peer):
+            raise ValueError(f"Invalid address: must be None or {self._peer}")
+        data = bytes(data)
+        if not self._buffer:
+            try:
+                self._send(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                return
+        self._buffer.append((data, addr))
+        self._buffer_size += len(data)
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._write_ready)
+
+    def _send(self, data: bytes, addr: Any) -> None:
+        if addr is None:
+            self._sock.send(data)
+        else:
+            self._sock.sendto(data, addr)
+
+    def _write_ready(self) -> None:
+        while self._buffer:
+            data, addr = self._buffer[0]
+            try:
+                self._send(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+            self._buffer.pop(0)
+            self._buffer_size -= len(data)
+        self._writing = False
+        self._loop.remove_writer(self._fd)
+        if self._closing:
+            self._finish()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if not self._buffer:
+            self._loop.call_soon(self._finish)
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._buffer_size = 0
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        self._loop.call_soon(self._finish)
+
+    def _finish(self) -> None:
+        if self._sock is None:
+            return
+        sock, self._sock = self._sock, None
+        try:
+            self._protocol.connection_lost(None)
+        finally:
+            sock.close()
+
+
+def _done(waiter: Any) -> None:
+    if not waiter.cancelled():
+        waiter.set_result(None)

@@ -10,6 +10,9 @@ that the datagrams went through the stack.
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -267,3 +270,85 @@ def test_asyncio_datagram_endpoint(shared_env):
     after = _udp(env)
     assert after["to_apps"] - before["to_apps"] == N
     assert after["from_apps"] - before["from_apps"] == N
+
+
+UVLOOP_UDP = '''
+import asyncio
+import uvloop
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data.upper() + (" %s" % addr[0]).encode(), addr)
+
+class Client(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.got = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data, addr):
+        if not self.got.done():
+            self.got.set_result((data, addr))
+
+    def error_received(self, exc):
+        if not self.got.done():
+            self.got.set_exception(exc)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    assert type(loop).__module__.startswith("uvloop"), type(loop)
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("0.0.0.0", 5330))
+    print("listening", transport.get_extra_info("sockname"), flush=True)
+    # the other way: a connected endpoint on the stack to the kernel's echo
+    peer = "KERNEL_PEER"
+    t2, c = await loop.create_datagram_endpoint(Client, remote_addr=(peer, 5331))
+    t2.sendto(b"to kernel")
+    data, addr = await asyncio.wait_for(c.got, 10)
+    print("client", data.decode(), addr, t2.get_extra_info("peername"), flush=True)
+    t2.close()
+    await asyncio.sleep(60)
+
+uvloop.run(main())
+'''
+
+
+def test_uvloop_datagram_endpoint(shared_env):
+    """uvloop's create_datagram_endpoint (libuv's UDP handle, in C) goes on
+    the stack when the scope says so: a server endpoint (local_addr) echoing
+    the kernel's datagrams, and a connected one (remote_addr) to a kernel
+    echo; the stack's UDP counters count both."""
+    env = shared_env
+    before = _udp(env)
+    kecho = env.ns.popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("{env.peer}", 5331))
+        s.settimeout(30)
+        data, addr = s.recvfrom(2048)
+        s.sendto(data + b" back", addr)
+        print(addr[0], flush=True)
+        """)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.procs.append(kecho)
+    try:
+        p = env.app_py(UVLOOP_UDP.replace("KERNEL_PEER", env.peer), "udp_uvloop")
+        line = env.wait_for_line("udp_uvloop", "listening", p)
+        assert "('0.0.0.0', 5330)" in line, line
+        out = env.kernel_py(f"""
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            for i in range({N}):
+                s.sendto(b"uv %d" % i, ("{env.addr}", 5330))
+                print(s.recvfrom(2048)[0].decode())
+            """)
+        assert out.splitlines() == [f"UV {i} {env.peer}" for i in range(N)], out
+        line = env.wait_for_line("udp_uvloop", "client", p)
+        assert f"client to kernel back ('{env.peer}', 5331) ('{env.peer}', 5331)" in line, line
+        assert kecho.communicate(timeout=30)[0].strip() == env.addr  # from the stack's address
+    finally:
+        if kecho.poll() is None:
+            kecho.kill()
+    after = _udp(env)
+    assert after["to_apps"] - before["to_apps"] == N + 1
+    assert after["from_apps"] - before["from_apps"] == N + 1

@@ -69,3 +69,15 @@ def test_demo_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(["--path", "sideways"])
     assert e.value.code == 2
+
+
+def test_ipv6_test_addresses_only_from_documentation_and_ula():
+    from shardstack import netns as nsmod
+
+    assert nsmod.check_address("2001:db8:5::2/64").version == 6
+    assert nsmod.check_address("fd00:1::1/64").version == 6
+    for bad in ("2001:470::1/64", "fe80::1/64", "::1/128", "2001:db8::/16"):
+        with pytest.raises(ValueError):
+            nsmod.check_address(bad)
+    for i in (0, 1, 70000):
+        assert nsmod.subnet6(i).subnet_of(nsmod.TEST_NETS6[0]) and nsmod.subnet6(i).prefixlen == 64

@@ -210,7 +210,9 @@ def _client():
     sh.connect(sd, B6, 80, 0.0)
     syn_frame = sh.take_frames()[0]
     syn = parse6(syn_frame)
-    assert syn.mss == 1440
+    # As Linux 6.18's SYN over IPv6 on a 1500-byte link (tests/unit/wire/test_wire_ipv6.py's
+    # capture): MSS 1440, window 64800 (whole 1440-byte segments of 64 KiB).
+    assert syn.mss == 1440 and syn.window == 64800
     return sh, sd, Peer6(sh, port=80), syn, syn_frame
 
 
@@ -271,13 +273,20 @@ def test_packet_too_big_out_of_window_is_ignored():
     assert sh.stats.drops[DropReason.ICMP_ERR_OUT_OF_WINDOW] == 1
 
 
+# What a Linux 6.18 connect() over IPv6 returned when its SYN was answered with
+# each error (an AF_PACKET responder on a veth in namespaces we made).
 @pytest.mark.parametrize(("itype", "code", "err"), [
-    (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, errno.ECONNREFUSED),
     (ICMPV6_DEST_UNREACH, 0, errno.ENETUNREACH),  # no route
     (ICMPV6_DEST_UNREACH, 1, errno.EACCES),  # administratively prohibited
+    (ICMPV6_DEST_UNREACH, 2, errno.EHOSTUNREACH),  # beyond scope of source address
     (ICMPV6_DEST_UNREACH, 3, errno.EHOSTUNREACH),  # address unreachable
+    (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, errno.ECONNREFUSED),
+    (ICMPV6_DEST_UNREACH, 5, errno.EACCES),  # source address failed policy
+    (ICMPV6_DEST_UNREACH, 6, errno.EACCES),  # reject route
+    (ICMPV6_DEST_UNREACH, 7, errno.EPROTO),  # unassigned code
     (ICMPV6_TIME_EXCEED, 0, errno.EHOSTUNREACH),
     (ICMPV6_PARAMPROB, 0, errno.EPROTO),
+    (ICMPV6_PARAMPROB, 1, errno.EPROTO),
 ])
 def test_error_during_syn_sent_fails_the_connect(itype, code, err):
     """Linux tcp_v6_err: in SYN-SENT any error ends the connect with
@@ -572,3 +581,199 @@ def test_ipv6_fast_paths_are_identical_on_the_wire(seed, params, kw, monkeypatch
         assert x == y, f"packet {i} differs"
     assert fast[1:] == slow[1:]
     assert all(p[2][0] >> 4 == 6 for p in fast[0])
+
+
+def test_a_failing_ipv6_frame_resets_its_connection(monkeypatch, caplog):
+    """The receive boundary (core.fault) finds an IPv6 frame's connection too: it
+    is reset with an IPv6 RST and the log line names the IPv6 addresses."""
+    from shardstack.core import tcp_input
+
+    sh = shard6()
+    lsd = listen6(sh)
+    peer = Peer6(sh)
+    peer.send(SYN, 1000, mss=1440)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    sd, _ = sh.accept(lsd)
+    victim = sh.sock(sd)
+    real = tcp_input.tcp_data_queue
+
+    def faulty(shard, sk, seg, now):
+        if sk is victim:
+            raise RuntimeError("injected fault")
+        return real(shard, sk, seg, now)
+
+    monkeypatch.setattr(tcp_input, "tcp_data_queue", faulty)
+    peer.send(ACK | FIN, 1001, sa.seq + 1, payload=b"x" * 10)
+    assert sh.stats.drops[DropReason.ENGINE_EXCEPTION] == 1
+    assert sh.state(sd) is State.CLOSED
+    assert [s.flags for s in peer.recv()] in (["R."], ["R"])
+    msgs = [r.getMessage() for r in caplog.records if "injected fault" in r.getMessage()]
+    assert len(msgs) == 1 and "fd00::2:40000" in msgs[0]
+
+
+class NarrowPath:
+    """Shard ``inner`` behind a router whose next hop has a 1280-byte MTU: a bigger
+    packet towards it is dropped and answered with Packet Too Big (RFC 8201), as a
+    router's ``icmp6_send`` does."""
+
+    def __init__(self, inner: Shard, mtu: int = 1280) -> None:
+        self.inner, self.mtu = inner, mtu
+        self.ptb: list[bytes] = []
+        self.too_big = 0
+
+    def receive(self, packet: bytes, now: float) -> None:
+        if len(packet) > self.mtu:
+            self.too_big += 1
+            self.ptb.append(build_icmpv6_error(R6, parse_ipv6(packet)[0].src, ICMPV6_PKT_TOOBIG,
+                                               0, packet, self.mtu))
+            return
+        self.inner.receive(packet, now)
+
+    def advance(self, now: float) -> None:
+        self.inner.advance(now)
+
+    def take_frames(self) -> list[bytes]:
+        out, self.ptb = self.inner.take_frames() + self.ptb, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self.inner.next_deadline()
+
+
+def test_bulk_through_a_1280_byte_path_learns_the_mtu():
+    a = shard6(A6)
+    b = shard6(B6)
+    path = NarrowPath(b)
+    link = SimLink(a, path, seed=3, params=LinkParams(delay=0.005, loss=0.01))
+    c, s = _connect(a, b, link)
+    data = random.Random(5).randbytes(200_000)
+    bulk = Bulk(link, a, c, b, s, len(data))
+    bulk.data = memoryview(data)
+    got = bytearray()
+
+    def step() -> bool:
+        bulk.write()
+        while chunk := b.recv(s, 1 << 20):
+            got.extend(chunk)
+        return len(got) == len(data)
+
+    assert link.run_until(step, 120.0)
+    assert bytes(got) == data
+    assert path.too_big >= 1 and a.stats.tcp_pmtu_reductions == 1
+    assert a.sock(c).mss == 1220  # 1280 - 60
+    assert a.stats.icmp6_in_pkt_too_bigs == path.too_big
+
+
+@pytest.mark.parametrize("src", [0, 1, v4_mapped(B), str_to_ip6("::198.18.0.2")])
+def test_no_parameter_problem_to_addresses_off_the_wire(src):
+    sh = shard6()
+    sh.receive(build_ipv6(src, A6, 253, b"x" * 8), 0.0)
+    sh.receive(build_ipv6(src, A6, NEXTHDR_ROUTING, bytes((6, 0, 0, 1, 0, 0, 0, 0)) + bytes(20)),
+               0.0)
+    assert sh.take_frames() == [] and sh.stats.icmp6_out_parm_problems == 0
+
+
+def test_each_connection_keeps_one_flow_label():
+    """RFC 6437 §3: a non-zero label per connection and direction, the same on every
+    packet (SYN, SYN-ACK, data, bursts, ACKs), different for another connection."""
+    a, b, link = _pair(loss=0.0)
+    tap: list[bytes] = []
+    link.tap = lambda now, d, pkt: tap.append(pkt)
+    c1, s1 = _connect(a, b, link)
+    a.send(c1, bytes(50_000), link.now)
+    b.send(s1, bytes(20_000), link.now)
+    link.run_for(1.0)
+    c2 = a.socket(V6)
+    a.connect(c2, B6, 80, link.now)
+    link.run_for(1.0)
+    labels: dict[tuple, set[int]] = {}
+    for pkt in tap:
+        ip, _ = parse_ipv6(pkt)
+        seg = parse6(pkt)
+        labels.setdefault((ip.src, seg.sport, seg.dport), set()).add(ip.flow_label)
+    assert len(labels) == 4 and all(len(v) == 1 and 0 not in v for v in labels.values())
+    assert len({next(iter(v)) for v in labels.values()}) == 4
+
+
+# bind() then listen() of a first socket, then bind() of a second on the same port:
+# what Linux 6.18 answered (python sockets in a namespace we made, fd00::1/64 and
+# 198.18.0.1/24 on one interface, no SO_REUSEADDR).
+_BIND_TABLE = [
+    ((2, None, 0), (10, False, 0), errno.EADDRINUSE),  # 0.0.0.0, then dual-stack ::
+    ((2, None, 0), (10, True, 0), None),  # 0.0.0.0, then V6ONLY ::
+    ((10, True, 0), (10, None, A6), errno.EADDRINUSE),  # V6ONLY ::, then fd00::1
+    ((2, None, 0), (10, None, A6), None),  # 0.0.0.0, then fd00::1
+    ((10, None, A6), (2, None, 0), None),  # fd00::1, then 0.0.0.0
+    ((10, False, 0), (2, None, A), errno.EADDRINUSE),  # dual-stack ::, then 198.18.0.1
+    ((10, True, 0), (2, None, A), None),  # V6ONLY ::, then 198.18.0.1
+]
+
+
+@pytest.mark.parametrize(("first", "second", "err"), _BIND_TABLE)
+def test_bind_conflicts_as_linux(first, second, err):
+    sh = shard6(addr4=A)
+
+    def sock(family, v6only, addr):
+        sd = sh.socket(family)
+        if v6only is not None:
+            sh.setsockopt(sd, IPV6, V6ONLY, int(v6only))
+        return sd, addr
+
+    sd, addr = sock(*first)
+    sh.bind(sd, addr, 80)
+    sh.listen(sd, 8)
+    sd2, addr2 = sock(*second)
+    if err is None:
+        sh.bind(sd2, addr2, 80)
+        sh.listen(sd2, 8)
+    else:
+        with pytest.raises(OSError) as e:
+            sh.bind(sd2, addr2, 80)
+        assert e.value.errno == err
+
+
+def test_trace_names_the_ipv6_functions():
+    """With ShardConfig.trace, an IPv6 passive open records tcp_ipv6's names where
+    their work is done, in order, and none of the IPv4-only ones."""
+    sh = shard6(trace=True)
+    lsd = listen6(sh)
+    peer = Peer6(sh)
+    sh.trace()
+    peer.send(SYN, 1000, mss=1440)
+    sa = peer.recv_one()
+    peer.send(ACK, 1001, sa.seq + 1)
+    assert sh.accept(lsd) is not None
+    names = sh.trace()
+    want = ["tcp_v6_rcv", "inet6_lookup_listener", "tcp_v6_do_rcv", "tcp_v6_conn_request",
+            "tcp_conn_request", "tcp_v6_init_req", "tcp_v6_init_sequence",
+            "tcp_v6_send_synack", "__tcp_v6_send_check", "ip6_xmit", "tcp_v6_rcv",
+            "tcp_check_req", "tcp_v6_syn_recv_sock"]
+    it = iter(names)
+    assert all(w in it for w in want), names
+    assert not {n for n in names if "v4" in n}, names
+    c = shard6(B6, trace=True)
+    c.connect(c.socket(V6), A6, 80, 0.0)
+    assert "tcp_v6_connect" in c.trace()
+
+
+@pytest.mark.parametrize("ts", [True, False])
+def test_pure_acks_and_data_take_the_ipv6_fast_path(ts, monkeypatch):
+    from test_header_prediction import Spy
+
+    sh = shard6()
+    lsd = listen6(sh)
+    peer = Peer6(sh)
+    peer.send(SYN, 1000, mss=1440, sack_perm=True, wscale=7, ts=(10, 0) if ts else None)
+    sa = peer.recv_one()
+    tso = (lambda v: {"ts": (v, sa.ts[0])}) if ts else (lambda v: {})
+    peer.send(ACK, 1001, sa.seq + 1, **tso(11))
+    sd, _ = sh.accept(lsd)
+    spy = Spy(monkeypatch)
+    sh.send(sd, bytes(4000), 0.01)
+    out = peer.recv()
+    assert out and out[-1].seq + len(out[-1].payload) == sa.seq + 1 + 4000
+    peer.send(ACK, 1001, sa.seq + 1 + 4000, at=0.02, **tso(12))  # a pure ACK of new data
+    peer.send(ACK, 1001, sa.seq + 1 + 4000, payload=b"d" * 100, at=0.03, **tso(13))  # data
+    assert spy.take() == (2, 0)
+    assert sh.sock(sd).snd_una == sa.seq + 1 + 4000 and sh.recv(sd, 200) == b"d" * 100

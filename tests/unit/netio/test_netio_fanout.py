@@ -115,3 +115,41 @@ def test_assemble_resolves_forward_labels():
     assert prog[1][1] == 1
     assert fanout.run_cbpf(prog, b"", protocol=1) == 20
     assert fanout.run_cbpf(prog, b"", protocol=2) == 10
+
+
+def ipv6_tcp(src: int, dst: int, sport: int, dport: int, nxt: int = 6, ext: bytes = b"") -> bytes:
+    hdr = struct.pack("!IHBB", 0x60000000, 20 + len(ext), nxt, 64)
+    hdr += src.to_bytes(16, "big") + dst.to_bytes(16, "big") + ext
+    return hdr + struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x10, 1000, 0, 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("table", ["default", "random"])
+def test_program_steers_tcp_ipv6_like_rss(n, table):
+    rng = random.Random(n * 7 + len(table))
+    reta = rss.make_reta(n) if table == "default" else [rng.randrange(n) for _ in range(128)]
+    prog = fanout.build_program(n, reta)
+    assert len(prog) < 4096
+    for _ in range(600):
+        src, dst = rng.getrandbits(128), rng.getrandbits(128)
+        sport, dport = rng.getrandbits(16), rng.getrandbits(16)
+        want = rss.flow_to_worker6(src, dst, sport, dport, reta)
+        assert fanout.run_cbpf(prog, ipv6_tcp(src, dst, sport, dport), protocol=0x86DD) == want
+        assert fanout.run_cbpf(prog, ipv6_tcp(dst, src, dport, sport), protocol=0x86DD) == want
+    # still IPv4 alongside
+    assert fanout.run_cbpf(prog, ipv4_tcp(1, 2, 3, 4)) == rss.flow_to_worker(1, 2, 3, 4, reta)
+
+
+def test_ipv6_other_than_plain_tcp_goes_to_netio():
+    prog = fanout.build_program(4)
+    pkt = ipv6_tcp(1 << 127, 2, 3, 4)
+    assert fanout.run_cbpf(prog, pkt, protocol=0x86DD) < 4
+    assert fanout.run_cbpf(prog, ipv6_tcp(1, 2, 3, 4, nxt=58), protocol=0x86DD) == 4  # ICMPv6
+    assert fanout.run_cbpf(prog, ipv6_tcp(1, 2, 3, 4, nxt=17), protocol=0x86DD) == 4  # UDP
+    # a hop-by-hop header first: netio walks the chain (RFC 8200 §4.1)
+    assert fanout.run_cbpf(prog, ipv6_tcp(1, 2, 3, 4, nxt=0, ext=bytes([6]) + bytes(7)),
+                           protocol=0x86DD) == 4
+    for cut in range(0, 44):
+        assert fanout.run_cbpf(prog, pkt[:cut], protocol=0x86DD) == 4, cut
+    assert fanout.run_cbpf(prog, pkt[:44], protocol=0x86DD) < 4
+    assert fanout.run_cbpf(prog, pkt, protocol=0x86DD, pkttype=3) == 4  # another host's

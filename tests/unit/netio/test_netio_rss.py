@@ -15,7 +15,9 @@ from shardstack.netio.rss import (
     FoldedToeplitz,
     Toeplitz,
     flow_hash,
+    flow_hash6,
     flow_to_worker,
+    flow_to_worker6,
     make_reta,
     packet_to_worker,
     toeplitz,
@@ -30,6 +32,19 @@ MS_IPV4 = [
     ("209.142.163.6", 2217, "38.27.205.30", 48228, 0x82989176, 0xAFC7327F),
     ("202.188.127.2", 1303, "153.39.163.191", 44251, 0x5D1809C5, 0x10E828A2),
 ]
+
+# The same page's IPv6 table (the same key): destination address:port,
+# source address:port, IPv6-only hash, IPv6-with-TCP hash.
+MS_IPV6 = [
+    ("3ffe:2501:200:3::1", 1766, "3ffe:2501:200:1fff::7", 2794, 0x2CC18CD5, 0x40207D3D),
+    ("ff02::1", 4739, "3ffe:501:8::260:97ff:fe40:efab", 14230, 0x0F0C461C, 0xDDE51BBF),
+    ("fe80::200:f8ff:fe21:67cf", 38024, "3ffe:1900:4545:3:200:f8ff:fe21:67cf", 44251,
+     0x4B61E985, 0x02D1FEEF),
+]
+
+
+def ip6(s: str) -> int:
+    return int(ipaddress.IPv6Address(s))
 
 
 def ip(s: str) -> int:
@@ -151,3 +166,44 @@ def _wtab(reta):
 def test_folded_rejects_aperiodic_key():
     with pytest.raises(ValueError):
         FoldedToeplitz(DEFAULT_KEY)
+
+
+@pytest.mark.parametrize("dst,dport,src,sport,h_ip,h_tcp", MS_IPV6)
+def test_microsoft_ipv6_vectors(dst, dport, src, sport, h_ip, h_tcp):
+    addrs = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+    tup = addrs + struct.pack("!HH", sport, dport)
+    assert toeplitz(DEFAULT_KEY, addrs) == h_ip
+    assert toeplitz(DEFAULT_KEY, tup) == h_tcp
+    t = Toeplitz(DEFAULT_KEY)
+    assert t.hash_bytes(addrs) == h_ip and t.hash_bytes(tup) == h_tcp
+    assert t.hash_tuple6(ip6(src), ip6(dst), sport, dport) == h_tcp
+    # read from a raw IPv6+TCP packet, bare (TUN) and behind Ethernet, with
+    # and without an extension header before TCP (l4 moves, l3 + 8 does not)
+    hdr = bytearray(40)
+    hdr[0] = 0x60
+    hdr[6] = 6
+    hdr[8:40] = addrs
+    for ext in (b"", bytes(8)):
+        pkt = bytes(hdr) + ext + struct.pack("!HH", sport, dport) + bytes(16)
+        assert t.hash_packet6(pkt, 0, 40 + len(ext)) == h_tcp
+        assert t.hash_packet6(memoryview(bytes(14) + pkt), 14, 54 + len(ext)) == h_tcp
+
+
+u128 = st.integers(0, 2**128 - 1)
+
+
+@given(u128, u128, u16, u16, st.integers(1, 16))
+def test_ipv6_symmetric_and_folded(src, dst, sport, dport, n):
+    ref = toeplitz(SYMMETRIC_KEY, (src << 160 | dst << 32 | sport << 16 | dport).to_bytes(36, "big"))
+    assert flow_hash6(src, dst, sport, dport) == ref == flow_hash6(dst, src, dport, sport)
+    assert _folded().hash_tuple6(src, dst, sport, dport) == ref
+    assert _folded().table[FoldedToeplitz.fold6(src, dst, sport << 16 | dport)] == ref
+    reta = make_reta(n)
+    assert flow_to_worker6(src, dst, sport, dport, reta) == reta[ref & 127] == \
+        flow_to_worker6(dst, src, dport, sport, reta)
+
+
+def test_ipv6_default_key_is_not_symmetric():
+    a, b = ip6("3ffe:2501:200:1fff::7"), ip6("3ffe:2501:200:3::1")
+    t = Toeplitz(DEFAULT_KEY)
+    assert t.hash_tuple6(a, b, 2794, 1766) != t.hash_tuple6(b, a, 1766, 2794)

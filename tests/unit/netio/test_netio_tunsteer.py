@@ -117,6 +117,30 @@ def test_translation_agrees_with_rss(n, table):
         assert run_ebpf(eprog, pkt, protocol=proto) == n
 
 
+def packet6(src, dst, sport, dport, nxt=6) -> bytes:
+    hdr = struct.pack("!IHBB", 0x60000000, 28, nxt, 64) + src.to_bytes(16, "big")
+    return hdr + dst.to_bytes(16, "big") + struct.pack("!HHII", sport, dport, 0, 0) + bytes(8)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_translation_steers_ipv6(n):
+    rng = random.Random(60 + n)
+    reta = [rng.randrange(n) for _ in range(128)]
+    cprog = fanout.build_program(n, reta, l2=False)
+    eprog = tunsteer.translate(cprog)
+    mprog = tunsteer.translate(fanout.build_program(n, l2=False, bucket=True), None, (9, n))
+    for _ in range(300):
+        s, d, sp, dp = rng.getrandbits(128), rng.getrandbits(128), rng.getrandbits(16), \
+            rng.getrandbits(16)
+        pkt = packet6(s, d, sp, dp)
+        want = rss.flow_to_worker6(s, d, sp, dp, reta)
+        assert run_ebpf(eprog, pkt, protocol=0x86DD) == want == \
+            fanout.run_cbpf(cprog, pkt, protocol=0x86DD)
+        assert run_ebpf(mprog, pkt, protocol=0x86DD, maps={9: reta}) == want
+    assert run_ebpf(eprog, packet6(1, 2, 3, 4, nxt=58), protocol=0x86DD) == n
+    assert run_ebpf(eprog, packet6(1, 2, 3, 4)[:43], protocol=0x86DD) == n
+
+
 def test_pkttype_check_translated():
     eprog = tunsteer.translate(fanout.build_program(2))  # l2: PACKET_HOST only
     pkt = packet(1, 2, 3, 4)

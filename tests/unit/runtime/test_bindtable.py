@@ -107,3 +107,27 @@ def test_format_stats_reads_the_stats_reply():
     assert "worker 0 drops: DEV_TX=1" in text
     worker_line = [ln for ln in text.splitlines() if ln.startswith("0 ")][0]
     assert worker_line.split() == ["0", "5", "4", "1", "1"]
+
+
+A6 = 0x20010DB8 << 96 | 2
+
+
+def test_ipv6_binds_share_one_table_with_ipv4():
+    """Linux's rules across families (core.inet_sk_saddr_equal): a dual-stack
+    `::` overlaps 0.0.0.0 and every IPv4 address; a V6ONLY `::` overlaps
+    neither; IPv6 addresses must be ours."""
+    import socket
+
+    v6 = socket.AF_INET6
+    t = BindTable([A], [A6])
+    t.bind(0, 8000, family=v6)  # dual stack
+    assert _errno(t.bind, 0, 8000) == errno.EADDRINUSE
+    assert _errno(t.bind, A, 8000) == errno.EADDRINUSE
+    assert _errno(t.bind, A6, 8000, family=v6) == errno.EADDRINUSE
+    t.bind(0, 8001, family=v6, v6only=True)
+    t.bind(0, 8001)  # the IPv4 wildcard beside an IPv6-only one
+    t.bind(A6, 8002, family=v6)
+    t.bind(A, 8002)
+    assert _errno(t.bind, A6 + 1, 80, family=v6) == errno.EADDRNOTAVAIL
+    assert _errno(t.bind, A, 80, family=v6) == errno.EADDRNOTAVAIL  # not an IPv6 address of ours
+    assert _addr_arg("2001:db8::2", True) == A6 and _addr_arg("", True) == 0

@@ -171,3 +171,29 @@ def test_metrics_listen_default_is_loopback(text, want):
 def test_metrics_listen_rejects(text):
     with pytest.raises(ValueError):
         metrics.parse_listen(text)
+
+
+def test_ipv6_frames_count_in_their_flows_bucket():
+    """TCP/IPv6 (issue 14): the bucket of the 36-byte tuple's hash, the one
+    the steering put the frame in; with an extension header first, other."""
+    from shardstack.core.wire.tcp import build_tcp_ipv6
+    from shardstack.netio import rss
+
+    rng = random.Random(16)
+    load = loadmod.BucketLoad()
+    us = 0x20010DB8 << 96 | 2
+    want = [0] * 128
+    batch = []
+    for _ in range(300):
+        src = 0x20010DB8 << 96 | rng.getrandbits(64)
+        sport, dport = rng.randrange(1, 65536), rng.randrange(1, 65536)
+        pkt = build_tcp_ipv6(src, us, sport, dport, 1, 1, ACK, 1000, payload=b"y" * 10)
+        b = rss.flow_hash6(src, us, sport, dport) & 127
+        assert loadmod.frame_bucket(pkt) == b
+        want[b] += 1
+        batch.append(pkt)
+    ext = bytearray(build_tcp_ipv6(us - 1, us, 1, 2, 1, 1, ACK, 1000))
+    ext[6] = 0  # a hop-by-hop header first: not walked here
+    batch.append(bytes(ext))
+    load.count(batch)
+    assert load.frames == want and load.other_frames == 1

@@ -88,3 +88,16 @@ def test_conn_trace_takes_only_that_connection():
 def test_parse_conn_rejects(bad):
     with pytest.raises(ValueError):
         tracer.parse_conn(bad)
+
+
+def test_ipv6_segments_summarised_and_matched_by_port():
+    """An IPv6 SYN (issue 14): its summary names the addresses in brackets
+    and a port trace takes it (the IPv4 offsets read the source address)."""
+    from shardstack.core.wire.tcp import ACK, build_tcp_ipv6
+
+    a, b = 0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 2
+    pkt = build_tcp_ipv6(a, b, 40000, 7, 100, 5, ACK, 1000, payload=b"abc")
+    assert tracer.segment_summary(pkt) == \
+        "[2001:db8::1]:40000 > [2001:db8::2]:7 . seq 100 ack 5 len 3"
+    assert tracer._ports(pkt) == (40000, 7)
+    assert tracer.segment_summary(b"\x60" + bytes(10)) is None

@@ -442,3 +442,23 @@ def test_worker_miss_does_not_block_other_flows(env, tmp_path):
     finally:
         tx.chan.close()
         netio_pull.close(0)
+
+
+def test_ipv6_frames_wait_on_their_destination_and_go_out_as_0x86dd(env):
+    """IPv6 (issue 14): the next hop is the destination (no IPv6 gateway),
+    netio is asked with the 16-byte address (a 17-byte message), and the
+    frame leaves with ethertype 0x86DD once netio's NDP resolved it."""
+    from shardstack.core.wire.tcp import build_tcp_ipv6
+
+    tx, inner, _chan, _clock = env
+    sent: list[bytes] = []
+    tx.chan = type("C", (), {"send": lambda self, m: sent.append(m) or True,
+                             "close": lambda self: None})()
+    us6, peer6 = 0x20010DB8 << 96 | 2, 0x20010DB8 << 96 | 1
+    pkt = build_tcp_ipv6(us6, peer6, 40000, 80, 1, 0, SYN, 64240)
+    assert tx.send_batch([pkt]) == 1 and inner.sent == []
+    assert sent == [bytes((NEIGH_RESOLVE,)) + peer6.to_bytes(16, "big")]
+    tx.neigh_update([(peer6, PEER_MAC, NUD_REACHABLE)])
+    assert inner.sent == [PEER_MAC + OUR_MAC + b"\x86\xdd" + pkt]
+    tx.send_batch([pkt])
+    assert inner.sent[-1][12:14] == b"\x86\xdd" and len(sent) == 1

@@ -140,3 +140,24 @@ def test_launcher_kernel_sockets_option():
         launcher.parse_args(["--kernel-sockets", "ignore", "x"])
     env = launcher.child_env("/r", False, base={}, kernel_sockets="exit")
     assert env[kernelwatch.ENV_ACTION] == "exit"
+
+
+def test_ipv6_listener_is_a_leak_when_the_stack_has_ipv6():
+    """With an IPv6 address on the stack, a kernel listener on `::` (even
+    V6ONLY: the stack would have taken it) is a leak; ::1 is not."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    dual = scope.StackView(("198.18.0.2",), (), False, 1, False, addrs6=("2001:db8:5::2",))
+    for host, v6only, leaks in (("::", 1, True), ("::", 0, True), ("::1", 0, False)):
+        s = kernel_socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            try:
+                s.bind((host, 0))
+            except OSError:
+                pytest.skip("no IPv6 here")
+            s.listen(1)
+            leak, settled = kernelwatch.check_fd(s.fileno(), dual)
+            assert settled and (leak is not None) == leaks, (host, v6only)
+        finally:
+            s.close()

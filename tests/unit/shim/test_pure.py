@@ -254,3 +254,83 @@ def test_strict_mode_never_falls_back(no_stack):
     assert ei.value.errno == errno.ENETUNREACH
     s.bind(("127.0.0.1", 0))  # loopback stays the kernel's
     s.close()
+
+
+DUAL = scope.StackView.from_hello({"addrs": ["198.18.0.2/24", "2001:db8:5::2/64"], "workers": 2})
+
+
+def test_hello_with_ipv6():
+    assert DUAL.addrs == ("198.18.0.2",) and DUAL.addrs6 == ("2001:db8:5::2",)
+    assert DUAL.nets6 == (ipaddress.IPv6Network("2001:db8:5::/64"),)
+    assert DUAL.primary == "198.18.0.2" and DUAL.primary6 == "2001:db8:5::2"
+
+
+@pytest.mark.parametrize("host, view, expect", [
+    ("::", DUAL, (scope.STACK, "::")),
+    ("2001:db8:5::2", DUAL, (scope.STACK, "2001:db8:5::2")),
+    ("2001:DB8:5:0::2", DUAL, (scope.STACK, "2001:db8:5::2")),  # normalised
+    ("2001:db8:5::9", DUAL, (scope.KERNEL, "2001:db8:5::9")),  # not ours
+    ("::1", DUAL, (scope.KERNEL, "::1")),
+    ("::", VIEW, (scope.KERNEL, "::")),  # no IPv6 on the stack
+])
+def test_bind_scope_ipv6(host, view, expect):
+    assert scope.bind_scope(host, view) == expect
+
+
+@pytest.mark.parametrize("host, expect", [
+    ("2001:db8:5::1", scope.STACK),  # inside the stack's prefix
+    ("2001:db8:6::1", scope.KERNEL),  # outside: no IPv6 gateway
+    ("fe80::1", scope.KERNEL),
+    ("ff02::1", scope.KERNEL),
+    ("::1", scope.KERNEL),
+])
+def test_connect_scope_ipv6(host, expect):
+    assert scope.connect_scope(host, DUAL)[0] == expect
+    assert scope.connect_scope(host, VIEW)[0] == scope.KERNEL  # a stack without IPv6
+
+
+def test_ipv6_parse_and_face():
+    from shardstack.shim.sock import AF_INET6, _face, _parse_addr
+
+    assert _parse_addr(AF_INET6, ("::", 80), v6=True) == ("::", 80)
+    assert _parse_addr(AF_INET6, ("::", 80)) == ("0.0.0.0", 80)  # the IPv4 half only
+    assert _parse_addr(AF_INET6, ("::", 80), v6only=True) is None
+    assert _parse_addr(AF_INET6, ("2001:db8:5::2", 80, 0, 0), v6=True) == ("2001:db8:5::2", 80)
+    assert _parse_addr(AF_INET6, ("2001:db8:5::2", 80)) is None
+    assert _parse_addr(AF_INET6, ("::ffff:198.18.0.2", 80), v6=True) == ("198.18.0.2", 80)
+    assert _parse_addr(AF_INET6, ("::ffff:198.18.0.2", 80), v6=True, v6only=True) is None
+    assert _face(AF_INET6, "2001:db8:5::1", 5) == ("2001:db8:5::1", 5, 0, 0)
+    assert _face(AF_INET6, "198.18.0.1", 5) == ("::ffff:198.18.0.1", 5, 0, 0)
+    assert _face(AF_INET6, "::ffff:198.18.0.1", 5) == ("::ffff:198.18.0.1", 5, 0, 0)
+
+
+def test_ipv6_conn_names_and_addresses():
+    n = gp.ConnName(1, 77, "2001:db8:5::2", 8000, "::ffff:198.18.0.1", 40000)
+    raw = gp.encode_conn_name(n)
+    assert len(raw) < 108 and gp.decode_conn_name(raw) == n
+    assert gp.ip_int("2001:db8:5::2") == 0x20010DB8000500000000000000000002
+    assert gp.ip_str(0xFFFF_C6120001) == "::ffff:198.18.0.1"  # as inet_ntop spells it
+    assert gp.ip_str(0, v6=True) == "::" and gp.ip_str(0) == "0.0.0.0"
+    assert gp.parse_listener_path("/r/l/" + gp.listener_file(3, "::", 8000)) == (3, "::", 8000)
+
+
+def test_read_frame_never_reads_past_its_frame():
+    """A connect's reply and the connection's first bytes can arrive together
+    (a fast peer, a slow app): read_frame takes the reply and leaves the data
+    on the socket for the app (it once read 64 KiB and raised ProtoError on
+    the data, or dropped it)."""
+    from shardstack.shim.stack import read_frame
+
+    a, b = socket.socketpair()
+    try:
+        data = os.urandom(5000)
+        b.sendall(gp.pack({"ok": True, "lport": 5}) + data)
+        assert read_frame(a, bytearray()) == {"ok": True, "lport": 5}
+        got = b""
+        a.settimeout(5)
+        while len(got) < len(data):
+            got += a.recv(65536)
+        assert got == data
+    finally:
+        a.close()
+        b.close()
