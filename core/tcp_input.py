@@ -1541,7 +1541,9 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         # only when no earlier entry is queued (TimerHeap.arm's rule).
         timers = sk.timers
         if timers[_DELACK] is None:
-            deadline = now + tcp_delack.tcp_delack_timeout(sk)
+            # tcp_delack_timeout, its common case (ato at its 40 ms floor) without the call.
+            ato_min = tcp_delack.TCP_ATO_MIN
+            deadline = now + (ato_min if sk.ato <= ato_min else tcp_delack.tcp_delack_timeout(sk))
             timers[_DELACK] = deadline
             q = sk.timer_q[_DELACK]
             if q is None or q > deadline:
