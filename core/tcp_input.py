@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from . import (
     tcp,
-    tcp_chrono,
     tcp_delack,
     tcp_ecn,
     tcp_minisocks,
@@ -394,8 +393,13 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
         timers[_TLP] = None
-        if sk.chrono_type and not sk.sndq_len:
-            tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_BUSY, now)  # all acknowledged
+        ctype = sk.chrono_type
+        if ctype and not sk.sndq_len:
+            # All acknowledged: tcp_chrono_stop(BUSY) with nothing queued closes the
+            # timed interval and stops the clock (inline: once per flight).
+            sk.chrono_stat[ctype - 1] += now - sk.chrono_start
+            sk.chrono_type = 0
+            sk.chrono_start = now
     else:
         rto = sk.rto  # tcp_rto(sk) with the backoff just cleared
         # RFC 6298 (5.3), lazily as Linux's inet_csk_reset_xmit_timer: the heap is

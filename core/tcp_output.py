@@ -495,7 +495,10 @@ def _chrono_note(sk: TcpSock, mss: int, now: float) -> None:
     if ctype == tcp_chrono.CHRONO_RWND_LIMITED:
         tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
     elif not ctype:
-        tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_BUSY, now)
+        # tcp_chrono_start(BUSY) from no condition timed: no interval to close
+        # (inline: every request/response flight starts here).
+        sk.chrono_type = tcp_chrono.CHRONO_BUSY
+        sk.chrono_start = now
 
 
 def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
@@ -645,13 +648,16 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             sk.fin_sent = True
             sk.fin_seq = end
             end = (end + 1) & MASK
-        if sk.rtt_seq < 0 and not sk.ts_ok and sk.snd_max == nxt:
+        if not sk.ts_ok and sk.rtt_seq < 0 and sk.snd_max == nxt:
             sk.rtt_seq = end
             sk.rtt_time = now
         sk.snd_nxt = end
         if ((end - sk.snd_max) & MASK) < HALF:
             sk.snd_max = end
-        if fin:
+        if last and (fin or not pace):
+            # The queue is all sent: the next round would only find nothing
+            # available and no FIN owed (a paced socket goes round for the
+            # pacing check, which may arm its timer).
             break
     if sk.sndq_len and quota < 0:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
@@ -667,7 +673,10 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         if (rtx is None or timers[_TLP] is not None) and sk.snd_max != una:
             # Linux tcp_event_new_data_sent: the RTO restarts from new data
             # while a loss probe is pending (one timer serves both there).
-            rtx = now + tcp_rto(sk)
+            rto = sk.rto  # tcp_rto(sk) without the call when there is no backoff
+            if sk.backoff or rto > TCP_RTO_MAX:
+                rto = tcp_rto(sk)
+            rtx = now + rto
             timers[_RETRANSMIT] = rtx
             q = sk.timer_q[_RETRANSMIT]
             if q is None or q > rtx:  # TimerHeap.arm's lazy rule, without the call
