@@ -27,6 +27,7 @@ from . import (
     inet_connection_sock,
     tcp,
     tcp_cong,
+    tcp_delack,
     tcp_info,
     tcp_ipv4,
     tcp_ipv6,
@@ -118,6 +119,13 @@ class ShardConfig:
     #: net.ipv4.tcp_ecn (RFC 3168, core.tcp_ecn): 0 off; 1 ask for ECN on our
     #: SYNs and accept it; 2 (Linux's default) accept when a peer asks, never ask.
     ecn: int = 2
+    #: net.ipv4.tcp_mtu_probing (RFC 4821, core.tcp_mtup): 0 off (Linux's default);
+    #: 1 on once a black hole is suspected; 2 always.
+    mtu_probing: int = 0
+    #: net.ipv4.tcp_base_mss, tcp_probe_threshold (bytes), tcp_probe_interval (s).
+    base_mss: int = 1024
+    probe_threshold: int = 8
+    probe_interval: float = 600.0
     #: Pace every connection in the engine (tcp_pacing), as Linux does under the
     #: fq qdisc or a congestion control that needs pacing; off: only sockets
     #: with SO_MAX_PACING_RATE are paced (Linux with CUBIC and no fq).
@@ -156,6 +164,7 @@ class ShardStats:
     rto_undos: int = 0  # spurious RTOs undone: the original was acknowledged (TCPLossUndo)
     spurious_rtos: int = 0  # ... of which F-RTO found (RFC 5682; TCPSpuriousRTOs)
     delayed_acks: int = 0
+    delayed_ack_lost: int = 0  # duplicate data: our ACK was lost or late; quick-ack mode (DelayedACKLost)
     zero_window_probes: int = 0
     keepalive_probes: int = 0
     ofo_queued: int = 0
@@ -168,6 +177,10 @@ class ShardStats:
     oow_acks_accepted: int = 0  # ACKs used from segments beyond our window (RFC 9293 §3.10.7.4)
     tw_recycled: int = 0
     tcp_delivered_ce: int = 0  # segments delivered by ACKs with ECE (TCPDeliveredCE)
+    tcp_mtup_probes: int = 0  # PLPMTUD probes sent
+    tcp_mtup_success: int = 0  # probes acknowledged: the MSS grew (TCPMTUPSuccess)
+    tcp_mtup_fail: int = 0  # probes lost: the ceiling came down (TCPMTUPFail)
+    tcp_mtup_blackholes: int = 0  # black holes suspected after tcp_retries1 of RTOs
     # ICMP (core.icmp; Linux ICMP MIB and TCP's ICMP counters)
     icmp_in_msgs: int = 0  # every ICMP message for one of our addresses (InMsgs)
     icmp_in_errors: int = 0  # malformed, or quoting no socket of ours (InErrors)
@@ -231,6 +244,7 @@ _LINGER = struct.Struct("ii")
 _TCP_WINDOW_CLAMP = getattr(_socket, "TCP_WINDOW_CLAMP", 10)
 #: SOL_SOCKET SO_MAX_PACING_RATE (asm-generic/socket.h; Python's socket module lacks it).
 SO_MAX_PACING_RATE = 47
+_TCP_QUICKACK = getattr(_socket, "TCP_QUICKACK", 12)
 #: Linux SOCK_MIN_RCVBUF (2048 + one sk_buff, x86-64): TCP_WINDOW_CLAMP's floor is half.
 SOCK_MIN_RCVBUF = 2304
 _UNSYNCED = (State.CLOSED, State.LISTEN, State.SYN_SENT)
@@ -517,6 +531,16 @@ class Shard:
             elif opt == _socket.TCP_LINGER2:
                 v = _int(value)  # s; < 0: no FIN-WAIT-2 wait; clamped as Linux
                 sk.linger2 = -1.0 if v < 0 else float(min(v, int(TCP_FIN_TIMEOUT_MAX)))
+            elif opt == _TCP_QUICKACK:
+                # Linux TCP_QUICKACK: 1 leaves pingpong mode and sends an owed ACK
+                # now; 0 enters it (tcp_delack).
+                if _int(value) & 1:
+                    sk.pingpong = 0
+                    if sk.unacked_rcv and sk.state not in (State.CLOSED, State.LISTEN,
+                                                           State.SYN_SENT, State.TIME_WAIT):
+                        tcp_output.tcp_send_ack(self, sk, self.now)
+                else:
+                    tcp_delack.enter_pingpong_mode(sk)
             elif opt == _TCP_WINDOW_CLAMP:
                 # Linux tcp_set_window_clamp: 0 removes the clamp, only on a closed
                 # socket; anything below SOCK_MIN_RCVBUF / 2 is raised to it.  The
@@ -570,7 +594,8 @@ class Shard:
                      _socket.TCP_USER_TIMEOUT: sk.user_timeout,
                      _socket.TCP_SYNCNT: sk.syn_count or TCP_SYN_RETRIES,
                      _socket.TCP_LINGER2: -1 if sk.linger2 < 0 else int(sk.linger2 or TCP_FIN_TIMEOUT),
-                     _TCP_WINDOW_CLAMP: _window_clamp(sk)}
+                     _TCP_WINDOW_CLAMP: _window_clamp(sk),
+                     _TCP_QUICKACK: int(not tcp_delack.in_pingpong_mode(sk))}
         elif level == _IPPROTO_IPV6 and sk.family == AF_INET6:
             table = {_IPV6_V6ONLY: int(sk.v6only)}
         else:

@@ -226,6 +226,9 @@ class TcpSock:
     # -- TLP episode (RFC 8985 §7.4; Linux tlp_high_seq, tcp_recovery.tcp_process_tlp_ack) --
     tlp_high_seq: int = -1  # TLPHighRxt: SND.NXT when the outstanding probe went (-1: none)
     tlp_retrans: bool = False  # TLPRxtOut: that probe retransmitted (not new data)
+    # RACK: the SACK blocks of the ACK being processed, [start, end) (tcp_rack_advance
+    # checks only the retransmissions they touch)
+    rack_sacked_new: list = field(default_factory=list)
     # -- F-RTO (RFC 5682; Linux tp->frto, tcp_recovery.tcp_process_frto) ----------------
     frto: bool = False  # this RTO may still prove spurious: new data goes before retransmissions
     frto_sacked: int = 0  # bytes SACKed above the retransmitted head, below the recovery point
@@ -250,6 +253,14 @@ class TcpSock:
     ecn_prior_cwnd: int = 0  # cwnd then, segments (Linux prior_cwnd)
     ecn_prr_delivered: int = 0  # segments delivered since (Linux prr_delivered)
     delivered_ce: int = 0  # segments delivered by ACKs with ECE (tcpi_delivered_ce)
+    # -- PLPMTUD (RFC 4821; core.tcp_mtup: Linux icsk_mtup, tp->mtu_probe) -----------
+    mtup_enabled: bool = False  # probing on (tcp_mtu_probing 2, or 1 after a black hole)
+    mtup_search_high: int = 0  # MTU not known to fail, bytes
+    mtup_search_low: int = 0  # MTU known to pass, bytes
+    mtup_probe_size: int = 0  # MTU of the probe in flight (0: none)
+    mtup_probe_seq_start: int = 0
+    mtup_probe_seq_end: int = 0
+    mtup_probe_ts: float = 0.0  # when the search (re)started
     # -- pacing / rate sampling (tcp_rate: Linux tcp_rate.c; tcp_pacing: tcp_update_pacing_rate,
     # the internal pacing of tcp_output.c) ----------------------------------------------
     pacing_rate: int = 0  # bytes/s (sk_pacing_rate); set from cwnd/SRTT on every ACK
@@ -263,8 +274,11 @@ class TcpSock:
     rate_interval: float = 0.0  # ... over this interval, s
     rate_app_limited: bool = False  # ... while the application did not fill the window
     reordering: int = 3  # degree of reordering seen, segments (tp->reordering; tcp_reordering)
-    # -- delayed ACK -----------------------------------------------------------------
-    quickack: int = 16
+    # -- delayed ACK (tcp_delack: Linux icsk_ack) ----------------------------------------
+    quickack: int = 0  # icsk_ack.quick: ACKs left to send at once (granted with the first data)
+    ato: float = 0.0  # icsk_ack.ato: the delayed-ACK timeout estimate (0: no data yet)
+    lrcvtime: float = 0.0  # icsk_ack.lrcvtime: when in-order data last arrived
+    pingpong: int = 0  # icsk_ack.pingpong: replies sent within ato (interactive from 1)
     unacked_rcv: int = 0  # bytes received since we last sent an ACK
     ack_now: bool = False
     last_oow_ack: float = -1.0  # RFC 5961 §7 / Linux tcp_oow_rate_limited

@@ -319,6 +319,9 @@ def _cleanup_rbuf(sh: Shard, sk: TcpSock, now: float) -> None:
     if free > full:
         free = full
     free = (free >> sk.rcv_wscale) << sk.rcv_wscale
+    top = 65535 << sk.rcv_wscale  # the most a window field can say (Linux __tcp_select_window)
+    if free > top:
+        free = top
     if free >= 2 * cur and free >= sk.rcv_mss:
         tcp_output.tcp_send_ack(sh, sk, now)
 

@@ -37,16 +37,25 @@ def _switch(sk: TcpSock, kind: int, now: float) -> None:
 
 def tcp_chrono_start(sk: TcpSock, kind: int, now: float) -> None:
     """``kind`` began; it is timed unless a higher-priority condition is."""
-    if kind > sk.chrono_type:
-        _switch(sk, kind, now)
+    old = sk.chrono_type
+    if kind > old:
+        # _switch inline: this runs as every request/response flight starts.
+        if old:
+            sk.chrono_stat[old - 1] += now - sk.chrono_start
+        sk.chrono_type = kind
+        sk.chrono_start = now
 
 
 def tcp_chrono_stop(sk: TcpSock, kind: int, now: float) -> None:
     """``kind`` ended: nothing queued stops the clock; else back to BUSY if it was timed."""
+    old = sk.chrono_type
     if not sk.sndq_len:
-        if sk.chrono_type:
-            _switch(sk, 0, now)
-    elif kind == sk.chrono_type:
+        if old:
+            # _switch(sk, 0, now) inline: this runs as every flight is fully acknowledged.
+            sk.chrono_stat[old - 1] += now - sk.chrono_start
+            sk.chrono_type = 0
+            sk.chrono_start = now
+    elif kind == old:
         _switch(sk, CHRONO_BUSY, now)
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from .tcp_cong import CaState, CongestionControl, register
 
-_CA_OPEN = CaState.OPEN
+_cc_on_ack = CongestionControl.on_ack
 
 __all__ = ["BETA", "C", "Cubic", "alpha_cubic", "cubic_k", "w_cubic"]
 
@@ -142,14 +142,17 @@ class Cubic(CongestionControl):
         self, acked_segments: float, rtt: float | None, now: float, in_flight: float | None = None
     ) -> None:
         # Only in slow start (before the first congestion event): one test otherwise.
-        if self.hystart and self.cwnd < self.ssthresh and self.ca_state == _CA_OPEN:
+        # (ca_state 0 is Open; the base method is called directly, not through super():
+        # this runs for every ACK.)
+        if self.hystart and self.cwnd < self.ssthresh and not self.ca_state:
             self._hystart_ack(acked_segments, rtt, in_flight)
-        super().on_ack(acked_segments, rtt, now, in_flight)
+        _cc_on_ack(self, acked_segments, rtt, now, in_flight)
 
     def _hystart_ack(self, acked: float, rtt: float | None, in_flight: float | None) -> None:
         """RFC 9406 §4.2: rounds, the per-round minimum RTT, the exit tests."""
-        self.hs_round_left -= acked
-        if self.hs_round_left <= 0:
+        left = self.hs_round_left - acked
+        self.hs_round_left = left
+        if left <= 0:
             # A new round: windowEnd = what is in flight now.
             self.hs_round_left = in_flight if in_flight else float(self.cwnd)
             self.hs_last_min = self.hs_cur_min

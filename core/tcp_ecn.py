@@ -177,13 +177,13 @@ def tcp_ecn_rcv_data(sk: TcpSock, seg: TcpSegment) -> None:
         _enter_quickack(sk)
 
 
-def tcp_ecn_mark_is_news(sk: TcpSock, tos: int, total: int, offflags: int) -> bool:
-    """Would :func:`tcp_ecn_rcv_data` change anything for this packet (IPv4
-    ``tos``, ``total`` length, the TCP data offset/flags word)?  Header
+def tcp_ecn_mark_is_news(sk: TcpSock, tos: int, plen: int) -> bool:
+    """Would :func:`tcp_ecn_rcv_data` change anything for this packet (IPv4 TOS
+    or IPv6 Traffic Class ``tos``, ``plen`` bytes of TCP payload)?  Header
     prediction asks, for ECN connections only, and leaves such segments to
     the slow path: data marked CE, the first ECT data, Not-ECT data once
     marks were seen.  Pure ACKs carry no news for the receiver side."""
-    if total - 20 - ((offflags >> 10) & 0x3C) <= 0:
+    if plen <= 0:
         return False
     mark = tos & INET_ECN_MASK
     if mark == INET_ECN_CE:

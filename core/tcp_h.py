@@ -199,11 +199,11 @@ NOT_IMPLEMENTED = frozenset({
     "tcp_ca_openreq_child", "tcp_assign_congestion_control", "tcp_set_ca_state",
     "bictcp_state", "tcp_in_ack_event",
     # Not built: saved SYNs, receive-side steering, per-protocol use counts,
-    # path-MTU probing, MSS bounded by the window, the old initial-buffer fixup and send-buffer
+    # MSS from the route's MTU, MSS bounded by the window, the old initial-buffer fixup and send-buffer
     # growth (the receive buffer auto-tunes: tcp_rcvbuf), the metrics cache,
     # and a fast-path switch (tcp_v4_rcv predicts for every ESTABLISHED socket).
     "tcp_reqsk_record_syn", "tcp_move_syn",
-    "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtup_init", "tcp_mtu_to_mss",
+    "sock_rps_save_rxhash", "sock_prot_inuse_add", "tcp_mtu_to_mss",
     "tcp_bound_to_half_wnd",
     "tcp_fixup_rcvbuf", "tcp_sndbuf_expand", "tcp_full_space", "tcp_init_metrics",
     "tcp_fast_path_on",

@@ -41,7 +41,7 @@ import sys
 
 from . import tcp_chrono, tcp_input, tcp_output, tcp_pacing, tcp_rate
 from .tcp_cong import INFINITE_SSTHRESH, INIT_CWND
-from .tcp_h import HALF, MASK, TCP_DELACK, TCP_FASTRETRANS_THRESH, State, TcpSock
+from .tcp_h import HALF, MASK, TCP_FASTRETRANS_THRESH, State, TcpSock
 
 __all__ = ["TCP_INFO_LEN", "TCPI_FIELDS", "TCPI_OPT_TIMESTAMPS", "TCPI_OPT_SACK",
            "TCPI_OPT_WSCALE", "TCPI_OPT_ECN", "TCPI_OPT_ECN_SEEN", "LINUX_STATE", "tcp_get_info", "tcp_listen_info",
@@ -178,9 +178,8 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
         opts |= TCPI_OPT_ECN_SEEN
     put(ix["options"], opts)
     put(ix["rto"], _usec(tcp_output.tcp_rto(sk)))  # icsk_rto: backed off, as the timer runs
-    received = _bytes_received(sk)
-    if received > (1 if sk.fin_rcvd else 0):
-        put(ix["ato"], _usec(TCP_DELACK))  # Linux sets icsk_ack.ato with the first data
+    if sk.ato:
+        put(ix["ato"], _usec(sk.ato))  # icsk_ack.ato: set with the first data (tcp_delack)
     put(ix["snd_mss"], sk.mss_cache)
     put(ix["rcv_mss"], sk.rcv_mss)
 
@@ -227,7 +226,7 @@ def tcp_get_info(sk: TcpSock, now: float) -> bytes:
 
     acked, sent = _bytes_acked_sent(sk)
     put(ix["bytes_acked"], acked)
-    put(ix["bytes_received"], received)
+    put(ix["bytes_received"], _bytes_received(sk))
     inflight_data = flight - (1 if state in _SYN_UNACKED else 0) - _fin_unacked(sk)
     put(ix["notsent_bytes"], max(sk.sndq_len - max(inflight_data, 0), 0))
     min_rtt = sk.rtt_min.get(now)  # windowed, as Linux's tcp_min_rtt()

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 from . import (
     tcp,
     tcp_chrono,
+    tcp_delack,
     tcp_ecn,
     tcp_minisocks,
+    tcp_mtup,
     tcp_output,
     tcp_pacing,
     tcp_rate,
@@ -40,7 +42,6 @@ from .tcp_h import (
     TCP_CLOSE_WAIT,
     TCP_CLOSED,
     TCP_CLOSING,
-    TCP_DELACK,
     TCP_ESTABLISHED,
     TCP_FASTRETRANS_THRESH,
     TCP_FIN_WAIT1,
@@ -111,16 +112,15 @@ def tcp_set_rto(sk: TcpSock) -> None:
 def tcp_ack_update_rtt(sh: Shard, sk: TcpSock, rtt: float, now: float) -> None:
     if sh.tracing:
         sh.tr("tcp_ack_update_rtt")
+        if rtt >= 0:
+            sh.tr("tcp_update_rtt_min")
+            sh.tr("tcp_rtt_estimator")
+            sh.tr("tcp_set_rto")
     if rtt < 0:
         return
-    if sh.tracing:
-        sh.tr("tcp_update_rtt_min")
     # tcp_update_rtt_min: the path's minimum over the last tcp_min_rtt_wlen (300 s),
     # for RACK's reordering window and TCP_INFO (win_minmax).
     sk.min_rtt = sk.rtt_min.update(now, rtt)
-    if sh.tracing:
-        sh.tr("tcp_rtt_estimator")
-        sh.tr("tcp_set_rto")
     # tcp_rtt_estimator and tcp_set_rto inline: this runs for nearly every ACK.
     srtt = sk.srtt
     if srtt == 0.0:
@@ -311,6 +311,8 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
             q.popleft()
         sk.sndq_head_off = off
     sk.snd_una = ack
+    if sk.mtup_probe_size:
+        tcp_mtup.tcp_mtup_acked(sh, sk, ack)  # did the PLPMTUD probe get through?
     if ((ack - sk.snd_nxt) & MASK) < HALF:
         sk.snd_nxt = sk.snd_max = ack  # defensive: SND.NXT never lags the peer
         sk.seg_min = 65535  # nothing in flight: the next flight sets it
@@ -474,6 +476,7 @@ def _sacktag(sh: Shard, sk: TcpSock, blocks: tuple[tuple[int, int], ...]) -> Non
             new.append((lo, hi))
     if not new:
         return
+    sk.rack_sacked_new = [((una + lo) & MASK, (una + hi) & MASK) for lo, hi in new]
     reordered = False
     for lo, hi in new:
         i, j = _sacked_span(sacked, una, lo, hi)
@@ -569,19 +572,25 @@ def _sack_prune(sh: Shard, sk: TcpSock) -> None:
     sent again.
     """
     una = sk.snd_una
-    keep = []
-    total = 0
-    for s, e in sk.sacked:
-        if 0 < ((e - una) & MASK) < HALF:  # end after una
-            if ((s - una) & MASK) & HALF:
-                s = una
-            keep.append([s, e])
-            total += (e - s) & MASK
-    if keep and keep[0][0] == una:
-        sh.stats.sack_reneging += 1
-        keep = []
-        total = 0
-    sk.sacked = keep
+    sacked = sk.sacked
+    # The blocks that end at or before SND.UNA are a prefix (the scoreboard is
+    # sorted and disjoint): found by bisection, dropped with one slice.
+    k = bisect.bisect_left(sacked, 1, key=lambda b: 0 if ((b[1] - una) & MASK) - 1 & HALF else 1)
+    total = sk.sacked_bytes
+    for i in range(k):
+        b = sacked[i]
+        total -= (b[1] - b[0]) & MASK
+    if k:
+        del sacked[:k]
+    if sacked:
+        first = sacked[0]
+        if ((first[0] - una) & MASK) & HALF:  # straddles SND.UNA: trim it
+            total -= (una - first[0]) & MASK
+            first[0] = una
+        if first[0] == una:
+            sh.stats.sack_reneging += 1
+            sacked.clear()
+            total = 0
     sk.sacked_bytes = total
 
 
@@ -603,18 +612,39 @@ def _sack_prune(sh: Shard, sk: TcpSock) -> None:
 
 
 def tcp_unsacked_below(sk: TcpSock, una: int, top: int) -> int:
-    """Bytes in [una, top) that the peer has not SACKed."""
+    """Bytes in [una, top) that the peer has not SACKed.
+
+    Bisection finds the blocks that start below ``top``; the SACKed bytes are
+    then summed over the shorter side (below, or above with ``sacked_bytes``
+    as the total): the lost boundary sits near the top of the scoreboard
+    (RFC 6675 IsLost) and HighRxt near the bottom early in recovery, so each
+    call of ``tcp_pipe`` walks a few blocks, not a full scoreboard.
+    """
     off = (top - una) & MASK
     if off & HALF or off == 0:
         return 0
-    n = off
-    for b in sk.sacked:
-        lo = (b[0] - una) & MASK
-        if lo >= off:
-            break
-        hi = (b[1] - una) & MASK
-        n -= (hi if hi < off else off) - lo
-    return n
+    blocks = sk.sacked
+    n = len(blocks)
+    if not n:
+        return off
+    k = bisect.bisect_left(blocks, off, key=lambda b: (b[0] - una) & MASK)  # start < off
+    if k <= n - k:
+        got = 0
+        for i in range(k):
+            b = blocks[i]
+            lo = (b[0] - una) & MASK
+            hi = (b[1] - una) & MASK
+            got += (hi if hi < off else off) - lo
+        return off - got
+    above = 0
+    for i in range(k, n):
+        b = blocks[i]
+        above += (b[1] - b[0]) & MASK
+    if k:
+        hi = (blocks[k - 1][1] - una) & MASK
+        if hi > off:
+            above += hi - off
+    return off - (sk.sacked_bytes - above)
 
 
 def tcp_pipe(sk: TcpSock) -> int:
@@ -724,6 +754,8 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             if sk.undo_active and sk.undo_retrans <= 0:
                 tcp_try_undo_dsack(sh, sk)
             return
+        lost_before = sk.lost_hi
+        relost_before = len(sk.relost)
         if rack:
             tcp_mark_lost(sk, _lost_boundary(sk))
             lost_to = tcp_recovery.tcp_rack_detect_loss(sh, sk, now)
@@ -742,7 +774,10 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
                 tcp_mark_lost(sk, (una + mss) & MASK)
         if acked and ((sk.retrans_hi - una) & MASK) & HALF:
             sk.retrans_hi = una
-        tcp_cwnd_reduction(sk, delivered)
+        # PRR's slow-start bound may add a segment only on an ACK that advanced
+        # SND.UNA and found nothing newly lost (Linux tcp_cwnd_reduction).
+        tcp_cwnd_reduction(sk, delivered, bool(acked) and sk.lost_hi == lost_before
+                           and len(sk.relost) == relost_before)
         tcp_output.tcp_write_xmit(sh, sk, now)
         return
     # Open / Disorder.
@@ -756,9 +791,11 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
     if sk.dupacks:
         in_flight = ((sk.snd_max - una) & MASK) / mss
         dupthresh = TCP_FASTRETRANS_THRESH
-        if in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - una) & MASK):
+        if not rack and in_flight < 4 and sk.sndq_len <= ((sk.snd_nxt - una) & MASK):
             # RFC 5827 early retransmit: with fewer than 4 segments outstanding and
-            # nothing new to send, three dup ACKs can never come.
+            # nothing new to send, three dup ACKs can never come.  Not with SACK:
+            # RACK's reordering window covers it there (Linux dropped early
+            # retransmit for RACK; rack/rack-reorder-timer.pkt).
             dupthresh = max(int(in_flight + 0.999) - 1, 1)
         enter = sk.dupacks >= dupthresh
     lost_to = None
@@ -796,6 +833,8 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     small window it lets a new segment go with the fast retransmit, so an ACK
     still comes back if the retransmission or its ACK is lost.
     """
+    if sk.mtup_probe_size and tcp_mtup.tcp_mtup_probe_failed(sh, sk, now):
+        return  # the lost PLPMTUD probe was too big, no congestion (tcp_mtup)
     if sh.tracing:
         sh.tr("tcp_enter_recovery")
     una = sk.snd_una
@@ -843,13 +882,15 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     tcp_output.tcp_write_xmit(sh, sk, now)
 
 
-def tcp_cwnd_reduction(sk: TcpSock, delivered: int) -> None:
+def tcp_cwnd_reduction(sk: TcpSock, delivered: int, ssrb: bool = False) -> None:
     """RFC 6937 §3.1 on each ACK in recovery (Linux ``tcp_cwnd_reduction``): how much
     may be sent (``prr_quota``).
 
     While pipe exceeds ssthresh, send in proportion to what was delivered
-    (ssthresh / RecoverFS); below it, slow-start back up to ssthresh but never
-    more than one segment beyond what was delivered (PRR-SSRB).
+    (ssthresh / RecoverFS); below it, send what was delivered and not yet
+    sent again (PRR-CRB), one segment more only when ``ssrb`` (PRR-SSRB, as
+    Linux 6.x: an ACK that advanced SND.UNA and marked nothing newly lost),
+    never beyond ssthresh.
     """
     cc = sk.cc
     assert cc is not None  # in recovery or Loss: synchronized
@@ -864,8 +905,10 @@ def tcp_cwnd_reduction(sk: TcpSock, delivered: int) -> None:
         limit = sk.prr_delivered - sk.prr_out
         if delivered > limit:
             limit = delivered
+        if ssrb:
+            limit += mss
         room = ssthresh - pipe
-        sndcnt = room if room < limit + mss else limit + mss
+        sndcnt = room if room < limit else limit
     sk.prr_quota = sndcnt if sndcnt > 0 else 0
     w = (pipe + sk.prr_quota) // mss
     cc.cwnd = w if w > 1 else 1  # Linux: snd_cwnd = in_flight + sndcnt
@@ -899,6 +942,8 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
                 sk.ack_now = True  # RFC 9293: ACK a duplicate so the peer resyncs
                 if n:
                     _dsack_set(sh, sk, seq, (seq + n) & MASK)
+                    sh.stats.delayed_ack_lost += 1
+                    tcp_delack.tcp_enter_quickack_mode(sk)  # Linux tcp_data_queue
                 return
             if behind:
                 _dsack_set(sh, sk, seq, rcv_nxt)
@@ -931,11 +976,11 @@ def tcp_data_queue(sh: Shard, sk: TcpSock, seg: TcpSegment, now: float) -> None:
         if (tsecr != sk.rcv_rtt_last_tsecr or not sk.rcv_rtt_time
                 or ((rcv_nxt - sk.rcv_rtt_seq) & MASK) < HALF):
             tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)  # receiver RTT, for auto-tuning
-        if sk.quickack:
-            sk.quickack -= 1
-            quick = True
+        tcp_delack.tcp_event_data_recv(sk, now)
+        if sk.quickack and not sk.pingpong:
+            quick = True  # quick-ack mode (Linux tcp_in_quickack_mode)
     if sk.ofo or sk.ofo_fin is not None:
-        fin = _ofo_drain(sk) or fin
+        fin = _ofo_drain(sh, sk) or fin
         sk.ack_now = True
     if fin and not sk.fin_rcvd and tcp_fin(sh, sk, now):
         quick = False  # pingpong: no quick ACK for the data the FIN came with
@@ -1220,9 +1265,28 @@ def _dsack_set(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
         sh.stats.dsacks_sent += 1
 
 
-def _ofo_drain(sk: TcpSock) -> int:
-    """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due."""
+def _dsack_extend(sh: Shard, sk: TcpSock, start: int, end: int) -> None:
+    """Add [start, end) to the pending D-SACK block, or set it (Linux ``tcp_dsack_extend``)."""
+    d = sk.dsack
+    if d is None:
+        _dsack_set(sh, sk, start, end)
+        return
+    if ((start - d[1]) & MASK) & HALF or start == d[1]:
+        if ((end - d[0]) & MASK) < HALF:  # touches or overlaps: one block
+            lo = start if ((start - d[0]) & MASK) & HALF else d[0]
+            hi = end if ((d[1] - end) & MASK) & HALF else d[1]
+            sk.dsack = (lo, hi)
+
+
+def _ofo_drain(sh: Shard, sk: TcpSock) -> int:
+    """Move now-contiguous out-of-order data to the receive queue; returns FIN if it is due.
+
+    Queued data that the in-order segment just received repeated (it started
+    below the RCV.NXT that segment brought) is reported in a D-SACK block
+    (RFC 2883 §4.1.1; Linux ``tcp_ofo_queue``, ``tcp_dsack_extend``).
+    """
     ofo = sk.ofo
+    high = sk.rcv_nxt  # what the in-order data reached: below it, queued data was repeated
     k = 0
     for e in ofo:  # the ranges RCV.NXT reached, taken off in one slice below
         off = (e[0] - sk.rcv_nxt) & MASK
@@ -1231,6 +1295,9 @@ def _ofo_drain(sk: TcpSock) -> int:
         k += 1
         data = e[2]
         sk.ofo_len -= len(data)
+        if ((e[0] - high) & MASK) & HALF:
+            end = (e[0] + len(data)) & MASK
+            _dsack_extend(sh, sk, e[0], end if ((end - high) & MASK) & HALF else high)
         if off:  # starts before rcv_nxt: trim the part we already have
             behind = (sk.rcv_nxt - e[0]) & MASK
             data = data[behind:] if behind < len(data) else b""
@@ -1271,6 +1338,7 @@ def tcp_fin(sh: Shard, sk: TcpSock, now: float) -> bool:
     st = sk.state
     if st is TCP_ESTABLISHED or st is TCP_SYN_RECV:
         tcp.tcp_set_state(sh, sk, TCP_CLOSE_WAIT)
+        tcp_delack.enter_pingpong_mode(sk)
         if (rcv_nxt - sk.irs) & MASK > 2:  # data came before or with it
             sk.unacked_rcv += 1  # the delayed-ACK timer acknowledges the FIN
         else:
@@ -1301,7 +1369,7 @@ def tcp_ack_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
             tcp_output.tcp_send_ack(sh, sk, now)
         return
     if sk.unacked_rcv and sk.timers[_DELACK] is None:
-        sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
+        sh.timers.arm(sk, _DELACK, now + tcp_delack.tcp_delack_timeout(sk))
 
 
 def tcp_data_snd_check(sh: Shard, sk: TcpSock, now: float) -> None:
@@ -1432,7 +1500,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         if sk.ack_now or sk.unacked_rcv > sk.rcv_mss:
             tcp_output.tcp_transmit(sh, sk, sk.snd_nxt, ACK, b"", now)  # tcp_send_ack
         elif sk.unacked_rcv and sk.timers[_DELACK] is None:
-            sh.timers.arm(sk, _DELACK, now + TCP_DELACK)
+            sh.timers.arm(sk, _DELACK, now + tcp_delack.tcp_delack_timeout(sk))
         return True
     m = sk.mss_cache  # tcp_segs_in: a GRO super-frame counts as the segments it was
     segs = 1 if n <= m else (n - 1) // m + 1
@@ -1453,9 +1521,9 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)
     unacked = sk.unacked_rcv + n
     sk.unacked_rcv = unacked
-    if sk.quickack:
-        sk.quickack -= 1
-        sk.ack_now = True
+    tcp_delack.tcp_event_data_recv(sk, now)
+    if sk.quickack and not sk.pingpong:
+        sk.ack_now = True  # quick-ack mode (Linux tcp_in_quickack_mode)
     if not sk.readable_signalled and sk.parent is None and not sk.orphan:
         sk.readable_signalled = True
         sh.events.append(Readable(sk.sd))
@@ -1469,7 +1537,7 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         # only when no earlier entry is queued (TimerHeap.arm's rule).
         timers = sk.timers
         if timers[_DELACK] is None:
-            deadline = now + TCP_DELACK
+            deadline = now + tcp_delack.tcp_delack_timeout(sk)
             timers[_DELACK] = deadline
             q = sk.timer_q[_DELACK]
             if q is None or q > deadline:
@@ -1563,6 +1631,8 @@ def tcp_validate_incoming(sh: Shard, sk: TcpSock, seg: TcpSegment,
                 # tcp_oow_rate_limited exempts them) and name it with a D-SACK
                 # (RFC 2883 §4.1.1; Linux tcp_send_dupack).
                 _dsack_set(sh, sk, seq, end)
+                sh.stats.delayed_ack_lost += 1
+                tcp_delack.tcp_enter_quickack_mode(sk)  # Linux tcp_send_dupack
                 tcp_output.tcp_send_ack(sh, sk, now)
             else:
                 _send_oow_ack(sh, sk, now)
@@ -1729,6 +1799,7 @@ def tcp_init_transfer(sh: Shard, sk: TcpSock, now: float) -> None:
     if sh.tracing and cc.name == "cubic":
         sh.tr("bictcp_init")  # the algorithm's own init (tcp_cubic; Reno has none)
     cc.init(sk.mss_cache, now)
+    tcp_mtup.tcp_mtup_init(sh, sk, now)  # PLPMTUD (RFC 4821)
     tcp_rcvbuf.tcp_init_buffer_space(sh, sk, now)
     sk.rcv_tstamp = now
     if sk.keepalive:

@@ -133,9 +133,13 @@ def tcp_select_initial_window(rcvbuf: int, window_scaling: bool, window_clamp: i
         rest = space
         if rmem_max > rest:
             rest = rmem_max if not window_clamp or window_clamp > rmem_max else window_clamp
-        while rest > 65535 and ws < 14:
-            rest >>= 1
-            ws += 1
+        # The smallest shift that brings ``rest`` within 16 bits: its bit length
+        # past 16 (the halving loop's answer without the loop), at most 14.
+        ws = rest.bit_length() - 16
+        if ws < 0:
+            ws = 0
+        elif ws > 14:
+            ws = 14
     if space > 65536:
         space = 65536
     if space > mss > 0:
@@ -183,8 +187,8 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
             if (sk is not None and sk.state is TCP_ESTABLISHED
                     and not (0x4506 + tos + total + ident + frag + (ttl << 8) + ipsum + src
                              + dst) % 0xFFFF
-                    and not (sk.ecn_flags and tcp_ecn.tcp_ecn_mark_is_news(sk, tos, total,
-                                                                           offflags))):
+                    and not (sk.ecn_flags and tcp_ecn.tcp_ecn_mark_is_news(
+                        sk, tos, total - 20 - ((offflags >> 10) & 0x3C)))):
                 if hp == 0x8010:
                     off = 52
                 else:
@@ -741,9 +745,11 @@ def tcp_sync_mss(sk: TcpSock, pmtu: int) -> bool:
     return True
 
 
-def tcp_simple_retransmit(sh: Shard, sk: TcpSock, now: float) -> None:
+def tcp_simple_retransmit(sh: Shard, sk: TcpSock, now: float, lost_to: int | None = None) -> None:
     """Resend the whole flight at the current MSS (Linux ``tcp_simple_retransmit``,
-    which lives in tcp_input.c).
+    which lives in tcp_input.c).  ``lost_to``: only what lies below it is too big
+    (a lost PLPMTUD probe at SND.UNA, ``tcp_mtup``); Linux marks lost only the
+    segments longer than the MSS.
 
     Everything in flight un-SACKed is marked lost, and the sender enters the
     Loss state without touching cwnd or ssthresh: the network holds no more
@@ -765,7 +771,7 @@ def tcp_simple_retransmit(sh: Shard, sk: TcpSock, now: float) -> None:
         sk.timers[TimerKind.REO] = None
         sk.rtt_seq = -1  # Karn (RFC 6298 (3)): no samples from what is resent
         sk.rto_ts = (int(now * 1000) + sk.ts_off) & MASK
-    sk.lost_hi = sk.snd_max
+    sk.lost_hi = sk.snd_max if lost_to is None else lost_to
     sk.retrans_hi = una
     sk.rtx_log.clear()
     sk.relost.clear()

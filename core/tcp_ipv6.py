@@ -37,6 +37,7 @@ from . import (
     inet_connection_sock,
     inet_hashtables,
     tcp,
+    tcp_ecn,
     tcp_input,
     tcp_ipv4,
     tcp_minisocks,
@@ -146,7 +147,11 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
             # A hit means dst is ours and src a peer we accepted (a usable address).
             hit = sk = sh.h.ehash.get((dst, dport, src, sport))
             looked_up = True
-            if sk is not None and sk.state is TCP_ESTABLISHED:
+            # An ECN connection's data whose mark means news (RFC 3168 §6.1.3) takes
+            # the slow path, where tcp_ecn sees it (the Traffic Class's low two bits).
+            if (sk is not None and sk.state is TCP_ESTABLISHED
+                    and not (sk.ecn_flags and tcp_ecn.tcp_ecn_mark_is_news(
+                        sk, (vtf >> 20) & 0xFF, plen - ((offflags >> 10) & 0x3C)))):
                 if hp == 0x8010:
                     off = 72
                 else:
@@ -204,7 +209,7 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
         stats.drop(DropReason.TCP_CSUM)
         return
     try:
-        seg = parse_tcp(payload)
+        seg = parse_tcp(payload, ip.traffic_class & 3)
     except WireError as e:
         stats.drop(tcp_ipv4.tcp_hdr_reason(payload, e.reason))
         return

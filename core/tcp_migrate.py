@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 import errno
 import operator
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -72,7 +73,9 @@ SHARD_LOCAL = frozenset({"sd", "state", "timer_seq", "timer_q", "parent", "accep
 _REQ_LOCAL = frozenset({"listener", "timer_seq", "timer_q", "state"})
 
 _CLOSED = State.CLOSED.value
-_ENUMS: dict[str, type[enum.Enum]] = {c.__name__: c for c in (State, CaState, TimerKind)}
+#: The enums a field may hold (socket.AddressFamily: a socket's family, issue 14).
+_ENUMS: dict[str, type[enum.Enum]] = {
+    c.__name__: c for c in (State, CaState, TimerKind, socket.AddressFamily)}
 _OBJS: dict[str, type] = {"WinMin": WinMin}
 #: Types msgpack carries as they are (int is apart: only 64 bits fit).
 _PLAIN = frozenset({float, str, bytes, bool, type(None)})
@@ -255,14 +258,13 @@ def _detach_sk(sh: Shard, sk: TcpSock) -> None:
 
 
 def sock_export(sh: Shard, sd: int) -> dict[str, Any]:
-    """Dump the connection behind ``sd`` and remove it from ``sh`` (no segment is
-    sent).  Any state but LISTEN and CLOSED; EBADF for an unknown descriptor,
-    EINVAL for a listener."""
+    """Dump the socket behind ``sd`` and remove it from ``sh`` (no segment is
+    sent).  Any state but LISTEN: a CLOSED one too (a fresh or bound socket with
+    its options, or a connection that ended and still holds its error and data
+    for the application); EBADF for an unknown descriptor, EINVAL for a listener."""
     sk = sh.socks.get(sd)
     if sk is None:
         raise os_error(errno.EBADF)
-    if sk.state is State.CLOSED:
-        raise os_error(errno.ENOTCONN)
     state = _export_sk(sh, sk)
     _detach_sk(sh, sk)
     return state
@@ -281,12 +283,20 @@ def _dest_listener(sh: Shard, state: dict[str, Any]) -> TcpSock:
 
 
 def _check_free(sh: Shard, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict):
+        raise ValueError("tcp_migrate: malformed state: not a dict")
     if state.get("v") != STATE_VERSION:
         raise ValueError(f"tcp_migrate: state version {state.get('v')!r}, "
                          f"this engine reads {STATE_VERSION}")
-    if state["state"] != _CLOSED and state_tuple(state) in sh.h.ehash:
+    try:
+        key = state_tuple(state)
+        closed = state["state"] == _CLOSED
+        listener = state["listener"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"tcp_migrate: malformed state: {exc!r}") from exc
+    if not closed and key in sh.h.ehash:
         raise os_error(errno.EADDRINUSE)
-    if state["listener"] is not None:
+    if listener is not None:
         _dest_listener(sh, state)
 
 
@@ -307,21 +317,50 @@ def _raise_events(sh: Shard, sk: TcpSock, carried: list[list[Any]]) -> None:
         sh.events.append(events.Readable(sd))
 
 
-def _import_sk(sh: Shard, state: dict[str, Any]) -> TcpSock:
+_SOCK_COPY_SET = frozenset(_SOCK_COPY)
+_REQ_COPY_SET = frozenset(_REQ_COPY)
+
+
+def _decode_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state's fields decoded and checked, before anything is installed: ValueError
+    for a state this build cannot install (another layout, a field it lacks)."""
+    try:
+        kind = state["kind"]
+        allowed = _SOCK_COPY_SET if kind == "sock" else _REQ_COPY_SET if kind == "req" else None
+        if allowed is None:
+            raise ValueError(f"kind {kind!r}")
+        State(state["state"])
+        for name, _ in state["events"]:
+            if name != "SocketError" and name not in _EVENTS:
+                raise ValueError(f"event {name!r}")
+        fields = {}
+        for n, x in state["fields"].items():
+            if n not in allowed:
+                raise ValueError(f"field {n!r} unknown to this build")
+            t = type(x)
+            fields[n] = decode_value(x) if t is dict or t is list else x
+        return fields
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"tcp_migrate: malformed state: {exc!r}") from exc
+
+
+def _import_sk(sh: Shard, state: dict[str, Any], fields: dict[str, Any]) -> TcpSock:
     sk = sh.new_sock()
-    for n, x in state["fields"].items():
-        t = type(x)
-        setattr(sk, n, decode_value(x) if t is dict or t is list else x)
+    for n, x in fields.items():
+        setattr(sk, n, x)
     bound = sk.bound
     sk.bound = False
     target = State(state["state"])
     tcp.tcp_set_state(sh, sk, target)  # from CLOSED: counts it as any transition would
     h = sh.h
+    if bound:
+        # No conflict check: the port was the socket's already (and the runtime's
+        # bind table, one for every shard, vetted it).
+        tb = h.bhash.get(sk.lport) or inet_hashtables.inet_bind_bucket_create(h, sk.lport)
+        inet_hashtables.inet_bind_hash(h, sk, tb, sk.lport)
     if target is not State.CLOSED:
-        # (A CLOSED one is a child reset in the accept queue: unhashed, as it was.)
-        if bound:
-            tb = h.bhash.get(sk.lport) or inet_hashtables.inet_bind_bucket_create(h, sk.lport)
-            inet_hashtables.inet_bind_hash(h, sk, tb, sk.lport)
+        # (A CLOSED one is not in the 4-tuple table: a connection that ended, kept
+        # for what the application has still to read, or a socket never connected.)
         inet_hashtables.inet_ehash_insert(h, sk)
     if state["listener"] is not None:
         lst = _dest_listener(sh, state)
@@ -343,10 +382,11 @@ def sock_import(sh: Shard, state: dict[str, Any]) -> int:
     the new descriptor.  EADDRINUSE if the 4-tuple is taken here, ENOENT if a
     child's listener has no copy here.  A request sock has no descriptor: -1."""
     _check_free(sh, state)
+    fields = _decode_state(state)
     if state["kind"] == "req":
-        _import_req(sh, state)
+        _import_req(sh, state, fields)
         return -1
-    return _import_sk(sh, state).sd
+    return _import_sk(sh, state, fields).sd
 
 
 # -- request socks -----------------------------------------------------------------------
@@ -376,12 +416,12 @@ def _detach_req(sh: Shard, req: RequestSock) -> None:
     tcp_timer.TimerHeap.cancel_all(req)
 
 
-def _import_req(sh: Shard, state: dict[str, Any]) -> RequestSock:
+def _import_req(sh: Shard, state: dict[str, Any], fields: dict[str, Any]) -> RequestSock:
     laddr, lport, raddr, rport = state_tuple(state)
     lst = _dest_listener(sh, state)
     req = RequestSock(laddr, lport, raddr, rport, lst)
-    for n, x in state["fields"].items():
-        setattr(req, n, decode_value(x))
+    for n, x in fields.items():
+        setattr(req, n, x)
     inet_hashtables.inet_ehash_insert(sh.h, req)
     lst.reqs += 1
     timers = req.timers
@@ -396,8 +436,9 @@ def _import_req(sh: Shard, state: dict[str, Any]) -> RequestSock:
 
 def migrate_out(sh: Shard, match: Callable[[int, int, int, int], bool]) -> list[dict[str, Any]]:
     """Export and remove every connection whose (laddr, lport, raddr, rport)
-    satisfies ``match``: any state but LISTEN/CLOSED (SYN-SENT to TIME-WAIT),
-    request socks, and children in a listener's accept queue (in queue order).
+    satisfies ``match``: SYN-SENT to TIME-WAIT, request socks, children in a
+    listener's accept queue (in queue order), and connections that ended but
+    whose descriptor the application still holds (CLOSED, with their error).
 
     Every state is encoded before anything is removed, so a TypeError leaves
     the shard as it was.
@@ -412,6 +453,12 @@ def migrate_out(sh: Shard, match: Callable[[int, int, int, int], bool]) -> list[
             reqs.append(owner)
         elif owner.parent is None:
             socks.append(owner)
+    # Connections that ended (reset, timed out) while the application still
+    # holds them: their error and unread data go with them.
+    for sk in sh.socks.values():
+        if (sk.state is State.CLOSED and sk.dead and sk.parent is None and sk.rport
+                and not sk.closed_evt and match(sk.laddr, sk.lport, sk.raddr, sk.rport)):
+            socks.append(sk)
     # Accept-queue children in the order accept() would return them.
     for lst in _listeners(sh):
         for child in lst.accept_queue:
@@ -439,25 +486,28 @@ def migrate_in(sh: Shard, states: list[dict[str, Any]], now: float) -> list[tupl
     """Install states from :func:`migrate_out` (in their order) into ``sh``;
     (old sd, new sd) for every socket (request socks have none).
 
-    Checked first, installed after: EADDRINUSE / ENOENT (see :func:`sock_import`)
-    leave ``sh`` untouched.  ``now`` is the caller's clock (timers keep their
+    Checked and decoded first, installed after: EADDRINUSE / ENOENT (see
+    :func:`sock_import`) and ValueError (a malformed state, or one from a build
+    whose TcpSock has a field this one lacks) leave ``sh`` untouched.  ``now`` is the caller's clock (timers keep their
     absolute deadlines; one already past fires at the next ``advance``).
     """
     sh.now = max(sh.now, now)
     seen: set[tuple[int, int, int, int]] = set()
+    decoded = []
     for st in states:
         _check_free(sh, st)
         key = state_tuple(st)
         if st["state"] != _CLOSED and key in seen:
             raise os_error(errno.EADDRINUSE)
         seen.add(key)
+        decoded.append(_decode_state(st))
     out = []
     acceptable: dict[int, TcpSock] = {}
-    for st in states:
+    for st, fields in zip(states, decoded, strict=True):
         if st["kind"] == "req":
-            _import_req(sh, st)
+            _import_req(sh, st, fields)
             continue
-        sk = _import_sk(sh, st)
+        sk = _import_sk(sh, st, fields)
         out.append((st["sd"], sk.sd))
         if sk.parent is not None:
             acceptable[id(sk.parent)] = sk.parent

@@ -15,7 +15,16 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from . import tcp_chrono, tcp_ecn, tcp_input, tcp_ipv6, tcp_pacing, tcp_recovery
+from . import (
+    tcp_chrono,
+    tcp_delack,
+    tcp_ecn,
+    tcp_input,
+    tcp_ipv6,
+    tcp_mtup,
+    tcp_pacing,
+    tcp_recovery,
+)
 from .tcp_h import (
     HALF,
     MASK,
@@ -85,6 +94,8 @@ def tcp_set_mss(sk: TcpSock, mss: int) -> None:
         mss = TCP_MIN_SND_MSS
     sk.mss = mss
     sk.mss_cache = mss - (TCPOLEN_TSTAMP_ALIGNED if sk.ts_ok else 0)
+    if sk.mtup_enabled:
+        tcp_mtup.tcp_mtup_clamp(sk)  # PLPMTUD: no larger than search_low
 
 def tcp_current_mss(sk: TcpSock) -> int:
     """Payload per segment after this moment's options (Linux ``tcp_current_mss``).
@@ -265,6 +276,8 @@ def tcp_transmit(sh: Shard, sk: TcpSock, seq: int, flags: int, payload: bytes | 
             sk.seg_min = plen
     if flags & ACK:
         # Every ACK-bearing segment acknowledges all received data (Linux tcp_event_ack_sent).
+        if sk.quickack and sk.unacked_rcv:
+            tcp_delack.tcp_dec_quickack_mode(sk)
         sk.unacked_rcv = 0
         sk.ack_now = False
         sk.timers[_DELACK] = None
@@ -453,30 +466,35 @@ def _chrono_note(sk: TcpSock, mss: int, now: float) -> None:
     ``tcp_cwnd_validate``'s chrono calls): busy; rwnd-limited when unsent data
     waits for the peer's window while the congestion window has room for it;
     sndbuf-limited when everything queued is sent, the congestion window has
-    room, and the application is blocked on a full send buffer."""
+    room, and the application is blocked on a full send buffer.
+
+    Runs after every transmit round: the tests are ordered so that the
+    common cases (all of it sent; unsent data the peer's window has room
+    for) read no more than they need."""
     una = sk.snd_una
     nxt = sk.snd_nxt
     in_flight = (nxt - una) & MASK
     left = sk.sndq_len - in_flight
-    limited = False
-    cc = sk.cc
-    if cc is not None:
-        cwnd_room = cc.cwnd * sk.mss_cache - in_flight
-        if left > 0:
-            wnd_room = (una + sk.snd_wnd - nxt) & MASK
-            if wnd_room & HALF:
-                wnd_room = 0
-            need = left if left < mss else mss
-            limited = wnd_room < need and cwnd_room >= need
-        elif sk.write_blocked and cwnd_room > 0:
+    if left > 0:
+        wnd_room = (una + sk.snd_wnd - nxt) & MASK
+        if wnd_room & HALF:
+            wnd_room = 0
+        need = left if left < mss else mss
+        if wnd_room < need:
+            cc = sk.cc
+            if cc is not None and cc.cwnd * sk.mss_cache - in_flight >= need:
+                if sk.chrono_type < tcp_chrono.CHRONO_RWND_LIMITED:
+                    tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
+                return
+    elif sk.write_blocked:
+        cc = sk.cc
+        if cc is not None and cc.cwnd * sk.mss_cache - in_flight > 0:
             tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_SNDBUF_LIMITED, now)
             return
-    if limited:
-        if sk.chrono_type < tcp_chrono.CHRONO_RWND_LIMITED:
-            tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
-    elif sk.chrono_type == tcp_chrono.CHRONO_RWND_LIMITED:
+    ctype = sk.chrono_type
+    if ctype == tcp_chrono.CHRONO_RWND_LIMITED:
         tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
-    elif not sk.chrono_type:
+    elif not ctype:
         tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_BUSY, now)
 
 
@@ -485,6 +503,8 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
 
     Returns the bytes sent.
     """
+    if sk.mtup_enabled and quota < 0:
+        tcp_mtup.tcp_mtu_probe(sh, sk, now)  # PLPMTUD (RFC 4821 §7.4): maybe one probe first
     sack_opts = (sk.ofo or sk.dsack) and sk.sack_ok
     mss = tcp_current_mss(sk) if sack_opts else sk.mss_cache
     tso = sh.cfg.tso_max
@@ -637,16 +657,23 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
+        if sk.ato and now - sk.lrcvtime < sk.ato:
+            tcp_delack.tcp_event_data_sent(sk, now)  # a reply: towards pingpong mode
         _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
-        if rtx is None and sk.snd_max != una:
+        if (rtx is None or timers[_TLP] is not None) and sk.snd_max != una:
+            # Linux tcp_event_new_data_sent: the RTO restarts from new data
+            # while a loss probe is pending (one timer serves both there).
             rtx = now + tcp_rto(sk)
-            sh.timers.arm(sk, _RETRANSMIT, rtx)
+            timers[_RETRANSMIT] = rtx
+            q = sk.timer_q[_RETRANSMIT]
+            if q is None or q > rtx:  # TimerHeap.arm's lazy rule, without the call
+                sh.timers.arm(sk, _RETRANSMIT, rtx)
         if sk.sack_ok and quota < 0 and rtx is not None:
-            # RFC 8985 §7.2: (re)start the probe timer on new data; a larger
-            # flight may bring it in, never past the RTO.
-            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now, True)
+            # RFC 8985 §7.2: (re)start the probe timer on new data, from the
+            # newest segment (Linux tcp_write_xmit), never past the RTO.
+            tcp_recovery.tcp_schedule_loss_probe(sh, sk, now, rtx - now)
     return sent
 
 
@@ -664,16 +691,16 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
         now = tcp_recovery.tcp_rack_new_data_time(sk, now)
     log = sk.tx_log
     end = sk.snd_nxt
-    delivered = sk.delivered
-    first = sk.first_tx_mstamp
-    app = 1 if sk.app_limited else 0
     if log:
-        if (log[-5] == now and log[-4] == delivered and log[-2] == first
-                and log[-1] == app):
-            log[-6] = end  # the same moment and snapshot: the same burst
+        if log[-5] == now:
+            # The same moment: the same burst, for RACK one send time.  (ACKs
+            # handled in between, in one batch, leave its older snapshot: a
+            # sample over a slightly longer interval, never a faster one.)
+            log[-6] = end
             return
         if log[-6] == una:  # all of it acknowledged (request/response)
-            log[:] = (end, now, delivered, sk.delivered_mstamp, first, app)
+            log[:] = (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
+                      1 if sk.app_limited else 0)
             return
         i = 0
         n = len(log)
@@ -681,7 +708,8 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
             i += TX_LOG_STRIDE
         if i:
             del log[:i]
-    log += (end, now, delivered, sk.delivered_mstamp, first, app)
+    log += (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,
+            1 if sk.app_limited else 0)
 
 
 #: Module switch for ``_xmit_burst`` (tests turn it off to compare with per-segment sends).
@@ -760,6 +788,8 @@ def _xmit_burst(sh: Shard, sk: TcpSock, nxt: int, sent_off: int, count: int, siz
     pcount = count * ((size - 1) // mss + 1)
     sk.segs_out += pcount
     sk.data_segs_out += pcount
+    if sk.quickack and sk.unacked_rcv:
+        tcp_delack.tcp_dec_quickack_mode(sk)
     sk.unacked_rcv = 0  # tcp_event_ack_sent
     sk.ack_now = False
     sk.timers[_DELACK] = None

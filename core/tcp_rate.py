@@ -58,11 +58,14 @@ def tcp_rate_gen(sk: TcpSock, end: int, now: float) -> None:
     """
     log = sk.tx_log
     n = len(log)
-    top = sk.snd_max
-    back = (top - end) & MASK  # how far before SND.MAX the data ends
     i = 0
-    while i < n and ((top - log[i]) & MASK) > back:
-        i += TX_LOG_STRIDE  # a burst that ended before ``end``
+    if n > TX_LOG_STRIDE:
+        # Several bursts: the first that ends at or after ``end``.  (One burst,
+        # the request/response case, is the newest and ends at SND.MAX.)
+        top = sk.snd_max
+        back = (top - end) & MASK  # how far before SND.MAX the data ends
+        while i < n and ((top - log[i]) & MASK) > back:
+            i += TX_LOG_STRIDE
     delivered = sk.delivered
     if sk.app_limited and 0 < ((delivered - sk.app_limited) & MASK) < HALF:
         sk.app_limited = 0  # the app-limited bubble is delivered and gone
@@ -104,26 +107,25 @@ def tcp_rate_check_app_limited(sk: TcpSock) -> None:
     """Is the sender application-limited?  (Linux ``tcp_rate_check_app_limited``,
     called as the application writes.)  Less than a segment unsent, the
     congestion window not full, no lost data waiting for retransmission: then
-    the data in flight and what is sent next measure the application."""
+    the data in flight and what is sent next measure the application.  On
+    every send() of a request/response flow: kept to a few tests."""
     cc = sk.cc
     if cc is None:
         return
-    una = sk.snd_una
     mss = sk.mss_cache
-    sent = (sk.snd_nxt - una) & MASK
-    if sent & HALF:
-        sent = 0
+    sent = (sk.snd_nxt - sk.snd_una) & MASK
     if sk.sndq_len - sent >= mss:
-        return
-    pipe = tcp_input.tcp_pipe(sk) if (sk.sacked or sk.in_recovery or sk.in_loss) else sent
-    if pipe >= cc.cwnd * mss:
         return
     if sk.in_recovery or sk.in_loss:
         d = (sk.lost_hi - sk.retrans_hi) & MASK
         if 0 < d < HALF:
             return  # lost data not yet retransmitted (Linux lost_out > retrans_out)
-    in_flight = -(-pipe // mss) if pipe > 0 else 0
-    sk.app_limited = ((sk.delivered + in_flight) & MASK) or 1
+        sent = tcp_input.tcp_pipe(sk)
+    elif sk.sacked:
+        sent -= sk.sacked_bytes
+    if sent >= cc.cwnd * mss:
+        return
+    sk.app_limited = ((sk.delivered + (sent + mss - 1) // mss) & MASK) or 1
 
 
 def tcp_delivery_rate(sk: TcpSock) -> int:

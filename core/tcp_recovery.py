@@ -47,6 +47,9 @@ _TLP = TimerKind.TLP
 TCP_MAX_REORDERING = 300
 #: A tail loss probe that would come after the RTO goes this much before it instead.
 _TLP_RTO_MARGIN = 0.005
+#: Added to 2 SRTT when more than one segment is in flight (Linux
+#: TCP_TIMEOUT_MIN, two jiffies at HZ=1000).
+_TLP_MIN = 0.002
 
 
 # -- RACK: loss detection by transmission time (RFC 8985 §6.2; Linux tcp_recovery.c) --------
@@ -153,24 +156,35 @@ def tcp_rack_advance(sk: TcpSock, prior_una: int, now: float) -> None:
         if t >= 0:
             _rack_update(sk, t, top, now)
     log = sk.rtx_log
-    if log:
-        # The windowed path minimum (tcp_update_rtt_min); before any sample, SRTT.
-        min_rtt = sk.min_rtt or sk.srtt
+    new = sk.rack_sacked_new
+    if new:
+        sk.rack_sacked_new = []
+    if log and (new or prior_una != una):
+        # Only this ACK can have delivered a retransmission still logged: by
+        # moving SND.UNA past it, or by a SACK block that touches it (then
+        # checked against the whole scoreboard).  O(R) cheap tests for R
+        # logged retransmissions, and a bisection for the few touched.
+        min_rtt = sk.min_rtt or sk.srtt  # windowed (tcp_update_rtt_min); before any sample, SRTT
+        new_offs = [((s - una) & MASK, (e - una) & MASK) for s, e in new]
         keep = []
-        # The scoreboard's offsets once per ACK, then a C-level bisection per
-        # entry: O(n + R log n) for n SACKed ranges and R logged retransmissions.
-        sacked = sk.sacked
-        starts = [(b[0] - una) & MASK for b in sacked]
-        ends = [(b[1] - una) & MASK for b in sacked]
-        bisect_right = bisect.bisect_right
+        starts: list[int] | None = None
+        ends: list[int] = []
         for ent in log:
             eo = (ent[1] - una) & MASK
             if eo == 0 or eo & HALF:
                 delivered = True
             else:
+                delivered = False
                 so = (ent[0] - una) & MASK
-                k = bisect_right(starts, so) - 1
-                delivered = not so & HALF and k >= 0 and eo <= ends[k]
+                if not so & HALF:
+                    for lo, hi in new_offs:
+                        if lo < eo and so < hi:  # touched: is it inside one SACKed range?
+                            if starts is None:
+                                starts = [(b[0] - una) & MASK for b in sk.sacked]
+                                ends = [(b[1] - una) & MASK for b in sk.sacked]
+                            k = bisect.bisect_right(starts, so) - 1
+                            delivered = k >= 0 and eo <= ends[k]
+                            break
             if delivered:
                 if now - ent[3] >= min_rtt:
                     _rack_update(sk, ent[3], ent[1], now)
@@ -310,7 +324,7 @@ def tcp_rack_reo_timeout(sh: Shard, sk: TcpSock, now: float) -> None:
     if lost_to is not None:
         tcp_input.tcp_mark_lost(sk, lost_to)
     if sk.in_recovery:
-        tcp_input.tcp_cwnd_reduction(sk, 0)
+        tcp_input.tcp_cwnd_reduction(sk, 0, True)  # room for what was newly marked
     tcp_output.tcp_write_xmit(sh, sk, now)
 
 
@@ -365,19 +379,20 @@ def _delivered(sk: TcpSock, una: int, s: int, e: int) -> bool:
 
 # -- the tail loss probe (RFC 8985 §7) --------------------------------------------------
 
-def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float,
-                            earlier_only: bool = False) -> None:
-    """Arm the tail loss probe 2 SRTT out (RFC 8985 §7.2; Linux
-    ``tcp_schedule_loss_probe``), plus a delayed-ACK allowance when a single
-    segment is in flight, and never later than the RTO."""
+def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float) -> None:
+    """Arm the tail loss probe 2 SRTT after the newest transmission (RFC 8985
+    §7.2; Linux ``tcp_schedule_loss_probe``, called on each ACK and after new
+    data): plus a delayed-ACK allowance (Linux's TCP_RTO_MIN) when a single
+    segment is in flight, else Linux's two-jiffy timer floor, and never
+    later than the RTO (``rto``: how far away it is)."""
     srtt = sk.srtt
     if not srtt:
         return
     pto = 2 * srtt
-    if pto < 0.010:
-        pto = 0.010  # Linux's floor: a timer no sooner than 10 ms
     if ((sk.snd_max - sk.snd_una) & MASK) <= sk.mss_cache:
         pto += 0.2  # RFC 8985 §7.2 WCDelAckT
+    else:
+        pto += _TLP_MIN  # Linux TCP_TIMEOUT_MIN
     if pto >= rto:
         # Never later than the RTO, but not dropped either: Linux arms the probe
         # at min(PTO, RTO) in the RTO's place, so a one- or two-segment flight
@@ -388,11 +403,7 @@ def tcp_schedule_loss_probe(sh: Shard, sk: TcpSock, now: float, rto: float,
         if pto < 2 * srtt:
             return
     deadline = now + pto
-    timers = sk.timers
-    cur = timers[_TLP]
-    if earlier_only and cur is not None and cur <= deadline:
-        return  # new data keeps an earlier probe; a larger flight may bring a later one in
-    timers[_TLP] = deadline
+    sk.timers[_TLP] = deadline  # a later deadline too: from the newest segment
     q = sk.timer_q[_TLP]
     if q is None or q > deadline:  # TimerHeap.arm's lazy rule, without the call
         sh.timers.arm(sk, _TLP, deadline)

@@ -39,7 +39,17 @@ import errno
 import heapq
 from typing import TYPE_CHECKING, overload
 
-from . import inet_connection_sock, tcp, tcp_ecn, tcp_ipv4, tcp_output, tcp_pacing, tcp_recovery
+from . import (
+    inet_connection_sock,
+    tcp,
+    tcp_delack,
+    tcp_ecn,
+    tcp_ipv4,
+    tcp_mtup,
+    tcp_output,
+    tcp_pacing,
+    tcp_recovery,
+)
 from .tcp_h import (
     MASK,
     TCP_ORPHAN_RETRIES,
@@ -294,8 +304,10 @@ def tcp_write_timeout(sh: Shard, sk: TcpSock, now: float) -> bool:
         limit = retry_until + sh.cfg.syn_linear_timeouts if st is TCP_SYN_SENT else retry_until
         expired = sk.syn_retries >= limit
     else:
-        if retransmits_timed_out(sk, TCP_RETRIES1, 0.0, now) and sh.tracing:
-            sh.tr("__dst_negative_advice")
+        if retransmits_timed_out(sk, TCP_RETRIES1, 0.0, now):
+            tcp_mtup.tcp_mtu_probing(sh, sk, now)  # black-hole detection (RFC 4821)
+            if sh.tracing:
+                sh.tr("__dst_negative_advice")
         retry_until = TCP_RETRIES2
         if sk.orphan:
             retry_until = tcp_orphan_retries(sk, tcp_output.tcp_rto(sk) < TCP_RTO_MAX)
@@ -372,6 +384,8 @@ def tcp_enter_loss(sh: Shard, sk: TcpSock, now: float) -> None:
         return
     sk.cc.on_rto(now, ((sk.snd_max - una) & MASK) / sk.mss_cache)
     tcp_ecn.tcp_ecn_queue_cwr(sk)
+    if sk.mtup_probe_size:
+        tcp_mtup.tcp_mtup_lost(sh, sk)
     new_recovery = not sk.in_recovery and first
     sk.in_recovery = False
     sk.in_loss = True
@@ -402,6 +416,7 @@ def tcp_delack_timer(sh: Shard, sk: TcpSock, now: float) -> None:
         return
     if sk.unacked_rcv or sk.ack_now:
         sh.stats.delayed_acks += 1
+        tcp_delack.tcp_delack_timer_expired(sk)  # ato inflates, or pingpong ends
         tcp_output.tcp_send_ack(sh, sk, now)
 
 

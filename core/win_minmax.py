@@ -43,24 +43,33 @@ class WinMin:
         common case; the minimum is recomputed only when a record expires.
         """
         recs = self.records
-        quarter = self.win / 4
-        if recs and recs[0][0] + quarter <= now - self.win:
-            while recs and recs[0][0] + quarter <= now - self.win:
-                del recs[0]  # its whole sub-window is older than the window
-            if recs:
-                self.best = min(r[1] for r in recs)
-        if not recs or value <= self.best:
-            # A new minimum: no older sample can be the answer again.
-            self.records = [[now, value]]
-            self.best = value
-            return value
-        last = recs[-1]
-        if now - last[0] < quarter:
-            if value < last[1]:
-                last[1] = value
+        if recs and value > self.best:
+            win = self.win
+            quarter = win / 4
+            horizon = now - win
+            if recs[0][0] + quarter <= horizon:
+                while recs and recs[0][0] + quarter <= horizon:
+                    del recs[0]  # its whole sub-window is older than the window
+                if recs:
+                    self.best = min(r[1] for r in recs)
+            if recs and value > self.best:
+                last = recs[-1]
+                if now - last[0] < quarter:
+                    if value < last[1]:
+                        last[1] = value
+                else:
+                    recs.append([now, value])
+                return self.best
+        # A new minimum (expiry can only raise ``best``, so no record needs
+        # expiring first): no older sample can be the answer again.
+        if len(recs) == 1:
+            rec = recs[0]  # reuse the one record (no allocation per ACK)
+            rec[0] = now
+            rec[1] = value
         else:
-            recs.append([now, value])
-        return self.best
+            self.records = [[now, value]]
+        self.best = value
+        return value
 
     def get(self, now: float) -> float | None:
         """The windowed minimum at ``now`` (None: no sample in the window)."""

@@ -217,7 +217,9 @@ class _Lane:
         if l3 < 0:
             return False
         size = frame[l3 + 2] << 8 | frame[l3 + 3]
-        if flags and not self.rx:  # IP + TCP headers + one mss of payload
+        # On TX through Impair the second field is the GSO mss; the bridge's lanes
+        # carry a virtio-net header there instead (its GSO frames are cut already).
+        if flags and type(flags) is int and not self.rx:  # IP + TCP headers + one mss
             hl = (frame[l3] & 0x0F) * 4
             seg = hl + (frame[l3 + hl + 12] >> 4) * 4 + flags if len(frame) > l3 + hl + 12 else size
             size = min(size, seg)

@@ -171,6 +171,9 @@ class AppGate:
         # token -> shard descriptor of connections the app closed (or both
         # sides finished) and the gate let go, for a lingering close() (_linger).
         self.closed: OrderedDict[int, int] = OrderedDict()
+        # token -> worker id of connections migrated to another worker
+        # (shardstack.migrate): their ctl requests are redirected there.
+        self.moved: OrderedDict[int, int] = OrderedDict()
         # Tokens also name W in the abstract namespace, which every process
         # of this network namespace shares: the pid makes them unique among
         # live workers (two stacks side by side, a test's stack and the next).
@@ -842,6 +845,9 @@ class AppGate:
             return self._status(msg.get("token", -1))
         conn = self.tokens.get(msg.get("token", -1))
         if conn is None:
+            moved = self.moved.get(msg.get("token", -1))
+            if moved is not None:  # migrated: the shim asks there (shim.stack.worker_call)
+                return {"ok": True, "moved": moved}
             return _err(errno.EBADF, "no such connection on this worker")
         try:
             if op == "setsockopt":
@@ -876,6 +882,10 @@ class AppGate:
         """
         if not isinstance(token, int):
             return {"ok": True, "errno": 0, "alive": False}
+        if token in self.tokens or token in self.dead:  # ours, or adopted (migrated in)
+            return {"ok": True, "errno": self.dead.pop(token, 0), "alive": token in self.tokens}
+        if token in self.moved:
+            return {"ok": True, "moved": self.moved[token]}
         if token >> 32 != self._next_token >> 32:
             # A token of this worker's previous process (tokens carry the pid,
             # _token): its connections died with it, unannounced, as a host
@@ -952,9 +962,114 @@ class AppGate:
         except OSError:
             return None  # released (Closed): nothing left to wait for
 
+    # -- migration (shardstack.migrate) ---------------------------------------------
+
+    def export_conns(self, sds: set[int], to: int) -> tuple[list[dict[str, Any]],
+                                                             list[socket.socket]]:
+        """Let go of the connections on shard descriptors `sds` (the engine
+        exported them): their state as plain values and the sockets to hand
+        over (W, and A's dup while connecting). Entries name sockets by index."""
+        out: list[dict[str, Any]] = []
+        socks: list[socket.socket] = []
+        for sd in sorted(sds):
+            conn = self.conns.get(sd)
+            if conn is None:
+                continue
+            self._stop_reading(conn)
+            self._want_write(conn, False)
+            self._forget(conn)  # also out of the hang-up watch (_hup)
+            self._remember_moved(conn.token, to)
+            e = {"sd": sd, "token": conn.token, "state": conn.state.name, "w": len(socks),
+                 "app": -1, "app_sndbuf": conn.app_sndbuf, "filler": conn.filler,
+                 "inp": bytes(conn.inp) if conn.inp is not None else None,
+                 "out": bytes(conn.out) if conn.out is not None else None,
+                 "unconsumed": conn.unconsumed, "edge": conn.edge, "streaming": conn.streaming,
+                 "app_eof": conn.app_eof, "peer_eof": conn.peer_eof}
+            socks.append(conn.w)
+            if conn.app is not None:
+                e["app"] = len(socks)
+                socks.append(conn.app)
+            out.append(e)
+        for lst in self.listeners.values():  # accepted, not yet connected to the app
+            keep: deque = deque()
+            for child, w, token in lst.pending:
+                if child in sds:
+                    out.append({"sd": child, "pending": lst.bind_id, "token": token,
+                                "w": len(socks)})
+                    socks.append(w)
+                    self._remember_moved(token, to)
+                else:
+                    keep.append((child, w, token))
+            lst.pending = keep
+        return out, socks
+
+    def _remember_moved(self, token: int, to: int) -> None:
+        self.moved[token] = to
+        self.moved.move_to_end(token)
+        if len(self.moved) > DEAD_MAX:
+            self.moved.popitem(last=False)
+
+    def import_conns(self, entries: list[dict[str, Any]], socks: list[socket.socket],
+                     sdmap: dict[int, int]) -> int:
+        """Take over exported connections (export_conns' entries, the sockets
+        received, old sd -> new sd from Shard.migrate_in); returns how many."""
+        now = time.monotonic()
+        taken = 0
+        kick: list[GateConn] = []
+        for e in entries:
+            w = socks[e["w"]]
+            new = sdmap.get(e["sd"])
+            app = socks[e["app"]] if e.get("app", -1) >= 0 else None
+            if new is None:  # the engine did not carry it: the app sees a reset
+                w.close()
+                if app is not None:
+                    app.close()
+                continue
+            self.moved.pop(e["token"], None)
+            taken += 1
+            if "pending" in e:
+                lst = self.listeners.get(e["pending"])
+                if lst is None:
+                    w.close()
+                    self._abort_sd(new, now)
+                    continue
+                lst.pending.append((new, w, e["token"]))
+                self._connect_pending(lst)
+                continue
+            conn = GateConn(new, w, e["token"], state=State[e["state"]], app=app,
+                            app_sndbuf=e["app_sndbuf"], filler=e["filler"],
+                            inp=memoryview(e["inp"]) if e["inp"] is not None else None,
+                            out=memoryview(e["out"]) if e["out"] is not None else None,
+                            unconsumed=e["unconsumed"], edge=e["edge"],
+                            streaming=e["streaming"], app_eof=e["app_eof"],
+                            peer_eof=e["peer_eof"])
+            self._add(conn)
+            if conn.app_eof and not conn.peer_eof:  # shut down by the app: watch for its close
+                fd = w.fileno()
+                self._hup.register(fd, 0)
+                self._hup_conns[fd] = conn
+            kick.append(conn)
+        for conn in kick:
+            if self.conns.get(conn.sd) is not conn or conn.state is not _ESTABLISHED:
+                continue
+            if conn.out is not None:
+                self._want_write(conn, True)
+            self._pump_down(conn)
+            if self.conns.get(conn.sd) is conn:
+                self._pump_up(conn)
+            if self.conns.get(conn.sd) is conn and conn.inp is None:
+                self._start_reading(conn)
+        for lst in list(self.listeners.values()):  # children that came in accept queues
+            self._on_acceptable(lst)
+        return taken
+
     def connections(self) -> list[dict[str, Any]]:
         return [{"sd": c.sd, "token": c.token, "state": str(c.state),
-                 "unconsumed": c.unconsumed} for c in self.conns.values()]
+                 "unconsumed": c.unconsumed, "reading": c.reading, "writing": c.writing,
+                 "app_eof": c.app_eof, "peer_eof": c.peer_eof,
+                 "inp": len(c.inp) if c.inp is not None else None,
+                 "out": len(c.out) if c.out is not None else None}
+                for c in self.conns.values()]
 
     def close(self) -> None:
         """Worker shutdown: drop every app stream and our endpoint."""

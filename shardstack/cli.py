@@ -22,6 +22,8 @@ examples:
   shardstack serve --tun ss0 --addr 198.18.0.2/24 --peer 198.18.0.1/24 --echo 7
   shardstack run -- python -m http.server 8000
   shardstack ss            shardstack stats --json            shardstack reta
+  shardstack reta move 5 1              bucket 5 and its connections to worker 1, live
+  shardstack reload                     new worker processes, connections kept
   shardstack trace --port 7             the engine's call graph for port 7's segments, live
 """
 
@@ -80,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="list every bucket, idle ones too")
+    p.add_argument("move", nargs="*", metavar="move BUCKET WORKER",
+                   help="move one bucket to WORKER, its connections with it (no byte lost, "
+                   "no reset; aborted after 2 s, the bucket then stays)")
+    what = ("replace every worker process by a new one (current code and config), "
+            "moving its connections away and back: established connections survive")
+    p = sub.add_parser("reload", help=what, description=what + ". Needs --workers 2 or more.")
+    p.add_argument("--run-dir", help="the stack's run directory (default: as serve picks)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     what = "print what the engine does for a port's or a connection's segments, live"
     p = sub.add_parser("trace", help=what, description=what + ". Attaches to the running "
                        "stack, no restart; nothing is traced (or costs anything) once it exits.")
@@ -187,10 +197,23 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus/OpenMetrics text at http://HOST:PORT/metrics "
                    "(HOST defaults to 127.0.0.1: loopback only unless you name another)")
+    p.add_argument("--rebalance", choices=("auto", "off"), default="off",
+                   help="auto: move RETA buckets, with their connections, from the busiest "
+                   "worker to the idlest when their CPU differs by more than 20%% for a "
+                   "second (default off)")
     p.add_argument("--ecn", type=int, choices=(0, 1, 2), default=2,
                    help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
                    "on outgoing connections and accept it, 2 accept it when a peer asks "
                    "(default 2, Linux's default)")
+    p.add_argument("--pacing", action="store_true",
+                   help="pace every connection at its pacing rate (cwnd x MSS / SRTT, "
+                   "200 %% in slow start, 120 %% after), as Linux under the fq qdisc; by "
+                   "default only sockets with SO_MAX_PACING_RATE are paced, as Linux "
+                   "with CUBIC and no fq")
+    p.add_argument("--mtu-probing", type=int, choices=(0, 1, 2), default=0,
+                   help="path MTU probing (RFC 4821), as Linux's net.ipv4.tcp_mtu_probing: "
+                   "0 off (default, as Linux), 1 on once a path drops large segments "
+                   "without ICMP (a black hole), 2 always (start at 1024 bytes, probe up)")
     p.set_defaults(serve_parser=p)  # so argument errors print serve's usage
 
 
@@ -237,7 +260,10 @@ def serve_config(args: argparse.Namespace):
         secret=new_secret(),
         max_connections=args.max_connections,
         tcp_mem=_parse_tcp_mem(args.tcp_mem),
+        rebalance=args.rebalance,
         ecn=args.ecn,
+        pacing=args.pacing,
+        mtu_probing=args.mtu_probing,
     )
     return cfg.validate()
 
@@ -301,13 +327,14 @@ def _origin(exc: BaseException) -> str:
     return f"in {code.co_name} ({os.path.basename(code.co_filename)}:{tb.tb_lineno})"
 
 
-def _control_call(args: argparse.Namespace, op: str) -> dict[str, Any] | None:
+def _control_call(args: argparse.Namespace, op: str, timeout: float = 10.0,
+                  **kw: Any) -> dict[str, Any] | None:
     from shardstack import control
     from shardstack.rundir import open_run_dir, select_run_dir
 
     run = open_run_dir(select_run_dir(args.run_dir))
     try:
-        return control.call(run.control_sock, op, timeout=10.0)
+        return control.call(run.control_sock, op, timeout=timeout, **kw)
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"shardstack {op}: no stack running in {run.path}", file=sys.stderr)
     except OSError as e:
@@ -340,11 +367,47 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_reta(args: argparse.Namespace) -> int:
     from shardstack.reta import format_reta
 
+    if args.move:
+        return _reta_move(args)
     reply = _control_call(args, "reta")
     if reply is None:
         return 1
     reply.pop("ok", None)
     print(json.dumps(reply, indent=1) if args.json else format_reta(reply, args.all))
+    return 0
+
+
+def _reta_move(args: argparse.Namespace) -> int:
+    words = args.move
+    if len(words) != 3 or words[0] != "move" or not all(w.isdigit() for w in words[1:]):
+        print("usage: shardstack reta move BUCKET WORKER", file=sys.stderr)
+        return 2
+    reply = _control_call(args, "reta_move", bucket=int(words[1]), worker=int(words[2]))
+    if reply is None:
+        return 1
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    else:
+        print(f"bucket {reply['bucket']}: worker {reply['from']} -> {reply['to']}, "
+              f"{reply['conns']} connections ({reply['app_conns']} apps'), pause "
+              f"{reply['pause'] * 1e3:.2f} ms, {reply['held']} frames held, "
+              f"{reply['seconds'] * 1e3:.1f} ms in all")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _control_call(args, "reload", timeout=120.0)
+    if reply is None:
+        return 1
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    else:
+        for w in reply["workers"]:
+            print(f"worker {w['worker']}: pid {w['old_pid']} -> {w['pid']}, "
+                  f"{w['conns']} connections moved away and back, new process ready in "
+                  f"{w['replace_seconds']:.1f} s")
     return 0
 
 
@@ -441,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stats(args)
     if args.command == "reta":
         return cmd_reta(args)
+    if args.command == "reload":
+        return cmd_reload(args)
     if args.command == "trace":
         return cmd_trace(args)
     if args.command == "demo":

@@ -113,7 +113,10 @@ class ServeConfig:
     secret: bytes = b""
     max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
+    rebalance: str = "off"  # "auto": move buckets from hot to cold workers (shardstack.rebalance)
     ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (ShardConfig.ecn)
+    pacing: bool = False  # pace every connection (ShardConfig.pacing); else SO_MAX_PACING_RATE only
+    mtu_probing: int = 0  # net.ipv4.tcp_mtu_probing: 0 off, 1 after a black hole, 2 always
 
     def validate(self) -> ServeConfig:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -145,6 +148,8 @@ class ServeConfig:
             raise ConfigError("--max-connections must be >= 0")
         if self.ecn not in (0, 1, 2):
             raise ConfigError(f"--ecn must be 0, 1 or 2, not {self.ecn}")
+        if self.mtu_probing not in (0, 1, 2):
+            raise ConfigError(f"--mtu-probing must be 0, 1 or 2, not {self.mtu_probing}")
         if self.metrics is not None:
             from shardstack.metrics import parse_listen
 
@@ -152,6 +157,8 @@ class ServeConfig:
                 parse_listen(self.metrics)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        if self.rebalance not in ("auto", "off"):
+            raise ConfigError(f"--rebalance must be auto or off, not {self.rebalance!r}")
         if len(self.secret) < 16:
             raise ConfigError("secret must be at least 16 bytes")
         return self

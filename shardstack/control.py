@@ -164,6 +164,9 @@ class AsyncControlClient:
         self._reader = reader
         self._writer = writer
         self._lock = asyncio.Lock()
+        # Replies still owed for calls that timed out: they arrive late, in
+        # order, and must not be taken for the answer to a later call.
+        self._owed = 0
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str]) -> AsyncControlClient:
@@ -177,7 +180,13 @@ class AsyncControlClient:
                 # not the RuntimeError a closed transport raises on write.
                 raise ConnectionResetError(errno.ECONNRESET, "control connection closed")
             self._writer.write(pack({"op": op, **args}))
-            reply = await asyncio.wait_for(_read_message(self._reader), timeout)
+            self._owed += 1
+            reply = None
+            while self._owed:
+                reply = await asyncio.wait_for(_read_message(self._reader), timeout)
+                if reply is None:
+                    break
+                self._owed -= 1
         if reply is None:
             raise ConnectionResetError(errno.ECONNRESET, "control connection closed")
         return raise_for_reply(reply)

@@ -144,9 +144,29 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         bcpu.add_metric(label, b["cpu_seconds"])
     out: list[Metric] = [frames_in, frames_out, segs_in, segs_out, retrans, drops, conns,
                          buckets, moves, wframes, wbytes, bframes, bbytes, bcpu]
+    out += _migration_families(rep.get("migrations"))
     out += _process_families(snap.get("processes", []))
     out += _netio_families(snap.get("netio", {}))
     return out
+
+
+def _migration_families(mig: dict[str, Any] | None) -> list[Metric]:
+    """Bucket moves that carried connections (shardstack.migrate)."""
+    done = CounterMetricFamily("shardstack_migrations",
+                               "Bucket moves with their connections, by result",
+                               labels=["result"])
+    pause = GaugeMetricFamily("shardstack_migration_last_pause_seconds",
+                              "The last completed move's pause: RETA switch to install")
+    held = GaugeMetricFamily("shardstack_migration_last_held_frames",
+                             "Frames the last completed move held and replayed")
+    if mig is not None:
+        done.add_metric(["done"], mig.get("done", 0))
+        done.add_metric(["aborted"], mig.get("aborted", 0))
+        last = [m for m in mig.get("last", []) if m.get("ok")]
+        if last:
+            pause.add_metric([], last[-1]["pause"])
+            held.add_metric([], last[-1]["held"])
+    return [done, pause, held]
 
 
 def _process_families(procs: list[dict[str, Any]]) -> list[Metric]:

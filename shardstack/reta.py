@@ -1,10 +1,11 @@
 """The RETA as the supervisor keeps it: the table, the moves made, the load report.
 
 A *move* is one bucket whose worker changed when a new table was installed
-(`set_reta`), counted per bucket and per worker (out of the old one, into the
-new one). Nothing moves buckets on its own yet (live rebalancing is issue 15's
-next step), so the counts stay 0 until someone installs a different table;
-they are real counts of real changes, not placeholders.
+(`set_reta`, or a bucket move with its connections: `shardstack reta move`,
+`serve --rebalance auto`, `shardstack reload`; shardstack.migrate), counted
+per bucket and per worker (out of the old one, into the new one). Moves that
+carried connections are also kept, the last HISTORY of them, with their
+figures (pause, frames held, connections): `history`.
 
 `report()` joins the table, the moves and each worker's per-bucket load
 (shardstack.load, the worker's `load` control op) into what `shardstack reta`
@@ -15,10 +16,13 @@ has counts in both), per worker the same totals and its CPU seconds.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardstack.netio import rss
+
+HISTORY = 32  # migrations remembered for `shardstack reta`
 
 
 @dataclass(slots=True)
@@ -31,6 +35,17 @@ class RetaBook:
     bucket_moves: list[int] = field(default_factory=lambda: [0] * rss.RETA_SIZE)
     moves_in: list[int] = field(default_factory=list)
     moves_out: list[int] = field(default_factory=list)
+    migrations: int = 0  # moves that carried connections (shardstack.migrate), done
+    aborted: int = 0  # such moves aborted (the bucket stayed)
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """One migration's figures (migrate.MoveRecord.as_dict())."""
+        if rec.get("ok"):
+            self.migrations += 1
+        else:
+            self.aborted += 1
+        self.history.append(rec)
 
     def __post_init__(self) -> None:
         if not self.table:
@@ -74,7 +89,9 @@ def report(book: RetaBook, loads: list[dict[str, Any] | None]) -> dict[str, Any]
                 "cpu_seconds": round(cpu[b], 6), "moves": book.bucket_moves[b]}
                for b in range(n)]
     return {"reta": list(book.table), "moves": book.moves, "workers": workers,
-            "buckets": buckets}
+            "buckets": buckets,
+            "migrations": {"done": book.migrations, "aborted": book.aborted,
+                           "last": list(book.history)}}
 
 
 def format_reta(rep: dict[str, Any], all_buckets: bool = False) -> str:
@@ -104,6 +121,18 @@ def format_reta(rep: dict[str, Any], all_buckets: bool = False) -> str:
     idle = len(rep["buckets"]) - shown
     if idle:
         lines.append(f"({idle} buckets without traffic or moves not shown; --all shows them)")
+    mig = rep.get("migrations")
+    if mig is not None:
+        lines.append("")
+        lines.append(f"moves with their connections: {mig['done']} done, "
+                     f"{mig['aborted']} aborted")
+        if mig["last"]:
+            lines.append(f"{'bucket':<7} {'from':>4} {'to':>3} {'by':>6} {'conns':>5} "
+                         f"{'pause ms':>9} {'held':>5} {'total ms':>9}  result")
+        for m in mig["last"][-10:]:
+            lines.append(f"{m['bucket']!s:<7} {m['from']:>4} {m['to']:>3} {m['by']:>6} "
+                         f"{m['conns']:>5} {m['pause'] * 1e3:>9.2f} {m['held']:>5} "
+                         f"{m['seconds'] * 1e3:>9.2f}  {'ok' if m['ok'] else m['reason']}")
     lines.append("")
     lines.append("table (bucket: worker of that bucket and the next 31):")
     t = rep["reta"]

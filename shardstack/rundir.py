@@ -107,7 +107,7 @@ class RunDir:
     def remove_stale(self) -> None:
         """Unlink endpoints a crashed previous serve left (we hold the lock)."""
         for p in self.path.iterdir():
-            if p.name == CONTROL_NAME or p.name.startswith(("rx-", "worker-", "netio-")):
+            if p.name == CONTROL_NAME or p.name.startswith(("rx-", "worker-", "netio-", "migrate-")):
                 _unlink(p)
 
     def cleanup(self) -> None:

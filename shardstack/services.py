@@ -127,6 +127,36 @@ class Services:
             self.stats.closed += 1
             self.shard.close(sd, now)
 
+    # -- migration (shardstack.migrate) ---------------------------------------------
+
+    def export(self, sds: set[int]) -> list[dict]:
+        """Let go of our connections among `sds` (the engine exported them)."""
+        out = []
+        for sd in sorted(sds):
+            c = self.conns.pop(sd, None)
+            if c is not None:
+                out.append({"sd": sd, "kind": c.kind, "pending": bytes(c.pending),
+                            "eof": c.eof, "shut": c.shut})
+        return out
+
+    def adopt(self, entries: list[dict], sdmap: dict[int, int], now: float) -> int:
+        """Take over exported connections under their new descriptors, and
+        accept children that arrived in our listeners' queues."""
+        taken = 0
+        for e in entries:
+            sd = sdmap.get(e["sd"])
+            if sd is None:
+                continue
+            c = _Conn(e["kind"], bytearray(e["pending"]), bool(e["eof"]), bool(e["shut"]))
+            self.conns[sd] = c
+            taken += 1
+            self._write(sd, c, now)
+            if sd in self.conns and not c.pending and not c.eof:
+                self._read(sd, c, now)
+        for lsd in list(self.listeners):
+            self._accept(lsd)
+        return taken
+
     def close_all(self, now: float) -> None:
         for sd in list(self.conns):
             self._close(sd, now)

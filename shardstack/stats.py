@@ -230,6 +230,14 @@ def format_stats(st: dict[str, Any]) -> str:
         line = _drop_line({k: w.get("shard", {}).get(k, 0) for k in LIMIT_COUNTERS})
         if line:
             lines.append(f"worker {w.get('id')} limits hit: {line}")
+        mig = w.get("counters", {}).get("migrate")
+        if mig and (mig.get("moves_in") or mig.get("moves_out") or mig.get("aborted")):
+            steer = mig.get("steer", {})
+            lines.append(f"worker {w.get('id')} bucket moves: in {mig.get('moves_in', 0)} "
+                         f"out {mig.get('moves_out', 0)} aborted {mig.get('aborted', 0)}; "
+                         f"frames held {steer.get('held', 0)} forwarded "
+                         f"{steer.get('forwarded', 0)} dropped "
+                         f"{steer.get('hold_dropped', 0) + steer.get('forward_dropped', 0)}")
     n = st.get("netio", {}).get("counters", {})
     if n:
         d = n.get("dispatch", {})

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardstack import control
+from shardstack import control, migrate
 from shardstack import reta as retabook
 from shardstack.config import ServeConfig
 from shardstack.core.inet_connection_sock import SOMAXCONN, inet_csk_get_port
@@ -239,6 +239,8 @@ class Child:
     ready_fd: int = -1
     telemetry: ProcTelemetry | None = None
     ctl: control.AsyncControlClient | None = None
+    reloading: bool = False  # `shardstack reload` is replacing it: its exit is no crash
+    reloads: int = 0
 
     @property
     def name(self) -> str:
@@ -277,6 +279,8 @@ class Supervisor:
         self.stop_event: asyncio.Event | None = None
         self.server: asyncio.AbstractServer | None = None
         self.me = ProcTelemetry(os.getpid())
+        self.move_lock = asyncio.Lock()  # one bucket move (or reload) at a time
+        self.balancer = None  # shardstack.rebalance.Balancer with --rebalance auto
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -293,6 +297,11 @@ class Supervisor:
             for c in self.children:
                 self._spawn(c)
             self.loop.call_later(SPARE_DELAY, self._start_spare)
+            if self.cfg.rebalance == "auto" and self.cfg.workers > 1:
+                from shardstack.rebalance import Balancer
+
+                self.balancer = Balancer(self.cfg.workers)
+                self.loop.create_task(self._rebalance_loop())
             log(f"serving {' '.join(c.text for c in self.cfg.addrs)} on {self.cfg.device} {self.cfg.ifname} with "
                 f"{self.cfg.workers} workers; run dir {self.run.path}")
             await self.stop_event.wait()
@@ -635,6 +644,12 @@ class Supervisor:
         # A child that got as far as serving is replaced at once (kill -9, an
         # OOM kill); one that keeps failing to start, or keeps dying, backs off.
         failed_start = not c.served
+        if c.reloading and not failed_start:  # replaced on purpose (`shardstack reload`)
+            c.reloading = False
+            c.reloads += 1
+            log(f"{c.name} (pid {c.proc.pid}) replaced by reload after {lived:.1f}s")
+            self._spawn(c)
+            return
         c.deaths = [t for t in c.deaths if now - t < CRASH_WINDOW] + [now]
         if failed_start or len(c.deaths) > CRASH_BURST:
             c.quick_deaths += 1
@@ -860,23 +875,222 @@ class Supervisor:
             None, control_call, str(self.run.path), req, int(WORKER_CALL_TIMEOUT * 1000))
 
     async def _op_set_reta(self, req, conn) -> dict[str, Any]:
-        """Rebalance: a new 128-entry indirection table, to netio and workers."""
+        """A new 128-entry indirection table, to netio and workers. The
+        connections of buckets that change workers do not follow (they reset
+        at their next segment): `reta_move` is the move that carries them."""
         reta = [int(w) for w in req["reta"]]
         if len(reta) != rss.RETA_SIZE or not all(0 <= w < self.cfg.workers for w in reta):
             raise OSError(errno.EINVAL, "RETA must hold 128 valid worker ids")
+        await self._install_reta(reta)
+        return {}
+
+    async def _install_reta(self, reta: list[int]) -> None:
+        """Switch the steering (kernel program or map, netio's Dispatcher) and
+        tell the workers (their ephemeral-port filter reads it)."""
+        await self._steer_reta(reta)
+        await self._publish_reta(reta)
+
+    async def _steer_reta(self, reta: list[int]) -> None:
+        """What decides where frames go: the kernel's steering with direct
+        RX, netio's Dispatcher without it."""
         self.reta = reta
         self.book.install(reta)
+        direct = False
         if self.fanout is not None:
             from shardstack.netio import fanout
 
             fanout.set_program(self.fanout[0], self.cfg.workers, reta)  # one program per group
+            direct = True
         if self.tun_reta_map is not None:
             self.tun_reta_map.write(reta)  # 128 map writes; the program stays
+            direct = True
+        if not direct:
+            await self._netio_reta(reta)
+
+    async def _publish_reta(self, reta: list[int]) -> None:
+        """Everyone else who reads the RETA: netio (with direct RX it only
+        forwards ICMP errors by it) and the workers (ephemeral ports)."""
+        if self.fanout is not None or self.tun_reta_map is not None:
+            await self._netio_reta(reta)
+        await self._ask_workers("set_reta", reta=reta)
+
+    async def _netio_reta(self, reta: list[int]) -> None:
         reply = await self._netio_call({"op": "reta", "reta": reta})
         if not reply or not reply.get("ok"):
             raise OSError(errno.EIO, f"netio refused the RETA: {reply}")
-        await self._ask_workers("set_reta", reta=reta)
-        return {}
+
+    # -- moving buckets with their connections (shardstack.migrate) ---------------
+
+    async def _op_reta_move(self, req, conn) -> dict[str, Any]:
+        """`shardstack reta move BUCKET WORKER`."""
+        bucket, dst = int(req["bucket"]), int(req["worker"])
+        if not 0 <= bucket < rss.RETA_SIZE:
+            raise OSError(errno.EINVAL, f"bucket must be 0..{rss.RETA_SIZE - 1}")
+        if not 0 <= dst < self.cfg.workers:
+            raise OSError(errno.EINVAL, f"worker must be 0..{self.cfg.workers - 1}")
+        async with self.move_lock:
+            rec = await self._move([bucket], dst, "hand")
+        if not rec["ok"]:
+            raise OSError(errno.ETIMEDOUT, f"move aborted, bucket {bucket} stays with worker "
+                          f"{rec['from']}: {rec['reason']}")
+        return rec
+
+    async def _move(self, buckets: list[int], dst: int, by: str) -> dict[str, Any]:
+        """Move `buckets` (all of one worker's) to worker `dst` with their
+        connections; the caller holds move_lock. Returns the move's record
+        (migrate.MoveRecord.as_dict()), also kept in the book."""
+        src = self.reta[buckets[0]]
+        if any(self.reta[b] != src for b in buckets):
+            raise OSError(errno.EINVAL, "buckets of one move must share a worker")
+        t0 = time.monotonic()
+        label = buckets[0] if len(buckets) == 1 else f"{len(buckets)}x"
+        rec = migrate.MoveRecord(label, src, dst, True, time.time(), 0.0, 0.0, 0, 0, 0, by=by)
+        if src == dst:
+            return rec.as_dict()
+        workers = self._workers()
+        a, b = workers[src], workers[dst]
+        if not (a.ready and b.ready and a.ctl is not None and b.ctl is not None):
+            raise OSError(errno.EAGAIN, "both workers must be running and ready")
+        timeout = migrate.MOVE_TIMEOUT + migrate.ACK_GRACE + 1.0
+        try:
+            await b.ctl.call("mig_hold", timeout=timeout, buckets=buckets, src=src)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # Nothing switched yet: the bucket simply stays (B, if it wakes up
+            # holding, gives up after its own timeout: it gets no frames of it).
+            rec.ok, rec.reason = False, f"worker {dst} did not take the hold: {e!r}"
+            rec.seconds = time.monotonic() - t0
+            self.book.record(rec.as_dict())
+            log(f"move of bucket(s) {label} {src} -> {dst} aborted: {rec.reason}")
+            return rec.as_dict()
+        old = list(self.reta)
+        new = list(self.reta)
+        for k in buckets:
+            new[k] = dst
+        t_switch = time.monotonic()
+        try:
+            # Only the steering before the export (the pause runs from here);
+            # the rest of the RETA's readers are told once the move is done.
+            await self._steer_reta(new)
+            exp = await a.ctl.call("mig_export", timeout=timeout, buckets=buckets, to=dst)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # A kept (or took back) the state: the bucket goes back to it, and
+            # what B held meanwhile is forwarded there.
+            await self._install_reta(old)
+            await self._call_quietly(b, "mig_abort", buckets=buckets)
+            rec.ok, rec.reason = False, str(e) or type(e).__name__
+            rec.seconds = time.monotonic() - t0
+            self.book.record(rec.as_dict())
+            log(f"move of bucket(s) {label} {src} -> {dst} aborted: {rec.reason}")
+            return rec.as_dict()
+        rec.conns = exp.get("conns", 0)
+        rec.app_conns = exp.get("app_conns", 0)
+        rec.forwarded = exp.get("forwarded", 0)
+        try:
+            fin = await b.ctl.call("mig_finish", timeout=timeout, buckets=buckets)
+            rec.pause = max(0.0, fin.get("installed_at", t_switch) - t_switch)
+            rec.transfer = fin.get("transfer", 0.0)
+            rec.held = fin.get("held", 0)
+        except (OSError, TimeoutError, control.ControlError) as e:
+            # Sent and acknowledged, so it is B's now; its figures are lost.
+            rec.reason = f"no figures from worker {dst}: {e}"
+        try:
+            await self._publish_reta(self.reta)
+        except OSError as e:
+            log(f"move of bucket(s) {label}: RETA not published everywhere: {e}")
+        rec.seconds = time.monotonic() - t0
+        rec.at = time.time()
+        self.book.record(rec.as_dict())
+        return rec.as_dict()
+
+    async def _op_reload(self, req, conn) -> dict[str, Any]:
+        """`shardstack reload`: every worker process replaced by a new one
+        started from the current code, its connections moved away first and
+        back after (docs/howto.md "Reloading"). Needs two workers or more."""
+        workers = self._workers()
+        if len(workers) < 2:
+            raise OSError(errno.EOPNOTSUPP, "reload moves connections between workers: "
+                          "it needs --workers 2 or more")
+        report = []
+        async with self.move_lock:
+            for c in workers:
+                report.append(await self._reload_one(c, workers))
+        return {"workers": report}
+
+    async def _reload_one(self, c: Child, workers: list[Child]) -> dict[str, Any]:
+        mine = [k for k in range(rss.RETA_SIZE) if self.reta[k] == c.wid]
+        others = [o.wid for o in workers if o is not c]
+        old_pid = c.proc.pid if c.proc is not None else None
+        moves = []
+        # away: round robin over the others, one move per destination
+        for i, dst in enumerate(others):
+            part = mine[i::len(others)]
+            if part:
+                rec = await self._move(part, dst, "reload")
+                moves.append(rec)
+                if not rec["ok"]:
+                    raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        away = sum(m["conns"] for m in moves)
+        t_away = time.monotonic()
+        await self._replace(c)
+        t_new = time.monotonic()
+        self._start_spare()  # the next worker's successor starts importing now
+        for dst in others:  # and back
+            part = [k for k in mine if self.reta[k] == dst]
+            if part:
+                rec = await self._move(part, c.wid, "reload")
+                moves.append(rec)
+                if not rec["ok"]:
+                    raise OSError(errno.ETIMEDOUT, f"reload of {c.name}: {rec['reason']}")
+        log(f"reload: {c.name} pid {old_pid} -> {c.proc.pid}: new process ready in "
+            f"{t_new - t_away:.2f} s, {away} connections moved away and back")
+        return {"worker": c.wid, "old_pid": old_pid, "pid": c.proc.pid,
+                "conns": away, "moves": moves,
+                "replace_seconds": round(t_new - t_away, 3)}
+
+    async def _replace(self, c: Child) -> None:
+        """Stop c's process (it owns no bucket now) and wait for its successor."""
+        proc = c.proc
+        c.reloading = True
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE + 20.0
+        while c.proc is proc or not c.ready:
+            if time.monotonic() > deadline:
+                c.reloading = False
+                raise OSError(errno.ETIMEDOUT, f"{c.name}: no ready successor in time")
+            if c.proc is proc and time.monotonic() > deadline - 20.0 and proc.poll() is None:
+                proc.kill()
+            await asyncio.sleep(0.02)
+
+    async def _rebalance_loop(self) -> None:
+        """--rebalance auto: sample the workers' load, move a bucket from the
+        hottest worker to the coldest when the balancer says so."""
+        from shardstack.rebalance import SAMPLE_PERIOD
+
+        while not self.stopping:
+            await asyncio.sleep(SAMPLE_PERIOD)
+            try:
+                await self._rebalance_once()
+            except Exception as e:  # a bug here must not end rebalancing silently
+                log(f"rebalance: {type(e).__name__}: {e}")
+
+    async def _rebalance_once(self) -> None:
+        if self.move_lock.locked() or not all(c.ready for c in self._workers()):
+            return
+        loads = await self._ask_workers("load")
+        if any(ld is None for ld in loads):
+            return
+        pick = self.balancer.observe(time.monotonic(), self.reta, loads)
+        if pick is None:
+            return
+        buckets, dst = pick
+        async with self.move_lock:
+            buckets = [k for k in buckets if self.reta[k] != dst]
+            if not buckets:
+                return
+            rec = await self._move(buckets, dst, "auto")
+            log(f"rebalance: buckets {buckets} -> worker {dst} "
+                f"({'ok' if rec['ok'] else rec['reason']}, {rec['conns']} connections, "
+                f"ratio was {self.balancer.last_ratio:.2f})")
 
     async def _op_reta(self, req, conn) -> dict[str, Any]:
         """`shardstack reta`: the table, the moves so far, per-bucket load."""

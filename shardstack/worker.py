@@ -50,7 +50,7 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardstack import control, tracer
+from shardstack import control, migrate, tracer
 from shardstack.child import ChildDesc, child_main
 from shardstack.config import ServeConfig
 from shardstack.core import ConnInfo, Shard, ShardConfig
@@ -126,6 +126,9 @@ class Worker:
         self.shard = self._make_shard()
         self.load = BucketLoad(loop)  # per-RETA-bucket accounting (shardstack.load)
         self.shard.receive_batch = self.load.wrap(self.shard.receive_batch)
+        # Moving buckets with their connections (shardstack.migrate): holds
+        # and forwards frames of buckets on the move, around the shard's receive.
+        self.migrate = migrate.Agent(self)
         if isinstance(tx, L2Tx):
             tx.attach_shard(self.shard)  # forward progress confirms neighbours
         self.services = None
@@ -183,7 +186,8 @@ class Worker:
                            tso_max=TSO_MAX if self.tso else 0,
                            tx_csum_offload=self.tso,  # send_gso marks NEEDS_CSUM
                            max_connections=self.cfg.max_connections,
-                           ecn=self.cfg.ecn)
+                           ecn=self.cfg.ecn, pacing=self.cfg.pacing,
+                           mtu_probing=self.cfg.mtu_probing)
         if self.cfg.tcp_mem:
             low, pressure, high = self.cfg.tcp_mem
             scfg.tcp_mem = (low, pressure, high)
@@ -198,6 +202,7 @@ class Worker:
             self.services.install(DISCARD, port)
         self.appgate = self._make_appgate()
         self.ctl_server = await control.serve_unix(self.run.worker_ctl(self.wid), self._on_ctl)
+        self.migrate.listen()
         self.pull.bind(worker_endpoint(str(self.run.path), self.wid))
         self.loop.add_reader(self.pull.getsockopt(zmq.FD), self._on_rx)
         self._on_rx()  # messages may already be queued: the FD will not tell us
@@ -340,6 +345,15 @@ class Worker:
         netio: see L2Tx)."""
         return [memoryview(f)[ETH_HLEN:] for f in frames]
 
+    def drain_rx(self) -> None:
+        """Process every frame already queued for us (bounded): before a
+        bucket's state leaves, what was steered here before the switch."""
+        if self.rx_read is not None:
+            for _ in range(64):
+                if not self._dev_rx_once():
+                    break
+        self._on_rx()
+
     def _on_timer(self) -> None:
         self._timer = None
         self._armed = None
@@ -477,10 +491,14 @@ class Worker:
             return {"conns": [self._conn_dict(ci) for ci in self.shard.connections()]}
         if op == "stats":
             return self._stats()
+        if op == "gate":  # the appgate's view of its connections (diagnostics)
+            return {"conns": self.appgate.connections() if self.appgate is not None else []}
         if op == "load":
             return self.load.snapshot(self.shard)
         if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
             return tracer.control(self, op, req)
+        if isinstance(op, str) and op.startswith("mig_"):  # moving buckets (shardstack.migrate)
+            return self.migrate.control(op, req)
         if op == "set_reta":
             self.reta[:] = req["reta"]  # port_filter closes over this list
             return {}
@@ -523,6 +541,7 @@ class Worker:
             gate_udp = getattr(self.appgate, "udp", None)
             if gate_udp is not None:  # the shard's UDP MIB and the gate's hand-overs
                 counters["udp"] = {**to_plain(self.shard.udp.stats), **to_plain(gate_udp.stats)}
+        counters["migrate"] = self.migrate.control("mig_stats", {})
         dev = self.tx  # --impair: an Impair somewhere among the TX wrappers
         while isinstance(dev, DeviceWrapper) and not isinstance(dev, Impair):
             dev = dev.inner
@@ -533,6 +552,10 @@ class Worker:
         return {"worker": self.wid, "pid": os.getpid(), "counters": counters, "shard": shard_stats}
 
     def close(self) -> None:
+        if self.migrate.steer.forward:
+            # Buckets moved away (shardstack reload stops us once we own none):
+            # what is still queued for us goes on to their new workers.
+            self.drain_rx()
         self.closed = True
         self.load.close()
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
@@ -548,6 +571,7 @@ class Worker:
             frames = self.shard.take_frames_gso()
             if frames:
                 self._send(frames)  # FIN/RST on the way out
+        self.migrate.close()
         if self.ctl_server is not None:
             self.ctl_server.close()
         self.pull.close(0)

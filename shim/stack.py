@@ -29,6 +29,7 @@ ENV_LOOPBACK = "SHARDSTACK_SHIM_LOOPBACK"
 ENV_STRICT = "SHARDSTACK_SHIM_STRICT"
 CALL_TIMEOUT = 10.0
 HELLO_RETRY_WAIT = 1.0  # s: how long a refusal may take to arrive
+MOVED_HOPS = 4  # redirects followed for a migrated connection (worker_call)
 
 
 class Stack:
@@ -131,7 +132,18 @@ class Stack:
             return self._counter
 
     def worker_call(self, worker: int, msg: dict[str, Any]) -> dict[str, Any]:
-        """A ctl request to one worker (setsockopt/getsockopt by token)."""
+        """A ctl request to one worker (setsockopt/getsockopt by token). A
+        connection migrated to another worker (shardstack.migrate) is
+        followed there: the old worker answers {"moved": worker}."""
+        for _ in range(MOVED_HOPS):
+            reply = self._worker_call_once(worker, msg)
+            moved = reply.get("moved")
+            if not isinstance(moved, int) or moved == worker:
+                return reply
+            worker = moved
+        return reply
+
+    def _worker_call_once(self, worker: int, msg: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             self._check_fork()
             ch = self._ctl.get(worker)

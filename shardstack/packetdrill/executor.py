@@ -147,7 +147,8 @@ class Executor:
                                syncookies=s.syncookies, window_scaling=s.window_scaling,
                                sack=s.sack, timestamps=s.timestamps, rcvbuf=s.rcvbuf,
                                sndbuf=s.sndbuf, congestion=s.congestion,
-                               syn_linear_timeouts=s.syn_linear_timeouts, ecn=s.ecn)
+                               syn_linear_timeouts=s.syn_linear_timeouts, ecn=s.ecn,
+                               mtu_probing=s.mtu_probing, base_mss=s.base_mss)
         self.shard = Shard(self.cfg, self.now)
         self.layer = Layer(self.shard, self.local_ip, self.remote_ip)
         if self.v6:
@@ -302,7 +303,8 @@ class Executor:
         if self.cfg is not None:  # settings read when connections start
             s = self.settings
             for name in ("syncookies", "window_scaling", "sack", "timestamps", "rcvbuf",
-                         "sndbuf", "congestion", "syn_linear_timeouts", "ecn"):
+                         "sndbuf", "congestion", "syn_linear_timeouts", "ecn", "mtu_probing",
+                         "base_mss"):
                 setattr(self.cfg, name, getattr(s, name))
 
     # -- packets ------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ class Settings:
     congestion: str = "cubic"
     syn_linear_timeouts: int = 4  # net.ipv4.tcp_syn_linear_timeouts (Linux 6.18)
     ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (RFC 3168)
+    mtu_probing: int = 0  # net.ipv4.tcp_mtu_probing (RFC 4821)
+    base_mss: int = 1024  # net.ipv4.tcp_base_mss
     mtu: int = 1500
     notes: list[str] = field(default_factory=list)
 
@@ -80,7 +82,6 @@ FIXED = {
     "net.ipv4.tcp_fastopen_key": None,  # any key: the engine has no Fast Open
     "net.ipv4.tcp_min_tso_segs": None,
     "net.ipv4.tcp_autocorking": {"0", "1"},
-    "net.ipv4.tcp_mtu_probing": {"0"},
     "net.ipv4.tcp_no_metrics_save": {"0", "1"},
     "net.ipv4.tcp_moderate_rcvbuf": {"0", "1"},
     "net.ipv4.tcp_abort_on_overflow": {"0"},
@@ -129,6 +130,14 @@ def apply_sysctl(s: Settings, name: str, value: str) -> str | None:
         v = _ints(value) if value.isdigit() else []
         if v:
             s.syn_linear_timeouts = v[0]
+            return None
+    elif name == "net.ipv4.tcp_mtu_probing":
+        if value in ("0", "1", "2"):
+            s.mtu_probing = int(value)
+            return None
+    elif name == "net.ipv4.tcp_base_mss":
+        if value.isdigit() and int(value) >= 48:
+            s.base_mss = int(value)
             return None
     elif name == "net.ipv4.tcp_ecn":
         if value in ("0", "1", "2"):  # 3-5 (AccECN) are not modelled

@@ -180,24 +180,29 @@ def test_nodelay_sends_each_write_at_once():
 def test_delayed_ack_timing():
     sh, sd, peer, una = server_conn(mss=1000)
     seq = 1001
-    # quick-ack mode at the start: every segment is ACKed at once
-    quick = sh.sock(sd).quickack
-    for _ in range(quick):
-        peer.send(ACK | PSH, seq, una, payload=b"x" * 1000)
+    # quick-ack mode at the start (granted by the first data: 16 ACKs, Linux
+    # TCP_MAX_QUICKACKS, the window being larger than 32 segments): every
+    # segment is ACKed at once
+    assert sh.sock(sd).quickack == 0
+    for i in range(16):
+        peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=0.1 + i * 0.001)
         seq += 1000
         assert peer.recv_one().ack == seq
-    # then one full segment waits for the 40 ms delayed-ACK timer
-    peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=1.0)
+    assert sh.sock(sd).quickack == 0
+    # then one full segment waits for the 40 ms delayed-ACK timer (sooner
+    # than an RTO after the last: a longer gap grants quick ACKs again)
+    peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=0.2)
     seq += 1000
     assert peer.recv() == []
-    assert sh.next_deadline() == pytest.approx(1.040)
-    assert peer.advance(1.039) == []
-    ack = peer.advance(1.040)
+    t = sh.next_deadline()
+    assert t == pytest.approx(0.240)
+    assert peer.advance(t - 0.001) == []
+    ack = peer.advance(t)
     assert len(ack) == 1 and ack[0].ack == seq
     # two full segments: ACK at once on the second (RFC 1122 §4.2.3.2)
-    peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=2.0)
+    peer.send(ACK | PSH, seq, una, payload=b"x" * 1000, at=0.3)
     assert peer.recv() == []
-    peer.send(ACK | PSH, seq + 1000, una, payload=b"x" * 1000, at=2.001)
+    peer.send(ACK | PSH, seq + 1000, una, payload=b"x" * 1000, at=0.301)
     assert peer.recv_one().ack == seq + 2000
 
 

@@ -439,3 +439,80 @@ def test_without_ecn_marks_change_nothing(monkeypatch) -> None:
     assert _bulk(w, c, s, 300_000, w.now + 20) == 300_000
     assert spy.entries == []
     assert not any(tcp_flags(f) & ECE for _, d, f in w.raw if d == "ba")
+
+
+# -- IPv6: the same bits in the Traffic Class (RFC 3168 §5, RFC 8200 §7) ------------------------
+
+def test_ecn_over_ipv6() -> None:
+    """Negotiation, ECT(0) data, a CE mark echoed, one CWR and one reduction, with
+    the ECN field in the IPv6 Traffic Class (version 4 bits, then the class)."""
+    from core_helpers import A6, B6, make_shard6
+    a, b = make_shard6(A6, ecn=1), make_shard6(B6)
+    lsd = b.socket(10)
+    b.bind(lsd, 0, 80)
+    b.listen(lsd, 4)
+
+    def tclass_ecn(f: bytes) -> int:
+        return (f[1] >> 4) & 3
+
+    raw: list[tuple[str, bytes]] = []
+    marked: list[bytes] = []
+    t = [0.0]
+
+    def move() -> None:
+        for _ in range(100_000):
+            fa, fb = a.take_frames(), b.take_frames()
+            if not fa and not fb:
+                return
+            for f in fa:
+                if len(f) > 72 and tclass_ecn(f) and not marked:  # the first ECT data
+                    f = f[:1] + bytes([f[1] | 0x30]) + f[2:]  # CE, no header checksum to redo
+                    marked.append(f)
+                raw.append(("ab", f))
+                b.receive(f, t[0])
+            for f in fb:
+                raw.append(("ba", f))
+                a.receive(f, t[0])
+
+    c = a.socket(10)
+    a.connect(c, B6, 80, 0.0)
+    move()
+    s = b.accept(lsd)[0]
+    assert raw[0][1][40 + 13] & (ECE | CWR) == ECE | CWR
+    assert raw[1][1][40 + 13] & (ECE | CWR) == ECE
+    data = memoryview(bytes(600_000))
+    sent = got = 0
+    while got < len(data) and t[0] < 20:
+        if sent < len(data):
+            sent += a.send(c, data[sent:sent + 65536], t[0])
+        move()
+        while chunk := b.recv(s, 1 << 20):
+            got += len(chunk)
+        t[0] += 0.001
+        a.advance(t[0])
+        b.advance(t[0])
+        move()
+    assert got == len(data)
+    assert marked
+    ab = [f for d, f in raw if d == "ab" and len(f) > 72 and not f[40 + 13] & SYN]
+    assert {tclass_ecn(f) for f in ab} == {ECT0, CE}
+    assert any(f[40 + 13] & ECE for d, f in raw if d == "ba")
+    assert sum(1 for f in ab if f[40 + 13] & CWR) == 1
+    sk = a.sock(c)
+    assert sk.delivered_ce >= 1 and sk.cc.ssthresh < 0x7FFFFFFF and sk.total_retrans == 0
+
+
+def test_zero_window_probe_is_not_ect() -> None:
+    """§6.1.5 / Linux tcp_xmit_probe_skb: a window probe carries no new data, so it
+    goes Not-ECT; the data the reopened window lets out is ECT(0)."""
+    sh, sd, peer, iss = _ecn_server()
+    sh.receive(build_tcp_ipv4(B, A, 40000, 80, 1001, iss, ACK, 0), 0.01)  # window closed
+    sh.send(sd, b"w" * 3000, 0.01)
+    assert sh.take_frames() == []
+    t = sh.next_deadline()
+    sh.advance(t)
+    probes = sh.take_frames()
+    assert probes and all(len(f) == 40 and ecn_of(f) == NOT_ECT for f in probes)
+    sh.receive(build_tcp_ipv4(B, A, 40000, 80, 1001, iss, ACK, 65535), t + 0.01)
+    data = [f for f in sh.take_frames() if len(f) > 40]
+    assert data and all(ecn_of(f) == ECT0 for f in data)

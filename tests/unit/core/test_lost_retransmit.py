@@ -36,16 +36,22 @@ def test_fast_retransmit_with_a_small_window_sends_new_data_too():
 
 
 def test_rack_entry_counts_one_segment_delivered():
-    """Linux tcp_rack_reo_timeout: recovery entered by the reordering timer sends as
-    PRR allows with one segment delivered, not just the first retransmission."""
+    """Linux tcp_rack_reo_timeout: recovery entered by the reordering timer runs PRR
+    with one segment delivered.  Linux 6.x's PRR (tcp_cwnd_reduction) adds its
+    slow-start segment only on an ACK that advances SND.UNA without new losses,
+    so one hole goes now and the next with the first hole's ACK (as
+    fastretx/sack-two-holes.pkt shows on Linux 6.18)."""
     sh, sd, peer, una = server(data=4 * MSS)
     assert len(peer.recv()) == 4
     sk = sh.sock(sd)
     peer.send(ACK, 1001, una, sack=sack(una, (3 * MSS, 4 * MSS)), at=0.03)
     assert rel(peer.recv(), una) == []
-    out = rel(peer.advance(sk.timers[6]), una)
+    t = sk.timers[6]
+    out = rel(peer.advance(t), una)
     assert sk.in_recovery and sh.stats.rack_reo_timeouts == 1
-    assert out == [(0, MSS), (MSS, MSS)]
+    assert out == [(0, MSS)]
+    peer.send(ACK, 1001, una + MSS, sack=sack(una, (3 * MSS, 4 * MSS)), at=t + 0.01)
+    assert rel(peer.recv(), una) == [(MSS, MSS), (2 * MSS, MSS)]
 
 
 def test_a_retransmission_found_lost_leaves_the_pipe():

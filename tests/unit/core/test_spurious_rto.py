@@ -16,9 +16,12 @@ MIB = 1 << 20
 
 def _ack_path_stall(monkeypatch, undo: bool):
     if not undo:
+        # No undo at all: not by the timestamps, nor by the D-SACKs of the RTO's
+        # retransmissions (which come back when it resent little), nor by F-RTO.
         monkeypatch.setattr(tcp_input, "tcp_try_undo_loss", lambda *a: None)
+        monkeypatch.setattr(tcp_input, "tcp_try_undo_dsack", lambda *a: None)
     ab, ba = LinkParams(delay=0.010), LinkParams(delay=0.010)
-    a, b = make_shard(), make_shard(B)
+    a, b = make_shard(frto=2 if undo else 0), make_shard(B)
     link = SimLink(a, b, seed=7, a_to_b=ab, b_to_a=ba)
     c, s = connect_over(link, a, b)
     bulk = Bulk(link, a, c, b, s, 16 * MIB)

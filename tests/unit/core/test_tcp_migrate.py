@@ -19,7 +19,7 @@ import socket
 import msgpack
 import pytest
 from core_helpers import ACK, FIN, RST, SYN, A, B, Peer, listen, make_shard, parse, passive_open
-from shardstack.core import Acceptable, Connected, Readable, Shard, State, tcp_migrate
+from shardstack.core import Acceptable, Connected, Readable, Shard, ShardConfig, State, tcp_migrate
 from shardstack.core.sock import TcpSock
 from shardstack.core.tcp_cubic import Cubic
 from shardstack.core.tcp_h import TCP_TIMEWAIT_LEN, TimerKind
@@ -725,8 +725,10 @@ def test_bad_use():
 def test_ipv6_sized_addresses_survive_strict_msgpack():
     """msgpack integers stop at 64 bits; a 128-bit address (IPv6, issue 14) is carried
     tagged and comes back as the same int, in the fields and in the 4-tuple."""
-    for v in (0, 1 << 63, (1 << 64) - 1, 1 << 64, (1 << 128) - 1, -(1 << 63), -(1 << 70)):
-        assert tcp_migrate.decode_value(ship([tcp_migrate.encode_value(v)])[0]) == v
+    for v in (0, 1 << 63, (1 << 64) - 1, 1 << 64, (1 << 128) - 1, -(1 << 63), -(1 << 70),
+              socket.AF_INET6, State.TIME_WAIT):
+        back = tcp_migrate.decode_value(ship([tcp_migrate.encode_value(v)])[0])
+        assert back == v and type(back) is type(v)
     s1, s2, l1, l2 = two_shards()
     sd, _ = passive_open(Peer(s1), l1)
     sk = s1.sock(sd)
@@ -774,3 +776,133 @@ def test_a_child_reset_in_the_accept_queue_moves_as_it_is():
     there = _reset_child_then_accept(True)
     assert there == here
     assert here[0][0] is State.CLOSED and not here[1]
+
+
+def _reset_then_read(moved: bool) -> tuple:
+    """An accepted connection with unread data is reset by the peer; what the
+    application's reads and writes then give, on s1 or after a move to s2."""
+    s1, s2, l1, l2 = two_shards()
+    peer = Peer(s1)
+    sd, sa = passive_open(peer, l1)
+    peer.send(ACK, 1001, sa.seq + 1, payload=b"unread")
+    peer.send(RST, 1007)
+    s1.take_events()
+    sh = s1
+    if moved:
+        (old, new), = move(s1, s2, 0.1)
+        assert old == sd and not s1.socks.keys() - {l1}
+        sh, sd = s2, new
+    out: list = [sh.state(sd)]
+    for op in (lambda: sh.recv(sd, 100), lambda: sh.recv(sd, 100),
+               lambda: sh.send(sd, b"x", 0.2)):
+        try:
+            out.append(op())
+        except OSError as e:
+            out.append(e.errno)
+    return tuple(out)
+
+
+def test_a_connection_reset_before_the_app_saw_it_moves_with_its_error():
+    """The application still holds a reset connection: after a move its reads and
+    writes on the new shard say exactly what they would have said on the old."""
+    here = _reset_then_read(False)
+    assert here[0] is State.CLOSED and errno.ECONNRESET in here
+    assert _reset_then_read(True) == here
+
+
+def test_a_bound_socket_moves_with_its_port_and_options():
+    s1, s2 = make_shard(A), make_shard(A)
+    sd = s1.socket()
+    s1.setsockopt(sd, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s1.setsockopt(sd, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s1.bind(sd, A, 8080)
+    new = tcp_migrate.sock_import(s2, ship([tcp_migrate.sock_export(s1, sd)])[0])
+    assert 8080 not in s1.h.bhash and sd not in s1.socks
+    assert s2.getsockname(new) == (A, 8080) and 8080 in s2.h.bhash
+    assert s2.getsockopt(new, socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    s2.listen(new, 4)  # and it goes on from there
+    assert s2.state(new) is State.LISTEN
+
+
+def test_an_ipv6_connection_moves_under_loss():
+    """IPv6 (issue 14): a connection between 2001:db8::1 and 2001:db8::2 whose both
+    ends hop between shards every 20 ms over a lossy wire, 256 KiB each way: intact,
+    no RST, its family and addresses kept."""
+    v6a, v6b = 0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 2
+
+    def shard6(addr: int) -> Shard:
+        return Shard(ShardConfig(addrs=[], addrs6=[addr], secret=b"test-secret-v6"), 0.0)
+
+    ha = MovingHost([shard6(v6a), shard6(v6a)], 0.02)
+    hb = MovingHost([shard6(v6b), shard6(v6b)], 0.023, first_move=0.011)
+    tap: list = []
+    link = SimLink(ha, hb, seed=11, params=LinkParams(delay=0.004, loss=0.02, dup=0.01,
+                                                      reorder=0.02, reorder_delay=0.003),
+                   tap=lambda t, d, p: tap.append((t, d, p)))
+    lsds = []
+    for sh in hb.shards:
+        lsd = sh.socket(socket.AF_INET6)
+        sh.bind(lsd, 0, 80)
+        sh.listen(lsd, 8)
+        lsds.append(lsd)
+    c = ha.shard.socket(socket.AF_INET6)
+    ha.shard.connect(c, v6b, 80, 0.0)
+    ha.app["c"] = c
+    rng = random.Random(11)
+    up = Stream(ha, "c", hb, "s", rng.randbytes(256 * 1024))
+    down = Stream(hb, "s", ha, "c", rng.randbytes(256 * 1024))
+
+    def app() -> bool:
+        if "s" not in hb.app and hb.moving is None:
+            acc = hb.shard.accept(lsds[hb.cur])
+            if acc is not None:
+                assert acc[1][0] == v6a
+                hb.app["s"] = acc[0]
+        up.step(link.now)
+        down.step(link.now)
+        return up.eof and down.eof
+
+    assert link.run_until(app, 60.0), (up.got, down.got)
+    assert up.sha.digest() == hashlib.sha256(up.data).digest()
+    assert down.sha.digest() == hashlib.sha256(down.data).digest()
+    assert rsts6(tap) == []
+    assert ha.moves + hb.moves >= 20
+    for h, name in ((ha, "c"), (hb, "s")):
+        sk = h.shard.sock(h.app[name])
+        assert sk.family == socket.AF_INET6 and {sk.laddr, sk.raddr} == {v6a, v6b}
+
+
+def rsts6(tap: list[tuple[float, str, bytes]]) -> list:
+    """RST segments among IPv6 packets (fixed 40-byte header: our shards add no
+    extension headers)."""
+    out = []
+    for t, d, p in tap:
+        assert p[0] >> 4 == 6 and p[6] == 6  # IPv6, next header TCP
+        if p[40 + 13] & 0x04:
+            out.append((t, d))
+    return out
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda st: st["fields"].update(no_such_field=1),  # a newer build's field
+    lambda st: st.update(v=tcp_migrate.STATE_VERSION + 1),
+    lambda st: st.update(state="BOGUS"),
+    lambda st: st.update(kind="socket"),
+    lambda st: st["fields"].update(rtt_min={"$": "nope"}),
+    lambda st: st.pop("tuple"),
+    lambda st: st.update(tuple=[1, 2]),
+    lambda st: st["events"].append(["Exploded", 0]),
+])
+def test_a_malformed_state_is_refused_before_anything_is_installed(spoil):
+    """ValueError, and the destination holds nothing of the batch: not the good state
+    before the bad one either."""
+    s1, s2, l1, l2 = two_shards()
+    for port in (40000, 40001):
+        passive_open(Peer(s1, port=port), l1)
+    states = ship(s1.migrate_out(everything))
+    spoil(states[1])
+    socks = dict(s2.socks)
+    with pytest.raises(ValueError, match="tcp_migrate"):
+        s2.migrate_in(states, 1.0)
+    assert not s2.h.ehash and s2.socks == socks and s2.stats.curr_estab == 0
+    assert s2.next_deadline() is None and s2.events == []

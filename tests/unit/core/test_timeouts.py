@@ -170,7 +170,7 @@ def test_user_timeout_bounds_a_window_that_stays_shut(ut):
         p.a.setsockopt(c, TCP, socket.TCP_USER_TIMEOUT, ut)
     p.a.take_events()
     p.a.send(c, bytes(100_000), 0.0)
-    p.advance(0.01)
+    p.advance(0.05)  # the zero window's ACK is a delayed one (2 quick ACKs for a 4 KiB window)
     sk = p.a.sock(c)
     assert sk.snd_wnd == 0
     first_probe = sk.timers[5]

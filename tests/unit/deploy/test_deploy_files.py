@@ -670,14 +670,16 @@ _METRIC = re.compile(r"\bshardstack_[a-z_]+")
 def _exported() -> dict[str, set[str]]:
     """Sample name -> label names, from the real collector over a snapshot
     that has every kind of entry (shardstack.metrics.families)."""
-    from shardstack import metrics, reta
+    from shardstack import metrics, migrate, reta
 
+    book = reta.RetaBook(1)  # with one move that carried connections
+    book.record(migrate.MoveRecord(3, 0, 0, True, 1.0, 0.01, 0.002, 1, 1, 2).as_dict())
     ld = {"frames": [1] * 128, "bytes": [1] * 128, "cpu": [0.1] * 128, "other_frames": 0,
           "total_frames": 128, "cpu_seconds": 1.0, "states": {"ESTABLISHED": 1}}
     snap = {"workers": [{"id": 0, "counters": {"frames_in": 1, "frames_out": 1,
                                                "drops": {"TCP_CSUM": 1}},
                          "shard": {"segs_in": 1, "segs_out": 1, "retrans_segs": 1}}],
-            "reta": reta.report(reta.RetaBook(1), [ld]),
+            "reta": reta.report(book, [ld]),
             "processes": [{"process": "worker-0", "cpu_seconds": 1.0, "rss": 1, "restarts": 0}],
             "netio": {"dispatch": {"per_worker": [1], "drops": {"ip_version": 1}}}}
     out: dict[str, set[str]] = {}

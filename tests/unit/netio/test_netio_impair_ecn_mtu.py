@@ -96,3 +96,12 @@ def test_bridge_flags() -> None:
     a = p.parse_args(["x", "y", "--ce", "2%", "--mtu-blackhole", "1280"])
     spec = bridge.spec_from_args(a)
     assert spec.ce == 0.02 and spec.blackhole == 1280
+
+
+def test_bridge_lane_items_carry_a_vnet_header() -> None:
+    """In the bridge a lane's second field is 0 or the virtio-net header to send
+    with (bytes), never a GSO size: the black hole reads the packet's own length."""
+    lane = ImpairLane(parse_impair_spec("blackhole=1000"), "a2b", True, True)
+    vnet = bytes(10)
+    out = lane.push([(ETH + pkt(0, 900), vnet), (ETH + pkt(0, 1200), vnet)], 0.0)
+    assert [len(f) for f, _ in out] == [14 + 940]

@@ -30,8 +30,15 @@ def test_good_serve_config(tmp_path):
     assert again == cfg
     assert not cfg.pin  # the scheduler places workers unless asked
     assert _config(GOOD + ["--pin"], tmp_path).pin
+    # Pacing every connection is opt-in (Linux with CUBIC and no fq paces only
+    # SO_MAX_PACING_RATE sockets), and reaches the children.
+    assert not cfg.pacing
+    paced = _config(GOOD + ["--pacing"], tmp_path)
+    assert paced.pacing and ServeConfig.from_dict(json.loads(json.dumps(paced.to_dict()))).pacing
     assert cfg.metrics is None
     assert _config(GOOD + ["--metrics", "9464"], tmp_path).metrics == "9464"
+    assert cfg.rebalance == "off"
+    assert _config(GOOD + ["--rebalance", "auto"], tmp_path).rebalance == "auto"
 
 
 @pytest.mark.parametrize(
@@ -74,6 +81,7 @@ def test_long_ifname(tmp_path):
         ["serve", "--tun", "a"],  # no address
         ["serve", "--tun", "a", "--addr", "198.18.0.2/24", "--workers", "two"],
         ["frobnicate"],
+        ["serve", "--tun", "a", "--addr", "198.18.0.2/24", "--rebalance", "sometimes"],
     ],
 )
 def test_parser_errors_exit_2(argv, capsys):
@@ -91,10 +99,18 @@ def test_validation_errors_exit_2_with_serve_usage(capsys, tmp_path):
     assert "shardstack serve" in err and "--mtu" in err
 
 
-@pytest.mark.parametrize("cmd", ["ss", "stats"])
+@pytest.mark.parametrize("cmd", [["ss"], ["stats"], ["reta"], ["reta", "move", "5", "1"],
+                                 ["reload"]])
 def test_ss_and_stats_without_a_stack(cmd, tmp_path, capsys):
-    assert cli.main([cmd, "--run-dir", str(tmp_path)]) == 1
+    assert cli.main([*cmd, "--run-dir", str(tmp_path)]) == 1
     assert "no stack running" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("words", [["move"], ["move", "5"], ["mv", "5", "1"],
+                                   ["move", "five", "1"], ["move", "5", "1", "2"]])
+def test_reta_move_usage(words, tmp_path, capsys):
+    assert cli.main(["reta", *words, "--run-dir", str(tmp_path)]) == 2
+    assert "usage: shardstack reta move BUCKET WORKER" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

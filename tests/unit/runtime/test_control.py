@@ -239,3 +239,26 @@ def test_async_client_call_on_a_dead_peer_is_an_oserror(sock_path):
         uvloop.run(main())
     finally:
         lsock.close()
+
+
+def test_async_client_late_reply_is_not_the_next_calls_answer(sock_path):
+    """A call that timed out (a worker stopped for a moment) leaves its reply
+    owed on the stream; the next call skips it and gets its own answer."""
+    import uvloop
+
+    async def main():
+        async def handler(req, conn):
+            if req["op"] == "slow":
+                await asyncio.sleep(0.3)
+            return {"echo": req["op"]}
+
+        server = await control.serve_unix(sock_path, handler)
+        c = await control.AsyncControlClient.connect(sock_path)
+        with pytest.raises(TimeoutError):
+            await c.call("slow", timeout=0.05)
+        assert (await c.call("fast", timeout=2))["echo"] == "fast"
+        assert (await c.call("again", timeout=2))["echo"] == "again"
+        c.close()
+        server.close()
+
+    uvloop.run(main())
