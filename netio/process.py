@@ -71,7 +71,7 @@ from typing import Any
 
 import msgpack
 import zmq
-from shardstack.core.wire.ipv4 import str_to_ip
+from shardstack.core.wire.icmpv6 import ALL_NODES, multicast_mac
 
 from .device import (
     DEFAULT_BATCH,
@@ -81,6 +81,7 @@ from .device import (
     PacketDevice,
     TunDevice,
     innermost,
+    join_multicast,
 )
 from .dispatch import Dispatcher
 from .impair import Impair
@@ -541,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tun", metavar="NAME", help="TUN device to open or create")
     g.add_argument("--packet", metavar="IFNAME", help="existing interface for AF_PACKET")
-    p.add_argument("--addr", action="append", required=True, help="our IPv4 address (repeatable)")
+    p.add_argument("--addr", action="append", required=True,
+                   help="our IPv4 or IPv6 address (repeatable)")
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--rundir", required=True)
     p.add_argument("--mtu", type=int, default=1500)
@@ -558,9 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kind, name = ("tun", args.tun) if args.tun else ("packet", args.packet)
     dev = make_device(kind, name, args.mtu, args.vnet_hdr, args.impair, args.pcap, args.trace)
-    addrs = [str_to_ip(a.split("/")[0]) for a in args.addr]
+    ips = [ipaddress.ip_address(a.split("/")[0]) for a in args.addr]
+    addrs = [int(a) for a in ips if a.version == 4]
+    addrs6 = [int(a) for a in ips if a.version == 6]
     mac = getattr(innermost(dev), "mac", None)
-    disp = Dispatcher(args.workers, addrs, l2=dev.l2, mac=mac)
+    disp = Dispatcher(args.workers, addrs, l2=dev.l2, mac=mac, addrs6=addrs6)
+    if dev.l2 and disp.snm6:
+        join_multicast(innermost(dev).sock,  # type: ignore[attr-defined]
+                       name, [multicast_mac(g) for g in (*disp.snm6, ALL_NODES)])
     os.makedirs(args.rundir, mode=0o700, exist_ok=True)
     proc = NetioProcess(dev, disp, args.rundir, sndhwm=args.sndhwm, batch=args.batch)
     stop = threading.Event()

@@ -917,7 +917,11 @@ class ShimSocket(kernel_socket):
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> int:
-        if self._dgram and (self._us is not None or address is not None):
+        if self._dgram and self._us is None and address is not None:
+            parsed = self._udp_parse(address)
+            if parsed is not None:
+                self._udp_autobind(parsed[0])  # on the stack if the scope says so
+        if self._dgram and self._us is not None:
             data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
             if address is None:
                 return self.send(data)

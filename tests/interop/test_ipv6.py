@@ -542,3 +542,49 @@ print(s.recv(100).decode())
             assert code == "ENETUNREACH" and float(secs) < 2, st.app_log("v4")
         finally:
             st.stop()
+
+
+DNS6_SERVER = """
+import socket, socketserver
+import dns.message, dns.rrset
+
+class Dns(socketserver.BaseRequestHandler):
+    def handle(self):
+        data, sock = self.request
+        q = dns.message.from_wire(data)
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "AAAA", "2001:db8::77"))
+        sock.sendto(r.to_wire(), self.client_address)
+
+class Server(socketserver.UDPServer):
+    address_family = socket.AF_INET6
+
+srv = Server(("::", 5353), Dns)
+print("listening", flush=True)
+srv.serve_forever()
+"""
+
+
+def test_dnspython_resolves_over_ipv6_against_a_server_on_the_stack():
+    """dnspython (unmodified) in the kernel's namespace resolves AAAA records
+    from a DNS server on the stack's IPv6 address, over UDP/IPv6."""
+    with v6_stack("tun") as st:
+        (st.tmp / "www" / "dns6.py").write_text(DNS6_SERVER)
+        before = _udp_total(st, "to_apps")
+        app = st.run_app([PY, "dns6.py"], "dns6")
+        deadline = time.monotonic() + WAIT
+        while "listening" not in st.app_log("dns6") and time.monotonic() < deadline:
+            assert app.poll() is None, st.app_log("dns6")
+            time.sleep(0.05)
+        r = st.kns.run([PY, "-c", f"""
+import dns.resolver
+r = dns.resolver.Resolver(configure=False)
+r.nameservers = ["{st.addr6}"]
+r.port = 5353
+for name in ("a.shardstack.test", "b.shardstack.test"):
+    print(name, [x.address for x in r.resolve(name, "AAAA", lifetime=5)])
+"""], check=False, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr + st.app_log("dns6")
+        assert r.stdout.splitlines() == ["a.shardstack.test ['2001:db8::77']",
+                                         "b.shardstack.test ['2001:db8::77']"], r.stdout
+        assert _udp_total(st, "to_apps") - before >= 2

@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 import sys
 
 import pytest
@@ -334,3 +335,29 @@ def test_read_frame_never_reads_past_its_frame():
     finally:
         a.close()
         b.close()
+
+
+def test_kernel_udp_sendmsg_keeps_its_ancillary_data():
+    """A UDP socket the stack does not take (no stack here) sends with
+    sendmsg through the kernel with its control messages (IPV6_PKTINFO,
+    IP_PKTINFO...), not joined into a sendto that drops them."""
+    from shardstack.shim.sock import ShimSocket
+
+    r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = ShimSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        r.bind(("127.0.0.1", 0))
+        r.settimeout(5)
+        pktinfo = struct.pack("=I4s4s", 0, socket.inet_aton("127.0.0.1"), bytes(4))
+        anc = [(socket.IPPROTO_IP, 8, pktinfo)]  # IP_PKTINFO (Linux)
+        calls = []
+        orig = ShimSocket.sendto
+        ShimSocket.sendto = lambda self, *a: calls.append(a) or orig(self, *a)
+        try:
+            assert s.sendmsg([b"ab", b"c"], anc, 0, r.getsockname()) == 3
+        finally:
+            ShimSocket.sendto = orig
+        assert r.recv(10) == b"abc" and calls == []
+    finally:
+        r.close()
+        s.close()

@@ -46,6 +46,7 @@ def uvstack(stack):
 
     assert uvloop.Loop.create_connection is uvhook.create_connection
     assert uvloop.Loop.create_server is uvhook.create_server
+    assert uvloop.Loop.create_datagram_endpoint is uvhook.create_datagram_endpoint
     return stack
 
 
