@@ -674,7 +674,7 @@ class Shard:
     def send(self, sd: int, data: BytesLike, now: float, flags: int = 0) -> int:
         """send(2); ``flags`` may hold MSG_OOB: the last byte sent is urgent."""
         self.now = now
-        return tcp.tcp_sendmsg(self, self._sk(sd), data, now, bool(flags & _MSG_OOB))
+        return tcp.tcp_sendmsg(self, self._sk(sd), data, now, flags & _MSG_OOB != 0)
 
     def recv(self, sd: int, maxlen: int, flags: int = 0) -> bytes | None:
         """recv(2): None when it would block; ``flags`` may hold MSG_OOB (the urgent byte)."""

@@ -273,6 +273,7 @@ class TcpSock:
     rate_delivered: int = 0  # the chosen rate sample: segments delivered ...
     rate_interval: float = 0.0  # ... over this interval, s
     rate_app_limited: bool = False  # ... while the application did not fill the window
+    rate_round_end: int = 0  # SND.NXT at the last sample: the fast path samples when it is acked
     reordering: int = 3  # degree of reordering seen, segments (tp->reordering; tcp_reordering)
     # -- delayed ACK (tcp_delack: Linux icsk_ack) ----------------------------------------
     quickack: int = 0  # icsk_ack.quick: ACKs left to send at once (granted with the first data)

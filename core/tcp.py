@@ -44,6 +44,7 @@ __all__ = ["tcp_set_state", "tcp_state_leave", "tcp_done", "tcp_reset", "tcp_sen
            "tcp_shutdown", "tcp_close", "sk_release", "emit_readable", "tcp_fin_time"]
 
 _WRITE_STATES = (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
+_RBUF_STATES = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2)  # a window update may still matter
 
 
 #: The trace line of each state: Linux's name for it (callgraph.md writes
@@ -177,7 +178,10 @@ def tcp_sendmsg(sh: Shard, sk: TcpSock, data: BytesLike, now: float, oob: bool =
         # send (RFC 6093 §2); tcp_transmit sets URG while a segment starts before it.
         sk.snd_up = (sk.snd_una + sk.sndq_len) & MASK
         sk.urg_mode = True
-    tcp_output.tcp_write_xmit(sh, sk, now)
+    if sk.in_recovery or sk.in_loss:
+        tcp_output.tcp_write_xmit(sh, sk, now)  # retransmissions first
+    else:
+        tcp_output.tcp_write_new(sh, sk, now, -1)  # tcp_write_xmit outside recovery
     return n
 
 
@@ -208,20 +212,25 @@ def tcp_recvmsg(sh: Shard, sk: TcpSock, maxlen: int, now: float) -> bytes | None
         out = first[off:off + maxlen]
         sk.rcvq_off = off + maxlen
     else:
-        parts = [first[off:] if off else first]
-        got = len(first) - off
         q.popleft()
-        while q and got + len(q[0]) <= maxlen:
-            chunk = q.popleft()
-            parts.append(chunk)
-            got += len(chunk)
-        if q and got < maxlen:
-            need = maxlen - got
-            parts.append(q[0][:need])
-            sk.rcvq_off = need
-        else:
+        if not q:
+            # The only chunk, all of it (request/response): nothing to join.
+            out = first[off:] if off else first
             sk.rcvq_off = 0
-        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        else:
+            parts = [first[off:] if off else first]
+            got = len(first) - off
+            while q and got + len(q[0]) <= maxlen:
+                chunk = q.popleft()
+                parts.append(chunk)
+                got += len(chunk)
+            if q and got < maxlen:
+                need = maxlen - got
+                parts.append(q[0][:need])
+                sk.rcvq_off = need
+            else:
+                sk.rcvq_off = 0
+            out = parts[0] if len(parts) == 1 else b"".join(parts)
     sk.rcvq_len -= len(out)
     sk.copied_seq = (sk.copied_seq + len(out)) & MASK
     if sk.rcv_rtt_est and now - sk.rcvq_space_time >= sk.rcv_rtt_est:
@@ -304,7 +313,7 @@ def _cleanup_rbuf(sh: Shard, sk: TcpSock, now: float) -> None:
     Announce when the window we could offer now is at least twice what the
     peer currently sees (and that is at most half the buffer).
     """
-    if sk.state not in (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2) or sk.fin_rcvd:
+    if sk.state not in _RBUF_STATES or sk.fin_rcvd:
         return
     cur = (sk.rcv_wup + sk.rcv_wnd - sk.rcv_nxt) & MASK
     if cur & HALF:

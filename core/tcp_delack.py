@@ -25,7 +25,8 @@ block):
   doubles (up to the RTO), or in pingpong mode pingpong ends and ato goes
   back to 40 ms (``tcp_delack_timer_handler``).
 - ``pingpong``: data sent within ato of the last data received counts as a
-  reply (``tcp_event_data_sent``); from the first one the connection is
+  reply (Linux ``tcp_event_data_sent``; ``tcp_output.tcp_write_new`` checks
+  it inline, once per transmit round); from the first one the connection is
   interactive and quick-ack mode no longer applies, so a request's ACK
   rides on its response.  A FIN received in ESTABLISHED enters it too.
   ``TCP_QUICKACK`` 1 ends it (and sends an owed ACK), 0 enters it.
@@ -37,7 +38,7 @@ from .tcp_h import TcpSock
 
 __all__ = ["TCP_ATO_MIN", "TCP_DELACK_MAX", "TCP_MAX_QUICKACKS", "tcp_event_data_recv",
            "tcp_incr_quickack", "tcp_enter_quickack_mode", "tcp_delack_timeout",
-           "tcp_delack_timer_expired", "tcp_event_data_sent", "tcp_dec_quickack_mode",
+           "tcp_delack_timer_expired", "tcp_dec_quickack_mode",
            "in_pingpong_mode", "enter_pingpong_mode"]
 
 #: Linux TCP_ATO_MIN / TCP_DELACK_MIN (HZ/25) and TCP_DELACK_MAX (HZ/5).
@@ -47,9 +48,9 @@ TCP_DELACK_MAX = 0.200
 TCP_MAX_QUICKACKS = 16
 #: tcp_send_delayed_ack's bound when not interactive (HZ/2).
 _MAX_ATO_BULK = 0.5
-#: Linux TCP_PINGPONG_THRESH (tcp_pingpong_thresh's default) and the count's cap.
+#: Linux TCP_PINGPONG_THRESH (tcp_pingpong_thresh's default): one reply makes
+#: the connection interactive, so the count is kept at 0 or 1.
 _PINGPONG_THRESH = 1
-_PINGPONG_MAX = 255
 
 
 def tcp_incr_quickack(sk: TcpSock, max_quickacks: int) -> None:
@@ -128,13 +129,6 @@ def tcp_delack_timer_expired(sk: TcpSock) -> None:
     else:
         sk.pingpong = 0
         sk.ato = TCP_ATO_MIN
-
-
-def tcp_event_data_sent(sk: TcpSock, now: float) -> None:
-    """We sent data within ato of the last data received: a reply; count it
-    towards pingpong mode (Linux ``tcp_event_data_sent``)."""
-    if now - sk.lrcvtime < sk.ato and sk.pingpong < _PINGPONG_MAX:
-        sk.pingpong += 1
 
 
 def in_pingpong_mode(sk: TcpSock) -> bool:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import tcp_delack
 from .tcp_cong import CaState
 from .tcp_h import HALF, MASK, RequestSock, TcpSegment, TcpSock
 from .wire.tcp import CWR, ECE
@@ -192,9 +193,9 @@ def tcp_ecn_mark_is_news(sk: TcpSock, tos: int, plen: int) -> bool:
 
 
 def _enter_quickack(sk: TcpSock) -> None:
-    """Linux ``tcp_enter_quickack_mode(sk, 2)``: the next two data segments are ACKed at once."""
-    if sk.quickack < 2:
-        sk.quickack = 2
+    """Linux ``tcp_enter_quickack_mode(sk, 2)``: ACK at once (at least the next two
+    data segments), out of pingpong mode; the sender's window may be tiny."""
+    tcp_delack.tcp_enter_quickack_mode(sk, 2)
 
 
 # -- the sender's response (RFC 3168 §6.1.2; Linux's CWR state) ------------------------------

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from . import (
     tcp,
-    tcp_chrono,
     tcp_delack,
     tcp_ecn,
     tcp_minisocks,
@@ -79,6 +78,9 @@ TCP_PAWS_WINDOW = 1
 OOW_RATELIMIT = 0.5
 _RETRANSMIT = TimerKind.RETRANSMIT
 _DELACK = TimerKind.DELACK
+#: tcp_delack's 40 ms floor and the back-to-back inter-arrival bound, for the fast path.
+_ATO_MIN = tcp_delack.TCP_ATO_MIN
+_ATO_HALF = tcp_delack.TCP_ATO_MIN / 2
 _PERSIST = TimerKind.PERSIST
 _KEEPALIVE = TimerKind.KEEPALIVE
 _REO = TimerKind.REO
@@ -352,7 +354,12 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
             cc.on_ack(acked / mss, rtt, now, in_flight_before / mss)
         else:
             tcp_ecn.tcp_cwr_ack(sk, acked, rtt, now)  # ECN's reduction (RFC 3168 §6.1.2)
-        _rate_sample(sh, sk, ack, now)
+        # tcp_rate: the delivery clock moves on every ACK; on this path a full
+        # sample is taken once a round trip (when the data sent at the last one
+        # is acknowledged), on every ACK only for a paced socket.
+        sk.delivered_mstamp = now
+        if sk.pacing_needed or ((ack - sk.rate_round_end) & MASK) < HALF:
+            _rate_sample(sh, sk, ack, now)
     elif cc is not None:
         prior = sk.sacked_bytes
         latest = _fresh_end(sk, una, ack, acked)
@@ -386,8 +393,13 @@ def _clean_rtx_queue(sh: Shard, sk: TcpSock, ack: int, tsecr: int, blocks: tuple
     if ack == sk.snd_max:
         timers[_RETRANSMIT] = None
         timers[_TLP] = None
-        if sk.chrono_type and not sk.sndq_len:
-            tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_BUSY, now)  # all acknowledged
+        ctype = sk.chrono_type
+        if ctype and not sk.sndq_len:
+            # All acknowledged: tcp_chrono_stop(BUSY) with nothing queued closes the
+            # timed interval and stops the clock (inline: once per flight).
+            sk.chrono_stat[ctype - 1] += now - sk.chrono_start
+            sk.chrono_type = 0
+            sk.chrono_start = now
     else:
         rto = sk.rto  # tcp_rto(sk) with the backoff just cleared
         # RFC 6298 (5.3), lazily as Linux's inet_csk_reset_xmit_timer: the heap is
@@ -721,8 +733,7 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             # Everything outstanding at the RTO is acked: back to Open (RFC 6582 §4 / Linux).
             sk.in_loss = False
             sk.lost_hi = sk.retrans_hi = una
-            sk.rtx_log.clear()
-            sk.relost.clear()
+            tcp_recovery.tcp_rack_keep_in_flight(sk, False)
             sk.dupacks = 0
             cc.on_ack(acked / mss, rtt, now, flight / mss)
             cc.on_recovery_exit(now)
@@ -747,8 +758,7 @@ def tcp_fastretrans_alert(sh: Shard, sk: TcpSock, acked: int, delivered: int, du
             sk.dupacks = 0
             sk.reno_sacked = 0
             sk.lost_hi = sk.retrans_hi = una
-            sk.rtx_log.clear()
-            sk.relost.clear()
+            tcp_recovery.tcp_rack_keep_in_flight(sk, False)
             sk.timers[_REO] = None
             cc.on_recovery_exit(now)
             if sk.undo_active and sk.undo_retrans <= 0:
@@ -864,8 +874,7 @@ def tcp_enter_recovery(sh: Shard, sk: TcpSock, now: float, lost_to: int | None =
     sk.prr_delivered = 0
     sk.prr_out = 0
     sk.recover_fs = flight if flight > 0 else 1
-    sk.rtx_log.clear()
-    sk.relost.clear()
+    tcp_recovery.tcp_rack_keep_in_flight(sk, True)  # not resent while still on their way
     sh.stats.fast_retrans += 1
     sk.recoveries += 1
     sk.undo_active = True  # Linux tcp_init_undo
@@ -1521,7 +1530,12 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         tcp_rcvbuf.tcp_rcv_rtt_sample(sk, tsecr, n, now)
     unacked = sk.unacked_rcv + n
     sk.unacked_rcv = unacked
-    tcp_delack.tcp_event_data_recv(sk, now)
+    ato = sk.ato
+    if ato and now - sk.lrcvtime <= _ATO_HALF:
+        sk.ato = ato * 0.5 + _ATO_HALF  # tcp_event_data_recv's back-to-back case, inline
+        sk.lrcvtime = now
+    else:
+        tcp_delack.tcp_event_data_recv(sk, now)
     if sk.quickack and not sk.pingpong:
         sk.ack_now = True  # quick-ack mode (Linux tcp_in_quickack_mode)
     if not sk.readable_signalled and sk.parent is None and not sk.orphan:
@@ -1537,7 +1551,8 @@ def tcp_rcv_established_fast(sh: Shard, sk: TcpSock, pkt: BytesLike,
         # only when no earlier entry is queued (TimerHeap.arm's rule).
         timers = sk.timers
         if timers[_DELACK] is None:
-            deadline = now + tcp_delack.tcp_delack_timeout(sk)
+            ato = sk.ato
+            deadline = now + (_ATO_MIN if ato <= _ATO_MIN else tcp_delack.tcp_delack_timeout(sk))
             timers[_DELACK] = deadline
             q = sk.timer_q[_DELACK]
             if q is None or q > deadline:

@@ -495,7 +495,10 @@ def _chrono_note(sk: TcpSock, mss: int, now: float) -> None:
     if ctype == tcp_chrono.CHRONO_RWND_LIMITED:
         tcp_chrono.tcp_chrono_stop(sk, tcp_chrono.CHRONO_RWND_LIMITED, now)
     elif not ctype:
-        tcp_chrono.tcp_chrono_start(sk, tcp_chrono.CHRONO_BUSY, now)
+        # tcp_chrono_start(BUSY) from no condition timed: no interval to close
+        # (inline: every request/response flight starts here).
+        sk.chrono_type = tcp_chrono.CHRONO_BUSY
+        sk.chrono_start = now
 
 
 def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
@@ -645,27 +648,35 @@ def tcp_write_new(sh: Shard, sk: TcpSock, now: float, quota: int) -> int:
             sk.fin_sent = True
             sk.fin_seq = end
             end = (end + 1) & MASK
-        if sk.rtt_seq < 0 and not sk.ts_ok and sk.snd_max == nxt:
+        if not sk.ts_ok and sk.rtt_seq < 0 and sk.snd_max == nxt:
             sk.rtt_seq = end
             sk.rtt_time = now
         sk.snd_nxt = end
         if ((end - sk.snd_max) & MASK) < HALF:
             sk.snd_max = end
-        if fin:
+        if last and (fin or not pace):
+            # The queue is all sent: the next round would only find nothing
+            # available and no FIN owed (a paced socket goes round for the
+            # pacing check, which may arm its timer).
             break
     if sk.sndq_len and quota < 0:
         _chrono_note(sk, mss, now)  # tcp_chrono: busy / rwnd- / sndbuf-limited
     if sent:
         sk.lsndtime = now
-        if sk.ato and now - sk.lrcvtime < sk.ato:
-            tcp_delack.tcp_event_data_sent(sk, now)  # a reply: towards pingpong mode
+        if not sk.pingpong and sk.ato and now - sk.lrcvtime < sk.ato:
+            # A reply (Linux tcp_event_data_sent): interactive from the first;
+            # once there, the count has nothing more to decide.
+            tcp_delack.enter_pingpong_mode(sk)
         _tx_log_add(sk, una, idle, now)
         timers = sk.timers
         rtx = timers[_RETRANSMIT]
         if (rtx is None or timers[_TLP] is not None) and sk.snd_max != una:
             # Linux tcp_event_new_data_sent: the RTO restarts from new data
             # while a loss probe is pending (one timer serves both there).
-            rtx = now + tcp_rto(sk)
+            rto = sk.rto  # tcp_rto(sk) without the call when there is no backoff
+            if sk.backoff or rto > TCP_RTO_MAX:
+                rto = tcp_rto(sk)
+            rtx = now + rto
             timers[_RETRANSMIT] = rtx
             q = sk.timer_q[_RETRANSMIT]
             if q is None or q > rtx:  # TimerHeap.arm's lazy rule, without the call
@@ -689,6 +700,9 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
     if sk.rtx_log:
         # After a retransmission recorded at this instant: just after it (RACK's order).
         now = tcp_recovery.tcp_rack_new_data_time(sk, now)
+    app = sk.app_limited
+    if app and 0 < ((sk.delivered - app) & MASK) < HALF:
+        sk.app_limited = 0  # the app-limited bubble is delivered and gone (tcp_rate_gen)
     log = sk.tx_log
     end = sk.snd_nxt
     if log:
@@ -706,6 +720,15 @@ def _tx_log_add(sk: TcpSock, una: int, idle: bool, now: float) -> None:
         n = len(log)
         while i < n and ((una - log[i]) & MASK) < HALF:
             i += TX_LOG_STRIDE
+        # The latest-delivered data's send time (Linux first_tx_mstamp), as the
+        # burst holding SND.UNA - 1 says: the in-order path samples once a round
+        # trip (tcp_input), so no ACK may have recorded it.
+        if i and (i >= n or log[i - TX_LOG_STRIDE] == una):
+            t = log[i - TX_LOG_STRIDE + 1]
+        else:
+            t = log[i + 1] if i < n else 0.0
+        if t > sk.first_tx_mstamp:
+            sk.first_tx_mstamp = t
         if i:
             del log[:i]
     log += (end, now, sk.delivered, sk.delivered_mstamp, sk.first_tx_mstamp,

@@ -133,6 +133,7 @@ def tcp_init_pacing(sh: Shard, sk: TcpSock) -> None:
     (``ShardConfig.pacing``), and the first rate, from the handshake's RTT."""
     if sh.cfg.pacing:
         sk.pacing_needed = True
+    sk.rate_round_end = sk.snd_nxt
     tcp_update_pacing_rate(sh, sk)
 
 

@@ -22,6 +22,13 @@ transmission burst shares them: they ride in the burst's entry of
 the entry of the latest-sent newly delivered byte gives the sample
 (``tcp_rate_skb_delivered`` + ``tcp_rate_gen`` in one call).
 
+Cost: the in-order ACK path (header prediction) takes a full sample once a
+round trip, when the data sent at the last sample is acknowledged
+(``rate_round_end``), and otherwise only moves the delivery clock; the
+send time of the latest delivered data, which Linux records per ACK, is then
+read off ``tx_log`` at the next transmission (``tcp_output._tx_log_add``).
+The SACK and recovery path, and paced sockets, sample every ACK as Linux.
+
 Approximations, stated: the latest-sent newly delivered data is taken to be
 the highest newly delivered byte (original data leaves in sequence order;
 RFC 2018 §4 puts the block holding the segment that triggered the ACK
@@ -70,6 +77,7 @@ def tcp_rate_gen(sk: TcpSock, end: int, now: float) -> None:
     if sk.app_limited and 0 < ((delivered - sk.app_limited) & MASK) < HALF:
         sk.app_limited = 0  # the app-limited bubble is delivered and gone
     sk.delivered_mstamp = now
+    sk.rate_round_end = sk.snd_nxt  # the in-order path's next sample (tcp_input)
     if i >= n:
         return  # no snapshot (the SYN; data sent before the log began)
     sent_at = log[i + 1]

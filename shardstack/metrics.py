@@ -89,6 +89,13 @@ def families(snap: dict[str, Any]) -> list[Metric]:
                                    "TCP segments sent (Linux OutSegs)", labels=wl)
     retrans = CounterMetricFamily("shardstack_retransmitted_segments",
                                   "TCP segments retransmitted (Linux RetransSegs)", labels=wl)
+    delivered_ce = CounterMetricFamily(
+        "shardstack_delivered_ce",
+        "TCP segments delivered by ACKs echoing a CE mark (ECN, Linux TCPDeliveredCE)", labels=wl)
+    mtup = CounterMetricFamily(
+        "shardstack_mtu_probe_events",
+        "Path MTU probing (RFC 4821): probes sent, acknowledged, lost; black holes suspected",
+        labels=["worker", "event"])
     drops = CounterMetricFamily("shardstack_drops",
                                 "Frames a worker dropped, by reason (Linux drop reasons)",
                                 labels=["worker", "reason"])
@@ -126,6 +133,9 @@ def families(snap: dict[str, Any]) -> list[Metric]:
             segs_in.add_metric([wid], sh.get("segs_in", 0))
             segs_out.add_metric([wid], sh.get("segs_out", 0))
             retrans.add_metric([wid], sh.get("retrans_segs", 0))
+            delivered_ce.add_metric([wid], sh.get("tcp_delivered_ce", 0))
+            for event in ("probes", "success", "fail", "blackholes"):
+                mtup.add_metric([wid, event], sh.get(f"tcp_mtup_{event}", 0))
     rep = snap.get("reta", {})
     for w in rep.get("workers", []):
         wid = str(w["id"])
@@ -142,7 +152,8 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         bframes.add_metric(label, b["frames"])
         bbytes.add_metric(label, b["bytes"])
         bcpu.add_metric(label, b["cpu_seconds"])
-    out: list[Metric] = [frames_in, frames_out, segs_in, segs_out, retrans, drops, conns,
+    out: list[Metric] = [frames_in, frames_out, segs_in, segs_out, retrans, delivered_ce, mtup,
+                         drops, conns,
                          buckets, moves, wframes, wbytes, bframes, bbytes, bcpu]
     out += _migration_families(rep.get("migrations"))
     out += _process_families(snap.get("processes", []))

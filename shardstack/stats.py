@@ -230,6 +230,9 @@ def format_stats(st: dict[str, Any]) -> str:
         line = _drop_line({k: w.get("shard", {}).get(k, 0) for k in LIMIT_COUNTERS})
         if line:
             lines.append(f"worker {w.get('id')} limits hit: {line}")
+        line = _drop_line({k: w.get("shard", {}).get(k, 0) for k in PATH_COUNTERS})
+        if line:
+            lines.append(f"worker {w.get('id')} path signals: {line}")
         mig = w.get("counters", {}).get("migrate")
         if mig and (mig.get("moves_in") or mig.get("moves_out") or mig.get("aborted")):
             steer = mig.get("steer", {})
@@ -258,6 +261,12 @@ def format_stats(st: dict[str, Any]) -> str:
 LIMIT_COUNTERS = ("listen_overflows", "syncookies_sent", "prune_called", "rcv_collapsed",
                   "ofo_pruned", "ofo_drop", "sack_capped", "tcp_mem_pressures",
                   "challenge_acks")
+
+
+#: ShardStats counters of what the path said without losing packets: ECN marks
+#: echoed to us (RFC 3168) and path MTU probing (RFC 4821).
+PATH_COUNTERS = ("tcp_delivered_ce", "tcp_mtup_probes", "tcp_mtup_success", "tcp_mtup_fail",
+                 "tcp_mtup_blackholes")
 
 
 def _drop_line(drops: dict[str, int]) -> str:

@@ -971,7 +971,10 @@ class Supervisor:
             # Only the steering before the export (the pause runs from here);
             # the rest of the RETA's readers are told once the move is done.
             await self._steer_reta(new)
-            exp = await a.ctl.call("mig_export", timeout=timeout, buckets=buckets, to=dst)
+            # not_after (CLOCK_MONOTONIC, every process's clock): A must not
+            # start an export the supervisor has stopped waiting for.
+            exp = await a.ctl.call("mig_export", timeout=timeout, buckets=buckets, to=dst,
+                                   not_after=time.monotonic() + 1.0)
         except (OSError, TimeoutError, control.ControlError) as e:
             # A kept (or took back) the state: the bucket goes back to it, and
             # what B held meanwhile is forwarded there.
@@ -989,6 +992,8 @@ class Supervisor:
             fin = await b.ctl.call("mig_finish", timeout=timeout, buckets=buckets)
             rec.pause = max(0.0, fin.get("installed_at", t_switch) - t_switch)
             rec.transfer = fin.get("transfer", 0.0)
+            rec.steps = {k: round(v, 6) for d in (exp, fin) for k, v in d.items()
+                         if k.endswith("_seconds")}
             rec.held = fin.get("held", 0)
         except (OSError, TimeoutError, control.ControlError) as e:
             # Sent and acknowledged, so it is B's now; its figures are lost.

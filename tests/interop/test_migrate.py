@@ -375,7 +375,7 @@ def test_reload_keeps_streams(mig_stack):
             s.close()
     streams.check()
     moves = [m for w in out["workers"] for m in w["moves"]]
-    print([(w["replace_seconds"], [(m["seconds"], m["pause"], m["conns"]) for m in w["moves"]])
+    print([(w["replace_seconds"], [(m["pause"], m["held"], m["steps"]) for m in w["moves"]])
            for w in out["workers"]])
     print(f"reload: {took:.1f} s; {len(moves)} moves, pause per move max "
           f"{max(m['pause'] for m in moves) * 1e3:.1f} ms, held {sum(m['held'] for m in moves)}")
@@ -510,3 +510,144 @@ def test_move_to_a_frozen_worker_is_aborted_in_bounded_time(mig_stack):
     streams.check()
     assert kernel_rst_counters(st.ns) == rst0, "the kernel peer saw or sent a reset"
     assert stack_rsts(st) == srst0, "the stack sent a RST"
+
+
+APP_OPTS = """
+import os, socket, threading
+t = threading.Timer(120, os._exit, (3,))
+t.daemon = True  # bounded, and no reason to outlive the connection
+t.start()
+srv = socket.create_server(("0.0.0.0", {port}))
+print("listening", flush=True)
+c, _ = srv.accept()
+with c:
+    while True:
+        data = c.recv(100)
+        if not data:
+            break
+        # socket options go to the worker holding the connection (its token)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        state = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)[0]
+        c.sendall(f"{{data.decode()}} nodelay={{nodelay}} state={{state}}".encode())
+"""
+
+
+def test_socket_options_follow_a_moved_connection(mig_stack):
+    """After its bucket moved, an app's setsockopt/getsockopt (TCP_NODELAY,
+    TCP_INFO) on the connection still reach its TCP state: the old worker
+    answers "moved" and the shim asks the new one."""
+    st = mig_stack
+    port = APP_PORT + 1
+    app, log = _run_app(st, APP_OPTS.format(port=port), "opts")
+    try:
+        wait_for(lambda: "listening" in _lines(log) or app.poll() is not None,
+                 what="app listening")
+        sport = 41000
+        s = st.connect(port, sport)
+        b = bucket_of(_ip(st.addr), port, _ip(st.peer), sport)
+        w = st.reta[b]
+        for i in range(3):
+            s.sendall(f"q{i}".encode())
+            assert s.recv(100) == f"q{i} nodelay=1 state=1".encode()  # TCP_ESTABLISHED
+            w = 1 - w
+            assert _move(st, b, w)["app_conns"] == 1
+        s.close()
+        assert app.wait(10) == 0, _lines(log)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(5)
+
+
+def test_moves_over_af_packet(tmp_path):
+    """The same protocol when the kernel's AF_PACKET fanout program steers
+    (--packet on a veth, the kernel peer in another namespace): 40 echo
+    streams through 20 moves, SHA-256 intact, no RST on either side."""
+    _require_root()
+    with netns.netns(prefix="ssp") as a, netns.netns(prefix="ssp") as b:
+        net = netns.next_subnet()
+        netns.run(["ip", "link", "add", "vpa", "netns", a.name, "type", "veth",
+                   "peer", "name", "vpb", "netns", b.name])
+        a.up("vpa")
+        b.up("vpb")
+        b.add_addr("vpb", f"{net.network_address + 1}/{net.prefixlen}")
+        st = _start(a, net, [], device=["--packet", "vpa"])
+        st.client_ns = b.name
+        try:
+            ports = st.ports_for(40, ECHO, 40000)
+            rst0, srst0 = kernel_rst_counters(b), stack_rsts(st)
+            socks = _connect_all(st, ports, ECHO)
+            buckets = sorted({bucket_of(_ip(st.addr), ECHO, _ip(st.peer), p) for p in ports})
+            reta = list(st.reta)
+            streams = Streams(socks, seed=19, max_bytes=512 * 1024).start()
+            try:
+                time.sleep(0.3)
+                for i in range(20):
+                    assert not streams.failure, streams.failure
+                    k = buckets[(i * 5) % len(buckets)]
+                    rec = _move(st, k, 1 - reta[k])
+                    assert rec["to"] == 1 - reta[k]
+                    reta[k] = 1 - reta[k]
+                streams.finish(st=st)
+            finally:
+                streams.stop.set()
+                for s in socks.values():
+                    s.close()
+            streams.check()
+            assert kernel_rst_counters(b) == rst0, "the kernel peer saw or sent a reset"
+            assert stack_rsts(st) == srst0, "the stack sent a RST"
+        finally:
+            _stop(st)
+            st.log.unlink(missing_ok=True)
+
+
+def test_ipv6_connections_move_too():
+    """IPv6 connections (a dual-stack serve on a TUN, the kernel's IPv6 client)
+    go with their bucket: their 4-tuples hash on 128-bit addresses. 30 echo
+    streams through 15 moves, SHA-256 intact, no RST."""
+    import ipaddress
+
+    from test_ipv6 import v6_stack
+    from test_serve import in_netns
+
+    with v6_stack("tun", ["--echo", str(ECHO)]) as st:
+        a6, p6 = int(ipaddress.IPv6Address(st.addr6)), int(ipaddress.IPv6Address(st.peer6))
+        ports = list(range(42000, 42030))
+        socks = {}
+        try:
+            for p in ports:
+                with in_netns(st.kns.name):
+                    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((st.peer6, p))
+                s.settimeout(10)
+                s.connect((st.addr6, ECHO))
+                socks[p] = s
+        except BaseException:
+            for s in socks.values():
+                s.close()
+            raise
+        rst0 = kernel_rst_counters(st.kns)
+        buckets = sorted({bucket_of(a6, ECHO, p6, p) for p in ports})
+        reta = rss.make_reta(2)
+        ctl = f"{st.run_dir}/control.sock"
+        streams = Streams(socks, seed=20, max_bytes=256 * 1024).start()
+        try:
+            time.sleep(0.3)
+            moved = 0
+            for i in range(15):
+                assert not streams.failure, streams.failure
+                k = buckets[(i * 3) % len(buckets)]
+                rec = control.call(ctl, "reta_move", bucket=k, worker=1 - reta[k], timeout=10)
+                reta[k] = 1 - reta[k]
+                moved += rec["conns"]
+            assert moved >= 15, "the moves carried (almost) no IPv6 connection"
+            streams.finish()
+        finally:
+            streams.stop.set()
+            for s in socks.values():
+                s.close()
+        streams.check()
+        assert kernel_rst_counters(st.kns) == rst0, "the kernel peer saw or sent a reset"
+        assert st.shard_sum("out_rsts") == 0, "the stack sent a RST"

@@ -234,12 +234,13 @@ def test_ce_is_echoed_until_cwr_and_acked_at_once() -> None:
     sh, sd, peer, iss = _ecn_server()
     seq = 1001
     t = 0.0
-    # Use up the connection-start quick ACKs: small segments then wait for delayed ACKs.
+    # Use up the connection-start quick ACKs: small segments, then let the delayed ACK
+    # go (a gap longer than the RTO would grant quick ACKs again: tcp_delack).
     for _ in range(20):
         t += 0.001
         _data(sh, seq, iss, 100, now=t)
         seq += 100
-    t += 0.5
+    t += 0.05
     sh.advance(t)
     sh.take_frames()
     # An ECT(0) segment below one MSS: delayed, no ACK yet.

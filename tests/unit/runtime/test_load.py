@@ -125,7 +125,8 @@ def test_metrics_text_parses_with_prometheus_parser():
     snap = {
         "workers": [{"id": 0, "counters": {"frames_in": 7, "frames_out": 4,
                                            "drops": {"TCP_CSUM": 2}},
-                     "shard": {"segs_in": 9, "segs_out": 5, "retrans_segs": 1}},
+                     "shard": {"segs_in": 9, "segs_out": 5, "retrans_segs": 1,
+                               "tcp_delivered_ce": 4, "tcp_mtup_fail": 2}},
                     {"id": 1}],
         "reta": reta.report(book, [_load_reply({0: 5}), None]),
         "processes": [{"process": "worker-0", "cpu_seconds": 1.25, "rss": 1 << 20,
@@ -146,6 +147,9 @@ def test_metrics_text_parses_with_prometheus_parser():
     w0 = (("worker", "0"),)
     assert samples[("shardstack_segments_in_total", w0)] == 9
     assert samples[("shardstack_retransmitted_segments_total", w0)] == 1
+    assert samples[("shardstack_delivered_ce_total", w0)] == 4
+    assert samples[("shardstack_mtu_probe_events_total", (("event", "fail"), ("worker", "0")))] == 2
+    assert samples[("shardstack_mtu_probe_events_total", (("event", "probes"), ("worker", "0")))] == 0
     assert samples[("shardstack_drops_total", (("reason", "TCP_CSUM"), ("worker", "0")))] == 2
     assert samples[("shardstack_connections", (("state", "ESTABLISHED"), ("worker", "0")))] == 3
     assert samples[("shardstack_reta_moves_total", (("direction", "in"), ("worker", "1")))] == 0

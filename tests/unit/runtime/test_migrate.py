@@ -35,6 +35,12 @@ def test_bucket_of_tuple_is_the_frames_bucket_both_ways():
         want = rss.flow_hash(ra, la, rp, lp) & rss.RETA_MASK
         assert migrate.bucket_of(la, lp, ra, rp) == want
         assert migrate.bucket_of(ra, rp, la, lp) == want  # symmetric key
+    for _ in range(2000):  # IPv6: 128-bit addresses, the 36-byte tuple
+        la, ra = rng.getrandbits(128), rng.getrandbits(128)
+        lp, rp = rng.randrange(65536), rng.randrange(65536)
+        want = rss.flow_hash6(ra, la, rp, lp) & rss.RETA_MASK
+        assert migrate.bucket_of(la, lp, ra, rp) == want
+        assert migrate.bucket_of(ra, rp, la, lp) == want
     f = _frame(40000, 7)
     assert frame_bucket(f) == migrate.bucket_of(ADDR, 7, PEER, 40000)
     m = migrate.bucket_match({frame_bucket(f)})
