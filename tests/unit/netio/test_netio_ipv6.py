@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoReply,
@@ -218,3 +220,20 @@ def test_ipv6_frames_keep_their_checksum_flags(layer2):
             sport = int.from_bytes(f[(54 if layer2 else 40):][:2], "big")
             assert flag == RX_CSUM_VALID * (sport % 2)
     assert sum(len(fs) for fs in out.frames) == 40
+
+
+@given(st.binary(max_size=120), st.booleans(), st.integers(0, 255))
+@settings(max_examples=400, deadline=None)
+def test_ipv6_garbage_never_raises(data, layer2, nh):
+    """Anything after a version-6 nibble (and any next header) is steered,
+    answered or dropped under a reason, never raised (an IPv6 stack's netio)."""
+    body = bytearray(b"\x60" + data)
+    if len(body) > 6:
+        body[6] = nh
+    if len(body) >= 40:
+        body[24:40] = US_I.to_bytes(16, "big")  # to us: past the address check
+    d = l2(3) if layer2 else Dispatcher(3, [], addrs6=[US_I])
+    frame = eth(bytes(body)) if layer2 else bytes(body)
+    out = d.dispatch([(frame, 0)])
+    handled = sum(len(f) for f in out.frames) + len(out.replies) + sum(d.stats.drops.values())
+    assert handled == 1
