@@ -25,6 +25,7 @@ import dataclasses
 import errno
 import hashlib
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import (
@@ -81,6 +82,11 @@ __all__ = ["tcp_v4_rcv", "tcp_v4_connect", "tcp_v4_conn_request", "tcp_v4_syn_re
            "tcp_v4_send_synack", "secure_tcp_seq", "tcp_select_initial_window", "tcp_v4_err",
            "tcp_v4_mtu_reduced", "tcp_simple_retransmit", "tcp_disconnect",
            "tcp_conn_request", "cookie_check"]
+
+#: A family's listener lookup (daddr, dport, saddr, sport) and its LISTEN-state
+#: receive (segment, src, dst, now, ISN), for ``tcp_rcv_sock``.
+LookupListener = Callable[["Shard", int, int, int, int], "TcpSock | None"]
+DoRcv = Callable[["Shard", TcpSock, TcpSegment, int, int, float, "int | None"], None]
 
 _TUPLE = struct.Struct("!IHIH")
 _IP_REASONS = WIRE_REASONS["ip"]
@@ -255,6 +261,14 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
         sh.tr("__inet_lookup_skb")
         sh.tr("__inet_lookup")
         sh.tr("__inet_lookup_established")
+    tcp_rcv_sock(sh, sk, seg, src, dst, now, _lookup_listener, tcp_v4_do_rcv)
+
+
+def tcp_rcv_sock(sh: Shard, sk: TcpSock | RequestSock | None, seg: TcpSegment, src: int,
+                 dst: int, now: float, lookup_listener: LookupListener, do_rcv: DoRcv) -> None:
+    """A parsed segment and what the established-table lookup found: the part
+    of ``tcp_v4_rcv`` and ``tcp_v6_rcv`` (Linux writes it twice) that does not
+    depend on the family, given the family's listener lookup and ``do_rcv``."""
     if sk is not None:
         if sk.state is TCP_ESTABLISHED:
             tcp_input.tcp_segs_in(sk, len(seg.payload))
@@ -270,21 +284,20 @@ def tcp_v4_rcv(sh: Shard, pkt: BytesLike, now: float,
                 return
             # RFC 6191 / Linux TCP_TW_SYN: a new incarnation; its ISN lies beyond the old one.
             isn = (sk.snd_nxt + 65535 + 2) & MASK
-            listener = _lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
+            listener = lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
             if listener is not None:
-                tcp_v4_do_rcv(sh, listener, seg, src, dst, now, isn)
+                do_rcv(sh, listener, seg, src, dst, now, isn)
                 return
-            sk = None
         else:
             tcp_input.tcp_segs_in(sk, len(seg.payload))
             tcp_input.tcp_rcv_state_process(sh, sk, seg, now)
             return
-    listener = _lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
+    listener = lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
     if listener is None:
-        stats.drop(DropReason.NO_SOCKET)
+        sh.stats.drop(DropReason.NO_SOCKET)
         tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
         return
-    tcp_v4_do_rcv(sh, listener, seg, src, dst, now)
+    do_rcv(sh, listener, seg, src, dst, now, None)
 
 
 #: Fixed option lengths parse_tcp enforces (MSS, window scale, SACK permitted, timestamps).

@@ -219,34 +219,7 @@ def tcp_v6_rcv(sh: Shard, pkt: BytesLike, now: float, csum_ok: bool) -> None:
         sh.tr("tcp_v6_rcv")
         sh.tr("__inet6_lookup_skb")
         sh.tr("__inet6_lookup_established")
-    if sk is not None:
-        if sk.state is TCP_ESTABLISHED:
-            tcp_input.tcp_segs_in(sk, len(seg.payload))
-            tcp_input.tcp_rcv_established(sh, sk, seg, now)
-            return
-        if isinstance(sk, RequestSock):  # NEW-SYN-RECV
-            child = tcp_minisocks.tcp_check_req(sh, sk, seg, now)
-            if child is not None:
-                tcp_ipv4.tcp_child_process(sh, sk.listener, child, seg, now)
-            return
-        if sk.state is TCP_TIME_WAIT:
-            if tcp_minisocks.tcp_timewait_state_process(sh, sk, seg, now) != tcp_minisocks.TW_SYN:
-                return
-            isn = (sk.snd_nxt + 65535 + 2) & MASK  # RFC 6191, as tcp_v4_rcv
-            listener = inet6_lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
-            if listener is not None:
-                tcp_v6_do_rcv(sh, listener, seg, src, dst, now, isn)
-                return
-        else:
-            tcp_input.tcp_segs_in(sk, len(seg.payload))
-            tcp_input.tcp_rcv_state_process(sh, sk, seg, now)
-            return
-    listener = inet6_lookup_listener(sh, dst, seg.dst_port, src, seg.src_port)
-    if listener is None:
-        stats.drop(DropReason.NO_SOCKET)
-        tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)  # tcp_v6_send_reset
-        return
-    tcp_v6_do_rcv(sh, listener, seg, src, dst, now)
+    tcp_ipv4.tcp_rcv_sock(sh, sk, seg, src, dst, now, inet6_lookup_listener, tcp_v6_do_rcv)
 
 
 def inet6_lookup_listener(sh: Shard, daddr: int, dport: int, saddr: int,
