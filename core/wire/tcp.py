@@ -304,6 +304,25 @@ def build_tcp_options(
     return out
 
 
+def _tcp_check_field(src: int, dst: int, tcp_len: int, src_port: int, dst_port: int,
+                     seq: int, ack: int, offflags: int, window: int, urgent: int,
+                     options: bytes, payload: bytes | bytearray | memoryview,
+                     csum_partial: bool) -> int:
+    """The TCP checksum field over the pseudo-header (src, dst, protocol 6, TCP
+    length: RFC 9293 §3.1 for IPv4, RFC 8200 §8.1 for IPv6, which sum alike
+    with addresses as ints) and the header words; with ``csum_partial`` only
+    the folded pseudo-header sum, for the device to finish."""
+    if csum_partial:
+        return pseudo_header_sum(src, dst, 6, tcp_len)
+    t_sum = (src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
+             + urgent)
+    if options:
+        t_sum += _from_bytes(options, "big")
+    if payload:
+        t_sum += sum16(payload)
+    return -t_sum % 0xFFFF
+
+
 def build_tcp_ipv4(
     src: int,
     dst: int,
@@ -349,17 +368,8 @@ def build_tcp_ipv4(
     # IPv4 header sum: version/IHL 0x45, DF 0x4000, TTL<<8 | proto 6.
     ip_sum = 0x4506 + tos + total + ident + 0x4000 + (ttl << 8) + src + dst
     offflags = (thl << 10) | flags  # data offset in words, in the top nibble
-    # TCP sum: pseudo-header (src, dst, proto, TCP length) + header words.
-    if csum_partial:
-        t_field = pseudo_header_sum(src, dst, 6, tcp_len)
-    else:
-        t_sum = (src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
-                 + urgent)
-        if olen:
-            t_sum += _from_bytes(options, "big")
-        if plen:
-            t_sum += sum16(payload)
-        t_field = -t_sum % 0xFFFF
+    t_field = _tcp_check_field(src, dst, tcp_len, src_port, dst_port, seq, ack, offflags,
+                               window, urgent, options, payload, csum_partial)
     hdr = _pack_ip_tcp(
         0x45, tos, total, ident, 0x4000, ttl, 6, -ip_sum % 0xFFFF, src, dst,
         src_port, dst_port, seq, ack, thl << 2, flags, window, t_field, urgent,
@@ -403,16 +413,8 @@ def build_tcp_ipv6(
     if tcp_len > 0xFFFF:
         raise ValueError(f"IPv6 payload too long: {tcp_len}")
     offflags = (thl << 10) | flags
-    if csum_partial:
-        t_field = pseudo_header_sum(src, dst, 6, tcp_len)
-    else:
-        t_sum = (src + dst + 6 + tcp_len + src_port + dst_port + seq + ack + offflags + window
-                 + urgent)
-        if olen:
-            t_sum += _from_bytes(options, "big")
-        if plen:
-            t_sum += sum16(payload)
-        t_field = -t_sum % 0xFFFF
+    t_field = _tcp_check_field(src, dst, tcp_len, src_port, dst_port, seq, ack, offflags,
+                               window, urgent, options, payload, csum_partial)
     hdr = _pack_ip6_tcp(
         0x60000000 | (traffic_class << 20) | flow_label, tcp_len, 6, hop_limit,
         src >> 64, src & _M64, dst >> 64, dst & _M64,
