@@ -23,6 +23,7 @@ Quench, Redirect, and informational types).
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from .dropreason import DropReason
@@ -41,7 +42,7 @@ from .wire.ipv4 import Ipv4Header
 if TYPE_CHECKING:
     from .shard import Shard
 
-__all__ = ["IcmpErr", "icmp_rcv", "icmp_unreach", "ICMP_ERR_CONVERT", "NR_ICMP_UNREACH",
+__all__ = ["IcmpErr", "TokenBucket", "icmp_rcv", "icmp_unreach", "ICMP_ERR_CONVERT", "NR_ICMP_UNREACH",
            "IP_RT_MIN_PMTU"]
 
 #: Highest destination-unreachable code with a meaning (ICMP_PREC_CUTOFF).
@@ -136,18 +137,32 @@ def icmp_rcv(sh: Shard, ip: Ipv4Header, payload: bytes | bytearray | memoryview
     return icmp_unreach(sh, ip, msg)
 
 
+@dataclass(slots=True)
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up (the ICMP rate
+    limits: Linux ``icmp_global_allow``'s shape)."""
+
+    rate: float
+    burst: float
+    tokens: float
+    t: float
+
+    def take(self, now: float) -> bool:
+        """Refill for the time since the last call, then take one token if there is one."""
+        tokens = self.tokens + (now - self.t) * self.rate
+        self.t = now
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
 def icmp_err_allowed(sh: Shard) -> bool:
     """Take a token from the shard's ICMP error bucket (``ICMP_ERR_RATE``)."""
-    now = sh.now
-    tokens = sh.icmp_tokens + (now - sh.icmp_tokens_t) * ICMP_ERR_RATE
-    sh.icmp_tokens_t = now
-    if tokens > ICMP_ERR_BURST:
-        tokens = ICMP_ERR_BURST
-    if tokens < 1.0:
-        sh.icmp_tokens = tokens
-        return False
-    sh.icmp_tokens = tokens - 1.0
-    return True
+    return sh.icmp_bucket.take(sh.now)
 
 
 def icmp_unreach(sh: Shard, ip: Ipv4Header, msg: IcmpMessage) -> IcmpErr | None:

@@ -145,17 +145,7 @@ def icmpv6_rcv(sh: Shard, ip: Ipv6Header, payload: bytes | bytearray | memoryvie
 
 def _out_allowed(sh: Shard) -> bool:
     """A token from the shard's bucket for errors we send (``ICMPV6_OUT_RATE``)."""
-    now = sh.now
-    tokens = sh.icmp6_out_tokens + (now - sh.icmp6_out_t) * ICMPV6_OUT_RATE
-    sh.icmp6_out_t = now
-    if tokens > ICMPV6_OUT_BURST:
-        tokens = ICMPV6_OUT_BURST
-    if tokens < 1.0:
-        sh.icmp6_out_tokens = tokens
-        return False
-    sh.icmp6_out_tokens = tokens - 1.0
-    return True
-
+    return sh.icmp6_out_bucket.take(sh.now)
 
 def icmpv6_param_prob(sh: Shard, pkt: bytes | bytearray | memoryview, code: int,
                       pointer: int) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from . import (
     fault,
+    icmp,
+    icmpv6,
     inet_connection_sock,
     tcp,
     tcp_cong,
@@ -305,11 +307,12 @@ class Shard:
         self.mem_sampled = -1.0
         self.mem_pressure = False
         #: core.icmp's error token bucket (ICMP_ERR_RATE per second).
-        self.icmp_tokens = 100.0
-        self.icmp_tokens_t = now
+        self.icmp_bucket = icmp.TokenBucket(icmp.ICMP_ERR_RATE, icmp.ICMP_ERR_BURST,
+                                            icmp.ICMP_ERR_BURST, now)
         #: core.icmpv6's bucket for the errors we send (Parameter Problem).
-        self.icmp6_out_tokens = 50.0
-        self.icmp6_out_t = now
+        self.icmp6_out_bucket = icmp.TokenBucket(icmpv6.ICMPV6_OUT_RATE,
+                                                 icmpv6.ICMPV6_OUT_BURST,
+                                                 icmpv6.ICMPV6_OUT_BURST, now)
 
     # -- plumbing used by the engine modules -------------------------------------------
 
