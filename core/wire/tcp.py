@@ -445,13 +445,9 @@ def build_tcp(
     plen = len(payload)
     thl = 20 + olen
     offflags = (thl << 10) | flags
-    t_sum = (src + dst + 6 + thl + plen + src_port + dst_port + seq + ack + offflags
-             + window + urgent)
-    if olen:
-        t_sum += _from_bytes(options, "big")
-    if plen:
-        t_sum += sum16(payload)
-    hdr = _HDR.pack(src_port, dst_port, seq, ack, thl << 2, flags, window, -t_sum % 0xFFFF, urgent)
+    t_field = _tcp_check_field(src, dst, thl + plen, src_port, dst_port, seq, ack, offflags,
+                               window, urgent, options, payload, False)
+    hdr = _HDR.pack(src_port, dst_port, seq, ack, thl << 2, flags, window, t_field, urgent)
     return b"".join((hdr, options, payload))
 
 
