@@ -376,24 +376,34 @@ def tcp_v4_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
     """A segment for a listener: RFC 9293 §3.10.7.2 (LISTEN state)."""
     if sh.tracing:
         sh.tr("tcp_v4_do_rcv")
-    flags = seg.flags
-    if flags & RST:
-        sh.stats.drop(DropReason.TCP_RESET)
-        return
-    if flags & ACK:
-        if (not flags & SYN and sh.cfg.syncookies and not tcp_synq_no_recent_overflow(sk, now)
-                and cookie_check(sh, sk, seg, src, dst, now)):
-            return
-        # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
-        sh.stats.drop(DropReason.TCP_FLAGS)
-        tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
+    if tcp_listen_rst_or_ack(sh, sk, seg, src, dst, now):
         return
     if sh.tracing:
         sh.tr("tcp_rcv_state_process")
-    if not flags & SYN:
+    if not seg.flags & SYN:
         sh.stats.drop(DropReason.TCP_FLAGS)
         return
     tcp_v4_conn_request(sh, sk, seg, src, dst, now, isn)
+
+
+def tcp_listen_rst_or_ack(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int,
+                          now: float) -> bool:
+    """A listener's RST (dropped) or ACK (a SYN cookie's, else answered with a
+    RST), for both families (RFC 9293 §3.10.7.2 first and second checks);
+    False when the segment is neither and goes on to the SYN check."""
+    flags = seg.flags
+    if flags & RST:
+        sh.stats.drop(DropReason.TCP_RESET)
+        return True
+    if flags & ACK:
+        if (not flags & SYN and sh.cfg.syncookies and not tcp_synq_no_recent_overflow(sk, now)
+                and cookie_check(sh, sk, seg, src, dst, now)):
+            return True
+        # "Any acknowledgment is bad if it arrives on a connection still in the LISTEN state."
+        sh.stats.drop(DropReason.TCP_FLAGS)
+        tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
+        return True
+    return False
 
 
 def tcp_conn_allowed(sh: Shard, now: float) -> bool:

@@ -76,7 +76,7 @@ from .wire.ipv6 import (
     is_multicast6,
     parse_ipv6,
 )
-from .wire.tcp import ACK, RST, SYN, parse_tcp
+from .wire.tcp import SYN, parse_tcp
 
 if TYPE_CHECKING:
     from .shard import Shard
@@ -249,19 +249,9 @@ def tcp_v6_do_rcv(sh: Shard, sk: TcpSock, seg: TcpSegment, src: int, dst: int, n
     ``tcp_ipv4.tcp_v4_do_rcv``, SYN cookies checked on a bare ACK."""
     if sh.tracing:
         sh.tr("tcp_v6_do_rcv")
-    flags = seg.flags
-    if flags & RST:
-        sh.stats.drop(DropReason.TCP_RESET)
+    if tcp_ipv4.tcp_listen_rst_or_ack(sh, sk, seg, src, dst, now):
         return
-    if flags & ACK:
-        if (not flags & SYN and sh.cfg.syncookies
-                and not tcp_ipv4.tcp_synq_no_recent_overflow(sk, now)
-                and tcp_ipv4.cookie_check(sh, sk, seg, src, dst, now)):
-            return
-        sh.stats.drop(DropReason.TCP_FLAGS)
-        tcp_output.tcp_send_reset(sh, dst, seg.dst_port, src, seg.src_port, seg)
-        return
-    if not flags & SYN:
+    if not seg.flags & SYN:
         sh.stats.drop(DropReason.TCP_FLAGS)
         return
     if sh.tracing:
