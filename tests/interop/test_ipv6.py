@@ -243,6 +243,7 @@ s.listen(4)
 print("ready", flush=True)
 s.settimeout(60)
 c, peer = s.accept()
+c.settimeout(60)  # bounded: accept() hands back a blocking socket
 c.sendall(data)
 c.shutdown(socket.SHUT_WR)
 got = b""
