@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 import pytest
+from bridged_stack import require_root, start_bridge, start_serve, stop, stop_bridge
 
-from shardstack import control, netns
+from shardstack import netns
 
 pytestmark = pytest.mark.interop
 PY = sys.executable
@@ -123,13 +124,6 @@ KSERVER = textwrap.dedent("""
 """)
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("interop tests need root (network namespaces, veth)")
-    missing = netns.missing_requirements()
-    assert not missing, f"root but cannot build namespaces: {missing}"
-
-
 def _line(proc: subprocess.Popen, word: str, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,16 +138,6 @@ def _line(proc: subprocess.Popen, word: str, timeout: float = 60.0) -> str:
 def _stack_ctl(run_dir: str, *args: str) -> str:
     return subprocess.run([PY, "-m", "shardstack", *args, "--run-dir", run_dir],
                           capture_output=True, text=True, timeout=30, check=True).stdout
-
-
-def _stop(p: subprocess.Popen | None) -> None:
-    if p is not None and p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 def _sniffed(sniffer: subprocess.Popen) -> list[list[int]]:
@@ -172,7 +156,7 @@ def _nstat(ns: netns.Netns, name: str) -> int:
 
 
 def test_ecn_with_the_kernel_through_a_marking_bridge(tmp_path: Path) -> None:
-    _require_root()
+    require_root()
     size = 3 << 20
     with netns.bridged_pair(prefix="ssecn", server_addr=False) as pair:
         kaddr = str(pair.net.network_address + 1)
@@ -184,27 +168,10 @@ def test_ecn_with_the_kernel_through_a_marking_bridge(tmp_path: Path) -> None:
         serve = br = sniffer = None
         procs: list[subprocess.Popen] = []
         try:
-            serve = pair.server.popen(
-                [PY, "-m", "shardstack", "serve", "--workers", "1", "--packet", "veth0",
-                 "--addr", f"{saddr}/24", "--run-dir", run_dir, "--echo", str(ECHO),
-                 "--discard", str(DISCARD), "--ecn", "1"], stdout=log, stderr=subprocess.STDOUT)
-            sock = Path(run_dir) / "control.sock"
-            deadline = time.monotonic() + 60
-            while True:
-                assert serve.poll() is None, (tmp_path / "serve.log").read_text()
-                try:
-                    if control.call(sock, "hello", timeout=5)["ready"]:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "serve never became ready"
-                time.sleep(0.05)
-            br = pair.bridge.popen([PY, "-m", "shardstack", "impair-bridge", pair.bridge_a,
-                                    pair.bridge_b, "--ce", "1%", "--delay-ms", "2", "--seed", "5",
-                                    "--seconds", "300", "--interval", "0", "--json"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(0.5)
-            assert br.poll() is None, br.communicate()[1]
+            serve = start_serve(pair, run_dir, log, tmp_path / "serve.log",
+                                ["--addr", f"{saddr}/24", "--echo", str(ECHO),
+                                 "--discard", str(DISCARD), "--ecn", "1"])
+            br = start_bridge(pair, ["--ce", "1%", "--delay-ms", "2", "--seed", "5"])
             sniffer = pair.client.popen([PY, "-c", SNIFF, "veth0", kaddr], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
             _line(sniffer, "READY")
@@ -256,13 +223,10 @@ def test_ecn_with_the_kernel_through_a_marking_bridge(tmp_path: Path) -> None:
             sniffer = None
         finally:
             for p in procs:
-                _stop(p)
-            _stop(sniffer)
-            if br is not None and br.poll() is None:
-                br.send_signal(signal.SIGTERM)
-                out, _ = br.communicate(timeout=20)
-                bridge = json.loads(out.strip().splitlines()[-1])["counters"]
-            _stop(serve)
+                stop(p)
+            stop(sniffer)
+            bridge = stop_bridge(br)
+            stop(serve)
             log.close()
 
     def seg(out: int, port: int, kport_side: str) -> list[list[int]]:

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from bridged_stack import require_root, start_bridge, start_serve, stop, stop_bridge
 
-from shardstack import control, netns
+from shardstack import netns
 
 pytestmark = pytest.mark.interop
 PY = sys.executable
@@ -55,26 +54,9 @@ SENDER = textwrap.dedent("""
 """)
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("interop tests need root (network namespaces, veth)")
-    missing = netns.missing_requirements()
-    assert not missing, f"root but cannot build namespaces: {missing}"
-
-
-def _stop(p: subprocess.Popen | None) -> None:
-    if p is not None and p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
 @pytest.mark.parametrize("probing", [1, 2])
 def test_stack_finds_the_path_mtu_through_a_black_hole(tmp_path: Path, probing: int) -> None:
-    _require_root()
+    require_root()
     import hashlib
     want = hashlib.sha256(bytes(range(256)) * (SIZE // 256)).hexdigest()
     with netns.bridged_pair(prefix="ssmtu", server_addr=False) as pair:
@@ -85,27 +67,9 @@ def test_stack_finds_the_path_mtu_through_a_black_hole(tmp_path: Path, probing: 
         log = open(tmp_path / "serve.log", "wb")
         serve = br = ksrv = sender = None
         try:
-            serve = pair.server.popen(
-                [PY, "-m", "shardstack", "serve", "--workers", "1", "--packet", "veth0",
-                 "--addr", f"{saddr}/24", "--run-dir", run_dir, "--mtu-probing", str(probing)],
-                stdout=log, stderr=subprocess.STDOUT)
-            sock = Path(run_dir) / "control.sock"
-            deadline = time.monotonic() + 60
-            while True:
-                assert serve.poll() is None, (tmp_path / "serve.log").read_text()
-                try:
-                    if control.call(sock, "hello", timeout=5)["ready"]:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "serve never became ready"
-                time.sleep(0.05)
-            br = pair.bridge.popen([PY, "-m", "shardstack", "impair-bridge", pair.bridge_a,
-                                    pair.bridge_b, "--mtu-blackhole", str(HOLE), "--delay-ms",
-                                    "1", "--seconds", "300", "--interval", "0", "--json"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(0.5)
-            assert br.poll() is None, br.communicate()[1]
+            serve = start_serve(pair, run_dir, log, tmp_path / "serve.log",
+                                ["--addr", f"{saddr}/24", "--mtu-probing", str(probing)])
+            br = start_bridge(pair, ["--mtu-blackhole", str(HOLE), "--delay-ms", "1"])
             ksrv = pair.client.popen([PY, "-c", KSERVER, kaddr, str(KPORT)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert ksrv.stdout.readline().startswith("READY")
@@ -118,14 +82,10 @@ def test_stack_finds_the_path_mtu_through_a_black_hole(tmp_path: Path, probing: 
                 [PY, "-m", "shardstack", "stats", "--json", "--run-dir", run_dir],
                 capture_output=True, text=True, timeout=30, check=True).stdout)
         finally:
-            _stop(sender)
-            _stop(ksrv)
-            bridge = {}
-            if br is not None and br.poll() is None:
-                br.send_signal(signal.SIGTERM)
-                bout, _ = br.communicate(timeout=20)
-                bridge = json.loads(bout.strip().splitlines()[-1])["counters"]
-            _stop(serve)
+            stop(sender)
+            stop(ksrv)
+            bridge = stop_bridge(br)
+            stop(serve)
             log.close()
     n, digest, rcv_mss = int(got[0]), got[1], int(got[2])
     assert n == SIZE and digest == want
