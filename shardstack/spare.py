@@ -69,6 +69,17 @@ def hand_over(sock: socket.socket, desc: dict[str, Any], fds: list[int]) -> None
     sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
+def announce_ready(sock: socket.socket) -> None:
+    """Tell the supervisor our imports are done (one b"R"). A worker may have
+    died while we imported: then the supervisor has already handed its
+    description over and closed its end, and the description waits in the
+    socket for `receive`, so a refused b"R" is no reason to stop."""
+    try:
+        sock.send(b"R")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 def main() -> int:
     parent = os.getppid()
     from shardstack import child, worker  # the imports are the point: before we wait
@@ -81,7 +92,7 @@ def main() -> int:
     import shardstack.services  # noqa: F401
 
     sock = socket.socket(fileno=int(sys.argv[1]))
-    sock.send(b"R")  # ready: the supervisor may count on a fast handoff now
+    announce_ready(sock)  # the supervisor may count on a fast handoff now
     desc = receive(sock)
     sock.close()
     if desc is None:

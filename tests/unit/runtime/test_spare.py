@@ -48,3 +48,23 @@ def test_receive_after_hang_up_is_none():
 def test_remap_refuses_a_short_fd_list():
     with pytest.raises(ValueError):
         spare.remap({"fds": [5, 6], "ready_fd": 5}, [9])
+
+
+def test_handover_before_ready_still_becomes_a_worker():
+    """A worker can die while the spare is still importing: the supervisor
+    hands over at once and closes its end. The spare's late b"R" then meets a
+    closed socket; it must still take the description queued for it (the
+    crash tests' replaced worker died of EPIPE here and was restarted twice)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        spare.hand_over(ours, {"worker": 3, "ready_fd": w, "tx": {}}, [w])
+        ours.close()
+        spare.announce_ready(theirs)  # must not raise: the supervisor is done with us
+        got = spare.receive(theirs)
+        assert got is not None and got["worker"] == 3
+        os.close(got["ready_fd"])
+    finally:
+        os.close(r)
+        os.close(w)
+        theirs.close()
