@@ -12,11 +12,20 @@ Hysteresis, so that noise never moves anything:
 - a worker is "hot" only when max/mean > IMBALANCE over a window of WINDOW
   samples, in CONSECUTIVE observations in a row;
 - nothing moves while the stack is nearly idle (mean < MIN_LOAD CPU s/s);
-- after a move, COOLDOWN seconds and a fresh window before the next one (the
-  load picture has to show the effect of the last move first);
+- after a move, a cooldown (COOLDOWN seconds, longer after moves that did
+  not pay, below) and a fresh window before the next one (the load picture
+  has to show the effect of the last move first);
 - the buckets moved are chosen greedily, largest first, each only if it
   brings the two workers' loads closer (an elephant bucket larger than the
-  gap stays: moving it would only make the cold worker the hot one).
+  gap stays: moving it would only make the cold worker the hot one), and at
+  most MAX_BUCKETS per move: every move pauses its buckets' flows, so a large
+  imbalance is closed in a few judged steps rather than one big guess;
+- every move is judged: the next window after its cooldown must show at
+  least half of the improvement it predicted. A move that did not pay
+  (the load did not follow the buckets: many short connections, whose next
+  ones hash anywhere, or work no bucket accounts for) multiplies the
+  cooldown by BACKOFF, up to MAX_COOLDOWN; one that paid resets it. So load
+  that moving buckets cannot fix costs a few moves, then almost none.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ IMBALANCE = 1.2  # max/mean above which the hottest worker sheds load
 CONSECUTIVE = 2  # observations in a row above it
 COOLDOWN = 1.0  # s after a move
 MIN_LOAD = 0.05  # CPU s/s per worker on average: below, nothing moves
+MAX_BUCKETS = 8  # per move (of rss.RETA_SIZE)
+BACKOFF = 4.0  # cooldown factor after a move that did not pay
+MAX_COOLDOWN = 60.0  # s
 
 
 class Balancer:
@@ -45,12 +57,15 @@ class Balancer:
         self.over = 0
         self.last_move = -1e9
         self.last_ratio = 0.0
+        self.cooldown = COOLDOWN
+        self.futile = 0  # moves in a row that did not pay
+        self.expect: tuple[float, float] | None = None  # (ratio before, predicted) of the last move
 
     def observe(self, now: float, reta: list[int],
                 loads: list[dict[str, Any]]) -> tuple[list[int], int] | None:
         prev, self.prev = self.prev, loads
         prev_t, self.prev_t = self.prev_t, now
-        if prev is None or now - self.last_move < COOLDOWN:
+        if prev is None or now - self.last_move < self.cooldown:
             return None
         dt = now - prev_t
         if dt <= 0:
@@ -80,10 +95,14 @@ class Balancer:
         mean = sum(w) / self.n
         if mean < MIN_LOAD:
             self.over = 0
+            self.expect = None  # the load went away: nothing left to judge the move by
             return None
         hot = max(range(self.n), key=w.__getitem__)
         cold = min(range(self.n), key=w.__getitem__)
         self.last_ratio = w[hot] / mean
+        if self.expect is not None and not self._judge(self.last_ratio):
+            self._restart_window(now)  # the longer cooldown starts now
+            return None
         if self.last_ratio <= IMBALANCE:
             self.over = 0
             return None
@@ -94,11 +113,32 @@ class Balancer:
                               w[hot], w[cold])
         if not pick:
             return None
+        moved = sum(b[k] for k in pick)
+        after = list(w)
+        after[hot] -= moved
+        after[cold] += moved
+        self.expect = (self.last_ratio, max(after) / mean)
         self.over = 0
+        self._restart_window(now)
+        return pick, cold
+
+    def _judge(self, ratio: float) -> bool:
+        """Did the last move pay? It did if the imbalance fell by at least
+        half of what it predicted; else the cooldown grows (BACKOFF)."""
+        before, predicted = self.expect
+        self.expect = None
+        if before - ratio >= (before - predicted) / 2:
+            self.futile = 0
+            self.cooldown = COOLDOWN
+            return True
+        self.futile += 1
+        self.cooldown = min(MAX_COOLDOWN, COOLDOWN * BACKOFF ** self.futile)
+        return False
+
+    def _restart_window(self, now: float) -> None:
         self.last_move = now
         self.deltas.clear()
         self.prev = None  # a fresh window: the next sample starts it
-        return pick, cold
 
 
 def choose_buckets(mine: list[int], load: list[float], hot: float, cold: float) -> list[int]:
@@ -108,8 +148,11 @@ def choose_buckets(mine: list[int], load: list[float], hot: float, cold: float) 
     cold worker the hotter one by more than the gap it closes."""
     busy = sorted((k for k in mine if load[k] > 0), key=lambda k: -load[k])
     gap = hot - cold
-    pick, moved = [], 0.0
+    pick: list[int] = []
+    moved = 0.0
     for k in busy:
+        if len(pick) == MAX_BUCKETS:
+            break
         if abs(gap - 2 * (moved + load[k])) < abs(gap - 2 * moved):
             pick.append(k)
             moved += load[k]

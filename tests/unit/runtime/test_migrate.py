@@ -252,3 +252,70 @@ def test_steer_forwards_other_workers_buckets_while_foreign():
     reta[2] = 0
     st([b], 0.2, True)
     assert got == [a, b, b] and not st.active
+
+
+def _simulate(follows: bool, seconds: float, bucket_rate: dict[int, float],
+              base: list[float] | None = None):
+    """Drive a Balancer for `seconds` of sampled time and apply its moves to
+    the RETA. With `follows`, a worker's CPU is the load of the buckets it
+    owns now (long-lived flows: the load moves with its bucket); without,
+    the workers' CPU stays `base` whatever moves (load no bucket carries
+    along: short connections hashing anywhere next time). The moves made."""
+    reta = rss.make_reta(2)
+    bal = rebalance.Balancer(2)
+    cum_w, cum_b = [0.0, 0.0], [0.0] * rss.RETA_SIZE
+    moves, t, dt = [], 0.0, rebalance.SAMPLE_PERIOD
+    while t < seconds:
+        t += dt
+        for k, r in bucket_rate.items():
+            cum_b[k] += r * dt
+        if follows:
+            for k, r in bucket_rate.items():
+                cum_w[reta[k]] += r * dt
+        else:
+            cum_w = [c + r * dt for c, r in zip(cum_w, base, strict=True)]
+        loads = [{"cpu_seconds": cum_w[i], "cpu": [cum_b[k] if reta[k] == i else 0.0
+                                                   for k in range(rss.RETA_SIZE)]}
+                 for i in range(2)]
+        pick = bal.observe(t, reta, loads)
+        if pick is not None:
+            buckets, dst = pick
+            for k in buckets:
+                reta[k] = dst
+            moves.append((t, buckets, dst))
+    return moves, reta, bal
+
+
+def test_balancer_backs_off_when_moves_do_not_pay():
+    """Worker 0 stays 1.8x worker 1 whatever buckets move (its load is not
+    in the buckets): a few judged moves, then the cooldown grows to
+    MAX_COOLDOWN, so two minutes see a handful of moves, not one every
+    couple of seconds (the crr/http flapping of 2026-12-07)."""
+    rate = {k: 0.01 for k in range(rss.RETA_SIZE)}
+    moves, _, bal = _simulate(False, 120.0, rate, base=[0.9, 0.5])
+    assert 1 <= len(moves) <= 5
+    assert bal.cooldown == rebalance.MAX_COOLDOWN and bal.futile >= 3
+    assert all(len(b) <= rebalance.MAX_BUCKETS for _, b, _ in moves)
+
+
+def test_balancer_moves_that_pay_keep_a_short_cooldown():
+    """Long-lived skew (twelve busy buckets on worker 0): the load follows
+    each move, so the moves are judged good, the cooldown stays COOLDOWN and
+    the workers end within 20 % of the mean, in steps of at most MAX_BUCKETS."""
+    busy = [k for k in range(0, 48, 2)][:12]  # even buckets: worker 0's
+    rate = {k: 0.1 for k in busy}
+    moves, reta, bal = _simulate(True, 20.0, rate)
+    assert moves and all(len(b) <= rebalance.MAX_BUCKETS for _, b, _ in moves)
+    load = [sum(r for k, r in rate.items() if reta[k] == i) for i in range(2)]
+    mean = sum(load) / 2
+    assert max(load) <= 1.2 * mean
+    assert bal.futile == 0 and bal.cooldown == rebalance.COOLDOWN
+
+
+def test_choose_buckets_moves_at_most_max_buckets():
+    load = [0.0] * rss.RETA_SIZE
+    mine = list(range(0, rss.RETA_SIZE, 2))
+    for k in mine:
+        load[k] = 0.01
+    pick = rebalance.choose_buckets(mine, load, 0.64, 0.0)  # the gap wants 32
+    assert len(pick) == rebalance.MAX_BUCKETS
