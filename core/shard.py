@@ -728,17 +728,31 @@ class Shard:
         """Install states from another shard's ``migrate_out``; (old sd, new sd) each."""
         return tcp_migrate.migrate_in(self, states, now)
 
-    def connections(self) -> list[ConnInfo]:
+    def _every_sock(self) -> list[TcpSock | RequestSock]:
+        """Listeners, reuseport members and the ehash (request socks and TIME-WAIT
+        included), each once."""
         seen: set[int] = set()
-        rows = []
+        out: list[TcpSock | RequestSock] = []
         socks: list[TcpSock | RequestSock] = list(self.h.listening.values())
         for group in self.h.reuseport.values():
             socks += group
         socks += self.h.ehash.values()
         for sk in socks:
-            if id(sk) in seen:
-                continue
-            seen.add(id(sk))
+            if id(sk) not in seen:
+                seen.add(id(sk))
+                out.append(sk)
+        return out
+
+    def state_counts(self) -> dict[str, int]:
+        """Connections by state, as `connections()` would count them, without its
+        per-connection tcp_info: a worker answers this every half second under
+        `--rebalance auto` and every metrics scrape, with tens of thousands of
+        TIME-WAIT sockets after a burst of short connections."""
+        return dict(Counter(str(sk.state) for sk in self._every_sock()))
+
+    def connections(self) -> list[ConnInfo]:
+        rows = []
+        for sk in self._every_sock():
             if isinstance(sk, TcpSock):
                 info: dict[str, int | str] = {}
                 if sk.state is not State.LISTEN:

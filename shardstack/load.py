@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import struct
 import time
-from collections import Counter
 from typing import Any
 
 from shardstack.netio import rss
@@ -172,4 +171,4 @@ class BucketLoad:
 
 def connection_states(shard: Any) -> dict[str, int]:
     """Connections by state (RFC 9293 names, as `ss`), listeners included."""
-    return dict(Counter(ci.state for ci in shard.connections()))
+    return shard.state_counts()

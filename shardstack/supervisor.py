@@ -1081,7 +1081,7 @@ class Supervisor:
     async def _rebalance_once(self) -> None:
         if self.move_lock.locked() or not all(c.ready for c in self._workers()):
             return
-        loads = await self._ask_workers("load")
+        loads = await self._ask_workers("load", states=False)
         if any(ld is None for ld in loads):
             return
         pick = self.balancer.observe(time.monotonic(), self.reta, loads)

@@ -493,8 +493,8 @@ class Worker:
             return self._stats()
         if op == "gate":  # the appgate's view of its connections (diagnostics)
             return {"conns": self.appgate.connections() if self.appgate is not None else []}
-        if op == "load":
-            return self.load.snapshot(self.shard)
+        if op == "load":  # states=False: the balancer's half-second poll needs no census
+            return self.load.snapshot(self.shard if req.get("states", True) else None)
         if isinstance(op, str) and op.startswith("trace_"):  # `shardstack trace`
             return tracer.control(self, op, req)
         if isinstance(op, str) and op.startswith("mig_"):  # moving buckets (shardstack.migrate)

@@ -322,3 +322,35 @@ def test_rto_after_a_10ms_rtt_reads_210ms_exactly():
         sh.advance(t0)
         sd, _ = passive_open(peer, listen(sh), ack_at=t0 + 0.01)
         assert info(sh, sd, peer.now)["rto"] == 210_000, t0
+
+
+def test_state_counts_match_connections_without_tcp_info(monkeypatch):
+    """Shard.state_counts (the workers' `load` census, polled every half
+    second by --rebalance auto and by every metrics scrape) counts what
+    `connections()` lists, listeners and TIME-WAIT included, without building
+    a tcp_info per connection: after a burst of short connections tens of
+    thousands of TIME-WAIT sockets made each poll a latency spike."""
+    from collections import Counter
+
+    from shardstack.core import tcp_info as ti
+
+    p = Pair()
+    _, c1, s1 = p.connect(80)
+    c2 = p.a.socket()
+    p.a.connect(c2, B, 80, p.now)
+    p.deliver()
+    p.a.close(c1, p.now)  # active close: a ends in TIME-WAIT
+    p.deliver()
+    p.b.close(s1, p.now)
+    p.deliver()
+    want_a = Counter(ci.state for ci in p.a.connections())
+    want_b = Counter(ci.state for ci in p.b.connections())
+    assert want_a["TIME-WAIT"] == 1 and want_a["ESTABLISHED"] == 1
+    assert want_b["LISTEN"] == 1 and want_b["ESTABLISHED"] >= 1
+
+    def no_info(*_a, **_k):
+        raise AssertionError("state_counts built a tcp_info")
+
+    monkeypatch.setattr(ti, "tcp_get_info", no_info)
+    assert p.a.state_counts() == dict(want_a)
+    assert p.b.state_counts() == dict(want_b)
