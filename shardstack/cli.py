@@ -198,12 +198,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus/OpenMetrics text at http://HOST:PORT/metrics "
                    "(HOST defaults to 127.0.0.1: loopback only unless you name another)")
-    p.add_argument("--rebalance", choices=("auto", "off"), default="off",
-                   help="auto: move RETA buckets, with their connections, from the busiest "
-                   "worker to the idlest when its CPU is over 120%% of the mean for a second "
-                   "(evens skewed long-lived load; costs tail latency under many short "
-                   "connections, see docs/howto.md); off (default): the RETA changes only by "
-                   "`shardstack reta move`")
+    p.add_argument("--rebalance", choices=("auto", "off"), default="auto",
+                   help="auto (default): move RETA buckets, with their connections, from the "
+                   "busiest worker to the idlest when its CPU is over 120%% of the mean for a "
+                   "second, and back off when moves do not even the load (docs/howto.md); "
+                   "off: the RETA changes only by `shardstack reta move`")
     p.add_argument("--ecn", type=int, choices=(0, 1, 2), default=2,
                    help="ECN (RFC 3168), as Linux's net.ipv4.tcp_ecn: 0 off, 1 ask for it "
                    "on outgoing connections and accept it, 2 accept it when a peer asks "

@@ -113,7 +113,7 @@ class ServeConfig:
     secret: bytes = b""
     max_connections: int = 0  # per worker; 0: no cap (ShardConfig.max_connections)
     tcp_mem: list[int] = field(default_factory=list)  # bytes (low, pressure, high); []: default
-    rebalance: str = "off"  # "auto": move buckets from hot to cold workers (shardstack.rebalance)
+    rebalance: str = "auto"  # "auto": move buckets from hot to cold workers (shardstack.rebalance)
     ecn: int = 2  # net.ipv4.tcp_ecn: 0 off, 1 ask and accept, 2 accept (ShardConfig.ecn)
     pacing: bool = False  # pace every connection (ShardConfig.pacing); else SO_MAX_PACING_RATE only
     mtu_probing: int = 0  # net.ipv4.tcp_mtu_probing: 0 off, 1 after a black hole, 2 always

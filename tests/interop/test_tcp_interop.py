@@ -476,6 +476,8 @@ class Topo(StackCli):
 
 
 def _serve(t: Topo, device: list[str], extra: list[str]) -> None:
+    if "--rebalance" not in extra:  # flows are checked against the initial RETA's placement
+        extra = [*extra, "--rebalance", "off"]
     t.run_dir = tempfile.mkdtemp(prefix="sst-", dir="/tmp")
     os.rmdir(t.run_dir)  # serve creates it (0700) and removes it at exit
     argv = [PY, "-m", "shardstack", "serve", "--workers", str(WORKERS), *device,

@@ -37,8 +37,8 @@ def test_good_serve_config(tmp_path):
     assert paced.pacing and ServeConfig.from_dict(json.loads(json.dumps(paced.to_dict()))).pacing
     assert cfg.metrics is None
     assert _config(GOOD + ["--metrics", "9464"], tmp_path).metrics == "9464"
-    assert cfg.rebalance == "off"  # auto costs short-connection tails (docs/howto.md)
-    assert _config(GOOD + ["--rebalance", "auto"], tmp_path).rebalance == "auto"
+    assert cfg.rebalance == "auto"
+    assert _config(GOOD + ["--rebalance", "off"], tmp_path).rebalance == "off"
 
 
 @pytest.mark.parametrize(
