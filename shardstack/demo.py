@@ -95,6 +95,7 @@ class Summary:
     fetches: list[Fetch] = field(default_factory=list)
     per_worker_peak: dict[str, int] = field(default_factory=dict)
     per_worker_ss: dict[str, int] = field(default_factory=dict)
+    per_worker_accepted: dict[str, int] = field(default_factory=dict)
     frames_per_worker: list[int] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
 
@@ -417,6 +418,13 @@ class Demo:
                     self.summary.per_worker_ss[w] = self.summary.per_worker_ss.get(w, 0) + 1
         with contextlib.suppress(OSError):
             st = control_call(self.run_dir, "stats") or {}
+            for w in st.get("workers", []):
+                # Passive opens count every connection a worker accepted, whatever
+                # happened after: `ss` no longer lists one whose client closed first
+                # (no TIME-WAIT on our side), nor one in flight between workers.
+                opens = w.get("shard", {}).get("passive_opens")
+                if isinstance(opens, int):
+                    self.summary.per_worker_accepted[str(w.get("id", "?"))] = opens
             per = st.get("netio", {}).get("counters", {}).get("dispatch", {}).get("per_worker")
             if isinstance(per, list):
                 self.summary.frames_per_worker = [int(x) for x in per]
@@ -437,7 +445,9 @@ class Demo:
         self.say(f"  SHA-256 match:   {'yes' if s.sha_ok else 'NO'} "
                  f"({sum(1 for f in s.fetches if f.sha256 == f.expected)}/{len(s.fetches)})")
         if s.stack:
-            self.say("  per worker:      connections still listed by `ss` (incl. TIME-WAIT): "
+            self.say("  per worker:      connections accepted (passive opens): "
+                     + (", ".join(f"w{w}={n}" for w, n in sorted(s.per_worker_accepted.items())) or "none"))
+            self.say("                   connections still listed by `ss` (incl. TIME-WAIT): "
                      + (", ".join(f"w{w}={n}" for w, n in sorted(s.per_worker_ss.items())) or "none"))
             self.say("                   peak connections seen in `stats`: "
                      + (", ".join(f"w{w}={n}" for w, n in sorted(s.per_worker_peak.items())) or "none"))
