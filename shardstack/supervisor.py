@@ -202,6 +202,12 @@ class BindTable:
             b.backlog = min(max(backlog, 0), SOMAXCONN)
             inet_hash(self.h, b)
 
+    def unlisten(self, b: GlobalBind) -> None:
+        """Out of LISTEN, still bound (a port the app bound stays its own, as
+        Linux's tcp_set_state(CLOSE) keeps a SOCK_BINDPORT_LOCK port)."""
+        inet_unhash(self.h, b)
+        b.state = State.CLOSED
+
     def release(self, b: GlobalBind) -> None:
         inet_unhash(self.h, b)
         inet_put_port(self.h, b)
@@ -740,6 +746,19 @@ class Supervisor:
             b.listener = None
             b.state = State.CLOSED
             raise
+        return {}
+
+    async def _op_unlisten(self, req, conn) -> dict[str, Any]:
+        """shutdown(SHUT_RD) of a listener: Linux disconnects a LISTEN socket
+        (inet_shutdown -> tcp_disconnect -> inet_csk_listen_stop). The workers
+        drop it and reset what waits in its queue; the bind stays, so listen()
+        may follow."""
+        b = self._owned(req, conn)
+        if b.listener is None:
+            return {}
+        b.listener = None
+        await self._ask_workers("remove_listener", bind_id=b.bind_id)
+        self.binds.unlisten(b)
         return {}
 
     # -- UDP: a port space of its own (Linux udp_lib_get_port), every worker told --

@@ -83,6 +83,9 @@ _LINGER = struct.Struct("ii")
 _TCP_LINGER2 = getattr(_socket_mod, "TCP_LINGER2", 8)
 # Options kept off the unix fd: SO_OOBINLINE would put the gate's status
 # byte in the data stream; the buffer sizes are the filler's while connecting.
+# What an unconnected AF_UNIX stream answers a read or write with (not EBADF
+# of a closed fd, EAGAIN or EINTR, which TCP gives alike).
+_UNIX_UNCONNECTED = frozenset({errno.EINVAL, errno.ENOTCONN, errno.EOPNOTSUPP, errno.EPIPE})
 _LOCAL_ONLY = {(SOL_SOCKET, _socket_mod.SO_OOBINLINE), (SOL_SOCKET, _socket_mod.SO_LINGER)}
 
 
@@ -342,7 +345,7 @@ def _oserror(code: int, text: str | None = None) -> OSError:
 class ShimSocket(kernel_socket):
     """socket.socket, with AF_INET/SOCK_STREAM sockets on shardstack (module docstring)."""
 
-    __slots__ = ("_ss", "_pre", "_cand", "_owner", "_us", "_dgram")
+    __slots__ = ("_ss", "_pre", "_cand", "_owner", "_us", "_dgram", "_disconnected")
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None) -> None:
@@ -362,6 +365,9 @@ class ShimSocket(kernel_socket):
         self._cand = self.family in _FACES and self.type == SOCK_STREAM
         self._us = None  # a UDP socket on the stack (shim/dgram.py)
         self._dgram = self.family in _FACES and self.type == _socket_mod.SOCK_DGRAM
+        # A stack connect() failed on this socket: like Linux's, it may connect
+        # again but never listen (inet_listen: EINVAL).
+        self._disconnected = False
 
     # -- helpers --------------------------------------------------------------
 
@@ -478,6 +484,8 @@ class ShimSocket(kernel_socket):
         _register(self.fileno(), st)
 
     def listen(self, backlog: int = min(_socket_mod.SOMAXCONN, 128)) -> None:
+        if self._disconnected:
+            raise _oserror(errno.EINVAL)
         st = self._ss
         if st is None and self._unbound_candidate():
             # listen() on an unbound socket binds the wildcard, any port (inet_autobind)
@@ -499,6 +507,38 @@ class ShimSocket(kernel_socket):
         self._claimed_call(stack, st, "listen", bind_id=st.bind_id, backlog=backlog,
                            path=st.path, opts=self._opts_list())
         st.kind = LISTENER
+        self._owner = True
+
+    def shutdown(self, how: int) -> None:
+        st = self._ss
+        if st is None or self._us is not None:
+            return super().shutdown(how)
+        if st.kind == LISTENER and how in (_socket_mod.SHUT_RD, _socket_mod.SHUT_RDWR):
+            return self._unlisten(st)
+        if st.kind in (BOUND, LISTENER):
+            if how not in (_socket_mod.SHUT_RD, _socket_mod.SHUT_WR, _socket_mod.SHUT_RDWR):
+                raise _oserror(errno.EINVAL)
+            if st.kind == BOUND:
+                raise _oserror(errno.ENOTCONN)  # inet_shutdown of a TCP_CLOSE socket
+            return None  # SHUT_WR of a listener: nothing to shut (inet_shutdown)
+        return super().shutdown(how)
+
+    def _unlisten(self, st: StackState) -> None:
+        """shutdown(SHUT_RD) of a listening socket: as Linux, it stops listening
+        and keeps its port; accept() callers, blocked ones too, get EINVAL, and
+        listen() may start it again."""
+        kernel_socket.shutdown(self, _socket_mod.SHUT_RDWR)  # wakes accept(): EINVAL
+        stack = get_stack()
+        if stack is not None and st.bind_id is not None:
+            self._claimed_call(stack, st, "unlisten", bind_id=st.bind_id)
+        if self._owner:
+            _unregister(self.fileno())
+        # A fresh socket at the path for a later listen(): the shut-down one
+        # refuses connections for good (unix_stream_connect: RCV_SHUTDOWN),
+        # and closing it resets what waited in its queue, as Linux does.
+        self._swap_fd(_unix_at(st.path))
+        st.kind = BOUND
+        _register(self.fileno(), st)
         self._owner = True
 
     def _claimed_call(self, stack: Stack, st: StackState, op: str, **args: Any) -> Any:
@@ -569,6 +609,8 @@ class ShimSocket(kernel_socket):
         st = self._ss
         if st is not None and st.kind in (ACTIVE, PASSIVE):
             return self._reconnect(st)
+        if st is not None and st.kind == LISTENER:
+            return errno.EISCONN  # __inet_stream_connect: not TCP_CLOSE
         stack = self._stack()
         parsed = self._parse(address) if stack is not None else None
         view = stack.view() if parsed is not None else None
@@ -705,6 +747,7 @@ class ShimSocket(kernel_socket):
         ephemeral one went with the worker's socket. connect() may follow."""
         if self._owner:
             _unregister(self.fileno())
+        self._disconnected = True
         self._swap_fd(kernel_socket(self.family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC))
         for (level, opt), value in (self._pre or {}).items():
             try:
@@ -818,6 +861,10 @@ class ShimSocket(kernel_socket):
 
     def sendto(self, data: Any, *args: Any) -> int:
         if not self._dgram:
+            if self._ss is not None and len(args) in (1, 2):
+                # TCP ignores a destination (tcp_sendmsg reads no msg_name): the
+                # unix stream underneath would refuse one with EISCONN.
+                return self.send(data, *args[:-1])
             return super().sendto(data, *args)
         addr = args[-1]
         parsed = self._udp_parse(addr)
@@ -841,6 +888,8 @@ class ShimSocket(kernel_socket):
         except ConnectionResetError:
             self._reported()
             raise
+        except OSError as e:
+            raise self._unconnected(e, False) from None
         if not data and bufsize and self._ss is not None:
             self._at_end()
         return data
@@ -853,6 +902,8 @@ class ShimSocket(kernel_socket):
         except ConnectionResetError:
             self._reported()
             raise
+        except OSError as e:
+            raise self._unconnected(e, False) from None
         if not n and self._ss is not None and (nbytes or memoryview(buffer).nbytes):
             self._at_end()
         return n
@@ -879,7 +930,10 @@ class ShimSocket(kernel_socket):
         if self._us is not None:
             data, addr = self._udp_recvfrom(bufsize, flags)
             return data, [], 0, addr
-        data, anc, mflags, addr = _csocket.recvmsg(self, bufsize, ancbufsize, flags)
+        try:
+            data, anc, mflags, addr = _csocket.recvmsg(self, bufsize, ancbufsize, flags)
+        except OSError as e:
+            raise self._unconnected(e, False) from None
         if self._ss is None:
             return data, anc, mflags, addr
         if not data and bufsize:
@@ -887,7 +941,10 @@ class ShimSocket(kernel_socket):
         return data, anc, mflags, None
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
-        n, anc, mflags, addr = _csocket.recvmsg_into(self, buffers, ancbufsize, flags)
+        try:
+            n, anc, mflags, addr = _csocket.recvmsg_into(self, buffers, ancbufsize, flags)
+        except OSError as e:
+            raise self._unconnected(e, False) from None
         if self._ss is None:
             return n, anc, mflags, addr
         if not n:
@@ -904,6 +961,8 @@ class ShimSocket(kernel_socket):
         except BrokenPipeError:
             self._at_end(broken=True)
             raise
+        except OSError as e:
+            raise self._unconnected(e, True) from None
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         if self._us is not None:
@@ -914,6 +973,8 @@ class ShimSocket(kernel_socket):
         except BrokenPipeError:
             self._at_end(broken=True)
             raise
+        except OSError as e:
+            raise self._unconnected(e, True) from None
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> int:
@@ -927,12 +988,23 @@ class ShimSocket(kernel_socket):
                 return self.send(data)
             return self.sendto(data, address)
         try:
-            if address is None:
-                return _csocket.sendmsg(self, buffers, ancdata, flags)
+            if address is None or self._ss is not None:
+                return _csocket.sendmsg(self, buffers, ancdata, flags)  # TCP: no msg_name
             return _csocket.sendmsg(self, buffers, ancdata, flags, address)
         except BrokenPipeError:
             self._at_end(broken=True)
             raise
+        except OSError as e:
+            raise self._unconnected(e, True) from None
+
+    def _unconnected(self, e: OSError, sending: bool) -> OSError:
+        """A bound or listening stack socket's fd is an unconnected AF_UNIX
+        socket, whose errnos differ from TCP's: send EPIPE, recv ENOTCONN, as
+        tcp_sendmsg/tcp_recvmsg answer a socket with no connection."""
+        st = self._ss
+        if st is None or st.kind not in (BOUND, LISTENER) or e.errno not in _UNIX_UNCONNECTED:
+            return e
+        return _oserror(errno.EPIPE if sending else errno.ENOTCONN)
 
     def _reported(self) -> None:
         """The kernel itself raised ECONNRESET (appgate held a byte back): that was the report."""
@@ -947,15 +1019,20 @@ class ShimSocket(kernel_socket):
             return
         if st.status == CONNECTING:
             self._refresh()
-        st.ended = True
-        err = self._end_errno(st, broken)
+        err, final = self._end_errno(st, broken)
+        # A clean end is final only once the connection is gone: after the
+        # peer's FIN, or an EPIPE of our own SHUT_WR, a later RST is still
+        # reported once, as tcp_recvmsg reports sk_err after EOF.
+        st.ended = final or bool(err)
         if err:
             raise _oserror(err)
 
-    def _end_errno(self, st: StackState, broken: bool) -> int:
+    def _end_errno(self, st: StackState, broken: bool) -> tuple[int, bool]:
+        """The errno to report at the stream's end (0: a clean end), and
+        whether nothing can follow it (the connection is gone)."""
         if st.status == FAILED and st.err:
             err, st.err = st.err, 0
-            return err
+            return err, True
         p = select.poll()
         p.register(self.fileno(), select.POLLIN | select.POLLPRI)
         ev = 0
@@ -965,15 +1042,15 @@ class ShimSocket(kernel_socket):
             self._take_oob(st)  # the worker's errno byte, if no read passed it yet
             if st.err:
                 err, st.err = st.err, 0
-                return err
+                return err, True
         if not (ev & select.POLLHUP or broken):
             # Only the worker's write side is shut: the peer's FIN, a clean EOF.
-            return 0
+            return 0, False
         # The worker's end is closed: a reset or timeout, unless the app shut
         # its own side down first and both FINs went through. Ask the worker.
         stack = get_stack()
         if stack is None or st.worker < 0:
-            return 0
+            return 0, True
         req = {"op": "status", "token": st.token}
         try:
             r = stack.worker_call(st.worker, req)
@@ -986,8 +1063,8 @@ class ShimSocket(kernel_socket):
                 # W is closed and no worker answers for it: the worker holding
                 # the connection died (and is not back yet). Its TCP state is
                 # gone; the peer will be reset: so is the app.
-                return errno.ECONNRESET
-        return int(r.get("errno") or 0)
+                return errno.ECONNRESET, True
+        return int(r.get("errno") or 0), not r.get("alive", False)
 
     # -- names ----------------------------------------------------------------
 
@@ -1210,6 +1287,7 @@ class ShimSocket(kernel_socket):
         if s._ss is None and self._ss is not None:
             s._ss = self._ss
         s._pre = dict(self._pre) if self._pre else None
+        s._disconnected = self._disconnected
         return s
 
     def __getstate__(self) -> Any:
