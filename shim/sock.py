@@ -73,6 +73,15 @@ _DEFAULTS = {
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_SYNCNT", 7)): 6,  # net.ipv4.tcp_syn_retries
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_LINGER2", 8)): 60,  # net.ipv4.tcp_fin_timeout
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_WINDOW_CLAMP", 10)): 0,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_CORK", 3)): 0,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_DEFER_ACCEPT", 9)): 0,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_QUICKACK", 12)): 1,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_FASTOPEN", 23)): 0,
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_NOTSENT_LOWAT", 25)): 0,  # 0: the sysctl's
+    # The engine's default (core.tcp_cong.DEFAULT), a TCP_CA_NAME_MAX buffer.
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_CONGESTION", 13)): b"cubic".ljust(16, b"\0"),
+    (_socket_mod.IPPROTO_IP, _socket_mod.IP_TOS): 0,
+    (_socket_mod.IPPROTO_IP, _socket_mod.IP_TTL): 64,  # net.ipv4.ip_default_ttl
     (SOL_SOCKET, _socket_mod.SO_KEEPALIVE): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEADDR): 0,
     (SOL_SOCKET, _socket_mod.SO_REUSEPORT): 0,
@@ -83,6 +92,16 @@ _LINGER = struct.Struct("ii")
 _TCP_LINGER2 = getattr(_socket_mod, "TCP_LINGER2", 8)
 # Options kept off the unix fd: SO_OOBINLINE would put the gate's status
 # byte in the data stream; the buffer sizes are the filler's while connecting.
+# Options the engine may change on a connection (the MSS from the path, the
+# clamp from the buffer and the window scale): asked of the worker.
+_FROM_ENGINE = frozenset({(IPPROTO_TCP, _socket_mod.TCP_MAXSEG),
+                          (IPPROTO_TCP, getattr(_socket_mod, "TCP_WINDOW_CLAMP", 10)),
+                          (IPPROTO_TCP, getattr(_socket_mod, "TCP_CONGESTION", 13))})
+# Levels whose values a kernel TCP socket checks exactly as Linux would check
+# ours (do_tcp_setsockopt, do_ip_setsockopt, sk_setsockopt); not the names of
+# congestion controls (the engine has its own) nor IPV6_V6ONLY (state-bound).
+_KERNEL_CHECKED = frozenset({IPPROTO_TCP, _socket_mod.IPPROTO_IP, SOL_SOCKET})
+_ENGINE_CHECKED = frozenset({(IPPROTO_TCP, getattr(_socket_mod, "TCP_CONGESTION", 13))})
 # What an unconnected AF_UNIX stream answers a read or write with (not EBADF
 # of a closed fd, EAGAIN or EINTR, which TCP gives alike).
 _UNIX_UNCONNECTED = frozenset({errno.EINVAL, errno.ENOTCONN, errno.EOPNOTSUPP, errno.EPIPE})
@@ -1108,6 +1127,7 @@ class ShimSocket(kernel_socket):
             if self._cand or self._dgram:
                 self._record(level, opt, value)
             return
+        self._kernel_check(level, opt, value, optlen)
         self._record(level, opt, value)
         if (level, opt) in _LOCAL_ONLY:
             pass
@@ -1125,6 +1145,28 @@ class ShimSocket(kernel_socket):
             get_stack().worker_call(st.worker, {"op": "setsockopt", "token": st.token,
                                                 "level": level, "opt": opt,
                                                 "value": _wire_value(opt, value)})
+
+    def _kernel_check(self, level: int, opt: int, value: Any, optlen: int | None) -> None:
+        """Refuse what Linux refuses (a value out of range, a short buffer, a
+        str) with its errno or TypeError: the same call on a fresh kernel TCP
+        socket of our family is the check. Only the value is judged there; the
+        stack applies it."""
+        if level not in _KERNEL_CHECKED or (level, opt) in _ENGINE_CHECKED:
+            return
+        try:
+            probe = kernel_socket(self.family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+        except OSError:
+            return  # out of fds: no check rather than a setsockopt that fails oddly
+        try:
+            if optlen is None:
+                probe.setsockopt(level, opt, value)
+            else:
+                probe.setsockopt(level, opt, value, optlen)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EACCES):  # a privilege, not a value
+                raise
+        finally:
+            probe.close()
 
     def getsockopt(self, level: int, opt: int, buflen: int | None = None) -> Any:
         if self._us is not None:
@@ -1199,11 +1241,11 @@ class ShimSocket(kernel_socket):
             if opt == _socket_mod.SO_ERROR:
                 return self._pop_error()
             if opt == _socket_mod.SO_TYPE:
-                return SOCK_STREAM
+                return int(SOCK_STREAM)
             if opt == SO_DOMAIN:
-                return self.family
+                return int(self.family)
             if opt == SO_PROTOCOL:
-                return _socket_mod.IPPROTO_TCP
+                return int(_socket_mod.IPPROTO_TCP)
             if opt == _socket_mod.SO_ACCEPTCONN:
                 return int(st.kind == LISTENER)
             if opt == _socket_mod.SO_LINGER:
@@ -1212,12 +1254,13 @@ class ShimSocket(kernel_socket):
             if opt in (_socket_mod.SO_RCVBUF, _socket_mod.SO_SNDBUF):
                 if not (st.kind == ACTIVE and st.status == CONNECTING):
                     return super().getsockopt(level, opt)
-        if (level == IPPROTO_TCP and opt == _socket_mod.TCP_MAXSEG
+        if ((level, opt) in _FROM_ENGINE
                 and st.kind in (ACTIVE, PASSIVE) and st.status == ESTABLISHED):
             try:
                 r = get_stack().worker_call(st.worker, {"op": "getsockopt", "token": st.token,
                                                         "level": level, "opt": opt})
-                return r["value"]
+                v = r["value"]
+                return v.ljust(16, b"\0") if isinstance(v, bytes) else v  # TCP_CA_NAME_MAX
             except OSError:
                 pass
         if (level, opt) in (self._pre or {}):
@@ -1226,6 +1269,12 @@ class ShimSocket(kernel_socket):
                 # Linux (do_tcp_getsockopt): 0 reads as tcp_fin_timeout,
                 # negative as -1, more than TCP_FIN_TIMEOUT_MAX as 120.
                 return -1 if v < 0 else min(v, 120) if v else 60
+            if (level, opt) == (_socket_mod.IPPROTO_IP, _socket_mod.IP_TTL) and v == -1:
+                return 64  # -1: back to net.ipv4.ip_default_ttl
+            if isinstance(v, str):
+                v = v.encode()
+            if (level, opt) == (IPPROTO_TCP, _socket_mod.TCP_CONGESTION) and isinstance(v, bytes):
+                return v.rstrip(b"\0").ljust(16, b"\0")
             return int(bool(v)) if opt in _BOOLEAN.get(level, ()) else v
         if (level, opt) in _DEFAULTS:
             return _DEFAULTS[(level, opt)]

@@ -215,6 +215,86 @@ probe("self.after_rst_send", lambda: c.send(b"x"))
 c.close()
 srv.close()
 
+# -- options and flags on a connection -----------------------------------------------------
+SO, TCP = socket.SOL_SOCKET, socket.IPPROTO_TCP
+srv = tcp()
+srv.setsockopt(SO, socket.SO_REUSEADDR, 1)
+srv.bind((LOCAL, PORT_B))
+srv.listen()
+srv.setblocking(False)
+probe("opt.accept_empty", srv.accept)
+srv.setblocking(True)
+c = tcp()
+c.settimeout(5)
+c.connect((LOCAL, PORT_B))
+a, peer = srv.accept()
+a.settimeout(5)
+probe("opt.accepted_peer", lambda: (a.getpeername() == c.getsockname(), peer == c.getsockname()))
+probe("opt.accepted_name", lambda: a.getsockname() == c.getpeername())
+probe("opt.accepted_timeout", a.gettimeout)
+for name, level, opt in [("keepalive", SO, socket.SO_KEEPALIVE),
+                         ("reuseaddr", SO, socket.SO_REUSEADDR),
+                         ("reuseport", SO, socket.SO_REUSEPORT),
+                         ("rcvlowat", SO, socket.SO_RCVLOWAT),
+                         ("oobinline", SO, socket.SO_OOBINLINE),
+                         ("linger", SO, socket.SO_LINGER),
+                         ("domain", SO, socket.SO_DOMAIN),
+                         ("protocol", SO, socket.SO_PROTOCOL),
+                         ("keepidle", TCP, socket.TCP_KEEPIDLE),
+                         ("keepintvl", TCP, socket.TCP_KEEPINTVL),
+                         ("keepcnt", TCP, socket.TCP_KEEPCNT),
+                         ("nodelay", TCP, socket.TCP_NODELAY),
+                         ("cork", TCP, socket.TCP_CORK),
+                         ("user_timeout", TCP, socket.TCP_USER_TIMEOUT),
+                         ("syncnt", TCP, socket.TCP_SYNCNT),
+                         ("linger2", TCP, socket.TCP_LINGER2),
+                         ("defer_accept", TCP, socket.TCP_DEFER_ACCEPT),
+                         ("notsent_lowat", TCP, socket.TCP_NOTSENT_LOWAT),
+                         ("tos", socket.IPPROTO_IP, socket.IP_TOS),
+                         ("ttl", socket.IPPROTO_IP, socket.IP_TTL)]:
+    probe(f"opt.get_{name}", lambda level=level, opt=opt: c.getsockopt(level, opt))
+# The name differs by design (this host's default is BBR, the stack's CUBIC):
+# the shape is compared, a TCP_CA_NAME_MAX buffer.
+probe("opt.get_congestion_len", lambda: len(c.getsockopt(TCP, socket.TCP_CONGESTION, 64)))
+probe("opt.set_keepalive", lambda: (c.setsockopt(SO, socket.SO_KEEPALIVE, 1),
+                                    c.getsockopt(SO, socket.SO_KEEPALIVE))[1])
+probe("opt.set_keepidle", lambda: (c.setsockopt(TCP, socket.TCP_KEEPIDLE, 30),
+                                   c.getsockopt(TCP, socket.TCP_KEEPIDLE))[1])
+probe("opt.set_keepidle_0", lambda: c.setsockopt(TCP, socket.TCP_KEEPIDLE, 0))
+probe("opt.set_keepcnt_big", lambda: c.setsockopt(TCP, socket.TCP_KEEPCNT, 1000))
+probe("opt.set_nodelay", lambda: (c.setsockopt(TCP, socket.TCP_NODELAY, 5),
+                                  c.getsockopt(TCP, socket.TCP_NODELAY))[1])
+probe("opt.set_user_timeout_neg", lambda: c.setsockopt(TCP, socket.TCP_USER_TIMEOUT, -1))
+probe("opt.set_tos", lambda: (c.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x28),
+                              c.getsockopt(socket.IPPROTO_IP, socket.IP_TOS))[1])
+probe("opt.set_ttl_bad", lambda: c.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 300))
+probe("opt.set_linger", lambda: (c.setsockopt(SO, socket.SO_LINGER, struct.pack("ii", 1, 7)),
+                                 struct.unpack("ii", c.getsockopt(SO, socket.SO_LINGER, 8)))[1])
+probe("opt.set_linger_off", lambda: c.setsockopt(SO, socket.SO_LINGER, struct.pack("ii", 0, 0)))
+probe("opt.set_type", lambda: c.setsockopt(SO, socket.SO_TYPE, 1))
+probe("opt.set_str", lambda: c.setsockopt(SO, socket.SO_KEEPALIVE, "x"))
+probe("opt.info_state", lambda: c.getsockopt(TCP, socket.TCP_INFO, 104)[0])
+probe("opt.listener_info_state", lambda: srv.getsockopt(TCP, socket.TCP_INFO, 104)[0])
+probe("opt.recv_zero", lambda: c.recv(0))
+probe("opt.recv_negative", lambda: c.recv(-1))
+probe("opt.send_empty", lambda: c.send(b""))
+a.setblocking(False)  # (with a timeout set, Python polls before any recv)
+probe("opt.peek_dontwait_empty", lambda: a.recv(10, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+probe("opt.dontwait_empty", lambda: a.recv(10, socket.MSG_DONTWAIT))
+a.settimeout(5)
+probe("opt.waitall", lambda: (c.send(b"12"), c.send(b"34"), a.recv(4, socket.MSG_WAITALL))[2])
+probe("opt.sendall_1mib", lambda: (c.sendall(b"z" * (1 << 20)), len(recv_exact(a, 1 << 20)))[1])
+probe("opt.makefile", lambda: (c.makefile("wb").write(b"line\n"), a.makefile("rb").readline())[1])
+# (Urgent data, MSG_OOB, is not carried through the shim yet: docs/shim.md.)
+c.close()
+probe("opt.eof_after_peer_close", lambda: recv_exact(a, 1))
+probe("opt.send_after_peer_close", lambda: a.send(b"x"))
+__import__("time").sleep(0.3)
+probe("opt.send_after_rst", lambda: a.send(b"x"))
+probe("opt.so_error_after_rst", lambda: a.getsockopt(SO, socket.SO_ERROR))
+a.close()
+srv.close()
+
 # -- UDP -------------------------------------------------------------------------------
 u = udp()
 probe("udp.autobind_sendto", lambda: u.sendto(b"x", (PEER, 9)))
