@@ -47,6 +47,9 @@ from .inet_hashtables import InetHashinfo
 from .tcp_h import (
     AF_INET,
     AF_INET6,
+    MAX_TCP_KEEPCNT,
+    MAX_TCP_KEEPIDLE,
+    MAX_TCP_KEEPINTVL,
     MAX_TCP_SYNCNT,
     TCP_FIN_TIMEOUT,
     TCP_FIN_TIMEOUT_MAX,
@@ -508,15 +511,15 @@ class Shard:
                     raise os_error(errno.EINVAL)
                 sk.user_mss = v
             elif opt == _socket.TCP_KEEPIDLE:
-                sk.keepidle = float(_pos(value))
+                sk.keepidle = float(_in_range(value, MAX_TCP_KEEPIDLE))
                 if sk.keepalive and sk.state not in (State.CLOSED, State.LISTEN):
                     # Linux tcp_sock_set_keepidle: the running timer follows the new idle time.
                     self.timers.arm(sk, TimerKind.KEEPALIVE,
                                     max(self.now, sk.rcv_tstamp + sk.keepidle))
             elif opt == _socket.TCP_KEEPINTVL:
-                sk.keepintvl = float(_pos(value))
+                sk.keepintvl = float(_in_range(value, MAX_TCP_KEEPINTVL))
             elif opt == _socket.TCP_KEEPCNT:
-                sk.keepcnt = _pos(value)
+                sk.keepcnt = _in_range(value, MAX_TCP_KEEPCNT)
             elif opt == _socket.TCP_CONGESTION:
                 name = value.decode() if isinstance(value, bytes | bytearray) else str(value)
                 tcp_cong.get(name.rstrip("\0"))  # ENOENT for an unknown one
@@ -778,9 +781,10 @@ def _int(value: SockOptValue) -> int:
     return int(value)
 
 
-def _pos(value: SockOptValue) -> int:
+def _in_range(value: SockOptValue, top: int) -> int:
+    """1..top, else EINVAL (do_tcp_setsockopt's keepalive bounds)."""
     v = _int(value)
-    if v < 1:
+    if not 1 <= v <= top:
         raise os_error(errno.EINVAL)
     return v
 

@@ -295,3 +295,19 @@ def test_linger2_is_clamped_to_tcp_fin_timeout_max():
     assert sh.getsockopt(sd, TCP, socket.TCP_LINGER2) == 60  # tcp_fin_timeout
     sh.setsockopt(sd, TCP, socket.TCP_LINGER2, 500)
     assert sh.getsockopt(sd, TCP, socket.TCP_LINGER2) == 120
+
+
+@pytest.mark.parametrize(("opt", "top"), [(socket.TCP_KEEPIDLE, 32767),
+                                          (socket.TCP_KEEPINTVL, 32767),
+                                          (socket.TCP_KEEPCNT, 127)])
+def test_keepalive_options_out_of_range_are_einval(opt, top):
+    """Linux's bounds: MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL (s), MAX_TCP_KEEPCNT."""
+    sh = make_shard()
+    sd = sh.socket()
+    for bad in (0, -1, top + 1):
+        with pytest.raises(OSError) as e:
+            sh.setsockopt(sd, TCP, opt, bad)
+        assert e.value.errno == errno.EINVAL
+    for good in (1, top):
+        sh.setsockopt(sd, TCP, opt, good)
+        assert sh.getsockopt(sd, TCP, opt) == good
