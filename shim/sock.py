@@ -601,6 +601,10 @@ class ShimSocket(kernel_socket):
         if sock._ss is None:
             sock.close()
             raise _oserror(errno.EPROTO, "accepted a connection that is not shardstack's")
+        if self._pre:
+            # The child is a clone of the listener (sk_clone_lock): the engine's
+            # copy has its options already, and so reads the app's.
+            sock._pre = dict(self._pre)
         return sock, _face(self.family, *sock._ss.peername)
 
     # -- connect --------------------------------------------------------------
@@ -1252,6 +1256,9 @@ class ShimSocket(kernel_socket):
                 v = (self._pre or {}).get((level, opt), b"\0" * 8)
                 return v if isinstance(v, bytes) else _LINGER.pack(*v)
             if opt in (_socket_mod.SO_RCVBUF, _socket_mod.SO_SNDBUF):
+                asked = (self._pre or {}).get((level, opt))
+                if asked is not None:
+                    return _kernel_readback(self.family, level, opt, asked)
                 if not (st.kind == ACTIVE and st.status == CONNECTING):
                     return super().getsockopt(level, opt)
         if ((level, opt) in _FROM_ENGINE
@@ -1356,6 +1363,17 @@ def closed_elsewhere(sock: ShimSocket, ino: int) -> None:
         with _REG_LOCK:
             _REGISTRY.pop(ino, None)
     sock.detach()
+
+
+def _kernel_readback(family: int, level: int, opt: int, value: Any) -> Any:
+    """What Linux reads back after this set (SO_RCVBUF: doubled, clamped to
+    rmem_max and the minimum), from a fresh kernel TCP socket."""
+    probe = kernel_socket(family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+    try:
+        probe.setsockopt(level, opt, value)
+        return probe.getsockopt(level, opt)
+    finally:
+        probe.close()
 
 
 def _linger_wait(st: StackState, secs: int) -> None:

@@ -26,10 +26,17 @@ def outcome(fn) -> str:
         return f"{type(e).__name__}:{errno.errorcode.get(e.errno or 0, e.errno)}"
     except (OverflowError, TypeError, ValueError) as e:
         return type(e).__name__
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str):
-        # an address as its role, a port as whether it is set
-        r = ({LOCAL: "local", PEER: "peer"}.get(r[0], r[0]), r[1] != 0)
-    return "ok" if r is None else f"ok:{r!r}"
+    return "ok" if r is None else f"ok:{shown(r)!r}"
+
+
+def shown(r):
+    """An address as its role, a port as whether it is set (both stacks run
+    this with different addresses and ephemeral ports)."""
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int):
+        return ({LOCAL: "local", PEER: "peer"}.get(r[0], r[0]), r[1] != 0)
+    if isinstance(r, (tuple, list)):
+        return type(r)(shown(x) for x in r)
+    return r
 
 
 def probe(name: str, fn) -> None:
@@ -295,6 +302,60 @@ probe("opt.so_error_after_rst", lambda: a.getsockopt(SO, socket.SO_ERROR))
 a.close()
 srv.close()
 
+# -- what an accepted socket inherits from its listener; buffer sizes ----------------------
+srv = tcp()
+srv.setsockopt(SO, socket.SO_REUSEADDR, 1)
+srv.setsockopt(TCP, socket.TCP_NODELAY, 1)
+srv.setsockopt(SO, socket.SO_KEEPALIVE, 1)
+srv.setsockopt(TCP, socket.TCP_KEEPIDLE, 77)
+srv.setsockopt(SO, socket.SO_RCVBUF, 65536)
+srv.bind((LOCAL, PORT_B))
+srv.listen()
+c = tcp()
+probe("buf.set_small_sndbuf", lambda: (c.setsockopt(SO, socket.SO_SNDBUF, 1),
+                                       c.getsockopt(SO, socket.SO_SNDBUF))[1])
+probe("buf.set_rcvbuf", lambda: (c.setsockopt(SO, socket.SO_RCVBUF, 50000),
+                                 c.getsockopt(SO, socket.SO_RCVBUF))[1])
+c.settimeout(5)
+c.connect((LOCAL, PORT_B))
+a, _ = srv.accept()
+probe("buf.rcvbuf_after_connect", lambda: c.getsockopt(SO, socket.SO_RCVBUF))
+for name, level, opt in [("nodelay", TCP, socket.TCP_NODELAY), ("keepalive", SO, socket.SO_KEEPALIVE),
+                         ("keepidle", TCP, socket.TCP_KEEPIDLE), ("rcvbuf", SO, socket.SO_RCVBUF),
+                         ("reuseaddr", SO, socket.SO_REUSEADDR)]:
+    probe(f"inherit.{name}", lambda level=level, opt=opt: a.getsockopt(level, opt))
+probe("inherit.blocking", a.getblocking)
+# shutdown(SHUT_RD) of a connection: reads end at once, the peer can still be written to
+probe("shut_rd.shutdown", lambda: a.shutdown(socket.SHUT_RD))
+probe("shut_rd.recv", lambda: a.recv(10))
+probe("shut_rd.send", lambda: (a.send(b"hi"), recv_exact(c, 2))[1])
+c.close()
+a.close()
+srv.close()
+
+# -- a non-blocking connect, step by step --------------------------------------------------
+srv = tcp()
+srv.setsockopt(SO, socket.SO_REUSEADDR, 1)
+srv.bind((LOCAL, PORT_B))
+srv.listen()
+c = tcp()
+c.setblocking(False)
+probe("nb.connect_ex", lambda: errno.errorcode.get(c.connect_ex((LOCAL, PORT_B)), "0"))
+__import__("select").select([], [c], [], 5)
+__import__("time").sleep(0.1)
+probe("nb.so_error", lambda: c.getsockopt(SO, socket.SO_ERROR))
+probe("nb.connect_again", lambda: errno.errorcode.get(c.connect_ex((LOCAL, PORT_B)), "0"))
+probe("nb.connect_third", lambda: errno.errorcode.get(c.connect_ex((LOCAL, PORT_B)), "0"))
+probe("nb.connect_other", lambda: errno.errorcode.get(c.connect_ex((PEER, PORT_B)), "0"))
+probe("nb.getpeername", c.getpeername)
+a, _ = srv.accept()
+probe("nb.recv_empty", lambda: c.recv(10))
+a.close()
+__import__("time").sleep(0.2)
+probe("nb.recv_eof", lambda: c.recv(10))
+c.close()
+srv.close()
+
 # -- UDP -------------------------------------------------------------------------------
 u = udp()
 probe("udp.autobind_sendto", lambda: u.sendto(b"x", (PEER, 9)))
@@ -322,5 +383,30 @@ u.settimeout(2)
 probe("udp.recv_refused", lambda: u.recv(10))
 probe("udp.shutdown", lambda: u.shutdown(socket.SHUT_RD))
 u.close()
+
+# -- UDP between two sockets of ours -----------------------------------------------------
+u1, u2 = udp(), udp()
+u1.bind((LOCAL, PORT_A))
+u2.bind((LOCAL, PORT_B))
+u1.settimeout(2)
+u2.settimeout(2)
+probe("udp2.sendto", lambda: u2.sendto(b"hello", (LOCAL, PORT_A)))
+probe("udp2.peek", lambda: u1.recvfrom(100, socket.MSG_PEEK))
+probe("udp2.truncated", lambda: u1.recvfrom(2))
+probe("udp2.gone_after_truncation", lambda: (u1.setblocking(False), u1.recv(100))[1])
+u1.settimeout(2)
+probe("udp2.boundaries", lambda: (u2.sendto(b"a", (LOCAL, PORT_A)), u2.sendto(b"bc", (LOCAL, PORT_A)),
+                                  u1.recv(100), u1.recv(100))[2:])
+probe("udp2.empty_datagram", lambda: (u2.sendto(b"", (LOCAL, PORT_A)), u1.recvfrom(100))[1])
+probe("udp2.recvmsg", lambda: (u2.sendto(b"m", (LOCAL, PORT_A)), u1.recvmsg(100)[0::3])[1])
+probe("udp2.connect", lambda: u1.connect((LOCAL, PORT_B)))
+probe("udp2.sendto_other_when_connected", lambda: u1.sendto(b"x", (PEER, 9)))
+probe("udp2.send_connected", lambda: (u1.send(b"back"), u2.recvfrom(100))[1])
+probe("udp2.so_type", lambda: u1.getsockopt(SO, socket.SO_TYPE))
+probe("udp2.set_broadcast", lambda: (u1.setsockopt(SO, socket.SO_BROADCAST, 1),
+                                     u1.getsockopt(SO, socket.SO_BROADCAST))[1])
+probe("udp2.disconnect", lambda: u1.connect((socket.AF_UNSPEC, 0)) if False else None)
+u1.close()
+u2.close()
 
 print(json.dumps(results))
