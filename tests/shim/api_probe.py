@@ -15,6 +15,8 @@ import struct
 import sys
 
 LOCAL, PEER, NOBODY = sys.argv[1], sys.argv[2], sys.argv[3]
+FAMILY = socket.AF_INET6 if ":" in LOCAL else socket.AF_INET
+ANY = "::" if FAMILY == socket.AF_INET6 else "0.0.0.0"
 PORT_A, PORT_B, PORT_CLOSED = 7611, 7612, 7699
 results: dict[str, str] = {}
 
@@ -32,8 +34,8 @@ def outcome(fn) -> str:
 def shown(r):
     """An address as its role, a port as whether it is set (both stacks run
     this with different addresses and ephemeral ports)."""
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int):
-        return ({LOCAL: "local", PEER: "peer"}.get(r[0], r[0]), r[1] != 0)
+    if isinstance(r, tuple) and len(r) in (2, 4) and isinstance(r[0], str) and isinstance(r[1], int):
+        return ({LOCAL: "local", PEER: "peer", ANY: "any"}.get(r[0], r[0]), r[1] != 0, *r[2:])
     if isinstance(r, (tuple, list)):
         return type(r)(shown(x) for x in r)
     return r
@@ -64,11 +66,11 @@ def peek_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def tcp() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return socket.socket(FAMILY, socket.SOCK_STREAM)
 
 
 def udp() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return socket.socket(FAMILY, socket.SOCK_DGRAM)
 
 
 # -- a fresh TCP socket -------------------------------------------------------------
@@ -369,7 +371,8 @@ probe("udp.recv_nonblocking", lambda: (u.setblocking(False), u.recv(10))[1])
 u.setblocking(True)
 probe("udp.listen", lambda: u.listen())
 probe("udp.accept", u.accept)
-probe("udp.broadcast", lambda: u.sendto(b"x", ("255.255.255.255", 9)))
+if FAMILY == socket.AF_INET:
+    probe("udp.broadcast", lambda: u.sendto(b"x", ("255.255.255.255", 9)))
 probe("udp.too_big", lambda: u.sendto(b"x" * 70000, (PEER, 9)))
 probe("udp.getsockname", u.getsockname)
 probe("udp.getpeername", u.getpeername)

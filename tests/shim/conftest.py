@@ -30,11 +30,14 @@ PY = sys.executable
 
 
 class Env:
-    def __init__(self, ns: netns.Netns, net) -> None:
+    def __init__(self, ns: netns.Netns, net, net6=None) -> None:
         self.ns = ns
         self.addr = str(net.network_address + 2)  # the stack
         self.peer = str(net.network_address + 1)  # the kernel, on the TUN
         self.prefix = net.prefixlen
+        self.net6 = net6  # dual stack: an IPv6 prefix (2001:db8::/32) as well
+        self.addr6 = str(net6.network_address + 2) if net6 else ""
+        self.peer6 = str(net6.network_address + 1) if net6 else ""
         self.run_dir = tempfile.mkdtemp(prefix="ssh-", dir="/tmp")
         os.rmdir(self.run_dir)
         self.tmp = Path(tempfile.mkdtemp(prefix="ssh-files-", dir="/tmp"))
@@ -45,6 +48,9 @@ class Env:
         self.serve_proc = self.ns.popen(
             [PY, "-m", "shardstack", "serve", "--workers", "2", "--tun", "ssh0",
              "--peer", f"{self.peer}/{self.prefix}", "--addr", f"{self.addr}/{self.prefix}",
+             *([] if self.net6 is None else
+               ["--peer", f"{self.peer6}/{self.net6.prefixlen}",
+                "--addr", f"{self.addr6}/{self.net6.prefixlen}"]),
              "--run-dir", self.run_dir], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
@@ -197,13 +203,15 @@ class Env:
 
 
 @contextlib.contextmanager
-def _stack_env():
+def _stack_env(dual: bool = False):
     if os.geteuid() != 0:
         pytest.skip("shim interop tests need root (network namespaces, TUN)")
     missing = netns.missing_requirements()
     assert not missing, f"root but cannot build namespaces: {missing}"
     with netns.netns(prefix="ssh") as ns:
-        e = Env(ns, netns.next_subnet())
+        if dual:
+            ns.ip("link", "set", "lo", "up")
+        e = Env(ns, netns.next_subnet(), netns.next_subnet6() if dual else None)
         try:
             e.serve()
             yield e
@@ -222,6 +230,14 @@ def module_env():
     """One stack for every test of a module (each test stops its own apps: `shared_env`)."""
     with _stack_env() as e:
         yield e
+
+
+@pytest.fixture(scope="module")
+def dual_env():
+    """A dual-stack stack (IPv4 and 2001:db8::/32 on its TUN) for a module."""
+    with _stack_env(dual=True) as e:
+        yield e
+        e.stop_apps()
 
 
 @pytest.fixture

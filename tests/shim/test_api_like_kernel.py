@@ -27,18 +27,33 @@ def _results(proc: subprocess.CompletedProcess) -> dict[str, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_socket_api_answers_as_the_kernel_does(shared_env):
-    env = shared_env
-    kernel = _results(env.ns.run([sys.executable, str(PROBE), env.peer, env.addr, NOBODY],
+def _compare(env, local_kernel: str, local_stack: str, nobody: str) -> None:
+    kernel = _results(env.ns.run([sys.executable, str(PROBE), local_kernel, local_stack, nobody],
                                  check=False, timeout=60))
+    before = env.gate_counts()
     stack = _results(subprocess.run(
         ["ip", "netns", "exec", env.ns.name, sys.executable, "-m", "shardstack.shim",
-         "--run-dir", env.run_dir, str(PROBE), env.addr, env.peer, NOBODY],
+         "--run-dir", env.run_dir, str(PROBE), local_stack, local_kernel, nobody],
         capture_output=True, text=True, timeout=60))
+    after = env.gate_counts()
+    # The stack's run was on the stack: its workers accepted the program's own
+    # connections (four of them get accepted).
+    assert after.get("passive_opens", 0) - before.get("passive_opens", 0) >= 4, (before, after)
     assert kernel.keys() == stack.keys()
     differ = {k: (kernel[k], stack[k]) for k in kernel if kernel[k] != stack[k]}
     assert not differ, "call: (kernel, stack)\n" + "\n".join(
         f"  {k}: {v}" for k, v in sorted(differ.items()))
+
+
+def test_socket_api_answers_as_the_kernel_does(shared_env):
+    env = shared_env
+    _compare(env, env.peer, env.addr, NOBODY)
+
+
+def test_ipv6_socket_api_answers_as_the_kernel_does(dual_env):
+    """The same program with AF_INET6 sockets, on the stack's IPv6 address."""
+    env = dual_env
+    _compare(env, env.peer6, env.addr6, str(env.net6.network_address + 0x99))
 
 
 WAKE_ACCEPT = """
