@@ -215,20 +215,26 @@ def inet_hash_connect(h: InetHashinfo[TcpSock], sk: TcpSock, lo: int, hi: int, o
         h.tr("__inet_hash_connect")
     n = hi - lo + 1
     ehash = h.ehash
-    for i in range(n):
-        port = lo + (offset + i) % n
-        if port_filter is not None and not port_filter(sk.laddr, port, sk.raddr, sk.rport):
-            continue
-        tb = h.bhash.get(port)
-        if tb is not None:
-            if not all(o.bind_by_connect for o in tb.owners):
+    # Even ports first, then odd ones (Linux since 4.6): bind(port 0) takes
+    # odd ones first (inet_csk_find_open_port), so the two rarely meet. Here
+    # that matters more than in one kernel: bind(0) is answered by the
+    # supervisor's table, which does not see the shards' connect() ports.
+    start = (offset & ~1) % n
+    for parity in (0, 1):
+        for i in range(parity, n, 2):
+            port = lo + (start + i) % n
+            if port_filter is not None and not port_filter(sk.laddr, port, sk.raddr, sk.rport):
                 continue
-            if (sk.laddr, port, sk.raddr, sk.rport) in ehash:
-                continue
-        else:
-            tb = inet_bind_bucket_create(h, port)
-        inet_bind_hash(h, sk, tb, port)
-        sk.bind_by_connect = True
-        inet_ehash_insert(h, sk)
-        return True
+            tb = h.bhash.get(port)
+            if tb is not None:
+                if not all(o.bind_by_connect for o in tb.owners):
+                    continue
+                if (sk.laddr, port, sk.raddr, sk.rport) in ehash:
+                    continue
+            else:
+                tb = inet_bind_bucket_create(h, port)
+            inet_bind_hash(h, sk, tb, port)
+            sk.bind_by_connect = True
+            inet_ehash_insert(h, sk)
+            return True
     return False

@@ -101,6 +101,19 @@ def test_port_filter_chooses_ephemeral_port():
     assert len(ports) == 20 and all(p % 8 == 5 for p in ports)
 
 
+def test_connect_takes_even_ports_first_and_odd_ones_after():
+    """Linux's __inet_hash_connect: even ports, then odd ones; bind(0) takes
+    odd ones first (test_bind), so a listener's port rarely meets a client's."""
+    sh = make_shard(ephemeral_range=(50000, 50007))
+    ports = []
+    for _ in range(8):
+        sd = sh.socket()
+        sh.connect(sd, B, 80, 0.0)  # one destination: every port once
+        ports.append(sh.getsockname(sd)[1])
+    assert all(p % 2 == 0 for p in ports[:4]) and all(p % 2 == 1 for p in ports[4:])
+    assert sorted(ports) == list(range(50000, 50008))
+
+
 def test_no_port_left_is_eaddrnotavail():
     sh = make_shard(port_filter=lambda la, lp, ra, rp: False)
     with pytest.raises(OSError) as e:
