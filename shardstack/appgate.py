@@ -90,6 +90,14 @@ _ESTABLISHED = State.ESTABLISHED
 _DRAINED = object()  # _read_w: W has nothing more now
 
 
+class _NotOurs(Exception):
+    """A connect whose flow the RETA gives to worker `owner`."""
+
+    def __init__(self, owner: int) -> None:
+        super().__init__(owner)
+        self.owner = owner
+
+
 @dataclass(slots=True, eq=False)
 class GateConn:
     """One TCP connection: shard descriptor `sd` <-> worker end `w` of the app's stream."""
@@ -164,6 +172,9 @@ class AppGate:
         self.conns: dict[int, GateConn] = {}  # by shard descriptor
         self.tokens: dict[int, GateConn] = {}
         self.listeners: dict[int, GateListener] = {}  # by bind_id
+        #: (laddr, lport, raddr, rport) -> the worker the RETA steers that
+        #: flow's replies to (set by the worker; None: one worker, all ours).
+        self.owner_of: Callable[[int, int, int, int], int] | None = None
         self.lsds: dict[int, GateListener] = {}  # by shard descriptor
         # token -> errno of established connections that died (RST, timeout),
         # for the shim's "status" query when its recv() meets EOF (_died).
@@ -318,10 +329,19 @@ class AppGate:
             for level, opt, value in msg.get("opts", ()):
                 _setopt_quietly(shard, sd, level, opt, value)
             baddr, bport = msg.get("baddr", 0), int(msg.get("bport", 0))
+            if bport:
+                self._check_owner(msg, bport)
             if baddr or bport:
                 shard.bind(sd, gp.ip_int(baddr or 0), bport)
             shard.connect(sd, gp.ip_int(msg["addr"]), int(msg["port"]), now)
             laddr, lport = shard.getsockname(sd)
+        except _NotOurs as e:
+            shard.close(sd, now)
+            _try_send(w, gp.pack({**_err(errno.EAGAIN, "another worker's flow"),
+                                  "owner": e.owner}))
+            w.close()
+            app.close()
+            return
         except (OSError, KeyError, ValueError, TypeError) as e:
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
             shard.close(sd, now)
@@ -338,6 +358,23 @@ class AppGate:
         _try_send(w, gp.pack({"ok": True, "laddr": gp.ip_str(laddr), "lport": lport,
                               "worker": self.wid, "token": conn.token}))
         self.flush()
+
+    def _check_owner(self, msg: dict[str, Any], bport: int) -> None:
+        """A connect from a port the app bound: its 4-tuple is fixed, so is
+        the worker the RETA steers its replies to. The shim chose us from its
+        copy of the RETA, which a bucket move may have made stale: if the flow
+        is another worker's, say whose (the shim asks there), rather than
+        open a connection whose SYN-ACK goes elsewhere and is reset."""
+        if self.owner_of is None:
+            return
+        raddr = gp.ip_int(msg["addr"])
+        laddr = gp.ip_int(msg.get("baddr") or 0)
+        if not laddr:  # the wildcard: the source address connect() will take
+            addrs = self.shard.cfg.addrs6 if raddr > 0xFFFFFFFF else self.shard.cfg.addrs
+            laddr = addrs[0] if addrs else 0
+        owner = self.owner_of(laddr, bport, raddr, int(msg["port"]))
+        if owner != self.wid:
+            raise _NotOurs(owner)
 
     def _take_app_fd(self, c: Client) -> socket.socket | None:
         fds, c.fds = c.fds, []

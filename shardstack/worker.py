@@ -170,13 +170,19 @@ class Worker:
         wid, reta = self.wid, self.reta
         hasher = rss.Toeplitz(rss.SYMMETRIC_KEY)
 
-        def port_filter(laddr: int, lport: int, raddr: int, rport: int) -> bool:
-            # The mTCP trick: accept an ephemeral port only if the peer's
-            # replies (raddr:rport → laddr:lport) hash to this worker; over
-            # IPv6 (wire addresses above 32 bits) the 36-byte tuple's hash.
+        def owner_of(laddr: int, lport: int, raddr: int, rport: int) -> int:
+            # The worker the peer's replies (raddr:rport → laddr:lport) are
+            # steered to; over IPv6 (wire addresses above 32 bits) the 36-byte
+            # tuple's hash.
             if raddr > 0xFFFFFFFF:
-                return reta[hasher.hash_tuple6(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
-            return reta[hasher.hash_tuple(raddr, laddr, rport, lport) & rss.RETA_MASK] == wid
+                return reta[hasher.hash_tuple6(raddr, laddr, rport, lport) & rss.RETA_MASK]
+            return reta[hasher.hash_tuple(raddr, laddr, rport, lport) & rss.RETA_MASK]
+
+        def port_filter(laddr: int, lport: int, raddr: int, rport: int) -> bool:
+            # The mTCP trick: accept an ephemeral port only if it is ours.
+            return owner_of(laddr, lport, raddr, rport) == wid
+
+        self.owner_of = owner_of
 
         cfg = self.cfg
         scfg = ShardConfig(addrs=[cfg.addr.ip] if cfg.addr else [],
@@ -217,7 +223,9 @@ class Worker:
             from shardstack.appgate import AppGate
         except ImportError:
             return None  # the app-facing half is optional: services still work
-        return AppGate(self.shard, self.loop, str(self.run.path), self.wid, self.flush)
+        gate = AppGate(self.shard, self.loop, str(self.run.path), self.wid, self.flush)
+        gate.owner_of = self.owner_of  # a bound port's connect goes where its replies will
+        return gate
 
     # -- the data path --------------------------------------------------------
 

@@ -166,18 +166,24 @@ def _is_subnet_broadcast(view: Any, ip: ipaddress.IPv4Address) -> bool:
 
 
 def recvfrom(s: Any, st: UdpState, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+    data, addr, _mflags = recvmsg(s, st, bufsize, flags)
+    return data, addr
+
+
+def recvmsg(s: Any, st: UdpState, bufsize: int, flags: int = 0) -> tuple[bytes, Any, int]:
+    """(data, address, msg_flags): MSG_TRUNC when the datagram was longer."""
     hdr = HDR6 if st.v6 else HDR
-    raw = _csock().recv(s, bufsize + hdr.size, flags)
+    raw, _anc, mflags, _addr = _csock().recvmsg(s, bufsize + hdr.size, 0, flags)
     if len(raw) < hdr.size:
-        return b"", None
+        return b"", None, mflags
     a, port, kind = hdr.unpack_from(raw)
     if kind == KIND_ERROR:
         raise OSError(port, os.strerror(port))
     if st.v6:
         from shardstack.shim import gateproto as gp
 
-        return raw[hdr.size:], (gp.ip_str(int.from_bytes(a, "big"), True), port, 0, 0)
-    return raw[hdr.size:], (str(ipaddress.IPv4Address(a)), port)
+        return raw[hdr.size:], (gp.ip_str(int.from_bytes(a, "big"), True), port, 0, 0), mflags
+    return raw[hdr.size:], (str(ipaddress.IPv4Address(a)), port), mflags
 
 
 def close(st: UdpState) -> None:

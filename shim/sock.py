@@ -30,6 +30,7 @@ from __future__ import annotations
 import array
 import errno
 import ipaddress
+import operator
 import os
 import select
 import socket as _socket_mod
@@ -57,6 +58,7 @@ SO_DOMAIN = getattr(_socket_mod, "SO_DOMAIN", 39)
 SO_PROTOCOL = getattr(_socket_mod, "SO_PROTOCOL", 38)
 TCP_INFO = getattr(_socket_mod, "TCP_INFO", 11)
 GATE_TIMEOUT = 10.0  # s: a local worker answers a connect request at once
+OWNER_RETRIES = 4  # connect requests sent on after a worker named the flow's owner
 
 # Kinds and states of a stack socket.
 BOUND, LISTENER, ACTIVE, PASSIVE = "bound", "listener", "active", "passive"
@@ -263,6 +265,45 @@ def _is_loopback(host: str) -> bool:
 def _loopback_mode() -> bool:
     stack = get_stack()
     return stack is not None and stack.loopback
+
+
+def _check_dgram_address(family: int, address: Any) -> None:
+    """Raise what CPython raises for a malformed destination (TypeError,
+    OverflowError, gaierror): a kernel UDP socket's connect() parses it as
+    sendto() would and sends nothing."""
+    probe = kernel_socket(family, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC)
+    try:
+        probe.connect(address)
+    except _socket_mod.gaierror:
+        raise
+    except OSError:
+        pass  # well-formed; the route is not what is checked here
+    finally:
+        probe.close()
+
+
+def _check_sendmsg_args(family: int, buffers: list, ancdata: list, flags: int) -> None:
+    """sendmsg()'s own argument errors (TypeError for a buffer or an
+    ancillary item of the wrong shape): the same call on an unconnected
+    kernel UDP socket, which then fails EDESTADDRREQ without sending."""
+    probe = kernel_socket(family, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC)
+    try:
+        probe.sendmsg(buffers, ancdata, flags)
+    except OSError as e:
+        if e.errno not in (errno.EDESTADDRREQ, errno.EINVAL, errno.ENOTCONN):
+            raise
+    finally:
+        probe.close()
+
+
+def _udp_dest(parsed: tuple[str, int]) -> tuple[str, int]:
+    """A datagram's destination as the stack sees it: under --loopback,
+    127.x is the stack's own address (as a TCP connect's, `_connect`)."""
+    if _is_loopback(parsed[0]) and _loopback_mode():
+        view = get_stack().view()
+        if view is not None:
+            return view.primary, parsed[1]
+    return parsed
 
 
 def _fd_domain(fd: int) -> int:
@@ -692,23 +733,20 @@ class ShimSocket(kernel_socket):
             req["v6"] = True  # an AF_INET6 socket on the shard
         if st is not None:
             req.update(baddr=laddr, bport=lport, bind_id=st.bind_id)
-        a = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
-        try:
-            a.settimeout(GATE_TIMEOUT)
-            try:
-                a.connect(stack.worker_path(worker))
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise _oserror(errno.ENETUNREACH, "shardstack is not running") from None
-            # Our own fd rides along: the worker fills our send buffer with it.
-            fds = array.array("i", [a.fileno()])
-            a.sendmsg([gp.pack(req)], [(SOL_SOCKET, _socket_mod.SCM_RIGHTS, fds)])
-            reply = read_frame(a, bytearray())
-            if not reply.get("ok"):
-                code = int(reply.get("errno") or errno.EIO)
-                raise _oserror(code, reply.get("error"))
-        except BaseException:
+        for _attempt in range(OWNER_RETRIES):
+            a, reply = self._connect_request(stack, worker, req)
+            if reply.get("ok"):
+                break
             a.close()
-            raise
+            owner = reply.get("owner")
+            if not isinstance(owner, int):
+                raise _oserror(int(reply.get("errno") or errno.EIO), reply.get("error"))
+            # Our RETA was stale (a bucket moved): the worker named the flow's
+            # owner. Ask there, and learn the table anew for the next connect.
+            worker = owner
+            stack.forget_view()
+        else:
+            raise _oserror(errno.EAGAIN, "the stack's RETA kept moving under this connect")
         if st is not None and self._owner:
             _unregister(self.fileno())  # the bound fd's inode goes with it
         if st is not None and st.path:
@@ -724,6 +762,25 @@ class ShimSocket(kernel_socket):
         st.worker, st.token = int(reply["worker"]), int(reply["token"])
         _register(self.fileno(), st)
         self._owner = True
+
+    @staticmethod
+    def _connect_request(stack: Stack, worker: int, req: dict[str, Any]
+                         ) -> tuple[kernel_socket, dict[str, Any]]:
+        """One connect request to `worker`: our new stream to it, and its reply."""
+        a = kernel_socket(AF_UNIX, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+        try:
+            a.settimeout(GATE_TIMEOUT)
+            try:
+                a.connect(stack.worker_path(worker))
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise _oserror(errno.ENETUNREACH, "shardstack is not running") from None
+            # Our own fd rides along: the worker fills our send buffer with it.
+            fds = array.array("i", [a.fileno()])
+            a.sendmsg([gp.pack(req)], [(SOL_SOCKET, _socket_mod.SCM_RIGHTS, fds)])
+            return a, read_frame(a, bytearray())
+        except BaseException:
+            a.close()
+            raise
 
     def _worker_for(self, stack: Stack, view: scope.StackView, laddr: str, lport: int,
                     raddr: str, rport: int) -> int:
@@ -879,14 +936,19 @@ class ShimSocket(kernel_socket):
             return super().connect_ex(address)
         from shardstack.shim import dgram
 
-        dgram.connect(self, get_stack(), us, parsed[0], parsed[1])
+        dgram.connect(self, get_stack(), us, *_udp_dest(parsed))
         return 0
 
     def sendto(self, data: Any, *args: Any) -> int:
+        if self._us is not None:
+            self._check_open()
+            if len(args) not in (1, 2):
+                raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         if not self._dgram:
             if self._ss is not None and len(args) in (1, 2):
                 # TCP ignores a destination (tcp_sendmsg reads no msg_name): the
                 # unix stream underneath would refuse one with EISCONN.
+                self._check_address(args[-1])
                 return self.send(data, *args[:-1])
             return super().sendto(data, *args)
         addr = args[-1]
@@ -894,18 +956,30 @@ class ShimSocket(kernel_socket):
         us = self._udp_autobind(parsed[0]) if parsed else self._us
         if us is None:
             return super().sendto(data, *args)
+        if parsed is None:
+            _check_dgram_address(self.family, addr)  # malformed: CPython's own error
         from shardstack.shim import dgram
 
-        return dgram.sendto(self, us, data, parsed)
+        return dgram.sendto(self, us, data, _udp_dest(parsed) if parsed else parsed)
 
-    def _udp_recvfrom(self, bufsize: int, flags: int) -> tuple[bytes, Any]:
+    def _udp_recvmsg(self, bufsize: int, flags: int, fn: str) -> tuple[bytes, Any, int]:
+        """A datagram off the stack: (data, address, msg_flags), after the
+        argument checks CPython makes (TypeError, ValueError)."""
         from shardstack.shim import dgram
 
-        return dgram.recvfrom(self, self._us, bufsize, flags)
+        bufsize, flags = operator.index(bufsize), operator.index(flags)
+        if bufsize < 0:
+            raise ValueError(f"negative buffersize in {fn}")
+        self._check_open()
+        return dgram.recvmsg(self, self._us, bufsize, flags)
+
+    def _udp_recvfrom(self, bufsize: int, flags: int, fn: str = "recvfrom") -> tuple[bytes, Any]:
+        data, addr, _mflags = self._udp_recvmsg(bufsize, flags, fn)
+        return data, addr
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self._us is not None:
-            return self._udp_recvfrom(bufsize, flags)[0]
+            return self._udp_recvfrom(bufsize, flags, "recv")[0]
         try:
             data = _csocket.recv(self, bufsize, flags)
         except ConnectionResetError:
@@ -941,8 +1015,12 @@ class ShimSocket(kernel_socket):
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
         if self._us is not None:
             mv = memoryview(buffer).cast("B")
-            n = nbytes or len(mv)
-            data, addr = self._udp_recvfrom(n, flags)
+            nbytes = operator.index(nbytes)
+            if nbytes < 0:
+                raise ValueError("negative buffersize in recvfrom_into")
+            if nbytes > len(mv):
+                raise ValueError("nbytes is greater than the length of the buffer")
+            data, addr = self._udp_recvfrom(nbytes or len(mv), flags, "recvfrom_into")
             mv[:len(data)] = data
             return len(data), addr
         if self._ss is None:
@@ -951,8 +1029,10 @@ class ShimSocket(kernel_socket):
 
     def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> tuple:
         if self._us is not None:
-            data, addr = self._udp_recvfrom(bufsize, flags)
-            return data, [], 0, addr
+            if operator.index(ancbufsize) < 0 or operator.index(bufsize) < 0:
+                raise ValueError("negative buffer size in recvmsg()")
+            data, addr, mflags = self._udp_recvmsg(bufsize, flags, "recvmsg")
+            return data, [], mflags, addr
         try:
             data, anc, mflags, addr = _csocket.recvmsg(self, bufsize, ancbufsize, flags)
         except OSError as e:
@@ -964,6 +1044,21 @@ class ShimSocket(kernel_socket):
         return data, anc, mflags, None
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple:
+        if self._us is not None:
+            views = [memoryview(b).cast("B") for b in buffers]
+            if any(v.readonly for v in views):
+                raise TypeError("recvmsg_into() argument 1 must be an iterable of "
+                                "single-segment read-write buffers")
+            if operator.index(ancbufsize) < 0:
+                raise ValueError("negative buffer size in recvmsg_into()")
+            data, addr, mflags = self._udp_recvmsg(sum(len(v) for v in views), flags,
+                                                   "recvmsg_into")
+            at = 0
+            for v in views:  # scatter, as readv does
+                part = data[at:at + len(v)]
+                v[:len(part)] = part
+                at += len(part)
+            return len(data), [], mflags, addr
         try:
             n, anc, mflags, addr = _csocket.recvmsg_into(self, buffers, ancbufsize, flags)
         except OSError as e:
@@ -978,6 +1073,7 @@ class ShimSocket(kernel_socket):
         if self._us is not None:
             from shardstack.shim import dgram
 
+            self._check_open()
             return dgram.sendto(self, self._us, data, None)
         try:
             return _csocket.send(self, data, flags)
@@ -1006,11 +1102,16 @@ class ShimSocket(kernel_socket):
             if parsed is not None:
                 self._udp_autobind(parsed[0])  # on the stack if the scope says so
         if self._dgram and self._us is not None:
+            self._check_open()
+            buffers, ancdata = list(buffers), list(ancdata)
+            _check_sendmsg_args(self.family, buffers, ancdata, flags)
             data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
             if address is None:
                 return self.send(data)
             return self.sendto(data, address)
         try:
+            if address is not None and self._ss is not None:
+                self._check_address(address)
             if address is None or self._ss is not None:
                 return _csocket.sendmsg(self, buffers, ancdata, flags)  # TCP: no msg_name
             return _csocket.sendmsg(self, buffers, ancdata, flags, address)
@@ -1019,6 +1120,18 @@ class ShimSocket(kernel_socket):
             raise
         except OSError as e:
             raise self._unconnected(e, True) from None
+
+    def _check_address(self, address: Any) -> None:
+        """A destination the app gave a TCP send: ignored, but parsed first as
+        CPython parses it for our family (TypeError, OverflowError, gaierror):
+        a kernel TCP socket that is not connected parses it, then says EPIPE."""
+        probe = kernel_socket(self.family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
+        try:
+            probe.sendto(b"", _socket_mod.MSG_NOSIGNAL, address)
+        except BrokenPipeError:
+            pass
+        finally:
+            probe.close()
 
     def _unconnected(self, e: OSError, sending: bool) -> OSError:
         """A bound or listening stack socket's fd is an unconnected AF_UNIX
@@ -1091,22 +1204,32 @@ class ShimSocket(kernel_socket):
 
     # -- names ----------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """What the kernel answers a closed fd; the names and options a stack
+        socket keeps here would outlive it."""
+        if self.fileno() < 0:
+            raise _oserror(errno.EBADF)
+
     def getsockname(self) -> Any:
         if self._us is not None:
+            self._check_open()
             return self._us.name(self._us.laddr, self._us.lport)
         st = self._ss
         if st is None:
             return super().getsockname()
+        self._check_open()
         return _face(self.family, *st.sockname)
 
     def getpeername(self) -> Any:
         if self._us is not None:
+            self._check_open()
             if not self._us.rport:
                 raise _oserror(errno.ENOTCONN)
             return self._us.name(self._us.raddr, self._us.rport)
         st = self._ss
         if st is None:
             return super().getpeername()
+        self._check_open()
         if st.kind in (ACTIVE, PASSIVE):
             self._refresh()
             if st.status == ESTABLISHED or st.kind == PASSIVE:
@@ -1131,6 +1254,7 @@ class ShimSocket(kernel_socket):
             if self._cand or self._dgram:
                 self._record(level, opt, value)
             return
+        self._check_open()
         self._kernel_check(level, opt, value, optlen)
         self._record(level, opt, value)
         if (level, opt) in _LOCAL_ONLY:
@@ -1182,6 +1306,7 @@ class ShimSocket(kernel_socket):
             return super().getsockopt(level, opt, buflen)
         if buflen is not None and not 0 <= buflen <= 1024:
             raise OSError("getsockopt buflen out of range")  # CPython's own check, no errno
+        self._check_open()
         if level == IPPROTO_TCP and opt == TCP_INFO:
             value = self._tcp_info(st)
         else:

@@ -78,6 +78,11 @@ class Stack:
                 self._view = StackView.from_hello(reply, self.loopback)
             return self._view
 
+    def forget_view(self) -> None:
+        """The next view() asks the supervisor again (the RETA moved)."""
+        with self._lock:
+            self._view = None
+
     def _hello(self) -> dict[str, Any]:
         try:
             return self.call("hello")

@@ -225,3 +225,50 @@ def test_tls_server_fetched_by_curl(env):
     assert r.returncode == 0, r.stderr + env.app_log("tls")
     assert r.stdout.split()[1] == "200"
     assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(blob).digest()
+
+
+BOUND_CONNECT_AFTER_MOVE = r'''
+import json, socket, subprocess, sys
+from shardstack.netio import rss
+
+ADDR, PEER, PORT, RUN = {addr!r}, {peer!r}, {port}, {run!r}
+ip = lambda a: int.from_bytes(socket.inet_aton(a), "big")
+s = socket.socket()
+s.bind((ADDR, 0))  # on the stack: the shim has read the stack's RETA by now
+port = s.getsockname()[1]
+# The bucket the kernel's replies to us (PEER:PORT -> ADDR:port) are steered by.
+b = rss.Toeplitz(rss.SYMMETRIC_KEY).hash_tuple(ip(PEER), ip(ADDR), PORT, port) & rss.RETA_MASK
+ctl = [sys.executable, "-m", "shardstack", "reta", "--json", "--run-dir", RUN]
+owner = json.loads(subprocess.run(ctl, capture_output=True, text=True, check=True).stdout)["buckets"][b]["worker"]
+subprocess.run(ctl[:4] + ["move", str(b), str(1 - owner)] + ctl[-2:], check=True,
+               capture_output=True)
+s.settimeout(10)
+s.connect((PEER, PORT))  # the shim's copy of the RETA still names the old owner
+s.sendall(b"ping")
+print("echo", s.recv(10).decode(), "moved", b, owner, "->", 1 - owner, flush=True)
+'''
+
+KERNEL_ECHO = '''
+import socket
+srv = socket.create_server(("{peer}", {port}))
+srv.settimeout(60)
+for _ in range(5):  # the readiness probe's connection, then ours
+    c, _ = srv.accept()
+    c.settimeout(20)
+    c.sendall(c.recv(100))
+    c.close()
+'''
+
+
+def test_connect_from_a_bound_port_after_its_bucket_moved(shared_env):
+    """A client that bound its port connects on the worker the RETA steers its
+    replies to now, not the one in the RETA it read before a bucket moved
+    (the SYN-ACK went to the new owner and was reset: connect() timed out)."""
+    env = shared_env
+    env.kernel_server(KERNEL_ECHO.format(peer=env.peer, port=7741), 7741)
+    before = env.gate_counts()
+    r = env.shim_py(BOUND_CONNECT_AFTER_MOVE.format(addr=env.addr, peer=env.peer, port=7741,
+                                                    run=env.run_dir), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("echo ping moved"), r.stdout + r.stderr
+    assert env.gate_counts()["active_opens"] - before.get("active_opens", 0) == 1
