@@ -396,6 +396,12 @@ class Worker:
                     self._send(frames)
                 if not events and not frames and not self._dirty:
                     break
+            else:
+                # Work is left (a connection to our own address feeds itself:
+                # each round's frames come back as the next round's events).
+                # Yield to other I/O, then go on: returning without a next
+                # turn stranded a Writable, and a local transfer stalled.
+                self.loop.call_soon(self._step)
             deadline = shard.next_deadline()
             held = self.tx.next_deadline()
             if held is not None and (deadline is None or held < deadline):
