@@ -90,11 +90,11 @@ _ESTABLISHED = State.ESTABLISHED
 _DRAINED = object()  # _read_w: W has nothing more now
 
 
-class _NotOurs(Exception):
-    """A connect whose flow the RETA gives to worker `owner`."""
+class _NotOurs(OSError):
+    """A connect whose flow the RETA gives to worker `owner` (EAGAIN: ask there)."""
 
     def __init__(self, owner: int) -> None:
-        super().__init__(owner)
+        super().__init__(errno.EAGAIN, "another worker's flow")
         self.owner = owner
 
 
@@ -335,17 +335,13 @@ class AppGate:
                 shard.bind(sd, gp.ip_int(baddr or 0), bport)
             shard.connect(sd, gp.ip_int(msg["addr"]), int(msg["port"]), now)
             laddr, lport = shard.getsockname(sd)
-        except _NotOurs as e:
-            shard.close(sd, now)
-            _try_send(w, gp.pack({**_err(errno.EAGAIN, "another worker's flow"),
-                                  "owner": e.owner}))
-            w.close()
-            app.close()
-            return
         except (OSError, KeyError, ValueError, TypeError) as e:
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
             shard.close(sd, now)
-            _try_send(w, gp.pack(_err(code, os.strerror(code))))
+            reply = _err(code, os.strerror(code))
+            if isinstance(e, _NotOurs):
+                reply["owner"] = e.owner  # the shim asks there (_check_owner)
+            _try_send(w, gp.pack(reply))
             w.close()
             app.close()
             self.flush()

@@ -58,6 +58,7 @@ SO_DOMAIN = getattr(_socket_mod, "SO_DOMAIN", 39)
 SO_PROTOCOL = getattr(_socket_mod, "SO_PROTOCOL", 38)
 TCP_INFO = getattr(_socket_mod, "TCP_INFO", 11)
 GATE_TIMEOUT = 10.0  # s: a local worker answers a connect request at once
+TCP_CA_NAME_MAX = 16  # bytes of TCP_CONGESTION's value (Linux include/net/tcp.h)
 OWNER_RETRIES = 4  # connect requests sent on after a worker named the flow's owner
 
 # Kinds and states of a stack socket.
@@ -81,7 +82,7 @@ _DEFAULTS = {
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_FASTOPEN", 23)): 0,
     (IPPROTO_TCP, getattr(_socket_mod, "TCP_NOTSENT_LOWAT", 25)): 0,  # 0: the sysctl's
     # The engine's default (core.tcp_cong.DEFAULT), a TCP_CA_NAME_MAX buffer.
-    (IPPROTO_TCP, getattr(_socket_mod, "TCP_CONGESTION", 13)): b"cubic".ljust(16, b"\0"),
+    (IPPROTO_TCP, getattr(_socket_mod, "TCP_CONGESTION", 13)): b"cubic".ljust(TCP_CA_NAME_MAX, b"\0"),
     (_socket_mod.IPPROTO_IP, _socket_mod.IP_TOS): 0,
     (_socket_mod.IPPROTO_IP, _socket_mod.IP_TTL): 64,  # net.ipv4.ip_default_ttl
     (SOL_SOCKET, _socket_mod.SO_KEEPALIVE): 0,
@@ -92,8 +93,6 @@ _DEFAULTS = {
 }
 _LINGER = struct.Struct("ii")
 _TCP_LINGER2 = getattr(_socket_mod, "TCP_LINGER2", 8)
-# Options kept off the unix fd: SO_OOBINLINE would put the gate's status
-# byte in the data stream; the buffer sizes are the filler's while connecting.
 # Options the engine may change on a connection (the MSS from the path, the
 # clamp from the buffer and the window scale): asked of the worker.
 _FROM_ENGINE = frozenset({(IPPROTO_TCP, _socket_mod.TCP_MAXSEG),
@@ -107,6 +106,8 @@ _ENGINE_CHECKED = frozenset({(IPPROTO_TCP, getattr(_socket_mod, "TCP_CONGESTION"
 # What an unconnected AF_UNIX stream answers a read or write with (not EBADF
 # of a closed fd, EAGAIN or EINTR, which TCP gives alike).
 _UNIX_UNCONNECTED = frozenset({errno.EINVAL, errno.ENOTCONN, errno.EOPNOTSUPP, errno.EPIPE})
+# Options kept off the unix fd: SO_OOBINLINE would put the gate's status
+# byte in the data stream; the buffer sizes are the filler's while connecting.
 _LOCAL_ONLY = {(SOL_SOCKET, _socket_mod.SO_OOBINLINE), (SOL_SOCKET, _socket_mod.SO_LINGER)}
 
 
@@ -267,33 +268,35 @@ def _loopback_mode() -> bool:
     return stack is not None and stack.loopback
 
 
-def _check_dgram_address(family: int, address: Any) -> None:
+def _check_address(family: int, address: Any) -> None:
     """Raise what CPython raises for a malformed destination (TypeError,
-    OverflowError, gaierror): a kernel UDP socket's connect() parses it as
-    sendto() would and sends nothing."""
-    probe = kernel_socket(family, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC)
-    try:
-        probe.connect(address)
-    except _socket_mod.gaierror:
-        raise
-    except OSError:
-        pass  # well-formed; the route is not what is checked here
-    finally:
-        probe.close()
+    OverflowError, gaierror), for a TCP send that ignores it or a UDP one
+    the stack takes: a kernel UDP socket's connect() parses it as sendto()
+    would and sends nothing."""
+    with kernel_socket(family, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(address)
+        except _socket_mod.gaierror:
+            raise
+        except OSError:
+            pass  # well-formed; the route is not what is checked here
 
 
 def _check_sendmsg_args(family: int, buffers: list, ancdata: list, flags: int) -> None:
     """sendmsg()'s own argument errors (TypeError for a buffer or an
     ancillary item of the wrong shape): the same call on an unconnected
     kernel UDP socket, which then fails EDESTADDRREQ without sending."""
-    probe = kernel_socket(family, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC)
-    try:
-        probe.sendmsg(buffers, ancdata, flags)
-    except OSError as e:
-        if e.errno not in (errno.EDESTADDRREQ, errno.EINVAL, errno.ENOTCONN):
-            raise
-    finally:
-        probe.close()
+    with kernel_socket(family, _socket_mod.SOCK_DGRAM | _socket_mod.SOCK_CLOEXEC) as probe:
+        try:
+            probe.sendmsg(buffers, ancdata, flags)
+        except OSError as e:
+            if e.errno not in (errno.EDESTADDRREQ, errno.EINVAL, errno.ENOTCONN):
+                raise
+
+
+def _ca_name(name: bytes) -> bytes:
+    """TCP_CONGESTION's value as Linux copies it: a TCP_CA_NAME_MAX buffer."""
+    return name.rstrip(b"\0").ljust(TCP_CA_NAME_MAX, b"\0")
 
 
 def _udp_dest(parsed: tuple[str, int]) -> tuple[str, int]:
@@ -948,7 +951,7 @@ class ShimSocket(kernel_socket):
             if self._ss is not None and len(args) in (1, 2):
                 # TCP ignores a destination (tcp_sendmsg reads no msg_name): the
                 # unix stream underneath would refuse one with EISCONN.
-                self._check_address(args[-1])
+                _check_address(self.family, args[-1])
                 return self.send(data, *args[:-1])
             return super().sendto(data, *args)
         addr = args[-1]
@@ -957,7 +960,7 @@ class ShimSocket(kernel_socket):
         if us is None:
             return super().sendto(data, *args)
         if parsed is None:
-            _check_dgram_address(self.family, addr)  # malformed: CPython's own error
+            _check_address(self.family, addr)  # malformed: CPython's own error
         from shardstack.shim import dgram
 
         return dgram.sendto(self, us, data, _udp_dest(parsed) if parsed else parsed)
@@ -1111,7 +1114,7 @@ class ShimSocket(kernel_socket):
             return self.sendto(data, address)
         try:
             if address is not None and self._ss is not None:
-                self._check_address(address)
+                _check_address(self.family, address)
             if address is None or self._ss is not None:
                 return _csocket.sendmsg(self, buffers, ancdata, flags)  # TCP: no msg_name
             return _csocket.sendmsg(self, buffers, ancdata, flags, address)
@@ -1120,18 +1123,6 @@ class ShimSocket(kernel_socket):
             raise
         except OSError as e:
             raise self._unconnected(e, True) from None
-
-    def _check_address(self, address: Any) -> None:
-        """A destination the app gave a TCP send: ignored, but parsed first as
-        CPython parses it for our family (TypeError, OverflowError, gaierror):
-        a kernel TCP socket that is not connected parses it, then says EPIPE."""
-        probe = kernel_socket(self.family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
-        try:
-            probe.sendto(b"", _socket_mod.MSG_NOSIGNAL, address)
-        except BrokenPipeError:
-            pass
-        finally:
-            probe.close()
 
     def _unconnected(self, e: OSError, sending: bool) -> OSError:
         """A bound or listening stack socket's fd is an unconnected AF_UNIX
@@ -1285,16 +1276,15 @@ class ShimSocket(kernel_socket):
             probe = kernel_socket(self.family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
         except OSError:
             return  # out of fds: no check rather than a setsockopt that fails oddly
-        try:
-            if optlen is None:
-                probe.setsockopt(level, opt, value)
-            else:
-                probe.setsockopt(level, opt, value, optlen)
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EACCES):  # a privilege, not a value
-                raise
-        finally:
-            probe.close()
+        with probe:
+            try:
+                if optlen is None:
+                    probe.setsockopt(level, opt, value)
+                else:
+                    probe.setsockopt(level, opt, value, optlen)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EACCES):  # a privilege, not a value
+                    raise
 
     def getsockopt(self, level: int, opt: int, buflen: int | None = None) -> Any:
         if self._us is not None:
@@ -1392,7 +1382,7 @@ class ShimSocket(kernel_socket):
                 r = get_stack().worker_call(st.worker, {"op": "getsockopt", "token": st.token,
                                                         "level": level, "opt": opt})
                 v = r["value"]
-                return v.ljust(16, b"\0") if isinstance(v, bytes) else v  # TCP_CA_NAME_MAX
+                return _ca_name(v) if isinstance(v, bytes) else v
             except OSError:
                 pass
         if (level, opt) in (self._pre or {}):
@@ -1406,7 +1396,7 @@ class ShimSocket(kernel_socket):
             if isinstance(v, str):
                 v = v.encode()
             if (level, opt) == (IPPROTO_TCP, _socket_mod.TCP_CONGESTION) and isinstance(v, bytes):
-                return v.rstrip(b"\0").ljust(16, b"\0")
+                return _ca_name(v)
             return int(bool(v)) if opt in _BOOLEAN.get(level, ()) else v
         if (level, opt) in _DEFAULTS:
             return _DEFAULTS[(level, opt)]
@@ -1493,12 +1483,9 @@ def closed_elsewhere(sock: ShimSocket, ino: int) -> None:
 def _kernel_readback(family: int, level: int, opt: int, value: Any) -> Any:
     """What Linux reads back after this set (SO_RCVBUF: doubled, clamped to
     rmem_max and the minimum), from a fresh kernel TCP socket."""
-    probe = kernel_socket(family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC)
-    try:
+    with kernel_socket(family, SOCK_STREAM | _socket_mod.SOCK_CLOEXEC) as probe:
         probe.setsockopt(level, opt, value)
         return probe.getsockopt(level, opt)
-    finally:
-        probe.close()
 
 
 def _linger_wait(st: StackState, secs: int) -> None:

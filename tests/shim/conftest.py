@@ -104,9 +104,14 @@ class Env:
     def shim_py(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
         script = self.tmp / f"shim-{time.monotonic_ns()}.py"
         script.write_text(textwrap.dedent(code))
+        return self.shim_run(script, timeout=timeout)
+
+    def shim_run(self, script: Path, *args: str, timeout: float = 60
+                 ) -> subprocess.CompletedProcess:
+        """`python -m shardstack.shim script args...` in the namespace."""
         return subprocess.run(
             ["ip", "netns", "exec", self.ns.name, PY, "-m", "shardstack.shim",
-             "--run-dir", self.run_dir, str(script)],
+             "--run-dir", self.run_dir, str(script), *args],
             capture_output=True, text=True, timeout=timeout)
 
     def app_py(self, code: str, name: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:

@@ -31,10 +31,7 @@ def _compare(env, local_kernel: str, local_stack: str, nobody: str) -> None:
     kernel = _results(env.ns.run([sys.executable, str(PROBE), local_kernel, local_stack, nobody],
                                  check=False, timeout=60))
     before = env.gate_counts()
-    stack = _results(subprocess.run(
-        ["ip", "netns", "exec", env.ns.name, sys.executable, "-m", "shardstack.shim",
-         "--run-dir", env.run_dir, str(PROBE), local_stack, local_kernel, nobody],
-        capture_output=True, text=True, timeout=60))
+    stack = _results(env.shim_run(PROBE, local_stack, local_kernel, nobody))
     after = env.gate_counts()
     # The stack's run was on the stack: its workers accepted the program's own
     # connections (four of them get accepted).
@@ -84,9 +81,6 @@ def test_shutdown_wakes_a_thread_blocked_in_accept(shared_env, tmp_path):
     script = tmp_path / "wake.py"
     script.write_text(WAKE_ACCEPT)
     kernel = env.ns.run([sys.executable, str(script), env.peer], check=False, timeout=30)
-    stack = subprocess.run(
-        ["ip", "netns", "exec", env.ns.name, sys.executable, "-m", "shardstack.shim",
-         "--run-dir", env.run_dir, str(script), env.addr],
-        capture_output=True, text=True, timeout=30)
+    stack = env.shim_run(script, env.addr, timeout=30)
     assert kernel.stdout.strip() == "EINVAL", kernel.stdout + kernel.stderr
     assert stack.stdout.strip() == "EINVAL", stack.stdout + stack.stderr

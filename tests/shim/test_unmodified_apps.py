@@ -291,8 +291,8 @@ srv.setblocking(False)
 select.select([], [s], [], 5)
 total = 0
 try:
-    while True:  # fill every buffer on the way until the sender would block
-        total += s.send(b" " * 8192)
+    for _ in range(4096):  # fill every buffer on the way until the sender would block
+        total += s.send(b" " * 8192)  # (32 MiB at most: far more than they hold)
 except BlockingIOError:
     pass
 s.setblocking(True)
